@@ -1,0 +1,343 @@
+//! Creating fixed, dynamic and differencing VHDs, laid out the way Windows writes them (§0):
+//! footer copy at 0, dynamic header at 512, BAT at 1536 padded with 0xFF, locator data after
+//! the BAT with Data Space in bytes, the end footer last, and block data 4 KiB aligned.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::format::bat::{self, Bat};
+use crate::format::footer::{
+    self, DiskType, FEATURE_RESERVED, FORMAT_VERSION, Footer, HOST_OS_WINDOWS,
+};
+use crate::format::header::{self, DynamicHeader, HEADER_SIZE, ParentLocator};
+use crate::format::{Geometry, MAX_DYNAMIC_SIZE, PlatformCode, SECTOR_SIZE, align_up};
+use crate::image::{MAX_BLOCK_SIZE, OpenOptions, Vhd};
+use crate::locator::{self, LOCATOR_SPACE};
+
+/// Default block size: 2 MiB, as Windows and every other writer default to.
+pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
+
+/// Options for creating a VHD.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Block size of a dynamic or differencing disk: a power of two from 512 bytes to 32 MiB.
+    pub block_size: u32,
+    /// The new disk's unique id; random when `None`.
+    pub unique_id: Option<Uuid>,
+    /// Creation time stamp (seconds since 2000-01-01 UTC); now when `None`.
+    pub timestamp: Option<u32>,
+    /// Creator Application. Defaults to `win `, as Windows writes: QEMU (and tools following
+    /// it) trust Current Size only for a few creators and would otherwise cut the disk to its
+    /// CHS size (§1.5).
+    pub creator_application: [u8; 4],
+    /// Creator Version (major << 16 | minor); defaults to 10.0 like Windows 10.
+    pub creator_version: u32,
+    /// Replace an existing file instead of failing.
+    pub overwrite: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> CreateOptions {
+        CreateOptions {
+            block_size: DEFAULT_BLOCK_SIZE,
+            unique_id: None,
+            timestamp: None,
+            creator_application: *b"win ",
+            creator_version: 0x000A_0000,
+            overwrite: false,
+        }
+    }
+}
+
+fn now_vhd() -> u32 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    crate::format::vhd_timestamp_from_unix(unix)
+}
+
+fn new_footer(size: u64, disk_type: DiskType, opts: &CreateOptions) -> Footer {
+    let mut f = Footer {
+        features: FEATURE_RESERVED,
+        format_version: FORMAT_VERSION,
+        data_offset: if disk_type == DiskType::Fixed {
+            footer::NO_DATA_OFFSET
+        } else {
+            512
+        },
+        timestamp: opts.timestamp.unwrap_or_else(now_vhd),
+        creator_application: opts.creator_application,
+        creator_version: opts.creator_version,
+        creator_host_os: HOST_OS_WINDOWS,
+        original_size: size,
+        current_size: size,
+        geometry: Geometry::for_size(size),
+        disk_type,
+        checksum: 0,
+        unique_id: opts.unique_id.unwrap_or_else(Uuid::new_v4),
+        saved_state: 0,
+        reserved: [0; 427],
+    };
+    f.fix_checksum();
+    f
+}
+
+fn check_size(size: u64, max: u64) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+        return Err(Error::InvalidParameter(format!(
+            "size {size} must be a positive multiple of 512 bytes"
+        )));
+    }
+    if size > max {
+        return Err(Error::InvalidParameter(format!(
+            "size {size} is larger than the {max} bytes a VHD of this type can hold"
+        )));
+    }
+    Ok(())
+}
+
+fn check_block_size(bs: u32) -> Result<()> {
+    if bs < 512 || !bs.is_power_of_two() || bs > MAX_BLOCK_SIZE {
+        return Err(Error::InvalidParameter(format!(
+            "block size {bs} must be a power of two from 512 bytes to {MAX_BLOCK_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Create the file, refusing to replace an existing one unless asked.
+fn create_file(path: &Path, overwrite: bool) -> Result<File> {
+    let mut o = File::options();
+    o.read(true).write(true);
+    if overwrite {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidParameter(format!(
+                "{} already exists (pass overwrite to replace it)",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("{}: cannot create", path.display()), e)
+        }
+    })
+}
+
+/// Write a new file with `write`, removing it again if anything fails.
+fn write_new(
+    path: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&File) -> std::io::Result<()>,
+) -> Result<()> {
+    let file = create_file(path, overwrite)?;
+    let res = write(&file).and_then(|()| file.sync_all());
+    drop(file);
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::io(format!("{}: writing new VHD", path.display()), e));
+    }
+    Ok(())
+}
+
+fn pwrite(file: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
+    crate::io::pwrite_all(file, buf, off)
+}
+
+/// Create a fixed VHD of `size` bytes (a multiple of 512). The data area is a sparse run of
+/// zeros on file systems that support it.
+pub fn create_fixed(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -> Result<Vhd> {
+    let path = path.as_ref();
+    check_size(size, u64::MAX / 2)?;
+    let footer = new_footer(size, DiskType::Fixed, opts);
+    write_new(path, opts.overwrite, |f| {
+        f.set_len(size)?;
+        pwrite(f, &footer.to_bytes(), size)
+    })?;
+    Vhd::open(path, OpenOptions::writable())
+}
+
+/// Create a dynamic VHD of `size` bytes (a multiple of 512, at most 2040 GiB) with
+/// `opts.block_size` blocks.
+pub fn create_dynamic(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -> Result<Vhd> {
+    let path = path.as_ref();
+    check_size(size, MAX_DYNAMIC_SIZE)?;
+    check_block_size(opts.block_size)?;
+    let footer = new_footer(size, DiskType::Dynamic, opts);
+    write_sparse(path, &footer, Uuid::nil(), 0, "", &[], opts)?;
+    Vhd::open(path, OpenOptions::writable())
+}
+
+/// Create a differencing VHD whose parent is the VHD at `parent`. The child inherits the
+/// parent's size and geometry and records its unique id, file modification time, file name
+/// and locators: W2ru relative, W2ku absolute, and MacX on non-Windows hosts.
+pub fn create_differencing(
+    path: impl AsRef<Path>,
+    parent: impl AsRef<Path>,
+    opts: &CreateOptions,
+) -> Result<Vhd> {
+    let path = path.as_ref();
+    let parent = parent.as_ref();
+    check_block_size(opts.block_size)?;
+    let p = Vhd::open(parent, OpenOptions::read_only())?;
+    let pf = p.footer().clone();
+    drop(p);
+    let mut footer = new_footer(pf.current_size, DiskType::Differencing, opts);
+    footer.original_size = pf.current_size;
+    footer.geometry = pf.geometry;
+    footer.fix_checksum();
+    let parent_time = parent_timestamp(parent)?;
+    let name = parent
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let locators = locator::parent_locators(path, parent)?;
+    write_sparse(
+        path,
+        &footer,
+        pf.unique_id,
+        parent_time,
+        &name,
+        &locators,
+        opts,
+    )?;
+    Vhd::open(path, OpenOptions::writable())
+}
+
+/// The parent time stamp a child records: the parent file's modification time, as blktap,
+/// VirtualBox and DiscUtils write it (§2.3).
+pub fn parent_timestamp(parent: &Path) -> Result<u32> {
+    let meta = std::fs::metadata(parent)
+        .map_err(|e| Error::io(format!("{}: reading metadata", parent.display()), e))?;
+    let unix = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    Ok(crate::format::vhd_timestamp_from_unix(unix))
+}
+
+/// Lay out locator payloads starting at `start`: each 512-aligned, each reserving at least
+/// [`LOCATOR_SPACE`] bytes. Returns the entries and the end of the last one.
+pub fn place_locators(
+    start: u64,
+    payloads: &[(PlatformCode, Vec<u8>)],
+) -> (Vec<ParentLocator>, u64) {
+    let mut pos = start;
+    let mut out = Vec::new();
+    for (code, data) in payloads {
+        let space = align_up(data.len() as u64, SECTOR_SIZE)
+            .unwrap_or(LOCATOR_SPACE)
+            .max(LOCATOR_SPACE);
+        out.push(ParentLocator {
+            platform_code: *code,
+            data_space: u32::try_from(space).unwrap_or(u32::MAX),
+            data_length: u32::try_from(data.len()).unwrap_or(u32::MAX),
+            reserved: 0,
+            data_offset: pos,
+        });
+        pos += space;
+    }
+    (out, pos)
+}
+
+fn write_sparse(
+    path: &Path,
+    footer: &Footer,
+    parent_id: Uuid,
+    parent_time: u32,
+    parent_name: &str,
+    payloads: &[(PlatformCode, Vec<u8>)],
+    opts: &CreateOptions,
+) -> Result<()> {
+    let bs = u64::from(opts.block_size);
+    let entries = u32::try_from(footer.current_size.div_ceil(bs)).map_err(|_| {
+        Error::InvalidParameter(format!(
+            "{} bytes at block size {bs} needs more than 2^32 BAT entries",
+            footer.current_size
+        ))
+    })?;
+    let table_offset = 512 + HEADER_SIZE as u64;
+    let table_bytes = bat::table_bytes(entries);
+    let (locs, meta_end) = place_locators(table_offset + table_bytes, payloads);
+    if locs.len() > header::LOCATOR_COUNT {
+        return Err(Error::InvalidParameter("too many parent locators".into()));
+    }
+    let mut h = DynamicHeader {
+        data_offset: header::NO_NEXT,
+        table_offset,
+        header_version: header::HEADER_VERSION,
+        max_table_entries: entries,
+        block_size: opts.block_size,
+        checksum: 0,
+        parent_unique_id: parent_id,
+        parent_timestamp: parent_time,
+        reserved1: 0,
+        parent_name_raw: [0; header::PARENT_NAME_BYTES],
+        locators: [ParentLocator::EMPTY; header::LOCATOR_COUNT],
+        reserved2: [0; 256],
+    };
+    h.set_parent_name(parent_name)?;
+    h.locators[..locs.len()].copy_from_slice(&locs);
+    let footer_bytes = footer.to_bytes();
+    let header_bytes = h.to_bytes();
+    let table = Bat::new_unallocated(entries).to_bytes();
+    write_new(path, opts.overwrite, |f| {
+        pwrite(f, &footer_bytes, 0)?;
+        pwrite(f, &header_bytes, 512)?;
+        pwrite(f, &table, table_offset)?;
+        for (loc, (_, data)) in locs.iter().zip(payloads) {
+            let mut padded = data.clone();
+            padded.resize(u64::from(loc.data_space) as usize, 0);
+            pwrite(f, &padded, loc.data_offset)?;
+        }
+        pwrite(f, &footer_bytes, meta_end)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_layout_like_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.vhd");
+        let v = create_dynamic(&p, 10 << 20, &CreateOptions::default()).unwrap();
+        assert_eq!(v.disk_type(), DiskType::Dynamic);
+        assert_eq!(v.virtual_size(), 10 << 20);
+        let h = v.header().unwrap();
+        assert_eq!(h.table_offset, 1536);
+        assert_eq!(h.max_table_entries, 5);
+        assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+        let raw = std::fs::read(&p).unwrap();
+        assert_eq!(raw.len(), 1536 + 512 + 512);
+        assert_eq!(raw[0..512], raw[raw.len() - 512..]);
+        assert!(raw[1536 + 20..2048].iter().all(|&b| b == 0xFF));
+        // Refuses to overwrite.
+        let e = create_dynamic(&p, 10 << 20, &CreateOptions::default()).unwrap_err();
+        assert_eq!(e.return_code(), crate::ReturnCode::InvalidParameter);
+    }
+
+    #[test]
+    fn bad_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.vhd");
+        let o = CreateOptions::default();
+        assert!(create_dynamic(&p, 1000, &o).is_err());
+        assert!(create_dynamic(&p, MAX_DYNAMIC_SIZE + 512, &o).is_err());
+        let o = CreateOptions {
+            block_size: 3000,
+            ..o
+        };
+        assert!(create_dynamic(&p, 1 << 20, &o).is_err());
+        assert!(!p.exists());
+    }
+}

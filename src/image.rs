@@ -1,0 +1,1304 @@
+//! One open VHD file: footer, header, BAT, reads of its own sectors, and crash-safe block
+//! allocation. Every rule about where a block goes and in which order bytes reach the disk
+//! lives here and nowhere else.
+//!
+//! # Write ordering (crash safety, §4)
+//!
+//! Writes are grouped into batches that end with [`Vhd::commit`]:
+//!
+//! 1. If new blocks will not fit before the end footer, the footer is first written at the
+//!    new end of file (its contents never depend on the BAT) and synced. The file then has a
+//!    valid end footer and an unchanged offset-0 copy at every instant, so even readers that
+//!    look only at the end (libvhdi, VirtualBox) can open it after a crash.
+//! 2. Block data, and the bitmaps of blocks that are new in this batch, are written into space
+//!    no BAT entry references yet (new blocks) or over sectors the batch is replacing.
+//! 3. `fdatasync`.
+//! 4. Bitmaps of blocks that existed before the batch gain their new bits, and the BAT
+//!    sectors holding new entries are written.
+//! 5. `fdatasync`.
+//!
+//! A crash before 3 leaves unreferenced space and some sectors already holding their new
+//! data; a crash between 3 and 5 leaves some bitmaps or BAT entries published, each pointing at
+//! durable data. In every case the file opens and re-running the same writes finishes the job.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::format::bat::{self, Bat};
+use crate::format::footer::{self, DiskType, FOOTER_SIZE, Footer};
+use crate::format::header::{self, DynamicHeader, HEADER_SIZE};
+use crate::format::{SECTOR_SIZE, SectorBitmap, align_up};
+use crate::io::{FileStorage, Storage};
+
+/// Largest block size accepted. Windows writes 512 KiB or 2 MiB and blktap refuses anything
+/// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
+pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
+
+/// The unit in which a fixed disk is read and written, standing in for a block size.
+pub const FIXED_CHUNK: u64 = 2 << 20;
+
+/// New blocks are placed so that their data (after the bitmap) starts on this boundary (§7.16).
+pub const DATA_ALIGNMENT: u64 = 4096;
+
+/// How to decide the virtual size (§1.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SizeRule {
+    /// Current Size, except C×H×S×512 for Virtual PC / Virtual Server files whose geometry is
+    /// not the 65535/16/255 marker (the guest of those products sees the CHS size).
+    #[default]
+    Auto,
+    /// Always the footer's Current Size.
+    CurrentSize,
+    /// Always C×H×S×512 (capped at Current Size).
+    Chs,
+}
+
+/// Which rule produced [`Vhd::virtual_size`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeSource {
+    /// The footer's Current Size.
+    CurrentSize,
+    /// Cylinders × heads × sectors × 512.
+    Chs,
+}
+
+impl SizeSource {
+    /// `current_size` or `chs`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SizeSource::CurrentSize => "current_size",
+            SizeSource::Chs => "chs",
+        }
+    }
+}
+
+/// Where the footer in use was found (§1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FooterSource {
+    /// The last 512 bytes.
+    End,
+    /// A 511-byte footer written by products older than Virtual PC 2004.
+    Short,
+    /// The copy at offset 0 (the end one was missing or damaged).
+    Copy,
+}
+
+/// Options for [`Vhd::open`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptions {
+    /// Open for writing.
+    pub writable: bool,
+    /// Accept footer and header checksum mismatches (with a warning) instead of failing.
+    pub lenient: bool,
+    /// How to decide the virtual size.
+    pub size_rule: SizeRule,
+}
+
+impl OpenOptions {
+    /// Read-only, strict.
+    pub fn read_only() -> OpenOptions {
+        OpenOptions::default()
+    }
+
+    /// Writable, strict.
+    pub fn writable() -> OpenOptions {
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        }
+    }
+}
+
+/// Where a block's sectors live in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockMap {
+    /// No data in this file: zeros for a dynamic disk, the parent's data for a differencing one.
+    Absent,
+    /// Data starts at `data_offset`; `bitmap` says which sectors this file holds (`None`: all,
+    /// as in a fixed disk).
+    Present {
+        /// Absolute file offset of the block's first data sector.
+        data_offset: u64,
+        /// The sector bitmap, `None` when every sector is present.
+        bitmap: Option<SectorBitmap>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Blocks that existed before this batch whose bitmap gains bits, with the new bitmap.
+    bitmaps: HashMap<u64, SectorBitmap>,
+    /// BAT sectors (index into the table, in 512-byte units) holding new entries.
+    bat_sectors: BTreeSet<u64>,
+    /// Blocks allocated in this batch (their bitmap went out with their data).
+    new_blocks: BTreeSet<u64>,
+    /// Data was written since the last sync.
+    data_written: bool,
+}
+
+/// An open VHD file.
+#[derive(Debug)]
+pub struct Vhd {
+    storage: Box<dyn Storage>,
+    path: PathBuf,
+    footer: Footer,
+    footer_source: FooterSource,
+    /// Offset of the end footer (where it is, or where it belongs when it was missing).
+    footer_offset: u64,
+    /// Footer offset when the file was opened; `finish` never trims below it.
+    original_footer_offset: u64,
+    header: Option<DynamicHeader>,
+    bat: Bat,
+    virtual_size: u64,
+    size_source: SizeSource,
+    warnings: Vec<String>,
+    writable: bool,
+    /// End of all metadata and block data: new blocks go at or after this offset.
+    next_free: u64,
+    /// A region known to read as zeros (a hole made by moving the footer out).
+    known_zero: Range<u64>,
+    pending: Pending,
+    scratch: Vec<u8>,
+}
+
+impl Vhd {
+    /// Open and validate the VHD at `path`. Only regular files are opened.
+    pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
+        let path = path.as_ref();
+        let file = open_regular_file(path, options.writable)?;
+        Vhd::from_storage(Box::new(FileStorage::new(file)), path, options)
+    }
+
+    /// Open and validate a VHD held by any [`Storage`]; `path` is used in messages and to
+    /// resolve relative parent locators.
+    pub fn from_storage(
+        storage: Box<dyn Storage>,
+        path: impl AsRef<Path>,
+        options: OpenOptions,
+    ) -> Result<Vhd> {
+        let path = path.as_ref().to_path_buf();
+        open_inner(storage, path.clone(), options).map_err(|e| e.in_file(&path))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The footer in use.
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    /// Where the footer in use was found.
+    pub fn footer_source(&self) -> FooterSource {
+        self.footer_source
+    }
+
+    /// Byte offset of the end footer.
+    pub fn footer_offset(&self) -> u64 {
+        self.footer_offset
+    }
+
+    /// The dynamic header (dynamic and differencing disks).
+    pub fn header(&self) -> Option<&DynamicHeader> {
+        self.header.as_ref()
+    }
+
+    /// The BAT (empty for fixed disks).
+    pub fn bat(&self) -> &Bat {
+        &self.bat
+    }
+
+    /// Fixed, dynamic or differencing.
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+
+    /// The footer's unique id.
+    pub fn unique_id(&self) -> Uuid {
+        self.footer.unique_id
+    }
+
+    /// The parent's unique id, for a differencing disk.
+    pub fn parent_unique_id(&self) -> Option<Uuid> {
+        match (self.disk_type(), &self.header) {
+            (DiskType::Differencing, Some(h)) => Some(h.parent_unique_id),
+            _ => None,
+        }
+    }
+
+    /// The guest-visible size in bytes (see [`SizeRule`]).
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    /// Which rule gave the virtual size.
+    pub fn size_source(&self) -> SizeSource {
+        self.size_source
+    }
+
+    /// Things found while opening that are odd but not fatal.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// True when opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The underlying storage.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
+    /// Bytes per block: the header's Block Size, or [`FIXED_CHUNK`] for a fixed disk.
+    pub fn block_size(&self) -> u64 {
+        match &self.header {
+            Some(h) => u64::from(h.block_size),
+            None => FIXED_CHUNK,
+        }
+    }
+
+    /// Sectors per block.
+    pub fn sectors_per_block(&self) -> u64 {
+        self.block_size() / SECTOR_SIZE
+    }
+
+    /// Blocks covering the virtual size.
+    pub fn block_count(&self) -> u64 {
+        self.virtual_size.div_ceil(self.block_size())
+    }
+
+    /// Bytes of bitmap in front of each block (0 for fixed disks).
+    pub fn bitmap_bytes(&self) -> u64 {
+        self.header.as_ref().map_or(0, DynamicHeader::bitmap_bytes)
+    }
+
+    /// End of all metadata and data in use: where the next new block would start (before
+    /// alignment).
+    pub fn end_of_data(&self) -> u64 {
+        self.next_free
+    }
+
+    /// Number of allocated blocks.
+    pub fn allocated_blocks(&self) -> usize {
+        self.bat.allocated()
+    }
+
+    /// Read raw bytes of the file.
+    pub fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.storage.read_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "{}: reading {} bytes at offset {offset}",
+                    self.path.display(),
+                    buf.len()
+                ),
+                e,
+            )
+        })
+    }
+
+    fn write_raw(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.storage.write_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "{}: writing {} bytes at offset {offset}",
+                    self.path.display(),
+                    buf.len()
+                ),
+                e,
+            )
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.storage
+            .sync_data()
+            .map_err(|e| Error::io(format!("{}: flushing to disk", self.path.display()), e))
+    }
+
+    /// Take an advisory lock (exclusive or shared) for the duration of the open file.
+    /// Fails with [`Error::InUse`] when another process holds a conflicting lock.
+    pub fn lock(&self, exclusive: bool) -> Result<()> {
+        match self.storage.try_lock(exclusive) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::InUse(format!(
+                "{} is in use: another process holds a lock on it (a merge or another tool)",
+                self.path.display()
+            ))),
+            Err(e) => Err(Error::io(format!("{}: locking", self.path.display()), e)),
+        }
+    }
+
+    /// Where block `index` lives. Reads the bitmap for an allocated sparse block.
+    pub fn block_map(&self, index: u64) -> Result<BlockMap> {
+        if index >= self.block_count() {
+            return Ok(BlockMap::Absent);
+        }
+        let Some(h) = &self.header else {
+            return Ok(BlockMap::Present {
+                data_offset: index * FIXED_CHUNK,
+                bitmap: None,
+            });
+        };
+        let Some(bitmap_offset) = self.bat.block_offset(index) else {
+            return Ok(BlockMap::Absent);
+        };
+        let bitmap = match self.pending.bitmaps.get(&index) {
+            Some(b) => b.clone(),
+            None => self.read_bitmap_at(bitmap_offset, h)?,
+        };
+        Ok(BlockMap::Present {
+            data_offset: bitmap_offset + h.bitmap_bytes(),
+            bitmap: Some(bitmap),
+        })
+    }
+
+    fn read_bitmap_at(&self, offset: u64, h: &DynamicHeader) -> Result<SectorBitmap> {
+        let mut buf = vec![0u8; h.bitmap_bytes() as usize];
+        self.read_raw(&mut buf, offset)?;
+        Ok(SectorBitmap::from_bytes(
+            &buf,
+            h.sectors_per_block() as usize,
+        ))
+    }
+
+    /// Read this file's own view of `buf.len()` bytes at virtual `offset` (sector aligned):
+    /// sectors it does not hold read as zero, whatever its type. A differencing disk's view
+    /// without its parents is mostly useful for tests; use [`crate::Chain`] for the real one.
+    /// One bitmap read and at most one data read per block and run.
+    pub fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.virtual_size)?;
+        let bs = self.block_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = ((bs - in_block) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match self.block_map(block)? {
+                BlockMap::Absent => out.fill(0),
+                BlockMap::Present {
+                    data_offset,
+                    bitmap: None,
+                } => self.read_raw(out, data_offset + in_block)?,
+                BlockMap::Present {
+                    data_offset,
+                    bitmap: Some(bm),
+                } => {
+                    let first = (in_block / SECTOR_SIZE) as usize;
+                    let last = first + n / SECTOR_SIZE as usize;
+                    for run in bm.runs_in(first..last, false) {
+                        out[(run.start - first) * 512..(run.end - first) * 512].fill(0);
+                    }
+                    for run in bm.runs_in(first..last, true) {
+                        let dst = &mut out[(run.start - first) * 512..(run.end - first) * 512];
+                        self.read_raw(dst, data_offset + run.start as u64 * SECTOR_SIZE)?;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::AccessDenied(format!(
+                "{} was opened read-only",
+                self.path.display()
+            )))
+        }
+    }
+
+    fn stride(&self) -> u64 {
+        self.bitmap_bytes() + self.block_size()
+    }
+
+    /// The first position at or after `from` where a block's data is [`DATA_ALIGNMENT`]-aligned.
+    fn aligned_block_pos(&self, from: u64) -> Result<u64> {
+        let bm = self.bitmap_bytes();
+        align_up(from + bm, DATA_ALIGNMENT)
+            .map(|a| a - bm)
+            .ok_or_else(|| Error::format("file offset overflow"))
+    }
+
+    /// Make room for `n` new blocks before the end footer, moving the footer out once instead
+    /// of once per block. Callers that know how many blocks a batch allocates call this first;
+    /// allocation calls it for one block when they did not.
+    pub fn reserve_blocks(&mut self, n: u64) -> Result<()> {
+        self.require_writable()?;
+        if self.header.is_none() || n == 0 {
+            return Ok(());
+        }
+        let mut end = self.next_free;
+        for _ in 0..n {
+            end = self.aligned_block_pos(end)? + self.stride();
+        }
+        if end <= self.footer_offset {
+            return Ok(());
+        }
+        if end / SECTOR_SIZE > u64::from(u32::MAX) {
+            return Err(Error::NotSupported {
+                path: Some(self.path.clone()),
+                detail: format!(
+                    "no room for {n} more block(s): the file would pass the 2 TiB limit of 32-bit BAT sector offsets"
+                ),
+            });
+        }
+        let old_len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io(format!("{}: reading length", self.path.display()), e))?;
+        // The footer's contents do not depend on the BAT, so the same footer written at the new
+        // end is valid now, and stays valid while blocks fill the space in front of it.
+        self.write_raw(&self.footer.to_bytes(), end)?;
+        self.sync()?;
+        self.known_zero = old_len.max(self.next_free)..end;
+        self.footer_offset = end;
+        Ok(())
+    }
+
+    /// Write the sectors of block `index` selected by `mask` from `data`, a buffer of one block
+    /// (`block_size()` bytes, the block's content at the selected sectors). Sectors outside the
+    /// mask keep their content. `data` may be modified (bytes outside the mask are reused as
+    /// scratch). Allocates the block if needed. Bitmap and BAT updates become durable at
+    /// [`Vhd::commit`].
+    ///
+    /// For a dynamic disk, a block that is not allocated and whose selected data is all zero
+    /// is left unallocated: it reads as zeros already.
+    pub fn write_block(&mut self, index: u64, data: &mut [u8], mask: &SectorBitmap) -> Result<()> {
+        self.require_writable()?;
+        let bs = self.block_size();
+        let spb = (bs / SECTOR_SIZE) as usize;
+        if data.len() as u64 != bs || mask.len() != spb {
+            return Err(Error::InvalidParameter(format!(
+                "write_block: buffer of {} bytes and mask of {} sectors for a block of {bs} bytes",
+                data.len(),
+                mask.len()
+            )));
+        }
+        if index >= self.block_count() {
+            return Err(Error::InvalidParameter(format!(
+                "write_block: block {index} is past the end of {} ({} blocks)",
+                self.path.display(),
+                self.block_count()
+            )));
+        }
+        // Never write past the virtual size in the last, partial block.
+        let mut mask = mask.clone();
+        let valid = ((self.virtual_size - index * bs).min(bs) / SECTOR_SIZE) as usize;
+        mask.clear_range(valid..spb);
+        if mask.none() {
+            return Ok(());
+        }
+        let header = self.header.clone();
+        let Some(h) = header else {
+            self.write_masked(index * FIXED_CHUNK, data, &mask, true)?;
+            self.pending.data_written = true;
+            return Ok(());
+        };
+        match self.bat.block_offset(index) {
+            Some(bitmap_offset) => {
+                let data_offset = bitmap_offset + h.bitmap_bytes();
+                self.write_masked(data_offset, data, &mask, true)?;
+                self.pending.data_written = true;
+                if self.pending.new_blocks.contains(&index) {
+                    // Its bitmap is not published yet: rewrite it with the data.
+                    let mut bm = self.read_bitmap_at(bitmap_offset, &h)?;
+                    bm.or(&mask);
+                    self.write_raw(
+                        &bm.to_bytes_padded(h.bitmap_bytes() as usize),
+                        bitmap_offset,
+                    )?;
+                } else {
+                    let mut bm = match self.pending.bitmaps.remove(&index) {
+                        Some(b) => b,
+                        None => self.read_bitmap_at(bitmap_offset, &h)?,
+                    };
+                    let before = bm.count_ones();
+                    bm.or(&mask);
+                    if bm.count_ones() != before {
+                        self.pending.bitmaps.insert(index, bm);
+                    }
+                }
+            }
+            None => {
+                if self.disk_type() == DiskType::Dynamic && masked_all_zero(data, &mask) {
+                    return Ok(());
+                }
+                self.allocate_and_write(index, data, &mask, &h)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn allocate_and_write(
+        &mut self,
+        index: u64,
+        data: &mut [u8],
+        mask: &SectorBitmap,
+        h: &DynamicHeader,
+    ) -> Result<()> {
+        let pos = self.aligned_block_pos(self.next_free)?;
+        let end = pos + self.stride();
+        if end > self.footer_offset {
+            self.reserve_blocks(1)?;
+        }
+        let bm_bytes = h.bitmap_bytes();
+        let data_offset = pos + bm_bytes;
+        self.write_raw(&mask.to_bytes_padded(bm_bytes as usize), pos)?;
+        let fresh = pos >= self.known_zero.start && end <= self.known_zero.end;
+        if fresh {
+            // The space is a hole: write only the selected sectors.
+            self.write_masked(data_offset, data, mask, false)?;
+        } else {
+            for run in mask.runs_in(0..mask.len(), false) {
+                data[run.start * 512..run.end * 512].fill(0);
+            }
+            self.write_raw(data, data_offset)?;
+        }
+        let sector = u32::try_from(pos / SECTOR_SIZE).map_err(|_| Error::NotSupported {
+            path: Some(self.path.clone()),
+            detail: "block offset past the 2 TiB limit of 32-bit BAT sector offsets".into(),
+        })?;
+        self.bat.entries[index as usize] = sector;
+        self.pending.bat_sectors.insert(index * 4 / SECTOR_SIZE);
+        self.pending.new_blocks.insert(index);
+        self.pending.data_written = true;
+        self.next_free = end;
+        Ok(())
+    }
+
+    /// Write the masked sectors of `data` at `file_offset`. Few runs are written one by one;
+    /// many runs become one read-modify-write of their span (when `preserve`, the unmasked
+    /// sectors in the span are first filled from the file) or one write with zeros between
+    /// them (when not).
+    fn write_masked(
+        &mut self,
+        file_offset: u64,
+        data: &mut [u8],
+        mask: &SectorBitmap,
+        preserve: bool,
+    ) -> Result<()> {
+        const FEW_RUNS: usize = 8;
+        let runs: Vec<Range<usize>> = mask.runs().take(FEW_RUNS + 1).collect();
+        let Some(first) = runs.first() else {
+            return Ok(());
+        };
+        if runs.len() <= FEW_RUNS {
+            for r in &runs {
+                self.write_raw(
+                    &data[r.start * 512..r.end * 512],
+                    file_offset + r.start as u64 * SECTOR_SIZE,
+                )?;
+            }
+            return Ok(());
+        }
+        let start = first.start;
+        let end = mask.runs().last().map_or(start, |r| r.end);
+        if preserve {
+            let span = (end - start) * 512;
+            let mut scratch = std::mem::take(&mut self.scratch);
+            scratch.resize(span, 0);
+            let res = self.read_raw(&mut scratch, file_offset + start as u64 * SECTOR_SIZE);
+            if let Err(e) = res {
+                self.scratch = scratch;
+                return Err(e);
+            }
+            for r in mask.runs_in(start..end, false) {
+                data[r.start * 512..r.end * 512]
+                    .copy_from_slice(&scratch[(r.start - start) * 512..(r.end - start) * 512]);
+            }
+            self.scratch = scratch;
+        } else {
+            for r in mask.runs_in(start..end, false) {
+                data[r.start * 512..r.end * 512].fill(0);
+            }
+        }
+        self.write_raw(
+            &data[start * 512..end * 512],
+            file_offset + start as u64 * SECTOR_SIZE,
+        )
+    }
+
+    /// True when writes since the last commit still need one.
+    pub fn has_pending(&self) -> bool {
+        self.pending.data_written
+            || !self.pending.bitmaps.is_empty()
+            || !self.pending.bat_sectors.is_empty()
+    }
+
+    /// Make the batch durable in the crash-safe order (see the module docs): sync data, then
+    /// publish bitmaps of existing blocks and BAT entries, then sync.
+    pub fn commit(&mut self) -> Result<()> {
+        if !self.has_pending() {
+            return Ok(());
+        }
+        self.sync()?;
+        let Some(h) = self.header.clone() else {
+            self.pending = Pending::default();
+            return Ok(());
+        };
+        let mut bitmaps: Vec<(u64, SectorBitmap)> = self.pending.bitmaps.drain().collect();
+        bitmaps.sort_by_key(|(i, _)| *i);
+        for (index, bm) in &bitmaps {
+            if let Some(off) = self.bat.block_offset(*index) {
+                self.write_raw(&bm.to_bytes_padded(h.bitmap_bytes() as usize), off)?;
+            }
+        }
+        let table = std::mem::take(&mut self.pending.bat_sectors);
+        let entries_per_sector = (SECTOR_SIZE / 4) as usize;
+        let mut iter = table.iter().copied().peekable();
+        while let Some(first) = iter.next() {
+            let mut last = first;
+            while iter.peek() == Some(&(last + 1)) {
+                last += 1;
+                iter.next();
+            }
+            let lo = first as usize * entries_per_sector;
+            let hi = ((last as usize + 1) * entries_per_sector).min(self.bat.entries.len());
+            let mut bytes = vec![0xFFu8; (last - first + 1) as usize * SECTOR_SIZE as usize];
+            for (k, e) in self.bat.entries[lo..hi].iter().enumerate() {
+                bytes[4 * k..4 * k + 4].copy_from_slice(&e.to_be_bytes());
+            }
+            self.write_raw(&bytes, h.table_offset + first * SECTOR_SIZE)?;
+        }
+        self.sync()?;
+        self.pending = Pending::default();
+        Ok(())
+    }
+
+    /// Commit, then give back space reserved for blocks that were never allocated: the footer
+    /// moves to the end of data and the file is truncated after it (never below where the
+    /// footer was when the file was opened).
+    pub fn finish(&mut self) -> Result<()> {
+        self.commit()?;
+        if !self.writable || self.header.is_none() {
+            return Ok(());
+        }
+        if self.footer_source != FooterSource::End {
+            // Opened from the offset-0 copy or a 511-byte footer: restore a full end footer.
+            self.write_raw(&self.footer.to_bytes(), self.footer_offset)?;
+            self.sync()?;
+            self.footer_source = FooterSource::End;
+        }
+        let target = self.next_free.max(self.original_footer_offset);
+        if target < self.footer_offset {
+            // Both footers are identical: until the truncation the old one is still the last.
+            self.write_raw(&self.footer.to_bytes(), target)?;
+            self.sync()?;
+            self.storage
+                .set_len(target + FOOTER_SIZE as u64)
+                .map_err(|e| Error::io(format!("{}: truncating", self.path.display()), e))?;
+            self.sync()?;
+            self.footer_offset = target;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at virtual `offset` (both sector aligned, inside the virtual size) and
+    /// commit. Convenient for tests and small writes; merges use [`Vhd::write_block`] batches.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        check_range(offset, data.len() as u64, self.virtual_size)?;
+        let bs = self.block_size();
+        let spb = (bs / SECTOR_SIZE) as usize;
+        let mut block_buf = vec![0u8; bs as usize];
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let in_block = (pos % bs) as usize;
+            let n = (bs as usize - in_block).min(data.len() - done);
+            block_buf[in_block..in_block + n].copy_from_slice(&data[done..done + n]);
+            let mut mask = SectorBitmap::new(spb);
+            mask.set_range(in_block / 512..(in_block + n) / 512);
+            self.write_block(block, &mut block_buf, &mask)?;
+            done += n;
+        }
+        self.finish()
+    }
+
+    /// Replace the dynamic header in place (used by set-parent). Locator data it points to
+    /// must already be durable. The header is one 1024-byte write inside the first 4 KiB.
+    pub fn rewrite_header(&mut self, mut header: DynamicHeader) -> Result<()> {
+        self.require_writable()?;
+        if self.header.is_none() {
+            return Err(Error::InvalidParameter(format!(
+                "{} is a fixed disk: it has no dynamic header",
+                self.path.display()
+            )));
+        }
+        header.fix_checksum();
+        self.sync()?;
+        self.write_raw(&header.to_bytes(), self.footer.data_offset)?;
+        self.sync()?;
+        self.header = Some(header);
+        self.recompute_end_of_data();
+        Ok(())
+    }
+
+    /// Write bytes into free space after all data (for locator payloads), returning the
+    /// offset. The space is reserved before the end footer, like a block.
+    pub fn append_metadata(&mut self, bytes: &[u8]) -> Result<u64> {
+        self.require_writable()?;
+        let pos = align_up(self.next_free, SECTOR_SIZE).unwrap_or(self.next_free);
+        let len = align_up(bytes.len() as u64, SECTOR_SIZE).unwrap_or(0);
+        let end = pos + len;
+        if end > self.footer_offset {
+            self.write_raw(&self.footer.to_bytes(), end)?;
+            self.sync()?;
+            self.footer_offset = end;
+        }
+        let mut padded = bytes.to_vec();
+        padded.resize(len as usize, 0);
+        self.write_raw(&padded, pos)?;
+        self.next_free = end;
+        Ok(pos)
+    }
+
+    fn recompute_end_of_data(&mut self) {
+        if let Some(h) = &self.header {
+            let len = self.footer_offset;
+            self.next_free = self
+                .next_free
+                .max(metadata_end(self.footer.data_offset, h, len));
+        }
+    }
+}
+
+fn masked_all_zero(data: &[u8], mask: &SectorBitmap) -> bool {
+    mask.runs()
+        .all(|r| data[r.start * 512..r.end * 512].iter().all(|&b| b == 0))
+}
+
+fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
+        return Err(Error::InvalidParameter(format!(
+            "offset {offset} and length {len} must be multiples of 512"
+        )));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::InvalidParameter(format!(
+            "range {offset}+{len} is past the virtual size {size}"
+        ))),
+    }
+}
+
+/// Open a path that must be a regular file (not a directory, FIFO or device).
+pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::InvalidParameter(format!(
+            "{} is not a regular file ({})",
+            path.display(),
+            file_kind(&meta)
+        )));
+    }
+    let file = File::options()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| {
+            let what = if writable {
+                "cannot open for writing"
+            } else {
+                "cannot open"
+            };
+            Error::io(format!("{}: {what}", path.display()), e)
+        })?;
+    Ok(file)
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO";
+        }
+        if ft.is_block_device() || ft.is_char_device() {
+            return "a device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a regular file"
+}
+
+/// End of header, BAT and every locator extent that lies inside the file (§4.1).
+fn metadata_end(header_offset: u64, h: &DynamicHeader, file_len: u64) -> u64 {
+    let mut end = (header_offset + HEADER_SIZE as u64)
+        .max(h.table_offset + bat::table_bytes(h.max_table_entries))
+        .max(FOOTER_SIZE as u64);
+    for loc in h.locators.iter().filter(|l| !l.is_empty()) {
+        let full = loc.data_offset.saturating_add(loc.extent_len());
+        let data = loc.data_offset.saturating_add(u64::from(loc.data_length));
+        if full <= file_len {
+            end = end.max(full);
+        } else if data <= file_len {
+            end = end.max(data);
+        }
+    }
+    end
+}
+
+struct FooterCandidate {
+    offset: u64,
+    source: FooterSource,
+    result: Result<Footer>,
+}
+
+fn read_footer_at(
+    storage: &dyn Storage,
+    offset: u64,
+    len: usize,
+    source: FooterSource,
+) -> FooterCandidate {
+    let mut buf = [0u8; FOOTER_SIZE];
+    let result = match storage.read_at(&mut buf[..len], offset) {
+        Ok(()) => Footer::parse(&buf),
+        Err(e) => Err(Error::io(format!("reading footer at offset {offset}"), e)),
+    };
+    FooterCandidate {
+        offset,
+        source,
+        result,
+    }
+}
+
+fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) -> Result<Vhd> {
+    let io_err = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
+    let len = storage.len().map_err(|e| io_err("reading length", e))?;
+    if len < FOOTER_SIZE as u64 {
+        return Err(Error::format(format!(
+            "file is {len} bytes, smaller than a VHD footer (512)"
+        )));
+    }
+    let mut warnings = Vec::new();
+
+    // Footer candidates in order of preference (§1.2).
+    let mut candidates = vec![read_footer_at(
+        storage.as_ref(),
+        len - 512,
+        512,
+        FooterSource::End,
+    )];
+    if len > 511 && (len - 511) % 512 == 0 {
+        candidates.push(read_footer_at(
+            storage.as_ref(),
+            len - 511,
+            511,
+            FooterSource::Short,
+        ));
+    }
+    if len >= 512 + FOOTER_SIZE as u64 {
+        let copy = read_footer_at(storage.as_ref(), 0, 512, FooterSource::Copy);
+        // The offset-0 copy only exists for sparse disks; a fixed disk's sector 0 is data.
+        if copy.result.as_ref().is_ok_and(|f| f.disk_type.is_sparse()) {
+            candidates.push(copy);
+        }
+    }
+    let good = candidates
+        .iter()
+        .position(|c| c.result.as_ref().is_ok_and(Footer::checksum_ok));
+    let chosen = match good {
+        Some(i) => i,
+        None => {
+            let parsed = candidates.iter().position(|c| c.result.is_ok());
+            match parsed {
+                Some(i) if options.lenient => {
+                    let c = &candidates[i];
+                    let f = c.result.as_ref().ok();
+                    warnings.push(format!(
+                        "footer checksum mismatch at offset {} (stored {:#010x}, computed {:#010x}); accepted because reading leniently",
+                        c.offset,
+                        f.map_or(0, |f| f.checksum),
+                        f.map_or(0, Footer::computed_checksum)
+                    ));
+                    i
+                }
+                Some(i) => {
+                    let c = &candidates[i];
+                    let f = c.result.as_ref().ok();
+                    return Err(Error::Checksum {
+                        path: None,
+                        structure: "footer",
+                        offset: c.offset,
+                        stored: f.map_or(0, |f| f.checksum),
+                        computed: f.map_or(0, Footer::computed_checksum),
+                    });
+                }
+                None => {
+                    let why = match &candidates[0].result {
+                        Err(Error::Format { detail, .. }) => detail.clone(),
+                        Err(e) => e.to_string(),
+                        Ok(_) => String::new(),
+                    };
+                    return Err(Error::format(format!(
+                        "not a VHD: {why} at offset {} (end of file), and no valid copy at offset 0",
+                        len - 512
+                    )));
+                }
+            }
+        }
+    };
+    let FooterCandidate {
+        offset: chosen_offset,
+        source: footer_source,
+        result,
+    } = candidates.swap_remove(chosen);
+    let footer = result?;
+    match footer_source {
+        FooterSource::End => {}
+        FooterSource::Short => warnings.push(format!(
+            "511-byte footer at offset {chosen_offset} (written by a product older than Virtual PC 2004)"
+        )),
+        FooterSource::Copy => warnings.push(format!(
+            "end footer missing or damaged at offset {}; using the copy at offset 0",
+            len - 512
+        )),
+    }
+
+    match footer.disk_type {
+        DiskType::Fixed | DiskType::Dynamic | DiskType::Differencing => {}
+        DiskType::Other(v) => {
+            return Err(Error::not_supported(format!(
+                "disk type {v} is not supported (fixed 2, dynamic 3 and differencing 4 are)"
+            )));
+        }
+    }
+    if footer.format_version >> 16 != 1 {
+        return Err(Error::not_supported(format!(
+            "footer File Format Version {:#010x} is not 1.x",
+            footer.format_version
+        )));
+    }
+    if footer.features & footer::FEATURE_RESERVED == 0 {
+        warnings.push(format!(
+            "footer Features {:#x} lacks the reserved bit 0x2",
+            footer.features
+        ));
+    }
+    if footer.saved_state != 0 {
+        warnings.push(
+            "footer Saved State is set: a virtual machine saved its state with this disk attached"
+                .into(),
+        );
+    }
+    if footer.current_size % SECTOR_SIZE != 0 {
+        return Err(Error::format(format!(
+            "footer Current Size {} is not a multiple of 512",
+            footer.current_size
+        )));
+    }
+    if footer.disk_type.is_sparse() && footer_source != FooterSource::Copy {
+        let copy = read_footer_at(storage.as_ref(), 0, 512, FooterSource::Copy);
+        match copy.result {
+            Ok(c) if c.to_bytes() == footer.to_bytes() => {}
+            Ok(_) => warnings.push("footer copy at offset 0 differs from the end footer".into()),
+            Err(_) => warnings.push("footer copy at offset 0 is missing or damaged".into()),
+        }
+    }
+
+    let footer_offset = match footer_source {
+        FooterSource::End => len - 512,
+        FooterSource::Short => len - 511,
+        FooterSource::Copy => len - 512,
+    };
+
+    let (virtual_size, size_source) = virtual_size(&footer, options.size_rule);
+    if size_source == SizeSource::Chs {
+        warnings.push(format!(
+            "virtual size is the CHS size {virtual_size} (creator {:?}), not Current Size {}",
+            footer.creator_application_str(),
+            footer.current_size
+        ));
+    }
+
+    let mut vhd = Vhd {
+        storage,
+        path: path.clone(),
+        footer_source,
+        footer_offset,
+        original_footer_offset: footer_offset,
+        header: None,
+        bat: Bat::default(),
+        virtual_size,
+        size_source,
+        warnings,
+        writable: options.writable,
+        next_free: 0,
+        known_zero: 0..0,
+        pending: Pending::default(),
+        scratch: Vec::new(),
+        footer,
+    };
+
+    if vhd.footer.disk_type == DiskType::Fixed {
+        let data_end = vhd.footer.current_size;
+        if data_end > footer_offset {
+            return Err(Error::format(format!(
+                "fixed disk truncated: Current Size is {data_end} bytes but the footer is at offset {footer_offset}"
+            )));
+        }
+        if data_end < footer_offset {
+            vhd.warnings.push(format!(
+                "{} bytes between the end of data ({data_end}) and the footer",
+                footer_offset - data_end
+            ));
+        }
+        vhd.next_free = footer_offset;
+        return Ok(vhd);
+    }
+
+    open_sparse(&mut vhd, len, options)?;
+    Ok(vhd)
+}
+
+fn virtual_size(footer: &Footer, rule: SizeRule) -> (u64, SizeSource) {
+    let chs = footer.geometry.size().min(footer.current_size);
+    let use_chs = match rule {
+        SizeRule::CurrentSize => false,
+        SizeRule::Chs => true,
+        SizeRule::Auto => footer.is_virtual_pc() && !footer.current_size_is_authoritative(),
+    };
+    if use_chs && chs != footer.current_size {
+        (chs, SizeSource::Chs)
+    } else {
+        (footer.current_size, SizeSource::CurrentSize)
+    }
+}
+
+fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions) -> Result<()> {
+    let header_offset = vhd.footer.data_offset;
+    let header_end = header_offset.checked_add(HEADER_SIZE as u64);
+    if header_offset < FOOTER_SIZE as u64 || header_end.is_none_or(|e| e > len) {
+        return Err(Error::format(format!(
+            "footer Data Offset {header_offset:#x} does not point to a dynamic header inside the file ({len} bytes)"
+        )));
+    }
+    if !header_offset.is_multiple_of(SECTOR_SIZE) {
+        vhd.warnings.push(format!(
+            "dynamic header at offset {header_offset} is not sector aligned"
+        ));
+    }
+    let mut hb = [0u8; HEADER_SIZE];
+    vhd.read_raw(&mut hb, header_offset)?;
+    let h = DynamicHeader::parse(&hb).map_err(|e| match e {
+        Error::Format { detail, .. } => {
+            Error::format(format!("{detail} at offset {header_offset}"))
+        }
+        e => e,
+    })?;
+    if !h.checksum_ok() {
+        if options.lenient {
+            vhd.warnings.push(format!(
+                "dynamic header checksum mismatch at offset {header_offset} (stored {:#010x}, computed {:#010x}); accepted because reading leniently",
+                h.checksum,
+                h.computed_checksum()
+            ));
+        } else {
+            return Err(Error::Checksum {
+                path: None,
+                structure: "dynamic header",
+                offset: header_offset,
+                stored: h.checksum,
+                computed: h.computed_checksum(),
+            });
+        }
+    }
+    if h.header_version >> 16 != 1 {
+        return Err(Error::not_supported(format!(
+            "dynamic header version {:#010x} is not 1.x",
+            h.header_version
+        )));
+    }
+    if h.data_offset != header::NO_NEXT {
+        vhd.warnings.push(format!(
+            "dynamic header Data Offset is {:#x}, expected all ones",
+            h.data_offset
+        ));
+    }
+    let bs = h.block_size;
+    if bs < 512 || !bs.is_power_of_two() {
+        return Err(Error::format(format!(
+            "dynamic header Block Size {bs} is not a power of two of at least 512"
+        )));
+    }
+    if bs > MAX_BLOCK_SIZE {
+        return Err(Error::not_supported(format!(
+            "dynamic header Block Size {bs} is larger than the {MAX_BLOCK_SIZE} bytes supported"
+        )));
+    }
+    let bs64 = u64::from(bs);
+    let mte = u64::from(h.max_table_entries);
+    if mte * bs64 < vhd.footer.current_size {
+        return Err(Error::format(format!(
+            "dynamic header Max Table Entries {mte} x Block Size {bs} covers {} bytes, less than Current Size {}",
+            mte * bs64,
+            vhd.footer.current_size
+        )));
+    }
+    let table_len = bat::table_bytes(h.max_table_entries);
+    let table_end = h.table_offset.checked_add(mte * 4);
+    if table_end.is_none_or(|e| e > len) {
+        return Err(Error::format(format!(
+            "BAT at offset {:#x} with {mte} entries ({} bytes) runs past the end of the file ({len} bytes)",
+            h.table_offset,
+            mte * 4
+        )));
+    }
+    if h.table_offset % SECTOR_SIZE != 0 {
+        vhd.warnings.push(format!(
+            "BAT at offset {} is not sector aligned",
+            h.table_offset
+        ));
+    }
+    let overlaps = |a: u64, alen: u64, b: u64, blen: u64| a < b + blen && b < a + alen;
+    if overlaps(h.table_offset, mte * 4, header_offset, HEADER_SIZE as u64)
+        || overlaps(h.table_offset, mte * 4, 0, FOOTER_SIZE as u64)
+    {
+        return Err(Error::format(format!(
+            "BAT at offset {:#x} overlaps the footer copy or the dynamic header",
+            h.table_offset
+        )));
+    }
+    // Sized from mte, which was checked against the file length above.
+    let mut table = vec![0u8; (mte * 4) as usize];
+    vhd.read_raw(&mut table, h.table_offset)?;
+    let bat = Bat::parse(&table, h.max_table_entries)?;
+    drop(table);
+
+    // Every allocated block must lie inside the file, clear of the metadata, and clear of every
+    // other block: sort the extents and compare neighbours (O(n log n), §7).
+    let stride = h.bitmap_bytes() + bs64;
+    let data_limit = if vhd.footer_source == FooterSource::Copy {
+        len
+    } else {
+        vhd.footer_offset
+    };
+    let mut extents: Vec<(u64, u64, i64)> = Vec::with_capacity(bat.allocated() + 3);
+    extents.push((0, FOOTER_SIZE as u64, -1));
+    extents.push((header_offset, HEADER_SIZE as u64, -2));
+    extents.push((h.table_offset, table_len.max(4), -3));
+    let mut next_free = metadata_end(header_offset, &h, len);
+    for (i, &e) in bat.entries.iter().enumerate() {
+        if e == bat::UNUSED {
+            continue;
+        }
+        let start = u64::from(e) * SECTOR_SIZE;
+        let end = start + stride;
+        if end > data_limit {
+            return Err(Error::format(format!(
+                "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
+            )));
+        }
+        extents.push((start, stride, i as i64));
+        next_free = next_free.max(end);
+    }
+    extents.sort_unstable();
+    let name = |tag: i64| match tag {
+        -1 => "the footer copy at offset 0".to_string(),
+        -2 => "the dynamic header".to_string(),
+        -3 => "the BAT".to_string(),
+        i => format!("block {i}"),
+    };
+    for w in extents.windows(2) {
+        let (a, alen, at) = w[0];
+        let (b, _, bt) = w[1];
+        if a + alen > b {
+            return Err(Error::format(format!(
+                "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
+                name(at),
+                name(bt)
+            )));
+        }
+    }
+    for (i, loc) in h.locators.iter().enumerate() {
+        if loc.is_empty() {
+            continue;
+        }
+        let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
+        if end > len {
+            vhd.warnings.push(format!(
+                "parent locator {i} ({}) data at offset {:#x} + {} bytes lies outside the file",
+                loc.platform_code.name(),
+                loc.data_offset,
+                loc.data_length
+            ));
+            continue;
+        }
+        let lo = extents.partition_point(|x| x.0 + x.1 <= loc.data_offset);
+        if let Some(&(b, _, tag)) = extents.get(lo)
+            && b < end
+            && tag >= 0
+        {
+            vhd.warnings.push(format!(
+                "parent locator {i} ({}) data at offset {:#x} overlaps block {tag}",
+                loc.platform_code.name(),
+                loc.data_offset
+            ));
+        }
+    }
+    if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
+        vhd.warnings
+            .push("dynamic disk has a non-zero Parent Unique Id; it is ignored".into());
+    }
+    if vhd.footer_source == FooterSource::Copy {
+        vhd.footer_offset = next_free.max(len.saturating_sub(FOOTER_SIZE as u64));
+    }
+    vhd.next_free = next_free;
+    vhd.header = Some(h);
+    vhd.bat = bat;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_rule() {
+        let mut f = Footer::parse(&{
+            let mut b = [0u8; 512];
+            b[0..8].copy_from_slice(b"conectix");
+            b
+        })
+        .unwrap();
+        f.current_size = 136_365_211_648;
+        f.geometry = crate::format::Geometry {
+            cylinders: 16383,
+            heads: 16,
+            sectors_per_track: 63,
+        };
+        f.creator_application = *b"vpc ";
+        let (s, src) = virtual_size(&f, SizeRule::Auto);
+        assert_eq!(src, SizeSource::Chs);
+        assert_eq!(s, 16383 * 16 * 63 * 512);
+        f.creator_application = *b"win ";
+        assert_eq!(
+            virtual_size(&f, SizeRule::Auto),
+            (136_365_211_648, SizeSource::CurrentSize)
+        );
+        assert_eq!(virtual_size(&f, SizeRule::Chs).1, SizeSource::Chs);
+    }
+}

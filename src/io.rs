@@ -1,0 +1,322 @@
+//! Positional I/O beneath [`crate::Vhd`]: a trait the tests can replace with a fault-injecting
+//! implementation, and the plain file implementation.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Positional, thread-safe storage for one VHD file.
+///
+/// `read_at` and `write_at` transfer the whole buffer or fail; a read past the end fails with
+/// [`io::ErrorKind::UnexpectedEof`].
+#[allow(clippy::len_without_is_empty)]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Read exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset`, extending the file if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncate or extend.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Make every completed write durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Try to take an advisory lock, exclusive or shared; `Ok(false)` when someone else holds a
+    /// conflicting one. Storage without locks always succeeds.
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        let _ = exclusive;
+        Ok(true)
+    }
+}
+
+/// [`Storage`] over a [`File`].
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Wrap an open file.
+    pub fn new(file: File) -> FileStorage {
+        FileStorage { file }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+#[cfg(unix)]
+pub(crate) fn pread_exact(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(unix)]
+pub(crate) fn pwrite_all(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+pub(crate) fn pread_exact(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+pub(crate) fn pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_write(buf, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        pread_exact(&self.file, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        pwrite_all(&self.file, buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        let r = if exclusive {
+            self.file.try_lock()
+        } else {
+            self.file.try_lock_shared()
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == io::ErrorKind::Unsupported => {
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+/// What a [`FaultyStorage`] does wrong, shared between the test and the storage it wraps.
+///
+/// Counting starts at 1: `fail_write = Some(3)` lets writes 1 and 2 land and fails the third.
+/// After the first injected failure the storage behaves like a crashed machine: every later
+/// write and sync fails too, so nothing the caller does afterwards reaches the file.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    /// Fail this write (1-based).
+    pub fail_write: Option<u64>,
+    /// When failing a write, first let its first half land (a torn write).
+    pub torn: bool,
+    /// Fail this sync (1-based).
+    pub fail_sync: Option<u64>,
+    /// Fail writes that would make the file longer than this, with "no space left".
+    pub space_limit: Option<u64>,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+    crashed: AtomicBool,
+}
+
+impl FaultPlan {
+    /// A plan that injects nothing (use it to count writes).
+    pub fn new() -> Arc<FaultPlan> {
+        Arc::new(FaultPlan::default())
+    }
+
+    /// Crash at write `n`.
+    pub fn crash_at_write(n: u64, torn: bool) -> Arc<FaultPlan> {
+        Arc::new(FaultPlan {
+            fail_write: Some(n),
+            torn,
+            ..FaultPlan::default()
+        })
+    }
+
+    /// Fail sync number `n`.
+    pub fn fail_sync_at(n: u64) -> Arc<FaultPlan> {
+        Arc::new(FaultPlan {
+            fail_sync: Some(n),
+            ..FaultPlan::default()
+        })
+    }
+
+    /// Run out of space when the file would grow past `limit` bytes.
+    pub fn out_of_space_at(limit: u64) -> Arc<FaultPlan> {
+        Arc::new(FaultPlan {
+            space_limit: Some(limit),
+            ..FaultPlan::default()
+        })
+    }
+
+    /// Writes attempted so far (including a failed one).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Syncs attempted so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
+    /// True once a fault has been injected.
+    pub fn crashed(&self) -> bool {
+        self.crashed.load(Ordering::SeqCst)
+    }
+}
+
+fn injected(what: &str) -> io::Error {
+    io::Error::other(format!("injected fault: {what}"))
+}
+
+/// A [`Storage`] that injects the faults of a [`FaultPlan`] into another storage.
+#[derive(Debug)]
+pub struct FaultyStorage {
+    inner: Box<dyn Storage>,
+    plan: Arc<FaultPlan>,
+}
+
+impl FaultyStorage {
+    /// Wrap `inner`.
+    pub fn new(inner: Box<dyn Storage>, plan: Arc<FaultPlan>) -> FaultyStorage {
+        FaultyStorage { inner, plan }
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let n = self.plan.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.crashed() {
+            return Err(injected("write after crash"));
+        }
+        if self.plan.fail_write == Some(n) {
+            self.plan.crashed.store(true, Ordering::SeqCst);
+            if self.plan.torn && buf.len() > 1 {
+                // The first half of the sectors land, the rest do not.
+                let half = (buf.len() / 2).max(1);
+                self.inner.write_at(&buf[..half], offset)?;
+            }
+            return Err(injected(&format!("crash at write {n}")));
+        }
+        if let Some(limit) = self.plan.space_limit {
+            let end = offset + buf.len() as u64;
+            if end > limit && end > self.inner.len()? {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "No space left on device (injected)",
+                ));
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.plan.crashed() {
+            return Err(injected("truncate after crash"));
+        }
+        if let Some(limit) = self.plan.space_limit
+            && len > limit
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "No space left on device (injected)",
+            ));
+        }
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let n = self.plan.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.crashed() {
+            return Err(injected("sync after crash"));
+        }
+        if self.plan.fail_sync == Some(n) {
+            self.plan.crashed.store(true, Ordering::SeqCst);
+            return Err(injected(&format!("sync {n} failed")));
+        }
+        self.inner.sync_data()
+    }
+
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        self.inner.try_lock(exclusive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_plan_stops_everything_after_the_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("x"))
+            .unwrap();
+        let plan = FaultPlan::crash_at_write(2, true);
+        let s = FaultyStorage::new(Box::new(FileStorage::new(f)), plan.clone());
+        s.write_at(&[1; 8], 0).unwrap();
+        assert!(s.write_at(&[2; 8], 8).is_err());
+        assert!(s.write_at(&[3; 8], 16).is_err());
+        assert!(s.sync_data().is_err());
+        assert_eq!(s.len().unwrap(), 12, "torn write landed half");
+        let mut b = [0u8; 12];
+        s.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]);
+        assert_eq!(plan.writes(), 3);
+    }
+
+    #[test]
+    fn space_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("x")).unwrap();
+        let s = FaultyStorage::new(
+            Box::new(FileStorage::new(f)),
+            FaultPlan::out_of_space_at(10),
+        );
+        s.write_at(&[0; 10], 0).unwrap();
+        let e = s.write_at(&[0; 1], 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+        // Overwriting inside the file still works.
+        s.write_at(&[1; 4], 2).unwrap();
+    }
+}

@@ -1,0 +1,38 @@
+//! Merge Microsoft VHD differencing disks into their parent or into an ancestor several levels
+//! up: what Hyper-V's `MergeVirtualHardDisk` does, in pure Rust, on any OS.
+//!
+//! The crate is layered (see `docs/design.md`):
+//!
+//! - [`format`]: the on-disk structures, sans I/O.
+//! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
+//! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
+//!
+//! ```
+//! use vhd_merge::{create, OpenOptions, Vhd};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let base = dir.path().join("base.vhd");
+//! let mut vhd = create::create_dynamic(&base, 8 << 20, &create::CreateOptions::default())?;
+//! vhd.write_at(4096, &[0xAB; 512])?;
+//!
+//! let vhd = Vhd::open(&base, OpenOptions::read_only())?;
+//! let mut buf = [0u8; 512];
+//! vhd.read_own(4096, &mut buf)?;
+//! assert_eq!(buf, [0xAB; 512]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod create;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod io;
+pub mod locator;
+
+pub use chain::{Chain, ChainOptions, Layer};
+pub use error::{Error, ParentCandidate, Result, ReturnCode};
+pub use format::{DiskType, SECTOR_SIZE};
+pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
