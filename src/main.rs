@@ -1,2 +1,7 @@
-//! The `vhd-merge` command-line tool (placeholder until the CLI lands).
-fn main() {}
+//! The `vhd-merge` command-line tool. See `vhd-merge --help`.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::run()
+}

@@ -1,7 +1,7 @@
 //! The VHD on-disk structures, sans I/O: bytes in, structs out, structs to bytes.
 //!
 //! Nothing here opens a file or allocates from a size read out of one without a bound
-//! supplied by the caller. Section numbers in comments refer to `docs/vhd-format.md`
+//! supplied by the caller. Section numbers in comments refer to `docs/vhd-format.md` in the repository
 //! (the project's notes on the Microsoft VHD specification v1.0 and on how real tools
 //! write the format).
 
