@@ -182,7 +182,8 @@ impl Vhd {
         options: OpenOptions,
     ) -> Result<Vhd> {
         let path = path.as_ref().to_path_buf();
-        open_inner(storage, path.clone(), options).map_err(|e| e.in_file(&path))
+        open_inner(storage, path.clone(), options, &mut Validator::new(false))
+            .map_err(|e| e.in_file(&path))
     }
 
     /// The file's path.
@@ -861,9 +862,309 @@ fn metadata_end(header_offset: u64, h: &DynamicHeader, file_len: u64) -> u64 {
     end
 }
 
+/// How a [`Problem`] affects [`Vhd::open`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemLevel {
+    /// Noted by [`Vhd::inspect`] only (an oddity that needs no warning when opening).
+    Info,
+    /// Opening succeeds and lists it in [`Vhd::warnings`].
+    Warning,
+    /// A strict open fails (a lenient one accepts checksum mismatches, with a warning).
+    Fatal,
+}
+
+/// One thing validation found in a file (see [`Vhd::inspect`]). [`Vhd::open`] runs the same
+/// validation and fails on the first fatal problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Stable identifier of the kind of problem, such as `footer-checksum`, `bat-entry-outside`
+    /// or `block-overlap` (see [`problem_codes`]).
+    pub code: &'static str,
+    /// What it means for opening.
+    pub level: ProblemLevel,
+    /// The structure: `footer`, `footer copy`, `dynamic header`, `BAT`, `block N`,
+    /// `locator N`, `batmap`, `file`.
+    pub structure: String,
+    /// Byte offset in the file, when the problem has one.
+    pub offset: Option<u64>,
+    /// The block, for problems about one BAT entry or block.
+    pub block: Option<u64>,
+    /// What is wrong, and what was expected.
+    pub message: String,
+}
+
+/// The codes [`Problem::code`] takes.
+pub mod problem_codes {
+    /// The file is too small, or no footer parses anywhere.
+    pub const NOT_A_VHD: &str = "not-a-vhd";
+    /// A footer's checksum does not match (the one in use).
+    pub const FOOTER_CHECKSUM: &str = "footer-checksum";
+    /// The end footer is missing or damaged; the offset-0 copy is in use.
+    pub const FOOTER_END_BAD: &str = "footer-end-bad";
+    /// The footer is a 511-byte one.
+    pub const FOOTER_SHORT: &str = "footer-short";
+    /// The offset-0 copy is missing or damaged.
+    pub const FOOTER_COPY_BAD: &str = "footer-copy-bad";
+    /// The offset-0 copy parses but is not byte-for-byte the end footer.
+    pub const FOOTER_COPY_DIFFERS: &str = "footer-copy-differs";
+    /// A footer field is invalid or unsupported (disk type, version, size).
+    pub const FOOTER_FIELD: &str = "footer-field";
+    /// A footer field is odd (features, saved state, fixed-disk data offset).
+    pub const FOOTER_ODD: &str = "footer-odd";
+    /// The virtual size is the CHS size, not Current Size.
+    pub const SIZE_CHS: &str = "size-chs";
+    /// A fixed disk's data area does not fit before its footer.
+    pub const FIXED_TRUNCATED: &str = "fixed-truncated";
+    /// Bytes between a fixed disk's data and its footer.
+    pub const FIXED_GAP: &str = "fixed-gap";
+    /// The footer's Data Offset does not point at a dynamic header inside the file.
+    pub const HEADER_OFFSET: &str = "header-offset";
+    /// No dynamic header cookie.
+    pub const HEADER_COOKIE: &str = "header-cookie";
+    /// The dynamic header's checksum does not match.
+    pub const HEADER_CHECKSUM: &str = "header-checksum";
+    /// A dynamic header field is invalid or unsupported.
+    pub const HEADER_FIELD: &str = "header-field";
+    /// A dynamic header field is odd but usable (alignment, data offset, parent id).
+    pub const HEADER_ODD: &str = "header-odd";
+    /// Max Table Entries is larger than Current Size needs.
+    pub const BAT_LARGER: &str = "bat-larger";
+    /// The BAT runs past the end of the file or overlaps the header.
+    pub const BAT_PLACEMENT: &str = "bat-placement";
+    /// A BAT entry points (partly) outside the file.
+    pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
+    /// A block overlaps another block or metadata.
+    pub const BLOCK_OVERLAP: &str = "block-overlap";
+    /// A parent locator's data lies outside the file.
+    pub const LOCATOR_OUTSIDE: &str = "locator-outside";
+    /// A parent locator's data overlaps a block or metadata.
+    pub const LOCATOR_OVERLAP: &str = "locator-overlap";
+    /// The blktap batmap header or map is damaged.
+    pub const BATMAP: &str = "batmap";
+    /// Reading the file failed.
+    pub const IO: &str = "io";
+}
+
+use problem_codes as pc;
+
+/// What [`Vhd::inspect`] found.
+#[derive(Debug)]
+pub struct Inspection {
+    /// The file, opened as far as validation allowed: checksum mismatches accepted, and BAT
+    /// entries that point outside the file or overlap something dropped (in memory only; see
+    /// `dropped_entries`). `None` when a problem stopped validation (the last problem says which).
+    pub vhd: Option<Vhd>,
+    /// Every problem found, in file order of the structures.
+    pub problems: Vec<Problem>,
+    /// BAT entries dropped from `vhd`'s table: (block index, the entry stored in the file).
+    pub dropped_entries: Vec<(u64, u32)>,
+    /// The blktap batmap, when the file has one (§3.3).
+    pub batmap: Option<Batmap>,
+    /// Length of the file in bytes.
+    pub file_len: u64,
+}
+
+/// The blktap batmap (§3.3): one bit per block, set when every sector of the block is present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batmap {
+    /// Offset of the `tdbatmap` header.
+    pub header_offset: u64,
+    /// Offset of the map.
+    pub map_offset: u64,
+    /// Sectors of map.
+    pub map_sectors: u32,
+    /// Batmap version (major << 16 | minor).
+    pub version: u32,
+    /// Checksum stored in the header.
+    pub checksum: u32,
+}
+
+/// Cookie of blktap's batmap header.
+pub const BATMAP_COOKIE: [u8; 8] = *b"tdbatmap";
+
+impl Batmap {
+    /// Bytes of map.
+    pub fn map_bytes(&self) -> u64 {
+        u64::from(self.map_sectors) * SECTOR_SIZE
+    }
+
+    /// The checksum blktap computes over `map` (one's complement of the byte sum; version 1.1
+    /// summed signed chars, §3.3).
+    pub fn computed_checksum(&self, map: &[u8]) -> u32 {
+        let signed = self.version == 0x0001_0001;
+        let sum = map.iter().fold(0u32, |s, &b| {
+            let v = if signed {
+                i32::from(b as i8) as u32
+            } else {
+                u32::from(b)
+            };
+            s.wrapping_add(v)
+        });
+        !sum
+    }
+}
+
+/// Collects problems while a file is validated. Opening stops at the first fatal problem;
+/// inspecting records it and goes on where it can.
+struct Validator {
+    collect: bool,
+    problems: Vec<Problem>,
+    dropped: Vec<(u64, u32)>,
+    batmap: Option<Batmap>,
+    /// A problem stopped validation (it is the last one recorded).
+    stopped: bool,
+}
+
+impl Validator {
+    fn new(collect: bool) -> Validator {
+        Validator {
+            collect,
+            problems: Vec::new(),
+            dropped: Vec::new(),
+            batmap: None,
+            stopped: false,
+        }
+    }
+
+    fn note(
+        &mut self,
+        level: ProblemLevel,
+        code: &'static str,
+        structure: &str,
+        offset: Option<u64>,
+        message: String,
+    ) {
+        self.problems.push(Problem {
+            code,
+            level,
+            structure: structure.to_string(),
+            offset,
+            block: None,
+            message,
+        });
+    }
+
+    fn warn(&mut self, code: &'static str, structure: &str, offset: Option<u64>, message: String) {
+        self.note(ProblemLevel::Warning, code, structure, offset, message);
+    }
+
+    fn info(&mut self, code: &'static str, structure: &str, offset: Option<u64>, message: String) {
+        self.note(ProblemLevel::Info, code, structure, offset, message);
+    }
+
+    /// A fatal problem after which validation can go on: opening fails, inspecting records it.
+    fn error(
+        &mut self,
+        code: &'static str,
+        structure: &str,
+        offset: Option<u64>,
+        block: Option<u64>,
+        err: Error,
+    ) -> Result<()> {
+        if !self.collect {
+            return Err(err);
+        }
+        self.problems.push(Problem {
+            code,
+            level: ProblemLevel::Fatal,
+            structure: structure.to_string(),
+            offset,
+            block,
+            message: err.to_string(),
+        });
+        Ok(())
+    }
+
+    /// A fatal problem after which validation cannot go on.
+    fn stop(
+        &mut self,
+        code: &'static str,
+        structure: &str,
+        offset: Option<u64>,
+        err: Error,
+    ) -> Error {
+        self.stopped = true;
+        if self.collect {
+            self.problems.push(Problem {
+                code,
+                level: ProblemLevel::Fatal,
+                structure: structure.to_string(),
+                offset,
+                block: None,
+                message: err.to_string(),
+            });
+        }
+        err
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.problems
+            .iter()
+            .filter(|p| p.level == ProblemLevel::Warning)
+            .map(|p| p.message.clone())
+            .collect()
+    }
+}
+
+impl Vhd {
+    /// Validate the file at `path` without stopping at the first problem: list every problem
+    /// found and, when the structures allow, open it anyway (see [`Inspection`]). For `check`
+    /// and `repair`. Fails only when the file cannot be opened at all (missing, not a regular
+    /// file, no permission).
+    pub fn inspect(path: impl AsRef<Path>, options: OpenOptions) -> Result<Inspection> {
+        let path = path.as_ref();
+        let file = open_regular_file(path, options.writable)?;
+        Ok(Vhd::inspect_storage(
+            Box::new(FileStorage::new(file)),
+            path,
+            options,
+        ))
+    }
+
+    /// [`Vhd::inspect`] over any [`Storage`].
+    pub fn inspect_storage(
+        storage: Box<dyn Storage>,
+        path: impl AsRef<Path>,
+        options: OpenOptions,
+    ) -> Inspection {
+        let path = path.as_ref().to_path_buf();
+        let file_len = storage.len().unwrap_or(0);
+        let mut v = Validator::new(true);
+        let options = OpenOptions {
+            lenient: false,
+            ..options
+        };
+        let vhd = match open_inner(storage, path, options, &mut v) {
+            Ok(vhd) => Some(vhd),
+            Err(e) => {
+                // Errors raised outside the validator (I/O) are recorded here.
+                if !v.stopped {
+                    v.problems.push(Problem {
+                        code: pc::IO,
+                        level: ProblemLevel::Fatal,
+                        structure: "file".into(),
+                        offset: None,
+                        block: None,
+                        message: e.to_string(),
+                    });
+                }
+                None
+            }
+        };
+        Inspection {
+            vhd,
+            problems: v.problems,
+            dropped_entries: v.dropped,
+            batmap: v.batmap,
+            file_len,
+        }
+    }
+}
+
 struct FooterCandidate {
     offset: u64,
     source: FooterSource,
+    raw: [u8; FOOTER_SIZE],
     result: Result<Footer>,
 }
 
@@ -881,19 +1182,29 @@ fn read_footer_at(
     FooterCandidate {
         offset,
         source,
+        raw: buf,
         result,
     }
 }
 
-fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) -> Result<Vhd> {
+fn open_inner(
+    storage: Box<dyn Storage>,
+    path: PathBuf,
+    options: OpenOptions,
+    v: &mut Validator,
+) -> Result<Vhd> {
     let io_err = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
     let len = storage.len().map_err(|e| io_err("reading length", e))?;
     if len < FOOTER_SIZE as u64 {
-        return Err(Error::format(format!(
-            "file is {len} bytes, smaller than a VHD footer (512)"
-        )));
+        return Err(v.stop(
+            pc::NOT_A_VHD,
+            "file",
+            None,
+            Error::format(format!(
+                "file is {len} bytes, smaller than a VHD footer (512)"
+            )),
+        ));
     }
-    let mut warnings = Vec::new();
 
     // Footer candidates in order of preference (§1.2).
     let mut candidates = vec![read_footer_at(
@@ -925,27 +1236,39 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
         None => {
             let parsed = candidates.iter().position(|c| c.result.is_ok());
             match parsed {
-                Some(i) if options.lenient => {
-                    let c = &candidates[i];
-                    let f = c.result.as_ref().ok();
-                    warnings.push(format!(
-                        "footer checksum mismatch at offset {} (stored {:#010x}, computed {:#010x}); accepted because reading leniently",
-                        c.offset,
-                        f.map_or(0, |f| f.checksum),
-                        f.map_or(0, Footer::computed_checksum)
-                    ));
-                    i
-                }
                 Some(i) => {
                     let c = &candidates[i];
                     let f = c.result.as_ref().ok();
-                    return Err(Error::Checksum {
-                        path: None,
-                        structure: "footer",
-                        offset: c.offset,
-                        stored: f.map_or(0, |f| f.checksum),
-                        computed: f.map_or(0, Footer::computed_checksum),
-                    });
+                    let (offset, stored, computed) = (
+                        c.offset,
+                        f.map_or(0, |f| f.checksum),
+                        f.map_or(0, Footer::computed_checksum),
+                    );
+                    if options.lenient {
+                        v.warn(
+                            pc::FOOTER_CHECKSUM,
+                            "footer",
+                            Some(offset),
+                            format!(
+                                "footer checksum mismatch at offset {offset} (stored {stored:#010x}, computed {computed:#010x}); accepted because reading leniently"
+                            ),
+                        );
+                    } else {
+                        v.error(
+                            pc::FOOTER_CHECKSUM,
+                            "footer",
+                            Some(offset),
+                            None,
+                            Error::Checksum {
+                                path: None,
+                                structure: "footer",
+                                offset,
+                                stored,
+                                computed,
+                            },
+                        )?;
+                    }
+                    i
                 }
                 None => {
                     let why = match &candidates[0].result {
@@ -953,10 +1276,15 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
                         Err(e) => e.to_string(),
                         Ok(_) => String::new(),
                     };
-                    return Err(Error::format(format!(
-                        "not a VHD: {why} at offset {} (end of file), and no valid copy at offset 0",
-                        len - 512
-                    )));
+                    return Err(v.stop(
+                        pc::NOT_A_VHD,
+                        "footer",
+                        Some(len - 512),
+                        Error::format(format!(
+                            "not a VHD: {why} at offset {} (end of file), and no valid copy at offset 0",
+                            len - 512
+                        )),
+                    ));
                 }
             }
         }
@@ -964,59 +1292,125 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
     let FooterCandidate {
         offset: chosen_offset,
         source: footer_source,
+        raw: chosen_raw,
         result,
     } = candidates.swap_remove(chosen);
     let footer = result?;
     match footer_source {
         FooterSource::End => {}
-        FooterSource::Short => warnings.push(format!(
-            "511-byte footer at offset {chosen_offset} (written by a product older than Virtual PC 2004)"
-        )),
-        FooterSource::Copy => warnings.push(format!(
-            "end footer missing or damaged at offset {}; using the copy at offset 0",
-            len - 512
-        )),
+        FooterSource::Short => v.warn(
+            pc::FOOTER_SHORT,
+            "footer",
+            Some(chosen_offset),
+            format!(
+                "511-byte footer at offset {chosen_offset} (written by a product older than Virtual PC 2004)"
+            ),
+        ),
+        FooterSource::Copy => v.warn(
+            pc::FOOTER_END_BAD,
+            "footer",
+            Some(len - 512),
+            format!(
+                "end footer missing or damaged at offset {}; using the copy at offset 0",
+                len - 512
+            ),
+        ),
     }
 
     match footer.disk_type {
         DiskType::Fixed | DiskType::Dynamic | DiskType::Differencing => {}
-        DiskType::Other(v) => {
-            return Err(Error::not_supported(format!(
-                "disk type {v} is not supported (fixed 2, dynamic 3 and differencing 4 are)"
-            )));
+        DiskType::Other(t) => {
+            return Err(v.stop(
+                pc::FOOTER_FIELD,
+                "footer",
+                Some(chosen_offset),
+                Error::not_supported(format!(
+                    "disk type {t} is not supported (fixed 2, dynamic 3 and differencing 4 are)"
+                )),
+            ));
         }
     }
     if footer.format_version >> 16 != 1 {
-        return Err(Error::not_supported(format!(
-            "footer File Format Version {:#010x} is not 1.x",
-            footer.format_version
-        )));
-    }
-    if footer.features & footer::FEATURE_RESERVED == 0 {
-        warnings.push(format!(
-            "footer Features {:#x} lacks the reserved bit 0x2",
-            footer.features
+        return Err(v.stop(
+            pc::FOOTER_FIELD,
+            "footer",
+            Some(chosen_offset),
+            Error::not_supported(format!(
+                "footer File Format Version {:#010x} is not 1.x",
+                footer.format_version
+            )),
         ));
     }
+    if footer.features & footer::FEATURE_RESERVED == 0 {
+        v.warn(
+            pc::FOOTER_ODD,
+            "footer",
+            Some(chosen_offset),
+            format!(
+                "footer Features {:#x} lacks the reserved bit 0x2",
+                footer.features
+            ),
+        );
+    }
     if footer.saved_state != 0 {
-        warnings.push(
+        v.warn(
+            pc::FOOTER_ODD,
+            "footer",
+            Some(chosen_offset),
             "footer Saved State is set: a virtual machine saved its state with this disk attached"
                 .into(),
         );
     }
     if footer.current_size % SECTOR_SIZE != 0 {
-        return Err(Error::format(format!(
-            "footer Current Size {} is not a multiple of 512",
-            footer.current_size
-        )));
+        return Err(v.stop(
+            pc::FOOTER_FIELD,
+            "footer",
+            Some(chosen_offset),
+            Error::format(format!(
+                "footer Current Size {} is not a multiple of 512",
+                footer.current_size
+            )),
+        ));
     }
     if footer.disk_type.is_sparse() && footer_source != FooterSource::Copy {
+        // Byte for byte: a copy whose only difference is its checksum is damaged too (§7.2).
         let copy = read_footer_at(storage.as_ref(), 0, 512, FooterSource::Copy);
         match copy.result {
-            Ok(c) if c.to_bytes() == footer.to_bytes() => {}
-            Ok(_) => warnings.push("footer copy at offset 0 differs from the end footer".into()),
-            Err(_) => warnings.push("footer copy at offset 0 is missing or damaged".into()),
+            Ok(c) if copy.raw == chosen_raw || (footer_source == FooterSource::Short && c.to_bytes() == footer.to_bytes()) => {}
+            Ok(c) if !c.checksum_ok() => v.warn(
+                pc::FOOTER_COPY_BAD,
+                "footer copy",
+                Some(0),
+                format!(
+                    "footer copy at offset 0 has a bad checksum (stored {:#010x}, computed {:#010x})",
+                    c.checksum,
+                    c.computed_checksum()
+                ),
+            ),
+            Ok(_) => v.warn(
+                pc::FOOTER_COPY_DIFFERS,
+                "footer copy",
+                Some(0),
+                "footer copy at offset 0 differs from the end footer".into(),
+            ),
+            Err(_) => v.warn(
+                pc::FOOTER_COPY_BAD,
+                "footer copy",
+                Some(0),
+                "footer copy at offset 0 is missing or damaged".into(),
+            ),
         }
+    }
+    if footer.disk_type == DiskType::Fixed && footer.data_offset != footer::NO_DATA_OFFSET {
+        v.info(
+            pc::FOOTER_ODD,
+            "footer",
+            Some(chosen_offset),
+            format!(
+                "fixed disk footer Data Offset is {:#x}, expected all ones",
+                footer.data_offset
+            ),
+        );
     }
 
     let footer_offset = match footer_source {
@@ -1027,11 +1421,33 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
 
     let (virtual_size, size_source) = virtual_size(&footer, options.size_rule);
     if size_source == SizeSource::Chs {
-        warnings.push(format!(
-            "virtual size is the CHS size {virtual_size} (creator {:?}), not Current Size {}",
-            footer.creator_application_str(),
-            footer.current_size
-        ));
+        v.warn(
+            pc::SIZE_CHS,
+            "footer",
+            Some(chosen_offset),
+            format!(
+                "virtual size is the CHS size {virtual_size} (creator {:?}), not Current Size {}",
+                footer.creator_application_str(),
+                footer.current_size
+            ),
+        );
+    } else {
+        let chs = footer.geometry.size();
+        if chs != footer.current_size && footer.geometry != crate::format::Geometry::MAX {
+            v.info(
+                pc::SIZE_CHS,
+                "footer",
+                Some(chosen_offset),
+                format!(
+                    "geometry {}/{}/{} addresses {chs} bytes, Current Size is {} (creator {:?}); the virtual size is Current Size",
+                    footer.geometry.cylinders,
+                    footer.geometry.heads,
+                    footer.geometry.sectors_per_track,
+                    footer.current_size,
+                    footer.creator_application_str()
+                ),
+            );
+        }
     }
 
     let mut vhd = Vhd {
@@ -1044,7 +1460,7 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
         bat: Bat::default(),
         virtual_size,
         size_source,
-        warnings,
+        warnings: Vec::new(),
         writable: options.writable,
         next_free: 0,
         known_zero: 0..0,
@@ -1056,21 +1472,33 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
     if vhd.footer.disk_type == DiskType::Fixed {
         let data_end = vhd.footer.current_size;
         if data_end > footer_offset {
-            return Err(Error::format(format!(
-                "fixed disk truncated: Current Size is {data_end} bytes but the footer is at offset {footer_offset}"
-            )));
-        }
-        if data_end < footer_offset {
-            vhd.warnings.push(format!(
-                "{} bytes between the end of data ({data_end}) and the footer",
-                footer_offset - data_end
+            return Err(v.stop(
+                pc::FIXED_TRUNCATED,
+                "file",
+                Some(footer_offset),
+                Error::format(format!(
+                    "fixed disk truncated: Current Size is {data_end} bytes but the footer is at offset {footer_offset}"
+                )),
             ));
         }
+        if data_end < footer_offset {
+            v.warn(
+                pc::FIXED_GAP,
+                "file",
+                Some(data_end),
+                format!(
+                    "{} bytes between the end of data ({data_end}) and the footer",
+                    footer_offset - data_end
+                ),
+            );
+        }
         vhd.next_free = footer_offset;
+        vhd.warnings = v.warnings();
         return Ok(vhd);
     }
 
-    open_sparse(&mut vhd, len, options)?;
+    open_sparse(&mut vhd, len, options, v)?;
+    vhd.warnings = v.warnings();
     Ok(vhd)
 }
 
@@ -1088,119 +1516,270 @@ fn virtual_size(footer: &Footer, rule: SizeRule) -> (u64, SizeSource) {
     }
 }
 
-fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions) -> Result<()> {
+/// Tags of the metadata extents in the overlap sweep (blocks use their index).
+const TAG_FOOTER_COPY: i64 = -1;
+const TAG_HEADER: i64 = -2;
+const TAG_BAT: i64 = -3;
+const TAG_BATMAP_HEADER: i64 = -4;
+const TAG_BATMAP: i64 = -5;
+
+fn extent_name(tag: i64) -> String {
+    match tag {
+        TAG_FOOTER_COPY => "the footer copy at offset 0".to_string(),
+        TAG_HEADER => "the dynamic header".to_string(),
+        TAG_BAT => "the BAT".to_string(),
+        TAG_BATMAP_HEADER => "the batmap header".to_string(),
+        TAG_BATMAP => "the batmap".to_string(),
+        i => format!("block {i}"),
+    }
+}
+
+/// blktap's batmap (§3.3): a `tdbatmap` header right after the padded BAT in files whose
+/// creator is `tap`. Returns the extents it occupies when it is present and sane.
+fn read_batmap(
+    vhd: &Vhd,
+    h: &DynamicHeader,
+    len: u64,
+    v: &mut Validator,
+) -> Result<Option<Batmap>> {
+    if &vhd.footer.creator_application[..3] != b"tap" {
+        return Ok(None);
+    }
+    let at = h.table_offset + bat::table_bytes(h.max_table_entries);
+    if at.checked_add(SECTOR_SIZE).is_none_or(|e| e > len) {
+        return Ok(None);
+    }
+    let mut b = [0u8; 29];
+    vhd.read_raw(&mut b, at)?;
+    if b[0..8] != BATMAP_COOKIE {
+        return Ok(None);
+    }
+    let be64 = |s: &[u8]| s.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x));
+    let bm = Batmap {
+        header_offset: at,
+        map_offset: be64(&b[8..16]),
+        map_sectors: be64(&b[16..20]) as u32,
+        version: be64(&b[20..24]) as u32,
+        checksum: be64(&b[24..28]) as u32,
+    };
+    let need = u64::from(h.max_table_entries).div_ceil(8);
+    let map_end = bm.map_offset.checked_add(bm.map_bytes());
+    if !bm.map_offset.is_multiple_of(SECTOR_SIZE)
+        || bm.map_offset < at + SECTOR_SIZE && bm.map_offset + bm.map_bytes() > at
+        || map_end.is_none_or(|e| e > len)
+        || bm.map_bytes() < need
+    {
+        v.warn(
+            pc::BATMAP,
+            "batmap",
+            Some(at),
+            format!(
+                "batmap header at offset {at} describes a map of {} sectors at offset {:#x} that is misplaced or too small for {} blocks; the batmap is ignored",
+                bm.map_sectors, bm.map_offset, h.max_table_entries
+            ),
+        );
+        return Ok(None);
+    }
+    Ok(Some(bm))
+}
+
+fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator) -> Result<()> {
     let header_offset = vhd.footer.data_offset;
     let header_end = header_offset.checked_add(HEADER_SIZE as u64);
     if header_offset < FOOTER_SIZE as u64 || header_end.is_none_or(|e| e > len) {
-        return Err(Error::format(format!(
-            "footer Data Offset {header_offset:#x} does not point to a dynamic header inside the file ({len} bytes)"
-        )));
-    }
-    if !header_offset.is_multiple_of(SECTOR_SIZE) {
-        vhd.warnings.push(format!(
-            "dynamic header at offset {header_offset} is not sector aligned"
+        return Err(v.stop(
+            pc::HEADER_OFFSET,
+            "footer",
+            None,
+            Error::format(format!(
+                "footer Data Offset {header_offset:#x} does not point to a dynamic header inside the file ({len} bytes)"
+            )),
         ));
+    }
+    let hs = "dynamic header";
+    let ho = Some(header_offset);
+    if !header_offset.is_multiple_of(SECTOR_SIZE) {
+        v.warn(
+            pc::HEADER_ODD,
+            hs,
+            ho,
+            format!("dynamic header at offset {header_offset} is not sector aligned"),
+        );
     }
     let mut hb = [0u8; HEADER_SIZE];
     vhd.read_raw(&mut hb, header_offset)?;
-    let h = DynamicHeader::parse(&hb).map_err(|e| match e {
-        Error::Format { detail, .. } => {
-            Error::format(format!("{detail} at offset {header_offset}"))
+    let h = match DynamicHeader::parse(&hb) {
+        Ok(h) => h,
+        Err(e) => {
+            let e = match e {
+                Error::Format { detail, .. } => {
+                    Error::format(format!("{detail} at offset {header_offset}"))
+                }
+                e => e,
+            };
+            return Err(v.stop(pc::HEADER_COOKIE, hs, ho, e));
         }
-        e => e,
-    })?;
+    };
     if !h.checksum_ok() {
         if options.lenient {
-            vhd.warnings.push(format!(
-                "dynamic header checksum mismatch at offset {header_offset} (stored {:#010x}, computed {:#010x}); accepted because reading leniently",
-                h.checksum,
-                h.computed_checksum()
-            ));
+            v.warn(
+                pc::HEADER_CHECKSUM,
+                hs,
+                ho,
+                format!(
+                    "dynamic header checksum mismatch at offset {header_offset} (stored {:#010x}, computed {:#010x}); accepted because reading leniently",
+                    h.checksum,
+                    h.computed_checksum()
+                ),
+            );
         } else {
-            return Err(Error::Checksum {
-                path: None,
-                structure: "dynamic header",
-                offset: header_offset,
-                stored: h.checksum,
-                computed: h.computed_checksum(),
-            });
+            v.error(
+                pc::HEADER_CHECKSUM,
+                hs,
+                ho,
+                None,
+                Error::Checksum {
+                    path: None,
+                    structure: "dynamic header",
+                    offset: header_offset,
+                    stored: h.checksum,
+                    computed: h.computed_checksum(),
+                },
+            )?;
         }
     }
     if h.header_version >> 16 != 1 {
-        return Err(Error::not_supported(format!(
-            "dynamic header version {:#010x} is not 1.x",
-            h.header_version
-        )));
+        return Err(v.stop(
+            pc::HEADER_FIELD,
+            hs,
+            ho,
+            Error::not_supported(format!(
+                "dynamic header version {:#010x} is not 1.x",
+                h.header_version
+            )),
+        ));
     }
     if h.data_offset != header::NO_NEXT {
-        vhd.warnings.push(format!(
-            "dynamic header Data Offset is {:#x}, expected all ones",
-            h.data_offset
-        ));
+        v.warn(
+            pc::HEADER_ODD,
+            hs,
+            ho,
+            format!(
+                "dynamic header Data Offset is {:#x}, expected all ones",
+                h.data_offset
+            ),
+        );
     }
     let bs = h.block_size;
     if bs < 512 || !bs.is_power_of_two() {
-        return Err(Error::format(format!(
-            "dynamic header Block Size {bs} is not a power of two of at least 512"
-        )));
+        return Err(v.stop(
+            pc::HEADER_FIELD,
+            hs,
+            ho,
+            Error::format(format!(
+                "dynamic header Block Size {bs} is not a power of two of at least 512"
+            )),
+        ));
     }
     if bs > MAX_BLOCK_SIZE {
-        return Err(Error::not_supported(format!(
-            "dynamic header Block Size {bs} is larger than the {MAX_BLOCK_SIZE} bytes supported"
-        )));
+        return Err(v.stop(
+            pc::HEADER_FIELD,
+            hs,
+            ho,
+            Error::not_supported(format!(
+                "dynamic header Block Size {bs} is larger than the {MAX_BLOCK_SIZE} bytes supported"
+            )),
+        ));
     }
     let bs64 = u64::from(bs);
     let mte = u64::from(h.max_table_entries);
     if mte * bs64 < vhd.footer.current_size {
-        return Err(Error::format(format!(
-            "dynamic header Max Table Entries {mte} x Block Size {bs} covers {} bytes, less than Current Size {}",
-            mte * bs64,
-            vhd.footer.current_size
-        )));
+        return Err(v.stop(
+            pc::HEADER_FIELD,
+            hs,
+            ho,
+            Error::format(format!(
+                "dynamic header Max Table Entries {mte} x Block Size {bs} covers {} bytes, less than Current Size {}",
+                mte * bs64,
+                vhd.footer.current_size
+            )),
+        ));
+    }
+    let needed = vhd.footer.current_size.div_ceil(bs64);
+    if mte > needed {
+        v.info(
+            pc::BAT_LARGER,
+            "BAT",
+            Some(h.table_offset),
+            format!(
+                "Max Table Entries {mte} is more than the {needed} blocks Current Size needs; the extra entries are ignored"
+            ),
+        );
     }
     let table_len = bat::table_bytes(h.max_table_entries);
     let table_end = h.table_offset.checked_add(mte * 4);
     if table_end.is_none_or(|e| e > len) {
-        return Err(Error::format(format!(
-            "BAT at offset {:#x} with {mte} entries ({} bytes) runs past the end of the file ({len} bytes)",
-            h.table_offset,
-            mte * 4
-        )));
+        return Err(v.stop(
+            pc::BAT_PLACEMENT,
+            "BAT",
+            Some(h.table_offset),
+            Error::format(format!(
+                "BAT at offset {:#x} with {mte} entries ({} bytes) runs past the end of the file ({len} bytes)",
+                h.table_offset,
+                mte * 4
+            )),
+        ));
     }
     if h.table_offset % SECTOR_SIZE != 0 {
-        vhd.warnings.push(format!(
-            "BAT at offset {} is not sector aligned",
-            h.table_offset
-        ));
+        v.warn(
+            pc::HEADER_ODD,
+            "BAT",
+            Some(h.table_offset),
+            format!("BAT at offset {} is not sector aligned", h.table_offset),
+        );
     }
     let overlaps = |a: u64, alen: u64, b: u64, blen: u64| a < b + blen && b < a + alen;
     if overlaps(h.table_offset, mte * 4, header_offset, HEADER_SIZE as u64)
         || overlaps(h.table_offset, mte * 4, 0, FOOTER_SIZE as u64)
     {
-        return Err(Error::format(format!(
-            "BAT at offset {:#x} overlaps the footer copy or the dynamic header",
-            h.table_offset
-        )));
+        return Err(v.stop(
+            pc::BAT_PLACEMENT,
+            "BAT",
+            Some(h.table_offset),
+            Error::format(format!(
+                "BAT at offset {:#x} overlaps the footer copy or the dynamic header",
+                h.table_offset
+            )),
+        ));
     }
     // Sized from mte, which was checked against the file length above.
     let mut table = vec![0u8; (mte * 4) as usize];
     vhd.read_raw(&mut table, h.table_offset)?;
-    let bat = Bat::parse(&table, h.max_table_entries)?;
+    let mut bat = Bat::parse(&table, h.max_table_entries)?;
     drop(table);
+    let batmap = read_batmap(vhd, &h, len, v)?;
 
     // Every allocated block must lie inside the file, clear of the metadata, and clear of every
-    // other block: sort the extents and compare neighbours (O(n log n), §7).
+    // other block: sort the extents and sweep (O(n log n), §7).
     let stride = h.bitmap_bytes() + bs64;
     let data_limit = if vhd.footer_source == FooterSource::Copy {
         len
     } else {
         vhd.footer_offset
     };
-    let mut extents: Vec<(u64, u64, i64)> = Vec::with_capacity(bat.allocated() + 3);
-    extents.push((0, FOOTER_SIZE as u64, -1));
-    extents.push((header_offset, HEADER_SIZE as u64, -2));
-    extents.push((h.table_offset, table_len.max(4), -3));
+    let mut extents: Vec<(u64, u64, i64)> = Vec::with_capacity(bat.allocated() + 5);
+    extents.push((0, FOOTER_SIZE as u64, TAG_FOOTER_COPY));
+    extents.push((header_offset, HEADER_SIZE as u64, TAG_HEADER));
+    extents.push((h.table_offset, table_len.max(4), TAG_BAT));
     let mut next_free = metadata_end(header_offset, &h, len);
+    if let Some(bm) = &batmap {
+        extents.push((bm.header_offset, SECTOR_SIZE, TAG_BATMAP_HEADER));
+        extents.push((bm.map_offset, bm.map_bytes(), TAG_BATMAP));
+        next_free = next_free
+            .max(bm.header_offset + SECTOR_SIZE)
+            .max(bm.map_offset + bm.map_bytes());
+    }
+    let mut drop_block = vec![false; bat.entries.len()];
     for (i, &e) in bat.entries.iter().enumerate() {
         if e == bat::UNUSED {
             continue;
@@ -1208,60 +1787,113 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions) -> Result<()> {
         let start = u64::from(e) * SECTOR_SIZE;
         let end = start + stride;
         if end > data_limit {
-            return Err(Error::format(format!(
-                "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
-            )));
+            v.error(
+                pc::BAT_ENTRY_OUTSIDE,
+                &format!("block {i}"),
+                Some(start),
+                Some(i as u64),
+                Error::format(format!(
+                    "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
+                )),
+            )?;
+            drop_block[i] = true;
+            continue;
         }
         extents.push((start, stride, i as i64));
-        next_free = next_free.max(end);
     }
     extents.sort_unstable();
-    let name = |tag: i64| match tag {
-        -1 => "the footer copy at offset 0".to_string(),
-        -2 => "the dynamic header".to_string(),
-        -3 => "the BAT".to_string(),
-        i => format!("block {i}"),
-    };
-    for w in extents.windows(2) {
-        let (a, alen, at) = w[0];
-        let (b, _, bt) = w[1];
-        if a + alen > b {
-            return Err(Error::format(format!(
-                "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
-                name(at),
-                name(bt)
-            )));
+    // The extent reaching furthest so far; any extent starting before its end overlaps it.
+    let mut reach: Option<(u64, u64, i64)> = None;
+    for &(b, blen, bt) in &extents {
+        if let Some((a, aend, at)) = reach
+            && aend > b
+        {
+            let block = if bt >= 0 { bt } else { at };
+            v.error(
+                pc::BLOCK_OVERLAP,
+                &extent_name(block),
+                Some(b),
+                u64::try_from(block).ok(),
+                Error::format(format!(
+                    "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
+                    extent_name(at),
+                    extent_name(bt)
+                )),
+            )?;
+            for t in [at, bt] {
+                if let Some(d) = usize::try_from(t).ok().and_then(|t| drop_block.get_mut(t)) {
+                    *d = true;
+                }
+            }
+        }
+        if reach.is_none_or(|(_, aend, _)| b + blen > aend) {
+            reach = Some((b, b + blen, bt));
+        }
+    }
+    // Blocks that stay, and the end of everything inside the file (dropped blocks included,
+    // so that nothing is later allocated over data someone may still want to salvage).
+    extents.retain(|&(b, blen, t)| {
+        if b + blen <= data_limit {
+            next_free = next_free.max(b + blen);
+        }
+        usize::try_from(t)
+            .ok()
+            .and_then(|t| drop_block.get(t))
+            .is_none_or(|d| !d)
+    });
+    for (i, d) in drop_block.iter().enumerate() {
+        if *d && let Some(e) = bat.entries.get_mut(i) {
+            v.dropped.push((i as u64, *e));
+            *e = bat::UNUSED;
         }
     }
     for (i, loc) in h.locators.iter().enumerate() {
         if loc.is_empty() {
             continue;
         }
+        let ls = format!("locator {i}");
         let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
         if end > len {
-            vhd.warnings.push(format!(
-                "parent locator {i} ({}) data at offset {:#x} + {} bytes lies outside the file",
-                loc.platform_code.name(),
-                loc.data_offset,
-                loc.data_length
-            ));
+            v.warn(
+                pc::LOCATOR_OUTSIDE,
+                &ls,
+                Some(loc.data_offset),
+                format!(
+                    "parent locator {i} ({}) data at offset {:#x} + {} bytes lies outside the file",
+                    loc.platform_code.name(),
+                    loc.data_offset,
+                    loc.data_length
+                ),
+            );
             continue;
         }
+        // The extents no longer overlap each other, so the first one ending after the
+        // locator's start is the only one that can overlap it... unless it starts after
+        // the locator ends.
         let lo = extents.partition_point(|x| x.0 + x.1 <= loc.data_offset);
         if let Some(&(b, _, tag)) = extents.get(lo)
             && b < end
-            && tag >= 0
         {
-            vhd.warnings.push(format!(
-                "parent locator {i} ({}) data at offset {:#x} overlaps block {tag}",
-                loc.platform_code.name(),
-                loc.data_offset
-            ));
+            v.warn(
+                pc::LOCATOR_OVERLAP,
+                &ls,
+                Some(loc.data_offset),
+                format!(
+                    "parent locator {i} ({}) data at offset {:#x} overlaps {}",
+                    loc.platform_code.name(),
+                    loc.data_offset,
+                    extent_name(tag)
+                ),
+            );
         }
     }
     if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
-        vhd.warnings
-            .push("dynamic disk has a non-zero Parent Unique Id; it is ignored".into());
+        v.warn(
+            pc::HEADER_ODD,
+            hs,
+            ho,
+            "dynamic disk has a non-zero Parent Unique Id; it is ignored".into(),
+        );
     }
     if vhd.footer_source == FooterSource::Copy {
         vhd.footer_offset = next_free.max(len.saturating_sub(FOOTER_SIZE as u64));
@@ -1269,6 +1901,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions) -> Result<()> {
     vhd.next_free = next_free;
     vhd.header = Some(h);
     vhd.bat = bat;
+    v.batmap = batmap;
     Ok(())
 }
 

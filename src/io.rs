@@ -126,6 +126,105 @@ impl Storage for FileStorage {
     }
 }
 
+/// [`Storage`] held in memory: for tests, fuzzing, and callers that already have the bytes.
+///
+/// Growth is bounded by `limit` (default 1 GiB) so that a hostile write offset cannot make it
+/// allocate without bound; a write past the limit fails with [`io::ErrorKind::StorageFull`].
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: std::sync::RwLock<Vec<u8>>,
+    limit: Option<u64>,
+}
+
+impl MemStorage {
+    /// Largest size a [`MemStorage`] grows to unless told otherwise.
+    pub const DEFAULT_LIMIT: u64 = 1 << 30;
+
+    /// Storage holding `bytes`.
+    pub fn new(bytes: Vec<u8>) -> MemStorage {
+        MemStorage {
+            data: std::sync::RwLock::new(bytes),
+            limit: None,
+        }
+    }
+
+    /// Storage holding `bytes` that never grows past `limit` bytes.
+    pub fn with_limit(bytes: Vec<u8>, limit: u64) -> MemStorage {
+        MemStorage {
+            data: std::sync::RwLock::new(bytes),
+            limit: Some(limit),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.read_lock().clone()
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Vec<u8>> {
+        // A panic while holding the lock cannot leave the bytes half-updated in a way that
+        // matters more than a torn write would, so a poisoned lock is used as is.
+        self.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Vec<u8>> {
+        self.data.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_limit(&self, end: u64) -> io::Result<usize> {
+        let limit = self.limit.unwrap_or(MemStorage::DEFAULT_LIMIT);
+        if end > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("in-memory storage limited to {limit} bytes"),
+            ));
+        }
+        usize::try_from(end).map_err(|_| io::Error::from(io::ErrorKind::StorageFull))
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.read_lock();
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| data.get(start..end))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = self.check_limit(end)?;
+        let mut data = self.write_lock();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        // offset <= end, which fits in usize.
+        data[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.read_lock().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = self.check_limit(len)?;
+        self.write_lock().resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What a [`FaultyStorage`] does wrong, shared between the test and the storage it wraps.
 ///
 /// Counting starts at 1: `fail_write = Some(3)` lets writes 1 and 2 land and fails the third.
@@ -303,6 +402,32 @@ mod tests {
         s.read_at(&mut b, 0).unwrap();
         assert_eq!(b, [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]);
         assert_eq!(plan.writes(), 3);
+    }
+
+    #[test]
+    fn mem_storage_reads_writes_and_bounds() {
+        let s = MemStorage::with_limit(vec![1, 2, 3], 16);
+        let mut b = [0u8; 2];
+        s.read_at(&mut b, 1).unwrap();
+        assert_eq!(b, [2, 3]);
+        assert_eq!(
+            s.read_at(&mut b, 2).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert_eq!(
+            s.read_at(&mut b, u64::MAX).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        s.write_at(&[9, 9], 5).unwrap();
+        assert_eq!(s.to_vec(), vec![1, 2, 3, 0, 0, 9, 9]);
+        assert_eq!(
+            s.write_at(&[1], 16).unwrap_err().kind(),
+            io::ErrorKind::StorageFull
+        );
+        assert!(s.write_at(&[1], u64::MAX).is_err());
+        s.set_len(2).unwrap();
+        assert_eq!(s.len().unwrap(), 2);
+        assert!(s.set_len(17).is_err());
     }
 
     #[test]

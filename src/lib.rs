@@ -5,6 +5,8 @@
 //!
 //! - [`format`]: the on-disk structures, sans I/O.
 //! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
+//! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
+//!   BAT entries.
 //! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
 //!
 //! ```
@@ -25,12 +27,14 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod check;
 pub mod create;
 pub mod error;
 pub mod format;
 pub mod image;
 pub mod io;
 pub mod locator;
+pub mod repair;
 
 pub use chain::{Chain, ChainOptions, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};

@@ -1,16 +1,106 @@
-//! `vhd-merge check` (not implemented yet: placeholder while the branch that owns it is built).
+//! `vhd-merge check`: validate a file, or with `--chain` its whole chain.
+//!
+//! Exit status: 0 when no error was found (warnings and notes allowed), 2 when the check
+//! found at least one error, 1 when the check could not run (the message says why).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Error, Result};
+use vhd_merge::Result;
+use vhd_merge::check::{CheckOptions, CheckReport, Severity, check_chain, check_file};
+
+use super::ChainArgs;
 
 /// Arguments of `vhd-merge check`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The VHD to check.
+    pub file: PathBuf,
+    /// Also check every ancestor and the links between them.
+    #[arg(long)]
+    pub chain: bool,
+    /// Also read every block: never-written sectors are zero, bitmaps and batmap agree.
+    #[arg(long)]
+    pub deep: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// How to find the parents (with --chain).
+    #[command(flatten)]
+    pub chain_args: ChainArgs,
+}
 
 /// Run the command.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    Err(Error::not_supported(
-        "vhd-merge check is not implemented yet",
-    ))
+pub fn run(args: Args) -> Result<ExitCode> {
+    let opts = CheckOptions {
+        deep: args.deep,
+        ..CheckOptions::default()
+    };
+    let report = if args.chain {
+        check_chain(&args.file, &opts, &args.chain_args.options(&args.file))?
+    } else {
+        check_file(&args.file, &opts)?
+    };
+    if args.json {
+        println!("{}", to_json(&report));
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.has_errors() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_text(report: &CheckReport) {
+    for f in &report.findings {
+        let mut at = String::new();
+        if let Some(o) = f.offset {
+            at.push_str(&format!(" at offset {o:#x}"));
+        }
+        println!(
+            "{}: {} [{}{}] {}",
+            f.file.display(),
+            f.severity.name(),
+            f.structure,
+            at,
+            f.message
+        );
+    }
+    println!(
+        "{} error(s), {} warning(s), {} note(s) in {} file(s)",
+        report.count(Severity::Error),
+        report.count(Severity::Warning),
+        report.count(Severity::Info),
+        report.files.len()
+    );
+}
+
+/// The report as a JSON value: `{"ok", "files", "errors", "warnings", "infos", "findings":
+/// [{"severity", "code", "file", "structure", "offset", "block", "message"}]}`.
+pub fn to_json(report: &CheckReport) -> serde_json::Value {
+    let findings: Vec<serde_json::Value> = report
+        .findings
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "severity": f.severity.name(),
+                "code": f.code,
+                "file": f.file.display().to_string(),
+                "structure": f.structure,
+                "offset": f.offset,
+                "block": f.block,
+                "message": f.message,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "ok": !report.has_errors(),
+        "files": report.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "errors": report.count(Severity::Error),
+        "warnings": report.count(Severity::Warning),
+        "infos": report.count(Severity::Info),
+        "findings": findings,
+    })
 }

@@ -1,16 +1,108 @@
-//! `vhd-merge repair` (not implemented yet: placeholder while the branch that owns it is built).
+//! `vhd-merge repair`: fix footers, checksums and bad BAT entries in place.
+//!
+//! Exit status: 0 when the file was repaired or needed nothing; 2 when problems remain that
+//! repair does not fix (listed); 1 when repair could not run.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Error, Result};
+use vhd_merge::repair::{RepairOptions, RepairReport, repair_file};
+use vhd_merge::{DiskType, Result};
 
 /// Arguments of `vhd-merge repair`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The VHD to repair.
+    pub file: PathBuf,
+    /// Show what would be done; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Run the command.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    Err(Error::not_supported(
-        "vhd-merge repair is not implemented yet",
-    ))
+pub fn run(args: Args) -> Result<ExitCode> {
+    let report = repair_file(
+        &args.file,
+        &RepairOptions {
+            dry_run: args.dry_run,
+            ..RepairOptions::default()
+        },
+    )?;
+    if args.json {
+        println!("{}", to_json(&report, args.dry_run));
+    } else {
+        print_text(&report, args.dry_run);
+    }
+    Ok(if report.not_repaired.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn lost_as(report: &RepairReport) -> &'static str {
+    if report.disk_type == DiskType::Differencing {
+        "now read from the parent"
+    } else {
+        "now read as zeros"
+    }
+}
+
+fn print_text(report: &RepairReport, dry_run: bool) {
+    let file = report.file.display();
+    if report.actions.is_empty() {
+        println!("{file}: nothing to repair");
+    }
+    let verb = if dry_run { "would write" } else { "wrote" };
+    for a in &report.actions {
+        println!(
+            "{file}: {verb} {} ({} bytes at offset {:#x}): {}",
+            a.structure, a.len, a.offset, a.reason
+        );
+    }
+    for l in &report.lost {
+        println!(
+            "{file}: data lost in virtual bytes {}..{} (block {}, {}); the old data is at file offset {:#x}: {}",
+            l.virtual_range.start,
+            l.virtual_range.end,
+            l.block,
+            lost_as(report),
+            l.file_offset,
+            l.reason
+        );
+    }
+    for p in &report.not_repaired {
+        println!("{file}: not repaired [{}]: {}", p.structure, p.message);
+    }
+}
+
+fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
+    serde_json::json!({
+        "file": report.file.display().to_string(),
+        "dry_run": dry_run,
+        "wrote": report.wrote,
+        "actions": report.actions.iter().map(|a| serde_json::json!({
+            "structure": a.structure,
+            "offset": a.offset,
+            "len": a.len,
+            "reason": a.reason,
+        })).collect::<Vec<_>>(),
+        "lost": report.lost.iter().map(|l| serde_json::json!({
+            "block": l.block,
+            "virtual_start": l.virtual_range.start,
+            "virtual_end": l.virtual_range.end,
+            "file_offset": l.file_offset,
+            "now": lost_as(report),
+            "reason": l.reason,
+        })).collect::<Vec<_>>(),
+        "not_repaired": report.not_repaired.iter().map(|p| serde_json::json!({
+            "code": p.code,
+            "structure": p.structure,
+            "offset": p.offset,
+            "message": p.message,
+        })).collect::<Vec<_>>(),
+    })
 }

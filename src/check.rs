@@ -1,0 +1,558 @@
+//! Validating a VHD, or a whole differencing chain, and listing every problem found.
+//!
+//! [`check_file`] runs the same validation as [`Vhd::open`] (through [`Vhd::inspect`], which
+//! does not stop at the first problem), then adds the checks that only a checker needs: both
+//! footers present and byte-for-byte equal, a differencing disk that names itself as parent,
+//! and, in deep mode, the contents of every block (never-written sectors of a dynamic disk are
+//! zero, no bitmap bit is set past the virtual size, blktap's batmap agrees with the bitmaps).
+//! [`check_chain`] checks every file of a chain and the links between them.
+//!
+//! Metadata checks are O(n log n) in the number of allocated blocks: the BAT is read in one
+//! call and block extents are sorted once (vhd-util's check compares every pair).
+//!
+//! ```
+//! use vhd_merge::check::{check_file, CheckOptions, Severity};
+//! use vhd_merge::create::{create_dynamic, CreateOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.vhd");
+//! create_dynamic(&path, 8 << 20, &CreateOptions::default())?;
+//! let report = check_file(&path, &CheckOptions { deep: true, ..CheckOptions::default() })?;
+//! assert!(!report.has_errors());
+//! assert_eq!(report.count(Severity::Error), 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::chain::{Chain, ChainOptions};
+use crate::error::{Error, Result};
+use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
+use crate::image::{
+    Batmap, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd, problem_codes as pc,
+};
+use crate::io::Storage;
+
+/// How serious a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// Worth knowing; nothing is wrong.
+    Info,
+    /// Odd, or risky with some tools, but the data is readable as it is.
+    Warning,
+    /// The file is damaged or inconsistent; `check` exits non-zero.
+    Error,
+}
+
+impl Severity {
+    /// `info`, `warning` or `error`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
+/// One problem found by a check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// How serious it is.
+    pub severity: Severity,
+    /// Stable identifier of the kind of finding (the [`crate::image::problem_codes`], plus
+    /// `unreadable`, `self-parent`, `no-parent-id`, `no-parent-hint`, `reserved-field`,
+    /// `too-large`, `block-past-end`, `bitmap-past-end`, `unwritten-not-zero`,
+    /// `batmap-checksum`, `batmap-not-full`, `chain`, `parent-timestamp`, `child-larger`,
+    /// `block-size-differs`).
+    pub code: &'static str,
+    /// The file it is in.
+    pub file: PathBuf,
+    /// The structure: `footer`, `footer copy`, `dynamic header`, `BAT`, `block N`,
+    /// `locator N`, `batmap`, `file`, `chain`.
+    pub structure: String,
+    /// Byte offset in the file, when there is one.
+    pub offset: Option<u64>,
+    /// The block, for findings about one block.
+    pub block: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What to check.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOptions {
+    /// Also read every allocated block: bitmaps, never-written sectors, the batmap.
+    pub deep: bool,
+    /// How to decide the virtual size.
+    pub size_rule: SizeRule,
+}
+
+/// The findings of a check, in the order the files and structures were checked.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    /// The files checked, child first for a chain.
+    pub files: Vec<PathBuf>,
+    /// Everything found.
+    pub findings: Vec<Finding>,
+}
+
+impl CheckReport {
+    /// True when at least one finding is an error.
+    pub fn has_errors(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+
+    /// Number of findings of a severity.
+    pub fn count(&self, severity: Severity) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.severity == severity)
+            .count()
+    }
+
+    /// The findings with a given code.
+    pub fn with_code<'a>(&'a self, code: &'a str) -> impl Iterator<Item = &'a Finding> + 'a {
+        self.findings.iter().filter(move |f| f.code == code)
+    }
+}
+
+/// How a validation problem is graded by a checker. Opening tolerates a missing or differing
+/// footer copy, and locators it cannot use, with a warning; for a checker they are damage
+/// (`repair` fixes the footers).
+fn severity_of(p: &Problem) -> Severity {
+    match p.level {
+        ProblemLevel::Fatal => Severity::Error,
+        ProblemLevel::Info => Severity::Info,
+        ProblemLevel::Warning => match p.code {
+            pc::FOOTER_END_BAD
+            | pc::FOOTER_COPY_BAD
+            | pc::FOOTER_COPY_DIFFERS
+            | pc::LOCATOR_OUTSIDE
+            | pc::LOCATOR_OVERLAP
+            | pc::BATMAP => Severity::Error,
+            _ => Severity::Warning,
+        },
+    }
+}
+
+struct Sink<'a> {
+    file: &'a Path,
+    findings: Vec<Finding>,
+}
+
+impl Sink<'_> {
+    fn add(
+        &mut self,
+        severity: Severity,
+        code: &'static str,
+        structure: impl Into<String>,
+        offset: Option<u64>,
+        block: Option<u64>,
+        message: String,
+    ) {
+        self.findings.push(Finding {
+            severity,
+            code,
+            file: self.file.to_path_buf(),
+            structure: structure.into(),
+            offset,
+            block,
+            message,
+        });
+    }
+}
+
+/// Check one file. Fails only when it cannot be opened at all (missing, not a regular file, no
+/// permission); everything wrong inside it is a finding.
+pub fn check_file(path: impl AsRef<Path>, options: &CheckOptions) -> Result<CheckReport> {
+    let path = path.as_ref();
+    let insp = Vhd::inspect(path, open_options(options))?;
+    Ok(report_of(path, insp, options))
+}
+
+/// [`check_file`] over any [`Storage`]; `path` names the file in findings.
+pub fn check_storage(
+    storage: Box<dyn Storage>,
+    path: impl AsRef<Path>,
+    options: &CheckOptions,
+) -> CheckReport {
+    let path = path.as_ref();
+    let insp = Vhd::inspect_storage(storage, path, open_options(options));
+    report_of(path, insp, options)
+}
+
+fn open_options(options: &CheckOptions) -> OpenOptions {
+    OpenOptions {
+        writable: false,
+        lenient: false,
+        size_rule: options.size_rule,
+    }
+}
+
+fn report_of(path: &Path, insp: Inspection, options: &CheckOptions) -> CheckReport {
+    let mut sink = Sink {
+        file: path,
+        findings: Vec::new(),
+    };
+    for p in &insp.problems {
+        sink.add(
+            severity_of(p),
+            p.code,
+            p.structure.clone(),
+            p.offset,
+            p.block,
+            p.message.clone(),
+        );
+    }
+    if let Some(vhd) = &insp.vhd {
+        file_checks(vhd, &mut sink);
+        if options.deep {
+            deep_checks(vhd, insp.batmap.as_ref(), &mut sink);
+        }
+    }
+    CheckReport {
+        files: vec![path.to_path_buf()],
+        findings: sink.findings,
+    }
+}
+
+/// Checks on an opened file that opening itself does not need.
+fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
+    let f = vhd.footer();
+    if vhd.disk_type().is_sparse() && f.current_size > crate::format::MAX_DYNAMIC_SIZE {
+        sink.add(
+            Severity::Warning,
+            "too-large",
+            "footer",
+            Some(vhd.footer_offset()),
+            None,
+            format!(
+                "Current Size {} is larger than the 2040 GiB that Windows and QEMU accept for dynamic and differencing disks",
+                f.current_size
+            ),
+        );
+    }
+    let Some(h) = vhd.header() else { return };
+    let ho = Some(f.data_offset);
+    if h.reserved1 != 0 {
+        sink.add(
+            Severity::Info,
+            "reserved-field",
+            "dynamic header",
+            ho,
+            None,
+            format!(
+                "dynamic header reserved field at byte 60 is {:#x}, not zero",
+                h.reserved1
+            ),
+        );
+    }
+    if vhd.disk_type() == DiskType::Differencing {
+        if h.parent_unique_id == f.unique_id {
+            sink.add(
+                Severity::Error,
+                "self-parent",
+                "dynamic header",
+                ho,
+                None,
+                format!(
+                    "differencing disk names itself as its parent (Parent Unique Id {} is its own unique id): the chain is a cycle",
+                    f.unique_id
+                ),
+            );
+        }
+        if h.parent_unique_id.is_nil() {
+            sink.add(
+                Severity::Warning,
+                "no-parent-id",
+                "dynamic header",
+                ho,
+                None,
+                "differencing disk has an all-zero Parent Unique Id: its parent cannot be verified (blktap uses this for a raw parent)".into(),
+            );
+        }
+        if h.parent_name().is_empty() && h.locators.iter().all(|l| l.is_empty()) {
+            sink.add(
+                Severity::Warning,
+                "no-parent-hint",
+                "dynamic header",
+                ho,
+                None,
+                "differencing disk has neither a parent name nor parent locators: its parent can only be given by hand".into(),
+            );
+        }
+    }
+    let bc = vhd.block_count();
+    for (i, e) in vhd.bat().entries.iter().enumerate() {
+        if (i as u64) >= bc && *e != crate::format::bat::UNUSED {
+            sink.add(
+                Severity::Info,
+                "block-past-end",
+                format!("block {i}"),
+                Some(u64::from(*e) * SECTOR_SIZE),
+                Some(i as u64),
+                format!(
+                    "block {i} is allocated but lies past the virtual size ({} bytes); its data is never read",
+                    vhd.virtual_size()
+                ),
+            );
+        }
+    }
+}
+
+/// Read every allocated block: bitmap bits past the virtual size, never-written sectors of a
+/// dynamic disk (the spec requires them to be zero, and readers such as QEMU that skip the
+/// bitmap return what is there), and the blktap batmap.
+fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
+    let Some(h) = vhd.header() else { return };
+    let spb = vhd.sectors_per_block() as usize;
+    let bm_bytes = vhd.bitmap_bytes();
+    let bs = vhd.block_size();
+    let size = vhd.virtual_size();
+    let dynamic = vhd.disk_type() == DiskType::Dynamic;
+    let map = batmap.and_then(|b| read_batmap(vhd, b, sink));
+
+    // File order, so the reads are sequential.
+    let mut blocks: Vec<(u64, u64)> = vhd
+        .bat()
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e != crate::format::bat::UNUSED)
+        .map(|(i, e)| (u64::from(*e) * SECTOR_SIZE, i as u64))
+        .collect();
+    blocks.sort_unstable();
+    let mut buf = Vec::new();
+    for (offset, index) in blocks {
+        let block = format!("block {index}");
+        // Sized by the block size, which opening bounded (MAX_BLOCK_SIZE), and the block was
+        // checked to lie inside the file.
+        let want = if dynamic { bm_bytes + bs } else { bm_bytes };
+        buf.resize(want as usize, 0);
+        if let Err(e) = vhd.read_raw(&mut buf, offset) {
+            sink.add(
+                Severity::Error,
+                "unreadable",
+                block,
+                Some(offset),
+                Some(index),
+                e.to_string(),
+            );
+            continue;
+        }
+        let (bm_raw, data) = buf.split_at(bm_bytes as usize);
+        let bitmap = SectorBitmap::from_bytes(bm_raw, spb);
+        let block_start = index.saturating_mul(bs);
+        let valid = (size.saturating_sub(block_start).min(bs) / SECTOR_SIZE) as usize;
+        if valid < spb {
+            let past = bitmap
+                .runs_in(valid..spb, true)
+                .map(|r| r.len())
+                .sum::<usize>();
+            if past > 0 {
+                // QEMU and VirtualBox set every bit of a block they allocate (§3.2, §7.13):
+                // harmless, as nothing reads past the virtual size. A partial pattern that
+                // reaches past the end is odder.
+                let (severity, note) = if bitmap.all() {
+                    (
+                        Severity::Info,
+                        "; the bitmap is full, as QEMU and VirtualBox write it",
+                    )
+                } else {
+                    (Severity::Warning, "")
+                };
+                sink.add(
+                    severity,
+                    "bitmap-past-end",
+                    block.clone(),
+                    Some(offset),
+                    Some(index),
+                    format!(
+                        "{past} bitmap bit(s) set for sectors past the virtual size ({size} bytes){note}"
+                    ),
+                );
+            }
+        }
+        if dynamic {
+            let mut bad = 0usize;
+            let mut first = None;
+            for r in bitmap.runs_in(0..valid, false) {
+                for s in r {
+                    let sector = data.get(s * 512..(s + 1) * 512).unwrap_or(&[]);
+                    if sector.iter().any(|&b| b != 0) {
+                        bad += 1;
+                        first.get_or_insert(s);
+                    }
+                }
+            }
+            if let Some(s) = first {
+                sink.add(
+                    Severity::Error,
+                    "unwritten-not-zero",
+                    block.clone(),
+                    Some(offset + bm_bytes + s as u64 * SECTOR_SIZE),
+                    Some(index),
+                    format!(
+                        "{bad} never-written sector(s) (bitmap bit clear) hold non-zero data, the first at virtual offset {}; readers that skip the bitmap see it",
+                        block_start + s as u64 * SECTOR_SIZE
+                    ),
+                );
+            }
+        }
+        if let Some(map) = &map
+            && bit_set(map, index)
+            && !bitmap.all()
+        {
+            sink.add(
+                Severity::Error,
+                "batmap-not-full",
+                block,
+                Some(offset),
+                Some(index),
+                format!(
+                    "the batmap marks block {index} full but its bitmap has {} of {spb} sectors",
+                    bitmap.count_ones()
+                ),
+            );
+        }
+    }
+    if let Some(map) = &map {
+        for index in 0..u64::from(h.max_table_entries) {
+            if bit_set(map, index) && vhd.bat().block_offset(index).is_none() {
+                sink.add(
+                    Severity::Error,
+                    "batmap-not-full",
+                    format!("block {index}"),
+                    None,
+                    Some(index),
+                    format!("the batmap marks block {index} full but it is not allocated"),
+                );
+            }
+        }
+    }
+}
+
+fn bit_set(map: &[u8], index: u64) -> bool {
+    usize::try_from(index / 8)
+        .ok()
+        .and_then(|i| map.get(i))
+        .is_some_and(|b| b & (0x80 >> (index % 8)) != 0)
+}
+
+/// The batmap's bits, when its checksum matches (a damaged map says nothing reliable).
+fn read_batmap(vhd: &Vhd, bm: &Batmap, sink: &mut Sink<'_>) -> Option<Vec<u8>> {
+    // Opening checked that the map lies inside the file.
+    let mut map = vec![0u8; usize::try_from(bm.map_bytes()).ok()?];
+    if let Err(e) = vhd.read_raw(&mut map, bm.map_offset) {
+        sink.add(
+            Severity::Error,
+            "unreadable",
+            "batmap",
+            Some(bm.map_offset),
+            None,
+            e.to_string(),
+        );
+        return None;
+    }
+    let computed = bm.computed_checksum(&map);
+    if computed != bm.checksum {
+        sink.add(
+            Severity::Error,
+            "batmap-checksum",
+            "batmap",
+            Some(bm.header_offset),
+            None,
+            format!(
+                "batmap checksum mismatch: stored {:#010x}, computed {computed:#010x}; the batmap is not used",
+                bm.checksum
+            ),
+        );
+        return None;
+    }
+    Some(map)
+}
+
+/// Check the file at `path` and, through its parent locators, every ancestor, plus the links:
+/// each parent found and verified by unique id (a missing parent, a cycle or a chain deeper
+/// than the limit is an error), parent time stamps (a warning), and a child larger than its
+/// parent (a warning). A chain that cannot be opened is reported with what was tried.
+pub fn check_chain(
+    path: impl AsRef<Path>,
+    options: &CheckOptions,
+    chain_options: &ChainOptions,
+) -> Result<CheckReport> {
+    let path = path.as_ref();
+    let mut report = check_file(path, options)?;
+    let chain_options = ChainOptions {
+        size_rule: options.size_rule,
+        ..chain_options.clone()
+    };
+    let chain = match Chain::open(path, &chain_options) {
+        Ok(c) => c,
+        Err(e) => {
+            // The first file's own problems are already listed; say why the chain stops.
+            report.findings.push(Finding {
+                severity: Severity::Error,
+                code: "chain",
+                file: path.to_path_buf(),
+                structure: "chain".into(),
+                offset: None,
+                block: None,
+                message: chain_error_message(&e),
+            });
+            return Ok(report);
+        }
+    };
+    let layers = chain.layers();
+    for (i, layer) in layers.iter().enumerate().skip(1) {
+        let parent = &layer.vhd;
+        let child = &layers[i - 1].vhd;
+        let sub = check_file(parent.path(), options)?;
+        report.files.extend(sub.files);
+        report.findings.extend(sub.findings);
+        let mut link = |severity, code, message: String| {
+            report.findings.push(Finding {
+                severity,
+                code,
+                file: child.path().to_path_buf(),
+                structure: "chain".into(),
+                offset: None,
+                block: None,
+                message,
+            });
+        };
+        for w in &layer.warnings {
+            link(Severity::Warning, "parent-timestamp", w.clone());
+        }
+        if child.virtual_size() > parent.virtual_size() {
+            link(
+                Severity::Warning,
+                "child-larger",
+                format!(
+                    "virtual size {} is larger than its parent {}'s {}: sectors past the parent's end read as zero unless the child holds them",
+                    child.virtual_size(),
+                    parent.path().display(),
+                    parent.virtual_size()
+                ),
+            );
+        }
+        if child.block_size() != parent.block_size() && parent.disk_type() != DiskType::Fixed {
+            link(
+                Severity::Info,
+                "block-size-differs",
+                format!(
+                    "block size {} differs from its parent {}'s {}",
+                    child.block_size(),
+                    parent.path().display(),
+                    parent.block_size()
+                ),
+            );
+        }
+    }
+    Ok(report)
+}
+
+fn chain_error_message(e: &Error) -> String {
+    format!("chain cannot be opened ({}): {e}", e.return_code())
+}

@@ -1,0 +1,327 @@
+//! Repairing a damaged VHD in place: footers, checksums, and BAT entries that cannot be right.
+//!
+//! What is repaired:
+//! - a missing or damaged end footer is rewritten from the offset-0 copy, and a missing,
+//!   damaged or differing copy from the end footer (§1.2, §7.2);
+//! - footer and dynamic header checksums are recomputed;
+//! - BAT entries that point outside the file, or at a block that overlaps another block or
+//!   the metadata, are dropped. Which virtual byte ranges lose their data (zeros for a dynamic
+//!   disk, the parent's data for a differencing one) is reported, with the file offset where
+//!   the old data still lies, for manual salvage. When two blocks overlap both are dropped:
+//!   nothing in the file says which of the two entries is the right one.
+//!
+//! Nothing else is touched: a file with nothing to repair is not written at all, and
+//! problems this module does not fix (locators, a damaged batmap, ...) are listed in
+//! [`RepairReport::not_repaired`]. A file whose structures are too damaged to be opened even
+//! leniently (no footer anywhere, an impossible block size, a BAT past the end of the file)
+//! is refused with the reason.
+//!
+//! # Write order (crash safety)
+//!
+//! Every write replaces a structure that is invalid (or a BAT entry that is wrong) with a
+//! valid one, and no write touches a structure that is valid, so at every instant each
+//! structure is either in its old state or its repaired state; a torn write of an invalid
+//! structure leaves it invalid, no worse than before. Each step is synced before the next:
+//!
+//! 1. the dynamic header, when only its checksum is wrong;
+//! 2. the BAT sectors holding entries to drop (each entry becomes `0xFFFFFFFF`; other bytes
+//!    of the sector are rewritten as they were read);
+//! 3. the end footer, when it is missing or damaged (possibly extending the file);
+//! 4. the offset-0 copy, when it is missing, damaged or different.
+//!
+//! The header and BAT come first so that by the time a footer becomes valid, which is what
+//! makes a strict reader accept the file, what it leads to is already repaired. During step
+//! 3 the copy is untouched, and during step 4 the end footer is already valid, so a file
+//! that had one good footer has one at every instant. Re-running repair after a crash
+//! finishes the job (every step is idempotent).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::bat::UNUSED;
+use crate::format::footer::FOOTER_SIZE;
+use crate::format::{DiskType, SECTOR_SIZE};
+use crate::image::problem_codes as pc;
+use crate::image::{FooterSource, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd};
+use crate::io::Storage;
+
+/// Options for [`repair_file`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RepairOptions {
+    /// Work out what would be done, write nothing (the file is opened read-only).
+    pub dry_run: bool,
+    /// How to decide the virtual size (for the lost ranges reported).
+    pub size_rule: SizeRule,
+}
+
+/// One write repair makes (or would make, in a dry run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepairAction {
+    /// The structure rewritten: `dynamic header`, `BAT`, `footer`, `footer copy`.
+    pub structure: &'static str,
+    /// File offset of the write.
+    pub offset: u64,
+    /// Bytes written.
+    pub len: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// Data a dropped BAT entry pointed at: the virtual range now reads as zeros (dynamic) or from
+/// the parent (differencing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostRange {
+    /// The block whose entry was dropped.
+    pub block: u64,
+    /// Virtual byte range of the block (clipped to the virtual size).
+    pub virtual_range: Range<u64>,
+    /// Where the entry pointed (the old bitmap offset), for manual salvage.
+    pub file_offset: u64,
+    /// Why the entry was dropped.
+    pub reason: String,
+}
+
+/// What [`repair_file`] did, or would do in a dry run.
+#[derive(Clone, Debug)]
+pub struct RepairReport {
+    /// The file.
+    pub file: PathBuf,
+    /// True when the actions were carried out (not a dry run, and something to do).
+    pub wrote: bool,
+    /// The writes, in the order they are made.
+    pub actions: Vec<RepairAction>,
+    /// Virtual ranges whose data is lost by dropping BAT entries.
+    pub lost: Vec<LostRange>,
+    /// Problems repair does not fix (warnings and errors; notes are left out).
+    pub not_repaired: Vec<Problem>,
+    /// The disk type, which says what a lost range now reads as.
+    pub disk_type: DiskType,
+}
+
+impl RepairReport {
+    /// True when the file needed (or, in a dry run, needs) no write.
+    pub fn is_clean(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// Repair the file at `path` (see the module docs). Opening the file for writing takes an
+/// exclusive lock, so a repair never runs while a merge or another repair holds the file.
+pub fn repair_file(path: impl AsRef<Path>, options: &RepairOptions) -> Result<RepairReport> {
+    let path = path.as_ref();
+    let insp = Vhd::inspect(path, open_options(options))?;
+    repair_inspected(path, insp, options)
+}
+
+/// [`repair_file`] over any [`Storage`] (for tests with fault injection, or in-memory images).
+pub fn repair_storage(
+    storage: Box<dyn Storage>,
+    path: impl AsRef<Path>,
+    options: &RepairOptions,
+) -> Result<RepairReport> {
+    let path = path.as_ref();
+    let insp = Vhd::inspect_storage(storage, path, open_options(options));
+    repair_inspected(path, insp, options)
+}
+
+fn open_options(options: &RepairOptions) -> OpenOptions {
+    OpenOptions {
+        writable: !options.dry_run,
+        lenient: false,
+        size_rule: options.size_rule,
+    }
+}
+
+/// Codes repair fixes; every other warning or error is reported as not repaired.
+const REPAIRED_CODES: &[&str] = &[
+    pc::FOOTER_CHECKSUM,
+    pc::FOOTER_END_BAD,
+    pc::FOOTER_COPY_BAD,
+    pc::FOOTER_COPY_DIFFERS,
+    pc::HEADER_CHECKSUM,
+    pc::BAT_ENTRY_OUTSIDE,
+    pc::BLOCK_OVERLAP,
+];
+
+fn repair_inspected(
+    path: &Path,
+    insp: Inspection,
+    options: &RepairOptions,
+) -> Result<RepairReport> {
+    let Inspection {
+        vhd,
+        problems,
+        dropped_entries,
+        ..
+    } = insp;
+    let Some(vhd) = vhd else {
+        let why = problems
+            .iter()
+            .rev()
+            .find(|p| p.level == ProblemLevel::Fatal)
+            .map_or_else(|| "unknown problem".to_string(), |p| p.message.clone());
+        return Err(Error::Format {
+            path: Some(path.to_path_buf()),
+            detail: format!("cannot repair: {why}"),
+        });
+    };
+    vhd.lock(!options.dry_run)?;
+    let has = |code: &str| problems.iter().any(|p| p.code == code);
+    let footer_bytes = vhd.footer().to_bytes();
+    let mut plan: Vec<(RepairAction, Vec<u8>)> = Vec::new();
+
+    // 1. Header checksum.
+    if let Some(h) = vhd.header()
+        && !h.checksum_ok()
+    {
+        plan.push((
+            RepairAction {
+                structure: "dynamic header",
+                offset: vhd.footer().data_offset,
+                len: 1024,
+                reason: format!(
+                    "checksum {:#010x} is wrong; the fields give {:#010x}",
+                    h.checksum,
+                    h.computed_checksum()
+                ),
+            },
+            h.to_bytes().to_vec(),
+        ));
+    }
+
+    // 2. BAT entries to drop, grouped by BAT sector.
+    let mut lost = Vec::new();
+    if let Some(h) = vhd.header() {
+        let mut sectors: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for &(index, entry) in &dropped_entries {
+            sectors
+                .entry(index * 4 / SECTOR_SIZE)
+                .or_default()
+                .push(index);
+            let bs = vhd.block_size();
+            let start = index.saturating_mul(bs).min(vhd.virtual_size());
+            let end = start.saturating_add(bs).min(vhd.virtual_size());
+            let reason = problems
+                .iter()
+                .find(|p| {
+                    p.block == Some(index)
+                        && (p.code == pc::BAT_ENTRY_OUTSIDE || p.code == pc::BLOCK_OVERLAP)
+                })
+                .map_or_else(String::new, |p| p.message.clone());
+            lost.push(LostRange {
+                block: index,
+                virtual_range: start..end,
+                file_offset: u64::from(entry) * SECTOR_SIZE,
+                reason,
+            });
+        }
+        for (sector, indices) in sectors {
+            let offset = h.table_offset + sector * SECTOR_SIZE;
+            let mut buf = vec![0u8; SECTOR_SIZE as usize];
+            // The table was read whole when the file was opened; a sector of it is readable
+            // unless the table ends mid-sector at the end of the file.
+            let avail = vhd
+                .storage()
+                .len()
+                .map_err(|e| Error::io(format!("{}: reading length", path.display()), e))?
+                .saturating_sub(offset)
+                .min(SECTOR_SIZE) as usize;
+            vhd.read_raw(&mut buf[..avail], offset)?;
+            buf.truncate(avail);
+            for index in &indices {
+                let at = (index * 4 - sector * SECTOR_SIZE) as usize;
+                if let Some(e) = buf.get_mut(at..at + 4) {
+                    e.copy_from_slice(&UNUSED.to_be_bytes());
+                }
+            }
+            plan.push((
+                RepairAction {
+                    structure: "BAT",
+                    offset,
+                    len: buf.len() as u64,
+                    reason: format!(
+                        "drop entr{} for block{} {}",
+                        if indices.len() == 1 { "y" } else { "ies" },
+                        if indices.len() == 1 { "" } else { "s" },
+                        indices
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                },
+                buf,
+            ));
+        }
+    }
+
+    // 3. End footer.
+    let end_bad = vhd.footer_source() == FooterSource::Copy || has(pc::FOOTER_CHECKSUM);
+    if end_bad {
+        let reason = if vhd.footer_source() == FooterSource::Copy {
+            "missing or damaged; restored from the copy at offset 0".to_string()
+        } else {
+            "checksum is wrong; recomputed".to_string()
+        };
+        plan.push((
+            RepairAction {
+                structure: "footer",
+                offset: vhd.footer_offset(),
+                len: FOOTER_SIZE as u64,
+                reason,
+            },
+            footer_bytes.to_vec(),
+        ));
+    }
+
+    // 4. Offset-0 copy.
+    let copy_bad = has(pc::FOOTER_COPY_BAD)
+        || has(pc::FOOTER_COPY_DIFFERS)
+        || (has(pc::FOOTER_CHECKSUM) && vhd.footer_source() == FooterSource::Copy);
+    if vhd.disk_type().is_sparse() && copy_bad {
+        plan.push((
+            RepairAction {
+                structure: "footer copy",
+                offset: 0,
+                len: FOOTER_SIZE as u64,
+                reason: "missing, damaged or different from the end footer; rewritten from it"
+                    .into(),
+            },
+            footer_bytes.to_vec(),
+        ));
+    }
+
+    if !options.dry_run {
+        for (action, bytes) in &plan {
+            vhd.storage().write_at(bytes, action.offset).map_err(|e| {
+                Error::io(
+                    format!(
+                        "{}: writing the repaired {} at offset {}",
+                        path.display(),
+                        action.structure,
+                        action.offset
+                    ),
+                    e,
+                )
+            })?;
+            vhd.storage()
+                .sync_data()
+                .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
+        }
+    }
+
+    let not_repaired = problems
+        .into_iter()
+        .filter(|p| p.level != ProblemLevel::Info && !REPAIRED_CODES.contains(&p.code))
+        .collect();
+    Ok(RepairReport {
+        file: path.to_path_buf(),
+        wrote: !options.dry_run && !plan.is_empty(),
+        actions: plan.into_iter().map(|(a, _)| a).collect(),
+        lost,
+        not_repaired,
+        disk_type: vhd.disk_type(),
+    })
+}
