@@ -1,0 +1,175 @@
+//! Helpers shared by the reliability tests (check, repair, bad input, fuzz regressions):
+//! small disks with known content, and byte-level patching of their structures.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+use vhd_merge::format::{DynamicHeader, Footer};
+
+/// Block size of the test disks: 64 KiB, 16 blocks in 1 MiB.
+pub const BS: u32 = 64 << 10;
+/// Virtual size of the test disks.
+pub const SIZE: u64 = 1 << 20;
+
+pub fn opts() -> CreateOptions {
+    CreateOptions {
+        block_size: BS,
+        timestamp: Some(1000),
+        ..CreateOptions::default()
+    }
+}
+
+/// A dynamic disk with blocks 0, 1 and 5 allocated (block 1 only partly written).
+pub fn dynamic(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let mut v = create_dynamic(&p, SIZE, &opts()).unwrap();
+    v.write_at(0, &vec![0x11; BS as usize]).unwrap();
+    v.write_at(u64::from(BS) + 4096, &[0x22; 8192]).unwrap();
+    v.write_at(5 * u64::from(BS), &[0x55; 512]).unwrap();
+    p
+}
+
+/// A fixed disk of 64 KiB with some data.
+pub fn fixed(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let mut v = create_fixed(&p, 64 << 10, &opts()).unwrap();
+    v.write_at(512, &[0x42; 1024]).unwrap();
+    p
+}
+
+/// A differencing child of `parent` with one sector written.
+pub fn child(dir: &Path, name: &str, parent: &Path) -> PathBuf {
+    let p = dir.join(name);
+    let mut c = create_differencing(&p, parent, &opts()).unwrap();
+    c.write_at(2048, &[0x99; 512]).unwrap();
+    p
+}
+
+pub fn read(p: &Path) -> Vec<u8> {
+    fs::read(p).unwrap()
+}
+
+pub fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+pub fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Overwrite bytes at `offset`.
+pub fn patch(p: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+pub fn truncate(p: &Path, len: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Header offset (footer Data Offset) of a sparse file.
+pub fn header_offset(p: &Path) -> u64 {
+    be64(&read(p), 16)
+}
+
+/// Change the footer with `f` and write it, with a correct checksum, at the end and at 0
+/// (for sparse disks).
+pub fn edit_footer(p: &Path, f: impl Fn(&mut Footer)) {
+    let b = read(p);
+    let len = b.len();
+    let mut footer = Footer::parse(b[len - 512..].try_into().unwrap()).unwrap();
+    f(&mut footer);
+    let nb = footer.to_bytes();
+    patch(p, len as u64 - 512, &nb);
+    if footer.disk_type.is_sparse() {
+        patch(p, 0, &nb);
+    }
+}
+
+/// Change the dynamic header with `f` and write it back with a correct checksum.
+pub fn edit_header(p: &Path, f: impl Fn(&mut DynamicHeader)) {
+    let b = read(p);
+    let off = be64(&b, 16) as usize;
+    let mut h = DynamicHeader::parse(b[off..off + 1024].try_into().unwrap()).unwrap();
+    f(&mut h);
+    patch(p, off as u64, &h.to_bytes());
+}
+
+/// The dynamic header.
+pub fn header(p: &Path) -> DynamicHeader {
+    let b = read(p);
+    let off = be64(&b, 16) as usize;
+    DynamicHeader::parse(b[off..off + 1024].try_into().unwrap()).unwrap()
+}
+
+/// BAT entry `i`.
+pub fn bat_entry(p: &Path, i: u64) -> u32 {
+    let h = header(p);
+    be32(&read(p), (h.table_offset + 4 * i) as usize)
+}
+
+/// Set BAT entry `i`.
+pub fn set_bat_entry(p: &Path, i: u64, v: u32) {
+    let h = header(p);
+    patch(p, h.table_offset + 4 * i, &v.to_be_bytes());
+}
+
+/// Every file in `dir` with its content, to prove nothing changed.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let b = fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The fixture directory of real files from other tools, when it is there.
+pub fn real_fixtures() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("note: ../shared/fixtures/real is absent; skipping the real-file part");
+        None
+    }
+}
+
+/// Decompress a fixture (`.gz`/`.bz2` through the system tools) into `dir`.
+pub fn unpack_fixture(src: &Path, dir: &Path) -> Option<PathBuf> {
+    let name = src.file_name()?.to_string_lossy().into_owned();
+    let (tool, stem) = if let Some(s) = name.strip_suffix(".gz") {
+        ("gunzip", s.to_string())
+    } else if let Some(s) = name.strip_suffix(".bz2") {
+        ("bunzip2", s.to_string())
+    } else {
+        let out = dir.join(&name);
+        fs::copy(src, &out).ok()?;
+        return Some(out);
+    };
+    let out = dir.join(&stem);
+    let data = std::process::Command::new(tool)
+        .arg("-c")
+        .arg(src)
+        .output()
+        .ok()?;
+    if !data.status.success() {
+        return None;
+    }
+    fs::write(&out, data.stdout).ok()?;
+    Some(out)
+}
