@@ -956,12 +956,23 @@ pub struct Inspection {
     pub vhd: Option<Vhd>,
     /// Every problem found, in file order of the structures.
     pub problems: Vec<Problem>,
-    /// BAT entries dropped from `vhd`'s table: (block index, the entry stored in the file).
-    pub dropped_entries: Vec<(u64, u32)>,
+    /// BAT entries dropped from `vhd`'s table.
+    pub dropped_entries: Vec<DroppedEntry>,
     /// The blktap batmap, when the file has one (§3.3).
     pub batmap: Option<Batmap>,
     /// Length of the file in bytes.
     pub file_len: u64,
+}
+
+/// A BAT entry [`Vhd::inspect`] dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedEntry {
+    /// The block.
+    pub block: u64,
+    /// The entry stored in the file (the sector of the block's bitmap).
+    pub entry: u32,
+    /// Why it was dropped.
+    pub reason: String,
 }
 
 /// The blktap batmap (§3.3): one bit per block, set when every sector of the block is present.
@@ -1009,7 +1020,7 @@ impl Batmap {
 struct Validator {
     collect: bool,
     problems: Vec<Problem>,
-    dropped: Vec<(u64, u32)>,
+    dropped: Vec<DroppedEntry>,
     batmap: Option<Batmap>,
     /// A problem stopped validation (it is the last one recorded).
     stopped: bool,
@@ -1803,31 +1814,93 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     }
     extents.sort_unstable();
     // The extent reaching furthest so far; any extent starting before its end overlaps it.
+    // That sweep reports each overlap once. Which blocks to drop (when inspecting) needs the
+    // overlapping pairs: a block overlapping several others is the likely culprit, and two
+    // blocks overlapping only each other cannot be told apart. The pairs are bounded so that a
+    // hostile table (every entry equal) costs O(n) beyond the sort.
+    const MAX_PAIRS: usize = 1 << 20;
     let mut reach: Option<(u64, u64, i64)> = None;
+    let mut involved = vec![false; bat.entries.len()];
+    let mut pairs: Vec<(usize, usize)> = Vec::new();
+    let mut too_many = false;
+    let mut active: Vec<(u64, i64)> = Vec::new();
+    let mut reasons: HashMap<usize, String> = HashMap::new();
     for &(b, blen, bt) in &extents {
         if let Some((a, aend, at)) = reach
             && aend > b
         {
             let block = if bt >= 0 { bt } else { at };
+            let message = format!(
+                "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
+                extent_name(at),
+                extent_name(bt)
+            );
             v.error(
                 pc::BLOCK_OVERLAP,
                 &extent_name(block),
                 Some(b),
                 u64::try_from(block).ok(),
-                Error::format(format!(
-                    "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
-                    extent_name(at),
-                    extent_name(bt)
-                )),
+                Error::format(message.clone()),
             )?;
             for t in [at, bt] {
-                if let Some(d) = usize::try_from(t).ok().and_then(|t| drop_block.get_mut(t)) {
-                    *d = true;
+                if let Ok(t) = usize::try_from(t) {
+                    if let Some(d) = involved.get_mut(t) {
+                        *d = true;
+                    }
+                    reasons.entry(t).or_insert_with(|| message.clone());
                 }
             }
         }
         if reach.is_none_or(|(_, aend, _)| b + blen > aend) {
             reach = Some((b, b + blen, bt));
+        }
+        if !too_many {
+            active.retain(|&(end, _)| end > b);
+            for &(_, at) in &active {
+                match (usize::try_from(at), usize::try_from(bt)) {
+                    (Ok(x), Ok(y)) => pairs.push((x, y)),
+                    // A block over metadata is wrong whatever else it overlaps.
+                    (Ok(x), Err(_)) | (Err(_), Ok(x)) => {
+                        if let Some(d) = drop_block.get_mut(x) {
+                            *d = true;
+                        }
+                    }
+                    (Err(_), Err(_)) => {}
+                }
+                if pairs.len() > MAX_PAIRS {
+                    too_many = true;
+                    break;
+                }
+            }
+            active.push((b + blen, bt));
+        }
+    }
+    if too_many {
+        for (d, i) in drop_block.iter_mut().zip(&involved) {
+            *d |= *i;
+        }
+    } else {
+        // Drop the blocks with the most overlaps among those left, until none is left (after
+        // a few rounds, every block still overlapping: the work stays linear in the pairs).
+        let mut degree = vec![0u32; bat.entries.len()];
+        for round in 0.. {
+            degree.iter_mut().for_each(|d| *d = 0);
+            let mut max = 0;
+            for &(x, y) in &pairs {
+                if !drop_block[x] && !drop_block[y] {
+                    degree[x] += 1;
+                    degree[y] += 1;
+                    max = max.max(degree[x]).max(degree[y]);
+                }
+            }
+            if max == 0 {
+                break;
+            }
+            for (d, &n) in drop_block.iter_mut().zip(&degree) {
+                if n == max || (round >= 16 && n > 0) {
+                    *d = true;
+                }
+            }
         }
     }
     // Blocks that stay, and the end of everything inside the file (dropped blocks included,
@@ -1843,7 +1916,20 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     });
     for (i, d) in drop_block.iter().enumerate() {
         if *d && let Some(e) = bat.entries.get_mut(i) {
-            v.dropped.push((i as u64, *e));
+            let start = u64::from(*e) * SECTOR_SIZE;
+            let reason = match reasons.remove(&i) {
+                Some(r) => r,
+                None if start + stride > data_limit => format!(
+                    "BAT entry {i} points to offset {start:#x}; the block ends at {:#x}, past the end of data at {data_limit:#x}",
+                    start + stride
+                ),
+                None => format!("block {i} at offset {start:#x} overlaps the metadata"),
+            };
+            v.dropped.push(DroppedEntry {
+                block: i as u64,
+                entry: *e,
+                reason,
+            });
             *e = bat::UNUSED;
         }
     }

@@ -195,7 +195,8 @@ fn repair_inspected(
     let mut lost = Vec::new();
     if let Some(h) = vhd.header() {
         let mut sectors: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for &(index, entry) in &dropped_entries {
+        for dropped in &dropped_entries {
+            let index = dropped.block;
             sectors
                 .entry(index * 4 / SECTOR_SIZE)
                 .or_default()
@@ -203,18 +204,11 @@ fn repair_inspected(
             let bs = vhd.block_size();
             let start = index.saturating_mul(bs).min(vhd.virtual_size());
             let end = start.saturating_add(bs).min(vhd.virtual_size());
-            let reason = problems
-                .iter()
-                .find(|p| {
-                    p.block == Some(index)
-                        && (p.code == pc::BAT_ENTRY_OUTSIDE || p.code == pc::BLOCK_OVERLAP)
-                })
-                .map_or_else(String::new, |p| p.message.clone());
             lost.push(LostRange {
                 block: index,
                 virtual_range: start..end,
-                file_offset: u64::from(entry) * SECTOR_SIZE,
-                reason,
+                file_offset: u64::from(dropped.entry) * SECTOR_SIZE,
+                reason: dropped.reason.clone(),
             });
         }
         for (sector, indices) in sectors {
@@ -277,9 +271,10 @@ fn repair_inspected(
     }
 
     // 4. Offset-0 copy.
-    let copy_bad = has(pc::FOOTER_COPY_BAD)
-        || has(pc::FOOTER_COPY_DIFFERS)
-        || (has(pc::FOOTER_CHECKSUM) && vhd.footer_source() == FooterSource::Copy);
+    // A footer in use with a bad checksum means the copy is no good either (a good one would
+    // have been chosen), even when it is byte-for-byte the same.
+    let copy_bad =
+        has(pc::FOOTER_COPY_BAD) || has(pc::FOOTER_COPY_DIFFERS) || has(pc::FOOTER_CHECKSUM);
     if vhd.disk_type().is_sparse() && copy_bad {
         plan.push((
             RepairAction {
