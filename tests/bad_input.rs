@@ -1,0 +1,943 @@
+//! The bad-input catalogue: files damaged in one way each, and hostile paths. Every case
+//! checks the `MergeVirtualHardDisk` return code, key words of the message, that nothing
+//! panics, that no file's bytes change, and (through a counting allocator) that opening
+//! allocates no more than the file's size justifies.
+//!
+//! Cases that need the merge engine (merging into a read-only or full destination, merging
+//! a damaged child) are added with it.
+
+mod reliability_util;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+
+use reliability_util::*;
+use vhd_merge::check::{CheckOptions, check_file};
+use vhd_merge::create::{CreateOptions, create_dynamic};
+use vhd_merge::format::PlatformCode;
+use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, MemStorage};
+use vhd_merge::{Chain, ChainOptions, Error, OpenOptions, ReturnCode, Vhd};
+
+// ---- A per-thread counting allocator: peak live bytes during an operation. ----
+
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<usize> = const { Cell::new(0) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+fn track(grow: usize, shrink: usize) {
+    // try_with: the thread-locals may be gone while a thread is torn down.
+    let _ = LIVE.try_with(|l| {
+        let n = (l.get() + grow).saturating_sub(shrink);
+        l.set(n);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(n)));
+    });
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the bookkeeping only
+// touches const-initialised thread-locals, which never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            track(layout.size(), 0);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            track(layout.size(), 0);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded; `ptr` came from this allocator with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        track(0, layout.size());
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded; `ptr` came from this allocator with `layout`.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            track(new_size, layout.size());
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Run `f` and return its result with the peak number of bytes it had allocated at once
+/// (on this thread).
+fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let out = f();
+    (out, PEAK.with(Cell::get).saturating_sub(base))
+}
+
+/// What opening a file may allocate beyond the file's own size: bookkeeping, messages, and
+/// one block-sized buffer at most for the small blocks of these tests.
+const SLACK: usize = 1 << 20;
+
+// ---- Case helpers. ----
+
+fn expect_err(e: &Error, rc: ReturnCode, words: &[&str]) {
+    assert_eq!(e.return_code(), rc, "wrong code for: {e}");
+    let msg = e.to_string();
+    for w in words {
+        assert!(msg.contains(w), "message {msg:?} lacks {w:?}");
+    }
+}
+
+/// Opening `p` (read-only and writable, strict) fails with `rc` and `words`; a lenient open
+/// fails the same way unless `lenient_ok`; check reports an error; nothing is written; opening
+/// allocates within the bound.
+fn open_fails(p: &Path, rc: ReturnCode, words: &[&str], lenient_ok: bool) {
+    let dir = p.parent().unwrap();
+    let before = snapshot(dir);
+    let len = std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0);
+    for writable in [false, true] {
+        let o = OpenOptions {
+            writable,
+            ..OpenOptions::default()
+        };
+        let (r, peak) = peak_of(|| Vhd::open(p, o));
+        let e = r.expect_err("opened");
+        expect_err(&e, rc, words);
+        assert!(
+            peak <= len + SLACK,
+            "open allocated {peak} bytes for a {len}-byte file"
+        );
+    }
+    let lenient = OpenOptions {
+        lenient: true,
+        ..OpenOptions::default()
+    };
+    match Vhd::open(p, lenient) {
+        Ok(_) => assert!(lenient_ok, "lenient open succeeded"),
+        Err(e) => {
+            assert!(!lenient_ok, "lenient open failed: {e}");
+            expect_err(&e, rc, words);
+        }
+    }
+    let deep = CheckOptions {
+        deep: true,
+        ..CheckOptions::default()
+    };
+    let (r, peak) = peak_of(|| check_file(p, &deep));
+    assert!(r.unwrap().has_errors());
+    assert!(
+        peak <= len + SLACK,
+        "check allocated {peak} bytes for a {len}-byte file"
+    );
+    assert_eq!(snapshot(dir), before, "a file changed");
+}
+
+/// Opening works (the damage does not stop reading) with a warning containing `warning`;
+/// check reports an error with `code`; nothing is written.
+fn opens_with_warning(p: &Path, warning: &str, code: &str) {
+    let dir = p.parent().unwrap();
+    let before = snapshot(dir);
+    let v = Vhd::open(p, OpenOptions::read_only()).unwrap();
+    assert!(
+        v.warnings().iter().any(|w| w.contains(warning)),
+        "{:?}",
+        v.warnings()
+    );
+    drop(v);
+    let r = check_file(p, &CheckOptions::default()).unwrap();
+    assert!(r.has_errors());
+    assert!(
+        r.findings.iter().any(|f| f.code == code),
+        "{:#?}",
+        r.findings
+    );
+    assert_eq!(snapshot(dir), before, "a file changed");
+}
+
+fn chain_fails(child: &Path, o: &ChainOptions, rc: ReturnCode, words: &[&str]) {
+    let dir = child.parent().unwrap();
+    let before = snapshot(dir);
+    let e = Chain::open(child, o).expect_err("chain opened");
+    expect_err(&e, rc, words);
+    assert_eq!(snapshot(dir), before, "a file changed");
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn len_of(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+/// Set locator `i`'s payload (written over its reserved space) and length.
+fn set_locator_payload(p: &Path, i: usize, payload: &[u8]) {
+    let h = header(p);
+    let off = h.locators[i].data_offset;
+    assert!(payload.len() as u32 <= h.locators[i].data_space);
+    patch(p, off, payload);
+    edit_header(p, |h| h.locators[i].data_length = payload.len() as u32);
+}
+
+fn w2ru(text: &str) -> Vec<u8> {
+    PlatformCode::W2ru.encode_payload(text)
+}
+
+/// A child whose only way to its parent is locator 0 (W2ru) and the header name `name`.
+fn child_with_only_w2ru(d: &Path, name: &str) -> PathBuf {
+    let base = dynamic(d, "base.vhd");
+    let c = child(d, "c.vhd", &base);
+    edit_header(&c, |h| {
+        h.locators[1] = vhd_merge::format::ParentLocator::EMPTY;
+        h.locators[2] = vhd_merge::format::ParentLocator::EMPTY;
+        h.set_parent_name(name).unwrap();
+    });
+    c
+}
+
+// ---- Truncation inside each structure. ----
+
+#[test]
+fn c01_empty_file() {
+    let d = tmp();
+    let p = d.path().join("e.vhd");
+    std::fs::write(&p, b"").unwrap();
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["0 bytes", "smaller than a VHD footer"],
+        false,
+    );
+}
+
+#[test]
+fn c02_fixed_disk_truncated_inside_its_footer() {
+    let d = tmp();
+    let p = fixed(d.path(), "f.vhd");
+    truncate(&p, len_of(&p) - 100);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["not a VHD", "conectix"],
+        false,
+    );
+}
+
+#[test]
+fn c03_dynamic_disk_truncated_inside_its_footer_opens_from_the_copy() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    truncate(&p, len_of(&p) - 100);
+    opens_with_warning(&p, "using the copy at offset 0", "footer-end-bad");
+}
+
+#[test]
+fn c04_truncated_inside_the_header() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    truncate(&p, 1400);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Data Offset", "dynamic header inside the file"],
+        false,
+    );
+}
+
+#[test]
+fn c05_truncated_inside_the_bat() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let h = header(&p);
+    truncate(&p, h.table_offset + 40);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["BAT", "runs past the end of the file"],
+        false,
+    );
+}
+
+#[test]
+fn c06_truncated_inside_a_block() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let b5 = u64::from(bat_entry(&p, 5)) * 512;
+    truncate(&p, b5 + 512 + 1000);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["BAT entry 5", "past the end of data"],
+        false,
+    );
+}
+
+#[test]
+fn c07_truncated_inside_a_locator() {
+    let d = tmp();
+    let base = dynamic(d.path(), "base.vhd");
+    let c = d.path().join("c.vhd");
+    drop(vhd_merge::create::create_differencing(&c, &base, &opts()).unwrap());
+    let h = header(&c);
+    let last = h.locators.iter().map(|l| l.data_offset).max().unwrap();
+    truncate(&c, last + 5);
+    opens_with_warning(&c, "lies outside the file", "locator-outside");
+    // The chain still resolves through the intact W2ru locator.
+    assert_eq!(Chain::open(&c, &ChainOptions::default()).unwrap().len(), 2);
+}
+
+// ---- Cookies and checksums. ----
+
+#[test]
+fn c08_bad_footer_cookie_fixed() {
+    let d = tmp();
+    let p = fixed(d.path(), "f.vhd");
+    patch(&p, len_of(&p) - 512, b"notavhd!");
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["not a VHD", "\"notavhd!\"", "conectix"],
+        false,
+    );
+}
+
+#[test]
+fn c09_bad_footer_cookie_in_both_copies() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    patch(&p, len_of(&p) - 512, b"CONECTIX");
+    patch(&p, 0, b"CONECTIX");
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["not a VHD", "no valid copy at offset 0"],
+        false,
+    );
+}
+
+#[test]
+fn c10_poisoned_cookie() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    patch(&p, len_of(&p) - 512, b"v_poison");
+    patch(&p, 0, b"v_poison");
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["v_poison", "blktap disabled"],
+        false,
+    );
+}
+
+#[test]
+fn c11_bad_header_cookie() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    patch(&p, header_offset(&p), b"cxsparsX");
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["cxsparse", "at offset 512"],
+        false,
+    );
+}
+
+#[test]
+fn c12_bad_footer_checksum() {
+    let d = tmp();
+    let p = fixed(d.path(), "f.vhd");
+    patch(&p, len_of(&p) - 512 + 64, &[0, 0, 0, 1]);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["footer checksum mismatch", "leniently"],
+        true,
+    );
+}
+
+#[test]
+fn c13_bad_header_checksum() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    patch(&p, header_offset(&p) + 36, &[0, 0, 0, 1]);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["dynamic header checksum mismatch", "offset 512"],
+        true,
+    );
+}
+
+// ---- Offsets and sizes. ----
+
+#[test]
+fn c14_data_offset_outside_the_file() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let len = len_of(&p);
+    edit_footer(&p, |f| f.data_offset = len * 4);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Data Offset", "inside the file"],
+        false,
+    );
+}
+
+#[test]
+fn c15_data_offset_over_the_footer_copy() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_footer(&p, |f| f.data_offset = 0);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Data Offset 0x0"],
+        false,
+    );
+}
+
+#[test]
+fn c16_bat_beyond_end_of_file() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let len = len_of(&p);
+    edit_header(&p, |h| h.table_offset = len + 4096);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["BAT at offset", "past the end of the file"],
+        false,
+    );
+}
+
+#[test]
+fn c17_huge_max_table_entries() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.max_table_entries = u32::MAX);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["4294967295 entries", "past the end of the file"],
+        false,
+    );
+}
+
+#[test]
+fn c18_max_table_entries_too_small() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.max_table_entries = 3);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Max Table Entries 3", "less than Current Size"],
+        false,
+    );
+}
+
+#[test]
+fn c19_block_size_zero() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.block_size = 0);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Block Size 0", "power of two"],
+        false,
+    );
+}
+
+#[test]
+fn c20_block_size_odd() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.block_size = 65537);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Block Size 65537", "power of two"],
+        false,
+    );
+}
+
+#[test]
+fn c21_block_size_not_a_power_of_two() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.block_size = 3 * 512);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Block Size 1536", "power of two"],
+        false,
+    );
+}
+
+#[test]
+fn c22_block_size_huge() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.block_size = 1 << 31);
+    open_fails(
+        &p,
+        ReturnCode::NotSupported,
+        &["Block Size 2147483648", "larger than"],
+        false,
+    );
+}
+
+#[test]
+fn c23_overlapping_blocks() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    set_bat_entry(&p, 9, bat_entry(&p, 1) + 16);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["block 1", "overlaps block 9"],
+        false,
+    );
+}
+
+#[test]
+fn c24_block_overlapping_the_bat() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let h = header(&p);
+    set_bat_entry(&p, 2, (h.table_offset / 512) as u32);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["the BAT", "overlaps block 2"],
+        false,
+    );
+}
+
+#[test]
+fn c25_bat_overlapping_the_header() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.table_offset = 1024);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["BAT at offset 0x400", "overlaps"],
+        false,
+    );
+}
+
+#[test]
+fn c26_unknown_disk_type_and_versions() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_footer(&p, |f| f.disk_type = vhd_merge::DiskType::Other(5));
+    open_fails(
+        &p,
+        ReturnCode::NotSupported,
+        &["disk type 5", "not supported"],
+        false,
+    );
+    let p = dynamic(d.path(), "b.vhd");
+    edit_footer(&p, |f| f.format_version = 0x0002_0000);
+    open_fails(
+        &p,
+        ReturnCode::NotSupported,
+        &["File Format Version 0x00020000"],
+        false,
+    );
+    let p = dynamic(d.path(), "c.vhd");
+    edit_header(&p, |h| h.header_version = 0x0003_0000);
+    open_fails(
+        &p,
+        ReturnCode::NotSupported,
+        &["header version 0x00030000"],
+        false,
+    );
+    let p = dynamic(d.path(), "e.vhd");
+    edit_footer(&p, |f| f.current_size += 100);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["Current Size", "not a multiple of 512"],
+        false,
+    );
+}
+
+// ---- Locators and parent names. ----
+
+#[test]
+fn c27_locator_offset_outside_the_file() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "nowhere.vhd");
+    let len = len_of(&c);
+    edit_header(&c, |h| h.locators[0].data_offset = len + (1 << 40));
+    opens_with_warning(&c, "lies outside the file", "locator-outside");
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::FileNotFound,
+        &["not found", "nowhere.vhd"],
+    );
+}
+
+#[test]
+fn c28_huge_locator_length() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "nowhere.vhd");
+    edit_header(&c, |h| h.locators[0].data_length = u32::MAX);
+    opens_with_warning(&c, "lies outside the file", "locator-outside");
+    let before = snapshot(d.path());
+    let (r, peak) = peak_of(|| Chain::open(&c, &ChainOptions::default()));
+    expect_err(&r.unwrap_err(), ReturnCode::FileNotFound, &["not found"]);
+    assert!(peak <= SLACK * 4, "chain open allocated {peak} bytes");
+    assert_eq!(snapshot(d.path()), before);
+}
+
+#[test]
+fn c29_invalid_utf16_in_the_parent_name() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "x");
+    // An unpaired high surrogate, then "ab".
+    edit_header(&c, |h| {
+        h.parent_name_raw = [0; 512];
+        h.parent_name_raw[..6].copy_from_slice(&[0xD8, 0x00, 0x00, b'a', 0x00, b'b']);
+    });
+    set_locator_payload(&c, 0, &w2ru(".\\missing.vhd"));
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::FileNotFound,
+        &["\u{FFFD}ab", "missing.vhd"],
+    );
+}
+
+#[test]
+fn c30_invalid_utf16_in_the_w2ru_payload() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "gone.vhd");
+    // ".\" then an unpaired low surrogate, then "p.vhd"; and an odd trailing byte.
+    let mut payload = w2ru(".\\");
+    payload.extend_from_slice(&[0x00, 0xDC]);
+    payload.extend(w2ru("p.vhd"));
+    payload.push(0x41);
+    set_locator_payload(&c, 0, &payload);
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::FileNotFound,
+        &["\u{FFFD}p.vhd", "gone.vhd"],
+    );
+}
+
+#[test]
+fn c31_child_names_itself_as_parent() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "c.vhd");
+    let own = Vhd::open(&c, OpenOptions::read_only()).unwrap().unique_id();
+    edit_header(&c, move |h| h.parent_unique_id = own);
+    set_locator_payload(&c, 0, &w2ru(".\\c.vhd"));
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::InvalidState,
+        &["cycle", "c.vhd"],
+    );
+    let r = check_file(&c, &CheckOptions::default()).unwrap();
+    assert!(r.findings.iter().any(|f| f.code == "self-parent"));
+}
+
+#[test]
+fn c32_parent_given_as_a_directory() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "gone.vhd");
+    set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let o = ChainOptions {
+        parent: Some(sub.clone()),
+        ..ChainOptions::default()
+    };
+    chain_fails(
+        &c,
+        &o,
+        ReturnCode::FileNotFound,
+        &["sub", "not a regular file (a directory)"],
+    );
+    // A locator naming the directory.
+    set_locator_payload(&c, 0, &w2ru(".\\sub"));
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::FileNotFound,
+        &["a directory"],
+    );
+    // And opening it directly.
+    let e = Vhd::open(&sub, OpenOptions::read_only()).unwrap_err();
+    expect_err(
+        &e,
+        ReturnCode::InvalidParameter,
+        &["not a regular file (a directory)"],
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn c33_parent_given_as_a_fifo() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "gone.vhd");
+    set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
+    let fifo = d.path().join("pipe");
+    let ok = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !ok.is_ok_and(|s| s.success()) {
+        eprintln!("note: mkfifo unavailable; skipping the FIFO case");
+        return;
+    }
+    let o = ChainOptions {
+        parent: Some(fifo.clone()),
+        ..ChainOptions::default()
+    };
+    // Opening a FIFO for reading would block forever: it must be refused before that.
+    chain_fails(&c, &o, ReturnCode::FileNotFound, &["pipe", "a FIFO"]);
+    set_locator_payload(&c, 0, &w2ru(".\\pipe"));
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::FileNotFound,
+        &["a FIFO"],
+    );
+    let e = Vhd::open(&fifo, OpenOptions::read_only()).unwrap_err();
+    expect_err(&e, ReturnCode::InvalidParameter, &["a FIFO"]);
+    std::fs::remove_file(&fifo).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn c34_parent_given_as_a_device() {
+    let d = tmp();
+    let c = child_with_only_w2ru(d.path(), "gone.vhd");
+    set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
+    let o = ChainOptions {
+        parent: Some(PathBuf::from("/dev/null")),
+        ..ChainOptions::default()
+    };
+    chain_fails(&c, &o, ReturnCode::FileNotFound, &["/dev/null", "a device"]);
+    // A relative locator climbing to /dev/zero.
+    let depth = d.path().components().count();
+    let climb = format!("{}dev\\zero", "..\\".repeat(depth));
+    set_locator_payload(&c, 0, &w2ru(&climb));
+    chain_fails(
+        &c,
+        &ChainOptions::default(),
+        ReturnCode::FileNotFound,
+        &["zero", "a device"],
+    );
+    for dev in ["/dev/zero", "/dev/null"] {
+        let e = Vhd::open(dev, OpenOptions::read_only()).unwrap_err();
+        expect_err(&e, ReturnCode::InvalidParameter, &["a device"]);
+    }
+}
+
+#[test]
+fn c35_missing_file() {
+    let d = tmp();
+    let e = Vhd::open(d.path().join("none.vhd"), OpenOptions::read_only()).unwrap_err();
+    expect_err(&e, ReturnCode::FileNotFound, &["none.vhd", "cannot open"]);
+    let e = check_file(d.path().join("none.vhd"), &CheckOptions::default()).unwrap_err();
+    expect_err(&e, ReturnCode::FileNotFound, &["none.vhd"]);
+}
+
+// ---- Write access and space. ----
+
+/// Makes a file immutable (so even root cannot open it for writing) until dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(p: &Path) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Immutable(p.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn c36_open_for_write_without_permission() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    truncate(&p, len_of(&p) - 512); // something for repair to do
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+    // Root ignores permission bits; the immutable attribute stops it too.
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let _guard = if is_root {
+        match Immutable::new(&p) {
+            Some(g) => Some(g),
+            None => {
+                eprintln!("note: running as root without chattr; skipping the read-only case");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let before = snapshot(d.path());
+    let e = Vhd::open(&p, OpenOptions::writable()).unwrap_err();
+    expect_err(
+        &e,
+        ReturnCode::AccessDenied,
+        &["a.vhd", "cannot open for writing"],
+    );
+    let e = vhd_merge::repair::repair_file(&p, &Default::default()).unwrap_err();
+    expect_err(&e, ReturnCode::AccessDenied, &["a.vhd"]);
+    // Reading and checking still work.
+    Vhd::open(&p, OpenOptions::read_only()).unwrap();
+    check_file(&p, &CheckOptions::default()).unwrap();
+    assert_eq!(snapshot(d.path()), before);
+}
+
+#[test]
+fn c37_out_of_space_while_allocating() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let before = read(&p);
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let s = FaultyStorage::new(
+        Box::new(FileStorage::new(f)),
+        FaultPlan::out_of_space_at(before.len() as u64),
+    );
+    let mut v = Vhd::from_storage(Box::new(s), &p, OpenOptions::writable()).unwrap();
+    let e = v.write_at(10 * u64::from(BS), &[7; 4096]).unwrap_err();
+    expect_err(&e, ReturnCode::Failed, &["No space left"]);
+    drop(v);
+    assert_eq!(read(&p), before);
+    let r = check_file(&p, &CheckOptions::default()).unwrap();
+    assert!(!r.has_errors(), "{:#?}", r.findings);
+}
+
+// ---- Allocation bounds on crafted in-memory files. ----
+
+/// A 1 MiB dynamic disk's bytes with the header edited by `f` (checksum fixed).
+fn crafted(f: impl Fn(&mut vhd_merge::format::DynamicHeader)) -> Vec<u8> {
+    let d = tmp();
+    let p = d.path().join("a.vhd");
+    drop(
+        create_dynamic(
+            &p,
+            SIZE,
+            &CreateOptions {
+                block_size: BS,
+                ..opts()
+            },
+        )
+        .unwrap(),
+    );
+    edit_header(&p, f);
+    read(&p)
+}
+
+#[test]
+fn c38_hostile_sizes_allocate_nothing_big() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("mte", crafted(|h| h.max_table_entries = u32::MAX)),
+        ("mte-ish", crafted(|h| h.max_table_entries = 0x4000_0001)),
+        ("block size", crafted(|h| h.block_size = 1 << 31)),
+        (
+            "block size max",
+            crafted(|h| {
+                h.block_size = 32 << 20;
+            }),
+        ),
+        (
+            "locator",
+            crafted(|h| {
+                h.locators[0].platform_code = PlatformCode::W2ru;
+                h.locators[0].data_length = u32::MAX;
+                h.locators[0].data_space = u32::MAX;
+                h.locators[0].data_offset = u64::MAX - 10;
+            }),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let len = bytes.len();
+        for lenient in [false, true] {
+            let (r, peak) = peak_of(|| {
+                let s = Box::new(MemStorage::new(bytes.clone()));
+                let o = OpenOptions {
+                    lenient,
+                    ..OpenOptions::read_only()
+                };
+                Vhd::from_storage(s, "x.vhd", o).map(|v| v.allocated_blocks())
+            });
+            // The storage itself holds a copy of the file.
+            assert!(
+                peak <= 2 * len + SLACK,
+                "{name}: {peak} bytes for a {len}-byte file ({r:?})"
+            );
+        }
+        let (_, peak) = peak_of(|| {
+            let s = Box::new(MemStorage::new(bytes.clone()));
+            let deep = CheckOptions {
+                deep: true,
+                ..CheckOptions::default()
+            };
+            vhd_merge::check::check_storage(s, "x.vhd", &deep)
+        });
+        assert!(peak <= 2 * len + SLACK, "{name}: check took {peak} bytes");
+    }
+}
+
+/// The counting allocator sees allocations (so the bounds above are not vacuous).
+#[test]
+fn counting_allocator_counts() {
+    let (v, peak) = peak_of(|| vec![1u8; 10 << 20]);
+    assert!(peak >= 10 << 20, "{peak}");
+    drop(v);
+    // Opening a real file reads its BAT into memory: a 4 MiB table shows up.
+    let d = tmp();
+    let p = d.path().join("big.vhd");
+    drop(
+        create_dynamic(
+            &p,
+            2040 << 30,
+            &CreateOptions {
+                block_size: 2 << 20,
+                ..opts()
+            },
+        )
+        .unwrap(),
+    );
+    let (r, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()));
+    r.unwrap();
+    assert!(peak >= 4 << 20, "{peak}");
+}
