@@ -935,6 +935,8 @@ pub mod problem_codes {
     pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
     /// A block overlaps another block or metadata.
     pub const BLOCK_OVERLAP: &str = "block-overlap";
+    /// Two metadata structures overlap (the batmap and the end footer, ...).
+    pub const METADATA_OVERLAP: &str = "metadata-overlap";
     /// A parent locator's data lies outside the file.
     pub const LOCATOR_OUTSIDE: &str = "locator-outside";
     /// A parent locator's data overlaps a block or metadata.
@@ -1533,6 +1535,7 @@ const TAG_HEADER: i64 = -2;
 const TAG_BAT: i64 = -3;
 const TAG_BATMAP_HEADER: i64 = -4;
 const TAG_BATMAP: i64 = -5;
+const TAG_FOOTER_END: i64 = -6;
 
 fn extent_name(tag: i64) -> String {
     match tag {
@@ -1541,6 +1544,7 @@ fn extent_name(tag: i64) -> String {
         TAG_BAT => "the BAT".to_string(),
         TAG_BATMAP_HEADER => "the batmap header".to_string(),
         TAG_BATMAP => "the batmap".to_string(),
+        TAG_FOOTER_END => "the end footer".to_string(),
         i => format!("block {i}"),
     }
 }
@@ -1609,6 +1613,23 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     }
     let hs = "dynamic header";
     let ho = Some(header_offset);
+    // Metadata must end before the end footer in use: a table that runs into the footer would
+    // destroy it on the first BAT update (found by fuzzing).
+    let meta_limit = if vhd.footer_source == FooterSource::Copy {
+        len
+    } else {
+        vhd.footer_offset
+    };
+    if header_offset + HEADER_SIZE as u64 > meta_limit {
+        return Err(v.stop(
+            pc::HEADER_OFFSET,
+            hs,
+            ho,
+            Error::format(format!(
+                "dynamic header at offset {header_offset:#x} (1024 bytes) overlaps the end footer at offset {meta_limit:#x}"
+            )),
+        ));
+    }
     if !header_offset.is_multiple_of(SECTOR_SIZE) {
         v.warn(
             pc::HEADER_ODD,
@@ -1741,6 +1762,18 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
+    if table_end.is_some_and(|e| e > meta_limit) {
+        return Err(v.stop(
+            pc::BAT_PLACEMENT,
+            "BAT",
+            Some(h.table_offset),
+            Error::format(format!(
+                "BAT at offset {:#x} with {mte} entries ({} bytes) overlaps the end footer at offset {meta_limit:#x}",
+                h.table_offset,
+                mte * 4
+            )),
+        ));
+    }
     if h.table_offset % SECTOR_SIZE != 0 {
         v.warn(
             pc::HEADER_ODD,
@@ -1782,6 +1815,10 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     extents.push((0, FOOTER_SIZE as u64, TAG_FOOTER_COPY));
     extents.push((header_offset, HEADER_SIZE as u64, TAG_HEADER));
     extents.push((h.table_offset, table_len.max(4), TAG_BAT));
+    if vhd.footer_source != FooterSource::Copy {
+        // Blocks are kept before it by `data_limit`; this catches the batmap and locators.
+        extents.push((vhd.footer_offset, len - vhd.footer_offset, TAG_FOOTER_END));
+    }
     let mut next_free = metadata_end(header_offset, &h, len);
     if let Some(bm) = &batmap {
         extents.push((bm.header_offset, SECTOR_SIZE, TAG_BATMAP_HEADER));
@@ -1835,8 +1872,14 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
                 extent_name(at),
                 extent_name(bt)
             );
+            // Two metadata structures overlapping: no block to drop, so not repairable.
+            let code = if block < 0 {
+                pc::METADATA_OVERLAP
+            } else {
+                pc::BLOCK_OVERLAP
+            };
             v.error(
-                pc::BLOCK_OVERLAP,
+                code,
                 &extent_name(block),
                 Some(b),
                 u64::try_from(block).ok(),

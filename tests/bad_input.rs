@@ -538,6 +538,37 @@ fn c25_bat_overlapping_the_header() {
     );
 }
 
+/// Found by fuzzing: a BAT (or header) running into the end footer was accepted, and the
+/// first BAT update destroyed the footer.
+#[test]
+fn c39_metadata_overlapping_the_end_footer() {
+    let d = tmp();
+    let p = dynamic(d.path(), "a.vhd");
+    let len = len_of(&p);
+    edit_header(&p, |h| h.table_offset = len - 520);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["BAT at offset", "overlaps the end footer"],
+        false,
+    );
+    let e = vhd_merge::repair::repair_file(&p, &Default::default()).unwrap_err();
+    expect_err(
+        &e,
+        ReturnCode::IncorrectDataType,
+        &["cannot repair", "end footer"],
+    );
+    let p = dynamic(d.path(), "b.vhd");
+    let len = len_of(&p);
+    edit_footer(&p, |f| f.data_offset = len - 1024);
+    open_fails(
+        &p,
+        ReturnCode::IncorrectDataType,
+        &["dynamic header at offset", "overlaps the end footer"],
+        false,
+    );
+}
+
 #[test]
 fn c26_unknown_disk_type_and_versions() {
     let d = tmp();
@@ -709,7 +740,12 @@ fn c33_parent_given_as_a_fifo() {
         ..ChainOptions::default()
     };
     // Opening a FIFO for reading would block forever: it must be refused before that.
-    chain_fails(&c, &o, ReturnCode::FileNotFound, &["pipe", "not a regular file"]);
+    chain_fails(
+        &c,
+        &o,
+        ReturnCode::FileNotFound,
+        &["pipe", "not a regular file"],
+    );
     set_locator_payload(&c, 0, &w2ru(".\\pipe"));
     chain_fails(
         &c,
@@ -732,7 +768,12 @@ fn c34_parent_given_as_a_device() {
         parent: Some(PathBuf::from("/dev/null")),
         ..ChainOptions::default()
     };
-    chain_fails(&c, &o, ReturnCode::FileNotFound, &["/dev/null", "not a regular file"]);
+    chain_fails(
+        &c,
+        &o,
+        ReturnCode::FileNotFound,
+        &["/dev/null", "not a regular file"],
+    );
     // A relative locator climbing to /dev/zero.
     let depth = d.path().components().count();
     let climb = format!("{}dev\\zero", "..\\".repeat(depth));

@@ -61,7 +61,11 @@ fn open_target(data: &[u8]) {
     };
     let _ = check_storage(mem(data), "fuzz.vhd", &deep);
     let shared = Shared(Arc::new(MemStorage::with_limit(data.to_vec(), LIMIT)));
-    if let Ok(r) = repair_storage(Box::new(shared.clone()), "fuzz.vhd", &RepairOptions::default()) {
+    if let Ok(r) = repair_storage(
+        Box::new(shared.clone()),
+        "fuzz.vhd",
+        &RepairOptions::default(),
+    ) {
         let after = shared.0.to_vec();
         if r.is_clean() {
             assert_eq!(after, data, "a repair with nothing to do wrote");
@@ -95,7 +99,9 @@ fn chain_target(dir: &Path, data: &[u8]) {
 }
 
 fn inputs(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/fuzz")
+        .join(target);
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
