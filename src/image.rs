@@ -1762,15 +1762,15 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    if table_end.is_some_and(|e| e > meta_limit) {
+    // The padding counts: BAT updates write whole sectors.
+    if h.table_offset.saturating_add(table_len) > meta_limit {
         return Err(v.stop(
             pc::BAT_PLACEMENT,
             "BAT",
             Some(h.table_offset),
             Error::format(format!(
-                "BAT at offset {:#x} with {mte} entries ({} bytes) overlaps the end footer at offset {meta_limit:#x}",
+                "BAT at offset {:#x} with {mte} entries ({table_len} bytes padded to a sector) overlaps the end footer at offset {meta_limit:#x}",
                 h.table_offset,
-                mte * 4
             )),
         ));
     }
@@ -1872,14 +1872,17 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
                 extent_name(at),
                 extent_name(bt)
             );
-            // Two metadata structures overlapping: no block to drop, so not repairable.
-            let code = if block < 0 {
-                pc::METADATA_OVERLAP
-            } else {
-                pc::BLOCK_OVERLAP
-            };
+            // Two metadata structures overlapping: no block to drop, nothing to go on with.
+            if block < 0 {
+                return Err(v.stop(
+                    pc::METADATA_OVERLAP,
+                    &extent_name(at),
+                    Some(b),
+                    Error::format(message),
+                ));
+            }
             v.error(
-                code,
+                pc::BLOCK_OVERLAP,
                 &extent_name(block),
                 Some(b),
                 u64::try_from(block).ok(),

@@ -155,3 +155,31 @@ fn open_target_properties_on_damaged_files() {
         }
     }
 }
+
+/// Three fuzz crashers (derived from a GPL fixture, so rebuilt here from a generated file): the
+/// BAT's entries end before the end footer but its sector padding runs into it. BAT updates
+/// write whole sectors, so the first one would have destroyed the footer; a repaired file did
+/// not open. Validation now stops there.
+#[test]
+fn padded_bat_running_into_the_end_footer() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.vhd");
+    let o = vhd_merge::create::CreateOptions {
+        block_size: 4096,
+        ..opts()
+    };
+    drop(vhd_merge::create::create_dynamic(&p, 64 << 10, &o).unwrap());
+    let good = read(&p);
+    let h = header(&p);
+    assert_eq!(h.max_table_entries, 16);
+    // Footer right after the 64 bytes of entries, inside the BAT's padding.
+    let at = (h.table_offset + 64 + 8) as usize;
+    let mut bad = good[..at].to_vec();
+    bad.extend_from_slice(&good[..512]);
+    open_target(&bad);
+    let insp = Vhd::inspect_storage(mem(&bad), "x.vhd", OpenOptions::read_only());
+    assert!(insp.vhd.is_none());
+    let last = insp.problems.last().unwrap();
+    assert_eq!(last.code, "bat-placement");
+    assert!(last.message.contains("overlaps the end footer"), "{}", last.message);
+}

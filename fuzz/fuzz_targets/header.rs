@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = loc.data_space_bytes();
             let _ = loc.platform_code.name();
             // Payload decoding of whatever follows the header in the input.
-            let _ = loc.platform_code.decode_payload(data.get(1024..).unwrap_or(&[]));
+            let _ = loc
+                .platform_code
+                .decode_payload(data.get(1024..).unwrap_or(&[]));
         }
         let bytes = h.to_bytes();
         let g = DynamicHeader::parse(&bytes).expect("re-parse of a serialised header");

@@ -33,7 +33,8 @@ fuzz_target!(|data: &[u8]| {
     );
 
     let mem = Shared::new(data.to_vec(), LIMIT);
-    if let Ok(report) = repair_storage(Box::new(mem.clone()), "fuzz.vhd", &RepairOptions::default()) {
+    if let Ok(report) = repair_storage(Box::new(mem.clone()), "fuzz.vhd", &RepairOptions::default())
+    {
         let after = mem.bytes();
         if report.is_clean() {
             assert_eq!(after, data, "a repair with nothing to do wrote");

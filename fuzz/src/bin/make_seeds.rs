@@ -71,7 +71,11 @@ fn main() {
     add_file(&out, "gen-child.vhd", &fs::read(&child).expect("read"));
     let c = create_differencing(t.join("child2.vhd"), &parent, &small).expect("diff");
     drop(c);
-    add_file(&out, "gen-child-empty.vhd", &fs::read(t.join("child2.vhd")).expect("read"));
+    add_file(
+        &out,
+        "gen-child-empty.vhd",
+        &fs::read(t.join("child2.vhd")).expect("read"),
+    );
 
     for f in args {
         let f = PathBuf::from(f);
