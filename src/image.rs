@@ -768,6 +768,47 @@ impl Vhd {
         Ok(pos)
     }
 
+    /// True when `len` bytes at `offset` lie between the footer copy and the end footer and
+    /// overlap neither the dynamic header, the BAT nor any allocated block: space only locator
+    /// data may use (§4.1). Always false for a fixed disk.
+    pub fn is_metadata_space(&self, offset: u64, len: u64) -> bool {
+        let Some(h) = &self.header else {
+            return false;
+        };
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        let overlaps = |a: u64, alen: u64| offset < a.saturating_add(alen) && a < end;
+        if offset < FOOTER_SIZE as u64
+            || end > self.footer_offset
+            || overlaps(self.footer.data_offset, HEADER_SIZE as u64)
+            || overlaps(h.table_offset, bat::table_bytes(h.max_table_entries))
+        {
+            return false;
+        }
+        let stride = self.stride();
+        !self
+            .bat
+            .entries
+            .iter()
+            .any(|&e| e != bat::UNUSED && overlaps(u64::from(e) * SECTOR_SIZE, stride))
+    }
+
+    /// Overwrite `bytes` at `offset` in locator space (see [`Vhd::is_metadata_space`]), for
+    /// set-parent reusing a locator's reserved extent. Not synced: [`Vhd::rewrite_header`]
+    /// syncs before it publishes a header that points here.
+    pub fn write_metadata_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.require_writable()?;
+        if !self.is_metadata_space(offset, bytes.len() as u64) {
+            return Err(Error::InvalidParameter(format!(
+                "{}: {} bytes at offset {offset} are not free metadata space (they overlap the header, the BAT, a block or the footer)",
+                self.path.display(),
+                bytes.len()
+            )));
+        }
+        self.write_raw(bytes, offset)
+    }
+
     fn recompute_end_of_data(&mut self) {
         if let Some(h) = &self.header {
             let len = self.footer_offset;

@@ -6,6 +6,10 @@
 //! - [`format`]: the on-disk structures, sans I/O.
 //! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
 //! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
+//! - [`Chain`] ([`chain`]): a child and its verified ancestors, found through parent locators;
+//!   reads through the chain ([`Chain::read_at`], [`ChainReader`]).
+//! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
+//! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
 //!
 //! ```
 //! use vhd_merge::{create, OpenOptions, Vhd};
@@ -27,12 +31,16 @@
 pub mod chain;
 pub mod create;
 pub mod error;
+pub mod flatten;
 pub mod format;
 pub mod image;
 pub mod io;
 pub mod locator;
+pub mod setparent;
 
-pub use chain::{Chain, ChainOptions, Layer};
+pub use chain::{Chain, ChainOptions, ChainReader, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
+pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+pub use setparent::{SetParentOptions, SetParentReport, set_parent};
