@@ -600,7 +600,10 @@ fn hostile_locators_are_confined() {
         .name("link.vhd")
         .loc(PlatformCode::W2ru, "..\\outside\\parent.vhd")
         .loc(PlatformCode::W2ku, &copies[0].to_string_lossy())
-        .loc(PlatformCode::MacX, &vhd_merge::locator::file_url(&copies[1]))
+        .loc(
+            PlatformCode::MacX,
+            &vhd_merge::locator::file_url(&copies[1]),
+        )
         .loc(PlatformCode::Wi2k, &windows_path(&copies[2]))
         .loc(PlatformCode::W2ru, "..\\..\\..\\..\\..\\..\\etc\\passwd");
     craft_child(&c, &spec);
