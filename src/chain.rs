@@ -385,8 +385,8 @@ impl Chain {
             )));
         };
         let size = top.vhd.virtual_size();
-        if offset % SECTOR_SIZE != 0
-            || buf.len() as u64 % SECTOR_SIZE != 0
+        if !offset.is_multiple_of(SECTOR_SIZE)
+            || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
             || offset
                 .checked_add(buf.len() as u64)
                 .is_none_or(|e| e > size)
@@ -495,7 +495,7 @@ impl<C: Borrow<Chain>> std::io::Read for ChainReader<C> {
         let we = ws + self.window.len() as u64;
         if !(ws..we).contains(&self.pos) {
             let aligned = want - want % SECTOR_SIZE as usize;
-            if self.pos % SECTOR_SIZE == 0 && aligned >= READ_WINDOW {
+            if self.pos.is_multiple_of(SECTOR_SIZE) && aligned >= READ_WINDOW {
                 // Large aligned read: no copy through the window.
                 self.chain
                     .borrow()

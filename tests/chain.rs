@@ -715,7 +715,6 @@ fn time_stamp_mismatch_is_a_warning() {
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains("2000-01-01 03:25:45 UTC"), "{w:?}");
     // Matching the parent's file time: no warning.
-    let mut spec = spec;
     spec.parent_timestamp = vhd_merge::create::parent_timestamp(&p).unwrap();
     craft_child(&root.path().join("c2.vhd"), &spec);
     assert!(
@@ -787,4 +786,79 @@ fn reader_reads_any_position_and_length() {
         .unwrap();
     assert_eq!(all, data);
     assert!(chain.reader(2).is_err());
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_chain_lists_layers_child_first() {
+    let root = tempdir();
+    let b = base(root.path(), "base.vhd", 2 * MIB, 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let exe = env!("CARGO_BIN_EXE_vhd-merge");
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let i_child = text.find("child.vhd").unwrap();
+    let i_base = text.find("/base.vhd\"").unwrap();
+    assert!(i_child < i_base, "{text}");
+    for key in [
+        "\"disk_type\": \"differencing\"",
+        "\"disk_type\": \"dynamic\"",
+        "\"found_by\": \"opened\"",
+        "\"found_by\": \"W2ru\"",
+        "\"virtual_size\": 2097152",
+        "\"unique_id\"",
+        "\"warnings\": []",
+    ] {
+        assert!(text.contains(key), "{key} missing in {text}");
+    }
+    // Text output, and a missing parent found with --search-dir; --confine refuses a parent
+    // outside the allowed directories.
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(&b, store.join("base.vhd")).unwrap();
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error 32779 (File not found):"), "{err}");
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .arg("--search-dir")
+        .arg(&store)
+        .arg("--confine")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("layer 1:") && text.contains("found by search dir, header name"),
+        "{text}"
+    );
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .arg("--parent")
+        .arg(store.join("base.vhd"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("found by --parent"));
 }

@@ -358,3 +358,44 @@ fn progress_and_layers() {
         .is_err()
     );
 }
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_flatten() {
+    let dir = tempdir();
+    let (top, models) = random_chain(dir.path(), 1234, 3, false);
+    let want = compose(&models);
+    let exe = env!("CARGO_BIN_EXE_vhd-merge");
+    let run = |args: &[&str], out: &Path| {
+        std::process::Command::new(exe)
+            .arg("flatten")
+            .arg(&top)
+            .arg(out)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let raw = dir.path().join("c.raw");
+    let o = run(&["--format", "raw"], &raw);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&raw).unwrap() == want);
+    let o = run(&["--format", "raw"], &raw);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("error 32773"));
+    let o = run(&["--format", "raw", "--force"], &raw);
+    assert!(o.status.success());
+    let dynamic = dir.path().join("c.vhd");
+    let o = run(&[], &dynamic);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("dynamic"));
+    let v = Vhd::open(&dynamic, OpenOptions::read_only()).unwrap();
+    assert_eq!(v.disk_type(), vhd_merge::DiskType::Dynamic);
+    let fixed = dir.path().join("f.vhd");
+    assert!(run(&["--format", "fixed"], &fixed).status.success());
+    assert_eq!(
+        Vhd::open(&fixed, OpenOptions::read_only())
+            .unwrap()
+            .disk_type(),
+        vhd_merge::DiskType::Fixed
+    );
+}

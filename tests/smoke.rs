@@ -24,7 +24,7 @@ fn chain_reads_child_over_parent() {
     assert_eq!(chain.len(), 2);
     let mut buf = vec![0u8; 4 << 20];
     chain.read_at(0, 0, &mut buf).unwrap();
-    for s in 0..(8192usize) {
+    for s in 0..8192usize {
         let want = if s < 128 && s % 2 == 0 {
             2
         } else if s < 2048 {
