@@ -383,7 +383,7 @@ impl Writer<'_, '_> {
 /// Fill a new dynamic VHD block by block, in batches: plan a batch, reserve room for the
 /// blocks some layer provides (one footer move per batch, not per block), write them, commit.
 fn write_dynamic(w: &mut Writer<'_, '_>, vhd: &mut Vhd) -> Result<u64> {
-    const BATCH_BYTES: u64 = 64 << 20;
+    const BATCH_BYTES: u64 = 256 << 20;
     let bs = vhd.block_size();
     let spb = (bs / SECTOR_SIZE) as usize;
     let full = SectorBitmap::full(spb);

@@ -43,4 +43,4 @@ pub use error::{Error, ParentCandidate, Result, ReturnCode};
 pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
-pub use setparent::{SetParentOptions, SetParentReport, set_parent};
+pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};

@@ -5,22 +5,23 @@
 //! # Write order (crash safety)
 //!
 //! The dynamic header is the commit point: one 1024-byte write inside the first 4 KiB,
-//! between two syncs ([`Vhd::rewrite_header`]). Everything it will point at is written and
-//! synced before it:
+//! between two syncs ([`Vhd::rewrite_header`]). Nothing a current header references is ever
+//! overwritten:
 //!
-//! 1. Payloads that do not fit an old locator's extent go into fresh space after all data
-//!    ([`Vhd::append_metadata`]), which no header references.
-//! 2. Payloads that fit an old extent are written over it, but only when the new parent has
-//!    the unique id the child already records. Why that is safe although the old header
-//!    still points there until step 3: locators are only hints, every candidate they name is
-//!    accepted only if its unique id matches the header's Parent Unique Id (§5.1), and that
-//!    id is the same before and after. So a crash between 2 and 3 leaves a header naming the
-//!    same parent through locators that name either its old place, its new place, or (after a
-//!    torn write) nothing usable; the chain still resolves to the right file or not at all,
-//!    never to a wrong one, and running set-parent again finishes the job. When the unique
-//!    id changes (`force`), every payload goes to fresh space instead, so that until the
-//!    header is written the old header and old locators still describe the old parent.
-//! 3. The header, with the new id, time stamp, name and locator entries.
+//! 1. Every new payload goes into fresh space after all data ([`Vhd::append_metadata`]),
+//!    which no header references; then a header pointing there is written. A crash before
+//!    it leaves the old header with all its locators intact (the old parent); after it,
+//!    the new parent.
+//! 2. The old locators' extents are now unreferenced. Payloads that fit one (same platform
+//!    code first) are written there, and a second header points at them. A crash in between
+//!    leaves the first header, still complete. The fresh space of step 1 is then unreferenced
+//!    again; it lies after the last block, so the next block allocation or the next
+//!    set-parent reuses it: the file grows at most once by a few KiB, however often the
+//!    parent is set, and keeps its locators where Windows put them.
+//!
+//! If a 1024-byte header write were torn (the design assumes it is not: it lies in one 4 KiB
+//! page and physical sector), its checksum no longer matches, strict opening says so, and a
+//! lenient re-run of set-parent writes a whole header again.
 //!
 //! Locator space is never placed over blocks: reused extents are checked with
 //! [`Vhd::is_metadata_space`], fresh space starts after the last block.
@@ -32,7 +33,7 @@ use uuid::Uuid;
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::header::LOCATOR_COUNT;
-use crate::format::{DiskType, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
+use crate::format::{DiskType, DynamicHeader, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
 use crate::image::{OpenOptions, Vhd};
 use crate::locator::{self, LOCATOR_SPACE};
 
@@ -115,16 +116,35 @@ pub fn set_parent(
     new_parent: impl AsRef<Path>,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
-    let child = child.as_ref();
-    let new_parent = new_parent.as_ref();
     let mut c = Vhd::open(
-        child,
+        child.as_ref(),
         OpenOptions {
             writable: true,
             lenient: opts.lenient,
             ..OpenOptions::default()
         },
     )?;
+    set_parent_on(&mut c, new_parent, opts)
+}
+
+/// [`set_parent`] on a child already open for writing (its [`Vhd::path`] is used to compute
+/// the relative locator and in messages). For callers that hold the child open, such as a
+/// merge re-linking the children of its destination, or tests injecting faults through a
+/// [`crate::io::FaultyStorage`].
+pub fn set_parent_on(
+    c: &mut Vhd,
+    new_parent: impl AsRef<Path>,
+    opts: &SetParentOptions,
+) -> Result<SetParentReport> {
+    let child = c.path().to_path_buf();
+    let child = child.as_path();
+    let new_parent = new_parent.as_ref();
+    if !c.is_writable() {
+        return Err(Error::AccessDenied(format!(
+            "{} was opened read-only: set-parent rewrites its header",
+            child.display()
+        )));
+    }
     if opts.lock {
         c.lock(true)?;
     }
@@ -161,7 +181,7 @@ pub fn set_parent(
             p.unique_id()
         )));
     }
-    check_no_cycle(&c, new_parent, opts.lenient, &mut warnings)?;
+    check_no_cycle(c, new_parent, opts.lenient, &mut warnings)?;
 
     let old_id = old_header.parent_unique_id;
     let id_changed = p.unique_id() != old_id;
@@ -203,67 +223,73 @@ pub fn set_parent(
         return Err(Error::InvalidParameter("too many parent locators".into()));
     }
 
-    // Decide where each payload goes before writing anything.
+    // Where each payload ends up: an old locator's extent (its "home") when it fits, else
+    // fresh space after all data. Decided before anything is written.
     let mut placed: Vec<(u64, u64)> = Vec::new();
     let mut used_slots = [false; LOCATOR_COUNT];
-    let mut plan: Vec<Placement> = Vec::new();
+    let mut homes: Vec<Option<(u64, u64)>> = Vec::new();
     for (code, data) in &payloads {
-        let reuse = if id_changed {
-            None
-        } else {
-            reusable_slot(
-                &c,
-                &old_header.locators,
-                &used_slots,
-                &placed,
-                *code,
-                data.len(),
-            )
-        };
-        match reuse {
-            Some((slot, offset, space)) => {
-                used_slots[slot] = true;
-                placed.push((offset, space));
-                plan.push(Placement::Reuse { offset, space });
-            }
-            None => plan.push(Placement::Append),
-        }
+        let home = reusable_slot(
+            c,
+            &old_header.locators,
+            &used_slots,
+            &placed,
+            *code,
+            data.len(),
+        );
+        homes.push(home.map(|(slot, offset, space)| {
+            used_slots[slot] = true;
+            placed.push((offset, space));
+            (offset, space)
+        }));
     }
 
-    // 1. Fresh space first, 2. then extents the old header points at (see the module docs).
-    let mut written = Vec::new();
-    for (((code, data), place), slot) in payloads.iter().zip(&plan).zip(0..) {
-        if let Placement::Append = place {
-            let space = align_up((data.len() as u64).max(LOCATOR_SPACE), SECTOR_SIZE)
-                .unwrap_or(LOCATOR_SPACE);
-            let mut padded = data.clone();
-            padded.resize(space as usize, 0);
-            let offset = c.append_metadata(&padded)?;
-            written.push(entry(slot, *code, data, offset, space, false));
+    // Phase 1: every payload into fresh space, then the header pointing there. Until that
+    // header is written, the old header and everything it references are untouched.
+    let mut fresh = Vec::new();
+    for (code, data) in &payloads {
+        let space =
+            align_up((data.len() as u64).max(LOCATOR_SPACE), SECTOR_SIZE).unwrap_or(LOCATOR_SPACE);
+        let mut padded = data.clone();
+        padded.resize(space as usize, 0);
+        let offset = c.append_metadata(&padded)?;
+        fresh.push((offset, space, false));
+    }
+    c.rewrite_header(with_locators(&header, &payloads, &fresh))?;
+
+    // Phase 2: the old extents are no longer referenced; payloads that fit move back into
+    // them, and a second header points there. The fresh space is then unreferenced again,
+    // after the last block, where the next set-parent or block allocation reuses it: the file
+    // grows at most once by a few KiB, however often the parent is set.
+    if homes.iter().any(Option::is_some) {
+        let mut last = fresh.clone();
+        for (((_, data), home), place) in payloads.iter().zip(&homes).zip(last.iter_mut()) {
+            if let Some((offset, space)) = *home {
+                let mut padded = data.clone();
+                padded.resize(space as usize, 0);
+                c.write_metadata_at(offset, &padded)?;
+                *place = (offset, space, true);
+            }
         }
+        c.rewrite_header(with_locators(&header, &payloads, &last))?;
+        fresh = last;
     }
-    for (((code, data), place), slot) in payloads.iter().zip(&plan).zip(0..) {
-        if let Placement::Reuse { offset, space } = *place {
-            let mut padded = data.clone();
-            padded.resize(space as usize, 0);
-            c.write_metadata_at(offset, &padded)?;
-            written.push(entry(slot, *code, data, offset, space, true));
-        }
-    }
-    written.sort_by_key(|w| w.slot);
-    header.locators = [ParentLocator::EMPTY; LOCATOR_COUNT];
-    for w in &written {
-        header.locators[w.slot] = ParentLocator {
-            platform_code: w.platform_code,
-            data_space: u32::try_from(w.space).unwrap_or(u32::MAX),
-            data_length: u32::try_from(w.platform_code.encode_payload(&w.text).len())
-                .unwrap_or(u32::MAX),
-            reserved: 0,
-            data_offset: w.offset,
-        };
-    }
-    // 3. The commit point.
-    c.rewrite_header(header)?;
+
+    let locators = payloads
+        .iter()
+        .zip(&fresh)
+        .enumerate()
+        .map(
+            |(slot, ((code, data), &(offset, space, reused)))| LocatorWritten {
+                slot,
+                platform_code: *code,
+                text: code.decode_payload(data).unwrap_or_default(),
+                offset,
+                space,
+                reused,
+            },
+        )
+        .collect();
     Ok(SetParentReport {
         child: child.to_path_buf(),
         parent: new_parent.to_path_buf(),
@@ -273,32 +299,32 @@ pub fn set_parent(
         old_parent_name: old_header.parent_name(),
         parent_name: name,
         parent_timestamp: c.header().map_or(0, |h| h.parent_timestamp),
-        locators: written,
+        locators,
         warnings,
     })
 }
 
-enum Placement {
-    Append,
-    Reuse { offset: u64, space: u64 },
-}
-
-fn entry(
-    slot: usize,
-    code: PlatformCode,
-    data: &[u8],
-    offset: u64,
-    space: u64,
-    reused: bool,
-) -> LocatorWritten {
-    LocatorWritten {
-        slot,
-        platform_code: code,
-        text: code.decode_payload(data).unwrap_or_default(),
-        offset,
-        space,
-        reused,
+/// `header` with its locator entries replaced by `payloads` placed at (offset, space), in
+/// slots 0.. in order.
+fn with_locators(
+    header: &DynamicHeader,
+    payloads: &[(PlatformCode, Vec<u8>)],
+    places: &[(u64, u64, bool)],
+) -> DynamicHeader {
+    let mut h = header.clone();
+    h.locators = [ParentLocator::EMPTY; LOCATOR_COUNT];
+    for (slot, ((code, data), &(offset, space, _))) in payloads.iter().zip(places).enumerate() {
+        if let Some(e) = h.locators.get_mut(slot) {
+            *e = ParentLocator {
+                platform_code: *code,
+                data_space: u32::try_from(space).unwrap_or(u32::MAX),
+                data_length: u32::try_from(data.len()).unwrap_or(u32::MAX),
+                reserved: 0,
+                data_offset: offset,
+            };
+        }
     }
+    h
 }
 
 /// An old locator slot whose reserved extent can take a payload of `len` bytes: same platform
