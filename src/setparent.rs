@@ -247,7 +247,7 @@ pub fn set_parent_on(
     // Phase 1: every payload into fresh space, then the header pointing there. Until that
     // header is written, the old header and everything it references are untouched.
     let mut fresh = Vec::new();
-    for (code, data) in &payloads {
+    for (_, data) in &payloads {
         let space =
             align_up((data.len() as u64).max(LOCATOR_SPACE), SECTOR_SIZE).unwrap_or(LOCATOR_SPACE);
         let mut padded = data.clone();
