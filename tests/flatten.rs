@@ -195,44 +195,51 @@ proptest! {
 
 #[test]
 fn qemu_img_reads_fixed_and_dynamic_outputs() {
-    let dir = tempdir();
-    let (top, models) = random_chain(dir.path(), 0x5EED, 6, false);
-    let want = compose(&models);
-    let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
-    let raw = dir.path().join("o.raw");
-    flatten(&chain, &raw, opts(FlattenFormat::Raw)).unwrap();
-    let raw = std::fs::read(&raw).unwrap();
-    assert!(raw == want);
-    let fixed = dir.path().join("o-fixed.vhd");
-    flatten(&chain, &fixed, opts(FlattenFormat::Fixed)).unwrap();
-    let dynamic = dir.path().join("o-dyn.vhd");
-    let r = flatten(
-        &chain,
-        &dynamic,
-        FlattenOptions {
-            block_size: Some(512 * 1024),
-            ..opts(FlattenFormat::Dynamic)
-        },
-    )
-    .unwrap();
-    assert!(r.blocks_allocated > 0);
-    // Fixed output: raw bytes then a footer.
-    let f = std::fs::read(&fixed).unwrap();
-    assert_eq!(f.len(), raw.len() + 512);
-    assert!(f[..raw.len()] == raw[..]);
-    let v = Vhd::open(&fixed, OpenOptions::read_only()).unwrap();
-    assert_eq!(v.disk_type(), vhd_merge::DiskType::Fixed);
-    if !have_qemu_img() {
-        return;
+    let qemu = have_qemu_img();
+    for (seed, depth, fixed_base, bs) in [
+        (0x5EED, 6, false, 512 * 1024),
+        (0xBEEF, 8, true, 2 << 20),
+        (0xF00D, 3, false, 1 << 20),
+    ] {
+        let dir = tempdir();
+        let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
+        let want = compose(&models);
+        let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
+        let raw = dir.path().join("o.raw");
+        flatten(&chain, &raw, opts(FlattenFormat::Raw)).unwrap();
+        let raw = std::fs::read(&raw).unwrap();
+        assert!(raw == want);
+        let fixed = dir.path().join("o-fixed.vhd");
+        flatten(&chain, &fixed, opts(FlattenFormat::Fixed)).unwrap();
+        let dynamic = dir.path().join("o-dyn.vhd");
+        let r = flatten(
+            &chain,
+            &dynamic,
+            FlattenOptions {
+                block_size: Some(bs),
+                ..opts(FlattenFormat::Dynamic)
+            },
+        )
+        .unwrap();
+        assert!(r.blocks_allocated > 0);
+        // Fixed output: raw bytes then a footer.
+        let f = std::fs::read(&fixed).unwrap();
+        assert_eq!(f.len(), raw.len() + 512);
+        assert!(f[..raw.len()] == raw[..]);
+        let v = Vhd::open(&fixed, OpenOptions::read_only()).unwrap();
+        assert_eq!(v.disk_type(), vhd_merge::DiskType::Fixed);
+        if !qemu {
+            continue;
+        }
+        assert!(
+            qemu_img_raw(&fixed, dir.path()) == raw,
+            "seed {seed:#x}: qemu-img reads the fixed output differently"
+        );
+        assert!(
+            qemu_img_raw(&dynamic, dir.path()) == raw,
+            "seed {seed:#x}: qemu-img reads the dynamic output differently"
+        );
     }
-    assert!(
-        qemu_img_raw(&fixed, dir.path()) == raw,
-        "qemu-img reads the fixed output differently"
-    );
-    assert!(
-        qemu_img_raw(&dynamic, dir.path()) == raw,
-        "qemu-img reads the dynamic output differently"
-    );
 }
 
 #[test]
