@@ -273,6 +273,9 @@ fn sync_dir(path: &Path) {
     }
 }
 
+/// Raw output is flushed after this many bytes written.
+const SYNC_EVERY: u64 = 256 << 20;
+
 /// True when every byte is zero. Folds 4 KiB at a time (vectorised, no early exit inside a
 /// chunk), stopping at the first chunk with data.
 fn is_zero(b: &[u8]) -> bool {
@@ -335,14 +338,21 @@ impl Writer<'_, '_> {
         let mut buf = vec![0u8; span as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
+        let mut unsynced = 0;
         while pos < self.size {
             let n = span.min(self.size - pos);
             let plan = self.plan(pos, n)?;
             let out = &mut buf[..n as usize];
             if self.read(&plan, out, &mut scratch)? {
                 crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
+                unsynced += n;
             }
             pos += n;
+            if unsynced >= SYNC_EVERY {
+                // Flush as we go rather than all at the end: keeps dirty pages bounded.
+                file.sync_data().map_err(|e| io("flushing to disk", e))?;
+                unsynced = 0;
+            }
             self.report(pos);
         }
         file.sync_all().map_err(|e| io("flushing to disk", e))?;
