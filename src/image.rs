@@ -343,9 +343,7 @@ impl Vhd {
             .storage
             .len()
             .map_err(|e| Error::io(format!("{}: reading length", self.path.display()), e))?;
-        let end = loc
-            .data_offset
-            .checked_add(u64::from(loc.data_length));
+        let end = loc.data_offset.checked_add(u64::from(loc.data_length));
         if end.is_none_or(|e| e > len) {
             return Err(Error::Format {
                 path: Some(self.path.clone()),

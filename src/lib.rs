@@ -3,7 +3,7 @@
 //!
 //! The crate is layered (see `docs/design.md`):
 //!
-//! - [`format`]: the on-disk structures, sans I/O.
+//! - [`format`](mod@format): the on-disk structures, sans I/O.
 //! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
 //! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
 //!

@@ -323,7 +323,10 @@ fn repository_has_the_permissive_fixtures() {
         .iter()
         .filter(|f| fixture(f.rel).is_some_and(|(_, o)| o == Origin::Repo))
         .count();
-    assert_eq!(in_repo, 17, "fixtures/ should hold the 17 MIT/Apache/BSD files");
+    assert_eq!(
+        in_repo, 17,
+        "fixtures/ should hold the 17 MIT/Apache/BSD files"
+    );
 }
 
 #[test]
@@ -427,7 +430,10 @@ fn afl5_is_a_clean_error_without_a_large_allocation() {
     if let Some(out) = run_info(&path, &["--json"]) {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.starts_with("error 32776 (Incorrect data type): "), "{err}");
+        assert!(
+            err.starts_with("error 32776 (Incorrect data type): "),
+            "{err}"
+        );
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(out.stdout.is_empty());
     }
@@ -443,8 +449,8 @@ fn huge_max_table_entries_is_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let evil = dir.path().join("evil.vhd");
     let mut bytes = common::read(&path);
-    let mut h = vhd_merge::format::DynamicHeader::parse(bytes[512..1536].try_into().unwrap())
-        .unwrap();
+    let mut h =
+        vhd_merge::format::DynamicHeader::parse(bytes[512..1536].try_into().unwrap()).unwrap();
     h.max_table_entries = 0x4000_0001;
     bytes[512..1536].copy_from_slice(&h.to_bytes());
     std::fs::write(&evil, &bytes).unwrap();
@@ -491,7 +497,12 @@ fn bad_checksums_fail_strictly_and_open_leniently() {
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(j["virtual_size"], 104448);
         assert_eq!(j["warnings"].as_array().unwrap().len(), v.warnings().len());
-        assert!(j["warnings"][0].as_str().unwrap().contains("footer checksum"));
+        assert!(
+            j["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("footer checksum")
+        );
     }
 }
 
@@ -535,7 +546,10 @@ fn windows_child_locators_decode() {
     assert_eq!(
         decoded,
         vec![
-            ("W2ku".to_string(), r"C:\Users\sergi\Downloads\win8.vhd".to_string()),
+            (
+                "W2ku".to_string(),
+                r"C:\Users\sergi\Downloads\win8.vhd".to_string()
+            ),
             ("W2ru".to_string(), r".\win8.vhd".to_string()),
         ]
     );
@@ -590,7 +604,11 @@ fn info_json_size_rules() {
         assert_eq!(j["size_source"], source, "{rel}");
         assert_eq!(j["block_size"], 2 << 20, "{rel}");
         assert_eq!(j["parent_unique_id"], serde_json::Value::Null, "{rel}");
-        assert_eq!(j["file_size"], std::fs::metadata(&path).unwrap().len(), "{rel}");
+        assert_eq!(
+            j["file_size"],
+            std::fs::metadata(&path).unwrap().len(),
+            "{rel}"
+        );
     }
 }
 

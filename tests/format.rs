@@ -181,7 +181,12 @@ fn wrong_cookies_are_format_errors() {
     assert_eq!(e.return_code(), ReturnCode::IncorrectDataType);
     let mut b = [0u8; 512];
     b[..8].copy_from_slice(b"v_poison");
-    assert!(Footer::parse(&b).unwrap_err().to_string().contains("blktap"));
+    assert!(
+        Footer::parse(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("blktap")
+    );
     assert!(DynamicHeader::parse(&[0u8; 1024]).is_err());
 }
 
@@ -285,7 +290,11 @@ fn check_writes(kind: Kind, block_size: u32, writes: &[Write], batched: bool) {
     v.read_own(0, &mut back).unwrap();
     common::assert_same(&back, &model, &format!("{kind:?} bs {block_size}"));
     let bytes = common::read(&path);
-    assert_eq!(bytes[..512], bytes[bytes.len() - 512..], "footer copies differ");
+    assert_eq!(
+        bytes[..512],
+        bytes[bytes.len() - 512..],
+        "footer copies differ"
+    );
 
     // Which sectors the file says it holds.
     let spb = v.sectors_per_block() as usize;
@@ -391,7 +400,11 @@ fn footer_of_511_bytes_opens() {
     truncate(&path, 1);
     let v = Vhd::open(&path, OpenOptions::read_only()).unwrap();
     assert_eq!(v.footer_source(), FooterSource::Short);
-    assert!(v.warnings().iter().any(|w| w.contains("511-byte")), "{:?}", v.warnings());
+    assert!(
+        v.warnings().iter().any(|w| w.contains("511-byte")),
+        "{:?}",
+        v.warnings()
+    );
     common::assert_same(&read_all(&v), &model, "511-byte dynamic");
     drop(v);
 
@@ -488,16 +501,44 @@ fn both_footers_bad_is_an_error_naming_the_checksum() {
 fn chs_matches_real_files() {
     let known: [(u64, (u16, u8, u8), &str); 12] = [
         (104_448, (3, 4, 17), "dfvfs/image.vhd (qemu)"),
-        (4_194_304, (120, 4, 17), "dfvfs/fat-differential.vhd (Windows 10)"),
+        (
+            4_194_304,
+            (120, 4, 17),
+            "dfvfs/fat-differential.vhd (Windows 10)",
+        ),
         (4_212_736, (121, 4, 17), "dfvfs/ext2.vhd (qemu)"),
-        (4_352_000, (125, 4, 17), "freebsd-mkimg/img-1x1-4096-mbr.vhd (mkimg)"),
-        (5_242_880, (150, 4, 17), "freebsd-mkimg/img-1x1-512-mbr.vhdf (mkimg)"),
+        (
+            4_352_000,
+            (125, 4, 17),
+            "freebsd-mkimg/img-1x1-4096-mbr.vhd (mkimg)",
+        ),
+        (
+            5_242_880,
+            (150, 4, 17),
+            "freebsd-mkimg/img-1x1-512-mbr.vhdf (mkimg)",
+        ),
         (10_485_760, (301, 4, 17), "node-vhd/fixed.vhd (Windows 10)"),
-        (41_943_040, (963, 5, 17), "go-vhd/win8.vhd (Windows 8.1), vbox.vhd, xapi.vhd"),
+        (
+            41_943_040,
+            (963, 5, 17),
+            "go-vhd/win8.vhd (Windows 8.1), vbox.vhd, xapi.vhd",
+        ),
         (41_953_280, (964, 5, 17), "go-vhd/qemu.vhd (qemu)"),
-        (209_715_200, (825, 16, 31), "vhdtool/win7dyn.vhd (Windows 7)"),
-        (536_870_912, (1040, 16, 63), "node-vhd/dynamic.vhd (Windows 10)"),
-        (1_073_741_824, (2080, 16, 63), "go-vhd/win8.1-1GB.vhd (Windows 8.1)"),
+        (
+            209_715_200,
+            (825, 16, 31),
+            "vhdtool/win7dyn.vhd (Windows 7)",
+        ),
+        (
+            536_870_912,
+            (1040, 16, 63),
+            "node-vhd/dynamic.vhd (Windows 10)",
+        ),
+        (
+            1_073_741_824,
+            (2080, 16, 63),
+            "go-vhd/win8.1-1GB.vhd (Windows 8.1)",
+        ),
         (
             136_365_211_648,
             (65278, 16, 255),

@@ -147,7 +147,8 @@ fn parse_block_size(text: &str) -> Result<u32> {
 /// TiB (binary multiples, case-insensitive, optional space before the suffix). Rejects zero,
 /// overflow and values that are not a multiple of 512; `what` names the option in messages.
 pub(crate) fn parse_size(text: &str, what: &str) -> Result<u64> {
-    let bad = |why: String| Error::InvalidParameter(format!("{what} {text:?}: {why} ({SIZE_HELP})"));
+    let bad =
+        |why: String| Error::InvalidParameter(format!("{what} {text:?}: {why} ({SIZE_HELP})"));
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(digits_end);
@@ -197,7 +198,16 @@ mod tests {
         assert_eq!(parse_size("1T", "x").unwrap(), 1 << 40);
         assert_eq!(parse_size("1tIb", "x").unwrap(), 1 << 40);
         for bad in [
-            "", "0", "0M", "1000", "1.5M", "M", "-1M", "10 MB", "10X", "16777216T",
+            "",
+            "0",
+            "0M",
+            "1000",
+            "1.5M",
+            "M",
+            "-1M",
+            "10 MB",
+            "10X",
+            "16777216T",
             "99999999999999999999999",
         ] {
             let e = parse_size(bad, "--size").unwrap_err();

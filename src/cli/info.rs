@@ -165,7 +165,12 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 
 /// Bytes with a binary unit when it is a whole number of them: `41943040 (40 MiB)`.
 fn bytes(n: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
     for (unit, name) in UNITS {
         if n >= unit {
             return if n % unit == 0 {
@@ -248,11 +253,7 @@ fn listing(r: &Value) -> String {
         row("parent name", s("parent_name"));
         row(
             "parent time stamp",
-            format!(
-                "{} ({})",
-                u("parent_timestamp"),
-                s("parent_timestamp_utc")
-            ),
+            format!("{} ({})", u("parent_timestamp"), s("parent_timestamp_utc")),
         );
     }
     for l in r["parent_locators"].as_array().into_iter().flatten() {

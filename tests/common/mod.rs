@@ -19,15 +19,21 @@ pub fn oracles_required() -> bool {
     std::env::var(REQUIRE_ORACLES).is_ok_and(|v| v == "1")
 }
 
+/// Print a note that `cargo test` shows even for passing tests (it captures only the print
+/// macros, not direct writes to stderr).
+pub fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "note: {text}");
+}
+
 /// Report a missing oracle: panic when oracles are required, else print a note. Returns false.
 fn missing(what: &str, why: &str) -> bool {
     assert!(
         !oracles_required(),
         "{what} is required ({REQUIRE_ORACLES}=1) but not usable: {why}"
     );
-    eprintln!(
-        "note: skipping: {what} is not available ({why}); set {REQUIRE_ORACLES}=1 to make this a failure"
-    );
+    note(&format!(
+        "skipping: {what} is not available ({why}); set {REQUIRE_ORACLES}=1 to make this a failure"
+    ));
     false
 }
 
@@ -197,10 +203,10 @@ pub fn shared_fixtures() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!(
-            "note: skipping: {} is absent (the GPL/AGPL fixtures are not part of the repository)",
+        note(&format!(
+            "skipping: {} is absent (the GPL/AGPL fixtures are not part of the repository)",
             dir.display()
-        );
+        ));
         None
     }
 }
@@ -260,7 +266,8 @@ pub fn fixture(rel: &str) -> Option<(PathBuf, Origin)> {
             }
             let dest = cache_dir().join(rel.replace('/', "__"));
             let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let fresh = matches!((modified(&dest), modified(&packed)), (Some(d), Some(p)) if d >= p);
+            let fresh =
+                matches!((modified(&dest), modified(&packed)), (Some(d), Some(p)) if d >= p);
             if !fresh {
                 decompress(&packed, &dest);
             }
@@ -276,7 +283,7 @@ pub fn binary() -> Option<PathBuf> {
     match option_env!("CARGO_BIN_EXE_vhd-merge") {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            eprintln!("note: skipping: the vhd-merge binary is not built (feature `cli` off)");
+            note("skipping: the vhd-merge binary is not built (feature `cli` off)");
             None
         }
     }
