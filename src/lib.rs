@@ -36,3 +36,8 @@ pub use chain::{Chain, ChainOptions, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+
+/// The README's examples, compiled and run as doc tests so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
