@@ -266,7 +266,7 @@ fn check_writes(kind: Kind, block_size: u32, writes: &[Write], batched: bool) {
         let count = count.min(size / 512 - first);
         let mut data = vec![0u8; (count * 512) as usize];
         common::Rng::new(seed).fill(&mut data);
-        if seed % 5 == 0 {
+        if seed.is_multiple_of(5) {
             data.fill(0); // zero writes: a dynamic disk may skip them, a differencing one not
         }
         let off = first * 512;

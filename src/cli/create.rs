@@ -175,7 +175,7 @@ pub(crate) fn parse_size(text: &str, what: &str) -> Result<u64> {
     if v == 0 {
         return Err(bad("the size must not be zero".into()));
     }
-    if v % 512 != 0 {
+    if !v.is_multiple_of(512) {
         return Err(bad(format!(
             "{v} bytes is not a multiple of the 512-byte sector"
         )));

@@ -173,7 +173,7 @@ fn bytes(n: u64) -> String {
     ];
     for (unit, name) in UNITS {
         if n >= unit {
-            return if n % unit == 0 {
+            return if n.is_multiple_of(unit) {
                 format!("{n} ({} {name})", n / unit)
             } else {
                 format!("{n} ({:.2} {name})", n as f64 / unit as f64)
