@@ -619,3 +619,99 @@ fn reading_never_writes() {
     drop(v);
     assert_eq!(common::read(&path), before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Damaged metadata: never a panic, never an unbounded allocation.
+
+/// An image held in memory (read-only use).
+#[derive(Debug)]
+struct Mem(Vec<u8>);
+
+impl vhd_merge::io::Storage for Mem {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::UnexpectedEof)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.0.get(start..end))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::PermissionDenied.into())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.0.len() as u64)
+    }
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::PermissionDenied.into())
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A differencing disk with data in two blocks and three locators, as bytes.
+fn template() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("parent.vhd");
+        let child = dir.path().join("child.vhd");
+        let opts = CreateOptions {
+            block_size: 512 << 10,
+            ..CreateOptions::default()
+        };
+        drop(create::create_dynamic(&parent, 2 << 20, &opts).unwrap());
+        let mut c = create::create_differencing(&child, &parent, &opts).unwrap();
+        c.write_at(4096, &[1; 8192]).unwrap();
+        c.write_at(1 << 20, &[2; 512]).unwrap();
+        drop(c);
+        common::read(&child)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// Random bytes written over the footers, the header, the BAT, the locator data or a
+    /// bitmap, and random truncation: opening (strict and lenient) and reading everything
+    /// that opens either works or returns an error.
+    #[test]
+    fn damaged_metadata_never_panics(
+        edits in prop::collection::vec((0usize..6, any::<u16>(), any::<u8>()), 1..8),
+        cut in prop_oneof![Just(0usize), 1usize..3000],
+    ) {
+        let mut bytes = template().to_vec();
+        let n = bytes.len();
+        for (region, at, value) in edits {
+            let r = match region {
+                0 => 0..512,
+                1 => 512..1536,
+                2 => 1536..2048,
+                3 => 2048..2048 + 3 * 4096,
+                4 => n - 512..n,
+                _ => 2048 + 3 * 4096..n - 512,
+            };
+            let i = r.start + usize::from(at) % (r.end - r.start);
+            bytes[i] = value;
+        }
+        bytes.truncate(n - cut.min(n));
+        for lenient in [false, true] {
+            let opts = OpenOptions { lenient, ..OpenOptions::read_only() };
+            let storage = Box::new(Mem(bytes.clone()));
+            let Ok(v) = Vhd::from_storage(storage, "damaged.vhd", opts) else { continue };
+            let size = v.virtual_size();
+            if size <= 64 << 20 {
+                let mut buf = vec![0u8; size as usize];
+                let _ = v.read_own(0, &mut buf);
+            }
+            for slot in 0..8 {
+                let _ = v.read_locator_payload(slot);
+            }
+            for b in 0..v.block_count().min(1 << 16) {
+                let _ = v.block_map(b);
+            }
+        }
+    }
+}

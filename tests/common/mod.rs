@@ -200,13 +200,17 @@ pub fn repo_fixtures() -> PathBuf {
 /// `None` with a note when it is absent.
 pub fn shared_fixtures() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
+    static NOTED: std::sync::Once = std::sync::Once::new();
     if dir.is_dir() {
         Some(dir)
     } else {
-        note(&format!(
-            "skipping: {} is absent (the GPL/AGPL fixtures are not part of the repository)",
-            dir.display()
-        ));
+        // Once per test binary: every GPL/AGPL fixture would repeat it.
+        NOTED.call_once(|| {
+            note(&format!(
+                "skipping the GPL/AGPL fixtures: {} is absent (they are not part of the repository)",
+                dir.display()
+            ))
+        });
         None
     }
 }
