@@ -715,3 +715,138 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety of writes: a crash at any write (torn or not) or failed sync leaves a file that
+// opens, in which every sector reads one of the contents it had during the batch, and running
+// the same writes again finishes the job.
+
+/// The writes of one batch: (offset, length, fill byte).
+const CRASH_WRITES: [(u64, usize, u8); 5] = [
+    (0, 4096, 0x11),               // into an existing block
+    (3 << 20, 512 << 10, 0x22),    // a new block, whole
+    ((1 << 20) - 512, 2048, 0x33), // across two blocks, one new
+    (5 << 20, 512, 0x44),          // a new block, one sector
+    ((3 << 20) + 512, 1024, 0x55), // over the second write
+];
+
+fn faulty(path: &std::path::Path, plan: std::sync::Arc<vhd_merge::io::FaultPlan>) -> Vhd {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let storage =
+        vhd_merge::io::FaultyStorage::new(Box::new(vhd_merge::io::FileStorage::new(file)), plan);
+    Vhd::from_storage(Box::new(storage), path, OpenOptions::writable()).unwrap()
+}
+
+fn apply(v: &mut Vhd, writes: &[(u64, usize, u8)]) -> vhd_merge::Result<()> {
+    for &(off, len, b) in writes {
+        v.write_at(off, &vec![b; len])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_crash_at_any_write_leaves_a_consistent_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 6 << 20;
+    let opts = CreateOptions {
+        block_size: 512 << 10,
+        ..CreateOptions::default()
+    };
+    for kind in [Kind::Dynamic, Kind::Differencing] {
+        // The starting point: some data in block 0.
+        let base = dir.path().join(format!("{kind:?}-base.vhd"));
+        let mut v = match kind {
+            Kind::Dynamic => create::create_dynamic(&base, size, &opts).unwrap(),
+            Kind::Differencing => {
+                let parent = dir.path().join("parent.vhd");
+                if !parent.exists() {
+                    drop(create::create_dynamic(&parent, size, &opts).unwrap());
+                }
+                create::create_differencing(&base, &parent, &opts).unwrap()
+            }
+        };
+        v.write_at(0, &vec![0x0A; 8192]).unwrap();
+        drop(v);
+        let original = common::read(&base);
+
+        // Every content each sector takes during the batch.
+        let mut state = {
+            let v = Vhd::open(&base, OpenOptions::read_only()).unwrap();
+            read_all(&v)
+        };
+        let sectors = (size / 512) as usize;
+        let mut allowed: Vec<Vec<[u8; 512]>> = (0..sectors)
+            .map(|s| vec![state[s * 512..s * 512 + 512].try_into().unwrap()])
+            .collect();
+        for &(off, len, b) in &CRASH_WRITES {
+            state[off as usize..off as usize + len].fill(b);
+            for s in off as usize / 512..(off as usize + len) / 512 {
+                allowed[s].push([b; 512]);
+            }
+        }
+        let fin = state;
+
+        // How many writes and syncs the batch makes.
+        let work = dir.path().join(format!("{kind:?}-work.vhd"));
+        std::fs::write(&work, &original).unwrap();
+        let plan = vhd_merge::io::FaultPlan::new();
+        apply(&mut faulty(&work, plan.clone()), &CRASH_WRITES).unwrap();
+        let (writes, syncs) = (plan.writes(), plan.syncs());
+        assert!(writes > 10 && syncs > 5, "{writes} writes, {syncs} syncs");
+
+        let mut plans = Vec::new();
+        for n in 1..=writes {
+            plans.push((
+                format!("write {n}"),
+                vhd_merge::io::FaultPlan::crash_at_write(n, false),
+            ));
+            plans.push((
+                format!("torn write {n}"),
+                vhd_merge::io::FaultPlan::crash_at_write(n, true),
+            ));
+        }
+        for n in 1..=syncs {
+            plans.push((
+                format!("sync {n}"),
+                vhd_merge::io::FaultPlan::fail_sync_at(n),
+            ));
+        }
+        for (what, plan) in plans {
+            std::fs::write(&work, &original).unwrap();
+            let res = apply(&mut faulty(&work, plan.clone()), &CRASH_WRITES);
+            assert!(
+                res.is_err() && plan.crashed(),
+                "{kind:?} {what}: the fault fired"
+            );
+
+            let v = Vhd::open(&work, OpenOptions::read_only())
+                .unwrap_or_else(|e| panic!("{kind:?} crash at {what}: {e}"));
+            let seen = read_all(&v);
+            for s in 0..sectors {
+                let got: &[u8] = &seen[s * 512..s * 512 + 512];
+                assert!(
+                    allowed[s].iter().any(|a| a[..] == *got),
+                    "{kind:?} crash at {what}: sector {s} holds {:02x?}",
+                    &got[..4]
+                );
+            }
+            drop(v);
+
+            // Running the same writes again finishes the job.
+            let mut v = Vhd::open(&work, OpenOptions::writable()).unwrap();
+            apply(&mut v, &CRASH_WRITES).unwrap();
+            drop(v);
+            let v = Vhd::open(&work, OpenOptions::read_only()).unwrap();
+            assert!(
+                v.warnings().is_empty(),
+                "{kind:?} {what}: {:?}",
+                v.warnings()
+            );
+            common::assert_same(&read_all(&v), &fin, &format!("{kind:?} rerun after {what}"));
+        }
+    }
+}
