@@ -120,6 +120,21 @@ fn create_fixed_and_block_sizes() {
     assert_eq!(j["allocated_blocks"], Value::Null);
     assert_eq!(j["file_size"], (3 << 20) + 512);
 
+    let f2 = dir.path().join("f2.vhd");
+    let out = run(&[
+        "create",
+        "fixed",
+        p(&f2),
+        "--size",
+        "3M",
+        "--block-size",
+        "2M",
+    ])
+    .unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(err.contains("fixed disk has no blocks"), "{err}");
+    assert!(!f2.exists());
+
     for (bs, want) in [("512K", 512 << 10), ("4096", 4096), ("1m", 1 << 20)] {
         let d = dir.path().join(format!("d{bs}.vhd"));
         let out = run(&[

@@ -29,6 +29,9 @@ enum Kind {
         /// Virtual size: bytes, or a number with K, M, G, T (= KiB, MiB, GiB, TiB; binary).
         #[arg(long, value_name = "SIZE")]
         size: String,
+        /// Not used: a fixed disk has no blocks (accepted so that the error says so).
+        #[arg(long, value_name = "SIZE", hide = true)]
+        block_size: Option<String>,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
@@ -67,7 +70,18 @@ enum Kind {
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
     let vhd = match args.kind {
-        Kind::Fixed { file, size, force } => {
+        Kind::Fixed {
+            file,
+            size,
+            block_size,
+            force,
+        } => {
+            if block_size.is_some() {
+                return Err(Error::InvalidParameter(
+                    "--block-size: a fixed disk has no blocks; it applies to dynamic and differencing disks"
+                        .into(),
+                ));
+            }
             let size = parse_size(&size, "--size")?;
             create::create_fixed(&file, size, &options(force, None))?
         }
