@@ -784,8 +784,8 @@ fn a_crash_at_any_write_leaves_a_consistent_file() {
             .collect();
         for &(off, len, b) in &CRASH_WRITES {
             state[off as usize..off as usize + len].fill(b);
-            for s in off as usize / 512..(off as usize + len) / 512 {
-                allowed[s].push([b; 512]);
+            for versions in &mut allowed[off as usize / 512..(off as usize + len) / 512] {
+                versions.push([b; 512]);
             }
         }
         let fin = state;
