@@ -3,7 +3,7 @@
 //!
 //! The crate is layered (see `docs/design.md`):
 //!
-//! - [`format`]: the on-disk structures, sans I/O.
+//! - [`format`](mod@format): the on-disk structures, sans I/O.
 //! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
 //! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
 //! - [`Chain`] ([`chain`]): a child and its verified ancestors, found through parent locators;
@@ -44,3 +44,8 @@ pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
 pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
+
+/// The README's examples, compiled and run as doc tests so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
