@@ -31,8 +31,10 @@ pub mod format;
 pub mod image;
 pub mod io;
 pub mod locator;
+pub mod merge;
 
 pub use chain::{Chain, ChainOptions, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
