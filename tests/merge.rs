@@ -103,7 +103,7 @@ proptest! {
     /// other file changes.
     #[test]
     fn merged_view_matches_model((spec, d, explicit, verify) in chain_strategy()) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = fast_tempdir();
         let built = build_chain(dir.path(), &spec);
         let model = &built.model;
         let source_view = model.view(0);
@@ -138,7 +138,7 @@ proptest! {
 
 #[test]
 fn source_must_be_differencing() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let base = dir.path().join("base.vhd");
     create_dynamic(&base, 4 << 20, &CreateOptions::default()).unwrap();
     let e = merge(&base, None, &MergeOptions::default()).unwrap_err();
@@ -148,7 +148,7 @@ fn source_must_be_differencing() {
 
 #[test]
 fn destination_must_be_an_ancestor() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 1);
     let src = &built.paths[0];
     let hashes_before = hashes(&built.paths);
@@ -204,7 +204,7 @@ fn dynamic_with_id(path: &Path, size: u64, id: uuid::Uuid) {
 
 #[test]
 fn larger_source_is_refused_smaller_is_merged() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let parent = dir.path().join("parent.vhd");
     let child = dir.path().join("child.vhd");
     let id = uuid::Uuid::new_v4();
@@ -245,7 +245,7 @@ fn larger_source_is_refused_smaller_is_merged() {
 
 #[test]
 fn siblings_are_refused_unless_forced() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 2);
     let (src, mid, dest) = (&built.paths[0], &built.paths[1], &built.paths[2]);
     // A sibling of the intermediate (child of the destination), a child of the intermediate,
@@ -282,7 +282,7 @@ fn siblings_are_refused_unless_forced() {
     assert_eq!(r.plan.source_children, vec![src_child.clone()]);
 
     // Siblings in a search directory are found too.
-    let other_dir = tempfile::tempdir().unwrap();
+    let other_dir = fast_tempdir();
     let far = other_dir.path().join("far.vhd");
     create_differencing(&far, mid, &CreateOptions::default()).unwrap();
     let mut o = MergeOptions { dry_run: true, ..MergeOptions::default() };
@@ -298,7 +298,7 @@ fn siblings_are_refused_unless_forced() {
 
 #[test]
 fn dry_run_writes_nothing_and_reports_the_plan() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 3);
     let before = hashes(&built.paths);
     let r = merge(&built.paths[0], Some(&built.paths[2]),
@@ -357,9 +357,9 @@ impl Storage for Corrupting {
 
 #[test]
 fn verify_passes_and_detects_corruption() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = build_chain(dir.path(), &spec(2, BaseKind::Dynamic, vec![2 * MIB, 2 * MIB], vec![100, 50], 8192, 4));
-    let work = tempfile::tempdir().unwrap();
+    let work = fast_tempdir();
     copy_dir(dir.path(), work.path());
 
     let ok = merge(&built.paths[0], None, &MergeOptions { verify: true, ..MergeOptions::default() }).unwrap();
@@ -383,7 +383,7 @@ fn verify_passes_and_detects_corruption() {
 
 #[test]
 fn locked_destination_gives_system_in_use() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 5);
     let (src, dest) = (&built.paths[0], &built.paths[1]);
 
@@ -473,7 +473,7 @@ fn read_only_destination_gives_access_denied() {
 
 #[test]
 fn out_of_space_fails_and_leaves_a_valid_destination() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = build_chain(dir.path(), &spec(2, BaseKind::Dynamic, vec![MIB, 512 * KIB], vec![100, 20], 12288, 7));
     let dest = built.paths[1].clone();
     let len = std::fs::metadata(&dest).unwrap().len();
@@ -506,7 +506,7 @@ fn job_reports_states_and_monotonic_progress() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<vhd_merge::Job>();
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = build_chain(dir.path(), &spec(3, BaseKind::Dynamic, vec![2 * MIB, MIB, 512 * KIB], vec![100, 80, 50], 16384, 8));
     let seen: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
@@ -545,7 +545,7 @@ fn job_reports_states_and_monotonic_progress() {
 
 #[test]
 fn failing_job_reports_exception_and_code() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let base = dir.path().join("base.vhd");
     create_dynamic(&base, 4 << 20, &CreateOptions::default()).unwrap();
     let job = MergeJob::start(&base, None, MergeOptions::default()).unwrap();
@@ -562,7 +562,7 @@ fn failing_job_reports_exception_and_code() {
 
 #[test]
 fn cancel_then_rerun_completes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = build_chain(dir.path(), &spec(2, BaseKind::Dynamic, vec![512 * KIB, 2 * MIB], vec![90, 60], 16384, 9));
     let dest = built.paths[1].clone();
     let old_view = read_view(&dest);
@@ -608,7 +608,7 @@ fn cancel_then_rerun_completes() {
 
 #[test]
 fn rerunning_a_finished_merge_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 10);
     merge(&built.paths[0], None, &MergeOptions::default()).unwrap();
     let after = file_hash(&built.paths[1]);
@@ -621,7 +621,7 @@ fn rerunning_a_finished_merge_changes_nothing() {
 
 #[test]
 fn remove_merged_and_relink_rules() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 11);
     let (src, mid, dest) = (&built.paths[0], &built.paths[1], &built.paths[2]);
     let src_child = dir.path().join("src-child.vhd");
@@ -661,7 +661,7 @@ fn remove_merged_and_relink_rules() {
 
 #[test]
 fn fixed_destination_and_report_fields() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = build_chain(dir.path(), &spec(3, BaseKind::Fixed, vec![MIB, 512 * KIB, 2 * MIB], vec![70, 70, 0], 9000, 12));
     let len = std::fs::metadata(&built.paths[2]).unwrap().len();
     let r = merge(&built.paths[0], Some(&built.paths[2]), &MergeOptions::default()).unwrap();
@@ -675,7 +675,7 @@ fn fixed_destination_and_report_fields() {
 
 #[test]
 fn destination_identity_is_kept() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tempdir();
     let built = small_chain(dir.path(), 13);
     let before = Vhd::open(&built.paths[1], OpenOptions::read_only()).unwrap().footer().to_bytes();
     merge(&built.paths[0], None, &MergeOptions::default()).unwrap();

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use uuid::Uuid;
@@ -462,7 +463,22 @@ fn relink_child(child: &Path, destination: &Path, check_only: bool) -> Result<()
     })
 }
 
+/// Memory for unit buffers in flight between the reader and the writer (at least two buffers).
+const PIPELINE_BYTES: u64 = 16 << 20;
+
+/// A unit assembled by the reader thread.
+struct Assembled {
+    unit: u64,
+    buf: Vec<u8>,
+    mask: SectorBitmap,
+    crc: Option<u32>,
+}
+
 /// Copy every unit of `plan` into `dest` in batches; returns the bytes of merged sectors.
+///
+/// A reader thread assembles units (plan_span + read_plan: reads of the merged layers, and the
+/// CRC for verify) while this thread writes them, so reading and writing overlap on two cores.
+/// A fixed set of buffers circulates between the two, bounding memory whatever the size.
 fn copy_units(
     chain: &Chain,
     plan: &MergePlan,
@@ -471,12 +487,55 @@ fn copy_units(
     tracker: &Tracker,
     crcs: &mut Option<Vec<(u64, u32)>>,
 ) -> Result<u64> {
+    let buffers = (PIPELINE_BYTES / plan.unit_bytes).clamp(2, 4) as usize;
+    let want_crc = crcs.is_some();
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Result<Assembled>>(buffers);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..buffers {
+            // The receiver is alive: it is dropped only by the reader below.
+            let _ = free_tx.send(vec![0u8; plan.unit_bytes as usize]);
+        }
+        scope.spawn(move || {
+            let mut scratch = Vec::new();
+            for unit in plan.unit_indices() {
+                // Both channels fail only when the writer stopped: then stop too.
+                let Ok(mut buf) = free_rx.recv() else { return };
+                let item = assemble_unit(chain, plan, unit, &mut buf, &mut scratch).map(|mask| {
+                    let crc = want_crc.then(|| masked_crc(&buf, &mask));
+                    Assembled {
+                        unit,
+                        buf,
+                        mask,
+                        crc,
+                    }
+                });
+                let failed = item.is_err();
+                if full_tx.send(item).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        write_units(plan, dest, options, tracker, crcs, &full_rx, &free_tx)
+        // Dropping the channel ends here stop the reader if the writer stopped early.
+    })
+}
+
+/// The writer side of [`copy_units`]: batches of units, each batch reserved, written and
+/// committed.
+fn write_units(
+    plan: &MergePlan,
+    dest: &mut Vhd,
+    options: &MergeOptions,
+    tracker: &Tracker,
+    crcs: &mut Option<Vec<(u64, u32)>>,
+    full_rx: &mpsc::Receiver<Result<Assembled>>,
+    free_tx: &mpsc::Sender<Vec<u8>>,
+) -> Result<u64> {
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
     let sparse = dest.disk_type().is_sparse();
     let mut units = plan.unit_indices();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
-    let mut buf = vec![0u8; plan.unit_bytes as usize];
-    let mut scratch = Vec::new();
     let mut done = 0u64;
     loop {
         batch.clear();
@@ -500,12 +559,21 @@ fn copy_units(
                     plan.bytes_total
                 )));
             }
-            let mask = assemble_unit(chain, plan, unit, &mut buf, &mut scratch)?;
-            let bytes = mask.count_ones() as u64 * SECTOR_SIZE;
-            if let Some(c) = crcs.as_mut() {
-                c.push((unit, masked_crc(&buf, &mask)));
+            let mut item = full_rx
+                .recv()
+                .map_err(|_| Error::InvalidState("the merge reader thread stopped".into()))??;
+            if item.unit != unit {
+                return Err(Error::InvalidState(format!(
+                    "merge reader sent unit {} where {unit} was expected",
+                    item.unit
+                )));
             }
-            dest.write_block(unit, &mut buf, &mask)?;
+            let bytes = item.mask.count_ones() as u64 * SECTOR_SIZE;
+            if let (Some(c), Some(crc)) = (crcs.as_mut(), item.crc) {
+                c.push((unit, crc));
+            }
+            dest.write_block(unit, &mut item.buf, &item.mask)?;
+            let _ = free_tx.send(item.buf);
             done += bytes;
             tracker.advance(bytes);
         }
