@@ -118,7 +118,12 @@ fn crash_and_recover(
             );
         }
     }
-    assert_eq!(hashes(&others), before, "{}: {what}: source chain changed", sc.name);
+    assert_eq!(
+        hashes(&others),
+        before,
+        "{}: {what}: source chain changed",
+        sc.name
+    );
 
     let r = merge(&paths[0], Some(dest), &options(None))
         .unwrap_or_else(|e| panic!("{}: {what}: re-run failed: {e}", sc.name));
@@ -131,7 +136,12 @@ fn crash_and_recover(
         "{}: {what}: re-run result differs",
         sc.name
     );
-    assert_eq!(hashes(&others), before, "{}: {what}: source chain changed", sc.name);
+    assert_eq!(
+        hashes(&others),
+        before,
+        "{}: {what}: source chain changed",
+        sc.name
+    );
 }
 
 #[test]
@@ -152,14 +162,29 @@ fn every_write_and_sync_of_a_merge_is_a_safe_crash_point() {
         if sc.spec.base != BaseKind::Fixed || sc.dest != sc.spec.block_sizes.len() - 1 {
             assert!(r.blocks_allocated > 0, "{}: allocates no block", sc.name);
         }
-        assert!(writes > 2 && syncs > 2, "{}: {writes} writes, {syncs} syncs", sc.name);
-        eprintln!("{}: {writes} writes, {syncs} syncs, {} units", sc.name, r.plan.units);
+        assert!(
+            writes > 2 && syncs > 2,
+            "{}: {writes} writes, {syncs} syncs",
+            sc.name
+        );
+        eprintln!(
+            "{}: {writes} writes, {syncs} syncs, {} units",
+            sc.name, r.plan.units
+        );
 
         for n in 1..=writes {
             for torn in [false, true] {
                 let what = format!("crash at write {n} of {writes} (torn: {torn})");
                 let plan = FaultPlan::crash_at_write(n, torn);
-                crash_and_recover(&sc, template.path(), work.path(), &built, plan, &what, !torn);
+                crash_and_recover(
+                    &sc,
+                    template.path(),
+                    work.path(),
+                    &built,
+                    plan,
+                    &what,
+                    !torn,
+                );
             }
         }
         for n in 1..=syncs {

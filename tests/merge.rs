@@ -172,7 +172,12 @@ fn destination_must_be_an_ancestor() {
     assert!(e.to_string().contains("unique id"), "{e}");
 
     // A path that does not exist, and a file that is not a VHD.
-    let e = merge(src, Some(&dir.path().join("nope.vhd")), &MergeOptions::default()).unwrap_err();
+    let e = merge(
+        src,
+        Some(&dir.path().join("nope.vhd")),
+        &MergeOptions::default(),
+    )
+    .unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     let junk = dir.path().join("junk.vhd");
     std::fs::write(&junk, vec![7u8; 4096]).unwrap();
@@ -264,20 +269,41 @@ fn siblings_are_refused_unless_forced() {
     let e = merge(src, Some(dest), &MergeOptions::default()).unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidState, "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("sibling.vhd") && msg.contains("mid-child.vhd"), "{msg}");
-    assert!(!msg.contains("src-child.vhd"), "a child of the source is not a sibling: {msg}");
+    assert!(
+        msg.contains("sibling.vhd") && msg.contains("mid-child.vhd"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("src-child.vhd"),
+        "a child of the source is not a sibling: {msg}"
+    );
     assert_eq!(file_hash(dest), before, "refused merge wrote");
 
     // Merging only into the immediate parent: the intermediate's child is now a sibling too,
     // the destination's child is not (its parent is not changed).
     let e = merge(src, Some(mid), &MergeOptions::default()).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("mid-child.vhd") && !msg.contains("sibling.vhd"), "{msg}");
+    assert!(
+        msg.contains("mid-child.vhd") && !msg.contains("sibling.vhd"),
+        "{msg}"
+    );
 
     // The dry run reports them without refusing.
-    let r = merge(src, Some(dest), &MergeOptions { dry_run: true, ..MergeOptions::default() }).unwrap();
-    let names: Vec<String> = r.plan.siblings.iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let r = merge(
+        src,
+        Some(dest),
+        &MergeOptions {
+            dry_run: true,
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
+    let names: Vec<String> = r
+        .plan
+        .siblings
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, vec!["mid-child.vhd", "sibling.vhd"]);
     assert_eq!(r.plan.source_children, vec![src_child.clone()]);
 
@@ -285,14 +311,29 @@ fn siblings_are_refused_unless_forced() {
     let other_dir = fast_tempdir();
     let far = other_dir.path().join("far.vhd");
     create_differencing(&far, mid, &CreateOptions::default()).unwrap();
-    let mut o = MergeOptions { dry_run: true, ..MergeOptions::default() };
+    let mut o = MergeOptions {
+        dry_run: true,
+        ..MergeOptions::default()
+    };
     o.chain.search_dirs.push(other_dir.path().to_path_buf());
     let r = merge(src, Some(dest), &o).unwrap();
     assert!(r.plan.siblings.contains(&far), "{:?}", r.plan.siblings);
 
     // Forced: merged, with a warning naming them.
-    let r = merge(src, Some(dest), &MergeOptions { force: true, ..MergeOptions::default() }).unwrap();
-    assert!(r.warnings.iter().any(|w| w.contains("sibling.vhd")), "{:?}", r.warnings);
+    let r = merge(
+        src,
+        Some(dest),
+        &MergeOptions {
+            force: true,
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("sibling.vhd")),
+        "{:?}",
+        r.warnings
+    );
     assert_eq!(read_view(dest), built.model.view(0));
 }
 
@@ -301,8 +342,16 @@ fn dry_run_writes_nothing_and_reports_the_plan() {
     let dir = fast_tempdir();
     let built = small_chain(dir.path(), 3);
     let before = hashes(&built.paths);
-    let r = merge(&built.paths[0], Some(&built.paths[2]),
-        &MergeOptions { dry_run: true, verify: true, ..MergeOptions::default() }).unwrap();
+    let r = merge(
+        &built.paths[0],
+        Some(&built.paths[2]),
+        &MergeOptions {
+            dry_run: true,
+            verify: true,
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
     assert_eq!(hashes(&built.paths), before);
     assert!(r.dry_run);
     assert_eq!(r.bytes_merged, 0);
@@ -315,11 +364,19 @@ fn dry_run_writes_nothing_and_reports_the_plan() {
             want[l] += 512;
         }
     }
-    assert_eq!(r.plan.layers.iter().map(|l| l.bytes).collect::<Vec<_>>(), want.to_vec());
+    assert_eq!(
+        r.plan.layers.iter().map(|l| l.bytes).collect::<Vec<_>>(),
+        want.to_vec()
+    );
     assert_eq!(r.plan.bytes_total, want[0] + want[1]);
     assert!(r.plan.units > 0);
     // The real merge does what the plan said.
-    let real = merge(&built.paths[0], Some(&built.paths[2]), &MergeOptions::default()).unwrap();
+    let real = merge(
+        &built.paths[0],
+        Some(&built.paths[2]),
+        &MergeOptions::default(),
+    )
+    .unwrap();
     assert_eq!(real.bytes_merged, r.plan.bytes_total);
     assert!(real.blocks_allocated <= r.plan.blocks_to_allocate);
     assert!(real.destination_growth <= r.plan.destination_growth);
@@ -358,25 +415,50 @@ impl Storage for Corrupting {
 #[test]
 fn verify_passes_and_detects_corruption() {
     let dir = fast_tempdir();
-    let built = build_chain(dir.path(), &spec(2, BaseKind::Dynamic, vec![2 * MIB, 2 * MIB], vec![100, 50], 8192, 4));
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            2,
+            BaseKind::Dynamic,
+            vec![2 * MIB, 2 * MIB],
+            vec![100, 50],
+            8192,
+            4,
+        ),
+    );
     let work = fast_tempdir();
     copy_dir(dir.path(), work.path());
 
-    let ok = merge(&built.paths[0], None, &MergeOptions { verify: true, ..MergeOptions::default() }).unwrap();
+    let ok = merge(
+        &built.paths[0],
+        None,
+        &MergeOptions {
+            verify: true,
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
     let v = ok.verified.unwrap();
     assert_eq!(v.bytes, ok.bytes_merged);
     assert!(v.units > 0);
 
     let src = work.path().join("l0.vhd");
     let wrap: StorageWrapper = Arc::new(|s| Box::new(Corrupting(s)));
-    let o = MergeOptions { verify: true, destination_io: Some(wrap.clone()), ..MergeOptions::default() };
+    let o = MergeOptions {
+        verify: true,
+        destination_io: Some(wrap.clone()),
+        ..MergeOptions::default()
+    };
     let e = merge(&src, None, &o).unwrap_err();
     assert!(matches!(e, Error::VerifyFailed(_)), "{e}");
     assert_eq!(code(&e), ReturnCode::Failed);
     assert!(e.to_string().contains("differ"), "{e}");
     // Without verify the same corruption goes unnoticed: the check is what catches it.
     copy_dir(dir.path(), work.path());
-    let o = MergeOptions { destination_io: Some(wrap), ..MergeOptions::default() };
+    let o = MergeOptions {
+        destination_io: Some(wrap),
+        ..MergeOptions::default()
+    };
     merge(&src, None, &o).unwrap();
     assert_ne!(read_view(&work.path().join("l1.vhd")), built.model.view(0));
 }
@@ -398,7 +480,15 @@ fn locked_destination_gives_system_in_use() {
     // A dry run takes no locks.
     let f = std::fs::File::open(dest).unwrap();
     f.try_lock().unwrap();
-    merge(src, None, &MergeOptions { dry_run: true, ..MergeOptions::default() }).unwrap();
+    merge(
+        src,
+        None,
+        &MergeOptions {
+            dry_run: true,
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
     drop(f);
 
     // A second merge started while the first is running: from another thread of the same
@@ -417,20 +507,38 @@ fn locked_destination_gives_system_in_use() {
             Ok(_) => "thread: merged".into(),
             Err(e) => format!("thread: {}", e.return_code().code()),
         });
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"))
-            .arg("merge").arg(&s2).arg(&d2).arg("--json")
-            .output().unwrap();
-        seen2.lock().unwrap().push(format!(
-            "process: {} {}",
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-        ));
+        #[cfg(feature = "cli")]
+        {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"))
+                .arg("merge")
+                .arg(&s2)
+                .arg(&d2)
+                .arg("--json")
+                .output()
+                .unwrap();
+            seen2.lock().unwrap().push(format!(
+                "process: {} {}",
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
     });
-    merge(src, None, &MergeOptions { progress: Some(cb), ..MergeOptions::default() }).unwrap();
+    merge(
+        src,
+        None,
+        &MergeOptions {
+            progress: Some(cb),
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0], "thread: 32774");
-    assert!(seen[1].starts_with("process: false") && seen[1].contains("32774"), "{seen:?}");
+    #[cfg(feature = "cli")]
+    assert!(
+        seen[1].starts_with("process: false") && seen[1].contains("32774"),
+        "{seen:?}"
+    );
 }
 
 /// Removes the immutable attribute on drop, so the temporary directory can be deleted.
@@ -438,7 +546,10 @@ struct Immutable(PathBuf);
 
 impl Drop for Immutable {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -448,16 +559,28 @@ fn read_only_destination_gives_access_denied() {
     let built = small_chain(dir.path(), 6);
     let dest = built.paths[1].clone();
     // Root ignores permission bits, so make the file immutable when the file system allows it.
-    let ok = std::process::Command::new("chattr").arg("+i").arg(&dest).status()
-        .map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&dest)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     let is_root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     let _guard = Immutable(dest.clone());
     if !ok {
         if is_root {
-            eprintln!("note: chattr +i unavailable and running as root; only the mapping of PermissionDenied is checked");
-            let e = Error::io("x", std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+            eprintln!(
+                "note: chattr +i unavailable and running as root; only the mapping of PermissionDenied is checked"
+            );
+            let e = Error::io(
+                "x",
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            );
             assert_eq!(e.return_code(), ReturnCode::AccessDenied);
             return;
         }
@@ -474,7 +597,17 @@ fn read_only_destination_gives_access_denied() {
 #[test]
 fn out_of_space_fails_and_leaves_a_valid_destination() {
     let dir = fast_tempdir();
-    let built = build_chain(dir.path(), &spec(2, BaseKind::Dynamic, vec![MIB, 512 * KIB], vec![100, 20], 12288, 7));
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            2,
+            BaseKind::Dynamic,
+            vec![MIB, 512 * KIB],
+            vec![100, 20],
+            12288,
+            7,
+        ),
+    );
     let dest = built.paths[1].clone();
     let len = std::fs::metadata(&dest).unwrap().len();
     let old_view = read_view(&dest);
@@ -494,7 +627,10 @@ fn out_of_space_fails_and_leaves_a_valid_destination() {
         let new = built.model.view(0);
         for s in 0..v.len() / 512 {
             let r = s * 512..s * 512 + 512;
-            assert!(v[r.clone()] == old_view[r.clone()] || v[r.clone()] == new[r.clone()], "sector {s}");
+            assert!(
+                v[r.clone()] == old_view[r.clone()] || v[r.clone()] == new[r.clone()],
+                "sector {s}"
+            );
         }
     }
     merge(&built.paths[0], None, &MergeOptions::default()).unwrap();
@@ -507,7 +643,17 @@ fn job_reports_states_and_monotonic_progress() {
     assert_send_sync::<vhd_merge::Job>();
 
     let dir = fast_tempdir();
-    let built = build_chain(dir.path(), &spec(3, BaseKind::Dynamic, vec![2 * MIB, MIB, 512 * KIB], vec![100, 80, 50], 16384, 8));
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            3,
+            BaseKind::Dynamic,
+            vec![2 * MIB, MIB, 512 * KIB],
+            vec![100, 80, 50],
+            16384,
+            8,
+        ),
+    );
     let seen: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let o = MergeOptions {
@@ -555,7 +701,12 @@ fn failing_job_reports_exception_and_code() {
     assert_eq!(job.error_code(), ReturnCode::InvalidParameter);
     assert!(job.error_description().unwrap().contains("differencing"));
 
-    let job = MergeJob::start(dir.path().join("missing.vhd"), None, MergeOptions::default()).unwrap();
+    let job = MergeJob::start(
+        dir.path().join("missing.vhd"),
+        None,
+        MergeOptions::default(),
+    )
+    .unwrap();
     assert_eq!(code(&job.wait().unwrap_err()), ReturnCode::FileNotFound);
     assert_eq!(job.state().value(), 10);
 }
@@ -563,7 +714,17 @@ fn failing_job_reports_exception_and_code() {
 #[test]
 fn cancel_then_rerun_completes() {
     let dir = fast_tempdir();
-    let built = build_chain(dir.path(), &spec(2, BaseKind::Dynamic, vec![512 * KIB, 2 * MIB], vec![90, 60], 16384, 9));
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            2,
+            BaseKind::Dynamic,
+            vec![512 * KIB, 2 * MIB],
+            vec![90, 60],
+            16384,
+            9,
+        ),
+    );
     let dest = built.paths[1].clone();
     let old_view = read_view(&dest);
     // The callback blocks the merge at its first progress step until the test has cancelled.
@@ -575,7 +736,10 @@ fn cancel_then_rerun_completes() {
     let o = MergeOptions {
         batch_bytes: 1 << 20,
         progress: Some(Arc::new(move |p: &Progress| {
-            if p.state == JobState::Running && p.bytes_done > 0 && !once.swap(true, Ordering::SeqCst) {
+            if p.state == JobState::Running
+                && p.bytes_done > 0
+                && !once.swap(true, Ordering::SeqCst)
+            {
                 to_test.lock().unwrap().send(()).unwrap();
                 from_test.lock().unwrap().recv().unwrap();
             }
@@ -586,7 +750,10 @@ fn cancel_then_rerun_completes() {
     from_merge.recv().unwrap();
     let mid = job.progress();
     assert_eq!(mid.state, JobState::Running);
-    assert!(mid.bytes_done > 0 && mid.bytes_done < mid.bytes_total, "{mid:?}");
+    assert!(
+        mid.bytes_done > 0 && mid.bytes_done < mid.bytes_total,
+        "{mid:?}"
+    );
     job.cancel();
     to_merge.send(()).unwrap();
     let e = job.wait().unwrap_err();
@@ -629,7 +796,10 @@ fn remove_merged_and_relink_rules() {
     let before = hashes(&built.paths);
 
     // Removing the source would orphan its child.
-    let o = MergeOptions { remove_merged: true, ..MergeOptions::default() };
+    let o = MergeOptions {
+        remove_merged: true,
+        ..MergeOptions::default()
+    };
     let e = merge(src, Some(dest), &o).unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidState, "{e}");
     assert!(e.to_string().contains("src-child.vhd"), "{e}");
@@ -637,7 +807,11 @@ fn remove_merged_and_relink_rules() {
     // Relinking a child of an intermediate is refused: its view would change.
     let mid_child = dir.path().join("mid-child.vhd");
     create_differencing(&mid_child, mid, &CreateOptions::default()).unwrap();
-    let o = MergeOptions { relink: vec![mid_child.clone()], force: true, ..MergeOptions::default() };
+    let o = MergeOptions {
+        relink: vec![mid_child.clone()],
+        force: true,
+        ..MergeOptions::default()
+    };
     let e = merge(src, Some(dest), &o).unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     assert!(e.to_string().contains("change its content"), "{e}");
@@ -645,14 +819,21 @@ fn remove_merged_and_relink_rules() {
 
     // Relinking a child of the source needs set-parent, which is not wired yet: refused before
     // anything is written.
-    let o = MergeOptions { relink: vec![src_child.clone()], ..MergeOptions::default() };
+    let o = MergeOptions {
+        relink: vec![src_child.clone()],
+        ..MergeOptions::default()
+    };
     let e = merge(src, Some(dest), &o).unwrap_err();
     assert_eq!(code(&e), ReturnCode::NotSupported, "{e}");
     assert!(e.to_string().contains("relink needs set-parent"), "{e}");
     assert_eq!(hashes(&built.paths), before);
 
     // Forced removal: destination durable, source and intermediate gone.
-    let o = MergeOptions { remove_merged: true, force: true, ..MergeOptions::default() };
+    let o = MergeOptions {
+        remove_merged: true,
+        force: true,
+        ..MergeOptions::default()
+    };
     let r = merge(src, Some(dest), &o).unwrap();
     assert_eq!(r.removed, vec![src.clone(), mid.clone()]);
     assert!(!src.exists() && !mid.exists());
@@ -662,9 +843,24 @@ fn remove_merged_and_relink_rules() {
 #[test]
 fn fixed_destination_and_report_fields() {
     let dir = fast_tempdir();
-    let built = build_chain(dir.path(), &spec(3, BaseKind::Fixed, vec![MIB, 512 * KIB, 2 * MIB], vec![70, 70, 0], 9000, 12));
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            3,
+            BaseKind::Fixed,
+            vec![MIB, 512 * KIB, 2 * MIB],
+            vec![70, 70, 0],
+            9000,
+            12,
+        ),
+    );
     let len = std::fs::metadata(&built.paths[2]).unwrap().len();
-    let r = merge(&built.paths[0], Some(&built.paths[2]), &MergeOptions::default()).unwrap();
+    let r = merge(
+        &built.paths[0],
+        Some(&built.paths[2]),
+        &MergeOptions::default(),
+    )
+    .unwrap();
     assert_eq!(r.blocks_allocated, 0);
     assert_eq!(r.destination_growth, 0);
     assert_eq!(r.plan.blocks_to_allocate, 0);
@@ -677,8 +873,96 @@ fn fixed_destination_and_report_fields() {
 fn destination_identity_is_kept() {
     let dir = fast_tempdir();
     let built = small_chain(dir.path(), 13);
-    let before = Vhd::open(&built.paths[1], OpenOptions::read_only()).unwrap().footer().to_bytes();
+    let before = Vhd::open(&built.paths[1], OpenOptions::read_only())
+        .unwrap()
+        .footer()
+        .to_bytes();
     merge(&built.paths[0], None, &MergeOptions::default()).unwrap();
-    let after = Vhd::open(&built.paths[1], OpenOptions::read_only()).unwrap().footer().to_bytes();
+    let after = Vhd::open(&built.paths[1], OpenOptions::read_only())
+        .unwrap()
+        .footer()
+        .to_bytes();
     assert_eq!(before, after, "the destination's footer changed");
+}
+
+#[cfg(feature = "cli")]
+fn cli(args: &[&std::ffi::OsStr]) -> (bool, serde_json::Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"))
+        .arg("merge")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_merge_json_and_exit_status() {
+    let dir = fast_tempdir();
+    let built = small_chain(dir.path(), 14);
+    let (src, mid, dest) = (
+        built.paths[0].as_os_str(),
+        built.paths[1].as_os_str(),
+        built.paths[2].as_os_str(),
+    );
+    let json = std::ffi::OsStr::new("--json");
+
+    let (ok, v, _) = cli(&[src, dest, std::ffi::OsStr::new("--dry-run"), json]);
+    assert!(ok, "{v}");
+    assert_eq!(v["job_state"], 7);
+    assert_eq!(v["return_code"], 0);
+    assert_eq!(v["bytes_merged"], 0);
+    assert_eq!(v["plan"]["layers"].as_array().unwrap().len(), 2);
+    assert!(v["plan"]["bytes_total"].as_u64().unwrap() > 0);
+
+    // Failure: exit status 1, JSON with the code, an error line on stderr.
+    let (ok, v, err) = cli(&[dest, json]);
+    assert!(!ok);
+    assert_eq!(v["job_state"], 10);
+    assert_eq!(v["return_code"], 32773);
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("differencing")
+    );
+    assert!(err.starts_with("error 32773"), "{err}");
+
+    let (ok, v, _) = cli(&[src, dest, std::ffi::OsStr::new("--verify"), json]);
+    assert!(ok, "{v}");
+    assert_eq!(v["percent_complete"], 100);
+    let merged = v["bytes_merged"].as_u64().unwrap();
+    assert!(merged > 0);
+    assert_eq!(v["verified"]["bytes"].as_u64(), Some(merged));
+    let obsolete: Vec<&str> = v["obsolete"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        obsolete,
+        vec![built.paths[0].to_str().unwrap(), mid.to_str().unwrap()]
+    );
+    assert_eq!(read_view(&built.paths[2]), built.model.view(0));
+
+    // Text mode: a summary line.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"))
+        .arg("merge")
+        .arg(src)
+        .arg(dest)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("merged ") && text.contains("now obsolete"),
+        "{text}"
+    );
 }

@@ -39,7 +39,11 @@ fn qemu_raw(path: &Path, out: &Path) -> Vec<u8> {
         .arg(out)
         .status()
         .unwrap();
-    assert!(st.success(), "qemu-img convert failed on {}", path.display());
+    assert!(
+        st.success(),
+        "qemu-img convert failed on {}",
+        path.display()
+    );
     std::fs::read(out).unwrap()
 }
 
@@ -58,11 +62,20 @@ fn check_with_qemu(base: BaseKind, seed: u64) {
             seed,
         },
     );
-    merge(&built.paths[0], Some(&built.paths[2]), &MergeOptions::default()).unwrap();
+    merge(
+        &built.paths[0],
+        Some(&built.paths[2]),
+        &MergeOptions::default(),
+    )
+    .unwrap();
     let raw = qemu_raw(&built.paths[2], &dir.path().join("out.raw"));
     let want = built.model.merged(2);
     assert!(raw.len() >= want.len(), "qemu-img gave {} bytes", raw.len());
-    assert_eq!(first_diff(&raw[..want.len()], &want), None, "qemu-img disagrees");
+    assert_eq!(
+        first_diff(&raw[..want.len()], &want),
+        None,
+        "qemu-img disagrees"
+    );
     assert!(raw[want.len()..].iter().all(|&b| b == 0));
 }
 
@@ -175,10 +188,17 @@ fn differencing_destination_reads_the_same_in_libvhdi() {
         assert!(st.success());
         std::fs::read(&out).unwrap()
     };
-    assert_eq!(first_diff(&read("dest.vhd", "base.vhd"), &model.view(2)), None);
+    assert_eq!(
+        first_diff(&read("dest.vhd", "base.vhd"), &model.view(2)),
+        None
+    );
 
     merge(p("src.vhd"), Some(&p("dest.vhd")), &MergeOptions::default()).unwrap();
     let got = read("dest.vhd", "base.vhd");
-    assert_eq!(first_diff(&got, &model.merged(2)), None, "libvhdi disagrees");
+    assert_eq!(
+        first_diff(&got, &model.merged(2)),
+        None,
+        "libvhdi disagrees"
+    );
     assert_eq!(got, model.view(0));
 }

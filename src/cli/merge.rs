@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -55,15 +55,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..MergeOptions::default()
     };
     let bar = (!args.json && !args.dry_run && std::io::stderr().is_terminal()).then(new_bar);
-    if let Some(bar) = &bar {
-        let b = bar.clone();
-        options.progress = Some(Arc::new(move |p: &Progress| {
-            if p.state == JobState::Running {
-                b.set_length(p.bytes_total);
-                b.set_position(p.bytes_done);
-            }
-        }));
-    }
+    // The last progress seen, for the JSON of a merge that fails part-way.
+    let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
+    let (b, l) = (bar.clone(), last.clone());
+    options.progress = Some(Arc::new(move |p: &Progress| {
+        if let Ok(mut slot) = l.lock() {
+            *slot = Some(*p);
+        }
+        if let Some(b) = &b
+            && p.state == JobState::Running
+        {
+            b.set_length(p.bytes_total);
+            b.set_position(p.bytes_done);
+        }
+    }));
     let res = merge(&args.source, args.destination.as_deref(), &options);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -72,7 +77,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if args.json {
         let out = match &res {
             Ok(r) => report_json(r, seconds),
-            Err(e) => error_json(e, seconds),
+            Err(e) => error_json(e, seconds, last.lock().ok().and_then(|g| *g)),
         };
         println!("{out}");
         return Ok(match res {
@@ -141,7 +146,11 @@ fn summary(r: &MergeReport, seconds: f64) -> String {
         r.blocks_allocated
     );
     if let Some(v) = &r.verified {
-        s.push_str(&format!("; verified {} in {} unit(s)", human(v.bytes), v.units));
+        s.push_str(&format!(
+            "; verified {} in {} unit(s)",
+            human(v.bytes),
+            v.units
+        ));
     }
     if !r.removed.is_empty() {
         let list: Vec<String> = r.removed.iter().map(|p| name(p)).collect();
@@ -227,7 +236,7 @@ fn report_json(r: &MergeReport, seconds: f64) -> Value {
     v
 }
 
-fn error_json(e: &Error, seconds: f64) -> Value {
+fn error_json(e: &Error, seconds: f64, last: Option<Progress>) -> Value {
     let state = if matches!(e, Error::Cancelled(_)) {
         JobState::Terminated
     } else {
@@ -238,8 +247,8 @@ fn error_json(e: &Error, seconds: f64) -> Value {
         "job_state_name": state.name(),
         "return_code": e.return_code().code(),
         "error_description": e.to_string(),
-        "percent_complete": Value::Null,
-        "bytes_merged": 0,
+        "percent_complete": last.map_or(0, |p| p.percent_complete),
+        "bytes_merged": last.map_or(0, |p| p.bytes_done),
         "seconds": seconds,
         "obsolete": [],
     })

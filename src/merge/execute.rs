@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::job::{JobState, Tracker};
 use super::plan::MergePlan;
-use super::scan::{self, canonical, dir_of};
+use super::scan::{self, canonical, dir_of, tidy};
 use super::{MergeOptions, MergeReport, VerifyReport};
 use crate::chain::Chain;
 use crate::error::{Error, Result};
@@ -69,7 +69,11 @@ pub fn read_assembled(
             buf.len()
         )));
     }
-    chain.read_at(plan.destination_index, start * SECTOR_SIZE, &mut buf[..bytes])?;
+    chain.read_at(
+        plan.destination_index,
+        start * SECTOR_SIZE,
+        &mut buf[..bytes],
+    )?;
     Ok((masked_crc(buf, &claimed), claimed))
 }
 
@@ -111,8 +115,8 @@ pub(crate) fn run(
             dest_ro.virtual_size()
         )));
     }
-    let dest_path = dest_ro.path().to_path_buf();
-    let merged: Vec<PathBuf> = (0..d).map(|i| chain.vhd(i).path().to_path_buf()).collect();
+    let dest_path = tidy(dest_ro.path());
+    let merged: Vec<PathBuf> = (0..d).map(|i| tidy(chain.vhd(i).path())).collect();
     let relink = check_relink(&chain, d, &options.relink)?;
     if !options.dry_run {
         for child in &relink {
@@ -286,7 +290,13 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .layers()
             .iter()
             .enumerate()
-            .map(|(i, l)| format!("\n  {i}: {} ({})", l.vhd.path().display(), l.vhd.unique_id()))
+            .map(|(i, l)| {
+                format!(
+                    "\n  {i}: {} ({})",
+                    l.vhd.path().display(),
+                    l.vhd.unique_id()
+                )
+            })
             .collect()
     };
     let source = chain.vhd(0).path();

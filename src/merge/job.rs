@@ -192,7 +192,11 @@ impl Tracker {
                 JobState::Completed
             }
             Err(e) => {
-                let mut slot = self.shared.error.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut slot = self
+                    .shared
+                    .error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 *slot = Some((e.return_code(), e.to_string()));
                 if matches!(e, Error::Cancelled(_)) {
                     JobState::Terminated
@@ -325,7 +329,11 @@ impl Job {
             Ok(res) => res,
             Err(_) => {
                 let e = Error::InvalidState("the merge thread panicked".into());
-                *self.shared.error.lock().unwrap_or_else(PoisonError::into_inner) =
+                *self
+                    .shared
+                    .error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
                     Some((ReturnCode::Failed, e.to_string()));
                 self.shared
                     .state

@@ -127,7 +127,7 @@ impl MergePlan {
 
         let mut layers: Vec<PlannedLayer> = (0..d)
             .map(|li| PlannedLayer {
-                path: chain.vhd(li).path().to_path_buf(),
+                path: super::scan::tidy(chain.vhd(li).path()),
                 unique_id: chain.vhd(li).unique_id(),
                 bytes: 0,
             })
@@ -167,8 +167,8 @@ impl MergePlan {
             0
         };
         Ok(MergePlan {
-            source: source.path().to_path_buf(),
-            destination: dest.path().to_path_buf(),
+            source: super::scan::tidy(source.path()),
+            destination: super::scan::tidy(dest.path()),
             destination_index: d,
             destination_type: dest.disk_type(),
             unit_bytes: dest.block_size(),

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::format::DiskType;
 use crate::format::footer::{FOOTER_SIZE, Footer};
 use crate::format::header::{DynamicHeader, HEADER_SIZE};
-use crate::format::DiskType;
 use crate::io::pread_exact;
 
 /// Identity of a VHD file read cheaply: its footer and, for a differencing disk, its header.
@@ -49,7 +49,9 @@ pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
         }
         let mut b = [0u8; HEADER_SIZE];
         pread_exact(&file, &mut b, at).ok()?;
-        let h = DynamicHeader::parse(&b).ok().filter(DynamicHeader::checksum_ok)?;
+        let h = DynamicHeader::parse(&b)
+            .ok()
+            .filter(DynamicHeader::checksum_ok)?;
         Some(h.parent_unique_id)
     } else {
         None
@@ -65,6 +67,14 @@ pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
 /// The canonical form of `p`, or `p` itself when it cannot be resolved.
 pub(crate) fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `p` without `.` components (`dir/./a.vhd` as a relative locator resolves is `dir/a.vhd`);
+/// `..` is kept, as removing it is only right when no symlink is involved.
+pub(crate) fn tidy(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 /// The directory holding `p` (`.` for a bare file name).

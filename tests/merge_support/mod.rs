@@ -265,11 +265,14 @@ pub fn hashes(paths: &[PathBuf]) -> Vec<(u32, u64)> {
 
 /// First differing byte of two buffers, for messages.
 pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter().zip(b).position(|(x, y)| x != y).or(if a.len() != b.len() {
-        Some(a.len().min(b.len()))
-    } else {
-        None
-    })
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or(if a.len() != b.len() {
+            Some(a.len().min(b.len()))
+        } else {
+            None
+        })
 }
 
 /// Copy every file of `from` into `to` (which must exist).
