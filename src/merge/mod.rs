@@ -80,8 +80,14 @@ pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 /// fault injection with [`crate::io::FaultyStorage`], corruption, counting).
 pub type StorageWrapper = Arc<dyn Fn(Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync>;
 
-/// Default amount of destination block space written between two commits.
-pub const DEFAULT_BATCH_BYTES: u64 = 128 << 20;
+/// Default amount of destination block space written between two commits: 1 GiB.
+///
+/// A re-run after a crash redoes every write (the source is unchanged), so the batch size does
+/// not change how much work an interruption costs; it bounds the bitmap and BAT updates held
+/// in memory, and sets how often the destination is flushed. Flushes are the expensive part on
+/// virtual disks: on the development VM, 1 GiB of full blocks merged in about 1.3 s with one
+/// batch against 2 to 3 s with 128 MiB batches (eight flushes).
+pub const DEFAULT_BATCH_BYTES: u64 = 1 << 30;
 
 /// Options of a merge.
 #[derive(Clone)]
