@@ -58,10 +58,17 @@ fn block_size_strategy() -> impl Strategy<Value = u32> {
     prop_oneof![Just(512 * KIB), Just(MIB), Just(2 * MIB)]
 }
 
-fn chain_strategy() -> impl Strategy<Value = (ChainSpec, usize, bool, bool)> {
-    (2usize..=7, any::<bool>(), 1024u64..=10240, any::<u64>())
-        .prop_flat_map(|(n, fixed, size, seed)| {
+fn chain_strategy() -> impl Strategy<Value = (ChainSpec, usize, bool, bool, u64)> {
+    (
+        2usize..=7,
+        any::<bool>(),
+        1024u64..=10240,
+        any::<u64>(),
+        prop_oneof![Just(512u64 << 10), Just(3 << 20), Just(1 << 30)],
+    )
+        .prop_flat_map(|(n, fixed, size, seed, batch)| {
             (
+                Just(batch),
                 Just(n),
                 Just(fixed),
                 Just(size),
@@ -73,19 +80,22 @@ fn chain_strategy() -> impl Strategy<Value = (ChainSpec, usize, bool, bool)> {
                 any::<bool>(),
             )
         })
-        .prop_map(|(n, fixed, size, seed, bs, density, d, explicit, verify)| {
-            let base = if fixed {
-                BaseKind::Fixed
-            } else {
-                BaseKind::Dynamic
-            };
-            (
-                spec(n, base, bs, density, size, seed),
-                d,
-                explicit || d > 1,
-                verify,
-            )
-        })
+        .prop_map(
+            |(batch, n, fixed, size, seed, bs, density, d, explicit, verify)| {
+                let base = if fixed {
+                    BaseKind::Fixed
+                } else {
+                    BaseKind::Dynamic
+                };
+                (
+                    spec(n, base, bs, density, size, seed),
+                    d,
+                    explicit || d > 1,
+                    verify,
+                    batch,
+                )
+            },
+        )
 }
 
 fn cases() -> u32 {
@@ -102,7 +112,7 @@ proptest! {
     /// fixed/dynamic/differencing destinations) merge to exactly the model's content, and no
     /// other file changes.
     #[test]
-    fn merged_view_matches_model((spec, d, explicit, verify) in chain_strategy()) {
+    fn merged_view_matches_model((spec, d, explicit, verify, batch_bytes) in chain_strategy()) {
         let dir = fast_tempdir();
         let built = build_chain(dir.path(), &spec);
         let model = &built.model;
@@ -114,7 +124,7 @@ proptest! {
             .filter(|(i, _)| *i != d).map(|(_, p)| p.clone()).collect();
         let before = hashes(&others);
 
-        let opts = MergeOptions { verify, ..MergeOptions::default() };
+        let opts = MergeOptions { verify, batch_bytes, ..MergeOptions::default() };
         let report = merge(&built.paths[0], explicit.then_some(dest.as_path()), &opts).unwrap();
 
         let expected = model.merged(d);
