@@ -21,7 +21,7 @@ use crate::io::{FileStorage, Storage};
 /// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
 /// merged layers' data at the sectors they provide, one read per contributing layer and block.
 /// Returns the mask of those sectors, sized for [`Vhd::write_block`] on the destination;
-/// bytes outside it are left as they were.
+/// bytes outside it are unspecified (left as they were, or stale bytes of the layer).
 pub fn assemble_unit(
     chain: &Chain,
     plan: &MergePlan,
@@ -43,7 +43,35 @@ pub fn assemble_unit(
         return Ok(mask);
     }
     let span = chain.plan_span(0..plan.destination_index, start, n)?;
-    chain.read_plan(&span, &mut buf[..n * SECTOR_SIZE as usize], scratch)?;
+    if let [only] = span.sources.as_slice() {
+        // One layer provides every merged sector of the unit: read each piece's span of
+        // claimed sectors straight into `buf`, without the copy run by run that read_plan
+        // does through `scratch` (it must, when several layers interleave). The unclaimed
+        // sectors inside the span receive that layer's stale bytes, which is harmless:
+        // write_block never writes a sector outside the mask as it is (it zero-fills or
+        // re-reads them).
+        let vhd = chain.vhd(only.layer);
+        for p in &only.pieces {
+            let range = p.first..p.first + p.len;
+            let Some(lo) = only
+                .claimed
+                .runs_in(range.clone(), true)
+                .next()
+                .map(|r| r.start)
+            else {
+                continue;
+            };
+            let hi = only
+                .claimed
+                .runs_in(range, true)
+                .last()
+                .map_or(lo, |r| r.end);
+            let at = p.file_offset + (lo - p.first) as u64 * SECTOR_SIZE;
+            vhd.read_raw(&mut buf[lo * 512..hi * 512], at)?;
+        }
+    } else {
+        chain.read_plan(&span, &mut buf[..n * SECTOR_SIZE as usize], scratch)?;
+    }
     for src in &span.sources {
         mask.or(&src.claimed);
     }
