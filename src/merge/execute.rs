@@ -523,7 +523,7 @@ fn copy_units(
     dest: &mut Vhd,
     options: &MergeOptions,
     tracker: &Tracker,
-    crcs: &mut Option<Vec<(u64, u32)>>,
+    crcs: &mut Option<Vec<u32>>,
 ) -> Result<u64> {
     let buffers = (PIPELINE_BYTES / plan.unit_bytes).clamp(2, 4) as usize;
     let want_crc = crcs.is_some();
@@ -566,7 +566,7 @@ fn write_units(
     dest: &mut Vhd,
     options: &MergeOptions,
     tracker: &Tracker,
-    crcs: &mut Option<Vec<(u64, u32)>>,
+    crcs: &mut Option<Vec<u32>>,
     full_rx: &mpsc::Receiver<Result<Assembled>>,
     free_tx: &mpsc::Sender<Vec<u8>>,
 ) -> Result<u64> {
@@ -608,7 +608,7 @@ fn write_units(
             }
             let bytes = item.mask.count_ones() as u64 * SECTOR_SIZE;
             if let (Some(c), Some(crc)) = (crcs.as_mut(), item.crc) {
-                c.push((unit, crc));
+                c.push(crc);
             }
             dest.write_block(unit, &mut item.buf, &item.mask)?;
             let _ = free_tx.send(item.buf);
@@ -627,7 +627,7 @@ fn verify(
     plan: &MergePlan,
     dest_path: &Path,
     options: &MergeOptions,
-    crcs: &[(u64, u32)],
+    crcs: &[u32],
 ) -> Result<VerifyReport> {
     let d = plan.destination_index;
     let mut layers = chain.into_layers();
@@ -646,7 +646,15 @@ fn verify(
     let mut buf = vec![0u8; plan.unit_bytes as usize];
     let mut bytes = 0u64;
     let mut bad = Vec::new();
-    for &(unit, want) in crcs {
+    // CRCs were recorded in plan order, one per unit.
+    if crcs.len() as u64 != plan.units {
+        return Err(Error::InvalidState(format!(
+            "verify: {} CRCs recorded for {} units",
+            crcs.len(),
+            plan.units
+        )));
+    }
+    for (unit, &want) in plan.unit_indices().zip(crcs) {
         let (got, mask) = read_assembled(&chain, plan, unit, &mut buf)?;
         bytes += mask.count_ones() as u64 * SECTOR_SIZE;
         if got != want {
