@@ -6,6 +6,7 @@
 //! - [`format`]: the on-disk structures, sans I/O.
 //! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
 //! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
+//! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]).
 //!
 //! ```
 //! use vhd_merge::{create, OpenOptions, Vhd};
