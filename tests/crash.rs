@@ -49,10 +49,10 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "fixed destination",
             spec: ChainSpec {
-                size_sectors: 16384 + 3,
+                size_sectors: 49152 + 3,
                 base: BaseKind::Fixed,
                 block_sizes: vec![512 * KIB, 2 * MIB, 2 * MIB],
-                density: vec![80, 60, 0],
+                density: vec![50, 40, 0],
                 seed: 303,
             },
             dest: 2,
