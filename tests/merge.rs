@@ -256,6 +256,32 @@ fn larger_source_is_refused_smaller_is_merged() {
     let v = read_view(&parent);
     assert!(v[..3 << 20].iter().all(|&b| b == 5));
     assert!(v[3 << 20..].iter().all(|&b| b == 1));
+
+    // A child whose end falls inside a destination block: the block is written only up to it.
+    let odd = (3 << 20) + 1536;
+    std::fs::remove_file(&child).unwrap();
+    dynamic_with_id(&parent, odd, id);
+    create_differencing(&child, &parent, &CreateOptions::default())
+        .unwrap()
+        .write_at(0, &vec![6u8; odd as usize])
+        .unwrap();
+    dynamic_with_id(&parent, 8 << 20, id);
+    let mut p = Vhd::open(&parent, OpenOptions::writable()).unwrap();
+    p.write_at(0, &vec![1u8; 8 << 20]).unwrap();
+    drop(p);
+    let r = merge(
+        &child,
+        None,
+        &MergeOptions {
+            verify: true,
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.bytes_merged, odd);
+    let v = read_view(&parent);
+    assert!(v[..odd as usize].iter().all(|&b| b == 6));
+    assert!(v[odd as usize..].iter().all(|&b| b == 1));
 }
 
 #[test]
