@@ -10,6 +10,7 @@
 //!   reads through the chain ([`Chain::read_at`], [`ChainReader`]).
 //! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
 //! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
+//! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]).
 //!
 //! ```
 //! use vhd_merge::{create, OpenOptions, Vhd};
@@ -36,6 +37,7 @@ pub mod format;
 pub mod image;
 pub mod io;
 pub mod locator;
+pub mod merge;
 pub mod setparent;
 
 pub use chain::{Chain, ChainOptions, ChainReader, Layer};
@@ -43,6 +45,7 @@ pub use error::{Error, ParentCandidate, Result, ReturnCode};
 pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
 pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
 
 /// The README's examples, compiled and run as doc tests so they cannot go stale.
