@@ -852,6 +852,8 @@ fn remove_merged_and_relink_rules() {
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     assert!(e.to_string().contains("change its content"), "{e}");
     std::fs::remove_file(&mid_child).unwrap();
+    // Both refusals came before any write.
+    assert_eq!(hashes(&built.paths), before);
 
     // Relinking a child of the source to the destination keeps the child's view and lets the
     // source and the intermediate go.
