@@ -3,9 +3,27 @@
 //!
 //! The composition primitive, [`Chain::plan_span`] plus [`Chain::read_plan`], decides for a
 //! range of virtual sectors which layer provides each sector (the nearest layer whose bitmap
-//! holds it) and reads them with one read per contributing layer and block. Reading through
-//! the chain, flattening and merging all use it.
+//! holds it) and reads them with one read per contributing layer and block.
+//! Reading through the chain, flattening and merging all use it.
+//!
+//! # Finding parents (§5)
+//!
+//! For each differencing disk the candidates are tried in this order, and the first whose
+//! footer Unique Id equals the child's Parent Unique Id is the parent:
+//!
+//! 1. the caller's overrides: [`ChainOptions::parent`] (for the first link it is the only
+//!    candidate), then in each of [`ChainOptions::search_dirs`] the file names the child gives
+//!    (header name, then each locator's file name);
+//! 2. the locators, W2ru, W2ku, MacX, Wi2r, Wi2k (slot order within a code), each mapped
+//!    onto this host by [`crate::locator::map_locator_path`];
+//! 3. the header's Parent Unicode Name (its last component) in the child's directory;
+//! 4. every regular file in the search directories whose footer carries the wanted unique id
+//!    (a renamed parent), unless [`ChainOptions::scan_search_dirs`] is off.
+//!
+//! Identical paths are tried once. A missing parent fails with [`Error::ParentNotFound`]
+//! listing each candidate and why it failed. Resolving opens files read-only and never writes.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -35,6 +53,9 @@ pub struct ChainOptions {
     pub size_rule: SizeRule,
     /// At most this many layers.
     pub max_depth: usize,
+    /// Also probe every regular file in the search directories for the wanted unique id, to
+    /// find a parent that was renamed (on by default; only footers are read).
+    pub scan_search_dirs: bool,
 }
 
 impl Default for ChainOptions {
@@ -47,6 +68,7 @@ impl Default for ChainOptions {
             lenient: false,
             size_rule: SizeRule::Auto,
             max_depth: DEFAULT_MAX_DEPTH,
+            scan_search_dirs: true,
         }
     }
 }
@@ -117,7 +139,12 @@ impl SpanPlan {
 
 impl Chain {
     /// Open the VHD at `path` and every ancestor, following parent locators and checking each
-    /// link by unique id, until a fixed or dynamic disk. Every file is opened read-only.
+    /// link by unique id, until a fixed or dynamic disk. Every file is opened read-only; see
+    /// the module documentation for the order in which parents are looked for.
+    ///
+    /// Errors: [`Error::ParentNotFound`] (File not found) listing every candidate tried;
+    /// [`Error::InvalidState`] for a cycle (the same unique id or the same file twice) or a
+    /// chain deeper than [`ChainOptions::max_depth`].
     pub fn open(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
         let path = path.as_ref();
         let open_opts = OpenOptions {
@@ -126,6 +153,7 @@ impl Chain {
             size_rule: options.size_rule,
         };
         let first = Vhd::open(path, open_opts)?;
+        let confine = canonical_confinement(options);
         let mut seen_ids = HashSet::new();
         let mut seen_paths = HashSet::new();
         seen_ids.insert(first.unique_id());
@@ -142,21 +170,37 @@ impl Chain {
             }
             if layers.len() >= options.max_depth {
                 return Err(Error::InvalidState(format!(
-                    "{}: chain is deeper than {} layers",
+                    "{}: the chain is deeper than the limit of {} layers (the last one reached is {}, whose parent would be layer {})",
                     path.display(),
-                    options.max_depth
+                    options.max_depth,
+                    child.path().display(),
+                    layers.len() + 1
                 )));
             }
-            let (parent, found_by, warnings) =
-                resolve_parent(child, options, layers.len() == 1, open_opts)?;
-            if !seen_ids.insert(parent.unique_id())
-                || !seen_paths.insert(canonical_or_self(parent.path()))
-            {
+            let (parent, found_by, warnings) = resolve_parent(
+                child,
+                options,
+                layers.len() == 1,
+                open_opts,
+                confine.as_deref(),
+            )?;
+            let canonical = canonical_or_self(parent.path());
+            if !seen_ids.insert(parent.unique_id()) || !seen_paths.insert(canonical.clone()) {
+                let first = layers
+                    .iter()
+                    .position(|l| {
+                        l.vhd.unique_id() == parent.unique_id()
+                            || canonical_or_self(l.vhd.path()) == canonical
+                    })
+                    .unwrap_or(0);
                 return Err(Error::InvalidState(format!(
-                    "{}: differencing chain cycle: {} (unique id {}) appears twice",
+                    "{}: the differencing chain has a cycle: the parent of {} is {} (unique id {}), which is already layer {first} ({}, unique id {})",
                     path.display(),
+                    child.path().display(),
                     parent.path().display(),
-                    parent.unique_id()
+                    parent.unique_id(),
+                    layers[first].vhd.path().display(),
+                    layers[first].vhd.unique_id()
                 )));
             }
             layers.push(Layer {
@@ -198,25 +242,48 @@ impl Chain {
         &self.layers[i].vhd
     }
 
+    /// A `Read + Seek` view of layer `layer`'s logical content (0 = the child).
+    pub fn reader(&self, layer: usize) -> Result<ChainReader<&Chain>> {
+        ChainReader::new(self, layer)
+    }
+
+    /// Like [`Chain::reader`], owning the chain.
+    pub fn into_reader(self, layer: usize) -> Result<ChainReader<Chain>> {
+        ChainReader::new(self, layer)
+    }
+
     /// Decide, for virtual sectors `start_sector .. start_sector + sectors`, which of the layers
     /// in `layers` (nearest first) provides each sector: the first whose bitmap holds it and
     /// whose virtual size covers it. Reads only bitmaps (one per layer block).
+    ///
+    /// A layer's content ends at its own virtual size, so a layer sees its ancestors only up
+    /// to the smallest virtual size between them: a sector past the end of any layer from
+    /// the first of the range down to `li` is never taken from layer `li` (zeros past the end
+    /// of a smaller ancestor, even when an older ancestor is larger again).
     pub fn plan_span(
         &self,
         layers: Range<usize>,
         start_sector: u64,
         sectors: usize,
     ) -> Result<SpanPlan> {
+        if layers.end > self.layers.len() {
+            return Err(Error::InvalidParameter(format!(
+                "layers {layers:?}: the chain has {} layer(s)",
+                self.layers.len()
+            )));
+        }
         let mut unclaimed = SectorBitmap::full(sectors);
         let mut sources = Vec::new();
-        let end_sector = start_sector + sectors as u64;
+        let end_sector = start_sector.saturating_add(sectors as u64);
+        let mut visible_end = end_sector;
         for li in layers {
             if unclaimed.none() {
                 break;
             }
             let vhd = &self.layers[li].vhd;
             let spb = vhd.sectors_per_block();
-            let layer_end = (vhd.virtual_size() / SECTOR_SIZE).min(end_sector);
+            visible_end = visible_end.min(vhd.virtual_size() / SECTOR_SIZE);
+            let layer_end = visible_end;
             let mut claimed = SectorBitmap::new(sectors);
             let mut pieces = Vec::new();
             let mut s = start_sector;
@@ -311,9 +378,15 @@ impl Chain {
     /// that holds it; zeros where none does (below a dynamic base, or past the end of an
     /// ancestor smaller than the child).
     pub fn read_at(&self, layer: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let size = self.layers[layer].vhd.virtual_size();
-        if offset % SECTOR_SIZE != 0
-            || buf.len() as u64 % SECTOR_SIZE != 0
+        let Some(top) = self.layers.get(layer) else {
+            return Err(Error::InvalidParameter(format!(
+                "layer {layer} does not exist: the chain has {} layer(s)",
+                self.layers.len()
+            )));
+        };
+        let size = top.vhd.virtual_size();
+        if !offset.is_multiple_of(SECTOR_SIZE)
+            || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
             || offset
                 .checked_add(buf.len() as u64)
                 .is_none_or(|e| e > size)
@@ -341,101 +414,548 @@ impl Chain {
     }
 }
 
+/// A `Read + Seek` view of one layer's logical content (see [`Chain::reader`]).
+///
+/// Any position and length work: reads that are not sector aligned go through a window of
+/// whole sectors read ahead; large aligned reads go straight into the caller's buffer.
+#[derive(Debug)]
+pub struct ChainReader<C: Borrow<Chain> = Chain> {
+    chain: C,
+    layer: usize,
+    size: u64,
+    pos: u64,
+    window: Vec<u8>,
+    window_start: u64,
+}
+
+/// Bytes a [`ChainReader`] reads ahead for small or unaligned reads.
+const READ_WINDOW: usize = 1 << 20;
+
+impl<C: Borrow<Chain>> ChainReader<C> {
+    /// A reader of layer `layer`'s logical content (0 = the child), at position 0.
+    pub fn new(chain: C, layer: usize) -> Result<ChainReader<C>> {
+        let size = match chain.borrow().layers.get(layer) {
+            Some(l) => l.vhd.virtual_size(),
+            None => {
+                return Err(Error::InvalidParameter(format!(
+                    "layer {layer} does not exist: the chain has {} layer(s)",
+                    chain.borrow().len()
+                )));
+            }
+        };
+        Ok(ChainReader {
+            chain,
+            layer,
+            size,
+            pos: 0,
+            window: Vec::new(),
+            window_start: 0,
+        })
+    }
+
+    /// The logical size in bytes (the layer's virtual size).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The chain read through.
+    pub fn chain(&self) -> &Chain {
+        self.chain.borrow()
+    }
+
+    /// Take the chain back.
+    pub fn into_inner(self) -> C {
+        self.chain
+    }
+
+    fn fill_window(&mut self) -> Result<()> {
+        let start = self.pos - self.pos % SECTOR_SIZE;
+        let len = (self.size - start).min(READ_WINDOW as u64) as usize;
+        self.window.resize(len, 0);
+        self.window_start = start;
+        if let Err(e) = self
+            .chain
+            .borrow()
+            .read_at(self.layer, start, &mut self.window)
+        {
+            self.window.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl<C: Borrow<Chain>> std::io::Read for ChainReader<C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.size - self.pos) as usize;
+        let ws = self.window_start;
+        let we = ws + self.window.len() as u64;
+        if !(ws..we).contains(&self.pos) {
+            let aligned = want - want % SECTOR_SIZE as usize;
+            if self.pos.is_multiple_of(SECTOR_SIZE) && aligned >= READ_WINDOW {
+                // Large aligned read: no copy through the window.
+                self.chain
+                    .borrow()
+                    .read_at(self.layer, self.pos, &mut buf[..aligned])
+                    .map_err(std::io::Error::other)?;
+                self.pos += aligned as u64;
+                return Ok(aligned);
+            }
+            self.fill_window().map_err(std::io::Error::other)?;
+        }
+        let off = (self.pos - self.window_start) as usize;
+        let n = want.min(self.window.len() - off);
+        buf[..n].copy_from_slice(&self.window[off..off + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<C: Borrow<Chain>> std::io::Seek for ChainReader<C> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(p) => Some(p),
+            std::io::SeekFrom::End(d) => self.size.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match target {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek to a negative or overflowing position",
+            )),
+        }
+    }
+}
+
 fn canonical_or_self(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Candidate paths for `child`'s parent, in order, with where each came from.
-fn parent_candidates(
+/// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).
+pub const MAX_LOCATOR_PAYLOAD: u64 = 64 * 1024;
+
+/// At most this many directory entries are probed per search directory when looking for a
+/// renamed parent by unique id.
+pub const MAX_SCAN_ENTRIES: usize = 10_000;
+
+/// Platform codes in the order their locators are tried (§5.4): the relative Windows path
+/// first (it survives moving the whole chain), then the absolute one, the file URL, and the
+/// deprecated 8-bit forms.
+const LOCATOR_ORDER: [PlatformCode; 5] = [
+    PlatformCode::W2ru,
+    PlatformCode::W2ku,
+    PlatformCode::MacX,
+    PlatformCode::Wi2r,
+    PlatformCode::Wi2k,
+];
+
+/// A place the parent may be.
+#[derive(Debug)]
+struct Candidate {
+    path: PathBuf,
+    source: String,
+    /// From an absolute path in a locator: skipped when absolute locators are ignored.
+    absolute: bool,
+    /// Listed for the error message but never opened, with the reason.
+    skip: Option<String>,
+}
+
+/// Candidates in the order to try, without duplicate paths.
+#[derive(Debug, Default)]
+struct Candidates {
+    list: Vec<Candidate>,
+    seen: HashSet<PathBuf>,
+}
+
+impl Candidates {
+    fn push(&mut self, path: PathBuf, source: String, absolute: bool) {
+        let path = crate::locator::normalize(&path);
+        if self.seen.insert(path.clone()) {
+            self.list.push(Candidate {
+                path,
+                source,
+                absolute,
+                skip: None,
+            });
+        }
+    }
+
+    fn note(&mut self, path: PathBuf, source: String, reason: String) {
+        self.list.push(Candidate {
+            path,
+            source,
+            absolute: false,
+            skip: Some(reason),
+        });
+    }
+}
+
+/// The last component of a name that may be a full Windows or POSIX path (Windows 10 writes
+/// the full path into the header's Parent Unicode Name, §2.1), if it is a plain file name.
+fn file_name_of(name: &str) -> Option<&str> {
+    let base = name.rsplit(['\\', '/']).next()?;
+    (!base.is_empty() && base != "." && base != ".." && !base.contains('\0')).then_some(base)
+}
+
+/// The decoded locators of a differencing disk, in [`LOCATOR_ORDER`], as (code, slot, text);
+/// locators whose payload cannot be read are noted in `cands` instead.
+fn read_locators(
     child: &Vhd,
-    options: &ChainOptions,
-    first_link: bool,
-) -> Result<Vec<(PathBuf, String)>> {
-    let dir = child
-        .path()
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    if first_link {
-        if let Some(p) = &options.parent {
-            out.push((p.clone(), "--parent".to_string()));
-        }
-    }
+    cands: &mut Candidates,
+) -> Result<Vec<(PlatformCode, usize, String)>> {
     let Some(h) = child.header() else {
-        return Ok(out);
+        return Ok(Vec::new());
     };
-    for loc in h.locators.iter() {
-        if loc.platform_code != PlatformCode::W2ru {
-            continue;
-        }
-        let len = u64::from(loc.data_length);
-        if len == 0
-            || len > 64 * 1024
-            || loc.data_offset.saturating_add(len) > child.footer_offset()
-        {
-            continue;
-        }
-        let mut data = vec![0u8; len as usize];
-        child.read_raw(&mut data, loc.data_offset)?;
-        if let Some(text) = loc.platform_code.decode_payload(&data) {
-            let rel = text.replace('\\', "/");
-            out.push((dir.join(rel), loc.platform_code.name()));
-        }
-    }
-    let name = h.parent_name();
-    let base = name.rsplit(['\\', '/']).next().unwrap_or("").to_string();
-    if !base.is_empty() {
-        out.push((dir.join(&base), "header name".to_string()));
-        for d in &options.search_dirs {
-            out.push((d.join(&base), "header name in search dir".to_string()));
+    let file_len = child
+        .storage()
+        .len()
+        .map_err(|e| Error::io(format!("{}: reading length", child.path().display()), e))?;
+    let mut out = Vec::new();
+    for code in LOCATOR_ORDER {
+        for (slot, loc) in h.locators.iter().enumerate() {
+            if loc.platform_code != code {
+                continue;
+            }
+            let len = u64::from(loc.data_length);
+            let source = format!("{} (locator {slot})", code.name());
+            let pseudo = PathBuf::from(format!("<{} locator {slot}>", code.name()));
+            if len == 0 {
+                cands.note(pseudo, source, "locator data is empty".into());
+                continue;
+            }
+            if len > MAX_LOCATOR_PAYLOAD {
+                cands.note(
+                    pseudo,
+                    source,
+                    format!(
+                        "locator data is {len} bytes, more than the {MAX_LOCATOR_PAYLOAD} read"
+                    ),
+                );
+                continue;
+            }
+            if loc
+                .data_offset
+                .checked_add(len)
+                .is_none_or(|e| e > file_len)
+            {
+                cands.note(
+                    pseudo,
+                    source,
+                    format!(
+                        "locator data at offset {} + {len} bytes lies outside the file ({file_len} bytes)",
+                        loc.data_offset
+                    ),
+                );
+                continue;
+            }
+            // Bounded by MAX_LOCATOR_PAYLOAD and checked against the file length above.
+            let mut data = vec![0u8; len as usize];
+            child.read_raw(&mut data, loc.data_offset)?;
+            if let Some(text) = code.decode_payload(&data) {
+                out.push((code, slot, text));
+            }
         }
     }
     Ok(out)
 }
 
+/// Every candidate for `child`'s parent, in the order tried (see [`Chain::open`]).
+fn parent_candidates(
+    child: &Vhd,
+    child_dir: &Path,
+    options: &ChainOptions,
+    first_link: bool,
+    want: uuid::Uuid,
+) -> Result<Candidates> {
+    let mut cands = Candidates::default();
+    if first_link && let Some(p) = &options.parent {
+        // The caller's word overrides everything the file says.
+        cands.push(crate::locator::absolute(p)?, "--parent".into(), false);
+        return Ok(cands);
+    }
+    let header_name = child.header().map(|h| h.parent_name()).unwrap_or_default();
+    let locators = read_locators(child, &mut cands)?;
+
+    // File names to look for in the search directories: the header's, then each locator's.
+    let mut names: Vec<(String, String)> = Vec::new();
+    if let Some(n) = file_name_of(&header_name) {
+        names.push((n.to_string(), "header name".into()));
+    }
+    for (code, _, text) in &locators {
+        let t = match code {
+            PlatformCode::MacX => crate::locator::path_from_file_url(text).unwrap_or_default(),
+            _ => text.clone(),
+        };
+        if let Some(n) = file_name_of(&t)
+            && !names.iter().any(|(m, _)| m == n)
+        {
+            names.push((n.to_string(), format!("{} file name", code.name())));
+        }
+    }
+    for d in &options.search_dirs {
+        let d = crate::locator::absolute(d)?;
+        for (n, origin) in &names {
+            cands.push(d.join(n), format!("search dir, {origin}"), false);
+        }
+    }
+
+    for (code, slot, text) in &locators {
+        let (text, windows_syntax) = match code {
+            PlatformCode::MacX => match crate::locator::path_from_file_url(text) {
+                Some(p) => (p, false),
+                None => {
+                    cands.note(
+                        PathBuf::from(text),
+                        format!("MacX (locator {slot})"),
+                        "not a file:// URL".into(),
+                    );
+                    continue;
+                }
+            },
+            _ => (text.clone(), true),
+        };
+        for m in crate::locator::map_locator_path(&text, child_dir, windows_syntax) {
+            let source = match m.rule {
+                "as written" | "relative to child" => code.name(),
+                rule => format!("{} {rule}", code.name()),
+            };
+            cands.push(m.path, source, m.absolute);
+        }
+    }
+
+    if let Some(n) = file_name_of(&header_name) {
+        cands.push(child_dir.join(n), "header name".into(), false);
+    }
+    if options.scan_search_dirs {
+        for d in &options.search_dirs {
+            scan_dir(&crate::locator::absolute(d)?, want, &mut cands);
+        }
+    }
+    Ok(cands)
+}
+
+/// Probe the regular files of `dir` for one whose footer (at the end or the copy at offset 0)
+/// carries unique id `want`: finds a parent that was renamed.
+fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
+    let source = "search dir, by unique id".to_string();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            cands.note(dir.to_path_buf(), source, format!("cannot list: {e}"));
+            return;
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .take(MAX_SCAN_ENTRIES)
+        .collect();
+    paths.sort();
+    let mut probed = 0usize;
+    let mut found = false;
+    for p in paths {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if !meta.is_file() || meta.len() < 512 {
+            continue;
+        }
+        probed += 1;
+        if footer_ids(&p, meta.len()).contains(&want) {
+            found = true;
+            cands.push(p, source.clone(), false);
+        }
+    }
+    if !found {
+        cands.note(
+            dir.to_path_buf(),
+            source,
+            format!("none of the {probed} regular file(s) has unique id {want}"),
+        );
+    }
+}
+
+/// The unique ids in the footer and in the offset-0 copy of the file at `path`, if they parse.
+fn footer_ids(path: &Path, len: u64) -> Vec<uuid::Uuid> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for off in [len - 512, 0] {
+        let mut b = [0u8; 512];
+        if crate::io::pread_exact(&f, &mut b, off).is_ok()
+            && let Ok(footer) = crate::format::Footer::parse(&b)
+        {
+            out.push(footer.unique_id);
+        }
+    }
+    out
+}
+
+/// The allowed directories of [`ChainOptions::confine_to`], canonicalised; directories that
+/// do not exist allow nothing and are dropped.
+fn canonical_confinement(options: &ChainOptions) -> Option<Vec<PathBuf>> {
+    options.confine_to.as_ref().map(|dirs| {
+        dirs.iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect()
+    })
+}
+
+/// Why a candidate was not opened, or the path to open (canonical under confinement).
+fn admit(
+    c: &Candidate,
+    options: &ChainOptions,
+    confine: Option<&[PathBuf]>,
+) -> Result<PathBuf, String> {
+    if let Some(r) = &c.skip {
+        return Err(r.clone());
+    }
+    if c.absolute && options.ignore_absolute_locators {
+        return Err("absolute locator ignored (untrusted input)".into());
+    }
+    let path = match confine {
+        None => c.path.clone(),
+        Some(dirs) => match std::fs::canonicalize(&c.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("absent".into()),
+            Err(e) => return Err(format!("cannot resolve: {e}")),
+            Ok(real) if !dirs.iter().any(|d| crate::locator::is_inside(&real, d)) => {
+                return Err(format!(
+                    "outside the allowed directories (resolves to {})",
+                    real.display()
+                ));
+            }
+            // Opening the canonical path keeps a symlink swapped in later from leading out.
+            Ok(real) => real,
+        },
+    };
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("absent".into()),
+        Err(e) => Err(format!("cannot open: {e}")),
+        Ok(m) if !m.is_file() => Err(format!(
+            "not a regular file ({})",
+            if m.is_dir() {
+                "a directory"
+            } else {
+                "a FIFO, device or socket"
+            }
+        )),
+        Ok(_) => Ok(path),
+    }
+}
+
+/// A VHD time stamp as a UTC date and time.
+fn vhd_time_str(ts: u32) -> String {
+    let unix = crate::format::unix_from_vhd_timestamp(ts);
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Warnings about the link from `child` to `parent` that do not stop it: the Parent Time Stamp
+/// is advisory (§2.3). It is compared with the parent file's modification time (what blktap,
+/// VirtualBox and DiscUtils record) and with the parent's footer Time Stamp (its creation
+/// time); matching either is fine. Zero (Windows 10 writes it) means "not recorded".
+fn link_warnings(child: &Vhd, parent: &Vhd) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(h) = child.header() else {
+        return out;
+    };
+    let recorded = h.parent_timestamp;
+    if recorded == 0 {
+        return out;
+    }
+    let mtime = crate::create::parent_timestamp(parent.path()).ok();
+    let created = parent.footer().timestamp;
+    if Some(recorded) != mtime && recorded != created {
+        out.push(format!(
+            "parent time stamp {} recorded in {} matches neither the parent's file modification time ({}) nor its footer time stamp ({}); the unique id matches, so the link is used",
+            vhd_time_str(recorded),
+            child.path().display(),
+            mtime.map_or_else(|| "unknown".into(), vhd_time_str),
+            vhd_time_str(created)
+        ));
+    }
+    out
+}
+
+/// Find, open and verify `child`'s parent. Never writes.
 fn resolve_parent(
     child: &Vhd,
     options: &ChainOptions,
     first_link: bool,
     open_opts: OpenOptions,
+    confine: Option<&[PathBuf]>,
 ) -> Result<(Vhd, String, Vec<String>)> {
     let want = child.parent_unique_id().unwrap_or_default();
+    let parent_name = child.header().map(|h| h.parent_name()).unwrap_or_default();
+    if want.is_nil() {
+        return Err(Error::NotSupported {
+            path: Some(child.path().to_path_buf()),
+            detail: format!(
+                "differencing disk with an all-zero Parent Unique Id (parent \"{parent_name}\"): blktap marks a raw, non-VHD parent this way, which is not supported"
+            ),
+        });
+    }
+    let child_dir = crate::locator::absolute(child.path())?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let cands = parent_candidates(child, &child_dir, options, first_link, want)?;
     let mut tried = Vec::new();
-    for (path, source) in parent_candidates(child, options, first_link)? {
-        let reason = match Vhd::open(&path, open_opts) {
-            Ok(v) if v.unique_id() == want => {
-                let mut warnings = Vec::new();
-                if let Some(h) = child.header() {
-                    let ts = crate::create::parent_timestamp(&path).unwrap_or(0);
-                    if h.parent_timestamp != 0 && h.parent_timestamp != ts {
-                        warnings.push(format!(
-                            "parent time stamp {} recorded in {} differs from {} ({}); the unique id matches",
-                            h.parent_timestamp,
-                            child.path().display(),
-                            path.display(),
-                            ts
-                        ));
+    for c in cands.list {
+        let reason = match admit(&c, options, confine) {
+            Err(r) => r,
+            Ok(path) => match Vhd::open(&path, open_opts) {
+                Ok(v) if v.unique_id() == want => {
+                    let warnings = link_warnings(child, &v);
+                    return Ok((v, c.source, warnings));
+                }
+                Ok(v) => format!(
+                    "unique id mismatch: the file has {}, the child expects {want}",
+                    v.unique_id()
+                ),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let prefix = format!("{}: ", path.display());
+                    let msg = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
+                    match e {
+                        Error::Io { .. } => format!("cannot open: {msg}"),
+                        _ => format!("not a usable VHD: {msg}"),
                     }
                 }
-                return Ok((v, source, warnings));
-            }
-            Ok(v) => format!(
-                "unique id mismatch: file has {}, child expects {}",
-                v.unique_id(),
-                want
-            ),
-            Err(e) => e.to_string(),
+            },
         };
         tried.push(ParentCandidate {
-            path,
-            source,
+            path: c.path,
+            source: c.source,
             reason,
         });
     }
     Err(Error::ParentNotFound {
         child: child.path().to_path_buf(),
-        parent_name: child.header().map(|h| h.parent_name()).unwrap_or_default(),
+        parent_name,
         parent_id: want,
         tried,
     })

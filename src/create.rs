@@ -187,6 +187,13 @@ pub fn create_differencing(
     let parent = parent.as_ref();
     check_block_size(opts.block_size)?;
     let p = Vhd::open(parent, OpenOptions::read_only())?;
+    // With `overwrite`, creating the child would truncate the parent itself.
+    if same_file(path, parent) {
+        return Err(Error::InvalidParameter(format!(
+            "{} is the parent itself: a differencing disk cannot replace its own parent",
+            path.display()
+        )));
+    }
     let pf = p.footer().clone();
     drop(p);
     let mut footer = new_footer(pf.current_size, DiskType::Differencing, opts);
@@ -209,6 +216,21 @@ pub fn create_differencing(
         opts,
     )?;
     Vhd::open(path, OpenOptions::writable())
+}
+
+/// True when both paths exist and name the same file (through links or different spellings).
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// The parent time stamp a child records: the parent file's modification time, as blktap,
@@ -324,6 +346,24 @@ mod tests {
         // Refuses to overwrite.
         let e = create_dynamic(&p, 10 << 20, &CreateOptions::default()).unwrap_err();
         assert_eq!(e.return_code(), crate::ReturnCode::InvalidParameter);
+    }
+
+    #[test]
+    fn never_overwrites_its_own_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.vhd");
+        create_dynamic(&p, 4 << 20, &CreateOptions::default()).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let o = CreateOptions {
+            overwrite: true,
+            ..CreateOptions::default()
+        };
+        let e = create_differencing(&p, &p, &o).unwrap_err();
+        assert_eq!(e.return_code(), crate::ReturnCode::InvalidParameter);
+        // The same file under another spelling.
+        let other = dir.path().join(".").join("p.vhd");
+        assert!(create_differencing(&other, &p, &o).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 
     #[test]

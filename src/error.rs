@@ -160,6 +160,9 @@ pub enum Error {
     /// The operation was cancelled; nothing is lost and re-running finishes it.
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// A verify pass found data that differs from what was expected.
+    #[error("{0}")]
+    VerifyFailed(String),
 }
 
 fn path_prefix(path: &Option<PathBuf>) -> String {
@@ -206,7 +209,7 @@ impl Error {
             Error::InUse(_) => ReturnCode::SystemInUse,
             Error::AccessDenied(_) => ReturnCode::AccessDenied,
             Error::ParentNotFound { .. } => ReturnCode::FileNotFound,
-            Error::Cancelled(_) => ReturnCode::Failed,
+            Error::Cancelled(_) | Error::VerifyFailed(_) => ReturnCode::Failed,
         }
     }
 

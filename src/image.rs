@@ -39,6 +39,10 @@ use crate::io::{FileStorage, Storage};
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
+/// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
+/// path (Windows reserves at most 64 KiB for one, §2.2).
+pub const MAX_LOCATOR_PAYLOAD: u32 = 64 * 1024;
+
 /// The unit in which a fixed disk is read and written, standing in for a block size.
 pub const FIXED_CHUNK: u64 = 2 << 20;
 
@@ -86,6 +90,17 @@ pub enum FooterSource {
     Short,
     /// The copy at offset 0 (the end one was missing or damaged).
     Copy,
+}
+
+impl FooterSource {
+    /// `end`, `short` (511-byte footer at the end) or `copy` (offset 0).
+    pub fn name(self) -> &'static str {
+        match self {
+            FooterSource::End => "end",
+            FooterSource::Short => "short",
+            FooterSource::Copy => "copy",
+        }
+    }
 }
 
 /// Options for [`Vhd::open`].
@@ -291,6 +306,54 @@ impl Vhd {
     /// Number of allocated blocks.
     pub fn allocated_blocks(&self) -> usize {
         self.bat.allocated()
+    }
+
+    /// The payload of parent locator `slot` (0..8): its Data Length bytes at its Data Offset,
+    /// undecoded (see [`crate::format::PlatformCode::decode_payload`]).
+    ///
+    /// `Ok(None)` for an unused slot, a slot number past 7, or a fixed disk. An
+    /// [`Error::Format`] when the data does not lie inside the file or is longer than
+    /// [`MAX_LOCATOR_PAYLOAD`]; both are checked before anything is allocated.
+    pub fn read_locator_payload(&self, slot: usize) -> Result<Option<Vec<u8>>> {
+        let Some(loc) = self
+            .header
+            .as_ref()
+            .and_then(|h| h.locators.get(slot))
+            .filter(|l| !l.is_empty())
+        else {
+            return Ok(None);
+        };
+        let what = || {
+            format!(
+                "parent locator {slot} ({}) data at offset {:#x}, {} bytes",
+                loc.platform_code.name(),
+                loc.data_offset,
+                loc.data_length
+            )
+        };
+        if loc.data_length > MAX_LOCATOR_PAYLOAD {
+            return Err(Error::Format {
+                path: Some(self.path.clone()),
+                detail: format!(
+                    "{}: longer than the {MAX_LOCATOR_PAYLOAD} bytes a parent path can take; not read",
+                    what()
+                ),
+            });
+        }
+        let len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io(format!("{}: reading length", self.path.display()), e))?;
+        let end = loc.data_offset.checked_add(u64::from(loc.data_length));
+        if end.is_none_or(|e| e > len) {
+            return Err(Error::Format {
+                path: Some(self.path.clone()),
+                detail: format!("{}: lies outside the file ({len} bytes)", what()),
+            });
+        }
+        let mut data = vec![0u8; loc.data_length as usize];
+        self.read_raw(&mut data, loc.data_offset)?;
+        Ok(Some(data))
     }
 
     /// Read raw bytes of the file.
@@ -767,6 +830,47 @@ impl Vhd {
         self.write_raw(&padded, pos)?;
         self.next_free = end;
         Ok(pos)
+    }
+
+    /// True when `len` bytes at `offset` lie between the footer copy and the end footer and
+    /// overlap neither the dynamic header, the BAT nor any allocated block: space only locator
+    /// data may use (§4.1). Always false for a fixed disk.
+    pub fn is_metadata_space(&self, offset: u64, len: u64) -> bool {
+        let Some(h) = &self.header else {
+            return false;
+        };
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        let overlaps = |a: u64, alen: u64| offset < a.saturating_add(alen) && a < end;
+        if offset < FOOTER_SIZE as u64
+            || end > self.footer_offset
+            || overlaps(self.footer.data_offset, HEADER_SIZE as u64)
+            || overlaps(h.table_offset, bat::table_bytes(h.max_table_entries))
+        {
+            return false;
+        }
+        let stride = self.stride();
+        !self
+            .bat
+            .entries
+            .iter()
+            .any(|&e| e != bat::UNUSED && overlaps(u64::from(e) * SECTOR_SIZE, stride))
+    }
+
+    /// Overwrite `bytes` at `offset` in locator space (see [`Vhd::is_metadata_space`]), for
+    /// set-parent reusing a locator's reserved extent. Not synced: [`Vhd::rewrite_header`]
+    /// syncs before it publishes a header that points here.
+    pub fn write_metadata_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.require_writable()?;
+        if !self.is_metadata_space(offset, bytes.len() as u64) {
+            return Err(Error::InvalidParameter(format!(
+                "{}: {} bytes at offset {offset} are not free metadata space (they overlap the header, the BAT, a block or the footer)",
+                self.path.display(),
+                bytes.len()
+            )));
+        }
+        self.write_raw(bytes, offset)
     }
 
     fn recompute_end_of_data(&mut self) {

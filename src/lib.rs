@@ -3,11 +3,16 @@
 //!
 //! The crate is layered (see `docs/design.md`):
 //!
-//! - [`format`]: the on-disk structures, sans I/O.
+//! - [`format`](mod@format): the on-disk structures, sans I/O.
 //! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
 //! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
 //!   BAT entries.
 //! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
+//! - [`Chain`] ([`chain`]): a child and its verified ancestors, found through parent locators;
+//!   reads through the chain ([`Chain::read_at`], [`ChainReader`]).
+//! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
+//! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
+//! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]).
 //!
 //! ```
 //! use vhd_merge::{create, OpenOptions, Vhd};
@@ -30,13 +35,24 @@ pub mod chain;
 pub mod check;
 pub mod create;
 pub mod error;
+pub mod flatten;
 pub mod format;
 pub mod image;
 pub mod io;
 pub mod locator;
+pub mod merge;
 pub mod repair;
+pub mod setparent;
 
-pub use chain::{Chain, ChainOptions, Layer};
+pub use chain::{Chain, ChainOptions, ChainReader, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
+pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
+pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
+
+/// The README's examples, compiled and run as doc tests so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

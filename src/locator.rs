@@ -25,7 +25,11 @@ pub fn normalize(path: &Path) -> PathBuf {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {
-                if !out.pop() {
+                // `..` at the root stays at the root, as the OS resolves it; a leading run of
+                // `..` in a relative path is kept.
+                let last_is_parent =
+                    matches!(out.components().next_back(), Some(Component::ParentDir));
+                if last_is_parent || (!out.pop() && !out.has_root()) {
                     out.push(c);
                 }
             }
@@ -140,6 +144,179 @@ pub fn parent_locators(child: &Path, parent: &Path) -> Result<Vec<(PlatformCode,
     Ok(out)
 }
 
+/// One place on this host that a locator's path text may name (see [`map_locator_path`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedPath {
+    /// The path to try, absolute and lexically normalised.
+    pub path: PathBuf,
+    /// Which mapping rule produced it: `as written`, `without drive`, `tail in child dir`,
+    /// `file name in child dir`, `relative to child`.
+    pub rule: &'static str,
+    /// True when the path comes from an absolute path in the locator (and so is skipped for
+    /// untrusted input); false when it is relative to the child's directory.
+    pub absolute: bool,
+}
+
+/// At most this many trailing components of an absolute locator path are tried relative to
+/// the child's directory (bounding the candidates a hostile locator can produce).
+const MAX_TAILS: usize = 8;
+
+/// Map a locator's path text onto this host, relative to the child's directory `child_dir`
+/// (absolute), in the order to try (§5.3, §5.4).
+///
+/// With `windows_syntax` (W2ru, W2ku, Wi2r, Wi2k payloads) `\` separates components on every
+/// host. On non-Windows hosts:
+///
+/// - a relative path (`.\parent.vhd`, `..\dir\parent.vhd`, or a bare name, as blktap writes
+///   even into W2ku) is joined to `child_dir`;
+/// - a drive-letter path `C:\dir\parent.vhd` is tried without the drive (`/dir/parent.vhd`),
+///   then its tails in `child_dir` (`dir/parent.vhd`, then `parent.vhd`);
+/// - a rooted path (`\dir\p.vhd`, or a POSIX path as VirtualBox writes into W2ku on Linux) is
+///   tried as written, then its tails in `child_dir`;
+/// - a UNC path `\\server\share\dir\p.vhd` only by its tails.
+///
+/// Paths are normalised lexically (`..` removes the previous component, as Windows does).
+/// Empty text or text with NUL characters maps to nothing.
+pub fn map_locator_path(text: &str, child_dir: &Path, windows_syntax: bool) -> Vec<MappedPath> {
+    if text.is_empty() || text.contains('\0') {
+        return Vec::new();
+    }
+    if cfg!(windows) {
+        let p = Path::new(text);
+        let absolute = p.is_absolute() || p.has_root();
+        let path = if absolute {
+            normalize(p)
+        } else {
+            normalize(&child_dir.join(p))
+        };
+        return vec![MappedPath {
+            path,
+            rule: if absolute {
+                "as written"
+            } else {
+                "relative to child"
+            },
+            absolute,
+        }];
+    }
+    let is_sep = |c: char| c == '/' || (windows_syntax && c == '\\');
+    let mut rest = text;
+    if windows_syntax {
+        // Win32 long-path prefixes: `\\?\C:\...` and `\\?\UNC\server\share\...`.
+        if let Some(r) = rest.strip_prefix("\\\\?\\") {
+            rest = match r.strip_prefix("UNC\\") {
+                Some(unc) => return unc_tails(unc, child_dir, is_sep),
+                None => r,
+            };
+        }
+        if rest.starts_with("\\\\") || rest.starts_with("//") {
+            return unc_tails(&rest[2..], child_dir, is_sep);
+        }
+    }
+    let bytes = rest.as_bytes();
+    let drive =
+        windows_syntax && bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':';
+    let mut out = Vec::new();
+    if drive {
+        let after = &rest[2..];
+        let comps = components(after, is_sep);
+        if !after.starts_with(is_sep) {
+            // `C:dir\p.vhd`: relative to the current directory of drive C; read it as relative
+            // to the child.
+            push_relative(&mut out, child_dir, &comps);
+            return out;
+        }
+        out.push(MappedPath {
+            path: normalize(&root_join(&comps)),
+            rule: "without drive",
+            absolute: true,
+        });
+        push_tails(&mut out, child_dir, &comps);
+    } else if rest.starts_with(is_sep) {
+        let comps = components(rest, is_sep);
+        out.push(MappedPath {
+            path: normalize(&root_join(&comps)),
+            rule: "as written",
+            absolute: true,
+        });
+        push_tails(&mut out, child_dir, &comps);
+    } else {
+        push_relative(&mut out, child_dir, &components(rest, is_sep));
+    }
+    out
+}
+
+fn components(text: &str, is_sep: impl Fn(char) -> bool) -> Vec<&str> {
+    text.split(is_sep).filter(|c| !c.is_empty()).collect()
+}
+
+fn root_join(comps: &[&str]) -> PathBuf {
+    let mut p = PathBuf::from("/");
+    for c in comps {
+        p.push(c);
+    }
+    p
+}
+
+fn push_relative(out: &mut Vec<MappedPath>, child_dir: &Path, comps: &[&str]) {
+    if comps.is_empty() {
+        return;
+    }
+    let mut p = child_dir.to_path_buf();
+    for c in comps {
+        p.push(c);
+    }
+    out.push(MappedPath {
+        path: normalize(&p),
+        rule: "relative to child",
+        absolute: false,
+    });
+}
+
+/// The trailing components of an absolute path, longest first, in the child's directory:
+/// a chain copied to another machine keeps its relative layout, and the last one is the file
+/// name beside the child. `.` and `..` components are dropped: a tail is a plain descent.
+fn push_tails(out: &mut Vec<MappedPath>, child_dir: &Path, comps: &[&str]) {
+    let plain: Vec<&str> = comps
+        .iter()
+        .copied()
+        .filter(|c| *c != "." && *c != "..")
+        .collect();
+    let first = plain.len().saturating_sub(MAX_TAILS);
+    for k in first..plain.len() {
+        let mut p = child_dir.to_path_buf();
+        for c in &plain[k..] {
+            p.push(c);
+        }
+        out.push(MappedPath {
+            path: p,
+            rule: if k + 1 == plain.len() {
+                "file name in child dir"
+            } else {
+                "tail in child dir"
+            },
+            absolute: false,
+        });
+    }
+}
+
+fn unc_tails(
+    after_slashes: &str,
+    child_dir: &Path,
+    is_sep: impl Fn(char) -> bool,
+) -> Vec<MappedPath> {
+    // Skip the server and share names; what follows is the path on the share.
+    let comps = components(after_slashes, is_sep);
+    let mut out = Vec::new();
+    push_tails(&mut out, child_dir, comps.get(2..).unwrap_or(&[]));
+    out
+}
+
+/// True when `path` is `dir` or lies inside it (both absolute, canonical).
+pub fn is_inside(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,9 +331,71 @@ mod tests {
         assert_eq!(windows_relative(&r), "..\\..\\..\\x.vhd");
     }
 
+    fn mapped(text: &str, win: bool) -> Vec<(String, &'static str, bool)> {
+        map_locator_path(text, Path::new("/vm/child"), win)
+            .into_iter()
+            .map(|m| (m.path.to_string_lossy().into_owned(), m.rule, m.absolute))
+            .collect()
+    }
+
+    #[cfg(not(windows))]
+    #[test]
+    fn locator_path_mapping() {
+        assert_eq!(
+            mapped(".\\parent.vhd", true),
+            [("/vm/child/parent.vhd".into(), "relative to child", false)]
+        );
+        assert_eq!(
+            mapped("..\\base\\p.vhd", true),
+            [("/vm/base/p.vhd".into(), "relative to child", false)]
+        );
+        assert_eq!(
+            mapped("C:\\some\\dir\\p.vhd", true),
+            [
+                ("/some/dir/p.vhd".into(), "without drive", true),
+                (
+                    "/vm/child/some/dir/p.vhd".into(),
+                    "tail in child dir",
+                    false
+                ),
+                ("/vm/child/dir/p.vhd".into(), "tail in child dir", false),
+                ("/vm/child/p.vhd".into(), "file name in child dir", false),
+            ]
+        );
+        // POSIX path in a Windows slot (VirtualBox on Linux).
+        assert_eq!(mapped("/home/u/p.vhd", true)[0].0, "/home/u/p.vhd");
+        assert!(mapped("/home/u/p.vhd", true)[0].2);
+        // UNC: only tails.
+        assert_eq!(
+            mapped("\\\\srv\\share\\d\\p.vhd", true),
+            [
+                ("/vm/child/d/p.vhd".into(), "tail in child dir", false),
+                ("/vm/child/p.vhd".into(), "file name in child dir", false),
+            ]
+        );
+        assert_eq!(mapped("\\\\?\\C:\\x.vhd", true)[0].0, "/x.vhd");
+        // Escapes are normalised but kept: confinement decides.
+        assert_eq!(mapped("..\\..\\..\\etc\\p", true)[0].0, "/etc/p");
+        assert!(
+            mapped("C:\\a\\..\\..\\p", true)
+                .iter()
+                .all(|m| !m.0.contains(".."))
+        );
+        // Backslash is a file name character in POSIX syntax (MacX).
+        assert_eq!(mapped("/a\\b.vhd", false)[0].0, "/a\\b.vhd");
+        assert!(mapped("", true).is_empty());
+        assert!(mapped("a\0b", true).is_empty());
+        // Hostile depth is bounded.
+        let deep = "C:".to_string() + &"\\d".repeat(1000);
+        assert!(mapped(&deep, true).len() <= 1 + MAX_TAILS);
+    }
+
     #[test]
     fn normalizing() {
         assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(normalize(Path::new("/a/../../c")), PathBuf::from("/c"));
+        assert_eq!(normalize(Path::new("../../c")), PathBuf::from("../../c"));
+        assert_eq!(normalize(Path::new("a/../../c")), PathBuf::from("../c"));
     }
 
     #[test]

@@ -181,5 +181,9 @@ fn padded_bat_running_into_the_end_footer() {
     assert!(insp.vhd.is_none());
     let last = insp.problems.last().unwrap();
     assert_eq!(last.code, "bat-placement");
-    assert!(last.message.contains("overlaps the end footer"), "{}", last.message);
+    assert!(
+        last.message.contains("overlaps the end footer"),
+        "{}",
+        last.message
+    );
 }

@@ -3,13 +3,6 @@
 //! allowed directories: not through an absolute locator, a `..` escape, a symlink, or a later
 //! link of the chain. Each hostile case has a control showing that, without the options, the
 //! same file does lead outside (so the refusal is the options' doing).
-//!
-//! Tests marked with the `vhd_merge_chain_confinement` cfg need the chain branch, which
-//! enforces [`ChainOptions::confine_to`] and [`ChainOptions::ignore_absolute_locators`] and
-//! follows absolute locators; until it lands they are ignored with that reason. Run them with
-//! `cargo test --test untrusted -- --ignored` (or build with
-//! `RUSTFLAGS='--cfg vhd_merge_chain_confinement'`).
-#![allow(unexpected_cfgs)]
 
 mod reliability_util;
 
@@ -123,10 +116,6 @@ fn parent_inside_the_allowed_directory_is_found() {
 }
 
 #[test]
-#[cfg_attr(
-    not(vhd_merge_chain_confinement),
-    ignore = "needs the chain branch: ChainOptions::confine_to enforcement"
-)]
 fn dotdot_escape_is_refused() {
     let d = dirs();
     let (_, c) = outside_parent(&d);
@@ -154,10 +143,6 @@ fn dotdot_that_comes_back_inside_is_allowed() {
 }
 
 #[test]
-#[cfg_attr(
-    not(vhd_merge_chain_confinement),
-    ignore = "needs the chain branch: absolute locators followed, ignore_absolute_locators enforced"
-)]
 fn absolute_locators_are_ignored() {
     let d = dirs();
     let (parent, c) = outside_parent(&d);
@@ -185,10 +170,6 @@ fn absolute_locators_are_ignored() {
 
 #[cfg(unix)]
 #[test]
-#[cfg_attr(
-    not(vhd_merge_chain_confinement),
-    ignore = "needs the chain branch: ChainOptions::confine_to enforcement"
-)]
 fn symlink_out_of_the_allowed_directory_is_refused() {
     let d = dirs();
     let (parent, c) = outside_parent(&d);
@@ -222,10 +203,6 @@ fn allowed_directory_given_through_a_symlink() {
 }
 
 #[test]
-#[cfg_attr(
-    not(vhd_merge_chain_confinement),
-    ignore = "needs the chain branch: ChainOptions::confine_to enforcement"
-)]
 fn search_directory_outside_the_confinement_is_refused() {
     let d = dirs();
     let (_, c) = outside_parent(&d);
@@ -243,10 +220,6 @@ fn search_directory_outside_the_confinement_is_refused() {
 }
 
 #[test]
-#[cfg_attr(
-    not(vhd_merge_chain_confinement),
-    ignore = "needs the chain branch: ChainOptions::confine_to enforcement"
-)]
 fn every_link_is_confined() {
     let d = dirs();
     let grand = dynamic(&d.outside, "g.vhd");

@@ -1,16 +1,96 @@
-//! `vhd-merge chain` (not implemented yet: placeholder while the branch that owns it is built).
+//! `vhd-merge chain`: list a chain child first, with how each parent was found.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Error, Result};
+use vhd_merge::{Chain, Result};
+
+use super::ChainArgs;
 
 /// Arguments of `vhd-merge chain`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The VHD to start from (usually the newest differencing disk).
+    pub file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
 
 /// Run the command.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    Err(Error::not_supported(
-        "vhd-merge chain is not implemented yet",
-    ))
+pub fn run(args: Args) -> Result<ExitCode> {
+    let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
+    if args.json {
+        let layers: Vec<serde_json::Value> = chain
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let v = &l.vhd;
+                serde_json::json!({
+                    "index": i,
+                    "path": v.path().to_string_lossy(),
+                    "disk_type": v.disk_type().name(),
+                    "virtual_size": v.virtual_size(),
+                    "block_size": v.header().map(|_| v.block_size()),
+                    "unique_id": v.unique_id().to_string(),
+                    "parent_unique_id": v.parent_unique_id().map(|u| u.to_string()),
+                    "parent_name": v.header().filter(|_| v.parent_unique_id().is_some()).map(|h| h.parent_name()),
+                    "found_by": l.found_by,
+                    "warnings": all_warnings(l),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "layers": layers });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).unwrap_or_else(|_| out.to_string())
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (i, l) in chain.layers().iter().enumerate() {
+        let v = &l.vhd;
+        println!("layer {i}: {}", v.path().display());
+        let block = match v.header() {
+            Some(_) => format!(", block size {}", human(v.block_size())),
+            None => String::new(),
+        };
+        println!(
+            "  type {}, virtual size {} ({} bytes){block}",
+            v.disk_type().name(),
+            human(v.virtual_size()),
+            v.virtual_size()
+        );
+        println!("  unique id {}", v.unique_id());
+        println!("  found by {}", l.found_by);
+        for w in all_warnings(l) {
+            println!("  warning: {w}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The link's warnings, then the file's own.
+fn all_warnings(l: &vhd_merge::Layer) -> Vec<String> {
+    l.warnings.iter().chain(l.vhd.warnings()).cloned().collect()
+}
+
+/// Bytes in binary units, e.g. `40 MiB`, `1.5 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} bytes")
+    } else if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

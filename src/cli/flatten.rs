@@ -1,16 +1,99 @@
-//! `vhd-merge flatten` (not implemented yet: placeholder while the branch that owns it is built).
+//! `vhd-merge flatten`: write a chain's logical content to a new standalone file.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Error, Result};
+use vhd_merge::{Chain, FlattenFormat, FlattenOptions, Result, flatten};
+
+use super::ChainArgs;
+
+/// Output format of `vhd-merge flatten`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+pub enum Format {
+    /// Raw image (sparse where zero).
+    Raw,
+    /// Fixed VHD.
+    Fixed,
+    /// Dynamic VHD; all-zero blocks stay unallocated.
+    #[default]
+    Dynamic,
+}
 
 /// Arguments of `vhd-merge flatten`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The VHD whose logical content to write (usually the newest differencing disk).
+    pub file: PathBuf,
+    /// The new file.
+    pub output: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Dynamic)]
+    pub format: Format,
+    /// Block size of a dynamic output in bytes (default: the input's).
+    #[arg(long, value_name = "BYTES")]
+    pub block_size: Option<u32>,
+    /// Replace OUTPUT if it exists (it is replaced only once the new file is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
 
 /// Run the command.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    Err(Error::not_supported(
-        "vhd-merge flatten is not implemented yet",
-    ))
+pub fn run(args: Args) -> Result<ExitCode> {
+    let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
+    for l in chain.layers() {
+        for w in l.warnings.iter().chain(l.vhd.warnings()) {
+            eprintln!("warning: {}: {w}", l.vhd.path().display());
+        }
+    }
+    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut on_progress = |done: u64, total: u64| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    };
+    let opts = FlattenOptions {
+        format: match args.format {
+            Format::Raw => FlattenFormat::Raw,
+            Format::Fixed => FlattenFormat::Fixed,
+            Format::Dynamic => FlattenFormat::Dynamic,
+        },
+        force: args.force,
+        block_size: args.block_size,
+        progress: Some(&mut on_progress),
+        ..FlattenOptions::default()
+    };
+    let res = flatten(&chain, &args.output, opts);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let r = res?;
+    let mut line = format!(
+        "{}: {} {} from {} layer(s), {} of data",
+        r.output.display(),
+        r.format.name(),
+        super::chain::human(r.virtual_size),
+        r.layers,
+        super::chain::human(r.data_bytes)
+    );
+    if r.format == FlattenFormat::Dynamic {
+        line.push_str(&format!(", {} block(s) allocated", r.blocks_allocated));
+    }
+    println!("{line}");
+    Ok(ExitCode::SUCCESS)
 }

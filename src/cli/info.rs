@@ -1,16 +1,324 @@
-//! `vhd-merge info` (not implemented yet: placeholder while the branch that owns it is built).
+//! `vhd-merge info FILE [--json] [--lenient]`: footer, header, locators and allocation of one
+//! VHD, as an aligned listing or one JSON object.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Error, Result};
+use serde_json::{Value, json};
+use vhd_merge::format::{PlatformCode, unix_from_vhd_timestamp};
+use vhd_merge::image::FIXED_CHUNK;
+use vhd_merge::{DiskType, Error, OpenOptions, Result, Vhd};
 
 /// Arguments of `vhd-merge info`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The VHD file.
+    pub file: PathBuf,
+    /// Print one JSON object instead of the listing.
+    #[arg(long)]
+    pub json: bool,
+    /// Accept footer and header checksum mismatches (they are listed as warnings).
+    #[arg(long)]
+    pub lenient: bool,
+}
 
 /// Run the command.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    Err(Error::not_supported(
-        "vhd-merge info is not implemented yet",
-    ))
+pub fn run(args: Args) -> Result<ExitCode> {
+    let opts = OpenOptions {
+        lenient: args.lenient,
+        ..OpenOptions::read_only()
+    };
+    let vhd = Vhd::open(&args.file, opts)?;
+    let report = report(&vhd)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", listing(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Everything `info` shows, as the JSON object `--json` prints.
+fn report(vhd: &Vhd) -> Result<Value> {
+    let f = vhd.footer();
+    let file_size = vhd
+        .storage()
+        .len()
+        .map_err(|e| Error::io(format!("{}: reading length", vhd.path().display()), e))?;
+    let sparse = vhd.header();
+    let differencing = vhd.disk_type() == DiskType::Differencing;
+    let parent = sparse.filter(|_| differencing);
+    let locators: Vec<Value> = match sparse {
+        None => Vec::new(),
+        Some(h) => h
+            .locators
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(slot, l)| {
+                let (path, note) = locator_path(vhd, slot, l.platform_code);
+                json!({
+                    "slot": slot,
+                    "platform_code": l.platform_code.name(),
+                    "platform_code_value": l.platform_code.to_u32(),
+                    "data_offset": l.data_offset,
+                    "data_length": l.data_length,
+                    "data_space": l.data_space,
+                    "data_space_bytes": l.data_space_bytes(),
+                    "path": path,
+                    "note": note,
+                })
+            })
+            .collect(),
+    };
+    Ok(json!({
+        "file": vhd.path().display().to_string(),
+        "file_size": file_size,
+        "disk_type": vhd.disk_type().name(),
+        "virtual_size": vhd.virtual_size(),
+        "size_source": vhd.size_source().name(),
+        "current_size": f.current_size,
+        "original_size": f.original_size,
+        "creator_application": f.creator_application_str(),
+        "creator_version": f.creator_version_str(),
+        "creator_host_os": f.creator_host_os_str(),
+        "unique_id": f.unique_id.to_string(),
+        "timestamp": f.timestamp,
+        "timestamp_utc": utc_string(unix_from_vhd_timestamp(f.timestamp)),
+        "geometry": {
+            "cylinders": f.geometry.cylinders,
+            "heads": f.geometry.heads,
+            "sectors_per_track": f.geometry.sectors_per_track,
+        },
+        "features": f.features,
+        "saved_state": f.saved_state != 0,
+        "footer_source": vhd.footer_source().name(),
+        "footer_offset": vhd.footer_offset(),
+        "block_size": sparse.map(|h| h.block_size),
+        "table_offset": sparse.map(|h| h.table_offset),
+        "max_table_entries": sparse.map(|h| h.max_table_entries),
+        "allocated_blocks": sparse.map(|_| vhd.allocated_blocks()),
+        "parent_unique_id": parent.map(|h| h.parent_unique_id.to_string()),
+        "parent_name": parent.map(|h| h.parent_name()),
+        "parent_timestamp": parent.map(|h| h.parent_timestamp),
+        "parent_timestamp_utc": parent.map(|h| utc_string(unix_from_vhd_timestamp(h.parent_timestamp))),
+        "parent_locators": locators,
+        "warnings": vhd.warnings(),
+    }))
+}
+
+/// The decoded path of a locator, or why there is none.
+fn locator_path(vhd: &Vhd, slot: usize, code: PlatformCode) -> (Option<String>, Option<String>) {
+    match vhd.read_locator_payload(slot) {
+        Ok(Some(data)) => match code.decode_payload(&data) {
+            Some(text) => (Some(text), None),
+            None if code == PlatformCode::Mac => {
+                (None, Some("Mac OS alias blob: not decoded".into()))
+            }
+            None => (
+                None,
+                Some(format!("platform code {} is not a path", code.name())),
+            ),
+        },
+        Ok(None) => (None, None),
+        Err(e) => (None, Some(reason(&e))),
+    }
+}
+
+/// An error message without the file name in front (the listing already names the file).
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Format { detail, .. } => detail.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (proleptic Gregorian calendar, UTC).
+pub(crate) fn utc_string(unix: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Year, month, day of the day `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`,
+/// restricted to dates after the epoch, which is all a VHD time stamp can express).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Bytes with a binary unit when it is a whole number of them: `41943040 (40 MiB)`.
+fn bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    for (unit, name) in UNITS {
+        if n >= unit {
+            return if n.is_multiple_of(unit) {
+                format!("{n} ({} {name})", n / unit)
+            } else {
+                format!("{n} ({:.2} {name})", n as f64 / unit as f64)
+            };
+        }
+    }
+    n.to_string()
+}
+
+/// The human-readable listing of a report.
+fn listing(r: &Value) -> String {
+    let u = |k: &str| r[k].as_u64().unwrap_or(0);
+    let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
+    row("file", format!("{} ({} bytes)", s("file"), u("file_size")));
+    row("disk type", s("disk_type"));
+    row(
+        "virtual size",
+        format!("{}, from {}", bytes(u("virtual_size")), s("size_source")),
+    );
+    row("current size", bytes(u("current_size")));
+    row("original size", bytes(u("original_size")));
+    row(
+        "creator",
+        format!(
+            "{:?} version {} on {:?}",
+            s("creator_application"),
+            s("creator_version"),
+            s("creator_host_os")
+        ),
+    );
+    row("unique id", s("unique_id"));
+    row(
+        "time stamp",
+        format!("{} ({})", u("timestamp"), s("timestamp_utc")),
+    );
+    let g = &r["geometry"];
+    row(
+        "geometry (C/H/S)",
+        format!(
+            "{}/{}/{}",
+            g["cylinders"], g["heads"], g["sectors_per_track"]
+        ),
+    );
+    row("features", format!("{:#x}", u("features")));
+    if r["saved_state"].as_bool() == Some(true) {
+        row("saved state", "yes".into());
+    }
+    row(
+        "footer",
+        format!("{} (at offset {})", s("footer_source"), u("footer_offset")),
+    );
+    if r["block_size"].is_null() {
+        row(
+            "data",
+            format!(
+                "fixed: {} bytes at offset 0 (read in {} chunks)",
+                u("current_size"),
+                bytes(FIXED_CHUNK)
+            ),
+        );
+    } else {
+        row("block size", bytes(u("block_size")));
+        row(
+            "BAT",
+            format!(
+                "{} entries at offset {}, {} allocated",
+                u("max_table_entries"),
+                u("table_offset"),
+                u("allocated_blocks")
+            ),
+        );
+    }
+    if !r["parent_unique_id"].is_null() {
+        row("parent unique id", s("parent_unique_id"));
+        row("parent name", s("parent_name"));
+        row(
+            "parent time stamp",
+            format!("{} ({})", u("parent_timestamp"), s("parent_timestamp_utc")),
+        );
+    }
+    for l in r["parent_locators"].as_array().into_iter().flatten() {
+        let text = match (l["path"].as_str(), l["note"].as_str()) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(n)) => format!("({n})"),
+            (None, None) => String::new(),
+        };
+        let space = match l["data_space_bytes"].as_u64() {
+            Some(b) => format!("{} (= {b} bytes)", l["data_space"]),
+            None => format!("{} (not sectors or bytes)", l["data_space"]),
+        };
+        row(
+            &format!("parent locator {}", l["slot"]),
+            format!(
+                "{:<4} at offset {}, length {}, space {}: {text}",
+                l["platform_code"].as_str().unwrap_or(""),
+                l["data_offset"],
+                l["data_length"],
+                space
+            ),
+        );
+    }
+    let warnings: Vec<&str> = r["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if warnings.is_empty() {
+        row("warnings", "none".into());
+    }
+    for w in warnings {
+        row("warning", w.to_string());
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{k:<width$}  {v}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_strings() {
+        assert_eq!(utc_string(0), "1970-01-01T00:00:00Z");
+        // The VHD epoch.
+        assert_eq!(utc_string(946_684_800), "2000-01-01T00:00:00Z");
+        // A leap day, and the last second a u32 VHD time stamp can express.
+        assert_eq!(utc_string(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+        assert_eq!(
+            utc_string(unix_from_vhd_timestamp(u32::MAX)),
+            "2136-02-07T06:28:15Z"
+        );
+        assert_eq!(utc_string(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(40 << 20), "41943040 (40 MiB)");
+        assert_eq!(bytes(1536), "1536 (1.50 KiB)");
+        assert_eq!(bytes(100), "100");
+    }
 }

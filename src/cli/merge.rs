@@ -1,16 +1,255 @@
-//! `vhd-merge merge` (not implemented yet: placeholder while the branch that owns it is built).
+//! `vhd-merge merge`: merge a differencing VHD into its parent or an ancestor.
 
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use vhd_merge::{Error, Result};
+use serde_json::{Value, json};
+use vhd_merge::merge::{MergeOptions, MergePlan, MergeReport, Progress, merge};
+use vhd_merge::{Error, JobState, Result};
+
+use super::ChainArgs;
 
 /// Arguments of `vhd-merge merge`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The differencing VHD to merge (it is only read).
+    pub source: PathBuf,
+    /// The ancestor to merge into; the immediate parent when omitted.
+    pub destination: Option<PathBuf>,
+    /// Show what would be merged (layers, bytes, blocks to allocate, siblings) without writing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Afterwards, read the merged ranges back and compare CRC32s with the source's view.
+    #[arg(long)]
+    pub verify: bool,
+    /// Merge even though other differencing disks depend on the destination or an
+    /// intermediate (their content changes), or remove a source that has children.
+    #[arg(long)]
+    pub force: bool,
+    /// Delete the source and the intermediates once the destination is durably merged.
+    #[arg(long)]
+    pub remove_merged: bool,
+    /// Re-point CHILD, a child of the source, at the destination; repeatable.
+    #[arg(long = "relink", value_name = "CHILD")]
+    pub relink: Vec<PathBuf>,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// Print one JSON object at the end instead of text (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Run the command.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    Err(Error::not_supported(
-        "vhd-merge merge is not implemented yet",
-    ))
+pub fn run(args: Args) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let mut options = MergeOptions {
+        chain: args.chain.options(&args.source),
+        dry_run: args.dry_run,
+        verify: args.verify,
+        force: args.force,
+        remove_merged: args.remove_merged,
+        relink: args.relink.clone(),
+        ..MergeOptions::default()
+    };
+    let bar = (!args.json && !args.dry_run && std::io::stderr().is_terminal()).then(new_bar);
+    // The last progress seen, for the JSON of a merge that fails part-way.
+    let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
+    let (b, l) = (bar.clone(), last.clone());
+    options.progress = Some(Arc::new(move |p: &Progress| {
+        if let Ok(mut slot) = l.lock() {
+            *slot = Some(*p);
+        }
+        if let Some(b) = &b
+            && p.state == JobState::Running
+        {
+            b.set_length(p.bytes_total);
+            b.set_position(p.bytes_done);
+        }
+    }));
+    let res = merge(&args.source, args.destination.as_deref(), &options);
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    if args.json {
+        let out = match &res {
+            Ok(r) => report_json(r, seconds),
+            Err(e) => error_json(e, seconds, last.lock().ok().and_then(|g| *g)),
+        };
+        println!("{out}");
+        return Ok(match res {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => super::fail(&e),
+        });
+    }
+    let report = res?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if report.dry_run {
+        print_plan(&report.plan);
+        if !report.plan.siblings.is_empty() && !args.force {
+            eprintln!(
+                "note: a real merge would refuse (32775, Invalid state) because of the siblings above, unless --force"
+            );
+        }
+    } else {
+        println!("{}", summary(&report, seconds));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn new_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} merging [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+fn name(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// `1.50 GiB` style sizes.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn summary(r: &MergeReport, seconds: f64) -> String {
+    let rate = if seconds > 0.0 {
+        human((r.bytes_merged as f64 / seconds) as u64)
+    } else {
+        "-".into()
+    };
+    let mut s = format!(
+        "merged {} from {} layer(s) into {} in {seconds:.2} s ({rate}/s), {} new block(s)",
+        human(r.bytes_merged),
+        r.plan.layers.len(),
+        name(&r.destination),
+        r.blocks_allocated
+    );
+    if let Some(v) = &r.verified {
+        s.push_str(&format!(
+            "; verified {} in {} unit(s)",
+            human(v.bytes),
+            v.units
+        ));
+    }
+    if !r.removed.is_empty() {
+        let list: Vec<String> = r.removed.iter().map(|p| name(p)).collect();
+        s.push_str(&format!("; removed: {}", list.join(", ")));
+    } else if !r.obsolete.is_empty() {
+        let list: Vec<String> = r.obsolete.iter().map(|p| name(p)).collect();
+        s.push_str(&format!("; now obsolete: {}", list.join(", ")));
+    }
+    s
+}
+
+fn print_plan(p: &MergePlan) {
+    println!(
+        "dry run: merge into {} (layer {} of the chain, {}, {} units)",
+        name(&p.destination),
+        p.destination_index,
+        p.destination_type.name(),
+        human(p.unit_bytes)
+    );
+    for l in &p.layers {
+        println!("  {}: {}", name(&l.path), human(l.bytes));
+    }
+    println!(
+        "  total {} in {} unit(s); at most {} new block(s), destination grows by at most {}",
+        human(p.bytes_total),
+        p.units,
+        p.blocks_to_allocate,
+        human(p.destination_growth)
+    );
+    for s in &p.siblings {
+        println!("  sibling (its content would change): {}", name(s));
+    }
+    for s in &p.source_children {
+        println!("  child of the source (unaffected): {}", name(s));
+    }
+}
+
+fn paths(v: &[PathBuf]) -> Value {
+    Value::from(v.iter().map(|p| name(p)).collect::<Vec<_>>())
+}
+
+fn plan_json(p: &MergePlan) -> Value {
+    json!({
+        "destination": name(&p.destination),
+        "destination_index": p.destination_index,
+        "destination_type": p.destination_type.name(),
+        "unit_bytes": p.unit_bytes,
+        "layers": p.layers.iter().map(|l| json!({
+            "path": name(&l.path),
+            "unique_id": l.unique_id.to_string(),
+            "bytes": l.bytes,
+        })).collect::<Vec<_>>(),
+        "units": p.units,
+        "bytes_total": p.bytes_total,
+        "blocks_to_allocate": p.blocks_to_allocate,
+        "destination_growth": p.destination_growth,
+        "siblings": paths(&p.siblings),
+        "source_children": paths(&p.source_children),
+    })
+}
+
+fn report_json(r: &MergeReport, seconds: f64) -> Value {
+    let mut v = json!({
+        "job_state": JobState::Completed.value(),
+        "job_state_name": JobState::Completed.name(),
+        "return_code": 0,
+        "error_description": Value::Null,
+        "percent_complete": 100,
+        "bytes_merged": r.bytes_merged,
+        "seconds": seconds,
+        "obsolete": paths(&r.obsolete),
+        "removed": paths(&r.removed),
+        "relinked": paths(&r.relinked),
+        "blocks_allocated": r.blocks_allocated,
+        "destination_growth": r.destination_growth,
+        "verified": r.verified.as_ref().map(|v| json!({"units": v.units, "bytes": v.bytes})),
+        "warnings": r.warnings,
+        "dry_run": r.dry_run,
+    });
+    if r.dry_run {
+        v["plan"] = plan_json(&r.plan);
+    }
+    v
+}
+
+fn error_json(e: &Error, seconds: f64, last: Option<Progress>) -> Value {
+    let state = if matches!(e, Error::Cancelled(_)) {
+        JobState::Terminated
+    } else {
+        JobState::Exception
+    };
+    json!({
+        "job_state": state.value(),
+        "job_state_name": state.name(),
+        "return_code": e.return_code().code(),
+        "error_description": e.to_string(),
+        "percent_complete": last.map_or(0, |p| p.percent_complete),
+        "bytes_merged": last.map_or(0, |p| p.bytes_done),
+        "seconds": seconds,
+        "obsolete": [],
+    })
 }

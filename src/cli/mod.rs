@@ -80,10 +80,10 @@ impl ChainArgs {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("."));
             dirs.push(child_dir);
-            if let Some(p) = self.parent.as_ref().and_then(|p| p.parent()) {
-                if !p.as_os_str().is_empty() {
-                    dirs.push(p.to_path_buf());
-                }
+            if let Some(p) = self.parent.as_ref().and_then(|p| p.parent())
+                && !p.as_os_str().is_empty()
+            {
+                dirs.push(p.to_path_buf());
             }
             o.confine_to = Some(dirs);
         }

@@ -1,0 +1,303 @@
+//! Merge engine benchmarks (issue 5 shapes), kept small so `cargo bench --bench merge` runs in
+//! a few minutes:
+//!
+//! - `plan/*`: [`MergePlan::build`] on in-memory chains (a 2 TiB sparse disk with a full-size
+//!   BAT; 1 GiB of full blocks).
+//! - `assemble/*`: [`assemble_unit`] of one 2 MiB block from in-memory layers, per bitmap shape.
+//! - `merge/*`: whole merges on temporary files (each iteration gets a fresh copy of the
+//!   destination; the copy is not timed): full blocks, every-other-sector bitmaps, every-other
+//!   4 KiB bitmaps, a 32-layer chain, a fixed destination, and a 2 TiB sparse disk.
+//!
+//! Files go to `$VHD_MERGE_BENCH_DIR` or the system temporary directory; the page cache is
+//! warm (the inputs were just written).
+
+use std::hint::black_box;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use vhd_merge::chain::Layer;
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+use vhd_merge::format::SectorBitmap;
+use vhd_merge::io::Storage;
+use vhd_merge::merge::{MergeOptions, MergePlan, assemble_unit, merge};
+use vhd_merge::{Chain, ChainOptions, OpenOptions, Vhd};
+
+/// A VHD held in memory.
+#[derive(Debug)]
+struct MemStorage(RwLock<Vec<u8>>);
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.0.read().map_err(|_| io::Error::other("poisoned"))?;
+        let end = offset as usize + buf.len();
+        if end > d.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&d[offset as usize..end]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.0.write().map_err(|_| io::Error::other("poisoned"))?;
+        let end = offset as usize + buf.len();
+        if end > d.len() {
+            d.resize(end, 0);
+        }
+        d[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self
+            .0
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0
+            .write()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    Full,
+    EveryOtherSector,
+    EveryOther4K,
+}
+
+impl Shape {
+    fn mask(self) -> SectorBitmap {
+        let mut m = SectorBitmap::new(4096);
+        match self {
+            Shape::Full => m.set_range(0..4096),
+            Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
+            Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
+        }
+        m
+    }
+}
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("VHD_MERGE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// A chain of `depth` 2 MiB-block differencing layers over a base (dynamic or fixed) of
+/// `size` bytes; `blocks` blocks of data with `shape`, spread round-robin over the layers
+/// (so every depth holds the same total data). Returns the paths, child first.
+fn build(
+    dir: &Path,
+    size: u64,
+    blocks: &[u64],
+    depth: usize,
+    shape: Shape,
+    fixed: bool,
+) -> Vec<PathBuf> {
+    let o = CreateOptions::default();
+    let base = dir.join("base.vhd");
+    if fixed {
+        create_fixed(&base, size, &o).unwrap();
+    } else {
+        create_dynamic(&base, size, &o).unwrap();
+    }
+    let mut paths = vec![base];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut buf = vec![0u8; 2 << 20];
+    let mask = shape.mask();
+    for l in 0..depth {
+        let p = dir.join(format!("layer{l}.vhd"));
+        let mut v = create_differencing(&p, paths.last().unwrap(), &o).unwrap();
+        for (i, &b) in blocks.iter().enumerate() {
+            if i % depth != l {
+                continue;
+            }
+            for c in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            v.write_block(b, &mut buf, &mask).unwrap();
+        }
+        v.finish().unwrap();
+        paths.push(p);
+    }
+    paths.reverse();
+    paths
+}
+
+/// Load the files of a chain into memory.
+fn in_memory(paths: &[PathBuf]) -> Chain {
+    let layers = paths
+        .iter()
+        .map(|p| Layer {
+            vhd: Vhd::from_storage(
+                Box::new(MemStorage(RwLock::new(std::fs::read(p).unwrap()))),
+                p,
+                OpenOptions::read_only(),
+            )
+            .unwrap(),
+            found_by: "bench".into(),
+            warnings: Vec::new(),
+        })
+        .collect();
+    Chain::from_layers(layers)
+}
+
+const TIB2: u64 = 0xFF00_0000 * 512;
+
+fn plan_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("plan");
+    g.sample_size(20);
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    // 2 TiB virtual, full-size BAT (1 044 480 entries), 32 blocks (64 MiB) spread out.
+    let sparse: Vec<u64> = (0..32).map(|i| i * 32_000 + 7).collect();
+    let paths = build(dir.path(), TIB2, &sparse, 1, Shape::Full, false);
+    let chain = in_memory(&paths);
+    g.bench_function("2tib_sparse_64mib", |b| {
+        b.iter(|| black_box(MergePlan::build(&chain, 1).unwrap().bytes_total))
+    });
+    g.bench_function("open_and_plan_2tib_sparse_files", |b| {
+        b.iter(|| {
+            let chain = Chain::open(&paths[0], &ChainOptions::default()).unwrap();
+            black_box(MergePlan::build(&chain, 1).unwrap().units)
+        })
+    });
+    let dir2 = tempfile::tempdir_in(bench_dir()).unwrap();
+    let full: Vec<u64> = (0..512).collect();
+    let chain = in_memory(&build(
+        dir2.path(),
+        1 << 30,
+        &full,
+        1,
+        Shape::EveryOtherSector,
+        false,
+    ));
+    g.bench_function("1gib_every_other_sector", |b| {
+        b.iter(|| black_box(MergePlan::build(&chain, 1).unwrap().bytes_total))
+    });
+    g.finish();
+}
+
+fn assemble_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("assemble");
+    g.sample_size(30);
+    for (name, shape, depth) in [
+        ("full", Shape::Full, 1),
+        ("every_other_sector", Shape::EveryOtherSector, 1),
+        ("every_other_4k", Shape::EveryOther4K, 1),
+        ("full_8_layers", Shape::Full, 8),
+    ] {
+        let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+        // Every layer holds block 0 and its neighbours, so depth layers contribute to block 0
+        // with the nearest winning.
+        let blocks: Vec<u64> = (0..depth as u64).map(|_| 0).collect();
+        let chain = in_memory(&build(dir.path(), 8 << 20, &blocks, depth, shape, false));
+        let plan = MergePlan::build(&chain, depth).unwrap();
+        let mut buf = vec![0u8; 2 << 20];
+        let mut scratch = Vec::new();
+        g.throughput(Throughput::Bytes(2 << 20));
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(assemble_unit(&chain, &plan, 0, &mut buf, &mut scratch).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+/// Whole merges: `blocks` 2 MiB blocks of `shape` data in `depth` layers into the base.
+fn merge_bench(
+    c: &mut Criterion,
+    name: &str,
+    size: u64,
+    blocks: &[u64],
+    depth: usize,
+    shape: Shape,
+    fixed: bool,
+) {
+    let mut g = c.benchmark_group("merge");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(8));
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let paths = build(dir.path(), size, blocks, depth, shape, fixed);
+    let base = paths.last().unwrap().clone();
+    let pristine = dir.path().join("base.pristine");
+    std::fs::copy(&base, &pristine).unwrap();
+    let bytes = MergePlan::build(
+        &Chain::open(&paths[0], &ChainOptions::default()).unwrap(),
+        depth,
+    )
+    .unwrap()
+    .bytes_total;
+    g.throughput(Throughput::Bytes(bytes));
+    g.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                std::fs::copy(&pristine, &base).unwrap();
+            },
+            |()| {
+                black_box(
+                    merge(&paths[0], Some(&base), &MergeOptions::default())
+                        .unwrap()
+                        .bytes_merged,
+                )
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+fn merge_benches(c: &mut Criterion) {
+    let blocks: Vec<u64> = (0..32).collect();
+    merge_bench(c, "full_64mib", 128 << 20, &blocks, 1, Shape::Full, false);
+    merge_bench(
+        c,
+        "every_other_sector_32_blocks",
+        128 << 20,
+        &blocks,
+        1,
+        Shape::EveryOtherSector,
+        false,
+    );
+    merge_bench(
+        c,
+        "every_other_4k_32_blocks",
+        128 << 20,
+        &blocks,
+        1,
+        Shape::EveryOther4K,
+        false,
+    );
+    merge_bench(
+        c,
+        "full_64mib_32_layers",
+        128 << 20,
+        &blocks,
+        32,
+        Shape::Full,
+        false,
+    );
+    merge_bench(
+        c,
+        "full_64mib_fixed_destination",
+        128 << 20,
+        &blocks,
+        1,
+        Shape::Full,
+        true,
+    );
+    let sparse: Vec<u64> = (0..32).map(|i| i * 32_000 + 7).collect();
+    merge_bench(c, "sparse_2tib_64mib", TIB2, &sparse, 1, Shape::Full, false);
+}
+
+criterion_group!(benches, plan_benches, assemble_benches, merge_benches);
+criterion_main!(benches);

@@ -1,0 +1,430 @@
+//! Writing the logical content of a chain to a new standalone file: raw, a fixed VHD, or a
+//! dynamic VHD that leaves all-zero blocks unallocated. The inputs are only read.
+//!
+//! The output is written under a temporary name in the output's directory, synced, and only
+//! then given its final name, so a failure or a crash never leaves a half-written file under
+//! that name. Without `force` the final name is taken with a hard link, which fails if a file
+//! of that name appeared meanwhile (a rename where hard links are not supported).
+//!
+//! The work goes in spans of one output block (or 2 MiB for raw and fixed outputs): one
+//! [`Chain::plan_span`] and one [`Chain::read_plan`] per span, so a fully allocated layer
+//! costs one read and one write per block; spans no layer provides are skipped without
+//! reading, and all-zero spans are left as holes or unallocated blocks.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::chain::{Chain, ChainOptions, SpanPlan};
+use crate::create::{self, CreateOptions};
+use crate::error::{Error, Result};
+use crate::format::{MAX_DYNAMIC_SIZE, SECTOR_SIZE, SectorBitmap};
+use crate::image::{FIXED_CHUNK, Vhd};
+
+/// The kind of file [`flatten`] writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlattenFormat {
+    /// A raw image: the virtual disk's bytes and nothing else (sparse where zero).
+    Raw,
+    /// A fixed VHD: the raw bytes followed by a footer.
+    Fixed,
+    /// A dynamic VHD; blocks that would be all zero stay unallocated.
+    #[default]
+    Dynamic,
+}
+
+impl FlattenFormat {
+    /// `raw`, `fixed` or `dynamic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlattenFormat::Raw => "raw",
+            FlattenFormat::Fixed => "fixed",
+            FlattenFormat::Dynamic => "dynamic",
+        }
+    }
+}
+
+/// A progress callback: called with (bytes done, bytes in total) after each span.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Options for [`flatten`].
+#[derive(Default)]
+pub struct FlattenOptions<'a> {
+    /// The output format (dynamic by default).
+    pub format: FlattenFormat,
+    /// Replace an existing output file (never one of the chain's own files).
+    pub force: bool,
+    /// Block size of a dynamic output; `None`: the flattened layer's block size, or 2 MiB when
+    /// it is a fixed disk.
+    pub block_size: Option<u32>,
+    /// Which layer's content to write (0, the default, is the child at the top of the chain).
+    pub layer: usize,
+    /// Called with (bytes done, total bytes) as the work proceeds.
+    pub progress: Option<Progress<'a>>,
+}
+
+impl std::fmt::Debug for FlattenOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlattenOptions")
+            .field("format", &self.format)
+            .field("force", &self.force)
+            .field("block_size", &self.block_size)
+            .field("layer", &self.layer)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// What [`flatten`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlattenReport {
+    /// The output file.
+    pub output: PathBuf,
+    /// Its format.
+    pub format: FlattenFormat,
+    /// The virtual size in bytes (the flattened layer's).
+    pub virtual_size: u64,
+    /// Bytes of non-zero spans written (zero spans are holes or unallocated blocks).
+    pub data_bytes: u64,
+    /// Blocks allocated in a dynamic output (0 for raw and fixed).
+    pub blocks_allocated: u64,
+    /// Layers the content was read from.
+    pub layers: usize,
+}
+
+/// Open the chain at `input` and flatten it into `output` (see [`flatten`]).
+pub fn flatten_path(
+    input: impl AsRef<Path>,
+    chain_options: &ChainOptions,
+    output: impl AsRef<Path>,
+    opts: FlattenOptions<'_>,
+) -> Result<FlattenReport> {
+    let chain = Chain::open(input, chain_options)?;
+    flatten(&chain, output, opts)
+}
+
+/// Write the logical content of layer `opts.layer` of `chain` to a new standalone file at
+/// `output`. Refuses an existing output unless `opts.force`, and always refuses an output
+/// that is one of the chain's files.
+pub fn flatten(
+    chain: &Chain,
+    output: impl AsRef<Path>,
+    mut opts: FlattenOptions<'_>,
+) -> Result<FlattenReport> {
+    let output = output.as_ref();
+    let layer = opts.layer;
+    if layer >= chain.len() {
+        return Err(Error::InvalidParameter(format!(
+            "layer {layer} does not exist: the chain has {} layer(s)",
+            chain.len()
+        )));
+    }
+    let top = chain.vhd(layer);
+    let size = top.virtual_size();
+    check_output(chain, output, opts.force)?;
+    if opts.format == FlattenFormat::Dynamic && size > MAX_DYNAMIC_SIZE {
+        return Err(Error::InvalidParameter(format!(
+            "the virtual size {size} is larger than a dynamic VHD can hold ({MAX_DYNAMIC_SIZE}); flatten to a fixed VHD or raw instead"
+        )));
+    }
+    let block_size = match opts.block_size {
+        Some(b) => b,
+        None if top.header().is_some() => u32::try_from(top.block_size()).unwrap_or(2 << 20),
+        None => create::DEFAULT_BLOCK_SIZE,
+    };
+    let tmp = temp_path(output)?;
+    let mut w = Writer {
+        chain,
+        layer,
+        size,
+        done: 0,
+        data_bytes: 0,
+        progress: opts.progress.take(),
+    };
+    let res = match opts.format {
+        FlattenFormat::Raw => w.raw(&tmp),
+        FlattenFormat::Fixed => w.fixed(&tmp),
+        FlattenFormat::Dynamic => w.dynamic(&tmp, block_size),
+    };
+    let blocks_allocated = match res.and_then(|b| publish(&tmp, output, opts.force).map(|()| b)) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    Ok(FlattenReport {
+        output: output.to_path_buf(),
+        format: opts.format,
+        virtual_size: size,
+        data_bytes: w.data_bytes,
+        blocks_allocated,
+        layers: chain.len() - layer,
+    })
+}
+
+/// Refuse an output that exists (unless forced) or that is one of the chain's files.
+fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
+    let meta = match std::fs::metadata(output) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::io(
+                format!("{}: checking the output", output.display()),
+                e,
+            ));
+        }
+    };
+    for l in chain.layers() {
+        if same_file(l.vhd.path(), output) {
+            return Err(Error::InvalidParameter(format!(
+                "the output {} is {}, a file of the chain being flattened",
+                output.display(),
+                l.vhd.path().display()
+            )));
+        }
+    }
+    if meta.is_dir() {
+        return Err(Error::InvalidParameter(format!(
+            "the output {} is a directory",
+            output.display()
+        )));
+    }
+    if !force {
+        return Err(Error::InvalidParameter(format!(
+            "the output {} already exists (pass force to replace it)",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// A name for the temporary output beside `output` (same directory, so the final rename
+/// stays on one file system).
+fn temp_path(output: &Path) -> Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = output.file_name().ok_or_else(|| {
+        Error::InvalidParameter(format!("the output {} has no file name", output.display()))
+    })?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp_name = format!(
+        ".{}.vhd-merge-{}-{n}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    );
+    Ok(output.with_file_name(tmp_name))
+}
+
+/// Give the finished temporary file its final name, then sync the directory.
+fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
+    let io = |what: &str, e| Error::io(format!("{}: {what}", output.display()), e);
+    if force {
+        std::fs::rename(tmp, output).map_err(|e| io("renaming the finished output", e))?;
+    } else {
+        match std::fs::hard_link(tmp, output) {
+            Ok(()) => {
+                std::fs::remove_file(tmp).map_err(|e| io("removing the temporary name", e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::InvalidParameter(format!(
+                    "the output {} appeared while flattening (pass force to replace it)",
+                    output.display()
+                )));
+            }
+            Err(_) => {
+                // No hard links on this file system: check, then rename.
+                if output.exists() {
+                    return Err(Error::InvalidParameter(format!(
+                        "the output {} appeared while flattening (pass force to replace it)",
+                        output.display()
+                    )));
+                }
+                std::fs::rename(tmp, output).map_err(|e| io("renaming the finished output", e))?;
+            }
+        }
+    }
+    sync_dir(output);
+    Ok(())
+}
+
+/// Make the new directory entry durable (best effort: not every platform can open a
+/// directory).
+fn sync_dir(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Raw output is flushed after this many bytes written.
+const SYNC_EVERY: u64 = 256 << 20;
+
+/// True when every byte is zero. Folds 4 KiB at a time (vectorised, no early exit inside a
+/// chunk), stopping at the first chunk with data.
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0)
+}
+
+struct Writer<'c, 'p> {
+    chain: &'c Chain,
+    layer: usize,
+    size: u64,
+    done: u64,
+    data_bytes: u64,
+    progress: Option<Progress<'p>>,
+}
+
+impl Writer<'_, '_> {
+    fn report(&mut self, done: u64) {
+        self.done = done;
+        if let Some(p) = self.progress.as_mut() {
+            p(done, self.size);
+        }
+    }
+
+    fn plan(&self, pos: u64, len: u64) -> Result<SpanPlan> {
+        self.chain.plan_span(
+            self.layer..self.chain.len(),
+            pos / SECTOR_SIZE,
+            (len / SECTOR_SIZE) as usize,
+        )
+    }
+
+    /// Fill `buf` with the span's content; false when it is all zero.
+    fn read(&mut self, plan: &SpanPlan, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<bool> {
+        if plan.sources.is_empty() {
+            return Ok(false);
+        }
+        for r in plan.unclaimed.runs() {
+            buf[r.start * 512..r.end * 512].fill(0);
+        }
+        self.chain.read_plan(plan, buf, scratch)?;
+        let nonzero = !is_zero(buf);
+        if nonzero {
+            self.data_bytes += buf.len() as u64;
+        }
+        Ok(nonzero)
+    }
+
+    fn raw(&mut self, tmp: &Path) -> Result<u64> {
+        let io = |what: &str, e| Error::io(format!("{}: {what}", tmp.display()), e);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .map_err(|e| io("cannot create", e))?;
+        file.set_len(self.size)
+            .map_err(|e| io("setting the length", e))?;
+        let span = FIXED_CHUNK;
+        let mut buf = vec![0u8; span as usize];
+        let mut scratch = Vec::new();
+        let mut pos = 0;
+        let mut unsynced = 0;
+        while pos < self.size {
+            let n = span.min(self.size - pos);
+            let plan = self.plan(pos, n)?;
+            let out = &mut buf[..n as usize];
+            if self.read(&plan, out, &mut scratch)? {
+                crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
+                unsynced += n;
+            }
+            pos += n;
+            if unsynced >= SYNC_EVERY {
+                // Flush as we go rather than all at the end: keeps dirty pages bounded.
+                file.sync_data().map_err(|e| io("flushing to disk", e))?;
+                unsynced = 0;
+            }
+            self.report(pos);
+        }
+        file.sync_all().map_err(|e| io("flushing to disk", e))?;
+        Ok(0)
+    }
+
+    fn fixed(&mut self, tmp: &Path) -> Result<u64> {
+        let mut vhd = create::create_fixed(tmp, self.size, &CreateOptions::default())?;
+        let spb = (FIXED_CHUNK / SECTOR_SIZE) as usize;
+        let full = SectorBitmap::full(spb);
+        let mut buf = vec![0u8; FIXED_CHUNK as usize];
+        let mut scratch = Vec::new();
+        let mut pos = 0;
+        while pos < self.size {
+            let n = FIXED_CHUNK.min(self.size - pos);
+            let plan = self.plan(pos, n)?;
+            if self.read(&plan, &mut buf[..n as usize], &mut scratch)? {
+                // write_block never writes past the virtual size in the last chunk.
+                vhd.write_block(pos / FIXED_CHUNK, &mut buf, &full)?;
+            }
+            pos += n;
+            self.report(pos);
+        }
+        vhd.finish()?;
+        Ok(0)
+    }
+
+    fn dynamic(&mut self, tmp: &Path, block_size: u32) -> Result<u64> {
+        let copts = CreateOptions {
+            block_size,
+            ..CreateOptions::default()
+        };
+        let mut vhd = create::create_dynamic(tmp, self.size, &copts)?;
+        write_dynamic(self, &mut vhd)
+    }
+}
+
+/// Fill a new dynamic VHD block by block, in batches: plan a batch, reserve room for the
+/// blocks some layer provides (one footer move per batch, not per block), write them, commit.
+fn write_dynamic(w: &mut Writer<'_, '_>, vhd: &mut Vhd) -> Result<u64> {
+    const BATCH_BYTES: u64 = 256 << 20;
+    let bs = vhd.block_size();
+    let spb = (bs / SECTOR_SIZE) as usize;
+    let full = SectorBitmap::full(spb);
+    let blocks = vhd.block_count();
+    let batch = (BATCH_BYTES / bs).max(1);
+    let mut buf = vec![0u8; bs as usize];
+    let mut scratch = Vec::new();
+    let mut first = 0;
+    while first < blocks {
+        let last = (first + batch).min(blocks);
+        let mut plans = Vec::with_capacity((last - first) as usize);
+        for b in first..last {
+            let pos = b * bs;
+            let n = bs.min(w.size - pos);
+            plans.push((b, pos, n, w.plan(pos, n)?));
+        }
+        let wanted = plans.iter().filter(|p| !p.3.sources.is_empty()).count() as u64;
+        vhd.reserve_blocks(wanted)?;
+        for (b, pos, n, plan) in &plans {
+            let out = &mut buf[..*n as usize];
+            if w.read(plan, out, &mut scratch)? {
+                // The last block may be partial: the rest of the buffer is ignored (write_block
+                // masks past the virtual size), but keep it zero for clarity.
+                buf[*n as usize..].fill(0);
+                vhd.write_block(*b, &mut buf, &full)?;
+            }
+            w.report(pos + n);
+        }
+        vhd.commit()?;
+        first = last;
+    }
+    vhd.finish()?;
+    Ok(vhd.allocated_blocks() as u64)
+}

@@ -1,0 +1,703 @@
+//! Running a merge: checks, locks, the sibling scan, planning, the batched copy, verify, and
+//! the clean-up options.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::job::{JobState, Tracker};
+use super::plan::MergePlan;
+use super::scan::{self, canonical, dir_of, tidy};
+use super::{MergeOptions, MergeReport, VerifyReport};
+use crate::chain::Chain;
+use crate::error::{Error, Result};
+use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
+use crate::image::{OpenOptions, Vhd};
+use crate::io::{FileStorage, Storage};
+
+/// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
+/// merged layers' data at the sectors they provide, one read per contributing layer and block.
+/// Returns the mask of those sectors, sized for [`Vhd::write_block`] on the destination;
+/// bytes outside it are unspecified (left as they were, or stale bytes of the layer).
+pub fn assemble_unit(
+    chain: &Chain,
+    plan: &MergePlan,
+    unit: u64,
+    buf: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<SectorBitmap> {
+    let unit_sectors = (plan.unit_bytes / SECTOR_SIZE) as usize;
+    if buf.len() as u64 != plan.unit_bytes {
+        return Err(Error::InvalidParameter(format!(
+            "assemble_unit: buffer of {} bytes for units of {} bytes",
+            buf.len(),
+            plan.unit_bytes
+        )));
+    }
+    let (start, n) = plan.unit_span(unit);
+    let mut mask = SectorBitmap::new(unit_sectors);
+    if n == 0 {
+        return Ok(mask);
+    }
+    let span = chain.plan_span(0..plan.destination_index, start, n)?;
+    if let [only] = span.sources.as_slice() {
+        // One layer provides every merged sector of the unit: read each piece's span of
+        // claimed sectors straight into `buf`, without the copy run by run that read_plan
+        // does through `scratch` (it must, when several layers interleave). The unclaimed
+        // sectors inside the span receive that layer's stale bytes, which is harmless:
+        // write_block never writes a sector outside the mask as it is (it zero-fills or
+        // re-reads them).
+        let vhd = chain.vhd(only.layer);
+        for p in &only.pieces {
+            let range = p.first..p.first + p.len;
+            let Some(lo) = only
+                .claimed
+                .runs_in(range.clone(), true)
+                .next()
+                .map(|r| r.start)
+            else {
+                continue;
+            };
+            let hi = only
+                .claimed
+                .runs_in(range, true)
+                .last()
+                .map_or(lo, |r| r.end);
+            let at = p.file_offset + (lo - p.first) as u64 * SECTOR_SIZE;
+            vhd.read_raw(&mut buf[lo * 512..hi * 512], at)?;
+        }
+    } else {
+        chain.read_plan(&span, &mut buf[..n * SECTOR_SIZE as usize], scratch)?;
+    }
+    for src in &span.sources {
+        mask.or(&src.claimed);
+    }
+    Ok(mask)
+}
+
+/// Read back the destination's view of `unit` through `chain` (whose layer
+/// `plan.destination_index` is the destination as written) and return the CRC32 of the merged
+/// sectors, with the mask of those sectors (recomputed from the merged layers' bitmaps).
+pub fn read_assembled(
+    chain: &Chain,
+    plan: &MergePlan,
+    unit: u64,
+    buf: &mut [u8],
+) -> Result<(u32, SectorBitmap)> {
+    let (start, n) = plan.unit_span(unit);
+    let span = chain.plan_span(0..plan.destination_index, start, n)?;
+    let claimed = span.claimed();
+    let bytes = n * SECTOR_SIZE as usize;
+    if buf.len() < bytes {
+        return Err(Error::InvalidParameter(format!(
+            "read_assembled: buffer of {} bytes for a unit of {bytes}",
+            buf.len()
+        )));
+    }
+    chain.read_at(
+        plan.destination_index,
+        start * SECTOR_SIZE,
+        &mut buf[..bytes],
+    )?;
+    Ok((masked_crc(buf, &claimed), claimed))
+}
+
+/// CRC32 of the sectors of `buf` selected by `mask`, in order.
+fn masked_crc(buf: &[u8], mask: &SectorBitmap) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for r in mask.runs() {
+        h.update(&buf[r.start * 512..r.end * 512]);
+    }
+    h.finalize()
+}
+
+/// The whole operation behind [`super::merge`] and [`super::MergeJob::start`].
+pub(crate) fn run(
+    source: &Path,
+    destination: Option<&Path>,
+    options: &MergeOptions,
+    tracker: &Tracker,
+) -> Result<MergeReport> {
+    let t0 = Instant::now();
+    tracker.set_state(JobState::Starting);
+    let chain = Chain::open(source, &options.chain)?;
+    let src = chain.vhd(0);
+    if src.disk_type() != DiskType::Differencing {
+        return Err(Error::InvalidParameter(format!(
+            "{} is a {} disk: only a differencing disk can be merged into a parent",
+            source.display(),
+            src.disk_type().name()
+        )));
+    }
+    let d = resolve_destination(&chain, destination)?;
+    let dest_ro = chain.vhd(d);
+    if src.virtual_size() > dest_ro.virtual_size() {
+        return Err(Error::InvalidParameter(format!(
+            "{} ({} bytes) is larger than the destination {} ({} bytes): growing the destination is not supported",
+            source.display(),
+            src.virtual_size(),
+            dest_ro.path().display(),
+            dest_ro.virtual_size()
+        )));
+    }
+    let dest_path = tidy(dest_ro.path());
+    let merged: Vec<PathBuf> = (0..d).map(|i| tidy(chain.vhd(i).path())).collect();
+    let relink = check_relink(&chain, d, &options.relink)?;
+    if !options.dry_run {
+        for child in &relink {
+            relink_child(child, &dest_path, true)?;
+        }
+    }
+
+    // Lock before looking at anything that could change: the destination exclusively, every
+    // other layer shared (the chain's own read-only handle of the destination is not locked:
+    // flock locks belong to the open file, so it would conflict with the writable one).
+    let mut dest = None;
+    if !options.dry_run {
+        let v = open_destination(&dest_path, dest_ro.unique_id(), options)?;
+        v.lock(true)?;
+        for (i, layer) in chain.layers().iter().enumerate() {
+            if i != d {
+                layer.vhd.lock(false)?;
+            }
+        }
+        dest = Some(v);
+    }
+
+    let mut warnings: Vec<String> = chain
+        .layers()
+        .iter()
+        .flat_map(|l| l.warnings.iter().cloned())
+        .collect();
+    let found = find_dependents(&chain, d, options);
+    let siblings: Vec<PathBuf> = found.siblings.iter().map(|v| v.path.clone()).collect();
+    if !siblings.is_empty() && !options.dry_run {
+        let list = list_paths(&siblings);
+        if !options.force {
+            return Err(Error::InvalidState(format!(
+                "other differencing disks depend on {} or on a merged intermediate and would be corrupted by this merge:{list}\n(merge them first, move them away, or pass --force to merge anyway)",
+                dest_path.display()
+            )));
+        }
+        warnings.push(format!(
+            "merged although these differencing disks depend on a changed file; their content changed:{list}"
+        ));
+    }
+    let relinked_set: HashSet<PathBuf> = relink.iter().map(|p| canonical(p)).collect();
+    let orphans: Vec<PathBuf> = found
+        .source_children
+        .iter()
+        .filter(|v| !relinked_set.contains(&canonical(&v.path)))
+        .map(|v| v.path.clone())
+        .collect();
+    if options.remove_merged && !orphans.is_empty() && !options.dry_run {
+        let list = list_paths(&orphans);
+        if !options.force {
+            return Err(Error::InvalidState(format!(
+                "removing {} would orphan its children:{list}\n(relink them with --relink, or pass --force)",
+                source.display()
+            )));
+        }
+        warnings.push(format!(
+            "removed the source although these children depend on it:{list}"
+        ));
+    }
+
+    let mut plan = MergePlan::build(&chain, d)?;
+    plan.siblings = siblings;
+    plan.source_children = found.source_children.into_iter().map(|v| v.path).collect();
+    tracker.set_total(plan.bytes_total);
+
+    let Some(mut dest) = dest else {
+        return Ok(MergeReport {
+            source: source.to_path_buf(),
+            destination: dest_path,
+            plan,
+            dry_run: true,
+            bytes_merged: 0,
+            blocks_allocated: 0,
+            destination_growth: 0,
+            obsolete: Vec::new(),
+            removed: Vec::new(),
+            relinked: Vec::new(),
+            verified: None,
+            elapsed: t0.elapsed(),
+            warnings,
+        });
+    };
+
+    tracker.set_state(JobState::Running);
+    let len_before = dest_len(&dest)?;
+    let blocks_before = dest.allocated_blocks();
+    let mut crcs = options.verify.then(Vec::new);
+    let copied = copy_units(&chain, &plan, &mut dest, options, tracker, &mut crcs);
+    let bytes_merged = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            // Publish what was written before the error when the storage still works (out of
+            // space, a bad source sector...): the ordering keeps the file valid either way.
+            let _ = dest.commit();
+            return Err(e);
+        }
+    };
+    dest.finish()?;
+    let blocks_allocated = dest.allocated_blocks().saturating_sub(blocks_before) as u64;
+    let destination_growth = dest_len(&dest)?.saturating_sub(len_before);
+
+    let verified = match crcs {
+        Some(crcs) => Some(verify(chain, &plan, &dest_path, options, &crcs)?),
+        None => {
+            drop(chain);
+            None
+        }
+    };
+    drop(dest);
+
+    let mut relinked = Vec::new();
+    for child in &relink {
+        relink_child(child, &dest_path, false)?;
+        relinked.push(child.clone());
+    }
+    let mut removed = Vec::new();
+    if options.remove_merged {
+        for p in &merged {
+            std::fs::remove_file(p).map_err(|e| {
+                Error::io(
+                    format!(
+                        "the merge into {} completed, but removing {} failed",
+                        dest_path.display(),
+                        p.display()
+                    ),
+                    e,
+                )
+            })?;
+            removed.push(p.clone());
+        }
+        sync_dirs(&merged);
+    }
+    Ok(MergeReport {
+        source: source.to_path_buf(),
+        destination: dest_path,
+        plan,
+        dry_run: false,
+        bytes_merged,
+        blocks_allocated,
+        destination_growth,
+        obsolete: merged,
+        removed,
+        relinked,
+        verified,
+        elapsed: t0.elapsed(),
+        warnings,
+    })
+}
+
+fn dest_len(dest: &Vhd) -> Result<u64> {
+    dest.storage()
+        .len()
+        .map_err(|e| Error::io(format!("{}: reading length", dest.path().display()), e))
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| format!("\n  {}", p.display()))
+        .collect()
+}
+
+/// Which layer of `chain` the caller's destination is (1 = the immediate parent).
+fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usize> {
+    let Some(want) = destination else {
+        return Ok(1);
+    };
+    let listing = || -> String {
+        chain
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                format!(
+                    "\n  {i}: {} ({})",
+                    l.vhd.path().display(),
+                    l.vhd.unique_id()
+                )
+            })
+            .collect()
+    };
+    let source = chain.vhd(0).path();
+    let canon = canonical(want);
+    let peek = scan::peek_vhd(want);
+    for (i, layer) in chain.layers().iter().enumerate() {
+        if canonical(layer.vhd.path()) != canon {
+            continue;
+        }
+        if i == 0 {
+            return Err(Error::InvalidParameter(format!(
+                "the destination {} is the source itself: give an ancestor of it",
+                want.display()
+            )));
+        }
+        if peek.as_ref().map(|p| p.unique_id) != Some(layer.vhd.unique_id()) {
+            return Err(Error::InvalidParameter(format!(
+                "the destination {} changed since the chain was opened (unique id {} expected)",
+                want.display(),
+                layer.vhd.unique_id()
+            )));
+        }
+        return Ok(i);
+    }
+    let Some(peek) = peek else {
+        return Err(Error::InvalidParameter(format!(
+            "the destination {} is not a readable VHD, and not an ancestor of {}; its chain is:{}",
+            want.display(),
+            source.display(),
+            listing()
+        )));
+    };
+    if let Some((i, l)) = chain
+        .layers()
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.vhd.unique_id() == peek.unique_id)
+    {
+        return Err(Error::InvalidParameter(format!(
+            "the destination {} has the unique id of layer {i} of {}'s chain, but the chain uses another file, {} (a copy?); give that file, or point the chain at this one with --parent / set-parent",
+            want.display(),
+            source.display(),
+            l.vhd.path().display()
+        )));
+    }
+    Err(Error::InvalidParameter(format!(
+        "the destination {} is not an ancestor of {}; its chain is:{}",
+        want.display(),
+        source.display(),
+        listing()
+    )))
+}
+
+/// Open the destination for writing through the caller's storage hook and check that it is
+/// still the file the chain found.
+fn open_destination(path: &Path, unique_id: Uuid, options: &MergeOptions) -> Result<Vhd> {
+    let file = crate::image::open_regular_file(path, true)?;
+    let mut storage: Box<dyn Storage> = Box::new(FileStorage::new(file));
+    if let Some(wrap) = &options.destination_io {
+        storage = wrap(storage);
+    }
+    let vhd = Vhd::from_storage(
+        storage,
+        path,
+        OpenOptions {
+            writable: true,
+            lenient: options.chain.lenient,
+            size_rule: options.chain.size_rule,
+        },
+    )?;
+    if vhd.unique_id() != unique_id {
+        return Err(Error::InvalidState(format!(
+            "{} changed while the merge was starting (unique id {} instead of {unique_id})",
+            path.display(),
+            vhd.unique_id()
+        )));
+    }
+    Ok(vhd)
+}
+
+/// Differencing disks next to the chain that depend on it.
+struct Dependents {
+    /// Children of the destination or of an intermediate, outside the merged chain.
+    siblings: Vec<scan::ScannedVhd>,
+    /// Children of the source.
+    source_children: Vec<scan::ScannedVhd>,
+}
+
+/// Scan the directories of the destination, the intermediates and the source, and the search
+/// directories, for differencing disks whose parent is a layer the merge changes (siblings) or
+/// the source.
+fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependents {
+    let mut dirs: Vec<PathBuf> = (0..=d).map(|i| dir_of(chain.vhd(i).path())).collect();
+    dirs.extend(options.chain.search_dirs.iter().cloned());
+    let source_id = chain.vhd(0).unique_id();
+    let mut parents: HashSet<Uuid> = (1..=d).map(|i| chain.vhd(i).unique_id()).collect();
+    parents.insert(source_id);
+    let exclude: HashSet<PathBuf> = (0..d).map(|i| canonical(chain.vhd(i).path())).collect();
+    let (source_children, siblings) = scan::children_in(&dirs, &parents, &exclude)
+        .into_iter()
+        .partition(|v| v.parent_unique_id == Some(source_id));
+    Dependents {
+        siblings,
+        source_children,
+    }
+}
+
+/// Check the children the caller asked to relink: each must be a differencing disk whose
+/// parent is the source.
+fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let source = chain.vhd(0);
+    let in_chain: HashSet<PathBuf> = chain
+        .layers()
+        .iter()
+        .map(|l| canonical(l.vhd.path()))
+        .collect();
+    let mut out = Vec::new();
+    for child in children {
+        if in_chain.contains(&canonical(child)) {
+            return Err(Error::InvalidParameter(format!(
+                "cannot relink {}: it is part of the merged chain",
+                child.display()
+            )));
+        }
+        let Some(v) = scan::peek_vhd(child) else {
+            return Err(Error::InvalidParameter(format!(
+                "cannot relink {}: not a readable VHD file",
+                child.display()
+            )));
+        };
+        let Some(parent) = v.parent_unique_id else {
+            return Err(Error::InvalidParameter(format!(
+                "cannot relink {}: it is a {} disk, not a differencing one",
+                child.display(),
+                v.disk_type.name()
+            )));
+        };
+        if parent == source.unique_id() {
+            out.push(child.clone());
+            continue;
+        }
+        if let Some(i) = (1..d).find(|&i| chain.vhd(i).unique_id() == parent) {
+            return Err(Error::InvalidParameter(format!(
+                "cannot relink {}: its parent is the intermediate {}, not the source. Its sectors that {} lacks come from the intermediate, which the destination does not reproduce after the merge (the destination takes the source's view), so re-pointing it at the destination would change its content. Merge it into {} separately instead",
+                child.display(),
+                chain.vhd(i).path().display(),
+                child.display(),
+                chain.vhd(d).path().display()
+            )));
+        }
+        if parent == chain.vhd(d).unique_id() {
+            return Err(Error::InvalidParameter(format!(
+                "cannot relink {}: it is already a child of the destination (a sibling of the merged chain, whose content the merge changes)",
+                child.display()
+            )));
+        }
+        return Err(Error::InvalidParameter(format!(
+            "cannot relink {}: its parent ({parent}) is not the source {} ({})",
+            child.display(),
+            source.path().display(),
+            source.unique_id()
+        )));
+    }
+    Ok(out)
+}
+
+/// Re-point `child` (a child of the source) at `destination`. With `check_only`, only check
+/// that it can be done (the child opens for writing and nobody holds it locked), before the
+/// merge writes anything.
+///
+/// The child's view does not change: its sectors come first, then the source's view, which
+/// the destination holds after the merge. The destination's unique id differs from the
+/// source's, so this is set-parent with the id mismatch accepted (Hyper-V's
+/// `IgnoreIdMismatch`).
+fn relink_child(child: &Path, destination: &Path, check_only: bool) -> Result<()> {
+    if check_only {
+        let c = Vhd::open(child, OpenOptions::writable())?;
+        return c.lock(true);
+    }
+    let opts = crate::setparent::SetParentOptions {
+        force: true,
+        ..crate::setparent::SetParentOptions::default()
+    };
+    crate::setparent::set_parent(child, destination, &opts).map(|_| ())
+}
+
+/// Memory for unit buffers in flight between the reader and the writer (at least two buffers).
+const PIPELINE_BYTES: u64 = 16 << 20;
+
+/// A unit assembled by the reader thread.
+struct Assembled {
+    unit: u64,
+    buf: Vec<u8>,
+    mask: SectorBitmap,
+    crc: Option<u32>,
+}
+
+/// Copy every unit of `plan` into `dest` in batches; returns the bytes of merged sectors.
+///
+/// A reader thread assembles units (plan_span + read_plan: reads of the merged layers, and the
+/// CRC for verify) while this thread writes them, so reading and writing overlap on two cores.
+/// A fixed set of buffers circulates between the two, bounding memory whatever the size.
+fn copy_units(
+    chain: &Chain,
+    plan: &MergePlan,
+    dest: &mut Vhd,
+    options: &MergeOptions,
+    tracker: &Tracker,
+    crcs: &mut Option<Vec<u32>>,
+) -> Result<u64> {
+    let buffers = (PIPELINE_BYTES / plan.unit_bytes).clamp(2, 4) as usize;
+    let want_crc = crcs.is_some();
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Result<Assembled>>(buffers);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..buffers {
+            // The receiver is alive: it is dropped only by the reader below.
+            let _ = free_tx.send(vec![0u8; plan.unit_bytes as usize]);
+        }
+        scope.spawn(move || {
+            let mut scratch = Vec::new();
+            for unit in plan.unit_indices() {
+                // Both channels fail only when the writer stopped: then stop too.
+                let Ok(mut buf) = free_rx.recv() else { return };
+                let item = assemble_unit(chain, plan, unit, &mut buf, &mut scratch).map(|mask| {
+                    let crc = want_crc.then(|| masked_crc(&buf, &mask));
+                    Assembled {
+                        unit,
+                        buf,
+                        mask,
+                        crc,
+                    }
+                });
+                let failed = item.is_err();
+                if full_tx.send(item).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        write_units(plan, dest, options, tracker, crcs, &full_rx, &free_tx)
+        // Dropping the channel ends here stop the reader if the writer stopped early.
+    })
+}
+
+/// The writer side of [`copy_units`]: batches of units, each batch reserved, written and
+/// committed.
+fn write_units(
+    plan: &MergePlan,
+    dest: &mut Vhd,
+    options: &MergeOptions,
+    tracker: &Tracker,
+    crcs: &mut Option<Vec<u32>>,
+    full_rx: &mpsc::Receiver<Result<Assembled>>,
+    free_tx: &mpsc::Sender<Vec<u8>>,
+) -> Result<u64> {
+    let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
+    let sparse = dest.disk_type().is_sparse();
+    let mut units = plan.unit_indices();
+    let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
+    let mut done = 0u64;
+    loop {
+        batch.clear();
+        batch.extend(units.by_ref().take(batch_units));
+        if batch.is_empty() {
+            break;
+        }
+        if sparse {
+            let new = batch
+                .iter()
+                .filter(|&&u| dest.bat().block_offset(u).is_none())
+                .count();
+            dest.reserve_blocks(new as u64)?;
+        }
+        for &unit in &batch {
+            if tracker.cancelled() {
+                dest.finish()?;
+                return Err(Error::Cancelled(format!(
+                    "merge into {} stopped after {done} of {} bytes; what was written is committed and running the same merge again finishes it",
+                    dest.path().display(),
+                    plan.bytes_total
+                )));
+            }
+            let mut item = full_rx
+                .recv()
+                .map_err(|_| Error::InvalidState("the merge reader thread stopped".into()))??;
+            if item.unit != unit {
+                return Err(Error::InvalidState(format!(
+                    "merge reader sent unit {} where {unit} was expected",
+                    item.unit
+                )));
+            }
+            let bytes = item.mask.count_ones() as u64 * SECTOR_SIZE;
+            if let (Some(c), Some(crc)) = (crcs.as_mut(), item.crc) {
+                c.push(crc);
+            }
+            dest.write_block(unit, &mut item.buf, &item.mask)?;
+            let _ = free_tx.send(item.buf);
+            done += bytes;
+            tracker.advance(bytes);
+        }
+        dest.commit()?;
+    }
+    Ok(done)
+}
+
+/// Read every merged unit back through the destination's chain (a fresh read-only open of the
+/// destination over the same ancestors) and compare CRC32s with those of the source's view.
+fn verify(
+    chain: Chain,
+    plan: &MergePlan,
+    dest_path: &Path,
+    options: &MergeOptions,
+    crcs: &[u32],
+) -> Result<VerifyReport> {
+    let d = plan.destination_index;
+    let mut layers = chain.into_layers();
+    let fresh = Vhd::open(
+        dest_path,
+        OpenOptions {
+            writable: false,
+            lenient: options.chain.lenient,
+            size_rule: options.chain.size_rule,
+        },
+    )?;
+    if let Some(l) = layers.get_mut(d) {
+        l.vhd = fresh;
+    }
+    let chain = Chain::from_layers(layers);
+    let mut buf = vec![0u8; plan.unit_bytes as usize];
+    let mut bytes = 0u64;
+    let mut bad = Vec::new();
+    // CRCs were recorded in plan order, one per unit.
+    if crcs.len() as u64 != plan.units {
+        return Err(Error::InvalidState(format!(
+            "verify: {} CRCs recorded for {} units",
+            crcs.len(),
+            plan.units
+        )));
+    }
+    for (unit, &want) in plan.unit_indices().zip(crcs) {
+        let (got, mask) = read_assembled(&chain, plan, unit, &mut buf)?;
+        bytes += mask.count_ones() as u64 * SECTOR_SIZE;
+        if got != want {
+            let (start, n) = plan.unit_span(unit);
+            bad.push(format!(
+                "\n  bytes {}..{} (unit {unit}): source CRC32 {want:#010x}, destination {got:#010x}",
+                start * SECTOR_SIZE,
+                (start + n as u64) * SECTOR_SIZE
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        let n = bad.len();
+        bad.truncate(20);
+        return Err(Error::VerifyFailed(format!(
+            "verify: {n} merged range(s) of {} differ from the source's view:{}{}",
+            dest_path.display(),
+            bad.concat(),
+            if n > 20 { "\n  ..." } else { "" }
+        )));
+    }
+    Ok(VerifyReport {
+        units: crcs.len() as u64,
+        bytes,
+    })
+}
+
+/// Make the removal of files durable (best effort: not every platform syncs directories).
+fn sync_dirs(files: &[PathBuf]) {
+    let dirs: HashSet<PathBuf> = files.iter().map(|p| dir_of(p)).collect();
+    for d in dirs {
+        if let Ok(f) = std::fs::File::open(&d) {
+            let _ = f.sync_all();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Finding the other differencing disks that depend on files a merge changes (siblings), by
+//! reading only the footer and dynamic header of each file in a few directories.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::format::DiskType;
+use crate::format::footer::{FOOTER_SIZE, Footer};
+use crate::format::header::{DynamicHeader, HEADER_SIZE};
+use crate::io::pread_exact;
+
+/// Identity of a VHD file read cheaply: its footer and, for a differencing disk, its header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScannedVhd {
+    /// The path.
+    pub path: PathBuf,
+    /// Fixed, dynamic or differencing.
+    pub disk_type: DiskType,
+    /// The footer's unique id.
+    pub unique_id: Uuid,
+    /// The parent's unique id, for a differencing disk.
+    pub parent_unique_id: Option<Uuid>,
+}
+
+/// Read the identity of the VHD at `path` from its footer (the end one, else the offset-0
+/// copy) and dynamic header, with checksums checked; `None` for anything that is not a regular
+/// file holding a VHD. At most three small reads: cheap enough to run over whole directories.
+pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() < FOOTER_SIZE as u64 {
+        return None;
+    }
+    let len = meta.len();
+    let file = File::open(path).ok()?;
+    let read_footer = |offset: u64| -> Option<Footer> {
+        let mut b = [0u8; FOOTER_SIZE];
+        pread_exact(&file, &mut b, offset).ok()?;
+        Footer::parse(&b).ok().filter(Footer::checksum_ok)
+    };
+    let footer = read_footer(len - FOOTER_SIZE as u64)
+        .or_else(|| read_footer(0).filter(|f| f.disk_type.is_sparse()))?;
+    let parent_unique_id = if footer.disk_type == DiskType::Differencing {
+        let at = footer.data_offset;
+        if at.checked_add(HEADER_SIZE as u64).is_none_or(|e| e > len) {
+            return None;
+        }
+        let mut b = [0u8; HEADER_SIZE];
+        pread_exact(&file, &mut b, at).ok()?;
+        let h = DynamicHeader::parse(&b)
+            .ok()
+            .filter(DynamicHeader::checksum_ok)?;
+        Some(h.parent_unique_id)
+    } else {
+        None
+    };
+    Some(ScannedVhd {
+        path: path.to_path_buf(),
+        disk_type: footer.disk_type,
+        unique_id: footer.unique_id,
+        parent_unique_id,
+    })
+}
+
+/// The canonical form of `p`, or `p` itself when it cannot be resolved.
+pub(crate) fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `p` without `.` components (`dir/./a.vhd` as a relative locator resolves is `dir/a.vhd`);
+/// `..` is kept, as removing it is only right when no symlink is involved.
+pub(crate) fn tidy(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+/// The directory holding `p` (`.` for a bare file name).
+pub(crate) fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Differencing disks in `dirs` (not recursing) whose parent unique id is in `parents`, except
+/// the files in `exclude` (canonical paths). Unreadable entries and non-VHD files are skipped.
+pub(crate) fn children_in(
+    dirs: &[PathBuf],
+    parents: &HashSet<Uuid>,
+    exclude: &HashSet<PathBuf>,
+) -> Vec<ScannedVhd> {
+    let mut seen_dirs = HashSet::new();
+    let mut seen_files = HashSet::new();
+    let mut out = Vec::new();
+    for dir in dirs {
+        if !seen_dirs.insert(canonical(dir)) {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let canon = canonical(&path);
+            if exclude.contains(&canon) || !seen_files.insert(canon) {
+                continue;
+            }
+            if let Some(v) = peek_vhd(&path)
+                && v.parent_unique_id.is_some_and(|p| parents.contains(&p))
+            {
+                out.push(v);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}

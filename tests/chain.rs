@@ -1,0 +1,864 @@
+//! Parent resolution: every locator style, overrides, untrusted input, errors; reading through
+//! chains.
+
+mod support_chain;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use support_chain::{ChildSpec, Loc, Rng, craft_child, fixture, tempdir};
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+use vhd_merge::format::{ParentLocator, PlatformCode};
+use vhd_merge::{Chain, ChainOptions, Error, OpenOptions, ReturnCode, Vhd};
+
+const MIB: u64 = 1 << 20;
+
+/// A dynamic base with some data, returning its path.
+fn base(dir: &Path, name: &str, size: u64, fill: u8) -> PathBuf {
+    let p = dir.join(name);
+    let opts = CreateOptions {
+        block_size: 512 * 1024,
+        ..CreateOptions::default()
+    };
+    let mut v = create_dynamic(&p, size, &opts).unwrap();
+    v.write_at(0, &vec![fill; 64 * 1024]).unwrap();
+    v.write_at(size - 4096, &vec![fill ^ 0xFF; 4096]).unwrap();
+    p
+}
+
+fn view(chain: &Chain, layer: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; chain.vhd(layer).virtual_size() as usize];
+    chain.read_at(layer, 0, &mut buf).unwrap();
+    buf
+}
+
+fn open(path: &Path) -> vhd_merge::Result<Chain> {
+    Chain::open(path, &ChainOptions::default())
+}
+
+fn parent_not_found(e: &Error) -> &[vhd_merge::ParentCandidate] {
+    match e {
+        Error::ParentNotFound { tried, .. } => tried,
+        e => panic!("expected ParentNotFound, got {e}"),
+    }
+}
+
+fn reason_for<'a>(tried: &'a [vhd_merge::ParentCandidate], path: &Path) -> &'a str {
+    tried
+        .iter()
+        .find(|c| c.path == path)
+        .map(|c| c.reason.as_str())
+        .unwrap_or_else(|| panic!("{} not in the tried list: {tried:#?}", path.display()))
+}
+
+#[test]
+fn whole_chain_moved_to_another_directory() {
+    let root = tempdir();
+    let a = root.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    let b = base(&a, "base.vhd", 4 * MIB, 1);
+    let mid = a.join("mid.vhd");
+    let mut m = create_differencing(&mid, &b, &CreateOptions::default()).unwrap();
+    m.write_at(MIB, &[2u8; 8192]).unwrap();
+    drop(m);
+    let top = a.join("top.vhd");
+    let mut t = create_differencing(&top, &mid, &CreateOptions::default()).unwrap();
+    t.write_at(MIB + 4096, &[3u8; 512]).unwrap();
+    drop(t);
+    let before = view(&open(&top).unwrap(), 0);
+
+    let moved = root.path().join("elsewhere");
+    std::fs::rename(&a, &moved).unwrap();
+    let files: Vec<Vec<u8>> = ["top.vhd", "mid.vhd", "base.vhd"]
+        .iter()
+        .map(|n| std::fs::read(moved.join(n)).unwrap())
+        .collect();
+    let chain = open(&moved.join("top.vhd")).unwrap();
+    assert_eq!(chain.len(), 3);
+    assert_eq!(chain.layers()[1].found_by, "W2ru");
+    assert_eq!(chain.layers()[2].found_by, "W2ru");
+    assert_eq!(chain.vhd(2).path(), moved.join("base.vhd"));
+    assert_eq!(view(&chain, 0), before);
+    drop(chain);
+    // Resolving never writes.
+    for (n, old) in ["top.vhd", "mid.vhd", "base.vhd"].iter().zip(files) {
+        assert_eq!(std::fs::read(moved.join(n)).unwrap(), old, "{n} changed");
+    }
+}
+
+#[test]
+fn renamed_parent_found_through_a_search_dir() {
+    let root = tempdir();
+    let b = base(root.path(), "base.vhd", 2 * MIB, 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let before = view(&open(&child).unwrap(), 0);
+
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    // A decoy with the right name but another id, and the real parent under a new name.
+    base(&store, "base.vhd", 2 * MIB, 9);
+    std::fs::rename(&b, store.join("renamed-parent.bin")).unwrap();
+
+    let e = open(&child).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound);
+
+    let opts = ChainOptions {
+        search_dirs: vec![store.clone()],
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&child, &opts).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "search dir, by unique id");
+    assert_eq!(chain.vhd(1).path(), store.join("renamed-parent.bin"));
+    assert_eq!(view(&chain, 0), before);
+
+    // Without the scan, the decoy is tried by name and the mismatch is reported.
+    let opts = ChainOptions {
+        scan_search_dirs: false,
+        ..opts
+    };
+    let e = Chain::open(&child, &opts).unwrap_err();
+    let tried = parent_not_found(&e);
+    assert!(reason_for(tried, &store.join("base.vhd")).contains("unique id mismatch"));
+}
+
+#[test]
+fn parent_moved_into_a_search_dir_keeps_its_name() {
+    let root = tempdir();
+    let b = base(root.path(), "base.vhd", 2 * MIB, 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(&b, store.join("base.vhd")).unwrap();
+    let opts = ChainOptions {
+        search_dirs: vec![store.clone()],
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&child, &opts).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "search dir, header name");
+}
+
+#[test]
+fn explicit_parent_overrides_and_is_checked() {
+    let root = tempdir();
+    let b = base(root.path(), "base.vhd", 2 * MIB, 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let other = base(root.path(), "other.vhd", 2 * MIB, 7);
+    let copy = root.path().join("copy-of-base.vhd");
+    std::fs::copy(&b, &copy).unwrap();
+    let chain = Chain::open(
+        &child,
+        &ChainOptions {
+            parent: Some(copy.clone()),
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(chain.layers()[1].found_by, "--parent");
+    assert_eq!(chain.vhd(1).path(), copy);
+    // A wrong explicit parent is not silently replaced by what the locators say.
+    let e = Chain::open(
+        &child,
+        &ChainOptions {
+            parent: Some(other.clone()),
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap_err();
+    let tried = parent_not_found(&e);
+    assert_eq!(tried.len(), 1);
+    assert!(tried[0].reason.contains("unique id mismatch"));
+}
+
+/// `C:\<path of dir>` with backslashes.
+fn windows_path(p: &Path) -> String {
+    format!("C:{}", p.to_string_lossy().replace('/', "\\"))
+}
+
+#[test]
+fn windows_absolute_only_locators() {
+    let root = tempdir();
+    let kids = root.path().join("kids");
+    std::fs::create_dir(&kids).unwrap();
+
+    // 1. Drive stripped: C:\<tempdir>\bases\p1.vhd is the real place.
+    let bases = root.path().join("bases");
+    std::fs::create_dir(&bases).unwrap();
+    let p1 = base(&bases, "p1.vhd", 2 * MIB, 1);
+    let c1 = kids.join("c1.vhd");
+    craft_child(
+        &c1,
+        &ChildSpec::of(&p1)
+            .name("nothing-here.vhd")
+            .loc(PlatformCode::W2ku, &windows_path(&p1)),
+    );
+    let chain = open(&c1).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "W2ku without drive");
+    assert_eq!(chain.vhd(1).path(), p1);
+
+    // 2. Tail relative to the child: C:\some\dir\p2.vhd found at kids/some/dir/p2.vhd.
+    let sd = kids.join("some").join("dir");
+    std::fs::create_dir_all(&sd).unwrap();
+    let p2 = base(&sd, "p2.vhd", 2 * MIB, 2);
+    let c2 = kids.join("c2.vhd");
+    craft_child(
+        &c2,
+        &ChildSpec::of(&p2)
+            .name("nothing-here.vhd")
+            .loc(PlatformCode::W2ku, "C:\\some\\dir\\p2.vhd"),
+    );
+    let chain = open(&c2).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "W2ku tail in child dir");
+    assert_eq!(chain.vhd(1).path(), p2);
+
+    // 3. File name in the child's directory.
+    let p3 = base(&kids, "p3.vhd", 2 * MIB, 3);
+    let c3 = kids.join("c3.vhd");
+    craft_child(
+        &c3,
+        &ChildSpec::of(&p3)
+            .name("nothing-here.vhd")
+            .loc(PlatformCode::W2ku, "D:\\Hyper-V\\Disks\\p3.vhd"),
+    );
+    let chain = open(&c3).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "W2ku file name in child dir");
+
+    // 4. The deprecated 8-bit Wi2k, same rules.
+    let c4 = kids.join("c4.vhd");
+    craft_child(
+        &c4,
+        &ChildSpec::of(&p3)
+            .name("nothing-here.vhd")
+            .loc(PlatformCode::Wi2k, "E:\\old\\p3.vhd"),
+    );
+    let chain = open(&c4).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "Wi2k file name in child dir");
+
+    // 5. A POSIX path in W2ku, as VirtualBox writes on Linux.
+    let c5 = kids.join("c5.vhd");
+    craft_child(
+        &c5,
+        &ChildSpec::of(&p1).loc(PlatformCode::W2ku, &p1.to_string_lossy()),
+    );
+    let chain = open(&c5).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "W2ku");
+    assert_eq!(chain.vhd(1).path(), p1);
+}
+
+#[test]
+fn header_name_only_crafted() {
+    let root = tempdir();
+    let p = base(root.path(), "the parent.vhd", 2 * MIB, 4);
+    let c = root.path().join("c.vhd");
+    // Windows 10 writes the full path into the header name; only its last part is used.
+    craft_child(
+        &c,
+        &ChildSpec::of(&p).name("C:\\VMs\\old place\\the parent.vhd"),
+    );
+    let chain = open(&c).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "header name");
+    // A POSIX-style header name too.
+    let c2 = root.path().join("c2.vhd");
+    craft_child(&c2, &ChildSpec::of(&p).name("/srv/vm/the parent.vhd"));
+    assert_eq!(open(&c2).unwrap().layers()[1].found_by, "header name");
+}
+
+#[test]
+fn header_name_only_real_dfvfs_fixture() {
+    let dir = tempdir();
+    let (Some(child), Some(parent)) = (
+        fixture("dfvfs/image-differential.vhd", dir.path()),
+        fixture("dfvfs/image.vhd", dir.path()),
+    ) else {
+        return;
+    };
+    // Its checksums are bad (hand-patched files): strict opening refuses.
+    let e = open(&child).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::IncorrectDataType, "{e}");
+    let opts = ChainOptions {
+        lenient: true,
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&child, &opts).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain.layers()[1].found_by, "header name");
+    assert_eq!(chain.vhd(1).path(), parent);
+    // Its one block holds every sector, with the parent's data.
+    let p = Vhd::open(
+        &parent,
+        OpenOptions {
+            lenient: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let mut own = vec![0u8; p.virtual_size() as usize];
+    p.read_own(0, &mut own).unwrap();
+    assert!(own.iter().any(|&b| b != 0));
+    assert_eq!(view(&chain, 0), own);
+}
+
+#[test]
+fn macx_only() {
+    let root = tempdir();
+    let d = root.path().join("my disks");
+    std::fs::create_dir(&d).unwrap();
+    let p = base(&d, "parent disk%.vhd", 2 * MIB, 5);
+    let url = vhd_merge::locator::file_url(&p);
+    assert!(url.contains("%20") && url.contains("%25"), "{url}");
+    let kids = root.path().join("kids");
+    std::fs::create_dir(&kids).unwrap();
+    for (i, u) in [url.clone(), url.replacen("file://", "file://localhost", 1)]
+        .iter()
+        .enumerate()
+    {
+        let c = kids.join(format!("c{i}.vhd"));
+        craft_child(
+            &c,
+            &ChildSpec::of(&p)
+                .name("nothing-here.vhd")
+                .loc(PlatformCode::MacX, u),
+        );
+        let chain = open(&c).unwrap();
+        assert_eq!(chain.layers()[1].found_by, "MacX", "{u}");
+        assert_eq!(chain.vhd(1).path(), p);
+    }
+    // Not a URL: listed with the reason, not opened.
+    let c = kids.join("bad.vhd");
+    craft_child(
+        &c,
+        &ChildSpec::of(&p).loc(PlatformCode::MacX, "/just/a/path.vhd"),
+    );
+    let e = open(&c).unwrap_err();
+    assert!(e.to_string().contains("not a file:// URL"), "{e}");
+}
+
+#[test]
+fn relative_path_into_a_sibling_directory() {
+    let root = tempdir();
+    let a = root.path().join("a");
+    let b = root.path().join("b");
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let p = base(&b, "parent.vhd", 2 * MIB, 6);
+    let c = a.join("child.vhd");
+    craft_child(
+        &c,
+        &ChildSpec::of(&p)
+            .name("nothing-here.vhd")
+            .loc(PlatformCode::W2ru, "..\\b\\parent.vhd"),
+    );
+    let chain = open(&c).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "W2ru");
+    assert_eq!(chain.vhd(1).path(), p);
+    // The deprecated 8-bit relative form, and `.\` inside.
+    let c2 = a.join("child2.vhd");
+    craft_child(
+        &c2,
+        &ChildSpec::of(&p).loc(PlatformCode::Wi2r, ".\\..\\b\\.\\parent.vhd"),
+    );
+    assert_eq!(open(&c2).unwrap().layers()[1].found_by, "Wi2r");
+    // Relative to the child even when opened through a relative path from elsewhere.
+    let cwd = std::env::current_dir().unwrap();
+    let rel = pathdiff(&c, &cwd);
+    assert_eq!(open(&rel).unwrap().len(), 2);
+}
+
+/// `target` relative to `base` (both absolute), with `..` as needed.
+fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+    vhd_merge::locator::relative_path(base, target).unwrap()
+}
+
+#[test]
+fn real_windows_chain_go_vhd() {
+    let dir = tempdir();
+    let (Some(child), Some(parent)) = (
+        fixture("go-vhd/win8-child.vhd", dir.path()),
+        fixture("go-vhd/win8.vhd", dir.path()),
+    ) else {
+        return;
+    };
+    let chain = open(&child).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain.layers()[1].found_by, "W2ru");
+    assert_eq!(chain.vhd(1).path(), parent);
+    assert!(chain.layers()[1].warnings.is_empty());
+    assert!(view(&chain, 0).iter().all(|&b| b == 0));
+    // Moved into a subdirectory: W2ru (.\win8.vhd) and the W2ku tails fail; a search dir finds
+    // it by the header name, whose full Windows path is cut to its last component.
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::rename(&parent, sub.join("win8.vhd")).unwrap();
+    let e = open(&child).unwrap_err();
+    let tried = parent_not_found(&e);
+    assert!(tried.iter().any(|c| c.source == "W2ku without drive"
+        && c.path == Path::new("/Users/sergi/Downloads/win8.vhd")));
+    let chain = Chain::open(
+        &child,
+        &ChainOptions {
+            search_dirs: vec![sub.clone()],
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(chain.layers()[1].found_by, "search dir, header name");
+}
+
+#[test]
+fn unique_id_mismatch_shows_both_ids() {
+    let root = tempdir();
+    let p = base(root.path(), "parent.vhd", 2 * MIB, 1);
+    let want = uuid::Uuid::new_v4();
+    let c = root.path().join("c.vhd");
+    let mut spec = ChildSpec::of(&p)
+        .name("parent.vhd")
+        .loc(PlatformCode::W2ru, ".\\parent.vhd");
+    spec.parent_id = want;
+    craft_child(&c, &spec);
+    let e = open(&c).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound);
+    let have = Vhd::open(&p, OpenOptions::read_only()).unwrap().unique_id();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&want.to_string()) && msg.contains(&have.to_string()),
+        "{msg}"
+    );
+    // The same path from W2ru and the header name is tried once.
+    let tried = parent_not_found(&e);
+    assert_eq!(
+        tried.iter().filter(|c| c.path == p).count(),
+        1,
+        "{tried:#?}"
+    );
+}
+
+#[test]
+fn cycles_are_refused() {
+    let root = tempdir();
+    let ida = uuid::Uuid::new_v4();
+    let idb = uuid::Uuid::new_v4();
+    let a = root.path().join("a.vhd");
+    let b = root.path().join("b.vhd");
+    let spec = |me, parent, name: &str| ChildSpec {
+        parent_id: parent,
+        header_name: name.into(),
+        parent_timestamp: 0,
+        locators: vec![Loc::text(PlatformCode::W2ru, &format!(".\\{name}"))],
+        size: 2 * MIB,
+        block_size: 2 << 20,
+        unique_id: Some(me),
+    };
+    craft_child(&a, &spec(ida, idb, "b.vhd"));
+    craft_child(&b, &spec(idb, ida, "a.vhd"));
+    let e = open(&a).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidState);
+    assert!(e.to_string().contains("cycle"), "{e}");
+    // Its own parent.
+    let s = root.path().join("s.vhd");
+    let ids = uuid::Uuid::new_v4();
+    craft_child(&s, &spec(ids, ids, "s.vhd"));
+    let e = open(&s).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    // The same file twice under another id is impossible, but the same id in two files
+    // (a copy) is caught too.
+    let c = root.path().join("c.vhd");
+    let idc = uuid::Uuid::new_v4();
+    craft_child(&c, &spec(idc, idc, "c-copy.vhd"));
+    std::fs::copy(&c, root.path().join("c-copy.vhd")).unwrap();
+    let e = open(&c).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+}
+
+#[test]
+fn depth_limit() {
+    let root = tempdir();
+    let mut prev = base(root.path(), "l0.vhd", MIB, 1);
+    for i in 1..6 {
+        let next = root.path().join(format!("l{i}.vhd"));
+        drop(create_differencing(&next, &prev, &CreateOptions::default()).unwrap());
+        prev = next;
+    }
+    assert_eq!(open(&prev).unwrap().len(), 6);
+    let e = Chain::open(
+        &prev,
+        &ChainOptions {
+            max_depth: 4,
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidState);
+    assert!(e.to_string().contains("deeper than the limit of 4"), "{e}");
+    assert!(
+        Chain::open(
+            &prev,
+            &ChainOptions {
+                max_depth: 6,
+                ..ChainOptions::default()
+            }
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn missing_parent_real_fixture_lists_the_tried_candidates() {
+    let dir = tempdir();
+    let Some(child) = fixture("dfvfs/fat-differential.vhd", dir.path()) else {
+        return;
+    };
+    let e = open(&child).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound);
+    assert_eq!(e.return_code().code(), 32779);
+    let tried = parent_not_found(&e);
+    assert!(tried.len() >= 3, "{tried:#?}");
+    assert!(tried.iter().all(|c| c.reason == "absent"), "{tried:#?}");
+    assert!(tried.iter().any(|c| c.source == "W2ru"));
+    assert!(tried.iter().any(|c| c.source.starts_with("W2ku")));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("fat-parent.vhd") && msg.contains("[W2ru]: absent"),
+        "{msg}"
+    );
+    assert!(msg.contains("--search-dir"), "{msg}");
+}
+
+#[cfg(unix)]
+#[test]
+fn fifo_and_directory_candidates_are_not_opened() {
+    let root = tempdir();
+    let fifo = root.path().join("fifo.vhd");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dirp = root.path().join("dir.vhd");
+    std::fs::create_dir(&dirp).unwrap();
+    let c = root.path().join("c.vhd");
+    let mut spec = ChildSpec {
+        parent_id: uuid::Uuid::new_v4(),
+        header_name: "dir.vhd".into(),
+        parent_timestamp: 0,
+        locators: vec![Loc::text(PlatformCode::W2ru, ".\\fifo.vhd")],
+        size: MIB,
+        block_size: 2 << 20,
+        unique_id: None,
+    };
+    craft_child(&c, &spec);
+    // Would block forever if the FIFO were opened.
+    let e = open(&c).unwrap_err();
+    let tried = parent_not_found(&e);
+    assert!(
+        reason_for(tried, &fifo).contains("not a regular file"),
+        "{tried:#?}"
+    );
+    assert!(
+        reason_for(tried, &dirp).contains("a directory"),
+        "{tried:#?}"
+    );
+    // Same under confinement.
+    spec.locators
+        .push(Loc::text(PlatformCode::W2ku, "C:\\x\\dir.vhd"));
+    let c2 = root.path().join("c2.vhd");
+    craft_child(&c2, &spec);
+    let e = Chain::open(
+        &c2,
+        &ChainOptions {
+            confine_to: Some(vec![root.path().to_path_buf()]),
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap_err();
+    let tried = parent_not_found(&e);
+    assert!(reason_for(tried, &fifo).contains("not a regular file"));
+}
+
+#[cfg(unix)]
+#[test]
+fn hostile_locators_are_confined() {
+    let root = tempdir();
+    let allowed = root.path().join("allowed");
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&allowed).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    // A real parent with the right id, but outside the allowed directory.
+    let p = base(&outside, "parent.vhd", 2 * MIB, 1);
+    std::os::unix::fs::symlink(&p, allowed.join("link.vhd")).unwrap();
+    // Copies under other names, so that each absolute locator names its own file.
+    let copies: Vec<PathBuf> = (2..5)
+        .map(|i| {
+            let q = outside.join(format!("p{i}.vhd"));
+            std::fs::copy(&p, &q).unwrap();
+            q
+        })
+        .collect();
+    let c = allowed.join("c.vhd");
+    let spec = ChildSpec::of(&p)
+        .name("link.vhd")
+        .loc(PlatformCode::W2ru, "..\\outside\\parent.vhd")
+        .loc(PlatformCode::W2ku, &copies[0].to_string_lossy())
+        .loc(
+            PlatformCode::MacX,
+            &vhd_merge::locator::file_url(&copies[1]),
+        )
+        .loc(PlatformCode::Wi2k, &windows_path(&copies[2]))
+        .loc(PlatformCode::W2ru, "..\\..\\..\\..\\..\\..\\etc\\passwd");
+    craft_child(&c, &spec);
+    // Unconfined, every one of them leads to the parent (the first wins).
+    assert_eq!(open(&c).unwrap().layers()[1].found_by, "W2ru");
+
+    let confined = ChainOptions {
+        ignore_absolute_locators: true,
+        confine_to: Some(vec![allowed.clone()]),
+        ..ChainOptions::default()
+    };
+    let e = Chain::open(&c, &confined).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound);
+    let tried = parent_not_found(&e);
+    let r = reason_for(tried, &p);
+    assert!(r.starts_with("outside the allowed directories"), "{r}");
+    assert!(
+        reason_for(tried, &allowed.join("link.vhd")).contains("outside the allowed directories"),
+        "{tried:#?}"
+    );
+    assert!(
+        tried
+            .iter()
+            .any(|c| c.source == "W2ku" && c.reason.contains("absolute locator ignored")),
+        "{tried:#?}"
+    );
+    assert!(
+        tried
+            .iter()
+            .any(|c| c.source == "MacX" && c.reason.contains("absolute locator ignored"))
+    );
+    assert!(
+        tried
+            .iter()
+            .any(|c| c.source == "Wi2k without drive"
+                && c.reason.contains("absolute locator ignored"))
+    );
+    assert!(reason_for(tried, Path::new("/etc/passwd")).contains("outside"));
+
+    // Only confinement, absolute locators allowed: still refused, they lead outside.
+    let e = Chain::open(
+        &c,
+        &ChainOptions {
+            confine_to: Some(vec![allowed.clone()]),
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap_err();
+    let tried = parent_not_found(&e);
+    assert!(reason_for(tried, &p).starts_with("outside the allowed directories"));
+    assert!(
+        !tried
+            .iter()
+            .any(|c| c.reason.contains("absolute locator ignored"))
+    );
+
+    // Allowing the outside directory makes it work again.
+    let ok = Chain::open(
+        &c,
+        &ChainOptions {
+            ignore_absolute_locators: true,
+            confine_to: Some(vec![allowed.clone(), outside.clone()]),
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ok.layers()[1].found_by, "W2ru");
+}
+
+#[test]
+fn unreadable_locator_payloads_are_listed_not_read() {
+    let root = tempdir();
+    let p = base(root.path(), "parent.vhd", MIB, 1);
+    let c = root.path().join("c.vhd");
+    let raw = |offset: u64, len: u32| {
+        Loc::Raw(ParentLocator {
+            platform_code: PlatformCode::W2ku,
+            data_space: 512,
+            data_length: len,
+            reserved: 0,
+            data_offset: offset,
+        })
+    };
+    let mut spec = ChildSpec::of(&p).name("nothing.vhd");
+    spec.locators = vec![
+        raw(u64::MAX - 10, 100),
+        raw(1 << 40, 100),
+        raw(512, 1 << 30),
+        raw(1024, 0),
+    ];
+    craft_child(&c, &spec);
+    let e = open(&c).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("lies outside the file"), "{msg}");
+    assert!(msg.contains("more than the 65536 read"), "{msg}");
+    assert!(msg.contains("locator data is empty"), "{msg}");
+}
+
+#[test]
+fn time_stamp_mismatch_is_a_warning() {
+    let root = tempdir();
+    let p = base(root.path(), "parent.vhd", MIB, 1);
+    let c = root.path().join("c.vhd");
+    let mut spec = ChildSpec::of(&p).name("parent.vhd");
+    spec.parent_timestamp = 12345;
+    craft_child(&c, &spec);
+    let chain = open(&c).unwrap();
+    let w = &chain.layers()[1].warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("2000-01-01 03:25:45 UTC"), "{w:?}");
+    // Matching the parent's file time: no warning.
+    spec.parent_timestamp = vhd_merge::create::parent_timestamp(&p).unwrap();
+    craft_child(&root.path().join("c2.vhd"), &spec);
+    assert!(
+        open(&root.path().join("c2.vhd")).unwrap().layers()[1]
+            .warnings
+            .is_empty()
+    );
+}
+
+#[test]
+fn reader_reads_any_position_and_length() {
+    let root = tempdir();
+    // Base 3 MiB with random data, a larger child (5 MiB) with sector-granular writes.
+    let bp = root.path().join("base.vhd");
+    let mut rng = Rng::new(42);
+    let mut b = create_fixed(&bp, 3 * MIB, &CreateOptions::default()).unwrap();
+    let mut data = vec![0u8; 3 * MIB as usize];
+    rng.fill(&mut data);
+    b.write_at(0, &data).unwrap();
+    drop(b);
+    let c = root.path().join("c.vhd");
+    let mut spec = ChildSpec::of(&bp).name("base.vhd");
+    spec.size = 5 * MIB;
+    spec.block_size = 512 * 1024;
+    let mut cv = craft_child(&c, &spec);
+    for _ in 0..40 {
+        let s = rng.below(10240 - 8);
+        let n = 1 + rng.below(8);
+        let mut d = vec![0u8; n as usize * 512];
+        rng.fill(&mut d);
+        cv.write_at(s * 512, &d).unwrap();
+    }
+    drop(cv);
+    let chain = open(&c).unwrap();
+    let whole = view(&chain, 0);
+    assert_eq!(whole.len(), 5 * MIB as usize);
+    // Past the smaller parent's end: only the child's own sectors.
+    let mut r = chain.reader(0).unwrap();
+    assert_eq!(r.size(), 5 * MIB);
+    for _ in 0..300 {
+        let pos = rng.below(5 * MIB + 100);
+        let len = match rng.below(3) {
+            0 => rng.below(600),
+            1 => rng.below(8192),
+            _ => rng.below(3 * MIB),
+        } as usize;
+        r.seek(SeekFrom::Start(pos)).unwrap();
+        let mut got = Vec::new();
+        (&mut r).take(len as u64).read_to_end(&mut got).unwrap();
+        let lo = (pos as usize).min(whole.len());
+        let hi = (lo + len).min(whole.len());
+        assert_eq!(got.len(), hi - lo);
+        assert!(got == whole[lo..hi], "pos {pos} len {len}");
+    }
+    // Seek from the end and the current position.
+    assert_eq!(r.seek(SeekFrom::End(-1000)).unwrap(), 5 * MIB - 1000);
+    assert_eq!(r.seek(SeekFrom::Current(-24)).unwrap(), 5 * MIB - 1024);
+    let mut tail = Vec::new();
+    r.read_to_end(&mut tail).unwrap();
+    assert_eq!(tail, whole[whole.len() - 1024..]);
+    assert!(r.seek(SeekFrom::Current(-(6 * MIB as i64))).is_err());
+    // An owning reader over the parent layer.
+    let mut all = Vec::new();
+    open(&c)
+        .unwrap()
+        .into_reader(1)
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
+    assert_eq!(all, data);
+    assert!(chain.reader(2).is_err());
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_chain_lists_layers_child_first() {
+    let root = tempdir();
+    let b = base(root.path(), "base.vhd", 2 * MIB, 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let exe = env!("CARGO_BIN_EXE_vhd-merge");
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let i_child = text.find("child.vhd").unwrap();
+    let i_base = text.find("/base.vhd\"").unwrap();
+    assert!(i_child < i_base, "{text}");
+    for key in [
+        "\"disk_type\": \"differencing\"",
+        "\"disk_type\": \"dynamic\"",
+        "\"found_by\": \"opened\"",
+        "\"found_by\": \"W2ru\"",
+        "\"virtual_size\": 2097152",
+        "\"unique_id\"",
+        "\"warnings\": []",
+    ] {
+        assert!(text.contains(key), "{key} missing in {text}");
+    }
+    // Text output, and a missing parent found with --search-dir; --confine refuses a parent
+    // outside the allowed directories.
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(&b, store.join("base.vhd")).unwrap();
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error 32779 (File not found):"), "{err}");
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .arg("--search-dir")
+        .arg(&store)
+        .arg("--confine")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("layer 1:") && text.contains("found by search dir, header name"),
+        "{text}"
+    );
+    let out = std::process::Command::new(exe)
+        .arg("chain")
+        .arg(&child)
+        .arg("--parent")
+        .arg(store.join("base.vhd"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("found by --parent"));
+}

@@ -1,0 +1,555 @@
+//! The `vhd-merge` binary: `info` and `create` (JSON fields, SIZE parsing, overwrite refusal,
+//! the error line and exit status).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use vhd_merge::{OpenOptions, Vhd};
+
+fn run(args: &[&str]) -> Option<Output> {
+    let bin = common::binary()?;
+    Some(Command::new(bin).args(args).output().unwrap())
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Assert the command failed with exactly one stderr line `error <code> (<name>): ...`.
+fn assert_error(out: &Output, code: u32, name: &str) -> String {
+    assert!(!out.status.success(), "expected failure");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit status (101 would be a panic)"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.starts_with(&format!("error {code} ({name}): ")),
+        "stderr: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(out.stdout.is_empty(), "nothing on stdout");
+    err
+}
+
+fn info_json(path: &Path) -> Value {
+    let out = run(&["info", "--json", p(path)]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn create_dynamic_and_info_json() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.vhd");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let out = run(&["create", "dynamic", p(&f), "--size", "10M"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("created dynamic VHD"));
+
+    let j = info_json(&f);
+    let v = Vhd::open(&f, OpenOptions::read_only()).unwrap();
+    assert_eq!(j["disk_type"], "dynamic");
+    assert_eq!(j["virtual_size"], 10 << 20);
+    assert_eq!(j["current_size"], 10 << 20);
+    assert_eq!(j["size_source"], "current_size");
+    assert_eq!(j["creator_application"], "win ");
+    assert_eq!(j["creator_version"], "10.0");
+    assert_eq!(j["creator_host_os"], "Wi2k");
+    assert_eq!(j["unique_id"], v.unique_id().to_string());
+    let ts = j["timestamp"].as_u64().unwrap();
+    assert!(ts + 946_684_800 >= before && ts + 946_684_800 <= before + 60);
+    let utc = j["timestamp_utc"].as_str().unwrap();
+    assert_eq!(utc.len(), 20);
+    assert!(utc.ends_with('Z') && utc.as_bytes()[10] == b'T', "{utc}");
+    let g = v.footer().geometry;
+    assert_eq!(j["geometry"]["cylinders"], g.cylinders);
+    assert_eq!(j["geometry"]["heads"], g.heads);
+    assert_eq!(j["geometry"]["sectors_per_track"], g.sectors_per_track);
+    assert_eq!(j["footer_source"], "end");
+    assert_eq!(j["block_size"], 2 << 20);
+    assert_eq!(j["max_table_entries"], 5);
+    assert_eq!(j["allocated_blocks"], 0);
+    assert_eq!(j["parent_unique_id"], Value::Null);
+    assert_eq!(j["parent_name"], Value::Null);
+    assert_eq!(j["parent_timestamp"], Value::Null);
+    assert_eq!(j["parent_locators"], serde_json::json!([]));
+    assert_eq!(j["file_size"], std::fs::metadata(&f).unwrap().len());
+    assert_eq!(j["warnings"], serde_json::json!([]));
+
+    // Data written through the library shows up as allocated blocks.
+    drop(v);
+    let mut v = Vhd::open(&f, OpenOptions::writable()).unwrap();
+    v.write_at(5 << 20, &[1; 512]).unwrap();
+    drop(v);
+    assert_eq!(info_json(&f)["allocated_blocks"], 1);
+}
+
+#[test]
+fn create_fixed_and_block_sizes() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("f.vhd");
+    let out = run(&["create", "fixed", p(&f), "--size", "3MiB"]).unwrap();
+    assert!(out.status.success());
+    let j = info_json(&f);
+    assert_eq!(j["disk_type"], "fixed");
+    assert_eq!(j["virtual_size"], 3 << 20);
+    assert_eq!(j["block_size"], Value::Null);
+    assert_eq!(j["max_table_entries"], Value::Null);
+    assert_eq!(j["allocated_blocks"], Value::Null);
+    assert_eq!(j["file_size"], (3 << 20) + 512);
+
+    let f2 = dir.path().join("f2.vhd");
+    let out = run(&[
+        "create",
+        "fixed",
+        p(&f2),
+        "--size",
+        "3M",
+        "--block-size",
+        "2M",
+    ])
+    .unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(err.contains("fixed disk has no blocks"), "{err}");
+    assert!(!f2.exists());
+
+    for (bs, want) in [("512K", 512 << 10), ("4096", 4096), ("1m", 1 << 20)] {
+        let d = dir.path().join(format!("d{bs}.vhd"));
+        let out = run(&[
+            "create",
+            "dynamic",
+            p(&d),
+            "--size",
+            "8M",
+            "--block-size",
+            bs,
+        ])
+        .unwrap();
+        assert!(out.status.success(), "{bs}");
+        assert_eq!(info_json(&d)["block_size"], want, "{bs}");
+    }
+    for bs in ["3000", "1536", "64M", "8G"] {
+        let d = dir.path().join("bad.vhd");
+        let out = run(&[
+            "create",
+            "dynamic",
+            p(&d),
+            "--size",
+            "8M",
+            "--block-size",
+            bs,
+        ])
+        .unwrap();
+        let err = assert_error(&out, 32773, "Invalid parameter");
+        assert!(
+            err.contains("block size") || err.contains("--block-size"),
+            "{err}"
+        );
+        assert!(!d.exists(), "{bs}: no file left behind");
+    }
+}
+
+#[test]
+fn size_parsing() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good: [(&str, u64); 8] = [
+        ("1048576", 1 << 20),
+        ("4k", 4096),
+        ("3M", 3 << 20),
+        ("3mib", 3 << 20),
+        ("2G", 2 << 30),
+        ("1GiB", 1 << 30),
+        ("1t", 1 << 40),
+        ("2TiB", 2 << 40),
+    ];
+    for (i, (text, bytes)) in good.into_iter().enumerate() {
+        let f = dir.path().join(format!("g{i}.vhd"));
+        // Fixed disks over 2040 GiB are allowed; dynamic ones are not.
+        let kind = if bytes > 1 << 40 { "fixed" } else { "dynamic" };
+        let out = run(&["create", kind, p(&f), "--size", text]).unwrap();
+        assert!(
+            out.status.success(),
+            "{text}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(info_json(&f)["virtual_size"], bytes, "{text}");
+        std::fs::remove_file(&f).unwrap();
+    }
+    let bad: [(&str, &str); 8] = [
+        ("0", "zero"),
+        ("0M", "zero"),
+        ("1000", "multiple of the 512"),
+        ("1.5G", "fractions"),
+        ("10MB", "unknown unit"),
+        ("abc", "whole number"),
+        ("16777216T", "64 bits"),
+        ("99999999999999999999", "too large"),
+    ];
+    for (text, why) in bad {
+        let f = dir.path().join("bad.vhd");
+        let out = run(&["create", "dynamic", p(&f), "--size", text]).unwrap();
+        let err = assert_error(&out, 32773, "Invalid parameter");
+        assert!(err.contains("--size") && err.contains(why), "{text}: {err}");
+        assert!(!f.exists());
+    }
+    // Too large for a dynamic disk (the 2040 GiB limit): the library says so.
+    let f = dir.path().join("big.vhd");
+    let out = run(&["create", "dynamic", p(&f), "--size", "3T"]).unwrap();
+    assert_error(&out, 32773, "Invalid parameter");
+}
+
+#[test]
+fn create_refuses_to_overwrite_without_force() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.vhd");
+    assert!(
+        run(&["create", "dynamic", p(&f), "--size", "4M"])
+            .unwrap()
+            .status
+            .success()
+    );
+    let before = std::fs::read(&f).unwrap();
+    for kind in [["create", "dynamic"], ["create", "fixed"]] {
+        let out = run(&[kind[0], kind[1], p(&f), "--size", "8M"]).unwrap();
+        let err = assert_error(&out, 32773, "Invalid parameter");
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&f).unwrap(), before, "file untouched");
+    }
+    // A non-VHD file is protected the same way.
+    let txt = dir.path().join("notes.txt");
+    std::fs::write(&txt, b"keep me").unwrap();
+    let out = run(&["create", "fixed", p(&txt), "--size", "1M"]).unwrap();
+    assert_error(&out, 32773, "Invalid parameter");
+    assert_eq!(std::fs::read(&txt).unwrap(), b"keep me");
+
+    let out = run(&["create", "dynamic", p(&f), "--size", "8M", "--force"]).unwrap();
+    assert!(out.status.success());
+    assert_eq!(info_json(&f)["virtual_size"], 8 << 20);
+}
+
+#[test]
+fn create_differencing() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent.vhd");
+    let child = dir.path().join("child.vhd");
+    assert!(
+        run(&[
+            "create",
+            "dynamic",
+            p(&parent),
+            "--size",
+            "6M",
+            "--block-size",
+            "512K"
+        ])
+        .unwrap()
+        .status
+        .success()
+    );
+    let pj = info_json(&parent);
+    let out = run(&["create", "differencing", p(&child), "--parent", p(&parent)]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = info_json(&child);
+    assert_eq!(j["disk_type"], "differencing");
+    assert_eq!(j["virtual_size"], 6 << 20);
+    assert_eq!(j["parent_unique_id"], pj["unique_id"]);
+    assert_eq!(j["parent_name"], "parent.vhd");
+    assert!(j["parent_timestamp"].as_u64().unwrap() > 0);
+    assert_eq!(
+        j["block_size"],
+        512 << 10,
+        "inherits the parent's block size"
+    );
+    let locs = j["parent_locators"].as_array().unwrap();
+    assert_eq!(locs[0]["platform_code"], "W2ru");
+    assert_eq!(locs[0]["path"], ".\\parent.vhd");
+    assert_eq!(locs[1]["platform_code"], "W2ku");
+    let abs = vhd_merge::locator::absolute(&parent).unwrap();
+    assert_eq!(locs[1]["path"], abs.to_str().unwrap());
+    if cfg!(unix) {
+        assert_eq!(locs[2]["platform_code"], "MacX");
+        assert!(locs[2]["path"].as_str().unwrap().starts_with("file:///"));
+    }
+    for l in locs {
+        assert_eq!(l["data_space"], 4096, "Data Space in bytes");
+        assert_eq!(l["note"], Value::Null);
+    }
+
+    // --block-size overrides; a fixed parent gives the 2 MiB default.
+    let c2 = dir.path().join("c2.vhd");
+    let out = run(&[
+        "create",
+        "differencing",
+        p(&c2),
+        "--parent",
+        p(&parent),
+        "--block-size",
+        "2M",
+    ])
+    .unwrap();
+    assert!(out.status.success());
+    assert_eq!(info_json(&c2)["block_size"], 2 << 20);
+    let fixed = dir.path().join("fixed.vhd");
+    let c3 = dir.path().join("c3.vhd");
+    assert!(
+        run(&["create", "fixed", p(&fixed), "--size", "2M"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        run(&["create", "differencing", p(&c3), "--parent", p(&fixed)])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert_eq!(info_json(&c3)["block_size"], 2 << 20);
+    // A chain of three: a differencing parent.
+    let c4 = dir.path().join("c4.vhd");
+    assert!(
+        run(&["create", "differencing", p(&c4), "--parent", p(&child)])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert_eq!(
+        info_json(&c4)["parent_unique_id"],
+        info_json(&child)["unique_id"]
+    );
+
+    // Never over its own parent, even with --force.
+    let before = std::fs::read(&parent).unwrap();
+    let out = run(&[
+        "create",
+        "differencing",
+        p(&parent),
+        "--parent",
+        p(&parent),
+        "--force",
+    ])
+    .unwrap();
+    assert_error(&out, 32773, "Invalid parameter");
+    assert_eq!(std::fs::read(&parent).unwrap(), before);
+
+    // A missing parent.
+    let out = run(&[
+        "create",
+        "differencing",
+        p(&dir.path().join("c5.vhd")),
+        "--parent",
+        p(&dir.path().join("nope.vhd")),
+    ])
+    .unwrap();
+    assert_error(&out, 32779, "File not found");
+}
+
+#[test]
+fn info_errors() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.vhd");
+    for extra in [&[][..], &["--json"][..]] {
+        let mut args = vec!["info"];
+        args.extend_from_slice(extra);
+        args.push(p(&missing));
+        let err = assert_error(&run(&args).unwrap(), 32779, "File not found");
+        assert!(err.contains("missing.vhd"), "{err}");
+    }
+
+    let mut rng = common::Rng::new(7);
+    let mut junk = vec![0u8; 8192];
+    rng.fill(&mut junk);
+    for (name, bytes) in [
+        ("junk.bin", junk),
+        ("empty.bin", Vec::new()),
+        ("short.bin", vec![0u8; 511]),
+        ("zeros.bin", vec![0u8; 4096]),
+    ] {
+        let f = dir.path().join(name);
+        std::fs::write(&f, &bytes).unwrap();
+        let err = assert_error(
+            &run(&["info", p(&f)]).unwrap(),
+            32776,
+            "Incorrect data type",
+        );
+        assert!(err.contains(name), "{err}");
+    }
+    // A directory is not a VHD file either: an invalid parameter.
+    assert_error(
+        &run(&["info", p(dir.path())]).unwrap(),
+        32773,
+        "Invalid parameter",
+    );
+}
+
+#[test]
+fn info_listing_is_aligned() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent.vhd");
+    let child = dir.path().join("child.vhd");
+    assert!(
+        run(&["create", "dynamic", p(&parent), "--size", "4M"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        run(&["create", "differencing", p(&child), "--parent", p(&parent)])
+            .unwrap()
+            .status
+            .success()
+    );
+    let out = run(&["info", p(&child)]).unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Every value starts in the same column: after the longest key and two spaces.
+    let value_column = |l: &str| {
+        let gap = l.find("  ").expect("key and value separated by two spaces");
+        l.len() - l[gap..].trim_start().len()
+    };
+    let col: Vec<usize> = lines.iter().map(|l| value_column(l)).collect();
+    assert!(col.windows(2).all(|w| w[0] == w[1]), "{text}");
+    for key in [
+        "disk type",
+        "virtual size",
+        "unique id",
+        "parent unique id",
+        "parent name",
+        "parent locator 0",
+        "block size",
+        "BAT",
+        "warnings",
+    ] {
+        assert!(lines.iter().any(|l| l.starts_with(key)), "{key} in {text}");
+    }
+    assert!(text.contains("differencing"));
+    assert!(text.contains(".\\parent.vhd"));
+}
+
+/// A locator whose data lies outside the file: `info` shows why there is no path.
+#[test]
+fn info_explains_an_unreadable_locator() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent.vhd");
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_dynamic(&parent, 4 << 20, &opts).unwrap());
+    let mut c = vhd_merge::create::create_differencing(&child, &parent, &opts).unwrap();
+    let mut h = c.header().unwrap().clone();
+    h.locators[0].data_offset = 1 << 40;
+    h.locators[1].data_length = 1 << 20;
+    h.locators[2].platform_code = vhd_merge::format::PlatformCode::Mac;
+    c.rewrite_header(h).unwrap();
+    drop(c);
+    let j = info_json(&child);
+    let locs = j["parent_locators"].as_array().unwrap();
+    assert_eq!(locs[0]["path"], Value::Null);
+    assert!(
+        locs[0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("outside the file")
+    );
+    assert_eq!(locs[1]["path"], Value::Null);
+    assert!(locs[1]["note"].as_str().unwrap().contains("longer than"));
+    assert_eq!(locs[2]["platform_code"], "Mac ");
+    assert!(locs[2]["note"].as_str().unwrap().contains("alias"));
+    let out = run(&["info", p(&child)]).unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("outside the file"));
+}
+
+/// Damaged metadata never makes `info` panic: random bytes flipped in the footers, header and
+/// BAT of a disk with data and locators give either a listing or the one-line error.
+#[test]
+fn info_never_panics_on_damaged_files() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent.vhd");
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_dynamic(&parent, 8 << 20, &opts).unwrap());
+    let mut c = vhd_merge::create::create_differencing(&child, &parent, &opts).unwrap();
+    c.write_at(3 << 20, &[3; 4096]).unwrap();
+    drop(c);
+    let good = std::fs::read(&child).unwrap();
+    let n = good.len();
+    let mut rng = common::Rng::new(99);
+    let victim = dir.path().join("victim.vhd");
+    let (mut ok, mut failed) = (0, 0);
+    for round in 0..60 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            // Footer copy, header, BAT, or end footer.
+            let region = match rng.below(4) {
+                0 => 0..512,
+                1 => 512..1536,
+                2 => 1536..2048,
+                _ => n - 512..n,
+            };
+            let at = region.start + rng.below((region.end - region.start) as u64) as usize;
+            bytes[at] = rng.next_u64() as u8;
+        }
+        std::fs::write(&victim, &bytes).unwrap();
+        for args in [&["info", "--json"][..], &["info", "--lenient"][..]] {
+            let mut a = args.to_vec();
+            a.push(p(&victim));
+            let out = run(&a).unwrap();
+            if out.status.success() {
+                ok += 1;
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(1), "round {round}: {err}");
+                assert!(err.starts_with("error 3277"), "round {round}: {err}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(ok > 0 && failed > 0, "{ok} listings, {failed} errors");
+}

@@ -1,0 +1,408 @@
+//! flatten: random chains against an in-test model, outputs read back by qemu-img and by the
+//! crate, and the output-file rules (refusal, force, temporary name, progress).
+
+mod support_chain;
+
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+use support_chain::{ChildSpec, Rng, craft_child, have_qemu_img, qemu_img_raw, tempdir};
+use vhd_merge::create::{CreateOptions, create_dynamic, create_fixed};
+use vhd_merge::format::{PlatformCode, SectorBitmap};
+use vhd_merge::{
+    Chain, ChainOptions, FlattenFormat, FlattenOptions, OpenOptions, ReturnCode, Vhd, flatten,
+    flatten_path,
+};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+
+/// One layer as the model sees it: its size, and the sectors it holds with their data.
+struct ModelLayer {
+    size: u64,
+    data: Vec<u8>,
+    present: Vec<bool>,
+}
+
+/// The logical content of layer 0 of `layers` (child first): each sector from the nearest
+/// layer holding it, as long as no layer on the way is smaller than the sector's position.
+fn compose(layers: &[ModelLayer]) -> Vec<u8> {
+    let size = layers[0].size as usize;
+    let mut out = vec![0u8; size];
+    for s in 0..size / 512 {
+        let mut visible = usize::MAX;
+        for l in layers {
+            visible = visible.min(l.size as usize / 512);
+            if s >= visible {
+                break;
+            }
+            if l.present[s] {
+                out[s * 512..s * 512 + 512].copy_from_slice(&l.data[s * 512..s * 512 + 512]);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Random writes into a model layer: a few extents at sector granularity, some all zero.
+fn random_writes(rng: &mut Rng, m: &mut ModelLayer, max_extents: u64) {
+    let sectors = m.size / 512;
+    for _ in 0..rng.below(max_extents + 1) {
+        let start = rng.below(sectors);
+        let len = (1 + rng.below(1024)).min(sectors - start);
+        let range = start as usize * 512..(start + len) as usize * 512;
+        if rng.below(5) == 0 {
+            m.data[range].fill(0);
+        } else {
+            rng.fill(&mut m.data[range]);
+        }
+        for s in start..start + len {
+            m.present[s as usize] = true;
+        }
+    }
+}
+
+/// Write the model's present sectors into `v`, block by block in a shuffled order (so blocks
+/// land in the file out of order), then finish.
+fn write_layer(rng: &mut Rng, v: &mut Vhd, m: &ModelLayer) {
+    let bs = v.block_size();
+    let spb = (bs / 512) as usize;
+    let mut blocks: Vec<u64> = (0..v.block_count()).collect();
+    rng.shuffle(&mut blocks);
+    let mut buf = vec![0u8; bs as usize];
+    for b in blocks {
+        let first = (b * bs / 512) as usize;
+        let mut mask = SectorBitmap::new(spb);
+        for i in 0..spb {
+            let s = first + i;
+            let written = s < m.present.len() && m.present[s];
+            if written {
+                mask.set(i);
+                buf[i * 512..i * 512 + 512].copy_from_slice(&m.data[s * 512..s * 512 + 512]);
+            }
+        }
+        if !mask.none() {
+            v.write_block(b, &mut buf, &mask).unwrap();
+        }
+        if rng.below(4) == 0 {
+            v.commit().unwrap();
+        }
+    }
+    v.finish().unwrap();
+}
+
+const BLOCK_SIZES: [u32; 3] = [512 * 1024, 1 << 20, 2 << 20];
+
+/// A random chain of `depth` layers in `dir`; returns the top's path and the model, child
+/// first.
+fn random_chain(
+    dir: &Path,
+    seed: u64,
+    depth: usize,
+    fixed_base: bool,
+) -> (PathBuf, Vec<ModelLayer>) {
+    let mut rng = Rng::new(seed);
+    let mut models: Vec<ModelLayer> = Vec::new();
+    let mut prev: Option<PathBuf> = None;
+    for i in 0..depth {
+        // 1..4 MiB in whole sectors, rarely block aligned: ancestors smaller and larger.
+        let size = (MIB + rng.below(3 * MIB)) / 512 * 512;
+        let mut m = ModelLayer {
+            size,
+            data: vec![0u8; size as usize],
+            present: vec![false; (size / 512) as usize],
+        };
+        let block_size = BLOCK_SIZES[rng.below(3) as usize];
+        let path = dir.join(format!("l{i}.vhd"));
+        let mut v = match &prev {
+            None if fixed_base => {
+                let v = create_fixed(&path, size, &CreateOptions::default()).unwrap();
+                random_writes(&mut rng, &mut m, 6);
+                v
+            }
+            None => {
+                let opts = CreateOptions {
+                    block_size,
+                    ..CreateOptions::default()
+                };
+                let v = create_dynamic(&path, size, &opts).unwrap();
+                random_writes(&mut rng, &mut m, 6);
+                v
+            }
+            Some(parent) => {
+                let mut spec = ChildSpec::of(parent).loc(
+                    PlatformCode::W2ru,
+                    &format!(".\\{}", parent.file_name().unwrap().to_string_lossy()),
+                );
+                spec.size = size;
+                spec.block_size = block_size;
+                let v = craft_child(&path, &spec);
+                random_writes(&mut rng, &mut m, 6);
+                v
+            }
+        };
+        write_layer(&mut rng, &mut v, &m);
+        drop(v);
+        if fixed_base && prev.is_none() {
+            // Every sector of a fixed disk is its own, zero where nothing was written.
+            m.present.fill(true);
+        }
+        models.push(m);
+        prev = Some(path);
+    }
+    models.reverse();
+    (prev.unwrap(), models)
+}
+
+fn opts(format: FlattenFormat) -> FlattenOptions<'static> {
+    FlattenOptions {
+        format,
+        ..FlattenOptions::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn flatten_equals_the_model(seed in any::<u64>(), depth in 1usize..=8, fixed_base in any::<bool>()) {
+        let dir = tempdir();
+        let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
+        let want = compose(&models);
+        let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
+        prop_assert_eq!(chain.len(), depth);
+        let out = dir.path().join("out.raw");
+        let r = flatten(&chain, &out, opts(FlattenFormat::Raw)).unwrap();
+        prop_assert_eq!(r.virtual_size, models[0].size);
+        let got = std::fs::read(&out).unwrap();
+        prop_assert_eq!(got.len(), want.len());
+        prop_assert!(got == want, "raw flatten differs from the model");
+        // The dynamic output reads back the same through the crate.
+        let out = dir.path().join("out.vhd");
+        flatten(&chain, &out, opts(FlattenFormat::Dynamic)).unwrap();
+        let v = Vhd::open(&out, OpenOptions::read_only()).unwrap();
+        prop_assert_eq!(v.disk_type(), vhd_merge::DiskType::Dynamic);
+        let mut back = vec![0u8; want.len()];
+        v.read_own(0, &mut back).unwrap();
+        prop_assert!(back == want, "dynamic flatten differs from the model");
+        // Only blocks holding a non-zero byte are allocated.
+        let bs = v.block_size() as usize;
+        let nonzero = want.chunks(bs).filter(|c| c.iter().any(|&b| b != 0)).count();
+        prop_assert_eq!(v.allocated_blocks(), nonzero);
+    }
+}
+
+#[test]
+fn qemu_img_reads_fixed_and_dynamic_outputs() {
+    let qemu = have_qemu_img();
+    for (seed, depth, fixed_base, bs) in [
+        (0x5EED, 6, false, 512 * 1024),
+        (0xBEEF, 8, true, 2 << 20),
+        (0xF00D, 3, false, 1 << 20),
+    ] {
+        let dir = tempdir();
+        let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
+        let want = compose(&models);
+        let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
+        let raw = dir.path().join("o.raw");
+        flatten(&chain, &raw, opts(FlattenFormat::Raw)).unwrap();
+        let raw = std::fs::read(&raw).unwrap();
+        assert!(raw == want);
+        let fixed = dir.path().join("o-fixed.vhd");
+        flatten(&chain, &fixed, opts(FlattenFormat::Fixed)).unwrap();
+        let dynamic = dir.path().join("o-dyn.vhd");
+        let r = flatten(
+            &chain,
+            &dynamic,
+            FlattenOptions {
+                block_size: Some(bs),
+                ..opts(FlattenFormat::Dynamic)
+            },
+        )
+        .unwrap();
+        assert!(r.blocks_allocated > 0);
+        // Fixed output: raw bytes then a footer.
+        let f = std::fs::read(&fixed).unwrap();
+        assert_eq!(f.len(), raw.len() + 512);
+        assert!(f[..raw.len()] == raw[..]);
+        let v = Vhd::open(&fixed, OpenOptions::read_only()).unwrap();
+        assert_eq!(v.disk_type(), vhd_merge::DiskType::Fixed);
+        if !qemu {
+            continue;
+        }
+        assert!(
+            qemu_img_raw(&fixed, dir.path()) == raw,
+            "seed {seed:#x}: qemu-img reads the fixed output differently"
+        );
+        assert!(
+            qemu_img_raw(&dynamic, dir.path()) == raw,
+            "seed {seed:#x}: qemu-img reads the dynamic output differently"
+        );
+    }
+}
+
+#[test]
+fn output_rules() {
+    let dir = tempdir();
+    let (top, models) = random_chain(dir.path(), 7, 3, true);
+    let want = compose(&models);
+    let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
+    let out = dir.path().join("out.raw");
+    std::fs::write(&out, b"precious").unwrap();
+    // Existing output: refused, untouched.
+    let e = flatten(&chain, &out, opts(FlattenFormat::Raw)).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidParameter);
+    assert!(e.to_string().contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    // Forced: replaced.
+    flatten(
+        &chain,
+        &out,
+        FlattenOptions {
+            force: true,
+            ..opts(FlattenFormat::Raw)
+        },
+    )
+    .unwrap();
+    assert!(std::fs::read(&out).unwrap() == want);
+    // One of the chain's files: refused even with force, also through another name.
+    let inputs: Vec<Vec<u8>> = chain
+        .layers()
+        .iter()
+        .map(|l| std::fs::read(l.vhd.path()).unwrap())
+        .collect();
+    let base = chain.vhd(2).path().to_path_buf();
+    let alias = dir.path().join("alias.vhd");
+    std::fs::hard_link(&base, &alias).unwrap();
+    for target in [top.clone(), base.clone(), alias] {
+        let e = flatten(
+            &chain,
+            &target,
+            FlattenOptions {
+                force: true,
+                ..opts(FlattenFormat::Dynamic)
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("a file of the chain"), "{e}");
+    }
+    for (l, before) in chain.layers().iter().zip(&inputs) {
+        assert!(
+            &std::fs::read(l.vhd.path()).unwrap() == before,
+            "an input changed"
+        );
+    }
+    // A failure leaves nothing behind: no output, no temporary file.
+    let missing = dir.path().join("no-such-dir").join("out.vhd");
+    assert!(flatten(&chain, &missing, opts(FlattenFormat::Dynamic)).is_err());
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    // A directory as output.
+    let e = flatten(
+        &chain,
+        dir.path(),
+        FlattenOptions {
+            force: true,
+            ..opts(FlattenFormat::Raw)
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidParameter);
+}
+
+#[test]
+fn progress_and_layers() {
+    let dir = tempdir();
+    let (top, models) = random_chain(dir.path(), 99, 4, false);
+    let mut calls: Vec<(u64, u64)> = Vec::new();
+    let mut cb = |d: u64, t: u64| calls.push((d, t));
+    let out = dir.path().join("p.vhd");
+    let r = flatten_path(
+        &top,
+        &ChainOptions::default(),
+        &out,
+        FlattenOptions {
+            progress: Some(&mut cb),
+            block_size: Some(512 * 1024),
+            ..FlattenOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.format, FlattenFormat::Dynamic);
+    assert_eq!(r.layers, 4);
+    let total = models[0].size;
+    assert!(calls.len() >= (total / (512 * KIB)) as usize);
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
+    assert!(calls.iter().all(|&(_, t)| t == total));
+    assert_eq!(calls.last(), Some(&(total, total)));
+    // Flattening an inner layer gives that layer's view.
+    let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
+    let out1 = dir.path().join("l1.raw");
+    let r = flatten(
+        &chain,
+        &out1,
+        FlattenOptions {
+            layer: 1,
+            ..opts(FlattenFormat::Raw)
+        },
+    )
+    .unwrap();
+    assert_eq!(r.layers, 3);
+    assert!(std::fs::read(&out1).unwrap() == compose(&models[1..]));
+    assert!(
+        flatten(
+            &chain,
+            dir.path().join("x.raw"),
+            FlattenOptions {
+                layer: 9,
+                ..opts(FlattenFormat::Raw)
+            }
+        )
+        .is_err()
+    );
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_flatten() {
+    let dir = tempdir();
+    let (top, models) = random_chain(dir.path(), 1234, 3, false);
+    let want = compose(&models);
+    let exe = env!("CARGO_BIN_EXE_vhd-merge");
+    let run = |args: &[&str], out: &Path| {
+        std::process::Command::new(exe)
+            .arg("flatten")
+            .arg(&top)
+            .arg(out)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let raw = dir.path().join("c.raw");
+    let o = run(&["--format", "raw"], &raw);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&raw).unwrap() == want);
+    let o = run(&["--format", "raw"], &raw);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("error 32773"));
+    let o = run(&["--format", "raw", "--force"], &raw);
+    assert!(o.status.success());
+    let dynamic = dir.path().join("c.vhd");
+    let o = run(&[], &dynamic);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("dynamic"));
+    let v = Vhd::open(&dynamic, OpenOptions::read_only()).unwrap();
+    assert_eq!(v.disk_type(), vhd_merge::DiskType::Dynamic);
+    let fixed = dir.path().join("f.vhd");
+    assert!(run(&["--format", "fixed"], &fixed).status.success());
+    assert_eq!(
+        Vhd::open(&fixed, OpenOptions::read_only())
+            .unwrap()
+            .disk_type(),
+        vhd_merge::DiskType::Fixed
+    );
+}

@@ -1,0 +1,483 @@
+//! set-parent: re-pointing children at moved, renamed and replaced parents, checked with our
+//! own chain and with libvhdi.
+
+mod support_chain;
+
+use std::path::{Path, PathBuf};
+
+use support_chain::{ChildSpec, Rng, craft_child, have_libvhdi, libvhdi_read, tempdir};
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
+use vhd_merge::format::PlatformCode;
+use vhd_merge::{Chain, ChainOptions, OpenOptions, ReturnCode, SetParentOptions, Vhd, set_parent};
+
+const MIB: u64 = 1 << 20;
+
+/// Write random data in 4 KiB-aligned pieces (libvhdi misreads partly set bitmap bytes).
+fn scribble(v: &mut Vhd, rng: &mut Rng, pieces: usize) {
+    let pages = v.virtual_size() / 4096;
+    for _ in 0..pieces {
+        let p = rng.below(pages);
+        let n = (1 + rng.below(64)).min(pages - p);
+        let mut d = vec![0u8; (n * 4096) as usize];
+        rng.fill(&mut d);
+        v.write_at(p * 4096, &d).unwrap();
+    }
+}
+
+/// A dynamic base and a differencing child (2 MiB blocks), both with data.
+fn pair(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    pair_in(dir, dir, seed)
+}
+
+/// Like [`pair`], the base in `base_dir`.
+fn pair_in(base_dir: &Path, dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let mut rng = Rng::new(seed);
+    let base = base_dir.join("base.vhd");
+    let mut b = create_dynamic(&base, 8 * MIB, &CreateOptions::default()).unwrap();
+    scribble(&mut b, &mut rng, 12);
+    drop(b);
+    let child = dir.join("child.vhd");
+    let mut c = create_differencing(&child, &base, &CreateOptions::default()).unwrap();
+    scribble(&mut c, &mut rng, 12);
+    drop(c);
+    (base, child)
+}
+
+fn view(path: &Path) -> Vec<u8> {
+    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
+    let mut buf = vec![0u8; chain.vhd(0).virtual_size() as usize];
+    chain.read_at(0, 0, &mut buf).unwrap();
+    buf
+}
+
+fn own(path: &Path) -> Vec<u8> {
+    let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
+    let mut buf = vec![0u8; v.virtual_size() as usize];
+    v.read_own(0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn moved_and_renamed_parent_keeps_the_view() {
+    let dir = tempdir();
+    let (base, child) = pair(dir.path(), 1);
+    let before = view(&child);
+    let own_before = own(&child);
+    let len_before = std::fs::metadata(&child).unwrap().len();
+
+    let store = dir.path().join("store").join("deeper");
+    std::fs::create_dir_all(&store).unwrap();
+    let moved = store.join("renamed base.vhd");
+    std::fs::rename(&base, &moved).unwrap();
+    let e = Chain::open(&child, &ChainOptions::default()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound);
+
+    let r = set_parent(&child, &moved, &SetParentOptions::default()).unwrap();
+    assert!(!r.id_changed);
+    assert_eq!(r.parent_id, r.old_parent_id);
+    assert_eq!(r.parent_name, "renamed base.vhd");
+    assert_eq!(r.old_parent_name, "base.vhd");
+    // create_differencing reserved room, so every locator was rewritten in place.
+    assert!(r.locators.iter().all(|l| l.reused), "{:?}", r.locators);
+    assert!(
+        r.locators
+            .iter()
+            .any(|l| l.platform_code == PlatformCode::W2ru
+                && l.text == ".\\store\\deeper\\renamed base.vhd")
+    );
+    // Fresh space for the first header, then back home: the file grows once, by a few KiB.
+    let grown = std::fs::metadata(&child).unwrap().len() - len_before;
+    assert!(grown <= 3 * 4096 + 512, "{grown}");
+    assert_eq!(
+        r.parent_timestamp,
+        vhd_merge::create::parent_timestamp(&moved).unwrap()
+    );
+
+    let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "W2ru");
+    assert!(
+        chain.layers()[1].warnings.is_empty(),
+        "{:?}",
+        chain.layers()[1].warnings
+    );
+    assert!(
+        chain.vhd(0).warnings().is_empty(),
+        "{:?}",
+        chain.vhd(0).warnings()
+    );
+    drop(chain);
+    assert!(view(&child) == before, "the view changed");
+    assert!(own(&child) == own_before, "the child's own data changed");
+    // The header name alone also finds it now.
+    let h = Vhd::open(&child, OpenOptions::read_only()).unwrap();
+    assert_eq!(h.header().unwrap().parent_name(), "renamed base.vhd");
+    drop(h);
+
+    if have_libvhdi() {
+        let got = libvhdi_read(&child, &moved, 8 * MIB, dir.path());
+        assert!(
+            got == before,
+            "libvhdi reads a different view after set-parent"
+        );
+    }
+}
+
+#[test]
+fn id_mismatch_is_refused_unless_forced() {
+    let dir = tempdir();
+    let (_base, child) = pair(dir.path(), 2);
+    let other = dir.path().join("other.vhd");
+    let mut o = create_dynamic(&other, 8 * MIB, &CreateOptions::default()).unwrap();
+    scribble(&mut o, &mut Rng::new(77), 10);
+    let other_id = o.unique_id();
+    drop(o);
+    let bytes = std::fs::read(&child).unwrap();
+    let old_id = Vhd::open(&child, OpenOptions::read_only())
+        .unwrap()
+        .parent_unique_id()
+        .unwrap();
+
+    let e = set_parent(&child, &other, &SetParentOptions::default()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidParameter);
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&old_id.to_string()) && msg.contains(&other_id.to_string()),
+        "{msg}"
+    );
+    assert!(
+        std::fs::read(&child).unwrap() == bytes,
+        "a refused set-parent wrote"
+    );
+
+    let r = set_parent(
+        &child,
+        &other,
+        &SetParentOptions {
+            force: true,
+            ..SetParentOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(r.id_changed);
+    assert_eq!(r.parent_id, other_id);
+    assert!(r.locators.iter().all(|l| l.reused));
+    let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
+    assert_eq!(chain.vhd(1).path(), other);
+    assert_eq!(chain.vhd(0).parent_unique_id(), Some(other_id));
+    let mut ours = vec![0u8; 8 * MIB as usize];
+    chain.read_at(0, 0, &mut ours).unwrap();
+    // The child's own sectors over the new parent's content.
+    let own_c = own(&child);
+    let own_o = own(&other);
+    let bm = Vhd::open(&child, OpenOptions::read_only()).unwrap();
+    for s in 0..(8 * MIB / 512) as usize {
+        let held = match bm.block_map(s as u64 / 4096).unwrap() {
+            vhd_merge::BlockMap::Present {
+                bitmap: Some(b), ..
+            } => b.get(s % 4096),
+            _ => false,
+        };
+        let want = if held { &own_c } else { &own_o };
+        assert!(
+            ours[s * 512..s * 512 + 512] == want[s * 512..s * 512 + 512],
+            "sector {s}"
+        );
+    }
+    if have_libvhdi() {
+        let got = libvhdi_read(&child, &other, 8 * MIB, dir.path());
+        assert!(
+            got == ours,
+            "libvhdi and the crate disagree after a forced set-parent"
+        );
+    }
+}
+
+#[test]
+fn repeated_set_parent_reuses_space() {
+    let dir = tempdir();
+    let (base, child) = pair(dir.path(), 3);
+    let before = view(&child);
+    let copy = dir.path().join("copy.vhd");
+    std::fs::copy(&base, &copy).unwrap();
+    let len0 = std::fs::metadata(&child).unwrap().len();
+    set_parent(&child, &base, &SetParentOptions::default()).unwrap();
+    let len = std::fs::metadata(&child).unwrap().len();
+    assert!(len - len0 <= 3 * 4096 + 512);
+    for target in [&copy, &base, &copy, &base] {
+        set_parent(&child, target, &SetParentOptions::default()).unwrap();
+        assert_eq!(std::fs::metadata(&child).unwrap().len(), len);
+        assert_eq!(
+            Chain::open(&child, &ChainOptions::default())
+                .unwrap()
+                .vhd(1)
+                .path(),
+            target.as_path()
+        );
+    }
+    assert!(view(&child) == before);
+}
+
+#[test]
+fn long_paths_get_new_space_clear_of_blocks() {
+    let dir = tempdir();
+    let base = dir.path().join("b.vhd");
+    let mut b = create_dynamic(&base, 8 * MIB, &CreateOptions::default()).unwrap();
+    scribble(&mut b, &mut Rng::new(5), 8);
+    drop(b);
+    // A child whose locators have exactly one sector each (as DiscUtils writes).
+    let child = dir.path().join("c.vhd");
+    let mut c = craft_child(
+        &child,
+        &ChildSpec::of(&base)
+            .name("b.vhd")
+            .loc(PlatformCode::W2ru, ".\\b.vhd")
+            .loc(PlatformCode::W2ku, "C:\\b.vhd"),
+    );
+    scribble(&mut c, &mut Rng::new(6), 4);
+    drop(c);
+    let before = view(&child);
+    // A parent path longer than a sector in UTF-16.
+    let mut deep = dir.path().to_path_buf();
+    for i in 0..6 {
+        deep.push(format!(
+            "a-rather-long-directory-name-number-{i}-xxxxxxxxxxxxxxxxxxxx"
+        ));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let moved = deep.join("b.vhd");
+    std::fs::rename(&base, &moved).unwrap();
+    let r = set_parent(&child, &moved, &SetParentOptions::default()).unwrap();
+    let w2ku = r
+        .locators
+        .iter()
+        .find(|l| l.platform_code == PlatformCode::W2ku)
+        .unwrap();
+    assert!(!w2ku.reused, "{r:?}");
+    assert!(view(&child) == before);
+
+    // New blocks allocated afterwards go after the new locator data, never over it.
+    let mut c = Vhd::open(&child, OpenOptions::writable()).unwrap();
+    let locs = c.header().unwrap().locators;
+    let mut d = vec![0x5Au8; 4 * MIB as usize];
+    c.write_at(4 * MIB, &d).unwrap();
+    for l in locs.iter().filter(|l| !l.is_empty()) {
+        let mut payload = vec![0u8; l.data_length as usize];
+        c.read_raw(&mut payload, l.data_offset).unwrap();
+        let text = l.platform_code.decode_payload(&payload).unwrap();
+        assert!(text.ends_with("b.vhd"), "{text}");
+        assert!(c.is_metadata_space(l.data_offset, l.extent_len()), "{l:?}");
+    }
+    drop(c);
+    let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
+    let mut got = vec![0u8; 4 * MIB as usize];
+    chain.read_at(0, 4 * MIB, &mut got).unwrap();
+    d.truncate(got.len());
+    assert!(got == d);
+}
+
+#[test]
+fn refusals() {
+    let dir = tempdir();
+    let (base, child) = pair(dir.path(), 4);
+    // A dynamic disk has no parent to set.
+    let e = set_parent(&base, &child, &SetParentOptions::default()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidParameter);
+    assert!(e.to_string().contains("not a differencing one"), "{e}");
+    // Itself.
+    let e = set_parent(&child, &child, &SetParentOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("same disk"), "{e}");
+    // Its own descendant: a cycle.
+    let grandchild = dir.path().join("gc.vhd");
+    drop(create_differencing(&grandchild, &child, &CreateOptions::default()).unwrap());
+    let bytes = std::fs::read(&child).unwrap();
+    let e = set_parent(
+        &child,
+        &grandchild,
+        &SetParentOptions {
+            force: true,
+            ..SetParentOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    assert!(std::fs::read(&child).unwrap() == bytes);
+    // A parent that does not exist.
+    let e = set_parent(
+        &child,
+        dir.path().join("nope.vhd"),
+        &SetParentOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound);
+}
+
+#[test]
+fn real_windows_child_can_be_repointed() {
+    let dir = tempdir();
+    let (Some(child), Some(parent)) = (
+        support_chain::fixture("go-vhd/win8-child.vhd", dir.path()),
+        support_chain::fixture("go-vhd/win8.vhd", dir.path()),
+    ) else {
+        return;
+    };
+    let sub = dir.path().join("parents");
+    std::fs::create_dir(&sub).unwrap();
+    let moved = sub.join("win8.vhd");
+    std::fs::rename(&parent, &moved).unwrap();
+    let r = set_parent(&child, &moved, &SetParentOptions::default()).unwrap();
+    assert_eq!(r.old_parent_name, "C:\\Users\\sergi\\Downloads\\win8.vhd");
+    let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
+    assert_eq!(chain.vhd(1).path(), moved);
+    if have_libvhdi() {
+        let got = libvhdi_read(&child, &moved, chain.vhd(0).virtual_size(), dir.path());
+        assert!(got.iter().all(|&b| b == 0));
+    }
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_set_parent() {
+    let dir = tempdir();
+    let (base, child) = pair(dir.path(), 8);
+    let moved = dir.path().join("moved.vhd");
+    std::fs::rename(&base, &moved).unwrap();
+    let exe = env!("CARGO_BIN_EXE_vhd-merge");
+    let out = std::process::Command::new(exe)
+        .arg("set-parent")
+        .arg(&child)
+        .arg(&moved)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("parent set to") && text.contains("(unchanged)"),
+        "{text}"
+    );
+    let other = dir.path().join("other.vhd");
+    drop(create_dynamic(&other, 8 * MIB, &CreateOptions::default()).unwrap());
+    let out = std::process::Command::new(exe)
+        .arg("set-parent")
+        .arg(&child)
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error 32773 (Invalid parameter):"), "{err}");
+}
+
+/// A crash at any write of set-parent (whole or torn) leaves a child that opens strictly,
+/// still holds its own data, and resolves to a parent with the right content: the old one
+/// until the header is written, the new one after. Running set-parent again finishes.
+#[test]
+fn crash_at_every_write_leaves_a_usable_child() {
+    use std::sync::Arc;
+    use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage};
+    use vhd_merge::set_parent_on;
+
+    fn open_faulty(path: &Path, plan: Arc<FaultPlan>) -> Vhd {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        Vhd::from_storage(
+            Box::new(FaultyStorage::new(Box::new(FileStorage::new(f)), plan)),
+            path,
+            OpenOptions::writable(),
+        )
+        .unwrap()
+    }
+
+    for force in [false, true] {
+        let dir = tempdir();
+        // The base away from the child, so that only the locators lead to it (not the header
+        // name in the child's directory): overwriting them too early would lose it.
+        let bases = dir.path().join("bases");
+        std::fs::create_dir(&bases).unwrap();
+        let (base, child) = pair_in(&bases, dir.path(), 10 + u64::from(force));
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let target = if force {
+            // Another disk with other content.
+            let o = sub.join("other.vhd");
+            let mut v = create_dynamic(&o, 8 * MIB, &CreateOptions::default()).unwrap();
+            scribble(&mut v, &mut Rng::new(99), 10);
+            o
+        } else {
+            // The same disk (same unique id and content) in another place.
+            let c = sub.join("base-copy.vhd");
+            std::fs::copy(&base, &c).unwrap();
+            c
+        };
+        let opts = SetParentOptions {
+            force,
+            ..SetParentOptions::default()
+        };
+        let pristine = std::fs::read(&child).unwrap();
+        let view_before = view(&child);
+        let own_before = own(&child);
+        let old_id = Vhd::open(&child, OpenOptions::read_only())
+            .unwrap()
+            .parent_unique_id()
+            .unwrap();
+
+        // A clean run: count its writes and record the view after.
+        let counter = FaultPlan::new();
+        let mut v = open_faulty(&child, counter.clone());
+        let r = set_parent_on(&mut v, &target, &opts).unwrap();
+        drop(v);
+        let writes = counter.writes();
+        assert!(writes >= 3, "{writes}");
+        let view_after = view(&child);
+        assert_eq!(force, view_after != view_before);
+        let new_id = r.parent_id;
+
+        for torn in [false, true] {
+            for n in 1..=writes {
+                std::fs::write(&child, &pristine).unwrap();
+                let mut v = open_faulty(&child, FaultPlan::crash_at_write(n, torn));
+                assert!(set_parent_on(&mut v, &target, &opts).is_err());
+                drop(v);
+                let strict = Vhd::open(&child, OpenOptions::read_only());
+                if torn && strict.as_ref().is_err_and(|e| e.is_checksum()) {
+                    // A torn 1024-byte header write. The design assumes such a write is not
+                    // torn (one 4 KiB page and physical sector); if a 512-byte half does land,
+                    // the header checksum catches it and a lenient re-run repairs it.
+                    let lenient = SetParentOptions {
+                        lenient: true,
+                        ..opts.clone()
+                    };
+                    set_parent(&child, &target, &lenient).unwrap();
+                    assert!(view(&child) == view_after);
+                    continue;
+                }
+                let v =
+                    strict.unwrap_or_else(|e| panic!("force {force} torn {torn} write {n}: {e}"));
+                let id = v.parent_unique_id().unwrap();
+                drop(v);
+                assert!(own(&child) == own_before, "write {n}: own data changed");
+                let chain = Chain::open(&child, &ChainOptions::default())
+                    .unwrap_or_else(|e| panic!("force {force} torn {torn} write {n}: {e}"));
+                let mut got = vec![0u8; 8 * MIB as usize];
+                chain.read_at(0, 0, &mut got).unwrap();
+                if id == old_id {
+                    assert!(got == view_before, "force {force} torn {torn} write {n}");
+                } else {
+                    assert_eq!(id, new_id);
+                    assert_eq!(chain.vhd(1).path(), target.as_path());
+                    assert!(got == view_after, "force {force} torn {torn} write {n}");
+                }
+                drop(chain);
+                set_parent(&child, &target, &opts).unwrap();
+                let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
+                assert_eq!(chain.vhd(1).path(), target.as_path());
+            }
+        }
+    }
+}

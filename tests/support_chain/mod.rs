@@ -1,0 +1,311 @@
+//! Helpers shared by the chain, flatten and set-parent tests: crafting differencing disks with
+//! chosen locators, a deterministic RNG, fixtures and oracles.
+//!
+//! (A local equivalent of the oracle helper in tests/common/mod.rs, which the foundation branch
+//! adds; this branch was written before it landed.)
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use uuid::Uuid;
+use vhd_merge::create::{self, CreateOptions};
+use vhd_merge::format::{Footer, ParentLocator, PlatformCode};
+use vhd_merge::{OpenOptions, Vhd};
+
+/// A temporary directory on tmpfs when there is one (syncs cost nothing there), else the
+/// default temporary directory.
+pub fn tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::tempdir().expect("temporary directory")
+}
+
+/// A locator entry to write into a crafted child.
+#[derive(Clone, Debug)]
+pub enum Loc {
+    /// A payload stored in new space, with this code.
+    Payload(PlatformCode, Vec<u8>),
+    /// A raw entry, written as is (for hostile offsets and lengths).
+    Raw(ParentLocator),
+}
+
+impl Loc {
+    /// A W2ru/W2ku/Wi2r/Wi2k/MacX payload from text, encoded as the code wants.
+    pub fn text(code: PlatformCode, text: &str) -> Loc {
+        Loc::Payload(code, code.encode_payload(text))
+    }
+}
+
+/// What a crafted differencing disk records about its parent.
+#[derive(Clone, Debug)]
+pub struct ChildSpec {
+    /// Parent Unique Id.
+    pub parent_id: Uuid,
+    /// Parent Unicode Name.
+    pub header_name: String,
+    /// Parent Time Stamp.
+    pub parent_timestamp: u32,
+    /// Locator entries, slot order.
+    pub locators: Vec<Loc>,
+    /// Virtual size.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// The child's own unique id (random when None).
+    pub unique_id: Option<Uuid>,
+}
+
+impl ChildSpec {
+    /// A spec for a child of `parent` (its id and size), with no locators and no name.
+    pub fn of(parent: &Path) -> ChildSpec {
+        let p = Vhd::open(parent, OpenOptions::read_only()).expect("open parent");
+        ChildSpec {
+            parent_id: p.unique_id(),
+            header_name: String::new(),
+            parent_timestamp: 0,
+            locators: Vec::new(),
+            size: p.virtual_size(),
+            block_size: 2 << 20,
+            unique_id: None,
+        }
+    }
+
+    /// Builder: header name.
+    pub fn name(mut self, n: &str) -> ChildSpec {
+        self.header_name = n.into();
+        self
+    }
+
+    /// Builder: add a locator with text.
+    pub fn loc(mut self, code: PlatformCode, text: &str) -> ChildSpec {
+        self.locators.push(Loc::text(code, text));
+        self
+    }
+}
+
+/// Write a differencing disk at `path` as `spec` says: a dynamic disk turned differencing
+/// (footer type patched in both copies), then its header rewritten with the parent id, time
+/// stamp, name and locators, payloads appended after the BAT.
+pub fn craft_child(path: &Path, spec: &ChildSpec) -> Vhd {
+    let opts = CreateOptions {
+        block_size: spec.block_size,
+        unique_id: spec.unique_id,
+        ..CreateOptions::default()
+    };
+    drop(create::create_dynamic(path, spec.size, &opts).expect("create"));
+    let mut bytes = std::fs::read(path).unwrap();
+    let len = bytes.len();
+    let mut fb = [0u8; 512];
+    fb.copy_from_slice(&bytes[len - 512..]);
+    let mut f = Footer::parse(&fb).unwrap();
+    f.disk_type = vhd_merge::DiskType::Differencing;
+    f.fix_checksum();
+    let fb = f.to_bytes();
+    bytes[..512].copy_from_slice(&fb);
+    bytes[len - 512..].copy_from_slice(&fb);
+    std::fs::write(path, &bytes).unwrap();
+
+    let mut v = Vhd::open(path, OpenOptions::writable()).expect("reopen");
+    let mut h = v.header().unwrap().clone();
+    h.parent_unique_id = spec.parent_id;
+    h.parent_timestamp = spec.parent_timestamp;
+    h.set_parent_name(&spec.header_name).unwrap();
+    h.locators = [ParentLocator::EMPTY; 8];
+    for (i, l) in spec.locators.iter().enumerate() {
+        h.locators[i] = match l {
+            Loc::Raw(e) => *e,
+            Loc::Payload(code, data) => {
+                let space = (data.len() as u64).div_ceil(512).max(1) * 512;
+                let mut padded = data.clone();
+                padded.resize(space as usize, 0);
+                let off = v.append_metadata(&padded).unwrap();
+                ParentLocator {
+                    platform_code: *code,
+                    data_space: space as u32,
+                    data_length: data.len() as u32,
+                    reserved: 0,
+                    data_offset: off,
+                }
+            }
+        };
+    }
+    v.rewrite_header(h).unwrap();
+    v
+}
+
+/// A small deterministic RNG (xorshift64*).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded; a zero seed is fine.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+    /// Next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Fill with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+    /// Shuffle in place.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A real fixture file, looked for in `fixtures/<rel>` then `../shared/fixtures/real/<rel>`,
+/// decompressing a `.gz` copy into `dir` with gzip. `None` (with a note) when absent.
+pub fn fixture(rel: &str, dir: &Path) -> Option<PathBuf> {
+    let root = repo_root();
+    let name = Path::new(rel).file_name()?.to_owned();
+    let dest = dir.join(&name);
+    for base in [root.join("fixtures"), root.join("../shared/fixtures/real")] {
+        let plain = base.join(rel);
+        if plain.is_file() {
+            std::fs::copy(&plain, &dest).ok()?;
+            make_writable(&dest);
+            return Some(dest);
+        }
+        let gz = base.join(format!("{rel}.gz"));
+        if gz.is_file() {
+            let out = Command::new("gzip").arg("-dc").arg(&gz).output().ok()?;
+            if !out.status.success() {
+                eprintln!("note: gzip failed on {}", gz.display());
+                return None;
+            }
+            std::fs::write(&dest, out.stdout).ok()?;
+            return Some(dest);
+        }
+    }
+    eprintln!("note: fixture {rel} not found in fixtures/ or ../shared/fixtures/real; skipping");
+    None
+}
+
+fn make_writable(p: &Path) {
+    if let Ok(m) = std::fs::metadata(p) {
+        let mut perm = m.permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        let _ = std::fs::set_permissions(p, perm);
+    }
+}
+
+/// True when oracles are required (CI sets VHD_MERGE_REQUIRE_ORACLES=1).
+pub fn oracles_required() -> bool {
+    std::env::var("VHD_MERGE_REQUIRE_ORACLES").is_ok_and(|v| v == "1")
+}
+
+/// Whether `qemu-img` runs; panics when it does not and oracles are required.
+pub fn have_qemu_img() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(!oracles_required(), "qemu-img is required but missing");
+        eprintln!("note: qemu-img not found; skipping the qemu-img oracle");
+    }
+    ok
+}
+
+/// Whether python3 with pyvhdi (libvhdi) runs; panics when it does not and oracles are
+/// required.
+pub fn have_libvhdi() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import pyvhdi"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !oracles_required(),
+            "libvhdi (pyvhdi) is required but missing"
+        );
+        eprintln!("note: pyvhdi not found; skipping the libvhdi oracle");
+    }
+    ok
+}
+
+/// The raw content of a fixed or dynamic VHD as qemu-img converts it.
+pub fn qemu_img_raw(vhd: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!(
+        "{}.qemu.raw",
+        vhd.file_name().unwrap().to_string_lossy()
+    ));
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(vhd)
+        .arg(&out)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        st.status.success(),
+        "qemu-img failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
+}
+
+/// The content of the differencing disk `child` read by libvhdi with `parent` set as its
+/// parent (libvhdi handles one level: the parent must be dynamic or fixed).
+pub fn libvhdi_read(child: &Path, parent: &Path, size: u64, dir: &Path) -> Vec<u8> {
+    let out = dir.join("libvhdi.out");
+    let script = r#"
+import sys, pyvhdi
+child, parent, size, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+p = pyvhdi.file(); p.open(parent)
+c = pyvhdi.file(); c.open(child); c.set_parent(p)
+with open(out, "wb") as f:
+    done = 0
+    while done < size:
+        n = min(1 << 20, size - done)
+        f.write(c.read_buffer_at_offset(n, done))
+        done += n
+"#;
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(child)
+        .arg(parent)
+        .arg(size.to_string())
+        .arg(&out)
+        .output()
+        .expect("python3");
+    assert!(
+        st.status.success(),
+        "libvhdi failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
+}
