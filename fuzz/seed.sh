@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-for f in ../fixtures/* ../../shared/fixtures/real/*/*; do
+for f in ../fixtures/*/* ../../shared/fixtures/real/*/*; do
     [ -f "$f" ] || continue
     b=$(basename "$f")
     d=$(basename "$(dirname "$f")")
