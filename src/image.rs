@@ -1549,14 +1549,16 @@ fn open_inner(
             ),
         );
     } else {
+        // Only worth a note when another reader could decide otherwise: QEMU's rule trusts
+        // Current Size for a few creators only (§1.5).
         let chs = footer.geometry.size();
-        if chs != footer.current_size && footer.geometry != crate::format::Geometry::MAX {
+        if chs != footer.current_size && !footer.current_size_is_authoritative() {
             v.info(
                 pc::SIZE_CHS,
                 "footer",
                 Some(chosen_offset),
                 format!(
-                    "geometry {}/{}/{} addresses {chs} bytes, Current Size is {} (creator {:?}); the virtual size is Current Size",
+                    "geometry {}/{}/{} addresses {chs} bytes, Current Size is {} (creator {:?}); the virtual size is Current Size, but readers that follow QEMU's rule see the CHS size",
                     footer.geometry.cylinders,
                     footer.geometry.heads,
                     footer.geometry.sectors_per_track,
