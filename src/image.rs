@@ -21,6 +21,7 @@
 //! data; a crash between 3 and 5 leaves some bitmaps or BAT entries published, each pointing at
 //! durable data. In every case the file opens and re-running the same writes finishes the job.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::ops::Range;
@@ -1078,7 +1079,7 @@ pub struct DroppedEntry {
     /// The entry stored in the file (the sector of the block's bitmap).
     pub entry: u32,
     /// Why it was dropped.
-    pub reason: String,
+    pub reason: Cow<'static, str>,
 }
 
 /// The blktap batmap (§3.3): one bit per block, set when every sector of the block is present.
@@ -1130,7 +1131,14 @@ struct Validator {
     batmap: Option<Batmap>,
     /// A problem stopped validation (it is the last one recorded).
     stopped: bool,
+    /// Problems recorded per code, and those left out past [`MAX_PROBLEMS_PER_CODE`]: a
+    /// hostile table can make every one of a million entries wrong.
+    per_code: HashMap<&'static str, (usize, u64)>,
 }
+
+/// At most this many problems of one kind are listed by [`Vhd::inspect`]; the rest are
+/// counted in one summary problem.
+pub const MAX_PROBLEMS_PER_CODE: usize = 1000;
 
 impl Validator {
     fn new(collect: bool) -> Validator {
@@ -1140,6 +1148,30 @@ impl Validator {
             dropped: Vec::new(),
             batmap: None,
             stopped: false,
+            per_code: HashMap::new(),
+        }
+    }
+
+    /// Problems left out, as one summary problem per code.
+    fn summarize(&mut self) {
+        let mut left: Vec<(&'static str, u64)> = self
+            .per_code
+            .iter()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(c, (_, n))| (*c, *n))
+            .collect();
+        left.sort_unstable();
+        for (code, n) in left {
+            self.problems.push(Problem {
+                code,
+                level: ProblemLevel::Fatal,
+                structure: "file".into(),
+                offset: None,
+                block: None,
+                message: format!(
+                    "{n} more problem(s) of the same kind ({code}) not listed (at most {MAX_PROBLEMS_PER_CODE} are)"
+                ),
+            });
         }
     }
 
@@ -1181,6 +1213,12 @@ impl Validator {
         if !self.collect {
             return Err(err);
         }
+        let (listed, left) = self.per_code.entry(code).or_insert((0, 0));
+        if *listed >= MAX_PROBLEMS_PER_CODE {
+            *left += 1;
+            return Ok(());
+        }
+        *listed += 1;
         self.problems.push(Problem {
             code,
             level: ProblemLevel::Fatal,
@@ -1251,7 +1289,9 @@ impl Vhd {
             lenient: false,
             ..options
         };
-        let vhd = match open_inner(storage, path, options, &mut v) {
+        let vhd = open_inner(storage, path, options, &mut v);
+        v.summarize();
+        let vhd = match vhd {
             Ok(vhd) => Some(vhd),
             Err(e) => {
                 // Errors raised outside the validator (I/O) are recorded here.
@@ -1999,7 +2039,10 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
                     if let Some(d) = involved.get_mut(t) {
                         *d = true;
                     }
-                    reasons.entry(t).or_insert_with(|| message.clone());
+                    // Bounded like the problems; past it, a generic reason is given.
+                    if reasons.len() < 10 * MAX_PROBLEMS_PER_CODE {
+                        reasons.entry(t).or_insert_with(|| message.clone());
+                    }
                 }
             }
         }
@@ -2069,13 +2112,23 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     for (i, d) in drop_block.iter().enumerate() {
         if *d && let Some(e) = bat.entries.get_mut(i) {
             let start = u64::from(*e) * SECTOR_SIZE;
-            let reason = match reasons.remove(&i) {
-                Some(r) => r,
-                None if start + stride > data_limit => format!(
+            // Specific reasons for the first entries; past them (a hostile table), a shared
+            // static one, so that a million dropped entries cost no million strings.
+            let specific = v.dropped.len() < 10 * MAX_PROBLEMS_PER_CODE;
+            let outside = start + stride > data_limit;
+            let reason: Cow<'static, str> = match reasons.remove(&i) {
+                Some(r) => r.into(),
+                None if outside && specific => format!(
                     "BAT entry {i} points to offset {start:#x}; the block ends at {:#x}, past the end of data at {data_limit:#x}",
                     start + stride
-                ),
-                None => format!("block {i} at offset {start:#x} overlaps the metadata"),
+                )
+                .into(),
+                None if outside => "the block ends past the end of data".into(),
+                None if specific => format!(
+                    "block {i} at offset {start:#x} overlaps another block or the metadata"
+                )
+                .into(),
+                None => "the block overlaps another block or the metadata".into(),
             };
             v.dropped.push(DroppedEntry {
                 block: i as u64,

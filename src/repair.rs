@@ -21,7 +21,8 @@
 //! Every write replaces a structure that is invalid (or a BAT entry that is wrong) with a
 //! valid one, and no write touches a structure that is valid, so at every instant each
 //! structure is either in its old state or its repaired state; a torn write of an invalid
-//! structure leaves it invalid, no worse than before. Each step is synced before the next:
+//! structure leaves it invalid, no worse than before. Each step is synced before the next
+//! (the BAT writes of step 2 are independent of each other and share one sync):
 //!
 //! 1. the dynamic header, when only its checksum is wrong;
 //! 2. the BAT sectors holding entries to drop (each entry becomes `0xFFFFFFFF`; other bytes
@@ -80,7 +81,7 @@ pub struct LostRange {
     /// Where the entry pointed (the old bitmap offset), for manual salvage.
     pub file_offset: u64,
     /// Why the entry was dropped.
-    pub reason: String,
+    pub reason: std::borrow::Cow<'static, str>,
 }
 
 /// What [`repair_file`] did, or would do in a dry run.
@@ -211,21 +212,32 @@ fn repair_inspected(
                 reason: dropped.reason.clone(),
             });
         }
+        // Consecutive BAT sectors go out in one write (at most 1 MiB): a hostile table can
+        // need thousands of them.
+        const MAX_RUN: u64 = 2048;
+        let file_len = vhd
+            .storage()
+            .len()
+            .map_err(|e| Error::io(format!("{}: reading length", path.display()), e))?;
+        let mut runs: Vec<(u64, u64, Vec<u64>)> = Vec::new();
         for (sector, indices) in sectors {
-            let offset = h.table_offset + sector * SECTOR_SIZE;
-            let mut buf = vec![0u8; SECTOR_SIZE as usize];
-            // The table was read whole when the file was opened; a sector of it is readable
-            // unless the table ends mid-sector at the end of the file.
-            let avail = vhd
-                .storage()
-                .len()
-                .map_err(|e| Error::io(format!("{}: reading length", path.display()), e))?
-                .saturating_sub(offset)
-                .min(SECTOR_SIZE) as usize;
-            vhd.read_raw(&mut buf[..avail], offset)?;
-            buf.truncate(avail);
+            match runs.last_mut() {
+                Some((first, last, all)) if *last + 1 == sector && sector - *first < MAX_RUN => {
+                    *last = sector;
+                    all.extend(indices);
+                }
+                _ => runs.push((sector, sector, indices)),
+            }
+        }
+        for (first, last, indices) in runs {
+            let offset = h.table_offset + first * SECTOR_SIZE;
+            // The table was read whole when the file was opened, so this is readable, except
+            // for padding past the end of a file whose table ends mid-sector.
+            let len = ((last - first + 1) * SECTOR_SIZE).min(file_len.saturating_sub(offset));
+            let mut buf = vec![0u8; len as usize];
+            vhd.read_raw(&mut buf, offset)?;
             for index in &indices {
-                let at = (index * 4 - sector * SECTOR_SIZE) as usize;
+                let at = (index * 4 - first * SECTOR_SIZE) as usize;
                 if let Some(e) = buf.get_mut(at..at + 4) {
                     e.copy_from_slice(&UNUSED.to_be_bytes());
                 }
@@ -236,14 +248,10 @@ fn repair_inspected(
                     offset,
                     len: buf.len() as u64,
                     reason: format!(
-                        "drop entr{} for block{} {}",
+                        "drop the entr{} of block{} {}",
                         if indices.len() == 1 { "y" } else { "ies" },
                         if indices.len() == 1 { "" } else { "s" },
-                        indices
-                            .iter()
-                            .map(u64::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        ranges(&indices)
                     ),
                 },
                 buf,
@@ -289,7 +297,9 @@ fn repair_inspected(
     }
 
     if !options.dry_run {
-        for (action, bytes) in &plan {
+        // One sync after each step (see the module docs); the writes within a step (BAT runs)
+        // are independent of each other.
+        for (i, (action, bytes)) in plan.iter().enumerate() {
             vhd.storage().write_at(bytes, action.offset).map_err(|e| {
                 Error::io(
                     format!(
@@ -301,9 +311,14 @@ fn repair_inspected(
                     e,
                 )
             })?;
-            vhd.storage()
-                .sync_data()
-                .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
+            if plan
+                .get(i + 1)
+                .is_none_or(|(next, _)| next.structure != action.structure)
+            {
+                vhd.storage()
+                    .sync_data()
+                    .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
+            }
         }
     }
 
@@ -319,4 +334,27 @@ fn repair_inspected(
         not_repaired,
         disk_type: vhd.disk_type(),
     })
+}
+
+/// Sorted block indices as `0..=127, 300, 302` (a hostile table can drop a million entries).
+fn ranges(indices: &[u64]) -> String {
+    let mut v = indices.to_vec();
+    v.sort_unstable();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i + 1 {
+            format!("{}..={}", v[i], v[j])
+        } else if j == i + 1 {
+            format!("{}, {}", v[i], v[j])
+        } else {
+            v[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
 }

@@ -323,7 +323,8 @@ fn cli_dry_run_json_and_exit_status() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["dry_run"], true);
     assert_eq!(j["wrote"], false);
-    assert_eq!(j["lost"][0]["block"], 3);
+    assert_eq!(j["lost"][0]["first_block"], 3);
+    assert_eq!(j["lost"][0]["last_block"], 3);
     assert_eq!(j["lost"][0]["virtual_start"], 3 * u64::from(BS));
     assert_eq!(j["lost"][0]["now"], "now read as zeros");
 
@@ -354,8 +355,29 @@ fn table_of_identical_entries() {
     let h = header(&p);
     let table: Vec<u8> = (0..n).flat_map(|_| e0.to_be_bytes()).collect();
     patch(&p, h.table_offset, &table);
+    let before = check_file(&p, &CheckOptions::default()).unwrap();
+    let overlaps = before.with_code("block-overlap").count();
+    assert_eq!(
+        overlaps,
+        vhd_merge::image::MAX_PROBLEMS_PER_CODE + 1,
+        "capped, plus a summary"
+    );
+    assert!(
+        before
+            .findings
+            .iter()
+            .any(|f| f.message.contains("more problem(s) of the same kind")),
+    );
     let r = repair_file(&p, &run()).unwrap();
     assert_eq!(r.lost.len() as u64, n);
+    // The 16 sectors of the table go out in one write.
+    assert_eq!(r.actions.len(), 1, "{:?}", r.actions);
+    assert_eq!(r.actions[0].len, n * 4);
+    assert!(
+        r.actions[0].reason.ends_with("blocks 0..=2047"),
+        "{}",
+        r.actions[0].reason
+    );
     assert_checks_clean(&p);
     let v = Vhd::open(&p, OpenOptions::read_only()).unwrap();
     assert_eq!(v.allocated_blocks(), 0);

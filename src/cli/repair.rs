@@ -51,6 +51,30 @@ fn lost_as(report: &RepairReport) -> &'static str {
     }
 }
 
+/// Lost ranges of consecutive blocks, merged (a hostile table can drop a million entries):
+/// (first block, last block, virtual range, file offset and reason of the first).
+fn lost_runs(report: &RepairReport) -> Vec<(u64, u64, std::ops::Range<u64>, u64, &str)> {
+    let mut lost: Vec<&vhd_merge::repair::LostRange> = report.lost.iter().collect();
+    lost.sort_by_key(|l| l.block);
+    let mut out: Vec<(u64, u64, std::ops::Range<u64>, u64, &str)> = Vec::new();
+    for l in lost {
+        match out.last_mut() {
+            Some(run) if run.1 + 1 == l.block && run.2.end == l.virtual_range.start => {
+                run.1 = l.block;
+                run.2.end = l.virtual_range.end;
+            }
+            _ => out.push((
+                l.block,
+                l.block,
+                l.virtual_range.clone(),
+                l.file_offset,
+                &l.reason,
+            )),
+        }
+    }
+    out
+}
+
 fn print_text(report: &RepairReport, dry_run: bool) {
     let file = report.file.display();
     if report.actions.is_empty() {
@@ -63,15 +87,17 @@ fn print_text(report: &RepairReport, dry_run: bool) {
             a.structure, a.len, a.offset, a.reason
         );
     }
-    for l in &report.lost {
+    for (first, last, range, file_offset, reason) in lost_runs(report) {
+        let blocks = if first == last {
+            format!("block {first}")
+        } else {
+            format!("blocks {first}..={last}")
+        };
         println!(
-            "{file}: data lost in virtual bytes {}..{} (block {}, {}); the old data is at file offset {:#x}: {}",
-            l.virtual_range.start,
-            l.virtual_range.end,
-            l.block,
+            "{file}: data lost in virtual bytes {}..{} ({blocks}, {}); the old data is at file offset {file_offset:#x}: {reason}",
+            range.start,
+            range.end,
             lost_as(report),
-            l.file_offset,
-            l.reason
         );
     }
     for p in &report.not_repaired {
@@ -90,13 +116,14 @@ fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
             "len": a.len,
             "reason": a.reason,
         })).collect::<Vec<_>>(),
-        "lost": report.lost.iter().map(|l| serde_json::json!({
-            "block": l.block,
-            "virtual_start": l.virtual_range.start,
-            "virtual_end": l.virtual_range.end,
-            "file_offset": l.file_offset,
+        "lost": lost_runs(report).into_iter().map(|(first, last, range, file_offset, reason)| serde_json::json!({
+            "first_block": first,
+            "last_block": last,
+            "virtual_start": range.start,
+            "virtual_end": range.end,
+            "file_offset": file_offset,
             "now": lost_as(report),
-            "reason": l.reason,
+            "reason": reason,
         })).collect::<Vec<_>>(),
         "not_repaired": report.not_repaired.iter().map(|p| serde_json::json!({
             "code": p.code,
