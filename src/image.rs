@@ -179,6 +179,8 @@ pub struct Vhd {
     known_zero: Range<u64>,
     pending: Pending,
     scratch: Vec<u8>,
+    /// Block data written since the last writeback hint (see [`Vhd::note_written`]).
+    unflushed: Range<u64>,
 }
 
 impl Vhd {
@@ -570,6 +572,7 @@ impl Vhd {
         let Some(h) = header else {
             self.write_masked(index * FIXED_CHUNK, data, &mask, true)?;
             self.pending.data_written = true;
+            self.note_written(index * FIXED_CHUNK, bs);
             return Ok(());
         };
         match self.bat.block_offset(index) {
@@ -577,6 +580,7 @@ impl Vhd {
                 let data_offset = bitmap_offset + h.bitmap_bytes();
                 self.write_masked(data_offset, data, &mask, true)?;
                 self.pending.data_written = true;
+                self.note_written(data_offset, bs);
                 if self.pending.new_blocks.contains(&index) {
                     // Its bitmap is not published yet: rewrite it with the data.
                     let mut bm = self.read_bitmap_at(bitmap_offset, &h)?;
@@ -641,7 +645,36 @@ impl Vhd {
         self.pending.new_blocks.insert(index);
         self.pending.data_written = true;
         self.next_free = end;
+        self.note_written(pos, end - pos);
         Ok(())
+    }
+
+    /// Record that block data was written at `offset..offset + len`, and once a long enough
+    /// stretch has accumulated, ask the OS to start writing it out (see
+    /// [`Storage::start_writeback`]). Only a hint: the crash-safe order still comes from the
+    /// syncs in [`Vhd::commit`]; data reaching the disk early is always allowed (step 2 of
+    /// the module docs).
+    fn note_written(&mut self, offset: u64, len: u64) {
+        // 4 to 16 MiB measured alike; far below a batch, far above one block.
+        const CHUNK: u64 = 8 << 20;
+        // Blocks are laid out back to back (bitmap, alignment padding, data): a small gap
+        // still continues the stretch.
+        const GAP: u64 = 64 << 10;
+        let end = offset + len;
+        let w = &self.unflushed;
+        if w.is_empty() {
+            self.unflushed = offset..end;
+        } else if offset >= w.start && offset <= w.end + GAP {
+            self.unflushed.end = w.end.max(end);
+        } else {
+            self.storage.start_writeback(w.start, w.end - w.start);
+            self.unflushed = offset..end;
+        }
+        if self.unflushed.end - self.unflushed.start >= CHUNK {
+            let w = self.unflushed.clone();
+            self.storage.start_writeback(w.start, w.end - w.start);
+            self.unflushed = w.end..w.end;
+        }
     }
 
     /// Write the masked sectors of `data` at `file_offset`. Few runs are written one by one;
@@ -740,6 +773,7 @@ impl Vhd {
         }
         self.sync()?;
         self.pending = Pending::default();
+        self.unflushed = 0..0;
         Ok(())
     }
 
@@ -1154,6 +1188,7 @@ fn open_inner(storage: Box<dyn Storage>, path: PathBuf, options: OpenOptions) ->
         known_zero: 0..0,
         pending: Pending::default(),
         scratch: Vec::new(),
+        unflushed: 0..0,
         footer,
     };
 
