@@ -9,11 +9,14 @@
 //!   --scale F        data size factor: 1 = 1 GiB of merged data and 64 MiB in the sparse disk
 //!                    (default 1; 0.25 for a quick run)
 //!   --runs N         timed runs of each command, median reported (default 5)
+//!   --warmup N       untimed rounds first (default 1: right after the inputs are written,
+//!                    the host of a virtual disk is often still flushing them)
 //!   --cold           drop the page cache before every timed command (Linux, root only):
 //!                    sync; echo 3 > /proc/sys/vm/drop_caches. Default: warm cache.
 //!   --global-sync    time `cp` + `sync` (every file system) instead of `cp` + `sync FILE`
-//!   --only LIST      comma-separated shapes: full,eos,e4k,fixed,sparse,deep,striped,
-//!                    deepsparse,flatten (default: all; references are added as needed)
+//!   --only LIST      comma-separated shapes: full,eos,e4k,fixed,sparse,fullbat,deep,
+//!                    striped,deepsparse,flatten (default: all; references are added as
+//!                    needed)
 //!   --bin PATH       the vhd-merge binary (default: target/release/vhd-merge, built first
 //!                    with `cargo build --release` when run through cargo)
 //!   --keep           keep the input directory
@@ -48,6 +51,7 @@ struct Args {
     dir: Option<PathBuf>,
     scale: f64,
     runs: usize,
+    warmup: usize,
     cold: bool,
     global_sync: bool,
     only: Option<Vec<String>>,
@@ -60,6 +64,7 @@ fn parse_args() -> Res<Args> {
         dir: None,
         scale: 1.0,
         runs: 5,
+        warmup: 1,
         cold: false,
         global_sync: false,
         only: None,
@@ -73,6 +78,7 @@ fn parse_args() -> Res<Args> {
             "--dir" => a.dir = Some(PathBuf::from(val("--dir")?)),
             "--scale" => a.scale = val("--scale")?.parse()?,
             "--runs" => a.runs = val("--runs")?.parse()?,
+            "--warmup" => a.warmup = val("--warmup")?.parse()?,
             "--cold" => a.cold = true,
             "--global-sync" => a.global_sync = true,
             "--only" => {
@@ -82,7 +88,7 @@ fn parse_args() -> Res<Args> {
             "--keep" => a.keep = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--cold] [--global-sync] [--only full,eos,e4k,fixed,sparse,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
+                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
                 );
                 std::process::exit(0);
             }
@@ -191,6 +197,34 @@ fn build_chain(
     }
     paths.reverse();
     Ok(paths)
+}
+
+/// A 2040 GiB dynamic VHD whose every BAT entry is allocated (1 044 480 blocks laid out back
+/// to back), as a sparse file: the blocks are holes, so it reads as zeros and takes almost no
+/// space. The worst case for opening (every extent is checked) short of 2 TiB of real data.
+fn build_fully_allocated(path: &Path) -> Res<()> {
+    let v = create_dynamic(path, TIB2, &CreateOptions::default())?;
+    let h = v.header().ok_or("no header")?.clone();
+    let footer = v.footer().to_bytes();
+    let bm = h.bitmap_bytes();
+    let stride = bm + u64::from(h.block_size);
+    // First block: data 4 KiB aligned after the metadata.
+    let first = (v.end_of_data() + bm).div_ceil(4096) * 4096 - bm;
+    drop(v);
+    let n = u64::from(h.max_table_entries);
+    let mut table = Vec::with_capacity(n as usize * 4);
+    for i in 0..n {
+        let sector = u32::try_from((first + i * stride) / 512)?;
+        table.extend_from_slice(&sector.to_be_bytes());
+    }
+    let end = first + n * stride;
+    let f = File::options().write(true).open(path)?;
+    f.set_len(end + 512)?;
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&table, h.table_offset)?;
+    f.write_all_at(&footer, end)?;
+    f.sync_all()?;
+    Ok(())
 }
 
 /// A plain file of `bytes` filler bytes (the reference for cp).
@@ -555,7 +589,10 @@ fn main() -> Res<()> {
         data / MIB,
         sparse_data / MIB
     );
-    println!("  runs:        {} (median; interleaved)", args.runs);
+    println!(
+        "  runs:        {} (median; interleaved, rotating order) after {} untimed warm-up round(s)",
+        args.runs, args.warmup
+    );
     println!("  load avg:    {}", loadavg());
     println!("building inputs...");
     let t_build = Instant::now();
@@ -705,6 +742,37 @@ fn main() -> Res<()> {
             std::hint::black_box(plan.units);
         }
     }
+    let mut full_bat_times = Vec::new();
+    if want("fullbat") {
+        // A 64 MiB child over a 2 TiB parent with every BAT entry allocated: open both and
+        // plan (the parent's 1 044 480 extents are all checked when it is opened).
+        let dir = root.join("fullbat");
+        std::fs::create_dir_all(&dir)?;
+        let base = dir.join("base.vhd");
+        build_fully_allocated(&base)?;
+        let child = dir.join("layer00.vhd");
+        let mut v = create_differencing(&child, &base, &CreateOptions::default())?;
+        let mut buf = vec![0u8; BLOCK as usize];
+        let stride = (TIB2 / BLOCK) / sparse_blocks;
+        v.reserve_blocks(sparse_blocks)?;
+        for i in 0..sparse_blocks {
+            fill.block(&mut buf);
+            v.write_block(i * stride + 7, &mut buf, &Shape::Full.mask())?;
+        }
+        v.finish()?;
+        drop(v);
+        for _ in 0..args.runs.max(5) {
+            let t0 = Instant::now();
+            let chain = Chain::open(&child, &ChainOptions::default())?;
+            let plan = MergePlan::build(&chain, 1)?;
+            full_bat_times.push(t0.elapsed().as_secs_f64());
+            std::hint::black_box(plan.units);
+        }
+        items.push(Item::new(
+            "dry_run_2tib_full_bat",
+            Kind::DryRun { src: child },
+        ));
+    }
     if want("deepsparse") {
         // 32 layers of 2 TiB virtual, 4 blocks each: 32 full-size BATs (4 MiB each).
         let sb: Vec<u64> = (0..128u64).map(|i| i * 8000 + 3).collect();
@@ -739,13 +807,27 @@ fn main() -> Res<()> {
     }
     println!("  built in {:.1} s", t_build.elapsed().as_secs_f64());
 
-    for r in 0..args.runs {
+    for r in 0..args.warmup + args.runs {
         let n = items.len();
         for k in 0..n {
             let i = (k + r) % n;
             time_item(&mut items[i], &bin, &args)?;
         }
-        eprint!("\r  round {}/{} done", r + 1, args.runs);
+        if r + 1 == args.warmup {
+            for it in &mut items {
+                it.secs.clear();
+                it.rss_kib.clear();
+            }
+        }
+        if r < args.warmup {
+            eprint!("\r  warm-up round {}/{} done", r + 1, args.warmup);
+        } else {
+            eprint!(
+                "\r  round {}/{} done        ",
+                r + 1 - args.warmup,
+                args.runs
+            );
+        }
     }
     eprintln!();
 
@@ -768,6 +850,17 @@ fn main() -> Res<()> {
             lo,
             hi,
             rss
+        );
+    }
+    if !full_bat_times.is_empty() {
+        let (lo, hi) = min_max(&full_bat_times);
+        println!(
+            "{:<30} {:>9.4} {:>9.4} {:>9.4} {:>9}",
+            "open+plan_2tib_full_bat",
+            median(&full_bat_times),
+            lo,
+            hi,
+            "-"
         );
     }
     if !plan_times.is_empty() {
@@ -861,6 +954,26 @@ fn main() -> Res<()> {
         row(
             "5b'",
             "merge --dry-run 2 TiB, whole process",
+            Some((median(&d.secs) * 1e3, lo * 1e3, hi * 1e3)),
+            100.0,
+            "ms",
+        );
+    }
+    if !full_bat_times.is_empty() {
+        let (lo, hi) = min_max(&full_bat_times);
+        row(
+            "5c",
+            "open + plan over a 2 TiB parent, every entry allocated",
+            Some((median(&full_bat_times) * 1e3, lo * 1e3, hi * 1e3)),
+            100.0,
+            "ms",
+        );
+    }
+    if let Some(d) = get("dry_run_2tib_full_bat") {
+        let (lo, hi) = min_max(&d.secs);
+        row(
+            "5c'",
+            "merge --dry-run over it, whole process",
             Some((median(&d.secs) * 1e3, lo * 1e3, hi * 1e3)),
             100.0,
             "ms",
