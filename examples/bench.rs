@@ -26,7 +26,8 @@
 //! opening, the sibling scan, planning and every fdatasync count. Before each merge the
 //! destination is restored from a pristine copy and flushed (not timed). Runs are interleaved:
 //! each round runs every command once, in a rotating order, so load from other processes
-//! spreads over all of them. Peak RSS is the child's `ru_maxrss` from `wait4`.
+//! spreads over all of them. Peak RSS comes from GNU time (`/usr/bin/time -f %M`), which runs
+//! every timed command, the references included.
 
 use std::error::Error;
 use std::fs::File;
@@ -295,74 +296,48 @@ struct Outcome {
     stderr: String,
 }
 
-#[cfg(unix)]
-fn wait_rusage(child: &mut std::process::Child) -> Res<(bool, Option<u64>)> {
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain old data; all-zero is a valid value.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: pid is our own child, not yet reaped (std never waited for it); status and
-        // ru are valid, writable, and live for the call.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-        if r == pid {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e.into());
-        }
-    }
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    // Linux reports ru_maxrss in KiB (macOS in bytes).
-    let kib = if cfg!(target_os = "macos") {
-        ru.ru_maxrss as u64 / 1024
+/// GNU time, for peak RSS. Not `wait4` on our own child: a child started with vfork or
+/// posix_spawn reports the larger of its own peak and this program's (Linux keeps the
+/// high-water mark of the address space an exec replaces), while a command that `time`
+/// forks starts from `time`'s small one.
+const GNU_TIME: &str = "/usr/bin/time";
+
+/// Run `program args` to completion (through GNU time when it is there, for the peak RSS);
+/// stdout and stderr are collected (they are short).
+fn run(program: &Path, args: &[&std::ffi::OsStr], rss_file: &Path) -> Res<Outcome> {
+    let timed = Path::new(GNU_TIME).exists();
+    let mut cmd = if timed {
+        let mut c = Command::new(GNU_TIME);
+        c.arg("-f").arg("%M").arg("-o").arg(rss_file).arg(program);
+        c
     } else {
-        ru.ru_maxrss as u64
+        Command::new(program)
     };
-    Ok((ok, Some(kib)))
-}
-
-#[cfg(not(unix))]
-fn wait_rusage(child: &mut std::process::Child) -> Res<(bool, Option<u64>)> {
-    Ok((child.wait()?.success(), None))
-}
-
-/// Run `cmd` to completion; stdout and stderr are collected (they are short).
-fn run(cmd: &mut Command) -> Res<Outcome> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    let mut err = child.stderr.take().ok_or("no stderr")?;
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut out, &mut stdout)?;
-    let (ok, rss_kib) = wait_rusage(&mut child)?;
-    let stderr = reader.join().unwrap_or_default();
+    let out = cmd.args(args).stdin(Stdio::null()).output()?;
+    let rss_kib = if timed {
+        std::fs::read_to_string(rss_file)
+            .ok()
+            .and_then(|s| s.lines().last().and_then(|l| l.trim().parse().ok()))
+    } else {
+        None
+    };
     Ok(Outcome {
-        ok,
+        ok: out.status.success(),
         rss_kib,
-        stdout,
-        stderr,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
 }
 
 fn drop_caches() -> Res<()> {
-    run(&mut Command::new("sync"))?;
+    Command::new("sync").status()?;
     std::fs::write("/proc/sys/vm/drop_caches", "3\n")
         .map_err(|e| format!("--cold: cannot drop the page cache (root needed): {e}"))?;
     Ok(())
 }
 
 /// Prepare (untimed), then time one run of `item`.
-fn time_item(item: &mut Item, bin: &Path, args: &Args) -> Res<()> {
+fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<()> {
     match &item.kind {
         Kind::Cp { dst, .. } | Kind::Flatten { out: dst, .. } => {
             if dst.exists() {
@@ -375,42 +350,56 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args) -> Res<()> {
     if args.cold {
         drop_caches()?;
     }
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
     let t0 = Instant::now();
     let (out, rss) = match &item.kind {
         Kind::Cp { src, dst } => {
-            let a = run(Command::new("cp").arg(src).arg(dst))?;
+            let a = run(
+                Path::new("cp"),
+                &[src.as_os_str(), dst.as_os_str()],
+                rss_file,
+            )?;
             if !a.ok {
                 return Err(format!("cp failed: {}", a.stderr).into());
             }
-            let mut s = Command::new("sync");
-            if !args.global_sync {
-                s.arg(dst);
-            }
-            (run(&mut s)?, None)
+            let sync_args: Vec<&std::ffi::OsStr> = if args.global_sync {
+                Vec::new()
+            } else {
+                vec![dst.as_os_str()]
+            };
+            (run(Path::new("sync"), &sync_args, rss_file)?, None)
         }
         Kind::Merge { src, dest, .. } => {
-            let o = run(Command::new(bin)
-                .arg("merge")
-                .arg(src)
-                .arg(dest)
-                .arg("--json"))?;
+            let o = run(
+                bin,
+                &[os("merge"), src.as_os_str(), dest.as_os_str(), os("--json")],
+                rss_file,
+            )?;
             let r = o.rss_kib;
             (o, r)
         }
         Kind::Flatten { src, out, format } => {
-            let o = run(Command::new(bin)
-                .arg("flatten")
-                .arg(src)
-                .arg(out)
-                .args(["--format", format, "--quiet"]))?;
+            let o = run(
+                bin,
+                &[
+                    os("flatten"),
+                    src.as_os_str(),
+                    out.as_os_str(),
+                    os("--format"),
+                    os(format),
+                    os("--quiet"),
+                ],
+                rss_file,
+            )?;
             let r = o.rss_kib;
             (o, r)
         }
         Kind::DryRun { src } => {
-            let o = run(Command::new(bin)
-                .arg("merge")
-                .arg(src)
-                .args(["--dry-run", "--json"]))?;
+            let o = run(
+                bin,
+                &[os("merge"), src.as_os_str(), os("--dry-run"), os("--json")],
+                rss_file,
+            )?;
             let r = o.rss_kib;
             (o, r)
         }
@@ -594,6 +583,15 @@ fn main() -> Res<()> {
         args.runs, args.warmup
     );
     println!("  load avg:    {}", loadavg());
+    let rss_file = root.join("rss.txt");
+    println!(
+        "  peak RSS:    {}",
+        if Path::new(GNU_TIME).exists() {
+            "GNU time %M (it runs every timed command, cp and sync too)"
+        } else {
+            "not measured (no /usr/bin/time)"
+        }
+    );
     println!("building inputs...");
     let t_build = Instant::now();
 
@@ -811,7 +809,7 @@ fn main() -> Res<()> {
         let n = items.len();
         for k in 0..n {
             let i = (k + r) % n;
-            time_item(&mut items[i], &bin, &args)?;
+            time_item(&mut items[i], &bin, &args, &rss_file)?;
         }
         if r + 1 == args.warmup {
             for it in &mut items {
