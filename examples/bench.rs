@@ -96,7 +96,7 @@ fn parse_args() -> Res<Args> {
             other => return Err(format!("unknown option {other} (try --help)").into()),
         }
     }
-    if a.runs == 0 || !(a.scale > 0.0) {
+    if a.runs == 0 || a.scale.is_nan() || a.scale <= 0.0 {
         return Err("--runs must be at least 1 and --scale positive".into());
     }
     Ok(a)
