@@ -219,11 +219,13 @@ fn build_fully_allocated(path: &Path) -> Res<()> {
         table.extend_from_slice(&sector.to_be_bytes());
     }
     let end = first + n * stride;
-    let f = File::options().write(true).open(path)?;
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::options().write(true).open(path)?;
     f.set_len(end + 512)?;
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(&table, h.table_offset)?;
-    f.write_all_at(&footer, end)?;
+    f.seek(SeekFrom::Start(h.table_offset))?;
+    f.write_all(&table)?;
+    f.seek(SeekFrom::Start(end))?;
+    f.write_all(&footer)?;
     f.sync_all()?;
     Ok(())
 }
@@ -904,7 +906,10 @@ fn main() -> Res<()> {
     };
     row(
         "1",
-        "full blocks into dynamic parent / (cp + sync)",
+        &format!(
+            "full blocks, {} MiB into dynamic parent / (cp + sync)",
+            data / MIB
+        ),
         ratio("merge_full", "cp_data"),
         1.2,
         "x",
@@ -932,7 +937,10 @@ fn main() -> Res<()> {
     );
     row(
         "5a",
-        "2 TiB sparse, 64 MiB allocated / (cp 64 MiB + sync)",
+        &format!(
+            "2 TiB sparse, {0} MiB allocated / (cp {0} MiB + sync)",
+            sparse_data / MIB
+        ),
         ratio("merge_sparse_2tib", "cp_sparse_data"),
         2.0,
         "x",
@@ -1032,6 +1040,9 @@ fn main() -> Res<()> {
         ratio("flatten_fixed", "cp_data"),
         1.3,
         "x",
+    );
+    println!(
+        "  measured: ratio of the medians (or the median); in parentheses: the smallest and largest\n  ratio of two commands timed in the same round (for RSS: the smallest and largest peak)"
     );
     println!("  load avg at the end: {}", loadavg());
     if args.keep {
