@@ -850,29 +850,6 @@ fn admit(
     }
 }
 
-/// A VHD time stamp as a UTC date and time.
-fn vhd_time_str(ts: u32) -> String {
-    let unix = crate::format::unix_from_vhd_timestamp(ts);
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
 /// Warnings about the link from `child` to `parent` that do not stop it: the Parent Time Stamp
 /// is advisory (§2.3). It is compared with the parent file's modification time (what blktap,
 /// VirtualBox and DiscUtils record) and with the parent's footer Time Stamp (its creation
@@ -891,10 +868,10 @@ fn link_warnings(child: &Vhd, parent: &Vhd) -> Vec<String> {
     if Some(recorded) != mtime && recorded != created {
         out.push(format!(
             "parent time stamp {} recorded in {} matches neither the parent's file modification time ({}) nor its footer time stamp ({}); the unique id matches, so the link is used",
-            vhd_time_str(recorded),
+            crate::format::vhd_time_utc(recorded),
             child.path().display(),
-            mtime.map_or_else(|| "unknown".into(), vhd_time_str),
-            vhd_time_str(created)
+            mtime.map_or_else(|| "unknown".into(), crate::format::vhd_time_utc),
+            crate::format::vhd_time_utc(created)
         ));
     }
     out

@@ -188,7 +188,7 @@ pub fn create_differencing(
     check_block_size(opts.block_size)?;
     let p = Vhd::open(parent, OpenOptions::read_only())?;
     // With `overwrite`, creating the child would truncate the parent itself.
-    if same_file(path, parent) {
+    if crate::locator::same_file(path, parent) {
         return Err(Error::InvalidParameter(format!(
             "{} is the parent itself: a differencing disk cannot replace its own parent",
             path.display()
@@ -216,21 +216,6 @@ pub fn create_differencing(
         opts,
     )?;
     Vhd::open(path, OpenOptions::writable())
-}
-
-/// True when both paths exist and name the same file (through links or different spellings).
-fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-            return x.dev() == y.dev() && x.ino() == y.ino();
-        }
-    }
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// The parent time stamp a child records: the parent file's modification time, as blktap,

@@ -175,7 +175,7 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
         }
     };
     for l in chain.layers() {
-        if same_file(l.vhd.path(), output) {
+        if crate::locator::same_file(l.vhd.path(), output) {
             return Err(Error::InvalidParameter(format!(
                 "the output {} is {}, a file of the chain being flattened",
                 output.display(),
@@ -196,20 +196,6 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-            return x.dev() == y.dev() && x.ino() == y.ino();
-        }
-    }
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// A name for the temporary output beside `output` (same directory, so the final rename

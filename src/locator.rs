@@ -39,6 +39,21 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// True when both paths exist and name the same file (through links or different spellings).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// The path of `target` relative to directory `from`, both absolute and normalised; `None` when
 /// they have different roots (another drive on Windows).
 pub fn relative_path(from: &Path, target: &Path) -> Option<PathBuf> {

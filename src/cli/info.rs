@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::{Value, json};
-use vhd_merge::format::{PlatformCode, unix_from_vhd_timestamp};
+use vhd_merge::format::{PlatformCode, vhd_time_utc};
 use vhd_merge::image::FIXED_CHUNK;
 use vhd_merge::{DiskType, Error, OpenOptions, Result, Vhd};
 
@@ -86,7 +86,7 @@ fn report(vhd: &Vhd) -> Result<Value> {
         "creator_host_os": f.creator_host_os_str(),
         "unique_id": f.unique_id.to_string(),
         "timestamp": f.timestamp,
-        "timestamp_utc": utc_string(unix_from_vhd_timestamp(f.timestamp)),
+        "timestamp_utc": vhd_time_utc(f.timestamp),
         "geometry": {
             "cylinders": f.geometry.cylinders,
             "heads": f.geometry.heads,
@@ -103,7 +103,7 @@ fn report(vhd: &Vhd) -> Result<Value> {
         "parent_unique_id": parent.map(|h| h.parent_unique_id.to_string()),
         "parent_name": parent.map(|h| h.parent_name()),
         "parent_timestamp": parent.map(|h| h.parent_timestamp),
-        "parent_timestamp_utc": parent.map(|h| utc_string(unix_from_vhd_timestamp(h.parent_timestamp))),
+        "parent_timestamp_utc": parent.map(|h| vhd_time_utc(h.parent_timestamp)),
         "parent_locators": locators,
         "warnings": vhd.warnings(),
     }))
@@ -133,34 +133,6 @@ fn reason(e: &Error) -> String {
         Error::Format { detail, .. } => detail.clone(),
         e => e.to_string(),
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (proleptic Gregorian calendar, UTC).
-pub(crate) fn utc_string(unix: u64) -> String {
-    let days = unix / 86_400;
-    let secs = unix % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-/// Year, month, day of the day `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`,
-/// restricted to dates after the epoch, which is all a VHD time stamp can express).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
 }
 
 /// Bytes with a binary unit when it is a whole number of them: `41943040 (40 MiB)`.
@@ -300,20 +272,6 @@ fn listing(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_strings() {
-        assert_eq!(utc_string(0), "1970-01-01T00:00:00Z");
-        // The VHD epoch.
-        assert_eq!(utc_string(946_684_800), "2000-01-01T00:00:00Z");
-        // A leap day, and the last second a u32 VHD time stamp can express.
-        assert_eq!(utc_string(951_782_400 + 3661), "2000-02-29T01:01:01Z");
-        assert_eq!(
-            utc_string(unix_from_vhd_timestamp(u32::MAX)),
-            "2136-02-07T06:28:15Z"
-        );
-        assert_eq!(utc_string(1_700_000_000), "2023-11-14T22:13:20Z");
-    }
 
     #[test]
     fn byte_units() {

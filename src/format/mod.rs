@@ -54,9 +54,44 @@ pub fn unix_from_vhd_timestamp(ts: u32) -> u64 {
     u64::from(ts) + VHD_EPOCH_OFFSET
 }
 
+/// A VHD time stamp as `YYYY-MM-DDTHH:MM:SSZ` (UTC, proleptic Gregorian calendar).
+pub fn vhd_time_utc(ts: u32) -> String {
+    let unix = unix_from_vhd_timestamp(ts);
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Howard Hinnant's civil_from_days, for days after 1970-01-01 (all a VHD time stamp holds).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_strings() {
+        // The VHD epoch.
+        assert_eq!(vhd_time_utc(0), "2000-01-01T00:00:00Z");
+        // A leap day, and the last second a u32 VHD time stamp can express.
+        assert_eq!(vhd_time_utc(86_400 * 59 + 3661), "2000-02-29T01:01:01Z");
+        assert_eq!(vhd_time_utc(u32::MAX), "2136-02-07T06:28:15Z");
+        assert_eq!(
+            vhd_time_utc(vhd_timestamp_from_unix(1_700_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+    }
 
     #[test]
     fn checksum_skips_its_own_field() {
