@@ -727,6 +727,7 @@ fn c32_parent_given_as_a_directory() {
 #[cfg(unix)]
 #[test]
 fn c33_parent_given_as_a_fifo() {
+    let _serial = serial();
     let d = tmp();
     let c = child_with_only_w2ru(d.path(), "gone.vhd");
     set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
@@ -828,6 +829,7 @@ impl Drop for Immutable {
 #[cfg(unix)]
 #[test]
 fn c36_open_for_write_without_permission() {
+    let _serial = serial();
     use std::os::unix::fs::PermissionsExt;
     let d = tmp();
     let p = dynamic(d.path(), "a.vhd");
@@ -988,6 +990,14 @@ fn counting_allocator_counts() {
 
 use vhd_merge::merge::{MergeOptions, merge};
 
+/// The tests that merge or spawn processes run one at a time: a child process between fork
+/// and exec holds copies of this process's descriptors, with the flock locks a merge took,
+/// which would make a merge in a parallel test report System is in use.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Every file under `dirs`, with content.
 fn snapshot_all(dirs: &[&Path]) -> Vec<(PathBuf, Vec<u8>)> {
     dirs.iter().flat_map(|d| snapshot(d)).collect()
@@ -1044,6 +1054,7 @@ fn merge_pair(d: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn c40_merge_into_a_read_only_destination() {
+    let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
     let is_root = std::process::Command::new("id")
@@ -1090,6 +1101,7 @@ fn c40_merge_into_a_read_only_destination() {
 /// merge allocates its blocks before writing any (reserve first), so nothing lands.
 #[test]
 fn c41_merge_into_a_full_disk() {
+    let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
     let before = snapshot(d.path());
@@ -1122,6 +1134,7 @@ fn c41_merge_into_a_full_disk() {
 #[cfg(target_os = "linux")]
 #[test]
 fn c41b_merge_into_a_really_full_tmpfs() {
+    let _serial = serial();
     let mnt = tmp();
     let ok = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
@@ -1172,6 +1185,7 @@ fn c41b_merge_into_a_really_full_tmpfs() {
 /// the end of the file, overlapping blocks, a hostile table size.
 #[test]
 fn c42_merging_a_damaged_child() {
+    let _serial = serial();
     type Damage = (&'static str, fn(&Path), &'static [&'static str]);
     let cases: [Damage; 6] = [
         (
@@ -1234,6 +1248,7 @@ fn c42_merging_a_damaged_child() {
 /// damaged candidate and what is wrong with it.
 #[test]
 fn c43_merging_into_a_damaged_destination() {
+    let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
     set_bat_entry(&base, 9, bat_entry(&base, 1) + 16);
@@ -1263,6 +1278,7 @@ fn c43_merging_into_a_damaged_destination() {
 
 #[test]
 fn c44_wrong_source_or_destination() {
+    let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
     // A dynamic source.
@@ -1328,6 +1344,7 @@ fn c44_wrong_source_or_destination() {
 
 #[test]
 fn c45_a_sibling_in_the_way() {
+    let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
     let sib = d.path().join("sibling.vhd");
@@ -1344,6 +1361,7 @@ fn c45_a_sibling_in_the_way() {
 
 #[test]
 fn c46_missing_parent_in_the_middle_of_the_chain() {
+    let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
     let c2 = d.path().join("c2.vhd");
