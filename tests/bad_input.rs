@@ -29,7 +29,20 @@ thread_local! {
     static PEAK: Cell<usize> = const { Cell::new(0) };
 }
 
+/// The same for the whole process (every thread; tests running in parallel can only make a
+/// measured peak larger).
+static ALL_LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALL_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn track(grow: usize, shrink: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if grow > 0 {
+        let n = ALL_LIVE.fetch_add(grow, Relaxed) + grow;
+        ALL_PEAK.fetch_max(n, Relaxed);
+    }
+    if shrink > 0 {
+        ALL_LIVE.fetch_sub(shrink, Relaxed);
+    }
     // try_with: the thread-locals may be gone while a thread is torn down.
     let _ = LIVE.try_with(|l| {
         let n = (l.get() + grow).saturating_sub(shrink);
@@ -82,6 +95,16 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
     PEAK.with(|p| p.set(base));
     let out = f();
     (out, PEAK.with(Cell::get).saturating_sub(base))
+}
+
+/// Run `f` and return its result with the peak number of bytes the whole process had
+/// allocated at once beyond what it held before (threads `f` starts included).
+fn peak_all_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let base = ALL_LIVE.load(SeqCst);
+    ALL_PEAK.store(base, SeqCst);
+    let out = f();
+    (out, ALL_PEAK.load(SeqCst).saturating_sub(base))
 }
 
 /// What opening a file may allocate beyond the file's own size: bookkeeping, messages, and
@@ -1387,4 +1410,52 @@ fn c46_missing_parent_in_the_middle_of_the_chain() {
         &["parent \"base.vhd\"", "not found"],
         false,
     );
+}
+
+/// A merge's memory does not grow with the virtual size: merging into a 64 GiB dynamic disk
+/// allocates a few unit buffers and the block tables, whatever the size (all threads counted).
+#[test]
+fn c47_merge_memory_is_bounded_by_units_and_tables() {
+    let _serial = serial();
+    let d = tmp();
+    let base = d.path().join("big.vhd");
+    let gib = 1u64 << 30;
+    let o = |bs: u32| vhd_merge::create::CreateOptions {
+        block_size: bs,
+        ..opts()
+    };
+    let mut v = create_dynamic(&base, 64 * gib, &o(2 << 20)).unwrap();
+    v.write_at(5 * gib, &[1; 4096]).unwrap();
+    drop(v);
+    let c = d.path().join("c.vhd");
+    let mut v = vhd_merge::create::create_differencing(&c, &base, &o(512 << 10)).unwrap();
+    for k in 0..64u64 {
+        // Scattered partial blocks over the whole virtual size, and a few full ones.
+        let at = k * (gib - (7 << 20)) + (k % 5) * 4096;
+        let len = if k % 9 == 0 { 512 << 10 } else { 3 * 512 };
+        v.write_at(at - at % 512, &vec![k as u8 + 1; len]).unwrap();
+    }
+    drop(v);
+    // The tables: 64 GiB in 2 MiB blocks (128 KiB of BAT) and 512 KiB blocks (512 KiB).
+    let tables = (64 * gib / (2 << 20) + 64 * gib / (512 << 10)) as usize * 4;
+    let opts = MergeOptions {
+        verify: true,
+        ..MergeOptions::default()
+    };
+    let (r, peak) = peak_all_of(|| merge(&c, None, &opts));
+    let r = r.unwrap();
+    assert!(r.bytes_merged > 0);
+    // Four 2 MiB unit buffers in flight, a scratch block, and a few copies of each table.
+    let bound = 6 * (2 << 20) + 6 * tables + 2 * SLACK;
+    eprintln!("c47: merging into a 64 GiB disk allocated at most {peak} bytes (bound {bound})");
+    assert!(
+        peak <= bound,
+        "merge allocated {peak} bytes (bound {bound})"
+    );
+    let chain = Chain::open(&base, &ChainOptions::default()).unwrap();
+    let mut b = vec![0u8; 512];
+    chain
+        .read_at(0, 63 * (gib - (7 << 20)) + 3 * 4096, &mut b)
+        .unwrap();
+    assert_eq!(b, vec![64u8; 512]);
 }
