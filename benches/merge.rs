@@ -1,12 +1,20 @@
 //! Merge engine benchmarks (issue 5 shapes), kept small so `cargo bench --bench merge` runs in
-//! a few minutes:
+//! a few minutes (`cargo test --benches` runs each once, in seconds):
 //!
 //! - `plan/*`: [`MergePlan::build`] on in-memory chains (a 2 TiB sparse disk with a full-size
-//!   BAT; 1 GiB of full blocks).
-//! - `assemble/*`: [`assemble_unit`] of one 2 MiB block from in-memory layers, per bitmap shape.
+//!   BAT; 1 GiB of every-other-sector blocks), and opening + planning from files (a 2 TiB
+//!   sparse disk; 32 layers of 2 TiB sparse disks: shape 5 and the memory case of shape 7).
+//! - `assemble/*`: [`assemble_unit`] of one 2 MiB block from in-memory layers, per bitmap shape
+//!   (full, every other sector, every other 4 KiB, 8 layers, 32 layers each holding a 64 KiB
+//!   stripe of the block).
 //! - `merge/*`: whole merges on temporary files (each iteration gets a fresh copy of the
-//!   destination; the copy is not timed): full blocks, every-other-sector bitmaps, every-other
-//!   4 KiB bitmaps, a 32-layer chain, a fixed destination, and a 2 TiB sparse disk.
+//!   destination; the copy is not timed), one per shape: full blocks (1), every-other-sector
+//!   bitmaps (2), every-other 4 KiB bitmaps (3), a fixed destination (4), a 2 TiB sparse disk
+//!   (5), a 32-layer chain with blocks spread round-robin and one with every block striped
+//!   over the 32 layers (6).
+//!
+//! Flatten (shape 8) is in `benches/flatten.rs`; ratios against `cp` + `sync` and peak memory
+//! (shape 7) come from `cargo run --release --example bench`.
 //!
 //! Files go to `$VHD_MERGE_BENCH_DIR` or the system temporary directory; the page cache is
 //! warm (the inputs were just written).
@@ -71,6 +79,9 @@ enum Shape {
     Full,
     EveryOtherSector,
     EveryOther4K,
+    /// Layer `l` of `depth` holds the 64 KiB stripes `s` of every block with
+    /// `s % depth == l` (with 32 layers, each block is assembled from all 32).
+    Striped,
 }
 
 impl Shape {
@@ -80,8 +91,23 @@ impl Shape {
             Shape::Full => m.set_range(0..4096),
             Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
             Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
+            Shape::Striped => m.set_range(0..4096),
         }
         m
+    }
+
+    /// The mask of layer `layer` of `depth`.
+    fn layer_mask(self, layer: usize, depth: usize) -> SectorBitmap {
+        match self {
+            Shape::Striped => {
+                let mut m = SectorBitmap::new(4096);
+                for s in (0..4096).step_by(128).skip(layer).step_by(depth) {
+                    m.set_range(s..s + 128);
+                }
+                m
+            }
+            other => other.mask(),
+        }
     }
 }
 
@@ -93,7 +119,8 @@ fn bench_dir() -> PathBuf {
 
 /// A chain of `depth` 2 MiB-block differencing layers over a base (dynamic or fixed) of
 /// `size` bytes; `blocks` blocks of data with `shape`, spread round-robin over the layers
-/// (so every depth holds the same total data). Returns the paths, child first.
+/// (so every depth holds the same total data), or with every layer holding its stripes of
+/// every block for [`Shape::Striped`]. Returns the paths, child first.
 fn build(
     dir: &Path,
     size: u64,
@@ -112,12 +139,18 @@ fn build(
     let mut paths = vec![base];
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut buf = vec![0u8; 2 << 20];
-    let mask = shape.mask();
+    let mask = shape.layer_mask(0, depth);
     for l in 0..depth {
         let p = dir.join(format!("layer{l}.vhd"));
         let mut v = create_differencing(&p, paths.last().unwrap(), &o).unwrap();
+        let striped = matches!(shape, Shape::Striped);
+        let mask = if striped {
+            shape.layer_mask(l, depth)
+        } else {
+            mask.clone()
+        };
         for (i, &b) in blocks.iter().enumerate() {
-            if i % depth != l {
+            if !striped && i % depth != l {
                 continue;
             }
             for c in buf.chunks_mut(8) {
@@ -185,6 +218,16 @@ fn plan_benches(c: &mut Criterion) {
     g.bench_function("1gib_every_other_sector", |b| {
         b.iter(|| black_box(MergePlan::build(&chain, 1).unwrap().bytes_total))
     });
+    // 32 layers of 2 TiB, 4 blocks each: 32 full-size BATs (shape 7's memory case).
+    let dir3 = tempfile::tempdir_in(bench_dir()).unwrap();
+    let deep: Vec<u64> = (0..128).map(|i| i * 8000 + 3).collect();
+    let deep_paths = build(dir3.path(), TIB2, &deep, 32, Shape::Full, false);
+    g.bench_function("open_and_plan_32_layers_2tib_sparse_files", |b| {
+        b.iter(|| {
+            let chain = Chain::open(&deep_paths[0], &ChainOptions::default()).unwrap();
+            black_box(MergePlan::build(&chain, 32).unwrap().units)
+        })
+    });
     g.finish();
 }
 
@@ -196,11 +239,15 @@ fn assemble_benches(c: &mut Criterion) {
         ("every_other_sector", Shape::EveryOtherSector, 1),
         ("every_other_4k", Shape::EveryOther4K, 1),
         ("full_8_layers", Shape::Full, 8),
+        ("striped_32_layers", Shape::Striped, 32),
     ] {
         let dir = tempfile::tempdir_in(bench_dir()).unwrap();
-        // Every layer holds block 0 and its neighbours, so depth layers contribute to block 0
-        // with the nearest winning.
-        let blocks: Vec<u64> = (0..depth as u64).map(|_| 0).collect();
+        // Every layer holds block 0, so depth layers contribute to block 0 with the nearest
+        // winning (or, striped, each with its own stripes).
+        let blocks: Vec<u64> = match shape {
+            Shape::Striped => vec![0],
+            _ => (0..depth as u64).map(|_| 0).collect(),
+        };
         let chain = in_memory(&build(dir.path(), 8 << 20, &blocks, depth, shape, false));
         let plan = MergePlan::build(&chain, depth).unwrap();
         let mut buf = vec![0u8; 2 << 20];
@@ -284,6 +331,15 @@ fn merge_benches(c: &mut Criterion) {
         &blocks,
         32,
         Shape::Full,
+        false,
+    );
+    merge_bench(
+        c,
+        "striped_64mib_32_layers",
+        128 << 20,
+        &blocks,
+        32,
+        Shape::Striped,
         false,
     );
     merge_bench(

@@ -273,8 +273,10 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// Raw output is flushed after this many bytes written.
-const SYNC_EVERY: u64 = 256 << 20;
+/// Raw output: writeback of what was written is started every this many bytes (see
+/// [`crate::io::start_writeback`]), so the device writes while the copy goes on and dirty
+/// pages stay bounded.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// True when every byte is zero. Folds 4 KiB at a time (vectorised, no early exit inside a
 /// chunk), stopping at the first chunk with data.
@@ -338,20 +340,20 @@ impl Writer<'_, '_> {
         let mut buf = vec![0u8; span as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
-        let mut unsynced = 0;
+        // Start of the written stretch whose writeback has not been started yet.
+        let mut unflushed = 0;
         while pos < self.size {
             let n = span.min(self.size - pos);
             let plan = self.plan(pos, n)?;
             let out = &mut buf[..n as usize];
             if self.read(&plan, out, &mut scratch)? {
                 crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
-                unsynced += n;
             }
             pos += n;
-            if unsynced >= SYNC_EVERY {
-                // Flush as we go rather than all at the end: keeps dirty pages bounded.
-                file.sync_data().map_err(|e| io("flushing to disk", e))?;
-                unsynced = 0;
+            if pos - unflushed >= WRITEBACK_EVERY {
+                // Holes in the range cost nothing: only dirty pages are written.
+                crate::io::start_writeback(&file, unflushed, pos - unflushed);
+                unflushed = pos;
             }
             self.report(pos);
         }

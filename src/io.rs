@@ -29,6 +29,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
         let _ = exclusive;
         Ok(true)
     }
+    /// Ask the OS to start writing `len` bytes at `offset` to the device now, without waiting
+    /// and without any durability promise: a performance hint (the default does nothing).
+    /// Durability comes only from [`Storage::sync_data`].
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 /// [`Storage`] over a [`File`].
@@ -108,6 +114,9 @@ impl Storage for FileStorage {
     }
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        start_writeback(&self.file, offset, len);
     }
     fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
         let r = if exclusive {
@@ -224,6 +233,36 @@ impl Storage for MemStorage {
         Ok(())
     }
 }
+
+/// Start writing back `len` bytes of `file` at `offset` now, without waiting and without
+/// any durability promise: `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which queues the dirty
+/// pages of the range for the device and returns. A hint; a no-op on other systems.
+///
+/// Why: a merge or flatten otherwise fills the page cache with its whole batch (up to 1 GiB)
+/// while the device idles, and then waits for all of it in one `fdatasync`. Starting the
+/// writeback of each few MiB as soon as it is written overlaps the device's work with the
+/// copying, and the final `fdatasync` only waits for the tail. On the development VM this
+/// took a 1 GiB full-block merge from 0.54 s to 0.36 s (cp + sync: 0.76 s). Durability and
+/// write ordering still come only from `fdatasync` ([`Storage::sync_data`]).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by
+    // `file`, which is borrowed for the duration of the call. Errors (EINVAL on file systems
+    // without support, EIO) are ignored: the data stays dirty in the page cache and the
+    // caller's fdatasync writes it and reports any error.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// See the Linux version: elsewhere the OS writes back on its own schedule.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// What a [`FaultyStorage`] does wrong, shared between the test and the storage it wraps.
 ///
@@ -374,6 +413,13 @@ impl Storage for FaultyStorage {
 
     fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
         self.inner.try_lock(exclusive)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // Not a write: nothing new reaches the file, so it is neither counted nor failed.
+        if !self.plan.crashed() {
+            self.inner.start_writeback(offset, len);
+        }
     }
 }
 

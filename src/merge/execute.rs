@@ -594,7 +594,7 @@ fn write_units(
         if sparse {
             let new = batch
                 .iter()
-                .filter(|&&u| dest.bat().block_offset(u).is_none())
+                .filter(|&&u| dest.block_offset(u).is_none())
                 .count();
             dest.reserve_blocks(new as u64)?;
         }

@@ -110,11 +110,8 @@ impl MergePlan {
             let vhd = chain.vhd(li);
             let spb = vhd.sectors_per_block();
             let layer_limit = limit.min(vhd.virtual_size() / SECTOR_SIZE);
-            for (i, &e) in vhd.bat().entries.iter().enumerate() {
-                if e == crate::format::bat::UNUSED {
-                    continue;
-                }
-                let s0 = i as u64 * spb;
+            for (i, _) in vhd.allocated_entries() {
+                let s0 = i * spb;
                 if s0 >= layer_limit {
                     break;
                 }
@@ -154,7 +151,7 @@ impl MergePlan {
                     continue;
                 }
                 units += 1;
-                if dest.disk_type().is_sparse() && dest.bat().block_offset(u as u64).is_none() {
+                if dest.disk_type().is_sparse() && dest.block_offset(u as u64).is_none() {
                     blocks_to_allocate += 1;
                 }
             }

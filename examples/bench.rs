@@ -1,0 +1,1053 @@
+//! Compare `vhd-merge merge` and `vhd-merge flatten` with `cp` + `sync` of the same bytes, for
+//! every shape of issue 5, and print the measured ratios and peak memory:
+//!
+//! ```text
+//! cargo run --release --example bench [-- OPTIONS]
+//!
+//!   --dir DIR        where to build the inputs (default: a new temporary directory under the
+//!                    current directory; $TMPDIR is often a tmpfs, where cp + sync means little)
+//!   --scale F        data size factor: 1 = 1 GiB of merged data and 64 MiB in the sparse disk
+//!                    (default 1; 0.25 for a quick run)
+//!   --runs N         timed runs of each command, median reported (default 5)
+//!   --warmup N       untimed rounds first (default 1: right after the inputs are written,
+//!                    the host of a virtual disk is often still flushing them)
+//!   --cold           drop the page cache before every timed command (Linux, root only):
+//!                    sync; echo 3 > /proc/sys/vm/drop_caches. Default: warm cache.
+//!   --global-sync    time `cp` + `sync` (every file system) instead of `cp` + `sync FILE`
+//!   --only LIST      comma-separated shapes: full,eos,e4k,fixed,sparse,fullbat,deep,
+//!                    striped,deepsparse,flatten (default: all; references are added as
+//!                    needed)
+//!   --bin PATH       the vhd-merge binary (default: target/release/vhd-merge, built first
+//!                    with `cargo build --release` when run through cargo)
+//!   --keep           keep the input directory
+//! ```
+//!
+//! Every timed command is the real CLI binary run as a child process, so start-up, chain
+//! opening, the sibling scan, planning and every fdatasync count. Before each merge the
+//! destination is restored from a pristine copy and flushed (not timed). Runs are interleaved:
+//! each round runs every command once, in a rotating order, so load from other processes
+//! spreads over all of them. Peak RSS comes from GNU time (`/usr/bin/time -f %M`), which runs
+//! every timed command, the references included.
+
+use std::error::Error;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+use vhd_merge::format::SectorBitmap;
+use vhd_merge::merge::MergePlan;
+use vhd_merge::{Chain, ChainOptions};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 2 * MIB;
+/// The largest dynamic VHD (2040 GiB): "2 TiB" in the issue.
+const TIB2: u64 = 0xFF00_0000 * 512;
+
+struct Args {
+    dir: Option<PathBuf>,
+    scale: f64,
+    runs: usize,
+    warmup: usize,
+    cold: bool,
+    global_sync: bool,
+    only: Option<Vec<String>>,
+    bin: Option<PathBuf>,
+    keep: bool,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        dir: None,
+        scale: 1.0,
+        runs: 5,
+        warmup: 1,
+        cold: false,
+        global_sync: false,
+        only: None,
+        bin: None,
+        keep: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--dir" => a.dir = Some(PathBuf::from(val("--dir")?)),
+            "--scale" => a.scale = val("--scale")?.parse()?,
+            "--runs" => a.runs = val("--runs")?.parse()?,
+            "--warmup" => a.warmup = val("--warmup")?.parse()?,
+            "--cold" => a.cold = true,
+            "--global-sync" => a.global_sync = true,
+            "--only" => {
+                a.only = Some(val("--only")?.split(',').map(str::to_string).collect());
+            }
+            "--bin" => a.bin = Some(PathBuf::from(val("--bin")?)),
+            "--keep" => a.keep = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown option {other} (try --help)").into()),
+        }
+    }
+    if a.runs == 0 || a.scale.is_nan() || a.scale <= 0.0 {
+        return Err("--runs must be at least 1 and --scale positive".into());
+    }
+    Ok(a)
+}
+
+/// Bitmap shapes of the merged blocks.
+#[derive(Clone, Copy)]
+enum Shape {
+    Full,
+    EveryOtherSector,
+    EveryOther4K,
+}
+
+impl Shape {
+    fn mask(self) -> SectorBitmap {
+        let mut m = SectorBitmap::new(4096);
+        match self {
+            Shape::Full => m.set_range(0..4096),
+            Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
+            Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
+        }
+        m
+    }
+}
+
+/// Deterministic non-zero filler (xorshift64).
+struct Fill(u64);
+
+impl Fill {
+    fn block(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+    }
+}
+
+/// Which sectors each layer of a chain holds.
+#[derive(Clone, Copy)]
+enum Spread {
+    /// Layer `l` holds the blocks `b` with `b % depth == l`, with the whole shape's mask.
+    RoundRobin(Shape),
+    /// Every layer holds every block: layer `l` holds the 64 KiB stripes `s` with
+    /// `s % depth == l` (32 layers: each block is assembled from 32 layers).
+    Striped,
+}
+
+/// A chain of `depth` 2 MiB-block differencing layers over a base (dynamic or fixed) of
+/// `size` bytes, with data in `blocks`. Returns the paths, child first.
+fn build_chain(
+    dir: &Path,
+    size: u64,
+    blocks: &[u64],
+    depth: usize,
+    spread: Spread,
+    fixed: bool,
+    fill: &mut Fill,
+) -> Res<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let o = CreateOptions::default();
+    let base = dir.join("base.vhd");
+    if fixed {
+        create_fixed(&base, size, &o)?;
+    } else {
+        create_dynamic(&base, size, &o)?;
+    }
+    let mut paths = vec![base];
+    let mut buf = vec![0u8; BLOCK as usize];
+    for l in 0..depth {
+        let p = dir.join(format!("layer{l:02}.vhd"));
+        let parent = paths.last().ok_or("no parent")?.clone();
+        let mut v = create_differencing(&p, &parent, &o)?;
+        let mine: Vec<(u64, SectorBitmap)> = match spread {
+            Spread::RoundRobin(shape) => blocks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % depth == l)
+                .map(|(_, &b)| (b, shape.mask()))
+                .collect(),
+            Spread::Striped => {
+                let mut m = SectorBitmap::new(4096);
+                for s in (0..4096).step_by(128).skip(l).step_by(depth) {
+                    m.set_range(s..s + 128);
+                }
+                blocks.iter().map(|&b| (b, m.clone())).collect()
+            }
+        };
+        v.reserve_blocks(mine.len() as u64)?;
+        for (b, mask) in mine {
+            fill.block(&mut buf);
+            v.write_block(b, &mut buf, &mask)?;
+        }
+        v.finish()?;
+        paths.push(p);
+    }
+    paths.reverse();
+    Ok(paths)
+}
+
+/// A 2040 GiB dynamic VHD whose every BAT entry is allocated (1 044 480 blocks laid out back
+/// to back), as a sparse file: the blocks are holes, so it reads as zeros and takes almost no
+/// space. The worst case for opening (every extent is checked) short of 2 TiB of real data.
+fn build_fully_allocated(path: &Path) -> Res<()> {
+    let v = create_dynamic(path, TIB2, &CreateOptions::default())?;
+    let h = v.header().ok_or("no header")?.clone();
+    let footer = v.footer().to_bytes();
+    let bm = h.bitmap_bytes();
+    let stride = bm + u64::from(h.block_size);
+    // First block: data 4 KiB aligned after the metadata.
+    let first = (v.end_of_data() + bm).div_ceil(4096) * 4096 - bm;
+    drop(v);
+    let n = u64::from(h.max_table_entries);
+    let mut table = Vec::with_capacity(n as usize * 4);
+    for i in 0..n {
+        let sector = u32::try_from((first + i * stride) / 512)?;
+        table.extend_from_slice(&sector.to_be_bytes());
+    }
+    let end = first + n * stride;
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::options().write(true).open(path)?;
+    f.set_len(end + 512)?;
+    f.seek(SeekFrom::Start(h.table_offset))?;
+    f.write_all(&table)?;
+    f.seek(SeekFrom::Start(end))?;
+    f.write_all(&footer)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A plain file of `bytes` filler bytes (the reference for cp).
+fn build_plain(path: &Path, bytes: u64, fill: &mut Fill) -> Res<()> {
+    let mut f = File::create(path)?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(BLOCK) as usize;
+        fill.block(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn copy_synced(from: &Path, to: &Path) -> Res<()> {
+    std::fs::copy(from, to)?;
+    File::options().write(true).open(to)?.sync_all()?;
+    Ok(())
+}
+
+/// What one timed command does.
+enum Kind {
+    /// `cp SRC DST` then `sync DST` (or a global sync).
+    Cp { src: PathBuf, dst: PathBuf },
+    /// `vhd-merge merge SRC DEST --json`, after restoring DEST from `pristine`.
+    Merge {
+        src: PathBuf,
+        dest: PathBuf,
+        pristine: PathBuf,
+        expect: u64,
+    },
+    /// `vhd-merge flatten SRC OUT --format F --quiet`, after removing OUT.
+    Flatten {
+        src: PathBuf,
+        out: PathBuf,
+        format: &'static str,
+    },
+    /// `vhd-merge merge SRC --dry-run --json`.
+    DryRun { src: PathBuf },
+}
+
+struct Item {
+    name: &'static str,
+    kind: Kind,
+    secs: Vec<f64>,
+    rss_kib: Vec<u64>,
+}
+
+impl Item {
+    fn new(name: &'static str, kind: Kind) -> Item {
+        Item {
+            name,
+            kind,
+            secs: Vec::new(),
+            rss_kib: Vec::new(),
+        }
+    }
+}
+
+/// Exit status, peak RSS (KiB) and stdout of a finished child.
+struct Outcome {
+    ok: bool,
+    rss_kib: Option<u64>,
+    stdout: String,
+    stderr: String,
+}
+
+/// GNU time, for peak RSS. Not `wait4` on our own child: a child started with vfork or
+/// posix_spawn reports the larger of its own peak and this program's (Linux keeps the
+/// high-water mark of the address space an exec replaces), while a command that `time`
+/// forks starts from `time`'s small one.
+const GNU_TIME: &str = "/usr/bin/time";
+
+/// Run `program args` to completion (through GNU time when it is there, for the peak RSS);
+/// stdout and stderr are collected (they are short).
+fn run(program: &Path, args: &[&std::ffi::OsStr], rss_file: &Path) -> Res<Outcome> {
+    let timed = Path::new(GNU_TIME).exists();
+    let mut cmd = if timed {
+        let mut c = Command::new(GNU_TIME);
+        c.arg("-f").arg("%M").arg("-o").arg(rss_file).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    let out = cmd.args(args).stdin(Stdio::null()).output()?;
+    let rss_kib = if timed {
+        std::fs::read_to_string(rss_file)
+            .ok()
+            .and_then(|s| s.lines().last().and_then(|l| l.trim().parse().ok()))
+    } else {
+        None
+    };
+    Ok(Outcome {
+        ok: out.status.success(),
+        rss_kib,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn drop_caches() -> Res<()> {
+    Command::new("sync").status()?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .map_err(|e| format!("--cold: cannot drop the page cache (root needed): {e}"))?;
+    Ok(())
+}
+
+/// Prepare (untimed), then time one run of `item`.
+fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<()> {
+    match &item.kind {
+        Kind::Cp { dst, .. } | Kind::Flatten { out: dst, .. } => {
+            if dst.exists() {
+                std::fs::remove_file(dst)?;
+            }
+        }
+        Kind::Merge { dest, pristine, .. } => copy_synced(pristine, dest)?,
+        Kind::DryRun { .. } => {}
+    }
+    if args.cold {
+        drop_caches()?;
+    }
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let t0 = Instant::now();
+    let (out, rss) = match &item.kind {
+        Kind::Cp { src, dst } => {
+            let a = run(
+                Path::new("cp"),
+                &[src.as_os_str(), dst.as_os_str()],
+                rss_file,
+            )?;
+            if !a.ok {
+                return Err(format!("cp failed: {}", a.stderr).into());
+            }
+            let sync_args: Vec<&std::ffi::OsStr> = if args.global_sync {
+                Vec::new()
+            } else {
+                vec![dst.as_os_str()]
+            };
+            (run(Path::new("sync"), &sync_args, rss_file)?, None)
+        }
+        Kind::Merge { src, dest, .. } => {
+            let o = run(
+                bin,
+                &[os("merge"), src.as_os_str(), dest.as_os_str(), os("--json")],
+                rss_file,
+            )?;
+            let r = o.rss_kib;
+            (o, r)
+        }
+        Kind::Flatten { src, out, format } => {
+            let o = run(
+                bin,
+                &[
+                    os("flatten"),
+                    src.as_os_str(),
+                    out.as_os_str(),
+                    os("--format"),
+                    os(format),
+                    os("--quiet"),
+                ],
+                rss_file,
+            )?;
+            let r = o.rss_kib;
+            (o, r)
+        }
+        Kind::DryRun { src } => {
+            let o = run(
+                bin,
+                &[os("merge"), src.as_os_str(), os("--dry-run"), os("--json")],
+                rss_file,
+            )?;
+            let r = o.rss_kib;
+            (o, r)
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    if !out.ok {
+        return Err(format!("{} failed:\n{}{}", item.name, out.stdout, out.stderr).into());
+    }
+    if let Kind::Merge { expect, .. } = &item.kind {
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+        let got = v["bytes_merged"].as_u64().unwrap_or(0);
+        if got != *expect {
+            return Err(format!("{}: merged {got} bytes, expected {expect}", item.name).into());
+        }
+    }
+    item.secs.push(secs);
+    if let Some(r) = rss {
+        item.rss_kib.push(r);
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        })
+}
+
+/// The mount holding `path`: (device, file system type, mount point), from /proc/mounts.
+fn file_system(path: &Path) -> String {
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return "unknown".into();
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return "unknown (no /proc/mounts)".into();
+    };
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let mp = f[1].replace("\\040", " ");
+        if canon.starts_with(&mp) && best.as_ref().is_none_or(|(l, _)| mp.len() > *l) {
+            best = Some((mp.len(), format!("{} on {} ({})", f[2], mp, f[0])));
+        }
+    }
+    best.map_or_else(|| "unknown".into(), |(_, s)| s)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "?".into(),
+            |k| format!("{:.1} GiB", k as f64 / 1048576.0),
+        );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(
+        |_| std::env::consts::OS.to_string(),
+        |s| s.trim().to_string(),
+    );
+    format!(
+        "{cpu}, {cores} cores, {mem} RAM, {} {kernel}",
+        std::env::consts::OS
+    )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn find_bin(args: &Args) -> Res<PathBuf> {
+    if let Some(b) = &args.bin {
+        return Ok(b.clone());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let st = Command::new(cargo)
+            .args(["build", "--release", "--quiet", "--bin", "vhd-merge"])
+            .current_dir(&root)
+            .status()?;
+        if !st.success() {
+            return Err("cargo build --release --bin vhd-merge failed".into());
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target
+        .join("release")
+        .join(format!("vhd-merge{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        return Err(format!(
+            "{} not found: run `cargo build --release` first or pass --bin",
+            bin.display()
+        )
+        .into());
+    }
+    Ok(bin)
+}
+
+fn main() -> Res<()> {
+    let args = parse_args()?;
+    let bin = find_bin(&args)?;
+    let want = |s: &str| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    let tmp = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tempfile::Builder::new()
+                .prefix("vhd-merge-bench-")
+                .tempdir_in(d)?
+        }
+        None => tempfile::Builder::new()
+            .prefix("vhd-merge-bench-")
+            .tempdir_in(".")?,
+    };
+    let root = tmp.path().to_path_buf();
+    let blocks = ((args.scale * 512.0).round() as u64).max(32);
+    let data = blocks * BLOCK;
+    let sparse_blocks = ((args.scale * 32.0).round() as u64).max(1);
+    let sparse_data = sparse_blocks * BLOCK;
+    let size = data;
+    let all: Vec<u64> = (0..blocks).collect();
+    println!("vhd-merge bench");
+    println!("  binary:      {}", bin.display());
+    println!("  machine:     {}", machine());
+    println!("  directory:   {}", root.display());
+    println!("  file system: {}", file_system(&root));
+    println!(
+        "  page cache:  {}",
+        if args.cold {
+            "cold (dropped before every timed command)"
+        } else {
+            "warm (inputs written or read just before)"
+        }
+    );
+    println!(
+        "  reference:   cp + {}",
+        if args.global_sync {
+            "sync (global)"
+        } else {
+            "sync FILE (fsync of the copy)"
+        }
+    );
+    println!(
+        "  sizes:       {} MiB merged ({blocks} blocks of 2 MiB); sparse: 2040 GiB virtual, {} MiB allocated",
+        data / MIB,
+        sparse_data / MIB
+    );
+    println!(
+        "  runs:        {} (median; interleaved, rotating order) after {} untimed warm-up round(s)",
+        args.runs, args.warmup
+    );
+    println!("  load avg:    {}", loadavg());
+    let rss_file = root.join("rss.txt");
+    println!(
+        "  peak RSS:    {}",
+        if Path::new(GNU_TIME).exists() {
+            "GNU time %M (it runs every timed command, cp and sync too)"
+        } else {
+            "not measured (no /usr/bin/time)"
+        }
+    );
+    println!("building inputs...");
+    let t_build = Instant::now();
+
+    let mut fill = Fill(0x9E37_79B9_7F4A_7C15);
+    let mut items: Vec<Item> = Vec::new();
+    let refs = root.join("ref");
+    std::fs::create_dir_all(&refs)?;
+    let need_full = want("full") || want("eos") || want("e4k") || want("deep") || want("striped");
+    let need_cp1g = want("full") || want("fixed") || want("flatten");
+    if need_cp1g {
+        let src = refs.join("data.bin");
+        build_plain(&src, data, &mut Fill(0x9E37_79B9_7F4A_7C15))?;
+        items.push(Item::new(
+            "cp_data",
+            Kind::Cp {
+                src,
+                dst: refs.join("copy.bin"),
+            },
+        ));
+    }
+    let merge_item = |name: &'static str, paths: &[PathBuf], expect: u64| -> Res<Item> {
+        let dest = paths.last().ok_or("empty chain")?.clone();
+        let pristine = dest.with_extension("pristine");
+        copy_synced(&dest, &pristine)?;
+        Ok(Item::new(
+            name,
+            Kind::Merge {
+                src: paths[0].clone(),
+                dest,
+                pristine,
+                expect,
+            },
+        ))
+    };
+    let full_paths = if need_full || want("flatten") {
+        let p = build_chain(
+            &root.join("full"),
+            size,
+            &all,
+            1,
+            Spread::RoundRobin(Shape::Full),
+            false,
+            &mut fill,
+        )?;
+        if need_full {
+            items.push(merge_item("merge_full", &p, data)?);
+        }
+        Some(p)
+    } else {
+        None
+    };
+    if want("eos") {
+        let p = build_chain(
+            &root.join("eos"),
+            size,
+            &all,
+            1,
+            Spread::RoundRobin(Shape::EveryOtherSector),
+            false,
+            &mut fill,
+        )?;
+        items.push(merge_item("merge_every_other_sector", &p, data / 2)?);
+    }
+    if want("e4k") {
+        let p = build_chain(
+            &root.join("e4k"),
+            size,
+            &all,
+            1,
+            Spread::RoundRobin(Shape::EveryOther4K),
+            false,
+            &mut fill,
+        )?;
+        items.push(merge_item("merge_every_other_4k", &p, data / 2)?);
+    }
+    if want("fixed") {
+        let p = build_chain(
+            &root.join("fixed"),
+            size,
+            &all,
+            1,
+            Spread::RoundRobin(Shape::Full),
+            true,
+            &mut fill,
+        )?;
+        items.push(merge_item("merge_fixed_dest", &p, data)?);
+    }
+    if want("deep") {
+        let p = build_chain(
+            &root.join("deep"),
+            size,
+            &all,
+            32,
+            Spread::RoundRobin(Shape::Full),
+            false,
+            &mut fill,
+        )?;
+        items.push(merge_item("merge_32_layers", &p, data)?);
+    }
+    if want("striped") {
+        let p = build_chain(
+            &root.join("striped"),
+            size,
+            &all,
+            32,
+            Spread::Striped,
+            false,
+            &mut fill,
+        )?;
+        items.push(merge_item("merge_32_layers_striped", &p, data)?);
+    }
+    let mut plan_times = Vec::new();
+    if want("sparse") {
+        let src = refs.join("sparse.bin");
+        build_plain(&src, sparse_data, &mut Fill(0x1234_5678_9ABC_DEF1))?;
+        items.push(Item::new(
+            "cp_sparse_data",
+            Kind::Cp {
+                src,
+                dst: refs.join("sparse-copy.bin"),
+            },
+        ));
+        // Spread over the whole 2 TiB.
+        let stride = (TIB2 / BLOCK) / sparse_blocks;
+        let sb: Vec<u64> = (0..sparse_blocks).map(|i| i * stride + 7).collect();
+        let p = build_chain(
+            &root.join("sparse"),
+            TIB2,
+            &sb,
+            1,
+            Spread::RoundRobin(Shape::Full),
+            false,
+            &mut Fill(0x1234_5678_9ABC_DEF1),
+        )?;
+        items.push(merge_item("merge_sparse_2tib", &p, sparse_data)?);
+        items.push(Item::new(
+            "dry_run_2tib",
+            Kind::DryRun { src: p[0].clone() },
+        ));
+        // In-process: open the chain (two 2 TiB disks with full-size BATs) and plan.
+        for _ in 0..args.runs.max(5) {
+            let t0 = Instant::now();
+            let chain = Chain::open(&p[0], &ChainOptions::default())?;
+            let plan = MergePlan::build(&chain, 1)?;
+            plan_times.push(t0.elapsed().as_secs_f64());
+            std::hint::black_box(plan.units);
+        }
+    }
+    let mut full_bat_times = Vec::new();
+    if want("fullbat") {
+        // A 64 MiB child over a 2 TiB parent with every BAT entry allocated: open both and
+        // plan (the parent's 1 044 480 extents are all checked when it is opened).
+        let dir = root.join("fullbat");
+        std::fs::create_dir_all(&dir)?;
+        let base = dir.join("base.vhd");
+        build_fully_allocated(&base)?;
+        let child = dir.join("layer00.vhd");
+        let mut v = create_differencing(&child, &base, &CreateOptions::default())?;
+        let mut buf = vec![0u8; BLOCK as usize];
+        let stride = (TIB2 / BLOCK) / sparse_blocks;
+        v.reserve_blocks(sparse_blocks)?;
+        for i in 0..sparse_blocks {
+            fill.block(&mut buf);
+            v.write_block(i * stride + 7, &mut buf, &Shape::Full.mask())?;
+        }
+        v.finish()?;
+        drop(v);
+        for _ in 0..args.runs.max(5) {
+            let t0 = Instant::now();
+            let chain = Chain::open(&child, &ChainOptions::default())?;
+            let plan = MergePlan::build(&chain, 1)?;
+            full_bat_times.push(t0.elapsed().as_secs_f64());
+            std::hint::black_box(plan.units);
+        }
+        items.push(Item::new(
+            "dry_run_2tib_full_bat",
+            Kind::DryRun { src: child },
+        ));
+    }
+    if want("deepsparse") {
+        // 32 layers of 2 TiB virtual, 4 blocks each: 32 full-size BATs (4 MiB each).
+        let sb: Vec<u64> = (0..128u64).map(|i| i * 8000 + 3).collect();
+        let p = build_chain(
+            &root.join("deepsparse"),
+            TIB2,
+            &sb,
+            32,
+            Spread::RoundRobin(Shape::Full),
+            false,
+            &mut fill,
+        )?;
+        items.push(merge_item("merge_32_layers_2tib_sparse", &p, 128 * BLOCK)?);
+    }
+    if want("flatten")
+        && let Some(p) = &full_paths
+    {
+        for (name, format) in [
+            ("flatten_dynamic", "dynamic"),
+            ("flatten_raw", "raw"),
+            ("flatten_fixed", "fixed"),
+        ] {
+            items.push(Item::new(
+                name,
+                Kind::Flatten {
+                    src: p[0].clone(),
+                    out: root.join("ref").join(format!("flat-{format}.img")),
+                    format,
+                },
+            ));
+        }
+    }
+    println!("  built in {:.1} s", t_build.elapsed().as_secs_f64());
+
+    for r in 0..args.warmup + args.runs {
+        let n = items.len();
+        for k in 0..n {
+            let i = (k + r) % n;
+            time_item(&mut items[i], &bin, &args, &rss_file)?;
+        }
+        if r + 1 == args.warmup {
+            for it in &mut items {
+                it.secs.clear();
+                it.rss_kib.clear();
+            }
+        }
+        if r < args.warmup {
+            eprint!("\r  warm-up round {}/{} done", r + 1, args.warmup);
+        } else {
+            eprint!(
+                "\r  round {}/{} done        ",
+                r + 1 - args.warmup,
+                args.runs
+            );
+        }
+    }
+    eprintln!();
+
+    println!();
+    println!(
+        "{:<30} {:>9} {:>9} {:>9} {:>9}",
+        "command", "median s", "min s", "max s", "peak RSS"
+    );
+    for it in &items {
+        let (lo, hi) = min_max(&it.secs);
+        let rss = it
+            .rss_kib
+            .iter()
+            .max()
+            .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
+        println!(
+            "{:<30} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+            it.name,
+            median(&it.secs),
+            lo,
+            hi,
+            rss
+        );
+    }
+    if !full_bat_times.is_empty() {
+        let (lo, hi) = min_max(&full_bat_times);
+        println!(
+            "{:<30} {:>9.4} {:>9.4} {:>9.4} {:>9}",
+            "open+plan_2tib_full_bat",
+            median(&full_bat_times),
+            lo,
+            hi,
+            "-"
+        );
+    }
+    if !plan_times.is_empty() {
+        let (lo, hi) = min_max(&plan_times);
+        println!(
+            "{:<30} {:>9.4} {:>9.4} {:>9.4} {:>9}",
+            "open+plan_2tib (in-process)",
+            median(&plan_times),
+            lo,
+            hi,
+            "-"
+        );
+    }
+
+    // Targets.
+    let get = |name: &str| items.iter().find(|i| i.name == name);
+    // Ratio of medians, and the spread of the per-round ratios (the two commands of a round
+    // ran next to each other).
+    let ratio = |a: &str, b: &str| -> Option<(f64, f64, f64)> {
+        let (a, b) = (get(a)?, get(b)?);
+        let per: Vec<f64> = a.secs.iter().zip(&b.secs).map(|(x, y)| x / y).collect();
+        let (lo, hi) = min_max(&per);
+        Some((median(&a.secs) / median(&b.secs), lo, hi))
+    };
+    println!();
+    println!(
+        "{:<4} {:<58} {:>8} {:>15} {:>7} {:>5}",
+        "#", "target", "measured", "(round ratios)", "limit", ""
+    );
+    let row = |n: &str, what: &str, m: Option<(f64, f64, f64)>, limit: f64, unit: &str| {
+        let Some((v, lo, hi)) = m else { return };
+        let spread = if lo.is_finite() {
+            format!("({lo:.2}..{hi:.2})")
+        } else {
+            String::new()
+        };
+        println!(
+            "{n:<4} {what:<58} {:>8} {spread:>15} {:>7} {:>5}",
+            format!("{v:.2}{unit}"),
+            format!("{limit}{unit}"),
+            if v <= limit { "pass" } else { "MISS" }
+        );
+    };
+    row(
+        "1",
+        &format!(
+            "full blocks, {} MiB into dynamic parent / (cp + sync)",
+            data / MIB
+        ),
+        ratio("merge_full", "cp_data"),
+        1.2,
+        "x",
+    );
+    row(
+        "2",
+        "every-other-sector / full-block merge",
+        ratio("merge_every_other_sector", "merge_full"),
+        1.5,
+        "x",
+    );
+    row(
+        "3",
+        "every-other-4KiB / full-block merge",
+        ratio("merge_every_other_4k", "merge_full"),
+        1.5,
+        "x",
+    );
+    row(
+        "4",
+        "fixed destination / (cp + sync)",
+        ratio("merge_fixed_dest", "cp_data"),
+        1.2,
+        "x",
+    );
+    row(
+        "5a",
+        &format!(
+            "2 TiB sparse, {0} MiB allocated / (cp {0} MiB + sync)",
+            sparse_data / MIB
+        ),
+        ratio("merge_sparse_2tib", "cp_sparse_data"),
+        2.0,
+        "x",
+    );
+    if !plan_times.is_empty() {
+        let (lo, hi) = min_max(&plan_times);
+        row(
+            "5b",
+            "open + plan 2 TiB, full-size BAT (in-process)",
+            Some((median(&plan_times) * 1e3, lo * 1e3, hi * 1e3)),
+            100.0,
+            "ms",
+        );
+    }
+    if let Some(d) = get("dry_run_2tib") {
+        let (lo, hi) = min_max(&d.secs);
+        row(
+            "5b'",
+            "merge --dry-run 2 TiB, whole process",
+            Some((median(&d.secs) * 1e3, lo * 1e3, hi * 1e3)),
+            100.0,
+            "ms",
+        );
+    }
+    if !full_bat_times.is_empty() {
+        let (lo, hi) = min_max(&full_bat_times);
+        row(
+            "5c",
+            "open + plan over a 2 TiB parent, every entry allocated",
+            Some((median(&full_bat_times) * 1e3, lo * 1e3, hi * 1e3)),
+            100.0,
+            "ms",
+        );
+    }
+    if let Some(d) = get("dry_run_2tib_full_bat") {
+        let (lo, hi) = min_max(&d.secs);
+        row(
+            "5c'",
+            "merge --dry-run over it, whole process",
+            Some((median(&d.secs) * 1e3, lo * 1e3, hi * 1e3)),
+            100.0,
+            "ms",
+        );
+    }
+    row(
+        "6",
+        "32 layers (blocks round-robin) / 1 layer",
+        ratio("merge_32_layers", "merge_full"),
+        1.3,
+        "x",
+    );
+    row(
+        "6'",
+        "32 layers (every block from 32 layers) / 1 layer",
+        ratio("merge_32_layers_striped", "merge_full"),
+        1.3,
+        "x",
+    );
+    let rss_items: Vec<&Item> = items.iter().filter(|i| !i.rss_kib.is_empty()).collect();
+    if let Some(worst) = rss_items
+        .iter()
+        .max_by_key(|i| i.rss_kib.iter().max().copied().unwrap_or(0))
+    {
+        let k = worst.rss_kib.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
+        let lo = rss_items
+            .iter()
+            .filter_map(|i| i.rss_kib.iter().max())
+            .min()
+            .copied()
+            .unwrap_or(0) as f64
+            / 1024.0;
+        row(
+            "7",
+            &format!("peak RSS, worst: {}", worst.name),
+            Some((k, lo, k)),
+            64.0,
+            "MiB",
+        );
+    }
+    row(
+        "8",
+        "flatten to dynamic VHD / (cp + sync)",
+        ratio("flatten_dynamic", "cp_data"),
+        1.3,
+        "x",
+    );
+    row(
+        "8'",
+        "flatten to raw / (cp + sync) (no target)",
+        ratio("flatten_raw", "cp_data"),
+        1.3,
+        "x",
+    );
+    row(
+        "8\"",
+        "flatten to fixed VHD / (cp + sync) (no target)",
+        ratio("flatten_fixed", "cp_data"),
+        1.3,
+        "x",
+    );
+    println!(
+        "  measured: ratio of the medians (or the median); in parentheses: the smallest and largest\n  ratio of two commands timed in the same round (for RSS: the smallest and largest peak)"
+    );
+    println!("  load avg at the end: {}", loadavg());
+    if args.keep {
+        let kept = tmp.keep();
+        println!("inputs kept in {}", kept.display());
+    }
+    Ok(())
+}
