@@ -238,7 +238,8 @@ pub fn merge_one(dir: &Path, data: &[u8]) {
         }
         Err(e) => {
             check_err(&e, "merge");
-            Vhd::open(&parent, OpenOptions::read_only()).expect("the parent opens after a failed merge");
+            Vhd::open(&parent, OpenOptions::read_only())
+                .expect("the parent opens after a failed merge");
             let after = read_view(&parent).expect("the parent reads after a failed merge");
             if let Some(before) = before {
                 for (s, sector) in after.chunks(512).enumerate() {
@@ -249,7 +250,10 @@ pub fn merge_one(dir: &Path, data: &[u8]) {
                     );
                 }
             } else {
-                assert_eq!(after, old_parent, "a child that does not read changed the parent");
+                assert_eq!(
+                    after, old_parent,
+                    "a child that does not read changed the parent"
+                );
             }
         }
     }

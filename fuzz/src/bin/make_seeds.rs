@@ -155,13 +155,22 @@ fn merge_seeds(out: &Path, t: &Path, parent: &Path) {
         put(out, "merge", "gen-child-smaller.vhd", &bytes);
     }
     let p = t.join("mdyn.vhd");
-    let mut v = create_dynamic(&p, 64 << 10, &CreateOptions {
-        block_size: 4096,
-        timestamp: Some(7),
-        ..CreateOptions::default()
-    })
+    let mut v = create_dynamic(
+        &p,
+        64 << 10,
+        &CreateOptions {
+            block_size: 4096,
+            timestamp: Some(7),
+            ..CreateOptions::default()
+        },
+    )
     .expect("dynamic");
     v.write_at(0, &[9; 512]).expect("w");
     drop(v);
-    put(out, "merge", "gen-dynamic.vhd", &fs::read(&p).expect("read"));
+    put(
+        out,
+        "merge",
+        "gen-dynamic.vhd",
+        &fs::read(&p).expect("read"),
+    );
 }
