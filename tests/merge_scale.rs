@@ -11,7 +11,7 @@
 //! model says, the source's view is unchanged, and no other file changed.
 //!
 //! `cargo test --release --test merge_scale` runs `VHD_MERGE_SCALE_CASES` cases (default
-//! 5000 in a release build, 60 in a debug build) in two shards, starting at seed
+//! 8000 in a release build, 60 in a debug build) in two shards, starting at seed
 //! `VHD_MERGE_SCALE_SEED` (default 0). A failure names its seed; rerun one case with
 //! `VHD_MERGE_SCALE_SEED=<seed> VHD_MERGE_SCALE_CASES=1`.
 
@@ -30,7 +30,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn case_count() -> u64 {
-    env_u64("VHD_MERGE_SCALE_CASES").unwrap_or(if cfg!(debug_assertions) { 60 } else { 5000 })
+    env_u64("VHD_MERGE_SCALE_CASES").unwrap_or(if cfg!(debug_assertions) { 60 } else { 8000 })
 }
 
 const BLOCK_SIZES: [u32; 7] = [
