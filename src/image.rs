@@ -182,6 +182,8 @@ pub struct Vhd {
     scratch: Vec<u8>,
     /// Block data written since the last writeback hint (see [`Vhd::note_written`]).
     unflushed: Range<u64>,
+    /// A flush failed (see [`Vhd::sync`]).
+    sync_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Vhd {
@@ -402,10 +404,25 @@ impl Vhd {
         })
     }
 
+    /// Flush. After one flush failed, every later one fails too: the writes since the last
+    /// good flush may be lost (the OS reports a failed writeback once, and a later flush can
+    /// succeed without having written them), so nothing may be published on top of them:
+    /// [`Vhd::commit`] flushes before it writes bitmaps and BAT entries, and stops there.
     fn sync(&self) -> Result<()> {
-        self.storage
-            .sync_data()
-            .map_err(|e| Error::io(format!("{}: flushing to disk", self.path.display()), e))
+        use std::sync::atomic::Ordering;
+        let context = || format!("{}: flushing to disk", self.path.display());
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                context(),
+                std::io::Error::other(
+                    "an earlier flush failed, so the writes since the last good one may be lost; nothing more is published (re-run the operation)",
+                ),
+            ));
+        }
+        self.storage.sync_data().map_err(|e| {
+            self.sync_failed.store(true, Ordering::SeqCst);
+            Error::io(context(), e)
+        })
     }
 
     /// Take an advisory lock (exclusive or shared) for the duration of the open file.
@@ -1686,6 +1703,7 @@ fn open_inner(
         pending: Pending::default(),
         scratch: Vec::new(),
         unflushed: 0..0,
+        sync_failed: std::sync::atomic::AtomicBool::new(false),
         footer,
     };
 

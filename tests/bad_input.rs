@@ -3,8 +3,9 @@
 //! panics, that no file's bytes change, and (through a counting allocator) that opening
 //! allocates no more than the file's size justifies.
 //!
-//! Cases that need the merge engine (merging into a read-only or full destination, merging
-//! a damaged child) are added with it.
+//! The merge cases (c40 on) run the merge engine on such files: a read-only or full
+//! destination, a damaged child or destination, a source or destination that is the wrong
+//! kind of file, a sibling in the way, a missing parent in the middle of the chain.
 
 mod reliability_util;
 
@@ -28,7 +29,20 @@ thread_local! {
     static PEAK: Cell<usize> = const { Cell::new(0) };
 }
 
+/// The same for the whole process (every thread; tests running in parallel can only make a
+/// measured peak larger).
+static ALL_LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALL_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn track(grow: usize, shrink: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if grow > 0 {
+        let n = ALL_LIVE.fetch_add(grow, Relaxed) + grow;
+        ALL_PEAK.fetch_max(n, Relaxed);
+    }
+    if shrink > 0 {
+        ALL_LIVE.fetch_sub(shrink, Relaxed);
+    }
     // try_with: the thread-locals may be gone while a thread is torn down.
     let _ = LIVE.try_with(|l| {
         let n = (l.get() + grow).saturating_sub(shrink);
@@ -81,6 +95,16 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
     PEAK.with(|p| p.set(base));
     let out = f();
     (out, PEAK.with(Cell::get).saturating_sub(base))
+}
+
+/// Run `f` and return its result with the peak number of bytes the whole process had
+/// allocated at once beyond what it held before (threads `f` starts included).
+fn peak_all_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let base = ALL_LIVE.load(SeqCst);
+    ALL_PEAK.store(base, SeqCst);
+    let out = f();
+    (out, ALL_PEAK.load(SeqCst).saturating_sub(base))
 }
 
 /// What opening a file may allocate beyond the file's own size: bookkeeping, messages, and
@@ -726,6 +750,7 @@ fn c32_parent_given_as_a_directory() {
 #[cfg(unix)]
 #[test]
 fn c33_parent_given_as_a_fifo() {
+    let _serial = serial();
     let d = tmp();
     let c = child_with_only_w2ru(d.path(), "gone.vhd");
     set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
@@ -827,6 +852,7 @@ impl Drop for Immutable {
 #[cfg(unix)]
 #[test]
 fn c36_open_for_write_without_permission() {
+    let _serial = serial();
     use std::os::unix::fs::PermissionsExt;
     let d = tmp();
     let p = dynamic(d.path(), "a.vhd");
@@ -981,4 +1007,455 @@ fn counting_allocator_counts() {
     let (r, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()));
     r.unwrap();
     assert!(peak >= 4 << 20, "{peak}");
+}
+
+// ---- Merging. ----
+
+use vhd_merge::merge::{MergeOptions, merge};
+
+/// The tests that merge or spawn processes run one at a time: a child process between fork
+/// and exec holds copies of this process's descriptors, with the flock locks a merge took,
+/// which would make a merge in a parallel test report System is in use.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every file under `dirs`, with content.
+fn snapshot_all(dirs: &[&Path]) -> Vec<(PathBuf, Vec<u8>)> {
+    dirs.iter().flat_map(|d| snapshot(d)).collect()
+}
+
+/// Total size of the files in `dirs`.
+fn bytes_in(dirs: &[&Path]) -> usize {
+    snapshot_all(dirs).iter().map(|(_, b)| b.len()).sum()
+}
+
+/// Merging `src` into `dest` (the parent when `None`) fails with `rc` and `words`, a dry
+/// run fails the same way unless `dry_ok`, no byte of any file in `dirs` changes, and the
+/// merge allocates no more than the files' size justifies.
+fn merge_fails(
+    src: &Path,
+    dest: Option<&Path>,
+    dirs: &[&Path],
+    rc: ReturnCode,
+    words: &[&str],
+    dry_ok: bool,
+) -> Error {
+    let before = snapshot_all(dirs);
+    let bound = bytes_in(dirs) + 2 * SLACK;
+    let (r, peak) = peak_of(|| merge(src, dest, &MergeOptions::default()));
+    let e = r.expect_err("merged");
+    expect_err(&e, rc, words);
+    assert!(
+        peak <= bound,
+        "merge allocated {peak} bytes (bound {bound})"
+    );
+    let dry = MergeOptions {
+        dry_run: true,
+        ..MergeOptions::default()
+    };
+    match merge(src, dest, &dry) {
+        Ok(_) => assert!(dry_ok, "the dry run succeeded"),
+        Err(e) => expect_err(&e, rc, words),
+    }
+    assert_eq!(snapshot_all(dirs), before, "a file changed");
+    e
+}
+
+/// A 1 MiB dynamic parent with blocks 0, 1, 5, and a child writing into block 3 and 9
+/// (unallocated in the parent: merging allocates) and block 0 (in place).
+fn merge_pair(d: &Path) -> (PathBuf, PathBuf) {
+    let base = dynamic(d, "base.vhd");
+    let c = d.join("c.vhd");
+    let mut v = vhd_merge::create::create_differencing(&c, &base, &opts()).unwrap();
+    v.write_at(3 * u64::from(BS) + 512, &[0x33; 4096]).unwrap();
+    v.write_at(9 * u64::from(BS), &[0x99; 1024]).unwrap();
+    v.write_at(1024, &[0x10; 512]).unwrap();
+    (base, c)
+}
+
+#[test]
+fn c40_merge_into_a_read_only_destination() {
+    let _serial = serial();
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let _guard = if is_root {
+        match Immutable::new(&base) {
+            Some(g) => Some(g),
+            None => {
+                eprintln!("note: running as root without chattr +i; skipping the read-only merge");
+                return;
+            }
+        }
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
+        None
+    };
+    merge_fails(
+        &c,
+        None,
+        &[d.path()],
+        ReturnCode::AccessDenied,
+        &["base.vhd", "cannot open for writing"],
+        true,
+    );
+    // Naming the destination explicitly, and two levels up, says the same.
+    let c2 = d.path().join("c2.vhd");
+    let mut v = vhd_merge::create::create_differencing(&c2, &c, &opts()).unwrap();
+    v.write_at(0, &[1; 512]).unwrap();
+    drop(v);
+    merge_fails(
+        &c2,
+        Some(&base),
+        &[d.path()],
+        ReturnCode::AccessDenied,
+        &["base.vhd", "cannot open for writing"],
+        true,
+    );
+}
+
+/// A full disk through the fault layer: the first growth of the destination fails. The
+/// merge allocates its blocks before writing any (reserve first), so nothing lands.
+#[test]
+fn c41_merge_into_a_full_disk() {
+    let _serial = serial();
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    let before = snapshot(d.path());
+    let plan = FaultPlan::out_of_space_at(len_of(&base));
+    let p2 = plan.clone();
+    let o = MergeOptions {
+        destination_io: Some(std::sync::Arc::new(move |s| {
+            Box::new(FaultyStorage::new(s, p2.clone()))
+        })),
+        ..MergeOptions::default()
+    };
+    let bound = bytes_in(&[d.path()]) + 2 * SLACK;
+    let (r, peak) = peak_of(|| merge(&c, None, &o));
+    let e = r.expect_err("merged into a full disk");
+    expect_err(
+        &e,
+        ReturnCode::Failed,
+        &["base.vhd", "No space left on device"],
+    );
+    assert!(peak <= bound, "merge allocated {peak} bytes");
+    assert_eq!(snapshot(d.path()), before, "a file changed");
+    let r = check_file(&base, &CheckOptions::default()).unwrap();
+    assert!(!r.has_errors(), "{:#?}", r.findings);
+    // With room, the same merge completes.
+    merge(&c, None, &MergeOptions::default()).unwrap();
+}
+
+/// The same on a real full file system (a tmpfs filled to the last page), when this runs as
+/// root; the OS's own error text reaches the message.
+#[cfg(target_os = "linux")]
+#[test]
+fn c41b_merge_into_a_really_full_tmpfs() {
+    let _serial = serial();
+    let mnt = tmp();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(mnt.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "note: cannot mount a tmpfs (not root?); c41 covers a full disk through the fault layer"
+        );
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let (base, c) = merge_pair(mnt.path());
+    // Fill what is left.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mnt.path().join("filler")).unwrap();
+        let chunk = vec![0xEEu8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let before = snapshot(mnt.path());
+    let bound = bytes_in(&[mnt.path()]) + 2 * SLACK;
+    let (r, peak) = peak_of(|| merge(&c, None, &MergeOptions::default()));
+    let e = r.expect_err("merged into a full file system");
+    expect_err(
+        &e,
+        ReturnCode::Failed,
+        &["base.vhd", "No space left on device (os error 28)"],
+    );
+    assert!(peak <= bound, "merge allocated {peak} bytes");
+    assert_eq!(snapshot(mnt.path()), before, "a file changed");
+    Vhd::open(&base, OpenOptions::read_only()).unwrap();
+    let r = check_file(&base, &CheckOptions::default()).unwrap();
+    assert!(!r.has_errors(), "{:#?}", r.findings);
+    std::fs::remove_file(mnt.path().join("filler")).unwrap();
+    merge(&c, None, &MergeOptions::default()).unwrap();
+}
+
+/// Damage in the child stops the merge before anything is written: bad checksums, a BAT past
+/// the end of the file, overlapping blocks, a hostile table size.
+#[test]
+fn c42_merging_a_damaged_child() {
+    let _serial = serial();
+    type Damage = (&'static str, fn(&Path), &'static [&'static str]);
+    let cases: [Damage; 6] = [
+        (
+            // Both copies: with only the end footer damaged the copy at offset 0 is used.
+            "footer checksum",
+            |c| {
+                patch(c, len_of(c) - 512 + 64, &[0, 0, 0, 1]);
+                patch(c, 64, &[0, 0, 0, 1]);
+            },
+            &["footer checksum mismatch"],
+        ),
+        (
+            "header checksum",
+            |c| patch(c, header_offset(c) + 36, &[0, 0, 0, 1]),
+            &["dynamic header checksum mismatch"],
+        ),
+        (
+            "BAT past end of file",
+            |c| {
+                let len = len_of(c);
+                edit_header(c, |h| h.table_offset = len + 4096);
+            },
+            &["BAT at offset", "past the end of the file"],
+        ),
+        (
+            "overlapping blocks",
+            |c| set_bat_entry(c, 9, bat_entry(c, 3) + 16),
+            &["overlaps block"],
+        ),
+        (
+            "block past end of file",
+            |c| set_bat_entry(c, 9, (len_of(c) / 512 + 64) as u32),
+            &["BAT entry 9", "past the end"],
+        ),
+        (
+            "huge Max Table Entries",
+            |c| edit_header(c, |h| h.max_table_entries = u32::MAX),
+            &["4294967295 entries"],
+        ),
+    ];
+    for (what, damage, words) in cases {
+        let d = tmp();
+        let (_, c) = merge_pair(d.path());
+        damage(&c);
+        eprintln!("c42: {what}");
+        let e = merge_fails(
+            &c,
+            None,
+            &[d.path()],
+            ReturnCode::IncorrectDataType,
+            words,
+            false,
+        );
+        assert!(e.to_string().contains("c.vhd"), "{what}: {e}");
+    }
+}
+
+/// Damage in the destination or an intermediate stops the merge too. Those files are found
+/// as parents, so the chain resolver reports them: File not found (32779), listing the
+/// damaged candidate and what is wrong with it.
+#[test]
+fn c43_merging_into_a_damaged_destination() {
+    let _serial = serial();
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    set_bat_entry(&base, 9, bat_entry(&base, 1) + 16);
+    merge_fails(
+        &c,
+        None,
+        &[d.path()],
+        ReturnCode::FileNotFound,
+        &["base.vhd", "not a usable VHD", "overlaps block 9"],
+        false,
+    );
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    let c2 = d.path().join("c2.vhd");
+    drop(vhd_merge::create::create_differencing(&c2, &c, &opts()).unwrap());
+    patch(&c, len_of(&c) - 512 + 64, &[0, 0, 0, 1]);
+    patch(&c, 64, &[0, 0, 0, 1]);
+    merge_fails(
+        &c2,
+        Some(&base),
+        &[d.path()],
+        ReturnCode::FileNotFound,
+        &["c.vhd", "not a usable VHD", "footer checksum mismatch"],
+        false,
+    );
+}
+
+#[test]
+fn c44_wrong_source_or_destination() {
+    let _serial = serial();
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    // A dynamic source.
+    merge_fails(
+        &base,
+        None,
+        &[d.path()],
+        ReturnCode::InvalidParameter,
+        &["base.vhd", "dynamic disk", "only a differencing disk"],
+        false,
+    );
+    // A fixed source.
+    let f = fixed(d.path(), "f.vhd");
+    merge_fails(
+        &f,
+        None,
+        &[d.path()],
+        ReturnCode::InvalidParameter,
+        &["f.vhd", "fixed disk"],
+        false,
+    );
+    // A destination that is not an ancestor: an unrelated disk, the source itself, a child
+    // of the source, a file that is not a VHD.
+    let other = dynamic(d.path(), "other.vhd");
+    merge_fails(
+        &c,
+        Some(&other),
+        &[d.path()],
+        ReturnCode::InvalidParameter,
+        &["other.vhd", "not an ancestor of", "base.vhd"],
+        false,
+    );
+    merge_fails(
+        &c,
+        Some(&c),
+        &[d.path()],
+        ReturnCode::InvalidParameter,
+        &["the source itself"],
+        false,
+    );
+    let text = d.path().join("notes.txt");
+    std::fs::write(&text, b"hello").unwrap();
+    merge_fails(
+        &c,
+        Some(&text),
+        &[d.path()],
+        ReturnCode::InvalidParameter,
+        &["notes.txt", "not a readable VHD"],
+        false,
+    );
+    // A copy of the parent (same unique id, another file).
+    let copy = d.path().join("copy.vhd");
+    std::fs::copy(&base, &copy).unwrap();
+    merge_fails(
+        &c,
+        Some(&copy),
+        &[d.path()],
+        ReturnCode::InvalidParameter,
+        &["copy.vhd", "a copy?"],
+        false,
+    );
+}
+
+#[test]
+fn c45_a_sibling_in_the_way() {
+    let _serial = serial();
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    let sib = d.path().join("sibling.vhd");
+    drop(vhd_merge::create::create_differencing(&sib, &base, &opts()).unwrap());
+    merge_fails(
+        &c,
+        None,
+        &[d.path()],
+        ReturnCode::InvalidState,
+        &["sibling.vhd", "would be corrupted", "--force"],
+        true,
+    );
+}
+
+#[test]
+fn c46_missing_parent_in_the_middle_of_the_chain() {
+    let _serial = serial();
+    let d = tmp();
+    let (base, c) = merge_pair(d.path());
+    let c2 = d.path().join("c2.vhd");
+    let mut v = vhd_merge::create::create_differencing(&c2, &c, &opts()).unwrap();
+    v.write_at(0, &[7; 512]).unwrap();
+    drop(v);
+    // The grandparent disappears: merging c2 into c needs the whole chain.
+    let away = tmp();
+    std::fs::rename(&base, away.path().join("base.vhd")).unwrap();
+    merge_fails(
+        &c2,
+        None,
+        &[d.path(), away.path()],
+        ReturnCode::FileNotFound,
+        &["c.vhd", "parent \"base.vhd\"", "not found"],
+        false,
+    );
+    merge_fails(
+        &c2,
+        Some(&c),
+        &[d.path(), away.path()],
+        ReturnCode::FileNotFound,
+        &["parent \"base.vhd\"", "not found"],
+        false,
+    );
+}
+
+/// A merge's memory does not grow with the virtual size: merging into a 64 GiB dynamic disk
+/// allocates a few unit buffers and the block tables, whatever the size (all threads counted).
+#[test]
+fn c47_merge_memory_is_bounded_by_units_and_tables() {
+    let _serial = serial();
+    let d = tmp();
+    let base = d.path().join("big.vhd");
+    let gib = 1u64 << 30;
+    let o = |bs: u32| vhd_merge::create::CreateOptions {
+        block_size: bs,
+        ..opts()
+    };
+    let mut v = create_dynamic(&base, 64 * gib, &o(2 << 20)).unwrap();
+    v.write_at(5 * gib, &[1; 4096]).unwrap();
+    drop(v);
+    let c = d.path().join("c.vhd");
+    let mut v = vhd_merge::create::create_differencing(&c, &base, &o(512 << 10)).unwrap();
+    for k in 0..64u64 {
+        // Scattered partial blocks over the whole virtual size, and a few full ones.
+        let at = k * (gib - (7 << 20)) + (k % 5) * 4096;
+        let len = if k % 9 == 0 { 512 << 10 } else { 3 * 512 };
+        v.write_at(at - at % 512, &vec![k as u8 + 1; len]).unwrap();
+    }
+    drop(v);
+    // The tables: 64 GiB in 2 MiB blocks (128 KiB of BAT) and 512 KiB blocks (512 KiB).
+    let tables = (64 * gib / (2 << 20) + 64 * gib / (512 << 10)) as usize * 4;
+    let opts = MergeOptions {
+        verify: true,
+        ..MergeOptions::default()
+    };
+    let (r, peak) = peak_all_of(|| merge(&c, None, &opts));
+    let r = r.unwrap();
+    assert!(r.bytes_merged > 0);
+    // Four 2 MiB unit buffers in flight, a scratch block, and a few copies of each table.
+    let bound = 6 * (2 << 20) + 6 * tables + 2 * SLACK;
+    eprintln!("c47: merging into a 64 GiB disk allocated at most {peak} bytes (bound {bound})");
+    assert!(
+        peak <= bound,
+        "merge allocated {peak} bytes (bound {bound})"
+    );
+    let chain = Chain::open(&base, &ChainOptions::default()).unwrap();
+    let mut b = vec![0u8; 512];
+    chain
+        .read_at(0, 63 * (gib - (7 << 20)) + 3 * 4096, &mut b)
+        .unwrap();
+    assert_eq!(b, vec![64u8; 512]);
 }

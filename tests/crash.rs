@@ -1,7 +1,8 @@
 //! Crash safety of a merge: for every write of a merge (whole or torn) and every sync, stop the
 //! merge there as a crash would, then check that the destination still opens strictly, that
 //! the source chain is byte-for-byte unchanged, and that re-running the merge produces exactly
-//! the expected content.
+//! the expected content. `tests/merge_faults.rs` extends this to more scenarios, out-of-space
+//! points, successive interruptions and a real full file system.
 
 mod merge_support;
 
@@ -101,8 +102,22 @@ fn crash_and_recover(
     let expected = built.model.merged(sc.dest);
 
     let res = merge(&paths[0], Some(dest), &options(Some(plan.clone())));
-    assert!(res.is_err(), "{}: {what}: the merge did not fail", sc.name);
+    let Err(e) = res else {
+        panic!("{}: {what}: the merge did not fail", sc.name);
+    };
     assert!(plan.crashed(), "{}: {what}: no fault injected", sc.name);
+    // An I/O error: Failed, with the error's own text.
+    assert_eq!(
+        e.return_code(),
+        vhd_merge::ReturnCode::Failed,
+        "{}: {what}: {e}",
+        sc.name
+    );
+    assert!(
+        e.to_string().contains("injected fault"),
+        "{}: {what}: {e}",
+        sc.name
+    );
 
     Vhd::open(dest, OpenOptions::read_only())
         .unwrap_or_else(|e| panic!("{}: {what}: destination does not open: {e}", sc.name));

@@ -1,5 +1,7 @@
 //! Replays every input a fuzz target crashed on (tests/data/fuzz/<target>/) with the checks
 //! the target makes, plus hand-made inputs of the same kinds. A crash here is a regression.
+//! The `merge` target's checks are `merge_target` below (a copy of
+//! `fuzz/src/lib.rs::merge_one`, which the test suite cannot import).
 
 mod reliability_util;
 
@@ -186,4 +188,174 @@ fn padded_bat_running_into_the_end_footer() {
         "{}",
         last.message
     );
+}
+
+// ---- The merge target. ----
+
+/// Unique id of the fuzz targets' parent (fuzz/src/lib.rs `PARENT_ID`): the fuzz corpus's
+/// children point at it.
+const PARENT_ID: [u8; 16] = *b"vhd-merge-fuzzP!";
+
+/// The fuzz targets' parent: 64 KiB dynamic, 4 KiB blocks, a few blocks written.
+fn fuzz_parent_bytes() -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("parent.vhd");
+    let o = vhd_merge::create::CreateOptions {
+        block_size: 4096,
+        unique_id: Some(uuid::Uuid::from_bytes(PARENT_ID)),
+        timestamp: Some(1),
+        ..vhd_merge::create::CreateOptions::default()
+    };
+    let mut v = vhd_merge::create::create_dynamic(&p, 64 << 10, &o).unwrap();
+    v.write_at(0, &[0x11; 4096]).unwrap();
+    v.write_at(20 << 10, &[0x22; 1024]).unwrap();
+    drop(v);
+    read(&p)
+}
+
+fn fuzz_confined(dir: &Path) -> ChainOptions {
+    ChainOptions {
+        ignore_absolute_locators: true,
+        confine_to: Some(vec![dir.to_path_buf()]),
+        ..ChainOptions::default()
+    }
+}
+
+/// What the `merge` target does with an input: it becomes `child.vhd` next to a fresh copy
+/// of the parent; dry run and real merge with verify. No panic; errors carry a failure code
+/// and are not verify failures; the child never changes; a dry run writes nothing; a
+/// successful merge leaves the parent reading as the child did; a failed one leaves a parent
+/// that opens, each sector old or merged. Returns whether the merge succeeded.
+fn merge_target(dir: &Path, original: &[u8], data: &[u8]) -> bool {
+    use vhd_merge::merge::{MergeOptions, merge};
+    use vhd_merge::{Error, ReturnCode};
+    let parent = dir.join("parent.vhd");
+    let child = dir.join("child.vhd");
+    std::fs::write(&parent, original).unwrap();
+    std::fs::write(&child, data).unwrap();
+    let opts = fuzz_confined(dir);
+    let read_view = |path: &Path| -> Option<Vec<u8>> {
+        let chain = Chain::open(path, &opts).ok()?;
+        let size = chain.vhd(0).virtual_size();
+        if size > 64 << 10 {
+            return None;
+        }
+        let mut buf = vec![0u8; size as usize];
+        chain.read_at(0, 0, &mut buf).ok()?;
+        Some(buf)
+    };
+    let old_parent = read_view(&parent).unwrap();
+    let before = read_view(&child);
+    let check_err = |e: &Error, what: &str| {
+        let rc = e.return_code().code();
+        assert!(
+            (ReturnCode::Failed.code()..=ReturnCode::FileNotFound.code()).contains(&rc),
+            "{what}: code {rc}: {e}"
+        );
+        assert!(!matches!(e, Error::VerifyFailed(_)), "{what}: {e}");
+    };
+    let dry = MergeOptions {
+        chain: opts.clone(),
+        dry_run: true,
+        ..MergeOptions::default()
+    };
+    if let Err(e) = merge(&child, None, &dry) {
+        check_err(&e, "dry run");
+    }
+    assert_eq!(read(&parent), original, "the dry run wrote the parent");
+    assert_eq!(read(&child), data, "the dry run wrote the child");
+    let real = MergeOptions {
+        chain: opts.clone(),
+        verify: true,
+        ..MergeOptions::default()
+    };
+    let res = merge(&child, None, &real);
+    assert_eq!(read(&child), data, "the merge wrote the child");
+    match res {
+        Ok(r) => {
+            assert_eq!(r.bytes_merged, r.plan.bytes_total);
+            let before = before.expect("merged a child whose view does not read");
+            let after = read_view(&parent).unwrap();
+            assert_eq!(after.get(..before.len()), Some(&before[..]));
+            assert_eq!(after.get(before.len()..), old_parent.get(before.len()..));
+            true
+        }
+        Err(e) => {
+            check_err(&e, "merge");
+            Vhd::open(&parent, OpenOptions::read_only()).unwrap();
+            let after = read_view(&parent).unwrap();
+            match before {
+                Some(before) => {
+                    for (s, sector) in after.chunks(512).enumerate() {
+                        let r = s * 512..(s + 1) * 512;
+                        assert!(
+                            sector == &old_parent[r.clone()] || before.get(r) == Some(sector),
+                            "sector {s} neither old nor merged after: {e}"
+                        );
+                    }
+                }
+                None => assert_eq!(after, old_parent),
+            }
+            false
+        }
+    }
+}
+
+#[test]
+fn merge_crashers() {
+    let d = tempfile::tempdir().unwrap();
+    let original = fuzz_parent_bytes();
+    for p in inputs("merge") {
+        eprintln!("replaying {}", p.display());
+        merge_target(d.path(), &original, &std::fs::read(&p).unwrap());
+    }
+}
+
+/// The `merge` target's properties on children of the fuzz parent with every byte of their
+/// metadata (footer copy, header, BAT, bitmaps, end footer) flipped in turn, and truncated.
+#[test]
+fn merge_target_properties_on_damaged_children() {
+    let d = tempfile::tempdir().unwrap();
+    let original = fuzz_parent_bytes();
+    let t = tempfile::tempdir().unwrap();
+    let parent = t.path().join("parent.vhd");
+    std::fs::write(&parent, &original).unwrap();
+    let mut children = Vec::new();
+    for (k, bs) in [4096u32, 512, 64 << 10].into_iter().enumerate() {
+        let p = t.path().join(format!("c{k}.vhd"));
+        let o = vhd_merge::create::CreateOptions {
+            block_size: bs,
+            timestamp: Some(7),
+            ..vhd_merge::create::CreateOptions::default()
+        };
+        let mut c = vhd_merge::create::create_differencing(&p, &parent, &o).unwrap();
+        c.write_at(1024, &[0x33; 512]).unwrap();
+        c.write_at(24 << 10, &[0x44; 4096]).unwrap();
+        c.write_at(60 << 10, &[0; 1024]).unwrap();
+        drop(c);
+        children.push(read(&p));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for good in &children {
+        assert!(merge_target(d.path(), &original, good), "a valid child");
+        let len = good.len();
+        let spots = (0..4096).chain(len.saturating_sub(512)..len);
+        for i in spots.step_by(7) {
+            if i >= len {
+                continue;
+            }
+            let mut bad = good.clone();
+            bad[i] ^= 0x5A;
+            if merge_target(d.path(), &original, &bad) {
+                ok += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        for cut in [0, 511, 512, 1536, 2048, len / 2, len - 512, len - 1] {
+            merge_target(d.path(), &original, &good[..cut.min(len)]);
+        }
+    }
+    eprintln!("damaged children: {ok} merged, {refused} refused");
+    assert!(ok > 0 && refused > 0);
 }

@@ -249,3 +249,72 @@ fn hostile_resolution_writes_nothing() {
     assert_eq!(snapshot(&d.outside), o);
     Vhd::open(&c, OpenOptions::read_only()).unwrap();
 }
+
+/// A merge opens its chain with the same options: a stranger's child whose locators lead to
+/// a parent outside the allowed directories is refused (File not found) before anything is
+/// written, and the parent outside is untouched; the CLI's `--confine` does the same.
+#[test]
+fn merge_under_confinement_never_reaches_outside() {
+    use vhd_merge::merge::{MergeOptions, merge};
+    let d = dirs();
+    let (parent, c) = outside_parent(&d);
+    // The absolute locator names a copy, so that it is a candidate of its own.
+    let copy = d.outside.join("q.vhd");
+    std::fs::copy(&parent, &copy).unwrap();
+    set_locators(
+        &c,
+        "p.vhd",
+        &[
+            (PlatformCode::W2ru, "..\\outside\\p.vhd"),
+            (PlatformCode::W2ku, &copy.to_string_lossy()),
+        ],
+    );
+    let o = MergeOptions {
+        chain: confined(&d),
+        ..MergeOptions::default()
+    };
+    let (a, out) = (snapshot(&d.allowed), snapshot(&d.outside));
+    for dry_run in [true, false] {
+        let o = MergeOptions {
+            dry_run,
+            ..o.clone()
+        };
+        let e = merge(&c, None, &o).unwrap_err();
+        assert_eq!(e.return_code(), ReturnCode::FileNotFound, "{e}");
+        assert!(
+            e.to_string().contains("outside the allowed directories"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("absolute locator ignored"), "{e}");
+    }
+    // Naming the outside parent as the destination does not help: it is not in the chain.
+    let e = merge(&c, Some(&parent), &o).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound, "{e}");
+    #[cfg(feature = "cli")]
+    {
+        let run = |confine: bool| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"));
+            cmd.arg("merge").arg(&c).arg("--dry-run");
+            if confine {
+                cmd.arg("--confine");
+            }
+            cmd.output().unwrap()
+        };
+        let out = run(true);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.starts_with("error 32779 (File not found):"), "{err}");
+        // Control: without --confine the dry run reaches the parent outside.
+        let out = run(false);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(snapshot(&d.allowed), a);
+    assert_eq!(snapshot(&d.outside), out);
+    // Control: unconfined, the real merge writes the parent outside.
+    merge(&c, None, &MergeOptions::default()).unwrap();
+    assert_ne!(snapshot(&d.outside), out);
+}
