@@ -901,6 +901,9 @@ fn resolve_parent(
         .unwrap_or_else(|| PathBuf::from("/"));
     let cands = parent_candidates(child, &child_dir, options, first_link, want)?;
     let mut tried = Vec::new();
+    // The first candidate that carries the wanted unique id but is damaged: if no intact
+    // copy turns up, its own error (Incorrect data type) says more than "not found".
+    let mut damaged: Option<Error> = None;
     for c in cands.list {
         let reason = match admit(&c, options, confine) {
             Err(r) => r,
@@ -917,6 +920,19 @@ fn resolve_parent(
                     let msg = e.to_string();
                     let prefix = format!("{}: ", path.display());
                     let msg = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
+                    if !matches!(e, Error::Io { .. })
+                        && damaged.is_none()
+                        && std::fs::metadata(&path)
+                            .is_ok_and(|m| footer_ids(&path, m.len()).contains(&want))
+                    {
+                        damaged = Some(Error::Format {
+                            path: Some(path.clone()),
+                            detail: format!(
+                                "{msg} (this file is the parent of {}: its unique id {want} matches, but it is damaged; `vhd-merge check` lists what is wrong)",
+                                child.path().display()
+                            ),
+                        });
+                    }
                     match e {
                         Error::Io { .. } => format!("cannot open: {msg}"),
                         _ => format!("not a usable VHD: {msg}"),
@@ -929,6 +945,9 @@ fn resolve_parent(
             source: c.source,
             reason,
         });
+    }
+    if let Some(e) = damaged {
+        return Err(e);
     }
     Err(Error::ParentNotFound {
         child: child.path().to_path_buf(),

@@ -427,14 +427,28 @@ impl Vhd {
 
     /// Take an advisory lock (exclusive or shared) for the duration of the open file.
     /// Fails with [`Error::InUse`] when another process holds a conflicting lock.
+    ///
+    /// A conflicting lock is retried for about 60 ms before giving up: a process that forks
+    /// between another thread's release of a lock and its own `exec` holds a copy of the
+    /// released descriptor (and so of its lock) for that moment, which must not look like a
+    /// real holder. A real holder keeps its lock far longer.
     pub fn lock(&self, exclusive: bool) -> Result<()> {
-        match self.storage.try_lock(exclusive) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::InUse(format!(
-                "{} is in use: another process holds a lock on it (a merge or another tool)",
-                self.path.display()
-            ))),
-            Err(e) => Err(Error::io(format!("{}: locking", self.path.display()), e)),
+        let mut wait_ms = 1;
+        loop {
+            match self.storage.try_lock(exclusive) {
+                Ok(true) => return Ok(()),
+                Ok(false) if wait_ms <= 32 => {
+                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                    wait_ms *= 2;
+                }
+                Ok(false) => {
+                    return Err(Error::InUse(format!(
+                        "{} is in use: another process holds a lock on it (a merge or another tool)",
+                        self.path.display()
+                    )));
+                }
+                Err(e) => return Err(Error::io(format!("{}: locking", self.path.display()), e)),
+            }
         }
     }
 

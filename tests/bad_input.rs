@@ -1267,8 +1267,8 @@ fn c42_merging_a_damaged_child() {
 }
 
 /// Damage in the destination or an intermediate stops the merge too. Those files are found
-/// as parents, so the chain resolver reports them: File not found (32779), listing the
-/// damaged candidate and what is wrong with it.
+/// as parents whose unique id matches but which do not open: Incorrect data type (32776),
+/// naming the damaged file, what is wrong with it, and whose parent it is.
 #[test]
 fn c43_merging_into_a_damaged_destination() {
     let _serial = serial();
@@ -1279,8 +1279,13 @@ fn c43_merging_into_a_damaged_destination() {
         &c,
         None,
         &[d.path()],
-        ReturnCode::FileNotFound,
-        &["base.vhd", "not a usable VHD", "overlaps block 9"],
+        ReturnCode::IncorrectDataType,
+        &[
+            "base.vhd",
+            "overlaps block 9",
+            "is the parent of",
+            "damaged",
+        ],
         false,
     );
     let d = tmp();
@@ -1293,8 +1298,8 @@ fn c43_merging_into_a_damaged_destination() {
         &c2,
         Some(&base),
         &[d.path()],
-        ReturnCode::FileNotFound,
-        &["c.vhd", "not a usable VHD", "footer checksum mismatch"],
+        ReturnCode::IncorrectDataType,
+        &["c.vhd", "footer checksum mismatch", "is the parent of"],
         false,
     );
 }
