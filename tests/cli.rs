@@ -553,3 +553,31 @@ fn info_never_panics_on_damaged_files() {
     }
     assert!(ok > 0 && failed > 0, "{ok} listings, {failed} errors");
 }
+
+#[test]
+fn usage_errors_use_the_error_line() {
+    let Some(out) = run(&["create", "dynamic", "x.vhd"]) else {
+        return;
+    };
+    assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.starts_with("error 32773 (Invalid parameter): "),
+        "stderr: {err}"
+    );
+    assert!(err.contains("--size"), "names what is missing: {err}");
+    let out = run(&["merge", "a.vhd", "--no-such-flag"]).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.starts_with("error 32773 (Invalid parameter): "),
+        "{err}"
+    );
+    assert!(err.contains("--no-such-flag"), "{err}");
+    // Help and version still succeed.
+    let out = run(&["--version"]).unwrap();
+    assert!(out.status.success());
+    let out = run(&["merge", "--help"]).unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DESTINATION"));
+}

@@ -109,9 +109,42 @@ pub fn fail(e: &Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Report a command-line usage error like every other failure: one line starting with
+/// `error 32773 (Invalid parameter):`, then clap's usage hint; exit status 2 (clap's own
+/// convention for usage errors). `--help` and `--version` print as usual and succeed.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let rc = vhd_merge::ReturnCode::InvalidParameter;
+    let text = e.render().to_string();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("error {} ({}): {first}", rc.code(), rc.name());
+    for l in lines {
+        eprintln!("{l}");
+    }
+    ExitCode::from(2)
+}
+
 /// Run the command line.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let res = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Create(a) => create::run(a),
