@@ -54,6 +54,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         relink: args.relink.clone(),
         ..MergeOptions::default()
     };
+    // Ctrl-C stops the merge between two units, commits what was written and reports it;
+    // re-running finishes the job. (Without the handler the process would die mid-batch,
+    // which is safe too, but says nothing.) A second handler cannot be installed in one
+    // process; then Ctrl-C keeps its default effect.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancel.clone();
+    if ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)).is_ok() {
+        options.cancel = Some(cancel);
+    }
     let bar = (!args.json && !args.dry_run && std::io::stderr().is_terminal()).then(new_bar);
     // The last progress seen, for the JSON of a merge that fails part-way.
     let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
