@@ -14,7 +14,8 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Origin, assert_same, fixture};
+use common::fixtures::{Origin, fixture};
+use common::{assert_same, oracles};
 use sha2::{Digest, Sha256};
 use vhd_merge::format::Geometry;
 use vhd_merge::{DiskType, Error, OpenOptions, ReturnCode, SizeSource, Vhd};
@@ -642,7 +643,7 @@ fn provenance_notes_hold() {
 fn compare_with_qemu(vhd: &Vhd, what: &str) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("qemu.raw");
-    match common::qemu_img_convert(vhd.path(), &raw) {
+    match oracles::qemu_img_convert(vhd.path(), &raw) {
         None => return false,
         Some(Err(e)) => panic!("{what}: qemu-img refused the file: {e}"),
         Some(Ok(())) => {}
@@ -687,7 +688,7 @@ fn fixed_and_dynamic_fixtures_read_like_qemu_img() {
         }
         let vhd = Vhd::open(&path, OpenOptions::read_only()).unwrap();
         if vhd.virtual_size() > 1 << 30 {
-            let Some(q) = common::qemu_img_virtual_size(&path) else {
+            let Some(q) = oracles::qemu_img_virtual_size(&path) else {
                 return;
             };
             assert_eq!(q.unwrap(), vhd.virtual_size(), "{}", fact.rel);
