@@ -1,6 +1,7 @@
 //! Parent resolution: every locator style, overrides, untrusted input, errors; reading through
 //! chains.
 
+mod common;
 mod support_chain;
 
 use std::io::{Read, Seek, SeekFrom};

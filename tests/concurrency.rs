@@ -8,6 +8,7 @@
 //! there) while the competing merge runs, so the two always overlap. Waits are bounded only
 //! so that a bug cannot hang the suite.
 
+mod common;
 mod merge_support;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -4,6 +4,7 @@
 //! the expected content. `tests/merge_faults.rs` extends this to more scenarios, out-of-space
 //! points, successive interruptions and a real full file system.
 
+mod common;
 mod merge_support;
 
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! Merge semantics: a property test against an in-memory model, and one test per rule of
 //! `MergeVirtualHardDisk` (wrong destination, siblings, dry run, verify, locks, jobs...).
 
+mod common;
 mod merge_support;
 
 use std::path::{Path, PathBuf};

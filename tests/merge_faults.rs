@@ -24,6 +24,7 @@
 //!
 //! The counts of fault points exercised are printed (run with `--nocapture`).
 
+mod common;
 mod merge_support;
 
 use std::path::{Path, PathBuf};

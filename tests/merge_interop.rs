@@ -4,6 +4,7 @@
 //!
 //! A missing oracle skips the test with a note, unless VHD_MERGE_REQUIRE_ORACLES=1.
 
+mod common;
 mod merge_support;
 
 use std::path::Path;

@@ -15,6 +15,7 @@
 //! `VHD_MERGE_SCALE_SEED` (default 0). A failure names its seed; rerun one case with
 //! `VHD_MERGE_SCALE_SEED=<seed> VHD_MERGE_SCALE_CASES=1`.
 
+mod common;
 mod merge_support;
 
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! set-parent: re-pointing children at moved, renamed and replaced parents, checked with our
 //! own chain and with libvhdi.
 
+mod common;
 mod support_chain;
 
 use std::path::{Path, PathBuf};
