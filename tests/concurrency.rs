@@ -9,7 +9,6 @@
 //! so that a bug cannot hang the suite.
 
 mod common;
-mod merge_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -18,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::storage::faulty;
+use common::{Rng, fast_tempdir, file_hash, hashes, read_view};
 use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
 use vhd_merge::merge::{MergeOptions, StorageWrapper, merge};
 use vhd_merge::{Chain, ChainOptions, MergeJob, ReturnCode};

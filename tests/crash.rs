@@ -5,12 +5,12 @@
 //! points, successive interruptions and a real full file system.
 
 mod common;
-mod merge_support;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::{copy_dir, fast_tempdir, first_diff, hashes, read_view};
 use vhd_merge::io::{FaultPlan, FaultyStorage};
 use vhd_merge::merge::{MergeOptions, StorageWrapper, merge};
 use vhd_merge::{OpenOptions, Vhd};

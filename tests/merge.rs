@@ -2,13 +2,13 @@
 //! `MergeVirtualHardDisk` (wrong destination, siblings, dry run, verify, locks, jobs...).
 
 mod common;
-mod merge_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::{copy_dir, fast_tempdir, file_hash, first_diff, hashes, read_view};
 use proptest::prelude::*;
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};

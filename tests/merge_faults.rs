@@ -25,12 +25,13 @@
 //! The counts of fault points exercised are printed (run with `--nocapture`).
 
 mod common;
-mod merge_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
+use common::storage::{IoLog, faulty, recording};
+use common::{Rng, copy_dir, fast_tempdir, first_diff, hashes, read_view};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::image::FooterSource;
 use vhd_merge::io::FaultPlan;

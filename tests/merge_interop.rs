@@ -5,12 +5,12 @@
 //! A missing oracle skips the test with a note, unless VHD_MERGE_REQUIRE_ORACLES=1.
 
 mod common;
-mod merge_support;
 
 use std::path::Path;
 use std::process::Command;
 
-use merge_support::*;
+use common::model::{BaseKind, ChainSpec, LayerModel, Model, build_chain};
+use common::{Rng, first_diff};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::format::SectorBitmap;
 use vhd_merge::merge::{MergeOptions, merge};

@@ -4,14 +4,21 @@
 //!
 //! - [`oracles`]: qemu-img, qemu-io and libvhdi, and the rule for a missing one;
 //! - [`fixtures`]: the real files from other tools, decompressed;
-//! - here: the CLI binary, a deterministic random generator and byte comparisons.
+//! - [`model`]: random chains for the merge tests and the model of what they must read;
+//! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
+//! - here: the CLI binary, temporary directories, a deterministic random generator, reading
+//!   disks whole, hashes and byte comparisons.
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod model;
 pub mod oracles;
+pub mod storage;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use vhd_merge::{Chain, ChainOptions};
 
 /// Print a note that `cargo test` shows even for passing tests (it captures only the print
 /// macros, not direct writes to stderr).
@@ -109,4 +116,58 @@ pub fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
 /// Read a whole file.
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Read the whole view of the VHD at `path` through its chain.
+pub fn read_view(path: &Path) -> Vec<u8> {
+    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
+    let size = chain.vhd(0).virtual_size() as usize;
+    let mut buf = vec![0u8; size];
+    chain.read_at(0, 0, &mut buf).unwrap();
+    buf
+}
+
+/// CRC32 and length of a file's bytes.
+pub fn file_hash(path: &Path) -> (u32, u64) {
+    let bytes = std::fs::read(path).unwrap();
+    (crc32fast::hash(&bytes), bytes.len() as u64)
+}
+
+/// Hashes of every file in `paths`.
+pub fn hashes(paths: &[PathBuf]) -> Vec<(u32, u64)> {
+    paths.iter().map(|p| file_hash(p)).collect()
+}
+
+/// First differing byte of two buffers, for messages.
+pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or(if a.len() != b.len() {
+            Some(a.len().min(b.len()))
+        } else {
+            None
+        })
+}
+
+/// Copy every file of `from` into `to` (which must exist).
+pub fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A temporary directory on tmpfs when there is one (fsync is free there, and the fault
+/// injection, not the disk, decides what a crash keeps), else in the default place.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::tempdir().unwrap()
 }

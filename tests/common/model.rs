@@ -1,15 +1,13 @@
-//! Test support for the merge tests: random chains written through the library, and an
-//! independent in-memory model of every layer (bytes + a presence bit per sector) that says
-//! what each layer's view must be. The model never reads a file.
-#![allow(dead_code)]
+//! Random chains written through the library for the merge tests, and an independent
+//! in-memory model of every layer (bytes + a presence bit per sector) that says what each
+//! layer's view must be. The model never reads a file.
 
 use std::path::{Path, PathBuf};
 
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
 use vhd_merge::format::SectorBitmap;
-use vhd_merge::{Chain, ChainOptions};
 
-pub use crate::common::Rng;
+use super::Rng;
 
 /// The bottom layer's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,176 +205,6 @@ pub fn build_chain(dir: &Path, spec: &ChainSpec) -> Built {
         paths,
         model: Model { size, layers },
     }
-}
-
-/// Read the whole view of the VHD at `path` through its chain.
-pub fn read_view(path: &Path) -> Vec<u8> {
-    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
-    let size = chain.vhd(0).virtual_size() as usize;
-    let mut buf = vec![0u8; size];
-    chain.read_at(0, 0, &mut buf).unwrap();
-    buf
-}
-
-/// CRC32 and length of a file's bytes.
-pub fn file_hash(path: &Path) -> (u32, u64) {
-    let bytes = std::fs::read(path).unwrap();
-    (crc32fast::hash(&bytes), bytes.len() as u64)
-}
-
-/// Hashes of every file in `paths`.
-pub fn hashes(paths: &[PathBuf]) -> Vec<(u32, u64)> {
-    paths.iter().map(|p| file_hash(p)).collect()
-}
-
-/// First differing byte of two buffers, for messages.
-pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .or(if a.len() != b.len() {
-            Some(a.len().min(b.len()))
-        } else {
-            None
-        })
-}
-
-/// Copy every file of `from` into `to` (which must exist).
-pub fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-/// A temporary directory on tmpfs when there is one (fsync is free there, and the fault
-/// injection, not the disk, decides what a crash keeps), else in the default place.
-pub fn fast_tempdir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(d) = tempfile::tempdir_in(shm)
-    {
-        return d;
-    }
-    tempfile::tempdir().unwrap()
-}
-
-// ---- I/O recording and fault wrappers for the destination (MergeOptions::destination_io). ----
-
-use std::sync::{Arc, Mutex};
-
-use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
-use vhd_merge::merge::StorageWrapper;
-
-/// One operation a merge did on its destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoEvent {
-    /// A write of `len` bytes at `offset`; the file was `file_len` bytes long before it.
-    Write {
-        offset: u64,
-        len: u64,
-        file_len: u64,
-    },
-    /// A flush.
-    Sync,
-    /// A truncation or extension to this length.
-    SetLen(u64),
-}
-
-/// What a [`Recording`] storage saw, in order.
-#[derive(Debug, Default)]
-pub struct IoLog(Mutex<Vec<IoEvent>>);
-
-impl IoLog {
-    pub fn new() -> Arc<IoLog> {
-        Arc::new(IoLog::default())
-    }
-    pub fn events(&self) -> Vec<IoEvent> {
-        self.0.lock().unwrap().clone()
-    }
-    /// The writes, in order (write n of a [`FaultPlan`] is element n-1).
-    pub fn writes(&self) -> Vec<(u64, u64, u64)> {
-        self.events()
-            .into_iter()
-            .filter_map(|e| match e {
-                IoEvent::Write {
-                    offset,
-                    len,
-                    file_len,
-                } => Some((offset, len, file_len)),
-                _ => None,
-            })
-            .collect()
-    }
-    pub fn syncs(&self) -> u64 {
-        self.events()
-            .iter()
-            .filter(|e| matches!(e, IoEvent::Sync))
-            .count() as u64
-    }
-    /// The points where the file grows: for each write that ends past the end of the file,
-    /// (1-based write number, file length before it, end of the write).
-    pub fn growth_points(&self) -> Vec<(u64, u64, u64)> {
-        self.writes()
-            .into_iter()
-            .enumerate()
-            .filter(|(_, (off, len, file_len))| off + len > *file_len)
-            .map(|(i, (off, len, file_len))| (i as u64 + 1, file_len, off + len))
-            .collect()
-    }
-}
-
-/// Storage that logs every write, sync and truncation into an [`IoLog`].
-#[derive(Debug)]
-pub struct Recording {
-    inner: Box<dyn Storage>,
-    log: Arc<IoLog>,
-}
-
-impl Storage for Recording {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let file_len = self.inner.len()?;
-        self.log.0.lock().unwrap().push(IoEvent::Write {
-            offset,
-            len: buf.len() as u64,
-            file_len,
-        });
-        self.inner.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.log.0.lock().unwrap().push(IoEvent::SetLen(len));
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.log.0.lock().unwrap().push(IoEvent::Sync);
-        self.inner.sync_data()
-    }
-    fn try_lock(&self, exclusive: bool) -> std::io::Result<bool> {
-        self.inner.try_lock(exclusive)
-    }
-}
-
-/// A destination wrapper that records into `log`.
-pub fn recording(log: Arc<IoLog>) -> StorageWrapper {
-    Arc::new(move |s| {
-        Box::new(Recording {
-            inner: s,
-            log: log.clone(),
-        })
-    })
-}
-
-/// A destination wrapper that injects the faults of `plan`.
-pub fn faulty(plan: Arc<FaultPlan>) -> StorageWrapper {
-    Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())))
 }
 
 /// Check that every sector of `view` is either the destination's old content or the merged
