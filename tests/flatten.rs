@@ -6,8 +6,9 @@ mod support_chain;
 
 use std::path::{Path, PathBuf};
 
+use common::oracles;
 use proptest::prelude::*;
-use support_chain::{ChildSpec, Rng, craft_child, have_qemu_img, qemu_img_raw, tempdir};
+use support_chain::{ChildSpec, Rng, craft_child, tempdir};
 use vhd_merge::create::{CreateOptions, create_dynamic, create_fixed};
 use vhd_merge::format::{PlatformCode, SectorBitmap};
 use vhd_merge::{
@@ -196,7 +197,7 @@ proptest! {
 
 #[test]
 fn qemu_img_reads_fixed_and_dynamic_outputs() {
-    let qemu = have_qemu_img();
+    let qemu = oracles::require_tool("qemu-img");
     for (seed, depth, fixed_base, bs) in [
         (0x5EED, 6, false, 512 * 1024),
         (0xBEEF, 8, true, 2 << 20),
@@ -233,11 +234,11 @@ fn qemu_img_reads_fixed_and_dynamic_outputs() {
             continue;
         }
         assert!(
-            qemu_img_raw(&fixed, dir.path()) == raw,
+            oracles::qemu_img_raw(&fixed).unwrap() == raw,
             "seed {seed:#x}: qemu-img reads the fixed output differently"
         );
         assert!(
-            qemu_img_raw(&dynamic, dir.path()) == raw,
+            oracles::qemu_img_raw(&dynamic).unwrap() == raw,
             "seed {seed:#x}: qemu-img reads the dynamic output differently"
         );
     }

@@ -12,7 +12,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::{Rng, assert_same, oracles};
 use vhd_merge::create::{self, CreateOptions};
@@ -164,13 +163,7 @@ fn qemu_img_images_read_byte_exact_by_vhd_merge() {
             if force_size {
                 opts.push_str(",force_size=on");
             }
-            let st = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "vpc", "-o", &opts])
-                .arg(&path)
-                .arg("40M")
-                .status()
-                .unwrap();
-            assert!(st.success(), "qemu-img create {name}");
+            oracles::qemu_img_create(&path, &opts, "40M").unwrap();
             let qemu_size = oracles::qemu_img_virtual_size(&path).unwrap().unwrap();
             let v = Vhd::open(&path, OpenOptions::read_only()).unwrap();
             assert_eq!(v.virtual_size(), qemu_size, "{name}: size");
@@ -273,9 +266,6 @@ fn differencing_child_read_byte_exact_by_libvhdi() {
 /// libvhdi reads the parent name and id we write into a child the way we meant them.
 #[test]
 fn libvhdi_sees_our_parent_identity() {
-    if !oracles::pyvhdi_available() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let parent = dir.path().join("base disk.vhd");
     let child = dir.path().join("child.vhd");
@@ -283,22 +273,15 @@ fn libvhdi_sees_our_parent_identity() {
     let pid = p.unique_id();
     drop(p);
     drop(create::create_differencing(&child, &parent, &CreateOptions::default()).unwrap());
-    let out = Command::new(oracles::python())
-        .arg("-c")
-        .arg(
-            "import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\n\
-             print(f.get_parent_filename())\nprint(f.get_parent_identifier())\n\
-             print(f.get_disk_type())\nprint(f.get_media_size())",
-        )
-        .arg(&child)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(out) = oracles::libvhdi_python(
+        "import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\n\
+         print(f.get_parent_filename())\nprint(f.get_parent_identifier())\n\
+         print(f.get_disk_type())\nprint(f.get_media_size())",
+        &[&child],
+    ) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "base disk.vhd");
     assert_eq!(lines[1], pid.to_string());

@@ -7,7 +7,7 @@
 //! failure.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use super::note;
 
@@ -61,31 +61,53 @@ pub fn pyvhdi_available() -> bool {
         .output()
     {
         Ok(o) if o.status.success() => true,
-        Ok(o) => missing(
-            "libvhdi (python module pyvhdi)",
-            String::from_utf8_lossy(&o.stderr).trim(),
-        ),
+        Ok(o) => {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            let why = match stderr.trim() {
+                "" => format!(
+                    "`{} -c \"import pyvhdi\"` exited with {}",
+                    python(),
+                    o.status
+                ),
+                text => text.to_string(),
+            };
+            missing("libvhdi (python module pyvhdi)", &why)
+        }
         Err(e) => missing("libvhdi (python module pyvhdi)", &e.to_string()),
+    }
+}
+
+/// Run qemu-img with the arguments `args` adds. `None` when qemu-img is missing (skip); else
+/// its output, whatever its exit status.
+pub fn qemu_img(args: impl FnOnce(&mut Command) -> &mut Command) -> Option<Output> {
+    if !require_tool("qemu-img") {
+        return None;
+    }
+    Some(
+        args(&mut Command::new("qemu-img"))
+            .output()
+            .expect("run qemu-img"),
+    )
+}
+
+/// qemu-img's message when it failed, as `Err`.
+fn qemu_img_result(out: &Output) -> Result<(), String> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 
 /// `qemu-img convert -f vpc -O raw SRC DEST`. `None` when qemu-img is missing (skip); `Err`
 /// with qemu-img's message when it refuses the file.
 pub fn qemu_img_convert(src: &Path, dest: &Path) -> Option<Result<(), String>> {
-    if !require_tool("qemu-img") {
-        return None;
-    }
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "vpc", "-O", "raw"])
-        .arg(src)
-        .arg(dest)
-        .output()
-        .expect("run qemu-img");
-    if out.status.success() {
-        Some(Ok(()))
-    } else {
-        Some(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
-    }
+    let out = qemu_img(|c| {
+        c.args(["convert", "-f", "vpc", "-O", "raw"])
+            .arg(src)
+            .arg(dest)
+    })?;
+    Some(qemu_img_result(&out))
 }
 
 /// The whole disk as qemu-img reads it (`qemu-img convert -f vpc -O raw`). `None` when
@@ -100,21 +122,50 @@ pub fn qemu_img_raw(path: &Path) -> Option<Vec<u8>> {
     }
 }
 
+/// `qemu-img SUBCOMMAND -f vpc --output=json FILE` (`info` or `map`), parsed. `None` when
+/// qemu-img is missing; `Err` with qemu-img's message when it refuses the file.
+fn qemu_img_json(subcommand: &str, path: &Path) -> Option<Result<serde_json::Value, String>> {
+    let out = qemu_img(|c| {
+        c.arg(subcommand)
+            .args(["-f", "vpc", "--output=json"])
+            .arg(path)
+    })?;
+    Some(
+        qemu_img_result(&out).map(|()| serde_json::from_slice(&out.stdout).expect("qemu-img JSON")),
+    )
+}
+
 /// `qemu-img info -f vpc --output=json`'s `virtual-size`. `None` when qemu-img is missing.
 pub fn qemu_img_virtual_size(path: &Path) -> Option<Result<u64, String>> {
-    if !require_tool("qemu-img") {
-        return None;
+    Some(qemu_img_json("info", path)?.map(|v| v["virtual-size"].as_u64().expect("virtual-size")))
+}
+
+/// True when `qemu-img map -f vpc` reports no extent holding data. `None` when qemu-img is
+/// missing; panics when qemu-img fails on the file.
+pub fn qemu_img_map_has_no_data(path: &Path) -> Option<bool> {
+    let map = qemu_img_json("map", path)?
+        .unwrap_or_else(|e| panic!("qemu-img map {} failed: {e}", path.display()));
+    Some(
+        map.as_array()
+            .expect("qemu-img map gives an array")
+            .iter()
+            .all(|e| e["data"] == serde_json::Value::Bool(false)),
+    )
+}
+
+/// `qemu-img create -q -f vpc -o OPTIONS FILE SIZE`, panicking when it fails. `None` when
+/// qemu-img is missing.
+pub fn qemu_img_create(path: &Path, options: &str, size: &str) -> Option<()> {
+    let out = qemu_img(|c| {
+        c.args(["create", "-q", "-f", "vpc", "-o"])
+            .arg(options)
+            .arg(path)
+            .arg(size)
+    })?;
+    if let Err(e) = qemu_img_result(&out) {
+        panic!("qemu-img create {} ({options}) failed: {e}", path.display());
     }
-    let out = Command::new("qemu-img")
-        .args(["info", "-f", "vpc", "--output=json"])
-        .arg(path)
-        .output()
-        .expect("run qemu-img");
-    if !out.status.success() {
-        return Some(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img JSON");
-    Some(Ok(v["virtual-size"].as_u64().expect("virtual-size")))
+    Some(())
 }
 
 /// Run `qemu-io -f vpc -c CMD ... FILE`, panicking when it fails. `None` when qemu-io is missing.
@@ -164,23 +215,29 @@ while off < size:
 out.flush()
 "#;
 
-/// The whole media of the chain `paths` (child first, each file's parent next) as libvhdi
-/// reads it. `None` when libvhdi is missing; panics when it fails. libvhdi misreads partly set
-/// bitmap bytes and block sizes other than 2 MiB: use 2 MiB blocks and 4 KiB-aligned writes.
-pub fn libvhdi_read_chain(paths: &[&Path]) -> Option<Vec<u8>> {
+/// Run the Python `script` (which imports pyvhdi) with `args`; its standard output. `None` when
+/// libvhdi is missing; panics when the script fails.
+pub fn libvhdi_python(script: &str, args: &[&Path]) -> Option<Vec<u8>> {
     if !pyvhdi_available() {
         return None;
     }
     let out = Command::new(python())
         .arg("-c")
-        .arg(LIBVHDI_READ)
-        .args(paths)
+        .arg(script)
+        .args(args)
         .output()
         .expect("run python3");
     assert!(
         out.status.success(),
-        "libvhdi failed on {paths:?}: {}",
+        "libvhdi failed on {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Some(out.stdout)
+}
+
+/// The whole media of the chain `paths` (child first, each file's parent next) as libvhdi
+/// reads it. `None` when libvhdi is missing; panics when it fails. libvhdi misreads partly set
+/// bitmap bytes and block sizes other than 2 MiB: use 2 MiB blocks and 4 KiB-aligned writes.
+pub fn libvhdi_read_chain(paths: &[&Path]) -> Option<Vec<u8>> {
+    libvhdi_python(LIBVHDI_READ, paths)
 }

@@ -1,8 +1,5 @@
 //! Helpers shared by the chain, flatten and set-parent tests: crafting differencing disks with
-//! chosen locators, a deterministic RNG, fixtures and oracles.
-//!
-//! (A local equivalent of the oracle helper in tests/common/mod.rs, which the foundation branch
-//! adds; this branch was written before it landed.)
+//! chosen locators, and fixtures.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -180,96 +177,4 @@ fn make_writable(p: &Path) {
         perm.set_readonly(false);
         let _ = std::fs::set_permissions(p, perm);
     }
-}
-
-/// True when oracles are required (CI sets VHD_MERGE_REQUIRE_ORACLES=1).
-pub fn oracles_required() -> bool {
-    std::env::var("VHD_MERGE_REQUIRE_ORACLES").is_ok_and(|v| v == "1")
-}
-
-/// Whether `qemu-img` runs; panics when it does not and oracles are required.
-pub fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(!oracles_required(), "qemu-img is required but missing");
-        eprintln!("note: qemu-img not found; skipping the qemu-img oracle");
-    }
-    ok
-}
-
-/// Whether python3 with pyvhdi (libvhdi) runs; panics when it does not and oracles are
-/// required.
-pub fn have_libvhdi() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import pyvhdi"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !oracles_required(),
-            "libvhdi (pyvhdi) is required but missing"
-        );
-        eprintln!("note: pyvhdi not found; skipping the libvhdi oracle");
-    }
-    ok
-}
-
-/// The raw content of a fixed or dynamic VHD as qemu-img converts it.
-pub fn qemu_img_raw(vhd: &Path, dir: &Path) -> Vec<u8> {
-    let out = dir.join(format!(
-        "{}.qemu.raw",
-        vhd.file_name().unwrap().to_string_lossy()
-    ));
-    let st = Command::new("qemu-img")
-        .args(["convert", "-f", "vpc", "-O", "raw"])
-        .arg(vhd)
-        .arg(&out)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        st.status.success(),
-        "qemu-img failed: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let data = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    data
-}
-
-/// The content of the differencing disk `child` read by libvhdi with `parent` set as its
-/// parent (libvhdi handles one level: the parent must be dynamic or fixed).
-pub fn libvhdi_read(child: &Path, parent: &Path, size: u64, dir: &Path) -> Vec<u8> {
-    let out = dir.join("libvhdi.out");
-    let script = r#"
-import sys, pyvhdi
-child, parent, size, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-p = pyvhdi.file(); p.open(parent)
-c = pyvhdi.file(); c.open(child); c.set_parent(p)
-with open(out, "wb") as f:
-    done = 0
-    while done < size:
-        n = min(1 << 20, size - done)
-        f.write(c.read_buffer_at_offset(n, done))
-        done += n
-"#;
-    let st = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(child)
-        .arg(parent)
-        .arg(size.to_string())
-        .arg(&out)
-        .output()
-        .expect("python3");
-    assert!(
-        st.status.success(),
-        "libvhdi failed: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let data = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    data
 }
