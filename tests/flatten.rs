@@ -2,13 +2,13 @@
 //! crate, and the output-file rules (refusal, force, temporary name, progress).
 
 mod common;
-mod support_chain;
 
 use std::path::{Path, PathBuf};
 
+use common::craft::{ChildSpec, craft_child};
 use common::oracles;
+use common::{Rng, fast_tempdir};
 use proptest::prelude::*;
-use support_chain::{ChildSpec, Rng, craft_child, tempdir};
 use vhd_merge::create::{CreateOptions, create_dynamic, create_fixed};
 use vhd_merge::format::{PlatformCode, SectorBitmap};
 use vhd_merge::{
@@ -169,7 +169,7 @@ proptest! {
 
     #[test]
     fn flatten_equals_the_model(seed in any::<u64>(), depth in 1usize..=8, fixed_base in any::<bool>()) {
-        let dir = tempdir();
+        let dir = fast_tempdir();
         let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
         let want = compose(&models);
         let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
@@ -203,7 +203,7 @@ fn qemu_img_reads_fixed_and_dynamic_outputs() {
         (0xBEEF, 8, true, 2 << 20),
         (0xF00D, 3, false, 1 << 20),
     ] {
-        let dir = tempdir();
+        let dir = fast_tempdir();
         let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
         let want = compose(&models);
         let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
@@ -246,7 +246,7 @@ fn qemu_img_reads_fixed_and_dynamic_outputs() {
 
 #[test]
 fn output_rules() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 7, 3, true);
     let want = compose(&models);
     let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
@@ -318,7 +318,7 @@ fn output_rules() {
 
 #[test]
 fn progress_and_layers() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 99, 4, false);
     let mut calls: Vec<(u64, u64)> = Vec::new();
     let mut cb = |d: u64, t: u64| calls.push((d, t));
@@ -371,7 +371,7 @@ fn progress_and_layers() {
 #[cfg(feature = "cli")]
 #[test]
 fn cli_flatten() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 1234, 3, false);
     let want = compose(&models);
     let exe = env!("CARGO_BIN_EXE_vhd-merge");

@@ -2,12 +2,12 @@
 //! own chain and with libvhdi.
 
 mod common;
-mod support_chain;
 
 use std::path::{Path, PathBuf};
 
-use common::oracles;
-use support_chain::{ChildSpec, Rng, craft_child, tempdir};
+use common::craft::{ChildSpec, craft_child};
+use common::{Rng, fast_tempdir};
+use common::{fixtures, oracles};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::format::PlatformCode;
 use vhd_merge::{Chain, ChainOptions, OpenOptions, ReturnCode, SetParentOptions, Vhd, set_parent};
@@ -61,7 +61,7 @@ fn own(path: &Path) -> Vec<u8> {
 
 #[test]
 fn moved_and_renamed_parent_keeps_the_view() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 1);
     let before = view(&child);
     let own_before = own(&child);
@@ -125,7 +125,7 @@ fn moved_and_renamed_parent_keeps_the_view() {
 
 #[test]
 fn id_mismatch_is_refused_unless_forced() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (_base, child) = pair(dir.path(), 2);
     let other = dir.path().join("other.vhd");
     let mut o = create_dynamic(&other, 8 * MIB, &CreateOptions::default()).unwrap();
@@ -194,7 +194,7 @@ fn id_mismatch_is_refused_unless_forced() {
 
 #[test]
 fn repeated_set_parent_reuses_space() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 3);
     let before = view(&child);
     let copy = dir.path().join("copy.vhd");
@@ -219,7 +219,7 @@ fn repeated_set_parent_reuses_space() {
 
 #[test]
 fn long_paths_get_new_space_clear_of_blocks() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let base = dir.path().join("b.vhd");
     let mut b = create_dynamic(&base, 8 * MIB, &CreateOptions::default()).unwrap();
     scribble(&mut b, &mut Rng::new(5), 8);
@@ -277,7 +277,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
 
 #[test]
 fn refusals() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 4);
     // A dynamic disk has no parent to set.
     let e = set_parent(&base, &child, &SetParentOptions::default()).unwrap_err();
@@ -313,10 +313,10 @@ fn refusals() {
 
 #[test]
 fn real_windows_child_can_be_repointed() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (Some(child), Some(parent)) = (
-        support_chain::fixture("go-vhd/win8-child.vhd", dir.path()),
-        support_chain::fixture("go-vhd/win8.vhd", dir.path()),
+        fixtures::fixture_copy("go-vhd/win8-child.vhd", dir.path()),
+        fixtures::fixture_copy("go-vhd/win8.vhd", dir.path()),
     ) else {
         return;
     };
@@ -337,7 +337,7 @@ fn real_windows_child_can_be_repointed() {
 #[cfg(feature = "cli")]
 #[test]
 fn cli_set_parent() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 8);
     let moved = dir.path().join("moved.vhd");
     std::fs::rename(&base, &moved).unwrap();
@@ -395,7 +395,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
     }
 
     for force in [false, true] {
-        let dir = tempdir();
+        let dir = fast_tempdir();
         // The base away from the child, so that only the locators lead to it (not the header
         // name in the child's directory): overwriting them too early would lose it.
         let bases = dir.path().join("bases");

@@ -98,3 +98,25 @@ pub fn fixture(rel: &str) -> Option<(PathBuf, Origin)> {
     shared_fixtures()?;
     panic!("fixture {rel} is in neither fixtures/ nor ../shared/fixtures/real");
 }
+
+/// A writable copy of the fixture `rel` (see [`fixture`]) in `dir`, under its own file name:
+/// for tests that write to it or need it next to another file. `None` (with a note) when it is
+/// only in the shared directory and that is absent.
+pub fn fixture_copy(rel: &str, dir: &Path) -> Option<PathBuf> {
+    let (src, _) = fixture(rel)?;
+    let name = Path::new(rel).file_name().expect("fixture file name");
+    let dest = dir.join(name);
+    std::fs::copy(&src, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+    make_writable(&dest);
+    Some(dest)
+}
+
+/// Fixture files may be read-only (the shared directory's are); copies are written to.
+fn make_writable(p: &Path) {
+    let mut perm = std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(p, perm).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+}

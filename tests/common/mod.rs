@@ -3,6 +3,7 @@
 //! module-wide `allow(dead_code)`.
 //!
 //! - [`oracles`]: qemu-img, qemu-io and libvhdi, and the rule for a missing one;
+//! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
@@ -10,6 +11,7 @@
 //!   disks whole, hashes and byte comparisons.
 #![allow(dead_code)]
 
+pub mod craft;
 pub mod fixtures;
 pub mod model;
 pub mod oracles;

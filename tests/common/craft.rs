@@ -1,26 +1,13 @@
-//! Helpers shared by the chain, flatten and set-parent tests: crafting differencing disks with
-//! chosen locators, and fixtures.
-#![allow(dead_code)]
+//! Differencing disks crafted with chosen parent locators, header name, parent id and time
+//! stamp, for the chain, flatten and set-parent tests: what other tools write, and what a
+//! hostile file might.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use uuid::Uuid;
 use vhd_merge::create::{self, CreateOptions};
 use vhd_merge::format::{Footer, ParentLocator, PlatformCode};
 use vhd_merge::{OpenOptions, Vhd};
-
-/// A temporary directory on tmpfs when there is one (syncs cost nothing there), else the
-/// default temporary directory.
-pub fn tempdir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(d) = tempfile::tempdir_in(shm)
-    {
-        return d;
-    }
-    tempfile::tempdir().expect("temporary directory")
-}
 
 /// A locator entry to write into a crafted child.
 #[derive(Clone, Debug)]
@@ -133,48 +120,4 @@ pub fn craft_child(path: &Path, spec: &ChildSpec) -> Vhd {
     }
     v.rewrite_header(h).unwrap();
     v
-}
-
-pub use crate::common::Rng;
-
-/// The repository root (where Cargo.toml is).
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A real fixture file, looked for in `fixtures/<rel>` then `../shared/fixtures/real/<rel>`,
-/// decompressing a `.gz` copy into `dir` with gzip. `None` (with a note) when absent.
-pub fn fixture(rel: &str, dir: &Path) -> Option<PathBuf> {
-    let root = repo_root();
-    let name = Path::new(rel).file_name()?.to_owned();
-    let dest = dir.join(&name);
-    for base in [root.join("fixtures"), root.join("../shared/fixtures/real")] {
-        let plain = base.join(rel);
-        if plain.is_file() {
-            std::fs::copy(&plain, &dest).ok()?;
-            make_writable(&dest);
-            return Some(dest);
-        }
-        let gz = base.join(format!("{rel}.gz"));
-        if gz.is_file() {
-            let out = Command::new("gzip").arg("-dc").arg(&gz).output().ok()?;
-            if !out.status.success() {
-                eprintln!("note: gzip failed on {}", gz.display());
-                return None;
-            }
-            std::fs::write(&dest, out.stdout).ok()?;
-            return Some(dest);
-        }
-    }
-    eprintln!("note: fixture {rel} not found in fixtures/ or ../shared/fixtures/real; skipping");
-    None
-}
-
-fn make_writable(p: &Path) {
-    if let Ok(m) = std::fs::metadata(p) {
-        let mut perm = m.permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perm.set_readonly(false);
-        let _ = std::fs::set_permissions(p, perm);
-    }
 }
