@@ -7,13 +7,14 @@
 //! destination, a damaged child or destination, a source or destination that is the wrong
 //! kind of file, a sibling in the way, a missing parent in the middle of the chain.
 
-mod reliability_util;
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
-use reliability_util::*;
+use common::patch::*;
+use common::{read, snapshot};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::create::{CreateOptions, create_dynamic};
 use vhd_merge::format::PlatformCode;

@@ -111,6 +111,32 @@ pub fn fixture_copy(rel: &str, dir: &Path) -> Option<PathBuf> {
     Some(dest)
 }
 
+/// A writable copy in `dir` of the fixture file `src` (plain, `.gz` or `.bz2`), decompressed
+/// and named without the compression extension: for tests that go through whole fixture
+/// directories.
+pub fn unpack_into(src: &Path, dir: &Path) -> PathBuf {
+    let name = src
+        .file_name()
+        .expect("fixture file name")
+        .to_string_lossy();
+    match name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".bz2"))
+    {
+        Some(stem) => {
+            let dest = dir.join(stem);
+            decompress(src, &dest);
+            dest
+        }
+        None => {
+            let dest = dir.join(&*name);
+            std::fs::copy(src, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+            make_writable(&dest);
+            dest
+        }
+    }
+}
+
 /// Fixture files may be read-only (the shared directory's are); copies are written to.
 fn make_writable(p: &Path) {
     let mut perm = std::fs::metadata(p)

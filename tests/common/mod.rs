@@ -6,6 +6,7 @@
 //! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
+//! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
 //! - here: the CLI binary, temporary directories, a deterministic random generator, reading
 //!   disks whole, hashes and byte comparisons.
@@ -15,6 +16,7 @@ pub mod craft;
 pub mod fixtures;
 pub mod model;
 pub mod oracles;
+pub mod patch;
 pub mod storage;
 
 use std::io::Write;
@@ -172,4 +174,20 @@ pub fn fast_tempdir() -> tempfile::TempDir {
         return d;
     }
     tempfile::tempdir().unwrap()
+}
+
+/// Every file in `dir` with its content, to prove nothing changed.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    out.sort();
+    out
 }
