@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::craft::{ChildSpec, craft_child};
+use common::model::{LayerModel, compose};
 use common::oracles;
 use common::{Rng, fast_tempdir};
 use proptest::prelude::*;
@@ -19,37 +20,9 @@ use vhd_merge::{
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-/// One layer as the model sees it: its size, and the sectors it holds with their data.
-struct ModelLayer {
-    size: u64,
-    data: Vec<u8>,
-    present: Vec<bool>,
-}
-
-/// The logical content of layer 0 of `layers` (child first): each sector from the nearest
-/// layer holding it, as long as no layer on the way is smaller than the sector's position.
-fn compose(layers: &[ModelLayer]) -> Vec<u8> {
-    let size = layers[0].size as usize;
-    let mut out = vec![0u8; size];
-    for s in 0..size / 512 {
-        let mut visible = usize::MAX;
-        for l in layers {
-            visible = visible.min(l.size as usize / 512);
-            if s >= visible {
-                break;
-            }
-            if l.present[s] {
-                out[s * 512..s * 512 + 512].copy_from_slice(&l.data[s * 512..s * 512 + 512]);
-                break;
-            }
-        }
-    }
-    out
-}
-
 /// Random writes into a model layer: a few extents at sector granularity, some all zero.
-fn random_writes(rng: &mut Rng, m: &mut ModelLayer, max_extents: u64) {
-    let sectors = m.size / 512;
+fn random_writes(rng: &mut Rng, m: &mut LayerModel, max_extents: u64) {
+    let sectors = m.size() as u64 / 512;
     for _ in 0..rng.below(max_extents + 1) {
         let start = rng.below(sectors);
         let len = (1 + rng.below(1024)).min(sectors - start);
@@ -67,7 +40,7 @@ fn random_writes(rng: &mut Rng, m: &mut ModelLayer, max_extents: u64) {
 
 /// Write the model's present sectors into `v`, block by block in a shuffled order (so blocks
 /// land in the file out of order), then finish.
-fn write_layer(rng: &mut Rng, v: &mut Vhd, m: &ModelLayer) {
+fn write_layer(rng: &mut Rng, v: &mut Vhd, m: &LayerModel) {
     let bs = v.block_size();
     let spb = (bs / 512) as usize;
     let mut blocks: Vec<u64> = (0..v.block_count()).collect();
@@ -103,18 +76,14 @@ fn random_chain(
     seed: u64,
     depth: usize,
     fixed_base: bool,
-) -> (PathBuf, Vec<ModelLayer>) {
+) -> (PathBuf, Vec<LayerModel>) {
     let mut rng = Rng::new(seed);
-    let mut models: Vec<ModelLayer> = Vec::new();
+    let mut models: Vec<LayerModel> = Vec::new();
     let mut prev: Option<PathBuf> = None;
     for i in 0..depth {
         // 1..4 MiB in whole sectors, rarely block aligned: ancestors smaller and larger.
         let size = (MIB + rng.below(3 * MIB)) / 512 * 512;
-        let mut m = ModelLayer {
-            size,
-            data: vec![0u8; size as usize],
-            present: vec![false; (size / 512) as usize],
-        };
+        let mut m = LayerModel::empty(size as usize);
         let block_size = BLOCK_SIZES[rng.below(3) as usize];
         let path = dir.join(format!("l{i}.vhd"));
         let mut v = match &prev {
@@ -176,7 +145,7 @@ proptest! {
         prop_assert_eq!(chain.len(), depth);
         let out = dir.path().join("out.raw");
         let r = flatten(&chain, &out, opts(FlattenFormat::Raw)).unwrap();
-        prop_assert_eq!(r.virtual_size, models[0].size);
+        prop_assert_eq!(r.virtual_size, models[0].size() as u64);
         let got = std::fs::read(&out).unwrap();
         prop_assert_eq!(got.len(), want.len());
         prop_assert!(got == want, "raw flatten differs from the model");
@@ -336,7 +305,7 @@ fn progress_and_layers() {
     .unwrap();
     assert_eq!(r.format, FlattenFormat::Dynamic);
     assert_eq!(r.layers, 4);
-    let total = models[0].size;
+    let total = models[0].size() as u64;
     assert!(calls.len() >= (total / (512 * KIB)) as usize);
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
     assert!(calls.iter().all(|&(_, t)| t == total));

@@ -102,11 +102,7 @@ fn differencing_destination_reads_the_same_in_libvhdi() {
     let size = 9 << 20;
     let p = |n: &str| dir.path().join(n);
     let mut rng = Rng::new(77);
-    let empty = LayerModel {
-        data: vec![0; size],
-        present: vec![false; size / 512],
-    };
-    let mut layers = vec![empty.clone(), empty.clone(), empty.clone(), empty];
+    let mut layers = vec![LayerModel::empty(size); 4];
     let names = ["src.vhd", "mid.vhd", "dest.vhd", "base.vhd"];
     let opts = CreateOptions::default();
     let mut v = create_dynamic(p(names[3]), size as u64, &opts).unwrap();

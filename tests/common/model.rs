@@ -29,14 +29,52 @@ pub struct ChainSpec {
     pub seed: u64,
 }
 
-/// One layer of the model: its bytes over the whole virtual size and which sectors it holds.
+/// One layer of the model: its bytes over its whole virtual size and which sectors it holds.
 #[derive(Clone, Debug)]
 pub struct LayerModel {
     pub data: Vec<u8>,
     pub present: Vec<bool>,
 }
 
-/// All layers, chain order.
+impl LayerModel {
+    /// A layer of `size` bytes (whole sectors) holding no sector.
+    pub fn empty(size: usize) -> LayerModel {
+        LayerModel {
+            data: vec![0; size],
+            present: vec![false; size / 512],
+        }
+    }
+
+    /// The virtual size in bytes.
+    pub fn size(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// What the first of `layers` (chain order) reads: each sector from the nearest layer holding
+/// it, as long as no layer on the way is smaller than the sector's position (a smaller ancestor
+/// ends the view there); zeros where none does.
+pub fn compose(layers: &[LayerModel]) -> Vec<u8> {
+    let size = layers[0].size();
+    let mut out = vec![0u8; size];
+    for s in 0..size / 512 {
+        let mut visible = usize::MAX;
+        for l in layers {
+            visible = visible.min(l.size() / 512);
+            if s >= visible {
+                break;
+            }
+            if l.present[s] {
+                out[s * 512..s * 512 + 512].copy_from_slice(&l.data[s * 512..s * 512 + 512]);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// All layers of a chain whose layers have one size (as the merge tests build them), chain
+/// order.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub size: usize,
@@ -47,16 +85,7 @@ impl Model {
     /// The view of layer `from`: per sector, the nearest layer at or below `from` holding it;
     /// zeros where none does.
     pub fn view(&self, from: usize) -> Vec<u8> {
-        let mut out = vec![0u8; self.size];
-        for s in 0..self.size / 512 {
-            for l in &self.layers[from..] {
-                if l.present[s] {
-                    out[s * 512..s * 512 + 512].copy_from_slice(&l.data[s * 512..s * 512 + 512]);
-                    break;
-                }
-            }
-        }
-        out
+        compose(&self.layers[from..])
     }
 
     /// What the destination (layer `d`) must read after merging layers `0..d` into it: per
@@ -141,13 +170,7 @@ pub fn build_chain(dir: &Path, spec: &ChainSpec) -> Built {
     let size = (spec.size_sectors * 512) as usize;
     let mut rng = Rng::new(spec.seed);
     let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("l{i}.vhd"))).collect();
-    let mut layers = vec![
-        LayerModel {
-            data: vec![0; size],
-            present: vec![false; size / 512],
-        };
-        n
-    ];
+    let mut layers = vec![LayerModel::empty(size); n];
     for i in (0..n).rev() {
         let base = i == n - 1;
         let opts = CreateOptions {
