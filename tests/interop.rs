@@ -13,7 +13,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Rng, assert_same, oracles};
+use common::{Rng, assert_same, oracles, read_own};
 use vhd_merge::create::{self, CreateOptions};
 use vhd_merge::{Chain, ChainOptions, DiskType, OpenOptions, Vhd};
 
@@ -74,13 +74,6 @@ fn assert_clean(path: &Path) {
     }
 }
 
-fn read_own_all(path: &Path) -> Vec<u8> {
-    let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
-    let mut buf = vec![0u8; v.virtual_size() as usize];
-    v.read_own(0, &mut buf).unwrap();
-    buf
-}
-
 #[test]
 fn vhd_merge_images_read_byte_exact_by_qemu_img() {
     if !oracles::require_tool("qemu-img") {
@@ -120,7 +113,7 @@ fn vhd_merge_images_read_byte_exact_by_qemu_img() {
         let qemu = oracles::qemu_img_raw(&path).unwrap();
         assert_same(&qemu, &model, &format!("qemu-img reading {name}"));
         assert_same(
-            &read_own_all(&path),
+            &read_own(&path),
             &model,
             &format!("vhd-merge reading {name}"),
         );
@@ -195,7 +188,7 @@ fn qemu_img_images_read_byte_exact_by_vhd_merge() {
             }
             drop(v);
             assert_same(
-                &read_own_all(&path),
+                &read_own(&path),
                 &model,
                 &format!("vhd-merge reading {name}"),
             );

@@ -7,7 +7,7 @@ mod common;
 use std::fs::File;
 
 use common::patch::*;
-use common::{fixtures, read, snapshot};
+use common::{fixtures, read, read_own, snapshot};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage};
 use vhd_merge::repair::{RepairOptions, repair_file, repair_storage};
@@ -35,13 +35,6 @@ fn assert_checks_clean(p: &std::path::Path) {
     .unwrap();
     assert!(!r.has_errors(), "{:#?}", r.findings);
     Vhd::open(p, OpenOptions::read_only()).unwrap();
-}
-
-fn own(p: &std::path::Path) -> Vec<u8> {
-    let v = Vhd::open(p, OpenOptions::read_only()).unwrap();
-    let mut b = vec![0u8; v.virtual_size() as usize];
-    v.read_own(0, &mut b).unwrap();
-    b
 }
 
 #[test]
@@ -145,7 +138,7 @@ fn fixed_disk_footer_checksum() {
 fn bad_bat_entries_dropped_and_losses_reported() {
     let d = tempfile::tempdir().unwrap();
     let p = dynamic(d.path(), "a.vhd");
-    let before_data = own(&p);
+    let before_data = read_own(&p);
     let len = read(&p).len() as u64;
     let b0 = bat_entry(&p, 0);
     set_bat_entry(&p, 7, (len / 512 + 100) as u32); // outside
@@ -178,7 +171,7 @@ fn bad_bat_entries_dropped_and_losses_reported() {
     assert_eq!(bat_entry(&p, 0), b0);
     assert_checks_clean(&p);
     // The good blocks kept their data.
-    assert_eq!(own(&p), before_data);
+    assert_eq!(read_own(&p), before_data);
 }
 
 #[test]

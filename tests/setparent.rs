@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::craft::{ChildSpec, craft_child};
-use common::{Rng, fast_tempdir};
+use common::{Rng, fast_tempdir, read_own, read_view};
 use common::{fixtures, oracles};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::format::PlatformCode;
@@ -45,26 +45,12 @@ fn pair_in(base_dir: &Path, dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
     (base, child)
 }
 
-fn view(path: &Path) -> Vec<u8> {
-    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
-    let mut buf = vec![0u8; chain.vhd(0).virtual_size() as usize];
-    chain.read_at(0, 0, &mut buf).unwrap();
-    buf
-}
-
-fn own(path: &Path) -> Vec<u8> {
-    let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
-    let mut buf = vec![0u8; v.virtual_size() as usize];
-    v.read_own(0, &mut buf).unwrap();
-    buf
-}
-
 #[test]
 fn moved_and_renamed_parent_keeps_the_view() {
     let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 1);
-    let before = view(&child);
-    let own_before = own(&child);
+    let before = read_view(&child);
+    let own_before = read_own(&child);
     let len_before = std::fs::metadata(&child).unwrap().len();
 
     let store = dir.path().join("store").join("deeper");
@@ -108,8 +94,11 @@ fn moved_and_renamed_parent_keeps_the_view() {
         chain.vhd(0).warnings()
     );
     drop(chain);
-    assert!(view(&child) == before, "the view changed");
-    assert!(own(&child) == own_before, "the child's own data changed");
+    assert!(read_view(&child) == before, "the view changed");
+    assert!(
+        read_own(&child) == own_before,
+        "the child's own data changed"
+    );
     // The header name alone also finds it now.
     let h = Vhd::open(&child, OpenOptions::read_only()).unwrap();
     assert_eq!(h.header().unwrap().parent_name(), "renamed base.vhd");
@@ -168,8 +157,8 @@ fn id_mismatch_is_refused_unless_forced() {
     let mut ours = vec![0u8; 8 * MIB as usize];
     chain.read_at(0, 0, &mut ours).unwrap();
     // The child's own sectors over the new parent's content.
-    let own_c = own(&child);
-    let own_o = own(&other);
+    let own_c = read_own(&child);
+    let own_o = read_own(&other);
     let bm = Vhd::open(&child, OpenOptions::read_only()).unwrap();
     for s in 0..(8 * MIB / 512) as usize {
         let held = match bm.block_map(s as u64 / 4096).unwrap() {
@@ -196,7 +185,7 @@ fn id_mismatch_is_refused_unless_forced() {
 fn repeated_set_parent_reuses_space() {
     let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 3);
-    let before = view(&child);
+    let before = read_view(&child);
     let copy = dir.path().join("copy.vhd");
     std::fs::copy(&base, &copy).unwrap();
     let len0 = std::fs::metadata(&child).unwrap().len();
@@ -214,7 +203,7 @@ fn repeated_set_parent_reuses_space() {
             target.as_path()
         );
     }
-    assert!(view(&child) == before);
+    assert!(read_view(&child) == before);
 }
 
 #[test]
@@ -235,7 +224,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
     );
     scribble(&mut c, &mut Rng::new(6), 4);
     drop(c);
-    let before = view(&child);
+    let before = read_view(&child);
     // A parent path longer than a sector in UTF-16.
     let mut deep = dir.path().to_path_buf();
     for i in 0..6 {
@@ -253,7 +242,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
         .find(|l| l.platform_code == PlatformCode::W2ku)
         .unwrap();
     assert!(!w2ku.reused, "{r:?}");
-    assert!(view(&child) == before);
+    assert!(read_view(&child) == before);
 
     // New blocks allocated afterwards go after the new locator data, never over it.
     let mut c = Vhd::open(&child, OpenOptions::writable()).unwrap();
@@ -420,8 +409,8 @@ fn crash_at_every_write_leaves_a_usable_child() {
             ..SetParentOptions::default()
         };
         let pristine = std::fs::read(&child).unwrap();
-        let view_before = view(&child);
-        let own_before = own(&child);
+        let view_before = read_view(&child);
+        let own_before = read_own(&child);
         let old_id = Vhd::open(&child, OpenOptions::read_only())
             .unwrap()
             .parent_unique_id()
@@ -434,7 +423,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
         drop(v);
         let writes = counter.writes();
         assert!(writes >= 3, "{writes}");
-        let view_after = view(&child);
+        let view_after = read_view(&child);
         assert_eq!(force, view_after != view_before);
         let new_id = r.parent_id;
 
@@ -454,14 +443,17 @@ fn crash_at_every_write_leaves_a_usable_child() {
                         ..opts.clone()
                     };
                     set_parent(&child, &target, &lenient).unwrap();
-                    assert!(view(&child) == view_after);
+                    assert!(read_view(&child) == view_after);
                     continue;
                 }
                 let v =
                     strict.unwrap_or_else(|e| panic!("force {force} torn {torn} write {n}: {e}"));
                 let id = v.parent_unique_id().unwrap();
                 drop(v);
-                assert!(own(&child) == own_before, "write {n}: own data changed");
+                assert!(
+                    read_own(&child) == own_before,
+                    "write {n}: own data changed"
+                );
                 let chain = Chain::open(&child, &ChainOptions::default())
                     .unwrap_or_else(|e| panic!("force {force} torn {torn} write {n}: {e}"));
                 let mut got = vec![0u8; 8 * MIB as usize];

@@ -22,7 +22,7 @@ pub mod storage;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use vhd_merge::{Chain, ChainOptions};
+use vhd_merge::{Chain, ChainOptions, OpenOptions, Vhd};
 
 /// Print a note that `cargo test` shows even for passing tests (it captures only the print
 /// macros, not direct writes to stderr).
@@ -128,6 +128,15 @@ pub fn read_view(path: &Path) -> Vec<u8> {
     let size = chain.vhd(0).virtual_size() as usize;
     let mut buf = vec![0u8; size];
     chain.read_at(0, 0, &mut buf).unwrap();
+    buf
+}
+
+/// The whole virtual disk of the VHD at `path` as its own data (no parent): what
+/// `Vhd::read_own` gives.
+pub fn read_own(path: &Path) -> Vec<u8> {
+    let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
+    let mut buf = vec![0u8; v.virtual_size() as usize];
+    v.read_own(0, &mut buf).unwrap();
     buf
 }
 
