@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
+use common::os::Mount;
 use common::storage::{IoLog, faulty, recording};
 use common::{Rng, copy_dir, fast_tempdir, first_diff, hashes, read_view};
 use vhd_merge::check::{CheckOptions, check_file};
@@ -505,39 +506,6 @@ fn successive_interruptions_then_a_completing_run() {
 }
 
 // ---- A real full file system (root only: mounts a small tmpfs). ----
-
-struct Mount(PathBuf);
-
-impl Mount {
-    /// Mount a tmpfs of `bytes` at `dir`, or None (with a note) when that is not possible.
-    fn tmpfs(dir: &Path, bytes: u64) -> Option<Mount> {
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={bytes}"))
-            .arg("tmpfs")
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Mount(dir.to_path_buf()))
-    }
-
-    fn resize(&self, bytes: u64) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o"])
-            .arg(format!("remount,size={bytes}"))
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount of {} failed", self.0.display());
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
 
 /// Blocks (of 512 bytes) a file occupies.
 fn used_bytes(dir: &Path) -> u64 {

@@ -6,6 +6,7 @@
 //! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
+//! - [`os`]: running as root, immutable files, a small tmpfs;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
 //! - here: the CLI binary, temporary directories, a deterministic random generator, reading
@@ -16,6 +17,7 @@ pub mod craft;
 pub mod fixtures;
 pub mod model;
 pub mod oracles;
+pub mod os;
 pub mod patch;
 pub mod storage;
 
