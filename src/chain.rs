@@ -783,11 +783,15 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
 
 /// The unique ids in the footer and in the offset-0 copy of the file at `path`, if they parse.
 fn footer_ids(path: &Path, len: u64) -> Vec<uuid::Uuid> {
+    // A file shorter than a footer has none (and `len - 512` would underflow).
+    let Some(end) = len.checked_sub(512) else {
+        return Vec::new();
+    };
     let Ok(f) = std::fs::File::open(path) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for off in [len - 512, 0] {
+    for off in [end, 0] {
         let mut b = [0u8; 512];
         if crate::io::pread_exact(&f, &mut b, off).is_ok()
             && let Ok(footer) = crate::format::Footer::parse(&b)

@@ -578,6 +578,26 @@ fn fifo_and_directory_candidates_are_not_opened() {
     assert!(reason_for(tried, &fifo).contains("not a regular file"));
 }
 
+/// A candidate shorter than a footer is listed as not usable. Telling a damaged parent from a
+/// stranger reads the candidate's footers, and must not compute an offset below zero for it
+/// (a debug build panicked on `len - 512`).
+#[test]
+fn candidate_shorter_than_a_footer_is_not_usable() {
+    let root = fast_tempdir();
+    let b = base(root.path(), "base.vhd", MIB, 3);
+    let c = root.path().join("child.vhd");
+    drop(create_differencing(&c, &b, &CreateOptions::default()).unwrap());
+    std::fs::write(&b, b"tiny").unwrap();
+    let e = open(&c).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound, "{e}");
+    let tried = parent_not_found(&e);
+    let reason = reason_for(tried, &b);
+    assert!(
+        reason.starts_with("not a usable VHD") && reason.contains("smaller than a VHD footer"),
+        "{tried:#?}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn hostile_locators_are_confined() {
