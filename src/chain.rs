@@ -760,14 +760,11 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
     let mut probed = 0usize;
     let mut found = false;
     for p in paths {
-        let Ok(meta) = std::fs::metadata(&p) else {
+        let Some(peek) = crate::image::peek(&p) else {
             continue;
         };
-        if !meta.is_file() || meta.len() < 512 {
-            continue;
-        }
         probed += 1;
-        if footer_ids(&p, meta.len()).contains(&want) {
+        if peek.carries_id(want) {
             found = true;
             cands.push(p, source.clone(), false);
         }
@@ -779,27 +776,6 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
             format!("none of the {probed} regular file(s) has unique id {want}"),
         );
     }
-}
-
-/// The unique ids in the footer and in the offset-0 copy of the file at `path`, if they parse.
-fn footer_ids(path: &Path, len: u64) -> Vec<uuid::Uuid> {
-    // A file shorter than a footer has none (and `len - 512` would underflow).
-    let Some(end) = len.checked_sub(512) else {
-        return Vec::new();
-    };
-    let Ok(f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for off in [end, 0] {
-        let mut b = [0u8; 512];
-        if crate::io::pread_exact(&f, &mut b, off).is_ok()
-            && let Ok(footer) = crate::format::Footer::parse(&b)
-        {
-            out.push(footer.unique_id);
-        }
-    }
-    out
 }
 
 /// The allowed directories of [`ChainOptions::confine_to`], canonicalised; directories that
@@ -926,8 +902,7 @@ fn resolve_parent(
                     let msg = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
                     if !matches!(e, Error::Io { .. })
                         && damaged.is_none()
-                        && std::fs::metadata(&path)
-                            .is_ok_and(|m| footer_ids(&path, m.len()).contains(&want))
+                        && crate::image::peek(&path).is_some_and(|p| p.carries_id(want))
                     {
                         damaged = Some(Error::Format {
                             path: Some(path.clone()),

@@ -2,15 +2,11 @@
 //! reading only the footer and dynamic header of each file in a few directories.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use crate::format::DiskType;
-use crate::format::footer::{FOOTER_SIZE, Footer};
-use crate::format::header::{DynamicHeader, HEADER_SIZE};
-use crate::io::pread_exact;
 
 /// Identity of a VHD file read cheaply: its footer and, for a differencing disk, its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,38 +25,16 @@ pub struct ScannedVhd {
 /// copy) and dynamic header, with checksums checked; `None` for anything that is not a regular
 /// file holding a VHD. At most three small reads: cheap enough to run over whole directories.
 pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() < FOOTER_SIZE as u64 {
+    let peek = crate::image::peek(path)?;
+    let footer = peek.footer()?;
+    if footer.disk_type == DiskType::Differencing && peek.parent_unique_id.is_none() {
         return None;
     }
-    let len = meta.len();
-    let file = File::open(path).ok()?;
-    let read_footer = |offset: u64| -> Option<Footer> {
-        let mut b = [0u8; FOOTER_SIZE];
-        pread_exact(&file, &mut b, offset).ok()?;
-        Footer::parse(&b).ok().filter(Footer::checksum_ok)
-    };
-    let footer = read_footer(len - FOOTER_SIZE as u64)
-        .or_else(|| read_footer(0).filter(|f| f.disk_type.is_sparse()))?;
-    let parent_unique_id = if footer.disk_type == DiskType::Differencing {
-        let at = footer.data_offset;
-        if at.checked_add(HEADER_SIZE as u64).is_none_or(|e| e > len) {
-            return None;
-        }
-        let mut b = [0u8; HEADER_SIZE];
-        pread_exact(&file, &mut b, at).ok()?;
-        let h = DynamicHeader::parse(&b)
-            .ok()
-            .filter(DynamicHeader::checksum_ok)?;
-        Some(h.parent_unique_id)
-    } else {
-        None
-    };
     Some(ScannedVhd {
         path: path.to_path_buf(),
         disk_type: footer.disk_type,
         unique_id: footer.unique_id,
-        parent_unique_id,
+        parent_unique_id: peek.parent_unique_id,
     })
 }
 
