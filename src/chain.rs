@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, ParentCandidate, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
 use crate::image::{BlockMap, OpenOptions, SizeRule, Vhd};
+use crate::locator::canonical_or_self;
 
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 256;
@@ -532,10 +533,6 @@ impl<C: Borrow<Chain>> std::io::Seek for ChainReader<C> {
             )),
         }
     }
-}
-
-fn canonical_or_self(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).

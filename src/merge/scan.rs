@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::format::DiskType;
+use crate::locator::canonical_or_self;
 
 /// Identity of a VHD file read cheaply: its footer and, for a differencing disk, its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,11 +39,6 @@ pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
     })
 }
 
-/// The canonical form of `p`, or `p` itself when it cannot be resolved.
-pub(crate) fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
 /// `p` without `.` components (`dir/./a.vhd` as a relative locator resolves is `dir/a.vhd`);
 /// `..` is kept, as removing it is only right when no symlink is involved.
 pub(crate) fn tidy(p: &Path) -> PathBuf {
@@ -70,7 +66,7 @@ pub(crate) fn children_in(
     let mut seen_files = HashSet::new();
     let mut out = Vec::new();
     for dir in dirs {
-        if !seen_dirs.insert(canonical(dir)) {
+        if !seen_dirs.insert(canonical_or_self(dir)) {
             continue;
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -78,7 +74,7 @@ pub(crate) fn children_in(
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let canon = canonical(&path);
+            let canon = canonical_or_self(&path);
             if exclude.contains(&canon) || !seen_files.insert(canon) {
                 continue;
             }
