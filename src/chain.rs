@@ -817,11 +817,7 @@ fn admit(
         Err(e) => Err(format!("cannot open: {e}")),
         Ok(m) if !m.is_file() => Err(format!(
             "not a regular file ({})",
-            if m.is_dir() {
-                "a directory"
-            } else {
-                "a FIFO, device or socket"
-            }
+            crate::image::file_kind(&m)
         )),
         Ok(_) => Ok(path),
     }

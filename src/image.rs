@@ -1097,7 +1097,8 @@ pub(crate) fn peek(path: &Path) -> Option<Peek> {
     Some(peek)
 }
 
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+/// What a path that is not a regular file is, for messages.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     let ft = meta.file_type();
     if ft.is_dir() {
         return "a directory";

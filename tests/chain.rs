@@ -557,6 +557,7 @@ fn fifo_and_directory_candidates_are_not_opened() {
         reason_for(tried, &fifo).contains("not a regular file"),
         "{tried:#?}"
     );
+    assert!(reason_for(tried, &fifo).contains("a FIFO"), "{tried:#?}");
     assert!(
         reason_for(tried, &dirp).contains("a directory"),
         "{tried:#?}"
