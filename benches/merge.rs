@@ -20,60 +20,16 @@
 //! warm (the inputs were just written).
 
 use std::hint::black_box;
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 
 mod common;
 
 use common::{Fill, Shape, Spread, bench_dir, build_chain};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use vhd_merge::chain::Layer;
-use vhd_merge::io::Storage;
+use vhd_merge::io::MemStorage;
 use vhd_merge::merge::{MergeOptions, MergePlan, assemble_unit, merge};
 use vhd_merge::{Chain, ChainOptions, OpenOptions, Vhd};
-
-/// A VHD held in memory.
-#[derive(Debug)]
-struct MemStorage(RwLock<Vec<u8>>);
-
-impl Storage for MemStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let d = self.0.read().map_err(|_| io::Error::other("poisoned"))?;
-        let end = offset as usize + buf.len();
-        if end > d.len() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.copy_from_slice(&d[offset as usize..end]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut d = self.0.write().map_err(|_| io::Error::other("poisoned"))?;
-        let end = offset as usize + buf.len();
-        if end > d.len() {
-            d.resize(end, 0);
-        }
-        d[offset as usize..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self
-            .0
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .len() as u64)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0
-            .write()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .resize(len as usize, 0);
-        Ok(())
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// [`build_chain`] with a fresh [`Fill`]: a chain of `depth` 2 MiB-block differencing
 /// layers over a base (dynamic or fixed) of `size` bytes. Returns the paths, child first.
@@ -103,7 +59,7 @@ fn in_memory(paths: &[PathBuf]) -> Chain {
         .iter()
         .map(|p| Layer {
             vhd: Vhd::from_storage(
-                Box::new(MemStorage(RwLock::new(std::fs::read(p).unwrap()))),
+                Box::new(MemStorage::new(std::fs::read(p).unwrap())),
                 p,
                 OpenOptions::read_only(),
             )
