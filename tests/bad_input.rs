@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use common::os::{Immutable, Mount, is_root};
 use common::patch::*;
-use common::{read, snapshot};
+use common::{read, serial, snapshot};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::create::{CreateOptions, create_dynamic};
 use vhd_merge::format::PlatformCode;
@@ -987,14 +987,6 @@ fn counting_allocator_counts() {
 // ---- Merging. ----
 
 use vhd_merge::merge::{MergeOptions, merge};
-
-/// The tests that merge or spawn processes run one at a time: a child process between fork
-/// and exec holds copies of this process's descriptors, with the flock locks a merge took,
-/// which would make a merge in a parallel test report System is in use.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Every file under `dirs`, with content.
 fn snapshot_all(dirs: &[&Path]) -> Vec<(PathBuf, Vec<u8>)> {

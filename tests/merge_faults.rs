@@ -27,26 +27,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
 use common::os::Mount;
 use common::storage::{IoLog, faulty, recording};
-use common::{Rng, copy_dir, fast_tempdir, first_diff, hashes, read_view};
+use common::{Rng, copy_dir, fast_tempdir, first_diff, hashes, read_view, serial};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::image::FooterSource;
 use vhd_merge::io::FaultPlan;
 use vhd_merge::merge::{MergeOptions, StorageWrapper, merge};
 use vhd_merge::{Error, OpenOptions, ReturnCode, Vhd};
-
-/// The tests of this file run one at a time: the tmpfs test spawns `mount`, and a child
-/// process between fork and exec briefly holds copies of every descriptor of this process,
-/// with the flock locks a merge took on them, which would make a merge in a parallel test
-/// report System is in use.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const KIB: u32 = 1024;
 const MIB: u32 = 1 << 20;

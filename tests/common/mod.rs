@@ -202,3 +202,12 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Makes the tests that take it run one at a time (within one test binary). Tests that merge
+/// or spawn processes need it: a child process between fork and exec holds copies of this
+/// process's descriptors, with the flock locks a merge took on them, which would make a merge
+/// in a parallel test report System is in use.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
