@@ -8,6 +8,9 @@
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{Fill, bench_dir};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::format::SectorBitmap;
@@ -15,40 +18,26 @@ use vhd_merge::{Chain, ChainOptions, FlattenFormat, FlattenOptions, flatten};
 
 const BLOCK: u64 = 2 << 20;
 
-fn bench_dir() -> PathBuf {
-    std::env::var_os("VHD_MERGE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
 /// base (dynamic, `blocks` blocks, every other one written) <- child (every block written).
 /// Returns the child.
 fn build(dir: &Path, blocks: u64) -> PathBuf {
     let o = CreateOptions::default();
     let base = dir.join("base.vhd");
     let child = dir.join("child.vhd");
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut fill = Fill::default();
     let mut buf = vec![0u8; BLOCK as usize];
-    let mut fill = |buf: &mut [u8]| {
-        for c in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-    };
     let full = SectorBitmap::full((BLOCK / 512) as usize);
     let mut b = create_dynamic(&base, blocks * BLOCK, &o).unwrap();
     b.reserve_blocks(blocks / 2).unwrap();
     for i in (0..blocks).step_by(2) {
-        fill(&mut buf);
+        fill.block(&mut buf);
         b.write_block(i, &mut buf, &full).unwrap();
     }
     b.finish().unwrap();
     let mut c = create_differencing(&child, &base, &o).unwrap();
     c.reserve_blocks(blocks / 2).unwrap();
     for i in (0..blocks).filter(|i| i % 4 < 2) {
-        fill(&mut buf);
+        fill.block(&mut buf);
         c.write_block(i, &mut buf, &full).unwrap();
     }
     c.finish().unwrap();

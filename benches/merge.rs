@@ -20,152 +20,37 @@
 //! warm (the inputs were just written).
 
 use std::hint::black_box;
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 
+mod common;
+
+use common::{Fill, Shape, Spread, bench_dir, build_chain};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use vhd_merge::chain::Layer;
-use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
-use vhd_merge::format::SectorBitmap;
-use vhd_merge::io::Storage;
+use vhd_merge::io::MemStorage;
 use vhd_merge::merge::{MergeOptions, MergePlan, assemble_unit, merge};
 use vhd_merge::{Chain, ChainOptions, OpenOptions, Vhd};
 
-/// A VHD held in memory.
-#[derive(Debug)]
-struct MemStorage(RwLock<Vec<u8>>);
-
-impl Storage for MemStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let d = self.0.read().map_err(|_| io::Error::other("poisoned"))?;
-        let end = offset as usize + buf.len();
-        if end > d.len() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.copy_from_slice(&d[offset as usize..end]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut d = self.0.write().map_err(|_| io::Error::other("poisoned"))?;
-        let end = offset as usize + buf.len();
-        if end > d.len() {
-            d.resize(end, 0);
-        }
-        d[offset as usize..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self
-            .0
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .len() as u64)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0
-            .write()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .resize(len as usize, 0);
-        Ok(())
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Shape {
-    Full,
-    EveryOtherSector,
-    EveryOther4K,
-    /// Layer `l` of `depth` holds the 64 KiB stripes `s` of every block with
-    /// `s % depth == l` (with 32 layers, each block is assembled from all 32).
-    Striped,
-}
-
-impl Shape {
-    fn mask(self) -> SectorBitmap {
-        let mut m = SectorBitmap::new(4096);
-        match self {
-            Shape::Full => m.set_range(0..4096),
-            Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
-            Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
-            Shape::Striped => m.set_range(0..4096),
-        }
-        m
-    }
-
-    /// The mask of layer `layer` of `depth`.
-    fn layer_mask(self, layer: usize, depth: usize) -> SectorBitmap {
-        match self {
-            Shape::Striped => {
-                let mut m = SectorBitmap::new(4096);
-                for s in (0..4096).step_by(128).skip(layer).step_by(depth) {
-                    m.set_range(s..s + 128);
-                }
-                m
-            }
-            other => other.mask(),
-        }
-    }
-}
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("VHD_MERGE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
-/// A chain of `depth` 2 MiB-block differencing layers over a base (dynamic or fixed) of
-/// `size` bytes; `blocks` blocks of data with `shape`, spread round-robin over the layers
-/// (so every depth holds the same total data), or with every layer holding its stripes of
-/// every block for [`Shape::Striped`]. Returns the paths, child first.
+/// [`build_chain`] with a fresh [`Fill`]: a chain of `depth` 2 MiB-block differencing
+/// layers over a base (dynamic or fixed) of `size` bytes. Returns the paths, child first.
 fn build(
     dir: &Path,
     size: u64,
     blocks: &[u64],
     depth: usize,
-    shape: Shape,
+    spread: Spread,
     fixed: bool,
 ) -> Vec<PathBuf> {
-    let o = CreateOptions::default();
-    let base = dir.join("base.vhd");
-    if fixed {
-        create_fixed(&base, size, &o).unwrap();
-    } else {
-        create_dynamic(&base, size, &o).unwrap();
-    }
-    let mut paths = vec![base];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut buf = vec![0u8; 2 << 20];
-    let mask = shape.layer_mask(0, depth);
-    for l in 0..depth {
-        let p = dir.join(format!("layer{l}.vhd"));
-        let mut v = create_differencing(&p, paths.last().unwrap(), &o).unwrap();
-        let striped = matches!(shape, Shape::Striped);
-        let mask = if striped {
-            shape.layer_mask(l, depth)
-        } else {
-            mask.clone()
-        };
-        for (i, &b) in blocks.iter().enumerate() {
-            if !striped && i % depth != l {
-                continue;
-            }
-            for c in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            v.write_block(b, &mut buf, &mask).unwrap();
-        }
-        v.finish().unwrap();
-        paths.push(p);
-    }
-    paths.reverse();
-    paths
+    build_chain(
+        dir,
+        size,
+        blocks,
+        depth,
+        spread,
+        fixed,
+        &mut Fill::default(),
+    )
+    .unwrap()
 }
 
 /// Load the files of a chain into memory.
@@ -174,7 +59,7 @@ fn in_memory(paths: &[PathBuf]) -> Chain {
         .iter()
         .map(|p| Layer {
             vhd: Vhd::from_storage(
-                Box::new(MemStorage(RwLock::new(std::fs::read(p).unwrap()))),
+                Box::new(MemStorage::new(std::fs::read(p).unwrap())),
                 p,
                 OpenOptions::read_only(),
             )
@@ -194,7 +79,14 @@ fn plan_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     // 2 TiB virtual, full-size BAT (1 044 480 entries), 32 blocks (64 MiB) spread out.
     let sparse: Vec<u64> = (0..32).map(|i| i * 32_000 + 7).collect();
-    let paths = build(dir.path(), TIB2, &sparse, 1, Shape::Full, false);
+    let paths = build(
+        dir.path(),
+        TIB2,
+        &sparse,
+        1,
+        Spread::RoundRobin(Shape::Full),
+        false,
+    );
     let chain = in_memory(&paths);
     g.bench_function("2tib_sparse_64mib", |b| {
         b.iter(|| black_box(MergePlan::build(&chain, 1).unwrap().bytes_total))
@@ -212,7 +104,7 @@ fn plan_benches(c: &mut Criterion) {
         1 << 30,
         &full,
         1,
-        Shape::EveryOtherSector,
+        Spread::RoundRobin(Shape::EveryOtherSector),
         false,
     ));
     g.bench_function("1gib_every_other_sector", |b| {
@@ -221,7 +113,14 @@ fn plan_benches(c: &mut Criterion) {
     // 32 layers of 2 TiB, 4 blocks each: 32 full-size BATs (shape 7's memory case).
     let dir3 = tempfile::tempdir_in(bench_dir()).unwrap();
     let deep: Vec<u64> = (0..128).map(|i| i * 8000 + 3).collect();
-    let deep_paths = build(dir3.path(), TIB2, &deep, 32, Shape::Full, false);
+    let deep_paths = build(
+        dir3.path(),
+        TIB2,
+        &deep,
+        32,
+        Spread::RoundRobin(Shape::Full),
+        false,
+    );
     g.bench_function("open_and_plan_32_layers_2tib_sparse_files", |b| {
         b.iter(|| {
             let chain = Chain::open(&deep_paths[0], &ChainOptions::default()).unwrap();
@@ -234,21 +133,25 @@ fn plan_benches(c: &mut Criterion) {
 fn assemble_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("assemble");
     g.sample_size(30);
-    for (name, shape, depth) in [
-        ("full", Shape::Full, 1),
-        ("every_other_sector", Shape::EveryOtherSector, 1),
-        ("every_other_4k", Shape::EveryOther4K, 1),
-        ("full_8_layers", Shape::Full, 8),
-        ("striped_32_layers", Shape::Striped, 32),
+    for (name, spread, depth) in [
+        ("full", Spread::RoundRobin(Shape::Full), 1),
+        (
+            "every_other_sector",
+            Spread::RoundRobin(Shape::EveryOtherSector),
+            1,
+        ),
+        ("every_other_4k", Spread::RoundRobin(Shape::EveryOther4K), 1),
+        ("full_8_layers", Spread::RoundRobin(Shape::Full), 8),
+        ("striped_32_layers", Spread::Striped, 32),
     ] {
         let dir = tempfile::tempdir_in(bench_dir()).unwrap();
         // Every layer holds block 0, so depth layers contribute to block 0 with the nearest
         // winning (or, striped, each with its own stripes).
-        let blocks: Vec<u64> = match shape {
-            Shape::Striped => vec![0],
+        let blocks: Vec<u64> = match spread {
+            Spread::Striped => vec![0],
             _ => (0..depth as u64).map(|_| 0).collect(),
         };
-        let chain = in_memory(&build(dir.path(), 8 << 20, &blocks, depth, shape, false));
+        let chain = in_memory(&build(dir.path(), 8 << 20, &blocks, depth, spread, false));
         let plan = MergePlan::build(&chain, depth).unwrap();
         let mut buf = vec![0u8; 2 << 20];
         let mut scratch = Vec::new();
@@ -260,21 +163,21 @@ fn assemble_benches(c: &mut Criterion) {
     g.finish();
 }
 
-/// Whole merges: `blocks` 2 MiB blocks of `shape` data in `depth` layers into the base.
+/// Whole merges: `blocks` 2 MiB blocks spread as `spread` over `depth` layers, into the base.
 fn merge_bench(
     c: &mut Criterion,
     name: &str,
     size: u64,
     blocks: &[u64],
     depth: usize,
-    shape: Shape,
+    spread: Spread,
     fixed: bool,
 ) {
     let mut g = c.benchmark_group("merge");
     g.sample_size(10);
     g.measurement_time(std::time::Duration::from_secs(8));
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
-    let paths = build(dir.path(), size, blocks, depth, shape, fixed);
+    let paths = build(dir.path(), size, blocks, depth, spread, fixed);
     let base = paths.last().unwrap().clone();
     let pristine = dir.path().join("base.pristine");
     std::fs::copy(&base, &pristine).unwrap();
@@ -305,14 +208,22 @@ fn merge_bench(
 
 fn merge_benches(c: &mut Criterion) {
     let blocks: Vec<u64> = (0..32).collect();
-    merge_bench(c, "full_64mib", 128 << 20, &blocks, 1, Shape::Full, false);
+    merge_bench(
+        c,
+        "full_64mib",
+        128 << 20,
+        &blocks,
+        1,
+        Spread::RoundRobin(Shape::Full),
+        false,
+    );
     merge_bench(
         c,
         "every_other_sector_32_blocks",
         128 << 20,
         &blocks,
         1,
-        Shape::EveryOtherSector,
+        Spread::RoundRobin(Shape::EveryOtherSector),
         false,
     );
     merge_bench(
@@ -321,7 +232,7 @@ fn merge_benches(c: &mut Criterion) {
         128 << 20,
         &blocks,
         1,
-        Shape::EveryOther4K,
+        Spread::RoundRobin(Shape::EveryOther4K),
         false,
     );
     merge_bench(
@@ -330,7 +241,7 @@ fn merge_benches(c: &mut Criterion) {
         128 << 20,
         &blocks,
         32,
-        Shape::Full,
+        Spread::RoundRobin(Shape::Full),
         false,
     );
     merge_bench(
@@ -339,7 +250,7 @@ fn merge_benches(c: &mut Criterion) {
         128 << 20,
         &blocks,
         32,
-        Shape::Striped,
+        Spread::Striped,
         false,
     );
     merge_bench(
@@ -348,11 +259,19 @@ fn merge_benches(c: &mut Criterion) {
         128 << 20,
         &blocks,
         1,
-        Shape::Full,
+        Spread::RoundRobin(Shape::Full),
         true,
     );
     let sparse: Vec<u64> = (0..32).map(|i| i * 32_000 + 7).collect();
-    merge_bench(c, "sparse_2tib_64mib", TIB2, &sparse, 1, Shape::Full, false);
+    merge_bench(
+        c,
+        "sparse_2tib_64mib",
+        TIB2,
+        &sparse,
+        1,
+        Spread::RoundRobin(Shape::Full),
+        false,
+    );
 }
 
 criterion_group!(benches, plan_benches, assemble_benches, merge_benches);

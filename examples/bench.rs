@@ -36,10 +36,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
-use vhd_merge::format::SectorBitmap;
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::merge::MergePlan;
 use vhd_merge::{Chain, ChainOptions};
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{Fill, Shape, Spread, build_chain};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -100,104 +103,6 @@ fn parse_args() -> Res<Args> {
         return Err("--runs must be at least 1 and --scale positive".into());
     }
     Ok(a)
-}
-
-/// Bitmap shapes of the merged blocks.
-#[derive(Clone, Copy)]
-enum Shape {
-    Full,
-    EveryOtherSector,
-    EveryOther4K,
-}
-
-impl Shape {
-    fn mask(self) -> SectorBitmap {
-        let mut m = SectorBitmap::new(4096);
-        match self {
-            Shape::Full => m.set_range(0..4096),
-            Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
-            Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
-        }
-        m
-    }
-}
-
-/// Deterministic non-zero filler (xorshift64).
-struct Fill(u64);
-
-impl Fill {
-    fn block(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-        }
-    }
-}
-
-/// Which sectors each layer of a chain holds.
-#[derive(Clone, Copy)]
-enum Spread {
-    /// Layer `l` holds the blocks `b` with `b % depth == l`, with the whole shape's mask.
-    RoundRobin(Shape),
-    /// Every layer holds every block: layer `l` holds the 64 KiB stripes `s` with
-    /// `s % depth == l` (32 layers: each block is assembled from 32 layers).
-    Striped,
-}
-
-/// A chain of `depth` 2 MiB-block differencing layers over a base (dynamic or fixed) of
-/// `size` bytes, with data in `blocks`. Returns the paths, child first.
-fn build_chain(
-    dir: &Path,
-    size: u64,
-    blocks: &[u64],
-    depth: usize,
-    spread: Spread,
-    fixed: bool,
-    fill: &mut Fill,
-) -> Res<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    let o = CreateOptions::default();
-    let base = dir.join("base.vhd");
-    if fixed {
-        create_fixed(&base, size, &o)?;
-    } else {
-        create_dynamic(&base, size, &o)?;
-    }
-    let mut paths = vec![base];
-    let mut buf = vec![0u8; BLOCK as usize];
-    for l in 0..depth {
-        let p = dir.join(format!("layer{l:02}.vhd"));
-        let parent = paths.last().ok_or("no parent")?.clone();
-        let mut v = create_differencing(&p, &parent, &o)?;
-        let mine: Vec<(u64, SectorBitmap)> = match spread {
-            Spread::RoundRobin(shape) => blocks
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| i % depth == l)
-                .map(|(_, &b)| (b, shape.mask()))
-                .collect(),
-            Spread::Striped => {
-                let mut m = SectorBitmap::new(4096);
-                for s in (0..4096).step_by(128).skip(l).step_by(depth) {
-                    m.set_range(s..s + 128);
-                }
-                blocks.iter().map(|&b| (b, m.clone())).collect()
-            }
-        };
-        v.reserve_blocks(mine.len() as u64)?;
-        for (b, mask) in mine {
-            fill.block(&mut buf);
-            v.write_block(b, &mut buf, &mask)?;
-        }
-        v.finish()?;
-        paths.push(p);
-    }
-    paths.reverse();
-    Ok(paths)
 }
 
 /// A 2040 GiB dynamic VHD whose every BAT entry is allocated (1 044 480 blocks laid out back

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, ParentCandidate, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
 use crate::image::{BlockMap, OpenOptions, SizeRule, Vhd};
+use crate::locator::canonical_or_self;
 
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 256;
@@ -534,10 +535,6 @@ impl<C: Borrow<Chain>> std::io::Seek for ChainReader<C> {
     }
 }
 
-fn canonical_or_self(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
 /// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).
 pub const MAX_LOCATOR_PAYLOAD: u64 = 64 * 1024;
 
@@ -760,14 +757,11 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
     let mut probed = 0usize;
     let mut found = false;
     for p in paths {
-        let Ok(meta) = std::fs::metadata(&p) else {
+        let Some(peek) = crate::image::peek(&p) else {
             continue;
         };
-        if !meta.is_file() || meta.len() < 512 {
-            continue;
-        }
         probed += 1;
-        if footer_ids(&p, meta.len()).contains(&want) {
+        if peek.carries_id(want) {
             found = true;
             cands.push(p, source.clone(), false);
         }
@@ -779,23 +773,6 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
             format!("none of the {probed} regular file(s) has unique id {want}"),
         );
     }
-}
-
-/// The unique ids in the footer and in the offset-0 copy of the file at `path`, if they parse.
-fn footer_ids(path: &Path, len: u64) -> Vec<uuid::Uuid> {
-    let Ok(f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for off in [len - 512, 0] {
-        let mut b = [0u8; 512];
-        if crate::io::pread_exact(&f, &mut b, off).is_ok()
-            && let Ok(footer) = crate::format::Footer::parse(&b)
-        {
-            out.push(footer.unique_id);
-        }
-    }
-    out
 }
 
 /// The allowed directories of [`ChainOptions::confine_to`], canonicalised; directories that
@@ -840,11 +817,7 @@ fn admit(
         Err(e) => Err(format!("cannot open: {e}")),
         Ok(m) if !m.is_file() => Err(format!(
             "not a regular file ({})",
-            if m.is_dir() {
-                "a directory"
-            } else {
-                "a FIFO, device or socket"
-            }
+            crate::image::file_kind(&m)
         )),
         Ok(_) => Ok(path),
     }
@@ -922,8 +895,7 @@ fn resolve_parent(
                     let msg = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
                     if !matches!(e, Error::Io { .. })
                         && damaged.is_none()
-                        && std::fs::metadata(&path)
-                            .is_ok_and(|m| footer_ids(&path, m.len()).contains(&want))
+                        && crate::image::peek(&path).is_some_and(|p| p.carries_id(want))
                     {
                         damaged = Some(Error::Format {
                             path: Some(path.clone()),

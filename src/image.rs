@@ -1020,7 +1020,85 @@ pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
     Ok(file)
 }
 
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+/// What a cheap look at a file finds: its footers and, for a differencing disk, its parent's
+/// unique id. Nothing else is validated; at most three small reads. For scanning whole
+/// directories for a renamed parent or for siblings, where most files are not wanted.
+#[derive(Clone, Debug)]
+pub(crate) struct Peek {
+    /// The footer at the end of the file, when its cookie is right (checksum not checked).
+    pub end_footer: Option<Footer>,
+    /// The copy at offset 0, when its cookie is right (checksum not checked).
+    pub copy_footer: Option<Footer>,
+    /// For a differencing disk (by [`Peek::footer`]): the Parent Unique Id of its dynamic
+    /// header, when the header lies inside the file and its checksum is right.
+    pub parent_unique_id: Option<Uuid>,
+}
+
+impl Peek {
+    /// The footer a reader goes by: the end one when its checksum is right, else a sparse
+    /// disk's offset-0 copy when its checksum is right (§4.2).
+    pub fn footer(&self) -> Option<&Footer> {
+        let checked = |f: &&Footer| f.checksum_ok();
+        self.end_footer.as_ref().filter(checked).or_else(|| {
+            self.copy_footer
+                .as_ref()
+                .filter(checked)
+                .filter(|f| f.disk_type.is_sparse())
+        })
+    }
+
+    /// Whether either footer, checksum right or not, carries unique id `id`: how a damaged
+    /// copy of a wanted disk is still recognised.
+    pub fn carries_id(&self, id: Uuid) -> bool {
+        [&self.end_footer, &self.copy_footer]
+            .into_iter()
+            .flatten()
+            .any(|f| f.unique_id == id)
+    }
+}
+
+/// Peek at the file at `path`: `None` when it is not a regular file at least a footer long
+/// (its metadata cannot be read, or it is a directory, FIFO, device or shorter file). A file
+/// that cannot be opened or read peeks as one without footers.
+pub(crate) fn peek(path: &Path) -> Option<Peek> {
+    let meta = std::fs::metadata(path).ok()?;
+    let len = meta.len();
+    if !meta.is_file() || len < FOOTER_SIZE as u64 {
+        return None;
+    }
+    let mut peek = Peek {
+        end_footer: None,
+        copy_footer: None,
+        parent_unique_id: None,
+    };
+    let Ok(file) = File::open(path) else {
+        return Some(peek);
+    };
+    let read_footer = |offset: u64| -> Option<Footer> {
+        let mut b = [0u8; FOOTER_SIZE];
+        crate::io::pread_exact(&file, &mut b, offset).ok()?;
+        Footer::parse(&b).ok()
+    };
+    peek.end_footer = read_footer(len - FOOTER_SIZE as u64);
+    peek.copy_footer = read_footer(0);
+    let header_at = peek
+        .footer()
+        .filter(|f| f.disk_type == DiskType::Differencing)
+        .map(|f| f.data_offset)
+        .filter(|at| at.checked_add(HEADER_SIZE as u64).is_some_and(|e| e <= len));
+    if let Some(at) = header_at {
+        let mut b = [0u8; HEADER_SIZE];
+        peek.parent_unique_id = crate::io::pread_exact(&file, &mut b, at)
+            .ok()
+            .and_then(|()| DynamicHeader::parse(&b).ok())
+            .filter(DynamicHeader::checksum_ok)
+            .map(|h| h.parent_unique_id);
+    }
+    Some(peek)
+}
+
+/// What a path that is not a regular file is, for messages.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     let ft = meta.file_type();
     if ft.is_dir() {
         return "a directory";
@@ -2450,6 +2528,73 @@ mod tests {
         assert_eq!(t.get(1), Some(99 * 512));
         assert_eq!(t.get(5), rw.block_offset(5));
         assert_eq!(t.allocated(), 5);
+    }
+
+    #[test]
+    fn peek_reads_footers_and_the_parent_id_without_validating() {
+        use crate::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CreateOptions::default();
+        let base = dir.path().join("base.vhd");
+        let base_id = create_dynamic(&base, 4 << 20, &opts).unwrap().unique_id();
+        let child = dir.path().join("child.vhd");
+        let child_id = create_differencing(&child, &base, &opts)
+            .unwrap()
+            .unique_id();
+        let fixed = dir.path().join("fixed.vhd");
+        let fixed_id = create_fixed(&fixed, 1 << 20, &opts).unwrap().unique_id();
+        let flip = |p: &Path, at: usize| {
+            let mut b = std::fs::read(p).unwrap();
+            b[at] ^= 0xFF;
+            std::fs::write(p, b).unwrap();
+        };
+        let len = |p: &Path| std::fs::metadata(p).unwrap().len() as usize;
+
+        let p = peek(&base).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, base_id);
+        assert!(p.copy_footer.is_some() && p.carries_id(base_id));
+        assert_eq!(p.parent_unique_id, None);
+        let p = peek(&child).unwrap();
+        assert_eq!(p.footer().unwrap().disk_type, DiskType::Differencing);
+        assert_eq!(p.parent_unique_id, Some(base_id));
+        let p = peek(&fixed).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, fixed_id);
+        assert!(p.copy_footer.is_none());
+
+        // A bad end footer checksum: a sparse disk goes by its copy, both still carry the id.
+        // The fixed disk's data starts with a copy of its footer (a disk holding a VHD image):
+        // a fixed disk has no offset-0 copy, so that is data, not a footer to go by.
+        let mut data = std::fs::read(&fixed).unwrap();
+        let end = data.len() - 512;
+        data.copy_within(end.., 0);
+        std::fs::write(&fixed, data).unwrap();
+        for path in [&child, &fixed] {
+            flip(path, len(path) - 512 + 64);
+        }
+        let p = peek(&child).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, child_id);
+        assert!(!p.end_footer.as_ref().unwrap().checksum_ok());
+        assert_eq!(p.parent_unique_id, Some(base_id));
+        let header_at = p.footer().unwrap().data_offset as usize;
+        let p = peek(&fixed).unwrap();
+        assert!(p.copy_footer.as_ref().unwrap().checksum_ok());
+        assert!(p.footer().is_none(), "a fixed disk has no copy to go by");
+        assert!(p.carries_id(fixed_id));
+
+        // A damaged header (a byte of the parent id flipped): no parent id.
+        flip(&child, header_at + 40);
+        assert_eq!(peek(&child).unwrap().parent_unique_id, None);
+
+        // Not a regular file of at least a footer.
+        let tiny = dir.path().join("tiny");
+        std::fs::write(&tiny, [0u8; 511]).unwrap();
+        assert!(peek(&tiny).is_none());
+        assert!(peek(dir.path()).is_none());
+        assert!(peek(&dir.path().join("absent")).is_none());
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, [0u8; 4096]).unwrap();
+        let p = peek(&junk).unwrap();
+        assert!(p.end_footer.is_none() && p.copy_footer.is_none() && p.footer().is_none());
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// The canonical form of `p`, or `p` itself when it cannot be resolved (it does not exist):
+/// for telling files apart by path.
+pub(crate) fn canonical_or_self(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// True when both paths exist and name the same file (through links or different spellings).
 pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     #[cfg(unix)]

@@ -7,13 +7,15 @@
 //! destination, a damaged child or destination, a source or destination that is the wrong
 //! kind of file, a sibling in the way, a missing parent in the middle of the chain.
 
-mod reliability_util;
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
-use reliability_util::*;
+use common::os::{Immutable, Mount, is_root};
+use common::patch::*;
+use common::{read, serial, snapshot};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::create::{CreateOptions, create_dynamic};
 use vhd_merge::format::PlatformCode;
@@ -826,29 +828,6 @@ fn c35_missing_file() {
 
 // ---- Write access and space. ----
 
-/// Makes a file immutable (so even root cannot open it for writing) until dropped.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn new(p: &Path) -> Option<Immutable> {
-        let ok = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(p)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Immutable(p.to_path_buf()))
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[cfg(unix)]
 #[test]
 fn c36_open_for_write_without_permission() {
@@ -859,11 +838,7 @@ fn c36_open_for_write_without_permission() {
     truncate(&p, len_of(&p) - 512); // something for repair to do
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
     // Root ignores permission bits; the immutable attribute stops it too.
-    let is_root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    let _guard = if is_root {
+    let _guard = if is_root() {
         match Immutable::new(&p) {
             Some(g) => Some(g),
             None => {
@@ -1013,14 +988,6 @@ fn counting_allocator_counts() {
 
 use vhd_merge::merge::{MergeOptions, merge};
 
-/// The tests that merge or spawn processes run one at a time: a child process between fork
-/// and exec holds copies of this process's descriptors, with the flock locks a merge took,
-/// which would make a merge in a parallel test report System is in use.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Every file under `dirs`, with content.
 fn snapshot_all(dirs: &[&Path]) -> Vec<(PathBuf, Vec<u8>)> {
     dirs.iter().flat_map(|d| snapshot(d)).collect()
@@ -1080,11 +1047,7 @@ fn c40_merge_into_a_read_only_destination() {
     let _serial = serial();
     let d = tmp();
     let (base, c) = merge_pair(d.path());
-    let is_root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    let _guard = if is_root {
+    let _guard = if is_root() {
         match Immutable::new(&base) {
             Some(g) => Some(g),
             None => {
@@ -1159,25 +1122,12 @@ fn c41_merge_into_a_full_disk() {
 fn c41b_merge_into_a_really_full_tmpfs() {
     let _serial = serial();
     let mnt = tmp();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(mnt.path())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    let Some(_mount) = Mount::tmpfs(mnt.path(), 4 << 20) else {
         eprintln!(
             "note: cannot mount a tmpfs (not root?); c41 covers a full disk through the fault layer"
         );
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.path().to_path_buf());
+    };
     let (base, c) = merge_pair(mnt.path());
     // Fill what is left.
     {

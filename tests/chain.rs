@@ -1,12 +1,14 @@
 //! Parent resolution: every locator style, overrides, untrusted input, errors; reading through
 //! chains.
 
-mod support_chain;
+mod common;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use support_chain::{ChildSpec, Loc, Rng, craft_child, fixture, tempdir};
+use common::craft::{ChildSpec, Loc, craft_child};
+use common::fixtures::fixture_copy;
+use common::{Rng, fast_tempdir};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
 use vhd_merge::format::{ParentLocator, PlatformCode};
 use vhd_merge::{Chain, ChainOptions, Error, OpenOptions, ReturnCode, Vhd};
@@ -53,7 +55,7 @@ fn reason_for<'a>(tried: &'a [vhd_merge::ParentCandidate], path: &Path) -> &'a s
 
 #[test]
 fn whole_chain_moved_to_another_directory() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let a = root.path().join("a");
     std::fs::create_dir(&a).unwrap();
     let b = base(&a, "base.vhd", 4 * MIB, 1);
@@ -88,7 +90,7 @@ fn whole_chain_moved_to_another_directory() {
 
 #[test]
 fn renamed_parent_found_through_a_search_dir() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let b = base(root.path(), "base.vhd", 2 * MIB, 7);
     let child = root.path().join("child.vhd");
     drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
@@ -124,7 +126,7 @@ fn renamed_parent_found_through_a_search_dir() {
 
 #[test]
 fn parent_moved_into_a_search_dir_keeps_its_name() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let b = base(root.path(), "base.vhd", 2 * MIB, 7);
     let child = root.path().join("child.vhd");
     drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
@@ -141,7 +143,7 @@ fn parent_moved_into_a_search_dir_keeps_its_name() {
 
 #[test]
 fn explicit_parent_overrides_and_is_checked() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let b = base(root.path(), "base.vhd", 2 * MIB, 7);
     let child = root.path().join("child.vhd");
     drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
@@ -179,7 +181,7 @@ fn windows_path(p: &Path) -> String {
 
 #[test]
 fn windows_absolute_only_locators() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let kids = root.path().join("kids");
     std::fs::create_dir(&kids).unwrap();
 
@@ -249,7 +251,7 @@ fn windows_absolute_only_locators() {
 
 #[test]
 fn header_name_only_crafted() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let p = base(root.path(), "the parent.vhd", 2 * MIB, 4);
     let c = root.path().join("c.vhd");
     // Windows 10 writes the full path into the header name; only its last part is used.
@@ -267,10 +269,10 @@ fn header_name_only_crafted() {
 
 #[test]
 fn header_name_only_real_dfvfs_fixture() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (Some(child), Some(parent)) = (
-        fixture("dfvfs/image-differential.vhd", dir.path()),
-        fixture("dfvfs/image.vhd", dir.path()),
+        fixture_copy("dfvfs/image-differential.vhd", dir.path()),
+        fixture_copy("dfvfs/image.vhd", dir.path()),
     ) else {
         return;
     };
@@ -302,7 +304,7 @@ fn header_name_only_real_dfvfs_fixture() {
 
 #[test]
 fn macx_only() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let d = root.path().join("my disks");
     std::fs::create_dir(&d).unwrap();
     let p = base(&d, "parent disk%.vhd", 2 * MIB, 5);
@@ -337,7 +339,7 @@ fn macx_only() {
 
 #[test]
 fn relative_path_into_a_sibling_directory() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let a = root.path().join("a");
     let b = root.path().join("b");
     std::fs::create_dir(&a).unwrap();
@@ -373,10 +375,10 @@ fn pathdiff(target: &Path, base: &Path) -> PathBuf {
 
 #[test]
 fn real_windows_chain_go_vhd() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (Some(child), Some(parent)) = (
-        fixture("go-vhd/win8-child.vhd", dir.path()),
-        fixture("go-vhd/win8.vhd", dir.path()),
+        fixture_copy("go-vhd/win8-child.vhd", dir.path()),
+        fixture_copy("go-vhd/win8.vhd", dir.path()),
     ) else {
         return;
     };
@@ -408,7 +410,7 @@ fn real_windows_chain_go_vhd() {
 
 #[test]
 fn unique_id_mismatch_shows_both_ids() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let p = base(root.path(), "parent.vhd", 2 * MIB, 1);
     let want = uuid::Uuid::new_v4();
     let c = root.path().join("c.vhd");
@@ -436,7 +438,7 @@ fn unique_id_mismatch_shows_both_ids() {
 
 #[test]
 fn cycles_are_refused() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let ida = uuid::Uuid::new_v4();
     let idb = uuid::Uuid::new_v4();
     let a = root.path().join("a.vhd");
@@ -473,7 +475,7 @@ fn cycles_are_refused() {
 
 #[test]
 fn depth_limit() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let mut prev = base(root.path(), "l0.vhd", MIB, 1);
     for i in 1..6 {
         let next = root.path().join(format!("l{i}.vhd"));
@@ -505,8 +507,8 @@ fn depth_limit() {
 
 #[test]
 fn missing_parent_real_fixture_lists_the_tried_candidates() {
-    let dir = tempdir();
-    let Some(child) = fixture("dfvfs/fat-differential.vhd", dir.path()) else {
+    let dir = fast_tempdir();
+    let Some(child) = fixture_copy("dfvfs/fat-differential.vhd", dir.path()) else {
         return;
     };
     let e = open(&child).unwrap_err();
@@ -528,7 +530,7 @@ fn missing_parent_real_fixture_lists_the_tried_candidates() {
 #[cfg(unix)]
 #[test]
 fn fifo_and_directory_candidates_are_not_opened() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let fifo = root.path().join("fifo.vhd");
     let st = std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -555,6 +557,7 @@ fn fifo_and_directory_candidates_are_not_opened() {
         reason_for(tried, &fifo).contains("not a regular file"),
         "{tried:#?}"
     );
+    assert!(reason_for(tried, &fifo).contains("a FIFO"), "{tried:#?}");
     assert!(
         reason_for(tried, &dirp).contains("a directory"),
         "{tried:#?}"
@@ -576,10 +579,30 @@ fn fifo_and_directory_candidates_are_not_opened() {
     assert!(reason_for(tried, &fifo).contains("not a regular file"));
 }
 
+/// A candidate shorter than a footer is listed as not usable. Telling a damaged parent from a
+/// stranger reads the candidate's footers, and must not compute an offset below zero for it
+/// (a debug build panicked on `len - 512`).
+#[test]
+fn candidate_shorter_than_a_footer_is_not_usable() {
+    let root = fast_tempdir();
+    let b = base(root.path(), "base.vhd", MIB, 3);
+    let c = root.path().join("child.vhd");
+    drop(create_differencing(&c, &b, &CreateOptions::default()).unwrap());
+    std::fs::write(&b, b"tiny").unwrap();
+    let e = open(&c).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound, "{e}");
+    let tried = parent_not_found(&e);
+    let reason = reason_for(tried, &b);
+    assert!(
+        reason.starts_with("not a usable VHD") && reason.contains("smaller than a VHD footer"),
+        "{tried:#?}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn hostile_locators_are_confined() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let allowed = root.path().join("allowed");
     let outside = root.path().join("outside");
     std::fs::create_dir(&allowed).unwrap();
@@ -675,7 +698,7 @@ fn hostile_locators_are_confined() {
 
 #[test]
 fn unreadable_locator_payloads_are_listed_not_read() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let p = base(root.path(), "parent.vhd", MIB, 1);
     let c = root.path().join("c.vhd");
     let raw = |offset: u64, len: u32| {
@@ -704,7 +727,7 @@ fn unreadable_locator_payloads_are_listed_not_read() {
 
 #[test]
 fn time_stamp_mismatch_is_a_warning() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let p = base(root.path(), "parent.vhd", MIB, 1);
     let c = root.path().join("c.vhd");
     let mut spec = ChildSpec::of(&p).name("parent.vhd");
@@ -726,7 +749,7 @@ fn time_stamp_mismatch_is_a_warning() {
 
 #[test]
 fn reader_reads_any_position_and_length() {
-    let root = tempdir();
+    let root = fast_tempdir();
     // Base 3 MiB with random data, a larger child (5 MiB) with sector-granular writes.
     let bp = root.path().join("base.vhd");
     let mut rng = Rng::new(42);
@@ -791,7 +814,7 @@ fn reader_reads_any_position_and_length() {
 #[cfg(feature = "cli")]
 #[test]
 fn cli_chain_lists_layers_child_first() {
-    let root = tempdir();
+    let root = fast_tempdir();
     let b = base(root.path(), "base.vhd", 2 * MIB, 7);
     let child = root.path().join("child.vhd");
     drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());

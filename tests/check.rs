@@ -1,10 +1,11 @@
 //! `check`: every finding it promises, on files damaged on purpose, and silence on good files.
 
-mod reliability_util;
+mod common;
 
 use std::path::Path;
 
-use reliability_util::*;
+use common::patch::*;
+use common::{fixtures, read};
 use vhd_merge::check::{CheckOptions, CheckReport, Severity, check_chain, check_file};
 use vhd_merge::create::{CreateOptions, create_dynamic};
 use vhd_merge::{ChainOptions, OpenOptions, Vhd};
@@ -59,8 +60,8 @@ fn good_files_have_no_errors_or_warnings() {
 #[test]
 fn real_files_from_other_tools() {
     // The permissive fixtures in the repository, and all of them when ../shared is there.
-    let mut roots = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")];
-    let min = if let Some(real) = real_fixtures() {
+    let mut roots = vec![fixtures::repo_fixtures()];
+    let min = if let Some(real) = fixtures::shared_fixtures() {
         roots.push(real);
         30
     } else {
@@ -77,9 +78,7 @@ fn real_files_from_other_tools() {
         }
         for f in std::fs::read_dir(&dir).unwrap() {
             let f = f.unwrap().path();
-            let Some(p) = unpack_fixture(&f, d.path()) else {
-                continue;
-            };
+            let p = fixtures::unpack_into(&f, d.path());
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             let r = check_file(&p, &deep()).unwrap();
             if damaged.contains(&name.as_str()) {

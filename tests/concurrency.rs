@@ -8,16 +8,18 @@
 //! there) while the competing merge runs, so the two always overlap. Waits are bounded only
 //! so that a bug cannot hang the suite.
 
-mod merge_support;
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::storage::faulty;
+use common::{Rng, fast_tempdir, file_hash, hashes, read_view, serial};
 use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
 use vhd_merge::merge::{MergeOptions, StorageWrapper, merge};
 use vhd_merge::{Chain, ChainOptions, MergeJob, ReturnCode};
@@ -27,14 +29,6 @@ const MIB: u32 = 1 << 20;
 
 /// Longest any wait here lasts before giving up (a bug, not a slow machine, would get there).
 const PATIENCE: Duration = Duration::from_secs(120);
-
-/// The tests of this file run one at a time: several spawn processes, and a child between
-/// fork and exec holds copies of this process's descriptors, with the flock locks a merge in
-/// a parallel test took on them.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A chain of four layers (destination two levels up is possible) with mixed block sizes.
 fn chain(dir: &Path, seed: u64) -> Built {

@@ -4,14 +4,16 @@
 //! the expected content. `tests/merge_faults.rs` extends this to more scenarios, out-of-space
 //! points, successive interruptions and a real full file system.
 
-mod merge_support;
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use merge_support::*;
-use vhd_merge::io::{FaultPlan, FaultyStorage};
-use vhd_merge::merge::{MergeOptions, StorageWrapper, merge};
+use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::storage::faulty;
+use common::{copy_dir, fast_tempdir, first_diff, hashes, read_view};
+use vhd_merge::io::FaultPlan;
+use vhd_merge::merge::{MergeOptions, merge};
 use vhd_merge::{OpenOptions, Vhd};
 
 const KIB: u32 = 1024;
@@ -62,14 +64,10 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 fn options(plan: Option<Arc<FaultPlan>>) -> MergeOptions {
-    let destination_io: Option<StorageWrapper> = plan.map(|plan| {
-        let w: StorageWrapper = Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())));
-        w
-    });
     MergeOptions {
         // Small batches: several reserve/commit cycles in a few MiB.
         batch_bytes: 1 << 20,
-        destination_io,
+        destination_io: plan.map(faulty),
         ..MergeOptions::default()
     }
 }

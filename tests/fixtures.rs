@@ -14,7 +14,8 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Origin, assert_same, fixture};
+use common::fixtures::{Origin, fixture};
+use common::{assert_same, oracles};
 use sha2::{Digest, Sha256};
 use vhd_merge::format::Geometry;
 use vhd_merge::{DiskType, Error, OpenOptions, ReturnCode, SizeSource, Vhd};
@@ -642,7 +643,7 @@ fn provenance_notes_hold() {
 fn compare_with_qemu(vhd: &Vhd, what: &str) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("qemu.raw");
-    match common::qemu_img_convert(vhd.path(), &raw) {
+    match oracles::qemu_img_convert(vhd.path(), &raw) {
         None => return false,
         Some(Err(e)) => panic!("{what}: qemu-img refused the file: {e}"),
         Some(Ok(())) => {}
@@ -687,12 +688,16 @@ fn fixed_and_dynamic_fixtures_read_like_qemu_img() {
         }
         let vhd = Vhd::open(&path, OpenOptions::read_only()).unwrap();
         if vhd.virtual_size() > 1 << 30 {
-            let Some(q) = common::qemu_img_virtual_size(&path) else {
+            let Some(q) = oracles::qemu_img_virtual_size(&path) else {
                 return;
             };
             assert_eq!(q.unwrap(), vhd.virtual_size(), "{}", fact.rel);
             assert_eq!(vhd.allocated_blocks(), 0);
-            assert!(qemu_map_has_no_data(&path), "{}", fact.rel);
+            assert!(
+                oracles::qemu_img_map_has_no_data(&path).unwrap(),
+                "{}",
+                fact.rel
+            );
             compared.push(fact.rel);
             continue;
         }
@@ -703,20 +708,6 @@ fn fixed_and_dynamic_fixtures_read_like_qemu_img() {
     }
     eprintln!("compared with qemu-img: {compared:?}");
     assert!(compared.contains(&"node-vhd/dynamic.vhd"));
-}
-
-fn qemu_map_has_no_data(path: &Path) -> bool {
-    let out = Command::new("qemu-img")
-        .args(["map", "-f", "vpc", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .all(|e| e["data"] == serde_json::Value::Bool(false))
 }
 
 /// node-vhd's dynamic.vhd has real data in 11 blocks: what we read is what qemu reads, and it

@@ -1,12 +1,15 @@
 //! flatten: random chains against an in-test model, outputs read back by qemu-img and by the
 //! crate, and the output-file rules (refusal, force, temporary name, progress).
 
-mod support_chain;
+mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::craft::{ChildSpec, craft_child};
+use common::model::{LayerModel, compose};
+use common::oracles;
+use common::{Rng, fast_tempdir};
 use proptest::prelude::*;
-use support_chain::{ChildSpec, Rng, craft_child, have_qemu_img, qemu_img_raw, tempdir};
 use vhd_merge::create::{CreateOptions, create_dynamic, create_fixed};
 use vhd_merge::format::{PlatformCode, SectorBitmap};
 use vhd_merge::{
@@ -17,37 +20,9 @@ use vhd_merge::{
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-/// One layer as the model sees it: its size, and the sectors it holds with their data.
-struct ModelLayer {
-    size: u64,
-    data: Vec<u8>,
-    present: Vec<bool>,
-}
-
-/// The logical content of layer 0 of `layers` (child first): each sector from the nearest
-/// layer holding it, as long as no layer on the way is smaller than the sector's position.
-fn compose(layers: &[ModelLayer]) -> Vec<u8> {
-    let size = layers[0].size as usize;
-    let mut out = vec![0u8; size];
-    for s in 0..size / 512 {
-        let mut visible = usize::MAX;
-        for l in layers {
-            visible = visible.min(l.size as usize / 512);
-            if s >= visible {
-                break;
-            }
-            if l.present[s] {
-                out[s * 512..s * 512 + 512].copy_from_slice(&l.data[s * 512..s * 512 + 512]);
-                break;
-            }
-        }
-    }
-    out
-}
-
 /// Random writes into a model layer: a few extents at sector granularity, some all zero.
-fn random_writes(rng: &mut Rng, m: &mut ModelLayer, max_extents: u64) {
-    let sectors = m.size / 512;
+fn random_writes(rng: &mut Rng, m: &mut LayerModel, max_extents: u64) {
+    let sectors = m.size() as u64 / 512;
     for _ in 0..rng.below(max_extents + 1) {
         let start = rng.below(sectors);
         let len = (1 + rng.below(1024)).min(sectors - start);
@@ -65,7 +40,7 @@ fn random_writes(rng: &mut Rng, m: &mut ModelLayer, max_extents: u64) {
 
 /// Write the model's present sectors into `v`, block by block in a shuffled order (so blocks
 /// land in the file out of order), then finish.
-fn write_layer(rng: &mut Rng, v: &mut Vhd, m: &ModelLayer) {
+fn write_layer(rng: &mut Rng, v: &mut Vhd, m: &LayerModel) {
     let bs = v.block_size();
     let spb = (bs / 512) as usize;
     let mut blocks: Vec<u64> = (0..v.block_count()).collect();
@@ -101,18 +76,14 @@ fn random_chain(
     seed: u64,
     depth: usize,
     fixed_base: bool,
-) -> (PathBuf, Vec<ModelLayer>) {
+) -> (PathBuf, Vec<LayerModel>) {
     let mut rng = Rng::new(seed);
-    let mut models: Vec<ModelLayer> = Vec::new();
+    let mut models: Vec<LayerModel> = Vec::new();
     let mut prev: Option<PathBuf> = None;
     for i in 0..depth {
         // 1..4 MiB in whole sectors, rarely block aligned: ancestors smaller and larger.
         let size = (MIB + rng.below(3 * MIB)) / 512 * 512;
-        let mut m = ModelLayer {
-            size,
-            data: vec![0u8; size as usize],
-            present: vec![false; (size / 512) as usize],
-        };
+        let mut m = LayerModel::empty(size as usize);
         let block_size = BLOCK_SIZES[rng.below(3) as usize];
         let path = dir.join(format!("l{i}.vhd"));
         let mut v = match &prev {
@@ -167,14 +138,14 @@ proptest! {
 
     #[test]
     fn flatten_equals_the_model(seed in any::<u64>(), depth in 1usize..=8, fixed_base in any::<bool>()) {
-        let dir = tempdir();
+        let dir = fast_tempdir();
         let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
         let want = compose(&models);
         let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
         prop_assert_eq!(chain.len(), depth);
         let out = dir.path().join("out.raw");
         let r = flatten(&chain, &out, opts(FlattenFormat::Raw)).unwrap();
-        prop_assert_eq!(r.virtual_size, models[0].size);
+        prop_assert_eq!(r.virtual_size, models[0].size() as u64);
         let got = std::fs::read(&out).unwrap();
         prop_assert_eq!(got.len(), want.len());
         prop_assert!(got == want, "raw flatten differs from the model");
@@ -195,13 +166,13 @@ proptest! {
 
 #[test]
 fn qemu_img_reads_fixed_and_dynamic_outputs() {
-    let qemu = have_qemu_img();
+    let qemu = oracles::require_tool("qemu-img");
     for (seed, depth, fixed_base, bs) in [
         (0x5EED, 6, false, 512 * 1024),
         (0xBEEF, 8, true, 2 << 20),
         (0xF00D, 3, false, 1 << 20),
     ] {
-        let dir = tempdir();
+        let dir = fast_tempdir();
         let (top, models) = random_chain(dir.path(), seed, depth, fixed_base);
         let want = compose(&models);
         let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
@@ -232,11 +203,11 @@ fn qemu_img_reads_fixed_and_dynamic_outputs() {
             continue;
         }
         assert!(
-            qemu_img_raw(&fixed, dir.path()) == raw,
+            oracles::qemu_img_raw(&fixed).unwrap() == raw,
             "seed {seed:#x}: qemu-img reads the fixed output differently"
         );
         assert!(
-            qemu_img_raw(&dynamic, dir.path()) == raw,
+            oracles::qemu_img_raw(&dynamic).unwrap() == raw,
             "seed {seed:#x}: qemu-img reads the dynamic output differently"
         );
     }
@@ -244,7 +215,7 @@ fn qemu_img_reads_fixed_and_dynamic_outputs() {
 
 #[test]
 fn output_rules() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 7, 3, true);
     let want = compose(&models);
     let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
@@ -316,7 +287,7 @@ fn output_rules() {
 
 #[test]
 fn progress_and_layers() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 99, 4, false);
     let mut calls: Vec<(u64, u64)> = Vec::new();
     let mut cb = |d: u64, t: u64| calls.push((d, t));
@@ -334,7 +305,7 @@ fn progress_and_layers() {
     .unwrap();
     assert_eq!(r.format, FlattenFormat::Dynamic);
     assert_eq!(r.layers, 4);
-    let total = models[0].size;
+    let total = models[0].size() as u64;
     assert!(calls.len() >= (total / (512 * KIB)) as usize);
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
     assert!(calls.iter().all(|&(_, t)| t == total));
@@ -369,7 +340,7 @@ fn progress_and_layers() {
 #[cfg(feature = "cli")]
 #[test]
 fn cli_flatten() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 1234, 3, false);
     let want = compose(&models);
     let exe = env!("CARGO_BIN_EXE_vhd-merge");

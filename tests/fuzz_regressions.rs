@@ -3,12 +3,13 @@
 //! The `merge` target's checks are `merge_target` below (a copy of
 //! `fuzz/src/lib.rs::merge_one`, which the test suite cannot import).
 
-mod reliability_util;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use reliability_util::*;
+use common::patch::*;
+use common::read;
 use vhd_merge::check::{CheckOptions, check_storage};
 use vhd_merge::io::{MemStorage, Storage};
 use vhd_merge::repair::{RepairOptions, repair_storage};

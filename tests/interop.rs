@@ -12,9 +12,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{Rng, assert_same};
+use common::{Rng, assert_same, oracles, read_own};
 use vhd_merge::create::{self, CreateOptions};
 use vhd_merge::{Chain, ChainOptions, DiskType, OpenOptions, Vhd};
 
@@ -75,16 +74,9 @@ fn assert_clean(path: &Path) {
     }
 }
 
-fn read_own_all(path: &Path) -> Vec<u8> {
-    let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
-    let mut buf = vec![0u8; v.virtual_size() as usize];
-    v.read_own(0, &mut buf).unwrap();
-    buf
-}
-
 #[test]
 fn vhd_merge_images_read_byte_exact_by_qemu_img() {
-    if !common::require_tool("qemu-img") {
+    if !oracles::require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -118,10 +110,10 @@ fn vhd_merge_images_read_byte_exact_by_qemu_img() {
         drop(vhd);
 
         assert_clean(&path);
-        let qemu = common::qemu_img_raw(&path).unwrap();
+        let qemu = oracles::qemu_img_raw(&path).unwrap();
         assert_same(&qemu, &model, &format!("qemu-img reading {name}"));
         assert_same(
-            &read_own_all(&path),
+            &read_own(&path),
             &model,
             &format!("vhd-merge reading {name}"),
         );
@@ -152,7 +144,7 @@ fn qemu_patterns(size: u64) -> Vec<Pattern> {
 
 #[test]
 fn qemu_img_images_read_byte_exact_by_vhd_merge() {
-    if !common::require_tool("qemu-img") || !common::require_tool("qemu-io") {
+    if !oracles::require_tool("qemu-img") || !oracles::require_tool("qemu-io") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -164,14 +156,8 @@ fn qemu_img_images_read_byte_exact_by_vhd_merge() {
             if force_size {
                 opts.push_str(",force_size=on");
             }
-            let st = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "vpc", "-o", &opts])
-                .arg(&path)
-                .arg("40M")
-                .status()
-                .unwrap();
-            assert!(st.success(), "qemu-img create {name}");
-            let qemu_size = common::qemu_img_virtual_size(&path).unwrap().unwrap();
+            oracles::qemu_img_create(&path, &opts, "40M").unwrap();
+            let qemu_size = oracles::qemu_img_virtual_size(&path).unwrap().unwrap();
             let v = Vhd::open(&path, OpenOptions::read_only()).unwrap();
             assert_eq!(v.virtual_size(), qemu_size, "{name}: size");
             let creator = if force_size { "qem2" } else { "qemu" };
@@ -189,7 +175,7 @@ fn qemu_img_images_read_byte_exact_by_vhd_merge() {
                 .iter()
                 .map(|(b, off, len)| format!("write -P {b:#04x} {off} {len}"))
                 .collect();
-            common::qemu_io(&path, &cmds).unwrap();
+            oracles::qemu_io(&path, &cmds).unwrap();
             let mut model = vec![0u8; qemu_size as usize];
             for (b, off, len) in patterns {
                 model[off as usize..(off + len) as usize].fill(b);
@@ -202,12 +188,12 @@ fn qemu_img_images_read_byte_exact_by_vhd_merge() {
             }
             drop(v);
             assert_same(
-                &read_own_all(&path),
+                &read_own(&path),
                 &model,
                 &format!("vhd-merge reading {name}"),
             );
             // And qemu agrees with the model, so the model is what qemu wrote.
-            let qemu = common::qemu_img_raw(&path).unwrap();
+            let qemu = oracles::qemu_img_raw(&path).unwrap();
             assert_same(&qemu, &model, &format!("qemu-img reading {name}"));
         }
     }
@@ -253,7 +239,7 @@ fn differencing_child_read_byte_exact_by_libvhdi() {
         );
 
         // ... and so does libvhdi.
-        let Some(seen) = common::libvhdi_read_chain(&[&child, &parent]) else {
+        let Some(seen) = oracles::libvhdi_read_chain(&[&child, &parent]) else {
             continue;
         };
         assert_same(
@@ -261,7 +247,7 @@ fn differencing_child_read_byte_exact_by_libvhdi() {
             &model,
             &format!("libvhdi reading child over {parent_kind}"),
         );
-        let seen = common::libvhdi_read_chain(&[&parent]).unwrap();
+        let seen = oracles::libvhdi_read_chain(&[&parent]).unwrap();
         assert_same(
             &seen,
             &parent_model,
@@ -273,9 +259,6 @@ fn differencing_child_read_byte_exact_by_libvhdi() {
 /// libvhdi reads the parent name and id we write into a child the way we meant them.
 #[test]
 fn libvhdi_sees_our_parent_identity() {
-    if !common::pyvhdi_available() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let parent = dir.path().join("base disk.vhd");
     let child = dir.path().join("child.vhd");
@@ -283,22 +266,15 @@ fn libvhdi_sees_our_parent_identity() {
     let pid = p.unique_id();
     drop(p);
     drop(create::create_differencing(&child, &parent, &CreateOptions::default()).unwrap());
-    let out = Command::new(common::python())
-        .arg("-c")
-        .arg(
-            "import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\n\
-             print(f.get_parent_filename())\nprint(f.get_parent_identifier())\n\
-             print(f.get_disk_type())\nprint(f.get_media_size())",
-        )
-        .arg(&child)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(out) = oracles::libvhdi_python(
+        "import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\n\
+         print(f.get_parent_filename())\nprint(f.get_parent_identifier())\n\
+         print(f.get_disk_type())\nprint(f.get_media_size())",
+        &[&child],
+    ) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "base disk.vhd");
     assert_eq!(lines[1], pid.to_string());

@@ -1,13 +1,15 @@
 //! Merge semantics: a property test against an in-memory model, and one test per rule of
 //! `MergeVirtualHardDisk` (wrong destination, siblings, dry run, verify, locks, jobs...).
 
-mod merge_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::os::{Immutable, is_root};
+use common::{copy_dir, fast_tempdir, file_hash, first_diff, hashes, read_view};
 use proptest::prelude::*;
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
@@ -577,39 +579,15 @@ fn locked_destination_gives_system_in_use() {
     );
 }
 
-/// Removes the immutable attribute on drop, so the temporary directory can be deleted.
-struct Immutable(PathBuf);
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn read_only_destination_gives_access_denied() {
     let dir = tempfile::tempdir().unwrap();
     let built = small_chain(dir.path(), 6);
     let dest = built.paths[1].clone();
     // Root ignores permission bits, so make the file immutable when the file system allows it.
-    let ok = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&dest)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    let _guard = Immutable(dest.clone());
-    if !ok {
-        if is_root {
+    let guard = Immutable::new(&dest);
+    if guard.is_none() {
+        if is_root() {
             eprintln!(
                 "note: chattr +i unavailable and running as root; only the mapping of PermissionDenied is checked"
             );

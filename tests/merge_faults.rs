@@ -24,26 +24,20 @@
 //!
 //! The counts of fault points exercised are printed (run with `--nocapture`).
 
-mod merge_support;
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use merge_support::*;
+use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
+use common::os::Mount;
+use common::storage::{IoLog, faulty, recording};
+use common::{Rng, copy_dir, fast_tempdir, first_diff, hashes, read_view, serial};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::image::FooterSource;
 use vhd_merge::io::FaultPlan;
 use vhd_merge::merge::{MergeOptions, StorageWrapper, merge};
 use vhd_merge::{Error, OpenOptions, ReturnCode, Vhd};
-
-/// The tests of this file run one at a time: the tmpfs test spawns `mount`, and a child
-/// process between fork and exec briefly holds copies of every descriptor of this process,
-/// with the flock locks a merge took on them, which would make a merge in a parallel test
-/// report System is in use.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const KIB: u32 = 1024;
 const MIB: u32 = 1 << 20;
@@ -503,39 +497,6 @@ fn successive_interruptions_then_a_completing_run() {
 }
 
 // ---- A real full file system (root only: mounts a small tmpfs). ----
-
-struct Mount(PathBuf);
-
-impl Mount {
-    /// Mount a tmpfs of `bytes` at `dir`, or None (with a note) when that is not possible.
-    fn tmpfs(dir: &Path, bytes: u64) -> Option<Mount> {
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={bytes}"))
-            .arg("tmpfs")
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Mount(dir.to_path_buf()))
-    }
-
-    fn resize(&self, bytes: u64) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o"])
-            .arg(format!("remount,size={bytes}"))
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount of {} failed", self.0.display());
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
 
 /// Blocks (of 512 bytes) a file occupies.
 fn used_bytes(dir: &Path) -> u64 {

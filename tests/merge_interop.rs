@@ -4,51 +4,18 @@
 //!
 //! A missing oracle skips the test with a note, unless VHD_MERGE_REQUIRE_ORACLES=1.
 
-mod merge_support;
+mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use merge_support::*;
+use common::model::{BaseKind, ChainSpec, LayerModel, Model, build_chain};
+use common::{Rng, first_diff, oracles};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::format::SectorBitmap;
 use vhd_merge::merge::{MergeOptions, merge};
 
 const MIB: u32 = 1 << 20;
 
-fn oracle_missing(what: &str) -> bool {
-    if std::env::var("VHD_MERGE_REQUIRE_ORACLES").as_deref() == Ok("1") {
-        panic!("{what} is required (VHD_MERGE_REQUIRE_ORACLES=1) but not available");
-    }
-    eprintln!("note: skipping: {what} is not available");
-    true
-}
-
-fn have_qemu_img() -> bool {
-    Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-fn qemu_raw(path: &Path, out: &Path) -> Vec<u8> {
-    let st = Command::new("qemu-img")
-        .args(["convert", "-f", "vpc", "-O", "raw"])
-        .arg(path)
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "qemu-img convert failed on {}",
-        path.display()
-    );
-    std::fs::read(out).unwrap()
-}
-
 fn check_with_qemu(base: BaseKind, seed: u64) {
-    if !have_qemu_img() && oracle_missing("qemu-img") {
+    if !oracles::require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -68,7 +35,7 @@ fn check_with_qemu(base: BaseKind, seed: u64) {
         &MergeOptions::default(),
     )
     .unwrap();
-    let raw = qemu_raw(&built.paths[2], &dir.path().join("out.raw"));
+    let raw = oracles::qemu_img_raw(&built.paths[2]).unwrap();
     let want = built.model.merged(2);
     assert!(raw.len() >= want.len(), "qemu-img gave {} bytes", raw.len());
     assert_eq!(
@@ -91,30 +58,6 @@ fn fixed_destination_reads_the_same_in_qemu_img() {
     for seed in [4, 5] {
         check_with_qemu(BaseKind::Fixed, seed);
     }
-}
-
-const LIBVHDI_READ: &str = r#"
-import sys, pyvhdi
-parent = pyvhdi.file()
-parent.open(sys.argv[2])
-child = pyvhdi.file()
-child.open(sys.argv[1])
-child.set_parent(parent)
-size = child.get_media_size()
-with open(sys.argv[3], "wb") as out:
-    off = 0
-    while off < size:
-        n = min(1 << 20, size - off)
-        out.write(child.read_buffer_at_offset(n, off))
-        off += n
-"#;
-
-fn have_libvhdi() -> bool {
-    Command::new("python3")
-        .args(["-c", "import pyvhdi"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// Write 4 KiB-aligned random chunks into every other 2 MiB block of `vhd`, mirrored into
@@ -152,18 +95,14 @@ fn write_chunks(vhd: &mut vhd_merge::Vhd, model: &mut LayerModel, rng: &mut Rng)
 
 #[test]
 fn differencing_destination_reads_the_same_in_libvhdi() {
-    if !have_libvhdi() && oracle_missing("libvhdi (python module pyvhdi)") {
+    if !oracles::pyvhdi_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let size = 9 << 20;
     let p = |n: &str| dir.path().join(n);
     let mut rng = Rng::new(77);
-    let empty = LayerModel {
-        data: vec![0; size],
-        present: vec![false; size / 512],
-    };
-    let mut layers = vec![empty.clone(), empty.clone(), empty.clone(), empty];
+    let mut layers = vec![LayerModel::empty(size); 4];
     let names = ["src.vhd", "mid.vhd", "dest.vhd", "base.vhd"];
     let opts = CreateOptions::default();
     let mut v = create_dynamic(p(names[3]), size as u64, &opts).unwrap();
@@ -176,17 +115,8 @@ fn differencing_destination_reads_the_same_in_libvhdi() {
     let model = Model { size, layers };
 
     // libvhdi agrees with the model before the merge (a sanity check of the oracle).
-    let out = p("out.raw");
     let read = |child: &str, parent: &str| -> Vec<u8> {
-        let st = Command::new("python3")
-            .args(["-c", LIBVHDI_READ])
-            .arg(p(child))
-            .arg(p(parent))
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        std::fs::read(&out).unwrap()
+        oracles::libvhdi_read_chain(&[&p(child), &p(parent)]).unwrap()
     };
     assert_eq!(
         first_diff(&read("dest.vhd", "base.vhd"), &model.view(2)),

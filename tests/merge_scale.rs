@@ -1,5 +1,5 @@
 //! The merge model test at scale (issue 6, item 8): thousands of random merges of small
-//! chains, each checked against the in-memory model of `tests/merge_support`.
+//! chains, each checked against the in-memory model of `tests/common/model.rs`.
 //!
 //! Each case draws a chain of 2 to 7 layers (depth 1 to 6) over a small virtual size (16 KiB
 //! to 2 MiB, not always a multiple of the block size), block sizes mixed per layer among
@@ -15,12 +15,14 @@
 //! `VHD_MERGE_SCALE_SEED` (default 0). A failure names its seed; rerun one case with
 //! `VHD_MERGE_SCALE_SEED=<seed> VHD_MERGE_SCALE_CASES=1`.
 
-mod merge_support;
+mod common;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use merge_support::*;
+use common::model::{BaseKind, ChainSpec, build_chain, old_or_merged};
+use common::storage::faulty;
+use common::{Rng, fast_tempdir, first_diff, hashes, read_view};
 use vhd_merge::io::FaultPlan;
 use vhd_merge::merge::{MergeOptions, merge};
 use vhd_merge::{OpenOptions, Vhd};

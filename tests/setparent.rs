@@ -1,11 +1,13 @@
 //! set-parent: re-pointing children at moved, renamed and replaced parents, checked with our
 //! own chain and with libvhdi.
 
-mod support_chain;
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use support_chain::{ChildSpec, Rng, craft_child, have_libvhdi, libvhdi_read, tempdir};
+use common::craft::{ChildSpec, craft_child};
+use common::{Rng, fast_tempdir, read_own, read_view};
+use common::{fixtures, oracles};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::format::PlatformCode;
 use vhd_merge::{Chain, ChainOptions, OpenOptions, ReturnCode, SetParentOptions, Vhd, set_parent};
@@ -43,26 +45,12 @@ fn pair_in(base_dir: &Path, dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
     (base, child)
 }
 
-fn view(path: &Path) -> Vec<u8> {
-    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
-    let mut buf = vec![0u8; chain.vhd(0).virtual_size() as usize];
-    chain.read_at(0, 0, &mut buf).unwrap();
-    buf
-}
-
-fn own(path: &Path) -> Vec<u8> {
-    let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
-    let mut buf = vec![0u8; v.virtual_size() as usize];
-    v.read_own(0, &mut buf).unwrap();
-    buf
-}
-
 #[test]
 fn moved_and_renamed_parent_keeps_the_view() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 1);
-    let before = view(&child);
-    let own_before = own(&child);
+    let before = read_view(&child);
+    let own_before = read_own(&child);
     let len_before = std::fs::metadata(&child).unwrap().len();
 
     let store = dir.path().join("store").join("deeper");
@@ -106,15 +94,17 @@ fn moved_and_renamed_parent_keeps_the_view() {
         chain.vhd(0).warnings()
     );
     drop(chain);
-    assert!(view(&child) == before, "the view changed");
-    assert!(own(&child) == own_before, "the child's own data changed");
+    assert!(read_view(&child) == before, "the view changed");
+    assert!(
+        read_own(&child) == own_before,
+        "the child's own data changed"
+    );
     // The header name alone also finds it now.
     let h = Vhd::open(&child, OpenOptions::read_only()).unwrap();
     assert_eq!(h.header().unwrap().parent_name(), "renamed base.vhd");
     drop(h);
 
-    if have_libvhdi() {
-        let got = libvhdi_read(&child, &moved, 8 * MIB, dir.path());
+    if let Some(got) = oracles::libvhdi_read_chain(&[&child, &moved]) {
         assert!(
             got == before,
             "libvhdi reads a different view after set-parent"
@@ -124,7 +114,7 @@ fn moved_and_renamed_parent_keeps_the_view() {
 
 #[test]
 fn id_mismatch_is_refused_unless_forced() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (_base, child) = pair(dir.path(), 2);
     let other = dir.path().join("other.vhd");
     let mut o = create_dynamic(&other, 8 * MIB, &CreateOptions::default()).unwrap();
@@ -167,8 +157,8 @@ fn id_mismatch_is_refused_unless_forced() {
     let mut ours = vec![0u8; 8 * MIB as usize];
     chain.read_at(0, 0, &mut ours).unwrap();
     // The child's own sectors over the new parent's content.
-    let own_c = own(&child);
-    let own_o = own(&other);
+    let own_c = read_own(&child);
+    let own_o = read_own(&other);
     let bm = Vhd::open(&child, OpenOptions::read_only()).unwrap();
     for s in 0..(8 * MIB / 512) as usize {
         let held = match bm.block_map(s as u64 / 4096).unwrap() {
@@ -183,8 +173,7 @@ fn id_mismatch_is_refused_unless_forced() {
             "sector {s}"
         );
     }
-    if have_libvhdi() {
-        let got = libvhdi_read(&child, &other, 8 * MIB, dir.path());
+    if let Some(got) = oracles::libvhdi_read_chain(&[&child, &other]) {
         assert!(
             got == ours,
             "libvhdi and the crate disagree after a forced set-parent"
@@ -194,9 +183,9 @@ fn id_mismatch_is_refused_unless_forced() {
 
 #[test]
 fn repeated_set_parent_reuses_space() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 3);
-    let before = view(&child);
+    let before = read_view(&child);
     let copy = dir.path().join("copy.vhd");
     std::fs::copy(&base, &copy).unwrap();
     let len0 = std::fs::metadata(&child).unwrap().len();
@@ -214,12 +203,12 @@ fn repeated_set_parent_reuses_space() {
             target.as_path()
         );
     }
-    assert!(view(&child) == before);
+    assert!(read_view(&child) == before);
 }
 
 #[test]
 fn long_paths_get_new_space_clear_of_blocks() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let base = dir.path().join("b.vhd");
     let mut b = create_dynamic(&base, 8 * MIB, &CreateOptions::default()).unwrap();
     scribble(&mut b, &mut Rng::new(5), 8);
@@ -235,7 +224,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
     );
     scribble(&mut c, &mut Rng::new(6), 4);
     drop(c);
-    let before = view(&child);
+    let before = read_view(&child);
     // A parent path longer than a sector in UTF-16.
     let mut deep = dir.path().to_path_buf();
     for i in 0..6 {
@@ -253,7 +242,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
         .find(|l| l.platform_code == PlatformCode::W2ku)
         .unwrap();
     assert!(!w2ku.reused, "{r:?}");
-    assert!(view(&child) == before);
+    assert!(read_view(&child) == before);
 
     // New blocks allocated afterwards go after the new locator data, never over it.
     let mut c = Vhd::open(&child, OpenOptions::writable()).unwrap();
@@ -277,7 +266,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
 
 #[test]
 fn refusals() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 4);
     // A dynamic disk has no parent to set.
     let e = set_parent(&base, &child, &SetParentOptions::default()).unwrap_err();
@@ -313,10 +302,10 @@ fn refusals() {
 
 #[test]
 fn real_windows_child_can_be_repointed() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (Some(child), Some(parent)) = (
-        support_chain::fixture("go-vhd/win8-child.vhd", dir.path()),
-        support_chain::fixture("go-vhd/win8.vhd", dir.path()),
+        fixtures::fixture_copy("go-vhd/win8-child.vhd", dir.path()),
+        fixtures::fixture_copy("go-vhd/win8.vhd", dir.path()),
     ) else {
         return;
     };
@@ -328,8 +317,8 @@ fn real_windows_child_can_be_repointed() {
     assert_eq!(r.old_parent_name, "C:\\Users\\sergi\\Downloads\\win8.vhd");
     let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
     assert_eq!(chain.vhd(1).path(), moved);
-    if have_libvhdi() {
-        let got = libvhdi_read(&child, &moved, chain.vhd(0).virtual_size(), dir.path());
+    if let Some(got) = oracles::libvhdi_read_chain(&[&child, &moved]) {
+        assert_eq!(got.len() as u64, chain.vhd(0).virtual_size());
         assert!(got.iter().all(|&b| b == 0));
     }
 }
@@ -337,7 +326,7 @@ fn real_windows_child_can_be_repointed() {
 #[cfg(feature = "cli")]
 #[test]
 fn cli_set_parent() {
-    let dir = tempdir();
+    let dir = fast_tempdir();
     let (base, child) = pair(dir.path(), 8);
     let moved = dir.path().join("moved.vhd");
     std::fs::rename(&base, &moved).unwrap();
@@ -395,7 +384,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
     }
 
     for force in [false, true] {
-        let dir = tempdir();
+        let dir = fast_tempdir();
         // The base away from the child, so that only the locators lead to it (not the header
         // name in the child's directory): overwriting them too early would lose it.
         let bases = dir.path().join("bases");
@@ -420,8 +409,8 @@ fn crash_at_every_write_leaves_a_usable_child() {
             ..SetParentOptions::default()
         };
         let pristine = std::fs::read(&child).unwrap();
-        let view_before = view(&child);
-        let own_before = own(&child);
+        let view_before = read_view(&child);
+        let own_before = read_own(&child);
         let old_id = Vhd::open(&child, OpenOptions::read_only())
             .unwrap()
             .parent_unique_id()
@@ -434,7 +423,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
         drop(v);
         let writes = counter.writes();
         assert!(writes >= 3, "{writes}");
-        let view_after = view(&child);
+        let view_after = read_view(&child);
         assert_eq!(force, view_after != view_before);
         let new_id = r.parent_id;
 
@@ -454,14 +443,17 @@ fn crash_at_every_write_leaves_a_usable_child() {
                         ..opts.clone()
                     };
                     set_parent(&child, &target, &lenient).unwrap();
-                    assert!(view(&child) == view_after);
+                    assert!(read_view(&child) == view_after);
                     continue;
                 }
                 let v =
                     strict.unwrap_or_else(|e| panic!("force {force} torn {torn} write {n}: {e}"));
                 let id = v.parent_unique_id().unwrap();
                 drop(v);
-                assert!(own(&child) == own_before, "write {n}: own data changed");
+                assert!(
+                    read_own(&child) == own_before,
+                    "write {n}: own data changed"
+                );
                 let chain = Chain::open(&child, &ChainOptions::default())
                     .unwrap_or_else(|e| panic!("force {force} torn {torn} write {n}: {e}"));
                 let mut got = vec![0u8; 8 * MIB as usize];

@@ -4,11 +4,12 @@
 //! link of the chain. Each hostile case has a control showing that, without the options, the
 //! same file does lead outside (so the refusal is the options' doing).
 
-mod reliability_util;
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use reliability_util::*;
+use common::patch::*;
+use common::snapshot;
 use vhd_merge::format::{ParentLocator, PlatformCode};
 use vhd_merge::{Chain, ChainOptions, OpenOptions, ReturnCode, Vhd};
 

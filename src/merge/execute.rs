@@ -10,13 +10,14 @@ use uuid::Uuid;
 
 use super::job::{JobState, Tracker};
 use super::plan::MergePlan;
-use super::scan::{self, canonical, dir_of, tidy};
+use super::scan::{self, dir_of, tidy};
 use super::{MergeOptions, MergeReport, VerifyReport};
 use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
 use crate::image::{OpenOptions, Vhd};
 use crate::io::{FileStorage, Storage};
+use crate::locator::canonical_or_self;
 
 /// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
 /// merged layers' data at the sectors they provide, one read per contributing layer and block.
@@ -186,11 +187,11 @@ pub(crate) fn run(
             "merged although these differencing disks depend on a changed file; their content changed:{list}"
         ));
     }
-    let relinked_set: HashSet<PathBuf> = relink.iter().map(|p| canonical(p)).collect();
+    let relinked_set: HashSet<PathBuf> = relink.iter().map(|p| canonical_or_self(p)).collect();
     let orphans: Vec<PathBuf> = found
         .source_children
         .iter()
-        .filter(|v| !relinked_set.contains(&canonical(&v.path)))
+        .filter(|v| !relinked_set.contains(&canonical_or_self(&v.path)))
         .map(|v| v.path.clone())
         .collect();
     if options.remove_merged && !orphans.is_empty() && !options.dry_run {
@@ -328,10 +329,10 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .collect()
     };
     let source = chain.vhd(0).path();
-    let canon = canonical(want);
+    let canon = canonical_or_self(want);
     let peek = scan::peek_vhd(want);
     for (i, layer) in chain.layers().iter().enumerate() {
-        if canonical(layer.vhd.path()) != canon {
+        if canonical_or_self(layer.vhd.path()) != canon {
             continue;
         }
         if i == 0 {
@@ -422,7 +423,9 @@ fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependent
     let source_id = chain.vhd(0).unique_id();
     let mut parents: HashSet<Uuid> = (1..=d).map(|i| chain.vhd(i).unique_id()).collect();
     parents.insert(source_id);
-    let exclude: HashSet<PathBuf> = (0..d).map(|i| canonical(chain.vhd(i).path())).collect();
+    let exclude: HashSet<PathBuf> = (0..d)
+        .map(|i| canonical_or_self(chain.vhd(i).path()))
+        .collect();
     let (source_children, siblings) = scan::children_in(&dirs, &parents, &exclude)
         .into_iter()
         .partition(|v| v.parent_unique_id == Some(source_id));
@@ -439,11 +442,11 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
     let in_chain: HashSet<PathBuf> = chain
         .layers()
         .iter()
-        .map(|l| canonical(l.vhd.path()))
+        .map(|l| canonical_or_self(l.vhd.path()))
         .collect();
     let mut out = Vec::new();
     for child in children {
-        if in_chain.contains(&canonical(child)) {
+        if in_chain.contains(&canonical_or_self(child)) {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is part of the merged chain",
                 child.display()

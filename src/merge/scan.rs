@@ -2,15 +2,12 @@
 //! reading only the footer and dynamic header of each file in a few directories.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use crate::format::DiskType;
-use crate::format::footer::{FOOTER_SIZE, Footer};
-use crate::format::header::{DynamicHeader, HEADER_SIZE};
-use crate::io::pread_exact;
+use crate::locator::canonical_or_self;
 
 /// Identity of a VHD file read cheaply: its footer and, for a differencing disk, its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,44 +26,17 @@ pub struct ScannedVhd {
 /// copy) and dynamic header, with checksums checked; `None` for anything that is not a regular
 /// file holding a VHD. At most three small reads: cheap enough to run over whole directories.
 pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() < FOOTER_SIZE as u64 {
+    let peek = crate::image::peek(path)?;
+    let footer = peek.footer()?;
+    if footer.disk_type == DiskType::Differencing && peek.parent_unique_id.is_none() {
         return None;
     }
-    let len = meta.len();
-    let file = File::open(path).ok()?;
-    let read_footer = |offset: u64| -> Option<Footer> {
-        let mut b = [0u8; FOOTER_SIZE];
-        pread_exact(&file, &mut b, offset).ok()?;
-        Footer::parse(&b).ok().filter(Footer::checksum_ok)
-    };
-    let footer = read_footer(len - FOOTER_SIZE as u64)
-        .or_else(|| read_footer(0).filter(|f| f.disk_type.is_sparse()))?;
-    let parent_unique_id = if footer.disk_type == DiskType::Differencing {
-        let at = footer.data_offset;
-        if at.checked_add(HEADER_SIZE as u64).is_none_or(|e| e > len) {
-            return None;
-        }
-        let mut b = [0u8; HEADER_SIZE];
-        pread_exact(&file, &mut b, at).ok()?;
-        let h = DynamicHeader::parse(&b)
-            .ok()
-            .filter(DynamicHeader::checksum_ok)?;
-        Some(h.parent_unique_id)
-    } else {
-        None
-    };
     Some(ScannedVhd {
         path: path.to_path_buf(),
         disk_type: footer.disk_type,
         unique_id: footer.unique_id,
-        parent_unique_id,
+        parent_unique_id: peek.parent_unique_id,
     })
-}
-
-/// The canonical form of `p`, or `p` itself when it cannot be resolved.
-pub(crate) fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// `p` without `.` components (`dir/./a.vhd` as a relative locator resolves is `dir/a.vhd`);
@@ -96,7 +66,7 @@ pub(crate) fn children_in(
     let mut seen_files = HashSet::new();
     let mut out = Vec::new();
     for dir in dirs {
-        if !seen_dirs.insert(canonical(dir)) {
+        if !seen_dirs.insert(canonical_or_self(dir)) {
             continue;
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -104,7 +74,7 @@ pub(crate) fn children_in(
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let canon = canonical(&path);
+            let canon = canonical_or_self(&path);
             if exclude.contains(&canon) || !seen_files.insert(canon) {
                 continue;
             }

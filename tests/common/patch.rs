@@ -1,12 +1,13 @@
-//! Helpers shared by the reliability tests (check, repair, bad input, fuzz regressions):
-//! small disks with known content, and byte-level patching of their structures.
-#![allow(dead_code)]
+//! Small disks with known content for the reliability tests (check, repair, bad input, fuzz
+//! regressions, untrusted files), and byte-level patching of their structures.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
 use vhd_merge::format::{DynamicHeader, Footer};
+
+use super::read;
 
 /// Block size of the test disks: 64 KiB, 16 blocks in 1 MiB.
 pub const BS: u32 = 64 << 10;
@@ -45,10 +46,6 @@ pub fn child(dir: &Path, name: &str, parent: &Path) -> PathBuf {
     let mut c = create_differencing(&p, parent, &opts()).unwrap();
     c.write_at(2048, &[0x99; 512]).unwrap();
     p
-}
-
-pub fn read(p: &Path) -> Vec<u8> {
-    fs::read(p).unwrap()
 }
 
 pub fn be32(b: &[u8], at: usize) -> u32 {
@@ -120,56 +117,4 @@ pub fn bat_entry(p: &Path, i: u64) -> u32 {
 pub fn set_bat_entry(p: &Path, i: u64, v: u32) {
     let h = header(p);
     patch(p, h.table_offset + 4 * i, &v.to_be_bytes());
-}
-
-/// Every file in `dir` with its content, to prove nothing changed.
-pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let b = fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The fixture directory of real files from other tools, when it is there.
-pub fn real_fixtures() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("note: ../shared/fixtures/real is absent; skipping the real-file part");
-        None
-    }
-}
-
-/// Decompress a fixture (`.gz`/`.bz2` through the system tools) into `dir`.
-pub fn unpack_fixture(src: &Path, dir: &Path) -> Option<PathBuf> {
-    let name = src.file_name()?.to_string_lossy().into_owned();
-    let (tool, stem) = if let Some(s) = name.strip_suffix(".gz") {
-        ("gunzip", s.to_string())
-    } else if let Some(s) = name.strip_suffix(".bz2") {
-        ("bunzip2", s.to_string())
-    } else {
-        let out = dir.join(&name);
-        fs::copy(src, &out).ok()?;
-        return Some(out);
-    };
-    let out = dir.join(&stem);
-    let data = std::process::Command::new(tool)
-        .arg("-c")
-        .arg(src)
-        .output()
-        .ok()?;
-    if !data.status.success() {
-        return None;
-    }
-    fs::write(&out, data.stdout).ok()?;
-    Some(out)
 }

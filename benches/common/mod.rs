@@ -1,0 +1,127 @@
+//! Inputs shared by the criterion benches (`benches/merge.rs`, `benches/flatten.rs`) and the
+//! `cp` comparison (`examples/bench.rs`, which includes this file with `#[path]`): bitmap
+//! shapes, a deterministic filler, and chains of 2 MiB-block differencing layers. Each of them
+//! compiles its own copy and uses part of it.
+#![allow(dead_code)]
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+use vhd_merge::format::SectorBitmap;
+
+/// Where the criterion benches put their files: `$VHD_MERGE_BENCH_DIR`, else the system
+/// temporary directory.
+pub fn bench_dir() -> PathBuf {
+    std::env::var_os("VHD_MERGE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Bitmap shapes of the merged blocks.
+#[derive(Clone, Copy, Debug)]
+pub enum Shape {
+    Full,
+    EveryOtherSector,
+    EveryOther4K,
+}
+
+impl Shape {
+    /// The sectors of a 2 MiB block this shape holds.
+    pub fn mask(self) -> SectorBitmap {
+        let mut m = SectorBitmap::new(4096);
+        match self {
+            Shape::Full => m.set_range(0..4096),
+            Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
+            Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
+        }
+        m
+    }
+}
+
+/// Which sectors each layer of a chain holds.
+#[derive(Clone, Copy, Debug)]
+pub enum Spread {
+    /// Layer `l` holds the blocks `b` with `b % depth == l`, with the whole shape's mask (so
+    /// every depth holds the same total data).
+    RoundRobin(Shape),
+    /// Every layer holds every block: layer `l` holds the 64 KiB stripes `s` with
+    /// `s % depth == l` (32 layers: each block is assembled from 32 layers).
+    Striped,
+}
+
+/// Deterministic non-zero filler (xorshift64).
+pub struct Fill(pub u64);
+
+impl Default for Fill {
+    /// The filler the benches start from.
+    fn default() -> Fill {
+        Fill(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+impl Fill {
+    /// Fill `buf` with the next bytes.
+    pub fn block(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+    }
+}
+
+/// A chain of `depth` 2 MiB-block differencing layers over a base (dynamic or fixed) of
+/// `size` bytes, with data in `blocks`. Returns the paths, child first.
+pub fn build_chain(
+    dir: &Path,
+    size: u64,
+    blocks: &[u64],
+    depth: usize,
+    spread: Spread,
+    fixed: bool,
+    fill: &mut Fill,
+) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+    std::fs::create_dir_all(dir)?;
+    let o = CreateOptions::default();
+    let base = dir.join("base.vhd");
+    if fixed {
+        create_fixed(&base, size, &o)?;
+    } else {
+        create_dynamic(&base, size, &o)?;
+    }
+    let mut paths = vec![base];
+    let mut buf = vec![0u8; 2 << 20];
+    for l in 0..depth {
+        let p = dir.join(format!("layer{l:02}.vhd"));
+        let parent = paths.last().ok_or("no parent")?.clone();
+        let mut v = create_differencing(&p, &parent, &o)?;
+        let mine: Vec<(u64, SectorBitmap)> = match spread {
+            Spread::RoundRobin(shape) => blocks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % depth == l)
+                .map(|(_, &b)| (b, shape.mask()))
+                .collect(),
+            Spread::Striped => {
+                let mut m = SectorBitmap::new(4096);
+                for s in (0..4096).step_by(128).skip(l).step_by(depth) {
+                    m.set_range(s..s + 128);
+                }
+                blocks.iter().map(|&b| (b, m.clone())).collect()
+            }
+        };
+        v.reserve_blocks(mine.len() as u64)?;
+        for (b, mask) in mine {
+            fill.block(&mut buf);
+            v.write_block(b, &mut buf, &mask)?;
+        }
+        v.finish()?;
+        paths.push(p);
+    }
+    paths.reverse();
+    Ok(paths)
+}

@@ -1,0 +1,117 @@
+//! Storage wrappers for a merge's destination (`MergeOptions::destination_io`): one that
+//! records every write, sync and truncation, and one that injects the faults of a
+//! [`FaultPlan`].
+
+use std::sync::{Arc, Mutex};
+
+use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
+use vhd_merge::merge::StorageWrapper;
+
+/// One operation a merge did on its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEvent {
+    /// A write of `len` bytes at `offset`; the file was `file_len` bytes long before it.
+    Write {
+        offset: u64,
+        len: u64,
+        file_len: u64,
+    },
+    /// A flush.
+    Sync,
+    /// A truncation or extension to this length.
+    SetLen(u64),
+}
+
+/// What a [`Recording`] storage saw, in order.
+#[derive(Debug, Default)]
+pub struct IoLog(Mutex<Vec<IoEvent>>);
+
+impl IoLog {
+    pub fn new() -> Arc<IoLog> {
+        Arc::new(IoLog::default())
+    }
+    pub fn events(&self) -> Vec<IoEvent> {
+        self.0.lock().unwrap().clone()
+    }
+    /// The writes, in order (write n of a [`FaultPlan`] is element n-1).
+    pub fn writes(&self) -> Vec<(u64, u64, u64)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                IoEvent::Write {
+                    offset,
+                    len,
+                    file_len,
+                } => Some((offset, len, file_len)),
+                _ => None,
+            })
+            .collect()
+    }
+    pub fn syncs(&self) -> u64 {
+        self.events()
+            .iter()
+            .filter(|e| matches!(e, IoEvent::Sync))
+            .count() as u64
+    }
+    /// The points where the file grows: for each write that ends past the end of the file,
+    /// (1-based write number, file length before it, end of the write).
+    pub fn growth_points(&self) -> Vec<(u64, u64, u64)> {
+        self.writes()
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (off, len, file_len))| off + len > *file_len)
+            .map(|(i, (off, len, file_len))| (i as u64 + 1, file_len, off + len))
+            .collect()
+    }
+}
+
+/// Storage that logs every write, sync and truncation into an [`IoLog`].
+#[derive(Debug)]
+pub struct Recording {
+    inner: Box<dyn Storage>,
+    log: Arc<IoLog>,
+}
+
+impl Storage for Recording {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let file_len = self.inner.len()?;
+        self.log.0.lock().unwrap().push(IoEvent::Write {
+            offset,
+            len: buf.len() as u64,
+            file_len,
+        });
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.log.0.lock().unwrap().push(IoEvent::SetLen(len));
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.log.0.lock().unwrap().push(IoEvent::Sync);
+        self.inner.sync_data()
+    }
+    fn try_lock(&self, exclusive: bool) -> std::io::Result<bool> {
+        self.inner.try_lock(exclusive)
+    }
+}
+
+/// A destination wrapper that records into `log`.
+pub fn recording(log: Arc<IoLog>) -> StorageWrapper {
+    Arc::new(move |s| {
+        Box::new(Recording {
+            inner: s,
+            log: log.clone(),
+        })
+    })
+}
+
+/// A destination wrapper that injects the faults of `plan`.
+pub fn faulty(plan: Arc<FaultPlan>) -> StorageWrapper {
+    Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())))
+}
