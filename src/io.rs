@@ -37,6 +37,32 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 }
 
+/// Shared storage: a caller can hand a [`crate::Vhd`] one handle and keep another to look at
+/// the bytes afterwards (tests, fuzzing, in-memory callers).
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        (**self).try_lock(exclusive)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        (**self).start_writeback(offset, len)
+    }
+}
+
 /// [`Storage`] over a [`File`].
 #[derive(Debug)]
 pub struct FileStorage {

@@ -11,32 +11,11 @@ use std::sync::Arc;
 use common::patch::*;
 use common::read;
 use vhd_merge::check::{CheckOptions, check_storage};
-use vhd_merge::io::{MemStorage, Storage};
+use vhd_merge::io::MemStorage;
 use vhd_merge::repair::{RepairOptions, repair_storage};
 use vhd_merge::{Chain, ChainOptions, OpenOptions, Vhd};
 
 const LIMIT: u64 = 4 << 20;
-
-#[derive(Clone, Debug)]
-struct Shared(Arc<MemStorage>);
-
-impl Storage for Shared {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-}
 
 fn mem(data: &[u8]) -> Box<MemStorage> {
     Box::new(MemStorage::with_limit(data.to_vec(), LIMIT))
@@ -63,13 +42,13 @@ fn open_target(data: &[u8]) {
         ..CheckOptions::default()
     };
     let _ = check_storage(mem(data), "fuzz.vhd", &deep);
-    let shared = Shared(Arc::new(MemStorage::with_limit(data.to_vec(), LIMIT)));
+    let shared = Arc::new(MemStorage::with_limit(data.to_vec(), LIMIT));
     if let Ok(r) = repair_storage(
         Box::new(shared.clone()),
         "fuzz.vhd",
         &RepairOptions::default(),
     ) {
-        let after = shared.0.to_vec();
+        let after = shared.to_vec();
         if r.is_clean() {
             assert_eq!(after, data, "a repair with nothing to do wrote");
         }

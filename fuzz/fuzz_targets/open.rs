@@ -7,7 +7,7 @@ use vhd_merge::check::{CheckOptions, check_storage};
 use vhd_merge::io::MemStorage;
 use vhd_merge::repair::{RepairOptions, repair_storage};
 use vhd_merge::{OpenOptions, Vhd};
-use vhd_merge_fuzz::Shared;
+use vhd_merge_fuzz::shared;
 
 const LIMIT: u64 = 4 << 20;
 
@@ -32,15 +32,15 @@ fuzz_target!(|data: &[u8]| {
         &deep,
     );
 
-    let mem = Shared::new(data.to_vec(), LIMIT);
+    let mem = shared(data.to_vec(), LIMIT);
     if let Ok(report) = repair_storage(Box::new(mem.clone()), "fuzz.vhd", &RepairOptions::default())
     {
-        let after = mem.bytes();
+        let after = mem.to_vec();
         if report.is_clean() {
             assert_eq!(after, data, "a repair with nothing to do wrote");
         }
         let again = repair_storage(
-            Box::new(Shared::new(after.clone(), LIMIT)),
+            Box::new(shared(after.clone(), LIMIT)),
             "fuzz.vhd",
             &RepairOptions::default(),
         )

@@ -84,40 +84,12 @@ pub fn exercise_chain(chain: &Chain) {
 }
 
 /// A [`MemStorage`](vhd_merge::io::MemStorage) the fuzz target keeps a handle to after giving
-/// it away, to look at what was written.
-#[derive(Clone, Debug)]
-pub struct Shared(std::sync::Arc<vhd_merge::io::MemStorage>);
+/// a clone away (`Arc<S>` is itself a `Storage`), to look at what was written.
+pub type Shared = std::sync::Arc<vhd_merge::io::MemStorage>;
 
-impl Shared {
-    /// Storage holding `bytes`, growing to at most `limit`.
-    pub fn new(bytes: Vec<u8>, limit: u64) -> Shared {
-        Shared(std::sync::Arc::new(vhd_merge::io::MemStorage::with_limit(
-            bytes, limit,
-        )))
-    }
-
-    /// The current bytes.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.0.to_vec()
-    }
-}
-
-impl vhd_merge::io::Storage for Shared {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
+/// Storage holding `bytes`, growing to at most `limit`.
+pub fn shared(bytes: Vec<u8>, limit: u64) -> Shared {
+    std::sync::Arc::new(vhd_merge::io::MemStorage::with_limit(bytes, limit))
 }
 
 /// The bytes of the parent written by [`write_parent`], made once per process: the merge
