@@ -125,6 +125,11 @@ pub struct SpanPlan {
     pub sources: Vec<SpanSource>,
     /// Sectors no layer in the range provides.
     pub unclaimed: SectorBitmap,
+    /// Sectors of the span, from its start, below the end of every layer of the range (the
+    /// smallest virtual size among them). Past it the range's view is decided by the range
+    /// alone: a sector no layer of the range provides reads as zeros there, whatever the
+    /// layers after the range hold (see [`SpanPlan::hidden`]).
+    pub visible: usize,
 }
 
 impl SpanPlan {
@@ -135,6 +140,24 @@ impl SpanPlan {
             c.or(&s.claimed);
         }
         c
+    }
+
+    /// Sectors no layer of the range provides that lie past the end of a smaller layer of the
+    /// range: the range's view reads zeros there, and the layers after the range are hidden
+    /// (a merge of the range must write these zeros into its destination).
+    pub fn hidden(&self) -> SectorBitmap {
+        let mut h = self.unclaimed.clone();
+        h.clear_range(0..self.visible.min(self.sectors));
+        h
+    }
+
+    /// The sectors whose content the range decides: those a layer of it provides, and the
+    /// [hidden](SpanPlan::hidden) ones (zeros). The others read through to the layers after
+    /// the range.
+    pub fn decided(&self) -> SectorBitmap {
+        let mut d = self.claimed();
+        d.or(&self.hidden());
+        d
     }
 }
 
@@ -260,7 +283,8 @@ impl Chain {
     /// A layer's content ends at its own virtual size, so a layer sees its ancestors only up
     /// to the smallest virtual size between them: a sector past the end of any layer from
     /// the first of the range down to `li` is never taken from layer `li` (zeros past the end
-    /// of a smaller ancestor, even when an older ancestor is larger again).
+    /// of a smaller ancestor, even when an older ancestor is larger again). Such sectors that
+    /// no layer of the range holds are [`SpanPlan::hidden`]: the range alone decides them.
     pub fn plan_span(
         &self,
         layers: Range<usize>,
@@ -278,12 +302,13 @@ impl Chain {
         let end_sector = start_sector.saturating_add(sectors as u64);
         let mut visible_end = end_sector;
         for li in layers {
-            if unclaimed.none() {
-                break;
-            }
             let vhd = &self.layers[li].vhd;
-            let spb = vhd.sectors_per_block();
             visible_end = visible_end.min(vhd.virtual_size() / SECTOR_SIZE);
+            if unclaimed.none() {
+                // Nothing left to claim; the loop only goes on to find the visible end.
+                continue;
+            }
+            let spb = vhd.sectors_per_block();
             let layer_end = visible_end;
             let mut claimed = SectorBitmap::new(sectors);
             let mut pieces = Vec::new();
@@ -331,6 +356,7 @@ impl Chain {
             sectors,
             sources,
             unclaimed,
+            visible: visible_end.saturating_sub(start_sector).min(sectors as u64) as usize,
         })
     }
 

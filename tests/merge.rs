@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use common::model::{BaseKind, Built, ChainSpec, build_chain};
+use common::model::{BaseKind, Built, ChainSpec, build_chain, build_chain_sized, create_child};
 use common::os::{Immutable, is_root};
 use common::{copy_dir, fast_tempdir, file_hash, first_diff, hashes, read_view};
 use proptest::prelude::*;
@@ -107,6 +107,110 @@ fn cases() -> u32 {
         .unwrap_or(256)
 }
 
+/// Per-layer virtual sizes (sectors) around `size` for a chain of `n` layers merged into layer
+/// `d`: each layer, the source, the intermediates, the destination and its ancestors, drawn
+/// smaller, equal or larger (`picks`, one per layer), the source never larger than the
+/// destination (that merge is refused).
+fn mixed_sizes(size: u64, picks: &[u8], d: usize) -> Vec<u64> {
+    let mut sizes: Vec<u64> = picks
+        .iter()
+        .map(|&p| match p % 5 {
+            0 => size / 2 + 3,
+            1 => size - size / 3,
+            2 => size + 517,
+            3 => size * 2,
+            _ => size,
+        })
+        .collect();
+    if sizes[0] > sizes[d] {
+        sizes.swap(0, d);
+    }
+    sizes
+}
+
+/// Merge the chain built from `spec` and `sizes` into layer `d` and check it against the model.
+fn merge_matches_model(
+    spec: &ChainSpec,
+    sizes: &[u64],
+    d: usize,
+    explicit: bool,
+    verify: bool,
+    batch_bytes: u64,
+) -> Result<(), TestCaseError> {
+    let dir = fast_tempdir();
+    let built = build_chain_sized(dir.path(), spec, sizes);
+    let model = &built.model;
+    let source_view = model.view(0);
+    prop_assert_eq!(
+        first_diff(&read_view(&built.paths[0]), &source_view),
+        None,
+        "the chain reader disagrees with the model before merging"
+    );
+    let dest = built.paths[d].clone();
+    let others: Vec<PathBuf> = built
+        .paths
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != d)
+        .map(|(_, p)| p.clone())
+        .collect();
+    let before = hashes(&others);
+
+    let opts = MergeOptions {
+        verify,
+        batch_bytes,
+        ..MergeOptions::default()
+    };
+    let report = merge(&built.paths[0], explicit.then_some(dest.as_path()), &opts).unwrap();
+
+    let expected = model.merged(d);
+    prop_assert_eq!(
+        &expected[..source_view.len()],
+        &source_view[..],
+        "model: the destination takes the source's view"
+    );
+    let got = read_view(&dest);
+    prop_assert_eq!(
+        first_diff(&got, &expected),
+        None,
+        "destination view differs from the model"
+    );
+    prop_assert_eq!(
+        first_diff(&read_view(&built.paths[0]), &source_view),
+        None,
+        "the source's view changed"
+    );
+    prop_assert_eq!(
+        hashes(&others),
+        before,
+        "a file other than the destination changed"
+    );
+
+    let (held, hidden) = model.merge_sectors(d);
+    let data: u64 = report.plan.layers.iter().map(|l| l.bytes).sum();
+    prop_assert_eq!(data, held * 512);
+    prop_assert_eq!(report.bytes_merged, report.plan.bytes_total);
+    prop_assert_eq!(report.plan.bytes_total, data + report.plan.zeroed_bytes);
+    // A dynamic destination skips zeros over its unallocated blocks (they read as zeros).
+    let dest_type = report.plan.destination_type;
+    if dest_type == vhd_merge::DiskType::Dynamic {
+        prop_assert!(report.plan.zeroed_bytes <= hidden * 512);
+    } else {
+        prop_assert_eq!(report.plan.zeroed_bytes, hidden * 512);
+    }
+    prop_assert_eq!(report.obsolete, built.paths[..d].to_vec());
+    prop_assert_eq!(report.verified.is_some(), verify);
+    if let Some(v) = &report.verified {
+        prop_assert_eq!(
+            v.bytes,
+            report.bytes_merged,
+            "verify covers every written sector"
+        );
+    }
+    Vhd::open(&dest, OpenOptions::read_only()).unwrap();
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
@@ -115,36 +219,22 @@ proptest! {
     /// other file changes.
     #[test]
     fn merged_view_matches_model((spec, d, explicit, verify, batch_bytes) in chain_strategy()) {
-        let dir = fast_tempdir();
-        let built = build_chain(dir.path(), &spec);
-        let model = &built.model;
-        let source_view = model.view(0);
-        prop_assert_eq!(first_diff(&read_view(&built.paths[0]), &source_view), None,
-            "the chain reader disagrees with the model before merging");
-        let dest = built.paths[d].clone();
-        let others: Vec<PathBuf> = built.paths.iter().enumerate()
-            .filter(|(i, _)| *i != d).map(|(_, p)| p.clone()).collect();
-        let before = hashes(&others);
+        let sizes = vec![spec.size_sectors; spec.block_sizes.len()];
+        merge_matches_model(&spec, &sizes, d, explicit, verify, batch_bytes)?;
+    }
 
-        let opts = MergeOptions { verify, batch_bytes, ..MergeOptions::default() };
-        let report = merge(&built.paths[0], explicit.then_some(dest.as_path()), &opts).unwrap();
-
-        let expected = model.merged(d);
-        prop_assert_eq!(&expected, &source_view, "model: the destination takes the source's view");
-        let got = read_view(&dest);
-        prop_assert_eq!(first_diff(&got, &expected), None, "destination view differs from the model");
-        prop_assert_eq!(first_diff(&read_view(&built.paths[0]), &source_view), None,
-            "the source's view changed");
-        prop_assert_eq!(hashes(&others), before, "a file other than the destination changed");
-
-        let merged_sectors = (0..model.size / 512)
-            .filter(|&s| model.layers[..d].iter().any(|l| l.present[s]))
-            .count() as u64;
-        prop_assert_eq!(report.bytes_merged, merged_sectors * 512);
-        prop_assert_eq!(report.plan.bytes_total, merged_sectors * 512);
-        prop_assert_eq!(report.obsolete, built.paths[..d].to_vec());
-        prop_assert_eq!(report.verified.is_some(), verify);
-        Vhd::open(&dest, OpenOptions::read_only()).unwrap();
+    /// The same with layers of different sizes in every position: a source smaller than the
+    /// destination, intermediates smaller (they hide the destination past their end: the
+    /// destination reads zeros there afterwards) or larger than the source, a destination
+    /// whose ancestors are smaller or larger.
+    #[test]
+    fn merged_view_matches_model_with_mixed_sizes(
+        (spec, d, explicit, verify, batch_bytes) in chain_strategy(),
+        picks in proptest::collection::vec(any::<u8>(), 7),
+    ) {
+        let n = spec.block_sizes.len();
+        let sizes = mixed_sizes(spec.size_sectors, &picks[..n], d);
+        merge_matches_model(&spec, &sizes, d, explicit, verify, batch_bytes)?;
     }
 }
 
@@ -1002,4 +1092,166 @@ fn cli_merge_json_and_exit_status() {
         text.starts_with("merged ") && text.contains("now obsolete"),
         "{text}"
     );
+}
+
+/// The chain of issue 9, defect 1: P (8 MiB, `kind`) <- I (4 MiB) <- S (8 MiB) <- C, with P
+/// full of 1s (for a differencing P, its parent G is full of 5s and P holds 1s in its first
+/// 2 MiB only), I holding 2s in its first MiB, S 3s at 6 MiB, C 4s at 7 MiB. Returns the
+/// paths (S, I, P, C) and S's view.
+fn hidden_by_smaller_intermediate(dir: &Path, kind: &str) -> ([PathBuf; 4], Vec<u8>) {
+    const M: u64 = 1 << 20;
+    let (p, i, s, c) = (
+        dir.join("P.vhd"),
+        dir.join("I.vhd"),
+        dir.join("S.vhd"),
+        dir.join("C.vhd"),
+    );
+    let o = CreateOptions::default();
+    match kind {
+        "fixed" => {
+            vhd_merge::create::create_fixed(&p, 8 * M, &o)
+                .unwrap()
+                .write_at(0, &vec![1u8; 8 << 20])
+                .unwrap();
+        }
+        "dynamic" => {
+            create_dynamic(&p, 8 * M, &o)
+                .unwrap()
+                .write_at(0, &vec![1u8; 8 << 20])
+                .unwrap();
+        }
+        _ => {
+            let g = dir.join("G.vhd");
+            create_dynamic(&g, 8 * M, &o)
+                .unwrap()
+                .write_at(0, &vec![5u8; 8 << 20])
+                .unwrap();
+            create_differencing(&p, &g, &o)
+                .unwrap()
+                .write_at(0, &vec![1u8; 2 << 20])
+                .unwrap();
+        }
+    }
+    create_child(&i, &p, 4 * M, &o)
+        .write_at(0, &vec![2u8; 1 << 20])
+        .unwrap();
+    create_child(&s, &i, 8 * M, &o)
+        .write_at(6 * M, &[3u8; 4096])
+        .unwrap();
+    create_differencing(&c, &s, &o)
+        .unwrap()
+        .write_at(7 * M, &[4u8; 4096])
+        .unwrap();
+    let view = read_view(&s);
+    // The source's view: I's 2s, P's data up to I's end, zeros past it but for S's 3s.
+    let p_byte = if kind == "differencing" { 5 } else { 1 };
+    assert!(view[..1 << 20].iter().all(|&b| b == 2));
+    assert!(view[(3 << 20)..(4 << 20)].iter().all(|&b| b == p_byte));
+    assert!(view[(4 << 20)..(6 << 20)].iter().all(|&b| b == 0));
+    assert!(view[(6 << 20)..(6 << 20) + 4096].iter().all(|&b| b == 3));
+    assert!(view[(6 << 20) + 4096..].iter().all(|&b| b == 0));
+    ([s, i, p, c], view)
+}
+
+/// Issue 9, defect 1: merging through an intermediate smaller than the source. The source's
+/// view reads zeros past the intermediate's end; the destination must too afterwards (it
+/// kept its old data there, and --verify did not look). Fixed, dynamic and differencing
+/// destinations; the relinked child's view does not change.
+#[test]
+fn merge_through_a_smaller_intermediate_takes_the_sources_view() {
+    for kind in ["fixed", "dynamic", "differencing"] {
+        let dir = fast_tempdir();
+        let ([s, i, p, c], view) = hidden_by_smaller_intermediate(dir.path(), kind);
+        let child_view = read_view(&c);
+        let o = MergeOptions {
+            verify: true,
+            relink: vec![c.clone()],
+            ..MergeOptions::default()
+        };
+        let r = merge(&s, Some(&p), &o).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(
+            first_diff(&read_view(&p), &view),
+            None,
+            "{kind}: destination"
+        );
+        assert_eq!(
+            first_diff(&read_view(&c), &child_view),
+            None,
+            "{kind}: child"
+        );
+        assert_eq!(r.relinked, vec![c.clone()]);
+        // The zeros count, and verify covers them: 4 MiB past I's end but S's 4 KiB.
+        assert_eq!(r.plan.zeroed_bytes, (4 << 20) - 4096, "{kind}");
+        assert_eq!(r.bytes_merged, r.plan.bytes_total, "{kind}");
+        assert_eq!(r.verified.unwrap().bytes, r.bytes_merged, "{kind}");
+        assert!(i.exists() && s.exists());
+        // Re-running is a no-op on the content (C is now a child of P: --force).
+        let o = MergeOptions {
+            force: true,
+            ..MergeOptions::default()
+        };
+        let again = merge(&s, Some(&p), &o).unwrap();
+        assert_eq!(again.bytes_merged, r.bytes_merged);
+        assert_eq!(first_diff(&read_view(&p), &view), None, "{kind}: rerun");
+    }
+}
+
+/// Several smaller intermediates, of different sizes, and one next to the destination: the
+/// smallest one decides where the zeros start.
+#[test]
+fn merge_through_several_smaller_intermediates() {
+    let dir = fast_tempdir();
+    let deep = [16384, 12000, 6000, 16384, 16384];
+    let adjacent = [16384, 16384, 12000, 9000, 20000];
+    let cases = [
+        (deep, 4, BaseKind::Fixed),
+        (deep, 4, BaseKind::Dynamic),
+        (deep, 3, BaseKind::Dynamic),
+        (adjacent, 4, BaseKind::Fixed),
+        (adjacent, 4, BaseKind::Dynamic),
+    ];
+    for (k, (sizes, d, kind)) in cases.into_iter().enumerate() {
+        let sub = dir.path().join(k.to_string());
+        std::fs::create_dir(&sub).unwrap();
+        let bs = vec![512 * KIB, MIB, 64 * KIB, 2 * MIB, MIB];
+        let s = spec(5, kind, bs, vec![40, 70, 50, 60, 100], 0, 77 + k as u64);
+        let built = build_chain_sized(&sub, &s, &sizes);
+        let view = built.model.view(0);
+        let o = MergeOptions {
+            verify: true,
+            ..MergeOptions::default()
+        };
+        merge(&built.paths[0], Some(&built.paths[d]), &o).unwrap();
+        let got = read_view(&built.paths[d]);
+        assert_eq!(
+            first_diff(&got[..view.len()], &view),
+            None,
+            "{sizes:?} {d} {kind:?}"
+        );
+        assert_eq!(got, built.model.merged(d));
+    }
+}
+
+/// The same chain through the CLI: --verify and --relink; the destination reads as the source
+/// did, the child as it did.
+#[cfg(feature = "cli")]
+#[test]
+fn cli_merge_through_a_smaller_intermediate() {
+    let dir = fast_tempdir();
+    let ([s, _, p, c], view) = hidden_by_smaller_intermediate(dir.path(), "dynamic");
+    let child_view = read_view(&c);
+    let (ok, v, err) = cli(&[
+        s.as_os_str(),
+        p.as_os_str(),
+        std::ffi::OsStr::new("--verify"),
+        std::ffi::OsStr::new("--relink"),
+        c.as_os_str(),
+        std::ffi::OsStr::new("--json"),
+    ]);
+    assert!(ok, "{v} {err}");
+    assert_eq!(first_diff(&read_view(&p), &view), None, "destination");
+    assert_eq!(first_diff(&read_view(&c), &child_view), None, "child");
+    let merged = v["bytes_merged"].as_u64().unwrap();
+    assert_eq!(v["verified"]["bytes"].as_u64(), Some(merged));
+    assert!(merged >= (4 << 20) - 4096 + (1 << 20), "{v}");
 }

@@ -2,7 +2,8 @@
 //! chains, each checked against the in-memory model of `tests/common/model.rs`.
 //!
 //! Each case draws a chain of 2 to 7 layers (depth 1 to 6) over a small virtual size (16 KiB
-//! to 2 MiB, not always a multiple of the block size), block sizes mixed per layer among
+//! to 2 MiB, not always a multiple of the block size; in most cases each layer has its own,
+//! smaller or larger, the source never larger than the destination), block sizes mixed per layer among
 //! 4 KiB to 2 MiB (so blocks larger than the disk too), a fixed or dynamic base, partial
 //! bitmaps at sector granularity, zero data under set bits, blocks stored out of order; a
 //! destination at any level (fixed, dynamic or differencing), verify on or off, a random
@@ -20,7 +21,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::model::{BaseKind, ChainSpec, build_chain, old_or_merged};
+use common::model::{BaseKind, ChainSpec, build_chain_sized, old_or_merged};
 use common::storage::faulty;
 use common::{Rng, fast_tempdir, first_diff, hashes, read_view};
 use vhd_merge::io::FaultPlan;
@@ -50,6 +51,8 @@ const BLOCK_SIZES: [u32; 7] = [
 struct Case {
     seed: u64,
     spec: ChainSpec,
+    /// Each layer's virtual size in sectors.
+    sizes: Vec<u64>,
     dest: usize,
     explicit: bool,
     verify: bool,
@@ -94,8 +97,10 @@ fn draw(seed: u64) -> Case {
         2 => Some(Fault::Space(rng.below(64) * 4096)),
         _ => None,
     };
+    let sizes = draw_sizes(&mut rng, n, dest, size_sectors);
     Case {
         seed,
+        sizes,
         spec: ChainSpec {
             size_sectors,
             base,
@@ -109,6 +114,26 @@ fn draw(seed: u64) -> Case {
         batch_bytes,
         fault,
     }
+}
+
+/// Per-layer virtual sizes: in 60% of the cases every layer (source, intermediates,
+/// destination, its ancestors) draws its own size around `size`, smaller or larger; the source
+/// is never larger than the destination (that merge is refused). Else all layers are `size`.
+fn draw_sizes(rng: &mut Rng, n: usize, dest: usize, size: u64) -> Vec<u64> {
+    if !rng.chance(60) {
+        return vec![size; n];
+    }
+    let mut sizes: Vec<u64> = (0..n)
+        .map(|_| match rng.below(4) {
+            0 => size,
+            1 => 8 + rng.below(size),
+            _ => size + 1 + rng.below(size),
+        })
+        .collect();
+    if sizes[0] > sizes[dest] {
+        sizes.swap(0, dest);
+    }
+    sizes
 }
 
 /// Prints the case when a check panics, so it can be replayed.
@@ -131,13 +156,15 @@ struct Stats {
     layers: u64,
     faults_injected: u64,
     bytes_merged: u64,
+    /// Cases whose merge wrote zeros past a smaller intermediate.
+    zeroing: u64,
     destinations: [u64; 3],
 }
 
 fn run_case(c: &Case, stats: &mut Stats) {
     let _replay = Replay(c);
     let dir = fast_tempdir();
-    let built = build_chain(dir.path(), &c.spec);
+    let built = build_chain_sized(dir.path(), &c.spec, &c.sizes);
     let model = &built.model;
     let d = c.dest;
     let dest = built.paths[d].clone();
@@ -152,7 +179,8 @@ fn run_case(c: &Case, stats: &mut Stats) {
     let source_view = model.view(0);
     let expected = model.merged(d);
     assert_eq!(
-        expected, source_view,
+        expected[..source_view.len()],
+        source_view[..],
         "model: the destination takes the source's view"
     );
     let target = c.explicit.then_some(dest.as_path());
@@ -212,10 +240,22 @@ fn run_case(c: &Case, stats: &mut Stats) {
         before,
         "a file other than the destination changed"
     );
-    let merged_sectors = (0..model.size / 512)
-        .filter(|&s| model.layers[..d].iter().any(|l| l.present[s]))
-        .count() as u64;
-    assert_eq!(report.bytes_merged, merged_sectors * 512);
+    let (held, hidden) = model.merge_sectors(d);
+    let data: u64 = report.plan.layers.iter().map(|l| l.bytes).sum();
+    assert_eq!(data, held * 512);
+    assert_eq!(report.bytes_merged, data + report.plan.zeroed_bytes);
+    if report.plan.destination_type == vhd_merge::DiskType::Dynamic {
+        // Zeros over an unallocated block of a dynamic disk are skipped: it reads zeros.
+        assert!(report.plan.zeroed_bytes <= hidden * 512);
+    } else {
+        assert_eq!(report.plan.zeroed_bytes, hidden * 512);
+    }
+    if let Some(v) = &report.verified {
+        assert_eq!(
+            v.bytes, report.bytes_merged,
+            "verify covers every written sector"
+        );
+    }
     assert_eq!(report.verified.is_some(), c.verify);
     let v = Vhd::open(&dest, OpenOptions::read_only()).unwrap();
     assert!(v.warnings().is_empty(), "{:?}", v.warnings());
@@ -228,6 +268,7 @@ fn run_case(c: &Case, stats: &mut Stats) {
     stats.cases += 1;
     stats.layers += c.spec.block_sizes.len() as u64;
     stats.bytes_merged += report.bytes_merged;
+    stats.zeroing += u64::from(report.plan.zeroed_bytes > 0);
 }
 
 fn shard(index: u64, shards: u64) {
@@ -239,12 +280,13 @@ fn shard(index: u64, shards: u64) {
         run_case(&draw(first + k), &mut stats);
     }
     eprintln!(
-        "merge_scale shard {index}/{shards}: {} cases in {:.1} s ({} layers, {} faults injected before the completing run, {} bytes merged; destinations fixed/dynamic/differencing {:?})",
+        "merge_scale shard {index}/{shards}: {} cases in {:.1} s ({} layers, {} faults injected before the completing run, {} bytes merged, {} writing zeros past a smaller intermediate; destinations fixed/dynamic/differencing {:?})",
         stats.cases,
         t0.elapsed().as_secs_f64(),
         stats.layers,
         stats.faults_injected,
         stats.bytes_merged,
+        stats.zeroing,
         stats.destinations
     );
     assert_eq!(

@@ -182,6 +182,12 @@ fn print_plan(p: &MergePlan) {
     for l in &p.layers {
         println!("  {}: {}", name(&l.path), human(l.bytes));
     }
+    if p.zeroed_bytes > 0 {
+        println!(
+            "  zeros past the end of a smaller intermediate: {}",
+            human(p.zeroed_bytes)
+        );
+    }
     println!(
         "  total {} in {} unit(s); at most {} new block(s), destination grows by at most {}",
         human(p.bytes_total),
@@ -214,6 +220,7 @@ fn plan_json(p: &MergePlan) -> Value {
         })).collect::<Vec<_>>(),
         "units": p.units,
         "bytes_total": p.bytes_total,
+        "zeroed_bytes": p.zeroed_bytes,
         "blocks_to_allocate": p.blocks_to_allocate,
         "destination_growth": p.destination_growth,
         "siblings": paths(&p.siblings),

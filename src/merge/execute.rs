@@ -20,9 +20,12 @@ use crate::io::{FileStorage, Storage};
 use crate::locator::canonical_or_self;
 
 /// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
-/// merged layers' data at the sectors they provide, one read per contributing layer and block.
-/// Returns the mask of those sectors, sized for [`Vhd::write_block`] on the destination;
-/// bytes outside it are unspecified (left as they were, or stale bytes of the layer).
+/// merged layers' data at the sectors they provide, one read per contributing layer and block,
+/// and zeros at the sectors a merged layer smaller than the source hides
+/// ([`crate::chain::SpanPlan::hidden`]). Returns the mask of those sectors (what the source's
+/// view decides, [`crate::chain::SpanPlan::decided`]), sized for [`Vhd::write_block`] on the
+/// destination; bytes outside it are unspecified (left as they were, or stale bytes of the
+/// layer).
 pub fn assemble_unit(
     chain: &Chain,
     plan: &MergePlan,
@@ -73,15 +76,19 @@ pub fn assemble_unit(
     } else {
         chain.read_plan(&span, &mut buf[..n * SECTOR_SIZE as usize], scratch)?;
     }
-    for src in &span.sources {
-        mask.or(&src.claimed);
+    let decided = span.decided();
+    for r in span.hidden().runs() {
+        buf[r.start * 512..r.end * 512].fill(0);
     }
+    mask.copy_bits_from(0, &decided, 0, n);
     Ok(mask)
 }
 
 /// Read back the destination's view of `unit` through `chain` (whose layer
 /// `plan.destination_index` is the destination as written) and return the CRC32 of the merged
-/// sectors, with the mask of those sectors (recomputed from the merged layers' bitmaps).
+/// sectors (those the source's view decides: data of a merged layer, or zeros where a smaller
+/// one hides the destination), with the mask of those sectors (recomputed from the merged
+/// layers' bitmaps and sizes).
 pub fn read_assembled(
     chain: &Chain,
     plan: &MergePlan,
@@ -90,7 +97,7 @@ pub fn read_assembled(
 ) -> Result<(u32, SectorBitmap)> {
     let (start, n) = plan.unit_span(unit);
     let span = chain.plan_span(0..plan.destination_index, start, n)?;
-    let claimed = span.claimed();
+    let claimed = span.decided();
     let bytes = n * SECTOR_SIZE as usize;
     if buf.len() < bytes {
         return Err(Error::InvalidParameter(format!(

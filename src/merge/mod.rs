@@ -2,9 +2,11 @@
 //! `MergeVirtualHardDisk(SourcePath, DestinationPath, out Job)` does (§6.1, §6.7).
 //!
 //! After a merge the destination's logical content equals the source's logical content before
-//! it, byte for byte: each sector the source or an intermediate holds takes the data of the
-//! nearest such layer (a set bitmap bit with zero data overwrites too); every other sector keeps
-//! the destination's data. The destination keeps its identity (its footer does not change); the
+//! it, byte for byte, over the source's virtual size: each sector the source or an intermediate
+//! holds takes the data of the nearest such layer (a set bitmap bit with zero data overwrites
+//! too); a sector past the end of an intermediate smaller than the source, which no nearer
+//! layer holds, becomes zeros (the source reads zeros there: the smaller layer hides the
+//! destination); every other sector keeps the destination's data. The destination keeps its identity (its footer does not change); the
 //! source and the intermediates are opened read-only, never written, and by default not deleted:
 //! the report says which files are now obsolete.
 //!
@@ -16,7 +18,8 @@
 //! # How it works
 //! 1. **Plan** ([`MergePlan::build`]) from BATs and bitmaps only: the destination units
 //!    (destination blocks, or 2 MiB chunks of a fixed destination) that any merged layer has a
-//!    block over, and for each the sectors merged layers hold. Nothing walks the virtual size
+//!    block over or that lie past the end of the smallest merged layer, and for each the
+//!    sectors merged layers hold and those they hide ([`crate::chain::SpanPlan::hidden`]). Nothing walks the virtual size
 //!    sector by sector, so planning a 2 TiB sparse disk costs one pass over its BAT.
 //! 2. **Execute**: each unit is assembled in memory with one read per contributing layer and
 //!    block ([`crate::Chain::plan_span`] + [`crate::Chain::read_plan`]) and written with one

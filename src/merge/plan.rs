@@ -44,10 +44,15 @@ pub struct MergePlan {
     /// Virtual bytes covered by the merge: the source's virtual size (sectors past it are not
     /// touched).
     pub merged_extent: u64,
-    /// Units that receive data.
+    /// Units that receive data or zeros.
     pub units: u64,
-    /// Bytes to copy: the sum of the layers' contributions.
+    /// Bytes to write: the sum of the layers' contributions and of `zeroed_bytes`.
     pub bytes_total: u64,
+    /// Bytes of zeros to write where a merged layer smaller than the source hides the
+    /// destination: the source's view reads zeros past the end of a smaller ancestor, so the
+    /// destination must too (none where a dynamic destination's block is unallocated, as it
+    /// reads as zeros already).
+    pub zeroed_bytes: u64,
     /// Destination blocks the merge allocates, at most (a unit of zeros over an unallocated
     /// block of a dynamic destination is skipped, as it reads as zeros already).
     pub blocks_to_allocate: u64,
@@ -59,7 +64,8 @@ pub struct MergePlan {
     /// Children of the source found next to the chain; their content does not change, but
     /// removing the source would orphan them unless they are relinked.
     pub source_children: Vec<PathBuf>,
-    /// The units with data, one bit per destination unit below `merged_extent`.
+    /// The units that receive data or zeros, one bit per destination unit below
+    /// `merged_extent`.
     pub(crate) unit_set: SectorBitmap,
 }
 
@@ -75,6 +81,7 @@ impl fmt::Debug for MergePlan {
             .field("merged_extent", &self.merged_extent)
             .field("units", &self.units)
             .field("bytes_total", &self.bytes_total)
+            .field("zeroed_bytes", &self.zeroed_bytes)
             .field("blocks_to_allocate", &self.blocks_to_allocate)
             .field("destination_growth", &self.destination_growth)
             .field("siblings", &self.siblings)
@@ -86,9 +93,13 @@ impl fmt::Debug for MergePlan {
 impl MergePlan {
     /// Plan merging layers `0..destination_index` of `chain` into layer `destination_index`.
     ///
-    /// Candidate units come from the merged layers' BAT entries (never from the virtual size);
-    /// each candidate's bitmaps are then read once to count what it receives, and units that
-    /// receive nothing (blocks with empty bitmaps) are dropped.
+    /// The destination takes the source's view over the source's virtual size: each sector
+    /// from the nearest merged layer that holds it and whose view reaches it, zeros where a
+    /// merged layer smaller than the source ends the view (whatever the destination held
+    /// there), and the destination's own view elsewhere. Candidate units come from the merged
+    /// layers' BAT entries and from the range past the smallest merged layer (see
+    /// [`candidate_units`]); each candidate's bitmaps are then read once to count what it
+    /// receives, and units that receive nothing are dropped.
     pub fn build(chain: &Chain, destination_index: usize) -> Result<MergePlan> {
         let d = destination_index;
         if d == 0 || d >= chain.len() {
@@ -102,25 +113,7 @@ impl MergePlan {
         let merged_extent = source.virtual_size().min(dest.virtual_size());
         let limit = merged_extent / SECTOR_SIZE;
         let unit_sectors = dest.sectors_per_block();
-        let unit_count = usize::try_from(limit.div_ceil(unit_sectors)).map_err(|_| {
-            Error::InvalidParameter("virtual size too large for this platform".into())
-        })?;
-        let mut unit_set = SectorBitmap::new(unit_count);
-        for li in 0..d {
-            let vhd = chain.vhd(li);
-            let spb = vhd.sectors_per_block();
-            let layer_limit = limit.min(vhd.virtual_size() / SECTOR_SIZE);
-            for (i, _) in vhd.allocated_entries() {
-                let s0 = i * spb;
-                if s0 >= layer_limit {
-                    break;
-                }
-                let s1 = (s0 + spb).min(layer_limit);
-                let u0 = (s0 / unit_sectors) as usize;
-                let u1 = ((s1 - 1) / unit_sectors + 1) as usize;
-                unit_set.set_range(u0..u1);
-            }
-        }
+        let mut unit_set = candidate_units(chain, d, limit, unit_sectors)?;
 
         let mut layers: Vec<PlannedLayer> = (0..d)
             .map(|li| PlannedLayer {
@@ -130,28 +123,35 @@ impl MergePlan {
             })
             .collect();
         let candidates: Vec<std::ops::Range<usize>> = unit_set.runs().collect();
-        let mut units = 0u64;
-        let mut blocks_to_allocate = 0u64;
+        let (mut units, mut blocks_to_allocate, mut zeroed_bytes) = (0u64, 0u64, 0u64);
         for run in candidates {
             for u in run {
                 let (start, n) = unit_span(u as u64, unit_sectors, limit);
                 let span = chain.plan_span(0..d, start, n)?;
-                let mut any = false;
-                for src in &span.sources {
-                    let c = src.claimed.count_ones() as u64;
-                    if c > 0 {
-                        any = true;
-                        if let Some(l) = layers.get_mut(src.layer) {
-                            l.bytes += c * SECTOR_SIZE;
-                        }
-                    }
-                }
-                if !any {
+                let claimed: u64 = span
+                    .sources
+                    .iter()
+                    .map(|s| s.claimed.count_ones() as u64)
+                    .sum();
+                let hidden = span.hidden().count_ones() as u64;
+                let unallocated =
+                    dest.disk_type().is_sparse() && dest.block_offset(u as u64).is_none();
+                // Zeros alone over an unallocated block of a dynamic disk change nothing: it
+                // reads as zeros already (a differencing disk's unallocated block reads its
+                // parent, which the zeros must hide).
+                let zeros_already = unallocated && dest.disk_type() == DiskType::Dynamic;
+                if claimed == 0 && (hidden == 0 || zeros_already) {
                     unit_set.clear_range(u..u + 1);
                     continue;
                 }
+                for src in &span.sources {
+                    if let Some(l) = layers.get_mut(src.layer) {
+                        l.bytes += src.claimed.count_ones() as u64 * SECTOR_SIZE;
+                    }
+                }
+                zeroed_bytes += hidden * SECTOR_SIZE;
                 units += 1;
-                if dest.disk_type().is_sparse() && dest.block_offset(u as u64).is_none() {
+                if unallocated {
                     blocks_to_allocate += 1;
                 }
             }
@@ -169,8 +169,9 @@ impl MergePlan {
             destination_index: d,
             destination_type: dest.disk_type(),
             unit_bytes: dest.block_size(),
-            bytes_total: layers.iter().map(|l| l.bytes).sum(),
+            bytes_total: layers.iter().map(|l| l.bytes).sum::<u64>() + zeroed_bytes,
             layers,
+            zeroed_bytes,
             merged_extent,
             units,
             blocks_to_allocate,
@@ -194,6 +195,38 @@ impl MergePlan {
             self.merged_extent / SECTOR_SIZE,
         )
     }
+}
+
+/// The destination units (of `unit_sectors` sectors, below sector `limit`) that may receive
+/// something from merging layers `0..d` of `chain`: those where a merged layer has a block
+/// (from the BATs, never from the virtual size), and every unit past the end of the smallest
+/// merged layer, where the source's view hides the destination (zeros, see
+/// [`crate::chain::SpanPlan::hidden`]).
+fn candidate_units(chain: &Chain, d: usize, limit: u64, unit_sectors: u64) -> Result<SectorBitmap> {
+    let unit_count = usize::try_from(limit.div_ceil(unit_sectors))
+        .map_err(|_| Error::InvalidParameter("virtual size too large for this platform".into()))?;
+    let mut unit_set = SectorBitmap::new(unit_count);
+    let mut visible = limit;
+    for li in 0..d {
+        let vhd = chain.vhd(li);
+        let spb = vhd.sectors_per_block();
+        let layer_limit = limit.min(vhd.virtual_size() / SECTOR_SIZE);
+        visible = visible.min(layer_limit);
+        for (i, _) in vhd.allocated_entries() {
+            let s0 = i * spb;
+            if s0 >= layer_limit {
+                break;
+            }
+            let s1 = (s0 + spb).min(layer_limit);
+            let u0 = (s0 / unit_sectors) as usize;
+            let u1 = ((s1 - 1) / unit_sectors + 1) as usize;
+            unit_set.set_range(u0..u1);
+        }
+    }
+    if visible < limit {
+        unit_set.set_range((visible / unit_sectors) as usize..unit_count);
+    }
+    Ok(unit_set)
 }
 
 fn unit_span(unit: u64, unit_sectors: u64, limit: u64) -> (u64, usize) {

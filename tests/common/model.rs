@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
 use vhd_merge::format::SectorBitmap;
+use vhd_merge::{OpenOptions, Vhd};
 
 use super::Rng;
 
@@ -20,6 +21,7 @@ pub enum BaseKind {
 /// base.
 #[derive(Clone, Debug)]
 pub struct ChainSpec {
+    /// The virtual size of every layer ([`build_chain_sized`] gives each its own).
     pub size_sectors: u64,
     pub base: BaseKind,
     /// Block size of each layer (ignored for a fixed base).
@@ -73,10 +75,10 @@ pub fn compose(layers: &[LayerModel]) -> Vec<u8> {
     out
 }
 
-/// All layers of a chain whose layers have one size (as the merge tests build them), chain
-/// order.
+/// All layers of a chain, chain order (each with its own virtual size).
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// The source's (layer 0's) virtual size in bytes.
     pub size: usize,
     pub layers: Vec<LayerModel>,
 }
@@ -88,19 +90,36 @@ impl Model {
         compose(&self.layers[from..])
     }
 
-    /// What the destination (layer `d`) must read after merging layers `0..d` into it: per
-    /// sector, the nearest merged layer holding it, else the destination's old view.
+    /// What the destination (layer `d`) must read after merging layers `0..d` into it: the
+    /// source's view over the source's virtual size (zeros included where a smaller layer
+    /// ends it), the destination's old view past it.
     pub fn merged(&self, d: usize) -> Vec<u8> {
         let mut out = self.view(d);
-        for s in 0..self.size / 512 {
+        let source = self.view(0);
+        out[..source.len()].copy_from_slice(&source);
+        out
+    }
+
+    /// The sectors of the source's view that merging layers `0..d` decides, as (held by a
+    /// merged layer whose view reaches them, hidden: past the end of a smaller merged layer
+    /// and held by no nearer one, so zeros).
+    pub fn merge_sectors(&self, d: usize) -> (u64, u64) {
+        let (mut held, mut hidden) = (0, 0);
+        for s in 0..self.layers[0].size() / 512 {
+            let mut visible = usize::MAX;
             for l in &self.layers[..d] {
+                visible = visible.min(l.size() / 512);
+                if s >= visible {
+                    hidden += 1;
+                    break;
+                }
                 if l.present[s] {
-                    out[s * 512..s * 512 + 512].copy_from_slice(&l.data[s * 512..s * 512 + 512]);
+                    held += 1;
                     break;
                 }
             }
         }
-        out
+        (held, hidden)
     }
 }
 
@@ -166,12 +185,23 @@ fn random_data(rng: &mut Rng, buf: &mut [u8]) {
 /// Build the chain of `spec` in `dir`; blocks are written in random order, so they are stored
 /// out of order in the files.
 pub fn build_chain(dir: &Path, spec: &ChainSpec) -> Built {
+    let sizes = vec![spec.size_sectors; spec.block_sizes.len()];
+    build_chain_sized(dir, spec, &sizes)
+}
+
+/// Like [`build_chain`], each layer with its own virtual size (`sizes[i]` sectors; `spec`'s
+/// `size_sectors` is not used). Equal sizes build the same chain as [`build_chain`].
+pub fn build_chain_sized(dir: &Path, spec: &ChainSpec, sizes: &[u64]) -> Built {
     let n = spec.block_sizes.len();
-    let size = (spec.size_sectors * 512) as usize;
+    assert_eq!(sizes.len(), n, "one size per layer");
     let mut rng = Rng::new(spec.seed);
     let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("l{i}.vhd"))).collect();
-    let mut layers = vec![LayerModel::empty(size); n];
+    let mut layers: Vec<LayerModel> = sizes
+        .iter()
+        .map(|&s| LayerModel::empty((s * 512) as usize))
+        .collect();
     for i in (0..n).rev() {
+        let size = (sizes[i] * 512) as usize;
         let base = i == n - 1;
         let opts = CreateOptions {
             block_size: spec.block_sizes[i],
@@ -188,7 +218,7 @@ pub fn build_chain(dir: &Path, spec: &ChainSpec) -> Built {
         let mut v = if base {
             create_dynamic(&paths[i], size as u64, &opts).unwrap()
         } else {
-            create_differencing(&paths[i], &paths[i + 1], &opts).unwrap()
+            create_child(&paths[i], &paths[i + 1], size as u64, &opts)
         };
         let bs = spec.block_sizes[i] as usize;
         let spb = bs / 512;
@@ -226,8 +256,41 @@ pub fn build_chain(dir: &Path, spec: &ChainSpec) -> Built {
     }
     Built {
         paths,
-        model: Model { size, layers },
+        model: Model {
+            size: (sizes[0] * 512) as usize,
+            layers,
+        },
     }
+}
+
+/// A differencing disk of `size` bytes at `path` whose parent is `parent` (of any size).
+/// `create_differencing` gives a child its parent's size, so for another size the child is
+/// created over a stand-in with the parent's unique id and that size, the parent is put back,
+/// and its modification time set to the stand-in's (the time stamp the child recorded).
+pub fn create_child(path: &Path, parent: &Path, size: u64, opts: &CreateOptions) -> Vhd {
+    let p = Vhd::open(parent, OpenOptions::read_only()).unwrap();
+    let (parent_size, id) = (p.virtual_size(), p.unique_id());
+    drop(p);
+    if parent_size == size {
+        return create_differencing(path, parent, opts).unwrap();
+    }
+    let aside = parent.with_extension("aside");
+    std::fs::rename(parent, &aside).unwrap();
+    let stand_in = CreateOptions {
+        unique_id: Some(id),
+        ..CreateOptions::default()
+    };
+    drop(create_dynamic(parent, size, &stand_in).unwrap());
+    let stamp = std::fs::metadata(parent).unwrap().modified().unwrap();
+    let child = create_differencing(path, parent, opts).unwrap();
+    std::fs::rename(&aside, parent).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(parent)
+        .unwrap()
+        .set_modified(stamp)
+        .unwrap();
+    child
 }
 
 /// Check that every sector of `view` is either the destination's old content or the merged
