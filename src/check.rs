@@ -303,7 +303,8 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
 
 /// Read every allocated block: bitmap bits past the virtual size, never-written sectors of a
 /// dynamic disk (the spec requires them to be zero, and readers such as QEMU that skip the
-/// bitmap return what is there), and the blktap batmap.
+/// bitmap return what is there: a warning, as an interrupted merge leaves them), and the
+/// blktap batmap.
 fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     let Some(h) = vhd.header() else { return };
     let spb = vhd.sectors_per_block() as usize;
@@ -387,14 +388,18 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
                 }
             }
             if let Some(s) = first {
+                // A warning, not an error: the bitmap says what the disk holds, and this is the
+                // state every crash-safe writer leaves when it is interrupted between a write
+                // and the bitmap bits that publish it (data first, as tapdisk and our merge
+                // do). Only readers that skip the bitmap (QEMU) see the data.
                 sink.add(
-                    Severity::Error,
+                    Severity::Warning,
                     "unwritten-not-zero",
                     block.clone(),
                     Some(offset + bm_bytes + s as u64 * SECTOR_SIZE),
                     Some(index),
                     format!(
-                        "{bad} never-written sector(s) (bitmap bit clear) hold non-zero data, the first at virtual offset {}; readers that skip the bitmap see it",
+                        "{bad} never-written sector(s) (bitmap bit clear) hold non-zero data, the first at virtual offset {}: readers that honour the bitmap (Hyper-V, vhd-merge) read zeros there, readers that skip it (QEMU) read the data. This looks like an interrupted write, such as an interrupted merge into this disk (a merge makes data durable before the bitmap that publishes it): re-run the merge to finish it",
                         block_start + s as u64 * SECTOR_SIZE
                     ),
                 );

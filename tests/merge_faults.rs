@@ -32,7 +32,9 @@ use std::sync::{Arc, Mutex};
 use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
 use common::os::Mount;
 use common::storage::{IoLog, faulty, recording};
-use common::{Rng, copy_dir, fast_tempdir, first_diff, hashes, read_view, serial};
+use common::{
+    Rng, copy_dir, deep_check_errors, fast_tempdir, first_diff, hashes, read_view, serial,
+};
 use vhd_merge::check::{CheckOptions, check_file};
 use vhd_merge::image::FooterSource;
 use vhd_merge::io::FaultPlan;
@@ -220,6 +222,16 @@ struct Aftermath {
     from_copy: bool,
     /// Sectors already holding merged data.
     merged_sectors: usize,
+    /// `check --deep` warned about data under clear bitmap bits (the interrupted-merge state).
+    unwritten_warning: bool,
+}
+
+/// `check --deep`'s options.
+fn deep() -> CheckOptions {
+    CheckOptions {
+        deep: true,
+        ..CheckOptions::default()
+    }
 }
 
 /// Check the state after a failed merge: the error, the destination, the other files.
@@ -248,7 +260,8 @@ fn check_after_fault(b: &Bench, e: &Error, fault: Fault, what: &str) -> Aftermat
         );
     }
     drop(v);
-    let report = check_file(b.dest(), &CheckOptions::default()).unwrap();
+    // The deep check too: an interrupted merge leaves no error (issue 9, defect 7).
+    let report = check_file(b.dest(), &deep()).unwrap();
     let errors: Vec<&str> = report
         .findings
         .iter()
@@ -275,9 +288,11 @@ fn check_after_fault(b: &Bench, e: &Error, fault: Fault, what: &str) -> Aftermat
         b.others_before,
         "{sc}: {what}: the source or an intermediate changed"
     );
+    let unwritten_warning = report.with_code("unwritten-not-zero").next().is_some();
     Aftermath {
         from_copy,
         merged_sectors,
+        unwritten_warning,
     }
 }
 
@@ -294,7 +309,7 @@ fn rerun_and_check(b: &Bench, what: &str, verify: bool) {
     );
     assert!(v.warnings().is_empty(), "{sc}: {what}: {:?}", v.warnings());
     drop(v);
-    let report = check_file(b.dest(), &CheckOptions::default()).unwrap();
+    let report = check_file(b.dest(), &deep()).unwrap();
     assert!(
         !report.has_errors(),
         "{sc}: {what}: check after the re-run: {:#?}",
@@ -340,6 +355,8 @@ struct Tally {
     torn_from_copy: u64,
     syncs: u64,
     growth: u64,
+    /// Interrupted states `check --deep` warned about (data under clear bits).
+    unwritten_warnings: u64,
     sequences: u64,
     sequence_faults: u64,
 }
@@ -376,6 +393,7 @@ fn a_fault_at_every_write_sync_and_growth_point() {
             for torn in [false, true] {
                 let what = format!("crash at write {n} of {writes} (torn: {torn})");
                 let a = one_fault(&b, Fault::Write { n, torn }, &what);
+                t.unwritten_warnings += u64::from(a.unwritten_warning);
                 if torn {
                     t.torn += 1;
                     t.torn_from_copy += u64::from(a.from_copy);
@@ -423,15 +441,22 @@ fn a_fault_at_every_write_sync_and_growth_point() {
         total.torn_from_copy += t.torn_from_copy;
         total.syncs += t.syncs;
         total.growth += t.growth;
+        total.unwritten_warnings += t.unwritten_warnings;
     }
     eprintln!(
-        "fault points exercised: {} whole-write crashes, {} torn writes ({} left only the offset-0 footer copy), {} failing syncs, {} out-of-space points; total {}",
+        "fault points exercised: {} whole-write crashes, {} torn writes ({} left only the offset-0 footer copy), {} failing syncs, {} out-of-space points; total {}; {} crashes left data under clear bits (a warning of check --deep)",
         total.writes,
         total.torn,
         total.torn_from_copy,
         total.syncs,
         total.growth,
-        total.writes + total.torn + total.syncs + total.growth
+        total.writes + total.torn + total.syncs + total.growth,
+        total.unwritten_warnings
+    );
+    // The scenarios reach the state defect 7 of issue 9 is about, so the checks above saw it.
+    assert!(
+        total.unwritten_warnings > 0,
+        "no crash left data under clear bits"
     );
 }
 
@@ -592,13 +617,15 @@ fn a_real_full_tmpfs() {
                 let view = read_view(&dest);
                 old_or_merged(&view, &old_view, &merged, true)
                     .unwrap_or_else(|m| panic!("room {room}: {m}"));
+                let errors = deep_check_errors(&dest);
+                assert!(errors.is_empty(), "room {room}: {errors:#?}");
                 assert_eq!(hashes(&others), before, "the source changed");
                 // With room again, the re-run finishes.
                 mount.resize(256 << 20);
                 merge(&paths[0], Some(&dest), &o)
                     .unwrap_or_else(|e| panic!("room {room}: re-run failed: {e}"));
                 assert_eq!(first_diff(&read_view(&dest), &merged), None);
-                let report = check_file(&dest, &CheckOptions::default()).unwrap();
+                let report = check_file(&dest, &deep()).unwrap();
                 assert!(!report.has_errors(), "{:#?}", report.findings);
             }
         }
@@ -808,6 +835,8 @@ fn a_lost_in_place_write_is_not_published() {
         Vhd::open(&mid, OpenOptions::read_only()).unwrap();
         old_or_merged(&read_view(&mid), &old, &merged, false)
             .unwrap_or_else(|m| panic!("sync {n} of {syncs} lost its writes: {m}"));
+        let errors = deep_check_errors(&mid);
+        assert!(errors.is_empty(), "sync {n} of {syncs}: {errors:#?}");
         assert_eq!(hashes(&others), before);
         merge(&src, None, &MergeOptions::default()).unwrap();
         assert_eq!(read_view(&mid), merged, "sync {n}: re-run");

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use common::model::{BaseKind, ChainSpec, build_chain_sized, old_or_merged};
 use common::storage::faulty;
-use common::{Rng, fast_tempdir, first_diff, hashes, read_view};
+use common::{Rng, deep_check_errors, fast_tempdir, first_diff, hashes, read_view};
 use vhd_merge::io::FaultPlan;
 use vhd_merge::merge::{MergeOptions, merge};
 use vhd_merge::{OpenOptions, Vhd};
@@ -218,6 +218,15 @@ fn run_case(c: &Case, stats: &mut Stats) {
                 let torn = matches!(f, Fault::Write(_, true));
                 old_or_merged(&read_view(&dest), &old_view, &expected, torn)
                     .unwrap_or_else(|m| panic!("after {f:?}: {m}"));
+                let from_copy = Vhd::open(&dest, OpenOptions::read_only())
+                    .is_ok_and(|v| v.footer_source() == vhd_merge::image::FooterSource::Copy);
+                let errors = deep_check_errors(&dest);
+                assert!(
+                    errors
+                        .iter()
+                        .all(|e| from_copy && e.code == "footer-end-bad"),
+                    "after {f:?}: check --deep: {errors:#?}"
+                );
                 assert_eq!(hashes(&others), before, "a fault changed another file");
             }
         }

@@ -211,3 +211,17 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The error-level findings of `check --deep` on the file at `path`.
+pub fn deep_check_errors(path: &Path) -> Vec<vhd_merge::check::Finding> {
+    let options = vhd_merge::check::CheckOptions {
+        deep: true,
+        ..vhd_merge::check::CheckOptions::default()
+    };
+    vhd_merge::check::check_file(path, &options)
+        .unwrap_or_else(|e| panic!("check {}: {e}", path.display()))
+        .findings
+        .into_iter()
+        .filter(|f| f.severity == vhd_merge::check::Severity::Error)
+        .collect()
+}
