@@ -1243,6 +1243,14 @@ fn cli_merge_through_a_smaller_intermediate() {
     let (ok, v, err) = cli(&[
         s.as_os_str(),
         p.as_os_str(),
+        std::ffi::OsStr::new("--dry-run"),
+        std::ffi::OsStr::new("--json"),
+    ]);
+    assert!(ok, "{v} {err}");
+    assert_eq!(v["plan"]["zeroed_bytes"].as_u64(), Some((4 << 20) - 4096));
+    let (ok, v, err) = cli(&[
+        s.as_os_str(),
+        p.as_os_str(),
         std::ffi::OsStr::new("--verify"),
         std::ffi::OsStr::new("--relink"),
         c.as_os_str(),
