@@ -40,10 +40,12 @@ pub mod flatten;
 pub mod format;
 pub mod image;
 pub mod io;
+pub mod layer;
 pub mod locator;
 pub mod merge;
 pub mod repair;
 pub mod setparent;
+mod vhd_layer;
 
 pub use chain::{Chain, ChainOptions, ChainReader, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};

@@ -1,0 +1,244 @@
+//! The layer boundary: what the chain, the composition planner, merge, flatten and check need to
+//! know about one disk image, whatever its format.
+//!
+//! Above this module nothing names a format's types, constants or file offsets. A format joins
+//! by implementing [`Layer`] (reading) and [`LayerWriter`] (writing) and by adding its signature
+//! to [`crate::open_layer`]'s detection. See `docs/design.md`, "Adding a format".
+
+use std::any::Any;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::format::SectorBitmap;
+use crate::image::OpenOptions;
+
+/// The on-disk format of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Format {
+    /// Microsoft VHD (v1): `.vhd`, footer cookie `conectix`.
+    Vhd,
+    /// Microsoft VHDX (v2): `.vhdx`, `.avhdx`, file identifier `vhdxfile`.
+    Vhdx,
+}
+
+impl Format {
+    /// `vhd` or `vhdx`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
+        }
+    }
+}
+
+/// What kind of disk a layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DiskKind {
+    /// Every block allocated up front.
+    Fixed,
+    /// Blocks allocated on demand; unallocated ones read as zeros.
+    Dynamic,
+    /// Blocks allocated on demand; unallocated sectors come from the parent.
+    Differencing,
+}
+
+impl DiskKind {
+    /// `fixed`, `dynamic` or `differencing`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskKind::Fixed => "fixed",
+            DiskKind::Dynamic => "dynamic",
+            DiskKind::Differencing => "differencing",
+        }
+    }
+}
+
+/// How one block of a layer holds its sectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockState {
+    /// Nothing here: the parent's sectors (zeros at the base of a chain).
+    Transparent,
+    /// Zeros, whatever the parent holds.
+    Zero,
+    /// Sectors held here: all of them (`None`), or those whose bit is set; the others are
+    /// transparent.
+    Present(Option<SectorBitmap>),
+}
+
+/// How a layer spells a parent path; the resolver maps it onto this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Spelling {
+    /// Relative to the child's directory, Windows syntax (`.\dir\parent.vhd`).
+    WindowsRelative,
+    /// Absolute, Windows syntax (`C:\dir\parent.vhd`, `\\server\share\...`).
+    WindowsAbsolute,
+    /// A `file://` URL.
+    FileUrl,
+    /// `\\?\Volume{GUID}\dir\parent.vhdx`.
+    VolumePath,
+    /// A bare file name, looked up next to the child.
+    FileName,
+}
+
+/// One parent path hint of a differencing layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathHint {
+    /// The path as stored.
+    pub text: String,
+    /// How to read it.
+    pub spelling: Spelling,
+    /// Where it came from: a VHD locator code (`W2ru`, `W2ku`, `MacX`, ...), a VHDX locator key
+    /// (`relative_path`, ...), or `header name`.
+    pub source: &'static str,
+}
+
+/// A parent path hint that could not be used, with the reason (listed in
+/// [`Error::ParentNotFound`] among the candidates tried).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnusableHint {
+    /// What the hint would have been, as shown to the user (`<W2ru locator 2>`, a URL, ...).
+    pub path: PathBuf,
+    /// Where it came from (`W2ru (locator 2)`, ...).
+    pub source: String,
+    /// Why it cannot be used (`locator data is empty`, ...).
+    pub reason: String,
+}
+
+/// What a differencing layer records about its parent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentLink {
+    /// A candidate is the parent when its [`Layer::id`] is one of these (VHD: the parent unique
+    /// id; VHDX: `parent_linkage` and `parent_linkage2`).
+    pub ids: Vec<Uuid>,
+    /// The parent's name as the child records it, for messages (VHD: the header's Parent
+    /// Unicode Name).
+    pub name: String,
+    /// Path hints, in the order the format says to try them. Hints spelled
+    /// [`Spelling::FileName`] are looked up in the search directories first and next to the
+    /// child after every other hint.
+    pub hints: Vec<PathHint>,
+    /// Hints the layer records but that cannot be read or decoded.
+    pub unusable: Vec<UnusableHint>,
+}
+
+/// One disk image opened for reading, seen in its own logical sectors.
+pub trait Layer: Send + Sync + fmt::Debug {
+    /// The file.
+    fn path(&self) -> &Path;
+    /// Its format.
+    fn format(&self) -> Format;
+    /// Fixed, dynamic or differencing.
+    fn kind(&self) -> DiskKind;
+    /// Virtual size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// Logical sector size in bytes (512 or 4096); every layer of a chain has the same.
+    fn sector_size(&self) -> u32;
+    /// Bytes per block.
+    fn block_size(&self) -> u64;
+    /// The identity children link to.
+    fn id(&self) -> Uuid;
+    /// For a differencing layer, what it records about its parent.
+    fn parent_link(&self) -> Result<Option<ParentLink>>;
+    /// The blocks whose state is not [`BlockState::Transparent`], in increasing order. Cost
+    /// follows the allocation, never the virtual size.
+    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_>;
+    /// The state of block `block`.
+    fn block_state(&self, block: u64) -> Result<BlockState>;
+    /// Read the stored bytes of `buf.len() / sector_size()` sectors of `block`, from sector
+    /// `first` of the block on. Defined only for sectors the block holds.
+    fn read_stored(&self, block: u64, first: u64, buf: &mut [u8]) -> Result<()>;
+    /// Odd but non-fatal things noticed while opening.
+    fn warnings(&self) -> &[String];
+    /// Take an advisory lock (exclusive or shared), or fail with System is in use (32774).
+    fn lock(&self, exclusive: bool) -> Result<()>;
+    /// Warnings about the link from this layer to `parent` (already accepted by id) that do
+    /// not stop it (VHD: a parent time stamp that matches neither of the parent's).
+    fn link_warnings(&self, parent: &dyn Layer) -> Vec<String> {
+        let _ = parent;
+        Vec::new()
+    }
+    /// The concrete layer, for format-specific tools (check, info, set-parent) to downcast.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A layer opened for writing: the destination of a merge, the output of a flatten.
+pub trait LayerWriter: Layer {
+    /// Make room for `blocks` new blocks at once (one call per batch).
+    fn reserve(&mut self, blocks: u64) -> Result<()>;
+    /// True when writing into `block` allocates it.
+    fn needs_allocation(&self, block: u64) -> bool;
+    /// How much the file grows, at most, for `blocks` new blocks.
+    fn growth_for(&self, blocks: u64) -> u64;
+    /// Write the sectors selected by `mask` from `data` into `block`, from sector `first` of the
+    /// block on (`data` covers `mask.len()` sectors). Sectors outside the mask keep their content;
+    /// masked sectors afterwards read exactly `data`, zeros included (a differencing layer stops
+    /// deferring to its parent there). `data` may be used as scratch. Durable at
+    /// [`LayerWriter::commit`].
+    fn write_sectors(
+        &mut self,
+        block: u64,
+        first: u64,
+        data: &mut [u8],
+        mask: &SectorBitmap,
+    ) -> Result<()>;
+    /// Publish everything written since the last commit in the format's crash-safe order.
+    fn commit(&mut self) -> Result<()>;
+    /// Commit and end the write session; returns the layer's identity afterwards (a VHDX's
+    /// DataWriteGuid changes when its data does).
+    fn finish(&mut self) -> Result<Uuid>;
+}
+
+/// What a cheap look at a file says about its identity (at most a few small reads; for
+/// scanning directories for a renamed parent or for siblings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// The format whose signature the file carries.
+    pub format: Format,
+    /// Identities the file carries (VHD: the unique id of either footer copy, checksum right
+    /// or not, so that a damaged copy of a wanted disk is still recognised).
+    pub ids: Vec<Uuid>,
+}
+
+/// The format of the file at `path` by its signature, like crosvm's `detect_image_type`:
+/// `vhdxfile` at offset 0 is VHDX, anything else is left to the VHD reader (whose footer may
+/// be at the end only). `None` when the first bytes cannot be read.
+pub fn detect_format(path: &Path) -> Option<Format> {
+    // Never open what is not a regular file (a FIFO would block): the VHD reader says what
+    // it is.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return Some(Format::Vhd);
+    }
+    let file = std::fs::File::open(path).ok()?;
+    let mut sig = [0u8; 8];
+    match crate::io::pread_exact(&file, &mut sig, 0) {
+        Ok(()) if &sig == b"vhdxfile" => Some(Format::Vhdx),
+        _ => Some(Format::Vhd),
+    }
+}
+
+/// Open the disk image at `path` read-only (or writable, per `options`) in whatever format
+/// its signature says. VHDX answers Not Supported (32770) for now.
+pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
+    if detect_format(path) == Some(Format::Vhdx) {
+        return Err(Error::NotSupported {
+            path: Some(path.to_path_buf()),
+            detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),
+        });
+    }
+    Ok(Box::new(crate::image::Vhd::open(path, options)?))
+}
+
+/// Probe the file at `path` (see [`Probe`]); `None` for anything that is not a regular file
+/// holding a disk image of a known format.
+pub fn probe(path: &Path) -> Option<Probe> {
+    match detect_format(path)? {
+        Format::Vhdx => None,
+        Format::Vhd => crate::vhd_layer::probe(path),
+    }
+}
