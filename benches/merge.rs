@@ -26,7 +26,7 @@ mod common;
 
 use common::{Fill, Shape, Spread, bench_dir, build_chain};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use vhd_merge::chain::Layer;
+use vhd_merge::chain::{ChainLayer, FoundBy};
 use vhd_merge::io::MemStorage;
 use vhd_merge::merge::{MergeOptions, MergePlan, assemble_unit, merge};
 use vhd_merge::{Chain, ChainOptions, OpenOptions, Vhd};
@@ -57,15 +57,14 @@ fn build(
 fn in_memory(paths: &[PathBuf]) -> Chain {
     let layers = paths
         .iter()
-        .map(|p| Layer {
-            vhd: Vhd::from_storage(
+        .map(|p| {
+            let vhd = Vhd::from_storage(
                 Box::new(MemStorage::new(std::fs::read(p).unwrap())),
                 p,
                 OpenOptions::read_only(),
             )
-            .unwrap(),
-            found_by: "bench".into(),
-            warnings: Vec::new(),
+            .unwrap();
+            ChainLayer::new(Box::new(vhd), FoundBy::Opened)
         })
         .collect();
     Chain::from_layers(layers)

@@ -15,7 +15,7 @@ const MIB: u64 = 1 << 20;
 
 fn view(path: &std::path::Path) -> Result<Vec<u8>, Box<dyn Error>> {
     let chain = Chain::open(path, &ChainOptions::default())?;
-    let mut buf = vec![0u8; chain.vhd(0).virtual_size() as usize];
+    let mut buf = vec![0u8; chain.layer(0).map_or(0, |l| l.virtual_size()) as usize];
     chain.read_at(0, 0, &mut buf)?;
     Ok(buf)
 }

@@ -1,15 +1,22 @@
 //! A differencing chain: the child and its ancestors, found through parent locators and
 //! verified by unique id, and reads through it.
 //!
+//! The chain sees its files only through the layer boundary ([`crate::layer::Layer`]): no
+//! format's types, constants or file offsets appear here, and every size is in the chain's
+//! logical sectors ([`Chain::sector_size`]).
+//!
 //! The composition primitive, [`Chain::plan_span`] plus [`Chain::read_plan`], decides for a
-//! range of virtual sectors which layer provides each sector (the nearest layer whose bitmap
-//! holds it) and reads them with one read per contributing layer and block.
+//! range of virtual sectors which layer provides each sector (the nearest layer whose block
+//! holds it; a block that declares zeros claims them as zeros) and reads them with one
+//! [`crate::layer::Layer::read_stored`] per contributing layer and block.
 //! Reading through the chain, flattening and merging all use it.
 //!
 //! # Finding parents (§5)
 //!
-//! For each differencing disk the candidates are tried in this order, and the first whose
-//! footer Unique Id equals the child's Parent Unique Id is the parent:
+//! A differencing layer's [`crate::layer::Layer::parent_link`] gives the parent ids it accepts
+//! and its path hints, in the format's order. For a VHD the candidates are tried in this
+//! order, and the first whose footer Unique Id equals the child's Parent Unique Id is the
+//! parent:
 //!
 //! 1. the caller's overrides: [`ChainOptions::parent`] (for the first link it is the only
 //!    candidate), then in each of [`ChainOptions::search_dirs`] the file names the child gives
@@ -28,9 +35,12 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use uuid::Uuid;
+
 use crate::error::{Error, ParentCandidate, Result};
-use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
-use crate::image::{BlockMap, OpenOptions, SizeRule, Vhd};
+use crate::format::SectorBitmap;
+use crate::image::{OpenOptions, SizeRule};
+use crate::layer::{BlockState, Layer, ParentLink, PathHint, Spelling, open_layer};
 use crate::locator::canonical_or_self;
 
 /// Default limit on the number of layers in a chain.
@@ -74,33 +84,108 @@ impl Default for ChainOptions {
     }
 }
 
+/// How a layer of a chain was found. Displays as the rule's name (`opened`, `W2ru`,
+/// `W2ku without drive`, `search dir, header name`, ...), and compares equal to that text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FoundBy {
+    /// The file the chain was opened from (layer 0).
+    Opened,
+    /// The caller's [`ChainOptions::parent`].
+    ParentOption,
+    /// A file name the child gives, in one of [`ChainOptions::search_dirs`].
+    SearchDir {
+        /// The hint that gave the name (`header name`, `W2ru`, ...).
+        source: &'static str,
+        /// The name was the last component of a path hint (not a bare file name).
+        from_path: bool,
+    },
+    /// One of the child's path hints, mapped onto this host.
+    Hint {
+        /// Where the hint came from (`W2ru`, `header name`, ...).
+        source: &'static str,
+        /// The mapping rule when it was not the path as written (`without drive`, ...).
+        rule: Option<&'static str>,
+    },
+    /// A file in a search directory that carries the wanted identity (a renamed parent).
+    IdScan,
+}
+
+impl std::fmt::Display for FoundBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FoundBy::Opened => f.write_str("opened"),
+            FoundBy::ParentOption => f.write_str("--parent"),
+            FoundBy::SearchDir {
+                source,
+                from_path: false,
+            } => write!(f, "search dir, {source}"),
+            FoundBy::SearchDir {
+                source,
+                from_path: true,
+            } => write!(f, "search dir, {source} file name"),
+            FoundBy::Hint { source, rule: None } => f.write_str(source),
+            FoundBy::Hint {
+                source,
+                rule: Some(r),
+            } => write!(f, "{source} {r}"),
+            FoundBy::IdScan => f.write_str("search dir, by unique id"),
+        }
+    }
+}
+
+impl PartialEq<&str> for FoundBy {
+    fn eq(&self, other: &&str) -> bool {
+        self.to_string().as_str() == *other
+    }
+}
+
 /// One file of a chain.
 #[derive(Debug)]
-pub struct Layer {
+pub struct ChainLayer {
     /// The open file (read-only).
-    pub vhd: Vhd,
-    /// How it was found: `opened` for the first layer, else the locator or rule that named it
-    /// (`W2ru`, `W2ku`, `MacX`, `header name`, `--parent`, ...).
-    pub found_by: String,
+    pub layer: Box<dyn Layer>,
+    /// How it was found.
+    pub found_by: FoundBy,
     /// Warnings about the link to this layer (time stamp mismatch, ...).
     pub warnings: Vec<String>,
 }
 
-/// A chain of VHDs, child first, ending at a fixed or dynamic disk.
-#[derive(Debug)]
-pub struct Chain {
-    layers: Vec<Layer>,
+impl ChainLayer {
+    /// A layer found by `found_by`, without link warnings.
+    pub fn new(layer: Box<dyn Layer>, found_by: FoundBy) -> ChainLayer {
+        ChainLayer {
+            layer,
+            found_by,
+            warnings: Vec::new(),
+        }
+    }
 }
 
-/// Where one contiguous piece of a span lives in one layer's file.
+/// A chain of disk images, child first, ending at a layer without a parent.
+#[derive(Debug)]
+pub struct Chain {
+    layers: Vec<ChainLayer>,
+}
+
+/// Where one contiguous piece of a span lives in one layer: a stretch of one of its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Piece {
     /// First sector of the piece, relative to the span.
     pub first: usize,
     /// Sectors in the piece.
     pub len: usize,
-    /// File offset of the piece's first sector.
-    pub file_offset: u64,
+    /// The layer's block holding the piece.
+    pub block: u64,
+    /// The piece's first sector, counted from the start of that block.
+    pub first_in_block: u64,
+}
+
+impl Piece {
+    /// The block sector holding span sector `sector` (inside the piece).
+    pub fn in_block(&self, sector: usize) -> u64 {
+        self.first_in_block + (sector - self.first) as u64
+    }
 }
 
 /// The sectors one layer provides to a span.
@@ -125,6 +210,9 @@ pub struct SpanPlan {
     pub sources: Vec<SpanSource>,
     /// Sectors no layer in the range provides.
     pub unclaimed: SectorBitmap,
+    /// Sectors a layer of the range declares zeros whatever its ancestors hold (a VHDX ZERO
+    /// block; a VHD never does): part of [`SpanPlan::hidden`].
+    pub zeros: SectorBitmap,
     /// Sectors of the span, from its start, below the end of every layer of the range (the
     /// smallest virtual size among them). Past it the range's view is decided by the range
     /// alone: a sector no layer of the range provides reads as zeros there, whatever the
@@ -142,12 +230,14 @@ impl SpanPlan {
         c
     }
 
-    /// Sectors no layer of the range provides that lie past the end of a smaller layer of the
-    /// range: the range's view reads zeros there, and the layers after the range are hidden
-    /// (a merge of the range must write these zeros into its destination).
+    /// Sectors the range decides are zeros: those no layer of the range provides that lie
+    /// past the end of a smaller layer of the range, and those a layer of it declares zeros
+    /// ([`SpanPlan::zeros`]). The layers after the range are hidden there (a merge of the
+    /// range must write these zeros into its destination). One rule for both.
     pub fn hidden(&self) -> SectorBitmap {
         let mut h = self.unclaimed.clone();
         h.clear_range(0..self.visible.min(self.sectors));
+        h.or(&self.zeros);
         h
     }
 
@@ -176,22 +266,18 @@ impl Chain {
             lenient: options.lenient,
             size_rule: options.size_rule,
         };
-        let first = Vhd::open(path, open_opts)?;
+        let first = open_layer(path, open_opts)?;
         let confine = canonical_confinement(options);
         let mut seen_ids = HashSet::new();
         let mut seen_paths = HashSet::new();
-        seen_ids.insert(first.unique_id());
+        seen_ids.insert(first.id());
         seen_paths.insert(canonical_or_self(path));
-        let mut layers = vec![Layer {
-            vhd: first,
-            found_by: "opened".into(),
-            warnings: Vec::new(),
-        }];
+        let mut layers = vec![ChainLayer::new(first, FoundBy::Opened)];
         loop {
-            let child = &layers[layers.len() - 1].vhd;
-            if child.disk_type() != DiskType::Differencing {
+            let child = layers[layers.len() - 1].layer.as_ref();
+            let Some(link) = child.parent_link()? else {
                 break;
-            }
+            };
             if layers.len() >= options.max_depth {
                 return Err(Error::InvalidState(format!(
                     "{}: the chain is deeper than the limit of {} layers (the last one reached is {}, whose parent would be layer {})",
@@ -201,20 +287,22 @@ impl Chain {
                     layers.len() + 1
                 )));
             }
-            let (parent, found_by, warnings) = resolve_parent(
+            let found = resolve_parent(
                 child,
+                &link,
                 options,
                 layers.len() == 1,
                 open_opts,
                 confine.as_deref(),
             )?;
+            let parent = found.layer.as_ref();
             let canonical = canonical_or_self(parent.path());
-            if !seen_ids.insert(parent.unique_id()) || !seen_paths.insert(canonical.clone()) {
+            if !seen_ids.insert(parent.id()) || !seen_paths.insert(canonical.clone()) {
                 let first = layers
                     .iter()
                     .position(|l| {
-                        l.vhd.unique_id() == parent.unique_id()
-                            || canonical_or_self(l.vhd.path()) == canonical
+                        l.layer.id() == parent.id()
+                            || canonical_or_self(l.layer.path()) == canonical
                     })
                     .unwrap_or(0);
                 return Err(Error::InvalidState(format!(
@@ -222,32 +310,28 @@ impl Chain {
                     path.display(),
                     child.path().display(),
                     parent.path().display(),
-                    parent.unique_id(),
-                    layers[first].vhd.path().display(),
-                    layers[first].vhd.unique_id()
+                    parent.id(),
+                    layers[first].layer.path().display(),
+                    layers[first].layer.id()
                 )));
             }
-            layers.push(Layer {
-                vhd: parent,
-                found_by,
-                warnings,
-            });
+            layers.push(found);
         }
         Ok(Chain { layers })
     }
 
     /// Build a chain from layers already opened and verified (child first).
-    pub fn from_layers(layers: Vec<Layer>) -> Chain {
+    pub fn from_layers(layers: Vec<ChainLayer>) -> Chain {
         Chain { layers }
     }
 
     /// The layers, child first.
-    pub fn layers(&self) -> &[Layer] {
+    pub fn layers(&self) -> &[ChainLayer] {
         &self.layers
     }
 
     /// Take the layers out.
-    pub fn into_layers(self) -> Vec<Layer> {
+    pub fn into_layers(self) -> Vec<ChainLayer> {
         self.layers
     }
 
@@ -261,9 +345,25 @@ impl Chain {
         self.layers.is_empty()
     }
 
-    /// The file of layer `i` (0 = child).
-    pub fn vhd(&self, i: usize) -> &Vhd {
-        &self.layers[i].vhd
+    /// Layer `i` (0 = child), or `None` past the chain's end.
+    pub fn layer(&self, i: usize) -> Option<&dyn Layer> {
+        self.layers.get(i).map(|l| l.layer.as_ref())
+    }
+
+    /// The logical sector size of the chain's layers (all agree; the child's).
+    pub fn sector_size(&self) -> u32 {
+        // An empty chain (from_layers) has no sectors to read; 512 keeps divisions defined.
+        self.layers.first().map_or(512, |l| l.layer.sector_size())
+    }
+
+    /// Layer `i`, or an Invalid parameter error naming the chain's length.
+    fn get(&self, i: usize) -> Result<&dyn Layer> {
+        self.layer(i).ok_or_else(|| {
+            Error::InvalidParameter(format!(
+                "layer {i} does not exist: the chain has {} layer(s)",
+                self.layers.len()
+            ))
+        })
     }
 
     /// A `Read + Seek` view of layer `layer`'s logical content (0 = the child).
@@ -297,76 +397,44 @@ impl Chain {
                 self.layers.len()
             )));
         }
-        let mut unclaimed = SectorBitmap::full(sectors);
-        let mut sources = Vec::new();
-        let end_sector = start_sector.saturating_add(sectors as u64);
-        let mut visible_end = end_sector;
+        let ss = u64::from(self.sector_size());
+        let mut plan = SpanPlan {
+            start_sector,
+            sectors,
+            sources: Vec::new(),
+            unclaimed: SectorBitmap::full(sectors),
+            zeros: SectorBitmap::new(sectors),
+            visible: 0,
+        };
+        let mut visible_end = start_sector.saturating_add(sectors as u64);
         for li in layers {
-            let vhd = &self.layers[li].vhd;
-            visible_end = visible_end.min(vhd.virtual_size() / SECTOR_SIZE);
-            if unclaimed.none() {
+            let layer = self.layers[li].layer.as_ref();
+            visible_end = visible_end.min(layer.virtual_size() / ss);
+            if plan.unclaimed.none() {
                 // Nothing left to claim; the loop only goes on to find the visible end.
                 continue;
             }
-            let spb = vhd.sectors_per_block();
-            let layer_end = visible_end;
-            let mut claimed = SectorBitmap::new(sectors);
-            let mut pieces = Vec::new();
-            let mut s = start_sector;
-            while s < layer_end {
-                let block = s / spb;
-                let block_first = block * spb;
-                let next = ((block + 1) * spb).min(layer_end);
-                let rel = (s - start_sector) as usize;
-                let n = (next - s) as usize;
-                let in_block = (s - block_first) as usize;
-                if let BlockMap::Present {
-                    data_offset,
-                    bitmap,
-                } = vhd.block_map(block)?
-                {
-                    let mut take = SectorBitmap::new(sectors);
-                    match bitmap {
-                        Some(bm) => take.copy_bits_from(rel, &bm, in_block, n),
-                        None => take.set_range(rel..rel + n),
-                    }
-                    take.and(&unclaimed);
-                    if !take.none() {
-                        unclaimed.and_not(&take);
-                        claimed.or(&take);
-                        pieces.push(Piece {
-                            first: rel,
-                            len: n,
-                            file_offset: data_offset + in_block as u64 * SECTOR_SIZE,
-                        });
-                    }
-                }
-                s = next;
-            }
-            if !pieces.is_empty() {
-                sources.push(SpanSource {
-                    layer: li,
-                    claimed,
-                    pieces,
-                });
+            if let Some(src) = claim_from(&mut plan, layer, li, visible_end)? {
+                plan.sources.push(src);
             }
         }
-        Ok(SpanPlan {
-            start_sector,
-            sectors,
-            sources,
-            unclaimed,
-            visible: visible_end.saturating_sub(start_sector).min(sectors as u64) as usize,
-        })
+        plan.visible = visible_end.saturating_sub(start_sector).min(sectors as u64) as usize;
+        Ok(plan)
     }
 
-    /// Read the claimed sectors of `plan` into `buf` (`plan.sectors * 512` bytes); unclaimed
-    /// sectors are left as they are. Per layer and piece: a few runs are read one by one,
-    /// many runs with one read of their span into `scratch` and copies from there.
+    /// Read the claimed sectors of `plan` into `buf` (`plan.sectors` logical sectors) and
+    /// zero its [`SpanPlan::zeros`]; unclaimed sectors are left as they are. Per layer and
+    /// piece: a few runs are read one by one, many runs with one read of their span into
+    /// `scratch` and copies from there.
     pub fn read_plan(&self, plan: &SpanPlan, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<()> {
         const FEW_RUNS: usize = 8;
+        let ss = self.sector_size() as usize;
+        let bytes = |r: &Range<usize>| r.start * ss..r.end * ss;
+        for r in plan.zeros.runs() {
+            buf[bytes(&r)].fill(0);
+        }
         for src in &plan.sources {
-            let vhd = &self.layers[src.layer].vhd;
+            let layer = self.layers[src.layer].layer.as_ref();
             for p in &src.pieces {
                 let range = p.first..p.first + p.len;
                 let runs: Vec<Range<usize>> = src
@@ -375,11 +443,9 @@ impl Chain {
                     .take(FEW_RUNS + 1)
                     .collect();
                 let Some(first) = runs.first() else { continue };
-                let file_at =
-                    |sector: usize| p.file_offset + ((sector - p.first) as u64) * SECTOR_SIZE;
                 if runs.len() <= FEW_RUNS {
                     for r in &runs {
-                        vhd.read_raw(&mut buf[r.start * 512..r.end * 512], file_at(r.start))?;
+                        layer.read_stored(p.block, p.in_block(r.start), &mut buf[bytes(r)])?;
                     }
                     continue;
                 }
@@ -389,31 +455,26 @@ impl Chain {
                     .runs_in(range, true)
                     .last()
                     .map_or(lo, |r| r.end);
-                scratch.resize((hi - lo) * 512, 0);
-                vhd.read_raw(scratch, file_at(lo))?;
+                scratch.resize((hi - lo) * ss, 0);
+                layer.read_stored(p.block, p.in_block(lo), scratch)?;
                 for r in src.claimed.runs_in(lo..hi, true) {
-                    buf[r.start * 512..r.end * 512]
-                        .copy_from_slice(&scratch[(r.start - lo) * 512..(r.end - lo) * 512]);
+                    buf[bytes(&r)]
+                        .copy_from_slice(&scratch[(r.start - lo) * ss..(r.end - lo) * ss]);
                 }
             }
         }
         Ok(())
     }
 
-    /// Read layer `layer`'s logical content: `buf.len()` bytes (a multiple of 512) at virtual
+    /// Read layer `layer`'s logical content: `buf.len()` bytes (whole logical sectors) at virtual
     /// `offset` (sector aligned). Each sector comes from the nearest layer at or below `layer`
     /// that holds it; zeros where none does (below a dynamic base, or past the end of an
     /// ancestor smaller than the child).
     pub fn read_at(&self, layer: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(top) = self.layers.get(layer) else {
-            return Err(Error::InvalidParameter(format!(
-                "layer {layer} does not exist: the chain has {} layer(s)",
-                self.layers.len()
-            )));
-        };
-        let size = top.vhd.virtual_size();
-        if !offset.is_multiple_of(SECTOR_SIZE)
-            || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
+        let size = self.get(layer)?.virtual_size();
+        let ss = u64::from(self.sector_size());
+        if !offset.is_multiple_of(ss)
+            || !(buf.len() as u64).is_multiple_of(ss)
             || offset
                 .checked_add(buf.len() as u64)
                 .is_none_or(|e| e > size)
@@ -423,22 +484,86 @@ impl Chain {
                 buf.len()
             )));
         }
+        // A multiple of every logical sector size.
         const SPAN: u64 = 2 << 20;
+        let ssz = ss as usize;
         let mut scratch = Vec::new();
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let n = ((SPAN - pos % SPAN) as usize).min(buf.len() - done);
             let out = &mut buf[done..done + n];
-            let plan = self.plan_span(layer..self.layers.len(), pos / SECTOR_SIZE, n / 512)?;
+            let plan = self.plan_span(layer..self.layers.len(), pos / ss, n / ssz)?;
             for r in plan.unclaimed.runs() {
-                out[r.start * 512..r.end * 512].fill(0);
+                out[r.start * ssz..r.end * ssz].fill(0);
             }
             self.read_plan(&plan, out, &mut scratch)?;
             done += n;
         }
         Ok(())
     }
+}
+
+/// What layer `layer` (index `li`) provides to `plan` below virtual sector `layer_end`: the
+/// sectors its present blocks hold that no nearer layer claimed (taken out of
+/// `plan.unclaimed`), and, for its zero blocks, the same sectors claimed as zeros (into
+/// `plan.zeros`). Reads one block state per layer block of the span.
+fn claim_from(
+    plan: &mut SpanPlan,
+    layer: &dyn Layer,
+    li: usize,
+    layer_end: u64,
+) -> Result<Option<SpanSource>> {
+    let (start_sector, sectors) = (plan.start_sector, plan.sectors);
+    let spb = (layer.block_size() / u64::from(layer.sector_size())).max(1);
+    let mut claimed = SectorBitmap::new(sectors);
+    let mut pieces = Vec::new();
+    let mut s = start_sector;
+    while s < layer_end {
+        let block = s / spb;
+        let next = ((block + 1) * spb).min(layer_end);
+        let rel = (s - start_sector) as usize;
+        let n = (next - s) as usize;
+        let in_block = s - block * spb;
+        s = next;
+        let mut take = SectorBitmap::new(sectors);
+        let zero = match layer.block_state(block)? {
+            BlockState::Transparent => continue,
+            BlockState::Zero => {
+                take.set_range(rel..rel + n);
+                true
+            }
+            BlockState::Present(Some(bm)) => {
+                take.copy_bits_from(rel, &bm, in_block as usize, n);
+                false
+            }
+            BlockState::Present(None) => {
+                take.set_range(rel..rel + n);
+                false
+            }
+        };
+        take.and(&plan.unclaimed);
+        if take.none() {
+            continue;
+        }
+        plan.unclaimed.and_not(&take);
+        if zero {
+            plan.zeros.or(&take);
+            continue;
+        }
+        claimed.or(&take);
+        pieces.push(Piece {
+            first: rel,
+            len: n,
+            block,
+            first_in_block: in_block,
+        });
+    }
+    Ok((!pieces.is_empty()).then_some(SpanSource {
+        layer: li,
+        claimed,
+        pieces,
+    }))
 }
 
 /// A `Read + Seek` view of one layer's logical content (see [`Chain::reader`]).
@@ -461,15 +586,7 @@ const READ_WINDOW: usize = 1 << 20;
 impl<C: Borrow<Chain>> ChainReader<C> {
     /// A reader of layer `layer`'s logical content (0 = the child), at position 0.
     pub fn new(chain: C, layer: usize) -> Result<ChainReader<C>> {
-        let size = match chain.borrow().layers.get(layer) {
-            Some(l) => l.vhd.virtual_size(),
-            None => {
-                return Err(Error::InvalidParameter(format!(
-                    "layer {layer} does not exist: the chain has {} layer(s)",
-                    chain.borrow().len()
-                )));
-            }
-        };
+        let size = chain.borrow().get(layer)?.virtual_size();
         Ok(ChainReader {
             chain,
             layer,
@@ -496,7 +613,8 @@ impl<C: Borrow<Chain>> ChainReader<C> {
     }
 
     fn fill_window(&mut self) -> Result<()> {
-        let start = self.pos - self.pos % SECTOR_SIZE;
+        let ss = u64::from(self.chain.borrow().sector_size());
+        let start = self.pos - self.pos % ss;
         let len = (self.size - start).min(READ_WINDOW as u64) as usize;
         self.window.resize(len, 0);
         self.window_start = start;
@@ -521,8 +639,9 @@ impl<C: Borrow<Chain>> std::io::Read for ChainReader<C> {
         let ws = self.window_start;
         let we = ws + self.window.len() as u64;
         if !(ws..we).contains(&self.pos) {
-            let aligned = want - want % SECTOR_SIZE as usize;
-            if self.pos.is_multiple_of(SECTOR_SIZE) && aligned >= READ_WINDOW {
+            let ss = self.chain.borrow().sector_size() as usize;
+            let aligned = want - want % ss;
+            if self.pos.is_multiple_of(ss as u64) && aligned >= READ_WINDOW {
                 // Large aligned read: no copy through the window.
                 self.chain
                     .borrow()
@@ -561,30 +680,19 @@ impl<C: Borrow<Chain>> std::io::Seek for ChainReader<C> {
     }
 }
 
-/// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).
-pub const MAX_LOCATOR_PAYLOAD: u64 = 64 * 1024;
-
 /// At most this many directory entries are probed per search directory when looking for a
 /// renamed parent by unique id.
 pub const MAX_SCAN_ENTRIES: usize = 10_000;
-
-/// Platform codes in the order their locators are tried (§5.4): the relative Windows path
-/// first (it survives moving the whole chain), then the absolute one, the file URL, and the
-/// deprecated 8-bit forms.
-const LOCATOR_ORDER: [PlatformCode; 5] = [
-    PlatformCode::W2ru,
-    PlatformCode::W2ku,
-    PlatformCode::MacX,
-    PlatformCode::Wi2r,
-    PlatformCode::Wi2k,
-];
 
 /// A place the parent may be.
 #[derive(Debug)]
 struct Candidate {
     path: PathBuf,
+    /// How it was found, when it is tried (`None`: listed only).
+    found_by: Option<FoundBy>,
+    /// For the listing in [`Error::ParentNotFound`].
     source: String,
-    /// From an absolute path in a locator: skipped when absolute locators are ignored.
+    /// From an absolute path in a hint: skipped when absolute locators are ignored.
     absolute: bool,
     /// Listed for the error message but never opened, with the reason.
     skip: Option<String>,
@@ -598,12 +706,13 @@ struct Candidates {
 }
 
 impl Candidates {
-    fn push(&mut self, path: PathBuf, source: String, absolute: bool) {
+    fn push(&mut self, path: PathBuf, found_by: FoundBy, absolute: bool) {
         let path = crate::locator::normalize(&path);
         if self.seen.insert(path.clone()) {
             self.list.push(Candidate {
                 path,
-                source,
+                source: found_by.to_string(),
+                found_by: Some(found_by),
                 absolute,
                 skip: None,
             });
@@ -613,6 +722,7 @@ impl Candidates {
     fn note(&mut self, path: PathBuf, source: String, reason: String) {
         self.list.push(Candidate {
             path,
+            found_by: None,
             source,
             absolute: false,
             skip: Some(reason),
@@ -627,151 +737,115 @@ fn file_name_of(name: &str) -> Option<&str> {
     (!base.is_empty() && base != "." && base != ".." && !base.contains('\0')).then_some(base)
 }
 
-/// The decoded locators of a differencing disk, in [`LOCATOR_ORDER`], as (code, slot, text);
-/// locators whose payload cannot be read are noted in `cands` instead.
-fn read_locators(
-    child: &Vhd,
-    cands: &mut Candidates,
-) -> Result<Vec<(PlatformCode, usize, String)>> {
-    let Some(h) = child.header() else {
-        return Ok(Vec::new());
-    };
-    let file_len = child
-        .storage()
-        .len()
-        .map_err(|e| Error::io(format!("{}: reading length", child.path().display()), e))?;
-    let mut out = Vec::new();
-    for code in LOCATOR_ORDER {
-        for (slot, loc) in h.locators.iter().enumerate() {
-            if loc.platform_code != code {
-                continue;
-            }
-            let len = u64::from(loc.data_length);
-            let source = format!("{} (locator {slot})", code.name());
-            let pseudo = PathBuf::from(format!("<{} locator {slot}>", code.name()));
-            if len == 0 {
-                cands.note(pseudo, source, "locator data is empty".into());
-                continue;
-            }
-            if len > MAX_LOCATOR_PAYLOAD {
-                cands.note(
-                    pseudo,
-                    source,
-                    format!(
-                        "locator data is {len} bytes, more than the {MAX_LOCATOR_PAYLOAD} read"
-                    ),
-                );
-                continue;
-            }
-            if loc
-                .data_offset
-                .checked_add(len)
-                .is_none_or(|e| e > file_len)
-            {
-                cands.note(
-                    pseudo,
-                    source,
-                    format!(
-                        "locator data at offset {} + {len} bytes lies outside the file ({file_len} bytes)",
-                        loc.data_offset
-                    ),
-                );
-                continue;
-            }
-            // Bounded by MAX_LOCATOR_PAYLOAD and checked against the file length above.
-            let mut data = vec![0u8; len as usize];
-            child.read_raw(&mut data, loc.data_offset)?;
-            if let Some(text) = code.decode_payload(&data) {
-                out.push((code, slot, text));
-            }
-        }
+/// A hint as a host path to map: the text (a `file://` URL decoded) and whether it is in
+/// Windows syntax; `None` for a URL that does not decode.
+fn hint_path(h: &PathHint) -> Option<(String, bool)> {
+    match h.spelling {
+        Spelling::FileUrl => crate::locator::path_from_file_url(&h.text).map(|p| (p, false)),
+        Spelling::FileName => Some((h.text.clone(), false)),
+        _ => Some((h.text.clone(), true)),
     }
-    Ok(out)
 }
 
-/// Every candidate for `child`'s parent, in the order tried (see [`Chain::open`]).
+/// Every candidate for `child`'s parent, in the order tried (see [`Chain::open`]): the
+/// caller's override, the hints' file names in the search directories (bare file names
+/// first), the path hints mapped onto this host, the bare file names next to the child, and
+/// the files of the search directories that carry a wanted id.
 fn parent_candidates(
-    child: &Vhd,
+    link: &ParentLink,
     child_dir: &Path,
     options: &ChainOptions,
     first_link: bool,
-    want: uuid::Uuid,
 ) -> Result<Candidates> {
     let mut cands = Candidates::default();
     if first_link && let Some(p) = &options.parent {
         // The caller's word overrides everything the file says.
-        cands.push(crate::locator::absolute(p)?, "--parent".into(), false);
+        cands.push(crate::locator::absolute(p)?, FoundBy::ParentOption, false);
         return Ok(cands);
     }
-    let header_name = child.header().map(|h| h.parent_name()).unwrap_or_default();
-    let locators = read_locators(child, &mut cands)?;
-
-    // File names to look for in the search directories: the header's, then each locator's.
-    let mut names: Vec<(String, String)> = Vec::new();
-    if let Some(n) = file_name_of(&header_name) {
-        names.push((n.to_string(), "header name".into()));
+    for u in &link.unusable {
+        cands.note(u.path.clone(), u.source.clone(), u.reason.clone());
     }
-    for (code, _, text) in &locators {
-        let t = match code {
-            PlatformCode::MacX => crate::locator::path_from_file_url(text).unwrap_or_default(),
-            _ => text.clone(),
+    let (names_only, paths): (Vec<&PathHint>, Vec<&PathHint>) = link
+        .hints
+        .iter()
+        .partition(|h| h.spelling == Spelling::FileName);
+
+    // File names to look for in the search directories: the bare names', then each path's.
+    let mut names: Vec<(String, FoundBy)> = Vec::new();
+    for h in names_only.iter().chain(&paths) {
+        let Some((text, _)) = hint_path(h) else {
+            continue;
         };
-        if let Some(n) = file_name_of(&t)
+        let from_path = h.spelling != Spelling::FileName;
+        if let Some(n) = file_name_of(&text)
             && !names.iter().any(|(m, _)| m == n)
         {
-            names.push((n.to_string(), format!("{} file name", code.name())));
+            let found_by = FoundBy::SearchDir {
+                source: h.source,
+                from_path,
+            };
+            names.push((n.to_string(), found_by));
         }
     }
     for d in &options.search_dirs {
         let d = crate::locator::absolute(d)?;
-        for (n, origin) in &names {
-            cands.push(d.join(n), format!("search dir, {origin}"), false);
+        for (n, found_by) in &names {
+            cands.push(d.join(n), found_by.clone(), false);
         }
     }
 
-    for (code, slot, text) in &locators {
-        let (text, windows_syntax) = match code {
-            PlatformCode::MacX => match crate::locator::path_from_file_url(text) {
-                Some(p) => (p, false),
-                None => {
-                    cands.note(
-                        PathBuf::from(text),
-                        format!("MacX (locator {slot})"),
-                        "not a file:// URL".into(),
-                    );
-                    continue;
-                }
-            },
-            _ => (text.clone(), true),
+    for h in &paths {
+        let Some((text, windows_syntax)) = hint_path(h) else {
+            cands.note(
+                PathBuf::from(&h.text),
+                h.source.to_string(),
+                "not a file:// URL".into(),
+            );
+            continue;
         };
         for m in crate::locator::map_locator_path(&text, child_dir, windows_syntax) {
-            let source = match m.rule {
-                "as written" | "relative to child" => code.name(),
-                rule => format!("{} {rule}", code.name()),
+            let rule = match m.rule {
+                "as written" | "relative to child" => None,
+                rule => Some(rule),
             };
-            cands.push(m.path, source, m.absolute);
+            let found_by = FoundBy::Hint {
+                source: h.source,
+                rule,
+            };
+            cands.push(m.path, found_by, m.absolute);
         }
     }
 
-    if let Some(n) = file_name_of(&header_name) {
-        cands.push(child_dir.join(n), "header name".into(), false);
+    for h in &names_only {
+        if let Some(n) = file_name_of(&h.text) {
+            let found_by = FoundBy::Hint {
+                source: h.source,
+                rule: None,
+            };
+            cands.push(child_dir.join(n), found_by, false);
+        }
     }
     if options.scan_search_dirs {
         for d in &options.search_dirs {
-            scan_dir(&crate::locator::absolute(d)?, want, &mut cands);
+            scan_dir(&crate::locator::absolute(d)?, &link.ids, &mut cands);
         }
     }
     Ok(cands)
 }
 
-/// Probe the regular files of `dir` for one whose footer (at the end or the copy at offset 0)
-/// carries unique id `want`: finds a parent that was renamed.
-fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
-    let source = "search dir, by unique id".to_string();
+/// Probe the regular files of `dir` for one that carries one of the ids `want` (see
+/// [`crate::layer::probe`]): finds a parent that was renamed.
+fn scan_dir(dir: &Path, want: &[Uuid], cands: &mut Candidates) {
+    let source = FoundBy::IdScan;
     let entries = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) => {
-            cands.note(dir.to_path_buf(), source, format!("cannot list: {e}"));
+            cands.note(
+                dir.to_path_buf(),
+                source.to_string(),
+                format!("cannot list: {e}"),
+            );
             return;
         }
     };
@@ -783,11 +857,11 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
     let mut probed = 0usize;
     let mut found = false;
     for p in paths {
-        let Some(peek) = crate::image::peek(&p) else {
+        let Some(probe) = crate::layer::probe(&p) else {
             continue;
         };
         probed += 1;
-        if peek.carries_id(want) {
+        if probe.ids.iter().any(|id| want.contains(id)) {
             found = true;
             cands.push(p, source.clone(), false);
         }
@@ -795,10 +869,21 @@ fn scan_dir(dir: &Path, want: uuid::Uuid, cands: &mut Candidates) {
     if !found {
         cands.note(
             dir.to_path_buf(),
-            source,
-            format!("none of the {probed} regular file(s) has unique id {want}"),
+            source.to_string(),
+            format!(
+                "none of the {probed} regular file(s) has unique id {}",
+                ids_text(want)
+            ),
         );
     }
+}
+
+/// The wanted ids for messages: one, or several separated by ` or `.
+fn ids_text(ids: &[Uuid]) -> String {
+    ids.iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// The allowed directories of [`ChainOptions::confine_to`], canonicalised; directories that
@@ -849,71 +934,52 @@ fn admit(
     }
 }
 
-/// Warnings about the link from `child` to `parent` that do not stop it: the Parent Time Stamp
-/// is advisory (§2.3). It is compared with the parent file's modification time (what blktap,
-/// VirtualBox and DiscUtils record) and with the parent's footer Time Stamp (its creation
-/// time); matching either is fine. Zero (Windows 10 writes it) means "not recorded".
-fn link_warnings(child: &Vhd, parent: &Vhd) -> Vec<String> {
-    let mut out = Vec::new();
-    let Some(h) = child.header() else {
-        return out;
-    };
-    let recorded = h.parent_timestamp;
-    if recorded == 0 {
-        return out;
-    }
-    let mtime = crate::create::parent_timestamp(parent.path()).ok();
-    let created = parent.footer().timestamp;
-    if Some(recorded) != mtime && recorded != created {
-        out.push(format!(
-            "parent time stamp {} recorded in {} matches neither the parent's file modification time ({}) nor its footer time stamp ({}); the unique id matches, so the link is used",
-            crate::format::vhd_time_utc(recorded),
-            child.path().display(),
-            mtime.map_or_else(|| "unknown".into(), crate::format::vhd_time_utc),
-            crate::format::vhd_time_utc(created)
-        ));
-    }
-    out
-}
-
-/// Find, open and verify `child`'s parent. Never writes.
+/// Find, open and verify `child`'s parent, as `link` describes it. Never writes.
 fn resolve_parent(
-    child: &Vhd,
+    child: &dyn Layer,
+    link: &ParentLink,
     options: &ChainOptions,
     first_link: bool,
     open_opts: OpenOptions,
     confine: Option<&[PathBuf]>,
-) -> Result<(Vhd, String, Vec<String>)> {
-    let want = child.parent_unique_id().unwrap_or_default();
-    let parent_name = child.header().map(|h| h.parent_name()).unwrap_or_default();
-    if want.is_nil() {
-        return Err(Error::NotSupported {
-            path: Some(child.path().to_path_buf()),
-            detail: format!(
-                "differencing disk with an all-zero Parent Unique Id (parent \"{parent_name}\"): blktap marks a raw, non-VHD parent this way, which is not supported"
-            ),
-        });
-    }
+) -> Result<ChainLayer> {
+    let want = ids_text(&link.ids);
     let child_dir = crate::locator::absolute(child.path())?
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
-    let cands = parent_candidates(child, &child_dir, options, first_link, want)?;
+    let cands = parent_candidates(link, &child_dir, options, first_link)?;
     let mut tried = Vec::new();
-    // The first candidate that carries the wanted unique id but is damaged: if no intact
+    // The first candidate that carries the wanted identity but is damaged: if no intact
     // copy turns up, its own error (Incorrect data type) says more than "not found".
     let mut damaged: Option<Error> = None;
     for c in cands.list {
-        let reason = match admit(&c, options, confine) {
-            Err(r) => r,
-            Ok(path) => match Vhd::open(&path, open_opts) {
-                Ok(v) if v.unique_id() == want => {
-                    let warnings = link_warnings(child, &v);
-                    return Ok((v, c.source, warnings));
+        let reason = match (admit(&c, options, confine), c.found_by) {
+            (Err(r), _) => r,
+            (Ok(_), None) => "listed only".into(),
+            (Ok(path), Some(found_by)) => match open_layer(&path, open_opts) {
+                Ok(v) if link.ids.contains(&v.id()) => {
+                    if v.sector_size() != child.sector_size() {
+                        return Err(Error::NotSupported {
+                            path: Some(path),
+                            detail: format!(
+                                "the parent has {}-byte sectors and its child {} has {}-byte sectors",
+                                v.sector_size(),
+                                child.path().display(),
+                                child.sector_size()
+                            ),
+                        });
+                    }
+                    let warnings = child.link_warnings(v.as_ref());
+                    return Ok(ChainLayer {
+                        layer: v,
+                        found_by,
+                        warnings,
+                    });
                 }
                 Ok(v) => format!(
                     "unique id mismatch: the file has {}, the child expects {want}",
-                    v.unique_id()
+                    v.id()
                 ),
                 Err(e) => {
                     let msg = e.to_string();
@@ -921,7 +987,8 @@ fn resolve_parent(
                     let msg = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
                     if !matches!(e, Error::Io { .. })
                         && damaged.is_none()
-                        && crate::image::peek(&path).is_some_and(|p| p.carries_id(want))
+                        && crate::layer::probe(&path)
+                            .is_some_and(|p| p.ids.iter().any(|id| link.ids.contains(id)))
                     {
                         damaged = Some(Error::Format {
                             path: Some(path.clone()),
@@ -949,8 +1016,89 @@ fn resolve_parent(
     }
     Err(Error::ParentNotFound {
         child: child.path().to_path_buf(),
-        parent_name,
-        parent_id: want,
+        parent_name: link.name.clone(),
+        parent_id: link.ids.first().copied().unwrap_or_default(),
         tried,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::DiskKind;
+    use crate::mem_layer::{MemLayer, chain_of};
+
+    const KIB: u64 = 1024;
+
+    /// 4096-byte sectors, 64 KiB blocks (16 sectors), 4 blocks.
+    fn two_layers() -> Chain {
+        let mut bm = SectorBitmap::new(16);
+        bm.set_range(0..4);
+        let child = MemLayer::new("child", DiskKind::Differencing, 256 * KIB, 4096, 64 * KIB)
+            .zero(0)
+            .present(1, Some(bm), 0xCC);
+        let parent = MemLayer::new("parent", DiskKind::Dynamic, 256 * KIB, 4096, 64 * KIB)
+            .present(0, None, 0xAA)
+            .present(1, None, 0xBB)
+            .present(2, None, 0xDD);
+        chain_of(vec![child, parent])
+    }
+
+    #[test]
+    fn a_zero_block_reads_zeros_whatever_the_parent_holds() {
+        let chain = two_layers();
+        assert_eq!(chain.sector_size(), 4096);
+        let mut buf = vec![1u8; (192 * KIB) as usize];
+        chain.read_at(0, 0, &mut buf).unwrap();
+        let (b0, rest) = buf.split_at((64 * KIB) as usize);
+        let (b1, b2) = rest.split_at((64 * KIB) as usize);
+        assert!(
+            b0.iter().all(|&b| b == 0),
+            "the zero block hides the parent"
+        );
+        assert!(b1[..(16 * KIB) as usize].iter().all(|&b| b == 0xCC));
+        assert!(b1[(16 * KIB) as usize..].iter().all(|&b| b == 0xBB));
+        assert!(b2.iter().all(|&b| b == 0xDD));
+        // The parent's own view is unchanged.
+        chain
+            .read_at(1, 0, &mut buf[..(64 * KIB) as usize])
+            .unwrap();
+        assert!(buf[..(64 * KIB) as usize].iter().all(|&b| b == 0xAA));
+    }
+
+    #[test]
+    fn zero_blocks_join_the_hidden_set_of_a_plan() {
+        let chain = two_layers();
+        let span = chain.plan_span(0..1, 0, 48).unwrap();
+        assert_eq!(span.zeros.runs().collect::<Vec<_>>(), vec![0..16]);
+        assert_eq!(span.hidden().runs().collect::<Vec<_>>(), vec![0..16]);
+        assert_eq!(span.claimed().runs().collect::<Vec<_>>(), vec![16..20]);
+        assert_eq!(span.decided().runs().collect::<Vec<_>>(), vec![0..20]);
+        let piece = span.sources[0].pieces[0];
+        assert_eq!((piece.block, piece.first_in_block), (1, 0));
+        // Through the whole chain the parent provides only what the child leaves open.
+        let span = chain.plan_span(0..2, 0, 48).unwrap();
+        assert_eq!(span.sources.len(), 2);
+        assert_eq!(
+            span.sources[1].claimed.runs().collect::<Vec<_>>(),
+            vec![20..48]
+        );
+        assert!(span.unclaimed.none());
+    }
+
+    #[test]
+    fn found_by_displays_as_the_rule_it_names() {
+        let hint = FoundBy::Hint {
+            source: "W2ku",
+            rule: Some("without drive"),
+        };
+        assert_eq!(hint, "W2ku without drive");
+        let by_name = FoundBy::SearchDir {
+            source: "W2ru",
+            from_path: true,
+        };
+        assert_eq!(by_name.to_string(), "search dir, W2ru file name");
+        assert_eq!(FoundBy::IdScan, "search dir, by unique id");
+        assert_eq!(FoundBy::ParentOption, "--parent");
+    }
 }

@@ -511,8 +511,8 @@ pub fn check_chain(
     };
     let layers = chain.layers();
     for (i, layer) in layers.iter().enumerate().skip(1) {
-        let parent = &layer.vhd;
-        let child = &layers[i - 1].vhd;
+        let parent = layer.layer.as_ref();
+        let child = layers[i - 1].layer.as_ref();
         let sub = check_file(parent.path(), options)?;
         report.files.extend(sub.files);
         report.findings.extend(sub.findings);
@@ -542,7 +542,9 @@ pub fn check_chain(
                 ),
             );
         }
-        if child.block_size() != parent.block_size() && parent.disk_type() != DiskType::Fixed {
+        if child.block_size() != parent.block_size()
+            && parent.kind() != crate::layer::DiskKind::Fixed
+        {
             link(
                 Severity::Info,
                 "block-size-differs",

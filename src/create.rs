@@ -87,6 +87,16 @@ fn new_footer(size: u64, disk_type: DiskType, opts: &CreateOptions) -> Footer {
     f
 }
 
+/// Refuse a virtual size a dynamic VHD cannot hold (before any work starts).
+pub fn check_dynamic_size(size: u64) -> Result<()> {
+    if size > MAX_DYNAMIC_SIZE {
+        return Err(Error::InvalidParameter(format!(
+            "the virtual size {size} is larger than a dynamic VHD can hold ({MAX_DYNAMIC_SIZE}); flatten to a fixed VHD or raw instead"
+        )));
+    }
+    Ok(())
+}
+
 fn check_size(size: u64, max: u64) -> Result<()> {
     if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
         return Err(Error::InvalidParameter(format!(

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
-use crate::format::{MAX_DYNAMIC_SIZE, SECTOR_SIZE, SectorBitmap};
-use crate::image::{FIXED_CHUNK, Vhd};
+use crate::format::SectorBitmap;
+use crate::layer::{DiskKind, LayerWriter};
 
 /// The kind of file [`flatten`] writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,23 +118,29 @@ pub fn flatten(
             chain.len()
         )));
     }
-    let top = chain.vhd(layer);
+    let top = chain.layer(layer).ok_or_else(|| {
+        Error::InvalidParameter(format!(
+            "layer {layer} does not exist: the chain has {} layer(s)",
+            chain.len()
+        ))
+    })?;
     let size = top.virtual_size();
     check_output(chain, output, opts.force)?;
-    if opts.format == FlattenFormat::Dynamic && size > MAX_DYNAMIC_SIZE {
-        return Err(Error::InvalidParameter(format!(
-            "the virtual size {size} is larger than a dynamic VHD can hold ({MAX_DYNAMIC_SIZE}); flatten to a fixed VHD or raw instead"
-        )));
+    if opts.format == FlattenFormat::Dynamic {
+        create::check_dynamic_size(size)?;
     }
     let block_size = match opts.block_size {
         Some(b) => b,
-        None if top.header().is_some() => u32::try_from(top.block_size()).unwrap_or(2 << 20),
+        None if top.kind() != DiskKind::Fixed => {
+            u32::try_from(top.block_size()).unwrap_or(create::DEFAULT_BLOCK_SIZE)
+        }
         None => create::DEFAULT_BLOCK_SIZE,
     };
     let tmp = temp_path(output)?;
     let mut w = Writer {
         chain,
         layer,
+        sector: u64::from(chain.sector_size()),
         size,
         done: 0,
         data_bytes: 0,
@@ -175,11 +181,11 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
         }
     };
     for l in chain.layers() {
-        if crate::locator::same_file(l.vhd.path(), output) {
+        if crate::locator::same_file(l.layer.path(), output) {
             return Err(Error::InvalidParameter(format!(
                 "the output {} is {}, a file of the chain being flattened",
                 output.display(),
-                l.vhd.path().display()
+                l.layer.path().display()
             )));
         }
     }
@@ -264,6 +270,9 @@ fn sync_dir(path: &Path) {
 /// pages stay bounded.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
+/// Raw output: bytes planned, read and written at a time.
+const RAW_SPAN: u64 = 2 << 20;
+
 /// True when every byte is zero. Folds 4 KiB at a time (vectorised, no early exit inside a
 /// chunk), stopping at the first chunk with data.
 fn is_zero(b: &[u8]) -> bool {
@@ -274,6 +283,8 @@ fn is_zero(b: &[u8]) -> bool {
 struct Writer<'c, 'p> {
     chain: &'c Chain,
     layer: usize,
+    /// The chain's logical sector size in bytes.
+    sector: u64,
     size: u64,
     done: u64,
     data_bytes: u64,
@@ -291,8 +302,8 @@ impl Writer<'_, '_> {
     fn plan(&self, pos: u64, len: u64) -> Result<SpanPlan> {
         self.chain.plan_span(
             self.layer..self.chain.len(),
-            pos / SECTOR_SIZE,
-            (len / SECTOR_SIZE) as usize,
+            pos / self.sector,
+            (len / self.sector) as usize,
         )
     }
 
@@ -301,8 +312,9 @@ impl Writer<'_, '_> {
         if plan.sources.is_empty() {
             return Ok(false);
         }
+        let ss = self.sector as usize;
         for r in plan.unclaimed.runs() {
-            buf[r.start * 512..r.end * 512].fill(0);
+            buf[r.start * ss..r.end * ss].fill(0);
         }
         self.chain.read_plan(plan, buf, scratch)?;
         let nonzero = !is_zero(buf);
@@ -322,7 +334,7 @@ impl Writer<'_, '_> {
             .map_err(|e| io("cannot create", e))?;
         file.set_len(self.size)
             .map_err(|e| io("setting the length", e))?;
-        let span = FIXED_CHUNK;
+        let span = RAW_SPAN;
         let mut buf = vec![0u8; span as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
@@ -348,23 +360,27 @@ impl Writer<'_, '_> {
     }
 
     fn fixed(&mut self, tmp: &Path) -> Result<u64> {
-        let mut vhd = create::create_fixed(tmp, self.size, &CreateOptions::default())?;
-        let spb = (FIXED_CHUNK / SECTOR_SIZE) as usize;
-        let full = SectorBitmap::full(spb);
-        let mut buf = vec![0u8; FIXED_CHUNK as usize];
+        let mut out: Box<dyn LayerWriter> = Box::new(create::create_fixed(
+            tmp,
+            self.size,
+            &CreateOptions::default(),
+        )?);
+        let chunk = out.block_size();
+        let full = SectorBitmap::full((chunk / self.sector) as usize);
+        let mut buf = vec![0u8; chunk as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
         while pos < self.size {
-            let n = FIXED_CHUNK.min(self.size - pos);
+            let n = chunk.min(self.size - pos);
             let plan = self.plan(pos, n)?;
             if self.read(&plan, &mut buf[..n as usize], &mut scratch)? {
-                // write_block never writes past the virtual size in the last chunk.
-                vhd.write_block(pos / FIXED_CHUNK, &mut buf, &full)?;
+                // The writer never writes past the virtual size in the last chunk.
+                out.write_sectors(pos / chunk, 0, &mut buf, &full)?;
             }
             pos += n;
             self.report(pos);
         }
-        vhd.finish()?;
+        out.finish()?;
         Ok(0)
     }
 
@@ -373,19 +389,19 @@ impl Writer<'_, '_> {
             block_size,
             ..CreateOptions::default()
         };
-        let mut vhd = create::create_dynamic(tmp, self.size, &copts)?;
-        write_dynamic(self, &mut vhd)
+        let mut out: Box<dyn LayerWriter> =
+            Box::new(create::create_dynamic(tmp, self.size, &copts)?);
+        write_dynamic(self, out.as_mut())
     }
 }
 
-/// Fill a new dynamic VHD block by block, in batches: plan a batch, reserve room for the
+/// Fill a new dynamic disk block by block, in batches: plan a batch, reserve room for the
 /// blocks some layer provides (one footer move per batch, not per block), write them, commit.
-fn write_dynamic(w: &mut Writer<'_, '_>, vhd: &mut Vhd) -> Result<u64> {
+fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u64> {
     const BATCH_BYTES: u64 = 256 << 20;
-    let bs = vhd.block_size();
-    let spb = (bs / SECTOR_SIZE) as usize;
-    let full = SectorBitmap::full(spb);
-    let blocks = vhd.block_count();
+    let bs = out.block_size();
+    let full = SectorBitmap::full((bs / w.sector) as usize);
+    let blocks = w.size.div_ceil(bs);
     let batch = (BATCH_BYTES / bs).max(1);
     let mut buf = vec![0u8; bs as usize];
     let mut scratch = Vec::new();
@@ -399,20 +415,20 @@ fn write_dynamic(w: &mut Writer<'_, '_>, vhd: &mut Vhd) -> Result<u64> {
             plans.push((b, pos, n, w.plan(pos, n)?));
         }
         let wanted = plans.iter().filter(|p| !p.3.sources.is_empty()).count() as u64;
-        vhd.reserve_blocks(wanted)?;
+        out.reserve(wanted)?;
         for (b, pos, n, plan) in &plans {
-            let out = &mut buf[..*n as usize];
-            if w.read(plan, out, &mut scratch)? {
-                // The last block may be partial: the rest of the buffer is ignored (write_block
+            let data = &mut buf[..*n as usize];
+            if w.read(plan, data, &mut scratch)? {
+                // The last block may be partial: the rest of the buffer is ignored (the writer
                 // masks past the virtual size), but keep it zero for clarity.
                 buf[*n as usize..].fill(0);
-                vhd.write_block(*b, &mut buf, &full)?;
+                out.write_sectors(*b, 0, &mut buf, &full)?;
             }
             w.report(pos + n);
         }
-        vhd.commit()?;
+        out.commit()?;
         first = last;
     }
-    vhd.finish()?;
-    Ok(vhd.allocated_blocks() as u64)
+    out.finish()?;
+    Ok(out.mapped_blocks().count() as u64)
 }

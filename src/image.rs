@@ -1048,7 +1048,8 @@ impl Peek {
     }
 
     /// Whether either footer, checksum right or not, carries unique id `id`: how a damaged
-    /// copy of a wanted disk is still recognised.
+    /// copy of a wanted disk is still recognised (see [`crate::layer::Probe::ids`]).
+    #[cfg(test)]
     pub fn carries_id(&self, id: Uuid) -> bool {
         [&self.end_footer, &self.copy_footer]
             .into_iter()

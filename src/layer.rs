@@ -150,6 +150,12 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_>;
     /// The state of block `block`.
     fn block_state(&self, block: u64) -> Result<BlockState>;
+    /// Whether block `block` is not [`BlockState::Transparent`], from the block table alone
+    /// (no bitmap or data read).
+    fn is_mapped(&self, block: u64) -> bool;
+    /// How much the file grows, at most, when `blocks` new blocks are written into it (for a
+    /// plan's estimates, made before the layer is opened for writing).
+    fn growth_for(&self, blocks: u64) -> u64;
     /// Read the stored bytes of `buf.len() / sector_size()` sectors of `block`, from sector
     /// `first` of the block on. Defined only for sectors the block holds.
     fn read_stored(&self, block: u64, first: u64, buf: &mut [u8]) -> Result<()>;
@@ -173,8 +179,6 @@ pub trait LayerWriter: Layer {
     fn reserve(&mut self, blocks: u64) -> Result<()>;
     /// True when writing into `block` allocates it.
     fn needs_allocation(&self, block: u64) -> bool;
-    /// How much the file grows, at most, for `blocks` new blocks.
-    fn growth_for(&self, blocks: u64) -> u64;
     /// Write the sectors selected by `mask` from `data` into `block`, from sector `first` of the
     /// block on (`data` covers `mask.len()` sectors). Sectors outside the mask keep their content;
     /// masked sectors afterwards read exactly `data`, zeros included (a differencing layer stops
@@ -192,6 +196,8 @@ pub trait LayerWriter: Layer {
     /// Commit and end the write session; returns the layer's identity afterwards (a VHDX's
     /// DataWriteGuid changes when its data does).
     fn finish(&mut self) -> Result<Uuid>;
+    /// The file's length in bytes now (for the growth a report states).
+    fn file_len(&self) -> Result<u64>;
 }
 
 /// What a cheap look at a file says about its identity (at most a few small reads; for
@@ -200,6 +206,14 @@ pub trait LayerWriter: Layer {
 pub struct Probe {
     /// The format whose signature the file carries.
     pub format: Format,
+    /// The identity a reader goes by (VHD: the unique id of the footer whose checksum is
+    /// right), `None` when no intact copy says.
+    pub id: Option<Uuid>,
+    /// The kind of disk, by that same intact copy.
+    pub kind: Option<DiskKind>,
+    /// For a differencing disk, the parent identities it accepts (empty when they cannot be
+    /// read intact).
+    pub parent_ids: Vec<Uuid>,
     /// Identities the file carries (VHD: the unique id of either footer copy, checksum right
     /// or not, so that a damaged copy of a wanted disk is still recognised).
     pub ids: Vec<Uuid>,
@@ -232,6 +246,27 @@ pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
         });
     }
     Ok(Box::new(crate::image::Vhd::open(path, options)?))
+}
+
+/// Open the image held by `storage` (the file at `path`, possibly wrapped by a test hook) for
+/// writing as a layer of `format` (as [`open_layer`] detected it when the chain was opened:
+/// the storage is not read for a signature, so that a storage hook sees the format's own
+/// I/O only). VHDX answers Not Supported (32770) for now.
+pub fn open_writer(
+    format: Format,
+    storage: Box<dyn crate::io::Storage>,
+    path: &Path,
+    options: OpenOptions,
+) -> Result<Box<dyn LayerWriter>> {
+    if format == Format::Vhdx {
+        return Err(Error::NotSupported {
+            path: Some(path.to_path_buf()),
+            detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),
+        });
+    }
+    Ok(Box::new(crate::image::Vhd::from_storage(
+        storage, path, options,
+    )?))
 }
 
 /// Probe the file at `path` (see [`Probe`]); `None` for anything that is not a regular file

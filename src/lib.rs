@@ -42,16 +42,19 @@ pub mod image;
 pub mod io;
 pub mod layer;
 pub mod locator;
+#[cfg(test)]
+mod mem_layer;
 pub mod merge;
 pub mod repair;
 pub mod setparent;
 mod vhd_layer;
 
-pub use chain::{Chain, ChainOptions, ChainReader, Layer};
+pub use chain::{Chain, ChainLayer, ChainOptions, ChainReader, FoundBy};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
 pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+pub use layer::{BlockState, DiskKind, Format, Layer, LayerWriter, open_layer};
 pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
 pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
 

@@ -382,14 +382,14 @@ fn check_no_cycle(
         Ok(chain) => {
             let me = std::fs::canonicalize(child.path()).ok();
             for l in chain.layers() {
-                let same_path = me.is_some() && std::fs::canonicalize(l.vhd.path()).ok() == me;
-                if same_path || l.vhd.unique_id() == child.unique_id() {
+                let same_path = me.is_some() && std::fs::canonicalize(l.layer.path()).ok() == me;
+                if same_path || l.layer.id() == child.unique_id() {
                     return Err(Error::InvalidParameter(format!(
                         "{} cannot be the parent of {}: {} (unique id {}) is already in the new parent's chain, so the chain would become a cycle",
                         new_parent.display(),
                         child.path().display(),
-                        l.vhd.path().display(),
-                        l.vhd.unique_id()
+                        l.layer.path().display(),
+                        l.layer.id()
                     )));
                 }
             }

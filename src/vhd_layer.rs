@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
 use crate::image::{BlockMap, DATA_ALIGNMENT, Vhd};
@@ -223,6 +224,23 @@ impl Layer for Vhd {
         })
     }
 
+    fn is_mapped(&self, block: u64) -> bool {
+        match self.header() {
+            None => block < self.block_count(),
+            Some(_) => self.block_offset(block).is_some(),
+        }
+    }
+
+    /// Each new block takes its bitmap and data, and may need up to one alignment gap in
+    /// front of it.
+    fn growth_for(&self, blocks: u64) -> u64 {
+        if !self.disk_type().is_sparse() {
+            return 0;
+        }
+        let stride = self.bitmap_bytes() + Vhd::block_size(self);
+        blocks.saturating_mul(stride + DATA_ALIGNMENT)
+    }
+
     fn read_stored(&self, block: u64, first: u64, buf: &mut [u8]) -> Result<()> {
         if !(buf.len() as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(Error::InvalidParameter(format!(
@@ -285,16 +303,6 @@ impl LayerWriter for Vhd {
         self.disk_type().is_sparse() && self.block_offset(block).is_none()
     }
 
-    /// Each new block takes its bitmap and data, and may need up to one alignment gap in
-    /// front of it.
-    fn growth_for(&self, blocks: u64) -> u64 {
-        if !self.disk_type().is_sparse() {
-            return 0;
-        }
-        let stride = self.bitmap_bytes() + Vhd::block_size(self);
-        blocks.saturating_mul(stride + DATA_ALIGNMENT)
-    }
-
     /// A whole block goes straight to [`Vhd::write_block`]; a part of one is placed in a
     /// block-sized buffer first (VHD blocks are at most 32 MiB).
     fn write_sectors(
@@ -328,10 +336,32 @@ impl LayerWriter for Vhd {
         Vhd::commit(self)
     }
 
+    fn file_len(&self) -> Result<u64> {
+        self.storage()
+            .len()
+            .map_err(|e| Error::io(format!("{}: reading length", Vhd::path(self).display()), e))
+    }
+
     /// The unique id does not change: a merge keeps the destination's identity.
     fn finish(&mut self) -> Result<Uuid> {
         Vhd::finish(self)?;
         Ok(self.unique_id())
+    }
+}
+
+impl Chain {
+    /// Layer `i` as a [`Vhd`], for VHD-specific tools (check, info, set-parent) and tests;
+    /// `None` past the end of the chain or for a layer of another format. The format-agnostic
+    /// accessor is [`Chain::layer`].
+    pub fn vhd(&self, i: usize) -> Option<&Vhd> {
+        self.layers().get(i).and_then(ChainLayer::vhd)
+    }
+}
+
+impl ChainLayer {
+    /// The layer as a [`Vhd`], `None` for a layer of another format.
+    pub fn vhd(&self) -> Option<&Vhd> {
+        self.layer.as_any().downcast_ref::<Vhd>()
     }
 }
 
@@ -343,9 +373,16 @@ pub(crate) fn probe(path: &Path) -> Option<Probe> {
         .flatten()
         .map(|f| f.unique_id)
         .collect();
+    let footer = peek.footer();
     Some(Probe {
         format: Format::Vhd,
+        id: footer.map(|f| f.unique_id),
+        kind: footer
+            .map(|f| f.disk_type)
+            .filter(|t| !matches!(t, DiskType::Other(_)))
+            .map(DiskKind::from),
         ids,
+        parent_ids: peek.parent_unique_id.into_iter().collect(),
     })
 }
 

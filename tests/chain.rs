@@ -29,7 +29,7 @@ fn base(dir: &Path, name: &str, size: u64, fill: u8) -> PathBuf {
 }
 
 fn view(chain: &Chain, layer: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; chain.vhd(layer).virtual_size() as usize];
+    let mut buf = vec![0u8; chain.vhd(layer).unwrap().virtual_size() as usize];
     chain.read_at(layer, 0, &mut buf).unwrap();
     buf
 }
@@ -79,7 +79,7 @@ fn whole_chain_moved_to_another_directory() {
     assert_eq!(chain.len(), 3);
     assert_eq!(chain.layers()[1].found_by, "W2ru");
     assert_eq!(chain.layers()[2].found_by, "W2ru");
-    assert_eq!(chain.vhd(2).path(), moved.join("base.vhd"));
+    assert_eq!(chain.vhd(2).unwrap().path(), moved.join("base.vhd"));
     assert_eq!(view(&chain, 0), before);
     drop(chain);
     // Resolving never writes.
@@ -111,7 +111,10 @@ fn renamed_parent_found_through_a_search_dir() {
     };
     let chain = Chain::open(&child, &opts).unwrap();
     assert_eq!(chain.layers()[1].found_by, "search dir, by unique id");
-    assert_eq!(chain.vhd(1).path(), store.join("renamed-parent.bin"));
+    assert_eq!(
+        chain.vhd(1).unwrap().path(),
+        store.join("renamed-parent.bin")
+    );
     assert_eq!(view(&chain, 0), before);
 
     // Without the scan, the decoy is tried by name and the mismatch is reported.
@@ -159,7 +162,7 @@ fn explicit_parent_overrides_and_is_checked() {
     )
     .unwrap();
     assert_eq!(chain.layers()[1].found_by, "--parent");
-    assert_eq!(chain.vhd(1).path(), copy);
+    assert_eq!(chain.vhd(1).unwrap().path(), copy);
     // A wrong explicit parent is not silently replaced by what the locators say.
     let e = Chain::open(
         &child,
@@ -198,7 +201,7 @@ fn windows_absolute_only_locators() {
     );
     let chain = open(&c1).unwrap();
     assert_eq!(chain.layers()[1].found_by, "W2ku without drive");
-    assert_eq!(chain.vhd(1).path(), p1);
+    assert_eq!(chain.vhd(1).unwrap().path(), p1);
 
     // 2. Tail relative to the child: C:\some\dir\p2.vhd found at kids/some/dir/p2.vhd.
     let sd = kids.join("some").join("dir");
@@ -213,7 +216,7 @@ fn windows_absolute_only_locators() {
     );
     let chain = open(&c2).unwrap();
     assert_eq!(chain.layers()[1].found_by, "W2ku tail in child dir");
-    assert_eq!(chain.vhd(1).path(), p2);
+    assert_eq!(chain.vhd(1).unwrap().path(), p2);
 
     // 3. File name in the child's directory.
     let p3 = base(&kids, "p3.vhd", 2 * MIB, 3);
@@ -246,7 +249,7 @@ fn windows_absolute_only_locators() {
     );
     let chain = open(&c5).unwrap();
     assert_eq!(chain.layers()[1].found_by, "W2ku");
-    assert_eq!(chain.vhd(1).path(), p1);
+    assert_eq!(chain.vhd(1).unwrap().path(), p1);
 }
 
 #[test]
@@ -286,7 +289,7 @@ fn header_name_only_real_dfvfs_fixture() {
     let chain = Chain::open(&child, &opts).unwrap();
     assert_eq!(chain.len(), 2);
     assert_eq!(chain.layers()[1].found_by, "header name");
-    assert_eq!(chain.vhd(1).path(), parent);
+    assert_eq!(chain.vhd(1).unwrap().path(), parent);
     // Its one block holds every sector, with the parent's data.
     let p = Vhd::open(
         &parent,
@@ -325,7 +328,7 @@ fn macx_only() {
         );
         let chain = open(&c).unwrap();
         assert_eq!(chain.layers()[1].found_by, "MacX", "{u}");
-        assert_eq!(chain.vhd(1).path(), p);
+        assert_eq!(chain.vhd(1).unwrap().path(), p);
     }
     // Not a URL: listed with the reason, not opened.
     let c = kids.join("bad.vhd");
@@ -354,7 +357,7 @@ fn relative_path_into_a_sibling_directory() {
     );
     let chain = open(&c).unwrap();
     assert_eq!(chain.layers()[1].found_by, "W2ru");
-    assert_eq!(chain.vhd(1).path(), p);
+    assert_eq!(chain.vhd(1).unwrap().path(), p);
     // The deprecated 8-bit relative form, and `.\` inside.
     let c2 = a.join("child2.vhd");
     craft_child(
@@ -385,7 +388,7 @@ fn real_windows_chain_go_vhd() {
     let chain = open(&child).unwrap();
     assert_eq!(chain.len(), 2);
     assert_eq!(chain.layers()[1].found_by, "W2ru");
-    assert_eq!(chain.vhd(1).path(), parent);
+    assert_eq!(chain.vhd(1).unwrap().path(), parent);
     assert!(chain.layers()[1].warnings.is_empty());
     assert!(view(&chain, 0).iter().all(|&b| b == 0));
     // Moved into a subdirectory: W2ru (.\win8.vhd) and the W2ku tails fail; a search dir finds

@@ -241,9 +241,9 @@ fn output_rules() {
     let inputs: Vec<Vec<u8>> = chain
         .layers()
         .iter()
-        .map(|l| std::fs::read(l.vhd.path()).unwrap())
+        .map(|l| std::fs::read(l.layer.path()).unwrap())
         .collect();
-    let base = chain.vhd(2).path().to_path_buf();
+    let base = chain.vhd(2).unwrap().path().to_path_buf();
     let alias = dir.path().join("alias.vhd");
     std::fs::hard_link(&base, &alias).unwrap();
     for target in [top.clone(), base.clone(), alias] {
@@ -260,7 +260,7 @@ fn output_rules() {
     }
     for (l, before) in chain.layers().iter().zip(&inputs) {
         assert!(
-            &std::fs::read(l.vhd.path()).unwrap() == before,
+            &std::fs::read(l.layer.path()).unwrap() == before,
             "an input changed"
         );
     }

@@ -73,7 +73,7 @@ fn chain_target(dir: &Path, data: &[u8]) {
         if let Ok(chain) = Chain::open(&c, &o) {
             let mut buf = vec![0u8; 64 << 10];
             for i in 0..chain.len() {
-                let n = chain.vhd(i).virtual_size().min(buf.len() as u64) as usize;
+                let n = chain.vhd(i).unwrap().virtual_size().min(buf.len() as u64) as usize;
                 let _ = chain.read_at(i, 0, &mut buf[..n]);
             }
         }
@@ -216,7 +216,7 @@ fn merge_target(dir: &Path, original: &[u8], data: &[u8]) -> bool {
     let opts = fuzz_confined(dir);
     let read_view = |path: &Path| -> Option<Vec<u8>> {
         let chain = Chain::open(path, &opts).ok()?;
-        let size = chain.vhd(0).virtual_size();
+        let size = chain.vhd(0).unwrap().virtual_size();
         if size > 64 << 10 {
             return None;
         }

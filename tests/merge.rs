@@ -944,7 +944,7 @@ fn remove_merged_and_relink_rules() {
     assert_eq!(read_view(&src_child), child_view);
     let chain = vhd_merge::Chain::open(&src_child, &vhd_merge::ChainOptions::default()).unwrap();
     assert_eq!(
-        std::fs::canonicalize(chain.vhd(1).path()).unwrap(),
+        std::fs::canonicalize(chain.vhd(1).unwrap().path()).unwrap(),
         std::fs::canonicalize(dest).unwrap()
     );
 }

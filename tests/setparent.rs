@@ -89,9 +89,9 @@ fn moved_and_renamed_parent_keeps_the_view() {
         chain.layers()[1].warnings
     );
     assert!(
-        chain.vhd(0).warnings().is_empty(),
+        chain.vhd(0).unwrap().warnings().is_empty(),
         "{:?}",
-        chain.vhd(0).warnings()
+        chain.vhd(0).unwrap().warnings()
     );
     drop(chain);
     assert!(read_view(&child) == before, "the view changed");
@@ -152,8 +152,8 @@ fn id_mismatch_is_refused_unless_forced() {
     assert_eq!(r.parent_id, other_id);
     assert!(r.locators.iter().all(|l| l.reused));
     let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
-    assert_eq!(chain.vhd(1).path(), other);
-    assert_eq!(chain.vhd(0).parent_unique_id(), Some(other_id));
+    assert_eq!(chain.vhd(1).unwrap().path(), other);
+    assert_eq!(chain.vhd(0).unwrap().parent_unique_id(), Some(other_id));
     let mut ours = vec![0u8; 8 * MIB as usize];
     chain.read_at(0, 0, &mut ours).unwrap();
     // The child's own sectors over the new parent's content.
@@ -199,6 +199,7 @@ fn repeated_set_parent_reuses_space() {
             Chain::open(&child, &ChainOptions::default())
                 .unwrap()
                 .vhd(1)
+                .unwrap()
                 .path(),
             target.as_path()
         );
@@ -316,9 +317,9 @@ fn real_windows_child_can_be_repointed() {
     let r = set_parent(&child, &moved, &SetParentOptions::default()).unwrap();
     assert_eq!(r.old_parent_name, "C:\\Users\\sergi\\Downloads\\win8.vhd");
     let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
-    assert_eq!(chain.vhd(1).path(), moved);
+    assert_eq!(chain.vhd(1).unwrap().path(), moved);
     if let Some(got) = oracles::libvhdi_read_chain(&[&child, &moved]) {
-        assert_eq!(got.len() as u64, chain.vhd(0).virtual_size());
+        assert_eq!(got.len() as u64, chain.vhd(0).unwrap().virtual_size());
         assert!(got.iter().all(|&b| b == 0));
     }
 }
@@ -462,13 +463,13 @@ fn crash_at_every_write_leaves_a_usable_child() {
                     assert!(got == view_before, "force {force} torn {torn} write {n}");
                 } else {
                     assert_eq!(id, new_id);
-                    assert_eq!(chain.vhd(1).path(), target.as_path());
+                    assert_eq!(chain.vhd(1).unwrap().path(), target.as_path());
                     assert!(got == view_after, "force {force} torn {torn} write {n}");
                 }
                 drop(chain);
                 set_parent(&child, &target, &opts).unwrap();
                 let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
-                assert_eq!(chain.vhd(1).path(), target.as_path());
+                assert_eq!(chain.vhd(1).unwrap().path(), target.as_path());
             }
         }
     }

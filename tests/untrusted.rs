@@ -74,7 +74,7 @@ fn refused(child: &Path, o: &ChainOptions, d: &Dirs) {
     match Chain::open(child, o) {
         Ok(c) => {
             for l in c.layers() {
-                let real = std::fs::canonicalize(l.vhd.path()).unwrap();
+                let real = std::fs::canonicalize(l.layer.path()).unwrap();
                 assert!(
                     real.starts_with(&allowed),
                     "opened {} outside the allowed directory",
@@ -93,7 +93,7 @@ fn reaches_outside(child: &Path, o: &ChainOptions, d: &Dirs) {
     assert!(
         c.layers()
             .iter()
-            .any(|l| std::fs::canonicalize(l.vhd.path())
+            .any(|l| std::fs::canonicalize(l.layer.path())
                 .unwrap()
                 .starts_with(&outside)),
         "control: the file does not lead outside"

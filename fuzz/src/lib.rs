@@ -77,7 +77,7 @@ pub fn exercise_vhd(vhd: &Vhd) {
 pub fn exercise_chain(chain: &Chain) {
     let mut buf = vec![0u8; 64 << 10];
     for i in 0..chain.len() {
-        let size = chain.vhd(i).virtual_size();
+        let size = chain.layer(i).map_or(0, |l| l.virtual_size());
         let n = size.min(buf.len() as u64) as usize;
         let _ = chain.read_at(i, 0, &mut buf[..n]);
     }
@@ -137,7 +137,7 @@ pub fn merge_one(dir: &Path, data: &[u8]) {
     let parent_size = 64u64 << 10;
     let read_view = |path: &Path| -> Option<Vec<u8>> {
         let chain = Chain::open(path, &opts).ok()?;
-        let size = chain.vhd(0).virtual_size();
+        let size = chain.layer(0)?.virtual_size();
         if size > parent_size {
             return None;
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Chain, Result};
+use vhd_merge::{Chain, DiskKind, Result};
 
 use super::ChainArgs;
 
@@ -28,17 +28,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let v = &l.vhd;
+                let v = l.layer.as_ref();
+                let link = v.parent_link().ok().flatten();
                 serde_json::json!({
                     "index": i,
                     "path": v.path().to_string_lossy(),
-                    "disk_type": v.disk_type().name(),
+                    "disk_type": v.kind().name(),
                     "virtual_size": v.virtual_size(),
-                    "block_size": v.header().map(|_| v.block_size()),
-                    "unique_id": v.unique_id().to_string(),
-                    "parent_unique_id": v.parent_unique_id().map(|u| u.to_string()),
-                    "parent_name": v.header().filter(|_| v.parent_unique_id().is_some()).map(|h| h.parent_name()),
-                    "found_by": l.found_by,
+                    "block_size": (v.kind() != DiskKind::Fixed).then(|| v.block_size()),
+                    "unique_id": v.id().to_string(),
+                    "parent_unique_id": link.as_ref().and_then(|k| k.ids.first()).map(|u| u.to_string()),
+                    "parent_name": link.map(|k| k.name),
+                    "found_by": l.found_by.to_string(),
                     "warnings": all_warnings(l),
                 })
             })
@@ -51,19 +52,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for (i, l) in chain.layers().iter().enumerate() {
-        let v = &l.vhd;
+        let v = l.layer.as_ref();
         println!("layer {i}: {}", v.path().display());
-        let block = match v.header() {
-            Some(_) => format!(", block size {}", human(v.block_size())),
-            None => String::new(),
+        let block = match v.kind() {
+            DiskKind::Fixed => String::new(),
+            _ => format!(", block size {}", human(v.block_size())),
         };
         println!(
             "  type {}, virtual size {} ({} bytes){block}",
-            v.disk_type().name(),
+            v.kind().name(),
             human(v.virtual_size()),
             v.virtual_size()
         );
-        println!("  unique id {}", v.unique_id());
+        println!("  unique id {}", v.id());
         println!("  found by {}", l.found_by);
         for w in all_warnings(l) {
             println!("  warning: {w}");
@@ -73,8 +74,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// The link's warnings, then the file's own.
-fn all_warnings(l: &vhd_merge::Layer) -> Vec<String> {
-    l.warnings.iter().chain(l.vhd.warnings()).cloned().collect()
+fn all_warnings(l: &vhd_merge::ChainLayer) -> Vec<String> {
+    l.warnings
+        .iter()
+        .chain(l.layer.warnings())
+        .cloned()
+        .collect()
 }
 
 /// Bytes in binary units, e.g. `40 MiB`, `1.5 GiB`.

@@ -47,8 +47,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode> {
     let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
     for l in chain.layers() {
-        for w in l.warnings.iter().chain(l.vhd.warnings()) {
-            eprintln!("warning: {}: {w}", l.vhd.path().display());
+        for w in l.warnings.iter().chain(l.layer.warnings()) {
+            eprintln!("warning: {}: {w}", l.layer.path().display());
         }
     }
     let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {

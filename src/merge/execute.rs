@@ -14,18 +14,25 @@ use super::scan::{self, dir_of, tidy};
 use super::{MergeOptions, MergeReport, VerifyReport};
 use crate::chain::Chain;
 use crate::error::{Error, Result};
-use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
-use crate::image::{OpenOptions, Vhd};
+use crate::format::SectorBitmap;
+use crate::image::OpenOptions;
 use crate::io::{FileStorage, Storage};
+use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_writer};
 use crate::locator::canonical_or_self;
+
+/// Layer `i` of `chain`; callers pass indices below the destination's, checked when the
+/// destination was resolved.
+fn at(chain: &Chain, i: usize) -> &dyn Layer {
+    chain.layers()[i].layer.as_ref()
+}
 
 /// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
 /// merged layers' data at the sectors they provide, one read per contributing layer and block,
-/// and zeros at the sectors a merged layer smaller than the source hides
+/// and zeros at the sectors the merged layers decide are zeros
 /// ([`crate::chain::SpanPlan::hidden`]). Returns the mask of those sectors (what the source's
-/// view decides, [`crate::chain::SpanPlan::decided`]), sized for [`Vhd::write_block`] on the
-/// destination; bytes outside it are unspecified (left as they were, or stale bytes of the
-/// layer).
+/// view decides, [`crate::chain::SpanPlan::decided`]), sized for
+/// [`crate::LayerWriter::write_sectors`] on the destination; bytes outside it are unspecified
+/// (left as they were, or stale bytes of the layer).
 pub fn assemble_unit(
     chain: &Chain,
     plan: &MergePlan,
@@ -33,7 +40,8 @@ pub fn assemble_unit(
     buf: &mut [u8],
     scratch: &mut Vec<u8>,
 ) -> Result<SectorBitmap> {
-    let unit_sectors = (plan.unit_bytes / SECTOR_SIZE) as usize;
+    let ss = plan.sector_bytes as usize;
+    let unit_sectors = (plan.unit_bytes / plan.sector_bytes) as usize;
     if buf.len() as u64 != plan.unit_bytes {
         return Err(Error::InvalidParameter(format!(
             "assemble_unit: buffer of {} bytes for units of {} bytes",
@@ -52,33 +60,27 @@ pub fn assemble_unit(
         // claimed sectors straight into `buf`, without the copy run by run that read_plan
         // does through `scratch` (it must, when several layers interleave). The unclaimed
         // sectors inside the span receive that layer's stale bytes, which is harmless:
-        // write_block never writes a sector outside the mask as it is (it zero-fills or
-        // re-reads them).
-        let vhd = chain.vhd(only.layer);
+        // write_sectors never writes a sector outside the mask as it is.
+        let layer = at(chain, only.layer);
         for p in &only.pieces {
             let range = p.first..p.first + p.len;
-            let Some(lo) = only
-                .claimed
-                .runs_in(range.clone(), true)
-                .next()
-                .map(|r| r.start)
-            else {
+            let mut runs = only.claimed.runs_in(range, true);
+            let Some(lo) = runs.next().map(|r| r.start) else {
                 continue;
             };
             let hi = only
                 .claimed
-                .runs_in(range, true)
+                .runs_in(lo..p.first + p.len, true)
                 .last()
                 .map_or(lo, |r| r.end);
-            let at = p.file_offset + (lo - p.first) as u64 * SECTOR_SIZE;
-            vhd.read_raw(&mut buf[lo * 512..hi * 512], at)?;
+            layer.read_stored(p.block, p.in_block(lo), &mut buf[lo * ss..hi * ss])?;
         }
     } else {
-        chain.read_plan(&span, &mut buf[..n * SECTOR_SIZE as usize], scratch)?;
+        chain.read_plan(&span, &mut buf[..n * ss], scratch)?;
     }
     let decided = span.decided();
     for r in span.hidden().runs() {
-        buf[r.start * 512..r.end * 512].fill(0);
+        buf[r.start * ss..r.end * ss].fill(0);
     }
     mask.copy_bits_from(0, &decided, 0, n);
     Ok(mask)
@@ -86,9 +88,9 @@ pub fn assemble_unit(
 
 /// Read back the destination's view of `unit` through `chain` (whose layer
 /// `plan.destination_index` is the destination as written) and return the CRC32 of the merged
-/// sectors (those the source's view decides: data of a merged layer, or zeros where a smaller
-/// one hides the destination), with the mask of those sectors (recomputed from the merged
-/// layers' bitmaps and sizes).
+/// sectors (those the source's view decides: data of a merged layer, or zeros where the merged
+/// layers hide the destination), with the mask of those sectors (recomputed from the merged
+/// layers' block states and sizes).
 pub fn read_assembled(
     chain: &Chain,
     plan: &MergePlan,
@@ -98,7 +100,7 @@ pub fn read_assembled(
     let (start, n) = plan.unit_span(unit);
     let span = chain.plan_span(0..plan.destination_index, start, n)?;
     let claimed = span.decided();
-    let bytes = n * SECTOR_SIZE as usize;
+    let bytes = n * plan.sector_bytes as usize;
     if buf.len() < bytes {
         return Err(Error::InvalidParameter(format!(
             "read_assembled: buffer of {} bytes for a unit of {bytes}",
@@ -107,17 +109,18 @@ pub fn read_assembled(
     }
     chain.read_at(
         plan.destination_index,
-        start * SECTOR_SIZE,
+        start * plan.sector_bytes,
         &mut buf[..bytes],
     )?;
-    Ok((masked_crc(buf, &claimed), claimed))
+    Ok((masked_crc(buf, &claimed, plan.sector_bytes), claimed))
 }
 
-/// CRC32 of the sectors of `buf` selected by `mask`, in order.
-fn masked_crc(buf: &[u8], mask: &SectorBitmap) -> u32 {
+/// CRC32 of the sectors (of `sector_bytes` each) of `buf` selected by `mask`, in order.
+fn masked_crc(buf: &[u8], mask: &SectorBitmap, sector_bytes: u64) -> u32 {
+    let ss = sector_bytes as usize;
     let mut h = crc32fast::Hasher::new();
     for r in mask.runs() {
-        h.update(&buf[r.start * 512..r.end * 512]);
+        h.update(&buf[r.start * ss..r.end * ss]);
     }
     h.finalize()
 }
@@ -132,16 +135,16 @@ pub(crate) fn run(
     let t0 = Instant::now();
     tracker.set_state(JobState::Starting);
     let chain = Chain::open(source, &options.chain)?;
-    let src = chain.vhd(0);
-    if src.disk_type() != DiskType::Differencing {
+    let src = at(&chain, 0);
+    if src.kind() != DiskKind::Differencing {
         return Err(Error::InvalidParameter(format!(
             "{} is a {} disk: only a differencing disk can be merged into a parent",
             source.display(),
-            src.disk_type().name()
+            src.kind().name()
         )));
     }
     let d = resolve_destination(&chain, destination)?;
-    let dest_ro = chain.vhd(d);
+    let dest_ro = at(&chain, d);
     if src.virtual_size() > dest_ro.virtual_size() {
         return Err(Error::InvalidParameter(format!(
             "{} ({} bytes) is larger than the destination {} ({} bytes): growing the destination is not supported",
@@ -152,7 +155,7 @@ pub(crate) fn run(
         )));
     }
     let dest_path = tidy(dest_ro.path());
-    let merged: Vec<PathBuf> = (0..d).map(|i| tidy(chain.vhd(i).path())).collect();
+    let merged: Vec<PathBuf> = (0..d).map(|i| tidy(at(&chain, i).path())).collect();
     let relink = check_relink(&chain, d, &options.relink)?;
     if !options.dry_run {
         for child in &relink {
@@ -165,11 +168,11 @@ pub(crate) fn run(
     // flock locks belong to the open file, so it would conflict with the writable one).
     let mut dest = None;
     if !options.dry_run {
-        let v = open_destination(&dest_path, dest_ro.unique_id(), options)?;
+        let v = open_destination(&dest_path, dest_ro, options)?;
         v.lock(true)?;
         for (i, layer) in chain.layers().iter().enumerate() {
             if i != d {
-                layer.vhd.lock(false)?;
+                layer.layer.lock(false)?;
             }
         }
         dest = Some(v);
@@ -238,10 +241,10 @@ pub(crate) fn run(
     };
 
     tracker.set_state(JobState::Running);
-    let len_before = dest_len(&dest)?;
-    let blocks_before = dest.allocated_blocks();
+    let len_before = dest.file_len()?;
+    let blocks_before = dest.mapped_blocks().count();
     let mut crcs = options.verify.then(Vec::new);
-    let copied = copy_units(&chain, &plan, &mut dest, options, tracker, &mut crcs);
+    let copied = copy_units(&chain, &plan, dest.as_mut(), options, tracker, &mut crcs);
     let bytes_merged = match copied {
         Ok(n) => n,
         Err(e) => {
@@ -252,8 +255,8 @@ pub(crate) fn run(
         }
     };
     dest.finish()?;
-    let blocks_allocated = dest.allocated_blocks().saturating_sub(blocks_before) as u64;
-    let destination_growth = dest_len(&dest)?.saturating_sub(len_before);
+    let blocks_allocated = dest.mapped_blocks().count().saturating_sub(blocks_before) as u64;
+    let destination_growth = dest.file_len()?.saturating_sub(len_before);
 
     let verified = match crcs {
         Some(crcs) => Some(verify(chain, &plan, &dest_path, options, &crcs)?),
@@ -303,12 +306,6 @@ pub(crate) fn run(
     })
 }
 
-fn dest_len(dest: &Vhd) -> Result<u64> {
-    dest.storage()
-        .len()
-        .map_err(|e| Error::io(format!("{}: reading length", dest.path().display()), e))
-}
-
 fn list_paths(paths: &[PathBuf]) -> String {
     paths
         .iter()
@@ -326,20 +323,14 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .layers()
             .iter()
             .enumerate()
-            .map(|(i, l)| {
-                format!(
-                    "\n  {i}: {} ({})",
-                    l.vhd.path().display(),
-                    l.vhd.unique_id()
-                )
-            })
+            .map(|(i, l)| format!("\n  {i}: {} ({})", l.layer.path().display(), l.layer.id()))
             .collect()
     };
-    let source = chain.vhd(0).path();
+    let source = at(chain, 0).path();
     let canon = canonical_or_self(want);
     let peek = scan::peek_vhd(want);
     for (i, layer) in chain.layers().iter().enumerate() {
-        if canonical_or_self(layer.vhd.path()) != canon {
+        if canonical_or_self(layer.layer.path()) != canon {
             continue;
         }
         if i == 0 {
@@ -348,11 +339,11 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
                 want.display()
             )));
         }
-        if peek.as_ref().map(|p| p.unique_id) != Some(layer.vhd.unique_id()) {
+        if peek.as_ref().map(|p| p.unique_id) != Some(layer.layer.id()) {
             return Err(Error::InvalidParameter(format!(
                 "the destination {} changed since the chain was opened (unique id {} expected)",
                 want.display(),
-                layer.vhd.unique_id()
+                layer.layer.id()
             )));
         }
         return Ok(i);
@@ -369,13 +360,13 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
         .layers()
         .iter()
         .enumerate()
-        .find(|(_, l)| l.vhd.unique_id() == peek.unique_id)
+        .find(|(_, l)| l.layer.id() == peek.unique_id)
     {
         return Err(Error::InvalidParameter(format!(
             "the destination {} has the unique id of layer {i} of {}'s chain, but the chain uses another file, {} (a copy?); give that file, or point the chain at this one with --parent / set-parent",
             want.display(),
             source.display(),
-            l.vhd.path().display()
+            l.layer.path().display()
         )));
     }
     Err(Error::InvalidParameter(format!(
@@ -387,30 +378,32 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
 }
 
 /// Open the destination for writing through the caller's storage hook and check that it is
-/// still the file the chain found.
-fn open_destination(path: &Path, unique_id: Uuid, options: &MergeOptions) -> Result<Vhd> {
+/// still the file the chain found (`found`, the chain's read-only layer).
+fn open_destination(
+    path: &Path,
+    found: &dyn Layer,
+    options: &MergeOptions,
+) -> Result<Box<dyn LayerWriter>> {
+    let unique_id = found.id();
     let file = crate::image::open_regular_file(path, true)?;
     let mut storage: Box<dyn Storage> = Box::new(FileStorage::new(file));
     if let Some(wrap) = &options.destination_io {
         storage = wrap(storage);
     }
-    let vhd = Vhd::from_storage(
-        storage,
-        path,
-        OpenOptions {
-            writable: true,
-            lenient: options.chain.lenient,
-            size_rule: options.chain.size_rule,
-        },
-    )?;
-    if vhd.unique_id() != unique_id {
+    let opts = OpenOptions {
+        writable: true,
+        lenient: options.chain.lenient,
+        size_rule: options.chain.size_rule,
+    };
+    let dest = open_writer(found.format(), storage, path, opts)?;
+    if dest.id() != unique_id {
         return Err(Error::InvalidState(format!(
             "{} changed while the merge was starting (unique id {} instead of {unique_id})",
             path.display(),
-            vhd.unique_id()
+            dest.id()
         )));
     }
-    Ok(vhd)
+    Ok(dest)
 }
 
 /// Differencing disks next to the chain that depend on it.
@@ -425,13 +418,13 @@ struct Dependents {
 /// directories, for differencing disks whose parent is a layer the merge changes (siblings) or
 /// the source.
 fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependents {
-    let mut dirs: Vec<PathBuf> = (0..=d).map(|i| dir_of(chain.vhd(i).path())).collect();
+    let mut dirs: Vec<PathBuf> = (0..=d).map(|i| dir_of(at(chain, i).path())).collect();
     dirs.extend(options.chain.search_dirs.iter().cloned());
-    let source_id = chain.vhd(0).unique_id();
-    let mut parents: HashSet<Uuid> = (1..=d).map(|i| chain.vhd(i).unique_id()).collect();
+    let source_id = at(chain, 0).id();
+    let mut parents: HashSet<Uuid> = (1..=d).map(|i| at(chain, i).id()).collect();
     parents.insert(source_id);
     let exclude: HashSet<PathBuf> = (0..d)
-        .map(|i| canonical_or_self(chain.vhd(i).path()))
+        .map(|i| canonical_or_self(at(chain, i).path()))
         .collect();
     let (source_children, siblings) = scan::children_in(&dirs, &parents, &exclude)
         .into_iter()
@@ -445,11 +438,11 @@ fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependent
 /// Check the children the caller asked to relink: each must be a differencing disk whose
 /// parent is the source.
 fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let source = chain.vhd(0);
+    let source = at(chain, 0);
     let in_chain: HashSet<PathBuf> = chain
         .layers()
         .iter()
-        .map(|l| canonical_or_self(l.vhd.path()))
+        .map(|l| canonical_or_self(l.layer.path()))
         .collect();
     let mut out = Vec::new();
     for child in children {
@@ -472,20 +465,20 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
                 v.disk_type.name()
             )));
         };
-        if parent == source.unique_id() {
+        if parent == source.id() {
             out.push(child.clone());
             continue;
         }
-        if let Some(i) = (1..d).find(|&i| chain.vhd(i).unique_id() == parent) {
+        if let Some(i) = (1..d).find(|&i| at(chain, i).id() == parent) {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: its parent is the intermediate {}, not the source. Its sectors that {} lacks come from the intermediate, which the destination does not reproduce after the merge (the destination takes the source's view), so re-pointing it at the destination would change its content. Merge it into {} separately instead",
                 child.display(),
-                chain.vhd(i).path().display(),
+                at(chain, i).path().display(),
                 child.display(),
-                chain.vhd(d).path().display()
+                at(chain, d).path().display()
             )));
         }
-        if parent == chain.vhd(d).unique_id() {
+        if parent == at(chain, d).id() {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is already a child of the destination (a sibling of the merged chain, whose content the merge changes)",
                 child.display()
@@ -495,7 +488,7 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
             "cannot relink {}: its parent ({parent}) is not the source {} ({})",
             child.display(),
             source.path().display(),
-            source.unique_id()
+            source.id()
         )));
     }
     Ok(out)
@@ -511,7 +504,7 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
 /// `IgnoreIdMismatch`).
 fn relink_child(child: &Path, destination: &Path, check_only: bool) -> Result<()> {
     if check_only {
-        let c = Vhd::open(child, OpenOptions::writable())?;
+        let c = open_layer(child, OpenOptions::writable())?;
         return c.lock(true);
     }
     let opts = crate::setparent::SetParentOptions {
@@ -540,7 +533,7 @@ struct Assembled {
 fn copy_units(
     chain: &Chain,
     plan: &MergePlan,
-    dest: &mut Vhd,
+    dest: &mut dyn LayerWriter,
     options: &MergeOptions,
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
@@ -560,7 +553,7 @@ fn copy_units(
                 // Both channels fail only when the writer stopped: then stop too.
                 let Ok(mut buf) = free_rx.recv() else { return };
                 let item = assemble_unit(chain, plan, unit, &mut buf, &mut scratch).map(|mask| {
-                    let crc = want_crc.then(|| masked_crc(&buf, &mask));
+                    let crc = want_crc.then(|| masked_crc(&buf, &mask, plan.sector_bytes));
                     Assembled {
                         unit,
                         buf,
@@ -583,7 +576,7 @@ fn copy_units(
 /// committed.
 fn write_units(
     plan: &MergePlan,
-    dest: &mut Vhd,
+    dest: &mut dyn LayerWriter,
     options: &MergeOptions,
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
@@ -591,7 +584,6 @@ fn write_units(
     free_tx: &mpsc::Sender<Vec<u8>>,
 ) -> Result<u64> {
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
-    let sparse = dest.disk_type().is_sparse();
     let mut units = plan.unit_indices();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
     let mut done = 0u64;
@@ -601,13 +593,7 @@ fn write_units(
         if batch.is_empty() {
             break;
         }
-        if sparse {
-            let new = batch
-                .iter()
-                .filter(|&&u| dest.block_offset(u).is_none())
-                .count();
-            dest.reserve_blocks(new as u64)?;
-        }
+        dest.reserve(new_blocks(plan, dest, &batch))?;
         for &unit in &batch {
             if tracker.cancelled() {
                 dest.finish()?;
@@ -626,11 +612,12 @@ fn write_units(
                     item.unit
                 )));
             }
-            let bytes = item.mask.count_ones() as u64 * SECTOR_SIZE;
+            let bytes = item.mask.count_ones() as u64 * plan.sector_bytes;
             if let (Some(c), Some(crc)) = (crcs.as_mut(), item.crc) {
                 c.push(crc);
             }
-            dest.write_block(unit, &mut item.buf, &item.mask)?;
+            let (block, first) = plan.unit_place(unit);
+            dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
             let _ = free_tx.send(item.buf);
             done += bytes;
             tracker.advance(bytes);
@@ -638,6 +625,21 @@ fn write_units(
         dest.commit()?;
     }
     Ok(done)
+}
+
+/// The destination blocks that units `batch` (ascending) allocate: each block once, however
+/// many of its parts are in the batch.
+fn new_blocks(plan: &MergePlan, dest: &dyn LayerWriter, batch: &[u64]) -> u64 {
+    let mut last = None;
+    let mut n = 0;
+    for &u in batch {
+        let (block, _) = plan.unit_place(u);
+        if last != Some(block) && dest.needs_allocation(block) {
+            n += 1;
+        }
+        last = Some(block);
+    }
+    n
 }
 
 /// Read every merged unit back through the destination's chain (a fresh read-only open of the
@@ -651,7 +653,7 @@ fn verify(
 ) -> Result<VerifyReport> {
     let d = plan.destination_index;
     let mut layers = chain.into_layers();
-    let fresh = Vhd::open(
+    let fresh = open_layer(
         dest_path,
         OpenOptions {
             writable: false,
@@ -660,7 +662,7 @@ fn verify(
         },
     )?;
     if let Some(l) = layers.get_mut(d) {
-        l.vhd = fresh;
+        l.layer = fresh;
     }
     let chain = Chain::from_layers(layers);
     let mut buf = vec![0u8; plan.unit_bytes as usize];
@@ -676,13 +678,13 @@ fn verify(
     }
     for (unit, &want) in plan.unit_indices().zip(crcs) {
         let (got, mask) = read_assembled(&chain, plan, unit, &mut buf)?;
-        bytes += mask.count_ones() as u64 * SECTOR_SIZE;
+        bytes += mask.count_ones() as u64 * plan.sector_bytes;
         if got != want {
             let (start, n) = plan.unit_span(unit);
             bad.push(format!(
                 "\n  bytes {}..{} (unit {unit}): source CRC32 {want:#010x}, destination {got:#010x}",
-                start * SECTOR_SIZE,
-                (start + n as u64) * SECTOR_SIZE
+                start * plan.sector_bytes,
+                (start + n as u64) * plan.sector_bytes
             ));
         }
     }

@@ -16,21 +16,24 @@
 //!   `CIM_ConcreteJob` (state, percent complete, error code, cancel).
 //!
 //! # How it works
-//! 1. **Plan** ([`MergePlan::build`]) from BATs and bitmaps only: the destination units
-//!    (destination blocks, or 2 MiB chunks of a fixed destination) that any merged layer has a
-//!    block over or that lie past the end of the smallest merged layer, and for each the
-//!    sectors merged layers hold and those they hide ([`crate::chain::SpanPlan::hidden`]). Nothing walks the virtual size
-//!    sector by sector, so planning a 2 TiB sparse disk costs one pass over its BAT.
+//! 1. **Plan** ([`MergePlan::build`]) from the layers' block tables and states only
+//!    ([`crate::Layer::mapped_blocks`], [`crate::Layer::block_state`]): the destination units
+//!    (destination blocks, or parts of at most [`MAX_UNIT_BYTES`]) that any merged layer
+//!    has a block over or that lie past the end of the smallest merged layer, and for each the
+//!    sectors merged layers hold and those they decide are zeros
+//!    ([`crate::chain::SpanPlan::hidden`]). Nothing walks the virtual size sector by sector,
+//!    so planning a 2 TiB sparse disk costs one pass over its block table.
 //! 2. **Execute**: each unit is assembled in memory with one read per contributing layer and
 //!    block ([`crate::Chain::plan_span`] + [`crate::Chain::read_plan`]) and written with one
-//!    [`crate::Vhd::write_block`]. A reader thread assembles the next units while the caller's
-//!    thread writes, with a few unit buffers in flight, so memory stays bounded whatever the
-//!    size, data and depth.
-//! 3. Units are written in batches: [`crate::Vhd::reserve_blocks`] once per batch (the end
-//!    footer moves once), then [`crate::Vhd::commit`], which makes data durable before bitmaps
-//!    and BAT entries point at it (see [`crate::image`]). An interrupted merge (crash, error,
-//!    cancel) leaves a valid destination, and running the same merge again finishes it with
-//!    the same result, because the source is unchanged and rewriting its data is idempotent.
+//!    [`crate::LayerWriter::write_sectors`]. A reader thread assembles the next units while
+//!    the caller's thread writes, with a few unit buffers in flight, so memory stays bounded
+//!    whatever the size, data and depth.
+//! 3. Units are written in batches: [`crate::LayerWriter::reserve`] once per batch (a VHD's
+//!    end footer moves once), then [`crate::LayerWriter::commit`], the format's crash-safe
+//!    publish (for a VHD, data durable before bitmaps and BAT entries point at it; see
+//!    [`crate::image`]). An interrupted merge (crash, error, cancel) leaves a valid
+//!    destination, and running the same merge again finishes it with the same result, because
+//!    the source is unchanged and rewriting its data is idempotent.
 //!
 //! ```
 //! use vhd_merge::create::{create_differencing, create_dynamic, CreateOptions};
@@ -71,7 +74,7 @@ mod scan;
 
 pub use execute::{assemble_unit, read_assembled};
 pub use job::{Job, JobState, MergeJob, Progress};
-pub use plan::{MergePlan, PlannedLayer};
+pub use plan::{MAX_UNIT_BYTES, MergePlan, PlannedLayer};
 pub use scan::{ScannedVhd, peek_vhd};
 
 /// A progress callback: called from the thread running the merge, at most about a thousand

@@ -8,8 +8,12 @@ use uuid::Uuid;
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
-use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
-use crate::image::DATA_ALIGNMENT;
+use crate::format::SectorBitmap;
+use crate::layer::{DiskKind, Layer};
+
+/// Largest merge unit: a destination block larger than this (VHDX blocks reach 256 MiB) is
+/// merged in parts of this size, so that unit buffers stay bounded.
+pub const MAX_UNIT_BYTES: u64 = 32 << 20;
 
 /// One merged layer of a plan (the source or an intermediate).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,8 +29,8 @@ pub struct PlannedLayer {
 
 /// What a merge will do, computed from the BATs and bitmaps of the merged layers.
 ///
-/// A *unit* is a destination block (a 2 MiB chunk for a fixed destination): the merge writes
-/// each unit once.
+/// A *unit* is a destination block (a 2 MiB chunk for a fixed VHD destination), or a part of
+/// one of at most [`MAX_UNIT_BYTES`]: the merge writes each unit once.
 #[derive(Clone)]
 pub struct MergePlan {
     /// The source.
@@ -36,9 +40,13 @@ pub struct MergePlan {
     /// Index of the destination in the source's chain (1 = the immediate parent).
     pub destination_index: usize,
     /// The destination's type.
-    pub destination_type: DiskType,
-    /// Bytes per unit (the destination's block size, or 2 MiB for a fixed destination).
+    pub destination_type: DiskKind,
+    /// Bytes per unit (the destination's block size, or a part of it; see [`MAX_UNIT_BYTES`]).
     pub unit_bytes: u64,
+    /// Bytes per logical sector of the chain.
+    pub sector_bytes: u64,
+    /// Destination block size in bytes (a whole number of units).
+    pub block_bytes: u64,
     /// Merged layers, source first.
     pub layers: Vec<PlannedLayer>,
     /// Virtual bytes covered by the merge: the source's virtual size (sectors past it are not
@@ -77,6 +85,8 @@ impl fmt::Debug for MergePlan {
             .field("destination_index", &self.destination_index)
             .field("destination_type", &self.destination_type)
             .field("unit_bytes", &self.unit_bytes)
+            .field("sector_bytes", &self.sector_bytes)
+            .field("block_bytes", &self.block_bytes)
             .field("layers", &self.layers)
             .field("merged_extent", &self.merged_extent)
             .field("units", &self.units)
@@ -102,80 +112,72 @@ impl MergePlan {
     /// receives, and units that receive nothing are dropped.
     pub fn build(chain: &Chain, destination_index: usize) -> Result<MergePlan> {
         let d = destination_index;
-        if d == 0 || d >= chain.len() {
+        let (Some(source), Some(dest)) = (chain.layer(0), chain.layer(d).filter(|_| d > 0)) else {
             return Err(Error::InvalidParameter(format!(
                 "destination index {d} is not an ancestor in a chain of {} layers",
                 chain.len()
             )));
-        }
-        let dest = chain.vhd(d);
-        let source = chain.vhd(0);
+        };
+        let ss = u64::from(chain.sector_size());
         let merged_extent = source.virtual_size().min(dest.virtual_size());
-        let limit = merged_extent / SECTOR_SIZE;
-        let unit_sectors = dest.sectors_per_block();
+        let limit = merged_extent / ss;
+        let unit_bytes = unit_bytes_for(dest.block_size());
+        let unit_sectors = unit_bytes / ss;
         let mut unit_set = candidate_units(chain, d, limit, unit_sectors)?;
-
-        let mut layers: Vec<PlannedLayer> = (0..d)
-            .map(|li| PlannedLayer {
-                path: super::scan::tidy(chain.vhd(li).path()),
-                unique_id: chain.vhd(li).unique_id(),
+        let mut layers: Vec<PlannedLayer> = chain.layers()[..d]
+            .iter()
+            .map(|l| PlannedLayer {
+                path: super::scan::tidy(l.layer.path()),
+                unique_id: l.layer.id(),
                 bytes: 0,
             })
             .collect();
+        let per_block = dest.block_size() / unit_bytes;
         let candidates: Vec<std::ops::Range<usize>> = unit_set.runs().collect();
         let (mut units, mut blocks_to_allocate, mut zeroed_bytes) = (0u64, 0u64, 0u64);
-        for run in candidates {
-            for u in run {
-                let (start, n) = unit_span(u as u64, unit_sectors, limit);
-                let span = chain.plan_span(0..d, start, n)?;
-                let claimed: u64 = span
-                    .sources
-                    .iter()
-                    .map(|s| s.claimed.count_ones() as u64)
-                    .sum();
-                let hidden = span.hidden().count_ones() as u64;
-                let unallocated =
-                    dest.disk_type().is_sparse() && dest.block_offset(u as u64).is_none();
-                // Zeros alone over an unallocated block of a dynamic disk change nothing: it
-                // reads as zeros already (a differencing disk's unallocated block reads its
-                // parent, which the zeros must hide).
-                let zeros_already = unallocated && dest.disk_type() == DiskType::Dynamic;
-                if claimed == 0 && (hidden == 0 || zeros_already) {
-                    unit_set.clear_range(u..u + 1);
-                    continue;
-                }
-                for src in &span.sources {
-                    if let Some(l) = layers.get_mut(src.layer) {
-                        l.bytes += src.claimed.count_ones() as u64 * SECTOR_SIZE;
-                    }
-                }
-                zeroed_bytes += hidden * SECTOR_SIZE;
-                units += 1;
-                if unallocated {
-                    blocks_to_allocate += 1;
+        let mut last_new_block = None;
+        for u in candidates.into_iter().flatten() {
+            let (start, n) = unit_span(u as u64, unit_sectors, limit);
+            let span = chain.plan_span(0..d, start, n)?;
+            let claimed = span.claimed().count_ones() as u64;
+            let hidden = span.hidden().count_ones() as u64;
+            let block = u as u64 / per_block;
+            let unallocated = !dest.is_mapped(block);
+            // Zeros alone over an unallocated block of a dynamic disk change nothing: it
+            // reads as zeros already (a differencing disk's unallocated block reads its
+            // parent, which the zeros must hide).
+            let zeros_already = unallocated && dest.kind() == DiskKind::Dynamic;
+            if claimed == 0 && (hidden == 0 || zeros_already) {
+                unit_set.clear_range(u..u + 1);
+                continue;
+            }
+            for src in &span.sources {
+                if let Some(l) = layers.get_mut(src.layer) {
+                    l.bytes += src.claimed.count_ones() as u64 * ss;
                 }
             }
+            zeroed_bytes += hidden * ss;
+            units += 1;
+            if unallocated && last_new_block != Some(block) {
+                blocks_to_allocate += 1;
+                last_new_block = Some(block);
+            }
         }
-        let stride = dest.bitmap_bytes() + dest.block_size();
-        // Each new block may need up to one alignment gap in front of it.
-        let destination_growth = if dest.disk_type().is_sparse() {
-            blocks_to_allocate * (stride + DATA_ALIGNMENT)
-        } else {
-            0
-        };
         Ok(MergePlan {
             source: super::scan::tidy(source.path()),
             destination: super::scan::tidy(dest.path()),
             destination_index: d,
-            destination_type: dest.disk_type(),
-            unit_bytes: dest.block_size(),
+            destination_type: dest.kind(),
+            unit_bytes,
+            sector_bytes: ss,
+            block_bytes: dest.block_size(),
             bytes_total: layers.iter().map(|l| l.bytes).sum::<u64>() + zeroed_bytes,
             layers,
             zeroed_bytes,
             merged_extent,
             units,
             blocks_to_allocate,
-            destination_growth,
+            destination_growth: dest.growth_for(blocks_to_allocate),
             siblings: Vec::new(),
             source_children: Vec::new(),
             unit_set,
@@ -191,9 +193,16 @@ impl MergePlan {
     pub fn unit_span(&self, unit: u64) -> (u64, usize) {
         unit_span(
             unit,
-            self.unit_bytes / SECTOR_SIZE,
-            self.merged_extent / SECTOR_SIZE,
+            self.unit_bytes / self.sector_bytes,
+            self.merged_extent / self.sector_bytes,
         )
+    }
+
+    /// The destination block holding unit `unit`, and the unit's first sector in it.
+    pub fn unit_place(&self, unit: u64) -> (u64, u64) {
+        let per_block = (self.block_bytes / self.unit_bytes).max(1);
+        let first = (unit % per_block) * (self.unit_bytes / self.sector_bytes);
+        (unit / per_block, first)
     }
 }
 
@@ -207,12 +216,13 @@ fn candidate_units(chain: &Chain, d: usize, limit: u64, unit_sectors: u64) -> Re
         .map_err(|_| Error::InvalidParameter("virtual size too large for this platform".into()))?;
     let mut unit_set = SectorBitmap::new(unit_count);
     let mut visible = limit;
-    for li in 0..d {
-        let vhd = chain.vhd(li);
-        let spb = vhd.sectors_per_block();
-        let layer_limit = limit.min(vhd.virtual_size() / SECTOR_SIZE);
+    let ss = u64::from(chain.sector_size());
+    for l in &chain.layers()[..d] {
+        let layer: &dyn Layer = l.layer.as_ref();
+        let spb = (layer.block_size() / ss).max(1);
+        let layer_limit = limit.min(layer.virtual_size() / ss);
         visible = visible.min(layer_limit);
-        for (i, _) in vhd.allocated_entries() {
+        for i in layer.mapped_blocks() {
             let s0 = i * spb;
             if s0 >= layer_limit {
                 break;
@@ -229,8 +239,74 @@ fn candidate_units(chain: &Chain, d: usize, limit: u64, unit_sectors: u64) -> Re
     Ok(unit_set)
 }
 
+/// The unit size for a destination with blocks of `block_bytes`: the block, or the largest
+/// part of it of at most [`MAX_UNIT_BYTES`] that divides it.
+fn unit_bytes_for(block_bytes: u64) -> u64 {
+    let mut unit = block_bytes;
+    while unit > MAX_UNIT_BYTES && unit.is_multiple_of(2) {
+        unit /= 2;
+    }
+    unit
+}
+
 fn unit_span(unit: u64, unit_sectors: u64, limit: u64) -> (u64, usize) {
     let start = unit * unit_sectors;
     let end = (start + unit_sectors).min(limit);
     (start, end.saturating_sub(start) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem_layer::{MemLayer, chain_of};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A child with 1 MiB blocks over a destination with 64 MiB blocks (VHDX sizes).
+    fn big_block_chain(child_blocks: &[u64]) -> Chain {
+        let mut child = MemLayer::new("c", DiskKind::Differencing, 128 * MIB, 512, MIB);
+        for &b in child_blocks {
+            child = child.present(b, None, b as u8);
+        }
+        let dest = MemLayer::new("d", DiskKind::Dynamic, 128 * MIB, 512, 64 * MIB);
+        chain_of(vec![child, dest])
+    }
+
+    #[test]
+    fn units_are_parts_of_a_large_destination_block() {
+        let chain = big_block_chain(&[40, 70]);
+        let plan = MergePlan::build(&chain, 1).unwrap();
+        assert_eq!(
+            (plan.unit_bytes, plan.block_bytes),
+            (MAX_UNIT_BYTES, 64 * MIB)
+        );
+        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(plan.unit_place(1), (0, MAX_UNIT_BYTES / 512));
+        assert_eq!(plan.unit_place(2), (1, 0));
+        assert_eq!(plan.blocks_to_allocate, 2);
+        assert_eq!(plan.destination_growth, 2 * 64 * MIB);
+        assert_eq!(plan.bytes_total, 2 * MIB);
+
+        let mut buf = vec![0u8; plan.unit_bytes as usize];
+        let mut scratch = Vec::new();
+        let mask = crate::merge::assemble_unit(&chain, &plan, 1, &mut buf, &mut scratch).unwrap();
+        let at = ((40 * MIB - MAX_UNIT_BYTES) / 512) as usize;
+        assert_eq!(mask.runs().collect::<Vec<_>>(), vec![at..at + 2048]);
+        assert!(buf[at * 512..(at + 2048) * 512].iter().all(|&b| b == 40));
+    }
+
+    #[test]
+    fn two_parts_of_one_new_block_allocate_it_once() {
+        let chain = big_block_chain(&[10, 40]);
+        let plan = MergePlan::build(&chain, 1).unwrap();
+        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(plan.blocks_to_allocate, 1);
+    }
+
+    #[test]
+    fn unit_sizes() {
+        assert_eq!(unit_bytes_for(2 * MIB), 2 * MIB);
+        assert_eq!(unit_bytes_for(32 * MIB), 32 * MIB);
+        assert_eq!(unit_bytes_for(256 * MIB), 32 * MIB);
+    }
 }

@@ -6,16 +6,17 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::format::DiskType;
+use crate::layer::DiskKind;
 use crate::locator::canonical_or_self;
 
-/// Identity of a VHD file read cheaply: its footer and, for a differencing disk, its header.
+/// Identity of a disk image read cheaply (VHD: its footer and, for a differencing disk, its
+/// header; see [`crate::layer::probe`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScannedVhd {
     /// The path.
     pub path: PathBuf,
     /// Fixed, dynamic or differencing.
-    pub disk_type: DiskType,
+    pub disk_type: DiskKind,
     /// The footer's unique id.
     pub unique_id: Uuid,
     /// The parent's unique id, for a differencing disk.
@@ -26,16 +27,19 @@ pub struct ScannedVhd {
 /// copy) and dynamic header, with checksums checked; `None` for anything that is not a regular
 /// file holding a VHD. At most three small reads: cheap enough to run over whole directories.
 pub fn peek_vhd(path: &Path) -> Option<ScannedVhd> {
-    let peek = crate::image::peek(path)?;
-    let footer = peek.footer()?;
-    if footer.disk_type == DiskType::Differencing && peek.parent_unique_id.is_none() {
+    let probe = crate::layer::probe(path)?;
+    let (Some(unique_id), Some(disk_type)) = (probe.id, probe.kind) else {
+        return None;
+    };
+    let parent_unique_id = probe.parent_ids.first().copied();
+    if disk_type == DiskKind::Differencing && parent_unique_id.is_none() {
         return None;
     }
     Some(ScannedVhd {
         path: path.to_path_buf(),
-        disk_type: footer.disk_type,
-        unique_id: footer.unique_id,
-        parent_unique_id: peek.parent_unique_id,
+        disk_type,
+        unique_id,
+        parent_unique_id,
     })
 }
 

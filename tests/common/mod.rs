@@ -127,7 +127,7 @@ pub fn read(path: &Path) -> Vec<u8> {
 /// Read the whole view of the VHD at `path` through its chain.
 pub fn read_view(path: &Path) -> Vec<u8> {
     let chain = Chain::open(path, &ChainOptions::default()).unwrap();
-    let size = chain.vhd(0).virtual_size() as usize;
+    let size = chain.vhd(0).unwrap().virtual_size() as usize;
     let mut buf = vec![0u8; size];
     chain.read_at(0, 0, &mut buf).unwrap();
     buf
