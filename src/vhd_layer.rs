@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
-use crate::image::{BlockMap, DATA_ALIGNMENT, Vhd};
+use crate::image::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
 use crate::layer::{
     BlockState, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe, Spelling,
     UnusableHint,
@@ -137,9 +137,15 @@ impl Vhd {
         if first.checked_add(sectors).is_none_or(|e| e > spb) {
             return Err(bad("past the end of the block"));
         }
-        match self.block_map(block)? {
-            BlockMap::Present { data_offset, .. } => Ok(data_offset + first * SECTOR_SIZE),
-            BlockMap::Absent => Err(bad("the block is not allocated")),
+        // From the block table alone: no bitmap read per call (read_plan reads run by run).
+        let data_offset = match self.header() {
+            _ if block >= self.block_count() => None,
+            None => Some(block * FIXED_CHUNK),
+            Some(h) => self.block_offset(block).map(|o| o + h.bitmap_bytes()),
+        };
+        match data_offset {
+            Some(at) => Ok(at + first * SECTOR_SIZE),
+            None => Err(bad("the block is not allocated")),
         }
     }
 }
