@@ -123,3 +123,49 @@ pub(crate) fn chain_of(layers: Vec<MemLayer>) -> Chain {
             .collect(),
     )
 }
+
+impl crate::layer::LayerWriter for MemLayer {
+    fn reserve(&mut self, _blocks: u64) -> Result<()> {
+        Ok(())
+    }
+    fn needs_allocation(&self, block: u64) -> bool {
+        !self.is_mapped(block)
+    }
+    fn write_sectors(
+        &mut self,
+        block: u64,
+        first: u64,
+        data: &mut [u8],
+        mask: &SectorBitmap,
+    ) -> Result<()> {
+        let ss = self.sector as usize;
+        let spb = (self.block / u64::from(self.sector)) as usize;
+        let len = self.block as usize;
+        let (state, bytes) = self.blocks.entry(block).or_insert_with(|| {
+            (
+                BlockState::Present(Some(SectorBitmap::new(spb))),
+                vec![0; len],
+            )
+        });
+        let BlockState::Present(Some(bm)) = state else {
+            return Err(Error::InvalidParameter(
+                "mem layer: not a bitmap block".into(),
+            ));
+        };
+        for r in mask.runs() {
+            let at = first as usize + r.start;
+            bytes[at * ss..(at + r.len()) * ss].copy_from_slice(&data[r.start * ss..r.end * ss]);
+            bm.set_range(at..at + r.len());
+        }
+        Ok(())
+    }
+    fn commit(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<Uuid> {
+        Ok(self.id)
+    }
+    fn file_len(&self) -> Result<u64> {
+        Ok(self.blocks.len() as u64 * self.block)
+    }
+}

@@ -713,3 +713,43 @@ fn sync_dirs(files: &[PathBuf]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::BlockState;
+    use crate::mem_layer::{MemLayer, chain_of};
+
+    const MIB: u64 = 1 << 20;
+
+    /// Two parts of one 64 MiB destination block are written where they belong, by
+    /// write_sectors at their first sector in the block, and nothing else is.
+    #[test]
+    fn parts_of_a_large_block_are_written_in_place() {
+        let child = MemLayer::new("c", DiskKind::Differencing, 128 * MIB, 512, MIB)
+            .present(10, None, 10)
+            .present(40, None, 40);
+        let dest = || MemLayer::new("d", DiskKind::Dynamic, 128 * MIB, 512, 64 * MIB);
+        let chain = chain_of(vec![child, dest()]);
+        let plan = MergePlan::build(&chain, 1).unwrap();
+        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![0, 1]);
+        let options = MergeOptions::default();
+        let tracker = Tracker::new(None, &options);
+        let mut out = dest();
+        let done = copy_units(&chain, &plan, &mut out, &options, &tracker, &mut None).unwrap();
+        assert_eq!(done, 2 * MIB);
+        assert_eq!(out.blocks.len(), 1);
+        let (BlockState::Present(Some(bm)), data) = &out.blocks[&0] else {
+            panic!("block 0 should hold a bitmap");
+        };
+        let s = |mib: u64| (mib * MIB / 512) as usize;
+        assert_eq!(
+            bm.runs().collect::<Vec<_>>(),
+            vec![s(10)..s(11), s(40)..s(41)]
+        );
+        let at = |mib: u64| (mib * MIB) as usize;
+        assert!(data[at(10)..at(11)].iter().all(|&b| b == 10));
+        assert!(data[at(40)..at(41)].iter().all(|&b| b == 40));
+        assert!(data[at(11)..at(40)].iter().all(|&b| b == 0));
+    }
+}
