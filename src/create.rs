@@ -15,7 +15,7 @@ use crate::format::footer::{
 };
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE, ParentLocator};
 use crate::format::{Geometry, MAX_DYNAMIC_SIZE, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{MAX_BLOCK_SIZE, OpenOptions, Vhd};
+use crate::image::{MAX_BLOCK_SIZE, OpenOptions, Vhd, WriteMode, open_for_writing};
 use crate::locator::{self, LOCATOR_SPACE};
 
 /// Default block size: 2 MiB, as Windows and every other writer default to.
@@ -110,36 +110,20 @@ fn check_block_size(bs: u32) -> Result<()> {
     Ok(())
 }
 
-/// Create the file, refusing to replace an existing one unless asked.
-fn create_file(path: &Path, overwrite: bool) -> Result<File> {
-    let mut o = File::options();
-    o.read(true).write(true);
-    if overwrite {
-        o.create(true).truncate(true);
-    } else {
-        o.create_new(true);
-    }
-    o.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::InvalidParameter(format!(
-                "{} already exists (pass overwrite to replace it)",
-                path.display()
-            ))
-        } else {
-            Error::io(format!("{}: cannot create", path.display()), e)
-        }
-    })
-}
-
 /// Write a new file with `write`, removing it again if anything fails.
 fn write_new(
     path: &Path,
     overwrite: bool,
     write: impl FnOnce(&File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let file = create_file(path, overwrite)?;
-    let res = write(&file).and_then(|()| file.sync_all());
-    drop(file);
+    let mode = if overwrite {
+        WriteMode::Truncate
+    } else {
+        WriteMode::CreateNew
+    };
+    let storage = open_for_writing(path, mode)?;
+    let res = write(storage.file()).and_then(|()| storage.file().sync_all());
+    drop(storage);
     if let Err(e) = res {
         let _ = std::fs::remove_file(path);
         return Err(Error::io(format!("{}: writing new VHD", path.display()), e));

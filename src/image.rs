@@ -295,6 +295,11 @@ impl Vhd {
         self.storage.as_ref()
     }
 
+    /// Close the file and give back its storage (with any lock it holds).
+    pub(crate) fn into_storage(self) -> Box<dyn Storage> {
+        self.storage
+    }
+
     /// Bytes per block: the header's Block Size, or [`FIXED_CHUNK`] for a fixed disk.
     pub fn block_size(&self) -> u64 {
         match &self.header {
@@ -433,23 +438,20 @@ impl Vhd {
     /// released descriptor (and so of its lock) for that moment, which must not look like a
     /// real holder. A real holder keeps its lock far longer.
     pub fn lock(&self, exclusive: bool) -> Result<()> {
-        let mut wait_ms = 1;
-        loop {
-            match self.storage.try_lock(exclusive) {
-                Ok(true) => return Ok(()),
-                Ok(false) if wait_ms <= 32 => {
-                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
-                    wait_ms *= 2;
-                }
-                Ok(false) => {
-                    return Err(Error::InUse(format!(
-                        "{} is in use: another process holds a lock on it (a merge or another tool)",
-                        self.path.display()
-                    )));
-                }
-                Err(e) => return Err(Error::io(format!("{}: locking", self.path.display()), e)),
-            }
-        }
+        take_lock(self.storage.as_ref(), &self.path, exclusive)
+    }
+
+    /// Open the existing VHD at `path` for writing the way every command that writes one does
+    /// (merge, set-parent, repair): exclusively locked (see [`open_for_writing`]) before it is
+    /// even read, so a file another process is merging gives [`Error::InUse`] (32774).
+    pub fn open_for_writing(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
+        let path = path.as_ref();
+        let storage = open_for_writing(path, WriteMode::Existing)?;
+        let options = OpenOptions {
+            writable: true,
+            ..options
+        };
+        Vhd::from_storage(Box::new(storage), path, options)
     }
 
     /// Where block `index` lives. Reads the bitmap for an allocated sparse block.
@@ -992,6 +994,97 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
             "range {offset}+{len} is past the virtual size {size}"
         ))),
     }
+}
+
+/// Take an advisory lock (exclusive or shared) on `storage`, the file at `path`; see
+/// [`Vhd::lock`] for the retry.
+fn take_lock(storage: &dyn Storage, path: &Path, exclusive: bool) -> Result<()> {
+    let mut wait_ms = 1;
+    loop {
+        match storage.try_lock(exclusive) {
+            Ok(true) => return Ok(()),
+            Ok(false) if wait_ms <= 32 => {
+                std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                wait_ms *= 2;
+            }
+            Ok(false) => {
+                return Err(Error::InUse(format!(
+                    "{} is in use: another process holds a lock on it (a merge or another tool)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("{}: locking", path.display()), e)),
+        }
+    }
+}
+
+/// What a command that writes a file expects to find at its path (see [`open_for_writing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    /// A file that exists, opened for reading and writing.
+    Existing,
+    /// No file: a new one is created (an existing one is refused).
+    CreateNew,
+    /// A new file, or an existing one emptied in place (`create --force`): truncated only
+    /// once the lock is held.
+    Truncate,
+    /// An existing file that is about to be replaced by renaming another over it (`flatten
+    /// --force`): opened read-only, only to hold the lock until the rename.
+    Replace,
+}
+
+/// The one rule for every command that writes a file (create, set-parent, repair, flatten
+/// over an existing output, merge): open it and take the exclusive advisory lock a merge
+/// takes on its destination (the other layers of a merge are locked shared, which conflicts
+/// too), before any byte changes. Another holder gives [`Error::InUse`] (32774). The lock
+/// lasts as long as the returned storage.
+pub(crate) fn open_for_writing(path: &Path, mode: WriteMode) -> Result<FileStorage> {
+    let exists = match std::fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(format!("{}: cannot open", path.display()), e)),
+    };
+    let file = match mode {
+        WriteMode::Existing => open_regular_file(path, true)?,
+        WriteMode::Replace => open_regular_file(path, false)?,
+        WriteMode::CreateNew => create_file(path, false)?,
+        WriteMode::Truncate if exists => {
+            // Never open a FIFO or a device (an open could block or write to it).
+            let _ = open_regular_file(path, false)?;
+            create_file(path, true)?
+        }
+        WriteMode::Truncate => create_file(path, true)?,
+    };
+    let storage = FileStorage::new(file);
+    take_lock(&storage, path, true)?;
+    if mode == WriteMode::Truncate {
+        storage
+            .set_len(0)
+            .map_err(|e| Error::io(format!("{}: truncating", path.display()), e))?;
+    }
+    Ok(storage)
+}
+
+/// Create `path` for reading and writing; `existing_ok` opens an existing file without
+/// truncating it (the caller truncates once it holds the lock).
+fn create_file(path: &Path, existing_ok: bool) -> Result<File> {
+    let mut o = File::options();
+    o.read(true).write(true);
+    if existing_ok {
+        o.create(true);
+    } else {
+        o.create_new(true);
+    }
+    o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidParameter(format!(
+                "{} already exists (pass --force to replace it)",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("{}: cannot create", path.display()), e)
+        }
+    })
 }
 
 /// Open a path that must be a regular file (not a directory, FIFO or device).

@@ -116,10 +116,9 @@ pub fn set_parent(
     new_parent: impl AsRef<Path>,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
-    let mut c = Vhd::open(
+    let mut c = Vhd::open_for_writing(
         child.as_ref(),
         OpenOptions {
-            writable: true,
             lenient: opts.lenient,
             ..OpenOptions::default()
         },
