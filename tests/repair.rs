@@ -224,6 +224,13 @@ fn refuses_a_file_locked_by_someone_else() {
     assert_eq!(e.return_code(), ReturnCode::SystemInUse);
     assert_eq!(read(&p), before);
     drop(holder);
+    // A shared lock (a merge reading the file as its source) stops a repair that writes too.
+    let holder = Vhd::open(&p, OpenOptions::read_only()).unwrap();
+    holder.lock(false).unwrap();
+    let e = repair_file(&p, &run()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::SystemInUse);
+    assert_eq!(read(&p), before);
+    drop(holder);
     repair_file(&p, &run()).unwrap();
 }
 
@@ -396,7 +403,10 @@ fn errors_repair_does_not_fix_are_listed() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("not repaired: error unwritten-not-zero"), "{text}");
+    assert!(
+        text.contains("not repaired: error unwritten-not-zero"),
+        "{text}"
+    );
     assert!(!text.contains("nothing to repair"), "{text}");
 }
 
@@ -418,7 +428,10 @@ fn warnings_only_and_immutable_files_have_nothing_to_repair() {
             .arg(p)
             .output()
             .unwrap();
-        Some((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned()))
+        Some((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
     };
     if let Some((code, text)) = cli(&p) {
         assert_eq!(code, Some(0), "{text}");
@@ -433,7 +446,10 @@ fn warnings_only_and_immutable_files_have_nothing_to_repair() {
         return;
     };
     let r = repair_file(&v, &run()).unwrap();
-    assert!(r.is_clean() && !r.wrote && r.not_repaired.is_empty(), "{r:#?}");
+    assert!(
+        r.is_clean() && !r.wrote && r.not_repaired.is_empty(),
+        "{r:#?}"
+    );
     if let Some((code, text)) = cli(&v) {
         assert_eq!(code, Some(0), "{text}");
         assert!(text.contains("nothing to repair"), "{text}");
