@@ -40,6 +40,19 @@ use crate::io::{FileStorage, Storage};
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
+/// Most BAT entries a dynamic or differencing disk may have: 2^20, a 4 MiB table, which
+/// covers the largest dynamic disk (2040 GiB) at the default 2 MiB blocks. Every entry costs
+/// about 35 bytes while a file is validated, so this bounds the memory any file needs (under
+/// 64 MiB of peak RSS for a fully allocated table). A file whose table is larger (smaller
+/// blocks over a large disk) is refused with Not supported (32770) before its table is
+/// allocated, and `create` refuses to make one (naming the smallest block size that works),
+/// until tables are read on demand.
+pub const MAX_TABLE_ENTRIES: u32 = 1 << 20;
+
+/// BAT bytes read at a time when a file is opened, so that no second copy of the table is
+/// held while it is decoded.
+const BAT_READ_CHUNK: usize = 1 << 20;
+
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
 /// path (Windows reserves at most 64 KiB for one, §2.2).
 pub const MAX_LOCATOR_PAYLOAD: u32 = 64 * 1024;
@@ -1298,6 +1311,8 @@ pub mod problem_codes {
     pub const BAT_LARGER: &str = "bat-larger";
     /// The BAT runs past the end of the file or overlaps the header.
     pub const BAT_PLACEMENT: &str = "bat-placement";
+    /// The BAT has more entries than [`super::MAX_TABLE_ENTRIES`]: not supported.
+    pub const BAT_TOO_LARGE: &str = "bat-too-large";
     /// A BAT entry points (partly) outside the file.
     pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
     /// A block overlaps another block or metadata.
@@ -2172,6 +2187,17 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
+    if mte > u64::from(MAX_TABLE_ENTRIES) {
+        return Err(v.stop(
+            pc::BAT_TOO_LARGE,
+            hs,
+            ho,
+            Error::not_supported(format!(
+                "dynamic header Max Table Entries {mte} is more than the {MAX_TABLE_ENTRIES} BAT entries supported (a {} MiB table); the table is not read",
+                u64::from(MAX_TABLE_ENTRIES) * 4 >> 20
+            )),
+        ));
+    }
     // The padding counts: BAT updates write whole sectors.
     if h.table_offset.saturating_add(table_len) > meta_limit {
         return Err(v.stop(
@@ -2206,11 +2232,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    // Sized from mte, which was checked against the file length above.
-    let mut table = vec![0u8; (mte * 4) as usize];
-    vhd.read_raw(&mut table, h.table_offset)?;
-    let mut bat = Bat::parse(&table, h.max_table_entries)?;
-    drop(table);
+    let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
     let batmap = read_batmap(vhd, &h, len, v)?;
 
     // Every allocated block must lie inside the file, clear of the metadata, and clear of every
@@ -2458,6 +2480,30 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     vhd.bat = Table::new(bat, options.writable);
     v.batmap = batmap;
     Ok(())
+}
+
+/// Read `entries` BAT entries at `offset` (at most [`MAX_TABLE_ENTRIES`], checked against the
+/// file length by the caller) in chunks of [`BAT_READ_CHUNK`] bytes.
+fn read_bat(vhd: &Vhd, offset: u64, entries: u32) -> Result<Bat> {
+    let n = entries.min(MAX_TABLE_ENTRIES) as usize;
+    let mut table = Vec::new();
+    table.try_reserve_exact(n).map_err(|_| {
+        Error::io(
+            format!("{}: reading the BAT", vhd.path.display()),
+            std::io::ErrorKind::OutOfMemory.into(),
+        )
+    })?;
+    let mut buf = vec![0u8; BAT_READ_CHUNK.min(n * 4)];
+    let mut at = offset;
+    while table.len() < n {
+        let take = ((n - table.len()) * 4).min(buf.len());
+        let chunk = &mut buf[..take];
+        vhd.read_raw(chunk, at)?;
+        let part = Bat::parse(chunk, (take / 4) as u32)?;
+        table.extend_from_slice(&part.entries);
+        at += take as u64;
+    }
+    Ok(Bat { entries: table })
 }
 
 /// A BAT as held in memory by a [`Vhd`].

@@ -40,15 +40,14 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::check::{CheckOptions, Finding, Severity, check_storage};
 use crate::error::{Error, Result};
 use crate::format::bat::UNUSED;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::{DiskType, SECTOR_SIZE};
 use crate::image::problem_codes as pc;
-use crate::check::{CheckOptions, Finding, Severity, check_storage};
 use crate::image::{
-    FooterSource, Inspection, OpenOptions, ProblemLevel, SizeRule, Vhd, WriteMode,
-    open_for_writing,
+    FooterSource, Inspection, OpenOptions, ProblemLevel, SizeRule, Vhd, WriteMode, open_for_writing,
 };
 use crate::io::Storage;
 
@@ -194,14 +193,19 @@ fn plan_repair(path: &Path, insp: Inspection, exclusive: bool) -> Result<Planned
         ..
     } = insp;
     let Some(vhd) = vhd else {
-        let why = problems
+        let fatal = problems
             .iter()
             .rev()
-            .find(|p| p.level == ProblemLevel::Fatal)
-            .map_or_else(|| "unknown problem".to_string(), |p| p.message.clone());
+            .find(|p| p.level == ProblemLevel::Fatal);
+        let why = fatal.map_or("unknown problem", |p| p.message.as_str());
+        let detail = format!("cannot repair: {why}");
+        // A table too large to hold is not damage: the file may be fine.
+        if fatal.is_some_and(|p| p.code == pc::BAT_TOO_LARGE) {
+            return Err(Error::not_supported(detail).in_file(path));
+        }
         return Err(Error::Format {
             path: Some(path.to_path_buf()),
-            detail: format!("cannot repair: {why}"),
+            detail,
         });
     };
     vhd.lock(exclusive)?;
