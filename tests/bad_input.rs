@@ -1644,3 +1644,33 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
     let (_, peak) = peak_all_of(|| Chain::open(&p, &ChainOptions::default()).unwrap());
     assert!(peak < BOUND, "chain: {peak}");
 }
+
+/// Issue 9, defect 3 (every allocation driven by file contents bounded): set-parent reuses an
+/// old locator's extent, whose Data Space (up to 4 GiB) comes from the file; it used to pad
+/// the new payload to the whole extent in memory.
+#[test]
+fn set_parent_into_a_huge_locator_extent_allocates_little() {
+    use vhd_merge::create::create_differencing;
+    use vhd_merge::setparent::{SetParentOptions, set_parent};
+    let _serial = serial();
+    let d = tmp();
+    let base = dynamic(d.path(), "base.vhd");
+    let c = d.path().join("c.vhd");
+    drop(create_differencing(&c, &base, &opts()).unwrap());
+    let h = header(&c);
+    let slot = h.locators.iter().rposition(|l| !l.is_empty()).unwrap();
+    let at = h.locators[slot].data_offset;
+    let space: u32 = 3 << 30;
+    edit_header(&c, |h| h.locators[slot].data_space = space);
+    let footer = read(&c)[..512].to_vec();
+    truncate(&c, at);
+    patch(&c, at + u64::from(space), &footer);
+    let (r, peak) = peak_all_of(|| set_parent(&c, &base, &SetParentOptions::default()));
+    let r = r.unwrap();
+    assert!(
+        r.locators.iter().any(|l| l.reused && l.offset == at),
+        "{r:?}"
+    );
+    assert!(peak <= 4 * SLACK, "set-parent allocated {peak} bytes");
+    Chain::open(&c, &ChainOptions::default()).unwrap();
+}
