@@ -122,7 +122,7 @@ pub fn flatten(
     let top = chain.vhd(layer);
     let size = top.virtual_size();
     // Held until the new file has replaced the old one.
-    let _replaced = check_output(chain, output, opts.force)?;
+    let mut replaced = check_output(chain, output, opts.force)?;
     if opts.format == FlattenFormat::Dynamic && size > MAX_DYNAMIC_SIZE {
         return Err(Error::InvalidParameter(format!(
             "the virtual size {size} is larger than a dynamic VHD can hold ({MAX_DYNAMIC_SIZE}); flatten to a fixed VHD or raw instead"
@@ -147,6 +147,11 @@ pub fn flatten(
         FlattenFormat::Fixed => w.fixed(&tmp),
         FlattenFormat::Dynamic => w.dynamic(&tmp, block_size),
     };
+    // Windows cannot rename over a file this process holds open; elsewhere the lock is held
+    // until the new file has replaced the old one.
+    if cfg!(windows) {
+        drop(replaced.take());
+    }
     let blocks_allocated = match res.and_then(|b| publish(&tmp, output, opts.force).map(|()| b)) {
         Ok(b) => b,
         Err(e) => {
@@ -154,6 +159,7 @@ pub fn flatten(
             return Err(e);
         }
     };
+    drop(replaced);
     Ok(FlattenReport {
         output: output.to_path_buf(),
         format: opts.format,

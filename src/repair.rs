@@ -129,14 +129,15 @@ impl RepairReport {
 pub fn repair_file(path: impl AsRef<Path>, options: &RepairOptions) -> Result<RepairReport> {
     let path = path.as_ref();
     let insp = Vhd::inspect(path, open_options(options, false))?;
-    let planned = plan_repair(path, insp, false)?;
+    let planned = plan_repair(path, insp, Some(false))?;
     if options.dry_run || planned.writes.is_empty() {
         return finish(path, planned, false, options);
     }
     drop(planned);
     let storage = open_for_writing(path, WriteMode::Existing)?;
     let insp = Vhd::inspect_storage(Box::new(storage), path, open_options(options, true));
-    let planned = plan_repair(path, insp, true)?;
+    // open_for_writing holds the lock already (a second lock on one handle fails on Windows).
+    let planned = plan_repair(path, insp, None)?;
     write_plan(path, &planned)?;
     finish(path, planned, true, options)
 }
@@ -150,7 +151,7 @@ pub fn repair_storage(
     let path = path.as_ref();
     let write = !options.dry_run;
     let insp = Vhd::inspect_storage(storage, path, open_options(options, write));
-    let planned = plan_repair(path, insp, write)?;
+    let planned = plan_repair(path, insp, Some(write))?;
     if write {
         write_plan(path, &planned)?;
     }
@@ -183,9 +184,9 @@ struct Planned {
     lost: Vec<LostRange>,
 }
 
-/// Work out the writes (see the module docs), holding the file locked (exclusively when it
-/// is to be written).
-fn plan_repair(path: &Path, insp: Inspection, exclusive: bool) -> Result<Planned> {
+/// Work out the writes (see the module docs). `lock`: take the file's lock first, exclusive
+/// or shared (`None`: the caller holds it).
+fn plan_repair(path: &Path, insp: Inspection, lock: Option<bool>) -> Result<Planned> {
     let Inspection {
         vhd,
         problems,
@@ -208,7 +209,9 @@ fn plan_repair(path: &Path, insp: Inspection, exclusive: bool) -> Result<Planned
             detail,
         });
     };
-    vhd.lock(exclusive)?;
+    if let Some(exclusive) = lock {
+        vhd.lock(exclusive)?;
+    }
     let has = |code: &str| problems.iter().any(|p| p.code == code);
     let footer_bytes = vhd.footer().to_bytes();
     let mut plan: Vec<(RepairAction, Vec<u8>)> = Vec::new();

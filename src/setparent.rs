@@ -123,7 +123,12 @@ pub fn set_parent(
             ..OpenOptions::default()
         },
     )?;
-    set_parent_on(&mut c, new_parent, opts)
+    // Locked as it was opened (a second lock on one handle fails on Windows).
+    let opts = SetParentOptions {
+        lock: false,
+        ..opts.clone()
+    };
+    set_parent_on(&mut c, new_parent, &opts)
 }
 
 /// [`set_parent`] on a child already open for writing (its [`Vhd::path`] is used to compute

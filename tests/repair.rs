@@ -408,6 +408,16 @@ fn errors_repair_does_not_fix_are_listed() {
         "{text}"
     );
     assert!(!text.contains("nothing to repair"), "{text}");
+
+    // A batmap whose checksum does not match (blktap's map, which repair does not rewrite).
+    let map_at = 1536 + 1024;
+    let t = tap_file(d.path(), map_at);
+    set_batmap(&t, map_at, &[0x00]);
+    patch(&t, map_at, &[0x81]);
+    let r = repair_file(&t, &run()).unwrap();
+    let codes: Vec<_> = r.not_repaired.iter().map(|f| f.code).collect();
+    assert!(r.is_clean() && r.has_errors(), "{r:#?}");
+    assert_eq!(codes, vec!["batmap-checksum"], "{r:#?}");
 }
 
 /// Issue 9, defect 8: a valid file with warnings only has nothing to repair (exit 0), and a
