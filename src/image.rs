@@ -455,8 +455,9 @@ impl Vhd {
     }
 
     /// Open the existing VHD at `path` for writing the way every command that writes one does
-    /// (merge, set-parent, repair): exclusively locked (see [`open_for_writing`]) before it is
-    /// even read, so a file another process is merging gives [`Error::InUse`] (32774).
+    /// (merge, set-parent, repair): with the exclusive advisory lock a merge takes on its
+    /// destination, taken before the file is even read, so a file another process is merging
+    /// gives [`Error::InUse`] (32774).
     pub fn open_for_writing(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
         let path = path.as_ref();
         let storage = open_for_writing(path, WriteMode::Existing)?;
@@ -2194,7 +2195,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             ho,
             Error::not_supported(format!(
                 "dynamic header Max Table Entries {mte} is more than the {MAX_TABLE_ENTRIES} BAT entries supported (a {} MiB table); the table is not read",
-                u64::from(MAX_TABLE_ENTRIES) * 4 >> 20
+                (u64::from(MAX_TABLE_ENTRIES) * 4) >> 20
             )),
         ));
     }

@@ -1445,6 +1445,9 @@ fn ends_of(p: &Path) -> (u64, Vec<u8>, Vec<u8>) {
     (len, head, tail)
 }
 
+/// One way of opening a file, for a table of them.
+type Op<'a> = Box<dyn Fn() -> vhd_merge::Result<()> + 'a>;
+
 /// Issue 9, defect 3: a table of more than MAX_TABLE_ENTRIES entries (up to the 16 GiB of
 /// u32::MAX entries) is refused with Not Supported (32770) by every way of opening it, without
 /// allocating it, and nothing is written.
@@ -1458,7 +1461,7 @@ fn block_tables_past_the_limit_are_refused_without_allocating() {
         let p = table_of(d.path(), mte);
         let before = ends_of(&p);
         let out = d.path().join("flat.vhd");
-        let ops: Vec<(&str, Box<dyn Fn() -> vhd_merge::Result<()>>)> = vec![
+        let ops: Vec<(&str, Op)> = vec![
             (
                 "open",
                 Box::new(|| Vhd::open(&p, OpenOptions::read_only()).map(drop)),
