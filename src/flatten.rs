@@ -18,7 +18,8 @@ use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
 use crate::format::{MAX_DYNAMIC_SIZE, SECTOR_SIZE, SectorBitmap};
-use crate::image::{FIXED_CHUNK, Vhd};
+use crate::image::{FIXED_CHUNK, Vhd, WriteMode, open_for_writing};
+use crate::io::FileStorage;
 
 /// The kind of file [`flatten`] writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,7 +121,8 @@ pub fn flatten(
     }
     let top = chain.vhd(layer);
     let size = top.virtual_size();
-    check_output(chain, output, opts.force)?;
+    // Held until the new file has replaced the old one.
+    let mut replaced = check_output(chain, output, opts.force)?;
     if opts.format == FlattenFormat::Dynamic && size > MAX_DYNAMIC_SIZE {
         return Err(Error::InvalidParameter(format!(
             "the virtual size {size} is larger than a dynamic VHD can hold ({MAX_DYNAMIC_SIZE}); flatten to a fixed VHD or raw instead"
@@ -145,6 +147,11 @@ pub fn flatten(
         FlattenFormat::Fixed => w.fixed(&tmp),
         FlattenFormat::Dynamic => w.dynamic(&tmp, block_size),
     };
+    // Windows cannot rename over a file this process holds open; elsewhere the lock is held
+    // until the new file has replaced the old one.
+    if cfg!(windows) {
+        drop(replaced.take());
+    }
     let blocks_allocated = match res.and_then(|b| publish(&tmp, output, opts.force).map(|()| b)) {
         Ok(b) => b,
         Err(e) => {
@@ -152,6 +159,7 @@ pub fn flatten(
             return Err(e);
         }
     };
+    drop(replaced);
     Ok(FlattenReport {
         output: output.to_path_buf(),
         format: opts.format,
@@ -162,11 +170,13 @@ pub fn flatten(
     })
 }
 
-/// Refuse an output that exists (unless forced) or that is one of the chain's files.
-fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
+/// Refuse an output that exists (unless forced) or that is one of the chain's files. An
+/// existing output to replace is returned locked like every file a command writes, so a file
+/// another process is merging is refused with System is in use (32774).
+fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<Option<FileStorage>> {
     let meta = match std::fs::metadata(output) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(Error::io(
                 format!("{}: checking the output", output.display()),
@@ -195,7 +205,7 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
             output.display()
         )));
     }
-    Ok(())
+    open_for_writing(output, WriteMode::Replace).map(Some)
 }
 
 /// A name for the temporary output beside `output` (same directory, so the final rename

@@ -40,6 +40,19 @@ use crate::io::{FileStorage, Storage};
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
+/// Most BAT entries a dynamic or differencing disk may have: 2^20, a 4 MiB table, which
+/// covers the largest dynamic disk (2040 GiB) at the default 2 MiB blocks. Every entry costs
+/// about 35 bytes while a file is validated, so this bounds the memory any file needs (under
+/// 64 MiB of peak RSS for a fully allocated table). A file whose table is larger (smaller
+/// blocks over a large disk) is refused with Not supported (32770) before its table is
+/// allocated, and `create` refuses to make one (naming the smallest block size that works),
+/// until tables are read on demand.
+pub const MAX_TABLE_ENTRIES: u32 = 1 << 20;
+
+/// BAT bytes read at a time when a file is opened, so that no second copy of the table is
+/// held while it is decoded.
+const BAT_READ_CHUNK: usize = 1 << 20;
+
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
 /// path (Windows reserves at most 64 KiB for one, §2.2).
 pub const MAX_LOCATOR_PAYLOAD: u32 = 64 * 1024;
@@ -295,6 +308,11 @@ impl Vhd {
         self.storage.as_ref()
     }
 
+    /// Close the file and give back its storage (with any lock it holds).
+    pub(crate) fn into_storage(self) -> Box<dyn Storage> {
+        self.storage
+    }
+
     /// Bytes per block: the header's Block Size, or [`FIXED_CHUNK`] for a fixed disk.
     pub fn block_size(&self) -> u64 {
         match &self.header {
@@ -433,23 +451,21 @@ impl Vhd {
     /// released descriptor (and so of its lock) for that moment, which must not look like a
     /// real holder. A real holder keeps its lock far longer.
     pub fn lock(&self, exclusive: bool) -> Result<()> {
-        let mut wait_ms = 1;
-        loop {
-            match self.storage.try_lock(exclusive) {
-                Ok(true) => return Ok(()),
-                Ok(false) if wait_ms <= 32 => {
-                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
-                    wait_ms *= 2;
-                }
-                Ok(false) => {
-                    return Err(Error::InUse(format!(
-                        "{} is in use: another process holds a lock on it (a merge or another tool)",
-                        self.path.display()
-                    )));
-                }
-                Err(e) => return Err(Error::io(format!("{}: locking", self.path.display()), e)),
-            }
-        }
+        take_lock(self.storage.as_ref(), &self.path, exclusive)
+    }
+
+    /// Open the existing VHD at `path` for writing the way every command that writes one does
+    /// (merge, set-parent, repair): with the exclusive advisory lock a merge takes on its
+    /// destination, taken before the file is even read, so a file another process is merging
+    /// gives [`Error::InUse`] (32774).
+    pub fn open_for_writing(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
+        let path = path.as_ref();
+        let storage = open_for_writing(path, WriteMode::Existing)?;
+        let options = OpenOptions {
+            writable: true,
+            ..options
+        };
+        Vhd::from_storage(Box::new(storage), path, options)
     }
 
     /// Where block `index` lives. Reads the bitmap for an allocated sparse block.
@@ -994,6 +1010,97 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     }
 }
 
+/// Take an advisory lock (exclusive or shared) on `storage`, the file at `path`; see
+/// [`Vhd::lock`] for the retry.
+fn take_lock(storage: &dyn Storage, path: &Path, exclusive: bool) -> Result<()> {
+    let mut wait_ms = 1;
+    loop {
+        match storage.try_lock(exclusive) {
+            Ok(true) => return Ok(()),
+            Ok(false) if wait_ms <= 32 => {
+                std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                wait_ms *= 2;
+            }
+            Ok(false) => {
+                return Err(Error::InUse(format!(
+                    "{} is in use: another process holds a lock on it (a merge or another tool)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("{}: locking", path.display()), e)),
+        }
+    }
+}
+
+/// What a command that writes a file expects to find at its path (see [`open_for_writing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    /// A file that exists, opened for reading and writing.
+    Existing,
+    /// No file: a new one is created (an existing one is refused).
+    CreateNew,
+    /// A new file, or an existing one emptied in place (`create --force`): truncated only
+    /// once the lock is held.
+    Truncate,
+    /// An existing file that is about to be replaced by renaming another over it (`flatten
+    /// --force`): opened read-only, only to hold the lock until the rename.
+    Replace,
+}
+
+/// The one rule for every command that writes a file (create, set-parent, repair, flatten
+/// over an existing output, merge): open it and take the exclusive advisory lock a merge
+/// takes on its destination (the other layers of a merge are locked shared, which conflicts
+/// too), before any byte changes. Another holder gives [`Error::InUse`] (32774). The lock
+/// lasts as long as the returned storage.
+pub(crate) fn open_for_writing(path: &Path, mode: WriteMode) -> Result<FileStorage> {
+    let exists = match std::fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(format!("{}: cannot open", path.display()), e)),
+    };
+    let file = match mode {
+        WriteMode::Existing => open_regular_file(path, true)?,
+        WriteMode::Replace => open_regular_file(path, false)?,
+        WriteMode::CreateNew => create_file(path, false)?,
+        WriteMode::Truncate if exists => {
+            // Never open a FIFO or a device (an open could block or write to it).
+            let _ = open_regular_file(path, false)?;
+            create_file(path, true)?
+        }
+        WriteMode::Truncate => create_file(path, true)?,
+    };
+    let storage = FileStorage::new(file);
+    take_lock(&storage, path, true)?;
+    if mode == WriteMode::Truncate {
+        storage
+            .set_len(0)
+            .map_err(|e| Error::io(format!("{}: truncating", path.display()), e))?;
+    }
+    Ok(storage)
+}
+
+/// Create `path` for reading and writing; `existing_ok` opens an existing file without
+/// truncating it (the caller truncates once it holds the lock).
+fn create_file(path: &Path, existing_ok: bool) -> Result<File> {
+    let mut o = File::options();
+    o.read(true).write(true);
+    if existing_ok {
+        o.create(true);
+    } else {
+        o.create_new(true);
+    }
+    o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidParameter(format!(
+                "{} already exists (pass --force to replace it)",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("{}: cannot create", path.display()), e)
+        }
+    })
+}
+
 /// Open a path that must be a regular file (not a directory, FIFO or device).
 pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
     let meta = std::fs::metadata(path)
@@ -1205,6 +1312,8 @@ pub mod problem_codes {
     pub const BAT_LARGER: &str = "bat-larger";
     /// The BAT runs past the end of the file or overlaps the header.
     pub const BAT_PLACEMENT: &str = "bat-placement";
+    /// The BAT has more entries than [`super::MAX_TABLE_ENTRIES`]: not supported.
+    pub const BAT_TOO_LARGE: &str = "bat-too-large";
     /// A BAT entry points (partly) outside the file.
     pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
     /// A block overlaps another block or metadata.
@@ -2079,6 +2188,17 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
+    if mte > u64::from(MAX_TABLE_ENTRIES) {
+        return Err(v.stop(
+            pc::BAT_TOO_LARGE,
+            hs,
+            ho,
+            Error::not_supported(format!(
+                "dynamic header Max Table Entries {mte} is more than the {MAX_TABLE_ENTRIES} BAT entries supported (a {} MiB table); the table is not read",
+                (u64::from(MAX_TABLE_ENTRIES) * 4) >> 20
+            )),
+        ));
+    }
     // The padding counts: BAT updates write whole sectors.
     if h.table_offset.saturating_add(table_len) > meta_limit {
         return Err(v.stop(
@@ -2113,11 +2233,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    // Sized from mte, which was checked against the file length above.
-    let mut table = vec![0u8; (mte * 4) as usize];
-    vhd.read_raw(&mut table, h.table_offset)?;
-    let mut bat = Bat::parse(&table, h.max_table_entries)?;
-    drop(table);
+    let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
     let batmap = read_batmap(vhd, &h, len, v)?;
 
     // Every allocated block must lie inside the file, clear of the metadata, and clear of every
@@ -2365,6 +2481,30 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     vhd.bat = Table::new(bat, options.writable);
     v.batmap = batmap;
     Ok(())
+}
+
+/// Read `entries` BAT entries at `offset` (at most [`MAX_TABLE_ENTRIES`], checked against the
+/// file length by the caller) in chunks of [`BAT_READ_CHUNK`] bytes.
+fn read_bat(vhd: &Vhd, offset: u64, entries: u32) -> Result<Bat> {
+    let n = entries.min(MAX_TABLE_ENTRIES) as usize;
+    let mut table = Vec::new();
+    table.try_reserve_exact(n).map_err(|_| {
+        Error::io(
+            format!("{}: reading the BAT", vhd.path.display()),
+            std::io::ErrorKind::OutOfMemory.into(),
+        )
+    })?;
+    let mut buf = vec![0u8; BAT_READ_CHUNK.min(n * 4)];
+    let mut at = offset;
+    while table.len() < n {
+        let take = ((n - table.len()) * 4).min(buf.len());
+        let chunk = &mut buf[..take];
+        vhd.read_raw(chunk, at)?;
+        let part = Bat::parse(chunk, (take / 4) as u32)?;
+        table.extend_from_slice(&part.entries);
+        at += take as u64;
+    }
+    Ok(Bat { entries: table })
 }
 
 /// A BAT as held in memory by a [`Vhd`].

@@ -34,7 +34,7 @@ use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::header::LOCATOR_COUNT;
 use crate::format::{DiskType, DynamicHeader, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{OpenOptions, Vhd};
+use crate::image::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
 use crate::locator::{self, LOCATOR_SPACE};
 
 /// Options for [`set_parent`].
@@ -116,15 +116,19 @@ pub fn set_parent(
     new_parent: impl AsRef<Path>,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
-    let mut c = Vhd::open(
+    let mut c = Vhd::open_for_writing(
         child.as_ref(),
         OpenOptions {
-            writable: true,
             lenient: opts.lenient,
             ..OpenOptions::default()
         },
     )?;
-    set_parent_on(&mut c, new_parent, opts)
+    // Locked as it was opened (a second lock on one handle fails on Windows).
+    let opts = SetParentOptions {
+        lock: false,
+        ..opts.clone()
+    };
+    set_parent_on(&mut c, new_parent, &opts)
 }
 
 /// [`set_parent`] on a child already open for writing (its [`Vhd::path`] is used to compute
@@ -345,8 +349,11 @@ fn reusable_slot(
             return None;
         }
         // Usable space: whole sectors of the reserved extent, and at least one sector so the
-        // Data Space written (in bytes) cannot be mistaken for a sector count (§2.2).
-        let space = loc.extent_len() / SECTOR_SIZE * SECTOR_SIZE;
+        // Data Space written (in bytes) cannot be mistaken for a sector count (§2.2). At most
+        // MAX_LOCATOR_PAYLOAD of it: the payload is padded to the space in memory, and the
+        // file's Data Space (up to 4 GiB) must not decide an allocation.
+        let space =
+            (loc.extent_len() / SECTOR_SIZE * SECTOR_SIZE).min(u64::from(MAX_LOCATOR_PAYLOAD));
         if space < SECTOR_SIZE || space < len as u64 {
             return None;
         }

@@ -16,7 +16,7 @@ use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
 use crate::image::{OpenOptions, Vhd};
-use crate::io::{FileStorage, Storage};
+use crate::io::Storage;
 use crate::locator::canonical_or_self;
 
 /// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
@@ -160,13 +160,13 @@ pub(crate) fn run(
         }
     }
 
-    // Lock before looking at anything that could change: the destination exclusively, every
-    // other layer shared (the chain's own read-only handle of the destination is not locked:
-    // flock locks belong to the open file, so it would conflict with the writable one).
+    // Lock before looking at anything that could change: the destination exclusively (as it
+    // is opened, like every file a command writes), every other layer shared (the chain's own
+    // read-only handle of the destination is not locked: flock locks belong to the open file,
+    // so it would conflict with the writable one).
     let mut dest = None;
     if !options.dry_run {
         let v = open_destination(&dest_path, dest_ro.unique_id(), options)?;
-        v.lock(true)?;
         for (i, layer) in chain.layers().iter().enumerate() {
             if i != d {
                 layer.vhd.lock(false)?;
@@ -386,11 +386,11 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
     )))
 }
 
-/// Open the destination for writing through the caller's storage hook and check that it is
-/// still the file the chain found.
+/// Open the destination for writing (exclusively locked) through the caller's storage hook
+/// and check that it is still the file the chain found.
 fn open_destination(path: &Path, unique_id: Uuid, options: &MergeOptions) -> Result<Vhd> {
-    let file = crate::image::open_regular_file(path, true)?;
-    let mut storage: Box<dyn Storage> = Box::new(FileStorage::new(file));
+    let file = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
+    let mut storage: Box<dyn Storage> = Box::new(file);
     if let Some(wrap) = &options.destination_io {
         storage = wrap(storage);
     }
@@ -511,8 +511,7 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
 /// `IgnoreIdMismatch`).
 fn relink_child(child: &Path, destination: &Path, check_only: bool) -> Result<()> {
     if check_only {
-        let c = Vhd::open(child, OpenOptions::writable())?;
-        return c.lock(true);
+        return Vhd::open_for_writing(child, OpenOptions::writable()).map(drop);
     }
     let opts = crate::setparent::SetParentOptions {
         force: true,
