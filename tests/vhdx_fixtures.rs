@@ -13,6 +13,8 @@ use std::path::Path;
 
 use common::fixtures::vhdx_fixture;
 use uuid::{Uuid, uuid};
+use vhd_merge::io::FileStorage;
+use vhd_merge::vhdx::VhdxReader;
 use vhd_merge::vhdx::format::bat::{BatEntry, BitmapState, Geometry, PayloadState, bitmap_bit};
 use vhd_merge::vhdx::format::header::{FileIdentifier, current_header};
 use vhd_merge::vhdx::format::log::{ReplayPlan, find_active};
@@ -454,4 +456,114 @@ fn sectors_in_child(c: &Parsed, path: &Path) -> usize {
             (0..per_block).filter(|&n| bitmap_bit(slice, n)).count()
         })
         .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The read-only reader: every non-differencing file reads with the virtual SHA-256 of
+// PROVENANCE.md (pyvhdi's, = qemu-img convert's; for the dirty logs, after replay).
+
+const VIRTUAL_SHA256: &[(&str, &str)] = &[
+    (
+        "qemu-iotests/iotest-dirtylog-10G-4M.vhdx",
+        "179cefe8b0587f123393eedf2aa7aa8d25798591178e6bc3950a09762f38f96f",
+    ),
+    (
+        "qemu-iotests/iotest-dynamic-1G.vhdx",
+        "d3d112d8dab7fd360609f7d5a7b769904b7a2a7d7b6b8c535f65a23293c05478",
+    ),
+    (
+        "dfvfs/ext2.vhdx",
+        "a6c2f0e39afe6c6ab432ca5465349fcefe8dc944398e97b2d957d3f89dbb5d80",
+    ),
+    (
+        "dfvfs/ntfs-fixed.vhdx",
+        "5237dd895f38052344e2ef35a207fe9df08cd18d17b6ea857a1b93cc475e1f2e",
+    ),
+    (
+        "dfvfs/ntfs-parent.vhdx",
+        "c5523065bc6ef82267be56c5f8888e2876ead8ba7edba2a65a3da8b076231b68",
+    ),
+    (
+        "dfvfs/fat-parent.vhdx",
+        "2d1954fec68faefe81dd3687282a9b387bf8417f6d2cf0da3825fa1445b64cfb",
+    ),
+    (
+        "discutils/vhdx-log-replay.vhdx",
+        "3ba3b309425b7ff5e8e0199edceed95226250f880c53b24e8eae93865f3fad5e",
+    ),
+    (
+        "discutils/btrfs.vhdx",
+        "0b959f9cb4e18348ad8b646f152178282542c8304f02fddf765e3fd1a1de6864",
+    ),
+    (
+        "discutils/lvm2.vhdx",
+        "f7dc6812a3b12a35f3ec895ce981bd59ff4558270fc80cd812c9cd522bff1295",
+    ),
+    (
+        "discutils/xfs.vhdx",
+        "8ca2bd2d91f1c6ada47128fc2f8d38587e73954ede5a664fe2bb09c19606060e",
+    ),
+];
+
+fn open_reader(path: &Path) -> vhd_merge::Result<VhdxReader<FileStorage>> {
+    VhdxReader::open(FileStorage::new(File::open(path).expect("open fixture")))
+}
+
+fn virtual_sha256(r: &VhdxReader<FileStorage>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < r.virtual_size() {
+        let n = (r.virtual_size() - at).min(buf.len() as u64) as usize;
+        r.read_at(&mut buf[..n], at).expect("read");
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn the_reader_reads_every_fixed_and_dynamic_fixture_with_its_virtual_sha256() {
+    let mut seen = 0;
+    for (rel, sha) in VIRTUAL_SHA256 {
+        let Some((path, _)) = vhdx_fixture(rel) else {
+            continue;
+        };
+        let r = open_reader(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(virtual_sha256(&r), *sha, "{rel}");
+        let dirty = rel.contains("dirtylog") || rel.contains("log-replay");
+        assert_eq!(
+            r.replayed_entries() > 0,
+            dirty,
+            "{rel}: replayed in memory only when dirty"
+        );
+        seen += 1;
+    }
+    assert!(
+        seen >= 8,
+        "the 8 MIT/Apache files are in the repository; saw {seen}"
+    );
+}
+
+#[test]
+fn the_reader_refuses_differencing_files_for_now() {
+    let (path, _) = vhdx_fixture("dfvfs/ntfs-differential.vhdx").expect("in the repository");
+    let err = open_reader(&path).expect_err("differencing");
+    assert_eq!(
+        err.return_code(),
+        vhd_merge::ReturnCode::NotSupported,
+        "{err}"
+    );
+}
+
+#[test]
+fn the_reader_never_writes_a_dirty_file() {
+    let (path, _) = vhdx_fixture("discutils/vhdx-log-replay.vhdx").expect("in the repository");
+    let before = std::fs::read(&path).expect("read");
+    let r = open_reader(&path).expect("open");
+    let mut mbr = [0u8; 512];
+    r.read_at(&mut mbr, 0).expect("read");
+    assert_eq!(&mbr[510..], &[0x55, 0xAA], "the replayed disk has its MBR");
+    assert_eq!(std::fs::read(&path).expect("read"), before);
 }

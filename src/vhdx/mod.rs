@@ -6,3 +6,6 @@
 //! bounded by the caller (the region or log bytes it hands in).
 
 pub mod format;
+pub mod reader;
+
+pub use reader::VhdxReader;
