@@ -242,7 +242,7 @@ fn parse(path: &Path) -> Parsed {
     let at = |off: u64| &start[off as usize..off as usize + SLOT_SIZE];
     let (table, _) = choose_region_table(at(REGION_TABLE1_OFFSET), at(REGION_TABLE2_OFFSET))
         .expect("region table");
-    let log_range = header.log_offset..header.log_offset + u64::from(header.log_length);
+    let log_range = header.log_range();
     let regions = table.known(log_range).expect("known regions");
     let md = replayed(
         path,
@@ -566,4 +566,47 @@ fn the_reader_never_writes_a_dirty_file() {
     r.read_at(&mut mbr, 0).expect("read");
     assert_eq!(&mbr[510..], &[0x55, 0xAA], "the replayed disk has its MBR");
     assert_eq!(std::fs::read(&path).expect("read"), before);
+}
+
+/// Damaged copies of a clean and a dirty real file (one byte changed in the header section,
+/// the log, the metadata region or the BAT) open with an error or read, never panic; in memory,
+/// so no allocation can grow past what the bytes allow.
+#[test]
+fn damaged_fixtures_fail_cleanly() {
+    use vhd_merge::io::MemStorage;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for rel in ["dfvfs/ntfs-fixed.vhdx", "discutils/vhdx-log-replay.vhdx"] {
+        let (path, _) = vhdx_fixture(rel).expect("in the repository");
+        let good = std::fs::read(&path).expect("read");
+        let (mut errors, mut opened) = (0, 0);
+        for _ in 0..150 {
+            let mut bytes = good.clone();
+            // Structures live below 4 MiB + 64 KiB in both files; aim at their first bytes.
+            let area =
+                [64 << 10, 128 << 10, 192 << 10, MIB, 2 * MIB, 3 * MIB][(next() % 6) as usize];
+            let at = area as usize + (next() % 512) as usize;
+            bytes[at] ^= 1 << (next() % 8);
+            match VhdxReader::open(MemStorage::new(bytes)) {
+                Ok(r) => {
+                    let mut buf = vec![0; 1 << 20];
+                    let _ = r.read_at(&mut buf, 0);
+                    opened += 1;
+                }
+                Err(e) => {
+                    assert!(e.return_code() as u32 >= 32768, "{rel}: {e}");
+                    errors += 1;
+                }
+            }
+        }
+        assert!(
+            errors > 0 && opened > 0,
+            "{rel}: {errors} errors, {opened} opened: both kinds expected"
+        );
+    }
 }

@@ -931,4 +931,13 @@ fn build_entry_needs_whole_pages() {
         }],
     );
     assert_eq!(code(r), ReturnCode::InvalidParameter);
+    let short = Write::Page {
+        file_offset: 4096,
+        data: vec![0; 100],
+    };
+    assert_eq!(
+        code(build_entry(&params(1, 0), &[short])),
+        ReturnCode::InvalidParameter,
+        "a short page"
+    );
 }

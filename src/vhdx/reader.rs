@@ -136,8 +136,7 @@ impl<S: Storage> VhdxReader<S> {
             slot(&start, f::REGION_TABLE1_OFFSET),
             slot(&start, f::REGION_TABLE2_OFFSET),
         )?;
-        let h = &header.header;
-        let regions = table.known(h.log_offset..h.log_offset + u64::from(h.log_length))?;
+        let regions = table.known(header.header.log_range())?;
         let metadata = load_metadata(&file, &regions)?;
         let fp = metadata.file_parameters;
         let geometry = Geometry::new(

@@ -137,6 +137,11 @@ impl Header {
         )
     }
 
+    /// The byte range of the log in the file.
+    pub fn log_range(&self) -> std::ops::Range<u64> {
+        self.log_offset..self.log_offset.saturating_add(self.log_length.into())
+    }
+
     /// The 4 KiB header with its checksum (the rest of the 64 KiB slot is reserved, zero).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = vec![0; HEADER_SIZE];

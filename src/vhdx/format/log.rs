@@ -450,7 +450,9 @@ pub fn build_entry(p: &EntryParams, writes: &[Write]) -> Result<Vec<u8>> {
 
 fn put_descriptor(b: &mut [u8], at: usize, w: &Write, seq: u64, sector: &mut usize) -> Result<()> {
     let r = w.range();
-    if !r.start.is_multiple_of(PAGE as u64)
+    let whole_page = !matches!(w, Write::Page { data, .. } if data.len() != PAGE);
+    if !whole_page
+        || !r.start.is_multiple_of(PAGE as u64)
         || !(r.end - r.start).is_multiple_of(PAGE as u64)
         || r.end == r.start
     {
