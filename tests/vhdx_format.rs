@@ -941,3 +941,24 @@ fn build_entry_needs_whole_pages() {
         "a short page"
     );
 }
+
+/// A 16 MiB log whose every sector claims to start a nearly log-long entry (bad CRC): the
+/// search rejects each by its data-sector signatures before copying or checksumming it, so it
+/// costs time in proportion to the log, not its square (before: 4096 copies and CRCs of 16 MiB).
+#[test]
+fn a_log_of_bogus_entry_headers_is_searched_in_linear_time() {
+    let len = 16 << 20;
+    let mut log = vec![0u8; len];
+    let mut h = entry(1, 0, &[]);
+    h[8..12].copy_from_slice(&((len - PAGE) as u32).to_le_bytes());
+    for s in 0..len / PAGE {
+        log[s * PAGE..s * PAGE + 64].copy_from_slice(&h[..64]);
+    }
+    let t = std::time::Instant::now();
+    assert_eq!(code(find_active(&log, GUID)), ReturnCode::IncorrectDataType);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+}

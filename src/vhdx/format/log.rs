@@ -149,6 +149,10 @@ impl Entry {
                 ),
             ));
         }
+        let dsec = descriptor_sectors(h.descriptor_count as usize);
+        if !data_sectors_signed(log, off, dsec, len / PAGE) {
+            return Err(bad(log_offset, "a data sector lacks its 'data' signature"));
+        }
         let bytes = circular(log, off, len);
         let stored = u32_at(&bytes, 4);
         let computed = crc32c_zeroed(&bytes, 4);
@@ -165,6 +169,16 @@ impl Entry {
             writes,
         })
     }
+}
+
+/// Whether sectors `first..count` of the entry at `off` start with `data`: checked before the
+/// entry is copied and its CRC computed, so that a log full of bogus `loge` sectors costs time
+/// in proportion to its size (a valid entry's later sectors never start with `loge`).
+fn data_sectors_signed(log: &[u8], off: usize, first: usize, count: usize) -> bool {
+    (first..count).all(|k| {
+        let at = (off + k * PAGE) % log.len();
+        log.get(at..at + 4) == Some(b"data")
+    })
 }
 
 fn parse_descriptors(bytes: &[u8], h: &EntryHeader, log_offset: u64) -> Result<Vec<Write>> {
@@ -337,7 +351,9 @@ pub fn find_active(log: &[u8], guid: Uuid) -> Result<Option<ReplayPlan>> {
     let parsed: Vec<Option<Entry>> = (0..slots)
         .map(|s| Entry::parse(log, s * PAGE, guid).ok())
         .collect();
+    let continued = continued_slots(&parsed, log.len());
     let best = (0..slots)
+        .filter(|&s| !continued[s])
         .filter_map(|s| sequence_from(&parsed, s, log.len()))
         .max_by_key(|p| p.head().map(|h| h.header.sequence_number));
     let newest = parsed
@@ -363,22 +379,52 @@ pub fn find_active(log: &[u8], guid: Uuid) -> Result<Option<ReplayPlan>> {
     }
 }
 
-/// The longest run of entries starting at slot `s`; it is a candidate when its head's Tail is
-/// one of its entries, and the candidate is the run from there ([MS-VHDX] 2.3.3).
+/// The entry physically after `e` in the circular log.
+fn next_offset(e: &Entry, log_len: usize) -> usize {
+    (e.log_offset as usize + e.header.entry_length as usize) % log_len
+}
+
+/// Whether `next` continues a sequence whose last entry is `last`.
+fn continues(last: &Entry, next: &Entry) -> bool {
+    last.header.sequence_number.checked_add(1) == Some(next.header.sequence_number)
+}
+
+/// For each slot, whether its entry continues the entry physically before it. A sequence grown
+/// from a continued entry is a part of the one grown from its run's start, so only run starts
+/// need growing, which keeps the search linear in the log's size.
+fn continued_slots(parsed: &[Option<Entry>], log_len: usize) -> Vec<bool> {
+    let mut continued = vec![false; parsed.len()];
+    for p in parsed.iter().flatten() {
+        let n = next_offset(p, log_len) / PAGE;
+        if let (Some(Some(e)), Some(c)) = (parsed.get(n), continued.get_mut(n)) {
+            *c |= continues(p, e);
+        }
+    }
+    continued
+}
+
+/// Circular distance from log offset `a` forward to `b`.
+fn dist(a: usize, b: usize, log_len: usize) -> usize {
+    (b + log_len - a) % log_len
+}
+
+/// The longest run of entries starting at slot `s` (consecutive sequence numbers, physically
+/// contiguous, together no longer than the log, each Tail inside the run); it is a candidate
+/// when its head's Tail is one of its entries, and the candidate is the run from there
+/// ([MS-VHDX] 2.3.3).
 fn sequence_from(parsed: &[Option<Entry>], s: usize, log_len: usize) -> Option<ReplayPlan> {
     let mut run: Vec<&Entry> = vec![parsed.get(s)?.as_ref()?];
     let mut used = run[0].header.entry_length as usize;
+    let start = s * PAGE;
     loop {
         let last = run[run.len() - 1];
-        let next_off = (last.log_offset as usize + last.header.entry_length as usize) % log_len;
+        let next_off = next_offset(last, log_len);
         let Some(Some(next)) = parsed.get(next_off / PAGE) else {
             break;
         };
-        let tail_inside = run
-            .iter()
-            .any(|e| e.log_offset == u64::from(next.header.tail))
-            || next.header.tail as usize == next_off;
-        if next.header.sequence_number != last.header.sequence_number + 1
+        let tail_inside =
+            dist(start, next.header.tail as usize, log_len) <= dist(start, next_off, log_len);
+        if !continues(last, next)
             || used + next.header.entry_length as usize > log_len
             || !tail_inside
         {
