@@ -12,6 +12,7 @@
 //!   reads through the chain ([`Chain::read_at`], [`ChainReader`]).
 //! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
 //! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
+//! - [`vhdx`]: VHDX (`.vhdx`, `.avhdx`) on-disk structures, sans I/O (reading and writing come later).
 //! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]).
 //!
 //! ```
@@ -44,6 +45,7 @@ pub mod locator;
 pub mod merge;
 pub mod repair;
 pub mod setparent;
+pub mod vhdx;
 
 pub use chain::{Chain, ChainOptions, ChainReader, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
