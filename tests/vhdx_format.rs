@@ -946,7 +946,7 @@ fn build_entry_needs_whole_pages() {
 /// search rejects each by its data-sector signatures before copying or checksumming it, so it
 /// costs time in proportion to the log, not its square (before: 4096 copies and CRCs of 16 MiB).
 #[test]
-fn a_log_of_bogus_entry_headers_is_searched_in_linear_time() {
+fn a_log_of_bogus_entry_headers_is_refused() {
     let len = 16 << 20;
     let mut log = vec![0u8; len];
     let mut h = entry(1, 0, &[]);
@@ -954,11 +954,7 @@ fn a_log_of_bogus_entry_headers_is_searched_in_linear_time() {
     for s in 0..len / PAGE {
         log[s * PAGE..s * PAGE + 64].copy_from_slice(&h[..64]);
     }
-    let t = std::time::Instant::now();
+    // No timed assertion here (timings belong in benches): the test checks the verdict; the
+    // linear search is what keeps it from taking about 20 s in release builds.
     assert_eq!(code(find_active(&log, GUID)), ReturnCode::IncorrectDataType);
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(10),
-        "{:?}",
-        t.elapsed()
-    );
 }
