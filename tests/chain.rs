@@ -885,3 +885,36 @@ fn cli_chain_lists_layers_child_first() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("found by --parent"));
 }
+
+/// A fixed disk whose footer is 511 bytes long (products older than Virtual PC 2004).
+fn fixed_with_short_footer(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let p = dir.join(name);
+    let mut v = create_fixed(&p, 2 * MIB, &CreateOptions::default()).unwrap();
+    v.write_at(0, &vec![fill; 64 * 1024]).unwrap();
+    drop(v);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 1).unwrap();
+    p
+}
+
+#[test]
+fn renamed_parent_with_a_511_byte_footer_found_through_a_search_dir() {
+    let root = fast_tempdir();
+    let b = fixed_with_short_footer(root.path(), "base.vhd", 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let before = view(&open(&child).unwrap(), 0);
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(&b, store.join("renamed-parent.bin")).unwrap();
+
+    let opts = ChainOptions {
+        search_dirs: vec![store.clone()],
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&child, &opts).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "search dir, by unique id");
+    assert_eq!(chain.vhd(1).path(), store.join("renamed-parent.bin"));
+    assert_eq!(view(&chain, 0), before);
+}

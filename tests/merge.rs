@@ -907,6 +907,28 @@ fn fixed_destination_and_report_fields() {
 }
 
 #[test]
+fn fixed_destination_with_a_511_byte_footer_named_explicitly() {
+    let dir = fast_tempdir();
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            2,
+            BaseKind::Fixed,
+            vec![MIB, 512 * KIB],
+            vec![70, 70],
+            4096,
+            21,
+        ),
+    );
+    let base = &built.paths[1];
+    let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
+    f.set_len(f.metadata().unwrap().len() - 1).unwrap();
+    drop(f);
+    merge(&built.paths[0], Some(base), &MergeOptions::default()).unwrap();
+    assert_eq!(read_view(base), built.model.view(0));
+}
+
+#[test]
 fn destination_identity_is_kept() {
     let dir = fast_tempdir();
     let built = small_chain(dir.path(), 13);
