@@ -95,9 +95,15 @@ pub fn windows_relative(rel: &Path) -> String {
 }
 
 /// A `file://` URL for an absolute path, percent-encoding bytes outside RFC 3986's unreserved
-/// and path characters (the MacX payload, §2.2).
+/// and path characters (the MacX payload, §2.2). On Windows `\` separates components and
+/// becomes `/`; elsewhere it is a file name character and is encoded (`%5C`).
 pub fn file_url(abs: &Path) -> String {
-    let s = abs.to_string_lossy().replace('\\', "/");
+    let s = abs.to_string_lossy();
+    let s = if cfg!(windows) {
+        s.replace('\\', "/")
+    } else {
+        s.into_owned()
+    };
     let mut out = String::from("file://");
     if !s.starts_with('/') {
         out.push('/');
@@ -140,22 +146,28 @@ pub fn path_from_file_url(url: &str) -> Option<String> {
 /// The locators a new or re-pointed child gets for `parent` (§5.3, written like Windows with
 /// an addition for other hosts): W2ru relative to the child's directory, W2ku absolute as the
 /// host spells it, and on non-Windows hosts MacX as a file URL.
+///
+/// A POSIX path with a `\` in a component cannot be spelled in the Windows locators (every
+/// reader, this crate's included, splits their text at `\`, and Windows cannot name such a
+/// file at all): for such a parent only MacX is written, which carries the exact path.
 pub fn parent_locators(child: &Path, parent: &Path) -> Result<Vec<(PlatformCode, Vec<u8>)>> {
     let child_abs = absolute(child)?;
     let parent_abs = absolute(parent)?;
     let child_dir = child_abs.parent().unwrap_or(Path::new("/"));
     let mut out = Vec::new();
-    if let Some(rel) = relative_path(child_dir, &parent_abs) {
+    let abs_text = parent_abs.to_string_lossy().into_owned();
+    if cfg!(windows) || !abs_text.contains('\\') {
+        if let Some(rel) = relative_path(child_dir, &parent_abs) {
+            out.push((
+                PlatformCode::W2ru,
+                PlatformCode::W2ru.encode_payload(&windows_relative(&rel)),
+            ));
+        }
         out.push((
-            PlatformCode::W2ru,
-            PlatformCode::W2ru.encode_payload(&windows_relative(&rel)),
+            PlatformCode::W2ku,
+            PlatformCode::W2ku.encode_payload(&abs_text),
         ));
     }
-    let abs_text = parent_abs.to_string_lossy().into_owned();
-    out.push((
-        PlatformCode::W2ku,
-        PlatformCode::W2ku.encode_payload(&abs_text),
-    ));
     if !cfg!(windows) {
         out.push((
             PlatformCode::MacX,
@@ -432,5 +444,12 @@ mod tests {
         // A stray % at the end is kept as is.
         assert_eq!(path_from_file_url("file:///a%").unwrap(), "/a%");
         assert_eq!(path_from_file_url("file:///a%4").unwrap(), "/a%4");
+        // A backslash in a POSIX name is a name character: encoded, and decoded back.
+        #[cfg(not(windows))]
+        {
+            let u = file_url(Path::new("/d/back\\slash.vhd"));
+            assert_eq!(u, "file:///d/back%5Cslash.vhd");
+            assert_eq!(path_from_file_url(&u).unwrap(), "/d/back\\slash.vhd");
+        }
     }
 }
