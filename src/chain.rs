@@ -628,12 +628,24 @@ fn header_names(name: &str) -> Vec<&str> {
     out
 }
 
-/// The file name of a locator's decoded text: a MacX path is POSIX syntax (`\` is a name
-/// character), the others may be Windows paths.
-fn locator_file_name(code: PlatformCode, text: &str) -> Option<&str> {
+/// The path text a locator names and whether it is in Windows syntax (`\` separates
+/// components): MacX holds a file URL (POSIX syntax unless it names a drive or a server), the
+/// others Windows paths. `None` for a MacX payload that is not a file URL.
+fn locator_path(code: PlatformCode, text: &str) -> Option<(String, bool)> {
     match code {
-        PlatformCode::MacX => plain_name(text.rsplit('/').next()?),
-        _ => file_name_of(text),
+        PlatformCode::MacX => {
+            crate::locator::path_from_file_url(text).map(|p| (p.text, p.windows_syntax))
+        }
+        _ => Some((text.to_string(), true)),
+    }
+}
+
+/// The last component of a locator's path text (see [`locator_path`]), if a plain file name.
+fn path_file_name(text: &str, windows_syntax: bool) -> Option<&str> {
+    if windows_syntax {
+        file_name_of(text)
+    } else {
+        plain_name(text.rsplit('/').next()?)
     }
 }
 
@@ -722,11 +734,10 @@ fn parent_candidates(
         names.push((n.to_string(), "header name".into()));
     }
     for (code, _, text) in &locators {
-        let t = match code {
-            PlatformCode::MacX => crate::locator::path_from_file_url(text).unwrap_or_default(),
-            _ => text.clone(),
+        let Some((t, windows_syntax)) = locator_path(*code, text) else {
+            continue;
         };
-        if let Some(n) = locator_file_name(*code, &t)
+        if let Some(n) = path_file_name(&t, windows_syntax)
             && !names.iter().any(|(m, _)| m == n)
         {
             names.push((n.to_string(), format!("{} file name", code.name())));
@@ -740,19 +751,13 @@ fn parent_candidates(
     }
 
     for (code, slot, text) in &locators {
-        let (text, windows_syntax) = match code {
-            PlatformCode::MacX => match crate::locator::path_from_file_url(text) {
-                Some(p) => (p, false),
-                None => {
-                    cands.note(
-                        PathBuf::from(text),
-                        format!("MacX (locator {slot})"),
-                        "not a file:// URL".into(),
-                    );
-                    continue;
-                }
-            },
-            _ => (text.clone(), true),
+        let Some((text, windows_syntax)) = locator_path(*code, text) else {
+            cands.note(
+                PathBuf::from(text),
+                format!("MacX (locator {slot})"),
+                "not a file:// URL".into(),
+            );
+            continue;
         };
         for m in crate::locator::map_locator_path(&text, child_dir, windows_syntax) {
             let source = match m.rule {

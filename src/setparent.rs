@@ -166,14 +166,7 @@ pub fn set_parent_on(
         },
     )?;
     let mut warnings = Vec::new();
-    let same_file = match (
-        std::fs::canonicalize(child),
-        std::fs::canonicalize(new_parent),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same_file || p.unique_id() == c.unique_id() {
+    if locator::same_file(child, new_parent) || p.unique_id() == c.unique_id() {
         return Err(Error::InvalidParameter(format!(
             "{} cannot be the parent of {}: it is the same disk (unique id {})",
             new_parent.display(),
@@ -380,10 +373,10 @@ fn check_no_cycle(
     };
     match Chain::open(new_parent, &opts) {
         Ok(chain) => {
-            let me = std::fs::canonicalize(child.path()).ok();
             for l in chain.layers() {
-                let same_path = me.is_some() && std::fs::canonicalize(l.vhd.path()).ok() == me;
-                if same_path || l.vhd.unique_id() == child.unique_id() {
+                if locator::same_file(child.path(), l.vhd.path())
+                    || l.vhd.unique_id() == child.unique_id()
+                {
                     return Err(Error::InvalidParameter(format!(
                         "{} cannot be the parent of {}: {} (unique id {}) is already in the new parent's chain, so the chain would become a cycle",
                         new_parent.display(),

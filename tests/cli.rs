@@ -581,3 +581,45 @@ fn usage_errors_use_the_error_line() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("DESTINATION"));
 }
+
+/// Build `base.vhd` (dynamic, 4 MiB, data at 0) and `child.vhd` over it in `dir` with the
+/// binary; returns (base, child).
+fn cli_chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base.vhd");
+    let child = dir.join("child.vhd");
+    let mut v = vhd_merge::create::create_dynamic(
+        &base,
+        4 << 20,
+        &vhd_merge::create::CreateOptions::default(),
+    )
+    .unwrap();
+    v.write_at(0, &[0x5A; 8192]).unwrap();
+    drop(v);
+    let mut c = vhd_merge::create::create_differencing(
+        &child,
+        &base,
+        &vhd_merge::create::CreateOptions::default(),
+    )
+    .unwrap();
+    c.write_at(1 << 20, &[0xA5; 4096]).unwrap();
+    drop(c);
+    (base, child)
+}
+
+/// `flatten --force` onto a hard link of a chain file is refused and changes nothing: the
+/// output is compared by file identity, not by path.
+#[test]
+fn flatten_force_refuses_a_hard_link_to_a_chain_file() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = cli_chain(dir.path());
+    let link = dir.path().join("link.vhd");
+    std::fs::hard_link(&base, &link).unwrap();
+    let before = std::fs::read(&base).unwrap();
+    let out = run(&["flatten", p(&child), p(&link), "--force"]).unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(err.contains("a file of the chain"), "{err}");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
