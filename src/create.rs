@@ -122,7 +122,7 @@ fn create_file(path: &Path, overwrite: bool) -> Result<File> {
     o.open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Error::InvalidParameter(format!(
-                "{} already exists (pass overwrite to replace it)",
+                "{} already exists (the overwrite option (--force) replaces it)",
                 path.display()
             ))
         } else {

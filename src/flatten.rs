@@ -191,7 +191,7 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
     }
     if !force {
         return Err(Error::InvalidParameter(format!(
-            "the output {} already exists (pass force to replace it)",
+            "the output {} already exists (the force option (--force) replaces it)",
             output.display()
         )));
     }
@@ -227,7 +227,7 @@ fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::InvalidParameter(format!(
-                    "the output {} appeared while flattening (pass force to replace it)",
+                    "the output {} appeared while flattening (the force option (--force) replaces it)",
                     output.display()
                 )));
             }
@@ -235,7 +235,7 @@ fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
                 // No hard links on this file system: check, then rename.
                 if output.exists() {
                     return Err(Error::InvalidParameter(format!(
-                        "the output {} appeared while flattening (pass force to replace it)",
+                        "the output {} appeared while flattening (the force option (--force) replaces it)",
                         output.display()
                     )));
                 }

@@ -180,7 +180,7 @@ pub fn set_parent_on(
     let id_changed = p.unique_id() != old_id;
     if id_changed && !opts.force {
         return Err(Error::InvalidParameter(format!(
-            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (pass force to re-point the child anyway; its content then reads through the new parent)",
+            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
             new_parent.display(),
             p.unique_id(),
             child.display()

@@ -623,3 +623,105 @@ fn flatten_force_refuses_a_hard_link_to_a_chain_file() {
     assert!(err.contains("a file of the chain"), "{err}");
     assert_eq!(std::fs::read(&base).unwrap(), before);
 }
+
+/// Flip one byte of both footers' checksums: a strict open fails, a lenient one warns.
+fn break_footer_checksums(path: &Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let end = b.len() - 512;
+    b[end + 64] ^= 0xFF;
+    b[64] ^= 0xFF;
+    std::fs::write(path, b).unwrap();
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Errors name the options as the command line spells them (`--force`, `--lenient`), and a
+/// checksum finding points at `repair`.
+#[test]
+fn errors_name_the_options_that_exist() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = cli_chain(dir.path());
+    let out = run(&["create", "dynamic", p(&base), "--size", "4M"]).unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(
+        err.contains("--force") && !err.contains("overwrite to"),
+        "{err}"
+    );
+    let out = run(&["flatten", p(&child), p(&base)]).unwrap();
+    let _ = out; // the base is a chain file: refused for that reason
+    let other = dir.path().join("other.vhd");
+    std::fs::write(&other, b"x").unwrap();
+    let out = run(&["flatten", p(&child), p(&other)]).unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(
+        err.contains("--force") && !err.contains("pass force"),
+        "{err}"
+    );
+
+    break_footer_checksums(&child);
+    let out = run(&["info", p(&child)]).unwrap();
+    let err = assert_error(&out, 32776, "Incorrect data type");
+    assert!(
+        err.contains("--lenient") && !err.contains("leniently to"),
+        "{err}"
+    );
+    let out = run(&["check", p(&child)]).unwrap();
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("--lenient") && stdout.contains("repair"),
+        "{stdout}"
+    );
+}
+
+/// `merge --lenient` warns about what it accepted, as `flatten --lenient` does.
+#[test]
+fn merge_lenient_warns() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    break_footer_checksums(&child);
+    let out = run(&["merge", p(&child), "--lenient"]).unwrap();
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("checksum mismatch"),
+        "{stderr}"
+    );
+}
+
+/// Wording: the first layer of `chain` is not "found by opened"; one BAT entry is singular.
+#[test]
+fn chain_and_info_wording() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    let out = run(&["chain", p(&child)]).unwrap();
+    let (stdout, _) = text(&out);
+    assert!(!stdout.contains("found by opened"), "{stdout}");
+    assert!(
+        stdout.contains("layer 1:") && stdout.contains("found by W2ru"),
+        "{stdout}"
+    );
+    let one = dir.path().join("one.vhd");
+    assert!(
+        run(&["create", "dynamic", p(&one), "--size", "1M"])
+            .unwrap()
+            .status
+            .success()
+    );
+    let out = run(&["info", p(&one)]).unwrap();
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("1 entry at offset"), "{stdout}");
+}

@@ -213,8 +213,8 @@ fn listing(r: &Value) -> String {
         row(
             "BAT",
             format!(
-                "{} entries at offset {}, {} allocated",
-                u("max_table_entries"),
+                "{} at offset {}, {} allocated",
+                plural(u("max_table_entries"), "entry", "entries"),
                 u("table_offset"),
                 u("allocated_blocks")
             ),
@@ -279,4 +279,9 @@ mod tests {
         assert_eq!(bytes(1536), "1536 (1.50 KiB)");
         assert_eq!(bytes(100), "100");
     }
+}
+
+/// `1 entry`, `2 entries`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

@@ -168,10 +168,16 @@ pub(crate) fn run(
         dest = Some(v);
     }
 
+    // Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
+    // accepted), as flatten reports them.
     let mut warnings: Vec<String> = chain
         .layers()
         .iter()
-        .flat_map(|l| l.warnings.iter().cloned())
+        .flat_map(|l| {
+            let own = l.vhd.warnings().iter();
+            let own = own.map(|w| format!("{}: {w}", l.vhd.path().display()));
+            l.warnings.iter().cloned().chain(own)
+        })
         .collect();
     let found = find_dependents(&chain, d, options);
     let siblings: Vec<PathBuf> = found.siblings.iter().map(|v| v.path.clone()).collect();
