@@ -725,3 +725,55 @@ fn chain_and_info_wording() {
     let (stdout, _) = text(&out);
     assert!(stdout.contains("1 entry at offset"), "{stdout}");
 }
+
+/// `flatten --block-size` takes the SIZE syntax `create` takes (one parser).
+#[test]
+fn flatten_block_size_takes_suffixes() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    for (arg, want) in [("512K", 512 << 10), ("1MiB", 1 << 20), ("4096", 4096)] {
+        let out_file = dir.path().join(format!("flat-{arg}.vhd"));
+        let out = run(&["flatten", p(&child), p(&out_file), "--block-size", arg]).unwrap();
+        assert!(out.status.success(), "{arg}: {}", text(&out).1);
+        assert_eq!(info_json(&out_file)["block_size"], want, "{arg}");
+    }
+    let out = run(&["flatten", p(&child), p(&dir.path().join("x.vhd")), "--block-size", "3K"]);
+    assert_error(&out.unwrap(), 32773, "Invalid parameter");
+}
+
+/// `merge --relink CHILD` says in its summary that it relinked CHILD.
+#[test]
+fn merge_summary_names_the_relinked_children() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = cli_chain(dir.path());
+    let grandchild = dir.path().join("grandchild.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_differencing(&grandchild, &child, &opts).unwrap());
+    let out = run(&["merge", p(&child), "--relink", p(&grandchild)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("relinked to {}: {}", p(&base), p(&grandchild))),
+        "{stdout}"
+    );
+}
+
+/// A destination that does not exist is File not found, not "not a readable VHD".
+#[test]
+fn merge_into_a_missing_destination_is_file_not_found() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    let missing = dir.path().join("missing.vhd");
+    let out = run(&["merge", p(&child), p(&missing)]).unwrap();
+    let err = assert_error(&out, 32779, "File not found");
+    assert!(err.contains("missing.vhd") && !err.contains("not a readable VHD"), "{err}");
+}

@@ -30,9 +30,10 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Dynamic)]
     pub format: Format,
-    /// Block size of a dynamic output in bytes (default: the input's).
-    #[arg(long, value_name = "BYTES")]
-    pub block_size: Option<u32>,
+    /// Block size of a dynamic output: bytes, or a number with K, M, G, T (binary), a power of
+    /// two from 512 bytes to 32 MiB [default: the input's].
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<String>,
     /// Replace OUTPUT if it exists (it is replaced only once the new file is complete).
     #[arg(long)]
     pub force: bool,
@@ -45,6 +46,11 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
+    let block_size = args
+        .block_size
+        .as_deref()
+        .map(super::create::parse_block_size)
+        .transpose()?;
     let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
     for l in chain.layers() {
         for w in l.warnings.iter().chain(l.vhd.warnings()) {
@@ -74,7 +80,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Format::Dynamic => FlattenFormat::Dynamic,
         },
         force: args.force,
-        block_size: args.block_size,
+        block_size,
         progress: Some(&mut on_progress),
         ..FlattenOptions::default()
     };

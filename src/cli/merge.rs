@@ -161,6 +161,14 @@ fn summary(r: &MergeReport, seconds: f64) -> String {
             v.units
         ));
     }
+    if !r.relinked.is_empty() {
+        let list: Vec<String> = r.relinked.iter().map(|p| name(p)).collect();
+        s.push_str(&format!(
+            "; relinked to {}: {}",
+            name(&r.destination),
+            list.join(", ")
+        ));
+    }
     if !r.removed.is_empty() {
         let list: Vec<String> = r.removed.iter().map(|p| name(p)).collect();
         s.push_str(&format!("; removed: {}", list.join(", ")));

@@ -355,6 +355,14 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
         return Ok(i);
     }
     let Some(peek) = peek else {
+        if let Err(e) = std::fs::metadata(want)
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            return Err(Error::io(
+                format!("{}: cannot open the destination", want.display()),
+                e,
+            ));
+        }
         return Err(Error::InvalidParameter(format!(
             "the destination {} is not a readable VHD, and not an ancestor of {}; its chain is:{}",
             want.display(),
