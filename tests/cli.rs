@@ -740,7 +740,13 @@ fn flatten_block_size_takes_suffixes() {
         assert!(out.status.success(), "{arg}: {}", text(&out).1);
         assert_eq!(info_json(&out_file)["block_size"], want, "{arg}");
     }
-    let out = run(&["flatten", p(&child), p(&dir.path().join("x.vhd")), "--block-size", "3K"]);
+    let out = run(&[
+        "flatten",
+        p(&child),
+        p(&dir.path().join("x.vhd")),
+        "--block-size",
+        "3K",
+    ]);
     assert_error(&out.unwrap(), 32773, "Invalid parameter");
 }
 
@@ -775,5 +781,8 @@ fn merge_into_a_missing_destination_is_file_not_found() {
     let missing = dir.path().join("missing.vhd");
     let out = run(&["merge", p(&child), p(&missing)]).unwrap();
     let err = assert_error(&out, 32779, "File not found");
-    assert!(err.contains("missing.vhd") && !err.contains("not a readable VHD"), "{err}");
+    assert!(
+        err.contains("missing.vhd") && !err.contains("not a readable VHD"),
+        "{err}"
+    );
 }

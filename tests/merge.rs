@@ -183,14 +183,14 @@ fn destination_must_be_an_ancestor() {
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     assert!(e.to_string().contains("unique id"), "{e}");
 
-    // A path that does not exist, and a file that is not a VHD.
+    // A path that does not exist (File not found, issue 9), and a file that is not a VHD.
     let e = merge(
         src,
         Some(&dir.path().join("nope.vhd")),
         &MergeOptions::default(),
     )
     .unwrap_err();
-    assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
+    assert_eq!(code(&e), ReturnCode::FileNotFound, "{e}");
     let junk = dir.path().join("junk.vhd");
     std::fs::write(&junk, vec![7u8; 4096]).unwrap();
     let e = merge(src, Some(&junk), &MergeOptions::default()).unwrap_err();
