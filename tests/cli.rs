@@ -786,3 +786,43 @@ fn merge_into_a_missing_destination_is_file_not_found() {
         "{err}"
     );
 }
+
+/// `info` on a damaged file points at `check` and `repair`; with `--lenient` it shows what
+/// validation could read (like `check`) and lists the problem instead of failing.
+#[test]
+fn info_on_a_damaged_file_shows_what_it_can() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.vhd");
+    assert!(run(&["create", "dynamic", p(&f), "--size", "8M"]).unwrap().status.success());
+    // BAT entry 1 (the BAT is at 1536) points far past the end of the file.
+    let mut b = std::fs::read(&f).unwrap();
+    b[1536 + 4..1536 + 8].copy_from_slice(&0x7FFF_FF00u32.to_be_bytes());
+    std::fs::write(&f, &b).unwrap();
+
+    let err = assert_error(&run(&["info", p(&f)]).unwrap(), 32776, "Incorrect data type");
+    assert!(err.contains("vhd-merge check") && err.contains("vhd-merge repair"), "{err}");
+    assert!(err.contains("--lenient"), "{err}");
+
+    let out = run(&["info", "--lenient", p(&f)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("virtual size") && stdout.contains("8 MiB"), "{stdout}");
+    assert!(stdout.contains("problem") && stdout.contains("BAT entry 1"), "{stdout}");
+    assert!(stdout.contains("vhd-merge repair"), "{stdout}");
+    let out = run(&["info", "--lenient", "--json", p(&f)]).unwrap();
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["virtual_size"], 8 << 20);
+    assert_eq!(j["problems"][0]["code"], "bat-entry-outside");
+
+    // Not readable at all: what can be said on stdout, the error line on stderr.
+    b[512..520].fill(0);
+    std::fs::write(&f, &b).unwrap();
+    let out = run(&["info", "--lenient", p(&f)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.starts_with("error 32776"), "{stderr}");
+    assert!(stdout.contains("problem") && stdout.contains("dynamic header"), "{stdout}");
+}
