@@ -796,21 +796,39 @@ fn info_on_a_damaged_file_shows_what_it_can() {
     }
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("d.vhd");
-    assert!(run(&["create", "dynamic", p(&f), "--size", "8M"]).unwrap().status.success());
+    assert!(
+        run(&["create", "dynamic", p(&f), "--size", "8M"])
+            .unwrap()
+            .status
+            .success()
+    );
     // BAT entry 1 (the BAT is at 1536) points far past the end of the file.
     let mut b = std::fs::read(&f).unwrap();
     b[1536 + 4..1536 + 8].copy_from_slice(&0x7FFF_FF00u32.to_be_bytes());
     std::fs::write(&f, &b).unwrap();
 
-    let err = assert_error(&run(&["info", p(&f)]).unwrap(), 32776, "Incorrect data type");
-    assert!(err.contains("vhd-merge check") && err.contains("vhd-merge repair"), "{err}");
+    let err = assert_error(
+        &run(&["info", p(&f)]).unwrap(),
+        32776,
+        "Incorrect data type",
+    );
+    assert!(
+        err.contains("vhd-merge check") && err.contains("vhd-merge repair"),
+        "{err}"
+    );
     assert!(err.contains("--lenient"), "{err}");
 
     let out = run(&["info", "--lenient", p(&f)]).unwrap();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("virtual size") && stdout.contains("8 MiB"), "{stdout}");
-    assert!(stdout.contains("problem") && stdout.contains("BAT entry 1"), "{stdout}");
+    assert!(
+        stdout.contains("virtual size") && stdout.contains("8 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("problem") && stdout.contains("BAT entry 1"),
+        "{stdout}"
+    );
     assert!(stdout.contains("vhd-merge repair"), "{stdout}");
     let out = run(&["info", "--lenient", "--json", p(&f)]).unwrap();
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -824,5 +842,80 @@ fn info_on_a_damaged_file_shows_what_it_can() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.starts_with("error 32776"), "{stderr}");
-    assert!(stdout.contains("problem") && stdout.contains("dynamic header"), "{stdout}");
+    assert!(
+        stdout.contains("problem") && stdout.contains("dynamic header"),
+        "{stdout}"
+    );
+}
+
+/// Run `args` under a pseudo-terminal 80 columns wide (util-linux `script`), returning what
+/// the terminal got; `None` when `script` is not there.
+#[cfg(target_os = "linux")]
+fn on_80_column_tty(args: &[&str]) -> Option<String> {
+    let bin = common::binary()?;
+    let quoted: Vec<String> = std::iter::once(p(&bin).to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let cmd = format!("stty cols 80 rows 24; {}", quoted.join(" "));
+    let out = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The progress bars of merge and flatten (one style) never draw a line wider than an
+/// 80-column terminal, and are cleared before the final message.
+#[cfg(target_os = "linux")]
+#[test]
+fn progress_lines_fit_80_columns_and_are_cleared() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    let mut v = vhd_merge::create::create_dynamic(&base, 1 << 30, &opts).unwrap();
+    v.write_at(0, &vec![1u8; 8 << 20]).unwrap();
+    drop(v);
+    let mut c = vhd_merge::create::create_differencing(&child, &base, &opts).unwrap();
+    for i in 0..64u64 {
+        c.write_at(i * (16 << 20), &vec![2u8; 1 << 20]).unwrap();
+    }
+    drop(c);
+    let flat = dir.path().join("flat.vhd");
+    for args in [
+        vec!["flatten", p(&child), p(&flat)],
+        vec!["merge", p(&child)],
+    ] {
+        let Some(screen) = on_80_column_tty(&args) else {
+            common::note("`script` is not available: progress width not checked");
+            return;
+        };
+        let verb = if args[0] == "merge" {
+            "merging"
+        } else {
+            "flattening"
+        };
+        assert!(screen.contains(verb), "no bar drawn: {screen:?}");
+        // Frames are separated by CR and erase-line; strip the escapes and measure each.
+        let plain = screen.replace("\x1b[2K", "").replace("\x1b[1A", "\n");
+        for line in plain.split(['\r', '\n']).filter(|l| l.contains(verb)) {
+            assert!(
+                line.chars().count() <= 80,
+                "{} columns: {line:?}",
+                line.chars().count()
+            );
+        }
+        // The last frame is erased before the final message.
+        let last_frame = screen.rfind(verb).unwrap();
+        let rest = &screen[last_frame..];
+        assert!(rest.contains("\r\x1b[2K"), "bar not cleared: {rest:?}");
+        let after = &rest[rest.find("\r\x1b[2K").unwrap() + 5..];
+        assert!(!after.contains('['), "bar left behind: {after:?}");
+    }
 }

@@ -290,7 +290,11 @@ fn progress_and_layers() {
     let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 99, 4, false);
     let mut calls: Vec<(u64, u64)> = Vec::new();
-    let mut cb = |d: u64, t: u64| calls.push((d, t));
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    let mut cb = |p: &vhd_merge::FlattenProgress| {
+        calls.push((p.position, p.virtual_size));
+        data.push((p.data_done, p.data_total));
+    };
     let out = dir.path().join("p.vhd");
     let r = flatten_path(
         &top,
@@ -310,6 +314,21 @@ fn progress_and_layers() {
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
     assert!(calls.iter().all(|&(_, t)| t == total));
     assert_eq!(calls.last(), Some(&(total, total)));
+    // The data to copy: spans some layer has a block in, counted up to the same total; the
+    // output's data (non-zero spans) is part of it.
+    let data_total = data[0].1;
+    assert!(
+        data_total < total,
+        "{data_total} of {total}: the chain is sparse"
+    );
+    assert!(
+        data_total >= r.data_bytes,
+        "{data_total} < {}",
+        r.data_bytes
+    );
+    assert!(data.windows(2).all(|w| w[0].0 <= w[1].0));
+    assert!(data.iter().all(|&(_, t)| t == data_total));
+    assert_eq!(data.last(), Some(&(data_total, data_total)));
     // Flattening an inner layer gives that layer's view.
     let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
     let out1 = dir.path().join("l1.raw");

@@ -1,6 +1,5 @@
 //! `vhd-merge flatten`: write a chain's logical content to a new standalone file.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -57,22 +56,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             eprintln!("warning: {}: {w}", l.vhd.path().display());
         }
     }
-    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let mut on_progress = |done: u64, total: u64| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    };
+    let bar = super::progress::Bar::new("flattening", !args.quiet);
+    let mut on_progress = |p: &vhd_merge::FlattenProgress| bar.set(p.data_done, p.data_total);
     let opts = FlattenOptions {
         format: match args.format {
             Format::Raw => FlattenFormat::Raw,
@@ -85,9 +70,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..FlattenOptions::default()
     };
     let res = flatten(&chain, &args.output, opts);
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
+    bar.clear();
     let r = res?;
     let mut line = format!(
         "{}: {} {} from {} layer(s), {} of data",
