@@ -1519,7 +1519,7 @@ fn read_footer_at(
 /// data). The one rule both [`Vhd::open`] and [`peek`] use.
 fn footer_candidates(storage: &dyn Storage, len: u64) -> Vec<FooterCandidate> {
     let mut candidates = vec![read_footer_at(storage, len - 512, 512, FooterSource::End)];
-    if len > 511 && (len - 511) % 512 == 0 {
+    if len > 511 && (len - 511).is_multiple_of(512) {
         candidates.push(read_footer_at(storage, len - 511, 511, FooterSource::Short));
     }
     if len >= 512 + FOOTER_SIZE as u64 {

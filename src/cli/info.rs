@@ -384,6 +384,11 @@ fn listing(r: &Value) -> String {
     aligned(rows)
 }
 
+/// `1 entry`, `2 entries`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,9 +399,4 @@ mod tests {
         assert_eq!(bytes(1536), "1536 (1.50 KiB)");
         assert_eq!(bytes(100), "100");
     }
-}
-
-/// `1 entry`, `2 entries`.
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }
