@@ -110,7 +110,7 @@ pub enum Error {
     },
     /// A checksum does not match; reading with `lenient` accepts it.
     #[error(
-        "{}{structure} checksum mismatch at offset {offset}: stored {stored:#010x}, computed {computed:#010x} (with the lenient option (--lenient) it is read anyway; `vhd-merge repair` rewrites it)",
+        "{}{structure} checksum mismatch at offset {offset}: stored {stored:#010x}, computed {computed:#010x} (reading leniently, with the lenient option (--lenient), accepts it; `vhd-merge repair` rewrites it)",
         path_prefix(.path)
     )]
     Checksum {

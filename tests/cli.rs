@@ -919,3 +919,72 @@ fn progress_lines_fit_80_columns_and_are_cleared() {
         assert!(!after.contains('['), "bar left behind: {after:?}");
     }
 }
+
+/// Ctrl-C during a merge (under a pseudo-terminal): the bar is erased for good and the only
+/// numbers left on the screen are the final message's.
+#[cfg(target_os = "linux")]
+#[test]
+fn ctrl_c_clears_the_bar_before_the_message() {
+    use std::io::{Read as _, Write as _};
+    let Some(bin) = common::binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_dynamic(&base, 4 << 30, &opts).unwrap());
+    let mut c = vhd_merge::create::create_differencing(&child, &base, &opts).unwrap();
+    let chunk = vec![7u8; 2 << 20];
+    for i in 0..384u64 {
+        c.write_at(i * (4 << 20), &chunk).unwrap();
+    }
+    drop(c);
+    let cmd = format!("stty cols 80 rows 24; '{}' merge '{}'", p(&bin), p(&child));
+    let Ok(mut script) = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    else {
+        common::note("`script` is not available: Ctrl-C not checked");
+        return;
+    };
+    let mut stdout = script.stdout.take().unwrap();
+    let mut screen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut sent = false;
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        screen.extend_from_slice(&buf[..n]);
+        if !sent && String::from_utf8_lossy(&screen).contains("merging") {
+            // Ctrl-C as typed: the terminal sends SIGINT to the merge.
+            script.stdin.as_mut().unwrap().write_all(b"\x03").unwrap();
+            sent = true;
+        }
+    }
+    script.wait().unwrap();
+    let screen = String::from_utf8_lossy(&screen).into_owned();
+    if !screen.contains("stopped after") {
+        common::note("the merge finished before Ctrl-C arrived: not checked");
+        return;
+    }
+    let message = screen
+        .rfind("error 32768")
+        .expect("the cancellation message");
+    let bar_end = screen[..message]
+        .rfind("\r\x1b[2K")
+        .expect("the bar erased");
+    let between = &screen[bar_end + 5..message];
+    assert!(
+        !between.contains("merging"),
+        "bar redrawn after it was cleared: {between:?}"
+    );
+    assert!(
+        !screen[message..].contains("merging"),
+        "bar after the message"
+    );
+}
