@@ -29,10 +29,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let vhd = Vhd::open(&args.file, OpenOptions::read_only()).map_err(with_hint)?;
         return show(&report(&vhd)?, args.json);
     }
-    // Leniently: show what validation could read, as `check` does, with what is wrong.
+    // Leniently: checksum mismatches are warnings; a file even a lenient open refuses is
+    // shown as far as validation could read it, as `check` does, with what is wrong.
     let opts = OpenOptions {
         lenient: true,
         ..OpenOptions::read_only()
+    };
+    let open_error = match Vhd::open(&args.file, opts) {
+        Ok(vhd) => return show(&report(&vhd)?, args.json),
+        // Missing, unreadable, or not a regular file: nothing to show.
+        Err(e @ (Error::Io { .. } | Error::InvalidParameter(_))) => return Err(e),
+        Err(e) => e,
     };
     let insp = Vhd::inspect(&args.file, opts)?;
     let problems = problems_json(&insp.problems);
@@ -48,10 +55,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         } else {
             print!("{}", damaged_listing(&partial));
         }
-        let e = Vhd::open(&args.file, opts).err().unwrap_or_else(|| {
-            Error::InvalidState(format!("{}: cannot be read", args.file.display()))
-        });
-        return Err(with_hint(e));
+        return Err(with_hint(open_error));
     };
     let mut r = report(vhd)?;
     if insp.problems.iter().any(|p| p.level == ProblemLevel::Fatal) {
