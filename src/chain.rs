@@ -20,11 +20,12 @@
 //! 4. every regular file in the search directories whose footer carries the wanted unique id
 //!    (a renamed parent), unless [`ChainOptions::scan_search_dirs`] is off.
 //!
-//! Identical paths are tried once. A missing parent fails with [`Error::ParentNotFound`]
+//! Identical paths are tried once (a path that only absolute locators gave, again when a relative
+//! rule gives it). A missing parent fails with [`Error::ParentNotFound`]
 //! listing each candidate and why it failed. Resolving opens files read-only and never writes.
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -590,17 +591,22 @@ struct Candidate {
     skip: Option<String>,
 }
 
-/// Candidates in the order to try, without duplicate paths.
+/// Candidates in the order to try, without duplicate paths (a path seen only from absolute
+/// locators is listed again when a relative rule gives it, which is still followed when
+/// absolute locators are ignored).
 #[derive(Debug, Default)]
 struct Candidates {
     list: Vec<Candidate>,
-    seen: HashSet<PathBuf>,
+    /// Each path listed, with whether all its entries so far are absolute.
+    seen: HashMap<PathBuf, bool>,
 }
 
 impl Candidates {
     fn push(&mut self, path: PathBuf, source: String, absolute: bool) {
         let path = crate::locator::normalize(&path);
-        if self.seen.insert(path.clone()) {
+        let only_absolute = self.seen.get(&path).copied();
+        if only_absolute.is_none() || (only_absolute == Some(true) && !absolute) {
+            self.seen.insert(path.clone(), absolute);
             self.list.push(Candidate {
                 path,
                 source,
@@ -623,8 +629,50 @@ impl Candidates {
 /// The last component of a name that may be a full Windows or POSIX path (Windows 10 writes
 /// the full path into the header's Parent Unicode Name, §2.1), if it is a plain file name.
 fn file_name_of(name: &str) -> Option<&str> {
-    let base = name.rsplit(['\\', '/']).next()?;
-    (!base.is_empty() && base != "." && base != ".." && !base.contains('\0')).then_some(base)
+    plain_name(name.rsplit(['\\', '/']).next()?)
+}
+
+/// `name` if it is one plain POSIX file name component.
+fn plain_name(name: &str) -> Option<&str> {
+    (!name.is_empty() && name != "." && name != ".." && !name.contains(['\0', '/'])).then_some(name)
+}
+
+/// The file names the header's Parent Unicode Name may mean, in the order to try: on
+/// non-Windows hosts a name such as `back\slash.vhd` (no `/`, no drive colon) first whole, as
+/// this crate writes a POSIX file name holding a backslash; then its last component.
+fn header_names(name: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    if !cfg!(windows)
+        && name.contains('\\')
+        && !name.contains(':')
+        && let Some(n) = plain_name(name)
+        && name.split('\\').all(|c| plain_name(c).is_some())
+    {
+        out.push(n);
+    }
+    out.extend(file_name_of(name));
+    out
+}
+
+/// The path text a locator names and whether it is in Windows syntax (`\` separates
+/// components): MacX holds a file URL (POSIX syntax unless it names a drive or a server), the
+/// others Windows paths. `None` for a MacX payload that is not a file URL.
+fn locator_path(code: PlatformCode, text: &str) -> Option<(String, bool)> {
+    match code {
+        PlatformCode::MacX => {
+            crate::locator::path_from_file_url(text).map(|p| (p.text, p.windows_syntax))
+        }
+        _ => Some((text.to_string(), true)),
+    }
+}
+
+/// The last component of a locator's path text (see [`locator_path`]), if a plain file name.
+fn path_file_name(text: &str, windows_syntax: bool) -> Option<&str> {
+    if windows_syntax {
+        file_name_of(text)
+    } else {
+        plain_name(text.rsplit('/').next()?)
+    }
 }
 
 /// The decoded locators of a differencing disk, in [`LOCATOR_ORDER`], as (code, slot, text);
@@ -708,15 +756,14 @@ fn parent_candidates(
 
     // File names to look for in the search directories: the header's, then each locator's.
     let mut names: Vec<(String, String)> = Vec::new();
-    if let Some(n) = file_name_of(&header_name) {
+    for n in header_names(&header_name) {
         names.push((n.to_string(), "header name".into()));
     }
     for (code, _, text) in &locators {
-        let t = match code {
-            PlatformCode::MacX => crate::locator::path_from_file_url(text).unwrap_or_default(),
-            _ => text.clone(),
+        let Some((t, windows_syntax)) = locator_path(*code, text) else {
+            continue;
         };
-        if let Some(n) = file_name_of(&t)
+        if let Some(n) = path_file_name(&t, windows_syntax)
             && !names.iter().any(|(m, _)| m == n)
         {
             names.push((n.to_string(), format!("{} file name", code.name())));
@@ -730,19 +777,13 @@ fn parent_candidates(
     }
 
     for (code, slot, text) in &locators {
-        let (text, windows_syntax) = match code {
-            PlatformCode::MacX => match crate::locator::path_from_file_url(text) {
-                Some(p) => (p, false),
-                None => {
-                    cands.note(
-                        PathBuf::from(text),
-                        format!("MacX (locator {slot})"),
-                        "not a file:// URL".into(),
-                    );
-                    continue;
-                }
-            },
-            _ => (text.clone(), true),
+        let Some((text, windows_syntax)) = locator_path(*code, text) else {
+            cands.note(
+                PathBuf::from(text),
+                format!("MacX (locator {slot})"),
+                "not a file:// URL".into(),
+            );
+            continue;
         };
         for m in crate::locator::map_locator_path(&text, child_dir, windows_syntax) {
             let source = match m.rule {
@@ -753,7 +794,7 @@ fn parent_candidates(
         }
     }
 
-    if let Some(n) = file_name_of(&header_name) {
+    for n in header_names(&header_name) {
         cands.push(child_dir.join(n), "header name".into(), false);
     }
     if options.scan_search_dirs {

@@ -162,7 +162,7 @@ pub fn create_dynamic(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -
 }
 
 /// Create a differencing VHD whose parent is the VHD at `parent`. The child inherits the
-/// parent's size and geometry and records its unique id, file modification time, file name
+/// parent's virtual size (the CHS size of a Virtual PC parent, §1.5) and geometry and records its unique id, file modification time, file name
 /// and locators: W2ru relative, W2ku absolute, and MacX on non-Windows hosts.
 pub fn create_differencing(
     path: impl AsRef<Path>,
@@ -181,9 +181,12 @@ pub fn create_differencing(
         )));
     }
     let pf = p.footer().clone();
+    // The parent's virtual size, not its Current Size: for a Virtual PC parent the guest sees
+    // the smaller CHS size, and a child larger than its parent could not be merged back.
+    let size = p.virtual_size();
     drop(p);
-    let mut footer = new_footer(pf.current_size, DiskType::Differencing, opts);
-    footer.original_size = pf.current_size;
+    let mut footer = new_footer(size, DiskType::Differencing, opts);
+    footer.original_size = size;
     footer.geometry = pf.geometry;
     footer.fix_checksum();
     let parent_time = parent_timestamp(parent)?;

@@ -44,8 +44,23 @@ impl FlattenFormat {
     }
 }
 
-/// A progress callback: called with (bytes done, bytes in total) after each span.
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+/// What a flatten's progress callback is told after each span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlattenProgress {
+    /// Bytes of the virtual disk done: the position reached.
+    pub position: u64,
+    /// The virtual size.
+    pub virtual_size: u64,
+    /// Bytes of data done: of the spans done, those in which some layer has a block (a fixed
+    /// layer: every span).
+    pub data_done: u64,
+    /// Bytes of such spans in the whole disk: the data there is to copy (the other spans are
+    /// holes or unallocated blocks in the output). `data_done` reaches it at the end.
+    pub data_total: u64,
+}
+
+/// A progress callback, called after each span.
+pub type Progress<'a> = &'a mut dyn FnMut(&FlattenProgress);
 
 /// Options for [`flatten`].
 #[derive(Default)]
@@ -134,6 +149,10 @@ pub fn flatten(
         None => create::DEFAULT_BLOCK_SIZE,
     };
     let tmp = temp_path(output)?;
+    let span = match opts.format {
+        FlattenFormat::Dynamic => u64::from(block_size),
+        FlattenFormat::Raw | FlattenFormat::Fixed => FIXED_CHUNK,
+    };
     let mut w = Writer {
         chain,
         layer,
@@ -141,7 +160,16 @@ pub fn flatten(
         done: 0,
         data_bytes: 0,
         progress: opts.progress.take(),
+        data_done: 0,
+        data_total: 0,
     };
+    if w.progress.is_some() {
+        w.data_total = (0..size.div_ceil(span))
+            .map(|i| (i * span, span.min(size - i * span)))
+            .filter(|&(pos, n)| w.has_blocks(pos, n))
+            .map(|(_, n)| n)
+            .sum();
+    }
     let res = match opts.format {
         FlattenFormat::Raw => w.raw(&tmp),
         FlattenFormat::Fixed => w.fixed(&tmp),
@@ -201,7 +229,7 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<Option<File
     }
     if !force {
         return Err(Error::InvalidParameter(format!(
-            "the output {} already exists (pass force to replace it)",
+            "the output {} already exists (the force option (--force) replaces it)",
             output.display()
         )));
     }
@@ -237,7 +265,7 @@ fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::InvalidParameter(format!(
-                    "the output {} appeared while flattening (pass force to replace it)",
+                    "the output {} appeared while flattening (the force option (--force) replaces it)",
                     output.display()
                 )));
             }
@@ -245,7 +273,7 @@ fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
                 // No hard links on this file system: check, then rename.
                 if output.exists() {
                     return Err(Error::InvalidParameter(format!(
-                        "the output {} appeared while flattening (pass force to replace it)",
+                        "the output {} appeared while flattening (the force option (--force) replaces it)",
                         output.display()
                     )));
                 }
@@ -288,14 +316,47 @@ struct Writer<'c, 'p> {
     done: u64,
     data_bytes: u64,
     progress: Option<Progress<'p>>,
+    /// See [`FlattenProgress`] (counted only with a progress callback).
+    data_done: u64,
+    data_total: u64,
 }
 
 impl Writer<'_, '_> {
-    fn report(&mut self, done: u64) {
-        self.done = done;
-        if let Some(p) = self.progress.as_mut() {
-            p(done, self.size);
+    /// The span `pos..pos + len` is done.
+    fn report(&mut self, pos: u64, len: u64) {
+        self.done = pos + len;
+        if self.progress.is_none() {
+            return;
         }
+        if self.has_blocks(pos, len) {
+            self.data_done += len;
+        }
+        let p = FlattenProgress {
+            position: self.done,
+            virtual_size: self.size,
+            data_done: self.data_done,
+            data_total: self.data_total,
+        };
+        if let Some(cb) = self.progress.as_mut() {
+            cb(&p);
+        }
+    }
+
+    /// Whether some layer of the flattened range has a block in `pos..pos + len` (from the
+    /// block tables only: no reads).
+    fn has_blocks(&self, pos: u64, len: u64) -> bool {
+        self.chain.layers()[self.layer..].iter().any(|l| {
+            let v = &l.vhd;
+            if pos >= v.virtual_size() {
+                return false;
+            }
+            if v.header().is_none() {
+                return true;
+            }
+            let bs = v.block_size();
+            let last = (pos + len - 1).min(v.virtual_size() - 1) / bs;
+            (pos / bs..=last).any(|b| v.block_offset(b).is_some())
+        })
     }
 
     fn plan(&self, pos: u64, len: u64) -> Result<SpanPlan> {
@@ -345,13 +406,13 @@ impl Writer<'_, '_> {
             if self.read(&plan, out, &mut scratch)? {
                 crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
             }
+            self.report(pos, n);
             pos += n;
             if pos - unflushed >= WRITEBACK_EVERY {
                 // Holes in the range cost nothing: only dirty pages are written.
                 crate::io::start_writeback(&file, unflushed, pos - unflushed);
                 unflushed = pos;
             }
-            self.report(pos);
         }
         file.sync_all().map_err(|e| io("flushing to disk", e))?;
         Ok(0)
@@ -371,8 +432,8 @@ impl Writer<'_, '_> {
                 // write_block never writes past the virtual size in the last chunk.
                 vhd.write_block(pos / FIXED_CHUNK, &mut buf, &full)?;
             }
+            self.report(pos, n);
             pos += n;
-            self.report(pos);
         }
         vhd.finish()?;
         Ok(0)
@@ -418,7 +479,7 @@ fn write_dynamic(w: &mut Writer<'_, '_>, vhd: &mut Vhd) -> Result<u64> {
                 buf[*n as usize..].fill(0);
                 vhd.write_block(*b, &mut buf, &full)?;
             }
-            w.report(pos + n);
+            w.report(*pos, *n);
         }
         vhd.commit()?;
         first = last;

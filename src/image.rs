@@ -1092,7 +1092,7 @@ fn create_file(path: &Path, existing_ok: bool) -> Result<File> {
     o.open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Error::InvalidParameter(format!(
-                "{} already exists (pass --force to replace it)",
+                "{} already exists (the overwrite option (--force) replaces it)",
                 path.display()
             ))
         } else {
@@ -1132,34 +1132,29 @@ pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
 /// directories for a renamed parent or for siblings, where most files are not wanted.
 #[derive(Clone, Debug)]
 pub(crate) struct Peek {
-    /// The footer at the end of the file, when its cookie is right (checksum not checked).
-    pub end_footer: Option<Footer>,
-    /// The copy at offset 0, when its cookie is right (checksum not checked).
-    pub copy_footer: Option<Footer>,
+    /// The footers [`Vhd::open`] would consider, in its order of preference, those that parse
+    /// (checksums not checked).
+    pub footers: Vec<Footer>,
+    /// The first sector parsed as a footer whatever its disk type (checksum not checked): a
+    /// fixed disk that holds a copy of its own footer there.
+    pub sector0: Option<Footer>,
     /// For a differencing disk (by [`Peek::footer`]): the Parent Unique Id of its dynamic
     /// header, when the header lies inside the file and its checksum is right.
     pub parent_unique_id: Option<Uuid>,
 }
 
 impl Peek {
-    /// The footer a reader goes by: the end one when its checksum is right, else a sparse
-    /// disk's offset-0 copy when its checksum is right (§4.2).
+    /// The footer a strict [`Vhd::open`] goes by: the first candidate whose checksum is right.
     pub fn footer(&self) -> Option<&Footer> {
-        let checked = |f: &&Footer| f.checksum_ok();
-        self.end_footer.as_ref().filter(checked).or_else(|| {
-            self.copy_footer
-                .as_ref()
-                .filter(checked)
-                .filter(|f| f.disk_type.is_sparse())
-        })
+        self.footers.iter().find(|f| f.checksum_ok())
     }
 
-    /// Whether either footer, checksum right or not, carries unique id `id`: how a damaged
-    /// copy of a wanted disk is still recognised.
+    /// Whether any footer, checksum right or not, carries unique id `id`: how a damaged copy
+    /// of a wanted disk is still recognised.
     pub fn carries_id(&self, id: Uuid) -> bool {
-        [&self.end_footer, &self.copy_footer]
-            .into_iter()
-            .flatten()
+        self.footers
+            .iter()
+            .chain(&self.sector0)
             .any(|f| f.unique_id == id)
     }
 }
@@ -1174,20 +1169,24 @@ pub(crate) fn peek(path: &Path) -> Option<Peek> {
         return None;
     }
     let mut peek = Peek {
-        end_footer: None,
-        copy_footer: None,
+        footers: Vec::new(),
+        sector0: None,
         parent_unique_id: None,
     };
     let Ok(file) = File::open(path) else {
         return Some(peek);
     };
-    let read_footer = |offset: u64| -> Option<Footer> {
-        let mut b = [0u8; FOOTER_SIZE];
-        crate::io::pread_exact(&file, &mut b, offset).ok()?;
-        Footer::parse(&b).ok()
-    };
-    peek.end_footer = read_footer(len - FOOTER_SIZE as u64);
-    peek.copy_footer = read_footer(0);
+    let storage = FileStorage::new(file);
+    let candidates = footer_candidates(&storage, len);
+    peek.footers = candidates
+        .into_iter()
+        .filter_map(|c| c.result.ok())
+        .collect();
+    if len >= 512 + FOOTER_SIZE as u64 {
+        peek.sector0 = read_footer_at(&storage, 0, 512, FooterSource::Copy)
+            .result
+            .ok();
+    }
     let header_at = peek
         .footer()
         .filter(|f| f.disk_type == DiskType::Differencing)
@@ -1195,7 +1194,8 @@ pub(crate) fn peek(path: &Path) -> Option<Peek> {
         .filter(|at| at.checked_add(HEADER_SIZE as u64).is_some_and(|e| e <= len));
     if let Some(at) = header_at {
         let mut b = [0u8; HEADER_SIZE];
-        peek.parent_unique_id = crate::io::pread_exact(&file, &mut b, at)
+        peek.parent_unique_id = storage
+            .read_at(&mut b, at)
             .ok()
             .and_then(|()| DynamicHeader::parse(&b).ok())
             .filter(DynamicHeader::checksum_ok)
@@ -1622,6 +1622,31 @@ fn read_footer_at(
     }
 }
 
+/// The footers a file of `len` bytes (at least [`FOOTER_SIZE`]) may go by, in order of
+/// preference (§1.2): the last 512 bytes, a 511-byte footer when the length says one may be
+/// there, and the offset-0 copy when it parses as a sparse disk's (a fixed disk's sector 0 is
+/// data). The one rule both [`Vhd::open`] and [`peek`] use.
+fn footer_candidates(storage: &dyn Storage, len: u64) -> Vec<FooterCandidate> {
+    let mut candidates = vec![read_footer_at(storage, len - 512, 512, FooterSource::End)];
+    if len > 511 && (len - 511).is_multiple_of(512) {
+        candidates.push(read_footer_at(storage, len - 511, 511, FooterSource::Short));
+    }
+    if len >= 512 + FOOTER_SIZE as u64 {
+        let copy = read_footer_at(storage, 0, 512, FooterSource::Copy);
+        if copy.result.as_ref().is_ok_and(|f| f.disk_type.is_sparse()) {
+            candidates.push(copy);
+        }
+    }
+    candidates
+}
+
+/// The candidate a strict reader goes by: the first whose checksum is right.
+fn first_checked(candidates: &[FooterCandidate]) -> Option<usize> {
+    candidates
+        .iter()
+        .position(|c| c.result.as_ref().is_ok_and(Footer::checksum_ok))
+}
+
 fn open_inner(
     storage: Box<dyn Storage>,
     path: PathBuf,
@@ -1641,31 +1666,8 @@ fn open_inner(
         ));
     }
 
-    // Footer candidates in order of preference (§1.2).
-    let mut candidates = vec![read_footer_at(
-        storage.as_ref(),
-        len - 512,
-        512,
-        FooterSource::End,
-    )];
-    if len > 511 && (len - 511) % 512 == 0 {
-        candidates.push(read_footer_at(
-            storage.as_ref(),
-            len - 511,
-            511,
-            FooterSource::Short,
-        ));
-    }
-    if len >= 512 + FOOTER_SIZE as u64 {
-        let copy = read_footer_at(storage.as_ref(), 0, 512, FooterSource::Copy);
-        // The offset-0 copy only exists for sparse disks; a fixed disk's sector 0 is data.
-        if copy.result.as_ref().is_ok_and(|f| f.disk_type.is_sparse()) {
-            candidates.push(copy);
-        }
-    }
-    let good = candidates
-        .iter()
-        .position(|c| c.result.as_ref().is_ok_and(Footer::checksum_ok));
+    let mut candidates = footer_candidates(storage.as_ref(), len);
+    let good = first_checked(&candidates);
     let chosen = match good {
         Some(i) => i,
         None => {
@@ -2692,14 +2694,14 @@ mod tests {
 
         let p = peek(&base).unwrap();
         assert_eq!(p.footer().unwrap().unique_id, base_id);
-        assert!(p.copy_footer.is_some() && p.carries_id(base_id));
+        assert!(p.footers.len() == 2 && p.carries_id(base_id));
         assert_eq!(p.parent_unique_id, None);
         let p = peek(&child).unwrap();
         assert_eq!(p.footer().unwrap().disk_type, DiskType::Differencing);
         assert_eq!(p.parent_unique_id, Some(base_id));
         let p = peek(&fixed).unwrap();
         assert_eq!(p.footer().unwrap().unique_id, fixed_id);
-        assert!(p.copy_footer.is_none());
+        assert_eq!(p.footers.len(), 1);
 
         // A bad end footer checksum: a sparse disk goes by its copy, both still carry the id.
         // The fixed disk's data starts with a copy of its footer (a disk holding a VHD image):
@@ -2713,13 +2715,25 @@ mod tests {
         }
         let p = peek(&child).unwrap();
         assert_eq!(p.footer().unwrap().unique_id, child_id);
-        assert!(!p.end_footer.as_ref().unwrap().checksum_ok());
+        assert!(!p.footers[0].checksum_ok());
         assert_eq!(p.parent_unique_id, Some(base_id));
         let header_at = p.footer().unwrap().data_offset as usize;
         let p = peek(&fixed).unwrap();
-        assert!(p.copy_footer.as_ref().unwrap().checksum_ok());
+        assert!(p.sector0.as_ref().unwrap().checksum_ok());
         assert!(p.footer().is_none(), "a fixed disk has no copy to go by");
         assert!(p.carries_id(fixed_id));
+
+        // A 511-byte footer (a fixed disk's, truncated by its last byte): found, as open finds it.
+        let short = dir.path().join("short.vhd");
+        let short_id = create_fixed(&short, 1 << 20, &opts).unwrap().unique_id();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&short)
+            .unwrap();
+        f.set_len(len(&short) as u64 - 1).unwrap();
+        let p = peek(&short).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, short_id);
+        assert!(p.carries_id(short_id));
 
         // A damaged header (a byte of the parent id flipped): no parent id.
         flip(&child, header_at + 40);
@@ -2734,7 +2748,7 @@ mod tests {
         let junk = dir.path().join("junk");
         std::fs::write(&junk, [0u8; 4096]).unwrap();
         let p = peek(&junk).unwrap();
-        assert!(p.end_footer.is_none() && p.copy_footer.is_none() && p.footer().is_none());
+        assert!(p.footers.is_empty() && p.sector0.is_none() && p.footer().is_none());
     }
 
     #[test]

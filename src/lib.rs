@@ -49,7 +49,9 @@ pub mod vhdx;
 
 pub use chain::{Chain, ChainOptions, ChainReader, Layer};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
-pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
+pub use flatten::{
+    FlattenFormat, FlattenOptions, FlattenProgress, FlattenReport, flatten, flatten_path,
+};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
 pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};

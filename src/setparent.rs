@@ -170,14 +170,7 @@ pub fn set_parent_on(
         },
     )?;
     let mut warnings = Vec::new();
-    let same_file = match (
-        std::fs::canonicalize(child),
-        std::fs::canonicalize(new_parent),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same_file || p.unique_id() == c.unique_id() {
+    if locator::same_file(child, new_parent) || p.unique_id() == c.unique_id() {
         return Err(Error::InvalidParameter(format!(
             "{} cannot be the parent of {}: it is the same disk (unique id {})",
             new_parent.display(),
@@ -191,7 +184,7 @@ pub fn set_parent_on(
     let id_changed = p.unique_id() != old_id;
     if id_changed && !opts.force {
         return Err(Error::InvalidParameter(format!(
-            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (pass force to re-point the child anyway; its content then reads through the new parent)",
+            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
             new_parent.display(),
             p.unique_id(),
             child.display()
@@ -387,10 +380,10 @@ fn check_no_cycle(
     };
     match Chain::open(new_parent, &opts) {
         Ok(chain) => {
-            let me = std::fs::canonicalize(child.path()).ok();
             for l in chain.layers() {
-                let same_path = me.is_some() && std::fs::canonicalize(l.vhd.path()).ok() == me;
-                if same_path || l.vhd.unique_id() == child.unique_id() {
+                if locator::same_file(child.path(), l.vhd.path())
+                    || l.vhd.unique_id() == child.unique_id()
+                {
                     return Err(Error::InvalidParameter(format!(
                         "{} cannot be the parent of {}: {} (unique id {}) is already in the new parent's chain, so the chain would become a cycle",
                         new_parent.display(),

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
 use crate::image::{OpenOptions, Vhd};
 use crate::io::Storage;
-use crate::locator::canonical_or_self;
+use crate::locator::{canonical_or_self, same_file};
 
 /// Assemble unit `unit` of `plan` in `buf` (one destination unit, `plan.unit_bytes` long): the
 /// merged layers' data at the sectors they provide, one read per contributing layer and block,
@@ -175,10 +175,16 @@ pub(crate) fn run(
         dest = Some(v);
     }
 
+    // Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
+    // accepted), as flatten reports them.
     let mut warnings: Vec<String> = chain
         .layers()
         .iter()
-        .flat_map(|l| l.warnings.iter().cloned())
+        .flat_map(|l| {
+            let own = l.vhd.warnings().iter();
+            let own = own.map(|w| format!("{}: {w}", l.vhd.path().display()));
+            l.warnings.iter().cloned().chain(own)
+        })
         .collect();
     let found = find_dependents(&chain, d, options);
     let siblings: Vec<PathBuf> = found.siblings.iter().map(|v| v.path.clone()).collect();
@@ -194,11 +200,10 @@ pub(crate) fn run(
             "merged although these differencing disks depend on a changed file; their content changed:{list}"
         ));
     }
-    let relinked_set: HashSet<PathBuf> = relink.iter().map(|p| canonical_or_self(p)).collect();
     let orphans: Vec<PathBuf> = found
         .source_children
         .iter()
-        .filter(|v| !relinked_set.contains(&canonical_or_self(&v.path)))
+        .filter(|v| !relink.iter().any(|r| same_file(r, &v.path)))
         .map(|v| v.path.clone())
         .collect();
     if options.remove_merged && !orphans.is_empty() && !options.dry_run {
@@ -336,10 +341,9 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .collect()
     };
     let source = chain.vhd(0).path();
-    let canon = canonical_or_self(want);
     let peek = scan::peek_vhd(want);
     for (i, layer) in chain.layers().iter().enumerate() {
-        if canonical_or_self(layer.vhd.path()) != canon {
+        if !same_file(layer.vhd.path(), want) {
             continue;
         }
         if i == 0 {
@@ -358,6 +362,14 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
         return Ok(i);
     }
     let Some(peek) = peek else {
+        if let Err(e) = std::fs::metadata(want)
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            return Err(Error::io(
+                format!("{}: cannot open the destination", want.display()),
+                e,
+            ));
+        }
         return Err(Error::InvalidParameter(format!(
             "the destination {} is not a readable VHD, and not an ancestor of {}; its chain is:{}",
             want.display(),
@@ -446,14 +458,13 @@ fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependent
 /// parent is the source.
 fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let source = chain.vhd(0);
-    let in_chain: HashSet<PathBuf> = chain
-        .layers()
-        .iter()
-        .map(|l| canonical_or_self(l.vhd.path()))
-        .collect();
     let mut out = Vec::new();
     for child in children {
-        if in_chain.contains(&canonical_or_self(child)) {
+        if chain
+            .layers()
+            .iter()
+            .any(|l| same_file(l.vhd.path(), child))
+        {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is part of the merged chain",
                 child.display()
