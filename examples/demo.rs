@@ -3,7 +3,9 @@
 //! Builds a chain in a temporary directory (dynamic base <- child <- grandchild, with partial
 //! sector bitmaps and a different block size in the middle), merges the grandchild into the
 //! base through the library, checks that the base now reads exactly what the grandchild read
-//! before, and prints what it did. Nothing outside the temporary directory is touched.
+//! before, and prints what it did. Nothing outside the temporary directory is touched; it is
+//! removed at the end unless `--keep` is given (`cargo run --release --example demo -- --keep`),
+//! to look at the files with `vhd-merge info`.
 
 use std::error::Error;
 
@@ -21,6 +23,11 @@ fn view(path: &std::path::Path) -> Result<Vec<u8>, Box<dyn Error>> {
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
+    let keep = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--keep") => true,
+        Some(other) => return Err(format!("unknown argument {other:?} (only --keep)").into()),
+    };
     let dir = tempfile::tempdir()?;
     let base = dir.path().join("base.vhd");
     let child = dir.path().join("child.vhd");
@@ -101,5 +108,17 @@ fn main() -> Result<(), Box<dyn Error>> {
         .map(|p| p.display().to_string())
         .collect();
     println!("now obsolete (left in place): {}", obsolete.join(", "));
+    if keep {
+        let kept = dir.keep();
+        println!(
+            "the files are kept in {} (remove it when done)",
+            kept.display()
+        );
+    } else {
+        println!(
+            "{} is removed now (run with --keep to keep the files)",
+            dir.path().display()
+        );
+    }
     Ok(())
 }

@@ -27,11 +27,12 @@
 //! 4. every regular file in the search directories whose footer carries the wanted unique id
 //!    (a renamed parent), unless [`ChainOptions::scan_search_dirs`] is off.
 //!
-//! Identical paths are tried once. A missing parent fails with [`Error::ParentNotFound`]
+//! Identical paths are tried once (a path that only absolute locators gave, again when a relative
+//! rule gives it). A missing parent fails with [`Error::ParentNotFound`]
 //! listing each candidate and why it failed. Resolving opens files read-only and never writes.
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -698,17 +699,22 @@ struct Candidate {
     skip: Option<String>,
 }
 
-/// Candidates in the order to try, without duplicate paths.
+/// Candidates in the order to try, without duplicate paths (a path seen only from absolute
+/// locators is listed again when a relative rule gives it, which is still followed when
+/// absolute locators are ignored).
 #[derive(Debug, Default)]
 struct Candidates {
     list: Vec<Candidate>,
-    seen: HashSet<PathBuf>,
+    /// Each path listed, with whether all its entries so far are absolute.
+    seen: HashMap<PathBuf, bool>,
 }
 
 impl Candidates {
     fn push(&mut self, path: PathBuf, found_by: FoundBy, absolute: bool) {
         let path = crate::locator::normalize(&path);
-        if self.seen.insert(path.clone()) {
+        let only_absolute = self.seen.get(&path).copied();
+        if only_absolute.is_none() || (only_absolute == Some(true) && !absolute) {
+            self.seen.insert(path.clone(), absolute);
             self.list.push(Candidate {
                 path,
                 source: found_by.to_string(),
@@ -733,15 +739,47 @@ impl Candidates {
 /// The last component of a name that may be a full Windows or POSIX path (Windows 10 writes
 /// the full path into the header's Parent Unicode Name, §2.1), if it is a plain file name.
 fn file_name_of(name: &str) -> Option<&str> {
-    let base = name.rsplit(['\\', '/']).next()?;
-    (!base.is_empty() && base != "." && base != ".." && !base.contains('\0')).then_some(base)
+    plain_name(name.rsplit(['\\', '/']).next()?)
+}
+
+/// `name` if it is one plain POSIX file name component.
+fn plain_name(name: &str) -> Option<&str> {
+    (!name.is_empty() && name != "." && name != ".." && !name.contains(['\0', '/'])).then_some(name)
+}
+
+/// The file names the header's Parent Unicode Name may mean, in the order to try: on
+/// non-Windows hosts a name such as `back\slash.vhd` (no `/`, no drive colon) first whole, as
+/// this crate writes a POSIX file name holding a backslash; then its last component.
+fn header_names(name: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    if !cfg!(windows)
+        && name.contains('\\')
+        && !name.contains(':')
+        && let Some(n) = plain_name(name)
+        && name.split('\\').all(|c| plain_name(c).is_some())
+    {
+        out.push(n);
+    }
+    out.extend(file_name_of(name));
+    out
+}
+
+/// The last component of a hint's path text (see [`hint_path`]), if a plain file name.
+fn path_file_name(text: &str, windows_syntax: bool) -> Option<&str> {
+    if windows_syntax {
+        file_name_of(text)
+    } else {
+        plain_name(text.rsplit('/').next()?)
+    }
 }
 
 /// A hint as a host path to map: the text (a `file://` URL decoded) and whether it is in
 /// Windows syntax; `None` for a URL that does not decode.
 fn hint_path(h: &PathHint) -> Option<(String, bool)> {
     match h.spelling {
-        Spelling::FileUrl => crate::locator::path_from_file_url(&h.text).map(|p| (p, false)),
+        Spelling::FileUrl => {
+            crate::locator::path_from_file_url(&h.text).map(|p| (p.text, p.windows_syntax))
+        }
         Spelling::FileName => Some((h.text.clone(), false)),
         _ => Some((h.text.clone(), true)),
     }
@@ -773,17 +811,27 @@ fn parent_candidates(
 
     // File names to look for in the search directories: the bare names', then each path's.
     let mut names: Vec<(String, FoundBy)> = Vec::new();
-    for h in names_only.iter().chain(&paths) {
-        let Some((text, _)) = hint_path(h) else {
+    for h in &names_only {
+        for n in header_names(&h.text) {
+            if !names.iter().any(|(m, _)| m == n) {
+                let found_by = FoundBy::SearchDir {
+                    source: h.source,
+                    from_path: false,
+                };
+                names.push((n.to_string(), found_by));
+            }
+        }
+    }
+    for h in &paths {
+        let Some((text, windows_syntax)) = hint_path(h) else {
             continue;
         };
-        let from_path = h.spelling != Spelling::FileName;
-        if let Some(n) = file_name_of(&text)
+        if let Some(n) = path_file_name(&text, windows_syntax)
             && !names.iter().any(|(m, _)| m == n)
         {
             let found_by = FoundBy::SearchDir {
                 source: h.source,
-                from_path,
+                from_path: true,
             };
             names.push((n.to_string(), found_by));
         }
@@ -818,7 +866,7 @@ fn parent_candidates(
     }
 
     for h in &names_only {
-        if let Some(n) = file_name_of(&h.text) {
+        for n in header_names(&h.text) {
             let found_by = FoundBy::Hint {
                 source: h.source,
                 rule: None,

@@ -15,7 +15,9 @@ use crate::format::footer::{
 };
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE, ParentLocator};
 use crate::format::{Geometry, MAX_DYNAMIC_SIZE, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{MAX_BLOCK_SIZE, OpenOptions, Vhd};
+use crate::image::{
+    MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, Vhd, WriteMode, open_for_writing,
+};
 use crate::locator::{self, LOCATOR_SPACE};
 
 /// Default block size: 2 MiB, as Windows and every other writer default to.
@@ -120,36 +122,20 @@ fn check_block_size(bs: u32) -> Result<()> {
     Ok(())
 }
 
-/// Create the file, refusing to replace an existing one unless asked.
-fn create_file(path: &Path, overwrite: bool) -> Result<File> {
-    let mut o = File::options();
-    o.read(true).write(true);
-    if overwrite {
-        o.create(true).truncate(true);
-    } else {
-        o.create_new(true);
-    }
-    o.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::InvalidParameter(format!(
-                "{} already exists (pass overwrite to replace it)",
-                path.display()
-            ))
-        } else {
-            Error::io(format!("{}: cannot create", path.display()), e)
-        }
-    })
-}
-
 /// Write a new file with `write`, removing it again if anything fails.
 fn write_new(
     path: &Path,
     overwrite: bool,
     write: impl FnOnce(&File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let file = create_file(path, overwrite)?;
-    let res = write(&file).and_then(|()| file.sync_all());
-    drop(file);
+    let mode = if overwrite {
+        WriteMode::Truncate
+    } else {
+        WriteMode::CreateNew
+    };
+    let storage = open_for_writing(path, mode)?;
+    let res = write(storage.file()).and_then(|()| storage.file().sync_all());
+    drop(storage);
     if let Err(e) = res {
         let _ = std::fs::remove_file(path);
         return Err(Error::io(format!("{}: writing new VHD", path.display()), e));
@@ -186,7 +172,7 @@ pub fn create_dynamic(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -
 }
 
 /// Create a differencing VHD whose parent is the VHD at `parent`. The child inherits the
-/// parent's size and geometry and records its unique id, file modification time, file name
+/// parent's virtual size (the CHS size of a Virtual PC parent, §1.5) and geometry and records its unique id, file modification time, file name
 /// and locators: W2ru relative, W2ku absolute, and MacX on non-Windows hosts.
 pub fn create_differencing(
     path: impl AsRef<Path>,
@@ -205,9 +191,12 @@ pub fn create_differencing(
         )));
     }
     let pf = p.footer().clone();
+    // The parent's virtual size, not its Current Size: for a Virtual PC parent the guest sees
+    // the smaller CHS size, and a child larger than its parent could not be merged back.
+    let size = p.virtual_size();
     drop(p);
-    let mut footer = new_footer(pf.current_size, DiskType::Differencing, opts);
-    footer.original_size = pf.current_size;
+    let mut footer = new_footer(size, DiskType::Differencing, opts);
+    footer.original_size = size;
     footer.geometry = pf.geometry;
     footer.fix_checksum();
     let parent_time = parent_timestamp(parent)?;
@@ -265,6 +254,29 @@ pub fn place_locators(
     (out, pos)
 }
 
+/// The BAT entries a disk of `size` bytes needs at `block_size`, refused past
+/// [`MAX_TABLE_ENTRIES`] with the smallest block size that works.
+fn table_entries(size: u64, block_size: u32) -> Result<u32> {
+    let entries = size.div_ceil(u64::from(block_size));
+    match u32::try_from(entries) {
+        Ok(n) if n <= MAX_TABLE_ENTRIES => Ok(n),
+        _ => {
+            let smallest = size
+                .div_ceil(u64::from(MAX_TABLE_ENTRIES))
+                .next_power_of_two()
+                .max(512);
+            let readable = match smallest {
+                b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+                b if b >= 1 << 10 => format!("{} KiB", b >> 10),
+                b => format!("{b} bytes"),
+            };
+            Err(Error::InvalidParameter(format!(
+                "a {size}-byte disk with {block_size}-byte blocks needs {entries} BAT entries, more than the {MAX_TABLE_ENTRIES} supported; use a block size of at least {readable} ({smallest} bytes)"
+            )))
+        }
+    }
+}
+
 fn write_sparse(
     path: &Path,
     footer: &Footer,
@@ -274,13 +286,7 @@ fn write_sparse(
     payloads: &[(PlatformCode, Vec<u8>)],
     opts: &CreateOptions,
 ) -> Result<()> {
-    let bs = u64::from(opts.block_size);
-    let entries = u32::try_from(footer.current_size.div_ceil(bs)).map_err(|_| {
-        Error::InvalidParameter(format!(
-            "{} bytes at block size {bs} needs more than 2^32 BAT entries",
-            footer.current_size
-        ))
-    })?;
+    let entries = table_entries(footer.current_size, opts.block_size)?;
     let table_offset = 512 + HEADER_SIZE as u64;
     let table_bytes = bat::table_bytes(entries);
     let (locs, meta_end) = place_locators(table_offset + table_bytes, payloads);

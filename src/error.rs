@@ -110,7 +110,7 @@ pub enum Error {
     },
     /// A checksum does not match; reading with `lenient` accepts it.
     #[error(
-        "{}{structure} checksum mismatch at offset {offset}: stored {stored:#010x}, computed {computed:#010x} (open leniently to read it anyway)",
+        "{}{structure} checksum mismatch at offset {offset}: stored {stored:#010x}, computed {computed:#010x} (reading leniently, with the lenient option (--lenient), accepts it; `vhd-merge repair` rewrites it)",
         path_prefix(.path)
     )]
     Checksum {

@@ -18,6 +18,8 @@ use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
+use crate::image::{WriteMode, open_for_writing};
+use crate::io::FileStorage;
 use crate::layer::{DiskKind, LayerWriter};
 
 /// The kind of file [`flatten`] writes.
@@ -43,8 +45,23 @@ impl FlattenFormat {
     }
 }
 
-/// A progress callback: called with (bytes done, bytes in total) after each span.
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+/// What a flatten's progress callback is told after each span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlattenProgress {
+    /// Bytes of the virtual disk done: the position reached.
+    pub position: u64,
+    /// The virtual size.
+    pub virtual_size: u64,
+    /// Bytes of data done: of the spans done, those in which some layer has a block (a fixed
+    /// layer: every span).
+    pub data_done: u64,
+    /// Bytes of such spans in the whole disk: the data there is to copy (the other spans are
+    /// holes or unallocated blocks in the output). `data_done` reaches it at the end.
+    pub data_total: u64,
+}
+
+/// A progress callback, called after each span.
+pub type Progress<'a> = &'a mut dyn FnMut(&FlattenProgress);
 
 /// Options for [`flatten`].
 #[derive(Default)]
@@ -125,7 +142,8 @@ pub fn flatten(
         ))
     })?;
     let size = top.virtual_size();
-    check_output(chain, output, opts.force)?;
+    // Held until the new file has replaced the old one.
+    let mut replaced = check_output(chain, output, opts.force)?;
     if opts.format == FlattenFormat::Dynamic {
         create::check_dynamic_size(size)?;
     }
@@ -137,6 +155,11 @@ pub fn flatten(
         None => create::DEFAULT_BLOCK_SIZE,
     };
     let tmp = temp_path(output)?;
+    let span = match opts.format {
+        FlattenFormat::Dynamic => u64::from(block_size),
+        // The fixed output's chunk (its block size) is the raw span too.
+        FlattenFormat::Raw | FlattenFormat::Fixed => RAW_SPAN,
+    };
     let mut w = Writer {
         chain,
         layer,
@@ -145,12 +168,26 @@ pub fn flatten(
         done: 0,
         data_bytes: 0,
         progress: opts.progress.take(),
+        data_done: 0,
+        data_total: 0,
     };
+    if w.progress.is_some() {
+        w.data_total = (0..size.div_ceil(span))
+            .map(|i| (i * span, span.min(size - i * span)))
+            .filter(|&(pos, n)| w.has_blocks(pos, n))
+            .map(|(_, n)| n)
+            .sum();
+    }
     let res = match opts.format {
         FlattenFormat::Raw => w.raw(&tmp),
         FlattenFormat::Fixed => w.fixed(&tmp),
         FlattenFormat::Dynamic => w.dynamic(&tmp, block_size),
     };
+    // Windows cannot rename over a file this process holds open; elsewhere the lock is held
+    // until the new file has replaced the old one.
+    if cfg!(windows) {
+        drop(replaced.take());
+    }
     let blocks_allocated = match res.and_then(|b| publish(&tmp, output, opts.force).map(|()| b)) {
         Ok(b) => b,
         Err(e) => {
@@ -158,6 +195,7 @@ pub fn flatten(
             return Err(e);
         }
     };
+    drop(replaced);
     Ok(FlattenReport {
         output: output.to_path_buf(),
         format: opts.format,
@@ -168,11 +206,13 @@ pub fn flatten(
     })
 }
 
-/// Refuse an output that exists (unless forced) or that is one of the chain's files.
-fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
+/// Refuse an output that exists (unless forced) or that is one of the chain's files. An
+/// existing output to replace is returned locked like every file a command writes, so a file
+/// another process is merging is refused with System is in use (32774).
+fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<Option<FileStorage>> {
     let meta = match std::fs::metadata(output) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(Error::io(
                 format!("{}: checking the output", output.display()),
@@ -197,11 +237,11 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<()> {
     }
     if !force {
         return Err(Error::InvalidParameter(format!(
-            "the output {} already exists (pass force to replace it)",
+            "the output {} already exists (the force option (--force) replaces it)",
             output.display()
         )));
     }
-    Ok(())
+    open_for_writing(output, WriteMode::Replace).map(Some)
 }
 
 /// A name for the temporary output beside `output` (same directory, so the final rename
@@ -233,7 +273,7 @@ fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::InvalidParameter(format!(
-                    "the output {} appeared while flattening (pass force to replace it)",
+                    "the output {} appeared while flattening (the force option (--force) replaces it)",
                     output.display()
                 )));
             }
@@ -241,7 +281,7 @@ fn publish(tmp: &Path, output: &Path, force: bool) -> Result<()> {
                 // No hard links on this file system: check, then rename.
                 if output.exists() {
                     return Err(Error::InvalidParameter(format!(
-                        "the output {} appeared while flattening (pass force to replace it)",
+                        "the output {} appeared while flattening (the force option (--force) replaces it)",
                         output.display()
                     )));
                 }
@@ -289,14 +329,44 @@ struct Writer<'c, 'p> {
     done: u64,
     data_bytes: u64,
     progress: Option<Progress<'p>>,
+    /// See [`FlattenProgress`] (counted only with a progress callback).
+    data_done: u64,
+    data_total: u64,
 }
 
 impl Writer<'_, '_> {
-    fn report(&mut self, done: u64) {
-        self.done = done;
-        if let Some(p) = self.progress.as_mut() {
-            p(done, self.size);
+    /// The span `pos..pos + len` is done.
+    fn report(&mut self, pos: u64, len: u64) {
+        self.done = pos + len;
+        if self.progress.is_none() {
+            return;
         }
+        if self.has_blocks(pos, len) {
+            self.data_done += len;
+        }
+        let p = FlattenProgress {
+            position: self.done,
+            virtual_size: self.size,
+            data_done: self.data_done,
+            data_total: self.data_total,
+        };
+        if let Some(cb) = self.progress.as_mut() {
+            cb(&p);
+        }
+    }
+
+    /// Whether some layer of the flattened range has a block in `pos..pos + len` (from the
+    /// block tables only: no reads).
+    fn has_blocks(&self, pos: u64, len: u64) -> bool {
+        self.chain.layers()[self.layer..].iter().any(|l| {
+            let v = l.layer.as_ref();
+            if pos >= v.virtual_size() {
+                return false;
+            }
+            let bs = v.block_size();
+            let last = (pos + len - 1).min(v.virtual_size() - 1) / bs;
+            (pos / bs..=last).any(|b| v.is_mapped(b))
+        })
     }
 
     fn plan(&self, pos: u64, len: u64) -> Result<SpanPlan> {
@@ -347,13 +417,13 @@ impl Writer<'_, '_> {
             if self.read(&plan, out, &mut scratch)? {
                 crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
             }
+            self.report(pos, n);
             pos += n;
             if pos - unflushed >= WRITEBACK_EVERY {
                 // Holes in the range cost nothing: only dirty pages are written.
                 crate::io::start_writeback(&file, unflushed, pos - unflushed);
                 unflushed = pos;
             }
-            self.report(pos);
         }
         file.sync_all().map_err(|e| io("flushing to disk", e))?;
         Ok(0)
@@ -377,8 +447,8 @@ impl Writer<'_, '_> {
                 // The writer never writes past the virtual size in the last chunk.
                 out.write_sectors(pos / chunk, 0, &mut buf, &full)?;
             }
+            self.report(pos, n);
             pos += n;
-            self.report(pos);
         }
         out.finish()?;
         Ok(0)
@@ -424,7 +494,7 @@ fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u6
                 buf[*n as usize..].fill(0);
                 out.write_sectors(*b, 0, &mut buf, &full)?;
             }
-            w.report(pos + n);
+            w.report(*pos, *n);
         }
         out.commit()?;
         first = last;

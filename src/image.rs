@@ -40,6 +40,19 @@ use crate::io::{FileStorage, Storage};
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
+/// Most BAT entries a dynamic or differencing disk may have: 2^20, a 4 MiB table, which
+/// covers the largest dynamic disk (2040 GiB) at the default 2 MiB blocks. Every entry costs
+/// about 35 bytes while a file is validated, so this bounds the memory any file needs (under
+/// 64 MiB of peak RSS for a fully allocated table). A file whose table is larger (smaller
+/// blocks over a large disk) is refused with Not supported (32770) before its table is
+/// allocated, and `create` refuses to make one (naming the smallest block size that works),
+/// until tables are read on demand.
+pub const MAX_TABLE_ENTRIES: u32 = 1 << 20;
+
+/// BAT bytes read at a time when a file is opened, so that no second copy of the table is
+/// held while it is decoded.
+const BAT_READ_CHUNK: usize = 1 << 20;
+
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
 /// path (Windows reserves at most 64 KiB for one, §2.2).
 pub const MAX_LOCATOR_PAYLOAD: u32 = 64 * 1024;
@@ -295,6 +308,11 @@ impl Vhd {
         self.storage.as_ref()
     }
 
+    /// Close the file and give back its storage (with any lock it holds).
+    pub(crate) fn into_storage(self) -> Box<dyn Storage> {
+        self.storage
+    }
+
     /// Bytes per block: the header's Block Size, or [`FIXED_CHUNK`] for a fixed disk.
     pub fn block_size(&self) -> u64 {
         match &self.header {
@@ -433,23 +451,21 @@ impl Vhd {
     /// released descriptor (and so of its lock) for that moment, which must not look like a
     /// real holder. A real holder keeps its lock far longer.
     pub fn lock(&self, exclusive: bool) -> Result<()> {
-        let mut wait_ms = 1;
-        loop {
-            match self.storage.try_lock(exclusive) {
-                Ok(true) => return Ok(()),
-                Ok(false) if wait_ms <= 32 => {
-                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
-                    wait_ms *= 2;
-                }
-                Ok(false) => {
-                    return Err(Error::InUse(format!(
-                        "{} is in use: another process holds a lock on it (a merge or another tool)",
-                        self.path.display()
-                    )));
-                }
-                Err(e) => return Err(Error::io(format!("{}: locking", self.path.display()), e)),
-            }
-        }
+        take_lock(self.storage.as_ref(), &self.path, exclusive)
+    }
+
+    /// Open the existing VHD at `path` for writing the way every command that writes one does
+    /// (merge, set-parent, repair): with the exclusive advisory lock a merge takes on its
+    /// destination, taken before the file is even read, so a file another process is merging
+    /// gives [`Error::InUse`] (32774).
+    pub fn open_for_writing(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
+        let path = path.as_ref();
+        let storage = open_for_writing(path, WriteMode::Existing)?;
+        let options = OpenOptions {
+            writable: true,
+            ..options
+        };
+        Vhd::from_storage(Box::new(storage), path, options)
     }
 
     /// Where block `index` lives. Reads the bitmap for an allocated sparse block.
@@ -994,6 +1010,97 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     }
 }
 
+/// Take an advisory lock (exclusive or shared) on `storage`, the file at `path`; see
+/// [`Vhd::lock`] for the retry.
+fn take_lock(storage: &dyn Storage, path: &Path, exclusive: bool) -> Result<()> {
+    let mut wait_ms = 1;
+    loop {
+        match storage.try_lock(exclusive) {
+            Ok(true) => return Ok(()),
+            Ok(false) if wait_ms <= 32 => {
+                std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                wait_ms *= 2;
+            }
+            Ok(false) => {
+                return Err(Error::InUse(format!(
+                    "{} is in use: another process holds a lock on it (a merge or another tool)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("{}: locking", path.display()), e)),
+        }
+    }
+}
+
+/// What a command that writes a file expects to find at its path (see [`open_for_writing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    /// A file that exists, opened for reading and writing.
+    Existing,
+    /// No file: a new one is created (an existing one is refused).
+    CreateNew,
+    /// A new file, or an existing one emptied in place (`create --force`): truncated only
+    /// once the lock is held.
+    Truncate,
+    /// An existing file that is about to be replaced by renaming another over it (`flatten
+    /// --force`): opened read-only, only to hold the lock until the rename.
+    Replace,
+}
+
+/// The one rule for every command that writes a file (create, set-parent, repair, flatten
+/// over an existing output, merge): open it and take the exclusive advisory lock a merge
+/// takes on its destination (the other layers of a merge are locked shared, which conflicts
+/// too), before any byte changes. Another holder gives [`Error::InUse`] (32774). The lock
+/// lasts as long as the returned storage.
+pub(crate) fn open_for_writing(path: &Path, mode: WriteMode) -> Result<FileStorage> {
+    let exists = match std::fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(format!("{}: cannot open", path.display()), e)),
+    };
+    let file = match mode {
+        WriteMode::Existing => open_regular_file(path, true)?,
+        WriteMode::Replace => open_regular_file(path, false)?,
+        WriteMode::CreateNew => create_file(path, false)?,
+        WriteMode::Truncate if exists => {
+            // Never open a FIFO or a device (an open could block or write to it).
+            let _ = open_regular_file(path, false)?;
+            create_file(path, true)?
+        }
+        WriteMode::Truncate => create_file(path, true)?,
+    };
+    let storage = FileStorage::new(file);
+    take_lock(&storage, path, true)?;
+    if mode == WriteMode::Truncate {
+        storage
+            .set_len(0)
+            .map_err(|e| Error::io(format!("{}: truncating", path.display()), e))?;
+    }
+    Ok(storage)
+}
+
+/// Create `path` for reading and writing; `existing_ok` opens an existing file without
+/// truncating it (the caller truncates once it holds the lock).
+fn create_file(path: &Path, existing_ok: bool) -> Result<File> {
+    let mut o = File::options();
+    o.read(true).write(true);
+    if existing_ok {
+        o.create(true);
+    } else {
+        o.create_new(true);
+    }
+    o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidParameter(format!(
+                "{} already exists (the overwrite option (--force) replaces it)",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("{}: cannot create", path.display()), e)
+        }
+    })
+}
+
 /// Open a path that must be a regular file (not a directory, FIFO or device).
 pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
     let meta = std::fs::metadata(path)
@@ -1025,35 +1132,30 @@ pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
 /// directories for a renamed parent or for siblings, where most files are not wanted.
 #[derive(Clone, Debug)]
 pub(crate) struct Peek {
-    /// The footer at the end of the file, when its cookie is right (checksum not checked).
-    pub end_footer: Option<Footer>,
-    /// The copy at offset 0, when its cookie is right (checksum not checked).
-    pub copy_footer: Option<Footer>,
+    /// The footers [`Vhd::open`] would consider, in its order of preference, those that parse
+    /// (checksums not checked).
+    pub footers: Vec<Footer>,
+    /// The first sector parsed as a footer whatever its disk type (checksum not checked): a
+    /// fixed disk that holds a copy of its own footer there.
+    pub sector0: Option<Footer>,
     /// For a differencing disk (by [`Peek::footer`]): the Parent Unique Id of its dynamic
     /// header, when the header lies inside the file and its checksum is right.
     pub parent_unique_id: Option<Uuid>,
 }
 
 impl Peek {
-    /// The footer a reader goes by: the end one when its checksum is right, else a sparse
-    /// disk's offset-0 copy when its checksum is right (§4.2).
+    /// The footer a strict [`Vhd::open`] goes by: the first candidate whose checksum is right.
     pub fn footer(&self) -> Option<&Footer> {
-        let checked = |f: &&Footer| f.checksum_ok();
-        self.end_footer.as_ref().filter(checked).or_else(|| {
-            self.copy_footer
-                .as_ref()
-                .filter(checked)
-                .filter(|f| f.disk_type.is_sparse())
-        })
+        self.footers.iter().find(|f| f.checksum_ok())
     }
 
-    /// Whether either footer, checksum right or not, carries unique id `id`: how a damaged
-    /// copy of a wanted disk is still recognised (see [`crate::layer::Probe::ids`]).
+    /// Whether any footer, checksum right or not, carries unique id `id`: how a damaged copy
+    /// of a wanted disk is still recognised (see [`crate::layer::Probe::ids`]).
     #[cfg(test)]
     pub fn carries_id(&self, id: Uuid) -> bool {
-        [&self.end_footer, &self.copy_footer]
-            .into_iter()
-            .flatten()
+        self.footers
+            .iter()
+            .chain(&self.sector0)
             .any(|f| f.unique_id == id)
     }
 }
@@ -1068,20 +1170,24 @@ pub(crate) fn peek(path: &Path) -> Option<Peek> {
         return None;
     }
     let mut peek = Peek {
-        end_footer: None,
-        copy_footer: None,
+        footers: Vec::new(),
+        sector0: None,
         parent_unique_id: None,
     };
     let Ok(file) = File::open(path) else {
         return Some(peek);
     };
-    let read_footer = |offset: u64| -> Option<Footer> {
-        let mut b = [0u8; FOOTER_SIZE];
-        crate::io::pread_exact(&file, &mut b, offset).ok()?;
-        Footer::parse(&b).ok()
-    };
-    peek.end_footer = read_footer(len - FOOTER_SIZE as u64);
-    peek.copy_footer = read_footer(0);
+    let storage = FileStorage::new(file);
+    let candidates = footer_candidates(&storage, len);
+    peek.footers = candidates
+        .into_iter()
+        .filter_map(|c| c.result.ok())
+        .collect();
+    if len >= 512 + FOOTER_SIZE as u64 {
+        peek.sector0 = read_footer_at(&storage, 0, 512, FooterSource::Copy)
+            .result
+            .ok();
+    }
     let header_at = peek
         .footer()
         .filter(|f| f.disk_type == DiskType::Differencing)
@@ -1089,7 +1195,8 @@ pub(crate) fn peek(path: &Path) -> Option<Peek> {
         .filter(|at| at.checked_add(HEADER_SIZE as u64).is_some_and(|e| e <= len));
     if let Some(at) = header_at {
         let mut b = [0u8; HEADER_SIZE];
-        peek.parent_unique_id = crate::io::pread_exact(&file, &mut b, at)
+        peek.parent_unique_id = storage
+            .read_at(&mut b, at)
             .ok()
             .and_then(|()| DynamicHeader::parse(&b).ok())
             .filter(DynamicHeader::checksum_ok)
@@ -1206,6 +1313,8 @@ pub mod problem_codes {
     pub const BAT_LARGER: &str = "bat-larger";
     /// The BAT runs past the end of the file or overlaps the header.
     pub const BAT_PLACEMENT: &str = "bat-placement";
+    /// The BAT has more entries than [`super::MAX_TABLE_ENTRIES`]: not supported.
+    pub const BAT_TOO_LARGE: &str = "bat-too-large";
     /// A BAT entry points (partly) outside the file.
     pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
     /// A block overlaps another block or metadata.
@@ -1514,6 +1623,31 @@ fn read_footer_at(
     }
 }
 
+/// The footers a file of `len` bytes (at least [`FOOTER_SIZE`]) may go by, in order of
+/// preference (§1.2): the last 512 bytes, a 511-byte footer when the length says one may be
+/// there, and the offset-0 copy when it parses as a sparse disk's (a fixed disk's sector 0 is
+/// data). The one rule both [`Vhd::open`] and [`peek`] use.
+fn footer_candidates(storage: &dyn Storage, len: u64) -> Vec<FooterCandidate> {
+    let mut candidates = vec![read_footer_at(storage, len - 512, 512, FooterSource::End)];
+    if len > 511 && (len - 511).is_multiple_of(512) {
+        candidates.push(read_footer_at(storage, len - 511, 511, FooterSource::Short));
+    }
+    if len >= 512 + FOOTER_SIZE as u64 {
+        let copy = read_footer_at(storage, 0, 512, FooterSource::Copy);
+        if copy.result.as_ref().is_ok_and(|f| f.disk_type.is_sparse()) {
+            candidates.push(copy);
+        }
+    }
+    candidates
+}
+
+/// The candidate a strict reader goes by: the first whose checksum is right.
+fn first_checked(candidates: &[FooterCandidate]) -> Option<usize> {
+    candidates
+        .iter()
+        .position(|c| c.result.as_ref().is_ok_and(Footer::checksum_ok))
+}
+
 fn open_inner(
     storage: Box<dyn Storage>,
     path: PathBuf,
@@ -1533,31 +1667,8 @@ fn open_inner(
         ));
     }
 
-    // Footer candidates in order of preference (§1.2).
-    let mut candidates = vec![read_footer_at(
-        storage.as_ref(),
-        len - 512,
-        512,
-        FooterSource::End,
-    )];
-    if len > 511 && (len - 511) % 512 == 0 {
-        candidates.push(read_footer_at(
-            storage.as_ref(),
-            len - 511,
-            511,
-            FooterSource::Short,
-        ));
-    }
-    if len >= 512 + FOOTER_SIZE as u64 {
-        let copy = read_footer_at(storage.as_ref(), 0, 512, FooterSource::Copy);
-        // The offset-0 copy only exists for sparse disks; a fixed disk's sector 0 is data.
-        if copy.result.as_ref().is_ok_and(|f| f.disk_type.is_sparse()) {
-            candidates.push(copy);
-        }
-    }
-    let good = candidates
-        .iter()
-        .position(|c| c.result.as_ref().is_ok_and(Footer::checksum_ok));
+    let mut candidates = footer_candidates(storage.as_ref(), len);
+    let good = first_checked(&candidates);
     let chosen = match good {
         Some(i) => i,
         None => {
@@ -2080,6 +2191,17 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
+    if mte > u64::from(MAX_TABLE_ENTRIES) {
+        return Err(v.stop(
+            pc::BAT_TOO_LARGE,
+            hs,
+            ho,
+            Error::not_supported(format!(
+                "dynamic header Max Table Entries {mte} is more than the {MAX_TABLE_ENTRIES} BAT entries supported (a {} MiB table); the table is not read",
+                (u64::from(MAX_TABLE_ENTRIES) * 4) >> 20
+            )),
+        ));
+    }
     // The padding counts: BAT updates write whole sectors.
     if h.table_offset.saturating_add(table_len) > meta_limit {
         return Err(v.stop(
@@ -2114,11 +2236,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    // Sized from mte, which was checked against the file length above.
-    let mut table = vec![0u8; (mte * 4) as usize];
-    vhd.read_raw(&mut table, h.table_offset)?;
-    let mut bat = Bat::parse(&table, h.max_table_entries)?;
-    drop(table);
+    let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
     let batmap = read_batmap(vhd, &h, len, v)?;
 
     // Every allocated block must lie inside the file, clear of the metadata, and clear of every
@@ -2368,6 +2486,30 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     Ok(())
 }
 
+/// Read `entries` BAT entries at `offset` (at most [`MAX_TABLE_ENTRIES`], checked against the
+/// file length by the caller) in chunks of [`BAT_READ_CHUNK`] bytes.
+fn read_bat(vhd: &Vhd, offset: u64, entries: u32) -> Result<Bat> {
+    let n = entries.min(MAX_TABLE_ENTRIES) as usize;
+    let mut table = Vec::new();
+    table.try_reserve_exact(n).map_err(|_| {
+        Error::io(
+            format!("{}: reading the BAT", vhd.path.display()),
+            std::io::ErrorKind::OutOfMemory.into(),
+        )
+    })?;
+    let mut buf = vec![0u8; BAT_READ_CHUNK.min(n * 4)];
+    let mut at = offset;
+    while table.len() < n {
+        let take = ((n - table.len()) * 4).min(buf.len());
+        let chunk = &mut buf[..take];
+        vhd.read_raw(chunk, at)?;
+        let part = Bat::parse(chunk, (take / 4) as u32)?;
+        table.extend_from_slice(&part.entries);
+        at += take as u64;
+    }
+    Ok(Bat { entries: table })
+}
+
 /// A BAT as held in memory by a [`Vhd`].
 ///
 /// A 2 TiB disk has a 4 MiB table; a chain of 32 such layers would hold 128 MiB of tables
@@ -2553,14 +2695,14 @@ mod tests {
 
         let p = peek(&base).unwrap();
         assert_eq!(p.footer().unwrap().unique_id, base_id);
-        assert!(p.copy_footer.is_some() && p.carries_id(base_id));
+        assert!(p.footers.len() == 2 && p.carries_id(base_id));
         assert_eq!(p.parent_unique_id, None);
         let p = peek(&child).unwrap();
         assert_eq!(p.footer().unwrap().disk_type, DiskType::Differencing);
         assert_eq!(p.parent_unique_id, Some(base_id));
         let p = peek(&fixed).unwrap();
         assert_eq!(p.footer().unwrap().unique_id, fixed_id);
-        assert!(p.copy_footer.is_none());
+        assert_eq!(p.footers.len(), 1);
 
         // A bad end footer checksum: a sparse disk goes by its copy, both still carry the id.
         // The fixed disk's data starts with a copy of its footer (a disk holding a VHD image):
@@ -2574,13 +2716,25 @@ mod tests {
         }
         let p = peek(&child).unwrap();
         assert_eq!(p.footer().unwrap().unique_id, child_id);
-        assert!(!p.end_footer.as_ref().unwrap().checksum_ok());
+        assert!(!p.footers[0].checksum_ok());
         assert_eq!(p.parent_unique_id, Some(base_id));
         let header_at = p.footer().unwrap().data_offset as usize;
         let p = peek(&fixed).unwrap();
-        assert!(p.copy_footer.as_ref().unwrap().checksum_ok());
+        assert!(p.sector0.as_ref().unwrap().checksum_ok());
         assert!(p.footer().is_none(), "a fixed disk has no copy to go by");
         assert!(p.carries_id(fixed_id));
+
+        // A 511-byte footer (a fixed disk's, truncated by its last byte): found, as open finds it.
+        let short = dir.path().join("short.vhd");
+        let short_id = create_fixed(&short, 1 << 20, &opts).unwrap().unique_id();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&short)
+            .unwrap();
+        f.set_len(len(&short) as u64 - 1).unwrap();
+        let p = peek(&short).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, short_id);
+        assert!(p.carries_id(short_id));
 
         // A damaged header (a byte of the parent id flipped): no parent id.
         flip(&child, header_at + 40);
@@ -2595,7 +2749,7 @@ mod tests {
         let junk = dir.path().join("junk");
         std::fs::write(&junk, [0u8; 4096]).unwrap();
         let p = peek(&junk).unwrap();
-        assert!(p.end_footer.is_none() && p.copy_footer.is_none() && p.footer().is_none());
+        assert!(p.footers.is_empty() && p.sector0.is_none() && p.footer().is_none());
     }
 
     #[test]

@@ -269,6 +269,19 @@ pub fn open_writer(
     )?))
 }
 
+/// Open the existing image at `path` for writing the way every command that writes one does:
+/// exclusively locked before it is even read (System is in use, 32774, when another process
+/// holds it), in the format its signature says.
+pub fn open_layer_for_writing(path: &Path, options: OpenOptions) -> Result<Box<dyn LayerWriter>> {
+    let format = detect_format(path).unwrap_or(Format::Vhd);
+    let storage = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
+    let options = OpenOptions {
+        writable: true,
+        ..options
+    };
+    open_writer(format, Box::new(storage), path, options)
+}
+
 /// Probe the file at `path` (see [`Probe`]); `None` for anything that is not a regular file
 /// holding a disk image of a known format.
 pub fn probe(path: &Path) -> Option<Probe> {

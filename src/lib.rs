@@ -12,6 +12,7 @@
 //!   reads through the chain ([`Chain::read_at`], [`ChainReader`]).
 //! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
 //! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
+//! - [`vhdx`]: VHDX (`.vhdx`, `.avhdx`) on-disk structures, sans I/O (reading and writing come later).
 //! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]).
 //!
 //! ```
@@ -48,10 +49,13 @@ pub mod merge;
 pub mod repair;
 pub mod setparent;
 mod vhd_layer;
+pub mod vhdx;
 
 pub use chain::{Chain, ChainLayer, ChainOptions, ChainReader, FoundBy};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};
-pub use flatten::{FlattenFormat, FlattenOptions, FlattenReport, flatten, flatten_path};
+pub use flatten::{
+    FlattenFormat, FlattenOptions, FlattenProgress, FlattenReport, flatten, flatten_path,
+};
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
 pub use layer::{BlockState, DiskKind, Format, Layer, LayerWriter, open_layer};

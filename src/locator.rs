@@ -45,19 +45,10 @@ pub(crate) fn canonical_or_self(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// True when both paths exist and name the same file (through links or different spellings).
+/// True when both paths exist and name the same file (through hard or symbolic links or
+/// different spellings), by file identity (the `same-file` crate), on every host.
 pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-            return x.dev() == y.dev() && x.ino() == y.ino();
-        }
-    }
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+    same_file::is_same_file(a, b).unwrap_or(false)
 }
 
 /// The path of `target` relative to directory `from`, both absolute and normalised; `None` when
@@ -95,9 +86,15 @@ pub fn windows_relative(rel: &Path) -> String {
 }
 
 /// A `file://` URL for an absolute path, percent-encoding bytes outside RFC 3986's unreserved
-/// and path characters (the MacX payload, §2.2).
+/// and path characters (the MacX payload, §2.2). On Windows `\` separates components and
+/// becomes `/`; elsewhere it is a file name character and is encoded (`%5C`).
 pub fn file_url(abs: &Path) -> String {
-    let s = abs.to_string_lossy().replace('\\', "/");
+    let s = abs.to_string_lossy();
+    let s = if cfg!(windows) {
+        s.replace('\\', "/")
+    } else {
+        s.into_owned()
+    };
     let mut out = String::from("file://");
     if !s.starts_with('/') {
         out.push('/');
@@ -112,50 +109,88 @@ pub fn file_url(abs: &Path) -> String {
     out
 }
 
-/// The path in a `file://` URL, with or without `localhost`, percent-decoded. `None` when the
-/// text is not a file URL.
-pub fn path_from_file_url(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("file://")
-        .or_else(|| url.strip_prefix("FILE://"))?;
-    let rest = rest.strip_prefix("localhost").unwrap_or(rest);
-    let bytes = rest.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+/// The path a `file:` URL names, as text for [`map_locator_path`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlPath {
+    /// The path, percent-decoded (bytes that are not UTF-8 replaced).
+    pub text: String,
+    /// True when the path is a Windows one (`C:\dir\p.vhd` from `file:///C:/dir/p.vhd`, or
+    /// `\\server\share\p.vhd` from `file://server/share/p.vhd`), to be mapped with `\` as
+    /// separator; false for a POSIX path, in which `\` is a name character.
+    pub windows_syntax: bool,
+}
+
+/// The path in a `file:` URL (the MacX payload), parsed by the `url` crate: `localhost` or no
+/// host is the local machine, a drive-letter path (`file:///Z:/dir/x.vhd`, also `Z|`) becomes
+/// `Z:\dir\x.vhd`, another host (`file://server/share/x.vhd`) a UNC path
+/// (`\\server\share\x.vhd`). `None` when the text is not a file URL.
+pub fn path_from_file_url(text: &str) -> Option<UrlPath> {
+    let url = url::Url::parse(text.trim()).ok()?;
+    if url.scheme() != "file" {
+        return None;
     }
-    Some(String::from_utf8_lossy(&out).into_owned())
+    let decoded: Vec<String> = url
+        .path()
+        .split('/')
+        .map(|seg| {
+            percent_encoding::percent_decode_str(seg)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty() && *h != "localhost");
+    let windows = |parts: &[String]| parts.join("\\");
+    // `decoded[0]` is the empty text before the path's leading `/`.
+    let rest = decoded.get(1..).unwrap_or_default();
+    if let Some(h) = host {
+        return Some(UrlPath {
+            text: format!("\\\\{h}\\{}", windows(rest)),
+            windows_syntax: true,
+        });
+    }
+    if let Some(first) = rest.first()
+        && let [d, b':' | b'|'] = first.as_bytes()
+        && d.is_ascii_alphabetic()
+    {
+        let tail = windows(rest.get(1..).unwrap_or_default());
+        return Some(UrlPath {
+            text: format!("{}:\\{tail}", char::from(*d)),
+            windows_syntax: true,
+        });
+    }
+    Some(UrlPath {
+        text: decoded.join("/"),
+        windows_syntax: false,
+    })
 }
 
 /// The locators a new or re-pointed child gets for `parent` (§5.3, written like Windows with
 /// an addition for other hosts): W2ru relative to the child's directory, W2ku absolute as the
 /// host spells it, and on non-Windows hosts MacX as a file URL.
+///
+/// A POSIX path with a `\` in a component cannot be spelled in the Windows locators (every
+/// reader, this crate's included, splits their text at `\`, and Windows cannot name such a
+/// file at all): for such a parent only MacX is written, which carries the exact path.
 pub fn parent_locators(child: &Path, parent: &Path) -> Result<Vec<(PlatformCode, Vec<u8>)>> {
     let child_abs = absolute(child)?;
     let parent_abs = absolute(parent)?;
     let child_dir = child_abs.parent().unwrap_or(Path::new("/"));
     let mut out = Vec::new();
-    if let Some(rel) = relative_path(child_dir, &parent_abs) {
+    let abs_text = parent_abs.to_string_lossy().into_owned();
+    if cfg!(windows) || !abs_text.contains('\\') {
+        if let Some(rel) = relative_path(child_dir, &parent_abs) {
+            out.push((
+                PlatformCode::W2ru,
+                PlatformCode::W2ru.encode_payload(&windows_relative(&rel)),
+            ));
+        }
         out.push((
-            PlatformCode::W2ru,
-            PlatformCode::W2ru.encode_payload(&windows_relative(&rel)),
+            PlatformCode::W2ku,
+            PlatformCode::W2ku.encode_payload(&abs_text),
         ));
     }
-    let abs_text = parent_abs.to_string_lossy().into_owned();
-    out.push((
-        PlatformCode::W2ku,
-        PlatformCode::W2ku.encode_payload(&abs_text),
-    ));
     if !cfg!(windows) {
         out.push((
             PlatformCode::MacX,
@@ -421,16 +456,79 @@ mod tests {
 
     #[test]
     fn urls_round_trip() {
+        let posix = |t: &str| {
+            Some(UrlPath {
+                text: t.into(),
+                windows_syntax: false,
+            })
+        };
+        let win = |t: &str| {
+            Some(UrlPath {
+                text: t.into(),
+                windows_syntax: true,
+            })
+        };
         let u = file_url(Path::new("/home/u/my disk%.vhd"));
         assert_eq!(u, "file:///home/u/my%20disk%25.vhd");
-        assert_eq!(path_from_file_url(&u).unwrap(), "/home/u/my disk%.vhd");
+        assert_eq!(path_from_file_url(&u), posix("/home/u/my disk%.vhd"));
         assert_eq!(
-            path_from_file_url("file://localhost/dir/parent.vhd").unwrap(),
-            "/dir/parent.vhd"
+            path_from_file_url("file://localhost/dir/parent.vhd"),
+            posix("/dir/parent.vhd")
+        );
+        assert_eq!(
+            path_from_file_url("FILE:///dir/parent.vhd"),
+            posix("/dir/parent.vhd")
         );
         assert_eq!(path_from_file_url("/plain/path"), None);
+        assert_eq!(path_from_file_url("http://host/p.vhd"), None);
         // A stray % at the end is kept as is.
-        assert_eq!(path_from_file_url("file:///a%").unwrap(), "/a%");
-        assert_eq!(path_from_file_url("file:///a%4").unwrap(), "/a%4");
+        assert_eq!(path_from_file_url("file:///a%"), posix("/a%"));
+        assert_eq!(path_from_file_url("file:///a%4"), posix("/a%4"));
+        // Percent-encoded UTF-8.
+        assert_eq!(
+            path_from_file_url("file:///d/%C3%A9t%C3%A9%20x.vhd"),
+            posix("/d/été x.vhd")
+        );
+        // Drive letters: an absolute Windows path, not the drive-relative `Z:dir\x.vhd`.
+        assert_eq!(
+            path_from_file_url("file:///Z:/dir/x.vhd"),
+            win("Z:\\dir\\x.vhd")
+        );
+        assert_eq!(
+            path_from_file_url("file:///c|/my%20dir/x.vhd"),
+            win("c:\\my dir\\x.vhd")
+        );
+        assert_eq!(
+            path_from_file_url("file://localhost/C:/x.vhd"),
+            win("C:\\x.vhd")
+        );
+        // UNC-ish: another host is a server; four slashes are an empty host, whose path the
+        // URL rules reduce to a POSIX one.
+        assert_eq!(
+            path_from_file_url("file://server/share/d/x.vhd"),
+            win("\\\\server\\share\\d\\x.vhd")
+        );
+        assert_eq!(
+            path_from_file_url("file:////server/share/x.vhd"),
+            posix("/server/share/x.vhd")
+        );
+        // A backslash in a POSIX name is a name character: encoded, and decoded back.
+        #[cfg(not(windows))]
+        {
+            let u = file_url(Path::new("/d/back\\slash.vhd"));
+            assert_eq!(u, "file:///d/back%5Cslash.vhd");
+            assert_eq!(path_from_file_url(&u), posix("/d/back\\slash.vhd"));
+        }
+    }
+
+    /// A MacX drive-letter URL maps like a W2ku drive-letter path.
+    #[cfg(not(windows))]
+    #[test]
+    fn macx_drive_letter_maps_without_the_drive() {
+        let p = path_from_file_url("file:///Z:/dir/x.vhd").unwrap();
+        let m = map_locator_path(&p.text, Path::new("/vm/child"), p.windows_syntax);
+        assert_eq!(m[0].path, PathBuf::from("/dir/x.vhd"));
+        assert_eq!(m[0].rule, "without drive");
+        assert_eq!(m.last().unwrap().path, PathBuf::from("/vm/child/x.vhd"));
     }
 }

@@ -40,12 +40,15 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::check::{CheckOptions, Finding, Severity, check_storage};
 use crate::error::{Error, Result};
 use crate::format::bat::UNUSED;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::{DiskType, SECTOR_SIZE};
 use crate::image::problem_codes as pc;
-use crate::image::{FooterSource, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd};
+use crate::image::{
+    FooterSource, Inspection, OpenOptions, ProblemLevel, SizeRule, Vhd, WriteMode, open_for_writing,
+};
 use crate::io::Storage;
 
 /// Options for [`repair_file`].
@@ -95,8 +98,9 @@ pub struct RepairReport {
     pub actions: Vec<RepairAction>,
     /// Virtual ranges whose data is lost by dropping BAT entries.
     pub lost: Vec<LostRange>,
-    /// Problems repair does not fix (warnings and errors; notes are left out).
-    pub not_repaired: Vec<Problem>,
+    /// What `check --deep` still finds that repair does not fix (warnings and errors; notes
+    /// are left out).
+    pub not_repaired: Vec<Finding>,
     /// The disk type, which says what a lost range now reads as.
     pub disk_type: DiskType,
 }
@@ -106,14 +110,36 @@ impl RepairReport {
     pub fn is_clean(&self) -> bool {
         self.actions.is_empty()
     }
+
+    /// True when errors remain that repair does not fix (listed in
+    /// [`RepairReport::not_repaired`]); warnings alone leave a usable file.
+    pub fn has_errors(&self) -> bool {
+        self.not_repaired
+            .iter()
+            .any(|f| f.severity == Severity::Error)
+    }
 }
 
-/// Repair the file at `path` (see the module docs). Opening the file for writing takes an
-/// exclusive lock, so a repair never runs while a merge or another repair holds the file.
+/// Repair the file at `path` (see the module docs). The file is first inspected read-only
+/// (shared lock): a dry run, or a file with nothing to repair, is never opened for writing,
+/// so a valid file that cannot be written (read-only, immutable) is reported as it is. When
+/// there is something to write, the file is opened for writing under the exclusive lock
+/// every writer takes ([`Error::InUse`], 32774, while a merge or another repair holds it) and
+/// inspected again.
 pub fn repair_file(path: impl AsRef<Path>, options: &RepairOptions) -> Result<RepairReport> {
     let path = path.as_ref();
-    let insp = Vhd::inspect(path, open_options(options))?;
-    repair_inspected(path, insp, options)
+    let insp = Vhd::inspect(path, open_options(options, false))?;
+    let planned = plan_repair(path, insp, Some(false))?;
+    if options.dry_run || planned.writes.is_empty() {
+        return finish(path, planned, false, options);
+    }
+    drop(planned);
+    let storage = open_for_writing(path, WriteMode::Existing)?;
+    let insp = Vhd::inspect_storage(Box::new(storage), path, open_options(options, true));
+    // open_for_writing holds the lock already (a second lock on one handle fails on Windows).
+    let planned = plan_repair(path, insp, None)?;
+    write_plan(path, &planned)?;
+    finish(path, planned, true, options)
 }
 
 /// [`repair_file`] over any [`Storage`] (for tests with fault injection, or in-memory images).
@@ -123,13 +149,18 @@ pub fn repair_storage(
     options: &RepairOptions,
 ) -> Result<RepairReport> {
     let path = path.as_ref();
-    let insp = Vhd::inspect_storage(storage, path, open_options(options));
-    repair_inspected(path, insp, options)
+    let write = !options.dry_run;
+    let insp = Vhd::inspect_storage(storage, path, open_options(options, write));
+    let planned = plan_repair(path, insp, Some(write))?;
+    if write {
+        write_plan(path, &planned)?;
+    }
+    finish(path, planned, write, options)
 }
 
-fn open_options(options: &RepairOptions) -> OpenOptions {
+fn open_options(options: &RepairOptions, writable: bool) -> OpenOptions {
     OpenOptions {
-        writable: !options.dry_run,
+        writable,
         lenient: false,
         size_rule: options.size_rule,
     }
@@ -146,11 +177,16 @@ const REPAIRED_CODES: &[&str] = &[
     pc::BLOCK_OVERLAP,
 ];
 
-fn repair_inspected(
-    path: &Path,
-    insp: Inspection,
-    options: &RepairOptions,
-) -> Result<RepairReport> {
+/// The file, the writes that repair it (in order, with their bytes) and the data they lose.
+struct Planned {
+    vhd: Vhd,
+    writes: Vec<(RepairAction, Vec<u8>)>,
+    lost: Vec<LostRange>,
+}
+
+/// Work out the writes (see the module docs). `lock`: take the file's lock first, exclusive
+/// or shared (`None`: the caller holds it).
+fn plan_repair(path: &Path, insp: Inspection, lock: Option<bool>) -> Result<Planned> {
     let Inspection {
         vhd,
         problems,
@@ -158,17 +194,24 @@ fn repair_inspected(
         ..
     } = insp;
     let Some(vhd) = vhd else {
-        let why = problems
+        let fatal = problems
             .iter()
             .rev()
-            .find(|p| p.level == ProblemLevel::Fatal)
-            .map_or_else(|| "unknown problem".to_string(), |p| p.message.clone());
+            .find(|p| p.level == ProblemLevel::Fatal);
+        let why = fatal.map_or("unknown problem", |p| p.message.as_str());
+        let detail = format!("cannot repair: {why}");
+        // A table too large to hold is not damage: the file may be fine.
+        if fatal.is_some_and(|p| p.code == pc::BAT_TOO_LARGE) {
+            return Err(Error::not_supported(detail).in_file(path));
+        }
         return Err(Error::Format {
             path: Some(path.to_path_buf()),
-            detail: format!("cannot repair: {why}"),
+            detail,
         });
     };
-    vhd.lock(!options.dry_run)?;
+    if let Some(exclusive) = lock {
+        vhd.lock(exclusive)?;
+    }
     let has = |code: &str| problems.iter().any(|p| p.code == code);
     let footer_bytes = vhd.footer().to_bytes();
     let mut plan: Vec<(RepairAction, Vec<u8>)> = Vec::new();
@@ -296,43 +339,70 @@ fn repair_inspected(
         ));
     }
 
-    if !options.dry_run {
-        // One sync after each step (see the module docs); the writes within a step (BAT runs)
-        // are independent of each other.
-        for (i, (action, bytes)) in plan.iter().enumerate() {
-            vhd.storage().write_at(bytes, action.offset).map_err(|e| {
-                Error::io(
-                    format!(
-                        "{}: writing the repaired {} at offset {}",
-                        path.display(),
-                        action.structure,
-                        action.offset
-                    ),
-                    e,
-                )
-            })?;
-            if plan
-                .get(i + 1)
-                .is_none_or(|(next, _)| next.structure != action.structure)
-            {
-                vhd.storage()
-                    .sync_data()
-                    .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
-            }
+    Ok(Planned {
+        vhd,
+        writes: plan,
+        lost,
+    })
+}
+
+/// Make the planned writes, with one sync after each step (see the module docs); the writes
+/// within a step (BAT runs) are independent of each other.
+fn write_plan(path: &Path, planned: &Planned) -> Result<()> {
+    let storage = planned.vhd.storage();
+    for (i, (action, bytes)) in planned.writes.iter().enumerate() {
+        storage.write_at(bytes, action.offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "{}: writing the repaired {} at offset {}",
+                    path.display(),
+                    action.structure,
+                    action.offset
+                ),
+                e,
+            )
+        })?;
+        if planned
+            .writes
+            .get(i + 1)
+            .is_none_or(|(next, _)| next.structure != action.structure)
+        {
+            storage
+                .sync_data()
+                .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
         }
     }
+    Ok(())
+}
 
-    let not_repaired = problems
+/// The report: what was (or would be) written, and what a deep check still finds afterwards
+/// (on the file as it now is; in a dry run or without writes, leaving out what the writes
+/// would fix), so that nothing `check --deep` reports goes unmentioned.
+fn finish(
+    path: &Path,
+    planned: Planned,
+    wrote: bool,
+    options: &RepairOptions,
+) -> Result<RepairReport> {
+    let Planned { vhd, writes, lost } = planned;
+    let wrote = wrote && !writes.is_empty();
+    let disk_type = vhd.disk_type();
+    let deep = CheckOptions {
+        deep: true,
+        size_rule: options.size_rule,
+    };
+    let not_repaired = check_storage(vhd.into_storage(), path, &deep)
+        .findings
         .into_iter()
-        .filter(|p| p.level != ProblemLevel::Info && !REPAIRED_CODES.contains(&p.code))
+        .filter(|f| f.severity != Severity::Info && (wrote || !REPAIRED_CODES.contains(&f.code)))
         .collect();
     Ok(RepairReport {
         file: path.to_path_buf(),
-        wrote: !options.dry_run && !plan.is_empty(),
-        actions: plan.into_iter().map(|(a, _)| a).collect(),
+        wrote,
+        actions: writes.into_iter().map(|(a, _)| a).collect(),
         lost,
         not_repaired,
-        disk_type: vhd.disk_type(),
+        disk_type,
     })
 }
 

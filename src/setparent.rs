@@ -34,7 +34,7 @@ use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::header::LOCATOR_COUNT;
 use crate::format::{DiskType, DynamicHeader, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{OpenOptions, Vhd};
+use crate::image::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
 use crate::locator::{self, LOCATOR_SPACE};
 
 /// Options for [`set_parent`].
@@ -116,15 +116,19 @@ pub fn set_parent(
     new_parent: impl AsRef<Path>,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
-    let mut c = Vhd::open(
+    let mut c = Vhd::open_for_writing(
         child.as_ref(),
         OpenOptions {
-            writable: true,
             lenient: opts.lenient,
             ..OpenOptions::default()
         },
     )?;
-    set_parent_on(&mut c, new_parent, opts)
+    // Locked as it was opened (a second lock on one handle fails on Windows).
+    let opts = SetParentOptions {
+        lock: false,
+        ..opts.clone()
+    };
+    set_parent_on(&mut c, new_parent, &opts)
 }
 
 /// [`set_parent`] on a child already open for writing (its [`Vhd::path`] is used to compute
@@ -166,14 +170,7 @@ pub fn set_parent_on(
         },
     )?;
     let mut warnings = Vec::new();
-    let same_file = match (
-        std::fs::canonicalize(child),
-        std::fs::canonicalize(new_parent),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same_file || p.unique_id() == c.unique_id() {
+    if locator::same_file(child, new_parent) || p.unique_id() == c.unique_id() {
         return Err(Error::InvalidParameter(format!(
             "{} cannot be the parent of {}: it is the same disk (unique id {})",
             new_parent.display(),
@@ -187,7 +184,7 @@ pub fn set_parent_on(
     let id_changed = p.unique_id() != old_id;
     if id_changed && !opts.force {
         return Err(Error::InvalidParameter(format!(
-            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (pass force to re-point the child anyway; its content then reads through the new parent)",
+            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
             new_parent.display(),
             p.unique_id(),
             child.display()
@@ -345,8 +342,11 @@ fn reusable_slot(
             return None;
         }
         // Usable space: whole sectors of the reserved extent, and at least one sector so the
-        // Data Space written (in bytes) cannot be mistaken for a sector count (§2.2).
-        let space = loc.extent_len() / SECTOR_SIZE * SECTOR_SIZE;
+        // Data Space written (in bytes) cannot be mistaken for a sector count (§2.2). At most
+        // MAX_LOCATOR_PAYLOAD of it: the payload is padded to the space in memory, and the
+        // file's Data Space (up to 4 GiB) must not decide an allocation.
+        let space =
+            (loc.extent_len() / SECTOR_SIZE * SECTOR_SIZE).min(u64::from(MAX_LOCATOR_PAYLOAD));
         if space < SECTOR_SIZE || space < len as u64 {
             return None;
         }
@@ -380,10 +380,10 @@ fn check_no_cycle(
     };
     match Chain::open(new_parent, &opts) {
         Ok(chain) => {
-            let me = std::fs::canonicalize(child.path()).ok();
             for l in chain.layers() {
-                let same_path = me.is_some() && std::fs::canonicalize(l.layer.path()).ok() == me;
-                if same_path || l.layer.id() == child.unique_id() {
+                if locator::same_file(child.path(), l.layer.path())
+                    || l.layer.id() == child.unique_id()
+                {
                     return Err(Error::InvalidParameter(format!(
                         "{} cannot be the parent of {}: {} (unique id {}) is already in the new parent's chain, so the chain would become a cycle",
                         new_parent.display(),

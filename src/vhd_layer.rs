@@ -374,9 +374,10 @@ impl ChainLayer {
 /// Probe a VHD cheaply (footers only, see [`crate::image::peek`]).
 pub(crate) fn probe(path: &Path) -> Option<Probe> {
     let peek = crate::image::peek(path)?;
-    let ids = [&peek.end_footer, &peek.copy_footer]
-        .into_iter()
-        .flatten()
+    let ids = peek
+        .footers
+        .iter()
+        .chain(&peek.sector0)
         .map(|f| f.unique_id)
         .collect();
     let footer = peek.footer();

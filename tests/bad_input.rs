@@ -1414,3 +1414,266 @@ fn c47_merge_memory_is_bounded_by_units_and_tables() {
         .unwrap();
     assert_eq!(b, vec![64u8; 512]);
 }
+
+// ---- Block tables past MAX_TABLE_ENTRIES (issue 9, defect 3). ----
+
+use vhd_merge::image::MAX_TABLE_ENTRIES;
+
+/// A dynamic disk whose header claims `mte` BAT entries, in a (sparse) file long enough to
+/// hold that table, with every entry unallocated: what another tool could write.
+fn table_of(dir: &Path, mte: u32) -> PathBuf {
+    let p = dir.join(format!("mte-{mte}.vhd"));
+    drop(create_dynamic(&p, SIZE, &opts()).unwrap());
+    edit_header(&p, |h| h.max_table_entries = mte);
+    let front = read(&p)[..1536].to_vec(); // footer copy and header
+    let end = 1536 + vhd_merge::format::bat::table_bytes(mte);
+    truncate(&p, 1536);
+    patch(&p, end, &front[..512]);
+    p
+}
+
+/// The length, the first 2 KiB and the last 512 bytes of a file too large to read whole (the
+/// only bytes of [`table_of`]'s files that are not a hole).
+fn ends_of(p: &Path) -> (u64, Vec<u8>, Vec<u8>) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len();
+    let (mut head, mut tail) = (vec![0u8; 2048], vec![0u8; 512]);
+    f.read_exact(&mut head).unwrap();
+    f.seek(SeekFrom::Start(len - 512)).unwrap();
+    f.read_exact(&mut tail).unwrap();
+    (len, head, tail)
+}
+
+/// One way of opening a file, for a table of them.
+type Op<'a> = Box<dyn Fn() -> vhd_merge::Result<()> + 'a>;
+
+/// Issue 9, defect 3: a table of more than MAX_TABLE_ENTRIES entries (up to the 16 GiB of
+/// u32::MAX entries) is refused with Not Supported (32770) by every way of opening it, without
+/// allocating it, and nothing is written.
+#[test]
+fn block_tables_past_the_limit_are_refused_without_allocating() {
+    use vhd_merge::flatten::{FlattenOptions, flatten_path};
+    use vhd_merge::repair::{RepairOptions, repair_file};
+    let _serial = serial();
+    let d = tmp();
+    for mte in [MAX_TABLE_ENTRIES + 1, u32::MAX] {
+        let p = table_of(d.path(), mte);
+        let before = ends_of(&p);
+        let out = d.path().join("flat.vhd");
+        let ops: Vec<(&str, Op)> = vec![
+            (
+                "open",
+                Box::new(|| Vhd::open(&p, OpenOptions::read_only()).map(drop)),
+            ),
+            (
+                "open rw",
+                Box::new(|| Vhd::open(&p, OpenOptions::writable()).map(drop)),
+            ),
+            (
+                "chain",
+                Box::new(|| Chain::open(&p, &ChainOptions::default()).map(drop)),
+            ),
+            (
+                "repair",
+                Box::new(|| repair_file(&p, &RepairOptions::default()).map(drop)),
+            ),
+            (
+                "flatten",
+                Box::new(|| {
+                    let o = FlattenOptions::default();
+                    flatten_path(&p, &ChainOptions::default(), &out, o).map(drop)
+                }),
+            ),
+        ];
+        for (name, op) in ops {
+            let (r, peak) = peak_all_of(op);
+            let e = r.unwrap_err();
+            expect_err(
+                &e,
+                ReturnCode::NotSupported,
+                &["Max Table Entries", "supported"],
+            );
+            assert!(peak <= SLACK, "{name} of mte {mte}: {peak} bytes");
+        }
+        let (r, peak) = peak_all_of(|| check_file(&p, &CheckOptions::default()));
+        let r = r.unwrap();
+        assert!(
+            r.has_errors() && r.with_code("bat-too-large").count() == 1,
+            "{r:?}"
+        );
+        assert!(peak <= SLACK, "check of mte {mte}: {peak} bytes");
+        assert_eq!(ends_of(&p), before);
+        assert!(!out.exists());
+        #[cfg(feature = "cli")]
+        for args in [
+            &["info"][..],
+            &["check"],
+            &["repair"],
+            &["chain"],
+            &["flatten"],
+        ] {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"));
+            c.args(args).arg(&p);
+            if args[0] == "flatten" {
+                c.arg(&out);
+            }
+            let o = c.output().unwrap();
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+            );
+            if args[0] == "check" {
+                assert_eq!(o.status.code(), Some(2), "{args:?}: {stdout}{stderr}");
+                assert!(stdout.contains("Max Table Entries"), "{stdout}");
+            } else {
+                assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+                assert!(
+                    stderr.starts_with("error 32770 (Not Supported)"),
+                    "{args:?}: {stderr}"
+                );
+                assert!(stderr.contains("Max Table Entries"), "{stderr}");
+            }
+        }
+        assert_eq!(ends_of(&p), before);
+        std::fs::remove_file(&p).unwrap();
+    }
+}
+
+/// Issue 9, defect 3: `create` refuses a disk whose table would pass the limit, naming the
+/// limit and the smallest block size that works (it used to abort allocating 16 GiB), and
+/// makes one at that block size.
+#[test]
+fn create_refuses_tables_past_the_limit() {
+    let d = tmp();
+    let p = d.path().join("big.vhd");
+    for (bs, smallest) in [(512u32, "2 MiB"), (4096, "2 MiB"), (1 << 20, "2 MiB")] {
+        let o = CreateOptions {
+            block_size: bs,
+            ..opts()
+        };
+        let (r, peak) = peak_all_of(|| create_dynamic(&p, 2040 << 30, &o));
+        let e = r.unwrap_err();
+        expect_err(&e, ReturnCode::InvalidParameter, &["1048576", smallest]);
+        assert!(peak <= SLACK, "{peak}");
+        assert!(!p.exists());
+    }
+    let o = CreateOptions {
+        block_size: 512,
+        ..opts()
+    };
+    let e = create_dynamic(&p, 1 << 30, &o).unwrap_err();
+    expect_err(&e, ReturnCode::InvalidParameter, &["at least 1 KiB"]);
+    #[cfg(feature = "cli")]
+    for bs in ["512", "4K"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_vhd-merge"))
+            .args(["create", "dynamic"])
+            .arg(&p)
+            .args(["--size", "2040G", "--block-size", bs])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.starts_with("error 32773 (Invalid parameter)"), "{err}");
+        assert!(
+            err.contains("more than the 1048576 supported") && err.contains("at least 2 MiB"),
+            "{err}"
+        );
+        assert!(!p.exists());
+    }
+    drop(
+        create_dynamic(
+            &p,
+            2040 << 30,
+            &CreateOptions {
+                block_size: 2 << 20,
+                ..opts()
+            },
+        )
+        .unwrap(),
+    );
+}
+
+/// Issue 9, defect 3: the largest table accepted (MAX_TABLE_ENTRIES entries at 512-byte
+/// blocks), every entry allocated, is opened, checked (deeply), repaired (dry run, which
+/// checks deeply too) and opened as a chain with less than 64 MiB allocated at once.
+#[test]
+fn the_largest_accepted_table_fits_in_bounded_memory() {
+    let _serial = serial();
+    let d = tmp();
+    let p = d.path().join("full.vhd");
+    let n = u64::from(MAX_TABLE_ENTRIES);
+    let o = CreateOptions {
+        block_size: 512,
+        ..opts()
+    };
+    drop(create_dynamic(&p, n * 512, &o).unwrap());
+    let front = read(&p)[..1536].to_vec();
+    // Block i at sector first + 2i: a one-sector bitmap (a hole: nothing written) and its
+    // sector of data.
+    let first = (1536 + n * 4) / 512;
+    let table: Vec<u8> = (0..n)
+        .flat_map(|i| u32::try_from(first + 2 * i).unwrap().to_be_bytes())
+        .collect();
+    truncate(&p, 0);
+    patch(&p, 0, &front);
+    patch(&p, 1536, &table);
+    patch(&p, (first + 2 * n) * 512, &front[..512]);
+    drop(table);
+    const BOUND: usize = 64 << 20;
+    let deep = CheckOptions {
+        deep: true,
+        ..CheckOptions::default()
+    };
+    let (v, peak) = peak_all_of(|| Vhd::open(&p, OpenOptions::read_only()).unwrap());
+    assert_eq!(v.allocated_blocks() as u64, n);
+    drop(v);
+    eprintln!("open of {n} allocated entries: {peak} bytes at peak");
+    assert!(peak < BOUND, "open: {peak}");
+    let (_, peak) = peak_all_of(|| Vhd::open(&p, OpenOptions::writable()).unwrap());
+    assert!(peak < BOUND, "open rw: {peak}");
+    let (r, peak) = peak_all_of(|| check_file(&p, &deep).unwrap());
+    assert!(!r.has_errors(), "{:?}", r.findings.first());
+    eprintln!("check --deep: {peak} bytes at peak");
+    assert!(peak < BOUND, "check --deep: {peak}");
+    let dry = vhd_merge::repair::RepairOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let (r, peak) = peak_all_of(|| vhd_merge::repair::repair_file(&p, &dry).unwrap());
+    assert!(r.is_clean() && !r.has_errors());
+    eprintln!("repair --dry-run: {peak} bytes at peak");
+    assert!(peak < BOUND, "repair: {peak}");
+    let (_, peak) = peak_all_of(|| Chain::open(&p, &ChainOptions::default()).unwrap());
+    assert!(peak < BOUND, "chain: {peak}");
+}
+
+/// Issue 9, defect 3 (every allocation driven by file contents bounded): set-parent reuses an
+/// old locator's extent, whose Data Space (up to 4 GiB) comes from the file; it used to pad
+/// the new payload to the whole extent in memory.
+#[test]
+fn set_parent_into_a_huge_locator_extent_allocates_little() {
+    use vhd_merge::create::create_differencing;
+    use vhd_merge::setparent::{SetParentOptions, set_parent};
+    let _serial = serial();
+    let d = tmp();
+    let base = dynamic(d.path(), "base.vhd");
+    let c = d.path().join("c.vhd");
+    drop(create_differencing(&c, &base, &opts()).unwrap());
+    let h = header(&c);
+    let slot = h.locators.iter().rposition(|l| !l.is_empty()).unwrap();
+    let at = h.locators[slot].data_offset;
+    let space: u32 = 3 << 30;
+    edit_header(&c, |h| h.locators[slot].data_space = space);
+    let footer = read(&c)[..512].to_vec();
+    truncate(&c, at);
+    patch(&c, at + u64::from(space), &footer);
+    let (r, peak) = peak_all_of(|| set_parent(&c, &base, &SetParentOptions::default()));
+    let r = r.unwrap();
+    assert!(
+        r.locators.iter().any(|l| l.reused && l.offset == at),
+        "{r:?}"
+    );
+    assert!(peak <= 4 * SLACK, "set-parent allocated {peak} bytes");
+    Chain::open(&c, &ChainOptions::default()).unwrap();
+}

@@ -888,3 +888,87 @@ fn cli_chain_lists_layers_child_first() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("found by --parent"));
 }
+
+/// A fixed disk whose footer is 511 bytes long (products older than Virtual PC 2004).
+fn fixed_with_short_footer(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let p = dir.join(name);
+    let mut v = create_fixed(&p, 2 * MIB, &CreateOptions::default()).unwrap();
+    v.write_at(0, &vec![fill; 64 * 1024]).unwrap();
+    drop(v);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 1).unwrap();
+    p
+}
+
+#[test]
+fn renamed_parent_with_a_511_byte_footer_found_through_a_search_dir() {
+    let root = fast_tempdir();
+    let b = fixed_with_short_footer(root.path(), "base.vhd", 7);
+    let child = root.path().join("child.vhd");
+    drop(create_differencing(&child, &b, &CreateOptions::default()).unwrap());
+    let before = view(&open(&child).unwrap(), 0);
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(&b, store.join("renamed-parent.bin")).unwrap();
+
+    let opts = ChainOptions {
+        search_dirs: vec![store.clone()],
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&child, &opts).unwrap();
+    assert_eq!(chain.layers()[1].found_by, "search dir, by unique id");
+    assert_eq!(
+        chain.vhd(1).unwrap().path(),
+        store.join("renamed-parent.bin")
+    );
+    assert_eq!(view(&chain, 0), before);
+}
+
+/// A POSIX file name with a backslash: what `create_differencing` writes, `Chain::open` follows
+/// (MacX carries the exact path; the Windows locators, which cannot spell such a name, are not
+/// written; the header's name is tried whole, in search directories and beside the child).
+#[cfg(unix)]
+#[test]
+fn parent_name_with_a_backslash() {
+    let root = fast_tempdir();
+    let b = base(root.path(), "back\\slash.vhd", 2 * MIB, 3);
+    // A decoy where the Windows reading of the name points.
+    std::fs::create_dir(root.path().join("back")).unwrap();
+    base(&root.path().join("back"), "slash.vhd", 2 * MIB, 4);
+    let child = root.path().join("child.vhd");
+    let c = create_differencing(&child, &b, &CreateOptions::default()).unwrap();
+    let codes: Vec<PlatformCode> = c
+        .header()
+        .unwrap()
+        .locators
+        .iter()
+        .map(|l| l.platform_code)
+        .filter(|p| *p != PlatformCode::None)
+        .collect();
+    assert_eq!(codes, [PlatformCode::MacX]);
+    drop(c);
+    let chain = open(&child).unwrap();
+    assert_eq!(chain.vhd(1).unwrap().path(), b);
+    assert_eq!(chain.layers()[1].found_by, "MacX");
+    let strict = ChainOptions {
+        ignore_absolute_locators: true,
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&child, &strict).unwrap();
+    assert_eq!(chain.vhd(1).unwrap().path(), b);
+    assert_eq!(chain.layers()[1].found_by, "MacX file name in child dir");
+
+    // Moved into a search directory (not scanned): found by the header's name, whole.
+    let store = root.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(&b, store.join("back\\slash.vhd")).unwrap();
+    let moved = ChainOptions {
+        search_dirs: vec![store.clone()],
+        scan_search_dirs: false,
+        ..strict
+    };
+    let chain = Chain::open(&child, &moved).unwrap();
+    assert_eq!(chain.vhd(1).unwrap().path(), store.join("back\\slash.vhd"));
+    assert_eq!(chain.layers()[1].found_by, "search dir, header name");
+}

@@ -581,3 +581,410 @@ fn usage_errors_use_the_error_line() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("DESTINATION"));
 }
+
+/// Build `base.vhd` (dynamic, 4 MiB, data at 0) and `child.vhd` over it in `dir` with the
+/// binary; returns (base, child).
+fn cli_chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base.vhd");
+    let child = dir.join("child.vhd");
+    let mut v = vhd_merge::create::create_dynamic(
+        &base,
+        4 << 20,
+        &vhd_merge::create::CreateOptions::default(),
+    )
+    .unwrap();
+    v.write_at(0, &[0x5A; 8192]).unwrap();
+    drop(v);
+    let mut c = vhd_merge::create::create_differencing(
+        &child,
+        &base,
+        &vhd_merge::create::CreateOptions::default(),
+    )
+    .unwrap();
+    c.write_at(1 << 20, &[0xA5; 4096]).unwrap();
+    drop(c);
+    (base, child)
+}
+
+/// `flatten --force` onto a hard link of a chain file is refused and changes nothing: the
+/// output is compared by file identity, not by path.
+#[test]
+fn flatten_force_refuses_a_hard_link_to_a_chain_file() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = cli_chain(dir.path());
+    let link = dir.path().join("link.vhd");
+    std::fs::hard_link(&base, &link).unwrap();
+    let before = std::fs::read(&base).unwrap();
+    let out = run(&["flatten", p(&child), p(&link), "--force"]).unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(err.contains("a file of the chain"), "{err}");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
+
+/// Flip one byte of both footers' checksums: a strict open fails, a lenient one warns.
+fn break_footer_checksums(path: &Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let end = b.len() - 512;
+    b[end + 64] ^= 0xFF;
+    b[64] ^= 0xFF;
+    std::fs::write(path, b).unwrap();
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Errors name the options as the command line spells them (`--force`, `--lenient`), and a
+/// checksum finding points at `repair`.
+#[test]
+fn errors_name_the_options_that_exist() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = cli_chain(dir.path());
+    let out = run(&["create", "dynamic", p(&base), "--size", "4M"]).unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(
+        err.contains("--force") && !err.contains("overwrite to"),
+        "{err}"
+    );
+    let out = run(&["flatten", p(&child), p(&base)]).unwrap();
+    let _ = out; // the base is a chain file: refused for that reason
+    let other = dir.path().join("other.vhd");
+    std::fs::write(&other, b"x").unwrap();
+    let out = run(&["flatten", p(&child), p(&other)]).unwrap();
+    let err = assert_error(&out, 32773, "Invalid parameter");
+    assert!(
+        err.contains("--force") && !err.contains("pass force"),
+        "{err}"
+    );
+
+    break_footer_checksums(&child);
+    let out = run(&["info", p(&child)]).unwrap();
+    let err = assert_error(&out, 32776, "Incorrect data type");
+    assert!(
+        err.contains("--lenient") && !err.contains("leniently to"),
+        "{err}"
+    );
+    let out = run(&["check", p(&child)]).unwrap();
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("--lenient") && stdout.contains("repair"),
+        "{stdout}"
+    );
+}
+
+/// `merge --lenient` warns about what it accepted, as `flatten --lenient` does.
+#[test]
+fn merge_lenient_warns() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    break_footer_checksums(&child);
+    let out = run(&["merge", p(&child), "--lenient"]).unwrap();
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("checksum mismatch"),
+        "{stderr}"
+    );
+}
+
+/// Wording: the first layer of `chain` is not "found by opened"; one BAT entry is singular.
+#[test]
+fn chain_and_info_wording() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    let out = run(&["chain", p(&child)]).unwrap();
+    let (stdout, _) = text(&out);
+    assert!(!stdout.contains("found by opened"), "{stdout}");
+    assert!(
+        stdout.contains("layer 1:") && stdout.contains("found by W2ru"),
+        "{stdout}"
+    );
+    let one = dir.path().join("one.vhd");
+    assert!(
+        run(&["create", "dynamic", p(&one), "--size", "1M"])
+            .unwrap()
+            .status
+            .success()
+    );
+    let out = run(&["info", p(&one)]).unwrap();
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("1 entry at offset"), "{stdout}");
+}
+
+/// `flatten --block-size` takes the SIZE syntax `create` takes (one parser).
+#[test]
+fn flatten_block_size_takes_suffixes() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    for (arg, want) in [("512K", 512 << 10), ("1MiB", 1 << 20), ("4096", 4096)] {
+        let out_file = dir.path().join(format!("flat-{arg}.vhd"));
+        let out = run(&["flatten", p(&child), p(&out_file), "--block-size", arg]).unwrap();
+        assert!(out.status.success(), "{arg}: {}", text(&out).1);
+        assert_eq!(info_json(&out_file)["block_size"], want, "{arg}");
+    }
+    let out = run(&[
+        "flatten",
+        p(&child),
+        p(&dir.path().join("x.vhd")),
+        "--block-size",
+        "3K",
+    ]);
+    assert_error(&out.unwrap(), 32773, "Invalid parameter");
+}
+
+/// `merge --relink CHILD` says in its summary that it relinked CHILD.
+#[test]
+fn merge_summary_names_the_relinked_children() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = cli_chain(dir.path());
+    let grandchild = dir.path().join("grandchild.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_differencing(&grandchild, &child, &opts).unwrap());
+    let out = run(&["merge", p(&child), "--relink", p(&grandchild)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("relinked to {}: {}", p(&base), p(&grandchild))),
+        "{stdout}"
+    );
+}
+
+/// A destination that does not exist is File not found, not "not a readable VHD".
+#[test]
+fn merge_into_a_missing_destination_is_file_not_found() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, child) = cli_chain(dir.path());
+    let missing = dir.path().join("missing.vhd");
+    let out = run(&["merge", p(&child), p(&missing)]).unwrap();
+    let err = assert_error(&out, 32779, "File not found");
+    assert!(
+        err.contains("missing.vhd") && !err.contains("not a readable VHD"),
+        "{err}"
+    );
+}
+
+/// `info` on a damaged file points at `check` and `repair`; with `--lenient` it shows what
+/// validation could read (like `check`) and lists the problem instead of failing.
+#[test]
+fn info_on_a_damaged_file_shows_what_it_can() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.vhd");
+    assert!(
+        run(&["create", "dynamic", p(&f), "--size", "8M"])
+            .unwrap()
+            .status
+            .success()
+    );
+    // BAT entry 1 (the BAT is at 1536) points far past the end of the file.
+    let mut b = std::fs::read(&f).unwrap();
+    b[1536 + 4..1536 + 8].copy_from_slice(&0x7FFF_FF00u32.to_be_bytes());
+    std::fs::write(&f, &b).unwrap();
+
+    let err = assert_error(
+        &run(&["info", p(&f)]).unwrap(),
+        32776,
+        "Incorrect data type",
+    );
+    assert!(
+        err.contains("vhd-merge check") && err.contains("vhd-merge repair"),
+        "{err}"
+    );
+    assert!(err.contains("--lenient"), "{err}");
+
+    let out = run(&["info", "--lenient", p(&f)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("virtual size") && stdout.contains("8 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("problem") && stdout.contains("BAT entry 1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("vhd-merge repair"), "{stdout}");
+    let out = run(&["info", "--lenient", "--json", p(&f)]).unwrap();
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["virtual_size"], 8 << 20);
+    assert_eq!(j["problems"][0]["code"], "bat-entry-outside");
+
+    // Not readable at all: what can be said on stdout, the error line on stderr.
+    b[512..520].fill(0);
+    std::fs::write(&f, &b).unwrap();
+    let out = run(&["info", "--lenient", p(&f)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.starts_with("error 32776"), "{stderr}");
+    assert!(
+        stdout.contains("problem") && stdout.contains("dynamic header"),
+        "{stdout}"
+    );
+}
+
+/// Run `args` under a pseudo-terminal 80 columns wide (util-linux `script`), returning what
+/// the terminal got; `None` when `script` is not there.
+#[cfg(target_os = "linux")]
+fn on_80_column_tty(args: &[&str]) -> Option<String> {
+    let bin = common::binary()?;
+    let quoted: Vec<String> = std::iter::once(p(&bin).to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let cmd = format!("stty cols 80 rows 24; {}", quoted.join(" "));
+    let out = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The progress bars of merge and flatten (one style) never draw a line wider than an
+/// 80-column terminal, and are cleared before the final message.
+#[cfg(target_os = "linux")]
+#[test]
+fn progress_lines_fit_80_columns_and_are_cleared() {
+    if common::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    let mut v = vhd_merge::create::create_dynamic(&base, 1 << 30, &opts).unwrap();
+    v.write_at(0, &vec![1u8; 8 << 20]).unwrap();
+    drop(v);
+    let mut c = vhd_merge::create::create_differencing(&child, &base, &opts).unwrap();
+    for i in 0..64u64 {
+        c.write_at(i * (16 << 20), &vec![2u8; 1 << 20]).unwrap();
+    }
+    drop(c);
+    let flat = dir.path().join("flat.vhd");
+    for args in [
+        vec!["flatten", p(&child), p(&flat)],
+        vec!["merge", p(&child)],
+    ] {
+        let Some(screen) = on_80_column_tty(&args) else {
+            common::note("`script` is not available: progress width not checked");
+            return;
+        };
+        let verb = if args[0] == "merge" {
+            "merging"
+        } else {
+            "flattening"
+        };
+        assert!(screen.contains(verb), "no bar drawn: {screen:?}");
+        // Frames are separated by CR and erase-line; strip the escapes and measure each.
+        let plain = screen.replace("\x1b[2K", "").replace("\x1b[1A", "\n");
+        for line in plain.split(['\r', '\n']).filter(|l| l.contains(verb)) {
+            assert!(
+                line.chars().count() <= 80,
+                "{} columns: {line:?}",
+                line.chars().count()
+            );
+        }
+        // The last frame is erased before the final message.
+        let last_frame = screen.rfind(verb).unwrap();
+        let rest = &screen[last_frame..];
+        assert!(rest.contains("\r\x1b[2K"), "bar not cleared: {rest:?}");
+        let after = &rest[rest.find("\r\x1b[2K").unwrap() + 5..];
+        assert!(!after.contains('['), "bar left behind: {after:?}");
+    }
+}
+
+/// Ctrl-C during a merge (under a pseudo-terminal): the bar is erased for good and the only
+/// numbers left on the screen are the final message's.
+#[cfg(target_os = "linux")]
+#[test]
+fn ctrl_c_clears_the_bar_before_the_message() {
+    use std::io::{Read as _, Write as _};
+    let Some(bin) = common::binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_dynamic(&base, 4 << 30, &opts).unwrap());
+    let mut c = vhd_merge::create::create_differencing(&child, &base, &opts).unwrap();
+    let chunk = vec![7u8; 2 << 20];
+    for i in 0..384u64 {
+        c.write_at(i * (4 << 20), &chunk).unwrap();
+    }
+    drop(c);
+    let cmd = format!("stty cols 80 rows 24; '{}' merge '{}'", p(&bin), p(&child));
+    let Ok(mut script) = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    else {
+        common::note("`script` is not available: Ctrl-C not checked");
+        return;
+    };
+    let mut stdout = script.stdout.take().unwrap();
+    let mut screen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut sent = false;
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        screen.extend_from_slice(&buf[..n]);
+        if !sent && String::from_utf8_lossy(&screen).contains("merging") {
+            // Ctrl-C as typed: the terminal sends SIGINT to the merge.
+            script.stdin.as_mut().unwrap().write_all(b"\x03").unwrap();
+            sent = true;
+        }
+    }
+    script.wait().unwrap();
+    let screen = String::from_utf8_lossy(&screen).into_owned();
+    if !screen.contains("stopped after") {
+        common::note("the merge finished before Ctrl-C arrived: not checked");
+        return;
+    }
+    let message = screen
+        .rfind("error 32768")
+        .expect("the cancellation message");
+    let bar_end = screen[..message]
+        .rfind("\r\x1b[2K")
+        .expect("the bar erased");
+    let between = &screen[bar_end + 5..message];
+    assert!(
+        !between.contains("merging"),
+        "bar redrawn after it was cleared: {between:?}"
+    );
+    assert!(
+        !screen[message..].contains("merging"),
+        "bar after the message"
+    );
+}

@@ -640,3 +640,154 @@ fn files_locked_by_another_process_give_system_in_use() {
     .unwrap();
     assert_eq!(read_view(&built.paths[d]), built.model.merged(d));
 }
+
+// ---- Other writers during a merge (issue 9, defect 2). ----
+
+/// What the library's writers do to `target` while a merge holds it: each result, by name.
+fn library_writers(target: &Path, other: &Path) -> Vec<(&'static str, vhd_merge::Result<()>)> {
+    use vhd_merge::create::{CreateOptions, create_dynamic, create_fixed};
+    use vhd_merge::flatten::{FlattenOptions, flatten_path};
+    use vhd_merge::repair::{RepairOptions, repair_file};
+    use vhd_merge::setparent::{SetParentOptions, set_parent};
+    let force = CreateOptions {
+        overwrite: true,
+        ..CreateOptions::default()
+    };
+    let flatten = FlattenOptions {
+        force: true,
+        ..FlattenOptions::default()
+    };
+    let reparent = SetParentOptions {
+        force: true,
+        ..SetParentOptions::default()
+    };
+    vec![
+        (
+            "create dynamic --force",
+            create_dynamic(target, 1 << 20, &force).map(drop),
+        ),
+        (
+            "create fixed --force",
+            create_fixed(target, 1 << 20, &force).map(drop),
+        ),
+        ("set-parent", set_parent(target, other, &reparent).map(drop)),
+        (
+            "flatten --force",
+            flatten_path(other, &ChainOptions::default(), target, flatten).map(drop),
+        ),
+        (
+            "repair",
+            repair_file(target, &RepairOptions::default()).map(|r| {
+                assert!(!r.wrote, "repair wrote {}: {r:?}", target.display());
+            }),
+        ),
+    ]
+}
+
+/// The same commands through the CLI: (name, exit status, stderr).
+#[cfg(feature = "cli")]
+fn cli_writers(target: &Path, other: &Path) -> Vec<(&'static str, Option<i32>, String)> {
+    let t = target.to_str().unwrap();
+    let o = other.to_str().unwrap();
+    let runs: [(&str, Vec<&str>); 5] = [
+        (
+            "create dynamic --force",
+            vec!["create", "dynamic", t, "--size", "1M", "--force"],
+        ),
+        (
+            "create fixed --force",
+            vec!["create", "fixed", t, "--size", "1M", "--force"],
+        ),
+        ("set-parent --force", vec!["set-parent", t, o, "--force"]),
+        ("flatten --force", vec!["flatten", o, t, "--force", "-q"]),
+        ("repair", vec!["repair", t]),
+    ];
+    runs.into_iter()
+        .map(|(name, args)| {
+            let out = Command::new(env!("CARGO_BIN_EXE_vhd-merge"))
+                .args(args)
+                .output()
+                .unwrap();
+            (
+                name,
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A merge is held at its first write, every lock taken, while create --force, set-parent,
+/// flatten --force and repair (library and CLI) try to write over its source and over its
+/// destination: each gets System is in use (32774) and no file changes (repair of the source,
+/// which the merge only reads, finds nothing to repair and writes nothing). Released, the
+/// merge finishes exactly.
+#[test]
+fn writers_are_refused_while_a_merge_holds_the_files() {
+    let _serial = serial();
+    let dir = fast_tempdir();
+    let built = chain(dir.path(), 11);
+    let d = 2;
+    let (src, dest) = (built.paths[0].clone(), built.paths[d].clone());
+    let other = dir.path().join("other.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    drop(vhd_merge::create::create_dynamic(&other, 16384 * 512 + 7 * 512, &opts).unwrap());
+    let (inside, release) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
+    let (i2, r2) = (inside.clone(), release.clone());
+    let hook: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |n| {
+        if n == 1 {
+            i2.set();
+            r2.wait();
+        }
+    });
+    let o = MergeOptions {
+        destination_io: Some(hooked(FaultPlan::new(), hook)),
+        ..MergeOptions::default()
+    };
+    let (s2, d2) = (src.clone(), dest.clone());
+    let merging = std::thread::spawn(move || merge(&s2, Some(&d2), &o));
+    assert!(inside.wait(), "the merge never reached its first write");
+    let mut all = built.paths.clone();
+    all.push(other.clone());
+    let before = hashes(&all);
+
+    for target in [&src, &dest] {
+        for (name, r) in library_writers(target, &other) {
+            match r {
+                Err(e) => {
+                    assert_eq!(e.return_code(), ReturnCode::SystemInUse, "{name}: {e}");
+                    assert!(e.to_string().contains("in use"), "{name}: {e}");
+                }
+                Ok(()) => assert!(
+                    name == "repair" && *target == src,
+                    "{name} over {} succeeded during the merge",
+                    target.display()
+                ),
+            }
+            assert_eq!(hashes(&all), before, "{name} over {}", target.display());
+        }
+        #[cfg(feature = "cli")]
+        for (name, code, err) in cli_writers(target, &other) {
+            if name == "repair" && *target == src {
+                assert_eq!(code, Some(0), "{name}: {err}");
+            } else {
+                assert_eq!(code, Some(1), "{name}: {err}");
+                assert!(
+                    err.contains("error 32774 (System is in use)"),
+                    "{name}: {err}"
+                );
+            }
+            assert_eq!(hashes(&all), before, "CLI {name} over {}", target.display());
+        }
+    }
+    release.set();
+    let report = merging.join().unwrap().expect("the held merge");
+    assert_eq!(report.bytes_merged, report.plan.bytes_total);
+    assert_eq!(read_view(&dest), built.model.merged(d));
+    let deep = vhd_merge::check::CheckOptions {
+        deep: true,
+        ..Default::default()
+    };
+    let r = vhd_merge::check::check_file(&dest, &deep).unwrap();
+    assert!(!r.has_errors(), "{:#?}", r.findings);
+}

@@ -739,3 +739,32 @@ fn run_info(path: &Path, extra: &[&str]) -> Option<std::process::Output> {
             .unwrap(),
     )
 }
+
+/// A child created over a Virtual PC parent (whose guest sees the CHS size, smaller than its
+/// Current Size) has the parent's virtual size and merges back into it.
+#[test]
+fn child_of_a_virtual_pc_parent_merges_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(parent) =
+        common::fixtures::fixture_copy("qemu-iotests/virtualpc-dynamic.vhd", dir.path())
+    else {
+        return;
+    };
+    let psize = Vhd::open(&parent, OpenOptions::read_only())
+        .unwrap()
+        .virtual_size();
+    let child = dir.path().join("child.vhd");
+    let opts = vhd_merge::create::CreateOptions::default();
+    let mut c = vhd_merge::create::create_differencing(&child, &parent, &opts).unwrap();
+    assert_eq!(c.virtual_size(), psize);
+    assert_eq!(c.size_source(), SizeSource::CurrentSize);
+    c.write_at(psize - 4096, &[0xA5; 4096]).unwrap();
+    drop(c);
+    vhd_merge::merge::merge(&child, None, &vhd_merge::merge::MergeOptions::default()).unwrap();
+    let p = Vhd::open(&parent, OpenOptions::read_only()).unwrap();
+    assert_eq!(p.virtual_size(), psize);
+    let mut buf = [0u8; 8192];
+    p.read_own(psize - 8192, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0));
+    assert!(buf[4096..].iter().all(|&b| b == 0xA5));
+}

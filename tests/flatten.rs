@@ -290,7 +290,11 @@ fn progress_and_layers() {
     let dir = fast_tempdir();
     let (top, models) = random_chain(dir.path(), 99, 4, false);
     let mut calls: Vec<(u64, u64)> = Vec::new();
-    let mut cb = |d: u64, t: u64| calls.push((d, t));
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    let mut cb = |p: &vhd_merge::FlattenProgress| {
+        calls.push((p.position, p.virtual_size));
+        data.push((p.data_done, p.data_total));
+    };
     let out = dir.path().join("p.vhd");
     let r = flatten_path(
         &top,
@@ -310,6 +314,18 @@ fn progress_and_layers() {
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
     assert!(calls.iter().all(|&(_, t)| t == total));
     assert_eq!(calls.last(), Some(&(total, total)));
+    // The data to copy: spans some layer has a block in, counted up to the same total; the
+    // output's data (non-zero spans) is part of it.
+    let data_total = data[0].1;
+    assert!(data_total <= total, "{data_total} of {total}");
+    assert!(
+        data_total >= r.data_bytes,
+        "{data_total} < {}",
+        r.data_bytes
+    );
+    assert!(data.windows(2).all(|w| w[0].0 <= w[1].0));
+    assert!(data.iter().all(|&(_, t)| t == data_total));
+    assert_eq!(data.last(), Some(&(data_total, data_total)));
     // Flattening an inner layer gives that layer's view.
     let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
     let out1 = dir.path().join("l1.raw");
@@ -376,4 +392,52 @@ fn cli_flatten() {
             .disk_type(),
         vhd_merge::DiskType::Fixed
     );
+}
+
+/// Flatten's progress counts the data to copy: the spans some layer has a block in, not the
+/// virtual size.
+#[test]
+fn progress_counts_the_data_to_copy() {
+    let dir = fast_tempdir();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    let small = CreateOptions {
+        block_size: 512 * 1024,
+        ..CreateOptions::default()
+    };
+    let mut b = create_dynamic(&base, 64 << 20, &small).unwrap();
+    b.write_at(0, &[1; 4096]).unwrap();
+    drop(b);
+    let mut c = vhd_merge::create::create_differencing(&child, &base, &small).unwrap();
+    c.write_at(40 << 20, &[2; 4096]).unwrap();
+    c.write_at((40 << 20) + 8192, &[3; 512]).unwrap();
+    drop(c);
+    for (format, span) in [
+        (FlattenFormat::Dynamic, 512 * 1024),
+        (FlattenFormat::Raw, 2 << 20),
+        (FlattenFormat::Fixed, 2 << 20),
+    ] {
+        let mut last = None;
+        let mut cb = |p: &vhd_merge::FlattenProgress| last = Some(*p);
+        let out = dir.path().join(format!("out-{}", format.name()));
+        flatten_path(
+            &child,
+            &ChainOptions::default(),
+            &out,
+            FlattenOptions {
+                format,
+                progress: Some(&mut cb),
+                block_size: Some(512 * 1024),
+                ..FlattenOptions::default()
+            },
+        )
+        .unwrap();
+        let p = last.unwrap();
+        assert_eq!(p.position, 64 << 20, "{format:?}");
+        assert_eq!(
+            (p.data_done, p.data_total),
+            (2 * span, 2 * span),
+            "{format:?}"
+        );
+    }
 }

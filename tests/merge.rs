@@ -273,14 +273,14 @@ fn destination_must_be_an_ancestor() {
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     assert!(e.to_string().contains("unique id"), "{e}");
 
-    // A path that does not exist, and a file that is not a VHD.
+    // A path that does not exist (File not found, issue 9), and a file that is not a VHD.
     let e = merge(
         src,
         Some(&dir.path().join("nope.vhd")),
         &MergeOptions::default(),
     )
     .unwrap_err();
-    assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
+    assert_eq!(code(&e), ReturnCode::FileNotFound, "{e}");
     let junk = dir.path().join("junk.vhd");
     std::fs::write(&junk, vec![7u8; 4096]).unwrap();
     let e = merge(src, Some(&junk), &MergeOptions::default()).unwrap_err();
@@ -994,6 +994,28 @@ fn fixed_destination_and_report_fields() {
     assert_eq!(r.plan.unit_bytes, 2 << 20);
     assert_eq!(std::fs::metadata(&built.paths[2]).unwrap().len(), len);
     assert_eq!(read_view(&built.paths[2]), built.model.view(0));
+}
+
+#[test]
+fn fixed_destination_with_a_511_byte_footer_named_explicitly() {
+    let dir = fast_tempdir();
+    let built = build_chain(
+        dir.path(),
+        &spec(
+            2,
+            BaseKind::Fixed,
+            vec![MIB, 512 * KIB],
+            vec![70, 70],
+            4096,
+            21,
+        ),
+    );
+    let base = &built.paths[1];
+    let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
+    f.set_len(f.metadata().unwrap().len() - 1).unwrap();
+    drop(f);
+    merge(&built.paths[0], Some(base), &MergeOptions::default()).unwrap();
+    assert_eq!(read_view(base), built.model.view(0));
 }
 
 #[test]

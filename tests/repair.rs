@@ -224,6 +224,13 @@ fn refuses_a_file_locked_by_someone_else() {
     assert_eq!(e.return_code(), ReturnCode::SystemInUse);
     assert_eq!(read(&p), before);
     drop(holder);
+    // A shared lock (a merge reading the file as its source) stops a repair that writes too.
+    let holder = Vhd::open(&p, OpenOptions::read_only()).unwrap();
+    holder.lock(false).unwrap();
+    let e = repair_file(&p, &run()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::SystemInUse);
+    assert_eq!(read(&p), before);
+    drop(holder);
     repair_file(&p, &run()).unwrap();
 }
 
@@ -368,4 +375,99 @@ fn table_of_identical_entries() {
     assert_checks_clean(&p);
     let v = Vhd::open(&p, OpenOptions::read_only()).unwrap();
     assert_eq!(v.allocated_blocks(), 0);
+}
+
+/// Issue 9, defect 8: an error repair does not fix (here a never-written sector that is not
+/// zero, which only `check --deep` sees) is listed, and the CLI exits 2, while what repair
+/// does fix (the footer copy) is repaired.
+#[test]
+fn errors_repair_does_not_fix_are_listed() {
+    let d = tempfile::tempdir().unwrap();
+    let p = dynamic(d.path(), "a.vhd");
+    // Block 1 holds sectors 8..24 only: sector 0 of its data was never written.
+    patch(&p, u64::from(bat_entry(&p, 1)) * 512 + 512, &[0x77]);
+    patch(&p, 0, &[0xEE; 512]);
+    let r = repair_file(&p, &dry()).unwrap();
+    assert!(r.has_errors(), "{r:#?}");
+    assert!(!r.not_repaired.iter().any(|f| f.code == "footer-copy-bad"));
+    let r = repair_file(&p, &run()).unwrap();
+    assert!(r.wrote && r.has_errors(), "{r:#?}");
+    let codes: Vec<_> = r.not_repaired.iter().map(|f| f.code).collect();
+    assert_eq!(codes, vec!["unwritten-not-zero"], "{r:#?}");
+    Vhd::open(&p, OpenOptions::read_only()).unwrap();
+    let Some(exe) = common::binary() else { return };
+    let out = std::process::Command::new(exe)
+        .arg("repair")
+        .arg(&p)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("not repaired: error unwritten-not-zero"),
+        "{text}"
+    );
+    assert!(!text.contains("nothing to repair"), "{text}");
+
+    // A batmap whose checksum does not match (blktap's map, which repair does not rewrite).
+    let map_at = 1536 + 1024;
+    let t = tap_file(d.path(), map_at);
+    set_batmap(&t, map_at, &[0x00]);
+    patch(&t, map_at, &[0x81]);
+    let r = repair_file(&t, &run()).unwrap();
+    let codes: Vec<_> = r.not_repaired.iter().map(|f| f.code).collect();
+    assert!(r.is_clean() && r.has_errors(), "{r:#?}");
+    assert_eq!(codes, vec!["batmap-checksum"], "{r:#?}");
+}
+
+/// Issue 9, defect 8: a valid file with warnings only has nothing to repair (exit 0), and a
+/// valid file nobody can write (immutable) is not opened for writing at all.
+#[test]
+fn warnings_only_and_immutable_files_have_nothing_to_repair() {
+    let d = tempfile::tempdir().unwrap();
+    let p = dynamic(d.path(), "a.vhd");
+    edit_header(&p, |h| h.data_offset = 0); // "expected all ones": a warning
+    let before = read(&p);
+    let r = repair_file(&p, &run()).unwrap();
+    assert!(r.is_clean() && !r.wrote && !r.has_errors(), "{r:#?}");
+    assert_eq!(r.not_repaired.len(), 1, "{r:#?}");
+    let cli = |p: &std::path::Path| {
+        let exe = common::binary()?;
+        let out = std::process::Command::new(exe)
+            .arg("repair")
+            .arg(p)
+            .output()
+            .unwrap();
+        Some((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    if let Some((code, text)) = cli(&p) {
+        assert_eq!(code, Some(0), "{text}");
+        assert!(text.contains("nothing to repair"), "{text}");
+        assert!(text.contains("not repaired: warning header-odd"), "{text}");
+    }
+    assert_eq!(read(&p), before);
+
+    let v = dynamic(d.path(), "valid.vhd");
+    let Some(_immutable) = common::os::Immutable::new(&v) else {
+        common::note("chattr +i not possible here: skipping the immutable case");
+        return;
+    };
+    let r = repair_file(&v, &run()).unwrap();
+    assert!(
+        r.is_clean() && !r.wrote && r.not_repaired.is_empty(),
+        "{r:#?}"
+    );
+    if let Some((code, text)) = cli(&v) {
+        assert_eq!(code, Some(0), "{text}");
+        assert!(text.contains("nothing to repair"), "{text}");
+    }
+    // A damaged immutable file still cannot be repaired: Access denied.
+    drop(_immutable);
+    patch(&v, 0, &[0xEE; 512]);
+    let _immutable = common::os::Immutable::new(&v).unwrap();
+    let e = repair_file(&v, &run()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::AccessDenied, "{e}");
 }

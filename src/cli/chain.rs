@@ -65,7 +65,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             v.virtual_size()
         );
         println!("  unique id {}", v.id());
-        println!("  found by {}", l.found_by);
+        if i == 0 {
+            println!("  opened as given");
+        } else {
+            println!("  found by {}", l.found_by);
+        }
         for w in all_warnings(l) {
             println!("  warning: {w}");
         }

@@ -148,7 +148,8 @@ fn print_created(vhd: &Vhd) {
     println!("{line}");
 }
 
-fn parse_block_size(text: &str) -> Result<u32> {
+/// Parse a `--block-size` SIZE (see [`parse_size`]) for every command that takes one.
+pub(crate) fn parse_block_size(text: &str) -> Result<u32> {
     let v = parse_size(text, "--block-size")?;
     u32::try_from(v).map_err(|_| {
         Error::InvalidParameter(format!(

@@ -1,6 +1,5 @@
 //! `vhd-merge flatten`: write a chain's logical content to a new standalone file.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,9 +29,10 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Dynamic)]
     pub format: Format,
-    /// Block size of a dynamic output in bytes (default: the input's).
-    #[arg(long, value_name = "BYTES")]
-    pub block_size: Option<u32>,
+    /// Block size of a dynamic output: bytes, or a number with K, M, G, T (binary), a power of
+    /// two from 512 bytes to 32 MiB [default: the input's].
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<String>,
     /// Replace OUTPUT if it exists (it is replaced only once the new file is complete).
     #[arg(long)]
     pub force: bool,
@@ -45,28 +45,19 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
+    let block_size = args
+        .block_size
+        .as_deref()
+        .map(super::create::parse_block_size)
+        .transpose()?;
     let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
     for l in chain.layers() {
         for w in l.warnings.iter().chain(l.layer.warnings()) {
             eprintln!("warning: {}: {w}", l.layer.path().display());
         }
     }
-    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let mut on_progress = |done: u64, total: u64| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    };
+    let bar = super::progress::Bar::new("flattening", !args.quiet);
+    let mut on_progress = |p: &vhd_merge::FlattenProgress| bar.set(p.data_done, p.data_total);
     let opts = FlattenOptions {
         format: match args.format {
             Format::Raw => FlattenFormat::Raw,
@@ -74,14 +65,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Format::Dynamic => FlattenFormat::Dynamic,
         },
         force: args.force,
-        block_size: args.block_size,
+        block_size,
         progress: Some(&mut on_progress),
         ..FlattenOptions::default()
     };
     let res = flatten(&chain, &args.output, opts);
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
+    bar.clear();
     let r = res?;
     let mut line = format!(
         "{}: {} {} from {} layer(s), {} of data",

@@ -1,12 +1,13 @@
 //! `vhd-merge info FILE [--json] [--lenient]`: footer, header, locators and allocation of one
 //! VHD, as an aligned listing or one JSON object.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::{Value, json};
 use vhd_merge::format::{PlatformCode, vhd_time_utc};
 use vhd_merge::image::FIXED_CHUNK;
+use vhd_merge::image::{Problem, ProblemLevel};
 use vhd_merge::{DiskType, Error, OpenOptions, Result, Vhd};
 
 /// Arguments of `vhd-merge info`.
@@ -24,20 +25,142 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
+    if !args.lenient {
+        let vhd = Vhd::open(&args.file, OpenOptions::read_only()).map_err(with_hint)?;
+        return show(&report(&vhd)?, args.json);
+    }
+    // Leniently: checksum mismatches are warnings; a file even a lenient open refuses is
+    // shown as far as validation could read it, as `check` does, with what is wrong.
     let opts = OpenOptions {
-        lenient: args.lenient,
+        lenient: true,
         ..OpenOptions::read_only()
     };
-    let vhd = Vhd::open(&args.file, opts)?;
-    let report = report(&vhd)?;
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))?;
-        println!("{text}");
+    let open_error = match Vhd::open(&args.file, opts) {
+        Ok(vhd) => return show(&report(&vhd)?, args.json),
+        // Missing, unreadable, or not a regular file: nothing to show.
+        Err(e @ (Error::Io { .. } | Error::InvalidParameter(_))) => return Err(e),
+        Err(e) => e,
+    };
+    let insp = Vhd::inspect(&args.file, opts)?;
+    let problems = problems_json(&insp.problems);
+    let Some(vhd) = &insp.vhd else {
+        let partial = json!({
+            "file": args.file.display().to_string(),
+            "file_size": insp.file_len,
+            "problems": problems,
+            "hint": hint(&args.file),
+        });
+        if args.json {
+            print_json(&partial)?;
+        } else {
+            print!("{}", damaged_listing(&partial));
+        }
+        return Err(with_hint(open_error));
+    };
+    let mut r = report(vhd)?;
+    if insp.problems.iter().any(|p| p.level == ProblemLevel::Fatal) {
+        r["problems"] = problems;
+        r["hint"] = hint(&args.file).into();
+    }
+    show(&r, args.json)
+}
+
+/// Where to go from the damaged `file`.
+fn hint(file: &Path) -> String {
+    let f = file.display();
+    format!("`vhd-merge check {f}` lists what is wrong, `vhd-merge repair {f}` fixes what it can")
+}
+
+/// A strict open's failure, with where to go from it (`--lenient` shows what can be read).
+fn with_hint(e: Error) -> Error {
+    match e {
+        Error::Format {
+            path: Some(path),
+            detail,
+        } => Error::Format {
+            detail: format!(
+                "{detail} ({}; `info --lenient` shows what can be read)",
+                hint(&path)
+            ),
+            path: Some(path),
+        },
+        e => e,
+    }
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn show(r: &Value, json: bool) -> Result<ExitCode> {
+    if json {
+        print_json(r)?;
     } else {
-        print!("{}", listing(&report));
+        print!("{}", listing(r));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The problems a strict open would fail on (warnings are in `warnings` already).
+fn problems_json(problems: &[Problem]) -> Value {
+    problems
+        .iter()
+        .filter(|p| p.level == ProblemLevel::Fatal)
+        .map(|p| {
+            json!({
+                "code": p.code,
+                "structure": p.structure,
+                "offset": p.offset,
+                "message": p.message,
+            })
+        })
+        .collect()
+}
+
+/// The rows for `problems` and `hint`, when the report has them.
+fn problem_rows(r: &Value, row: &mut dyn FnMut(&str, String)) {
+    for p in r["problems"].as_array().into_iter().flatten() {
+        row(
+            "problem",
+            format!(
+                "[{}] {}",
+                p["structure"].as_str().unwrap_or(""),
+                p["message"].as_str().unwrap_or("")
+            ),
+        );
+    }
+    if let Some(h) = r["hint"].as_str() {
+        row("see", h.to_string());
+    }
+}
+
+/// The listing of a file that could not be opened even leniently.
+fn damaged_listing(r: &Value) -> String {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
+    let size = r["file_size"].as_u64().unwrap_or(0);
+    row(
+        "file",
+        format!("{} ({size} bytes)", r["file"].as_str().unwrap_or("")),
+    );
+    row(
+        "readable",
+        "no: validation stopped at the last problem below".into(),
+    );
+    problem_rows(r, &mut row);
+    aligned(rows)
+}
+
+fn aligned(rows: Vec<(String, String)>) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{k:<width$}  {v}\n"));
+    }
+    out
 }
 
 /// Everything `info` shows, as the JSON object `--json` prints.
@@ -213,8 +336,8 @@ fn listing(r: &Value) -> String {
         row(
             "BAT",
             format!(
-                "{} entries at offset {}, {} allocated",
-                u("max_table_entries"),
+                "{} at offset {}, {} allocated",
+                plural(u("max_table_entries"), "entry", "entries"),
                 u("table_offset"),
                 u("allocated_blocks")
             ),
@@ -261,12 +384,13 @@ fn listing(r: &Value) -> String {
     for w in warnings {
         row("warning", w.to_string());
     }
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut out = String::new();
-    for (k, v) in rows {
-        out.push_str(&format!("{k:<width$}  {v}\n"));
-    }
-    out
+    problem_rows(r, &mut row);
+    aligned(rows)
+}
+
+/// `1 entry`, `2 entries`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 #[cfg(test)]

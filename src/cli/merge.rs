@@ -1,6 +1,5 @@
 //! `vhd-merge merge`: merge a differencing VHD into its parent or an ancestor.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -63,7 +62,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)).is_ok() {
         options.cancel = Some(cancel);
     }
-    let bar = (!args.json && !args.dry_run && std::io::stderr().is_terminal()).then(new_bar);
+    let bar = super::progress::Bar::new("merging", !args.json && !args.dry_run);
     // The last progress seen, for the JSON of a merge that fails part-way.
     let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
     let (b, l) = (bar.clone(), last.clone());
@@ -71,17 +70,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if let Ok(mut slot) = l.lock() {
             *slot = Some(*p);
         }
-        if let Some(b) = &b
-            && p.state == JobState::Running
-        {
-            b.set_length(p.bytes_total);
-            b.set_position(p.bytes_done);
+        if p.state == JobState::Running {
+            b.set(p.bytes_done, p.bytes_total);
         }
     }));
     let res = merge(&args.source, args.destination.as_deref(), &options);
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    bar.clear();
     let seconds = t0.elapsed().as_secs_f64();
     if args.json {
         let out = match &res {
@@ -109,16 +103,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("{}", summary(&report, seconds));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn new_bar() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} merging [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 fn name(p: &Path) -> String {
@@ -159,6 +143,14 @@ fn summary(r: &MergeReport, seconds: f64) -> String {
             "; verified {} in {} unit(s)",
             human(v.bytes),
             v.units
+        ));
+    }
+    if !r.relinked.is_empty() {
+        let list: Vec<String> = r.relinked.iter().map(|p| name(p)).collect();
+        s.push_str(&format!(
+            "; relinked to {}: {}",
+            name(&r.destination),
+            list.join(", ")
         ));
     }
     if !r.removed.is_empty() {

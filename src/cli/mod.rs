@@ -13,6 +13,7 @@ mod create;
 mod flatten;
 mod info;
 mod merge;
+mod progress;
 mod repair;
 mod set_parent;
 

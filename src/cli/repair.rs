@@ -1,7 +1,8 @@
 //! `vhd-merge repair`: fix footers, checksums and bad BAT entries in place.
 //!
-//! Exit status: 0 when the file was repaired or needed nothing; 2 when problems remain that
-//! repair does not fix (listed); 1 when repair could not run.
+//! Exit status (like `check`): 0 when no error remains (the file was repaired or needed
+//! nothing; warnings are listed); 2 when errors remain that repair does not fix (listed,
+//! as `check --deep` finds them); 1 when repair could not run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,10 +37,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         print_text(&report, args.dry_run);
     }
-    Ok(if report.not_repaired.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if report.has_errors() {
         ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
@@ -77,7 +78,7 @@ fn lost_runs(report: &RepairReport) -> Vec<(u64, u64, std::ops::Range<u64>, u64,
 
 fn print_text(report: &RepairReport, dry_run: bool) {
     let file = report.file.display();
-    if report.actions.is_empty() {
+    if report.actions.is_empty() && !report.has_errors() {
         println!("{file}: nothing to repair");
     }
     let verb = if dry_run { "would write" } else { "wrote" };
@@ -100,8 +101,14 @@ fn print_text(report: &RepairReport, dry_run: bool) {
             lost_as(report),
         );
     }
-    for p in &report.not_repaired {
-        println!("{file}: not repaired [{}]: {}", p.structure, p.message);
+    for f in &report.not_repaired {
+        println!(
+            "{file}: not repaired: {} {} [{}]: {}",
+            f.severity.name(),
+            f.code,
+            f.structure,
+            f.message
+        );
     }
 }
 
@@ -125,7 +132,9 @@ fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
             "now": lost_as(report),
             "reason": reason,
         })).collect::<Vec<_>>(),
+        "errors_remain": report.has_errors(),
         "not_repaired": report.not_repaired.iter().map(|p| serde_json::json!({
+            "severity": p.severity.name(),
             "code": p.code,
             "structure": p.structure,
             "offset": p.offset,

@@ -16,9 +16,9 @@ use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
-use crate::io::{FileStorage, Storage};
-use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_writer};
-use crate::locator::canonical_or_self;
+use crate::io::Storage;
+use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer};
+use crate::locator::{canonical_or_self, same_file};
 
 /// Layer `i` of `chain`; callers pass indices below the destination's, checked when the
 /// destination was resolved.
@@ -163,13 +163,13 @@ pub(crate) fn run(
         }
     }
 
-    // Lock before looking at anything that could change: the destination exclusively, every
-    // other layer shared (the chain's own read-only handle of the destination is not locked:
-    // flock locks belong to the open file, so it would conflict with the writable one).
+    // Lock before looking at anything that could change: the destination exclusively (as it
+    // is opened, like every file a command writes), every other layer shared (the chain's own
+    // read-only handle of the destination is not locked: flock locks belong to the open file,
+    // so it would conflict with the writable one).
     let mut dest = None;
     if !options.dry_run {
         let v = open_destination(&dest_path, dest_ro, options)?;
-        v.lock(true)?;
         for (i, layer) in chain.layers().iter().enumerate() {
             if i != d {
                 layer.layer.lock(false)?;
@@ -178,10 +178,16 @@ pub(crate) fn run(
         dest = Some(v);
     }
 
+    // Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
+    // accepted), as flatten reports them.
     let mut warnings: Vec<String> = chain
         .layers()
         .iter()
-        .flat_map(|l| l.warnings.iter().cloned())
+        .flat_map(|l| {
+            let own = l.layer.warnings().iter();
+            let own = own.map(|w| format!("{}: {w}", l.layer.path().display()));
+            l.warnings.iter().cloned().chain(own)
+        })
         .collect();
     let found = find_dependents(&chain, d, options);
     let siblings: Vec<PathBuf> = found.siblings.iter().map(|v| v.path.clone()).collect();
@@ -197,11 +203,10 @@ pub(crate) fn run(
             "merged although these differencing disks depend on a changed file; their content changed:{list}"
         ));
     }
-    let relinked_set: HashSet<PathBuf> = relink.iter().map(|p| canonical_or_self(p)).collect();
     let orphans: Vec<PathBuf> = found
         .source_children
         .iter()
-        .filter(|v| !relinked_set.contains(&canonical_or_self(&v.path)))
+        .filter(|v| !relink.iter().any(|r| same_file(r, &v.path)))
         .map(|v| v.path.clone())
         .collect();
     if options.remove_merged && !orphans.is_empty() && !options.dry_run {
@@ -327,10 +332,9 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .collect()
     };
     let source = at(chain, 0).path();
-    let canon = canonical_or_self(want);
     let peek = scan::peek_vhd(want);
     for (i, layer) in chain.layers().iter().enumerate() {
-        if canonical_or_self(layer.layer.path()) != canon {
+        if !same_file(layer.layer.path(), want) {
             continue;
         }
         if i == 0 {
@@ -349,6 +353,14 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
         return Ok(i);
     }
     let Some(peek) = peek else {
+        if let Err(e) = std::fs::metadata(want)
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            return Err(Error::io(
+                format!("{}: cannot open the destination", want.display()),
+                e,
+            ));
+        }
         return Err(Error::InvalidParameter(format!(
             "the destination {} is not a readable VHD, and not an ancestor of {}; its chain is:{}",
             want.display(),
@@ -377,16 +389,16 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
     )))
 }
 
-/// Open the destination for writing through the caller's storage hook and check that it is
-/// still the file the chain found (`found`, the chain's read-only layer).
+/// Open the destination for writing (exclusively locked) through the caller's storage hook
+/// and check that it is still the file the chain found (`found`, the chain's read-only layer).
 fn open_destination(
     path: &Path,
     found: &dyn Layer,
     options: &MergeOptions,
 ) -> Result<Box<dyn LayerWriter>> {
     let unique_id = found.id();
-    let file = crate::image::open_regular_file(path, true)?;
-    let mut storage: Box<dyn Storage> = Box::new(FileStorage::new(file));
+    let file = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
+    let mut storage: Box<dyn Storage> = Box::new(file);
     if let Some(wrap) = &options.destination_io {
         storage = wrap(storage);
     }
@@ -439,14 +451,13 @@ fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependent
 /// parent is the source.
 fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let source = at(chain, 0);
-    let in_chain: HashSet<PathBuf> = chain
-        .layers()
-        .iter()
-        .map(|l| canonical_or_self(l.layer.path()))
-        .collect();
     let mut out = Vec::new();
     for child in children {
-        if in_chain.contains(&canonical_or_self(child)) {
+        if chain
+            .layers()
+            .iter()
+            .any(|l| same_file(l.layer.path(), child))
+        {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is part of the merged chain",
                 child.display()
@@ -504,8 +515,7 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
 /// `IgnoreIdMismatch`).
 fn relink_child(child: &Path, destination: &Path, check_only: bool) -> Result<()> {
     if check_only {
-        let c = open_layer(child, OpenOptions::writable())?;
-        return c.lock(true);
+        return open_layer_for_writing(child, OpenOptions::writable()).map(drop);
     }
     let opts = crate::setparent::SetParentOptions {
         force: true,

@@ -211,7 +211,8 @@ pub struct MergeReport {
 ///
 /// Errors carry the `MergeVirtualHardDisk` return code ([`crate::Error::return_code`]): a
 /// source that is not differencing, a destination outside its chain or smaller than the
-/// source give Invalid parameter (32773); siblings that the merge would corrupt, Invalid state
+/// source give Invalid parameter (32773), a destination that does not exist File not found
+/// (32779); siblings that the merge would corrupt, Invalid state
 /// (32775); a destination locked by another merge, System is in use (32774); a destination
 /// that cannot be written, Access denied (32769); I/O failures (out of space, ...), Failed
 /// (32768) with the OS error in the description, leaving a valid destination that a re-run

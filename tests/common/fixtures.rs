@@ -71,11 +71,30 @@ pub enum Origin {
 /// compressed ones are decompressed once into [`cache_dir`]. `None` (with a note) when the
 /// file is only in the shared directory and that is absent.
 pub fn fixture(rel: &str) -> Option<(PathBuf, Origin)> {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
+    fixture_from(
+        rel,
+        [(repo_fixtures(), Origin::Repo), (shared, Origin::Shared)],
+    )
+}
+
+/// The VHDX fixture `rel` (e.g. `dfvfs/ntfs-fixed.vhdx`), as [`fixture`] does for VHD: from
+/// `fixtures/vhdx/` (MIT and Apache files) else `../shared/fixtures/real-vhdx` (qemu's GPL ones).
+pub fn vhdx_fixture(rel: &str) -> Option<(PathBuf, Origin)> {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real-vhdx");
+    let roots = [
+        (repo_fixtures().join("vhdx"), Origin::Repo),
+        (shared, Origin::Shared),
+    ];
+    fixture_from(rel, roots)
+}
+
+fn fixture_from(rel: &str, roots: [(PathBuf, Origin); 2]) -> Option<(PathBuf, Origin)> {
     // One decompression at a time: tests run as threads of one process and share the cache.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/real");
-    for (root, origin) in [(repo_fixtures(), Origin::Repo), (shared, Origin::Shared)] {
+    let shared = roots[1].0.clone();
+    for (root, origin) in roots {
         let plain = root.join(rel);
         if plain.is_file() {
             return Some((plain, origin));
@@ -95,8 +114,14 @@ pub fn fixture(rel: &str) -> Option<(PathBuf, Origin)> {
             return Some((dest, origin));
         }
     }
-    shared_fixtures()?;
-    panic!("fixture {rel} is in neither fixtures/ nor ../shared/fixtures/real");
+    if !shared.is_dir() {
+        return shared_fixtures().and(None);
+    }
+    panic!(
+        "fixture {rel} is in neither {} nor {}",
+        repo_fixtures().display(),
+        shared.display()
+    );
 }
 
 /// A writable copy of the fixture `rel` (see [`fixture`]) in `dir`, under its own file name:

@@ -1,0 +1,259 @@
+//! A read-only reader of fixed and dynamic VHDX files over [`Storage`].
+//!
+//! Opening follows [MS-VHDX] 2.3.3 and qemu's order: identifier, headers, the log (replayed
+//! into an in-memory overlay: the file is never written), then region tables, metadata and
+//! the BAT as they read after replay. Every object is checked against the file's length
+//! before anything is allocated. Differencing files are refused for now (Not Supported).
+
+use super::format::bat::{BatEntry, Geometry, PayloadState};
+use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
+use super::format::log::{ReplayPlan, find_active};
+use super::format::metadata::Metadata;
+use super::format::region::{Regions, choose_region_table};
+use super::format::{self as f, MIB, SLOT_SIZE};
+use crate::io::Storage;
+use crate::{Error, Result};
+
+/// The largest log this reader loads into memory (Hyper-V and qemu write 1 MiB logs).
+pub const MAX_LOG_BYTES: u64 = 64 * MIB;
+/// The largest metadata region this reader loads (Hyper-V and qemu write 1 MiB).
+pub const MAX_METADATA_BYTES: u64 = 16 * MIB;
+
+/// The file as it reads after the log is replayed: the storage with the replay plan's writes
+/// on top and zeros up to the replayed length ([MS-VHDX] 2.3.3 read-only in-memory replay).
+#[derive(Debug)]
+pub struct Overlay<S: Storage> {
+    storage: S,
+    raw_len: u64,
+    /// The file's length once the log is replayed.
+    file_len: u64,
+    plan: Option<ReplayPlan>,
+}
+
+impl<S: Storage> Overlay<S> {
+    /// The storage as is (no log replayed yet).
+    pub fn new(storage: S) -> Result<Overlay<S>> {
+        let raw_len = storage
+            .len()
+            .map_err(|e| Error::io("VHDX: file length", e))?;
+        Ok(Overlay {
+            storage,
+            raw_len,
+            file_len: raw_len,
+            plan: None,
+        })
+    }
+
+    /// Find the active log sequence of the log `header` names and lay it over the file; the
+    /// log must lie inside the file and be at most [`MAX_LOG_BYTES`].
+    pub fn replay(&mut self, header: &Header) -> Result<()> {
+        if u64::from(header.log_length) > MAX_LOG_BYTES {
+            return Err(Error::not_supported(format!(
+                "VHDX log of {} bytes (at most {MAX_LOG_BYTES})",
+                header.log_length
+            )));
+        }
+        if header.log_guid.is_nil() {
+            return Ok(());
+        }
+        let log = self.read(header.log_offset, header.log_length.into())?;
+        let plan = find_active(&log, header.log_guid)?;
+        if let Some(p) = &plan {
+            p.check(self.raw_len)?;
+            self.file_len = p.length_after(self.raw_len);
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// Entries of the active sequence laid over the file (0 for a clean log).
+    pub fn replayed_entries(&self) -> usize {
+        self.plan.as_ref().map_or(0, |p| p.entries.len())
+    }
+
+    /// The file's length after replay.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// `len` bytes at `offset` as they read after replay; a range past the end is a format
+    /// error (so no untrusted length allocates beyond the file).
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.file_len)
+            .ok_or_else(|| {
+                Error::format(format!(
+                    "VHDX: bytes {offset:#x}+{len:#x} are beyond the file's end {:#x}",
+                    self.file_len
+                ))
+            })?;
+        let mut buf = vec![0; len as usize];
+        let stored = end.min(self.raw_len).saturating_sub(offset) as usize;
+        if stored > 0 {
+            self.storage
+                .read_at(&mut buf[..stored], offset)
+                .map_err(|e| Error::io(format!("VHDX: read {len} bytes at {offset:#x}"), e))?;
+        }
+        if let Some(p) = &self.plan {
+            p.apply_to(&mut buf, offset);
+        }
+        Ok(buf)
+    }
+}
+
+/// An open fixed or dynamic VHDX: its structures as they read after the log replay.
+#[derive(Debug)]
+pub struct VhdxReader<S: Storage> {
+    file: Overlay<S>,
+    /// The current header.
+    pub header: CurrentHeader,
+    /// The creator string of the file type identifier.
+    pub creator: String,
+    /// The BAT and metadata regions.
+    pub regions: Regions,
+    /// The metadata items.
+    pub metadata: Metadata,
+    /// The BAT's shape.
+    pub geometry: Geometry,
+    bat: Vec<u8>,
+}
+
+impl<S: Storage> VhdxReader<S> {
+    /// Open a fixed or dynamic VHDX read-only, replaying a dirty log in memory. A differencing
+    /// file is Not Supported (yet).
+    pub fn open(storage: S) -> Result<VhdxReader<S>> {
+        let mut file = Overlay::new(storage)?;
+        let start = file.read(0, MIB)?;
+        let creator = FileIdentifier::parse(&start)?.creator;
+        let header = current_header(
+            slot(&start, f::HEADER1_OFFSET),
+            slot(&start, f::HEADER2_OFFSET),
+        )?;
+        file.replay(&header.header)?;
+        let start = file.read(0, MIB)?; // [MS-VHDX] 2.3.3: region tables as they read after replay
+        let (table, _) = choose_region_table(
+            slot(&start, f::REGION_TABLE1_OFFSET),
+            slot(&start, f::REGION_TABLE2_OFFSET),
+        )?;
+        let regions = table.known(header.header.log_range())?;
+        let metadata = load_metadata(&file, &regions)?;
+        let fp = metadata.file_parameters;
+        let geometry = Geometry::new(
+            metadata.virtual_disk_size,
+            fp.block_size,
+            metadata.logical_sector_size,
+            false,
+        )?;
+        geometry.check_bat_region(regions.bat.length.into())?;
+        let bat = file.read(regions.bat.file_offset, geometry.entries_needed() * 8)?;
+        let r = VhdxReader {
+            file,
+            header,
+            creator,
+            regions,
+            metadata,
+            geometry,
+            bat,
+        };
+        (0..r.geometry.data_blocks()).try_for_each(|i| r.check_block(i))?;
+        Ok(r)
+    }
+
+    /// A present block's data within the virtual disk lies inside the file, after the header
+    /// section ([MS-VHDX] 2.5.1.1: FileOffsetMB of FULLY_/PARTIALLY_PRESENT blocks).
+    fn check_block(&self, i: u64) -> Result<()> {
+        let e = self.entry(i)?;
+        if !matches!(
+            e.payload_state()?,
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent
+        ) {
+            return Ok(());
+        }
+        let g = &self.geometry;
+        let used = u64::from(g.block_size).min(g.virtual_size - i * u64::from(g.block_size));
+        let end = e
+            .file_offset()
+            .checked_add(used)
+            .filter(|&end| end <= self.file.file_len());
+        if e.file_offset() < MIB || end.is_none() {
+            return Err(Error::format(format!(
+                "VHDX BAT: block {i} at {:#x} is not inside the file ({:#x} bytes)",
+                e.file_offset(),
+                self.file.file_len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn entry(&self, i: u64) -> Result<BatEntry> {
+        BatEntry::at(&self.bat, self.geometry.payload_index(i))
+            .ok_or_else(|| Error::format(format!("VHDX BAT: no entry for block {i}")))
+    }
+
+    /// The virtual disk's size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.geometry.virtual_size
+    }
+
+    /// Entries of the log's active sequence replayed in memory (0 for a clean log).
+    pub fn replayed_entries(&self) -> usize {
+        self.file.replayed_entries()
+    }
+
+    /// Read `buf.len()` bytes of the virtual disk at `offset`: present blocks from the file,
+    /// every other state as zeros ([MS-VHDX] 2.5.1.1; PARTIALLY_PRESENT is only valid with a
+    /// parent, read as present as openvmm does).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.virtual_size());
+        end.ok_or_else(|| {
+            Error::InvalidParameter(format!(
+                "VHDX read of {} bytes at {offset} is past the virtual size {}",
+                buf.len(),
+                self.virtual_size()
+            ))
+        })?;
+        let bs = u64::from(self.geometry.block_size);
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((bs - pos % bs) as usize).min(buf.len() - done);
+            self.read_in_block(pos / bs, pos % bs, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_in_block(&self, i: u64, within: u64, out: &mut [u8]) -> Result<()> {
+        let e = self.entry(i)?;
+        match e.payload_state()? {
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent => {
+                let data = self.file.read(e.file_offset() + within, out.len() as u64)?;
+                out.copy_from_slice(&data);
+            }
+            _ => out.fill(0),
+        }
+        Ok(())
+    }
+}
+
+fn slot(start: &[u8], offset: u64) -> &[u8] {
+    start
+        .get(offset as usize..offset as usize + SLOT_SIZE)
+        .unwrap_or(&[])
+}
+
+/// The metadata region (at most [`MAX_METADATA_BYTES`] of it); differencing is refused here.
+fn load_metadata<S: Storage>(file: &Overlay<S>, regions: &Regions) -> Result<Metadata> {
+    let m = regions.metadata;
+    let metadata =
+        Metadata::parse(&file.read(m.file_offset, u64::from(m.length).min(MAX_METADATA_BYTES))?)?;
+    if metadata.file_parameters.has_parent {
+        return Err(Error::not_supported(
+            "differencing VHDX: reading through a parent is not implemented yet",
+        ));
+    }
+    Ok(metadata)
+}
