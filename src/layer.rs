@@ -236,14 +236,19 @@ pub fn detect_format(path: &Path) -> Option<Format> {
     }
 }
 
+/// Not Supported (32770) for a VHDX, until its layer lands.
+fn vhdx_not_supported(path: &Path) -> Error {
+    Error::NotSupported {
+        path: Some(path.to_path_buf()),
+        detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),
+    }
+}
+
 /// Open the disk image at `path` read-only (or writable, per `options`) in whatever format
 /// its signature says. VHDX answers Not Supported (32770) for now.
 pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
     if detect_format(path) == Some(Format::Vhdx) {
-        return Err(Error::NotSupported {
-            path: Some(path.to_path_buf()),
-            detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),
-        });
+        return Err(vhdx_not_supported(path));
     }
     Ok(Box::new(crate::image::Vhd::open(path, options)?))
 }
@@ -259,10 +264,7 @@ pub fn open_writer(
     options: OpenOptions,
 ) -> Result<Box<dyn LayerWriter>> {
     if format == Format::Vhdx {
-        return Err(Error::NotSupported {
-            path: Some(path.to_path_buf()),
-            detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),
-        });
+        return Err(vhdx_not_supported(path));
     }
     Ok(Box::new(crate::image::Vhd::from_storage(
         storage, path, options,
