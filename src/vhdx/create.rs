@@ -1,0 +1,1 @@
+//! Creating VHDX files.
