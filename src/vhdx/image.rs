@@ -208,7 +208,8 @@ impl<S: Storage> Vhdx<S> {
         self.check_block(block)?;
         let ss = u64::from(self.sector_size());
         let n = len as u64 / ss;
-        if !(len as u64).is_multiple_of(ss) || first.saturating_add(n) > self.sectors_in_block(block)
+        if !(len as u64).is_multiple_of(ss)
+            || first.saturating_add(n) > self.sectors_in_block(block)
         {
             return Err(Error::InvalidParameter(format!(
                 "VHDX: {len} bytes from sector {first} of block {block} are not whole sectors \
@@ -391,7 +392,13 @@ impl<S: Storage> Vhdx<S> {
     }
 
     /// Whether the write covers the whole block with zeros and may use the ZERO state.
-    fn is_zero_block_write(&self, block: u64, first: u64, data: &[u8], mask: &SectorBitmap) -> bool {
+    fn is_zero_block_write(
+        &self,
+        block: u64,
+        first: u64,
+        data: &[u8],
+        mask: &SectorBitmap,
+    ) -> bool {
         first == 0
             && mask.len() as u64 == self.sectors_in_block(block)
             && mask.all()
@@ -423,7 +430,13 @@ impl<S: Storage> Vhdx<S> {
     }
 
     /// Write the masked runs of `data` into present block `block`.
-    fn write_runs(&mut self, block: u64, first: u64, data: &[u8], mask: &SectorBitmap) -> Result<()> {
+    fn write_runs(
+        &mut self,
+        block: u64,
+        first: u64,
+        data: &[u8],
+        mask: &SectorBitmap,
+    ) -> Result<()> {
         let ss = self.sector_size() as usize;
         let base = self.stored_offset(block, first, data.len())?;
         for run in mask.runs() {
@@ -497,7 +510,10 @@ impl<S: Storage> Vhdx<S> {
     fn set_bits(&mut self, block: u64, first: u64, mask: &SectorBitmap) -> Result<()> {
         if self.bitmap_location(block)?.is_none() {
             let offset = self.reserve(MIB)?;
-            let index = self.r.geometry.bitmap_index(self.r.geometry.chunk_of(block));
+            let index = self
+                .r
+                .geometry
+                .bitmap_index(self.r.geometry.chunk_of(block));
             self.set_bat_index(index, BatEntry::new(6, offset / MIB))?;
         }
         let (at, _) = self

@@ -166,7 +166,12 @@ impl LogWriter {
             )));
         }
         let first = (self.log_length - self.next).min(len) as usize;
-        write(s, &entry[..first], self.log_offset + self.next, "a log entry")?;
+        write(
+            s,
+            &entry[..first],
+            self.log_offset + self.next,
+            "a log entry",
+        )?;
         if first < entry.len() {
             write(s, &entry[first..], self.log_offset, "a log entry")?;
         }

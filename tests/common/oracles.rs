@@ -106,11 +106,7 @@ pub fn qemu_img_convert(src: &Path, dest: &Path) -> Option<Result<(), String>> {
 }
 
 /// `qemu-img convert -f FORMAT -O raw SRC DEST`, as [`qemu_img_convert`].
-pub fn qemu_img_convert_from(
-    format: &str,
-    src: &Path,
-    dest: &Path,
-) -> Option<Result<(), String>> {
+pub fn qemu_img_convert_from(format: &str, src: &Path, dest: &Path) -> Option<Result<(), String>> {
     let out = qemu_img(|c| {
         c.args(["convert", "-f", format, "-O", "raw"])
             .arg(src)
