@@ -195,3 +195,257 @@ fn create_refuses_an_existing_file_unless_forced_and_leaves_no_temporary() {
     let e = create_dynamic(&p, 8 * M, &opts(Some(3 << 20), 512));
     assert!(e.is_err(), "a block size that is not a power of two");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writing: a model of the own view (bytes, and for a differencing disk which sectors it
+// holds), checked through a fresh read-only open.
+
+use common::Rng;
+use vhd_merge::format::SectorBitmap;
+
+/// What a file's own view must read.
+#[derive(Clone, Debug)]
+struct Model {
+    sector: usize,
+    bytes: Vec<u8>,
+    /// Sectors the file holds (a differencing disk's others come from the parent).
+    held: Vec<bool>,
+}
+
+impl Model {
+    fn new(size: u64, sector: u32, held: bool) -> Model {
+        Model {
+            sector: sector as usize,
+            bytes: vec![0; size as usize],
+            held: vec![held; (size / u64::from(sector)) as usize],
+        }
+    }
+
+    /// Apply a write of `data` at sector `at` with `mask`.
+    fn write(&mut self, at: usize, data: &[u8], mask: &SectorBitmap) {
+        let ss = self.sector;
+        for run in mask.runs() {
+            let (a, b) = (at + run.start, at + run.end);
+            self.bytes[a * ss..b * ss].copy_from_slice(&data[run.start * ss..run.end * ss]);
+            self.held[a..b].iter_mut().for_each(|h| *h = true);
+        }
+    }
+}
+
+/// The file's own view and which sectors it holds, read through a fresh read-only open.
+fn read_back(path: &Path) -> (Vec<u8>, Vec<bool>) {
+    let v = open_ro(path);
+    let mut bytes = vec![0; v.virtual_size() as usize];
+    v.read_own(0, &mut bytes).unwrap();
+    let mut held = Vec::new();
+    if !v.is_differencing() {
+        return (
+            bytes,
+            vec![true; v.virtual_size() as usize / v.sector_size() as usize],
+        );
+    }
+    for b in 0..v.block_count() {
+        let n = v.sectors_in_block(b) as usize;
+        match v.block_state(b).unwrap() {
+            BlockState::Transparent => held.extend(std::iter::repeat_n(false, n)),
+            BlockState::Zero | BlockState::Present(None) => {
+                held.extend(std::iter::repeat_n(true, n))
+            }
+            BlockState::Present(Some(map)) => held.extend((0..n).map(|i| map.get(i))),
+        }
+    }
+    (bytes, held)
+}
+
+fn check_model(path: &Path, m: &Model, what: &str) {
+    let (bytes, held) = read_back(path);
+    common::assert_same(&bytes, &m.bytes, what);
+    let diff = held.iter().zip(&m.held).position(|(a, b)| a != b);
+    assert!(
+        diff.is_none(),
+        "{what}: sector {diff:?} held or not differs"
+    );
+}
+
+/// One random write: a sector range inside one block, with a random mask (every sector
+/// when `full`), random data or zeros over a whole block.
+fn random_write<S: Storage>(v: &mut Vhdx<S>, m: &mut Model, rng: &mut Rng) {
+    let ss = v.sector_size() as usize;
+    let block = rng.below(v.block_count());
+    let in_block = v.sectors_in_block(block);
+    let (first, count) = if rng.chance(15) {
+        (0, in_block)
+    } else {
+        let first = rng.below(in_block);
+        (first, 1 + rng.below((in_block - first).min(64)))
+    };
+    let mut mask = SectorBitmap::full(count as usize);
+    if rng.chance(30) {
+        for i in 0..count as usize {
+            if rng.chance(40) {
+                mask.clear_range(i..i + 1);
+            }
+        }
+    }
+    let mut data = vec![0u8; count as usize * ss];
+    if !(count == in_block && rng.chance(50)) {
+        rng.fill(&mut data);
+    }
+    v.write_sectors(block, first, &data, &mask).unwrap();
+    let at = (block * v.block_size() / ss as u64 + first) as usize;
+    m.write(at, &data, &mask);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Fixed,
+    Dynamic,
+    Differencing,
+}
+
+/// A new file of `kind` in `dir` (a differencing one over an empty dynamic parent).
+fn new_disk(
+    dir: &Path,
+    kind: Kind,
+    size: u64,
+    block: u32,
+    sector: u32,
+) -> (std::path::PathBuf, Model) {
+    let o = opts(Some(block), sector);
+    let path = dir.join("disk.vhdx");
+    match kind {
+        Kind::Fixed => drop(create_fixed(&path, size, &o).unwrap()),
+        Kind::Dynamic => drop(create_dynamic(&path, size, &o).unwrap()),
+        Kind::Differencing => {
+            let parent = dir.join("parent.vhdx");
+            drop(create_dynamic(&parent, size, &opts(Some(M as u32), sector)).unwrap());
+            drop(create_differencing(&path, &parent, &o).unwrap());
+        }
+    }
+    let held = !matches!(kind, Kind::Differencing);
+    (path, Model::new(size, sector, held))
+}
+
+fn model_run(kind: Kind, size_sectors: u64, block_shift: u32, sector: u32, seed: u64) {
+    let dir = common::fast_tempdir();
+    let block = (M as u32) << block_shift;
+    let size = size_sectors * u64::from(sector);
+    let (path, mut m) = new_disk(dir.path(), kind, size, block, sector);
+    let mut rng = Rng::new(seed);
+    let what =
+        format!("{kind:?} {size} bytes, {block}-byte blocks, {sector}-byte sectors, seed {seed}");
+    for session in 0..3 {
+        let mut v = Vhdx::open_path(&path, true).unwrap();
+        let before = v.data_write_guid();
+        for _ in 0..1 + rng.below(3) {
+            for _ in 0..1 + rng.below(6) {
+                random_write(&mut v, &mut m, &mut rng);
+            }
+            v.commit().unwrap();
+        }
+        let after = v.finish().unwrap();
+        assert_ne!(after, before, "{what}: a new DataWriteGuid after writing");
+        drop(v);
+        let r = open_ro(&path);
+        assert!(
+            r.reader().header.header.log_guid.is_nil(),
+            "{what}: clean close"
+        );
+        assert_eq!(r.data_write_guid(), after, "{what}");
+        drop(r);
+        check_model(&path, &m, &format!("{what}, session {session}"));
+    }
+}
+
+#[test]
+fn writes_read_back_like_the_model_basic() {
+    for (kind, sector) in [
+        (Kind::Dynamic, 512),
+        (Kind::Differencing, 512),
+        (Kind::Fixed, 4096),
+        (Kind::Differencing, 4096),
+    ] {
+        model_run(kind, 6000, 0, sector, 7);
+    }
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            Just(Kind::Fixed),
+            Just(Kind::Dynamic),
+            Just(Kind::Differencing)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random sector-granular, masked writes in several sessions and commits, into every
+        /// kind, both sector sizes, block sizes 1 MiB to 256 MiB (virtual sizes up to 6 MiB
+        /// keep the files small), read back through a fresh read-only open.
+        #[test]
+        fn random_writes_read_back_like_the_model(
+            kind in kind(),
+            sector in prop_oneof![Just(512u32), Just(4096u32)],
+            block_shift in 0u32..=8,
+            size_4k in 1u64..=1536,
+            seed in any::<u64>(),
+        ) {
+            let size_sectors = size_4k * 4096 / u64::from(sector);
+            model_run(kind, size_sectors, block_shift, sector, seed);
+        }
+    }
+}
+
+#[test]
+fn block_states_after_writes() {
+    for sector in [512u32, 4096] {
+        let dir = common::fast_tempdir();
+        let ss = sector as usize;
+        let (path, _) = new_disk(dir.path(), Kind::Differencing, 8 * M, 2 << 20, sector);
+        let mut v = Vhdx::open_path(&path, true).unwrap();
+        let per_block = v.sectors_in_block(0) as usize;
+        v.write_sectors(0, 3, &vec![7u8; 2 * ss], &SectorBitmap::full(2))
+            .unwrap();
+        v.write_sectors(
+            1,
+            0,
+            &vec![0u8; per_block * ss],
+            &SectorBitmap::full(per_block),
+        )
+        .unwrap();
+        v.commit().unwrap();
+        let mut map = SectorBitmap::new(per_block);
+        map.set_range(3..5);
+        assert_eq!(
+            v.block_state(0).unwrap(),
+            BlockState::Present(Some(map)),
+            "bits set"
+        );
+        assert_eq!(
+            v.block_state(1).unwrap(),
+            BlockState::Zero,
+            "whole-block zeros: ZERO"
+        );
+        assert_eq!(v.block_state(2).unwrap(), BlockState::Transparent);
+        // A partial write into the ZERO block: zeros stay zeros, not the parent's.
+        v.write_sectors(1, 1, &vec![9u8; ss], &SectorBitmap::full(1))
+            .unwrap();
+        v.finish().unwrap();
+        drop(v);
+        let r = open_ro(&path);
+        assert_eq!(r.block_state(1).unwrap(), BlockState::Present(None));
+        let mut buf = vec![1u8; 3 * ss];
+        r.read_own(2 * M, &mut buf).unwrap();
+        assert!(buf[..ss].iter().all(|&b| b == 0) && buf[ss..2 * ss].iter().all(|&b| b == 9));
+        // New space is 1 MiB aligned after every object: the BAT ends at 4 MiB; block 0
+        // came first, then the chunk's bitmap block, then block 1 (after the ZERO write).
+        assert_eq!(r.payload_entry(0).unwrap().file_offset(), 4 * M);
+        assert_eq!(r.bitmap_entry(0).unwrap().file_offset(), 6 * M);
+        assert_eq!(r.payload_entry(1).unwrap().file_offset(), 7 * M);
+    }
+}

@@ -149,6 +149,17 @@ impl<S: Storage> Vhdx<S> {
         self.r.metadata.parent_locator.as_ref()
     }
 
+    /// The BAT entry of payload block `block`.
+    pub fn payload_entry(&self, block: u64) -> Result<BatEntry> {
+        self.check_block(block)?;
+        self.r.entry(block)
+    }
+
+    /// The BAT entry of the sector bitmap block of chunk `chunk`.
+    pub fn bitmap_entry(&self, chunk: u64) -> Result<BatEntry> {
+        self.r.bitmap_entry(chunk)
+    }
+
     /// Opened for writing.
     pub fn is_writable(&self) -> bool {
         self.writable
