@@ -173,8 +173,11 @@ fn bat_length(g: &Geometry) -> Result<u32> {
         .map_err(|_| Error::InvalidParameter("VHDX BAT larger than 4 GiB".into()))
 }
 
+/// Byte strings to write at file offsets.
+type Pieces = Vec<(u64, Vec<u8>)>;
+
 /// The pieces of the file (offset, bytes) that are not zeros, and its length.
-fn layout(spec: &Spec) -> Result<(Vec<(u64, Vec<u8>)>, u64)> {
+fn layout(spec: &Spec) -> Result<(Pieces, u64)> {
     let g = &spec.geometry;
     let bat_len = bat_length(g)?;
     let header = |seq| Header {
@@ -238,7 +241,7 @@ fn layout(spec: &Spec) -> Result<(Vec<(u64, Vec<u8>)>, u64)> {
 
 /// The BAT of a fixed disk, in pieces of at most 1 MiB: block i FULLY_PRESENT at
 /// `data_start` + i blocks (sector bitmap entries stay zero).
-fn fixed_bat(g: &Geometry, data_start: u64, pieces: &mut Vec<(u64, Vec<u8>)>) {
+fn fixed_bat(g: &Geometry, data_start: u64, pieces: &mut Pieces) {
     let per_piece = MIB / 8;
     let entries = g.entries_needed();
     let mut piece: Option<(u64, Vec<u8>)> = None;
