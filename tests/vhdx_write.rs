@@ -449,3 +449,50 @@ fn block_states_after_writes() {
         assert_eq!(r.payload_entry(1).unwrap().file_offset(), 7 * M);
     }
 }
+
+/// A commit that changes more BAT pages than one log entry may carry (126 with a 1 MiB log)
+/// is split into entries applied one after another; the file reads right and qemu accepts it.
+#[test]
+fn a_commit_larger_than_one_log_entry() {
+    let dir = common::fast_tempdir();
+    let path = dir.path().join("big.vhdx");
+    // 64 GiB of 1 MiB blocks: one BAT page per 512 blocks, 128 pages.
+    let mut v = create_dynamic(&path, 64 << 30, &opts(Some(M as u32), 512)).unwrap();
+    let blocks: Vec<u64> = (0..128).map(|k| k * 512 + k % 7).collect();
+    for &b in &blocks {
+        v.write_sectors(b, 1, &vec![b as u8 | 1; 1024], &SectorBitmap::full(2))
+            .unwrap();
+    }
+    v.finish().unwrap();
+    drop(v);
+    let r = open_ro(&path);
+    assert!(r.reader().header.header.log_guid.is_nil());
+    for &b in &blocks {
+        let mut buf = vec![0u8; 1536];
+        r.read_own(b * M, &mut buf).unwrap();
+        assert!(buf[..512].iter().all(|&x| x == 0), "block {b}");
+        assert!(buf[512..].iter().all(|&x| x == b as u8 | 1), "block {b}");
+    }
+    drop(r);
+    if let Some(res) = qemu_img_check_vhdx(&path) {
+        res.unwrap();
+    }
+}
+
+#[test]
+fn a_read_only_open_refuses_writes_and_writes_nothing() {
+    let dir = common::fast_tempdir();
+    let path = dir.path().join("d.vhdx");
+    drop(create_dynamic(&path, 8 * M, &opts(None, 512)).unwrap());
+    let before = std::fs::read(&path).unwrap();
+    let mut r = open_ro(&path);
+    let e = r.write_at(0, &[1; 512]).unwrap_err();
+    assert_eq!(e.return_code(), vhd_merge::ReturnCode::InvalidState, "{e}");
+    assert!(r.commit().is_err());
+    drop(r);
+    // A writable open of a clean file that writes nothing changes nothing either.
+    let mut w = Vhdx::open_path(&path, true).unwrap();
+    w.finish().unwrap();
+    drop(w);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
