@@ -467,7 +467,7 @@ impl<S: Storage> Vhdx<S> {
     /// the file and every block allocated so far; the file is extended over it (zeros).
     fn reserve(&mut self, len: u64) -> Result<u64> {
         if self.session.alloc_end == 0 {
-            self.session.alloc_end = self.end_of_objects()?;
+            self.session.alloc_end = self.end_of_objects();
         }
         let offset = self.session.alloc_end;
         let end = offset
@@ -479,23 +479,32 @@ impl<S: Storage> Vhdx<S> {
         Ok(offset)
     }
 
-    /// The 1 MiB boundary after the file's end, the log, the regions and every block any BAT
-    /// entry points at (soft-anchored UNMAPPED/UNDEFINED blocks included).
-    fn end_of_objects(&self) -> Result<u64> {
+    /// The 1 MiB boundary after the file's end, the log and the regions. Every present
+    /// payload and bitmap block lies inside the file (checked at open), and so does every
+    /// soft-anchored UNMAPPED/UNDEFINED block that owns space; offsets in other entries own
+    /// nothing (a garbage offset in a dynamic disk's bitmap entries, which old qemu wrote,
+    /// must not make the file grow). The last block may be cut short at the file's end (old
+    /// qemu wrote such files): its whole length counts.
+    fn end_of_objects(&self) -> u64 {
         let r = &self.r;
-        let g = &r.geometry;
-        let mut end = r.file.file_len().max(r.header.header.log_range().end);
-        end = end.max(r.regions.bat.range().end);
-        end = end.max(r.regions.metadata.range().end);
-        for i in 0..g.entries_needed() {
-            let e = BatEntry::at(&r.bat, i).unwrap_or(BatEntry(0));
-            if e.file_offset() != 0 {
-                let is_bitmap = (i + 1) % (g.chunk_ratio() + 1) == 0;
-                let len = if is_bitmap { MIB } else { self.block_size() };
-                end = end.max(e.file_offset().saturating_add(len));
+        let last = self.block_count().saturating_sub(1);
+        let last_end = match r.entry(last).and_then(|e| Ok((e, e.payload_state()?))) {
+            Ok((e, PayloadState::FullyPresent | PayloadState::PartiallyPresent)) => {
+                e.file_offset().saturating_add(self.block_size())
             }
-        }
-        Ok(end.next_multiple_of(MIB))
+            _ => 0,
+        };
+        [
+            last_end,
+            r.file.file_len(),
+            r.header.header.log_range().end,
+            r.regions.bat.range().end,
+            r.regions.metadata.range().end,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(MIB)
     }
 
     /// Change BAT entry of payload block `block` in memory.
