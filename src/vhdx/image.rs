@@ -594,7 +594,7 @@ impl<S: Storage> Vhdx<S> {
 
     /// Publish everything written since the last commit ([MS-VHDX] 2.3, §5.4 of
     /// vhdx-format.md): flush the data; then, per log entry of at most
-    /// [`LogWriter::max_pages`] pages: write the entry and flush, set LogGuid by a header
+    /// 126 pages (with a 1 MiB log; half the log): write the entry and flush, set LogGuid by a header
     /// update if this is the session's first entry, apply the pages in place, flush.
     pub fn commit(&mut self) -> Result<()> {
         self.check_writable()?;
