@@ -284,14 +284,14 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         }
     }
     let bc = vhd.block_count();
-    for (i, e) in vhd.bat().entries.iter().enumerate() {
-        if (i as u64) >= bc && *e != crate::format::bat::UNUSED {
+    for (i, offset) in vhd.allocated_entries() {
+        if i >= bc {
             sink.add(
                 Severity::Info,
                 "block-past-end",
                 format!("block {i}"),
-                Some(u64::from(*e) * SECTOR_SIZE),
-                Some(i as u64),
+                Some(offset),
+                Some(i),
                 format!(
                     "block {i} is allocated but lies past the virtual size ({} bytes); its data is never read",
                     vhd.virtual_size()
@@ -314,18 +314,22 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     let dynamic = vhd.disk_type() == DiskType::Dynamic;
     let map = batmap.and_then(|b| read_batmap(vhd, b, sink));
 
-    // File order, so the reads are sequential.
-    let mut blocks: Vec<(u64, u64)> = vhd
-        .bat()
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| **e != crate::format::bat::UNUSED)
-        .map(|(i, e)| (u64::from(*e) * SECTOR_SIZE, i as u64))
-        .collect();
+    // File order, so the reads are sequential; 8 bytes a block (BAT entries are u32 sectors
+    // and a table has at most MAX_TABLE_ENTRIES entries, so both casts are exact).
+    let mut blocks: Vec<(u32, u32)> = Vec::new();
+    if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
+        let e = "not enough memory to list the blocks".to_string();
+        sink.add(Severity::Error, "unreadable", "BAT", None, None, e);
+        return;
+    }
+    blocks.extend(
+        vhd.allocated_entries()
+            .map(|(i, offset)| ((offset / SECTOR_SIZE) as u32, i as u32)),
+    );
     blocks.sort_unstable();
     let mut buf = Vec::new();
-    for (offset, index) in blocks {
+    for (sector, index) in blocks {
+        let (offset, index) = (u64::from(sector) * SECTOR_SIZE, u64::from(index));
         let block = format!("block {index}");
         // Sized by the block size, which opening bounded (MAX_BLOCK_SIZE), and the block was
         // checked to lie inside the file.
@@ -424,7 +428,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     }
     if let Some(map) = &map {
         for index in 0..u64::from(h.max_table_entries) {
-            if bit_set(map, index) && vhd.bat().block_offset(index).is_none() {
+            if bit_set(map, index) && vhd.block_offset(index).is_none() {
                 sink.add(
                     Severity::Error,
                     "batmap-not-full",

@@ -36,18 +36,21 @@ use crate::format::header::{self, DynamicHeader, HEADER_SIZE};
 use crate::format::{SECTOR_SIZE, SectorBitmap, align_up};
 use crate::io::{FileStorage, Storage};
 
+mod sweep;
+
 /// Largest block size accepted. Windows writes 512 KiB or 2 MiB and blktap refuses anything
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
-/// Most BAT entries a dynamic or differencing disk may have: 2^20, a 4 MiB table, which
-/// covers the largest dynamic disk (2040 GiB) at the default 2 MiB blocks. Every entry costs
-/// about 35 bytes while a file is validated, so this bounds the memory any file needs (under
-/// 64 MiB of peak RSS for a fully allocated table). A file whose table is larger (smaller
-/// blocks over a large disk) is refused with Not supported (32770) before its table is
-/// allocated, and `create` refuses to make one (naming the smallest block size that works),
+/// Most BAT entries a dynamic or differencing disk may have: 2^22, a 16 MiB table, which
+/// covers the largest dynamic disk (2040 GiB) at the 512 KiB blocks Windows' CreateVirtualDisk
+/// also uses (4,177,920 entries). A file is validated in about 12 bytes per allocated entry
+/// beyond the table (an 8-byte block in the overlap sweep, see `image::sweep`, and a few bits),
+/// so a fully allocated table stays under 64 MiB of peak RSS. A file whose table is larger
+/// (blocks under 512 KiB over 2040 GiB) is refused with Not supported (32770) before its table
+/// is allocated, and `create` refuses to make one (naming the smallest block size that works),
 /// until tables are read on demand.
-pub const MAX_TABLE_ENTRIES: u32 = 1 << 20;
+pub const MAX_TABLE_ENTRIES: u32 = 1 << 22;
 
 /// BAT bytes read at a time when a file is opened, so that no second copy of the table is
 /// held while it is decoded.
@@ -2239,37 +2242,98 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
     let batmap = read_batmap(vhd, &h, len, v)?;
 
-    // Every allocated block must lie inside the file, clear of the metadata, and clear of every
-    // other block: sort the extents and sweep (O(n log n), §7).
-    let stride = h.bitmap_bytes() + bs64;
     let data_limit = if vhd.footer_source == FooterSource::Copy {
         len
     } else {
         vhd.footer_offset
     };
-    let mut extents: Vec<(u64, u64, i64)> = Vec::with_capacity(bat.allocated() + 5);
-    extents.push((0, FOOTER_SIZE as u64, TAG_FOOTER_COPY));
-    extents.push((header_offset, HEADER_SIZE as u64, TAG_HEADER));
-    extents.push((h.table_offset, table_len.max(4), TAG_BAT));
-    if vhd.footer_source != FooterSource::Copy {
-        // Blocks are kept before it by `data_limit`; this catches the batmap and locators.
-        extents.push((vhd.footer_offset, len - vhd.footer_offset, TAG_FOOTER_END));
-    }
     let mut next_free = metadata_end(header_offset, &h, len);
+    let mut ex = sweep::Extents {
+        meta: metadata_extents(vhd, &h, len, batmap.as_ref()),
+        blocks: Vec::new(),
+        stride: h.bitmap_bytes() + bs64,
+    };
     if let Some(bm) = &batmap {
-        extents.push((bm.header_offset, SECTOR_SIZE, TAG_BATMAP_HEADER));
-        extents.push((bm.map_offset, bm.map_bytes(), TAG_BATMAP));
         next_free = next_free
             .max(bm.header_offset + SECTOR_SIZE)
             .max(bm.map_offset + bm.map_bytes());
     }
-    let mut drop_block = vec![false; bat.entries.len()];
+    let mut gone = blocks_inside(&bat, &mut ex, data_limit, v)?;
+    let mut reasons: HashMap<usize, String> = HashMap::new();
+    gone.union(&ex.sweep(bat.entries.len(), |o| note_overlap(o, &mut reasons, v))?);
+    // The end of everything inside the file (dropped blocks included, so that nothing is later
+    // allocated over data someone may still want to salvage), then the blocks that stay.
+    for (b, blen, _) in ex.iter() {
+        if b + blen <= data_limit {
+            next_free = next_free.max(b + blen);
+        }
+    }
+    ex.retain(&gone);
+    drop_entries(&mut bat, &gone, reasons, (ex.stride, data_limit), v);
+    check_locators(&h, &ex, len, v);
+    drop(ex);
+    if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
+        v.warn(
+            pc::HEADER_ODD,
+            hs,
+            ho,
+            "dynamic disk has a non-zero Parent Unique Id; it is ignored".into(),
+        );
+    }
+    if vhd.footer_source == FooterSource::Copy {
+        vhd.footer_offset = next_free.max(len.saturating_sub(FOOTER_SIZE as u64));
+    }
+    vhd.next_free = next_free;
+    vhd.header = Some(h);
+    vhd.bat = Table::new(bat, options.writable);
+    v.batmap = batmap;
+    Ok(())
+}
+
+/// The metadata extents of the overlap sweep: the footer copy, the header, the BAT (padded),
+/// the end footer in use (with whatever follows it) and the batmap.
+fn metadata_extents(
+    vhd: &Vhd,
+    h: &DynamicHeader,
+    len: u64,
+    batmap: Option<&Batmap>,
+) -> Vec<sweep::Meta> {
+    let table_len = bat::table_bytes(h.max_table_entries);
+    let mut meta = vec![
+        (0, FOOTER_SIZE as u64, TAG_FOOTER_COPY),
+        (vhd.footer.data_offset, HEADER_SIZE as u64, TAG_HEADER),
+        (h.table_offset, table_len.max(4), TAG_BAT),
+    ];
+    if vhd.footer_source != FooterSource::Copy {
+        // Blocks are kept before it by the end of data; this catches the batmap and locators.
+        meta.push((vhd.footer_offset, len - vhd.footer_offset, TAG_FOOTER_END));
+    }
+    if let Some(bm) = batmap {
+        meta.push((bm.header_offset, SECTOR_SIZE, TAG_BATMAP_HEADER));
+        meta.push((bm.map_offset, bm.map_bytes(), TAG_BATMAP));
+    }
+    meta
+}
+
+/// Put the allocated blocks that end inside the data (before `data_limit`) into `ex`, and
+/// return the others (each a problem) as the first blocks to drop.
+fn blocks_inside(
+    bat: &Bat,
+    ex: &mut sweep::Extents,
+    data_limit: u64,
+    v: &mut Validator,
+) -> Result<sweep::Bits> {
+    let mut outside = sweep::Bits::new(bat.entries.len());
+    let n = bat.allocated();
+    ex.blocks
+        .try_reserve_exact(n)
+        .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
     for (i, &e) in bat.entries.iter().enumerate() {
         if e == bat::UNUSED {
             continue;
         }
         let start = u64::from(e) * SECTOR_SIZE;
-        let end = start + stride;
+        let end = start + ex.stride;
         if end > data_limit {
             v.error(
                 pc::BAT_ENTRY_OUTSIDE,
@@ -2280,154 +2344,102 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
                     "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
                 )),
             )?;
-            drop_block[i] = true;
+            outside.set(i);
             continue;
         }
-        extents.push((start, stride, i as i64));
+        // A table has at most MAX_TABLE_ENTRIES entries, so the index fits.
+        ex.blocks.push(sweep::Block {
+            sector: e,
+            index: i as u32,
+        });
     }
-    extents.sort_unstable();
-    // The extent reaching furthest so far; any extent starting before its end overlaps it.
-    // That sweep reports each overlap once. Which blocks to drop (when inspecting) needs the
-    // overlapping pairs: a block overlapping several others is the likely culprit, and two
-    // blocks overlapping only each other cannot be told apart. The pairs are bounded so that a
-    // hostile table (every entry equal) costs O(n) beyond the sort.
-    const MAX_PAIRS: usize = 1 << 20;
-    let mut reach: Option<(u64, u64, i64)> = None;
-    let mut involved = vec![false; bat.entries.len()];
-    let mut pairs: Vec<(usize, usize)> = Vec::new();
-    let mut too_many = false;
-    let mut active: Vec<(u64, i64)> = Vec::new();
-    let mut reasons: HashMap<usize, String> = HashMap::new();
-    for &(b, blen, bt) in &extents {
-        if let Some((a, aend, at)) = reach
-            && aend > b
+    Ok(outside)
+}
+
+/// One overlap the sweep found: a problem naming both extents, and the first reason for
+/// each block in it (bounded like the problems; past it, a generic reason is given). Two
+/// metadata structures overlapping stop validation: no block to drop, nothing to go on with.
+fn note_overlap(
+    o: sweep::Overlap,
+    reasons: &mut HashMap<usize, String>,
+    v: &mut Validator,
+) -> Result<()> {
+    let ((a, at), (b, bt)) = (o.first, o.second);
+    let block = if bt >= 0 { bt } else { at };
+    let message = format!(
+        "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
+        extent_name(at),
+        extent_name(bt)
+    );
+    if block < 0 {
+        return Err(v.stop(
+            pc::METADATA_OVERLAP,
+            &extent_name(at),
+            Some(b),
+            Error::format(message),
+        ));
+    }
+    v.error(
+        pc::BLOCK_OVERLAP,
+        &extent_name(block),
+        Some(b),
+        u64::try_from(block).ok(),
+        Error::format(message.clone()),
+    )?;
+    for t in [at, bt] {
+        if let Ok(t) = usize::try_from(t)
+            && reasons.len() < 10 * MAX_PROBLEMS_PER_CODE
         {
-            let block = if bt >= 0 { bt } else { at };
-            let message = format!(
-                "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
-                extent_name(at),
-                extent_name(bt)
-            );
-            // Two metadata structures overlapping: no block to drop, nothing to go on with.
-            if block < 0 {
-                return Err(v.stop(
-                    pc::METADATA_OVERLAP,
-                    &extent_name(at),
-                    Some(b),
-                    Error::format(message),
-                ));
-            }
-            v.error(
-                pc::BLOCK_OVERLAP,
-                &extent_name(block),
-                Some(b),
-                u64::try_from(block).ok(),
-                Error::format(message.clone()),
-            )?;
-            for t in [at, bt] {
-                if let Ok(t) = usize::try_from(t) {
-                    if let Some(d) = involved.get_mut(t) {
-                        *d = true;
-                    }
-                    // Bounded like the problems; past it, a generic reason is given.
-                    if reasons.len() < 10 * MAX_PROBLEMS_PER_CODE {
-                        reasons.entry(t).or_insert_with(|| message.clone());
-                    }
-                }
-            }
-        }
-        if reach.is_none_or(|(_, aend, _)| b + blen > aend) {
-            reach = Some((b, b + blen, bt));
-        }
-        if !too_many {
-            active.retain(|&(end, _)| end > b);
-            for &(_, at) in &active {
-                match (usize::try_from(at), usize::try_from(bt)) {
-                    (Ok(x), Ok(y)) => pairs.push((x, y)),
-                    // A block over metadata is wrong whatever else it overlaps.
-                    (Ok(x), Err(_)) | (Err(_), Ok(x)) => {
-                        if let Some(d) = drop_block.get_mut(x) {
-                            *d = true;
-                        }
-                    }
-                    (Err(_), Err(_)) => {}
-                }
-                if pairs.len() > MAX_PAIRS {
-                    too_many = true;
-                    break;
-                }
-            }
-            active.push((b + blen, bt));
+            reasons.entry(t).or_insert_with(|| message.clone());
         }
     }
-    if too_many {
-        for (d, i) in drop_block.iter_mut().zip(&involved) {
-            *d |= *i;
+    Ok(())
+}
+
+/// Mark the blocks in `gone` unused in `bat`, each recorded as a dropped entry with its
+/// reason. `(stride, data_limit)` tell a block past the end of data from an overlapping one.
+fn drop_entries(
+    bat: &mut Bat,
+    gone: &sweep::Bits,
+    mut reasons: HashMap<usize, String>,
+    (stride, data_limit): (u64, u64),
+    v: &mut Validator,
+) {
+    for (i, e) in bat.entries.iter_mut().enumerate() {
+        if !gone.get(i) {
+            continue;
         }
-    } else {
-        // Drop the blocks with the most overlaps among those left, until none is left (after
-        // a few rounds, every block still overlapping: the work stays linear in the pairs).
-        let mut degree = vec![0u32; bat.entries.len()];
-        for round in 0.. {
-            degree.iter_mut().for_each(|d| *d = 0);
-            let mut max = 0;
-            for &(x, y) in &pairs {
-                if !drop_block[x] && !drop_block[y] {
-                    degree[x] += 1;
-                    degree[y] += 1;
-                    max = max.max(degree[x]).max(degree[y]);
-                }
+        let start = u64::from(*e) * SECTOR_SIZE;
+        // Specific reasons for the first entries; past them (a hostile table), a shared
+        // static one, so that a million dropped entries cost no million strings.
+        let specific = v.dropped.len() < 10 * MAX_PROBLEMS_PER_CODE;
+        let outside = start + stride > data_limit;
+        let reason: Cow<'static, str> = match reasons.remove(&i) {
+            Some(r) => r.into(),
+            None if outside && specific => format!(
+                "BAT entry {i} points to offset {start:#x}; the block ends at {:#x}, past the end of data at {data_limit:#x}",
+                start + stride
+            )
+            .into(),
+            None if outside => "the block ends past the end of data".into(),
+            None if specific => {
+                format!("block {i} at offset {start:#x} overlaps another block or the metadata")
+                    .into()
             }
-            if max == 0 {
-                break;
-            }
-            for (d, &n) in drop_block.iter_mut().zip(&degree) {
-                if n == max || (round >= 16 && n > 0) {
-                    *d = true;
-                }
-            }
-        }
+            None => "the block overlaps another block or the metadata".into(),
+        };
+        v.dropped.push(DroppedEntry {
+            block: i as u64,
+            entry: *e,
+            reason,
+        });
+        *e = bat::UNUSED;
     }
-    // Blocks that stay, and the end of everything inside the file (dropped blocks included,
-    // so that nothing is later allocated over data someone may still want to salvage).
-    extents.retain(|&(b, blen, t)| {
-        if b + blen <= data_limit {
-            next_free = next_free.max(b + blen);
-        }
-        usize::try_from(t)
-            .ok()
-            .and_then(|t| drop_block.get(t))
-            .is_none_or(|d| !d)
-    });
-    for (i, d) in drop_block.iter().enumerate() {
-        if *d && let Some(e) = bat.entries.get_mut(i) {
-            let start = u64::from(*e) * SECTOR_SIZE;
-            // Specific reasons for the first entries; past them (a hostile table), a shared
-            // static one, so that a million dropped entries cost no million strings.
-            let specific = v.dropped.len() < 10 * MAX_PROBLEMS_PER_CODE;
-            let outside = start + stride > data_limit;
-            let reason: Cow<'static, str> = match reasons.remove(&i) {
-                Some(r) => r.into(),
-                None if outside && specific => format!(
-                    "BAT entry {i} points to offset {start:#x}; the block ends at {:#x}, past the end of data at {data_limit:#x}",
-                    start + stride
-                )
-                .into(),
-                None if outside => "the block ends past the end of data".into(),
-                None if specific => format!(
-                    "block {i} at offset {start:#x} overlaps another block or the metadata"
-                )
-                .into(),
-                None => "the block overlaps another block or the metadata".into(),
-            };
-            v.dropped.push(DroppedEntry {
-                block: i as u64,
-                entry: *e,
-                reason,
-            });
-            *e = bat::UNUSED;
-        }
-    }
+}
+
+/// Parent locator data must lie inside the file and clear of the other extents (which no
+/// longer overlap each other): warnings only.
+fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Validator) {
     for (i, loc) in h.locators.iter().enumerate() {
         if loc.is_empty() {
             continue;
@@ -2448,13 +2460,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             );
             continue;
         }
-        // The extents no longer overlap each other, so the first one ending after the
-        // locator's start is the only one that can overlap it... unless it starts after
-        // the locator ends.
-        let lo = extents.partition_point(|x| x.0 + x.1 <= loc.data_offset);
-        if let Some(&(b, _, tag)) = extents.get(lo)
-            && b < end
-        {
+        if let Some((_, tag)) = ex.first_overlapping(loc.data_offset, end) {
             v.warn(
                 pc::LOCATOR_OVERLAP,
                 &ls,
@@ -2468,22 +2474,6 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             );
         }
     }
-    if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
-        v.warn(
-            pc::HEADER_ODD,
-            hs,
-            ho,
-            "dynamic disk has a non-zero Parent Unique Id; it is ignored".into(),
-        );
-    }
-    if vhd.footer_source == FooterSource::Copy {
-        vhd.footer_offset = next_free.max(len.saturating_sub(FOOTER_SIZE as u64));
-    }
-    vhd.next_free = next_free;
-    vhd.header = Some(h);
-    vhd.bat = Table::new(bat, options.writable);
-    v.batmap = batmap;
-    Ok(())
 }
 
 /// Read `entries` BAT entries at `offset` (at most [`MAX_TABLE_ENTRIES`], checked against the

@@ -377,9 +377,10 @@ fn table_of_identical_entries() {
     assert_eq!(v.allocated_blocks(), 0);
 }
 
-/// Issue 9, defect 8: an error repair does not fix (here a never-written sector that is not
-/// zero, which only `check --deep` sees) is listed, and the CLI exits 2, while what repair
-/// does fix (the footer copy) is repaired.
+/// Issue 9, defect 8: what repair does not fix is listed. A never-written sector that is not
+/// zero (which only `check --deep` sees) is a warning since defect 7 (an interrupted merge
+/// leaves it): it is listed and the CLI exits 0, while what repair does fix (the footer copy)
+/// is repaired. An error it does not fix (the batmap checksum below) makes the CLI exit 2.
 #[test]
 fn errors_repair_does_not_fix_are_listed() {
     let d = tempfile::tempdir().unwrap();
@@ -388,26 +389,30 @@ fn errors_repair_does_not_fix_are_listed() {
     patch(&p, u64::from(bat_entry(&p, 1)) * 512 + 512, &[0x77]);
     patch(&p, 0, &[0xEE; 512]);
     let r = repair_file(&p, &dry()).unwrap();
-    assert!(r.has_errors(), "{r:#?}");
+    // The dry run plans the footer copy (an action, not a finding left over).
+    assert_eq!(r.actions.len(), 1, "{r:#?}");
+    assert!(!r.wrote && !r.has_errors(), "{r:#?}");
     assert!(!r.not_repaired.iter().any(|f| f.code == "footer-copy-bad"));
     let r = repair_file(&p, &run()).unwrap();
-    assert!(r.wrote && r.has_errors(), "{r:#?}");
+    assert!(r.wrote && !r.has_errors(), "{r:#?}");
     let codes: Vec<_> = r.not_repaired.iter().map(|f| f.code).collect();
     assert_eq!(codes, vec!["unwritten-not-zero"], "{r:#?}");
     Vhd::open(&p, OpenOptions::read_only()).unwrap();
-    let Some(exe) = common::binary() else { return };
-    let out = std::process::Command::new(exe)
-        .arg("repair")
-        .arg(&p)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(
-        text.contains("not repaired: error unwritten-not-zero"),
-        "{text}"
-    );
-    assert!(!text.contains("nothing to repair"), "{text}");
+    if let Some(exe) = common::binary() {
+        let out = std::process::Command::new(exe)
+            .arg("repair")
+            .arg(&p)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        assert!(
+            text.contains("not repaired: warning unwritten-not-zero"),
+            "{text}"
+        );
+        // The library call above repaired the footer copy already.
+        assert!(text.contains("nothing to repair"), "{text}");
+    }
 
     // A batmap whose checksum does not match (blktap's map, which repair does not rewrite).
     let map_at = 1536 + 1024;
@@ -418,6 +423,19 @@ fn errors_repair_does_not_fix_are_listed() {
     let codes: Vec<_> = r.not_repaired.iter().map(|f| f.code).collect();
     assert!(r.is_clean() && r.has_errors(), "{r:#?}");
     assert_eq!(codes, vec!["batmap-checksum"], "{r:#?}");
+    if let Some(exe) = common::binary() {
+        let out = std::process::Command::new(exe)
+            .arg("repair")
+            .arg(&t)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("not repaired: error batmap-checksum"),
+            "{text}"
+        );
+    }
 }
 
 /// Issue 9, defect 8: a valid file with warnings only has nothing to repair (exit 0), and a

@@ -108,7 +108,7 @@ impl MergePlan {
     /// merged layer smaller than the source ends the view (whatever the destination held
     /// there), and the destination's own view elsewhere. Candidate units come from the merged
     /// layers' BAT entries and from the range past the smallest merged layer (see
-    /// [`candidate_units`]); each candidate's bitmaps are then read once to count what it
+    /// `candidate_units`); each candidate's bitmaps are then read once to count what it
     /// receives, and units that receive nothing are dropped.
     pub fn build(chain: &Chain, destination_index: usize) -> Result<MergePlan> {
         let d = destination_index;

@@ -66,6 +66,24 @@ impl<S: Storage> Overlay<S> {
         Ok(())
     }
 
+    /// The storage beneath the overlay.
+    pub(crate) fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The active sequence laid over the file, if any.
+    pub(crate) fn plan(&self) -> Option<&ReplayPlan> {
+        self.plan.as_ref()
+    }
+
+    /// The file was written (a replay applied, blocks appended): from now on it reads as it
+    /// is, `len` bytes long, with no overlay.
+    pub(crate) fn written(&mut self, len: u64) {
+        self.plan = None;
+        self.raw_len = len;
+        self.file_len = len;
+    }
+
     /// Entries of the active sequence laid over the file (0 for a clean log).
     pub fn replayed_entries(&self) -> usize {
         self.plan.as_ref().map_or(0, |p| p.entries.len())
@@ -105,7 +123,7 @@ impl<S: Storage> Overlay<S> {
 /// An open fixed or dynamic VHDX: its structures as they read after the log replay.
 #[derive(Debug)]
 pub struct VhdxReader<S: Storage> {
-    file: Overlay<S>,
+    pub(crate) file: Overlay<S>,
     /// The current header.
     pub header: CurrentHeader,
     /// The creator string of the file type identifier.
@@ -116,34 +134,52 @@ pub struct VhdxReader<S: Storage> {
     pub metadata: Metadata,
     /// The BAT's shape.
     pub geometry: Geometry,
-    bat: Vec<u8>,
+    pub(crate) bat: Vec<u8>,
+}
+
+/// How [`VhdxReader::open_with`] opens a file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Mode {
+    /// Accept a differencing file (its own sectors only; the caller reads the parent).
+    pub differencing: bool,
+    /// Replay a dirty log onto the file and clear it ([MS-VHDX] 2.3.3) instead of in memory.
+    pub writable: bool,
 }
 
 impl<S: Storage> VhdxReader<S> {
     /// Open a fixed or dynamic VHDX read-only, replaying a dirty log in memory. A differencing
     /// file is Not Supported (yet).
     pub fn open(storage: S) -> Result<VhdxReader<S>> {
+        Self::open_with(storage, Mode::default())
+    }
+
+    /// Open as `mode` says: a differencing file accepted or refused, a dirty log replayed in
+    /// memory or onto the file.
+    pub(crate) fn open_with(storage: S, mode: Mode) -> Result<VhdxReader<S>> {
         let mut file = Overlay::new(storage)?;
         let start = file.read(0, MIB)?;
         let creator = FileIdentifier::parse(&start)?.creator;
-        let header = current_header(
+        let mut header = current_header(
             slot(&start, f::HEADER1_OFFSET),
             slot(&start, f::HEADER2_OFFSET),
         )?;
         file.replay(&header.header)?;
+        if mode.writable {
+            super::journal::replay_onto_file(&mut file, &mut header)?;
+        }
         let start = file.read(0, MIB)?; // [MS-VHDX] 2.3.3: region tables as they read after replay
         let (table, _) = choose_region_table(
             slot(&start, f::REGION_TABLE1_OFFSET),
             slot(&start, f::REGION_TABLE2_OFFSET),
         )?;
         let regions = table.known(header.header.log_range())?;
-        let metadata = load_metadata(&file, &regions)?;
+        let metadata = load_metadata(&file, &regions, mode.differencing)?;
         let fp = metadata.file_parameters;
         let geometry = Geometry::new(
             metadata.virtual_disk_size,
             fp.block_size,
             metadata.logical_sector_size,
-            false,
+            fp.has_parent,
         )?;
         geometry.check_bat_region(regions.bat.length.into())?;
         let bat = file.read(regions.bat.file_offset, geometry.entries_needed() * 8)?;
@@ -157,7 +193,35 @@ impl<S: Storage> VhdxReader<S> {
             bat,
         };
         (0..r.geometry.data_blocks()).try_for_each(|i| r.check_block(i))?;
+        if fp.has_parent {
+            (0..r.geometry.bitmap_blocks()).try_for_each(|c| r.check_bitmap_block(c))?;
+        }
         Ok(r)
+    }
+
+    /// A present sector bitmap block lies inside the file, after the header section.
+    fn check_bitmap_block(&self, c: u64) -> Result<()> {
+        let e = self.bitmap_entry(c)?;
+        if e.bitmap_state()? == super::format::bat::BitmapState::NotPresent {
+            return Ok(());
+        }
+        let inside = e.file_offset() >= MIB
+            && e.file_offset()
+                .checked_add(MIB)
+                .is_some_and(|end| end <= self.file.file_len());
+        if !inside {
+            return Err(Error::format(format!(
+                "VHDX BAT: sector bitmap block of chunk {c} at {:#x} is not inside the file",
+                e.file_offset()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The sector bitmap entry of chunk `c`.
+    pub(crate) fn bitmap_entry(&self, c: u64) -> Result<BatEntry> {
+        BatEntry::at(&self.bat, self.geometry.bitmap_index(c))
+            .ok_or_else(|| Error::format(format!("VHDX BAT: no bitmap entry for chunk {c}")))
     }
 
     /// A present block's data within the virtual disk lies inside the file, after the header
@@ -186,7 +250,8 @@ impl<S: Storage> VhdxReader<S> {
         Ok(())
     }
 
-    fn entry(&self, i: u64) -> Result<BatEntry> {
+    /// The payload entry of block `i`.
+    pub(crate) fn entry(&self, i: u64) -> Result<BatEntry> {
         BatEntry::at(&self.bat, self.geometry.payload_index(i))
             .ok_or_else(|| Error::format(format!("VHDX BAT: no entry for block {i}")))
     }
@@ -245,12 +310,17 @@ fn slot(start: &[u8], offset: u64) -> &[u8] {
         .unwrap_or(&[])
 }
 
-/// The metadata region (at most [`MAX_METADATA_BYTES`] of it); differencing is refused here.
-fn load_metadata<S: Storage>(file: &Overlay<S>, regions: &Regions) -> Result<Metadata> {
+/// The metadata region (at most [`MAX_METADATA_BYTES`] of it); differencing is refused unless
+/// `differencing`.
+fn load_metadata<S: Storage>(
+    file: &Overlay<S>,
+    regions: &Regions,
+    differencing: bool,
+) -> Result<Metadata> {
     let m = regions.metadata;
     let metadata =
         Metadata::parse(&file.read(m.file_offset, u64::from(m.length).min(MAX_METADATA_BYTES))?)?;
-    if metadata.file_parameters.has_parent {
+    if metadata.file_parameters.has_parent && !differencing {
         return Err(Error::not_supported(
             "differencing VHDX: reading through a parent is not implemented yet",
         ));

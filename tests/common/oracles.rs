@@ -102,12 +102,60 @@ fn qemu_img_result(out: &Output) -> Result<(), String> {
 /// `qemu-img convert -f vpc -O raw SRC DEST`. `None` when qemu-img is missing (skip); `Err`
 /// with qemu-img's message when it refuses the file.
 pub fn qemu_img_convert(src: &Path, dest: &Path) -> Option<Result<(), String>> {
+    qemu_img_convert_from("vpc", src, dest)
+}
+
+/// `qemu-img convert -f FORMAT -O raw SRC DEST`, as [`qemu_img_convert`].
+pub fn qemu_img_convert_from(format: &str, src: &Path, dest: &Path) -> Option<Result<(), String>> {
     let out = qemu_img(|c| {
-        c.args(["convert", "-f", "vpc", "-O", "raw"])
+        c.args(["convert", "-f", format, "-O", "raw"])
             .arg(src)
             .arg(dest)
     })?;
     Some(qemu_img_result(&out))
+}
+
+/// The whole VHDX disk as qemu-img reads it (`qemu-img convert -f vhdx -O raw`). `None` when
+/// qemu-img is missing; panics when qemu-img fails on the file.
+pub fn qemu_img_raw_vhdx(path: &Path) -> Option<Vec<u8>> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("out.raw");
+    match qemu_img_convert_from("vhdx", path, &raw)? {
+        Ok(()) => Some(std::fs::read(&raw).expect("read qemu-img output")),
+        Err(e) => panic!("qemu-img convert -f vhdx {} failed: {e}", path.display()),
+    }
+}
+
+/// `qemu-img check -f vhdx FILE` (read-only: no repair). `None` when qemu-img is missing; `Err`
+/// with its output unless it says "No errors were found".
+pub fn qemu_img_check_vhdx(path: &Path) -> Option<Result<(), String>> {
+    let out = qemu_img(|c| c.args(["check", "-f", "vhdx"]).arg(path))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Some(
+        if out.status.success() && stdout.contains("No errors were found") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        },
+    )
+}
+
+/// `qemu-img create -q -f vhdx -o OPTIONS FILE SIZE`, panicking when it fails. `None` when
+/// qemu-img is missing.
+pub fn qemu_img_create_vhdx(path: &Path, options: &str, size: &str) -> Option<()> {
+    let out = qemu_img(|c| {
+        c.args(["create", "-q", "-f", "vhdx", "-o"])
+            .arg(options)
+            .arg(path)
+            .arg(size)
+    })?;
+    if let Err(e) = qemu_img_result(&out) {
+        panic!("qemu-img create {} ({options}) failed: {e}", path.display());
+    }
+    Some(())
 }
 
 /// The whole disk as qemu-img reads it (`qemu-img convert -f vpc -O raw`). `None` when
@@ -170,11 +218,16 @@ pub fn qemu_img_create(path: &Path, options: &str, size: &str) -> Option<()> {
 
 /// Run `qemu-io -f vpc -c CMD ... FILE`, panicking when it fails. `None` when qemu-io is missing.
 pub fn qemu_io(path: &Path, commands: &[String]) -> Option<()> {
+    qemu_io_fmt("vpc", path, commands)
+}
+
+/// Run `qemu-io -f FORMAT -c CMD ... FILE`, as [`qemu_io`].
+pub fn qemu_io_fmt(format: &str, path: &Path, commands: &[String]) -> Option<()> {
     if !require_tool("qemu-io") {
         return None;
     }
     let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "vpc"]);
+    cmd.args(["-f", format]);
     for c in commands {
         cmd.arg("-c").arg(c);
     }

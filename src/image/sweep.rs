@@ -1,0 +1,409 @@
+//! The extent/overlap sweep of an opened VHD (§7), as a pure function of the extents.
+//!
+//! Every allocated block must lie clear of the metadata and of every other block. The extents
+//! are sorted once and swept (O(n log n)). Blocks all have the same length (the stride) and
+//! start at a sector, so a block is 8 bytes (its BAT entry and its index) and the handful of
+//! metadata extents are kept apart: a fully allocated table of 2^22 entries costs 32 MiB here.
+
+use crate::error::Result;
+use crate::format::SECTOR_SIZE;
+
+/// A metadata extent: start, length and a negative tag naming it (blocks use their index).
+pub(crate) type Meta = (u64, u64, i64);
+
+/// An allocated block: its BAT entry (the sector of its bitmap) and its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Block {
+    /// The BAT entry.
+    pub sector: u32,
+    /// The block index.
+    pub index: u32,
+}
+
+impl Block {
+    fn start(self) -> u64 {
+        u64::from(self.sector) * SECTOR_SIZE
+    }
+}
+
+/// An overlap the sweep reports: `second` starts before `first` ends, `first` being the extent
+/// reaching furthest among those before `second` in file order. Each is (start, tag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Overlap {
+    /// The extent reaching furthest so far.
+    pub first: (u64, i64),
+    /// The extent starting inside it.
+    pub second: (u64, i64),
+}
+
+/// A set of block indices, one bit each.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Bits(Vec<u64>);
+
+impl Bits {
+    /// An empty set for indices below `n`.
+    pub fn new(n: usize) -> Bits {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+
+    /// Whether `i` is in the set (false past its end).
+    pub fn get(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    /// Add `i` (ignored past the end).
+    pub fn set(&mut self, i: usize) {
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+
+    /// Add every index of `other`.
+    pub fn union(&mut self, other: &Bits) {
+        self.0.iter_mut().zip(&other.0).for_each(|(a, b)| *a |= b);
+    }
+}
+
+/// Beyond this many block pairs overlapping each other, every block in an overlap is dropped:
+/// a hostile table (every entry equal) then costs O(n) beyond the sort.
+const MAX_PAIRS: usize = 1 << 20;
+
+/// The extents of one file: its metadata and its blocks (each `stride` bytes long).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Extents {
+    /// The metadata extents.
+    pub meta: Vec<Meta>,
+    /// The allocated blocks lying inside the file.
+    pub blocks: Vec<Block>,
+    /// Length of every block: its bitmap and its data.
+    pub stride: u64,
+}
+
+impl Extents {
+    /// Every extent as (start, length, tag), in file order (sorted by [`Extents::sort`]).
+    pub fn iter(&self) -> impl Iterator<Item = Meta> + '_ {
+        let stride = self.stride;
+        let mut meta = self.meta.iter().copied().peekable();
+        let mut blocks = self
+            .blocks
+            .iter()
+            .map(move |b| (b.start(), stride, i64::from(b.index)))
+            .peekable();
+        std::iter::from_fn(move || match (meta.peek(), blocks.peek()) {
+            (Some(m), Some(b)) if m <= b => meta.next(),
+            (_, Some(_)) => blocks.next(),
+            _ => meta.next(),
+        })
+    }
+
+    fn sort(&mut self) {
+        self.meta.sort_unstable();
+        self.blocks.sort_unstable();
+    }
+
+    /// Sort and sweep the extents, calling `on_overlap` for each overlap in file order (an
+    /// error from it ends the sweep), and return the blocks to drop (of a table of `entries`)
+    /// so that none of the others overlaps anything: every block over metadata, and of blocks
+    /// overlapping each other, those with the most overlaps until none is left.
+    pub fn sweep(
+        &mut self,
+        entries: usize,
+        on_overlap: impl FnMut(Overlap) -> Result<()>,
+    ) -> Result<Bits> {
+        self.sort();
+        let mut s = Scan::new(entries);
+        s.run(self.iter(), on_overlap)?;
+        if s.too_many {
+            s.drop.union(&s.involved);
+        } else {
+            drop_most_connected(&mut s.drop, &s.pairs, entries);
+        }
+        Ok(s.drop)
+    }
+
+    /// Keep only the blocks not in `drop`.
+    pub fn retain(&mut self, drop: &Bits) {
+        self.blocks.retain(|b| !drop.get(b.index as usize));
+    }
+
+    /// The first extent (start, tag) overlapping `start..end`, when no two extents overlap.
+    pub fn first_overlapping(&self, start: u64, end: u64) -> Option<(u64, i64)> {
+        let lo = self.meta.partition_point(|m| m.0 + m.1 <= start);
+        let m = self.meta.get(lo).map(|m| (m.0, m.2));
+        let lo = self
+            .blocks
+            .partition_point(|b| b.start() + self.stride <= start);
+        let b = self.blocks.get(lo).map(|b| (b.start(), i64::from(b.index)));
+        let first = match (m, b) {
+            (Some(m), Some(b)) => Some(if m.0 <= b.0 { m } else { b }),
+            (m, b) => m.or(b),
+        };
+        first.filter(|f| f.0 < end)
+    }
+}
+
+/// The state of one sweep.
+struct Scan {
+    /// The extent reaching furthest so far: (start, end, tag).
+    reach: Option<(u64, u64, i64)>,
+    /// Blocks in a reported overlap.
+    involved: Bits,
+    /// Blocks to drop.
+    drop: Bits,
+    /// Extents (end, tag) that may overlap the next one.
+    active: Vec<(u64, i64)>,
+    /// Pairs of blocks overlapping each other, until there are too many.
+    pairs: Vec<(u32, u32)>,
+    too_many: bool,
+}
+
+impl Scan {
+    fn new(entries: usize) -> Scan {
+        Scan {
+            reach: None,
+            involved: Bits::new(entries),
+            drop: Bits::new(entries),
+            active: Vec::new(),
+            pairs: Vec::new(),
+            too_many: false,
+        }
+    }
+
+    fn run(
+        &mut self,
+        extents: impl Iterator<Item = Meta>,
+        mut on_overlap: impl FnMut(Overlap) -> Result<()>,
+    ) -> Result<()> {
+        for (b, blen, bt) in extents {
+            if let Some((a, aend, at)) = self.reach
+                && aend > b
+            {
+                on_overlap(Overlap {
+                    first: (a, at),
+                    second: (b, bt),
+                })?;
+                for t in [at, bt] {
+                    if let Ok(t) = usize::try_from(t) {
+                        self.involved.set(t);
+                    }
+                }
+            }
+            if self.reach.is_none_or(|(_, aend, _)| b + blen > aend) {
+                self.reach = Some((b, b + blen, bt));
+            }
+            if !self.too_many {
+                self.pair_up(b, b + blen, bt);
+            }
+        }
+        Ok(())
+    }
+
+    /// Record the pairs the extent `b..end` (tagged `bt`) makes with the active ones.
+    fn pair_up(&mut self, b: u64, end: u64, bt: i64) {
+        self.active.retain(|&(e, _)| e > b);
+        for &(_, at) in &self.active {
+            match (u32::try_from(at), u32::try_from(bt)) {
+                (Ok(x), Ok(y)) => self.pairs.push((x, y)),
+                // A block over metadata is wrong whatever else it overlaps.
+                (Ok(x), Err(_)) | (Err(_), Ok(x)) => self.drop.set(x as usize),
+                (Err(_), Err(_)) => {}
+            }
+            if self.pairs.len() > MAX_PAIRS {
+                self.too_many = true;
+                return;
+            }
+        }
+        self.active.push((end, bt));
+    }
+}
+
+/// Drop the blocks with the most overlaps among those left, until none is left (after a few
+/// rounds, every block still overlapping: the work stays linear in the pairs). A block's
+/// degree fits in 16 bits: blocks have one length, so a block with d overlaps makes about
+/// d²/8 pairs among its neighbours, and the pairs are bounded by [`MAX_PAIRS`].
+fn drop_most_connected(drop: &mut Bits, pairs: &[(u32, u32)], entries: usize) {
+    if pairs.is_empty() {
+        return;
+    }
+    let mut degree = vec![0u16; entries];
+    for round in 0.. {
+        degree.iter_mut().for_each(|d| *d = 0);
+        let mut max = 0;
+        for &(x, y) in pairs {
+            let (x, y) = (x as usize, y as usize);
+            if !drop.get(x) && !drop.get(y) {
+                for i in [x, y] {
+                    if let Some(d) = degree.get_mut(i) {
+                        *d = d.saturating_add(1);
+                        max = max.max(*d);
+                    }
+                }
+            }
+        }
+        if max == 0 {
+            break;
+        }
+        for (i, &n) in degree.iter().enumerate() {
+            if n == max || (round >= 16 && n > 0) {
+                drop.set(i);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all(e: &Extents) -> Vec<Meta> {
+        let mut v: Vec<Meta> = e.meta.clone();
+        v.extend(
+            e.blocks
+                .iter()
+                .map(|b| (b.start(), e.stride, i64::from(b.index))),
+        );
+        v.sort_unstable();
+        v
+    }
+
+    fn overlap(a: Meta, b: Meta) -> bool {
+        a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+    }
+
+    /// The overlaps, quadratically: each extent starting before some earlier one ends, with
+    /// the earlier one that reaches furthest (the first of them on a tie).
+    fn reference_overlaps(v: &[Meta]) -> Vec<Overlap> {
+        let mut out = Vec::new();
+        for (i, &b) in v.iter().enumerate() {
+            let mut best: Option<Meta> = None;
+            for &a in &v[..i] {
+                if best.is_none_or(|m| a.0 + a.1 > m.0 + m.1) {
+                    best = Some(a);
+                }
+            }
+            if let Some(a) = best.filter(|a| a.0 + a.1 > b.0) {
+                out.push(Overlap {
+                    first: (a.0, a.2),
+                    second: (b.0, b.2),
+                });
+            }
+        }
+        out
+    }
+
+    /// The blocks to drop, quadratically, when the pairs stay under the bound.
+    fn reference_drop(v: &[Meta], entries: usize) -> Bits {
+        let mut drop = Bits::new(entries);
+        let mut pairs = Vec::new();
+        for (i, &a) in v.iter().enumerate() {
+            for &b in &v[i + 1..] {
+                if !overlap(a, b) {
+                    continue;
+                }
+                match (u32::try_from(a.2), u32::try_from(b.2)) {
+                    (Ok(x), Ok(y)) => pairs.push((x, y)),
+                    (Ok(x), Err(_)) | (Err(_), Ok(x)) => drop.set(x as usize),
+                    _ => {}
+                }
+            }
+        }
+        drop_most_connected(&mut drop, &pairs, entries);
+        drop
+    }
+
+    fn extents() -> impl Strategy<Value = Extents> {
+        let meta = prop::collection::vec((0u64..64, 1u64..12, -6i64..0), 0..5);
+        let blocks = prop::collection::vec(0u32..64, 0..24);
+        (meta, blocks, 1u64..5).prop_map(|(meta, sectors, s)| Extents {
+            meta: meta
+                .into_iter()
+                .map(|(a, l, t)| (a * 512, l * 512, t))
+                .collect(),
+            blocks: sectors
+                .into_iter()
+                .enumerate()
+                .map(|(i, sector)| Block {
+                    sector,
+                    index: i as u32,
+                })
+                .collect(),
+            stride: s * 512,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+        #[test]
+        fn sweep_matches_the_quadratic_reference(mut e in extents()) {
+            let entries = e.blocks.len();
+            let v = all(&e);
+            let mut seen = Vec::new();
+            let drop = e.sweep(entries, |o| {
+                seen.push(o);
+                Ok(())
+            }).unwrap();
+            prop_assert_eq!(e.iter().collect::<Vec<_>>(), v.clone());
+            prop_assert_eq!(seen, reference_overlaps(&v));
+            prop_assert_eq!(&drop, &reference_drop(&v, entries));
+            // No block left overlaps anything; the first overlapping extent is found.
+            e.retain(&drop);
+            let kept = all(&e);
+            for (i, &a) in kept.iter().enumerate() {
+                for &b in &kept[i + 1..] {
+                    prop_assert!(a.2 < 0 && b.2 < 0 || !overlap(a, b), "{:?} {:?}", a, b);
+                }
+            }
+            if kept.windows(2).all(|w| !overlap(w[0], w[1])) {
+                for (start, len) in [(0u64, 512u64), (700, 2000), (9000, 512), (20000, 9000)] {
+                    let want = kept.iter().find(|x| overlap(**x, (start, len, 0)));
+                    prop_assert_eq!(
+                        e.first_overlapping(start, start + len),
+                        want.map(|x| (x.0, x.2))
+                    );
+                }
+            }
+        }
+    }
+
+    /// An error from the callback ends the sweep there.
+    #[test]
+    fn an_error_from_the_callback_stops_the_sweep() {
+        let mut e = Extents {
+            meta: vec![(0, 512, -1), (0, 1024, -2)],
+            blocks: vec![Block {
+                sector: 0,
+                index: 0,
+            }],
+            stride: 1024,
+        };
+        let mut n = 0;
+        let r = e.sweep(1, |_| {
+            n += 1;
+            Err(crate::error::Error::format("stop".to_string()))
+        });
+        assert!(r.is_err());
+        assert_eq!(n, 1);
+    }
+
+    /// A hostile table (every entry equal) stops pairing at the bound and drops every block.
+    #[test]
+    fn every_entry_equal_drops_every_block() {
+        let n = 2000;
+        let mut e = Extents {
+            meta: vec![(0, 512, -1)],
+            blocks: (0..n).map(|index| Block { sector: 8, index }).collect(),
+            stride: 1024,
+        };
+        let mut seen = 0;
+        let drop = e
+            .sweep(n as usize, |_| {
+                seen += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, n - 1);
+        assert!((0..n as usize).all(|i| drop.get(i)));
+    }
+}

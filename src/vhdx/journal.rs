@@ -1,0 +1,184 @@
+//! Changing a VHDX crash-safely: the header update procedure ([MS-VHDX] 2.2.2.1), replaying a
+//! dirty log onto the file (2.3.3), and the log writer that journals metadata pages (2.3.1).
+//!
+//! Every function here flushes before it returns, so the order of its writes relative to the
+//! caller's is the order on the device.
+
+use uuid::Uuid;
+
+use super::format::header::{CurrentHeader, Header};
+use super::format::log::{EntryParams, PAGE, Write, build_entry};
+use super::format::{HEADER1_OFFSET, HEADER2_OFFSET, MIB};
+use super::reader::Overlay;
+use crate::io::Storage;
+use crate::{Error, Result};
+
+/// `storage.write_at`, with an error naming what was written.
+pub(crate) fn write<S: Storage>(storage: &S, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    storage.write_at(buf, offset).map_err(|e| {
+        Error::io(
+            format!("VHDX: writing {what} ({} bytes at {offset:#x})", buf.len()),
+            e,
+        )
+    })
+}
+
+/// `storage.sync_data`, with an error saying what it made durable.
+pub(crate) fn flush<S: Storage>(storage: &S, what: &str) -> Result<()> {
+    storage
+        .sync_data()
+        .map_err(|e| Error::io(format!("VHDX: flushing {what}"), e))
+}
+
+/// `storage.set_len` to grow the file to `len` (never shrinks it).
+pub(crate) fn grow<S: Storage>(storage: &S, len: u64) -> Result<()> {
+    let now = storage
+        .len()
+        .map_err(|e| Error::io("VHDX: file length", e))?;
+    if now < len {
+        storage
+            .set_len(len)
+            .map_err(|e| Error::io(format!("VHDX: extending the file to {len:#x}"), e))?;
+    }
+    Ok(())
+}
+
+/// The header update procedure ([MS-VHDX] 2.2.2.1): the current header changed by `change`,
+/// with the next sequence number, written into the non-current slot and flushed; that slot is
+/// current from then on. A torn write can only damage the stale slot.
+pub(crate) fn update_header<S: Storage>(
+    storage: &S,
+    cur: &mut CurrentHeader,
+    change: impl FnOnce(&mut Header),
+) -> Result<()> {
+    let mut h = cur.header.clone();
+    change(&mut h);
+    h.sequence_number = cur
+        .header
+        .sequence_number
+        .checked_add(1)
+        .ok_or_else(|| Error::format("VHDX header sequence number is at its maximum"))?;
+    let slot = 1 - cur.slot.min(1);
+    let offset = [HEADER1_OFFSET, HEADER2_OFFSET][slot];
+    write(storage, &h.to_bytes(), offset, "a header")?;
+    flush(storage, "a header")?;
+    *cur = CurrentHeader {
+        slot,
+        header: h,
+        other_error: None,
+    };
+    Ok(())
+}
+
+/// Apply the log sequence `file` lays over the storage ([MS-VHDX] 2.3.3) to the file itself:
+/// a fresh FileWriteGuid first (the replay is this session's first write), then every write
+/// of the plan, the file extended to the head's LastFileOffset, a flush, and LogGuid cleared
+/// by a header update. DataWriteGuid is kept: the disk reads the same as before (in-memory
+/// replay), so children stay linked. Replay is idempotent: a crash anywhere here just means
+/// replaying again.
+pub(crate) fn replay_onto_file<S: Storage>(
+    file: &mut Overlay<S>,
+    header: &mut CurrentHeader,
+) -> Result<()> {
+    let Some(plan) = file.plan().cloned() else {
+        return Ok(());
+    };
+    let s = file.storage();
+    update_header(s, header, |h| h.file_write_guid = Uuid::new_v4())?;
+    let zeros = vec![0u8; MIB as usize];
+    for (_, w) in plan.writes() {
+        match w {
+            Write::Page { file_offset, data } => write(s, data, *file_offset, "a logged page")?,
+            Write::Zero {
+                file_offset,
+                length,
+            } => {
+                let mut at = 0;
+                while at < *length {
+                    let n = (*length - at).min(MIB);
+                    write(s, &zeros[..n as usize], file_offset + at, "logged zeros")?;
+                    at += n;
+                }
+            }
+        }
+    }
+    let len = file.file_len();
+    grow(s, len)?;
+    flush(s, "the replayed log")?;
+    update_header(s, header, |h| h.log_guid = Uuid::nil())?;
+    file.written(len);
+    Ok(())
+}
+
+/// Where the next log entry of a write session goes. The session's LogGuid is fresh, so
+/// entries of earlier sessions never count; entries are appended one after another around the
+/// circular log, each with its Tail pointing at itself (every entry is applied and flushed
+/// before the next is written), and a new entry never overwrites the previous one, so a torn
+/// entry leaves the previous (already applied) one to replay harmlessly.
+#[derive(Debug)]
+pub(crate) struct LogWriter {
+    /// This session's LogGuid.
+    pub guid: Uuid,
+    log_offset: u64,
+    log_length: u64,
+    next: u64,
+    sequence: u64,
+    previous_len: u64,
+}
+
+impl LogWriter {
+    /// A writer for the log `header` names, with a fresh LogGuid.
+    pub fn new(header: &Header) -> LogWriter {
+        LogWriter {
+            guid: Uuid::new_v4(),
+            log_offset: header.log_offset,
+            log_length: header.log_length.into(),
+            next: 0,
+            sequence: 1,
+            previous_len: 0,
+        }
+    }
+
+    /// The most pages one entry may carry: it and the previous entry must fit in the log
+    /// together (one descriptor sector holds 126 descriptors; a larger entry needs more).
+    pub fn max_pages(&self) -> usize {
+        let pages = (self.log_length / PAGE as u64 / 2) as usize;
+        // Descriptor sectors: 1 for up to 126 pages, one more per 128.
+        pages.saturating_sub(1 + pages / 128).max(1)
+    }
+
+    /// Write one entry carrying `pages` and flush it. `file_len` is the file's length, stable
+    /// and sufficient for every structure the entry refers to.
+    pub fn append<S: Storage>(&mut self, s: &S, pages: &[Write], file_len: u64) -> Result<()> {
+        let params = EntryParams {
+            sequence_number: self.sequence,
+            tail: self.next as u32,
+            log_guid: self.guid,
+            flushed_file_offset: file_len,
+            last_file_offset: file_len,
+        };
+        let entry = build_entry(&params, pages)?;
+        let len = entry.len() as u64;
+        if len + self.previous_len > self.log_length {
+            return Err(Error::InvalidParameter(format!(
+                "VHDX log entry of {len} bytes does not fit a {}-byte log",
+                self.log_length
+            )));
+        }
+        let first = (self.log_length - self.next).min(len) as usize;
+        write(
+            s,
+            &entry[..first],
+            self.log_offset + self.next,
+            "a log entry",
+        )?;
+        if first < entry.len() {
+            write(s, &entry[first..], self.log_offset, "a log entry")?;
+        }
+        flush(s, "a log entry")?;
+        self.next = (self.next + len) % self.log_length;
+        self.previous_len = len;
+        self.sequence += 1;
+        Ok(())
+    }
+}
