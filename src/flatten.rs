@@ -13,6 +13,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
@@ -77,6 +79,9 @@ pub struct FlattenOptions<'a> {
     pub layer: usize,
     /// Called with (bytes done, total bytes) as the work proceeds.
     pub progress: Option<Progress<'a>>,
+    /// When set (by another thread, e.g. a signal handler), the flatten stops before its next
+    /// span with [`Error::Cancelled`]; the temporary file is removed and the output untouched.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for FlattenOptions<'_> {
@@ -87,6 +92,7 @@ impl std::fmt::Debug for FlattenOptions<'_> {
             .field("block_size", &self.block_size)
             .field("layer", &self.layer)
             .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
@@ -168,6 +174,7 @@ pub fn flatten(
         done: 0,
         data_bytes: 0,
         progress: opts.progress.take(),
+        cancel: opts.cancel.take(),
         data_done: 0,
         data_total: 0,
     };
@@ -247,18 +254,25 @@ fn check_output(chain: &Chain, output: &Path, force: bool) -> Result<Option<File
 /// A name for the temporary output beside `output` (same directory, so the final rename
 /// stays on one file system).
 fn temp_path(output: &Path) -> Result<PathBuf> {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::AtomicU64;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = temp_prefix(output)?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    Ok(output.with_file_name(format!("{prefix}{n}.tmp")))
+}
+
+/// How the name of every temporary file that [`flatten`] writes beside `output` from this
+/// process starts (`.NAME.vhd-merge-PID-`; the file ends in `.tmp`). For a caller that has to
+/// exit without unwinding (a second interrupt) and removes those files itself.
+pub fn temp_prefix(output: &Path) -> Result<String> {
     let name = output.file_name().ok_or_else(|| {
         Error::InvalidParameter(format!("the output {} has no file name", output.display()))
     })?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp_name = format!(
-        ".{}.vhd-merge-{}-{n}.tmp",
+    Ok(format!(
+        ".{}.vhd-merge-{}-",
         name.to_string_lossy(),
         std::process::id()
-    );
-    Ok(output.with_file_name(tmp_name))
+    ))
 }
 
 /// Give the finished temporary file its final name, then sync the directory.
@@ -329,6 +343,7 @@ struct Writer<'c, 'p> {
     done: u64,
     data_bytes: u64,
     progress: Option<Progress<'p>>,
+    cancel: Option<Arc<AtomicBool>>,
     /// See [`FlattenProgress`] (counted only with a progress callback).
     data_done: u64,
     data_total: u64,
@@ -378,7 +393,18 @@ impl Writer<'_, '_> {
     }
 
     /// Fill `buf` with the span's content; false when it is all zero.
+    /// Every writer calls it once per span, so this is where a cancel request is seen.
     fn read(&mut self, plan: &SpanPlan, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<bool> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(Error::Cancelled(format!(
+                "flatten stopped at byte {} of {}; the partial file was removed and the output left as it was",
+                self.done, self.size
+            )));
+        }
         if plan.sources.is_empty() {
             return Ok(false);
         }

@@ -21,9 +21,11 @@ fn p(path: &Path) -> &str {
 /// Assert the command failed with exactly one stderr line `error <code> (<name>): ...`.
 fn assert_error(out: &Output, code: u32, name: &str) -> String {
     assert!(!out.status.success(), "expected failure");
+    // Every parameter error (32773) exits with 2, like clap's usage errors; the rest with 1.
+    let status = if code == 32773 { 2 } else { 1 };
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(status),
         "exit status (101 would be a panic)"
     );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -987,4 +989,167 @@ fn ctrl_c_clears_the_bar_before_the_message() {
         !screen[message..].contains("merging"),
         "bar after the message"
     );
+}
+
+/// `--size 1.5G` is a parameter error: exit status 2, like an unknown flag (it was 1).
+#[test]
+fn parameter_errors_exit_2() {
+    let Some(out) = run(&["create", "dynamic", "never.vhd", "--size", "1.5G"]) else {
+        return;
+    };
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out).1);
+    assert!(
+        text(&out)
+            .1
+            .starts_with("error 32773 (Invalid parameter): --size")
+    );
+    assert!(!Path::new("never.vhd").exists());
+    let out = run(&["-q", "-v", "info", "x.vhd"]).unwrap();
+    assert_eq!(out.status.code(), Some(2), "-q and -v conflict");
+    // A file that is not there is not a parameter error.
+    let out = run(&["info", "/nonexistent/x.vhd"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// `completions SHELL` prints a script for each shell that names every verb.
+#[test]
+fn completions_for_every_shell() {
+    if common::binary().is_none() {
+        return;
+    }
+    let verbs = [
+        "merge",
+        "flatten",
+        "set-parent",
+        "repair",
+        "check",
+        "chain",
+        "info",
+    ];
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef vhd-merge"),
+        ("fish", "complete -c vhd-merge"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = run(&["completions", shell]).unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{shell}: {stderr}");
+        assert!(stdout.contains(marker), "{shell}: no {marker:?}");
+        for v in verbs {
+            assert!(stdout.contains(v), "{shell}: {v} missing");
+        }
+        // fish spells long options `-l remove-merged`.
+        assert!(stdout.contains("remove-merged"), "{shell}: merge options");
+    }
+    if Command::new("bash").arg("--version").output().is_ok() {
+        let out = run(&["completions", "bash"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.bash");
+        std::fs::write(&f, &out.stdout).unwrap();
+        let syntax = Command::new("bash").arg("-n").arg(&f).output().unwrap();
+        assert!(syntax.status.success(), "bash -n: {:?}", syntax);
+    }
+}
+
+/// `man` prints a roff page that lists every verb and the exit statuses.
+#[test]
+fn man_page_lists_every_verb() {
+    let Some(out) = run(&["man"]) else {
+        return;
+    };
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains(".TH vhd-merge 1"), "{stdout}");
+    for v in [
+        "info",
+        "create",
+        "chain",
+        "set-parent",
+        "flatten",
+        "merge",
+        "check",
+        "repair",
+        "completions",
+    ] {
+        // roff escapes the hyphen; each verb is a line of the SUBCOMMANDS section.
+        let roff = v.replace('-', "\\-");
+        assert!(
+            stdout.contains(&format!("vhd\\-merge\\-{roff}(1)")),
+            "{v}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("Exit status"), "exit statuses");
+}
+
+/// Every verb's long help ends with an example of it.
+#[test]
+fn long_help_has_an_example_per_verb() {
+    if common::binary().is_none() {
+        return;
+    }
+    for v in [
+        "info",
+        "create",
+        "chain",
+        "set-parent",
+        "flatten",
+        "merge",
+        "check",
+        "repair",
+        "completions",
+        "man",
+    ] {
+        let out = run(&[v, "--help"]).unwrap();
+        let (stdout, _) = text(&out);
+        assert!(out.status.success(), "{v}");
+        assert!(
+            stdout.contains("Example") && stdout.contains(&format!("vhd-merge {v} ")),
+            "{v}: {stdout}"
+        );
+    }
+}
+
+/// `-q` silences the summary of a command that succeeded (and its progress bar), but not
+/// errors; `-v` adds the merge plan.
+#[test]
+fn quiet_and_verbose() {
+    if common::binary().is_none() {
+        return;
+    }
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("q.vhd");
+    let out = run(&["-q", "create", "dynamic", p(&f), "--size", "4M"]).unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{:?}",
+        text(&out)
+    );
+    let out = run(&["check", p(&f), "--quiet"]).unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{:?}",
+        text(&out)
+    );
+    let (_, child) = cli_chain(dir.path());
+    let flat = dir.path().join("flat.vhd");
+    let out = run(&["flatten", p(&child), p(&flat), "-q"]).unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{:?}",
+        text(&out)
+    );
+    assert!(flat.exists());
+    let out = run(&["-v", "merge", p(&child)]).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("merge into") && stdout.contains("merged "),
+        "{stdout}"
+    );
+    // Errors still show under -q.
+    let out = run(&["-q", "create", "dynamic", p(&f), "--size", "4M"]).unwrap();
+    assert_error(&out, 32773, "Invalid parameter");
 }

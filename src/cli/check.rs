@@ -43,7 +43,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     if args.json {
         println!("{}", to_json(&report));
-    } else {
+    } else if report.has_errors() || super::summaries() {
+        // `-q`: nothing for a file without errors (the exit status says so).
         print_text(&report);
     }
     Ok(if report.has_errors() {

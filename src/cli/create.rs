@@ -108,7 +108,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             create::create_differencing(&file, &parent, &options(force, Some(bs)))?
         }
     };
-    print_created(&vhd);
+    if super::summaries() {
+        print_created(&vhd);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -36,9 +36,6 @@ pub struct Args {
     /// Replace OUTPUT if it exists (it is replaced only once the new file is complete).
     #[arg(long)]
     pub force: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -56,7 +53,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
             eprintln!("warning: {}: {w}", l.layer.path().display());
         }
     }
-    let bar = super::progress::Bar::new("flattening", !args.quiet);
+    if super::verbosity() == super::Verbosity::Verbose {
+        for l in chain.layers() {
+            eprintln!(
+                "reading {} ({}, {})",
+                l.vhd.path().display(),
+                l.vhd.disk_type().name(),
+                super::chain::human(l.vhd.virtual_size())
+            );
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let bar = super::progress::Bar::new("flattening", super::summaries());
     let mut on_progress = |p: &vhd_merge::FlattenProgress| bar.set(p.data_done, p.data_total);
     let opts = FlattenOptions {
         format: match args.format {
@@ -67,6 +75,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         force: args.force,
         block_size,
         progress: Some(&mut on_progress),
+        // An interrupt stops it before the next span; the temporary file is removed.
+        cancel: super::signal::install(super::signal::Mode::Cancel, Some(&args.output)),
         ..FlattenOptions::default()
     };
     let res = flatten(&chain, &args.output, opts);
@@ -83,6 +93,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if r.format == FlattenFormat::Dynamic {
         line.push_str(&format!(", {} block(s) allocated", r.blocks_allocated));
     }
-    println!("{line}");
+    if super::verbosity() == super::Verbosity::Verbose {
+        line.push_str(&format!(" in {:.2} s", t0.elapsed().as_secs_f64()));
+    }
+    if super::summaries() {
+        println!("{line}");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -53,16 +53,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         relink: args.relink.clone(),
         ..MergeOptions::default()
     };
-    // Ctrl-C stops the merge between two units, commits what was written and reports it;
-    // re-running finishes the job. (Without the handler the process would die mid-batch,
-    // which is safe too, but says nothing.) A second handler cannot be installed in one
-    // process; then Ctrl-C keeps its default effect.
-    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = cancel.clone();
-    if ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)).is_ok() {
-        options.cancel = Some(cancel);
-    }
-    let bar = super::progress::Bar::new("merging", !args.json && !args.dry_run);
+    // An interrupt stops the merge between two units, commits what was written and reports
+    // it; re-running finishes the job (see `signal`).
+    options.cancel = super::signal::install(super::signal::Mode::Cancel, None);
+    let show_bar = !args.json && !args.dry_run && super::summaries();
+    let bar = super::progress::Bar::new("merging", show_bar);
     // The last progress seen, for the JSON of a merge that fails part-way.
     let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
     let (b, l) = (bar.clone(), last.clone());
@@ -99,7 +94,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "note: a real merge would refuse (32775, Invalid state) because of the siblings above, unless --force"
             );
         }
-    } else {
+    } else if super::summaries() {
+        if super::verbosity() == super::Verbosity::Verbose {
+            print_plan(&report.plan);
+        }
         println!("{}", summary(&report, seconds));
     }
     Ok(ExitCode::SUCCESS)

@@ -10,39 +10,101 @@ use vhd_merge::{ChainOptions, Error};
 mod chain;
 mod check;
 mod create;
+mod docs;
 mod flatten;
 mod info;
 mod merge;
 mod progress;
 mod repair;
 mod set_parent;
+mod signal;
 
 /// Merge, inspect, create and repair Microsoft VHD files.
 #[derive(Parser, Debug)]
-#[command(name = "vhd-merge", version, about)]
+#[command(name = "vhd-merge", version, about, after_long_help = EXIT_STATUS_HELP)]
 pub struct Cli {
+    /// No progress bar and no summary on success (errors and warnings still go to stderr;
+    /// what a command exists to print, such as `info`, `chain` or `--json`, still does).
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More detail: the plan of a merge, the layers a flatten reads and how long it took.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The exit statuses, in `vhd-merge --help`.
+const EXIT_STATUS_HELP: &str = "\
+Exit status: 0 on success; 1 when the command failed; 2 for a parameter error (every error
+32773, Invalid parameter, command-line usage errors included) and, for `check` and `repair`,
+when the file has errors left; 130 when Ctrl-C, SIGTERM or SIGHUP stopped the command.";
+
+/// How much the commands print, from `-q` and `-v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    /// `-q`.
+    Quiet,
+    /// Neither.
+    Normal,
+    /// `-v`.
+    Verbose,
+}
+
+static VERBOSITY: std::sync::OnceLock<Verbosity> = std::sync::OnceLock::new();
+
+/// The verbosity the command line asked for.
+pub fn verbosity() -> Verbosity {
+    VERBOSITY.get().copied().unwrap_or(Verbosity::Normal)
+}
+
+/// True unless `-q`: print the summary of a command that succeeded.
+pub fn summaries() -> bool {
+    verbosity() > Verbosity::Quiet
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Show a VHD's footer, header, locators and allocation.
+    #[command(after_long_help = "Example:\n  vhd-merge info disk.vhd --json")]
     Info(info::Args),
     /// Create a fixed, dynamic or differencing VHD.
+    #[command(
+        after_long_help = "Examples:\n  vhd-merge create dynamic base.vhd --size 64G\n  vhd-merge create differencing child.vhd --parent base.vhd"
+    )]
     Create(create::Args),
     /// List the chain of a differencing VHD, child first.
+    #[command(after_long_help = "Example:\n  vhd-merge chain child.vhd --search-dir /moved/disks")]
     Chain(chain::Args),
     /// Re-point a differencing VHD at a moved, renamed or replaced parent.
+    #[command(after_long_help = "Example:\n  vhd-merge set-parent child.vhd /new/place/base.vhd")]
     SetParent(set_parent::Args),
     /// Write the logical content of a chain to a new standalone file.
+    #[command(
+        after_long_help = "Example:\n  vhd-merge flatten child.vhd standalone.vhd --format dynamic"
+    )]
     Flatten(flatten::Args),
     /// Merge a differencing VHD into its parent or an ancestor.
+    #[command(
+        after_long_help = "Examples:\n  vhd-merge merge child.vhd --dry-run\n  vhd-merge merge child.vhd base.vhd --verify --remove-merged"
+    )]
     Merge(merge::Args),
     /// Validate a VHD (and with --chain its whole chain).
+    #[command(after_long_help = "Example:\n  vhd-merge check child.vhd --chain --deep")]
     Check(check::Args),
     /// Repair footers, checksums and bad BAT entries.
+    #[command(after_long_help = "Example:\n  vhd-merge repair disk.vhd --dry-run")]
     Repair(repair::Args),
+    /// Print a completion script for SHELL on stdout.
+    #[command(
+        after_long_help = "Example:\n  vhd-merge completions bash > /usr/share/bash-completion/completions/vhd-merge"
+    )]
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page (roff) on stdout.
+    #[command(
+        after_long_help = "Example:\n  vhd-merge man > /usr/local/share/man/man1/vhd-merge.1"
+    )]
+    Man,
 }
 
 /// Options for opening a chain, shared by every command that opens one.
@@ -93,7 +155,7 @@ impl ChainArgs {
 }
 
 /// Print an error the way every command does: one line on stderr starting with
-/// `error <code> (<name>):`, and return a failing exit status.
+/// `error <code> (<name>):`, and return its exit status (see [`exit_status`]).
 pub fn fail(e: &Error) -> ExitCode {
     let rc = e.return_code();
     let msg = e.to_string();
@@ -107,8 +169,24 @@ pub fn fail(e: &Error) -> ExitCode {
     for l in lines {
         eprintln!("{l}");
     }
-    ExitCode::FAILURE
+    exit_status(e)
 }
+
+/// The exit status of a failed command (see [`EXIT_STATUS_HELP`]): 130 for a job an interrupt
+/// cancelled, 2 for a parameter error (the one path every check of the arguments ends in, as
+/// clap's usage errors do), 1 otherwise.
+fn exit_status(e: &Error) -> ExitCode {
+    if matches!(e, Error::Cancelled(_)) {
+        ExitCode::from(signal::EXIT_INTERRUPTED)
+    } else if e.return_code() == vhd_merge::ReturnCode::InvalidParameter {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The exit status of a parameter error.
+const EXIT_USAGE: u8 = 2;
 
 /// Report a command-line usage error like every other failure: one line starting with
 /// `error 32773 (Invalid parameter):`, then clap's usage hint; exit status 2 (clap's own
@@ -123,7 +201,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     ) {
         let _ = e.print();
         return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            ExitCode::from(2)
+            ExitCode::from(EXIT_USAGE)
         } else {
             ExitCode::SUCCESS
         };
@@ -137,7 +215,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     for l in lines {
         eprintln!("{l}");
     }
-    ExitCode::from(2)
+    ExitCode::from(EXIT_USAGE)
 }
 
 /// Run the command line.
@@ -146,6 +224,12 @@ pub fn run() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
+    let v = match (cli.quiet, cli.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (_, true) => Verbosity::Verbose,
+        _ => Verbosity::Normal,
+    };
+    let _ = VERBOSITY.set(v);
     let res = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Create(a) => create::run(a),
@@ -155,6 +239,8 @@ pub fn run() -> ExitCode {
         Command::Merge(a) => merge::run(a),
         Command::Check(a) => check::run(a),
         Command::Repair(a) => repair::run(a),
+        Command::Completions(a) => docs::completions(a),
+        Command::Man => docs::man(),
     };
     match res {
         Ok(code) => code,

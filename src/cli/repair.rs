@@ -25,6 +25,12 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
+    // No point to stop at inside the library call, but every write is in a crash-safe order:
+    // an interrupt ends the repair at once (see `signal`).
+    super::signal::install(
+        super::signal::Mode::Exit("interrupted: repair stopped"),
+        None,
+    );
     let report = repair_file(
         &args.file,
         &RepairOptions {
@@ -78,11 +84,13 @@ fn lost_runs(report: &RepairReport) -> Vec<(u64, u64, std::ops::Range<u64>, u64,
 
 fn print_text(report: &RepairReport, dry_run: bool) {
     let file = report.file.display();
-    if report.actions.is_empty() && !report.has_errors() {
+    // `-q`: only the lost data and what is left to fix.
+    let summaries = super::summaries();
+    if report.actions.is_empty() && !report.has_errors() && summaries {
         println!("{file}: nothing to repair");
     }
     let verb = if dry_run { "would write" } else { "wrote" };
-    for a in &report.actions {
+    for a in report.actions.iter().filter(|_| summaries) {
         println!(
             "{file}: {verb} {} ({} bytes at offset {:#x}): {}",
             a.structure, a.len, a.offset, a.reason

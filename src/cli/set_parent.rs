@@ -28,7 +28,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
         lenient: args.lenient,
         ..SetParentOptions::default()
     };
+    // Locators, then the header, each synced: an interrupt ends it at once (see `signal`).
+    super::signal::install(
+        super::signal::Mode::Exit("interrupted: set-parent stopped"),
+        None,
+    );
     let r = set_parent(&args.child, &args.parent, &opts)?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    if super::summaries() {
+        print_report(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &vhd_merge::SetParentReport) {
     println!(
         "{}: parent set to {}",
         r.child.display(),
@@ -60,8 +75,4 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         );
     }
-    for w in &r.warnings {
-        eprintln!("warning: {w}");
-    }
-    Ok(ExitCode::SUCCESS)
 }
