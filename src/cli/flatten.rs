@@ -57,9 +57,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         for l in chain.layers() {
             eprintln!(
                 "reading {} ({}, {})",
-                l.vhd.path().display(),
-                l.vhd.disk_type().name(),
-                super::chain::human(l.vhd.virtual_size())
+                l.layer.path().display(),
+                l.layer.kind().name(),
+                super::chain::human(l.layer.virtual_size())
             );
         }
     }
