@@ -1546,6 +1546,9 @@ fn block_tables_past_the_limit_are_refused_without_allocating() {
 /// (refused while the limit was 2^20 entries).
 #[test]
 fn create_refuses_tables_past_the_limit() {
+    // Serial: it creates and opens a 16 MiB table, which would count in the whole-process
+    // peaks of the memory tests running beside it (c47 failed that way).
+    let _serial = serial();
     let d = tmp();
     let p = d.path().join("big.vhd");
     for (bs, smallest) in [
