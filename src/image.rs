@@ -1670,6 +1670,16 @@ fn open_inner(
         ));
     }
 
+    let mut signature = [0u8; 8];
+    if storage.read_at(&mut signature, 0).is_ok() && &signature == b"vhdxfile" {
+        // A VHDX, not a damaged VHD: say so (every command opens through here).
+        return Err(v.stop(
+            pc::NOT_A_VHD,
+            "file",
+            Some(0),
+            crate::layer::vhdx_not_supported(&path),
+        ));
+    }
     let mut candidates = footer_candidates(storage.as_ref(), len);
     let good = first_checked(&candidates);
     let chosen = match good {

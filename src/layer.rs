@@ -237,7 +237,7 @@ pub fn detect_format(path: &Path) -> Option<Format> {
 }
 
 /// Not Supported (32770) for a VHDX, until its layer lands.
-fn vhdx_not_supported(path: &Path) -> Error {
+pub(crate) fn vhdx_not_supported(path: &Path) -> Error {
     Error::NotSupported {
         path: Some(path.to_path_buf()),
         detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),

@@ -1153,3 +1153,29 @@ fn quiet_and_verbose() {
     let out = run(&["-q", "create", "dynamic", p(&f), "--size", "4M"]).unwrap();
     assert_error(&out, 32773, "Invalid parameter");
 }
+
+/// Issue 10: a VHDX file is Not Supported (32770) with a message naming VHDX, for every
+/// command that opens it, instead of "not a VHD" (32776).
+#[test]
+fn vhdx_files_are_not_supported_yet() {
+    let Some((vhdx, _)) = common::fixtures::vhdx_fixture("dfvfs/ext2.vhdx") else {
+        return;
+    };
+    for verb in ["info", "chain", "flatten"] {
+        let out_file = vhdx.with_extension("raw");
+        let mut args = vec![verb, p(&vhdx)];
+        if verb == "flatten" {
+            args.push(p(&out_file));
+        }
+        let Some(out) = run(&args) else { return };
+        let err = assert_error(&out, 32770, "Not Supported");
+        assert!(err.contains("VHDX"), "{verb}: {err}");
+    }
+    // check reports it as its finding (exit 2: an error was found), naming VHDX.
+    let Some(out) = run(&["check", p(&vhdx)]) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("VHDX is not supported yet"), "{text}");
+}
