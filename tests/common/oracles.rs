@@ -146,8 +146,14 @@ pub fn qemu_img_check_vhdx(path: &Path) -> Option<Result<(), String>> {
 /// `qemu-img create -q -f vhdx -o OPTIONS FILE SIZE`, panicking when it fails. `None` when
 /// qemu-img is missing.
 pub fn qemu_img_create_vhdx(path: &Path, options: &str, size: &str) -> Option<()> {
+    qemu_img_create_as("vhdx", path, options, size)
+}
+
+/// `qemu-img create -q -f FORMAT -o OPTIONS FILE SIZE`, panicking when it fails (one runner
+/// for every format, as `qemu_img_convert_from` and `qemu_io_fmt` are).
+fn qemu_img_create_as(format: &str, path: &Path, options: &str, size: &str) -> Option<()> {
     let out = qemu_img(|c| {
-        c.args(["create", "-q", "-f", "vhdx", "-o"])
+        c.args(["create", "-q", "-f", format, "-o"])
             .arg(options)
             .arg(path)
             .arg(size)
@@ -204,16 +210,7 @@ pub fn qemu_img_map_has_no_data(path: &Path) -> Option<bool> {
 /// `qemu-img create -q -f vpc -o OPTIONS FILE SIZE`, panicking when it fails. `None` when
 /// qemu-img is missing.
 pub fn qemu_img_create(path: &Path, options: &str, size: &str) -> Option<()> {
-    let out = qemu_img(|c| {
-        c.args(["create", "-q", "-f", "vpc", "-o"])
-            .arg(options)
-            .arg(path)
-            .arg(size)
-    })?;
-    if let Err(e) = qemu_img_result(&out) {
-        panic!("qemu-img create {} ({options}) failed: {e}", path.display());
-    }
-    Some(())
+    qemu_img_create_as("vpc", path, options, size)
 }
 
 /// Run `qemu-io -f vpc -c CMD ... FILE`, panicking when it fails. `None` when qemu-io is missing.
