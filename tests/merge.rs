@@ -147,13 +147,7 @@ fn merge_matches_model(
         "the chain reader disagrees with the model before merging"
     );
     let dest = built.paths[d].clone();
-    let others: Vec<PathBuf> = built
-        .paths
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != d)
-        .map(|(_, p)| p.clone())
-        .collect();
+    let others = built.paths_except(d);
     let before = hashes(&others);
 
     let opts = MergeOptions {

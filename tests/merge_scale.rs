@@ -18,7 +18,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use common::model::{BaseKind, ChainSpec, build_chain_sized, old_or_merged};
@@ -168,13 +167,7 @@ fn run_case(c: &Case, stats: &mut Stats) {
     let model = &built.model;
     let d = c.dest;
     let dest = built.paths[d].clone();
-    let others: Vec<PathBuf> = built
-        .paths
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != d)
-        .map(|(_, p)| p.clone())
-        .collect();
+    let others = built.paths_except(d);
     let before = hashes(&others);
     let source_view = model.view(0);
     let expected = model.merged(d);

@@ -129,6 +129,15 @@ pub struct Built {
     pub model: Model,
 }
 
+impl Built {
+    /// Every file of the chain but layer `d` (the files a merge into `d` must not change).
+    pub fn paths_except(&self, d: usize) -> Vec<PathBuf> {
+        let mut others = self.paths.clone();
+        others.remove(d);
+        others
+    }
+}
+
 /// Which sectors of a block of `spb` sectors a random write covers.
 fn random_mask(rng: &mut Rng, spb: usize) -> SectorBitmap {
     let mut m = SectorBitmap::new(spb);
