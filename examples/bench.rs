@@ -150,6 +150,19 @@ fn build_plain(path: &Path, bytes: u64, fill: &mut Fill) -> Res<()> {
     Ok(())
 }
 
+/// Whether `cp --reflink=always` works from `src` into `probe` (a file system with reflink).
+fn reflink_works(src: &Path, probe: &Path) -> bool {
+    let ok = Command::new("cp")
+        .arg("--reflink=always")
+        .arg(src)
+        .arg(probe)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = std::fs::remove_file(probe);
+    ok
+}
+
 fn copy_synced(from: &Path, to: &Path) -> Res<()> {
     std::fs::copy(from, to)?;
     File::options().write(true).open(to)?.sync_all()?;
@@ -158,14 +171,22 @@ fn copy_synced(from: &Path, to: &Path) -> Res<()> {
 
 /// What one timed command does.
 enum Kind {
-    /// `cp SRC DST` then `sync DST` (or a global sync).
-    Cp { src: PathBuf, dst: PathBuf },
-    /// `vhd-merge merge SRC DEST --json`, after restoring DEST from `pristine`.
+    /// `cp --reflink=never SRC DST` then `sync DST` (or a global sync); with `reflink`,
+    /// `cp --reflink=always` (block cloning: the floor a cloning merge is held to). GNU cp 9
+    /// clones by default where it can, so the copy reference says `never` explicitly.
+    Cp {
+        src: PathBuf,
+        dst: PathBuf,
+        reflink: bool,
+    },
+    /// `vhd-merge merge SRC DEST --json` (with `--no-clone` when `no_clone`), after
+    /// restoring DEST from `pristine`.
     Merge {
         src: PathBuf,
         dest: PathBuf,
         pristine: PathBuf,
         expect: u64,
+        no_clone: bool,
     },
     /// `vhd-merge flatten SRC OUT --format F --quiet`, after removing OUT.
     Flatten {
@@ -182,6 +203,8 @@ struct Item {
     kind: Kind,
     secs: Vec<f64>,
     rss_kib: Vec<u64>,
+    /// A merge's bytes cloned and copied (from its JSON report, last run).
+    cloned: Option<(u64, u64)>,
 }
 
 impl Item {
@@ -191,6 +214,7 @@ impl Item {
             kind,
             secs: Vec::new(),
             rss_kib: Vec::new(),
+            cloned: None,
         }
     }
 }
@@ -260,10 +284,15 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
     let os = |s: &'static str| std::ffi::OsStr::new(s);
     let t0 = Instant::now();
     let (out, rss) = match &item.kind {
-        Kind::Cp { src, dst } => {
+        Kind::Cp { src, dst, reflink } => {
+            let mode = os(if *reflink {
+                "--reflink=always"
+            } else {
+                "--reflink=never"
+            });
             let a = run(
                 Path::new("cp"),
-                &[src.as_os_str(), dst.as_os_str()],
+                &[mode, src.as_os_str(), dst.as_os_str()],
                 rss_file,
             )?;
             if !a.ok {
@@ -276,12 +305,17 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
             };
             (run(Path::new("sync"), &sync_args, rss_file)?, None)
         }
-        Kind::Merge { src, dest, .. } => {
-            let o = run(
-                bin,
-                &[os("merge"), src.as_os_str(), dest.as_os_str(), os("--json")],
-                rss_file,
-            )?;
+        Kind::Merge {
+            src,
+            dest,
+            no_clone,
+            ..
+        } => {
+            let mut a = vec![os("merge"), src.as_os_str(), dest.as_os_str(), os("--json")];
+            if *no_clone {
+                a.push(os("--no-clone"));
+            }
+            let o = run(bin, &a, rss_file)?;
             let r = o.rss_kib;
             (o, r)
         }
@@ -321,6 +355,8 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
         if got != *expect {
             return Err(format!("{}: merged {got} bytes, expected {expect}", item.name).into());
         }
+        let field = |k: &str| v[k].as_u64().unwrap_or(0);
+        item.cloned = Some((field("bytes_cloned"), field("bytes_copied")));
     }
     item.secs.push(secs);
     if let Some(r) = rss {
@@ -511,11 +547,22 @@ fn main() -> Res<()> {
     if need_cp1g {
         let src = refs.join("data.bin");
         build_plain(&src, data, &mut Fill(0x9E37_79B9_7F4A_7C15))?;
+        if reflink_works(&src, &refs.join("probe.bin")) {
+            items.push(Item::new(
+                "cp_reflink_data",
+                Kind::Cp {
+                    src: src.clone(),
+                    dst: refs.join("reflink.bin"),
+                    reflink: true,
+                },
+            ));
+        }
         items.push(Item::new(
             "cp_data",
             Kind::Cp {
                 src,
                 dst: refs.join("copy.bin"),
+                reflink: false,
             },
         ));
     }
@@ -530,6 +577,30 @@ fn main() -> Res<()> {
                 dest,
                 pristine,
                 expect,
+                no_clone: false,
+            },
+        ))
+    };
+    // The same merge with --no-clone (same files; the destination is restored before each).
+    let no_clone = |name: &'static str, like: &Item| -> Option<Item> {
+        let Kind::Merge {
+            src,
+            dest,
+            pristine,
+            expect,
+            ..
+        } = &like.kind
+        else {
+            return None;
+        };
+        Some(Item::new(
+            name,
+            Kind::Merge {
+                src: src.clone(),
+                dest: dest.clone(),
+                pristine: pristine.clone(),
+                expect: *expect,
+                no_clone: true,
             },
         ))
     };
@@ -544,7 +615,9 @@ fn main() -> Res<()> {
             &mut fill,
         )?;
         if need_full {
-            items.push(merge_item("merge_full", &p, data)?);
+            let it = merge_item("merge_full", &p, data)?;
+            items.extend(no_clone("merge_full_no_clone", &it));
+            items.push(it);
         }
         Some(p)
     } else {
@@ -560,7 +633,9 @@ fn main() -> Res<()> {
             false,
             &mut fill,
         )?;
-        items.push(merge_item("merge_every_other_sector", &p, data / 2)?);
+        let it = merge_item("merge_every_other_sector", &p, data / 2)?;
+        items.extend(no_clone("merge_every_other_sector_no_clone", &it));
+        items.push(it);
     }
     if want("e4k") {
         let p = build_chain(
@@ -572,7 +647,9 @@ fn main() -> Res<()> {
             false,
             &mut fill,
         )?;
-        items.push(merge_item("merge_every_other_4k", &p, data / 2)?);
+        let it = merge_item("merge_every_other_4k", &p, data / 2)?;
+        items.extend(no_clone("merge_every_other_4k_no_clone", &it));
+        items.push(it);
     }
     if want("fixed") {
         let p = build_chain(
@@ -619,6 +696,7 @@ fn main() -> Res<()> {
             Kind::Cp {
                 src,
                 dst: refs.join("sparse-copy.bin"),
+                reflink: false,
             },
         ));
         // Spread over the whole 2 TiB.
@@ -738,8 +816,8 @@ fn main() -> Res<()> {
 
     println!();
     println!(
-        "{:<30} {:>9} {:>9} {:>9} {:>9}",
-        "command", "median s", "min s", "max s", "peak RSS"
+        "{:<34} {:>9} {:>9} {:>9} {:>9}  {}",
+        "command", "median s", "min s", "max s", "peak RSS", "cloned / copied"
     );
     for it in &items {
         let (lo, hi) = min_max(&it.secs);
@@ -748,8 +826,11 @@ fn main() -> Res<()> {
             .iter()
             .max()
             .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
+        let cloned = it.cloned.map_or_else(String::new, |(c, p)| {
+            format!("{} / {} MiB", c / MIB, p / MIB)
+        });
         println!(
-            "{:<30} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+            "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9}  {cloned}",
             it.name,
             median(&it.secs),
             lo,
@@ -944,6 +1025,44 @@ fn main() -> Res<()> {
         "flatten to fixed VHD / (cp + sync) (no target)",
         ratio("flatten_fixed", "cp_data"),
         1.3,
+        "x",
+    );
+    row(
+        "9",
+        "full blocks, default (cloning) / --no-clone",
+        ratio("merge_full", "merge_full_no_clone"),
+        1.1,
+        "x",
+    );
+    row(
+        "9a",
+        "full blocks, cloning / (cp + sync) (reflink only)",
+        ratio("merge_full", "cp_data").filter(|_| get("cp_reflink_data").is_some()),
+        0.1,
+        "x",
+    );
+    row(
+        "9b",
+        "full blocks, cloning / cp --reflink=always",
+        ratio("merge_full", "cp_reflink_data"),
+        2.0,
+        "x",
+    );
+    row(
+        "9c",
+        "every-other-sector, default / --no-clone",
+        ratio(
+            "merge_every_other_sector",
+            "merge_every_other_sector_no_clone",
+        ),
+        1.1,
+        "x",
+    );
+    row(
+        "9d",
+        "every-other-4KiB, default / --no-clone",
+        ratio("merge_every_other_4k", "merge_every_other_4k_no_clone"),
+        1.1,
         "x",
     );
     println!(

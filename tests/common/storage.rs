@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use vhd_merge::CloneOutcome;
-use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
+use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, Storage};
 use vhd_merge::merge::StorageWrapper;
 
 /// One operation a merge did on its destination.
@@ -170,7 +170,7 @@ impl Storage for CopyClone {
             return Ok(CloneOutcome::Unaligned);
         }
         let mut buf = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(src, &mut buf, src_offset)?;
+        FileStorage::new(src.try_clone()?).read_at(&mut buf, src_offset)?;
         self.inner.write_at(&buf, offset)?;
         Ok(CloneOutcome::Cloned)
     }
