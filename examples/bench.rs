@@ -816,8 +816,8 @@ fn main() -> Res<()> {
 
     println!();
     println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9}  {}",
-        "command", "median s", "min s", "max s", "peak RSS", "cloned / copied"
+        "{:<34} {:>9} {:>9} {:>9} {:>9}  cloned / copied",
+        "command", "median s", "min s", "max s", "peak RSS"
     );
     for it in &items {
         let (lo, hi) = min_max(&it.secs);
