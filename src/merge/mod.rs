@@ -134,6 +134,10 @@ pub struct MergeOptions {
     /// every unit on a file system that cannot clone, is copied. False copies everything
     /// (physically separate data; `--no-clone`).
     pub clone: bool,
+    /// Wraps the storage of the layer that links to the destination when the merge updates
+    /// that link (a VHDX destination's identity changes when it is written; see
+    /// [`crate::layer::set_parent_ids`]).
+    pub link_io: Option<StorageWrapper>,
     /// Set to true to stop the merge between two units; what was written is committed and
     /// re-running the merge finishes it. [`Job::cancel`] uses its own flag.
     pub cancel: Option<Arc<AtomicBool>>,
@@ -152,6 +156,7 @@ impl Default for MergeOptions {
             progress: None,
             destination_io: None,
             clone: true,
+            link_io: None,
             cancel: None,
         }
     }
@@ -170,6 +175,7 @@ impl fmt::Debug for MergeOptions {
             .field("progress", &self.progress.is_some())
             .field("destination_io", &self.destination_io.is_some())
             .field("clone", &self.clone)
+            .field("link_io", &self.link_io.is_some())
             .field("cancel", &self.cancel)
             .finish()
     }
