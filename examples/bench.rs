@@ -902,15 +902,15 @@ fn main() -> Res<()> {
     );
     row(
         "2",
-        "every-other-sector / full-block merge",
-        ratio("merge_every_other_sector", "merge_full"),
+        "every-other-sector / full-block merge (both --no-clone)",
+        ratio("merge_every_other_sector_no_clone", "merge_full_no_clone"),
         1.5,
         "x",
     );
     row(
         "3",
-        "every-other-4KiB / full-block merge",
-        ratio("merge_every_other_4k", "merge_full"),
+        "every-other-4KiB / full-block merge (both --no-clone)",
+        ratio("merge_every_other_4k_no_clone", "merge_full_no_clone"),
         1.5,
         "x",
     );
