@@ -638,6 +638,7 @@ fn copy_units(
             full_rx: &full_rx,
             free_tx: &free_tx,
             cloning,
+            unaligned: std::cell::Cell::new(0),
         };
         write_units(chain, plan, dest, options, tracker, crcs, &pipe)
         // Dropping the channel ends here stop the reader if the writer stopped early.
@@ -688,7 +689,14 @@ struct Pipe<'a> {
     full_rx: &'a mpsc::Receiver<Result<Assembled>>,
     free_tx: &'a mpsc::Sender<Vec<u8>>,
     cloning: &'a AtomicBool,
+    /// Clone candidates refused as unaligned in a row: files whose data is not 4 KiB aligned
+    /// (qemu-img's VHDs) refuse every unit, and a skipped read done by the writer costs the
+    /// pipeline its overlap, so cloning stops after [`UNALIGNED_STREAK`] of them.
+    unaligned: std::cell::Cell<u32>,
 }
+
+/// See [`Pipe::unaligned`].
+const UNALIGNED_STREAK: u32 = 8;
 
 /// The writer side of [`copy_units`]: batches of units, each batch reserved, written and
 /// committed.
@@ -764,11 +772,17 @@ fn place_unit(
     {
         match clone_unit(at(chain, *layer), dest, block, first, pieces)? {
             CloneOutcome::Cloned => {
+                pipe.unaligned.set(0);
                 let sectors: usize = pieces.iter().map(|p| p.len).sum();
                 return Ok((sectors as u64 * plan.sector_bytes, true));
             }
             CloneOutcome::Unsupported => pipe.cloning.store(false, Ordering::Relaxed),
-            CloneOutcome::Unaligned => {}
+            CloneOutcome::Unaligned => {
+                pipe.unaligned.set(pipe.unaligned.get() + 1);
+                if pipe.unaligned.get() >= UNALIGNED_STREAK {
+                    pipe.cloning.store(false, Ordering::Relaxed);
+                }
+            }
         }
     }
     if !item.read {
