@@ -119,7 +119,7 @@ fn accepted_ids(loc: &ParentLocator) -> Result<Vec<Uuid>> {
 /// What the parent locator records, as a [`ParentLink`]: the accepted ids, the path keys in
 /// [`PATH_KEYS`] order, and the file name of the first path as a bare name to look for
 /// (next to the child, in the search directories).
-fn parent_link_of(loc: &ParentLocator) -> Result<ParentLink> {
+pub(crate) fn parent_link_of(loc: &ParentLocator) -> Result<ParentLink> {
     let mut link = ParentLink {
         ids: accepted_ids(loc)?,
         ..ParentLink::default()
