@@ -335,3 +335,133 @@ fn cli_merge_reports_cloned_bytes_and_no_clone_copies() {
         assert_eq!(v["bytes_copied"], (8u64 << 20) - want, "{v}");
     }
 }
+
+/// The view of the disk at `path` through its chain, whatever its format.
+fn view(path: &Path) -> Vec<u8> {
+    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
+    let mut buf = vec![0u8; chain.layer(0).unwrap().virtual_size() as usize];
+    chain.read_at(0, 0, &mut buf).unwrap();
+    buf
+}
+
+/// A dynamic VHDX base with 2 MiB blocks (some of its own data) and a differencing child
+/// holding four whole blocks (clone candidates) and part of another (copied).
+fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
+    let (base, child) = (dir.join("base.vhdx"), dir.join("child.vhdx"));
+    let bs = 2 * MIB as usize;
+    let opts = CreateOptions {
+        block_size: Some(bs as u32),
+        ..CreateOptions::default()
+    };
+    let mut rng = common::Rng::new(3);
+    let mut want = vec![0u8; 16 * bs];
+    let mut b = create_dynamic(&base, want.len() as u64, &opts).unwrap();
+    let mut write = |v: &mut vhd_merge::vhdx::Vhdx<_>, block: usize, sectors: usize| {
+        let data = &mut want[block * bs..block * bs + sectors * 512];
+        rng.fill(data);
+        let mask = vhd_merge::format::SectorBitmap::full(sectors);
+        v.write_sectors(block as u64, 0, data, &mask).unwrap();
+    };
+    for block in [1, 2, 9] {
+        write(&mut b, block, bs / 512);
+    }
+    b.finish().unwrap();
+    drop(b);
+    let mut c = create_differencing(&child, &base, &opts).unwrap();
+    for block in [12, 2, 6, 0] {
+        write(&mut c, block, bs / 512);
+    }
+    write(&mut c, 9, 40);
+    c.finish().unwrap();
+    (base, child, want)
+}
+
+/// A VHDX merge clones the child's whole blocks (through `io`, or for real when `None`) and
+/// reads exactly like the merge that copies.
+fn vhdx_with_and_without(dir: &Path, io: Option<StorageWrapper>) -> u64 {
+    let mut cloned = 0;
+    for clone in [true, false] {
+        let d = dir.join(format!("vhdx-{clone}"));
+        std::fs::create_dir(&d).unwrap();
+        let (base, child, want) = vhdx_chain(&d);
+        let options = MergeOptions {
+            clone,
+            destination_io: io.clone().filter(|_| clone),
+            ..MergeOptions::default()
+        };
+        let r = merge(&child, None, &options).unwrap();
+        assert_same(
+            &view(&base),
+            &want,
+            &format!("merged VHDX base, clone {clone}"),
+        );
+        assert_eq!(r.bytes_merged, (4 << 21) + 40 * 512);
+        assert_eq!(r.plan.clone_candidate_bytes, 4 << 21);
+        if clone {
+            cloned = r.bytes_cloned;
+        }
+    }
+    cloned
+}
+
+#[test]
+fn a_vhdx_merge_clones_whole_blocks_on_any_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        vhdx_with_and_without(dir.path(), Some(copy_clone())),
+        4 << 21
+    );
+}
+
+#[test]
+fn a_vhdx_merge_on_reflink_shares_the_source_extents() {
+    let Some(dir) = reflink::tempdir() else {
+        return;
+    };
+    assert_eq!(vhdx_with_and_without(dir.path(), None), 4 << 21);
+    let base = dir.path().join("vhdx-true").join("base.vhdx");
+    assert!(reflink::shared_bytes(&base) >= 4 << 21);
+}
+
+#[test]
+fn a_crash_at_any_clone_or_write_into_a_vhdx_leaves_a_destination_a_rerun_finishes() {
+    let dir = common::fast_tempdir();
+    let clean = dir.path().join("clean");
+    std::fs::create_dir(&clean).unwrap();
+    let (_, _, want) = vhdx_chain(&clean);
+    let run = |at: &Path, plan: Arc<FaultPlan>| {
+        std::fs::create_dir_all(at).unwrap();
+        copy_dir(&clean, at);
+        let options = MergeOptions {
+            destination_io: Some(faulty_copy_clone(plan)),
+            ..MergeOptions::default()
+        };
+        merge(at.join("child.vhdx"), None, &options)
+    };
+    let counting = FaultPlan::new();
+    assert_eq!(
+        run(&dir.path().join("count"), counting.clone())
+            .unwrap()
+            .bytes_cloned,
+        4 << 21
+    );
+    for n in 1..=counting.writes() {
+        for torn in [false, true] {
+            let at = dir.path().join(format!("w{n}{torn}"));
+            assert!(
+                run(&at, FaultPlan::crash_at_write(n, torn)).is_err(),
+                "write {n}"
+            );
+            let (base, child) = (at.join("base.vhdx"), at.join("child.vhdx"));
+            let again = merge(&child, None, &MergeOptions::default()).unwrap();
+            assert!(again.bytes_merged > 0);
+            assert_same(
+                &view(&base),
+                &want,
+                &format!("re-run after write {n} torn {torn}"),
+            );
+            std::fs::remove_dir_all(&at).unwrap();
+        }
+    }
+}
