@@ -275,16 +275,16 @@ fn flatten_to(chain: &Chain, out: &Path, format: FlattenFormat, clone: bool) -> 
     r.bytes_cloned
 }
 
-/// The content of a flatten output: raw bytes, or a VHD's own view.
+/// The content of a flatten output: raw bytes, or a disk's view.
 fn content(path: &Path, format: FlattenFormat) -> Vec<u8> {
     match format {
         FlattenFormat::Raw => common::read(path),
-        _ => common::read_own(path),
+        _ => view(path),
     }
 }
 
 #[test]
-fn flatten_on_reflink_clones_into_raw_fixed_and_dynamic_outputs() {
+fn flatten_on_reflink_clones_into_raw_fixed_dynamic_and_vhdx_outputs() {
     let Some(dir) = reflink::tempdir() else {
         return;
     };
@@ -294,6 +294,8 @@ fn flatten_on_reflink_clones_into_raw_fixed_and_dynamic_outputs() {
         FlattenFormat::Raw,
         FlattenFormat::Fixed,
         FlattenFormat::Dynamic,
+        FlattenFormat::VhdxFixed,
+        FlattenFormat::VhdxDynamic,
     ] {
         let (a, b) = (
             dir.path().join(format!("a.{}", format.name())),
