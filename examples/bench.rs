@@ -14,7 +14,7 @@
 //!   --cold           drop the page cache before every timed command (Linux, root only):
 //!                    sync; echo 3 > /proc/sys/vm/drop_caches. Default: warm cache.
 //!   --global-sync    time `cp` + `sync` (every file system) instead of `cp` + `sync FILE`
-//!   --only LIST      comma-separated shapes: full,eos,e4k,fixed,sparse,fullbat,deep,
+//!   --only LIST      comma-separated shapes: full,vhdx,eos,e4k,fixed,sparse,fullbat,deep,
 //!                    striped,deepsparse,flatten (default: all; references are added as
 //!                    needed)
 //!   --bin PATH       the vhd-merge binary (default: target/release/vhd-merge, built first
@@ -42,7 +42,7 @@ use vhd_merge::{Chain, ChainOptions};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{Fill, Shape, Spread, build_chain};
+use common::{Fill, Shape, Spread, build_chain, build_vhdx_chain};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -92,7 +92,7 @@ fn parse_args() -> Res<Args> {
             "--keep" => a.keep = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
+                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,vhdx,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
                 );
                 std::process::exit(0);
             }
@@ -543,7 +543,7 @@ fn main() -> Res<()> {
     let refs = root.join("ref");
     std::fs::create_dir_all(&refs)?;
     let need_full = want("full") || want("eos") || want("e4k") || want("deep") || want("striped");
-    let need_cp1g = want("full") || want("fixed") || want("flatten");
+    let need_cp1g = want("full") || want("fixed") || want("flatten") || want("vhdx");
     if need_cp1g {
         let src = refs.join("data.bin");
         build_plain(&src, data, &mut Fill(0x9E37_79B9_7F4A_7C15))?;
@@ -623,6 +623,12 @@ fn main() -> Res<()> {
     } else {
         None
     };
+    if want("vhdx") {
+        let p = build_vhdx_chain(&root.join("vhdx"), size, &all, &mut fill)?;
+        let it = merge_item("merge_vhdx_full", &p, data)?;
+        items.extend(no_clone("merge_vhdx_full_no_clone", &it));
+        items.push(it);
+    }
     if want("eos") {
         let p = build_chain(
             &root.join("eos"),
@@ -1046,6 +1052,27 @@ fn main() -> Res<()> {
         "full blocks, cloning / cp --reflink=always",
         ratio("merge_full", "cp_reflink_data"),
         2.0,
+        "x",
+    );
+    row(
+        "9e",
+        "VHDX full blocks, cloning / (cp + sync) (reflink only)",
+        ratio("merge_vhdx_full", "cp_data").filter(|_| get("cp_reflink_data").is_some()),
+        0.1,
+        "x",
+    );
+    row(
+        "9f",
+        "VHDX full blocks, cloning / cp --reflink=always",
+        ratio("merge_vhdx_full", "cp_reflink_data"),
+        2.0,
+        "x",
+    );
+    row(
+        "9g",
+        "VHDX full blocks, default / --no-clone",
+        ratio("merge_vhdx_full", "merge_vhdx_full_no_clone"),
+        1.1,
         "x",
     );
     row(
