@@ -61,7 +61,7 @@ pub struct MergePlan {
     /// destination must too (none where a dynamic destination's block is unallocated, as it
     /// reads as zeros already).
     pub zeroed_bytes: u64,
-    /// Bytes in units that one merged layer wholly provides (see [`clone_candidate`]): what
+    /// Bytes in units that one merged layer wholly provides, from whole blocks it holds: what
     /// a merge with [`super::MergeOptions::clone`] clones where the file system and the
     /// alignment of both files allow; the rest of `bytes_total` is copied.
     pub clone_candidate_bytes: u64,
