@@ -275,7 +275,20 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
                 std::fs::remove_file(dst)?;
             }
         }
-        Kind::Merge { dest, pristine, .. } => copy_synced(pristine, dest)?,
+        Kind::Merge {
+            src,
+            dest,
+            pristine,
+            ..
+        } => {
+            copy_synced(pristine, dest)?;
+            // A merge into a VHDX re-links the source to the destination's new identity:
+            // the source has a pristine copy to restore too.
+            let src_pristine = src.with_extension("pristine");
+            if src_pristine.exists() {
+                copy_synced(&src_pristine, src)?;
+            }
+        }
         Kind::DryRun { .. } => {}
     }
     if args.cold {
@@ -625,6 +638,7 @@ fn main() -> Res<()> {
     };
     if want("vhdx") {
         let p = build_vhdx_chain(&root.join("vhdx"), size, &all, &mut fill)?;
+        copy_synced(&p[0], &p[0].with_extension("pristine"))?;
         let it = merge_item("merge_vhdx_full", &p, data)?;
         items.extend(no_clone("merge_vhdx_full_no_clone", &it));
         items.push(it);
