@@ -283,10 +283,14 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
         } => {
             copy_synced(pristine, dest)?;
             // A merge into a VHDX re-links the source to the destination's new identity:
-            // the source has a pristine copy to restore too.
-            let src_pristine = src.with_extension("pristine");
-            if src_pristine.exists() {
-                copy_synced(&src_pristine, src)?;
+            // the source has a pristine copy to restore too (in another directory, or the
+            // sibling scan would find it).
+            let src_pristine = src.parent().map(|d| {
+                d.with_extension("pristine")
+                    .join(src.file_name().unwrap_or_default())
+            });
+            if let Some(sp) = src_pristine.filter(|p| p.exists()) {
+                copy_synced(&sp, src)?;
             }
         }
         Kind::DryRun { .. } => {}
@@ -638,7 +642,9 @@ fn main() -> Res<()> {
     };
     if want("vhdx") {
         let p = build_vhdx_chain(&root.join("vhdx"), size, &all, &mut fill)?;
-        copy_synced(&p[0], &p[0].with_extension("pristine"))?;
+        let keep = root.join("vhdx.pristine");
+        std::fs::create_dir_all(&keep)?;
+        copy_synced(&p[0], &keep.join("child.vhdx"))?;
         let it = merge_item("merge_vhdx_full", &p, data)?;
         items.extend(no_clone("merge_vhdx_full_no_clone", &it));
         items.push(it);
