@@ -223,13 +223,16 @@ impl<S: Storage> VhdxReader<S> {
         )?;
         geometry.check_bat_region(regions.bat.length.into())?;
         let file_len = file.file_len();
-        let bat = PagedBat::load(&file, regions.bat.file_offset, geometry, |kind, e| {
-            match kind {
+        let bat = PagedBat::load(
+            &file,
+            regions.bat.file_offset,
+            geometry,
+            |kind, e| match kind {
                 EntryKind::Payload(i) => check_block(&geometry, file_len, i, e),
                 EntryKind::Bitmap(c) if fp.has_parent => check_bitmap_block(file_len, c, e),
                 _ => Ok(()),
-            }
-        })?;
+            },
+        )?;
         Ok(VhdxReader {
             file,
             header,
