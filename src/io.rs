@@ -648,6 +648,25 @@ mod tests {
         assert_eq!(plan.writes(), 3);
     }
 
+    /// A clone is a write to the fault plan: counted, failed at its number, and refused
+    /// after a crash; a storage that cannot clone says so without an error.
+    #[test]
+    fn a_clone_counts_as_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = File::create(dir.path().join("src")).unwrap();
+        let mem = || Box::new(MemStorage::new(vec![0; 16])) as Box<dyn Storage>;
+        let plan = FaultPlan::crash_at_write(2, false);
+        let s = FaultyStorage::new(mem(), plan.clone());
+        assert_eq!(
+            s.clone_range(&src, 0, 0, 4096).unwrap(),
+            CloneOutcome::Unsupported
+        );
+        assert!(s.clone_range(&src, 0, 0, 4096).is_err());
+        assert!(s.write_at(&[1], 0).is_err());
+        assert_eq!((plan.writes(), plan.crashed()), (3, true));
+        assert_eq!(s.len().unwrap(), 16);
+    }
+
     #[test]
     fn mem_storage_reads_writes_and_bounds() {
         let s = MemStorage::with_limit(vec![1, 2, 3], 16);
