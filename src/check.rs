@@ -136,13 +136,14 @@ fn severity_of(p: &Problem) -> Severity {
     }
 }
 
-struct Sink<'a> {
-    file: &'a Path,
-    findings: Vec<Finding>,
+/// Where a check collects its findings about one file (the VHDX check uses it too).
+pub(crate) struct Sink<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) findings: Vec<Finding>,
 }
 
 impl Sink<'_> {
-    fn add(
+    pub(crate) fn add(
         &mut self,
         severity: Severity,
         code: &'static str,
@@ -165,8 +166,12 @@ impl Sink<'_> {
 
 /// Check one file. Fails only when it cannot be opened at all (missing, not a regular file, no
 /// permission); everything wrong inside it is a finding.
+/// A VHDX is checked by [`crate::vhdx::check::check_file`] (`deep` adds nothing there yet).
 pub fn check_file(path: impl AsRef<Path>, options: &CheckOptions) -> Result<CheckReport> {
     let path = path.as_ref();
+    if crate::layer::detect_format(path) == Some(crate::layer::Format::Vhdx) {
+        return crate::vhdx::check::check_file(path);
+    }
     let insp = Vhd::inspect(path, open_options(options))?;
     Ok(report_of(path, insp, options))
 }
