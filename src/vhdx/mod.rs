@@ -12,6 +12,7 @@ pub mod format;
 pub mod image;
 mod journal;
 pub mod reader;
+pub mod repair;
 
 pub use image::{BlockState, Vhdx};
 pub use reader::VhdxReader;
