@@ -13,6 +13,7 @@ mod create;
 mod docs;
 mod flatten;
 mod info;
+mod info_vhdx;
 mod merge;
 mod progress;
 mod repair;
