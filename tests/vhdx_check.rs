@@ -397,6 +397,62 @@ fn unreplayable_and_misplaced_logs_are_found() {
     assert!(e.contains(&"log-outside"), "{e:?}");
 }
 
+#[test]
+fn a_child_linked_to_itself_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = chain(dir.path(), 512);
+    let v = Vhdx::open_path(&p, false).unwrap();
+    let link = v.parent_locator().unwrap().parent_linkage().unwrap();
+    drop(v);
+    edit_header(&p, current_slot(&p), |h| h.data_write_guid = link);
+    assert_eq!(errors(&p), ["self-parent"]);
+}
+
+/// Random damage to the header section, log, metadata and BAT of a differencing disk: no
+/// inspection panics, and wherever a strict open fails, check finds an error (check is at
+/// least as strict as opening).
+#[test]
+fn check_is_at_least_as_strict_as_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = chain(dir.path(), 512);
+    let bytes = std::fs::read(&template).unwrap();
+    let (g, bat) = geometry(&template);
+    let targets = [
+        (HEADER1_OFFSET, 4096),
+        (REGION_TABLE1_OFFSET, 80),
+        (REGION_TABLE2_OFFSET, 80),
+        (MIB, 8192),
+        (METADATA_OFFSET, 256),
+        (file_parameters(&template), 1024),
+        (bat, g.entries_needed() * 8),
+    ];
+    let t = dir.path().join("t.vhdx");
+    let mut rng = common::Rng::new(0x5eed);
+    let mut failed_opens = 0;
+    for case in 0..400 {
+        let mut b = bytes.clone();
+        let (start, len) = targets[case % targets.len()];
+        for _ in 0..1 + rng.below(3) {
+            let at = (start + rng.below(len)) as usize;
+            b[at] ^= 1 << rng.below(8);
+        }
+        std::fs::write(&t, &b).unwrap();
+        let opened = Vhdx::open_path(&t, false);
+        let errs = errors(&t);
+        if let Err(e) = opened {
+            failed_opens += 1;
+            assert!(
+                !errs.is_empty(),
+                "case {case}: open fails ({e}) but check finds nothing"
+            );
+        }
+    }
+    assert!(
+        failed_opens > 50,
+        "only {failed_opens} damaged files failed to open"
+    );
+}
+
 // ---- repair -------------------------------------------------------------------------------
 
 fn view(p: &Path) -> Vec<u8> {

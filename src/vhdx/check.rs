@@ -205,6 +205,19 @@ impl Pass<'_> {
         }
     }
 
+    /// A finding about payload block `i` (its name is made only when one is added: the BAT
+    /// may have millions of entries).
+    fn block_finding(
+        &mut self,
+        severity: Severity,
+        code: &'static str,
+        i: u64,
+        at: Option<u64>,
+        message: String,
+    ) {
+        self.add_block(severity, code, format!("block {i}"), at, Some(i), message);
+    }
+
     fn add_error(&mut self, code: &'static str, structure: &str, offset: Option<u64>, e: &Error) {
         self.add(
             Severity::Error,
@@ -465,6 +478,21 @@ impl Pass<'_> {
 
     fn locator_notes(&mut self, md: &Metadata) {
         let Some(pl) = &md.parent_locator else { return };
+        let own = self.insp.current.as_ref().map(|c| c.header.data_write_guid);
+        if let (Ok(link), Some(own)) = (pl.parent_linkage(), own)
+            && link == own
+        {
+            let message = format!(
+                "parent_linkage {link} is this disk's own DataWriteGuid: the chain is a cycle"
+            );
+            self.add(
+                Severity::Error,
+                "self-parent",
+                "parent locator",
+                None,
+                message,
+            );
+        }
         for (k, _) in &pl.entries {
             if !KNOWN_LOCATOR_KEYS.contains(&k.as_str()) {
                 let message = format!("parent locator key {k:?} is not one this tool knows");
@@ -554,33 +582,29 @@ impl Bat<'_> {
     }
 }
 
+fn bitmap_name(c: u64) -> String {
+    format!("bitmap block {c}")
+}
+
 /// Bits 3-19 of a BAT entry, reserved ([MS-VHDX] 2.5.1).
 const RESERVED_BITS: u64 = 0xF_FFF8;
 
 impl Pass<'_> {
     fn payload_entry(&mut self, bat: &Bat<'_>, i: u64, objects: &mut Objects) {
         let e = bat.payload(i);
-        let structure = format!("block {i}");
         let at = Some(e.file_offset());
         let state = match e.payload_state() {
             Ok(s) => s,
             Err(err) => {
                 *self.insp.blocks.payload.entry("reserved").or_insert(0) += 1;
                 let m = message_of(&err);
-                return self.add_block(Severity::Error, "bat-state", structure, at, Some(i), m);
+                return self.block_finding(Severity::Error, "bat-state", i, at, m);
             }
         };
         *self.insp.blocks.payload.entry(state.name()).or_insert(0) += 1;
         if e.0 & RESERVED_BITS != 0 {
             let m = format!("BAT entry {:#018x} has reserved bits 3-19 set", e.0);
-            self.add_block(
-                Severity::Warning,
-                "bat-reserved",
-                structure.clone(),
-                at,
-                Some(i),
-                m,
-            );
+            self.block_finding(Severity::Warning, "bat-reserved", i, at, m);
         }
         match state {
             PayloadState::FullyPresent | PayloadState::PartiallyPresent => {}
@@ -589,7 +613,7 @@ impl Pass<'_> {
                     "NOT_PRESENT block has file offset {:#x}, not 0",
                     e.file_offset()
                 );
-                return self.add_block(Severity::Info, "bat-offset", structure, at, Some(i), m);
+                return self.block_finding(Severity::Info, "bat-offset", i, at, m);
             }
             _ => return,
         }
@@ -600,27 +624,20 @@ impl Pass<'_> {
                 e.file_offset(),
                 bat.file_len
             );
-            return self.add_block(Severity::Error, "block-outside", structure, at, Some(i), m);
+            return self.block_finding(Severity::Error, "block-outside", i, at, m);
         }
         objects.push(e.file_offset(), bat.used(i), Obj::Payload(i));
         if state == PayloadState::PartiallyPresent {
-            self.partial_block(bat, i, structure, at);
+            self.partial_block(bat, i, at);
         }
     }
 
     /// A PARTIALLY_PRESENT block: only meaningful with a parent, and needs its chunk's bitmap.
-    fn partial_block(&mut self, bat: &Bat<'_>, i: u64, structure: String, at: Option<u64>) {
+    fn partial_block(&mut self, bat: &Bat<'_>, i: u64, at: Option<u64>) {
         let g = &bat.geometry;
         if !g.has_parent {
             let m = "PARTIALLY_PRESENT in a disk without a parent: read as fully present".into();
-            return self.add_block(
-                Severity::Warning,
-                "partial-no-parent",
-                structure,
-                at,
-                Some(i),
-                m,
-            );
+            return self.block_finding(Severity::Warning, "partial-no-parent", i, at, m);
         }
         let c = g.chunk_of(i);
         if bat.bitmap(c).bitmap_state().ok() != Some(BitmapState::Present) {
@@ -628,13 +645,12 @@ impl Pass<'_> {
                 "PARTIALLY_PRESENT block but chunk {c} has no sector bitmap block: which \
                  sectors it holds is unknown"
             );
-            self.add_block(Severity::Error, "bitmap-missing", structure, at, Some(i), m);
+            self.block_finding(Severity::Error, "bitmap-missing", i, at, m);
         }
     }
 
     fn bitmap_entry(&mut self, bat: &Bat<'_>, c: u64, objects: &mut Objects) {
         let e = bat.bitmap(c);
-        let structure = format!("bitmap block {c}");
         let at = Some(e.file_offset());
         if !bat.geometry.has_parent {
             if e.0 != 0 {
@@ -643,12 +659,18 @@ impl Pass<'_> {
                     "sector bitmap entry {:#018x} in a disk without a parent is ignored",
                     e.0
                 );
-                self.add(Severity::Info, "bitmap-entry-ignored", structure, at, m);
+                self.add(
+                    Severity::Info,
+                    "bitmap-entry-ignored",
+                    bitmap_name(c),
+                    at,
+                    m,
+                );
             }
             return;
         }
         match e.bitmap_state() {
-            Err(err) => self.add_error("bat-state", &structure, at, &err),
+            Err(err) => self.add_error("bat-state", &bitmap_name(c), at, &err),
             Ok(BitmapState::NotPresent) => {}
             Ok(BitmapState::Present) if !bat.inside(e, MIB) => {
                 let m = format!(
@@ -656,7 +678,7 @@ impl Pass<'_> {
                     e.file_offset(),
                     bat.file_len
                 );
-                self.add(Severity::Error, "bitmap-outside", structure, at, m);
+                self.add(Severity::Error, "bitmap-outside", bitmap_name(c), at, m);
             }
             Ok(BitmapState::Present) => {
                 self.insp.blocks.bitmaps_present += 1;
@@ -667,9 +689,10 @@ impl Pass<'_> {
 
     /// Every pair of overlapping objects, in file order ([MS-VHDX] 2.1: objects never overlap).
     fn overlaps(&mut self, mut objects: Objects) {
-        objects.0.sort_unstable_by_key(|o| (o.0, o.1));
+        objects.0.sort_unstable_by_key(|o| (o.start, o.len));
         let mut reach: Option<(u64, Obj)> = None;
-        for (start, end, obj) in objects.0 {
+        for o in objects.0 {
+            let (start, end, obj) = (o.start, o.end(), Obj::unpack(o.tag));
             if let Some((r_end, r_obj)) = reach
                 && start < r_end
             {
@@ -678,14 +701,8 @@ impl Pass<'_> {
                     obj.name(),
                     r_obj.name()
                 );
-                self.add_block(
-                    Severity::Error,
-                    "overlap",
-                    obj.name(),
-                    Some(start),
-                    obj.block(),
-                    m,
-                );
+                let (name, block) = (obj.name(), obj.block());
+                self.add_block(Severity::Error, "overlap", name, Some(start), block, m);
             }
             if reach.is_none_or(|(r_end, _)| end > r_end) {
                 reach = Some((end, obj));
@@ -723,10 +740,52 @@ impl Obj {
             _ => None,
         }
     }
+
+    /// The object in 32 bits: 2 bits of kind, 30 of index (a disk has at most 2^26 blocks:
+    /// 64 TiB in 1 MiB blocks).
+    fn pack(self) -> u32 {
+        let index = |i: u64| (i as u32) & INDEX_MASK;
+        match self {
+            Obj::HeaderSection => 0,
+            Obj::Log => 1,
+            Obj::BatRegion => 2,
+            Obj::MetadataRegion => 3,
+            Obj::Payload(i) => 1 << 30 | index(i),
+            Obj::Bitmap(c) => 2 << 30 | index(c),
+        }
+    }
+
+    fn unpack(tag: u32) -> Obj {
+        let index = u64::from(tag & INDEX_MASK);
+        match (tag >> 30, index) {
+            (1, i) => Obj::Payload(i),
+            (2, c) => Obj::Bitmap(c),
+            (_, 1) => Obj::Log,
+            (_, 2) => Obj::BatRegion,
+            (_, 3) => Obj::MetadataRegion,
+            _ => Obj::HeaderSection,
+        }
+    }
 }
 
-/// The objects of a file as (start, end, what).
-struct Objects(Vec<(u64, u64, Obj)>);
+const INDEX_MASK: u32 = (1 << 30) - 1;
+
+/// One object in 16 bytes (a hostile BAT can make millions): its start, its length (at most
+/// 4 GiB: the log and regions have u32 lengths, blocks at most 256 MiB) and [`Obj::pack`].
+struct Object {
+    start: u64,
+    len: u32,
+    tag: u32,
+}
+
+impl Object {
+    fn end(&self) -> u64 {
+        self.start.saturating_add(self.len.into())
+    }
+}
+
+/// The objects of a file.
+struct Objects(Vec<Object>);
 
 impl Objects {
     /// The header section, the log and the two regions.
@@ -747,6 +806,10 @@ impl Objects {
     }
 
     fn push(&mut self, start: u64, len: u64, obj: Obj) {
-        self.0.push((start, start.saturating_add(len), obj));
+        self.0.push(Object {
+            start,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            tag: obj.pack(),
+        });
     }
 }
