@@ -136,13 +136,26 @@ fn severity_of(p: &Problem) -> Severity {
     }
 }
 
-/// Where a check collects its findings about one file (the VHDX check uses it too).
+/// Where a check collects its findings about one file (the VHDX check uses it too), at most
+/// `limit` of each code when there is a limit (a hostile table can give millions).
 pub(crate) struct Sink<'a> {
     pub(crate) file: &'a Path,
     pub(crate) findings: Vec<Finding>,
+    pub(crate) limit: Option<usize>,
+    /// Findings of each code so far, listed or not.
+    pub(crate) counts: std::collections::BTreeMap<&'static str, usize>,
 }
 
-impl Sink<'_> {
+impl<'a> Sink<'a> {
+    pub(crate) fn new(file: &'a Path, limit: Option<usize>) -> Sink<'a> {
+        Sink {
+            file,
+            findings: Vec::new(),
+            limit,
+            counts: Default::default(),
+        }
+    }
+
     pub(crate) fn add(
         &mut self,
         severity: Severity,
@@ -152,6 +165,11 @@ impl Sink<'_> {
         block: Option<u64>,
         message: String,
     ) {
+        let n = self.counts.entry(code).or_insert(0);
+        *n += 1;
+        if self.limit.is_some_and(|l| *n > l) {
+            return;
+        }
         self.findings.push(Finding {
             severity,
             code,
@@ -161,6 +179,23 @@ impl Sink<'_> {
             block,
             message,
         });
+    }
+
+    /// The findings, with a note for each code that had more than the limit.
+    pub(crate) fn finish(mut self) -> Vec<Finding> {
+        let limit = self.limit.unwrap_or(usize::MAX);
+        let over: Vec<(&'static str, usize)> = self
+            .counts
+            .iter()
+            .filter(|(_, n)| **n > limit)
+            .map(|(c, n)| (*c, *n - limit))
+            .collect();
+        for (code, more) in over {
+            let message = format!("{more} more finding(s) of kind {code} are not listed");
+            self.limit = None;
+            self.add(Severity::Info, code, "file", None, None, message);
+        }
+        self.findings
     }
 }
 
@@ -196,10 +231,7 @@ fn open_options(options: &CheckOptions) -> OpenOptions {
 }
 
 fn report_of(path: &Path, insp: Inspection, options: &CheckOptions) -> CheckReport {
-    let mut sink = Sink {
-        file: path,
-        findings: Vec::new(),
-    };
+    let mut sink = Sink::new(path, None);
     for p in &insp.problems {
         sink.add(
             severity_of(p),

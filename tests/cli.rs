@@ -1417,119 +1417,72 @@ fn create_vhdx_by_extension_and_format() {
 fn create_vhdx_refuses_bad_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| p(&dir.path().join(n)).to_string();
-    let Some(out) = run(&["create", "dynamic", &d("v.vhd"), "--size", "8M"]) else {
-        return;
+    // `{x}`: the file to make (never made); `{v}`, `{a}`: an existing VHD and VHDX.
+    let args = |t: &str| -> Vec<String> {
+        t.split_whitespace()
+            .map(|w| {
+                w.replace("{x}", &d("x"))
+                    .replace("{v}", &d("v.vhd"))
+                    .replace("{a}", &d("a.vhdx"))
+            })
+            .collect()
     };
-    assert!(out.status.success());
-    let Some(out) = run(&["create", "dynamic", &d("a.vhdx"), "--size", "8M"]) else {
-        return;
-    };
-    assert!(out.status.success());
-    for (args, what) in [
+    for t in [
+        "create dynamic {v} --size 8M",
+        "create dynamic {a} --size 8M",
+    ] {
+        let a = args(t);
+        let Some(out) = run(&a.iter().map(String::as_str).collect::<Vec<_>>()) else {
+            return;
+        };
+        assert!(out.status.success(), "{t}");
+    }
+    for (t, what) in [
         (
-            vec![
-                "create",
-                "dynamic",
-                &d("x.vhdx"),
-                "--size",
-                "8M",
-                "--block-size",
-                "512K",
-            ],
+            "create dynamic {x}.vhdx --size 8M --block-size 512K",
             "block size",
         ),
         (
-            vec![
-                "create",
-                "dynamic",
-                &d("x.vhdx"),
-                "--size",
-                "8M",
-                "--block-size",
-                "512M",
-            ],
+            "create dynamic {x}.vhdx --size 8M --block-size 512M",
             "block size",
         ),
         (
-            vec![
-                "create",
-                "dynamic",
-                &d("x.vhdx"),
-                "--size",
-                "8M",
-                "--sector-size",
-                "1024",
-            ],
+            "create dynamic {x}.vhdx --size 8M --sector-size 1024",
             "sector size",
         ),
         (
-            vec![
-                "create",
-                "dynamic",
-                &d("x.vhdx"),
-                "--size",
-                "5120",
-                "--sector-size",
-                "4096",
-            ],
+            "create dynamic {x}.vhdx --size 5120 --sector-size 4096",
             "multiple of 4096",
         ),
+        ("create dynamic {x}.vhdx --size 65T", "64 TiB"),
         (
-            vec!["create", "dynamic", &d("x.vhdx"), "--size", "65T"],
-            "64 TiB",
-        ),
-        (
-            vec![
-                "create",
-                "dynamic",
-                &d("x.vhd"),
-                "--size",
-                "8M",
-                "--sector-size",
-                "4096",
-            ],
+            "create dynamic {x}.vhd --size 8M --sector-size 4096",
             "VHDX",
         ),
         (
-            vec![
-                "create",
-                "differencing",
-                &d("x.vhdx"),
-                "--parent",
-                &d("v.vhd"),
-            ],
+            "create differencing {x}.vhdx --parent {v}",
             "mixes no formats",
         ),
         (
-            vec![
-                "create",
-                "differencing",
-                &d("x.vhd"),
-                "--parent",
-                &d("a.vhdx"),
-            ],
+            "create differencing {x}.vhd --parent {a}",
             "mixes no formats",
         ),
         (
-            vec![
-                "create",
-                "differencing",
-                &d("x.vhdx"),
-                "--parent",
-                &d("a.vhdx"),
-                "--sector-size",
-                "4096",
-            ],
+            "create differencing {x}.avhdx --parent {a} --sector-size 4096",
             "parent's",
         ),
         (
-            vec!["create", "dynamic", &d("a.vhdx"), "--size", "8M"],
-            "exists",
+            "create fixed {x} --format vhdx --size 8M --block-size 3M",
+            "block size",
         ),
+        ("create dynamic {a} --size 8M", "exists"),
     ] {
-        let out = run(&args).unwrap();
+        let a = args(t);
+        let out = run(&a.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
         let err = assert_error(&out, 32773, "Invalid parameter");
-        assert!(err.contains(what), "{args:?}: {err}");
-        assert!(!dir.path().join("x.vhdx").exists() && !dir.path().join("x.vhd").exists());
+        assert!(err.contains(what), "{t}: {err}");
+        for ext in ["", ".vhd", ".vhdx", ".avhdx"] {
+            assert!(!dir.path().join(format!("x{ext}")).exists(), "{t}");
+        }
     }
 }

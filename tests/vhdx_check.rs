@@ -12,7 +12,7 @@ use common::fixtures::vhdx_fixture;
 use common::patch::{patch, truncate};
 use uuid::Uuid;
 use vhd_merge::check::{CheckOptions, Severity, check_file};
-use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage};
+use vhd_merge::io::FaultPlan;
 use vhd_merge::repair::{RepairOptions, repair_file};
 use vhd_merge::vhdx::Vhdx;
 use vhd_merge::vhdx::check::inspect_path;
@@ -609,11 +609,6 @@ fn repair_is_crash_safe() {
 }
 
 fn run_repair(p: &Path, plan: std::sync::Arc<FaultPlan>) -> Result<()> {
-    let f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let s = FaultyStorage::new(Box::new(FileStorage::new(f)), plan);
+    let s = common::storage::faulty_file(p, plan);
     repair_storage(s, p, &RepairOptions::default()).map(|_| ())
 }

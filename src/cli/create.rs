@@ -29,9 +29,14 @@ enum ImageFormat {
     Vhdx,
 }
 
-/// The format options every kind takes.
+/// What every kind takes.
 #[derive(clap::Args, Debug)]
-struct FormatArgs {
+struct Common {
+    /// The new file.
+    file: PathBuf,
+    /// Replace FILE if it exists (never a differencing disk's parent).
+    #[arg(long)]
+    force: bool,
     /// The format [default: vhdx for a .vhdx or .avhdx FILE, else vhd].
     #[arg(long, value_enum)]
     format: Option<ImageFormat>,
@@ -45,8 +50,8 @@ struct FormatArgs {
 enum Kind {
     /// A fixed disk: every block allocated (a sparse file where the file system allows).
     Fixed {
-        /// The new file.
-        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Virtual size: bytes, or a number with K, M, G, T (= KiB, MiB, GiB, TiB; binary).
         #[arg(long, value_name = "SIZE")]
         size: String,
@@ -54,16 +59,11 @@ enum Kind {
         /// has no blocks.
         #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
-        /// Replace FILE if it exists.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        format: FormatArgs,
     },
     /// A dynamic disk: blocks are allocated as data is written.
     Dynamic {
-        /// The new file.
-        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Virtual size: bytes, or a number with K, M, G, T (= KiB, MiB, GiB, TiB; binary).
         #[arg(long, value_name = "SIZE")]
         size: String,
@@ -71,16 +71,11 @@ enum Kind {
         /// default, or 512K); for a VHDX from 1M to 256M [default: 32M, as Hyper-V].
         #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
-        /// Replace FILE if it exists.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        format: FormatArgs,
     },
     /// A differencing disk over PARENT (of the same format), inheriting its size.
     Differencing {
-        /// The new file.
-        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// The parent (any type).
         #[arg(long, value_name = "PARENT")]
         parent: PathBuf,
@@ -88,82 +83,49 @@ enum Kind {
         /// else 2M; for a VHDX 2M, as Hyper-V].
         #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
-        /// Replace FILE if it exists (never the parent).
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        format: FormatArgs,
     },
 }
 
 /// One `create` request, whatever its kind.
 struct Request {
     kind: DiskKind,
-    file: PathBuf,
+    common: Common,
     size: Option<String>,
     parent: Option<PathBuf>,
     block_size: Option<String>,
-    force: bool,
-    format: FormatArgs,
 }
 
 impl From<Kind> for Request {
     fn from(k: Kind) -> Request {
-        let r = |kind, file, size, parent, block_size, force, format| Request {
-            kind,
-            file,
-            size,
-            parent,
-            block_size,
-            force,
-            format,
-        };
-        match k {
+        let (kind, common, size, parent, block_size) = match k {
             Kind::Fixed {
-                file,
+                common,
                 size,
                 block_size,
-                force,
-                format,
-            } => r(
-                DiskKind::Fixed,
-                file,
-                Some(size),
-                None,
-                block_size,
-                force,
-                format,
-            ),
+            } => (DiskKind::Fixed, common, Some(size), None, block_size),
             Kind::Dynamic {
-                file,
+                common,
                 size,
                 block_size,
-                force,
-                format,
-            } => r(
-                DiskKind::Dynamic,
-                file,
-                Some(size),
-                None,
-                block_size,
-                force,
-                format,
-            ),
+            } => (DiskKind::Dynamic, common, Some(size), None, block_size),
             Kind::Differencing {
-                file,
+                common,
                 parent,
                 block_size,
-                force,
-                format,
-            } => r(
+            } => (
                 DiskKind::Differencing,
-                file,
+                common,
                 None,
                 Some(parent),
                 block_size,
-                force,
-                format,
             ),
+        };
+        Request {
+            kind,
+            common,
+            size,
+            parent,
+            block_size,
         }
     }
 }
@@ -172,10 +134,11 @@ impl Request {
     /// The format: `--format`, else by FILE's extension.
     fn image_format(&self) -> ImageFormat {
         let ext = self
+            .common
             .file
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        match (self.format.format, ext.as_deref()) {
+        match (self.common.format, ext.as_deref()) {
             (Some(f), _) => f,
             (None, Some("vhdx" | "avhdx")) => ImageFormat::Vhdx,
             _ => ImageFormat::Vhd,
@@ -214,7 +177,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn run_vhd(req: &Request) -> Result<()> {
-    if req.format.sector_size.is_some_and(|s| s != 512) {
+    if req.common.sector_size.is_some_and(|s| s != 512) {
         return Err(Error::InvalidParameter(
             "--sector-size: a VHD has 512-byte sectors; 4096 needs a VHDX (--format vhdx)".into(),
         ));
@@ -232,19 +195,29 @@ fn run_vhd(req: &Request) -> Result<()> {
                     .into(),
             ));
         }
-        (DiskKind::Fixed, _) => {
-            create::create_fixed(&req.file, req.size()?, &options(req.force, None))?
-        }
+        (DiskKind::Fixed, _) => create::create_fixed(
+            &req.common.file,
+            req.size()?,
+            &options(req.common.force, None),
+        )?,
         (DiskKind::Differencing, Some(parent)) => {
             let bs = match bs {
                 Some(bs) => bs,
                 None => parent_block_size(parent)?,
             };
-            create::create_differencing(&req.file, parent, &options(req.force, Some(bs)))?
+            create::create_differencing(
+                &req.common.file,
+                parent,
+                &options(req.common.force, Some(bs)),
+            )?
         }
         _ => {
             let bs = bs.unwrap_or(create::DEFAULT_BLOCK_SIZE);
-            create::create_dynamic(&req.file, req.size()?, &options(req.force, Some(bs)))?
+            create::create_dynamic(
+                &req.common.file,
+                req.size()?,
+                &options(req.common.force, Some(bs)),
+            )?
         }
     };
     if super::summaries() {
@@ -267,7 +240,7 @@ fn run_vhdx(req: &Request) -> Result<()> {
         check_block_size, check_sector_size, check_virtual_size,
     };
     req.check_parent_format(Format::Vhdx)?;
-    let sector = req.format.sector_size;
+    let sector = req.common.sector_size;
     if req.kind == DiskKind::Differencing && sector.is_some() {
         return Err(Error::InvalidParameter(
             "--sector-size: a differencing VHDX takes its parent's logical sector size".into(),
@@ -286,24 +259,24 @@ fn run_vhdx(req: &Request) -> Result<()> {
     let opts = vx::CreateOptions {
         block_size: bs,
         logical_sector_size: sector,
-        force: req.force,
+        force: req.common.force,
     };
     let v = match (req.kind, &req.parent) {
         (DiskKind::Differencing, Some(parent)) => {
-            vx::create_differencing(&req.file, parent, &opts)?
+            vx::create_differencing(&req.common.file, parent, &opts)?
         }
         (kind, _) => {
             let size = req.size()?;
             check_virtual_size(size, sector).map_err(param)?;
             if kind == DiskKind::Fixed {
-                vx::create_fixed(&req.file, size, &opts)?
+                vx::create_fixed(&req.common.file, size, &opts)?
             } else {
-                vx::create_dynamic(&req.file, size, &opts)?
+                vx::create_dynamic(&req.common.file, size, &opts)?
             }
         }
     };
     if super::summaries() {
-        print_created_vhdx(&req.file, req.kind, &v);
+        print_created_vhdx(&req.common.file, req.kind, &v);
     }
     Ok(())
 }

@@ -124,11 +124,7 @@ pub fn inspect_path(path: &Path) -> Result<Inspection> {
 pub fn inspect<S: Storage>(storage: S, path: &Path) -> Result<Inspection> {
     let mut file = Overlay::new(storage)?;
     let mut p = Pass {
-        sink: Sink {
-            file: path,
-            findings: Vec::new(),
-        },
-        per_code: BTreeMap::new(),
+        sink: Sink::new(path, Some(MAX_FINDINGS_PER_CODE)),
         insp: Inspection {
             file_len: file.file_len(),
             ..Inspection::default()
@@ -147,8 +143,6 @@ pub fn inspect<S: Storage>(storage: S, path: &Path) -> Result<Inspection> {
 
 struct Pass<'a> {
     sink: Sink<'a>,
-    /// Findings of each code so far (listed or not).
-    per_code: BTreeMap<&'static str, usize>,
     insp: Inspection,
 }
 
@@ -185,24 +179,8 @@ impl Pass<'_> {
         offset: Option<u64>,
         message: String,
     ) {
-        self.add_block(severity, code, structure, offset, None, message);
-    }
-
-    fn add_block(
-        &mut self,
-        severity: Severity,
-        code: &'static str,
-        structure: impl Into<String>,
-        offset: Option<u64>,
-        block: Option<u64>,
-        message: String,
-    ) {
-        let n = self.per_code.entry(code).or_insert(0);
-        *n += 1;
-        if *n <= MAX_FINDINGS_PER_CODE {
-            self.sink
-                .add(severity, code, structure, offset, block, message);
-        }
+        self.sink
+            .add(severity, code, structure, offset, None, message);
     }
 
     /// A finding about payload block `i` (its name is made only when one is added: the BAT
@@ -215,7 +193,8 @@ impl Pass<'_> {
         at: Option<u64>,
         message: String,
     ) {
-        self.add_block(severity, code, format!("block {i}"), at, Some(i), message);
+        self.sink
+            .add(severity, code, format!("block {i}"), at, Some(i), message);
     }
 
     fn add_error(&mut self, code: &'static str, structure: &str, offset: Option<u64>, e: &Error) {
@@ -228,21 +207,8 @@ impl Pass<'_> {
         );
     }
 
-    /// The findings, with a note for each code that had more than the limit.
     fn finish(mut self) -> Inspection {
-        let over: Vec<(&'static str, usize)> = self
-            .per_code
-            .iter()
-            .filter(|(_, n)| **n > MAX_FINDINGS_PER_CODE)
-            .map(|(c, n)| (*c, *n))
-            .collect();
-        for (code, n) in over {
-            let more = n - MAX_FINDINGS_PER_CODE;
-            let message = format!("{more} more finding(s) of kind {code} are not listed");
-            self.sink
-                .add(Severity::Info, code, "file", None, None, message);
-        }
-        self.insp.findings = self.sink.findings;
+        self.insp.findings = self.sink.finish();
         self.insp
     }
 
@@ -285,7 +251,7 @@ impl Pass<'_> {
         }
         match current_header(slot(start, offsets[0]), slot(start, offsets[1])) {
             Ok(cur) => self.current_header_notes(&cur),
-            Err(e) if self.per_code.contains_key("header-bad") => {
+            Err(e) if self.sink.counts.contains_key("header-bad") => {
                 let _ = e; // both copies bad: already listed, one by one
             }
             Err(e) => self.add_error("header-conflict", "headers", None, &e),
@@ -702,7 +668,8 @@ impl Pass<'_> {
                     r_obj.name()
                 );
                 let (name, block) = (obj.name(), obj.block());
-                self.add_block(Severity::Error, "overlap", name, Some(start), block, m);
+                self.sink
+                    .add(Severity::Error, "overlap", name, Some(start), block, m);
             }
             if reach.is_none_or(|(r_end, _)| end > r_end) {
                 reach = Some((end, obj));

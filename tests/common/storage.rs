@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
+use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, Storage};
 use vhd_merge::merge::StorageWrapper;
 
 /// One operation a merge did on its destination.
@@ -114,4 +114,15 @@ pub fn recording(log: Arc<IoLog>) -> StorageWrapper {
 /// A destination wrapper that injects the faults of `plan`.
 pub fn faulty(plan: Arc<FaultPlan>) -> StorageWrapper {
     Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())))
+}
+
+/// The file at `path`, opened for reading and writing, behind a [`FaultyStorage`] that injects
+/// the faults of `plan` (for the format types opened over a storage: `Vhdx::open`, repair).
+pub fn faulty_file(path: &std::path::Path, plan: Arc<FaultPlan>) -> FaultyStorage {
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    FaultyStorage::new(Box::new(FileStorage::new(f)), plan)
 }
