@@ -124,10 +124,10 @@ pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// Read the whole view of the VHD at `path` through its chain.
+/// Read the whole view of the disk (VHD or VHDX) at `path` through its chain.
 pub fn read_view(path: &Path) -> Vec<u8> {
     let chain = Chain::open(path, &ChainOptions::default()).unwrap();
-    let size = chain.vhd(0).unwrap().virtual_size() as usize;
+    let size = chain.layer(0).unwrap().virtual_size() as usize;
     let mut buf = vec![0u8; size];
     chain.read_at(0, 0, &mut buf).unwrap();
     buf
@@ -140,6 +140,20 @@ pub fn read_own(path: &Path) -> Vec<u8> {
     let mut buf = vec![0u8; v.virtual_size() as usize];
     v.read_own(0, &mut buf).unwrap();
     buf
+}
+
+/// The SHA-256 of `bytes`, in lower-case hex (as PROVENANCE.md gives them).
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The SHA-256 of a file's bytes.
+pub fn sha256_file(path: &Path) -> String {
+    sha256(&read(path))
 }
 
 /// CRC32 and length of a file's bytes.
