@@ -453,6 +453,50 @@ fn check_is_at_least_as_strict_as_opening() {
     );
 }
 
+/// `check --chain`: a real Hyper-V pair and a created chain are clean; a parent written after
+/// the child was made (its DataWriteGuid changed) breaks the link, which check names with the
+/// File not found (32779) of the chain.
+#[test]
+fn chains_are_checked_link_by_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain_check = |p: &Path| {
+        vhd_merge::check::check_chain(p, &CheckOptions::default(), &Default::default()).unwrap()
+    };
+    for rel in ["dfvfs/ntfs-parent.vhdx", "dfvfs/ntfs-differential.vhdx"] {
+        let Some((src, _)) = vhdx_fixture(rel) else {
+            return;
+        };
+        std::fs::copy(src, dir.path().join(Path::new(rel).file_name().unwrap())).unwrap();
+    }
+    let r = chain_check(&dir.path().join("ntfs-differential.vhdx"));
+    assert_eq!(
+        (r.files.len(), r.findings.len()),
+        (2, 0),
+        "{:?}",
+        r.findings
+    );
+    let child = chain(dir.path(), 4096);
+    let r = chain_check(&child);
+    assert_eq!(
+        (r.files.len(), r.findings.len()),
+        (2, 0),
+        "{:?}",
+        r.findings
+    );
+    let mut parent = Vhdx::open_path(dir.path().join("p.vhdx"), true).unwrap();
+    parent.write_at(0, &[7; 4096]).unwrap();
+    parent.finish().unwrap();
+    drop(parent);
+    let r = chain_check(&child);
+    let codes: Vec<_> = r.findings.iter().map(|f| f.code).collect();
+    assert_eq!(codes, ["chain"]);
+    assert!(
+        r.findings[0].message.contains("32779"),
+        "{}",
+        r.findings[0].message
+    );
+}
+
 // ---- repair -------------------------------------------------------------------------------
 
 fn view(p: &Path) -> Vec<u8> {
