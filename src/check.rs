@@ -201,11 +201,11 @@ impl<'a> Sink<'a> {
 
 /// Check one file. Fails only when it cannot be opened at all (missing, not a regular file, no
 /// permission); everything wrong inside it is a finding.
-/// A VHDX is checked by [`crate::vhdx::check::check_file`] (`deep` adds nothing there yet).
+/// A VHDX is checked by [`crate::vhdx::check::check_file`] (`deep`: its sector bitmaps).
 pub fn check_file(path: impl AsRef<Path>, options: &CheckOptions) -> Result<CheckReport> {
     let path = path.as_ref();
     if crate::layer::detect_format(path) == Some(crate::layer::Format::Vhdx) {
-        return crate::vhdx::check::check_file(path);
+        return crate::vhdx::check::check_file(path, options.deep);
     }
     let insp = Vhd::inspect(path, open_options(options))?;
     Ok(report_of(path, insp, options))

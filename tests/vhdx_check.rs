@@ -120,7 +120,7 @@ fn dynamic(dir: &Path) -> PathBuf {
 
 /// The BAT's shape and offset, as the inspection reads them (also from a damaged file).
 fn geometry(p: &Path) -> (Geometry, u64) {
-    let i = inspect_path(p).unwrap();
+    let i = inspect_path(p, false).unwrap();
     (i.geometry.unwrap(), i.regions.unwrap().bat.file_offset)
 }
 
@@ -450,6 +450,61 @@ fn check_is_at_least_as_strict_as_opening() {
     assert!(
         failed_opens > 50,
         "only {failed_opens} damaged files failed to open"
+    );
+}
+
+/// `--deep` reads the sector bitmap of every PARTIALLY_PRESENT block: none set is a note,
+/// bits past the virtual size a warning; the fixtures and a created chain have neither.
+#[test]
+fn deep_check_reads_the_sector_bitmaps() {
+    let deep = |p: &Path| -> Vec<(Severity, &'static str)> {
+        let r = check_file(
+            p,
+            &CheckOptions {
+                deep: true,
+                ..CheckOptions::default()
+            },
+        )
+        .unwrap();
+        r.findings.iter().map(|f| (f.severity, f.code)).collect()
+    };
+    for rel in [
+        "dfvfs/ntfs-differential.vhdx",
+        "dfvfs/fat-differential.vhdx",
+    ] {
+        if let Some((p, _)) = vhdx_fixture(rel) {
+            assert_eq!(deep(&p), vec![], "{rel}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (parent, child) = (dir.path().join("p.vhdx"), dir.path().join("c.vhdx"));
+    drop(create_dynamic(&parent, 3 * MIB + MIB / 2, &opts(512)).unwrap());
+    let mut c = create_differencing(&child, &parent, &opts(512)).unwrap();
+    c.write_at(0, &[1; 512]).unwrap();
+    c.write_at(3 * MIB, &[2; 512]).unwrap();
+    c.finish().unwrap();
+    drop(c);
+    assert_eq!(deep(&child), vec![]);
+    let (g, bat) = geometry(&child);
+    let b = std::fs::read(&child).unwrap();
+    let sb = BatEntry::at(&b[bat as usize..], g.bitmap_index(0))
+        .unwrap()
+        .file_offset();
+    let last = sb + g.bitmap_slice(3).start as u64;
+    patch(&child, last + (MIB / 2 / 512 / 8), &[0x01]); // the first sector past the end
+    assert_eq!(deep(&child), [(Severity::Warning, "bitmap-past-end")]);
+    patch(&child, sb + g.bitmap_slice(0).start as u64, &[0]);
+    assert_eq!(
+        deep(&child),
+        [
+            (Severity::Info, "partial-empty"),
+            (Severity::Warning, "bitmap-past-end")
+        ]
+    );
+    assert_eq!(
+        findings(&child),
+        vec![],
+        "only a deep check reads the bitmaps"
     );
 }
 

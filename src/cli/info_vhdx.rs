@@ -24,7 +24,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     {
         return Err(with_hint(e));
     }
-    let insp = inspect_path(&args.file)?;
+    let insp = inspect_path(&args.file, false)?;
     let mut r = report(&args.file, &insp);
     if insp.has_errors() {
         r["problems"] = problems(&insp);

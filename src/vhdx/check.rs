@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::format::bat::{BatEntry, BitmapState, Geometry, PayloadState};
+use super::format::bat::{BatEntry, BitmapState, Geometry, PayloadState, bitmap_bit};
 use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
 use super::format::metadata::{KNOWN_LOCATOR_KEYS, Metadata, MetadataTable};
 use super::format::region::{RegionTable, Regions, choose_region_table};
@@ -106,8 +106,9 @@ impl Inspection {
 
 /// Check the VHDX at `path` (opened read-only; nothing is written). Fails only when it cannot
 /// be opened or its length read; everything wrong inside it is a finding.
-pub fn check_file(path: &Path) -> Result<CheckReport> {
-    let insp = inspect_path(path)?;
+/// `deep` also reads the sector bitmap of every PARTIALLY_PRESENT block.
+pub fn check_file(path: &Path, deep: bool) -> Result<CheckReport> {
+    let insp = inspect_path(path, deep)?;
     Ok(CheckReport {
         files: vec![path.to_path_buf()],
         findings: insp.findings,
@@ -115,16 +116,19 @@ pub fn check_file(path: &Path) -> Result<CheckReport> {
 }
 
 /// [`inspect`] the VHDX at `path`, opened read-only.
-pub fn inspect_path(path: &Path) -> Result<Inspection> {
+pub fn inspect_path(path: &Path, deep: bool) -> Result<Inspection> {
     let file = crate::image::open_regular_file(path, false)?;
-    inspect(FileStorage::new(file), path).map_err(|e| e.in_file(path))
+    inspect(FileStorage::new(file), path, deep).map_err(|e| e.in_file(path))
 }
 
 /// Inspect the VHDX held by `storage` (see the module docs); `path` names it in findings.
-pub fn inspect<S: Storage>(storage: S, path: &Path) -> Result<Inspection> {
+/// `deep` also reads the sector bitmap of every PARTIALLY_PRESENT block of a differencing disk:
+/// one without any bit set (a note) or with bits past the virtual size (a warning).
+pub fn inspect<S: Storage>(storage: S, path: &Path, deep: bool) -> Result<Inspection> {
     let mut file = Overlay::new(storage)?;
     let mut p = Pass {
         sink: Sink::new(path, Some(MAX_FINDINGS_PER_CODE)),
+        deep,
         insp: Inspection {
             file_len: file.file_len(),
             ..Inspection::default()
@@ -143,6 +147,7 @@ pub fn inspect<S: Storage>(storage: S, path: &Path) -> Result<Inspection> {
 
 struct Pass<'a> {
     sink: Sink<'a>,
+    deep: bool,
     insp: Inspection,
 }
 
@@ -510,6 +515,9 @@ impl Pass<'_> {
             self.bitmap_entry(&bats, c, &mut objects);
         }
         self.overlaps(objects);
+        if self.deep && g.has_parent {
+            (0..g.data_blocks()).for_each(|i| self.partial_bitmap(file, &bats, i));
+        }
     }
 }
 
@@ -650,6 +658,51 @@ impl Pass<'_> {
                 self.insp.blocks.bitmaps_present += 1;
                 objects.push(e.file_offset(), MIB, Obj::Bitmap(c));
             }
+        }
+    }
+
+    /// Deep: the bits of PARTIALLY_PRESENT block `i` (when it and its bitmap block are inside
+    /// the file; the others were reported).
+    fn partial_bitmap<S: Storage>(&mut self, file: &Overlay<S>, bat: &Bat<'_>, i: u64) {
+        let (e, g) = (bat.payload(i), &bat.geometry);
+        let sb = bat.bitmap(g.chunk_of(i));
+        let usable = e.payload_state().ok() == Some(PayloadState::PartiallyPresent)
+            && bat.inside(e, bat.used(i))
+            && sb.bitmap_state().ok() == Some(BitmapState::Present)
+            && bat.inside(sb, MIB);
+        if !usable {
+            return;
+        }
+        let slice = g.bitmap_slice(i);
+        let at = sb.file_offset() + slice.start as u64;
+        let bits = match file.read(at, slice.len() as u64) {
+            Ok(b) => b,
+            Err(err) => {
+                return self.add_error("unreadable", &bitmap_name(g.chunk_of(i)), Some(at), &err);
+            }
+        };
+        let sectors = (bat.used(i) / u64::from(g.logical_sector_size)) as usize;
+        let total: usize = bits.iter().map(|b| b.count_ones() as usize).sum();
+        let inside: usize = bits[..sectors / 8]
+            .iter()
+            .map(|b| b.count_ones() as usize)
+            .sum::<usize>()
+            + (sectors / 8 * 8..sectors)
+                .filter(|&n| bitmap_bit(&bits, n))
+                .count();
+        if total == 0 {
+            let m =
+                "PARTIALLY_PRESENT block with no sector bit set: it reads wholly from the parent"
+                    .into();
+            self.block_finding(Severity::Info, "partial-empty", i, Some(at), m);
+        }
+        if total > inside {
+            let m = format!(
+                "{} sector bitmap bit(s) set past the virtual size ({} bytes); nothing reads them",
+                total - inside,
+                g.virtual_size
+            );
+            self.block_finding(Severity::Warning, "bitmap-past-end", i, Some(at), m);
         }
     }
 

@@ -44,7 +44,8 @@ use crate::image::{WriteMode, open_for_writing, open_regular_file};
 use crate::io::{FileStorage, Storage};
 use crate::repair::{RepairAction, RepairOptions, RepairReport};
 
-/// Finding codes a repair fixes; every other warning or error is listed as not repaired.
+/// Finding codes a repair fixes; every other warning or error (of a deep check) is listed as not
+/// repaired.
 pub const REPAIRED_CODES: &[&str] = &[
     "log-dirty",
     "header-bad",
@@ -81,12 +82,12 @@ pub fn repair_storage<S: Storage>(
     options: &RepairOptions,
 ) -> Result<RepairReport> {
     let storage = Arc::new(storage);
-    let insp = inspect(storage.clone(), path).map_err(|e| e.in_file(path))?;
+    let insp = inspect(storage.clone(), path, true).map_err(|e| e.in_file(path))?;
     let actions = plan(&insp).map_err(|e| e.in_file(path))?;
     let wrote = !options.dry_run && !actions.is_empty();
     let after = if wrote {
         execute(storage.clone()).map_err(|e| e.in_file(path))?;
-        inspect(storage, path).map_err(|e| e.in_file(path))?
+        inspect(storage, path, true).map_err(|e| e.in_file(path))?
     } else {
         insp
     };
