@@ -12,7 +12,7 @@ use common::fixtures::vhdx_fixture;
 use common::patch::{patch, truncate};
 use uuid::Uuid;
 use vhd_merge::check::{CheckOptions, Severity, check_file};
-use vhd_merge::io::FaultPlan;
+use vhd_merge::io::{FaultPlan, FileStorage};
 use vhd_merge::repair::{RepairOptions, repair_file};
 use vhd_merge::vhdx::Vhdx;
 use vhd_merge::vhdx::check::inspect_path;
@@ -655,6 +655,26 @@ fn repair_leaves_what_it_cannot_fix_and_refuses_without_a_header() {
     flip(&p, HEADER2_OFFSET + 9);
     let e = repair(&p, false).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::IncorrectDataType);
+}
+
+/// Repair takes the locks every tool takes: a file another process holds exclusively (a merge)
+/// is System is in use (32774), also for a dry run, and is not written.
+#[test]
+fn repair_takes_the_lock_every_writer_takes() {
+    use vhd_merge::io::Storage;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dynamic(dir.path());
+    flip(&p, REGION_TABLE2_OFFSET + 64);
+    let before = std::fs::read(&p).unwrap();
+    let holder = FileStorage::new(std::fs::File::open(&p).unwrap());
+    assert!(holder.try_lock(true).unwrap());
+    for dry_run in [true, false] {
+        let e = repair(&p, dry_run).unwrap_err();
+        assert_eq!(e.return_code(), ReturnCode::SystemInUse, "{e}");
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    drop(holder);
+    assert!(repair(&p, false).unwrap().wrote);
 }
 
 /// A dirty log (a writable session dropped without `finish`, as a crash leaves it), a damaged

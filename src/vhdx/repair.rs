@@ -40,7 +40,7 @@ use super::reader::Overlay;
 use crate::check::Severity;
 use crate::error::{Error, Result};
 use crate::format::DiskType;
-use crate::image::{WriteMode, open_for_writing, open_regular_file};
+use crate::image::{WriteMode, open_for_writing, open_regular_file, take_lock};
 use crate::io::{FileStorage, Storage};
 use crate::repair::{RepairAction, RepairOptions, RepairReport};
 
@@ -53,12 +53,14 @@ pub const REPAIRED_CODES: &[&str] = &[
     "region-tables-differ",
 ];
 
-/// Repair the VHDX at `path` (see the module docs). It is inspected read-only first; only
+/// Repair the VHDX at `path` (see the module docs). It is inspected read-only first (under a
+/// shared lock); only
 /// when something needs writing (and not in a dry run) is it opened for writing, under the
 /// exclusive lock every writer takes (System is in use, 32774, while another holds it), and
 /// inspected again.
 pub fn repair_file(path: &Path, options: &RepairOptions) -> Result<RepairReport> {
     let storage = FileStorage::new(open_regular_file(path, false)?);
+    take_lock(&storage, path, false)?;
     let report = repair_storage(storage, path, &dry(options))?;
     if options.dry_run || report.is_clean() {
         return Ok(report);
