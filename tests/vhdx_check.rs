@@ -353,7 +353,7 @@ fn bad_sector_bitmap_entries_are_found() {
     set_entry(&p, g.bitmap_index(0), BatEntry::new(3, sb.file_offset_mb()));
     assert_eq!(
         errors(&p),
-        ["bitmap-missing", "bitmap-missing", "bat-state"]
+        ["bat-state", "bitmap-missing", "bitmap-missing"]
     );
     set_entry(&p, g.bitmap_index(0), payload(&p, 0)); // the bitmap over block 0
     assert_eq!(errors(&p), ["overlap"]);

@@ -12,14 +12,17 @@
 //! file (header section, log, regions, payload and sector bitmap blocks) overlapping, found by
 //! one sort and sweep.
 //!
-//! Memory is bounded by the file: the log and the metadata region by the reader's limits, the
-//! BAT by the file's length (it must lie inside the file), the objects of the sweep by the
-//! present entries of that BAT, and findings of one kind by [`MAX_FINDINGS_PER_CODE`].
+//! Memory is bounded: the log and the metadata region by the reader's limits, the BAT is
+//! streamed in 64 KiB pieces (a chunk's PARTIALLY_PRESENT blocks wait for its bitmap entry: at
+//! most a chunk ratio of them), the objects of the sweep (16 bytes each) by the present entries
+//! of the table, which must lie inside the file, and findings of one kind by
+//! [`MAX_FINDINGS_PER_CODE`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::format::bat::{BatEntry, BitmapState, Geometry, PayloadState, bitmap_bit};
+use super::bat::CHUNK;
+use super::format::bat::{BatEntry, BitmapState, EntryKind, Geometry, PayloadState, bitmap_bit};
 use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
 use super::format::metadata::{KNOWN_LOCATOR_KEYS, Metadata, MetadataTable};
 use super::format::region::{RegionTable, Regions, choose_region_table};
@@ -478,7 +481,10 @@ impl Pass<'_> {
         }
     }
 
-    /// The BAT: its size, every payload and sector bitmap entry, and the overlap sweep.
+    /// The BAT: its size, every payload and sector bitmap entry, and the overlap sweep. The
+    /// table is streamed in [`CHUNK`]-byte pieces (a 64 TiB disk with 1 MiB blocks has a
+    /// 512 MiB BAT); the PARTIALLY_PRESENT blocks of a chunk wait for its sector bitmap entry,
+    /// which follows them in the table.
     fn bat<S: Storage>(&mut self, file: &Overlay<S>) {
         let (Some(md), Some(regions)) = (self.insp.metadata.clone(), self.insp.regions) else {
             return;
@@ -496,47 +502,43 @@ impl Pass<'_> {
             Err(e) => return self.add_error("bat-size", "BAT", Some(regions.bat.file_offset), &e),
         };
         self.insp.geometry = Some(g);
-        let bat = match file.read(regions.bat.file_offset, g.entries_needed() * 8) {
-            Ok(b) => b,
-            Err(e) => {
-                return self.add_error("unreadable", "BAT", Some(regions.bat.file_offset), &e);
-            }
-        };
-        let mut objects = Objects::of_file(self.insp.current.as_ref(), &regions);
-        let bats = Bat {
-            bytes: &bat,
+        let mut walk = Walk {
             geometry: g,
             file_len: file.file_len(),
+            objects: Objects::of_file(self.insp.current.as_ref(), &regions),
+            partial: Vec::new(),
         };
-        for i in 0..g.data_blocks() {
-            self.payload_entry(&bats, i, &mut objects);
+        let (offset, len) = (regions.bat.file_offset, g.entries_needed() * 8);
+        let mut at = 0;
+        while at < len {
+            let bytes = match file.read(offset + at, CHUNK.min(len - at)) {
+                Ok(b) => b,
+                Err(e) => return self.add_error("unreadable", "BAT", Some(offset + at), &e),
+            };
+            for (j, raw) in bytes.chunks_exact(8).enumerate() {
+                let e = BatEntry(u64::from_le_bytes(raw.try_into().unwrap_or_default()));
+                match g.entry_kind(at / 8 + j as u64) {
+                    EntryKind::Payload(i) => self.payload_entry(&mut walk, i, e),
+                    EntryKind::Bitmap(c) => self.bitmap_entry(file, &mut walk, c, e),
+                    EntryKind::Unused => {}
+                }
+            }
+            at += CHUNK;
         }
-        for c in 0..g.bitmap_blocks() {
-            self.bitmap_entry(&bats, c, &mut objects);
-        }
-        self.overlaps(objects);
-        if self.deep && g.has_parent {
-            (0..g.data_blocks()).for_each(|i| self.partial_bitmap(file, &bats, i));
-        }
+        self.overlaps(walk.objects);
     }
 }
 
-/// The BAT bytes with what judging an entry needs.
-struct Bat<'b> {
-    bytes: &'b [u8],
+/// What the BAT pass carries from entry to entry.
+struct Walk {
     geometry: Geometry,
     file_len: u64,
+    objects: Objects,
+    /// The PARTIALLY_PRESENT blocks (inside the file) of the chunk being read.
+    partial: Vec<(u64, BatEntry)>,
 }
 
-impl Bat<'_> {
-    fn payload(&self, i: u64) -> BatEntry {
-        BatEntry::at(self.bytes, self.geometry.payload_index(i)).unwrap_or(BatEntry(0))
-    }
-
-    fn bitmap(&self, c: u64) -> BatEntry {
-        BatEntry::at(self.bytes, self.geometry.bitmap_index(c)).unwrap_or(BatEntry(0))
-    }
-
+impl Walk {
     /// The bytes of the file block `i` uses: its block, cut at the virtual size.
     fn used(&self, i: u64) -> u64 {
         let bs = u64::from(self.geometry.block_size);
@@ -564,8 +566,7 @@ fn bitmap_name(c: u64) -> String {
 const RESERVED_BITS: u64 = 0xF_FFF8;
 
 impl Pass<'_> {
-    fn payload_entry(&mut self, bat: &Bat<'_>, i: u64, objects: &mut Objects) {
-        let e = bat.payload(i);
+    fn payload_entry(&mut self, w: &mut Walk, i: u64, e: BatEntry) {
         let at = Some(e.file_offset());
         let state = match e.payload_state() {
             Ok(s) => s,
@@ -591,42 +592,31 @@ impl Pass<'_> {
             }
             _ => return,
         }
-        if !bat.inside(e, bat.used(i)) {
+        if !w.inside(e, w.used(i)) {
             let m = format!(
                 "{} block at {:#x} is not inside the file ({:#x} bytes) after the header section",
                 state.name(),
                 e.file_offset(),
-                bat.file_len
+                w.file_len
             );
             return self.block_finding(Severity::Error, "block-outside", i, at, m);
         }
-        objects.push(e.file_offset(), bat.used(i), Obj::Payload(i));
-        if state == PayloadState::PartiallyPresent {
-            self.partial_block(bat, i, at);
+        w.objects.push(e.file_offset(), w.used(i), Obj::Payload(i));
+        match state {
+            PayloadState::PartiallyPresent if w.geometry.has_parent => w.partial.push((i, e)),
+            PayloadState::PartiallyPresent => {
+                let m = "PARTIALLY_PRESENT in a disk without a parent: read as fully present";
+                self.block_finding(Severity::Warning, "partial-no-parent", i, at, m.into());
+            }
+            _ => {}
         }
     }
 
-    /// A PARTIALLY_PRESENT block: only meaningful with a parent, and needs its chunk's bitmap.
-    fn partial_block(&mut self, bat: &Bat<'_>, i: u64, at: Option<u64>) {
-        let g = &bat.geometry;
-        if !g.has_parent {
-            let m = "PARTIALLY_PRESENT in a disk without a parent: read as fully present".into();
-            return self.block_finding(Severity::Warning, "partial-no-parent", i, at, m);
-        }
-        let c = g.chunk_of(i);
-        if bat.bitmap(c).bitmap_state().ok() != Some(BitmapState::Present) {
-            let m = format!(
-                "PARTIALLY_PRESENT block but chunk {c} has no sector bitmap block: which \
-                 sectors it holds is unknown"
-            );
-            self.block_finding(Severity::Error, "bitmap-missing", i, at, m);
-        }
-    }
-
-    fn bitmap_entry(&mut self, bat: &Bat<'_>, c: u64, objects: &mut Objects) {
-        let e = bat.bitmap(c);
+    /// The sector bitmap entry of chunk `c` (only a differencing disk's count), then the
+    /// chunk's PARTIALLY_PRESENT blocks that need it.
+    fn bitmap_entry<S: Storage>(&mut self, file: &Overlay<S>, w: &mut Walk, c: u64, e: BatEntry) {
         let at = Some(e.file_offset());
-        if !bat.geometry.has_parent {
+        if !w.geometry.has_parent {
             if e.0 != 0 {
                 // Old qemu wrote garbage here (qemu #727): readers ignore these entries.
                 let m = format!(
@@ -643,36 +633,50 @@ impl Pass<'_> {
             }
             return;
         }
-        match e.bitmap_state() {
-            Err(err) => self.add_error("bat-state", &bitmap_name(c), at, &err),
-            Ok(BitmapState::NotPresent) => {}
-            Ok(BitmapState::Present) if !bat.inside(e, MIB) => {
+        let usable = match e.bitmap_state() {
+            Err(err) => {
+                self.add_error("bat-state", &bitmap_name(c), at, &err);
+                false
+            }
+            Ok(BitmapState::NotPresent) => false,
+            Ok(BitmapState::Present) if !w.inside(e, MIB) => {
                 let m = format!(
                     "sector bitmap block at {:#x} is not inside the file ({:#x} bytes) after the header section",
                     e.file_offset(),
-                    bat.file_len
+                    w.file_len
                 );
                 self.add(Severity::Error, "bitmap-outside", bitmap_name(c), at, m);
+                return w.partial.clear(); // the blocks' bitmap is named already
             }
             Ok(BitmapState::Present) => {
                 self.insp.blocks.bitmaps_present += 1;
-                objects.push(e.file_offset(), MIB, Obj::Bitmap(c));
+                w.objects.push(e.file_offset(), MIB, Obj::Bitmap(c));
+                true
+            }
+        };
+        for (i, b) in std::mem::take(&mut w.partial) {
+            if !usable {
+                let m = format!(
+                    "PARTIALLY_PRESENT block but chunk {c} has no sector bitmap block: which \
+                     sectors it holds is unknown"
+                );
+                self.block_finding(
+                    Severity::Error,
+                    "bitmap-missing",
+                    i,
+                    Some(b.file_offset()),
+                    m,
+                );
+            } else if self.deep {
+                self.partial_bitmap(file, w, i, e);
             }
         }
     }
 
-    /// Deep: the bits of PARTIALLY_PRESENT block `i` (when it and its bitmap block are inside
-    /// the file; the others were reported).
-    fn partial_bitmap<S: Storage>(&mut self, file: &Overlay<S>, bat: &Bat<'_>, i: u64) {
-        let (e, g) = (bat.payload(i), &bat.geometry);
-        let sb = bat.bitmap(g.chunk_of(i));
-        let usable = e.payload_state().ok() == Some(PayloadState::PartiallyPresent)
-            && bat.inside(e, bat.used(i))
-            && sb.bitmap_state().ok() == Some(BitmapState::Present)
-            && bat.inside(sb, MIB);
-        if !usable {
-            return;
-        }
+    /// Deep: the bits of PARTIALLY_PRESENT block `i`, whose chunk's bitmap block `sb` lies
+    /// inside the file.
+    fn partial_bitmap<S: Storage>(&mut self, file: &Overlay<S>, w: &Walk, i: u64, sb: BatEntry) {
+        let g = &w.geometry;
         let slice = g.bitmap_slice(i);
         let at = sb.file_offset() + slice.start as u64;
         let bits = match file.read(at, slice.len() as u64) {
@@ -681,20 +685,17 @@ impl Pass<'_> {
                 return self.add_error("unreadable", &bitmap_name(g.chunk_of(i)), Some(at), &err);
             }
         };
-        let sectors = (bat.used(i) / u64::from(g.logical_sector_size)) as usize;
-        let total: usize = bits.iter().map(|b| b.count_ones() as usize).sum();
-        let inside: usize = bits[..sectors / 8]
-            .iter()
-            .map(|b| b.count_ones() as usize)
-            .sum::<usize>()
+        let sectors = (w.used(i) / u64::from(g.logical_sector_size)) as usize;
+        let ones = |b: &[u8]| b.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+        let total = ones(&bits);
+        let inside = ones(&bits[..sectors / 8])
             + (sectors / 8 * 8..sectors)
                 .filter(|&n| bitmap_bit(&bits, n))
                 .count();
         if total == 0 {
             let m =
-                "PARTIALLY_PRESENT block with no sector bit set: it reads wholly from the parent"
-                    .into();
-            self.block_finding(Severity::Info, "partial-empty", i, Some(at), m);
+                "PARTIALLY_PRESENT block with no sector bit set: it reads wholly from the parent";
+            self.block_finding(Severity::Info, "partial-empty", i, Some(at), m.into());
         }
         if total > inside {
             let m = format!(
