@@ -15,12 +15,13 @@ use vhd_merge::check::{CheckOptions, Severity, check_file};
 use vhd_merge::io::{FaultPlan, FileStorage};
 use vhd_merge::repair::{RepairOptions, repair_file};
 use vhd_merge::vhdx::Vhdx;
-use vhd_merge::vhdx::check::inspect_path;
+use vhd_merge::vhdx::check::{LogState, inspect_path};
 use vhd_merge::vhdx::create::{
     CreateOptions, METADATA_OFFSET, create_differencing, create_dynamic,
 };
 use vhd_merge::vhdx::format::bat::{BatEntry, Geometry};
 use vhd_merge::vhdx::format::header::Header;
+use vhd_merge::vhdx::format::log::{EntryParams, Write, build_entry};
 use vhd_merge::vhdx::format::region::{RegionEntry, RegionTable};
 use vhd_merge::vhdx::format::{HEADER1_OFFSET, HEADER2_OFFSET, MIB, REGION_TABLE1_OFFSET};
 use vhd_merge::vhdx::format::{REGION_TABLE2_OFFSET, SLOT_SIZE};
@@ -140,6 +141,13 @@ fn set_payload(p: &Path, block: u64, e: BatEntry) {
     set_entry(p, g.payload_index(block), e);
 }
 
+/// A new directory `name` in `dir`.
+fn subdir(dir: &Path, name: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir(&d).unwrap();
+    d
+}
+
 fn flip(p: &Path, offset: u64) {
     let b = std::fs::read(p).unwrap()[offset as usize];
     patch(p, offset, &[b ^ 0x5A]);
@@ -216,11 +224,7 @@ fn damaged_and_differing_region_tables_are_found() {
     flip(&p, REGION_TABLE2_OFFSET + 40);
     assert_eq!(errors(&p), ["region-table-bad"]);
     assert_eq!(strict(&p), None);
-    let p = {
-        let d = dir.path().join("b");
-        std::fs::create_dir(&d).unwrap();
-        dynamic(&d)
-    };
+    let p = dynamic(&subdir(dir.path(), "b"));
     edit_regions(&p, 1, |t| t.entries[0].required = !t.entries[0].required);
     assert_eq!(errors(&p), ["region-tables-differ"]);
     assert_eq!(strict(&p), None);
@@ -550,6 +554,91 @@ fn chains_are_checked_link_by_link() {
         "{}",
         r.findings[0].message
     );
+}
+
+/// Write one log entry carrying `writes` at the start of the log and point the current
+/// header's LogGuid at it (as a crash after the entry's flush leaves a file).
+fn crafted_log(p: &Path, writes: &[Write], flushed: u64) {
+    let guid = Uuid::new_v4();
+    let params = EntryParams {
+        sequence_number: 41,
+        tail: 0,
+        log_guid: guid,
+        flushed_file_offset: flushed,
+        last_file_offset: flushed,
+    };
+    patch(p, MIB, &build_entry(&params, writes).unwrap());
+    edit_header(p, current_slot(p), |h| h.log_guid = guid);
+}
+
+/// A crafted log: an entry that would be replayed is counted (info's log state) and read as
+/// replayed, and repair applies it; entries that cannot be replayed (a write into the header
+/// section or past the file's end, a file shorter than FlushedFileOffset) are errors.
+#[test]
+fn crafted_logs_are_judged_as_an_opener_replays_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dynamic(dir.path());
+    let len = std::fs::metadata(&p).unwrap().len();
+    let (_, bat) = geometry(&p);
+    let zero_bat = Write::Zero {
+        file_offset: bat,
+        length: 4096,
+    };
+    crafted_log(&p, std::slice::from_ref(&zero_bat), len);
+    assert_eq!(findings(&p), [(Severity::Warning, "log-dirty")]);
+    let i = inspect_path(&p, false).unwrap();
+    assert!(
+        matches!(
+            i.log,
+            Some(LogState::Dirty {
+                entries: 1,
+                writes: 1,
+                sequences: (41, 41),
+                ..
+            })
+        ),
+        "{:?}",
+        i.log
+    );
+    assert_eq!(
+        i.blocks.payload.get("not_present"),
+        Some(&8),
+        "read after the replay"
+    );
+    assert_eq!(view(&p), vec![0; SIZE as usize]);
+    assert!(repair(&p, false).unwrap().wrote);
+    assert_eq!(findings(&p), vec![]);
+    assert_eq!(view(&p), vec![0; SIZE as usize]);
+    for (writes, flushed) in [
+        (
+            vec![Write::Zero {
+                file_offset: 64 << 10,
+                length: 4096,
+            }],
+            len,
+        ),
+        (
+            vec![Write::Zero {
+                file_offset: len,
+                length: 4096,
+            }],
+            len,
+        ),
+        (vec![zero_bat.clone()], len + MIB),
+    ] {
+        let q = dynamic(&subdir(
+            dir.path(),
+            &format!("{flushed}-{}", writes[0].range().start),
+        ));
+        crafted_log(&q, &writes, flushed);
+        assert_eq!(errors(&q), ["log-unreplayable"], "{writes:?}");
+        assert_eq!(strict(&q), Some(ReturnCode::IncorrectDataType));
+        let r = repair(&q, false).unwrap();
+        assert!(
+            r.is_clean() && r.has_errors(),
+            "a log that cannot be replayed is left as it is"
+        );
+    }
 }
 
 // ---- repair -------------------------------------------------------------------------------
