@@ -593,6 +593,7 @@ fn crafted_logs_are_judged_as_an_opener_replays_them() {
             Some(LogState::Dirty {
                 entries: 1,
                 writes: 1,
+                bytes: 4096,
                 sequences: (41, 41),
                 ..
             })
@@ -682,6 +683,7 @@ fn repair_replays_the_real_dirty_logs() {
         "{:?}",
         dry.actions
     );
+    assert_eq!(dry.actions[0].len, 2 * 4096, "two BAT pages");
     assert!(!dry.wrote && !dry.has_errors());
     assert_eq!(
         std::fs::read(&p).unwrap(),

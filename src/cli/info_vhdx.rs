@@ -143,12 +143,14 @@ fn log(insp: &Inspection) -> Value {
         Some(LogState::Dirty {
             entries,
             writes,
+            bytes,
             sequences,
             length_after,
         }) => json!({
             "state": "dirty",
             "entries": entries,
             "writes": writes,
+            "bytes": bytes,
             "first_sequence": sequences.0,
             "head_sequence": sequences.1,
             "length_after": length_after,

@@ -51,6 +51,8 @@ pub enum LogState {
         entries: usize,
         /// Writes (data and zero descriptors) they carry.
         writes: usize,
+        /// Bytes those writes cover.
+        bytes: u64,
         /// Sequence number of the oldest and of the head entry.
         sequences: (u64, u64),
         /// The file's length after replay.
@@ -325,6 +327,10 @@ impl Pass<'_> {
                     let state = LogState::Dirty {
                         entries: plan.entries.len(),
                         writes: plan.writes().count(),
+                        bytes: plan
+                            .writes()
+                            .map(|(_, w)| w.range().end - w.range().start)
+                            .sum(),
                         sequences: (
                             plan.entries.first().map_or(0, |e| e.header.sequence_number),
                             plan.head().map_or(0, |e| e.header.sequence_number),

@@ -100,14 +100,15 @@ pub fn repair_storage<S: Storage>(
 fn plan(insp: &Inspection) -> Result<Vec<RepairAction>> {
     let Some(cur) = &insp.current else {
         return Err(Error::format(
-            "cannot repair: neither VHDX header is valid (nothing says where the log is or \
-             which copy is current)",
+            "cannot repair: no VHDX header can be used as the current one (`vhd-merge check` \
+             says why), so nothing says where the log is or which copy to trust",
         ));
     };
     let mut actions = Vec::new();
     if let Some(LogState::Dirty {
         entries,
         writes,
+        bytes,
         sequences,
         length_after,
     }) = &insp.log
@@ -115,10 +116,10 @@ fn plan(insp: &Inspection) -> Result<Vec<RepairAction>> {
         actions.push(RepairAction {
             structure: "log",
             offset: cur.header.log_offset,
-            len: cur.header.log_length.into(),
+            len: *bytes,
             reason: format!(
-                "replay {entries} log entr{} (sequence {}..={}, {writes} write(s)) onto the \
-                 file{}, then clear LogGuid",
+                "replay {entries} log entr{} (sequence {}..={}, {writes} write(s) of {bytes} \
+                 bytes in all) onto the file{}, then clear LogGuid",
                 if *entries == 1 { "y" } else { "ies" },
                 sequences.0,
                 sequences.1,
