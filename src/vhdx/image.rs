@@ -559,6 +559,7 @@ impl<S: Storage> Vhdx<S> {
         grow(self.r.file.storage(), end)?;
         self.r.file.written(end);
         self.session.alloc_end = end;
+        self.session.unflushed = true;
         Ok(offset)
     }
 
@@ -672,8 +673,11 @@ impl<S: Storage> Vhdx<S> {
             return Ok(());
         }
         let s = self.r.file.storage();
-        flush(s, "payload data")?;
-        self.session.unflushed = false;
+        if self.session.unflushed {
+            // Data (and the file's growth) durable before any entry that exposes it.
+            flush(s, "payload data")?;
+            self.session.unflushed = false;
+        }
         let file_len = self.r.file.file_len();
         let log = self
             .session
