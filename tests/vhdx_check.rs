@@ -199,6 +199,29 @@ fn damaged_headers_are_found() {
     assert_eq!(strict(&p), Some(ReturnCode::IncorrectDataType));
 }
 
+/// Disk2vhd's identical headers are a note; a zero DataWriteGuid a warning (a child cannot be
+/// verified against it); both open.
+#[test]
+fn identical_headers_and_a_zero_data_write_guid_are_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dynamic(dir.path());
+    let cur = current_slot(&p);
+    let b = std::fs::read(&p).unwrap();
+    let off = [HEADER1_OFFSET, HEADER2_OFFSET][cur] as usize;
+    patch(
+        &p,
+        [HEADER1_OFFSET, HEADER2_OFFSET][1 - cur],
+        &b[off..off + 4096],
+    );
+    assert_eq!(findings(&p), [(Severity::Info, "headers-identical")]);
+    edit_header(&p, cur, |h| {
+        h.data_write_guid = Uuid::nil();
+        h.sequence_number += 1;
+    });
+    assert_eq!(findings(&p), [(Severity::Warning, "nil-guid")]);
+    assert_eq!(strict(&p), None);
+}
+
 #[test]
 fn equal_sequence_numbers_that_differ_conflict() {
     let dir = tempfile::tempdir().unwrap();
