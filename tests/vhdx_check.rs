@@ -193,6 +193,14 @@ fn damaged_headers_are_found() {
     let p = dynamic(dir.path());
     flip(&p, HEADER1_OFFSET + 100);
     assert_eq!(errors(&p), ["header-bad"]);
+    let r = check_file(&p, &CheckOptions::default()).unwrap();
+    assert!(
+        r.findings[0]
+            .message
+            .ends_with("rewrites it from the other copy"),
+        "{:?}",
+        r.findings
+    );
     assert_eq!(strict(&p), None, "the other header is used");
     flip(&p, HEADER2_OFFSET + 8);
     assert_eq!(errors(&p), ["header-bad", "header-bad"]);
@@ -280,7 +288,14 @@ fn region_past_the_end_and_short_files_are_found() {
     assert_eq!(strict(&p), Some(ReturnCode::IncorrectDataType));
     truncate(&p, 512 << 10);
     let e = errors(&p);
-    assert!(e.contains(&"truncated"), "{e:?}");
+    assert_eq!(e.iter().filter(|c| **c == "truncated").count(), 1, "{e:?}");
+    // Nothing to restore from: no finding promises a repair.
+    let r = check_file(&p, &CheckOptions::default()).unwrap();
+    assert!(
+        r.findings.iter().all(|f| !f.message.contains("repair")),
+        "{:?}",
+        r.findings
+    );
 }
 
 /// The file offset of the File Parameters item (`create` puts it first).

@@ -235,7 +235,11 @@ fn parent_locator(insp: &Inspection) -> Value {
 fn listing(r: &Value) -> String {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
-    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let s = |v: &Value| match v {
+        Value::Null => "unknown".to_string(),
+        Value::String(t) => t.clone(),
+        v => v.to_string(),
+    };
     let size = |v: &Value| v.as_u64().map_or_else(|| "unknown".into(), bytes);
     row(
         "file",
@@ -250,7 +254,8 @@ fn listing(r: &Value) -> String {
         "sector size",
         format!(
             "logical {}, physical {}",
-            r["logical_sector_size"], r["physical_sector_size"]
+            s(&r["logical_sector_size"]),
+            s(&r["physical_sector_size"])
         ),
     );
     row("page 83 id", s(&r["page_83"]));
@@ -263,7 +268,9 @@ fn listing(r: &Value) -> String {
         .flatten()
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
-    row("blocks", counts.join(", "));
+    if !counts.is_empty() {
+        row("blocks", counts.join(", "));
+    }
     if r["has_parent"].as_bool() == Some(true) {
         row(
             "sector bitmap blocks",

@@ -174,6 +174,15 @@ fn message_of(e: &Error) -> String {
     }
 }
 
+/// What a finding about one damaged copy says when the other copy is valid.
+fn repair_note(other_valid: bool) -> &'static str {
+    if other_valid {
+        "; `vhd-merge repair` rewrites it from the other copy"
+    } else {
+        ""
+    }
+}
+
 fn slot(start: &[u8], offset: u64) -> &[u8] {
     start
         .get(offset as usize..offset as usize + SLOT_SIZE)
@@ -230,17 +239,18 @@ impl Pass<'_> {
             Vec::new()
         });
         start.resize(MIB as usize, 0);
-        if file.file_len() < MIB {
-            let message = format!(
-                "the file is {} bytes, shorter than the 1 MiB header section",
-                file.file_len()
-            );
-            self.add(Severity::Error, "truncated", "file", None, message);
-        }
         start
     }
 
     fn identifier(&mut self, start: &[u8]) {
+        if self.insp.file_len < MIB {
+            let message = format!(
+                "the file is {} bytes, shorter than the 1 MiB header section",
+                self.insp.file_len
+            );
+            self.add(Severity::Error, "truncated", "file", None, message);
+        }
+
         match FileIdentifier::parse(start) {
             Ok(id) => self.insp.creator = Some(id.creator),
             Err(e) => self.add_error("identifier", "file identifier", Some(0), &e),
@@ -250,14 +260,21 @@ impl Pass<'_> {
     /// Both headers, and the current one ([MS-VHDX] 2.2.2).
     fn headers(&mut self, start: &[u8]) {
         let offsets = [f::HEADER1_OFFSET, f::HEADER2_OFFSET];
-        for (i, off) in offsets.into_iter().enumerate() {
-            let parsed = Header::parse(slot(start, off), off);
-            if let Err(e) = &parsed {
+        let parsed = offsets.map(|off| Header::parse(slot(start, off), off));
+        let note = repair_note(parsed.iter().any(|p| p.is_ok()));
+        for (i, p) in parsed.into_iter().enumerate() {
+            if let Err(e) = &p {
                 let what = format!("header {}", i + 1);
-                let message = format!("{}; `vhd-merge repair` rewrites it", message_of(e));
-                self.add(Severity::Error, "header-bad", what, Some(off), message);
+                let message = format!("{}{note}", message_of(e));
+                self.add(
+                    Severity::Error,
+                    "header-bad",
+                    what,
+                    Some(offsets[i]),
+                    message,
+                );
             }
-            self.insp.headers[i] = Some(parsed.map_err(|e| message_of(&e)));
+            self.insp.headers[i] = Some(p.map_err(|e| message_of(&e)));
         }
         match current_header(slot(start, offsets[0]), slot(start, offsets[1])) {
             Ok(cur) => self.current_header_notes(&cur),
@@ -365,19 +382,16 @@ impl Pass<'_> {
     /// Both region table copies, the one in use, and its regions ([MS-VHDX] 2.2.3).
     fn region_tables(&mut self, start: &[u8], file_len: u64) {
         let offsets = [f::REGION_TABLE1_OFFSET, f::REGION_TABLE2_OFFSET];
-        for (i, off) in offsets.into_iter().enumerate() {
-            match RegionTable::parse(slot(start, off), off) {
+        let parsed = offsets.map(|off| RegionTable::parse(slot(start, off), off));
+        let note = repair_note(parsed.iter().any(|p| p.is_ok()));
+        for (i, p) in parsed.iter().enumerate() {
+            match p {
                 Ok(_) => self.insp.region_tables_valid[i] = true,
                 Err(e) => {
                     let what = format!("region table {}", i + 1);
-                    let message = format!("{}; `vhd-merge repair` rewrites it", message_of(&e));
-                    self.add(
-                        Severity::Error,
-                        "region-table-bad",
-                        what,
-                        Some(off),
-                        message,
-                    );
+                    let message = format!("{}{note}", message_of(e));
+                    let at = Some(offsets[i]);
+                    self.add(Severity::Error, "region-table-bad", what, at, message);
                 }
             }
         }
