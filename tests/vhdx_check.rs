@@ -320,6 +320,24 @@ fn bad_metadata_is_found() {
     assert_eq!(strict(&p), Some(ReturnCode::IncorrectDataType));
 }
 
+/// An unknown metadata item marked required is Not Supported (32770), for check and open.
+#[test]
+fn unknown_required_metadata_item_is_not_supported() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dynamic(dir.path());
+    let b = std::fs::read(&p).unwrap();
+    let m = METADATA_OFFSET as usize;
+    let count = u16::from_le_bytes([b[m + 10], b[m + 11]]);
+    let mut entry = Uuid::new_v4().to_bytes_le().to_vec();
+    entry.extend_from_slice(&[0; 8]); // offset and length 0: an empty item
+    entry.extend_from_slice(&4u32.to_le_bytes()); // IsRequired
+    entry.extend_from_slice(&[0; 4]);
+    patch(&p, METADATA_OFFSET + 32 + 32 * u64::from(count), &entry);
+    patch(&p, METADATA_OFFSET + 10, &(count + 1).to_le_bytes());
+    assert_eq!(errors(&p), ["not-supported"]);
+    assert_eq!(strict(&p), Some(ReturnCode::NotSupported));
+}
+
 #[test]
 fn bad_bat_entries_are_found() {
     let dir = tempfile::tempdir().unwrap();
