@@ -392,7 +392,7 @@ fn listing(r: &Value) -> String {
 }
 
 /// `1 entry`, `2 entries`.
-fn plural(n: u64, one: &str, many: &str) -> String {
+pub(super) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 

@@ -13,7 +13,7 @@ use vhd_merge::vhdx::format::metadata as md;
 use vhd_merge::vhdx::format::region::{BAT_GUID, METADATA_GUID};
 use vhd_merge::{Error, Result};
 
-use super::info::{Args, aligned, bytes, hint, print_json, problem_rows, with_hint};
+use super::info::{Args, aligned, bytes, hint, plural, print_json, problem_rows, with_hint};
 
 /// Run `info` on a VHDX: a strict read-only open first (its error, with a hint, unless
 /// `--lenient`), then the inspection's report.
@@ -333,8 +333,11 @@ fn header_rows(r: &Value, row: &mut dyn FnMut(&str, String)) {
 fn log_text(l: &Value) -> String {
     match l["state"].as_str() {
         Some("dirty") => format!(
-            "dirty: {} entries ({} writes, sequence {}..={}) would be replayed",
-            l["entries"], l["writes"], l["first_sequence"], l["head_sequence"]
+            "dirty: {} ({}, sequence {}..={}) would be replayed",
+            plural(l["entries"].as_u64().unwrap_or(0), "entry", "entries"),
+            plural(l["writes"].as_u64().unwrap_or(0), "write", "writes"),
+            l["first_sequence"],
+            l["head_sequence"]
         ),
         Some("unreplayable") => {
             format!("cannot be replayed: {}", l["error"].as_str().unwrap_or(""))
