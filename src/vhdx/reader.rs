@@ -32,6 +32,12 @@ pub struct Overlay<S: Storage> {
 }
 
 impl<S: Storage> Overlay<S> {
+    /// Whether `len` bytes at `offset` are the file's own bytes as stored (no log replayed
+    /// over the file in memory, inside its real length): what a block clone of them shares.
+    pub fn is_stored_as_is(&self, offset: u64, len: u64) -> bool {
+        self.plan.is_none() && offset.checked_add(len).is_some_and(|e| e <= self.raw_len)
+    }
+
     /// The storage as is (no log replayed yet).
     pub fn new(storage: S) -> Result<Overlay<S>> {
         let raw_len = storage

@@ -7,6 +7,7 @@
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
 //! - [`os`]: running as root, immutable files, a small tmpfs;
+//! - [`reflink`]: a file system that clones blocks, and FIEMAP's shared extents;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
 //! - here: the CLI binary, temporary directories, a deterministic random generator, reading
@@ -19,6 +20,7 @@ pub mod model;
 pub mod oracles;
 pub mod os;
 pub mod patch;
+pub mod reflink;
 pub mod storage;
 
 use std::io::Write;
