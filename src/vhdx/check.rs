@@ -27,7 +27,7 @@ use super::format::header::{CurrentHeader, FileIdentifier, Header, current_heade
 use super::format::metadata::{KNOWN_LOCATOR_KEYS, Metadata, MetadataTable};
 use super::format::region::{RegionTable, Regions, choose_region_table};
 use super::format::{self as f, MIB, SLOT_SIZE};
-use super::reader::{MAX_METADATA_BYTES, Overlay};
+use super::reader::{MAX_METADATA_BYTES, Overlay, check_bitmap_block, check_block};
 use crate::check::{CheckReport, Finding, Severity, Sink};
 use crate::error::{Error, Result, ReturnCode};
 use crate::io::{FileStorage, Storage};
@@ -568,14 +568,6 @@ impl Walk {
                 .saturating_sub(i.saturating_mul(bs)),
         )
     }
-
-    /// Whether `len` bytes at the entry's offset lie after the header section, inside the file.
-    fn inside(&self, e: BatEntry, len: u64) -> bool {
-        e.file_offset() >= MIB
-            && e.file_offset()
-                .checked_add(len)
-                .is_some_and(|end| end <= self.file_len)
-    }
 }
 
 fn bitmap_name(c: u64) -> String {
@@ -612,13 +604,8 @@ impl Pass<'_> {
             }
             _ => return,
         }
-        if !w.inside(e, w.used(i)) {
-            let m = format!(
-                "{} block at {:#x} is not inside the file ({:#x} bytes) after the header section",
-                state.name(),
-                e.file_offset(),
-                w.file_len
-            );
+        if let Err(err) = check_block(&w.geometry, w.file_len, i, e) {
+            let m = format!("{} ({})", message_of(&err), state.name());
             return self.block_finding(Severity::Error, "block-outside", i, at, m);
         }
         w.objects.push(e.file_offset(), w.used(i), Obj::Payload(i));
@@ -659,20 +646,17 @@ impl Pass<'_> {
                 false
             }
             Ok(BitmapState::NotPresent) => false,
-            Ok(BitmapState::Present) if !w.inside(e, MIB) => {
-                let m = format!(
-                    "sector bitmap block at {:#x} is not inside the file ({:#x} bytes) after the header section",
-                    e.file_offset(),
-                    w.file_len
-                );
-                self.add(Severity::Error, "bitmap-outside", bitmap_name(c), at, m);
-                return w.partial.clear(); // the blocks' bitmap is named already
-            }
-            Ok(BitmapState::Present) => {
-                self.insp.blocks.bitmaps_present += 1;
-                w.objects.push(e.file_offset(), MIB, Obj::Bitmap(c));
-                true
-            }
+            Ok(BitmapState::Present) => match check_bitmap_block(w.file_len, c, e) {
+                Err(err) => {
+                    self.add_error("bitmap-outside", &bitmap_name(c), at, &err);
+                    return w.partial.clear(); // the blocks' bitmap is named already
+                }
+                Ok(()) => {
+                    self.insp.blocks.bitmaps_present += 1;
+                    w.objects.push(e.file_offset(), MIB, Obj::Bitmap(c));
+                    true
+                }
+            },
         };
         for (i, b) in std::mem::take(&mut w.partial) {
             if !usable {
