@@ -206,3 +206,14 @@ pub fn recording(log: Arc<IoLog>) -> StorageWrapper {
 pub fn faulty(plan: Arc<FaultPlan>) -> StorageWrapper {
     Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())))
 }
+
+/// The file at `path`, opened for reading and writing, behind a [`FaultyStorage`] that injects
+/// the faults of `plan` (for the format types opened over a storage: `Vhdx::open`, repair).
+pub fn faulty_file(path: &std::path::Path, plan: Arc<FaultPlan>) -> FaultyStorage {
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    FaultyStorage::new(Box::new(FileStorage::new(f)), plan)
+}
