@@ -846,7 +846,17 @@ fn place_unit(
     if !item.read {
         item.mask = assemble_unit(chain, plan, item.unit, &mut item.buf, scratch)?;
     }
-    dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
+    // The destination's last block may be short (its virtual size ends inside it): only the
+    // unit's sectors inside the merged extent are handed over.
+    let n = plan.unit_span(item.unit).1;
+    if n < item.mask.len() {
+        let mut mask = SectorBitmap::new(n);
+        mask.copy_bits_from(0, &item.mask, 0, n);
+        let bytes = n * plan.sector_bytes as usize;
+        dest.write_sectors(block, first, &mut item.buf[..bytes], &mask)?;
+    } else {
+        dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
+    }
     Ok((item.mask.count_ones() as u64 * plan.sector_bytes, false))
 }
 
