@@ -176,10 +176,12 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A temporary directory on tmpfs when there is one (fsync is free there, and the fault
-/// injection, not the disk, decides what a crash keeps), else in the default place.
+/// injection, not the disk, decides what a crash keeps), else in the default place. Unix only:
+/// under Wine `/dev/shm` exists too, as `Z:\dev\shm`, which no Windows test should see.
 pub fn fast_tempdir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir()
+    if cfg!(unix)
+        && shm.is_dir()
         && let Ok(d) = tempfile::tempdir_in(shm)
     {
         return d;
