@@ -625,6 +625,14 @@ fn candidate_shorter_than_a_footer_is_not_usable() {
     );
 }
 
+/// A file every system has, outside any test directory: as a locator climbing from the root
+/// spells it, and where it is.
+const SYSTEM_FILE: (&str, &str) = if cfg!(windows) {
+    ("windows\\win.ini", "C:\\windows\\win.ini")
+} else {
+    ("etc\\passwd", "/etc/passwd")
+};
+
 #[test]
 fn hostile_locators_are_confined() {
     let root = fast_tempdir();
@@ -653,7 +661,10 @@ fn hostile_locators_are_confined() {
             &vhd_merge::locator::file_url(&copies[1]),
         )
         .loc(PlatformCode::Wi2k, &windows_path(&copies[2]))
-        .loc(PlatformCode::W2ru, "..\\..\\..\\..\\..\\..\\etc\\passwd");
+        .loc(
+            PlatformCode::W2ru,
+            &format!("{}{}", "..\\".repeat(12), SYSTEM_FILE.0),
+        );
     craft_child(&c, &spec);
     // Unconfined, every one of them leads to the parent (the first wins).
     assert_eq!(open(&c).unwrap().layers()[1].found_by, "W2ru");
@@ -689,7 +700,7 @@ fn hostile_locators_are_confined() {
         |c| c.source.starts_with("Wi2k") // "Wi2k without drive" on POSIX hosts
                 && c.reason.contains("absolute locator ignored")
     ));
-    assert!(reason_for(tried, Path::new("/etc/passwd")).contains("outside"));
+    assert!(reason_for(tried, Path::new(SYSTEM_FILE.1)).contains("outside"));
 
     // Only confinement, absolute locators allowed: still refused, they lead outside.
     let e = Chain::open(
