@@ -13,7 +13,7 @@
 #   with the test profile (opt-level 2); tests/merge.rs with 16 instead of 256 random chains
 #   per property (PROPTEST_CASES). Tests that need what only Unix has are compiled and
 #   reported as ignored with the reason (tests/common/os.rs says how they are marked). The
-#   other binaries are built (so they compile for Windows) but not run: under Wine, whose
+#   other binaries are compiled (clippy) but not built or run: under Wine, whose
 #   file operations go through wineserver, they take many times as long as on Linux (crash
 #   110 s, flatten 75 s, fuzz_regressions 280 s, vhdx_fixtures 100 s, merge_faults more than
 #   8 minutes), too long for CI. `WINE_TESTS=all .ci/windows.sh` runs every binary;
@@ -38,6 +38,9 @@ export DEBIAN_FRONTEND=noninteractive
 WIN=x86_64-pc-windows-gnu
 MAC=aarch64-apple-darwin
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
+# No debug info in the Windows builds: mingw's linker spends most of its time on DWARF, and a
+# panic message still names the file and line.
+export CARGO_PROFILE_TEST_DEBUG=0
 # The test binaries run under Wine in CI: those that take at most about 40 s there.
 WINE_TESTS=${WINE_TESTS:-bad_input chain check cli cli_signals concurrency fixtures format interop
 merge merge_interop repair setparent untrusted vhdx_crash vhdx_format vhdx_interop vhdx_write}
@@ -69,11 +72,10 @@ timeout 300 rustup target add "$WIN" >/dev/null 2>&1 ||
 wine --version
 x86_64-w64-mingw32-gcc --version | head -n 1
 
+# Every target, the test binaries that do not run below included: they all compile (and lint)
+# for Windows.
 step "Windows: cargo clippy --target $WIN"
 cargo clippy --target "$WIN" --all-targets -- -D warnings
-
-step "Windows: cross-build the tests"
-cargo test --target "$WIN" --no-run
 
 step "Windows: Wine prefix"
 export WINEPREFIX="$(realpath "$TARGET_DIR")/wine-prefix"
@@ -106,29 +108,52 @@ step "Windows: the tests under Wine"
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=wine
 unset VHD_MERGE_REQUIRE_ORACLES VHD_MERGE_PYTHON
 export PROPTEST_CASES=${PROPTEST_CASES:-16}
+# bad_input measures whole-process allocation peaks, which a test running beside it in
+# another thread can spoil (under Wine, slower, it did once): its tests run one at a time.
 if [ "$WINE_TESTS" = all ]; then
     selection=(--tests)
 else
     selection=(--lib --bins)
-    for t in $WINE_TESTS; do selection+=(--test "$t"); done
+    for t in $WINE_TESTS; do
+        [ "$t" = bad_input ] || selection+=(--test "$t")
+    done
 fi
 log="$TARGET_DIR/wine-tests.log"
-set +e
-{
-    cargo test --target "$WIN" --no-fail-fast "${selection[@]}" &&
-        cargo test --target "$WIN" --doc
-} > "$log" 2>&1
-tests_ok=$?
-set -e
+# Wine itself fails now and then: in CI runs, a CreateProcess error 1359 in one of the 60
+# processes a cli test starts, and an allocation peak of bad_input spoiled by a slower
+# neighbour. A test binary that fails is run once more, alone and one test at a time, and the
+# step fails only if it fails again; the log keeps both runs and names the binary.
+run_failed_once_more() {
+    local again t ok=0
+    again=$(grep -oE 'to rerun pass `[^`]+`' "$log" | sed -E 's/.*`(.*)`/\1/' | sort -u)
+    [ -n "$again" ] || return 1
+    echo "FAILED under Wine, running once more: $again" | tee -a "$log"
+    while read -r t; do
+        # shellcheck disable=SC2086 # "--test name": two words
+        cargo test --target "$WIN" $t -- --test-threads=1 >> "$log" 2>&1 || ok=1
+    done <<< "$again"
+    return "$ok"
+}
+: > "$log"
+tests_ok=0
+run() { "$@" >> "$log" 2>&1 || tests_ok=1; }
+run cargo test --target "$WIN" --no-fail-fast "${selection[@]}"
+[[ " $WINE_TESTS " != *" bad_input "* ]] ||
+    run cargo test --target "$WIN" --test bad_input -- --test-threads=1
+run cargo test --target "$WIN" --doc
+if [ "$tests_ok" != 0 ] && run_failed_once_more; then
+    tests_ok=0
+fi
 [ "$tests_ok" = 0 ] || cat "$log"
 # One line per test binary: what passed, failed and was ignored.
 grep -E '^(     Running|   Doc-tests|test result:)' "$log" |
-    sed -E 's/^ +Running [^ ]+ \(([^)]*)\)/\1/; s/^ +Doc-tests /doc tests /' |
+    sed -E 's/^ +Running (unittests )?([^ ]+).*/\2/; s/^ +Doc-tests (.*)/doc tests (\1)/' |
     paste -d' ' - - | sed -E 's/; [0-9]+ measured.*$//' || true
-[ "$tests_ok" = 0 ] || exit "$tests_ok"
+[ "$tests_ok" = 0 ] || exit 1
 
 step "Windows: the demo under Wine"
-cargo run --target "$WIN" --example demo
+# With the test profile, so that it reuses the library the tests built.
+cargo run --profile test --target "$WIN" --example demo
 
 wineserver --kill || true
 step "Windows: done"
