@@ -6,8 +6,9 @@
 //!
 //! Every test compiles on every OS. One that needs what only some systems have (FIFOs, device
 //! files, POSIX signals, a pseudo-terminal, mounting) is marked
-//! `#[cfg_attr(not(unix), ignore = "why")]`, so the test report lists it as ignored with the
-//! reason instead of leaving it out.
+//! `#[cfg_attr(not(unix), ignore = "why")]` (or `not(target_os = "linux")`, or `windows` for a
+//! POSIX-only rule), so the test report lists it as ignored with the reason instead of leaving
+//! it out.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
