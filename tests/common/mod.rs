@@ -6,7 +6,7 @@
 //! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
-//! - [`os`]: running as root, immutable files, a small tmpfs;
+//! - [`os`]: running as root, immutable and read-only files, symlinks, a small tmpfs;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
 //! - here: the CLI binary, temporary directories, a deterministic random generator, reading
