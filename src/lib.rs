@@ -1,34 +1,76 @@
 //! Merge Microsoft VHD differencing disks into their parent or into an ancestor several levels
-//! up: what Hyper-V's `MergeVirtualHardDisk` does, in pure Rust, on any OS.
+//! up: what Hyper-V's `MergeVirtualHardDisk` does, in pure Rust, on any OS. Sector-exact
+//! (partial bitmaps, mixed block sizes, zeros that overwrite), crash-safe (re-running an
+//! interrupted merge finishes it), and with the `MergeVirtualHardDisk` return codes.
 //!
-//! The crate is layered (see `docs/design.md`):
-//!
-//! - [`format`](mod@format): the on-disk structures, sans I/O.
-//! - [`Vhd`] ([`image`]): one open file, its own sectors, crash-safe block allocation.
-//! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
-//!   BAT entries.
-//! - [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
-//! - [`Chain`] ([`chain`]): a child and its verified ancestors, found through parent locators;
-//!   reads through the chain ([`Chain::read_at`], [`ChainReader`]).
-//! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
-//! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
-//! - [`vhdx`]: VHDX (`.vhdx`, `.avhdx`) on-disk structures, sans I/O (reading and writing come later).
-//! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]).
+//! A chain of three disks, and a merge of the newest two levels up, into the base:
 //!
 //! ```
-//! use vhd_merge::{create, OpenOptions, Vhd};
+//! use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
+//! use vhd_merge::{Chain, ChainOptions, MergeOptions, merge};
 //!
 //! let dir = tempfile::tempdir()?;
 //! let base = dir.path().join("base.vhd");
-//! let mut vhd = create::create_dynamic(&base, 8 << 20, &create::CreateOptions::default())?;
-//! vhd.write_at(4096, &[0xAB; 512])?;
+//! let child = dir.path().join("child.vhd");
+//! let grandchild = dir.path().join("grandchild.vhd");
+//! let opts = CreateOptions::default();
 //!
-//! let vhd = Vhd::open(&base, OpenOptions::read_only())?;
-//! let mut buf = [0u8; 512];
-//! vhd.read_own(4096, &mut buf)?;
-//! assert_eq!(buf, [0xAB; 512]);
+//! // A 16 MiB dynamic base and two differencing disks above it; each writes one sector.
+//! create_dynamic(&base, 16 << 20, &opts)?.write_at(0, &[1; 512])?;
+//! create_differencing(&child, &base, &opts)?.write_at(512, &[2; 512])?;
+//! create_differencing(&grandchild, &child, &opts)?.write_at(1024, &[3; 512])?;
+//!
+//! // What the grandchild shows: layer 0 of its chain (itself), read through its parents.
+//! let mut before = vec![0u8; 1536];
+//! Chain::open(&grandchild, &ChainOptions::default())?.read_at(0, 0, &mut before)?;
+//! assert_eq!((before[0], before[512], before[1024]), (1, 2, 3));
+//!
+//! // Merge the grandchild and the child between into the base. Neither is changed; both
+//! // are obsolete now (`MergeOptions::remove_merged` deletes them).
+//! let report = merge(&grandchild, Some(&base), &MergeOptions::default())?;
+//! assert_eq!(report.bytes_merged, 1024);
+//! assert_eq!(report.obsolete.len(), 2);
+//!
+//! // The base alone reads what the grandchild read.
+//! let mut after = vec![0u8; 1536];
+//! Chain::open(&base, &ChainOptions::default())?.read_at(0, 0, &mut after)?;
+//! assert_eq!(after, before);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! `merge(&child, None, ..)` merges into the parent. [`MergeOptions`] has a dry run (the plan,
+//! nothing written), a CRC32 verify pass, `--force` for siblings that would change, and
+//! relinking a child of the source; [`MergeJob`] runs the same merge on a worker thread with
+//! progress and cancel. Every error is an [`Error`], whose [`Error::return_code`] is the
+//! `MergeVirtualHardDisk` value (32768 Failed to 32779 File not found).
+//!
+//! The modules, from the top down (each builds on those below it):
+//!
+//! - [`mod@merge`]: merging a differencing disk into an ancestor ([`merge()`], [`MergeJob`]):
+//!   a plan from the block tables, then batched crash-safe writes.
+//! - [`Chain`] ([`chain`]): a child and its verified ancestors, found through parent locators,
+//!   search directories or unique id; reads through the chain ([`Chain::read_at`],
+//!   [`ChainReader`]).
+//! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
+//! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
+//! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
+//!   BAT entries.
+//! - [`layer`]: what the engine needs from any disk image format ([`Layer`], [`LayerWriter`]).
+//! - [`Vhd`] ([`image`]): one open VHD file, its own sectors, crash-safe block allocation;
+//!   [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
+//! - [`vhdx`]: VHDX (`.vhdx`, `.avhdx`): the on-disk structures, a reader, writable opens
+//!   with crash-safe writes through the log, and creation. The commands and merges do not
+//!   take VHDX yet.
+//! - [`format`](mod@format): the VHD on-disk structures, sans I/O; [`io`]: positional I/O
+//!   and the fault-injecting storage the crash tests use.
+//!
+//! The architecture, and the VHD format with the quirks of every tool that writes it, are
+//! described in [`docs/design.md`] and [`docs/vhd-format.md`], which the package ships (docs.rs
+//! shows them under *Source*). A section number in the documentation of an item (`§4.2`) is a
+//! section of `docs/vhd-format.md`.
+//!
+//! [`docs/design.md`]: https://docs.rs/crate/vhd-merge/latest/source/docs/design.md
+//! [`docs/vhd-format.md`]: https://docs.rs/crate/vhd-merge/latest/source/docs/vhd-format.md
 #![deny(missing_docs)]
 // The one exception is `io::start_writeback` (one sync_file_range call, a performance hint).
 #![deny(unsafe_code)]

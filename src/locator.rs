@@ -398,6 +398,7 @@ mod tests {
         assert_eq!(windows_relative(&r), "..\\..\\..\\x.vhd");
     }
 
+    #[cfg(not(windows))]
     fn mapped(text: &str, win: bool) -> Vec<(String, &'static str, bool)> {
         map_locator_path(text, Path::new("/vm/child"), win)
             .into_iter()
@@ -466,6 +467,44 @@ mod tests {
         // Hostile depth is bounded.
         let deep = "C:".to_string() + &"\\d".repeat(1000);
         assert!(mapped(&deep, true).len() <= 1 + MAX_TAILS);
+    }
+
+    /// On Windows a locator's text is a Windows path: one candidate, as written or relative to
+    /// the child, normalised.
+    #[cfg(windows)]
+    #[test]
+    fn locator_path_mapping_on_windows() {
+        let child = Path::new(r"C:\vm\child");
+        let one = |text: &str| {
+            let m = map_locator_path(text, child, true);
+            assert_eq!(m.len(), 1, "{text}: {m:?}");
+            (m[0].path.clone(), m[0].rule, m[0].absolute)
+        };
+        let relative = (
+            PathBuf::from(r"C:\vm\child\p.vhd"),
+            "relative to child",
+            false,
+        );
+        assert_eq!(one(r".\p.vhd"), relative);
+        assert_eq!(one("p.vhd"), relative);
+        assert_eq!(
+            one(r"..\base\p.vhd"),
+            (
+                PathBuf::from(r"C:\vm\base\p.vhd"),
+                "relative to child",
+                false
+            )
+        );
+        assert_eq!(
+            one(r"D:\a\..\b\p.vhd"),
+            (PathBuf::from(r"D:\b\p.vhd"), "as written", true)
+        );
+        assert_eq!(
+            one(r"\\srv\share\d\p.vhd"),
+            (PathBuf::from(r"\\srv\share\d\p.vhd"), "as written", true)
+        );
+        assert!(map_locator_path("", child, true).is_empty());
+        assert!(map_locator_path("a\0b", child, true).is_empty());
     }
 
     #[test]

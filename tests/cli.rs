@@ -852,7 +852,6 @@ fn info_on_a_damaged_file_shows_what_it_can() {
 
 /// Run `args` under a pseudo-terminal 80 columns wide (util-linux `script`), returning what
 /// the terminal got; `None` when `script` is not there.
-#[cfg(target_os = "linux")]
 fn on_80_column_tty(args: &[&str]) -> Option<String> {
     let bin = common::binary()?;
     let quoted: Vec<String> = std::iter::once(p(&bin).to_string())
@@ -871,7 +870,10 @@ fn on_80_column_tty(args: &[&str]) -> Option<String> {
 
 /// The progress bars of merge and flatten (one style) never draw a line wider than an
 /// 80-column terminal, and are cleared before the final message.
-#[cfg(target_os = "linux")]
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "runs the binary under a pseudo-terminal (util-linux script)"
+)]
 #[test]
 fn progress_lines_fit_80_columns_and_are_cleared() {
     if common::binary().is_none() {
@@ -924,7 +926,10 @@ fn progress_lines_fit_80_columns_and_are_cleared() {
 
 /// Ctrl-C during a merge (under a pseudo-terminal): the bar is erased for good and the only
 /// numbers left on the screen are the final message's.
-#[cfg(target_os = "linux")]
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "runs the binary under a pseudo-terminal (util-linux script)"
+)]
 #[test]
 fn ctrl_c_clears_the_bar_before_the_message() {
     use std::io::{Read as _, Write as _};

@@ -6,8 +6,6 @@
 //! seen working, queues the signals, and lets it go on (SIGCONT): the signals then arrive
 //! while there is still most of the work to do.
 
-#![cfg(target_os = "linux")]
-
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +95,10 @@ fn merge_again_finishes(base: &Path, child: &Path, view: &[u8]) {
     common::assert_same(&common::read_view(base), view, "base after the re-run");
 }
 
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "sends POSIX signals (kill -STOP/-TERM/-HUP) and reads /proc"
+)]
 #[test]
 fn sigterm_cancels_a_merge_between_units() {
     if common::binary().is_none() {
@@ -121,6 +123,10 @@ fn sigterm_cancels_a_merge_between_units() {
     merge_again_finishes(&base, &child, &view);
 }
 
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "sends POSIX signals (kill -STOP/-TERM/-HUP) and reads /proc"
+)]
 #[test]
 fn sighup_cancels_a_flatten_and_removes_its_temporary_file() {
     if common::binary().is_none() {
@@ -160,6 +166,10 @@ fn sighup_cancels_a_flatten_and_removes_its_temporary_file() {
 
 /// Two signals: the second ends the process at once (exit status 130); the files are what a
 /// crash leaves (valid, by the crash-safe write order), and re-running finishes the job.
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "sends POSIX signals (kill -STOP/-TERM/-HUP) and reads /proc"
+)]
 #[test]
 fn a_second_signal_exits_at_once_without_damage() {
     if common::binary().is_none() {
@@ -198,6 +208,10 @@ fn a_second_signal_exits_at_once_without_damage() {
 
 /// repair has no unit to stop at: SIGTERM ends it at once with 130 and a message, and the
 /// file is still one a re-run repairs.
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "sends POSIX signals (kill -STOP/-TERM/-HUP) and reads /proc"
+)]
 #[test]
 fn sigterm_ends_a_repair_with_a_message() {
     if common::binary().is_none() {

@@ -581,6 +581,7 @@ impl Drop for Holder {
     }
 }
 
+#[cfg_attr(not(unix), ignore = "holds the file open in another process with sh")]
 #[test]
 fn destination_open_read_only_in_another_process_is_fine() {
     let _serial = serial();
@@ -596,6 +597,10 @@ fn destination_open_read_only_in_another_process_is_fine() {
 /// Another process holding a lock on the source, on an intermediate (exclusively), or on the
 /// destination (even shared: a reader that locks) stops a merge with 32774 before anything
 /// is written.
+#[cfg_attr(
+    not(unix),
+    ignore = "locks the files from another process with flock(1)"
+)]
 #[test]
 fn files_locked_by_another_process_give_system_in_use() {
     let _serial = serial();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use common::model::{BaseKind, Built, ChainSpec, build_chain, build_chain_sized, create_child};
-use common::os::{Immutable, is_root};
+use common::os::unwritable;
 use common::{copy_dir, fast_tempdir, file_hash, first_diff, hashes, read_view};
 use proptest::prelude::*;
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
@@ -668,24 +668,17 @@ fn read_only_destination_gives_access_denied() {
     let dir = tempfile::tempdir().unwrap();
     let built = small_chain(dir.path(), 6);
     let dest = built.paths[1].clone();
-    // Root ignores permission bits, so make the file immutable when the file system allows it.
-    let guard = Immutable::new(&dest);
-    if guard.is_none() {
-        if is_root() {
-            eprintln!(
-                "note: chattr +i unavailable and running as root; only the mapping of PermissionDenied is checked"
-            );
-            let e = Error::io(
-                "x",
-                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-            );
-            assert_eq!(e.return_code(), ReturnCode::AccessDenied);
-            return;
-        }
-        let mut perm = std::fs::metadata(&dest).unwrap().permissions();
-        perm.set_readonly(true);
-        std::fs::set_permissions(&dest, perm).unwrap();
-    }
+    let Some(_guard) = unwritable(&dest) else {
+        eprintln!(
+            "note: this process can write a read-only file here; only the mapping of PermissionDenied is checked"
+        );
+        let e = Error::io(
+            "x",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(e.return_code(), ReturnCode::AccessDenied);
+        return;
+    };
     let before = file_hash(&dest);
     let e = merge(&built.paths[0], None, &MergeOptions::default()).unwrap_err();
     assert_eq!(code(&e), ReturnCode::AccessDenied, "{e}");

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
-use common::os::Mount;
+use common::os::{Mount, used_bytes};
 use common::storage::{IoLog, faulty, recording};
 use common::{
     Rng, copy_dir, deep_check_errors, fast_tempdir, first_diff, hashes, read_view, serial,
@@ -523,20 +523,11 @@ fn successive_interruptions_then_a_completing_run() {
 
 // ---- A real full file system (root only: mounts a small tmpfs). ----
 
-/// Blocks (of 512 bytes) a file occupies.
-fn used_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
-        .sum()
-}
-
 /// On a real, small tmpfs the kernel fails a write with ENOSPC, possibly after part of it
 /// landed. For limits stepping through the destination's growth: Failed (32768) with the OS
 /// error, a valid destination, an unchanged source, and a completing re-run once there is
 /// room.
-#[cfg(target_os = "linux")]
+#[cfg_attr(not(target_os = "linux"), ignore = "mounts a tmpfs (Linux)")]
 #[test]
 fn a_real_full_tmpfs() {
     let _serial = serial();
@@ -590,7 +581,7 @@ fn a_real_full_tmpfs() {
     let growth = r.destination_growth;
     assert!(growth > 4 * page, "grows by {growth} bytes only");
 
-    let base_used = used_bytes(mnt.path());
+    let base_used = used_bytes(mnt.path()).expect("a tmpfs reports its blocks");
     let mut failures = 0;
     let mut step = 0u64;
     // Room for the files plus a few pages, growing until the merge fits.

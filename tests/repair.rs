@@ -469,8 +469,8 @@ fn warnings_only_and_immutable_files_have_nothing_to_repair() {
     assert_eq!(read(&p), before);
 
     let v = dynamic(d.path(), "valid.vhd");
-    let Some(_immutable) = common::os::Immutable::new(&v) else {
-        common::note("chattr +i not possible here: skipping the immutable case");
+    let Some(_unwritable) = common::os::unwritable(&v) else {
+        common::note("this process can write a read-only file here: skipping the case");
         return;
     };
     let r = repair_file(&v, &run()).unwrap();
@@ -482,10 +482,10 @@ fn warnings_only_and_immutable_files_have_nothing_to_repair() {
         assert_eq!(code, Some(0), "{text}");
         assert!(text.contains("nothing to repair"), "{text}");
     }
-    // A damaged immutable file still cannot be repaired: Access denied.
-    drop(_immutable);
+    // A damaged read-only file still cannot be repaired: Access denied.
+    drop(_unwritable);
     patch(&v, 0, &[0xEE; 512]);
-    let _immutable = common::os::Immutable::new(&v).unwrap();
+    let _unwritable = common::os::unwritable(&v).unwrap();
     let e = repair_file(&v, &run()).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::AccessDenied, "{e}");
 }

@@ -6,7 +6,7 @@
 //! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
-//! - [`os`]: running as root, immutable files, a small tmpfs;
+//! - [`os`]: running as root, immutable and read-only files, symlinks, a small tmpfs;
 //! - [`reflink`]: a file system that clones blocks, and FIEMAP's shared extents;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
@@ -192,10 +192,12 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A temporary directory on tmpfs when there is one (fsync is free there, and the fault
-/// injection, not the disk, decides what a crash keeps), else in the default place.
+/// injection, not the disk, decides what a crash keeps), else in the default place. Unix only:
+/// under Wine `/dev/shm` exists too, as `Z:\dev\shm`, which no Windows test should see.
 pub fn fast_tempdir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir()
+    if cfg!(unix)
+        && shm.is_dir()
         && let Ok(d) = tempfile::tempdir_in(shm)
     {
         return d;

@@ -56,11 +56,11 @@ pub fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// Overwrite bytes at `offset`.
+/// Overwrite bytes at `offset` (through the library's positional writes, on every OS).
 pub fn patch(p: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
+    use vhd_merge::io::{FileStorage, Storage};
     let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
+    FileStorage::new(f).write_at(bytes, offset).unwrap();
 }
 
 pub fn truncate(p: &Path, len: u64) {
