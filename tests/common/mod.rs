@@ -124,10 +124,11 @@ pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// Read the whole view of the VHD at `path` through its chain.
+/// Read the whole view of the disk (VHD or VHDX) at `path` through its chain.
 pub fn read_view(path: &Path) -> Vec<u8> {
-    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
-    let size = chain.vhd(0).unwrap().virtual_size() as usize;
+    let chain = Chain::open(path, &ChainOptions::default())
+        .unwrap_or_else(|e| panic!("open the chain of {}: {e}", path.display()));
+    let size = chain.layer(0).unwrap().virtual_size() as usize;
     let mut buf = vec![0u8; size];
     chain.read_at(0, 0, &mut buf).unwrap();
     buf
@@ -142,10 +143,21 @@ pub fn read_own(path: &Path) -> Vec<u8> {
     buf
 }
 
-/// CRC32 and length of a file's bytes.
+/// CRC32 and length of a file's bytes, read in pieces (a VHDX with a 256 MiB block is a large
+/// sparse file).
 pub fn file_hash(path: &Path) -> (u32, u64) {
-    let bytes = std::fs::read(path).unwrap();
-    (crc32fast::hash(&bytes), bytes.len() as u64)
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let (mut h, mut len) = (crc32fast::Hasher::new(), 0u64);
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return (h.finalize(), len);
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 /// Hashes of every file in `paths`.
@@ -223,5 +235,14 @@ pub fn deep_check_errors(path: &Path) -> Vec<vhd_merge::check::Finding> {
         .findings
         .into_iter()
         .filter(|f| f.severity == vhd_merge::check::Severity::Error)
+        .collect()
+}
+
+/// SHA-256 of `bytes` in lower-case hex (the form PROVENANCE.md gives).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
         .collect()
 }
