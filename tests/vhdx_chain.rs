@@ -23,40 +23,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use common::fixtures::vhdx_fixture;
-use common::model::{ChainFormat, LayerModel, VHDX_BLOCK_SIZES, build, random_vhdx_case};
+use common::model::{ChainFormat, VHDX_BLOCK_SIZES, build, random_vhdx_case};
 use common::oracles::libvhdi_read_chain;
 use common::patch::vhdx_replace_locator_value;
-use common::{first_diff, read_view};
+use common::{first_diff, read_view, vhdx_own_layer};
 use uuid::Uuid;
 use vhd_merge::vhdx::{BlockState, Vhdx};
 use vhd_merge::{Chain, ChainOptions, Format, ReturnCode};
-
-/// The layer at `path` as the VHDX reader sees it on its own (no parent): its bytes, and which
-/// sectors it holds (all of them for a file without a parent).
-fn own_layer(path: &Path) -> LayerModel {
-    let v = Vhdx::open_path(path, false).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut m = LayerModel::empty(v.virtual_size() as usize);
-    v.read_own(0, &mut m.data).unwrap();
-    if !v.is_differencing() {
-        m.present.fill(true);
-        return m;
-    }
-    let per = v.sector_size() as usize / 512;
-    let mut at = 0;
-    for b in 0..v.block_count() {
-        let state = v.block_state(b).unwrap();
-        for i in 0..v.sectors_in_block(b) as usize {
-            let held = match &state {
-                BlockState::Transparent => false,
-                BlockState::Zero | BlockState::Present(None) => true,
-                BlockState::Present(Some(map)) => map.get(i),
-            };
-            m.present[at..at + per].fill(held);
-            at += per;
-        }
-    }
-    m
-}
 
 fn cases(debug: u64, release: u64) -> u64 {
     std::env::var("VHD_MERGE_VHDX_CASES")
@@ -79,29 +52,8 @@ fn built_vhdx_layers_hold_what_the_model_says() {
         let dir = common::fast_tempdir();
         let built = build(dir.path(), &c.spec, &c.sizes, c.format);
         for (i, (path, want)) in built.paths.iter().zip(&built.model.layers).enumerate() {
-            let got = own_layer(path);
             let what = format!("seed {seed} layer {i} ({c:?})");
-            assert_eq!(got.size(), want.size(), "{what}: size");
-            let diff = got
-                .present
-                .iter()
-                .zip(&want.present)
-                .position(|(a, b)| a != b);
-            assert_eq!(diff, None, "{what}: held sectors (512-byte units)");
-            let masked = |m: &LayerModel| -> Vec<u8> {
-                let mut d = m.data.clone();
-                for (s, p) in m.present.iter().enumerate() {
-                    if !p {
-                        d[s * 512..s * 512 + 512].fill(0);
-                    }
-                }
-                d
-            };
-            assert_eq!(
-                first_diff(&masked(&got), &masked(want)),
-                None,
-                "{what}: data"
-            );
+            vhdx_own_layer(path).assert_same_as(want, &what);
             tally.count(path, c.format);
         }
     }

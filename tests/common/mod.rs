@@ -246,3 +246,31 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// The layer at `path` as the VHDX reader sees it on its own (no parent): its bytes, and which
+/// sectors it holds (all of them for a file without a parent).
+pub fn vhdx_own_layer(path: &Path) -> model::LayerModel {
+    use vhd_merge::vhdx::{BlockState, Vhdx};
+    let v = Vhdx::open_path(path, false).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut m = model::LayerModel::empty(v.virtual_size() as usize);
+    v.read_own(0, &mut m.data).unwrap();
+    if !v.is_differencing() {
+        m.present.fill(true);
+        return m;
+    }
+    let per = v.sector_size() as usize / 512;
+    let mut at = 0;
+    for b in 0..v.block_count() {
+        let state = v.block_state(b).unwrap();
+        for i in 0..v.sectors_in_block(b) as usize {
+            let held = match &state {
+                BlockState::Transparent => false,
+                BlockState::Zero | BlockState::Present(None) => true,
+                BlockState::Present(Some(map)) => map.get(i),
+            };
+            m.present[at..at + per].fill(held);
+            at += per;
+        }
+    }
+    m
+}

@@ -57,6 +57,28 @@ impl LayerModel {
     pub fn size(&self) -> usize {
         self.data.len()
     }
+
+    /// Panic unless `self` holds the same sectors as `want`, with the same bytes (what lies
+    /// under sectors a layer does not hold is not compared).
+    pub fn assert_same_as(&self, want: &LayerModel, what: &str) {
+        assert_eq!(self.size(), want.size(), "{what}: virtual size");
+        let diff = self
+            .present
+            .iter()
+            .zip(&want.present)
+            .position(|(a, b)| a != b);
+        assert_eq!(
+            diff, None,
+            "{what}: which sectors are held (512-byte units)"
+        );
+        let differs = (0..self.present.len()).find(|&s| {
+            self.present[s] && self.data[s * 512..][..512] != want.data[s * 512..][..512]
+        });
+        assert_eq!(
+            differs, None,
+            "{what}: the data of a held sector (512-byte units)"
+        );
+    }
 }
 
 /// What the first of `layers` (chain order) reads: each sector from the nearest layer holding
@@ -589,9 +611,6 @@ pub fn random_vhdx_case(seed: u64) -> VhdxCase {
     if rng.chance(30) {
         sizes.fill(size);
     }
-    if sizes[0] > sizes[dest] {
-        sizes.swap(0, dest);
-    }
     let zero_blocks = [0, 5, 15][rng.below(3) as usize];
     VhdxCase {
         spec: ChainSpec {
@@ -606,6 +625,24 @@ pub fn random_vhdx_case(seed: u64) -> VhdxCase {
             sector_size: sector,
             zero_blocks,
         }),
-        dest,
+        dest: 1,
+    }
+    .with_dest(dest)
+}
+
+impl VhdxCase {
+    /// The case with destination `dest`; the source and the destination swap sizes when the
+    /// source would be larger (that merge is refused).
+    pub fn with_dest(mut self, dest: usize) -> VhdxCase {
+        if self.sizes[0] > self.sizes[dest] {
+            self.sizes.swap(0, dest);
+        }
+        self.dest = dest;
+        self
+    }
+
+    /// The logical sector size.
+    pub fn sector_size(&self) -> usize {
+        self.format.sector_size()
     }
 }
