@@ -1006,6 +1006,11 @@ fn resolve_parent(
             (Err(r), _) => r,
             (Ok(_), None) => "listed only".into(),
             (Ok(path), Some(found_by)) => match open_layer(&path, open_opts) {
+                Ok(v) if v.format() != child.format() => format!(
+                    "a {} cannot be the parent of a {}: a chain holds one format, as Hyper-V requires",
+                    v.format().name().to_uppercase(),
+                    child.format().name().to_uppercase()
+                ),
                 Ok(v) if link.ids.contains(&v.id()) => {
                     if v.sector_size() != child.sector_size() {
                         return Err(Error::NotSupported {
@@ -1048,7 +1053,10 @@ fn resolve_parent(
                     }
                     match e {
                         Error::Io { .. } => format!("cannot open: {msg}"),
-                        _ => format!("not a usable VHD: {msg}"),
+                        _ => format!(
+                            "not a usable {}: {msg}",
+                            child.format().name().to_uppercase()
+                        ),
                     }
                 }
             },

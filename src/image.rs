@@ -1015,7 +1015,7 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
 
 /// Take an advisory lock (exclusive or shared) on `storage`, the file at `path`; see
 /// [`Vhd::lock`] for the retry.
-fn take_lock(storage: &dyn Storage, path: &Path, exclusive: bool) -> Result<()> {
+pub(crate) fn take_lock(storage: &dyn Storage, path: &Path, exclusive: bool) -> Result<()> {
     let mut wait_ms = 1;
     loop {
         match storage.try_lock(exclusive) {

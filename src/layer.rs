@@ -198,6 +198,13 @@ pub trait LayerWriter: Layer {
     fn finish(&mut self) -> Result<Uuid>;
     /// The file's length in bytes now (for the growth a report states).
     fn file_len(&self) -> Result<u64>;
+    /// The identity the layer will carry once this session writes data, chosen now and
+    /// fixed for the session; `None` when writing keeps the identity (VHD). A merge makes the
+    /// child that links to this layer accept it before the first write (see
+    /// [`set_parent_ids`]), so that the child stays linked at every instant.
+    fn next_id(&mut self) -> Option<Uuid> {
+        None
+    }
 }
 
 /// What a cheap look at a file says about its identity (at most a few small reads; for
@@ -236,19 +243,20 @@ pub fn detect_format(path: &Path) -> Option<Format> {
     }
 }
 
-/// Not Supported (32770) for a VHDX, until its layer lands.
+/// What [`crate::Vhd`] answers when handed a VHDX (Not Supported, 32770): the VHD type reads
+/// only VHD; [`open_layer`] opens either.
 pub(crate) fn vhdx_not_supported(path: &Path) -> Error {
     Error::NotSupported {
         path: Some(path.to_path_buf()),
-        detail: "this is a VHDX file (signature vhdxfile); VHDX is not supported yet".into(),
+        detail: "this is a VHDX file (signature vhdxfile): this operation reads VHD only".into(),
     }
 }
 
 /// Open the disk image at `path` read-only (or writable, per `options`) in whatever format
-/// its signature says. VHDX answers Not Supported (32770) for now.
+/// its signature says.
 pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
     if detect_format(path) == Some(Format::Vhdx) {
-        return Err(vhdx_not_supported(path));
+        return Ok(Box::new(crate::vhdx_layer::VhdxLayer::open(path, options)?));
     }
     Ok(Box::new(crate::image::Vhd::open(path, options)?))
 }
@@ -256,7 +264,7 @@ pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
 /// Open the image held by `storage` (the file at `path`, possibly wrapped by a test hook) for
 /// writing as a layer of `format` (as [`open_layer`] detected it when the chain was opened:
 /// the storage is not read for a signature, so that a storage hook sees the format's own
-/// I/O only). VHDX answers Not Supported (32770) for now.
+/// I/O only).
 pub fn open_writer(
     format: Format,
     storage: Box<dyn crate::io::Storage>,
@@ -264,11 +272,32 @@ pub fn open_writer(
     options: OpenOptions,
 ) -> Result<Box<dyn LayerWriter>> {
     if format == Format::Vhdx {
-        return Err(vhdx_not_supported(path));
+        let layer = crate::vhdx_layer::VhdxLayer::from_storage(storage.into(), path, true)?;
+        return Ok(Box::new(layer));
     }
     Ok(Box::new(crate::image::Vhd::from_storage(
         storage, path, options,
     )?))
+}
+
+/// Set the parent identities the differencing layer held by `storage` (the file at `child`,
+/// of `format`) accepts: `primary`, and `secondary` as well when given, crash-safely and
+/// without changing `child`'s view or its own identity. A merge into a destination whose
+/// identity changes when written ([`LayerWriter::next_id`]) calls it with (current, next)
+/// before the first write and with (new, none) after the last, so that the child accepts its
+/// parent at every instant. Only formats whose identity changes with data need this (VHDX:
+/// `parent_linkage` and `parent_linkage2`); for the others it does nothing.
+pub fn set_parent_ids(
+    format: Format,
+    storage: Box<dyn crate::io::Storage>,
+    child: &Path,
+    primary: Uuid,
+    secondary: Option<Uuid>,
+) -> Result<()> {
+    match format {
+        Format::Vhdx => crate::vhdx_layer::set_parent_ids(storage, child, primary, secondary),
+        Format::Vhd => Ok(()),
+    }
 }
 
 /// Open the existing image at `path` for writing the way every command that writes one does:
@@ -288,7 +317,7 @@ pub fn open_layer_for_writing(path: &Path, options: OpenOptions) -> Result<Box<d
 /// holding a disk image of a known format.
 pub fn probe(path: &Path) -> Option<Probe> {
     match detect_format(path)? {
-        Format::Vhdx => None,
+        Format::Vhdx => crate::vhdx_layer::probe(path),
         Format::Vhd => crate::vhd_layer::probe(path),
     }
 }

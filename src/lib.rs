@@ -50,6 +50,7 @@ pub mod repair;
 pub mod setparent;
 mod vhd_layer;
 pub mod vhdx;
+pub mod vhdx_layer;
 
 pub use chain::{Chain, ChainLayer, ChainOptions, ChainReader, FoundBy};
 pub use error::{Error, ParentCandidate, Result, ReturnCode};

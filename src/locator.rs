@@ -258,8 +258,19 @@ pub fn map_locator_path(text: &str, child_dir: &Path, windows_syntax: bool) -> V
     let is_sep = |c: char| c == '/' || (windows_syntax && c == '\\');
     let mut rest = text;
     if windows_syntax {
-        // Win32 long-path prefixes: `\\?\C:\...` and `\\?\UNC\server\share\...`.
+        // Win32 long-path prefixes: `\\?\C:\...`, `\\?\UNC\server\share\...`, and
+        // VHDX's volume_path `\\?\Volume{GUID}\dir\p.vhdx` (a volume no other host can
+        // name: only its tails mean anything here).
         if let Some(r) = rest.strip_prefix("\\\\?\\") {
+            if r.starts_with("Volume{") {
+                let mut out = Vec::new();
+                push_tails(
+                    &mut out,
+                    child_dir,
+                    components(r, is_sep).get(1..).unwrap_or(&[]),
+                );
+                return out;
+            }
             rest = match r.strip_prefix("UNC\\") {
                 Some(unc) => return unc_tails(unc, child_dir, is_sep),
                 None => r,
@@ -430,6 +441,17 @@ mod tests {
             ]
         );
         assert_eq!(mapped("\\\\?\\C:\\x.vhd", true)[0].0, "/x.vhd");
+        // A VHDX volume_path: the volume means nothing here, only the tails do.
+        assert_eq!(
+            mapped(
+                "\\\\?\\Volume{9cdf8dfa-0000-0000-0000-501f00000000}\\d\\p.vhdx",
+                true
+            ),
+            [
+                ("/vm/child/d/p.vhdx".into(), "tail in child dir", false),
+                ("/vm/child/p.vhdx".into(), "file name in child dir", false),
+            ]
+        );
         // Escapes are normalised but kept: confinement decides.
         assert_eq!(mapped("..\\..\\..\\etc\\p", true)[0].0, "/etc/p");
         assert!(

@@ -35,7 +35,9 @@ use crate::error::{Error, Result};
 use crate::format::header::LOCATOR_COUNT;
 use crate::format::{DiskType, DynamicHeader, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
 use crate::image::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
+use crate::layer::{Format, Layer, LayerWriter, ParentLink};
 use crate::locator::{self, LOCATOR_SPACE};
+use crate::vhdx_layer::VhdxLayer;
 
 /// Options for [`set_parent`].
 #[derive(Clone, Debug)]
@@ -98,8 +100,10 @@ pub struct SetParentReport {
     pub parent_name: String,
     /// The Parent Time Stamp now (the parent file's modification time, seconds since 2000).
     pub parent_timestamp: u32,
-    /// The locators written, slot order.
+    /// The locators written, slot order (VHD).
     pub locators: Vec<LocatorWritten>,
+    /// The parent locator's keys and values as written (VHDX; empty for a VHD).
+    pub locator_keys: Vec<(String, String)>,
     /// Things worth knowing that did not stop the operation.
     pub warnings: Vec<String>,
 }
@@ -116,6 +120,9 @@ pub fn set_parent(
     new_parent: impl AsRef<Path>,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
+    if crate::layer::detect_format(child.as_ref()) == Some(Format::Vhdx) {
+        return set_parent_vhdx(child.as_ref(), new_parent.as_ref(), opts);
+    }
     let mut c = Vhd::open_for_writing(
         child.as_ref(),
         OpenOptions {
@@ -178,7 +185,13 @@ pub fn set_parent_on(
             p.unique_id()
         )));
     }
-    check_no_cycle(c, new_parent, opts.lenient, &mut warnings)?;
+    check_no_cycle(
+        child,
+        c.unique_id(),
+        new_parent,
+        opts.lenient,
+        &mut warnings,
+    )?;
 
     let old_id = old_header.parent_unique_id;
     let id_changed = p.unique_id() != old_id;
@@ -204,10 +217,7 @@ pub fn set_parent_on(
         ));
     }
 
-    let name = new_parent
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file_name(new_parent);
     let mut header = old_header.clone();
     header.set_parent_name(&name)?;
     let new_id = p.unique_id();
@@ -297,8 +307,128 @@ pub fn set_parent_on(
         parent_name: name,
         parent_timestamp: c.header().map_or(0, |h| h.parent_timestamp),
         locators,
+        locator_keys: Vec::new(),
         warnings,
     })
+}
+
+/// [`set_parent`] for a VHDX child ([MS-VHDX] 2.6.2.6): the parent locator is rewritten
+/// through the child's log with `parent_linkage` = the new parent's DataWriteGuid,
+/// `parent_linkage2` nil, and the path keys [`crate::vhdx::create::locator_entries`] writes
+/// (the old `volume_path` and `absolute_win32_path`, which point at the old place, are
+/// dropped; unknown keys are kept). The child's DataWriteGuid and data do not change.
+fn set_parent_vhdx(
+    child: &Path,
+    new_parent: &Path,
+    opts: &SetParentOptions,
+) -> Result<SetParentReport> {
+    let mut c = VhdxLayer::open(child, OpenOptions::writable())?;
+    let Some(old) = c.vhdx().parent_locator().cloned() else {
+        return Err(Error::InvalidParameter(format!(
+            "{} is a {} disk, not a differencing one: it has no parent to set",
+            child.display(),
+            c.kind().name()
+        )));
+    };
+    let ParentLink {
+        ids: old_ids,
+        name: old_name,
+        ..
+    } = crate::vhdx_layer::parent_link_of(&old).map_err(|e| e.in_file(child))?;
+    let lenient = OpenOptions {
+        lenient: opts.lenient,
+        ..OpenOptions::read_only()
+    };
+    let p = crate::layer::open_layer(new_parent, lenient)?;
+    check_vhdx_parent(child, &c, p.as_ref())?;
+    let mut warnings = Vec::new();
+    check_no_cycle(child, c.id(), new_parent, opts.lenient, &mut warnings)?;
+    let new_id = p.id();
+    let id_changed = !old_ids.contains(&new_id);
+    let old_id = old_ids.first().copied().unwrap_or_default();
+    if id_changed && !opts.force {
+        return Err(Error::InvalidParameter(format!(
+            "{} has DataWriteGuid {new_id}, but {} records parent_linkage {old_id}: it is not the same disk, or it was written since (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
+            new_parent.display(),
+            child.display()
+        )));
+    }
+    if id_changed {
+        warnings.push(format!(
+            "the child adopts parent_linkage {new_id} (was {old_id}): its view now reads through the new parent"
+        ));
+    }
+    if p.virtual_size() != c.virtual_size() {
+        warnings.push(format!(
+            "the new parent's virtual size {} differs from the child's {}",
+            p.virtual_size(),
+            c.virtual_size()
+        ));
+    }
+    drop(p);
+    let mut entries = crate::vhdx::create::locator_entries(child, new_parent, new_id)?;
+    let ours = crate::vhdx::format::metadata::KNOWN_LOCATOR_KEYS;
+    entries.extend(
+        old.entries
+            .into_iter()
+            .filter(|(k, _)| !ours.contains(&k.as_str())),
+    );
+    let loc = crate::vhdx::format::metadata::ParentLocator {
+        locator_type: old.locator_type,
+        entries,
+    };
+    c.vhdx_mut().set_parent_locator(loc.clone())?;
+    c.finish()?;
+    Ok(SetParentReport {
+        child: child.to_path_buf(),
+        parent: new_parent.to_path_buf(),
+        old_parent_id: old_id,
+        parent_id: new_id,
+        id_changed,
+        old_parent_name: old_name,
+        parent_name: file_name(new_parent),
+        parent_timestamp: 0,
+        locators: Vec::new(),
+        locator_keys: loc.entries,
+        warnings,
+    })
+}
+
+/// The new parent of VHDX `c` is a VHDX other than `c`, with the same logical sector size.
+fn check_vhdx_parent(child: &Path, c: &dyn Layer, p: &dyn Layer) -> Result<()> {
+    if p.format() != Format::Vhdx {
+        return Err(Error::InvalidParameter(format!(
+            "{} is a {}: the parent of a VHDX is a VHDX (a chain holds one format, as Hyper-V requires)",
+            p.path().display(),
+            p.format().name().to_uppercase()
+        )));
+    }
+    if locator::same_file(child, p.path()) || p.id() == c.id() {
+        return Err(Error::InvalidParameter(format!(
+            "{} cannot be the parent of {}: it is the same disk (DataWriteGuid {})",
+            p.path().display(),
+            child.display(),
+            p.id()
+        )));
+    }
+    if p.sector_size() != c.sector_size() {
+        return Err(Error::NotSupported {
+            path: Some(p.path().to_path_buf()),
+            detail: format!(
+                "the new parent has {}-byte sectors and the child {}-byte sectors",
+                p.sector_size(),
+                c.sector_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The file name of `p`, for messages and reports.
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// `header` with its locator entries replaced by `payloads` placed at (offset, space), in
@@ -369,7 +499,8 @@ fn reusable_slot(
 /// ancestor). A new parent whose chain does not open is accepted with a warning: its chain
 /// is its own business, and the child's link to it is checked by unique id.
 fn check_no_cycle(
-    child: &Vhd,
+    child: &Path,
+    child_id: Uuid,
     new_parent: &Path,
     lenient: bool,
     warnings: &mut Vec<String>,
@@ -381,13 +512,11 @@ fn check_no_cycle(
     match Chain::open(new_parent, &opts) {
         Ok(chain) => {
             for l in chain.layers() {
-                if locator::same_file(child.path(), l.layer.path())
-                    || l.layer.id() == child.unique_id()
-                {
+                if locator::same_file(child, l.layer.path()) || l.layer.id() == child_id {
                     return Err(Error::InvalidParameter(format!(
                         "{} cannot be the parent of {}: {} (unique id {}) is already in the new parent's chain, so the chain would become a cycle",
                         new_parent.display(),
-                        child.path().display(),
+                        child.display(),
                         l.layer.path().display(),
                         l.layer.id()
                     )));

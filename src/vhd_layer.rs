@@ -493,15 +493,21 @@ mod tests {
     }
 
     #[test]
-    fn a_vhdx_is_not_supported_yet() {
+    fn a_vhdx_signature_goes_to_the_vhdx_reader() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.vhdx");
         let mut bytes = vec![0u8; 1 << 16];
         bytes[..8].copy_from_slice(b"vhdxfile");
         std::fs::write(&p, bytes).unwrap();
+        // A signature and nothing else: a damaged VHDX (no headers), not an unknown file.
         let e = open_layer(&p, OpenOptions::read_only()).unwrap_err();
-        assert_eq!(e.return_code().code(), 32770, "{e}");
+        assert_eq!(e.return_code().code(), 32776, "{e}");
         assert!(e.to_string().contains("VHDX"), "{e}");
         assert!(probe(&p).is_none());
+        // The VHD type reads VHD only, and says what the file is.
+        let e = Vhd::open(&p, OpenOptions::read_only()).unwrap_err();
+        assert_eq!(e.return_code().code(), 32770, "{e}");
+        assert!(e.to_string().contains("VHDX file"), "{e}");
+        assert!(e.to_string().contains("VHD only"), "{e}");
     }
 }

@@ -474,3 +474,76 @@ fn crash_at_every_write_leaves_a_usable_child() {
         }
     }
 }
+
+/// A VHDX base (1 MiB blocks) and a differencing child, both with data, in `dir`.
+fn vhdx_pair(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    use vhd_merge::vhdx::create as vx;
+    let mut rng = Rng::new(seed);
+    let opts = vx::CreateOptions {
+        block_size: Some(MIB as u32),
+        ..vx::CreateOptions::default()
+    };
+    let (base, child) = (dir.join("base.vhdx"), dir.join("child.avhdx"));
+    let mut data = vec![0u8; 3 * MIB as usize];
+    rng.fill(&mut data);
+    let mut b = vx::create_dynamic(&base, 8 * MIB, &opts).unwrap();
+    b.write_at(MIB, &data).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let mut c = vx::create_differencing(&child, &base, &opts).unwrap();
+    c.write_at(2 * MIB + 512, &data[..4096]).unwrap();
+    c.finish().unwrap();
+    (base, child)
+}
+
+/// set-parent on a VHDX child (Set-VHD -ParentPath): a moved and renamed parent is found
+/// again with the same view and the child's DataWriteGuid unchanged; a different disk is
+/// refused unless forced; a VHD is never a VHDX's parent.
+#[test]
+fn set_parent_repoints_a_vhdx_child_at_its_moved_parent() {
+    let dir = fast_tempdir();
+    let (base, child) = vhdx_pair(dir.path(), 41);
+    let view = read_view(&child);
+    let id = Chain::open(&child, &ChainOptions::default())
+        .unwrap()
+        .layer(0)
+        .unwrap()
+        .id();
+    std::fs::create_dir(dir.path().join("moved")).unwrap();
+    let moved = dir.path().join("moved").join("Renamed Base.vhdx");
+    std::fs::rename(&base, &moved).unwrap();
+    let e = Chain::open(&child, &ChainOptions::default()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::FileNotFound, "{e}");
+
+    let r = set_parent(&child, &moved, &SetParentOptions::default()).unwrap();
+    assert!(!r.id_changed);
+    let rel = r
+        .locator_keys
+        .iter()
+        .find(|(k, _)| k == "relative_path")
+        .unwrap();
+    assert_eq!(rel.1, r".\moved\Renamed Base.vhdx");
+    assert_eq!(read_view(&child), view);
+    let chain = Chain::open(&child, &ChainOptions::default()).unwrap();
+    assert_eq!(
+        chain.layer(0).unwrap().id(),
+        id,
+        "a link change is no data change"
+    );
+    drop(chain);
+
+    let (other, _) = vhdx_pair(&dir.path().join("moved"), 42);
+    let e = set_parent(&child, &other, &SetParentOptions::default()).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidParameter, "{e}");
+    assert!(e.to_string().contains("DataWriteGuid"), "{e}");
+    let forced = SetParentOptions {
+        force: true,
+        ..SetParentOptions::default()
+    };
+    assert!(set_parent(&child, &other, &forced).unwrap().id_changed);
+
+    let vhd = dir.path().join("base.vhd");
+    create_dynamic(&vhd, 8 * MIB, &CreateOptions::default()).unwrap();
+    let e = set_parent(&child, &vhd, &forced).unwrap_err();
+    assert!(e.to_string().contains("one format"), "{e}");
+}

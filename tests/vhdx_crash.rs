@@ -17,6 +17,7 @@ use common::Rng;
 use vhd_merge::format::SectorBitmap;
 use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, Storage};
 use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
+use vhd_merge::vhdx::format::metadata::ParentLocator;
 use vhd_merge::vhdx::{BlockState, Vhdx};
 
 const M: u64 = 1 << 20;
@@ -224,4 +225,90 @@ fn a_crash_anywhere_in_a_dynamic_batch_leaves_old_or_new_sectors() {
 fn a_crash_anywhere_in_a_differencing_batch_leaves_old_or_new_sectors() {
     crash_scenario(512, true, 3);
     crash_scenario(4096, true, 4);
+}
+
+/// The parent locator of a child with `linkage2` as its parent_linkage2.
+fn locator_with_linkage2(v: &Vhdx<FaultyStorage>, linkage2: uuid::Uuid) -> ParentLocator {
+    let mut loc = v.parent_locator().unwrap().clone();
+    for (k, val) in &mut loc.entries {
+        if k == "parent_linkage2" {
+            *val = format!("{{{linkage2}}}");
+        }
+    }
+    loc
+}
+
+/// A parent locator update (what a merge does to the child linking to its destination, and
+/// set-parent to a child) stopped at every write, torn or whole, and every flush: the child
+/// then opens with its old or its new locator, its own sectors and its DataWriteGuid
+/// unchanged, read-only (log replayed in memory) and writable (replayed onto the file) alike.
+#[test]
+fn a_crash_anywhere_in_a_locator_update_leaves_the_old_or_the_new_link() {
+    let dir = common::fast_tempdir();
+    let (base, tpl) = (dir.path().join("base.vhdx"), dir.path().join("tpl.avhdx"));
+    let opts = CreateOptions {
+        block_size: Some(M as u32),
+        ..CreateOptions::default()
+    };
+    create_dynamic(&base, 8 * M, &opts)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let mut c = create_differencing(&tpl, &base, &opts).unwrap();
+    c.write_at(M + 4096, &[9; 8192]).unwrap();
+    c.finish().unwrap();
+    drop(c);
+    let before = Vhdx::open_path(&tpl, false).unwrap();
+    let (own, id, old_loc) = (
+        view(&before),
+        before.data_write_guid(),
+        before.parent_locator().cloned(),
+    );
+    drop(before);
+    let next = uuid::Uuid::new_v4();
+    let work = dir.path().join("w.avhdx");
+    let update = |plan: Arc<FaultPlan>| -> vhd_merge::Result<()> {
+        let mut v = open_faulty(&work, plan)?;
+        let loc = locator_with_linkage2(&v, next);
+        v.set_parent_locator(loc)?;
+        v.finish().map(drop)
+    };
+    std::fs::copy(&tpl, &work).unwrap();
+    let counter = FaultPlan::new();
+    update(counter.clone()).unwrap();
+    let new_loc = Vhdx::open_path(&work, false)
+        .unwrap()
+        .parent_locator()
+        .cloned();
+    assert_ne!(new_loc, old_loc);
+    let mut plans = Vec::new();
+    for n in 1..=counter.writes() {
+        for torn in [false, true] {
+            plans.push((
+                format!("write {n} torn {torn}"),
+                FaultPlan::crash_at_write(n, torn),
+            ));
+        }
+    }
+    for k in 1..=counter.syncs() {
+        plans.push((format!("sync {k}"), FaultPlan::fail_sync_at(k)));
+    }
+    let (mut saw_old, mut saw_new) = (false, false);
+    for (point, plan) in plans {
+        std::fs::copy(&tpl, &work).unwrap();
+        assert!(update(plan).is_err(), "{point}: the fault stops the update");
+        for writable in [false, true] {
+            let v = Vhdx::open_path(&work, writable).unwrap_or_else(|e| panic!("{point}: {e}"));
+            let loc = v.parent_locator().cloned();
+            assert!(
+                loc == old_loc || loc == new_loc,
+                "{point}: locator neither old nor new"
+            );
+            assert_eq!(view(&v), own, "{point}: the child's own sectors");
+            assert_eq!(v.data_write_guid(), id, "{point}: the child's identity");
+            saw_old |= loc == old_loc;
+            saw_new |= loc == new_loc;
+        }
+    }
+    assert!(saw_old && saw_new, "crash points cover both outcomes");
 }

@@ -24,7 +24,7 @@ use common::model::{
 };
 use common::oracles::{libvhdi_read_chain, qemu_img_check_vhdx, qemu_img_raw_vhdx};
 use common::storage::faulty;
-use common::{fast_tempdir, first_diff, hashes, read_view, sha256_hex, vhdx_own_layer};
+use common::{fast_tempdir, first_diff, hashes, read_view, sha256, vhdx_own_layer};
 use vhd_merge::io::FaultPlan;
 use vhd_merge::merge::{MergeOptions, MergeReport, merge};
 use vhd_merge::vhdx::{BlockState, Vhdx};
@@ -430,19 +430,19 @@ fn the_windows_chains_merge_into_their_parents() {
             merge(&c, None, &MergeOptions::default()).unwrap_or_else(|e| panic!("{child}: {e}"));
         assert_eq!(r.destination, p, "{child}");
         assert_eq!(
-            sha256_hex(&read_view(&p)),
+            sha256(&read_view(&p)),
             child_sha,
             "{child}: the merged parent"
         );
         assert_eq!(
-            sha256_hex(&read_view(&c)),
+            sha256(&read_view(&c)),
             child_sha,
             "{child}: the child after"
         );
         if let Some(check) = qemu_img_check_vhdx(&p) {
             check.unwrap_or_else(|e| panic!("{parent}: qemu-img check: {e}"));
             let raw = qemu_img_raw_vhdx(&p).expect("qemu-img");
-            assert_eq!(sha256_hex(&raw), child_sha, "{parent}: qemu-img reads");
+            assert_eq!(sha256(&raw), child_sha, "{parent}: qemu-img reads");
         }
     }
 }

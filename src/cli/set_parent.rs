@@ -61,6 +61,9 @@ fn print_report(r: &vhd_merge::SetParentReport) {
         "  parent name \"{}\" (was \"{}\")",
         r.parent_name, r.old_parent_name
     );
+    for (k, v) in &r.locator_keys {
+        println!("  locator key {k} = \"{v}\"");
+    }
     for l in &r.locators {
         println!(
             "  locator {} {} \"{}\" at offset {} ({})",

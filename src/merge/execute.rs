@@ -169,7 +169,11 @@ pub(crate) fn run(
     // so it would conflict with the writable one).
     let mut dest = None;
     if !options.dry_run {
-        let v = open_destination(&dest_path, dest_ro, options)?;
+        let mut v = open_destination(&dest_path, dest_ro, options)?;
+        if let Some(next) = v.next_id() {
+            let ids = (at(&chain, d).id(), Some(next));
+            link_to_destination(at(&chain, d - 1), ids, options)?;
+        }
         for (i, layer) in chain.layers().iter().enumerate() {
             if i != d {
                 layer.layer.lock(false)?;
@@ -259,9 +263,14 @@ pub(crate) fn run(
             return Err(e);
         }
     };
-    dest.finish()?;
+    let new_id = dest.finish()?;
     let blocks_allocated = dest.mapped_blocks().count().saturating_sub(blocks_before) as u64;
     let destination_growth = dest.file_len()?.saturating_sub(len_before);
+    // The layer that linked to the destination's old identity: re-linked to the new one
+    // alone once the chain's locks are gone, unless it is about to be removed.
+    let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged)
+        .then(|| open_layer(at(&chain, d - 1).path(), OpenOptions::read_only()))
+        .transpose()?;
 
     let verified = match crcs {
         Some(crcs) => Some(verify(chain, &plan, &dest_path, options, &crcs)?),
@@ -271,6 +280,9 @@ pub(crate) fn run(
         }
     };
     drop(dest);
+    if let Some(child) = relink_above {
+        link_to_destination(child.as_ref(), (new_id, None), options)?;
+    }
 
     let mut relinked = Vec::new();
     for child in &relink {
@@ -416,6 +428,26 @@ fn open_destination(
         )));
     }
     Ok(dest)
+}
+
+/// The layer that links to the destination accepts `ids` (primary, secondary) as its
+/// parent's identity: (current, next) before the destination is written, when writing gives
+/// it a new one (a VHDX's DataWriteGuid), and (new, none) once it is finished, so that the
+/// chain holds at every instant and an interrupted merge can be re-run (docs/design.md,
+/// "Identity"). Runs while no shared lock is held on that layer, since it opens it for
+/// writing.
+fn link_to_destination(
+    child: &dyn Layer,
+    ids: (Uuid, Option<Uuid>),
+    options: &MergeOptions,
+) -> Result<()> {
+    let path = tidy(child.path());
+    let file = crate::image::open_for_writing(&path, crate::image::WriteMode::Existing)?;
+    let mut storage: Box<dyn Storage> = Box::new(file);
+    if let Some(wrap) = &options.link_io {
+        storage = wrap(storage);
+    }
+    crate::layer::set_parent_ids(child.format(), storage, &path, ids.0, ids.1)
 }
 
 /// Differencing disks next to the chain that depend on it.

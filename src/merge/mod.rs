@@ -125,6 +125,10 @@ pub struct MergeOptions {
     pub progress: Option<ProgressFn>,
     /// Wraps the destination's storage (see [`StorageWrapper`]).
     pub destination_io: Option<StorageWrapper>,
+    /// Wraps the storage of the layer that links to the destination when the merge updates
+    /// that link (a VHDX destination's identity changes when it is written; see
+    /// [`crate::layer::set_parent_ids`]).
+    pub link_io: Option<StorageWrapper>,
     /// Set to true to stop the merge between two units; what was written is committed and
     /// re-running the merge finishes it. [`Job::cancel`] uses its own flag.
     pub cancel: Option<Arc<AtomicBool>>,
@@ -142,6 +146,7 @@ impl Default for MergeOptions {
             batch_bytes: DEFAULT_BATCH_BYTES,
             progress: None,
             destination_io: None,
+            link_io: None,
             cancel: None,
         }
     }
@@ -159,6 +164,7 @@ impl fmt::Debug for MergeOptions {
             .field("batch_bytes", &self.batch_bytes)
             .field("progress", &self.progress.is_some())
             .field("destination_io", &self.destination_io.is_some())
+            .field("link_io", &self.link_io.is_some())
             .field("cancel", &self.cancel)
             .finish()
     }

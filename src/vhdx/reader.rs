@@ -146,16 +146,22 @@ pub(crate) struct Mode {
     pub writable: bool,
 }
 
-impl<S: Storage> VhdxReader<S> {
-    /// Open a fixed or dynamic VHDX read-only, replaying a dirty log in memory. A differencing
-    /// file is Not Supported (yet).
-    pub fn open(storage: S) -> Result<VhdxReader<S>> {
-        Self::open_with(storage, Mode::default())
-    }
+/// Everything of a VHDX but its BAT, as it reads after the log replay: enough to know the
+/// file's identity and parent linkage cheaply (a probe reads at most the header section, the
+/// log and the metadata region).
+#[derive(Debug)]
+pub(crate) struct Structures<S: Storage> {
+    pub file: Overlay<S>,
+    pub header: CurrentHeader,
+    pub creator: String,
+    pub regions: Regions,
+    pub metadata: Metadata,
+}
 
-    /// Open as `mode` says: a differencing file accepted or refused, a dirty log replayed in
-    /// memory or onto the file.
-    pub(crate) fn open_with(storage: S, mode: Mode) -> Result<VhdxReader<S>> {
+impl<S: Storage> Structures<S> {
+    /// Identifier, headers, the log (replayed in memory, or onto the file when
+    /// `mode.writable`), region tables and metadata, in [MS-VHDX] 2.3.3's order.
+    pub(crate) fn open(storage: S, mode: Mode) -> Result<Structures<S>> {
         let mut file = Overlay::new(storage)?;
         let start = file.read(0, MIB)?;
         let creator = FileIdentifier::parse(&start)?.creator;
@@ -174,6 +180,33 @@ impl<S: Storage> VhdxReader<S> {
         )?;
         let regions = table.known(header.header.log_range())?;
         let metadata = load_metadata(&file, &regions, mode.differencing)?;
+        Ok(Structures {
+            file,
+            header,
+            creator,
+            regions,
+            metadata,
+        })
+    }
+}
+
+impl<S: Storage> VhdxReader<S> {
+    /// Open a fixed or dynamic VHDX read-only, replaying a dirty log in memory. A differencing
+    /// file is Not Supported (yet).
+    pub fn open(storage: S) -> Result<VhdxReader<S>> {
+        Self::open_with(storage, Mode::default())
+    }
+
+    /// Open as `mode` says: a differencing file accepted or refused, a dirty log replayed in
+    /// memory or onto the file.
+    pub(crate) fn open_with(storage: S, mode: Mode) -> Result<VhdxReader<S>> {
+        let Structures {
+            file,
+            header,
+            creator,
+            regions,
+            metadata,
+        } = Structures::open(storage, mode)?;
         let fp = metadata.file_parameters;
         let geometry = Geometry::new(
             metadata.virtual_disk_size,

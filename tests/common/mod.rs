@@ -143,6 +143,20 @@ pub fn read_own(path: &Path) -> Vec<u8> {
     buf
 }
 
+/// The SHA-256 of `bytes`, in lower-case hex (as PROVENANCE.md gives them).
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The SHA-256 of a file's bytes.
+pub fn sha256_file(path: &Path) -> String {
+    sha256(&read(path))
+}
+
 /// CRC32 and length of a file's bytes, read in pieces (a VHDX with a 256 MiB block is a large
 /// sparse file).
 pub fn file_hash(path: &Path) -> (u32, u64) {
@@ -235,15 +249,6 @@ pub fn deep_check_errors(path: &Path) -> Vec<vhd_merge::check::Finding> {
         .findings
         .into_iter()
         .filter(|f| f.severity == vhd_merge::check::Severity::Error)
-        .collect()
-}
-
-/// SHA-256 of `bytes` in lower-case hex (the form PROVENANCE.md gives).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
         .collect()
 }
 

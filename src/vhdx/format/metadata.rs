@@ -311,6 +311,43 @@ impl Metadata {
     }
 }
 
+/// The metadata region `region` with its parent locator item replaced by `loc` ([MS-VHDX]
+/// 2.6.2.6), every other item and the table's order kept: written over the old item when it
+/// fits in the old item's space (the rest zeroed), else after the last item (8-byte aligned).
+/// A region with no room left is Not Supported.
+pub fn with_parent_locator(region: &[u8], loc: &ParentLocator) -> Result<Vec<u8>> {
+    let mut table = MetadataTable::parse(region, region.len() as u64)?;
+    let data = loc.to_bytes();
+    let i = table
+        .entries
+        .iter()
+        .position(|e| e.item_id == PARENT_LOCATOR && !e.is_user)
+        .ok_or_else(|| Error::format("VHDX metadata: no parent locator item to replace"))?;
+    let old = table.entries[i];
+    let mut b = region.to_vec();
+    b[old.offset as usize..(old.offset + old.length) as usize].fill(0);
+    let at = if data.len() <= old.length as usize {
+        old.offset as usize
+    } else {
+        let end = table.entries.iter().map(|e| e.offset + e.length).max();
+        (end.unwrap_or(0) as usize)
+            .max(SLOT_SIZE)
+            .next_multiple_of(8)
+    };
+    if at + data.len() > b.len() || data.len() > MAX_ITEM_LENGTH as usize {
+        return Err(Error::not_supported(format!(
+            "VHDX metadata region of {} bytes has no room for a parent locator of {} bytes",
+            b.len(),
+            data.len()
+        )));
+    }
+    put(&mut b, at, &data);
+    table.entries[i].offset = at as u32;
+    table.entries[i].length = data.len() as u32;
+    put(&mut b, 0, &table.to_bytes());
+    Ok(b)
+}
+
 /// The bytes of an item whose bounds [`check_entry`] has checked.
 fn item_bytes<'a>(region: &'a [u8], e: &MetadataEntry) -> &'a [u8] {
     let start = e.offset as usize;
