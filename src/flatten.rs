@@ -24,7 +24,7 @@ use crate::image::{WriteMode, open_for_writing};
 use crate::io::FileStorage;
 use crate::layer::{DiskKind, LayerWriter};
 
-/// The kind of file [`flatten`] writes.
+/// The kind of file [`flatten`] writes (Hyper-V's Convert-VHD targets, and raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlattenFormat {
     /// A raw image: the virtual disk's bytes and nothing else (sparse where zero).
@@ -34,16 +34,45 @@ pub enum FlattenFormat {
     /// A dynamic VHD; blocks that would be all zero stay unallocated.
     #[default]
     Dynamic,
+    /// A fixed VHDX (LeaveBlockAllocated, every block present; all-zero spans stay holes).
+    VhdxFixed,
+    /// A dynamic VHDX; blocks that would be all zero stay NOT_PRESENT.
+    VhdxDynamic,
 }
 
 impl FlattenFormat {
-    /// `raw`, `fixed` or `dynamic`.
+    /// `raw`, `fixed`, `dynamic` (VHD), `vhdx-fixed` or `vhdx-dynamic`.
     pub fn name(self) -> &'static str {
         match self {
             FlattenFormat::Raw => "raw",
             FlattenFormat::Fixed => "fixed",
             FlattenFormat::Dynamic => "dynamic",
+            FlattenFormat::VhdxFixed => "vhdx-fixed",
+            FlattenFormat::VhdxDynamic => "vhdx-dynamic",
         }
+    }
+
+    /// The format a file name asks for: `.vhdx`/`.avhdx` a dynamic VHDX, `.raw`/`.img`/`.bin`
+    /// raw, anything else a dynamic VHD.
+    pub fn from_extension(path: &Path) -> FlattenFormat {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("vhdx" | "avhdx") => FlattenFormat::VhdxDynamic,
+            Some("raw" | "img" | "bin") => FlattenFormat::Raw,
+            _ => FlattenFormat::Dynamic,
+        }
+    }
+
+    /// A VHD output (fixed or dynamic).
+    fn is_vhd(self) -> bool {
+        matches!(self, FlattenFormat::Fixed | FlattenFormat::Dynamic)
+    }
+
+    /// A sparse output whose blocks are written one by one.
+    fn is_dynamic(self) -> bool {
+        matches!(self, FlattenFormat::Dynamic | FlattenFormat::VhdxDynamic)
     }
 }
 
@@ -150,21 +179,15 @@ pub fn flatten(
     let size = top.virtual_size();
     // Held until the new file has replaced the old one.
     let mut replaced = check_output(chain, output, opts.force)?;
-    if opts.format == FlattenFormat::Dynamic {
-        create::check_dynamic_size(size)?;
-    }
-    let block_size = match opts.block_size {
-        Some(b) => b,
-        None if top.kind() != DiskKind::Fixed => {
-            u32::try_from(top.block_size()).unwrap_or(create::DEFAULT_BLOCK_SIZE)
-        }
-        None => create::DEFAULT_BLOCK_SIZE,
-    };
+    check_output_size(opts.format, size)?;
+    let block_size = opts
+        .block_size
+        .unwrap_or_else(|| default_block_size(opts.format, top));
     let tmp = temp_path(output)?;
     let span = match opts.format {
-        FlattenFormat::Dynamic => u64::from(block_size),
+        f if f.is_dynamic() => u64::from(block_size).min(crate::merge::MAX_UNIT_BYTES),
         // The fixed output's chunk (its block size) is the raw span too.
-        FlattenFormat::Raw | FlattenFormat::Fixed => RAW_SPAN,
+        _ => RAW_SPAN,
     };
     let mut w = Writer {
         chain,
@@ -187,8 +210,10 @@ pub fn flatten(
     }
     let res = match opts.format {
         FlattenFormat::Raw => w.raw(&tmp),
-        FlattenFormat::Fixed => w.fixed(&tmp),
-        FlattenFormat::Dynamic => w.dynamic(&tmp, block_size),
+        f if f.is_dynamic() => create_output(&tmp, f, size, block_size, chain.sector_size())
+            .and_then(|mut out| write_dynamic(&mut w, out.as_mut())),
+        f => create_output(&tmp, f, size, block_size, chain.sector_size())
+            .and_then(|out| w.fixed(out)),
     };
     // Windows cannot rename over a file this process holds open; elsewhere the lock is held
     // until the new file has replaced the old one.
@@ -211,6 +236,89 @@ pub fn flatten(
         blocks_allocated,
         layers: chain.len() - layer,
     })
+}
+
+/// A VHD holds at most 2040 GiB (a VHDX 64 TiB, which every chain fits): refused before
+/// anything is written.
+fn check_output_size(format: FlattenFormat, size: u64) -> Result<()> {
+    let max = crate::format::MAX_DYNAMIC_SIZE;
+    if format.is_vhd() && size > max {
+        return Err(Error::InvalidParameter(format!(
+            "the virtual size {size} is larger than a VHD can hold ({max} bytes, 2040 GiB); flatten to a VHDX or raw instead"
+        )));
+    }
+    Ok(())
+}
+
+/// The output's block size when the caller gives none: the flattened layer's if the output
+/// format allows it (a power of two, 512 bytes to 32 MiB for VHD, 1 to 256 MiB for VHDX) and
+/// the layer is not fixed, else the format's default (VHD 2 MiB, VHDX as Hyper-V: 32 MiB
+/// dynamic, 2 MiB fixed).
+fn default_block_size(format: FlattenFormat, top: &dyn crate::layer::Layer) -> u32 {
+    let own = u32::try_from(top.block_size())
+        .ok()
+        .filter(|_| top.kind() != DiskKind::Fixed);
+    let (range, default) = match format {
+        FlattenFormat::VhdxDynamic => (
+            1 << 20..=256 << 20,
+            crate::vhdx::create::DEFAULT_DYNAMIC_BLOCK,
+        ),
+        FlattenFormat::VhdxFixed => (
+            1 << 20..=256 << 20,
+            crate::vhdx::create::DEFAULT_DIFFERENCING_BLOCK,
+        ),
+        _ => (
+            512..=crate::image::MAX_BLOCK_SIZE,
+            create::DEFAULT_BLOCK_SIZE,
+        ),
+    };
+    own.filter(|b| b.is_power_of_two() && range.contains(b))
+        .unwrap_or(default)
+}
+
+/// A new fixed or dynamic VHD or VHDX at `tmp`, open for writing (a VHDX with the chain's
+/// logical sector size; a VHD has 512-byte sectors whatever the chain's).
+fn create_output(
+    tmp: &Path,
+    format: FlattenFormat,
+    size: u64,
+    block_size: u32,
+    sector_size: u32,
+) -> Result<Box<dyn LayerWriter>> {
+    use crate::vhdx::create as vx;
+    let vhd = CreateOptions {
+        block_size,
+        ..CreateOptions::default()
+    };
+    let vhdx = vx::CreateOptions {
+        block_size: Some(block_size),
+        logical_sector_size: sector_size,
+        ..vx::CreateOptions::default()
+    };
+    Ok(match format {
+        FlattenFormat::Fixed => {
+            Box::new(create::create_fixed(tmp, size, &CreateOptions::default())?)
+        }
+        FlattenFormat::Dynamic => Box::new(create::create_dynamic(tmp, size, &vhd)?),
+        f => {
+            let mut v = match f {
+                FlattenFormat::VhdxFixed => vx::create_fixed(tmp, size, &vhdx)?,
+                _ => vx::create_dynamic(tmp, size, &vhdx)?,
+            };
+            v.finish()?;
+            drop(v);
+            let writable = crate::image::OpenOptions::writable();
+            Box::new(crate::vhdx_layer::VhdxLayer::open(tmp, writable)?)
+        }
+    })
+}
+
+/// Write `data` (whole sectors of the output, inside one of its blocks) at virtual byte
+/// `pos`: every sector selected, so zeros in it are written too.
+fn write_span(out: &mut dyn LayerWriter, pos: u64, data: &mut [u8]) -> Result<()> {
+    let (bs, ss) = (out.block_size(), u64::from(out.sector_size()));
+    let mask = SectorBitmap::full((data.len() as u64 / ss) as usize);
+    out.write_sectors(pos / bs, (pos % bs) / ss, data, &mask)
 }
 
 /// Refuse an output that exists (unless forced) or that is one of the chain's files. An
@@ -455,14 +563,8 @@ impl Writer<'_, '_> {
         Ok(0)
     }
 
-    fn fixed(&mut self, tmp: &Path) -> Result<u64> {
-        let mut out: Box<dyn LayerWriter> = Box::new(create::create_fixed(
-            tmp,
-            self.size,
-            &CreateOptions::default(),
-        )?);
-        let chunk = out.block_size();
-        let full = SectorBitmap::full((chunk / self.sector) as usize);
+    fn fixed(&mut self, mut out: Box<dyn LayerWriter>) -> Result<u64> {
+        let chunk = out.block_size().min(RAW_SPAN);
         let mut buf = vec![0u8; chunk as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
@@ -470,8 +572,7 @@ impl Writer<'_, '_> {
             let n = chunk.min(self.size - pos);
             let plan = self.plan(pos, n)?;
             if self.read(&plan, &mut buf[..n as usize], &mut scratch)? {
-                // The writer never writes past the virtual size in the last chunk.
-                out.write_sectors(pos / chunk, 0, &mut buf, &full)?;
+                write_span(out.as_mut(), pos, &mut buf[..n as usize])?;
             }
             self.report(pos, n);
             pos += n;
@@ -479,46 +580,34 @@ impl Writer<'_, '_> {
         out.finish()?;
         Ok(0)
     }
-
-    fn dynamic(&mut self, tmp: &Path, block_size: u32) -> Result<u64> {
-        let copts = CreateOptions {
-            block_size,
-            ..CreateOptions::default()
-        };
-        let mut out: Box<dyn LayerWriter> =
-            Box::new(create::create_dynamic(tmp, self.size, &copts)?);
-        write_dynamic(self, out.as_mut())
-    }
 }
 
 /// Fill a new dynamic disk block by block, in batches: plan a batch, reserve room for the
 /// blocks some layer provides (one footer move per batch, not per block), write them, commit.
 fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u64> {
     const BATCH_BYTES: u64 = 256 << 20;
-    let bs = out.block_size();
-    let full = SectorBitmap::full((bs / w.sector) as usize);
-    let blocks = w.size.div_ceil(bs);
-    let batch = (BATCH_BYTES / bs).max(1);
-    let mut buf = vec![0u8; bs as usize];
+    // A span is a block, or a part of one (VHDX blocks reach 256 MiB): memory stays bounded.
+    let span = out.block_size().min(crate::merge::MAX_UNIT_BYTES);
+    let spans = w.size.div_ceil(span);
+    let batch = (BATCH_BYTES / span).max(1);
+    let mut buf = vec![0u8; span as usize];
     let mut scratch = Vec::new();
     let mut first = 0;
-    while first < blocks {
-        let last = (first + batch).min(blocks);
+    while first < spans {
+        let last = (first + batch).min(spans);
         let mut plans = Vec::with_capacity((last - first) as usize);
-        for b in first..last {
-            let pos = b * bs;
-            let n = bs.min(w.size - pos);
-            plans.push((b, pos, n, w.plan(pos, n)?));
+        for i in first..last {
+            let pos = i * span;
+            let n = span.min(w.size - pos);
+            plans.push((pos, n, w.plan(pos, n)?));
         }
-        let wanted = plans.iter().filter(|p| !p.3.sources.is_empty()).count() as u64;
+        // One span per block where spans are blocks (VHD); a VHDX allocates as it writes.
+        let wanted = plans.iter().filter(|p| !p.2.sources.is_empty()).count() as u64;
         out.reserve(wanted)?;
-        for (b, pos, n, plan) in &plans {
+        for (pos, n, plan) in &plans {
             let data = &mut buf[..*n as usize];
             if w.read(plan, data, &mut scratch)? {
-                // The last block may be partial: the rest of the buffer is ignored (the writer
-                // masks past the virtual size), but keep it zero for clarity.
-                buf[*n as usize..].fill(0);
-                out.write_sectors(*b, 0, &mut buf, &full)?;
+                write_span(out, *pos, data)?;
             }
             w.report(*pos, *n);
         }

@@ -441,3 +441,125 @@ fn progress_counts_the_data_to_copy() {
         );
     }
 }
+
+/// Flatten `chain_top` into `out` as `format` (the default block size unless `block_size`).
+fn convert(chain_top: &Path, out: &Path, format: FlattenFormat, block_size: Option<u32>) {
+    let chain = Chain::open(chain_top, &ChainOptions::default()).unwrap();
+    let opts = FlattenOptions {
+        format,
+        block_size,
+        ..FlattenOptions::default()
+    };
+    flatten(&chain, out, opts).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+}
+
+/// What qemu-img reads of a fixed or dynamic VHD or VHDX, `None` without qemu-img.
+fn qemu_reads(path: &Path, vhdx: bool) -> Option<Vec<u8>> {
+    if vhdx {
+        let check = oracles::qemu_img_check_vhdx(path)?;
+        assert!(
+            check.is_ok(),
+            "qemu-img check {}: {check:?}",
+            path.display()
+        );
+        oracles::qemu_img_raw_vhdx(path)
+    } else {
+        oracles::qemu_img_raw(path)
+    }
+}
+
+/// Convert-VHD both ways: a VHD chain (a partial last block, data in both layers) becomes a
+/// dynamic and a fixed VHDX, and those become a dynamic and a fixed VHD again, each reading
+/// the chain's view in our reader and in qemu-img; a 4096-byte-sector VHDX becomes a VHD
+/// (512-byte sectors, same bytes); a VHDX output with 256 MiB blocks is written in parts.
+#[test]
+fn conversion_between_vhd_and_vhdx_keeps_every_sector() {
+    use vhd_merge::vhdx::create as vx;
+    let dir = fast_tempdir();
+    let mut rng = Rng::new(77);
+    let (base, child) = (dir.path().join("base.vhd"), dir.path().join("child.vhd"));
+    let size = 9 * MIB + 64 * KIB;
+    let mut b = create_dynamic(&base, size, &CreateOptions::default()).unwrap();
+    let mut data = vec![0u8; 3 * MIB as usize];
+    rng.fill(&mut data);
+    b.write_at(MIB, &data).unwrap();
+    b.write_at(size - 8192, &data[..8192]).unwrap();
+    drop(b);
+    let mut c =
+        vhd_merge::create::create_differencing(&child, &base, &CreateOptions::default()).unwrap();
+    c.write_at(2 * MIB + 1536, &data[..5120]).unwrap();
+    c.write_at(6 * MIB, &data[..MIB as usize]).unwrap();
+    drop(c);
+    let want = common::read_view(&child);
+
+    let cases = [
+        ("d.vhdx", FlattenFormat::VhdxDynamic, true),
+        ("f.vhdx", FlattenFormat::VhdxFixed, true),
+    ];
+    for (name, format, vhdx) in cases {
+        let out = dir.path().join(name);
+        convert(&child, &out, format, None);
+        common::assert_same(&common::read_view(&out), &want, name);
+        if let Some(q) = qemu_reads(&out, vhdx) {
+            common::assert_same(&q, &want, &format!("qemu-img reading {name}"));
+        }
+        for (back, format) in [
+            ("d.vhd", FlattenFormat::Dynamic),
+            ("f.vhd", FlattenFormat::Fixed),
+        ] {
+            let again = dir.path().join(format!("{name}-{back}"));
+            convert(&out, &again, format, None);
+            common::assert_same(&common::read_view(&again), &want, back);
+            if let Some(q) = qemu_reads(&again, false) {
+                common::assert_same(&q, &want, &format!("qemu-img reading {back}"));
+            }
+        }
+    }
+    let big = dir.path().join("big-blocks.vhdx");
+    convert(&child, &big, FlattenFormat::VhdxDynamic, Some(256 << 20));
+    common::assert_same(&common::read_view(&big), &want, "256 MiB blocks");
+
+    let s4k = dir.path().join("4k.vhdx");
+    let opts = vx::CreateOptions {
+        logical_sector_size: 4096,
+        ..vx::CreateOptions::default()
+    };
+    let mut v = vx::create_dynamic(&s4k, 8 * MIB, &opts).unwrap();
+    v.write_at(4096 * 3, &data[..3 * 4096]).unwrap();
+    v.finish().unwrap();
+    drop(v);
+    let want4k = common::read_view(&s4k);
+    let as_vhd = dir.path().join("4k.vhd");
+    convert(&s4k, &as_vhd, FlattenFormat::Dynamic, None);
+    common::assert_same(
+        &common::read_view(&as_vhd),
+        &want4k,
+        "4096-byte sectors to VHD",
+    );
+}
+
+/// A VHDX larger than 2040 GiB cannot become a VHD: refused before anything is written (no
+/// output, no temporary file), while a VHDX output is fine.
+#[test]
+fn a_vhdx_past_2040_gib_is_not_converted_to_vhd() {
+    let dir = fast_tempdir();
+    let src = dir.path().join("huge.vhdx");
+    let opts = vhd_merge::vhdx::create::CreateOptions::default();
+    vhd_merge::vhdx::create::create_dynamic(&src, 2041 << 30, &opts).unwrap();
+    let chain = Chain::open(&src, &ChainOptions::default()).unwrap();
+    for format in [FlattenFormat::Dynamic, FlattenFormat::Fixed] {
+        let out = dir.path().join("out.vhd");
+        let opts = FlattenOptions {
+            format,
+            ..FlattenOptions::default()
+        };
+        let e = flatten(&chain, &out, opts).unwrap_err();
+        assert_eq!(e.return_code(), ReturnCode::InvalidParameter, "{e}");
+        assert!(
+            e.to_string().contains("2040") || e.to_string().contains("larger"),
+            "{e}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the source is there");
+    }
+}

@@ -7,16 +7,21 @@ use vhd_merge::{Chain, FlattenFormat, FlattenOptions, Result, flatten};
 
 use super::ChainArgs;
 
-/// Output format of `vhd-merge flatten`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+/// Output format of `vhd-merge flatten` (Hyper-V's Convert-VHD targets, and raw).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Format {
     /// Raw image (sparse where zero).
     Raw,
     /// Fixed VHD.
+    #[value(name = "vhd-fixed", alias = "fixed")]
     Fixed,
     /// Dynamic VHD; all-zero blocks stay unallocated.
-    #[default]
+    #[value(name = "vhd-dynamic", alias = "dynamic")]
     Dynamic,
+    /// Fixed VHDX (all-zero spans stay holes in the file).
+    VhdxFixed,
+    /// Dynamic VHDX; all-zero blocks stay unallocated (NOT_PRESENT).
+    VhdxDynamic,
 }
 
 /// Arguments of `vhd-merge flatten`.
@@ -26,11 +31,13 @@ pub struct Args {
     pub file: PathBuf,
     /// The new file.
     pub output: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Dynamic)]
-    pub format: Format,
+    /// Output format [default: by OUTPUT's extension: .vhdx/.avhdx vhdx-dynamic,
+    /// .raw/.img/.bin raw, else vhd-dynamic].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
     /// Block size of a dynamic output: bytes, or a number with K, M, G, T (binary), a power of
-    /// two from 512 bytes to 32 MiB [default: the input's].
+    /// two from 512 bytes to 32 MiB for VHD, 1 MiB to 256 MiB for VHDX [default: the input's
+    /// when the output format allows it, else 2 MiB for VHD and 32 MiB for VHDX].
     #[arg(long, value_name = "SIZE")]
     pub block_size: Option<String>,
     /// Replace OUTPUT if it exists (it is replaced only once the new file is complete).
@@ -68,9 +75,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut on_progress = |p: &vhd_merge::FlattenProgress| bar.set(p.data_done, p.data_total);
     let opts = FlattenOptions {
         format: match args.format {
-            Format::Raw => FlattenFormat::Raw,
-            Format::Fixed => FlattenFormat::Fixed,
-            Format::Dynamic => FlattenFormat::Dynamic,
+            None => FlattenFormat::from_extension(&args.output),
+            Some(Format::Raw) => FlattenFormat::Raw,
+            Some(Format::Fixed) => FlattenFormat::Fixed,
+            Some(Format::Dynamic) => FlattenFormat::Dynamic,
+            Some(Format::VhdxFixed) => FlattenFormat::VhdxFixed,
+            Some(Format::VhdxDynamic) => FlattenFormat::VhdxDynamic,
         },
         force: args.force,
         block_size,
@@ -90,7 +100,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         r.layers,
         super::chain::human(r.data_bytes)
     );
-    if r.format == FlattenFormat::Dynamic {
+    if matches!(
+        r.format,
+        FlattenFormat::Dynamic | FlattenFormat::VhdxDynamic
+    ) {
         line.push_str(&format!(", {} block(s) allocated", r.blocks_allocated));
     }
     if super::verbosity() == super::Verbosity::Verbose {
