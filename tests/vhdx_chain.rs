@@ -102,7 +102,6 @@ impl Tally {
 /// `relative_path`, verified by DataWriteGuid), reads as the model says: the whole view, and
 /// reads of random sector ranges.
 #[test]
-#[ignore = "needs the VHDX layer (lead)"]
 fn random_vhdx_chains_read_like_the_model_at_every_level() {
     for seed in 0..cases(40, 300) {
         let c = random_vhdx_case(seed);
@@ -151,7 +150,6 @@ fn fixture_as(rel: &str, dir: &Path, name: &str) -> Option<std::path::PathBuf> {
 /// `relative_path` (`.\ntfs-parent.vhdx`; its `absolute_win32_path` is a `C:\` path) and reads
 /// with the virtual SHA-256 of PROVENANCE.md; the parent alone with its own.
 #[test]
-#[ignore = "needs the VHDX layer (lead)"]
 fn the_windows_differencing_chains_read_with_their_sha256() {
     for (child, parent, child_sha, parent_sha) in WINDOWS_CHAINS {
         let dir = tempfile::tempdir().unwrap();
@@ -190,7 +188,6 @@ pub const WINDOWS_CHAINS: [(&str, &str, &str, &str); 2] = [
 /// A Windows child next to another Windows parent under its parent's name: refused with File
 /// not found (32779), the candidate listed with why (its DataWriteGuid is not the linkage).
 #[test]
-#[ignore = "needs the VHDX layer (lead)"]
 fn a_parent_with_another_data_write_guid_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (Some(c), Some(_)) = (
@@ -207,7 +204,6 @@ fn a_parent_with_another_data_write_guid_is_refused() {
 /// A child whose `parent_linkage` no longer matches but whose `parent_linkage2` holds the
 /// parent's DataWriteGuid opens (the merge relies on it); one matching neither does not.
 #[test]
-#[ignore = "needs the VHDX layer (lead)"]
 fn parent_linkage2_is_accepted_too() {
     let dir = common::fast_tempdir();
     let o = vhd_merge::vhdx::create::CreateOptions::default();

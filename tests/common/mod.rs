@@ -6,6 +6,7 @@
 //! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
+//! - [`merging`]: a VHDX merge under test and the checks every VHDX merge test makes;
 //! - [`os`]: running as root, immutable files, a small tmpfs;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
@@ -15,6 +16,7 @@
 
 pub mod craft;
 pub mod fixtures;
+pub mod merging;
 pub mod model;
 pub mod oracles;
 pub mod os;

@@ -310,7 +310,7 @@ impl NewLayer for Vhdx<FileStorage> {
 impl LayerModel {
     /// Record a write of the sectors (of `ss` bytes) `mask` selects from `data`, from logical
     /// sector `first` on; sectors past the virtual size are dropped.
-    fn write(&mut self, first: usize, data: &[u8], mask: &SectorBitmap, ss: usize) {
+    pub fn write(&mut self, first: usize, data: &[u8], mask: &SectorBitmap, ss: usize) {
         for r in mask.runs() {
             for s in r {
                 let at = (first + s) * ss;

@@ -133,7 +133,9 @@ enum Undo {
 pub struct Lossy {
     inner: Box<dyn Storage>,
     fail_sync: u64,
-    syncs: std::sync::atomic::AtomicU64,
+    /// Syncs so far, counted over every storage the wrapper made (a merge may open a file
+    /// more than once).
+    syncs: Arc<std::sync::atomic::AtomicU64>,
     undo: Mutex<Vec<Undo>>,
     failed: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -211,11 +213,12 @@ impl Storage for Lossy {
 pub fn lossy(n: u64) -> (StorageWrapper, Arc<std::sync::atomic::AtomicBool>) {
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f2 = failed.clone();
+    let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let wrap: StorageWrapper = Arc::new(move |s| {
         Box::new(Lossy {
             inner: s,
             fail_sync: n,
-            syncs: Default::default(),
+            syncs: syncs.clone(),
             undo: Mutex::new(Vec::new()),
             failed: f2.clone(),
         })
