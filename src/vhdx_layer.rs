@@ -194,7 +194,7 @@ impl Layer for VhdxLayer {
     }
 
     fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_> {
-        Box::new((0..self.v.block_count()).filter(move |&b| self.is_mapped(b)))
+        Box::new(self.v.mapped_blocks())
     }
 
     fn block_state(&self, block: u64) -> Result<BlockState> {
@@ -206,10 +206,7 @@ impl Layer for VhdxLayer {
     }
 
     fn is_mapped(&self, block: u64) -> bool {
-        self.v
-            .payload_entry(block)
-            .and_then(|e| e.payload_state())
-            .is_ok_and(|s| s != PayloadState::NotPresent)
+        self.v.is_mapped(block)
     }
 
     /// Each new block takes its payload block (a multiple of 1 MiB, so no alignment gap) and,

@@ -10,7 +10,7 @@
 use proptest::prelude::*;
 use uuid::{Uuid, uuid};
 use vhd_merge::ReturnCode;
-use vhd_merge::vhdx::format::bat::{self, BatEntry, BitmapState, Geometry, PayloadState};
+use vhd_merge::vhdx::format::bat::{self, BatEntry, BitmapState, EntryKind, Geometry, PayloadState};
 use vhd_merge::vhdx::format::header::{FileIdentifier, Header, current_header};
 use vhd_merge::vhdx::format::log::{EntryParams, PAGE, Write, build_entry, find_active};
 use vhd_merge::vhdx::format::metadata::{
@@ -585,6 +585,11 @@ proptest! {
             prop_assert!(g.payload_index(i) < g.bitmap_index(c));
             prop_assert!(c == 0 || g.payload_index(i) > g.bitmap_index(c - 1));
             prop_assert_eq!(g.payload_index(i) - g.payload_index(c * cr), i - c * cr);
+            prop_assert_eq!(g.entry_kind(g.payload_index(i)), EntryKind::Payload(i));
+            prop_assert_eq!(g.entry_kind(g.bitmap_index(c)), EntryKind::Bitmap(c));
+        }
+        if parent && n % cr != 0 {
+            prop_assert_eq!(g.entry_kind(g.payload_index(n - 1) + 1), EntryKind::Unused);
         }
         let last = g.payload_index(n - 1) + 1;
         if parent {

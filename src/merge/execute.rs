@@ -257,9 +257,11 @@ pub(crate) fn run(
     let bytes_merged = match copied {
         Ok(n) => n,
         Err(e) => {
-            // Publish what was written before the error when the storage still works (out of
-            // space, a bad source sector...): the ordering keeps the file valid either way.
-            let _ = dest.commit();
+            // Publish what was written before the error and end the session cleanly when the
+            // storage still works (out of space, a bad source sector...; a VHDX's log is then
+            // clear, so that qemu opens it read-only): the ordering keeps the file valid
+            // either way.
+            let _ = dest.finish();
             return Err(e);
         }
     };

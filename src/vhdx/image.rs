@@ -63,8 +63,6 @@ struct Session {
     log: Option<LogWriter>,
     /// Where the next new block goes (0: not computed yet).
     alloc_end: u64,
-    /// BAT pages (index of the 4 KiB page in the BAT region) changed in memory.
-    dirty_bat: BTreeSet<u64>,
     /// Sector bitmap pages read or changed (file offset → 4 KiB); authoritative over the file.
     bitmaps: BTreeMap<u64, Vec<u8>>,
     /// The bitmap pages changed in memory.
@@ -165,6 +163,17 @@ impl<S: Storage> Vhdx<S> {
     pub fn payload_entry(&self, block: u64) -> Result<BatEntry> {
         self.check_block(block)?;
         self.r.entry(block)
+    }
+
+    /// Whether block `block`'s state is not NOT_PRESENT, from the table alone.
+    pub fn is_mapped(&self, block: u64) -> bool {
+        self.r.bat.is_mapped(block)
+    }
+
+    /// The blocks whose state is not NOT_PRESENT, in order (no entry is read: cost follows
+    /// the table's size / 64 and the mapped blocks).
+    pub fn mapped_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.r.bat.mapped_blocks()
     }
 
     /// The BAT entry of the sector bitmap block of chunk `chunk`.
@@ -550,6 +559,7 @@ impl<S: Storage> Vhdx<S> {
         grow(self.r.file.storage(), end)?;
         self.r.file.written(end);
         self.session.alloc_end = end;
+        self.session.unflushed = true;
         Ok(offset)
     }
 
@@ -588,15 +598,8 @@ impl<S: Storage> Vhdx<S> {
     }
 
     fn set_bat_index(&mut self, index: u64, e: BatEntry) -> Result<()> {
-        let at = (index * 8) as usize;
-        let slot = self
-            .r
-            .bat
-            .get_mut(at..at + 8)
-            .ok_or_else(|| Error::format(format!("VHDX BAT: no entry {index}")))?;
-        slot.copy_from_slice(&e.0.to_le_bytes());
-        self.session.dirty_bat.insert(index * 8 / PAGE as u64);
-        Ok(())
+        let r = &mut self.r;
+        r.bat.set(&r.file, index, e)
     }
 
     /// Set the bits of the masked sectors of differencing block `block` (a bitmap block is
@@ -635,26 +638,13 @@ impl<S: Storage> Vhdx<S> {
         Ok(())
     }
 
-    /// The 4 KiB BAT page `k` as it must read: the file's bytes with the in-memory entries
-    /// over them (the last page may reach past the entries the disk needs).
-    fn bat_page(&self, k: u64) -> Result<Vec<u8>> {
-        let offset = self.r.regions.bat.file_offset + k * PAGE as u64;
-        let mut p = self.r.file.read(offset, PAGE as u64)?;
-        let start = (k as usize) * PAGE;
-        let end = self.r.bat.len().min(start + PAGE);
-        if let Some(src) = self.r.bat.get(start..end) {
-            p[..src.len()].copy_from_slice(src);
-        }
-        Ok(p)
-    }
-
     /// The changed pages, as log writes.
     fn dirty_pages(&self) -> Result<Vec<Write>> {
         let mut pages = Vec::new();
-        for &k in &self.session.dirty_bat {
+        for k in self.r.bat.changed_pages() {
             pages.push(Write::Page {
-                file_offset: self.r.regions.bat.file_offset + k * PAGE as u64,
-                data: self.bat_page(k)?,
+                file_offset: self.r.bat.page_offset(k),
+                data: self.r.bat.page(&self.r.file, k)?,
             });
         }
         for &page in &self.session.dirty_bitmaps {
@@ -683,8 +673,11 @@ impl<S: Storage> Vhdx<S> {
             return Ok(());
         }
         let s = self.r.file.storage();
-        flush(s, "payload data")?;
-        self.session.unflushed = false;
+        if self.session.unflushed {
+            // Data (and the file's growth) durable before any entry that exposes it.
+            flush(s, "payload data")?;
+            self.session.unflushed = false;
+        }
         let file_len = self.r.file.file_len();
         let log = self
             .session
@@ -703,7 +696,7 @@ impl<S: Storage> Vhdx<S> {
             }
             flush(s, "logged pages in place")?;
         }
-        self.session.dirty_bat.clear();
+        self.r.bat.published();
         self.session.dirty_bitmaps.clear();
         self.session.pages.clear();
         Ok(())

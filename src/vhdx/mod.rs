@@ -6,6 +6,7 @@
 //! structs to bytes. Nothing here opens a file; every size that would drive an allocation is
 //! bounded by the caller (the region or log bytes it hands in).
 
+mod bat;
 pub mod create;
 pub mod format;
 pub mod image;

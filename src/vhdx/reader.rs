@@ -5,7 +5,8 @@
 //! the BAT as they read after replay. Every object is checked against the file's length
 //! before anything is allocated. Differencing files are refused for now (Not Supported).
 
-use super::format::bat::{BatEntry, Geometry, PayloadState};
+use super::bat::PagedBat;
+use super::format::bat::{BatEntry, BitmapState, EntryKind, Geometry, PayloadState};
 use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
 use super::format::log::{ReplayPlan, find_active};
 use super::format::metadata::Metadata;
@@ -134,7 +135,7 @@ pub struct VhdxReader<S: Storage> {
     pub metadata: Metadata,
     /// The BAT's shape.
     pub geometry: Geometry,
-    pub(crate) bat: Vec<u8>,
+    pub(crate) bat: PagedBat,
 }
 
 /// How [`VhdxReader::open_with`] opens a file.
@@ -215,8 +216,15 @@ impl<S: Storage> VhdxReader<S> {
             fp.has_parent,
         )?;
         geometry.check_bat_region(regions.bat.length.into())?;
-        let bat = file.read(regions.bat.file_offset, geometry.entries_needed() * 8)?;
-        let r = VhdxReader {
+        let file_len = file.file_len();
+        let bat = PagedBat::load(&file, regions.bat.file_offset, geometry, |kind, e| {
+            match kind {
+                EntryKind::Payload(i) => check_block(&geometry, file_len, i, e),
+                EntryKind::Bitmap(c) if fp.has_parent => check_bitmap_block(file_len, c, e),
+                _ => Ok(()),
+            }
+        })?;
+        Ok(VhdxReader {
             file,
             header,
             creator,
@@ -224,69 +232,17 @@ impl<S: Storage> VhdxReader<S> {
             metadata,
             geometry,
             bat,
-        };
-        (0..r.geometry.data_blocks()).try_for_each(|i| r.check_block(i))?;
-        if fp.has_parent {
-            (0..r.geometry.bitmap_blocks()).try_for_each(|c| r.check_bitmap_block(c))?;
-        }
-        Ok(r)
-    }
-
-    /// A present sector bitmap block lies inside the file, after the header section.
-    fn check_bitmap_block(&self, c: u64) -> Result<()> {
-        let e = self.bitmap_entry(c)?;
-        if e.bitmap_state()? == super::format::bat::BitmapState::NotPresent {
-            return Ok(());
-        }
-        let inside = e.file_offset() >= MIB
-            && e.file_offset()
-                .checked_add(MIB)
-                .is_some_and(|end| end <= self.file.file_len());
-        if !inside {
-            return Err(Error::format(format!(
-                "VHDX BAT: sector bitmap block of chunk {c} at {:#x} is not inside the file",
-                e.file_offset()
-            )));
-        }
-        Ok(())
+        })
     }
 
     /// The sector bitmap entry of chunk `c`.
     pub(crate) fn bitmap_entry(&self, c: u64) -> Result<BatEntry> {
-        BatEntry::at(&self.bat, self.geometry.bitmap_index(c))
-            .ok_or_else(|| Error::format(format!("VHDX BAT: no bitmap entry for chunk {c}")))
-    }
-
-    /// A present block's data within the virtual disk lies inside the file, after the header
-    /// section ([MS-VHDX] 2.5.1.1: FileOffsetMB of FULLY_/PARTIALLY_PRESENT blocks).
-    fn check_block(&self, i: u64) -> Result<()> {
-        let e = self.entry(i)?;
-        if !matches!(
-            e.payload_state()?,
-            PayloadState::FullyPresent | PayloadState::PartiallyPresent
-        ) {
-            return Ok(());
-        }
-        let g = &self.geometry;
-        let used = u64::from(g.block_size).min(g.virtual_size - i * u64::from(g.block_size));
-        let end = e
-            .file_offset()
-            .checked_add(used)
-            .filter(|&end| end <= self.file.file_len());
-        if e.file_offset() < MIB || end.is_none() {
-            return Err(Error::format(format!(
-                "VHDX BAT: block {i} at {:#x} is not inside the file ({:#x} bytes)",
-                e.file_offset(),
-                self.file.file_len()
-            )));
-        }
-        Ok(())
+        self.bat.entry(&self.file, self.geometry.bitmap_index(c))
     }
 
     /// The payload entry of block `i`.
     pub(crate) fn entry(&self, i: u64) -> Result<BatEntry> {
-        BatEntry::at(&self.bat, self.geometry.payload_index(i))
-            .ok_or_else(|| Error::format(format!("VHDX BAT: no entry for block {i}")))
+        self.bat.entry(&self.file, self.geometry.payload_index(i))
     }
 
     /// The virtual disk's size in bytes.
@@ -335,6 +291,47 @@ impl<S: Storage> VhdxReader<S> {
         }
         Ok(())
     }
+}
+
+/// A present sector bitmap block lies inside the file, after the header section.
+fn check_bitmap_block(file_len: u64, c: u64, e: BatEntry) -> Result<()> {
+    if e.bitmap_state()? == BitmapState::NotPresent {
+        return Ok(());
+    }
+    let inside = e.file_offset() >= MIB
+        && e.file_offset()
+            .checked_add(MIB)
+            .is_some_and(|end| end <= file_len);
+    if !inside {
+        return Err(Error::format(format!(
+            "VHDX BAT: sector bitmap block of chunk {c} at {:#x} is not inside the file",
+            e.file_offset()
+        )));
+    }
+    Ok(())
+}
+
+/// A present block's data within the virtual disk lies inside the file, after the header
+/// section ([MS-VHDX] 2.5.1.1: FileOffsetMB of FULLY_/PARTIALLY_PRESENT blocks).
+fn check_block(g: &Geometry, file_len: u64, i: u64, e: BatEntry) -> Result<()> {
+    if !matches!(
+        e.payload_state()?,
+        PayloadState::FullyPresent | PayloadState::PartiallyPresent
+    ) {
+        return Ok(());
+    }
+    let used = u64::from(g.block_size).min(g.virtual_size - i * u64::from(g.block_size));
+    let end = e
+        .file_offset()
+        .checked_add(used)
+        .filter(|&end| end <= file_len);
+    if e.file_offset() < MIB || end.is_none() {
+        return Err(Error::format(format!(
+            "VHDX BAT: block {i} at {:#x} is not inside the file ({file_len:#x} bytes)",
+            e.file_offset()
+        )));
+    }
+    Ok(())
 }
 
 fn slot(start: &[u8], offset: u64) -> &[u8] {

@@ -200,6 +200,29 @@ impl Geometry {
     pub fn chunk_of(&self, i: u64) -> u64 {
         i / self.chunk_ratio()
     }
+
+    /// What BAT entry `k` describes: the inverse of [`Geometry::payload_index`] and
+    /// [`Geometry::bitmap_index`].
+    pub fn entry_kind(&self, k: u64) -> EntryKind {
+        let cr = self.chunk_ratio();
+        let (c, r) = (k / (cr + 1), k % (cr + 1));
+        match (r == cr, c * cr + r) {
+            (true, _) => EntryKind::Bitmap(c),
+            (false, i) if i < self.data_blocks() => EntryKind::Payload(i),
+            _ => EntryKind::Unused,
+        }
+    }
+}
+
+/// What one BAT entry describes ([`Geometry::entry_kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// The payload entry of this block.
+    Payload(u64),
+    /// The sector bitmap entry of this chunk.
+    Bitmap(u64),
+    /// A payload slot past the last block (in the last chunk of a differencing disk).
+    Unused,
 }
 
 /// Bit `n` of a sector bitmap (LSB first: bit n%8 of byte n/8; 1 = this file holds the sector).

@@ -1,0 +1,186 @@
+//! The BAT of an open VHDX, read on demand so that memory stays bounded whatever the table's
+//! size (a 64 TiB disk with 1 MiB blocks has a 512 MiB BAT).
+//!
+//! Opening streams the table once, in [`CHUNK`]-byte pieces, to validate every entry and to
+//! note which payload blocks are mapped (one bit per block: 8 MiB for that 64 TiB disk).
+//! Afterwards entries are read a chunk at a time through a small cache of at most
+//! [`CACHE_CHUNKS`] chunks. A write session's changes are kept as whole 4 KiB pages (the unit
+//! the log writes) on top of the file until they are published.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use super::format::bat::{BatEntry, EntryKind, Geometry, PayloadState};
+use super::format::log::PAGE;
+use super::reader::Overlay;
+use crate::io::Storage;
+use crate::{Error, Result};
+
+/// Bytes of BAT read at once (8192 entries).
+pub(crate) const CHUNK: u64 = 64 << 10;
+/// Chunks the cache holds before it starts over (16 MiB).
+const CACHE_CHUNKS: usize = 256;
+
+/// The BAT region of an open file, as it reads with the session's changes.
+#[derive(Debug)]
+pub(crate) struct PagedBat {
+    /// File offset of the region.
+    offset: u64,
+    /// Bytes of the entries the disk needs.
+    len: u64,
+    geometry: Geometry,
+    /// Chunks read from the file, by chunk index.
+    cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    /// The session's changed 4 KiB pages, by page index: authoritative over the file.
+    changed: BTreeMap<u64, Vec<u8>>,
+    /// One bit per payload block: its state is not NOT_PRESENT.
+    mapped: Vec<u64>,
+}
+
+impl PagedBat {
+    /// Stream the table at `offset` once, calling `check` with every entry and what it
+    /// describes (the caller's validation), and note the mapped payload blocks.
+    pub(crate) fn load<S: Storage>(
+        file: &Overlay<S>,
+        offset: u64,
+        geometry: Geometry,
+        mut check: impl FnMut(EntryKind, BatEntry) -> Result<()>,
+    ) -> Result<PagedBat> {
+        let len = geometry.entries_needed() * 8;
+        let mut mapped = vec![0u64; geometry.data_blocks().div_ceil(64) as usize];
+        let mut at = 0;
+        while at < len {
+            let bytes = file.read(offset + at, CHUNK.min(len - at))?;
+            for (j, e) in bytes.chunks_exact(8).enumerate() {
+                let e = BatEntry(u64::from_le_bytes(e.try_into().unwrap_or_default()));
+                if e.0 == 0 {
+                    // NOT_PRESENT at offset 0: valid in every slot, and not mapped. Most of a
+                    // large table is this; skipping the index math keeps open at disk speed.
+                    continue;
+                }
+                let kind = geometry.entry_kind(at / 8 + j as u64);
+                check(kind, e)?;
+                if let EntryKind::Payload(i) = kind
+                    && e.payload_state()? != PayloadState::NotPresent
+                {
+                    mapped[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            }
+            at += CHUNK;
+        }
+        Ok(PagedBat {
+            offset,
+            len,
+            geometry,
+            cache: Mutex::new(HashMap::new()),
+            changed: BTreeMap::new(),
+            mapped,
+        })
+    }
+
+    /// Entry `k` of the table.
+    pub(crate) fn entry<S: Storage>(&self, file: &Overlay<S>, k: u64) -> Result<BatEntry> {
+        if k.checked_mul(8).is_none_or(|b| b + 8 > self.len) {
+            return Err(Error::format(format!("VHDX BAT: no entry {k}")));
+        }
+        let page = k * 8 / PAGE as u64;
+        if let Some(p) = self.changed.get(&page) {
+            return Ok(entry_in(p, (k * 8 % PAGE as u64) as usize));
+        }
+        let chunk = self.chunk(file, k * 8 / CHUNK)?;
+        Ok(entry_in(&chunk, (k * 8 % CHUNK) as usize))
+    }
+
+    /// Chunk `c` of the file's table, from the cache or read now.
+    fn chunk<S: Storage>(&self, file: &Overlay<S>, c: u64) -> Result<Arc<Vec<u8>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = cache.get(&c) {
+            return Ok(b.clone());
+        }
+        let start = c * CHUNK;
+        let bytes = Arc::new(file.read(self.offset + start, CHUNK.min(self.len - start))?);
+        if cache.len() >= CACHE_CHUNKS {
+            cache.clear();
+        }
+        cache.insert(c, bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Set entry `k` in the session's pages (and the mapped bit of a payload entry).
+    pub(crate) fn set<S: Storage>(&mut self, file: &Overlay<S>, k: u64, e: BatEntry) -> Result<()> {
+        self.entry(file, k)?;
+        let page = k * 8 / PAGE as u64;
+        if !self.changed.contains_key(&page) {
+            let bytes = self.page(file, page)?;
+            self.changed.insert(page, bytes);
+        }
+        if let Some(p) = self.changed.get_mut(&page) {
+            let at = (k * 8 % PAGE as u64) as usize;
+            p[at..at + 8].copy_from_slice(&e.0.to_le_bytes());
+        }
+        if let EntryKind::Payload(i) = self.geometry.entry_kind(k) {
+            let bit = 1 << (i % 64);
+            match e.payload_state()? {
+                PayloadState::NotPresent => self.mapped[(i / 64) as usize] &= !bit,
+                _ => self.mapped[(i / 64) as usize] |= bit,
+            }
+        }
+        Ok(())
+    }
+
+    /// The 4 KiB page `k` of the region as it must read: the session's copy, else the file's
+    /// bytes (the region's last page may reach past the entries the disk needs).
+    pub(crate) fn page<S: Storage>(&self, file: &Overlay<S>, k: u64) -> Result<Vec<u8>> {
+        match self.changed.get(&k) {
+            Some(p) => Ok(p.clone()),
+            None => file.read(self.offset + k * PAGE as u64, PAGE as u64),
+        }
+    }
+
+    /// The indices of the pages the session changed.
+    pub(crate) fn changed_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.changed.keys().copied()
+    }
+
+    /// File offset of page `k`.
+    pub(crate) fn page_offset(&self, k: u64) -> u64 {
+        self.offset + k * PAGE as u64
+    }
+
+    /// The changed pages are now in place in the file: read them from there again.
+    pub(crate) fn published(&mut self) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        for k in self.changed.keys() {
+            cache.remove(&(k * PAGE as u64 / CHUNK));
+        }
+        self.changed.clear();
+    }
+
+    /// Whether payload block `i` is mapped (its state is not NOT_PRESENT).
+    pub(crate) fn is_mapped(&self, i: u64) -> bool {
+        self.mapped
+            .get((i / 64) as usize)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    /// The mapped payload blocks, in order; cost follows the table's size / 64 and the mapped
+    /// blocks, no entry is read.
+    pub(crate) fn mapped_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.mapped.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut bits = bits;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    w as u64 * 64 + b
+                })
+            })
+        })
+    }
+}
+
+/// The entry at byte `at` of `bytes` (in bounds: the callers checked the index).
+fn entry_in(bytes: &[u8], at: usize) -> BatEntry {
+    let b = bytes.get(at..at + 8).and_then(|b| b.try_into().ok());
+    BatEntry(u64::from_le_bytes(b.unwrap_or_default()))
+}
