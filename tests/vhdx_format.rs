@@ -10,7 +10,9 @@
 use proptest::prelude::*;
 use uuid::{Uuid, uuid};
 use vhd_merge::ReturnCode;
-use vhd_merge::vhdx::format::bat::{self, BatEntry, BitmapState, EntryKind, Geometry, PayloadState};
+use vhd_merge::vhdx::format::bat::{
+    self, BatEntry, BitmapState, EntryKind, Geometry, PayloadState,
+};
 use vhd_merge::vhdx::format::header::{FileIdentifier, Header, current_header};
 use vhd_merge::vhdx::format::log::{EntryParams, PAGE, Write, build_entry, find_active};
 use vhd_merge::vhdx::format::metadata::{
@@ -588,7 +590,7 @@ proptest! {
             prop_assert_eq!(g.entry_kind(g.payload_index(i)), EntryKind::Payload(i));
             prop_assert_eq!(g.entry_kind(g.bitmap_index(c)), EntryKind::Bitmap(c));
         }
-        if parent && n % cr != 0 {
+        if parent && !n.is_multiple_of(cr) {
             prop_assert_eq!(g.entry_kind(g.payload_index(n - 1) + 1), EntryKind::Unused);
         }
         let last = g.payload_index(n - 1) + 1;
