@@ -14,7 +14,7 @@
 //!   --cold           drop the page cache before every timed command (Linux, root only):
 //!                    sync; echo 3 > /proc/sys/vm/drop_caches. Default: warm cache.
 //!   --global-sync    time `cp` + `sync` (every file system) instead of `cp` + `sync FILE`
-//!   --only LIST      comma-separated shapes: full,eos,e4k,fixed,sparse,fullbat,deep,
+//!   --only LIST      comma-separated shapes: full,vhdx,eos,e4k,fixed,sparse,fullbat,deep,
 //!                    striped,deepsparse,flatten (default: all; references are added as
 //!                    needed)
 //!   --bin PATH       the vhd-merge binary (default: target/release/vhd-merge, built first
@@ -42,7 +42,7 @@ use vhd_merge::{Chain, ChainOptions};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{Fill, Shape, Spread, build_chain};
+use common::{Fill, Shape, Spread, build_chain, build_vhdx_chain};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -92,7 +92,7 @@ fn parse_args() -> Res<Args> {
             "--keep" => a.keep = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
+                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,vhdx,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
                 );
                 std::process::exit(0);
             }
@@ -150,6 +150,19 @@ fn build_plain(path: &Path, bytes: u64, fill: &mut Fill) -> Res<()> {
     Ok(())
 }
 
+/// Whether `cp --reflink=always` works from `src` into `probe` (a file system with reflink).
+fn reflink_works(src: &Path, probe: &Path) -> bool {
+    let ok = Command::new("cp")
+        .arg("--reflink=always")
+        .arg(src)
+        .arg(probe)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = std::fs::remove_file(probe);
+    ok
+}
+
 fn copy_synced(from: &Path, to: &Path) -> Res<()> {
     std::fs::copy(from, to)?;
     File::options().write(true).open(to)?.sync_all()?;
@@ -158,14 +171,22 @@ fn copy_synced(from: &Path, to: &Path) -> Res<()> {
 
 /// What one timed command does.
 enum Kind {
-    /// `cp SRC DST` then `sync DST` (or a global sync).
-    Cp { src: PathBuf, dst: PathBuf },
-    /// `vhd-merge merge SRC DEST --json`, after restoring DEST from `pristine`.
+    /// `cp --reflink=never SRC DST` then `sync DST` (or a global sync); with `reflink`,
+    /// `cp --reflink=always` (block cloning: the floor a cloning merge is held to). GNU cp 9
+    /// clones by default where it can, so the copy reference says `never` explicitly.
+    Cp {
+        src: PathBuf,
+        dst: PathBuf,
+        reflink: bool,
+    },
+    /// `vhd-merge merge SRC DEST --json` (with `--no-clone` when `no_clone`), after
+    /// restoring DEST from `pristine`.
     Merge {
         src: PathBuf,
         dest: PathBuf,
         pristine: PathBuf,
         expect: u64,
+        no_clone: bool,
     },
     /// `vhd-merge flatten SRC OUT --format F --quiet`, after removing OUT.
     Flatten {
@@ -182,6 +203,8 @@ struct Item {
     kind: Kind,
     secs: Vec<f64>,
     rss_kib: Vec<u64>,
+    /// A merge's bytes cloned and copied (from its JSON report, last run).
+    cloned: Option<(u64, u64)>,
 }
 
 impl Item {
@@ -191,6 +214,7 @@ impl Item {
             kind,
             secs: Vec::new(),
             rss_kib: Vec::new(),
+            cloned: None,
         }
     }
 }
@@ -251,7 +275,24 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
                 std::fs::remove_file(dst)?;
             }
         }
-        Kind::Merge { dest, pristine, .. } => copy_synced(pristine, dest)?,
+        Kind::Merge {
+            src,
+            dest,
+            pristine,
+            ..
+        } => {
+            copy_synced(pristine, dest)?;
+            // A merge into a VHDX re-links the source to the destination's new identity:
+            // the source has a pristine copy to restore too (in another directory, or the
+            // sibling scan would find it).
+            let src_pristine = src.parent().map(|d| {
+                d.with_extension("pristine")
+                    .join(src.file_name().unwrap_or_default())
+            });
+            if let Some(sp) = src_pristine.filter(|p| p.exists()) {
+                copy_synced(&sp, src)?;
+            }
+        }
         Kind::DryRun { .. } => {}
     }
     if args.cold {
@@ -260,10 +301,15 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
     let os = |s: &'static str| std::ffi::OsStr::new(s);
     let t0 = Instant::now();
     let (out, rss) = match &item.kind {
-        Kind::Cp { src, dst } => {
+        Kind::Cp { src, dst, reflink } => {
+            let mode = os(if *reflink {
+                "--reflink=always"
+            } else {
+                "--reflink=never"
+            });
             let a = run(
                 Path::new("cp"),
-                &[src.as_os_str(), dst.as_os_str()],
+                &[mode, src.as_os_str(), dst.as_os_str()],
                 rss_file,
             )?;
             if !a.ok {
@@ -276,12 +322,17 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
             };
             (run(Path::new("sync"), &sync_args, rss_file)?, None)
         }
-        Kind::Merge { src, dest, .. } => {
-            let o = run(
-                bin,
-                &[os("merge"), src.as_os_str(), dest.as_os_str(), os("--json")],
-                rss_file,
-            )?;
+        Kind::Merge {
+            src,
+            dest,
+            no_clone,
+            ..
+        } => {
+            let mut a = vec![os("merge"), src.as_os_str(), dest.as_os_str(), os("--json")];
+            if *no_clone {
+                a.push(os("--no-clone"));
+            }
+            let o = run(bin, &a, rss_file)?;
             let r = o.rss_kib;
             (o, r)
         }
@@ -321,6 +372,8 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
         if got != *expect {
             return Err(format!("{}: merged {got} bytes, expected {expect}", item.name).into());
         }
+        let field = |k: &str| v[k].as_u64().unwrap_or(0);
+        item.cloned = Some((field("bytes_cloned"), field("bytes_copied")));
     }
     item.secs.push(secs);
     if let Some(r) = rss {
@@ -507,15 +560,26 @@ fn main() -> Res<()> {
     let refs = root.join("ref");
     std::fs::create_dir_all(&refs)?;
     let need_full = want("full") || want("eos") || want("e4k") || want("deep") || want("striped");
-    let need_cp1g = want("full") || want("fixed") || want("flatten");
+    let need_cp1g = want("full") || want("fixed") || want("flatten") || want("vhdx");
     if need_cp1g {
         let src = refs.join("data.bin");
         build_plain(&src, data, &mut Fill(0x9E37_79B9_7F4A_7C15))?;
+        if reflink_works(&src, &refs.join("probe.bin")) {
+            items.push(Item::new(
+                "cp_reflink_data",
+                Kind::Cp {
+                    src: src.clone(),
+                    dst: refs.join("reflink.bin"),
+                    reflink: true,
+                },
+            ));
+        }
         items.push(Item::new(
             "cp_data",
             Kind::Cp {
                 src,
                 dst: refs.join("copy.bin"),
+                reflink: false,
             },
         ));
     }
@@ -530,6 +594,30 @@ fn main() -> Res<()> {
                 dest,
                 pristine,
                 expect,
+                no_clone: false,
+            },
+        ))
+    };
+    // The same merge with --no-clone (same files; the destination is restored before each).
+    let no_clone = |name: &'static str, like: &Item| -> Option<Item> {
+        let Kind::Merge {
+            src,
+            dest,
+            pristine,
+            expect,
+            ..
+        } = &like.kind
+        else {
+            return None;
+        };
+        Some(Item::new(
+            name,
+            Kind::Merge {
+                src: src.clone(),
+                dest: dest.clone(),
+                pristine: pristine.clone(),
+                expect: *expect,
+                no_clone: true,
             },
         ))
     };
@@ -544,12 +632,23 @@ fn main() -> Res<()> {
             &mut fill,
         )?;
         if need_full {
-            items.push(merge_item("merge_full", &p, data)?);
+            let it = merge_item("merge_full", &p, data)?;
+            items.extend(no_clone("merge_full_no_clone", &it));
+            items.push(it);
         }
         Some(p)
     } else {
         None
     };
+    if want("vhdx") {
+        let p = build_vhdx_chain(&root.join("vhdx"), size, &all, &mut fill)?;
+        let keep = root.join("vhdx.pristine");
+        std::fs::create_dir_all(&keep)?;
+        copy_synced(&p[0], &keep.join("child.vhdx"))?;
+        let it = merge_item("merge_vhdx_full", &p, data)?;
+        items.extend(no_clone("merge_vhdx_full_no_clone", &it));
+        items.push(it);
+    }
     if want("eos") {
         let p = build_chain(
             &root.join("eos"),
@@ -560,7 +659,9 @@ fn main() -> Res<()> {
             false,
             &mut fill,
         )?;
-        items.push(merge_item("merge_every_other_sector", &p, data / 2)?);
+        let it = merge_item("merge_every_other_sector", &p, data / 2)?;
+        items.extend(no_clone("merge_every_other_sector_no_clone", &it));
+        items.push(it);
     }
     if want("e4k") {
         let p = build_chain(
@@ -572,7 +673,9 @@ fn main() -> Res<()> {
             false,
             &mut fill,
         )?;
-        items.push(merge_item("merge_every_other_4k", &p, data / 2)?);
+        let it = merge_item("merge_every_other_4k", &p, data / 2)?;
+        items.extend(no_clone("merge_every_other_4k_no_clone", &it));
+        items.push(it);
     }
     if want("fixed") {
         let p = build_chain(
@@ -619,6 +722,7 @@ fn main() -> Res<()> {
             Kind::Cp {
                 src,
                 dst: refs.join("sparse-copy.bin"),
+                reflink: false,
             },
         ));
         // Spread over the whole 2 TiB.
@@ -738,7 +842,7 @@ fn main() -> Res<()> {
 
     println!();
     println!(
-        "{:<30} {:>9} {:>9} {:>9} {:>9}",
+        "{:<34} {:>9} {:>9} {:>9} {:>9}  cloned / copied",
         "command", "median s", "min s", "max s", "peak RSS"
     );
     for it in &items {
@@ -748,8 +852,11 @@ fn main() -> Res<()> {
             .iter()
             .max()
             .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
+        let cloned = it.cloned.map_or_else(String::new, |(c, p)| {
+            format!("{} / {} MiB", c / MIB, p / MIB)
+        });
         println!(
-            "{:<30} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+            "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9}  {cloned}",
             it.name,
             median(&it.secs),
             lo,
@@ -821,15 +928,15 @@ fn main() -> Res<()> {
     );
     row(
         "2",
-        "every-other-sector / full-block merge",
-        ratio("merge_every_other_sector", "merge_full"),
+        "every-other-sector / full-block merge (both --no-clone)",
+        ratio("merge_every_other_sector_no_clone", "merge_full_no_clone"),
         1.5,
         "x",
     );
     row(
         "3",
-        "every-other-4KiB / full-block merge",
-        ratio("merge_every_other_4k", "merge_full"),
+        "every-other-4KiB / full-block merge (both --no-clone)",
+        ratio("merge_every_other_4k_no_clone", "merge_full_no_clone"),
         1.5,
         "x",
     );
@@ -944,6 +1051,65 @@ fn main() -> Res<()> {
         "flatten to fixed VHD / (cp + sync) (no target)",
         ratio("flatten_fixed", "cp_data"),
         1.3,
+        "x",
+    );
+    row(
+        "9",
+        "full blocks, default (cloning) / --no-clone",
+        ratio("merge_full", "merge_full_no_clone"),
+        1.1,
+        "x",
+    );
+    row(
+        "9a",
+        "full blocks, cloning / (cp + sync) (reflink only)",
+        ratio("merge_full", "cp_data").filter(|_| get("cp_reflink_data").is_some()),
+        0.1,
+        "x",
+    );
+    row(
+        "9b",
+        "full blocks, cloning / cp --reflink=always",
+        ratio("merge_full", "cp_reflink_data"),
+        2.0,
+        "x",
+    );
+    row(
+        "9e",
+        "VHDX full blocks, cloning / (cp + sync) (reflink only)",
+        ratio("merge_vhdx_full", "cp_data").filter(|_| get("cp_reflink_data").is_some()),
+        0.1,
+        "x",
+    );
+    row(
+        "9f",
+        "VHDX full blocks, cloning / cp --reflink=always",
+        ratio("merge_vhdx_full", "cp_reflink_data"),
+        2.0,
+        "x",
+    );
+    row(
+        "9g",
+        "VHDX full blocks, default / --no-clone",
+        ratio("merge_vhdx_full", "merge_vhdx_full_no_clone"),
+        1.1,
+        "x",
+    );
+    row(
+        "9c",
+        "every-other-sector, default / --no-clone",
+        ratio(
+            "merge_every_other_sector",
+            "merge_every_other_sector_no_clone",
+        ),
+        1.1,
+        "x",
+    );
+    row(
+        "9d",
+        "every-other-4KiB, default / --no-clone",
+        ratio("merge_every_other_4k", "merge_every_other_4k_no_clone"),
+        1.1,
         "x",
     );
     println!(

@@ -21,8 +21,10 @@ use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::{WriteMode, open_for_writing};
+use crate::io::CloneOutcome;
 use crate::io::FileStorage;
-use crate::layer::{DiskKind, LayerWriter};
+use crate::layer::{CloneSource, DiskKind, LayerWriter};
+use crate::merge::clone_candidate;
 
 /// The kind of file [`flatten`] writes (Hyper-V's Convert-VHD targets, and raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,7 +97,6 @@ pub struct FlattenProgress {
 pub type Progress<'a> = &'a mut dyn FnMut(&FlattenProgress);
 
 /// Options for [`flatten`].
-#[derive(Default)]
 pub struct FlattenOptions<'a> {
     /// The output format (dynamic by default).
     pub format: FlattenFormat,
@@ -111,6 +112,25 @@ pub struct FlattenOptions<'a> {
     /// When set (by another thread, e.g. a signal handler), the flatten stops before its next
     /// span with [`Error::Cancelled`]; the temporary file is removed and the output untouched.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Clone instead of copying where the file system allows (default true): a span (an
+    /// output block, or 2 MiB of a raw or fixed output) whose every sector one layer holds
+    /// is placed with block clones of that layer's data when the offsets of both files are
+    /// aligned, on a file system with reflink (see [`crate::merge::MergeOptions::clone`]).
+    pub clone: bool,
+}
+
+impl Default for FlattenOptions<'_> {
+    fn default() -> Self {
+        FlattenOptions {
+            format: FlattenFormat::default(),
+            force: false,
+            block_size: None,
+            layer: 0,
+            progress: None,
+            cancel: None,
+            clone: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for FlattenOptions<'_> {
@@ -122,6 +142,7 @@ impl std::fmt::Debug for FlattenOptions<'_> {
             .field("layer", &self.layer)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
+            .field("clone", &self.clone)
             .finish()
     }
 }
@@ -135,8 +156,11 @@ pub struct FlattenReport {
     pub format: FlattenFormat,
     /// The virtual size in bytes (the flattened layer's).
     pub virtual_size: u64,
-    /// Bytes of non-zero spans written (zero spans are holes or unallocated blocks).
+    /// Bytes of non-zero spans written (zero spans are holes or unallocated blocks), and of
+    /// cloned spans (not read, so zeros or not).
     pub data_bytes: u64,
+    /// Of `data_bytes`, those placed by block cloning (see [`FlattenOptions::clone`]).
+    pub bytes_cloned: u64,
     /// Blocks allocated in a dynamic output (0 for raw and fixed).
     pub blocks_allocated: u64,
     /// Layers the content was read from.
@@ -200,6 +224,8 @@ pub fn flatten(
         cancel: opts.cancel.take(),
         data_done: 0,
         data_total: 0,
+        cloning: opts.clone,
+        bytes_cloned: 0,
     };
     if w.progress.is_some() {
         w.data_total = (0..size.div_ceil(span))
@@ -233,6 +259,7 @@ pub fn flatten(
         format: opts.format,
         virtual_size: size,
         data_bytes: w.data_bytes,
+        bytes_cloned: w.bytes_cloned,
         blocks_allocated,
         layers: chain.len() - layer,
     })
@@ -319,6 +346,13 @@ fn write_span(out: &mut dyn LayerWriter, pos: u64, data: &mut [u8]) -> Result<()
     let (bs, ss) = (out.block_size(), u64::from(out.sector_size()));
     let mask = SectorBitmap::full((data.len() as u64 / ss) as usize);
     out.write_sectors(pos / bs, (pos % bs) / ss, data, &mask)
+}
+
+/// Clone `src` to virtual byte `pos` of the output (inside one of its blocks: a span never
+/// crosses one), as [`write_span`] writes.
+fn clone_span(out: &mut dyn LayerWriter, pos: u64, src: &CloneSource<'_>) -> Result<CloneOutcome> {
+    let (bs, ss) = (out.block_size(), u64::from(out.sector_size()));
+    out.clone_sectors(pos / bs, (pos % bs) / ss, src)
 }
 
 /// Refuse an output that exists (unless forced) or that is one of the chain's files. An
@@ -455,6 +489,9 @@ struct Writer<'c, 'p> {
     /// See [`FlattenProgress`] (counted only with a progress callback).
     data_done: u64,
     data_total: u64,
+    /// Still trying block clones (off when asked, or once the output said it never can).
+    cloning: bool,
+    bytes_cloned: u64,
 }
 
 impl Writer<'_, '_> {
@@ -500,9 +537,9 @@ impl Writer<'_, '_> {
         )
     }
 
-    /// Fill `buf` with the span's content; false when it is all zero.
-    /// Every writer calls it once per span, so this is where a cancel request is seen.
-    fn read(&mut self, plan: &SpanPlan, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<bool> {
+    /// Every writer calls it once per span (through [`Writer::read`] or
+    /// [`Writer::try_clone`]), so this is where a cancel request is seen.
+    fn check_cancel(&self) -> Result<()> {
         if self
             .cancel
             .as_ref()
@@ -513,6 +550,46 @@ impl Writer<'_, '_> {
                 self.done, self.size
             )));
         }
+        Ok(())
+    }
+
+    /// Place the span by block cloning when one layer holds all of it: `place(source, first)`
+    /// clones one piece to the span's sector `first`. True when every piece cloned; false
+    /// when the span must be read and written (a piece that did not clone is then written
+    /// over with the same bytes).
+    fn try_clone(
+        &mut self,
+        plan: &SpanPlan,
+        mut place: impl FnMut(&CloneSource<'_>, u64) -> Result<CloneOutcome>,
+    ) -> Result<bool> {
+        self.check_cancel()?;
+        let Some(only) = self.cloning.then(|| clone_candidate(plan)).flatten() else {
+            return Ok(false);
+        };
+        let layer = self.chain.layers()[only.layer].layer.as_ref();
+        for p in &only.pieces {
+            let r = match layer.clone_source(p.block, p.first_in_block, p.len as u64) {
+                Some(src) => place(&src, p.first as u64)?,
+                None => CloneOutcome::Unsupported,
+            };
+            match r {
+                CloneOutcome::Cloned => {}
+                CloneOutcome::Unsupported => {
+                    self.cloning = false;
+                    return Ok(false);
+                }
+                CloneOutcome::Unaligned => return Ok(false),
+            }
+        }
+        let bytes = plan.sectors as u64 * self.sector;
+        self.bytes_cloned += bytes;
+        self.data_bytes += bytes;
+        Ok(true)
+    }
+
+    /// Fill `buf` with the span's content; false when it is all zero.
+    fn read(&mut self, plan: &SpanPlan, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<bool> {
+        self.check_cancel()?;
         if plan.sources.is_empty() {
             return Ok(false);
         }
@@ -547,8 +624,13 @@ impl Writer<'_, '_> {
         while pos < self.size {
             let n = span.min(self.size - pos);
             let plan = self.plan(pos, n)?;
+            let ss = self.sector;
+            let cloned = self.try_clone(&plan, |src, first| {
+                src.clone_into(&file, pos + first * ss)
+                    .map_err(|e| io("cloning", e))
+            })?;
             let out = &mut buf[..n as usize];
-            if self.read(&plan, out, &mut scratch)? {
+            if !cloned && self.read(&plan, out, &mut scratch)? {
                 crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
             }
             self.report(pos, n);
@@ -571,7 +653,11 @@ impl Writer<'_, '_> {
         while pos < self.size {
             let n = chunk.min(self.size - pos);
             let plan = self.plan(pos, n)?;
-            if self.read(&plan, &mut buf[..n as usize], &mut scratch)? {
+            let ss = self.sector;
+            let cloned = self.try_clone(&plan, |src, first| {
+                clone_span(out.as_mut(), pos + first * ss, src)
+            })?;
+            if !cloned && self.read(&plan, &mut buf[..n as usize], &mut scratch)? {
                 write_span(out.as_mut(), pos, &mut buf[..n as usize])?;
             }
             self.report(pos, n);
@@ -605,8 +691,10 @@ fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u6
         let wanted = plans.iter().filter(|p| !p.2.sources.is_empty()).count() as u64;
         out.reserve(wanted)?;
         for (pos, n, plan) in &plans {
+            let ss = w.sector;
+            let cloned = w.try_clone(plan, |src, first| clone_span(out, pos + first * ss, src))?;
             let data = &mut buf[..*n as usize];
-            if w.read(plan, data, &mut scratch)? {
+            if !cloned && w.read(plan, data, &mut scratch)? {
                 write_span(out, *pos, data)?;
             }
             w.report(*pos, *n);

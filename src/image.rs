@@ -649,25 +649,7 @@ impl Vhd {
                 self.write_masked(data_offset, data, &mask, true)?;
                 self.pending.data_written = true;
                 self.note_written(data_offset, bs);
-                if self.pending.new_blocks.contains(&index) {
-                    // Its bitmap is not published yet: rewrite it with the data.
-                    let mut bm = self.read_bitmap_at(bitmap_offset, &h)?;
-                    bm.or(&mask);
-                    self.write_raw(
-                        &bm.to_bytes_padded(h.bitmap_bytes() as usize),
-                        bitmap_offset,
-                    )?;
-                } else {
-                    let mut bm = match self.pending.bitmaps.remove(&index) {
-                        Some(b) => b,
-                        None => self.read_bitmap_at(bitmap_offset, &h)?,
-                    };
-                    let before = bm.count_ones();
-                    bm.or(&mask);
-                    if bm.count_ones() != before {
-                        self.pending.bitmaps.insert(index, bm);
-                    }
-                }
+                self.mark_present(index, bitmap_offset, &mask, &h)?;
             }
             None => {
                 if self.disk_type() == DiskType::Dynamic && masked_all_zero(data, &mask) {
@@ -677,6 +659,133 @@ impl Vhd {
             }
         }
         Ok(())
+    }
+
+    /// The sectors of `mask` of the allocated block `index` (bitmap at `bitmap_offset`) now
+    /// hold data: a block new in this batch gets its unpublished bitmap rewritten at once;
+    /// an older block's new bits wait for [`Vhd::commit`] (step 4 of the module docs).
+    fn mark_present(
+        &mut self,
+        index: u64,
+        bitmap_offset: u64,
+        mask: &SectorBitmap,
+        h: &DynamicHeader,
+    ) -> Result<()> {
+        if self.pending.new_blocks.contains(&index) {
+            let mut bm = self.read_bitmap_at(bitmap_offset, h)?;
+            bm.or(mask);
+            return self.write_raw(
+                &bm.to_bytes_padded(h.bitmap_bytes() as usize),
+                bitmap_offset,
+            );
+        }
+        let mut bm = match self.pending.bitmaps.remove(&index) {
+            Some(b) => b,
+            None => self.read_bitmap_at(bitmap_offset, h)?,
+        };
+        let before = bm.count_ones();
+        bm.or(mask);
+        if bm.count_ones() != before {
+            self.pending.bitmaps.insert(index, bm);
+        }
+        Ok(())
+    }
+
+    /// Clone `sectors` sectors of `src` at byte `src_offset` into block `index` from sector
+    /// `first` on (see [`crate::io::Storage::clone_range`]): afterwards they read `src`'s
+    /// bytes as if [`Vhd::write_block`] had written them, in the same crash-safe order (a new
+    /// block's data and bitmap before the BAT entry, at [`Vhd::commit`]).
+    ///
+    /// Only whole [`DATA_ALIGNMENT`] blocks at aligned offsets in both files are tried, and a
+    /// new block only when the clone fills it or its space is known to read as zeros (so that
+    /// no stale byte lies under a clear bitmap bit). Anything else, and a file system that
+    /// cannot clone, answers without changing the file: the caller writes the data instead.
+    pub fn clone_into_block(
+        &mut self,
+        index: u64,
+        first: u64,
+        src: &File,
+        src_offset: u64,
+        sectors: u64,
+    ) -> Result<crate::io::CloneOutcome> {
+        use crate::io::CloneOutcome;
+        self.require_writable()?;
+        let (bs, spb) = (self.block_size(), self.sectors_per_block());
+        if index >= self.block_count() || first.checked_add(sectors).is_none_or(|e| e > spb) {
+            return Err(Error::InvalidParameter(format!(
+                "{}: clone of {sectors} sector(s) at sector {first} of block {index}: outside the disk's blocks",
+                self.path.display()
+            )));
+        }
+        let valid = (self.virtual_size - index * bs).min(bs) / SECTOR_SIZE;
+        let len = sectors * SECTOR_SIZE;
+        let aligned = |o: u64| o.is_multiple_of(DATA_ALIGNMENT);
+        if first + sectors > valid || !aligned(src_offset) || !aligned(len) || len == 0 {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        let mut mask = SectorBitmap::new(spb as usize);
+        mask.set_range(first as usize..(first + sectors) as usize);
+        let Some(h) = self.header.clone() else {
+            let at = index * FIXED_CHUNK + first * SECTOR_SIZE;
+            return self.clone_raw(src, src_offset, at, len);
+        };
+        if let Some(bitmap_offset) = self.bat.get(index) {
+            let at = bitmap_offset + h.bitmap_bytes() + first * SECTOR_SIZE;
+            if !aligned(at) {
+                return Ok(CloneOutcome::Unaligned);
+            }
+            let r = self.clone_raw(src, src_offset, at, len)?;
+            if r == CloneOutcome::Cloned {
+                self.mark_present(index, bitmap_offset, &mask, &h)?;
+            }
+            return Ok(r);
+        }
+        let pos = self.aligned_block_pos(self.next_free)?;
+        let end = pos + self.stride();
+        if end > self.footer_offset {
+            self.reserve_blocks(1)?;
+        }
+        let fresh = pos >= self.known_zero.start && end <= self.known_zero.end;
+        if !fresh && sectors != spb {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        let r = self.clone_raw(
+            src,
+            src_offset,
+            pos + h.bitmap_bytes() + first * SECTOR_SIZE,
+            len,
+        )?;
+        if r == CloneOutcome::Cloned {
+            self.write_raw(&mask.to_bytes_padded(h.bitmap_bytes() as usize), pos)?;
+            self.publish_new_block(index, pos, end)?;
+        }
+        Ok(r)
+    }
+
+    /// One clone into the file at `offset`; a clone is data, so the batch needs its sync.
+    fn clone_raw(
+        &mut self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<crate::io::CloneOutcome> {
+        let r = self
+            .storage
+            .clone_range(src, src_offset, offset, len)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "{}: cloning {len} bytes to offset {offset}",
+                        self.path.display()
+                    ),
+                    e,
+                )
+            })?;
+        if r == crate::io::CloneOutcome::Cloned {
+            self.pending.data_written = true;
+        }
+        Ok(r)
     }
 
     fn allocate_and_write(
@@ -704,6 +813,14 @@ impl Vhd {
             }
             self.write_raw(data, data_offset)?;
         }
+        self.publish_new_block(index, pos, end)?;
+        self.note_written(pos, end - pos);
+        Ok(())
+    }
+
+    /// Block `index` now lives at `pos..end` (data and bitmap written): its BAT entry joins
+    /// the batch, published at [`Vhd::commit`].
+    fn publish_new_block(&mut self, index: u64, pos: u64, end: u64) -> Result<()> {
         let sector = u32::try_from(pos / SECTOR_SIZE).map_err(|_| Error::NotSupported {
             path: Some(self.path.clone()),
             detail: "block offset past the 2 TiB limit of 32-bit BAT sector offsets".into(),
@@ -723,7 +840,6 @@ impl Vhd {
         self.pending.new_blocks.insert(index);
         self.pending.data_written = true;
         self.next_free = end;
-        self.note_written(pos, end - pos);
         Ok(())
     }
 

@@ -35,6 +35,38 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn start_writeback(&self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
+    /// Make `len` bytes at `offset` share the bytes of `src` at `src_offset` (block cloning:
+    /// FICLONERANGE on a reflink file system), extending the file if needed. Like a write:
+    /// afterwards the range reads `src`'s bytes, durable at [`Storage::sync_data`]. Offsets and
+    /// length should be multiples of the file system's block size (a length may end at the end
+    /// of `src`). The default cannot clone.
+    fn clone_range(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<CloneOutcome> {
+        let _ = (src, src_offset, offset, len);
+        Ok(CloneOutcome::Unsupported)
+    }
+    /// The file behind this storage, when it is one (what a clone of its bytes reads from).
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// What a request to clone a byte range said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneOutcome {
+    /// The range now shares the source's bytes.
+    Cloned,
+    /// Not this range (offsets or length not aligned to the file system's blocks, or a range
+    /// the writer cannot place): nothing changed; another range may clone. Copy it instead.
+    Unaligned,
+    /// Never between these files (no reflink support, different file systems, no clone
+    /// operation on this platform or storage): nothing changed. Copy instead.
+    Unsupported,
 }
 
 /// Shared storage: a caller can hand a [`crate::Vhd`] one handle and keep another to look at
@@ -61,18 +93,36 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn start_writeback(&self, offset: u64, len: u64) {
         (**self).start_writeback(offset, len)
     }
+    fn clone_range(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<CloneOutcome> {
+        (**self).clone_range(src, src_offset, offset, len)
+    }
+    fn as_file(&self) -> Option<&File> {
+        (**self).as_file()
+    }
 }
 
 /// [`Storage`] over a [`File`].
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    /// A clone into this file was refused for good ([`CloneOutcome::Unsupported`]): later
+    /// requests answer so without a system call.
+    no_clone: AtomicBool,
 }
 
 impl FileStorage {
     /// Wrap an open file.
     pub fn new(file: File) -> FileStorage {
-        FileStorage { file }
+        FileStorage {
+            file,
+            no_clone: AtomicBool::new(false),
+        }
     }
 
     /// The file.
@@ -143,6 +193,25 @@ impl Storage for FileStorage {
     }
     fn start_writeback(&self, offset: u64, len: u64) {
         start_writeback(&self.file, offset, len);
+    }
+    fn clone_range(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<CloneOutcome> {
+        if self.no_clone.load(Ordering::Relaxed) {
+            return Ok(CloneOutcome::Unsupported);
+        }
+        let r = clone_file_range(src, src_offset, &self.file, offset, len)?;
+        if r == CloneOutcome::Unsupported {
+            self.no_clone.store(true, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
     fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
         let r = if exclusive {
@@ -290,9 +359,78 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
+/// Clone `len` bytes of `src` at `src_offset` into `dst` at `dst_offset` with
+/// `ioctl(FICLONERANGE)` (XFS with reflink, btrfs, bcachefs, OCFS2; NFS 4.2 and SMB3 servers
+/// that support it). The file system refusing is not an error: EOPNOTSUPP, ENOTTY, EXDEV
+/// (different file systems), EBADF/EPERM/ETXTBSY (a file it will not clone, such as a swap or
+/// DAX file) mean [`CloneOutcome::Unsupported`], EINVAL (a range not on block boundaries)
+/// [`CloneOutcome::Unaligned`]. Other errors (ENOSPC, EIO) are errors, as for a write.
+///
+/// Why FICLONERANGE and not `copy_file_range`: the latter falls back to an in-kernel copy
+/// where it cannot clone, so the caller never learns whether data was shared (and a
+/// `--no-clone` copy is already what the engine does), and it may copy short.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+pub fn clone_file_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> io::Result<CloneOutcome> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(CloneOutcome::Cloned);
+    }
+    let arg = libc::file_clone_range {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset,
+        src_length: len,
+        dest_offset: dst_offset,
+    };
+    // SAFETY: FICLONERANGE reads one `file_clone_range`, which lives on this stack frame for
+    // the whole call; both descriptors are owned by files borrowed for the call. The kernel
+    // does not write through the pointer.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &arg) };
+    if rc == 0 {
+        return Ok(CloneOutcome::Cloned);
+    }
+    let e = io::Error::last_os_error();
+    Ok(match e.raw_os_error() {
+        Some(libc::EINVAL) => CloneOutcome::Unaligned,
+        Some(
+            libc::EOPNOTSUPP
+            | libc::ENOTTY
+            | libc::EXDEV
+            | libc::EBADF
+            | libc::EPERM
+            | libc::ETXTBSY
+            | libc::ENOSYS,
+        ) => CloneOutcome::Unsupported,
+        _ => return Err(e),
+    })
+}
+
+/// See the Linux version: no range clone here (macOS `clonefile` and Windows
+/// `FSCTL_DUPLICATE_EXTENTS_TO_FILE` are not used yet), so every caller copies.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn clone_file_range(
+    _src: &File,
+    _src_offset: u64,
+    _dst: &File,
+    _dst_offset: u64,
+    _len: u64,
+) -> io::Result<CloneOutcome> {
+    Ok(CloneOutcome::Unsupported)
+}
+
 /// What a [`FaultyStorage`] does wrong, shared between the test and the storage it wraps.
 ///
 /// Counting starts at 1: `fail_write = Some(3)` lets writes 1 and 2 land and fails the third.
+/// A block clone ([`Storage::clone_range`]) counts as a write: it can fail, tear (its first
+/// half, in whole 4 KiB blocks, lands before the failure) or be the point where the machine
+/// stops, like any write; a clone that was done but not synced is lost exactly as much as an
+/// unsynced write is.
 /// After the first injected failure the storage behaves like a crashed machine: every later
 /// write and sync fails too, so nothing the caller does afterwards reaches the file.
 #[derive(Debug, Default)]
@@ -375,39 +513,73 @@ impl FaultyStorage {
     }
 }
 
+impl FaultyStorage {
+    /// Count one write or clone of `len` bytes at `offset` and say whether it may go ahead:
+    /// `Err((error, tear))` when the plan fails it, `tear` when part of it lands first.
+    fn admit_write(&self, offset: u64, len: u64) -> Result<(), (io::Error, bool)> {
+        let n = self.plan.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.crashed() {
+            return Err((injected("write after crash"), false));
+        }
+        if self.plan.fail_write == Some(n) {
+            self.plan.crashed.store(true, Ordering::SeqCst);
+            return Err((injected(&format!("crash at write {n}")), self.plan.torn));
+        }
+        if let Some(limit) = self.plan.space_limit {
+            let end = offset + len;
+            let grows = self.inner.len().map_err(|e| (e, false))? < end;
+            if end > limit && grows {
+                let e = io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "No space left on device (injected)",
+                );
+                return Err((e, false));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Storage for FaultyStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let n = self.plan.writes.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.plan.crashed() {
-            return Err(injected("write after crash"));
-        }
-        if self.plan.fail_write == Some(n) {
-            self.plan.crashed.store(true, Ordering::SeqCst);
-            if self.plan.torn && buf.len() > 1 {
+        if let Err((e, tear)) = self.admit_write(offset, buf.len() as u64) {
+            if tear && buf.len() > 1 {
                 // The first half of the sectors land, the rest do not.
                 let half = (buf.len() / 2).max(1);
                 self.inner.write_at(&buf[..half], offset)?;
             }
-            return Err(injected(&format!("crash at write {n}")));
-        }
-        if let Some(limit) = self.plan.space_limit {
-            let end = offset + buf.len() as u64;
-            if end > limit && end > self.inner.len()? {
-                return Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    "No space left on device (injected)",
-                ));
-            }
+            return Err(e);
         }
         self.inner.write_at(buf, offset)
     }
 
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+
+    fn clone_range(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<CloneOutcome> {
+        if let Err((e, tear)) = self.admit_write(offset, len) {
+            let half = len / 2 / 4096 * 4096;
+            if tear && half > 0 {
+                self.inner.clone_range(src, src_offset, offset, half)?;
+            }
+            return Err(e);
+        }
+        self.inner.clone_range(src, src_offset, offset, len)
+    }
+
+    fn as_file(&self) -> Option<&File> {
+        self.inner.as_file()
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -474,6 +646,25 @@ mod tests {
         s.read_at(&mut b, 0).unwrap();
         assert_eq!(b, [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]);
         assert_eq!(plan.writes(), 3);
+    }
+
+    /// A clone is a write to the fault plan: counted, failed at its number, and refused
+    /// after a crash; a storage that cannot clone says so without an error.
+    #[test]
+    fn a_clone_counts_as_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = File::create(dir.path().join("src")).unwrap();
+        let mem = || Box::new(MemStorage::new(vec![0; 16])) as Box<dyn Storage>;
+        let plan = FaultPlan::crash_at_write(2, false);
+        let s = FaultyStorage::new(mem(), plan.clone());
+        assert_eq!(
+            s.clone_range(&src, 0, 0, 4096).unwrap(),
+            CloneOutcome::Unsupported
+        );
+        assert!(s.clone_range(&src, 0, 0, 4096).is_err());
+        assert!(s.write_at(&[1], 0).is_err());
+        assert_eq!((plan.writes(), plan.crashed()), (3, true));
+        assert_eq!(s.len().unwrap(), 16);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
+use crate::io::CloneOutcome;
 
 /// The on-disk format of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,6 +128,37 @@ pub struct ParentLink {
     pub unusable: Vec<UnusableHint>,
 }
 
+/// Where some stored sectors of a layer lie, for [`LayerWriter::clone_sectors`]: an opaque
+/// handle (the file and the byte range are the format's business, never the engine's).
+#[derive(Clone, Copy, Debug)]
+pub struct CloneSource<'a> {
+    pub(crate) file: &'a std::fs::File,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl CloneSource<'_> {
+    /// Bytes of the range.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Clone the range into `dst` at byte `offset` (an output that is not a layer: a raw
+    /// image), see [`crate::io::clone_file_range`].
+    pub(crate) fn clone_into(
+        &self,
+        dst: &std::fs::File,
+        offset: u64,
+    ) -> std::io::Result<CloneOutcome> {
+        crate::io::clone_file_range(self.file, self.offset, dst, offset, self.len)
+    }
+}
+
 /// One disk image opened for reading, seen in its own logical sectors.
 pub trait Layer: Send + Sync + fmt::Debug {
     /// The file.
@@ -171,6 +203,13 @@ pub trait Layer: Send + Sync + fmt::Debug {
     }
     /// The concrete layer, for format-specific tools (check, info, set-parent) to downcast.
     fn as_any(&self) -> &dyn Any;
+    /// Where `sectors` sectors of `block` from sector `first` on lie, when the block holds all
+    /// of them as one contiguous range of a plain file (what a block clone can share). `None`
+    /// (the default) means they cannot be cloned: copy them.
+    fn clone_source(&self, block: u64, first: u64, sectors: u64) -> Option<CloneSource<'_>> {
+        let _ = (block, first, sectors);
+        None
+    }
 }
 
 /// A layer opened for writing: the destination of a merge, the output of a flatten.
@@ -198,6 +237,21 @@ pub trait LayerWriter: Layer {
     fn finish(&mut self) -> Result<Uuid>;
     /// The file's length in bytes now (for the growth a report states).
     fn file_len(&self) -> Result<u64>;
+    /// Make sectors `first..` of `block` (as many as `src` holds) read `src`'s data by block
+    /// cloning, like [`LayerWriter::write_sectors`] with a full mask: the same crash-safe
+    /// order (the cloned data is data, durable before any table entry points at it, at
+    /// [`LayerWriter::commit`]). When the answer is not [`CloneOutcome::Cloned`] nothing
+    /// changed, and the caller writes the sectors instead; [`CloneOutcome::Unsupported`] says
+    /// no clone from that file into this one will work. The default cannot clone.
+    fn clone_sectors(
+        &mut self,
+        block: u64,
+        first: u64,
+        src: &CloneSource<'_>,
+    ) -> Result<CloneOutcome> {
+        let _ = (block, first, src);
+        Ok(CloneOutcome::Unsupported)
+    }
     /// The identity the layer will carry once this session writes data, chosen now and
     /// fixed for the session; `None` when writing keeps the identity (VHD). A merge makes the
     /// child that links to this layer accept it before the first write (see

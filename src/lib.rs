@@ -59,7 +59,8 @@ pub use flatten::{
 };
 pub use format::{DiskType, SECTOR_SIZE};
 pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
-pub use layer::{BlockState, DiskKind, Format, Layer, LayerWriter, open_layer};
+pub use io::CloneOutcome;
+pub use layer::{BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, open_layer};
 pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
 pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
 

@@ -14,9 +14,10 @@ use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
 use crate::image::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
+use crate::io::CloneOutcome;
 use crate::layer::{
-    BlockState, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe, Spelling,
-    UnusableHint,
+    BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,
+    Spelling, UnusableHint,
 };
 
 /// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).
@@ -298,6 +299,18 @@ impl Layer for Vhd {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// Any allocated range of a file-backed VHD: its data is contiguous within a block (the
+    /// bitmap is in front of it). Whether the offsets suit a clone is the writer's call.
+    fn clone_source(&self, block: u64, first: u64, sectors: u64) -> Option<CloneSource<'_>> {
+        let file = self.storage().as_file()?;
+        let offset = self.stored_offset(block, first, sectors).ok()?;
+        Some(CloneSource {
+            file,
+            offset,
+            len: sectors * SECTOR_SIZE,
+        })
+    }
 }
 
 impl LayerWriter for Vhd {
@@ -346,6 +359,18 @@ impl LayerWriter for Vhd {
         self.storage()
             .len()
             .map_err(|e| Error::io(format!("{}: reading length", Vhd::path(self).display()), e))
+    }
+
+    fn clone_sectors(
+        &mut self,
+        block: u64,
+        first: u64,
+        src: &CloneSource<'_>,
+    ) -> Result<CloneOutcome> {
+        if !src.len.is_multiple_of(SECTOR_SIZE) {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        self.clone_into_block(block, first, src.file, src.offset, src.len / SECTOR_SIZE)
     }
 
     /// The unique id does not change: a merge keeps the destination's identity.

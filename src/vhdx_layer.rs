@@ -17,9 +17,10 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
-use crate::io::{FileStorage, Storage};
+use crate::io::{CloneOutcome, FileStorage, Storage};
 use crate::layer::{
-    BlockState, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe, Spelling,
+    BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,
+    Spelling,
 };
 use crate::vhdx::format::MIB;
 use crate::vhdx::format::bat::PayloadState;
@@ -233,6 +234,17 @@ impl Layer for VhdxLayer {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// Present blocks' payload as stored (not while a dirty log is replayed in memory).
+    fn clone_source(&self, block: u64, first: u64, sectors: u64) -> Option<CloneSource<'_>> {
+        let len = sectors.checked_mul(u64::from(self.v.sector_size()))?;
+        let (storage, offset) = self.v.clone_source(block, first, len)?;
+        Some(CloneSource {
+            file: storage.as_file()?,
+            offset,
+            len,
+        })
+    }
 }
 
 impl LayerWriter for VhdxLayer {
@@ -265,6 +277,18 @@ impl LayerWriter for VhdxLayer {
     fn commit(&mut self) -> Result<()> {
         let path = self.path.clone();
         self.v.commit().map_err(|e| e.in_file(&path))
+    }
+
+    fn clone_sectors(
+        &mut self,
+        block: u64,
+        first: u64,
+        src: &CloneSource<'_>,
+    ) -> Result<CloneOutcome> {
+        let path = self.path.clone();
+        self.v
+            .clone_sectors(block, first, src.file, src.offset, src.len)
+            .map_err(|e| e.in_file(&path))
     }
 
     /// The DataWriteGuid afterwards: new when the session wrote anything.

@@ -125,3 +125,30 @@ pub fn build_chain(
     paths.reverse();
     Ok(paths)
 }
+
+/// A dynamic VHDX base of `size` bytes (2 MiB blocks) and a differencing VHDX child holding
+/// whole 2 MiB blocks `blocks`. Returns the paths, child first.
+pub fn build_vhdx_chain(
+    dir: &Path,
+    size: u64,
+    blocks: &[u64],
+    fill: &mut Fill,
+) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+    use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
+    std::fs::create_dir_all(dir)?;
+    let o = CreateOptions {
+        block_size: Some(2 << 20),
+        ..CreateOptions::default()
+    };
+    let (base, child) = (dir.join("base.vhdx"), dir.join("child.vhdx"));
+    create_dynamic(&base, size, &o)?.finish()?;
+    let mut v = create_differencing(&child, &base, &o)?;
+    let mut buf = vec![0u8; 2 << 20];
+    let full = SectorBitmap::full(buf.len() / v.sector_size() as usize);
+    for &b in blocks {
+        fill.block(&mut buf);
+        v.write_sectors(b, 0, &buf, &full)?;
+    }
+    v.finish()?;
+    Ok(vec![child, base])
+}

@@ -43,6 +43,10 @@ pub struct Args {
     /// Replace OUTPUT if it exists (it is replaced only once the new file is complete).
     #[arg(long)]
     pub force: bool,
+    /// Copy every byte, never clone blocks from the inputs (by default whole aligned blocks
+    /// are cloned where the file system supports it).
+    #[arg(long)]
+    pub no_clone: bool,
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -84,6 +88,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         force: args.force,
         block_size,
+        clone: !args.no_clone,
         progress: Some(&mut on_progress),
         // An interrupt stops it before the next span; the temporary file is removed.
         cancel: super::signal::install(super::signal::Mode::Cancel, Some(&args.output)),
@@ -93,12 +98,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     bar.clear();
     let r = res?;
     let mut line = format!(
-        "{}: {} {} from {} layer(s), {} of data",
+        "{}: {} {} from {} layer(s), {} of data ({} cloned)",
         r.output.display(),
         r.format.name(),
         super::chain::human(r.virtual_size),
         r.layers,
-        super::chain::human(r.data_bytes)
+        super::chain::human(r.data_bytes),
+        super::chain::human(r.bytes_cloned)
     );
     if matches!(
         r.format,

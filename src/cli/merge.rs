@@ -34,6 +34,10 @@ pub struct Args {
     /// Re-point CHILD, a child of the source, at the destination; repeatable.
     #[arg(long = "relink", value_name = "CHILD")]
     pub relink: Vec<PathBuf>,
+    /// Copy every byte, never clone blocks (physically separate data; by default whole blocks
+    /// are cloned where the file system supports it, e.g. XFS with reflink or btrfs).
+    #[arg(long)]
+    pub no_clone: bool,
     #[command(flatten)]
     pub chain: ChainArgs,
     /// Print one JSON object at the end instead of text (no progress bar).
@@ -51,6 +55,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         force: args.force,
         remove_merged: args.remove_merged,
         relink: args.relink.clone(),
+        clone: !args.no_clone,
         ..MergeOptions::default()
     };
     // An interrupt stops the merge between two units, commits what was written and reports
@@ -130,8 +135,9 @@ fn summary(r: &MergeReport, seconds: f64) -> String {
         "-".into()
     };
     let mut s = format!(
-        "merged {} from {} layer(s) into {} in {seconds:.2} s ({rate}/s), {} new block(s)",
+        "merged {} ({} cloned) from {} layer(s) into {} in {seconds:.2} s ({rate}/s), {} new block(s)",
         human(r.bytes_merged),
+        human(r.bytes_cloned),
         r.plan.layers.len(),
         name(&r.destination),
         r.blocks_allocated
@@ -179,9 +185,10 @@ fn print_plan(p: &MergePlan) {
         );
     }
     println!(
-        "  total {} in {} unit(s); at most {} new block(s), destination grows by at most {}",
+        "  total {} in {} unit(s), {} of them in whole units one layer provides (cloned where the file system allows); at most {} new block(s), destination grows by at most {}",
         human(p.bytes_total),
         p.units,
+        human(p.clone_candidate_bytes),
         p.blocks_to_allocate,
         human(p.destination_growth)
     );
@@ -211,6 +218,7 @@ fn plan_json(p: &MergePlan) -> Value {
         "units": p.units,
         "bytes_total": p.bytes_total,
         "zeroed_bytes": p.zeroed_bytes,
+        "clone_candidate_bytes": p.clone_candidate_bytes,
         "blocks_to_allocate": p.blocks_to_allocate,
         "destination_growth": p.destination_growth,
         "siblings": paths(&p.siblings),
@@ -226,6 +234,8 @@ fn report_json(r: &MergeReport, seconds: f64) -> Value {
         "error_description": Value::Null,
         "percent_complete": 100,
         "bytes_merged": r.bytes_merged,
+        "bytes_cloned": r.bytes_cloned,
+        "bytes_copied": r.bytes_merged - r.bytes_cloned,
         "seconds": seconds,
         "obsolete": paths(&r.obsolete),
         "removed": paths(&r.removed),

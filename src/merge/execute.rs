@@ -3,20 +3,21 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use uuid::Uuid;
 
 use super::job::{JobState, Tracker};
-use super::plan::MergePlan;
+use super::plan::{MergePlan, clone_candidate};
 use super::scan::{self, dir_of, tidy};
 use super::{MergeOptions, MergeReport, VerifyReport};
-use crate::chain::Chain;
+use crate::chain::{Chain, Piece, SpanPlan};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
-use crate::io::Storage;
+use crate::io::{CloneOutcome, Storage};
 use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer};
 use crate::locator::{canonical_or_self, same_file};
 
@@ -50,11 +51,25 @@ pub fn assemble_unit(
         )));
     }
     let (start, n) = plan.unit_span(unit);
-    let mut mask = SectorBitmap::new(unit_sectors);
     if n == 0 {
-        return Ok(mask);
+        return Ok(SectorBitmap::new(unit_sectors));
     }
     let span = chain.plan_span(0..plan.destination_index, start, n)?;
+    assemble_span(chain, &span, buf, scratch, ss, unit_sectors)
+}
+
+/// [`assemble_unit`] once the unit's span is planned: `buf` holds the unit, of
+/// `unit_sectors` sectors of `ss` bytes.
+fn assemble_span(
+    chain: &Chain,
+    span: &SpanPlan,
+    buf: &mut [u8],
+    scratch: &mut Vec<u8>,
+    ss: usize,
+    unit_sectors: usize,
+) -> Result<SectorBitmap> {
+    let n = span.sectors;
+    let mut mask = SectorBitmap::new(unit_sectors);
     if let [only] = span.sources.as_slice() {
         // One layer provides every merged sector of the unit: read each piece's span of
         // claimed sectors straight into `buf`, without the copy run by run that read_plan
@@ -76,7 +91,7 @@ pub fn assemble_unit(
             layer.read_stored(p.block, p.in_block(lo), &mut buf[lo * ss..hi * ss])?;
         }
     } else {
-        chain.read_plan(&span, &mut buf[..n * ss], scratch)?;
+        chain.read_plan(span, &mut buf[..n * ss], scratch)?;
     }
     let decided = span.decided();
     for r in span.hidden().runs() {
@@ -238,6 +253,7 @@ pub(crate) fn run(
             plan,
             dry_run: true,
             bytes_merged: 0,
+            bytes_cloned: 0,
             blocks_allocated: 0,
             destination_growth: 0,
             obsolete: Vec::new(),
@@ -254,7 +270,7 @@ pub(crate) fn run(
     let blocks_before = dest.mapped_blocks().count();
     let mut crcs = options.verify.then(Vec::new);
     let copied = copy_units(&chain, &plan, dest.as_mut(), options, tracker, &mut crcs);
-    let bytes_merged = match copied {
+    let copied = match copied {
         Ok(n) => n,
         Err(e) => {
             // Publish what was written before the error and end the session cleanly when the
@@ -313,7 +329,8 @@ pub(crate) fn run(
         destination: dest_path,
         plan,
         dry_run: false,
-        bytes_merged,
+        bytes_merged: copied.bytes,
+        bytes_cloned: copied.cloned,
         blocks_allocated,
         destination_growth,
         obsolete: merged,
@@ -567,6 +584,17 @@ struct Assembled {
     buf: Vec<u8>,
     mask: SectorBitmap,
     crc: Option<u32>,
+    /// The unit can be cloned from this layer's pieces (see [`clone_candidate`]).
+    clone: Option<(usize, Vec<Piece>)>,
+    /// `buf` and `mask` hold the unit (false for a clone candidate that was not read).
+    read: bool,
+}
+
+/// What [`copy_units`] wrote: bytes of merged sectors, and how many of them were cloned.
+#[derive(Clone, Copy, Debug, Default)]
+struct Copied {
+    bytes: u64,
+    cloned: u64,
 }
 
 /// Copy every unit of `plan` into `dest` in batches; returns the bytes of merged sectors.
@@ -574,6 +602,8 @@ struct Assembled {
 /// A reader thread assembles units (plan_span + read_plan: reads of the merged layers, and the
 /// CRC for verify) while this thread writes them, so reading and writing overlap on two cores.
 /// A fixed set of buffers circulates between the two, bounding memory whatever the size.
+/// With [`MergeOptions::clone`], a unit one layer wholly provides is not read but cloned
+/// (see [`clone_unit`]), until the destination says it never can.
 fn copy_units(
     chain: &Chain,
     plan: &MergePlan,
@@ -581,9 +611,10 @@ fn copy_units(
     options: &MergeOptions,
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
-) -> Result<u64> {
+) -> Result<Copied> {
     let buffers = (PIPELINE_BYTES / plan.unit_bytes).clamp(2, 4) as usize;
     let want_crc = crcs.is_some();
+    let cloning = AtomicBool::new(options.clone);
     std::thread::scope(|scope| {
         let (full_tx, full_rx) = mpsc::sync_channel::<Result<Assembled>>(buffers);
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
@@ -591,46 +622,100 @@ fn copy_units(
             // The receiver is alive: it is dropped only by the reader below.
             let _ = free_tx.send(vec![0u8; plan.unit_bytes as usize]);
         }
+        let cloning = &cloning;
         scope.spawn(move || {
             let mut scratch = Vec::new();
             for unit in plan.unit_indices() {
                 // Both channels fail only when the writer stopped: then stop too.
-                let Ok(mut buf) = free_rx.recv() else { return };
-                let item = assemble_unit(chain, plan, unit, &mut buf, &mut scratch).map(|mask| {
-                    let crc = want_crc.then(|| masked_crc(&buf, &mask, plan.sector_bytes));
-                    Assembled {
-                        unit,
-                        buf,
-                        mask,
-                        crc,
-                    }
-                });
+                let Ok(buf) = free_rx.recv() else { return };
+                let try_clone = cloning.load(Ordering::Relaxed);
+                let item = read_unit(chain, plan, unit, buf, &mut scratch, try_clone, want_crc);
                 let failed = item.is_err();
                 if full_tx.send(item).is_err() || failed {
                     return;
                 }
             }
         });
-        write_units(plan, dest, options, tracker, crcs, &full_rx, &free_tx)
+        let pipe = Pipe {
+            full_rx: &full_rx,
+            free_tx: &free_tx,
+            cloning,
+            unaligned: std::cell::Cell::new(0),
+        };
+        write_units(chain, plan, dest, options, tracker, crcs, &pipe)
         // Dropping the channel ends here stop the reader if the writer stopped early.
     })
 }
 
+/// The reader side of [`copy_units`] for one unit: plan its span; a clone candidate (when
+/// cloning) is read only when verify needs its CRC.
+fn read_unit(
+    chain: &Chain,
+    plan: &MergePlan,
+    unit: u64,
+    mut buf: Vec<u8>,
+    scratch: &mut Vec<u8>,
+    try_clone: bool,
+    want_crc: bool,
+) -> Result<Assembled> {
+    let (ss, unit_sectors) = (
+        plan.sector_bytes,
+        (plan.unit_bytes / plan.sector_bytes) as usize,
+    );
+    let (start, n) = plan.unit_span(unit);
+    let span = chain.plan_span(0..plan.destination_index, start, n)?;
+    let clone = try_clone
+        .then(|| clone_candidate(&span))
+        .flatten()
+        .map(|s| (s.layer, s.pieces.clone()));
+    let read = clone.is_none() || want_crc;
+    let mask = if read {
+        assemble_span(chain, &span, &mut buf, scratch, ss as usize, unit_sectors)?
+    } else {
+        SectorBitmap::new(unit_sectors)
+    };
+    let crc = want_crc.then(|| masked_crc(&buf, &mask, ss));
+    Ok(Assembled {
+        unit,
+        buf,
+        mask,
+        crc,
+        clone,
+        read,
+    })
+}
+
+/// The channel ends the writer side of [`copy_units`] uses, and the switch that turns
+/// cloning off for the reader once the destination says it never works.
+struct Pipe<'a> {
+    full_rx: &'a mpsc::Receiver<Result<Assembled>>,
+    free_tx: &'a mpsc::Sender<Vec<u8>>,
+    cloning: &'a AtomicBool,
+    /// Clone candidates refused as unaligned in a row: files whose data is not 4 KiB aligned
+    /// (qemu-img's VHDs) refuse every unit, and a skipped read done by the writer costs the
+    /// pipeline its overlap, so cloning stops after [`UNALIGNED_STREAK`] of them.
+    unaligned: std::cell::Cell<u32>,
+}
+
+/// See [`Pipe::unaligned`].
+const UNALIGNED_STREAK: u32 = 8;
+
 /// The writer side of [`copy_units`]: batches of units, each batch reserved, written and
 /// committed.
 fn write_units(
+    chain: &Chain,
     plan: &MergePlan,
     dest: &mut dyn LayerWriter,
     options: &MergeOptions,
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
-    full_rx: &mpsc::Receiver<Result<Assembled>>,
-    free_tx: &mpsc::Sender<Vec<u8>>,
-) -> Result<u64> {
+    pipe: &Pipe<'_>,
+) -> Result<Copied> {
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
     let mut units = plan.unit_indices();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
-    let mut done = 0u64;
+    let mut done = Copied::default();
+    let mut scratch = Vec::new();
     loop {
         batch.clear();
         batch.extend(units.by_ref().take(batch_units));
@@ -642,12 +727,14 @@ fn write_units(
             if tracker.cancelled() {
                 dest.finish()?;
                 return Err(Error::Cancelled(format!(
-                    "merge into {} stopped after {done} of {} bytes; what was written is committed and running the same merge again finishes it",
+                    "merge into {} stopped after {} of {} bytes; what was written is committed and running the same merge again finishes it",
                     dest.path().display(),
+                    done.bytes,
                     plan.bytes_total
                 )));
             }
-            let mut item = full_rx
+            let mut item = pipe
+                .full_rx
                 .recv()
                 .map_err(|_| Error::InvalidState("the merge reader thread stopped".into()))??;
             if item.unit != unit {
@@ -656,19 +743,78 @@ fn write_units(
                     item.unit
                 )));
             }
-            let bytes = item.mask.count_ones() as u64 * plan.sector_bytes;
             if let (Some(c), Some(crc)) = (crcs.as_mut(), item.crc) {
                 c.push(crc);
             }
-            let (block, first) = plan.unit_place(unit);
-            dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
-            let _ = free_tx.send(item.buf);
-            done += bytes;
+            let (bytes, cloned) = place_unit(chain, plan, dest, &mut item, &mut scratch, pipe)?;
+            let _ = pipe.free_tx.send(item.buf);
+            done.bytes += bytes;
+            done.cloned += if cloned { bytes } else { 0 };
             tracker.advance(bytes);
         }
         dest.commit()?;
     }
     Ok(done)
+}
+
+/// Put one unit into the destination: cloned when it is a clone candidate and the clone
+/// works, otherwise written (read here first if the reader skipped it). Returns its merged
+/// bytes and whether they were cloned.
+fn place_unit(
+    chain: &Chain,
+    plan: &MergePlan,
+    dest: &mut dyn LayerWriter,
+    item: &mut Assembled,
+    scratch: &mut Vec<u8>,
+    pipe: &Pipe<'_>,
+) -> Result<(u64, bool)> {
+    let (block, first) = plan.unit_place(item.unit);
+    if let Some((layer, pieces)) = &item.clone
+        && pipe.cloning.load(Ordering::Relaxed)
+    {
+        match clone_unit(at(chain, *layer), dest, block, first, pieces)? {
+            CloneOutcome::Cloned => {
+                pipe.unaligned.set(0);
+                let sectors: usize = pieces.iter().map(|p| p.len).sum();
+                return Ok((sectors as u64 * plan.sector_bytes, true));
+            }
+            CloneOutcome::Unsupported => pipe.cloning.store(false, Ordering::Relaxed),
+            CloneOutcome::Unaligned => {
+                pipe.unaligned.set(pipe.unaligned.get() + 1);
+                if pipe.unaligned.get() >= UNALIGNED_STREAK {
+                    pipe.cloning.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    if !item.read {
+        item.mask = assemble_unit(chain, plan, item.unit, &mut item.buf, scratch)?;
+    }
+    dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
+    Ok((item.mask.count_ones() as u64 * plan.sector_bytes, false))
+}
+
+/// Clone a unit whose every sector `layer` provides, piece by piece (one per layer block),
+/// into destination `block` from sector `first` on. Stops at the first piece that does not
+/// clone; the caller then writes the whole unit, over any pieces already cloned (the same
+/// bytes).
+fn clone_unit(
+    layer: &dyn Layer,
+    dest: &mut dyn LayerWriter,
+    block: u64,
+    first: u64,
+    pieces: &[Piece],
+) -> Result<CloneOutcome> {
+    for p in pieces {
+        let Some(src) = layer.clone_source(p.block, p.first_in_block, p.len as u64) else {
+            return Ok(CloneOutcome::Unsupported);
+        };
+        let r = dest.clone_sectors(block, first + p.first as u64, &src)?;
+        if r != CloneOutcome::Cloned {
+            return Ok(r);
+        }
+    }
+    Ok(CloneOutcome::Cloned)
 }
 
 /// The destination blocks that units `batch` (ascending) allocate: each block once, however
@@ -781,7 +927,7 @@ mod tests {
         let tracker = Tracker::new(None, &options);
         let mut out = dest();
         let done = copy_units(&chain, &plan, &mut out, &options, &tracker, &mut None).unwrap();
-        assert_eq!(done, 2 * MIB);
+        assert_eq!((done.bytes, done.cloned), (2 * MIB, 0));
         assert_eq!(out.blocks.len(), 1);
         let (BlockState::Present(Some(bm)), data) = &out.blocks[&0] else {
             panic!("block 0 should hold a bitmap");

@@ -74,6 +74,7 @@ mod scan;
 
 pub use execute::{assemble_unit, read_assembled};
 pub use job::{Job, JobState, MergeJob, Progress};
+pub(crate) use plan::clone_candidate;
 pub use plan::{MAX_UNIT_BYTES, MergePlan, PlannedLayer};
 pub use scan::{ScannedVhd, peek_vhd};
 
@@ -125,6 +126,14 @@ pub struct MergeOptions {
     pub progress: Option<ProgressFn>,
     /// Wraps the destination's storage (see [`StorageWrapper`]).
     pub destination_io: Option<StorageWrapper>,
+    /// Clone instead of copying where the file system allows (default true): a destination
+    /// unit whose every sector one merged layer provides, from whole blocks it holds, is
+    /// placed with a block clone (FICLONERANGE on XFS with reflink, btrfs, ...) when source
+    /// and destination offsets are aligned to 4 KiB and both files are on the same file
+    /// system; it then shares the source's extents and no data moves. Everything else, and
+    /// every unit on a file system that cannot clone, is copied. False copies everything
+    /// (physically separate data; `--no-clone`).
+    pub clone: bool,
     /// Wraps the storage of the layer that links to the destination when the merge updates
     /// that link (a VHDX destination's identity changes when it is written; see
     /// [`crate::layer::set_parent_ids`]).
@@ -146,6 +155,7 @@ impl Default for MergeOptions {
             batch_bytes: DEFAULT_BATCH_BYTES,
             progress: None,
             destination_io: None,
+            clone: true,
             link_io: None,
             cancel: None,
         }
@@ -164,6 +174,7 @@ impl fmt::Debug for MergeOptions {
             .field("batch_bytes", &self.batch_bytes)
             .field("progress", &self.progress.is_some())
             .field("destination_io", &self.destination_io.is_some())
+            .field("clone", &self.clone)
             .field("link_io", &self.link_io.is_some())
             .field("cancel", &self.cancel)
             .finish()
@@ -190,8 +201,12 @@ pub struct MergeReport {
     pub plan: MergePlan,
     /// True for a dry run: nothing was written.
     pub dry_run: bool,
-    /// Bytes of merged sectors written into the destination (0 for a dry run).
+    /// Bytes of merged sectors written into the destination (0 for a dry run), cloned or
+    /// copied.
     pub bytes_merged: u64,
+    /// Of `bytes_merged`, those placed by block cloning (sharing the source's extents)
+    /// instead of being copied; see [`MergeOptions::clone`].
+    pub bytes_cloned: u64,
     /// Destination blocks allocated by this run.
     pub blocks_allocated: u64,
     /// Growth of the destination file in bytes.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
-use crate::chain::Chain;
+use crate::chain::{Chain, SpanPlan, SpanSource};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::layer::{DiskKind, Layer};
@@ -61,6 +61,10 @@ pub struct MergePlan {
     /// destination must too (none where a dynamic destination's block is unallocated, as it
     /// reads as zeros already).
     pub zeroed_bytes: u64,
+    /// Bytes in units that one merged layer wholly provides, from whole blocks it holds: what
+    /// a merge with [`super::MergeOptions::clone`] clones where the file system and the
+    /// alignment of both files allow; the rest of `bytes_total` is copied.
+    pub clone_candidate_bytes: u64,
     /// Destination blocks the merge allocates, at most (a unit of zeros over an unallocated
     /// block of a dynamic destination is skipped, as it reads as zeros already).
     pub blocks_to_allocate: u64,
@@ -92,6 +96,7 @@ impl fmt::Debug for MergePlan {
             .field("units", &self.units)
             .field("bytes_total", &self.bytes_total)
             .field("zeroed_bytes", &self.zeroed_bytes)
+            .field("clone_candidate_bytes", &self.clone_candidate_bytes)
             .field("blocks_to_allocate", &self.blocks_to_allocate)
             .field("destination_growth", &self.destination_growth)
             .field("siblings", &self.siblings)
@@ -135,6 +140,7 @@ impl MergePlan {
         let per_block = dest.block_size() / unit_bytes;
         let candidates: Vec<std::ops::Range<usize>> = unit_set.runs().collect();
         let (mut units, mut blocks_to_allocate, mut zeroed_bytes) = (0u64, 0u64, 0u64);
+        let mut clone_candidate_bytes = 0u64;
         let mut last_new_block = None;
         for u in candidates.into_iter().flatten() {
             let (start, n) = unit_span(u as u64, unit_sectors, limit);
@@ -156,6 +162,9 @@ impl MergePlan {
                     l.bytes += src.claimed.count_ones() as u64 * ss;
                 }
             }
+            if clone_candidate(&span).is_some() {
+                clone_candidate_bytes += claimed * ss;
+            }
             zeroed_bytes += hidden * ss;
             units += 1;
             if unallocated && last_new_block != Some(block) {
@@ -174,6 +183,7 @@ impl MergePlan {
             bytes_total: layers.iter().map(|l| l.bytes).sum::<u64>() + zeroed_bytes,
             layers,
             zeroed_bytes,
+            clone_candidate_bytes,
             merged_extent,
             units,
             blocks_to_allocate,
@@ -203,6 +213,17 @@ impl MergePlan {
         let per_block = (self.block_bytes / self.unit_bytes).max(1);
         let first = (unit % per_block) * (self.unit_bytes / self.sector_bytes);
         (unit / per_block, first)
+    }
+}
+
+/// The layer that provides every sector of `span` by itself, if one does: then the span is
+/// a copy of that layer's stored sectors (one piece per layer block), which a block clone can
+/// place without reading them. A span with sectors of several layers, with sectors no layer
+/// holds, or with zeros to write is assembled instead.
+pub(crate) fn clone_candidate(span: &SpanPlan) -> Option<&SpanSource> {
+    match span.sources.as_slice() {
+        [only] if only.claimed.count_ones() == span.sectors && span.zeros.none() => Some(only),
+        _ => None,
     }
 }
 

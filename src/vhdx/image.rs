@@ -485,6 +485,79 @@ impl<S: Storage> Vhdx<S> {
         self.write_runs(block, first, data, mask)
     }
 
+    /// Where `len` bytes of present block `block` from sector `first` lie in the file, when a
+    /// block clone can share them as they are stored (see [`crate::Layer::clone_source`]).
+    pub fn clone_source(&self, block: u64, first: u64, len: u64) -> Option<(&S, u64)> {
+        let offset = self
+            .stored_offset(block, first, usize::try_from(len).ok()?)
+            .ok()?;
+        self.r
+            .file
+            .is_stored_as_is(offset, len)
+            .then(|| (self.r.file.storage(), offset))
+    }
+
+    /// Clone `len` bytes of `src` at `src_offset` into block `block` from sector `first` on
+    /// (see [`Storage::clone_range`]): afterwards they read as if [`Vhdx::write_sectors`] had
+    /// written them, in the same order (DataWriteGuid first; a new block's BAT entry and a
+    /// differencing block's bitmap bits published at [`Vhdx::commit`], after the data).
+    /// Only 4 KiB-aligned ranges are tried. Anything that does not clone leaves the content
+    /// as it was (a new block's space, reserved before the clone, may stay unused: free
+    /// space in the file) and the caller writes the sectors instead.
+    pub fn clone_sectors(
+        &mut self,
+        block: u64,
+        first: u64,
+        src: &std::fs::File,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<crate::io::CloneOutcome> {
+        use crate::io::CloneOutcome;
+        self.check_writable()?;
+        self.check_range(block, first, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let ss = u64::from(self.sector_size());
+        let aligned = |o: u64| o.is_multiple_of(4096);
+        if len == 0 || !aligned(src_offset) || !aligned(len) || !aligned(first * ss) {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        let state = self.r.entry(block)?.payload_state()?;
+        let present = matches!(
+            state,
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent
+        );
+        let at = match present {
+            true => self.stored_offset(block, first, len as usize)?,
+            false => 0,
+        };
+        if present && !aligned(at) {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        self.touch(true)?;
+        let new_block = (!present)
+            .then(|| self.reserve(self.block_size()))
+            .transpose()?;
+        let at = new_block.map_or(at, |o| o + first * ss);
+        let r = self
+            .r
+            .file
+            .storage()
+            .clone_range(src, src_offset, at, len)
+            .map_err(|e| Error::io(format!("VHDX: cloning {len} bytes to {at:#x}"), e))?;
+        if r != CloneOutcome::Cloned {
+            return Ok(r);
+        }
+        self.session.unflushed = true;
+        let mask = SectorBitmap::full((len / ss) as usize);
+        match new_block {
+            Some(offset) => self.place_block(block, state, offset, first, &mask)?,
+            None if state == PayloadState::PartiallyPresent && self.is_differencing() => {
+                self.set_bits(block, first, &mask)?
+            }
+            None => {}
+        }
+        Ok(r)
+    }
+
     /// Whether the write covers the whole block with zeros and may use the ZERO state.
     fn is_zero_block_write(
         &self,
@@ -510,6 +583,19 @@ impl<S: Storage> Vhdx<S> {
         mask: &SectorBitmap,
     ) -> Result<()> {
         let offset = self.reserve(self.block_size())?;
+        self.place_block(block, state, offset, first, mask)
+    }
+
+    /// Give unallocated block `block` (in `state`) the new block at `offset` (reserved):
+    /// its BAT entry, and for a differencing disk the bits of the sectors `mask` selects.
+    fn place_block(
+        &mut self,
+        block: u64,
+        state: PayloadState,
+        offset: u64,
+        first: u64,
+        mask: &SectorBitmap,
+    ) -> Result<()> {
         let partial = self.is_differencing() && state == PayloadState::NotPresent;
         let new = if partial {
             PayloadState::PartiallyPresent

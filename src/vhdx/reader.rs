@@ -32,6 +32,12 @@ pub struct Overlay<S: Storage> {
 }
 
 impl<S: Storage> Overlay<S> {
+    /// Whether `len` bytes at `offset` are the file's own bytes as stored (no log replayed
+    /// over the file in memory, inside its real length): what a block clone of them shares.
+    pub fn is_stored_as_is(&self, offset: u64, len: u64) -> bool {
+        self.plan.is_none() && offset.checked_add(len).is_some_and(|e| e <= self.raw_len)
+    }
+
     /// The storage as is (no log replayed yet).
     pub fn new(storage: S) -> Result<Overlay<S>> {
         let raw_len = storage
@@ -217,13 +223,16 @@ impl<S: Storage> VhdxReader<S> {
         )?;
         geometry.check_bat_region(regions.bat.length.into())?;
         let file_len = file.file_len();
-        let bat = PagedBat::load(&file, regions.bat.file_offset, geometry, |kind, e| {
-            match kind {
+        let bat = PagedBat::load(
+            &file,
+            regions.bat.file_offset,
+            geometry,
+            |kind, e| match kind {
                 EntryKind::Payload(i) => check_block(&geometry, file_len, i, e),
                 EntryKind::Bitmap(c) if fp.has_parent => check_bitmap_block(file_len, c, e),
                 _ => Ok(()),
-            }
-        })?;
+            },
+        )?;
         Ok(VhdxReader {
             file,
             header,

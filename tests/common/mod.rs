@@ -8,6 +8,7 @@
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
 //! - [`merging`]: a VHDX merge under test and the checks every VHDX merge test makes;
 //! - [`os`]: running as root, immutable files, a small tmpfs;
+//! - [`reflink`]: a file system that clones blocks, and FIEMAP's shared extents;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
 //! - [`storage`]: recording and fault-injecting wrappers for a merge's destination;
 //! - here: the CLI binary, temporary directories, a deterministic random generator, reading
@@ -21,6 +22,7 @@ pub mod model;
 pub mod oracles;
 pub mod os;
 pub mod patch;
+pub mod reflink;
 pub mod storage;
 
 use std::io::Write;

@@ -2,9 +2,11 @@
 //! records every write, sync and truncation, one that injects the faults of a [`FaultPlan`],
 //! and one whose failing sync loses the unsynced writes ([`lossy`]).
 
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
+use vhd_merge::CloneOutcome;
+use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, Storage};
 use vhd_merge::merge::StorageWrapper;
 
 /// One operation a merge did on its destination.
@@ -20,6 +22,8 @@ pub enum IoEvent {
     Sync,
     /// A truncation or extension to this length.
     SetLen(u64),
+    /// A block clone of `len` bytes to `offset` (whatever the file system answered).
+    Clone { offset: u64, len: u64 },
 }
 
 /// What a [`Recording`] storage saw, in order.
@@ -43,6 +47,16 @@ impl IoLog {
                     len,
                     file_len,
                 } => Some((offset, len, file_len)),
+                _ => None,
+            })
+            .collect()
+    }
+    /// The clones asked for, in order, as (offset, len).
+    pub fn clones(&self) -> Vec<(u64, u64)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                IoEvent::Clone { offset, len } => Some((offset, len)),
                 _ => None,
             })
             .collect()
@@ -99,6 +113,83 @@ impl Storage for Recording {
     fn try_lock(&self, exclusive: bool) -> std::io::Result<bool> {
         self.inner.try_lock(exclusive)
     }
+    fn clone_range(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<CloneOutcome> {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .push(IoEvent::Clone { offset, len });
+        self.inner.clone_range(src, src_offset, offset, len)
+    }
+    fn as_file(&self) -> Option<&File> {
+        self.inner.as_file()
+    }
+}
+
+/// Storage whose clones are copies (read from the source, written here) with the alignment
+/// rule of a real reflink file system (4 KiB blocks): the engine's clone path, its fallbacks
+/// and its fault injection, on any file system. A real clone is proved in `tests/clone.rs`.
+#[derive(Debug)]
+pub struct CopyClone {
+    inner: Box<dyn Storage>,
+}
+
+impl Storage for CopyClone {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn try_lock(&self, exclusive: bool) -> std::io::Result<bool> {
+        self.inner.try_lock(exclusive)
+    }
+    fn clone_range(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<CloneOutcome> {
+        if [src_offset, offset, len].iter().any(|v| v % 4096 != 0) {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        let mut buf = vec![0u8; len as usize];
+        FileStorage::new(src.try_clone()?).read_at(&mut buf, src_offset)?;
+        self.inner.write_at(&buf, offset)?;
+        Ok(CloneOutcome::Cloned)
+    }
+    fn as_file(&self) -> Option<&File> {
+        self.inner.as_file()
+    }
+}
+
+/// A destination wrapper whose clones are copies (see [`CopyClone`]).
+pub fn copy_clone() -> StorageWrapper {
+    Arc::new(|s| Box::new(CopyClone { inner: s }))
+}
+
+/// [`copy_clone`] under the faults of `plan` (clones count as writes).
+pub fn faulty_copy_clone(plan: Arc<FaultPlan>) -> StorageWrapper {
+    Arc::new(move |s| {
+        let s: Box<dyn Storage> = Box::new(CopyClone { inner: s });
+        Box::new(FaultyStorage::new(s, plan.clone()))
+    })
 }
 
 /// A destination wrapper that records into `log`.
