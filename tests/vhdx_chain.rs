@@ -47,7 +47,7 @@ fn cases(debug: u64, release: u64) -> u64 {
 #[test]
 fn built_vhdx_layers_hold_what_the_model_says() {
     let mut tally = Tally::default();
-    for seed in 0..cases(12, 80) {
+    for seed in 0..cases(12, 40) {
         let c = random_vhdx_case(seed);
         let dir = common::fast_tempdir();
         let built = build(dir.path(), &c.spec, &c.sizes, c.format);
@@ -103,7 +103,7 @@ impl Tally {
 /// reads of random sector ranges.
 #[test]
 fn random_vhdx_chains_read_like_the_model_at_every_level() {
-    for seed in 0..cases(40, 300) {
+    for seed in 0..cases(40, 120) {
         let c = random_vhdx_case(seed);
         let dir = common::fast_tempdir();
         let built = build(dir.path(), &c.spec, &c.sizes, c.format);
@@ -233,7 +233,7 @@ fn parent_linkage2_is_accepted_too() {
 fn libvhdi_reads_our_differencing_chains_like_the_model() {
     let _serial = common::serial();
     let (mut compared, mut skipped) = (0, 0);
-    for seed in 0..cases(6, 30) {
+    for seed in 0..cases(6, 12) {
         let mut c = random_vhdx_case(seed);
         c.spec.density.fill(100);
         c.sizes.fill(c.spec.size_sectors);

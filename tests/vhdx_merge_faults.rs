@@ -330,6 +330,7 @@ fn all_points(b: &Bench, target: Target, kinds: Kinds) -> Tally {
             t.lossy += 1;
         }
     }
+    t.qemu = b.qemu_replays.get();
     eprintln!(
         "{}: {target:?}: {writes} writes, {syncs} flushes: {t:?}",
         b.name
