@@ -136,13 +136,27 @@ fn severity_of(p: &Problem) -> Severity {
     }
 }
 
-struct Sink<'a> {
-    file: &'a Path,
-    findings: Vec<Finding>,
+/// Where a check collects its findings about one file (the VHDX check uses it too), at most
+/// `limit` of each code when there is a limit (a hostile table can give millions).
+pub(crate) struct Sink<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) findings: Vec<Finding>,
+    pub(crate) limit: Option<usize>,
+    /// Findings of each code so far, listed or not.
+    pub(crate) counts: std::collections::BTreeMap<&'static str, usize>,
 }
 
-impl Sink<'_> {
-    fn add(
+impl<'a> Sink<'a> {
+    pub(crate) fn new(file: &'a Path, limit: Option<usize>) -> Sink<'a> {
+        Sink {
+            file,
+            findings: Vec::new(),
+            limit,
+            counts: Default::default(),
+        }
+    }
+
+    pub(crate) fn add(
         &mut self,
         severity: Severity,
         code: &'static str,
@@ -151,6 +165,11 @@ impl Sink<'_> {
         block: Option<u64>,
         message: String,
     ) {
+        let n = self.counts.entry(code).or_insert(0);
+        *n += 1;
+        if self.limit.is_some_and(|l| *n > l) {
+            return;
+        }
         self.findings.push(Finding {
             severity,
             code,
@@ -161,12 +180,33 @@ impl Sink<'_> {
             message,
         });
     }
+
+    /// The findings, with a note for each code that had more than the limit.
+    pub(crate) fn finish(mut self) -> Vec<Finding> {
+        let limit = self.limit.unwrap_or(usize::MAX);
+        let over: Vec<(&'static str, usize)> = self
+            .counts
+            .iter()
+            .filter(|(_, n)| **n > limit)
+            .map(|(c, n)| (*c, *n - limit))
+            .collect();
+        for (code, more) in over {
+            let message = format!("{more} more finding(s) of kind {code} are not listed");
+            self.limit = None;
+            self.add(Severity::Info, code, "file", None, None, message);
+        }
+        self.findings
+    }
 }
 
 /// Check one file. Fails only when it cannot be opened at all (missing, not a regular file, no
 /// permission); everything wrong inside it is a finding.
+/// A VHDX is checked by [`crate::vhdx::check::check_file`] (`deep`: its sector bitmaps).
 pub fn check_file(path: impl AsRef<Path>, options: &CheckOptions) -> Result<CheckReport> {
     let path = path.as_ref();
+    if crate::layer::detect_format(path) == Some(crate::layer::Format::Vhdx) {
+        return crate::vhdx::check::check_file(path, options.deep);
+    }
     let insp = Vhd::inspect(path, open_options(options))?;
     Ok(report_of(path, insp, options))
 }
@@ -191,10 +231,7 @@ fn open_options(options: &CheckOptions) -> OpenOptions {
 }
 
 fn report_of(path: &Path, insp: Inspection, options: &CheckOptions) -> CheckReport {
-    let mut sink = Sink {
-        file: path,
-        findings: Vec::new(),
-    };
+    let mut sink = Sink::new(path, None);
     for p in &insp.problems {
         sink.add(
             severity_of(p),

@@ -126,8 +126,13 @@ impl RepairReport {
 /// there is something to write, the file is opened for writing under the exclusive lock
 /// every writer takes ([`Error::InUse`], 32774, while a merge or another repair holds it) and
 /// inspected again.
+///
+/// A VHDX is repaired by [`crate::vhdx::repair::repair_file`].
 pub fn repair_file(path: impl AsRef<Path>, options: &RepairOptions) -> Result<RepairReport> {
     let path = path.as_ref();
+    if crate::layer::detect_format(path) == Some(crate::layer::Format::Vhdx) {
+        return crate::vhdx::repair::repair_file(path, options);
+    }
     let insp = Vhd::inspect(path, open_options(options, false))?;
     let planned = plan_repair(path, insp, Some(false))?;
     if options.dry_run || planned.writes.is_empty() {

@@ -150,141 +150,23 @@ pub fn set_parent_on(
     let child = c.path().to_path_buf();
     let child = child.as_path();
     let new_parent = new_parent.as_ref();
-    if !c.is_writable() {
-        return Err(Error::AccessDenied(format!(
-            "{} was opened read-only: set-parent rewrites its header",
-            child.display()
-        )));
-    }
-    if opts.lock {
-        c.lock(true)?;
-    }
-    let old_header = match (c.disk_type(), c.header()) {
-        (DiskType::Differencing, Some(h)) => h.clone(),
-        (t, _) => {
-            return Err(Error::InvalidParameter(format!(
-                "{} is a {} disk, not a differencing one: it has no parent to set",
-                child.display(),
-                t.name()
-            )));
-        }
-    };
-    let p = Vhd::open(
-        new_parent,
-        OpenOptions {
-            lenient: opts.lenient,
-            ..OpenOptions::read_only()
-        },
-    )?;
-    let mut warnings = Vec::new();
-    if locator::same_file(child, new_parent) || p.unique_id() == c.unique_id() {
-        return Err(Error::InvalidParameter(format!(
-            "{} cannot be the parent of {}: it is the same disk (unique id {})",
-            new_parent.display(),
-            child.display(),
-            p.unique_id()
-        )));
-    }
-    check_no_cycle(
-        child,
-        c.unique_id(),
-        new_parent,
-        opts.lenient,
-        &mut warnings,
-    )?;
-
+    let old_header = differencing_header(c, opts)?;
     let old_id = old_header.parent_unique_id;
-    let id_changed = p.unique_id() != old_id;
-    if id_changed && !opts.force {
-        return Err(Error::InvalidParameter(format!(
-            "{} has unique id {}, but {} records parent unique id {old_id}: it is not the same disk (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
-            new_parent.display(),
-            p.unique_id(),
-            child.display()
-        )));
-    }
-    if id_changed {
-        warnings.push(format!(
-            "the child adopts parent unique id {} (was {old_id}): its view now reads through the new parent",
-            p.unique_id()
-        ));
-    }
-    if p.virtual_size() != c.virtual_size() {
-        warnings.push(format!(
-            "the new parent's virtual size {} differs from the child's {}",
-            p.virtual_size(),
-            c.virtual_size()
-        ));
-    }
-
+    let link = check_new_parent(c, &[old_id], new_parent, opts)?;
     let name = file_name(new_parent);
     let mut header = old_header.clone();
     header.set_parent_name(&name)?;
-    let new_id = p.unique_id();
-    header.parent_unique_id = new_id;
+    header.parent_unique_id = link.new_id;
     header.parent_timestamp = crate::create::parent_timestamp(new_parent)?;
-    drop(p);
-
     let payloads = locator::parent_locators(child, new_parent)?;
     if payloads.len() > LOCATOR_COUNT {
         return Err(Error::InvalidParameter("too many parent locators".into()));
     }
-
-    // Where each payload ends up: an old locator's extent (its "home") when it fits, else
-    // fresh space after all data. Decided before anything is written.
-    let mut placed: Vec<(u64, u64)> = Vec::new();
-    let mut used_slots = [false; LOCATOR_COUNT];
-    let mut homes: Vec<Option<(u64, u64)>> = Vec::new();
-    for (code, data) in &payloads {
-        let home = reusable_slot(
-            c,
-            &old_header.locators,
-            &used_slots,
-            &placed,
-            *code,
-            data.len(),
-        );
-        homes.push(home.map(|(slot, offset, space)| {
-            used_slots[slot] = true;
-            placed.push((offset, space));
-            (offset, space)
-        }));
-    }
-
-    // Phase 1: every payload into fresh space, then the header pointing there. Until that
-    // header is written, the old header and everything it references are untouched.
-    let mut fresh = Vec::new();
-    for (_, data) in &payloads {
-        let space =
-            align_up((data.len() as u64).max(LOCATOR_SPACE), SECTOR_SIZE).unwrap_or(LOCATOR_SPACE);
-        let mut padded = data.clone();
-        padded.resize(space as usize, 0);
-        let offset = c.append_metadata(&padded)?;
-        fresh.push((offset, space, false));
-    }
-    c.rewrite_header(with_locators(&header, &payloads, &fresh))?;
-
-    // Phase 2: the old extents are no longer referenced; payloads that fit move back into
-    // them, and a second header points there. The fresh space is then unreferenced again,
-    // after the last block, where the next set-parent or block allocation reuses it: the file
-    // grows at most once by a few KiB, however often the parent is set.
-    if homes.iter().any(Option::is_some) {
-        let mut last = fresh.clone();
-        for (((_, data), home), place) in payloads.iter().zip(&homes).zip(last.iter_mut()) {
-            if let Some((offset, space)) = *home {
-                let mut padded = data.clone();
-                padded.resize(space as usize, 0);
-                c.write_metadata_at(offset, &padded)?;
-                *place = (offset, space, true);
-            }
-        }
-        c.rewrite_header(with_locators(&header, &payloads, &last))?;
-        fresh = last;
-    }
-
+    let homes = locator_homes(c, &old_header, &payloads);
+    let placed = write_locators(c, &header, &payloads, &homes)?;
     let locators = payloads
         .iter()
-        .zip(&fresh)
+        .zip(&placed)
         .enumerate()
         .map(
             |(slot, ((code, data), &(offset, space, reused)))| LocatorWritten {
@@ -301,15 +183,196 @@ pub fn set_parent_on(
         child: child.to_path_buf(),
         parent: new_parent.to_path_buf(),
         old_parent_id: old_id,
-        parent_id: new_id,
-        id_changed,
+        parent_id: link.new_id,
+        id_changed: link.id_changed,
         old_parent_name: old_header.parent_name(),
         parent_name: name,
         parent_timestamp: c.header().map_or(0, |h| h.parent_timestamp),
         locators,
         locator_keys: Vec::new(),
+        warnings: link.warnings,
+    })
+}
+
+/// The dynamic header of `c`, which must be writable (locked now when `opts.lock`) and
+/// differencing.
+fn differencing_header(c: &Vhd, opts: &SetParentOptions) -> Result<DynamicHeader> {
+    if !c.is_writable() {
+        return Err(Error::AccessDenied(format!(
+            "{} was opened read-only: set-parent rewrites its header",
+            c.path().display()
+        )));
+    }
+    if opts.lock {
+        c.lock(true)?;
+    }
+    match (c.disk_type(), c.header()) {
+        (DiskType::Differencing, Some(h)) => Ok(h.clone()),
+        (t, _) => Err(Error::InvalidParameter(format!(
+            "{} is a {} disk, not a differencing one: it has no parent to set",
+            c.path().display(),
+            t.name()
+        ))),
+    }
+}
+
+/// What [`check_new_parent`] found.
+struct LinkCheck {
+    /// The new parent's identity.
+    new_id: Uuid,
+    /// It is not one the child accepted before (`force` was given).
+    id_changed: bool,
+    /// Things the report says.
+    warnings: Vec<String>,
+}
+
+/// The rules for any child and format: the new parent opens, has the child's format and
+/// sector size, is not the child, does not have the child in its chain, and carries one of
+/// the identities the child accepts (`old_ids`) unless `opts.force`.
+fn check_new_parent(
+    child: &dyn Layer,
+    old_ids: &[Uuid],
+    new_parent: &Path,
+    opts: &SetParentOptions,
+) -> Result<LinkCheck> {
+    let lenient = OpenOptions {
+        lenient: opts.lenient,
+        ..OpenOptions::read_only()
+    };
+    let p = crate::layer::open_layer(new_parent, lenient)?;
+    let (id_name, link_name) = match child.format() {
+        Format::Vhd => ("unique id", "parent unique id"),
+        _ => ("DataWriteGuid", "parent_linkage"),
+    };
+    check_parent_kind(child, p.as_ref(), id_name)?;
+    let mut warnings = Vec::new();
+    check_no_cycle(
+        child.path(),
+        child.id(),
+        new_parent,
+        opts.lenient,
+        &mut warnings,
+    )?;
+    let new_id = p.id();
+    let id_changed = !old_ids.contains(&new_id);
+    let old_id = old_ids.first().copied().unwrap_or_default();
+    if id_changed && !opts.force {
+        return Err(Error::InvalidParameter(format!(
+            "{} has {id_name} {new_id}, but {} records {link_name} {old_id}: it is not the same disk (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
+            new_parent.display(),
+            child.path().display()
+        )));
+    }
+    if id_changed {
+        warnings.push(format!(
+            "the child adopts {link_name} {new_id} (was {old_id}): its view now reads through the new parent"
+        ));
+    }
+    if p.virtual_size() != child.virtual_size() {
+        warnings.push(format!(
+            "the new parent's virtual size {} differs from the child's {}",
+            p.virtual_size(),
+            child.virtual_size()
+        ));
+    }
+    Ok(LinkCheck {
+        new_id,
+        id_changed,
         warnings,
     })
+}
+
+/// The new parent `p` of `child` has its format and sector size and is another disk.
+fn check_parent_kind(child: &dyn Layer, p: &dyn Layer, id_name: &str) -> Result<()> {
+    if p.format() != child.format() {
+        return Err(Error::InvalidParameter(format!(
+            "{} is a {}: the parent of a {} is a {} (a chain holds one format, as Hyper-V requires)",
+            p.path().display(),
+            p.format().name().to_uppercase(),
+            child.format().name().to_uppercase(),
+            child.format().name().to_uppercase()
+        )));
+    }
+    if locator::same_file(child.path(), p.path()) || p.id() == child.id() {
+        return Err(Error::InvalidParameter(format!(
+            "{} cannot be the parent of {}: it is the same disk ({id_name} {})",
+            p.path().display(),
+            child.path().display(),
+            p.id()
+        )));
+    }
+    if p.sector_size() != child.sector_size() {
+        return Err(Error::NotSupported {
+            path: Some(p.path().to_path_buf()),
+            detail: format!(
+                "the new parent has {}-byte sectors and the child {}-byte sectors",
+                p.sector_size(),
+                child.sector_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Where each payload can go back to: an old locator's extent (its "home") when it fits,
+/// decided before anything is written.
+fn locator_homes(
+    c: &Vhd,
+    old: &DynamicHeader,
+    payloads: &[(PlatformCode, Vec<u8>)],
+) -> Vec<Option<(u64, u64)>> {
+    let mut placed: Vec<(u64, u64)> = Vec::new();
+    let mut used_slots = [false; LOCATOR_COUNT];
+    let mut homes = Vec::new();
+    for (code, data) in payloads {
+        let home = reusable_slot(c, &old.locators, &used_slots, &placed, *code, data.len());
+        homes.push(home.map(|(slot, offset, space)| {
+            used_slots[slot] = true;
+            placed.push((offset, space));
+            (offset, space)
+        }));
+    }
+    homes
+}
+
+/// Write the payloads and the header that references them, in the module's two phases;
+/// returns where each payload ended up (offset, space, reused an old extent).
+fn write_locators(
+    c: &mut Vhd,
+    header: &DynamicHeader,
+    payloads: &[(PlatformCode, Vec<u8>)],
+    homes: &[Option<(u64, u64)>],
+) -> Result<Vec<(u64, u64, bool)>> {
+    // Phase 1: every payload into fresh space, then the header pointing there. Until that
+    // header is written, the old header and everything it references are untouched.
+    let mut fresh = Vec::new();
+    for (_, data) in payloads {
+        let space =
+            align_up((data.len() as u64).max(LOCATOR_SPACE), SECTOR_SIZE).unwrap_or(LOCATOR_SPACE);
+        let mut padded = data.clone();
+        padded.resize(space as usize, 0);
+        let offset = c.append_metadata(&padded)?;
+        fresh.push((offset, space, false));
+    }
+    c.rewrite_header(with_locators(header, payloads, &fresh))?;
+    if homes.iter().all(Option::is_none) {
+        return Ok(fresh);
+    }
+    // Phase 2: the old extents are no longer referenced; payloads that fit move back into
+    // them, and a second header points there. The fresh space is then unreferenced again,
+    // after the last block, where the next set-parent or block allocation reuses it: the file
+    // grows at most once by a few KiB, however often the parent is set.
+    let mut last = fresh;
+    for (((_, data), home), place) in payloads.iter().zip(homes).zip(last.iter_mut()) {
+        if let Some((offset, space)) = *home {
+            let mut padded = data.clone();
+            padded.resize(space as usize, 0);
+            c.write_metadata_at(offset, &padded)?;
+            *place = (offset, space, true);
+        }
+    }
+    c.rewrite_header(with_locators(header, payloads, &last))?;
+    Ok(last)
 }
 
 /// [`set_parent`] for a VHDX child ([MS-VHDX] 2.6.2.6): the parent locator is rewritten
@@ -335,37 +398,9 @@ fn set_parent_vhdx(
         name: old_name,
         ..
     } = crate::vhdx_layer::parent_link_of(&old).map_err(|e| e.in_file(child))?;
-    let lenient = OpenOptions {
-        lenient: opts.lenient,
-        ..OpenOptions::read_only()
-    };
-    let p = crate::layer::open_layer(new_parent, lenient)?;
-    check_vhdx_parent(child, &c, p.as_ref())?;
-    let mut warnings = Vec::new();
-    check_no_cycle(child, c.id(), new_parent, opts.lenient, &mut warnings)?;
-    let new_id = p.id();
-    let id_changed = !old_ids.contains(&new_id);
+    let link = check_new_parent(&c, &old_ids, new_parent, opts)?;
+    let (new_id, id_changed) = (link.new_id, link.id_changed);
     let old_id = old_ids.first().copied().unwrap_or_default();
-    if id_changed && !opts.force {
-        return Err(Error::InvalidParameter(format!(
-            "{} has DataWriteGuid {new_id}, but {} records parent_linkage {old_id}: it is not the same disk, or it was written since (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
-            new_parent.display(),
-            child.display()
-        )));
-    }
-    if id_changed {
-        warnings.push(format!(
-            "the child adopts parent_linkage {new_id} (was {old_id}): its view now reads through the new parent"
-        ));
-    }
-    if p.virtual_size() != c.virtual_size() {
-        warnings.push(format!(
-            "the new parent's virtual size {} differs from the child's {}",
-            p.virtual_size(),
-            c.virtual_size()
-        ));
-    }
-    drop(p);
     let mut entries = crate::vhdx::create::locator_entries(child, new_parent, new_id)?;
     let ours = crate::vhdx::format::metadata::KNOWN_LOCATOR_KEYS;
     entries.extend(
@@ -390,38 +425,8 @@ fn set_parent_vhdx(
         parent_timestamp: 0,
         locators: Vec::new(),
         locator_keys: loc.entries,
-        warnings,
+        warnings: link.warnings,
     })
-}
-
-/// The new parent of VHDX `c` is a VHDX other than `c`, with the same logical sector size.
-fn check_vhdx_parent(child: &Path, c: &dyn Layer, p: &dyn Layer) -> Result<()> {
-    if p.format() != Format::Vhdx {
-        return Err(Error::InvalidParameter(format!(
-            "{} is a {}: the parent of a VHDX is a VHDX (a chain holds one format, as Hyper-V requires)",
-            p.path().display(),
-            p.format().name().to_uppercase()
-        )));
-    }
-    if locator::same_file(child, p.path()) || p.id() == c.id() {
-        return Err(Error::InvalidParameter(format!(
-            "{} cannot be the parent of {}: it is the same disk (DataWriteGuid {})",
-            p.path().display(),
-            child.display(),
-            p.id()
-        )));
-    }
-    if p.sector_size() != c.sector_size() {
-        return Err(Error::NotSupported {
-            path: Some(p.path().to_path_buf()),
-            detail: format!(
-                "the new parent has {}-byte sectors and the child {}-byte sectors",
-                p.sector_size(),
-                c.sector_size()
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// The file name of `p`, for messages and reports.

@@ -1155,8 +1155,7 @@ fn quiet_and_verbose() {
 }
 
 /// A VHDX reads through the format-agnostic commands (chain, flatten) with the virtual SHA-256
-/// PROVENANCE.md gives; the VHD-only ones (info, check) say Not Supported (32770) naming
-/// VHDX, not "not a VHD" (32776).
+/// PROVENANCE.md gives (info, check, repair and create of VHDX: see the tests below).
 #[test]
 fn vhdx_files_work_in_chain_and_flatten() {
     let Some((vhdx, _)) = common::fixtures::vhdx_fixture("dfvfs/ext2.vhdx") else {
@@ -1184,16 +1183,317 @@ fn vhdx_files_work_in_chain_and_flatten() {
         common::sha256_file(&raw),
         "a6c2f0e39afe6c6ab432ca5465349fcefe8dc944398e97b2d957d3f89dbb5d80"
     );
-    let Some(out) = run(&["info", p(&vhdx)]) else {
+}
+
+// ---- VHDX: info, check, repair, create ---------------------------------------------------
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A writable copy of the VHDX fixture `rel` in `dir`.
+fn vhdx_copy(rel: &str, dir: &Path) -> Option<std::path::PathBuf> {
+    let (src, _) = common::fixtures::vhdx_fixture(rel)?;
+    let dest = dir.join(Path::new(rel).file_name().unwrap());
+    std::fs::copy(&src, &dest).unwrap();
+    Some(dest)
+}
+
+#[test]
+fn info_lists_a_real_differencing_vhdx() {
+    let Some((f, _)) = common::fixtures::vhdx_fixture("dfvfs/ntfs-differential.vhdx") else {
         return;
     };
-    let err = assert_error(&out, 32770, "Not Supported");
-    assert!(err.contains("VHDX"), "info: {err}");
-    // check reports it as its finding (exit 2: an error was found), naming VHDX.
-    let Some(out) = run(&["check", p(&vhdx)]) else {
+    let Some(out) = run(&["info", p(&f)]) else {
         return;
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("VHDX file"), "{text}");
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for want in [
+        "disk type                      differencing",
+        "header 2                       sequence 11, current",
+        "log                            clean",
+        "blocks                         partially_present 2",
+        "parent relative_path           .\\ntfs-parent.vhdx",
+        "metadata Parent Locator        680 bytes at 65576 [required]",
+    ] {
+        assert!(text.contains(want), "{want:?} in\n{text}");
+    }
+    let j = info_json(&f);
+    assert_eq!(j["format"], "vhdx");
+    assert_eq!(j["current_header"], 2);
+    assert_eq!(j["headers"][0]["sequence_number"], 10);
+    assert_eq!(j["virtual_size"], 4 << 20);
+    assert_eq!(j["block_size"], 2 << 20);
+    assert_eq!(
+        (
+            j["logical_sector_size"].clone(),
+            j["physical_sector_size"].clone()
+        ),
+        (512.into(), 4096.into())
+    );
+    assert_eq!(j["blocks"]["partially_present"], 2);
+    assert_eq!(j["sector_bitmap_blocks"], 1);
+    assert_eq!(j["regions"].as_array().unwrap().len(), 2);
+    assert_eq!(j["metadata_items"].as_array().unwrap().len(), 6);
+    let keys: Vec<&str> = j["parent_locator"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(keys.contains(&"parent_linkage"));
+}
+
+#[test]
+fn info_check_and_repair_of_a_dirty_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(f) = vhdx_copy("discutils/vhdx-log-replay.vhdx", dir.path()) else {
+        return;
+    };
+    let Some(_) = common::binary() else { return };
+    let j = info_json(&f);
+    assert_eq!(j["log"]["state"], "dirty");
+    assert_eq!(j["log"]["entries"], 2);
+    assert_eq!(
+        j["blocks"]["fully_present"], 1,
+        "read after the in-memory replay"
+    );
+    let out = run(&["check", p(&f)]).unwrap();
+    assert_eq!(out.status.code(), Some(0), "a dirty log is a warning");
+    assert!(
+        stdout(&out).contains("0 error(s), 1 warning(s)"),
+        "{}",
+        stdout(&out)
+    );
+    let before = std::fs::read(&f).unwrap();
+    let out = run(&["repair", "--dry-run", p(&f)]).unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("would write log"), "{}", stdout(&out));
+    assert_eq!(std::fs::read(&f).unwrap(), before);
+    let out = run(&["repair", "--json", p(&f)]).unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["wrote"].clone(), r["actions"][0]["structure"].clone()),
+        (true.into(), "log".into())
+    );
+    assert_eq!(info_json(&f)["log"]["state"], "clean");
+    let out = run(&["check", "--json", p(&f)]).unwrap();
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (c["errors"].clone(), c["warnings"].clone()),
+        (0.into(), 0.into())
+    );
+}
+
+#[test]
+fn damaged_vhdx_gives_the_right_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(f) = vhdx_copy("dfvfs/ext2.vhdx", dir.path()) else {
+        return;
+    };
+    let Some(_) = common::binary() else { return };
+    // Both headers damaged: nothing can be read.
+    let mut b = std::fs::read(&f).unwrap();
+    b[(64 << 10) + 8] ^= 1;
+    b[(128 << 10) + 8] ^= 1;
+    std::fs::write(&f, &b).unwrap();
+    let err = assert_error(
+        &run(&["info", p(&f)]).unwrap(),
+        32776,
+        "Incorrect data type",
+    );
+    assert!(err.contains("vhd-merge check"), "{err}");
+    let out = run(&["check", p(&f)]).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stdout(&out).contains("error [header 1 at offset 0x10000]"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&["info", "--lenient", "--json", p(&f)]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["problems"][0]["code"], "header-bad");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error 32776 (Incorrect data type)"),
+        "{err}"
+    );
+    let out = run(&["repair", p(&f)]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error 32776"));
+}
+
+#[test]
+fn info_lenient_lists_problems_of_a_readable_vhdx() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(f) = vhdx_copy("dfvfs/ntfs-fixed.vhdx", dir.path()) else {
+        return;
+    };
+    let Some(_) = common::binary() else { return };
+    let mut b = std::fs::read(&f).unwrap();
+    b[(3 << 20) + 3] |= 0x07; // block 0: reserved state 4..7 -> 7 bits; set state 4
+    b[3 << 20] = (b[3 << 20] & !7) | 4;
+    std::fs::write(&f, &b).unwrap();
+    assert_error(
+        &run(&["info", p(&f)]).unwrap(),
+        32776,
+        "Incorrect data type",
+    );
+    let out = run(&["info", "--lenient", p(&f)]).unwrap();
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains("problem") && text.contains("reserved payload block state 4"),
+        "{text}"
+    );
+    assert!(text.contains("see"), "{text}");
+}
+
+#[test]
+fn create_vhdx_by_extension_and_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let Some(out) = run(&["create", "dynamic", p(&d("a.vhdx")), "--size", "64M"]) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).starts_with("created dynamic VHDX"),
+        "{}",
+        stdout(&out)
+    );
+    let j = info_json(&d("a.vhdx"));
+    assert_eq!(
+        (j["disk_type"].clone(), j["block_size"].clone()),
+        ("dynamic".into(), (32 << 20).into())
+    );
+    let ok = |args: &[&str]| {
+        let out = run(args).unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&[
+        "create",
+        "fixed",
+        p(&d("f")),
+        "--format",
+        "vhdx",
+        "--size",
+        "8M",
+        "--sector-size",
+        "4096",
+        "--block-size",
+        "4M",
+    ]);
+    let j = info_json(&d("f"));
+    assert_eq!(j["disk_type"], "fixed");
+    assert_eq!(
+        (j["logical_sector_size"].clone(), j["block_size"].clone()),
+        (4096.into(), (4 << 20).into())
+    );
+    ok(&[
+        "create",
+        "differencing",
+        p(&d("c.avhdx")),
+        "--parent",
+        p(&d("f")),
+    ]);
+    let j = info_json(&d("c.avhdx"));
+    assert_eq!(j["disk_type"], "differencing");
+    assert_eq!(
+        (j["logical_sector_size"].clone(), j["block_size"].clone()),
+        (4096.into(), (2 << 20).into())
+    );
+    assert_eq!(j["virtual_size"], 8 << 20);
+    let out = run(&["check", p(&d("c.avhdx"))]).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    // A .vhd stays VHD.
+    ok(&["create", "dynamic", p(&d("v.vhd")), "--size", "8M"]);
+    assert_eq!(info_json(&d("v.vhd"))["disk_type"], "dynamic");
+    assert!(info_json(&d("v.vhd"))["format"].is_null());
+}
+
+#[test]
+fn create_vhdx_refuses_bad_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| p(&dir.path().join(n)).to_string();
+    // `{x}`: the file to make (never made); `{v}`, `{a}`: an existing VHD and VHDX.
+    let args = |t: &str| -> Vec<String> {
+        t.split_whitespace()
+            .map(|w| {
+                w.replace("{x}", &d("x"))
+                    .replace("{v}", &d("v.vhd"))
+                    .replace("{a}", &d("a.vhdx"))
+            })
+            .collect()
+    };
+    for t in [
+        "create dynamic {v} --size 8M",
+        "create dynamic {a} --size 8M",
+    ] {
+        let a = args(t);
+        let Some(out) = run(&a.iter().map(String::as_str).collect::<Vec<_>>()) else {
+            return;
+        };
+        assert!(out.status.success(), "{t}");
+    }
+    for (t, what) in [
+        (
+            "create dynamic {x}.vhdx --size 8M --block-size 512K",
+            "block size",
+        ),
+        (
+            "create dynamic {x}.vhdx --size 8M --block-size 512M",
+            "block size",
+        ),
+        (
+            "create dynamic {x}.vhdx --size 8M --sector-size 1024",
+            "sector size",
+        ),
+        (
+            "create dynamic {x}.vhdx --size 5120 --sector-size 4096",
+            "multiple of 4096",
+        ),
+        ("create dynamic {x}.vhdx --size 65T", "64 TiB"),
+        (
+            "create dynamic {x}.vhd --size 8M --sector-size 4096",
+            "VHDX",
+        ),
+        (
+            "create differencing {x}.vhdx --parent {v}",
+            "mixes no formats",
+        ),
+        (
+            "create differencing {x}.vhd --parent {a}",
+            "mixes no formats",
+        ),
+        (
+            "create differencing {x}.avhdx --parent {a} --sector-size 4096",
+            "parent's",
+        ),
+        (
+            "create fixed {x} --format vhdx --size 8M --block-size 3M",
+            "block size",
+        ),
+        ("create dynamic {a} --size 8M", "exists"),
+    ] {
+        let a = args(t);
+        let out = run(&a.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        let err = assert_error(&out, 32773, "Invalid parameter");
+        assert!(err.contains(what), "{t}: {err}");
+        for ext in ["", ".vhd", ".vhdx", ".avhdx"] {
+            assert!(!dir.path().join(format!("x{ext}")).exists(), "{t}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use common::Rng;
 use vhd_merge::format::SectorBitmap;
-use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, Storage};
+use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
 use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::vhdx::format::metadata::ParentLocator;
 use vhd_merge::vhdx::{BlockState, Vhdx};
@@ -44,13 +44,7 @@ fn view<S: Storage>(v: &Vhdx<S>) -> View {
 }
 
 fn open_faulty(path: &Path, plan: Arc<FaultPlan>) -> vhd_merge::Result<Vhdx<FaultyStorage>> {
-    let f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let s = FaultyStorage::new(Box::new(FileStorage::new(f)), plan);
-    Vhdx::open(s, true)
+    Vhdx::open(common::storage::faulty_file(path, plan), true)
 }
 
 /// One write of the batch: block, first sector, data, mask.

@@ -119,7 +119,6 @@ fn merge_case(c: VhdxCase, stats: &mut Stats) {
 }
 
 #[test]
-#[ignore = "src bug: a VHDX destination's short last block, see a_destination_whose_last_block_is_short"]
 fn random_vhdx_merges_match_the_model() {
     let n = count("VHD_MERGE_VHDX_CASES", 16, 200);
     let mut stats = Stats::default();
@@ -127,30 +126,6 @@ fn random_vhdx_merges_match_the_model() {
         merge_case(random_vhdx_case(seed), &mut stats);
     }
     stats.assert_covers("random VHDX merges");
-}
-
-/// The random merges restricted to destinations whose virtual size is a whole number of their
-/// blocks (1 or 2 MiB), which the short-last-block bug does not reach: everything else as
-/// random as above (sources and intermediates of any size and block size).
-#[test]
-fn random_vhdx_merges_into_whole_block_destinations_match_the_model() {
-    let n = count("VHD_MERGE_VHDX_CASES", 16, 200) / 2;
-    let mut stats = Stats::default();
-    for seed in seeds(0, n, 0, 1) {
-        merge_case(whole_block_destination(random_vhdx_case(seed)), &mut stats);
-    }
-    stats.assert_covers("random VHDX merges into whole-block destinations");
-}
-
-/// `c` with its destination's block size cut to at most 2 MiB and its virtual size rounded up
-/// to a whole number of its blocks.
-fn whole_block_destination(mut c: VhdxCase) -> VhdxCase {
-    let d = c.dest;
-    let bs = &mut c.spec.block_sizes[d];
-    *bs = (*bs).min(2 << 20);
-    let per = u64::from(*bs) / c.sector_size() as u64;
-    c.sizes[d] = c.sizes[d].next_multiple_of(per);
-    c
 }
 
 /// A fault for the scale test's first run.
@@ -163,10 +138,7 @@ enum Fault {
 /// One scale case: maybe a faulty first run (every sector of the destination then reads old
 /// or merged, and the invariants hold), then the completing run, checked exactly.
 fn scale_case(seed: u64, stats: &mut Stats) {
-    // Whole-block destinations until the short-last-block bug is fixed (then drop it here).
-    let m = Merging::new(whole_block_destination(random_vhdx_case(
-        seed ^ 0x5CA1_E000,
-    )));
+    let m = Merging::new(random_vhdx_case(seed ^ 0x5CA1_E000));
     let _replay = Replay(&m.c);
     let mut rng = common::Rng::new(seed);
     let opts = MergeOptions {
@@ -242,7 +214,7 @@ fn qemu_reads_merged_fixed_and_dynamic_destinations() {
         if c.sector_size() != 512 || done[usize::from(c.spec.base == BaseKind::Fixed)] >= 4 {
             continue;
         }
-        let c = whole_block_destination(c.clone().with_dest(c.sizes.len() - 1));
+        let c = c.clone().with_dest(c.sizes.len() - 1);
         let m = Merging::new(c.clone());
         let r = m.merge(&MergeOptions::default(), true).unwrap();
         m.check_merged(&r, false, &format!("seed {seed}"));
@@ -272,14 +244,12 @@ fn libvhdi_reads_merged_differencing_destinations() {
             continue;
         }
         c.spec.density.fill(100);
-        // One size, a whole number of 2 MiB (libvhdi reads no parent of another size; the
-        // destination's last block whole, see whole_block_destination).
-        let per = (2 << 20) / c.sector_size() as u64;
-        c.sizes.fill(c.spec.size_sectors.next_multiple_of(per));
+        // One size: libvhdi reads no parent of another size.
+        c.sizes.fill(c.spec.size_sectors);
         if let ChainFormat::Vhdx(x) = &mut c.format {
             x.zero_blocks = 0;
         }
-        let c = whole_block_destination(c.with_dest(1 + (seed as usize % (n - 2))));
+        let c = c.with_dest(1 + (seed as usize % (n - 2)));
         let m = Merging::new(c.clone());
         let r = m.merge(&MergeOptions::default(), true).unwrap();
         m.check_merged(&r, false, &format!("seed {seed}"));
@@ -362,10 +332,6 @@ fn the_windows_chains_merge_into_their_parents() {
 /// block: a 3 MiB dynamic parent with 2 MiB blocks, a child writing a sector of the last
 /// block, merged.
 #[test]
-#[ignore = "src bug: merge hands VhdxLayer::write_sectors whole units (buffer and mask of \
-            unit_bytes) for a destination's last block, which in a VHDX ends inside the block at \
-            the virtual size; Vhdx::write_sectors refuses them (Invalid parameter, 'not whole \
-            sectors inside its N sectors')"]
 fn a_destination_whose_last_block_is_short() {
     use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
     let dir = fast_tempdir();

@@ -14,7 +14,7 @@ use super::ChainArgs;
 /// Arguments of `vhd-merge check`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The VHD to check.
+    /// The VHD or VHDX to check.
     pub file: PathBuf,
     /// Also check every ancestor and the links between them.
     #[arg(long)]

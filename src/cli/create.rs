@@ -1,12 +1,13 @@
 //! `vhd-merge create fixed|dynamic FILE --size SIZE` and
-//! `vhd-merge create differencing FILE --parent PARENT`: new disks laid out like Windows
-//! writes them.
+//! `vhd-merge create differencing FILE --parent PARENT`: new VHD or VHDX disks laid out like
+//! Windows writes them (the format by `--format`, else by FILE's extension: `.vhdx` and
+//! `.avhdx` are VHDX).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use vhd_merge::create::{self, CreateOptions};
-use vhd_merge::{Error, OpenOptions, Result, Vhd};
+use vhd_merge::{DiskKind, Error, Format, OpenOptions, Result, Vhd};
 
 /// Arguments of `vhd-merge create`.
 #[derive(clap::Args, Debug)]
@@ -19,99 +20,285 @@ pub struct Args {
 /// case-insensitive.
 const SIZE_HELP: &str = "bytes, or a number with K, M, G, T (= KiB, MiB, GiB, TiB; binary)";
 
+/// The file format of a new disk.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageFormat {
+    /// VHD (v1).
+    Vhd,
+    /// VHDX (v2).
+    Vhdx,
+}
+
+/// What every kind takes.
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// The new file.
+    file: PathBuf,
+    /// Replace FILE if it exists (never a differencing disk's parent).
+    #[arg(long)]
+    force: bool,
+    /// The format [default: vhdx for a .vhdx or .avhdx FILE, else vhd].
+    #[arg(long, value_enum)]
+    format: Option<ImageFormat>,
+    /// Logical sector size of a VHDX, 512 or 4096 [default: 512; a differencing disk takes
+    /// its parent's]. A VHD always has 512.
+    #[arg(long, value_name = "BYTES")]
+    sector_size: Option<u32>,
+}
+
 #[derive(clap::Subcommand, Debug)]
 enum Kind {
-    /// A fixed disk: the data area followed by the footer (a sparse file where the file
-    /// system allows).
+    /// A fixed disk: every block allocated (a sparse file where the file system allows).
     Fixed {
-        /// The new file.
-        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Virtual size: bytes, or a number with K, M, G, T (= KiB, MiB, GiB, TiB; binary).
         #[arg(long, value_name = "SIZE")]
         size: String,
-        /// Not used: a fixed disk has no blocks (accepted so that the error says so).
-        #[arg(long, value_name = "SIZE", hide = true)]
+        /// VHDX only: block size, a power of two from 1M to 256M [default: 2M]. A fixed VHD
+        /// has no blocks.
+        #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
-        /// Replace FILE if it exists.
-        #[arg(long)]
-        force: bool,
     },
     /// A dynamic disk: blocks are allocated as data is written.
     Dynamic {
-        /// The new file.
-        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Virtual size: bytes, or a number with K, M, G, T (= KiB, MiB, GiB, TiB; binary).
         #[arg(long, value_name = "SIZE")]
         size: String,
-        /// Block size, a power of two from 512 bytes to 32 MiB (Windows uses 2M or 512K).
-        #[arg(long, value_name = "SIZE", default_value = "2M")]
-        block_size: String,
-        /// Replace FILE if it exists.
-        #[arg(long)]
-        force: bool,
-    },
-    /// A differencing disk over PARENT, inheriting its size.
-    Differencing {
-        /// The new file.
-        file: PathBuf,
-        /// The parent VHD (any type).
-        #[arg(long, value_name = "PARENT")]
-        parent: PathBuf,
-        /// Block size, a power of two from 512 bytes to 32 MiB [default: the parent's when it
-        /// is dynamic or differencing, else 2M].
+        /// Block size: for a VHD a power of two from 512 bytes to 32M (Windows uses 2M, the
+        /// default, or 512K); for a VHDX from 1M to 256M [default: 32M, as Hyper-V].
         #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
-        /// Replace FILE if it exists (never the parent).
-        #[arg(long)]
-        force: bool,
     },
+    /// A differencing disk over PARENT (of the same format), inheriting its size.
+    Differencing {
+        #[command(flatten)]
+        common: Common,
+        /// The parent (any type).
+        #[arg(long, value_name = "PARENT")]
+        parent: PathBuf,
+        /// Block size [default: for a VHD the parent's when it is dynamic or differencing,
+        /// else 2M; for a VHDX 2M, as Hyper-V].
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
+    },
+}
+
+/// One `create` request, whatever its kind.
+struct Request {
+    kind: DiskKind,
+    common: Common,
+    size: Option<String>,
+    parent: Option<PathBuf>,
+    block_size: Option<String>,
+}
+
+impl From<Kind> for Request {
+    fn from(k: Kind) -> Request {
+        let (kind, common, size, parent, block_size) = match k {
+            Kind::Fixed {
+                common,
+                size,
+                block_size,
+            } => (DiskKind::Fixed, common, Some(size), None, block_size),
+            Kind::Dynamic {
+                common,
+                size,
+                block_size,
+            } => (DiskKind::Dynamic, common, Some(size), None, block_size),
+            Kind::Differencing {
+                common,
+                parent,
+                block_size,
+            } => (
+                DiskKind::Differencing,
+                common,
+                None,
+                Some(parent),
+                block_size,
+            ),
+        };
+        Request {
+            kind,
+            common,
+            size,
+            parent,
+            block_size,
+        }
+    }
+}
+
+impl Request {
+    /// The format: `--format`, else by FILE's extension.
+    fn image_format(&self) -> ImageFormat {
+        let ext = self
+            .common
+            .file
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match (self.common.format, ext.as_deref()) {
+            (Some(f), _) => f,
+            (None, Some("vhdx" | "avhdx")) => ImageFormat::Vhdx,
+            _ => ImageFormat::Vhd,
+        }
+    }
+
+    fn size(&self) -> Result<u64> {
+        parse_size(self.size.as_deref().unwrap_or(""), "--size")
+    }
+
+    /// A differencing disk's parent must have the new disk's format (a chain mixes none).
+    fn check_parent_format(&self, want: Format) -> Result<()> {
+        let Some(parent) = &self.parent else {
+            return Ok(());
+        };
+        match vhd_merge::layer::detect_format(parent) {
+            Some(f) if f != want => Err(Error::InvalidParameter(format!(
+                "--parent {}: a {} parent for a {} differencing disk; a chain mixes no formats",
+                parent.display(),
+                f.name(),
+                want.name()
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
-    let vhd = match args.kind {
-        Kind::Fixed {
-            file,
-            size,
-            block_size,
-            force,
-        } => {
-            if block_size.is_some() {
-                return Err(Error::InvalidParameter(
-                    "--block-size: a fixed disk has no blocks; it applies to dynamic and differencing disks"
-                        .into(),
-                ));
-            }
-            let size = parse_size(&size, "--size")?;
-            create::create_fixed(&file, size, &options(force, None))?
+    let req = Request::from(args.kind);
+    match req.image_format() {
+        ImageFormat::Vhd => run_vhd(&req),
+        ImageFormat::Vhdx => run_vhdx(&req),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_vhd(req: &Request) -> Result<()> {
+    if req.common.sector_size.is_some_and(|s| s != 512) {
+        return Err(Error::InvalidParameter(
+            "--sector-size: a VHD has 512-byte sectors; 4096 needs a VHDX (--format vhdx)".into(),
+        ));
+    }
+    req.check_parent_format(Format::Vhd)?;
+    let bs = req
+        .block_size
+        .as_deref()
+        .map(parse_block_size)
+        .transpose()?;
+    let vhd = match (req.kind, &req.parent) {
+        (DiskKind::Fixed, _) if bs.is_some() => {
+            return Err(Error::InvalidParameter(
+                "--block-size: a fixed disk has no blocks in a VHD; it applies to dynamic and differencing disks, and to a fixed VHDX"
+                    .into(),
+            ));
         }
-        Kind::Dynamic {
-            file,
-            size,
-            block_size,
-            force,
-        } => {
-            let size = parse_size(&size, "--size")?;
-            let bs = parse_block_size(&block_size)?;
-            create::create_dynamic(&file, size, &options(force, Some(bs)))?
-        }
-        Kind::Differencing {
-            file,
-            parent,
-            block_size,
-            force,
-        } => {
-            let bs = match block_size {
-                Some(s) => parse_block_size(&s)?,
-                None => parent_block_size(&parent)?,
+        (DiskKind::Fixed, _) => create::create_fixed(
+            &req.common.file,
+            req.size()?,
+            &options(req.common.force, None),
+        )?,
+        (DiskKind::Differencing, Some(parent)) => {
+            let bs = match bs {
+                Some(bs) => bs,
+                None => parent_block_size(parent)?,
             };
-            create::create_differencing(&file, &parent, &options(force, Some(bs)))?
+            create::create_differencing(
+                &req.common.file,
+                parent,
+                &options(req.common.force, Some(bs)),
+            )?
+        }
+        _ => {
+            let bs = bs.unwrap_or(create::DEFAULT_BLOCK_SIZE);
+            create::create_dynamic(
+                &req.common.file,
+                req.size()?,
+                &options(req.common.force, Some(bs)),
+            )?
         }
     };
     if super::summaries() {
         print_created(&vhd);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+/// A Format error of the VHDX rules on a parameter is a parameter error (32773).
+fn param(e: Error) -> Error {
+    match e {
+        Error::Format { detail, .. } => Error::InvalidParameter(detail),
+        e => e,
+    }
+}
+
+fn run_vhdx(req: &Request) -> Result<()> {
+    use vhd_merge::vhdx::create as vx;
+    use vhd_merge::vhdx::format::metadata::{
+        check_block_size, check_sector_size, check_virtual_size,
+    };
+    req.check_parent_format(Format::Vhdx)?;
+    let sector = req.common.sector_size;
+    if req.kind == DiskKind::Differencing && sector.is_some() {
+        return Err(Error::InvalidParameter(
+            "--sector-size: a differencing VHDX takes its parent's logical sector size".into(),
+        ));
+    }
+    let sector = sector.unwrap_or(512);
+    check_sector_size("logical", sector).map_err(param)?;
+    let bs = req
+        .block_size
+        .as_deref()
+        .map(parse_block_size)
+        .transpose()?;
+    if let Some(bs) = bs {
+        check_block_size(bs).map_err(param)?;
+    }
+    let opts = vx::CreateOptions {
+        block_size: bs,
+        logical_sector_size: sector,
+        force: req.common.force,
+    };
+    let v = match (req.kind, &req.parent) {
+        (DiskKind::Differencing, Some(parent)) => {
+            vx::create_differencing(&req.common.file, parent, &opts)?
+        }
+        (kind, _) => {
+            let size = req.size()?;
+            check_virtual_size(size, sector).map_err(param)?;
+            if kind == DiskKind::Fixed {
+                vx::create_fixed(&req.common.file, size, &opts)?
+            } else {
+                vx::create_dynamic(&req.common.file, size, &opts)?
+            }
+        }
+    };
+    if super::summaries() {
+        print_created_vhdx(&req.common.file, req.kind, &v);
+    }
+    Ok(())
+}
+
+fn print_created_vhdx<S: vhd_merge::io::Storage>(
+    file: &Path,
+    kind: DiskKind,
+    v: &vhd_merge::vhdx::Vhdx<S>,
+) {
+    let mut line = format!(
+        "created {} VHDX {}: {} bytes, block size {}, logical sector size {}",
+        kind.name(),
+        file.display(),
+        v.virtual_size(),
+        v.block_size(),
+        v.sector_size()
+    );
+    if let Some(Ok(id)) = v.parent_locator().map(|p| p.parent_linkage()) {
+        line.push_str(&format!(", parent linkage {id}"));
+    }
+    line.push_str(&format!(", data write guid {}", v.data_write_guid()));
+    println!("{line}");
 }
 
 fn options(force: bool, block_size: Option<u32>) -> CreateOptions {
@@ -155,7 +342,7 @@ pub(crate) fn parse_block_size(text: &str) -> Result<u32> {
     let v = parse_size(text, "--block-size")?;
     u32::try_from(v).map_err(|_| {
         Error::InvalidParameter(format!(
-            "--block-size {text:?} is {v} bytes; a VHD block size is at most 32 MiB"
+            "--block-size {text:?} is {v} bytes; a block size is at most 32 MiB (VHD) or 256 MiB (VHDX)"
         ))
     })
 }

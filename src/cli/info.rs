@@ -13,7 +13,7 @@ use vhd_merge::{DiskType, Error, OpenOptions, Result, Vhd};
 /// Arguments of `vhd-merge info`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The VHD file.
+    /// The VHD or VHDX file.
     pub file: PathBuf,
     /// Print one JSON object instead of the listing.
     #[arg(long)]
@@ -25,6 +25,9 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
+    if vhd_merge::layer::detect_format(&args.file) == Some(vhd_merge::Format::Vhdx) {
+        return super::info_vhdx::run(&args);
+    }
     if !args.lenient {
         let vhd = Vhd::open(&args.file, OpenOptions::read_only()).map_err(with_hint)?;
         return show(&report(&vhd)?, args.json);
@@ -66,13 +69,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// Where to go from the damaged `file`.
-fn hint(file: &Path) -> String {
+pub(super) fn hint(file: &Path) -> String {
     let f = file.display();
     format!("`vhd-merge check {f}` lists what is wrong, `vhd-merge repair {f}` fixes what it can")
 }
 
 /// A strict open's failure, with where to go from it (`--lenient` shows what can be read).
-fn with_hint(e: Error) -> Error {
+pub(super) fn with_hint(e: Error) -> Error {
     match e {
         Error::Format {
             path: Some(path),
@@ -88,7 +91,7 @@ fn with_hint(e: Error) -> Error {
     }
 }
 
-fn print_json(v: &Value) -> Result<()> {
+pub(super) fn print_json(v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))?;
     println!("{text}");
@@ -121,7 +124,7 @@ fn problems_json(problems: &[Problem]) -> Value {
 }
 
 /// The rows for `problems` and `hint`, when the report has them.
-fn problem_rows(r: &Value, row: &mut dyn FnMut(&str, String)) {
+pub(super) fn problem_rows(r: &Value, row: &mut dyn FnMut(&str, String)) {
     for p in r["problems"].as_array().into_iter().flatten() {
         row(
             "problem",
@@ -154,7 +157,7 @@ fn damaged_listing(r: &Value) -> String {
     aligned(rows)
 }
 
-fn aligned(rows: Vec<(String, String)>) -> String {
+pub(super) fn aligned(rows: Vec<(String, String)>) -> String {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = String::new();
     for (k, v) in rows {
@@ -259,7 +262,7 @@ fn reason(e: &Error) -> String {
 }
 
 /// Bytes with a binary unit when it is a whole number of them: `41943040 (40 MiB)`.
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     const UNITS: [(u64, &str); 4] = [
         (1 << 40, "TiB"),
         (1 << 30, "GiB"),
@@ -389,7 +392,7 @@ fn listing(r: &Value) -> String {
 }
 
 /// `1 entry`, `2 entries`.
-fn plural(n: u64, one: &str, many: &str) -> String {
+pub(super) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 

@@ -13,6 +13,7 @@ mod create;
 mod docs;
 mod flatten;
 mod info;
+mod info_vhdx;
 mod merge;
 mod progress;
 mod repair;
@@ -65,12 +66,13 @@ pub fn summaries() -> bool {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show a VHD's footer, header, locators and allocation.
+    /// Show a VHD's footer, header, locators and allocation, or a VHDX's headers, log,
+    /// regions, metadata and block states.
     #[command(after_long_help = "Example:\n  vhd-merge info disk.vhd --json")]
     Info(info::Args),
-    /// Create a fixed, dynamic or differencing VHD.
+    /// Create a fixed, dynamic or differencing VHD or VHDX.
     #[command(
-        after_long_help = "Examples:\n  vhd-merge create dynamic base.vhd --size 64G\n  vhd-merge create differencing child.vhd --parent base.vhd"
+        after_long_help = "Examples:\n  vhd-merge create dynamic base.vhd --size 64G\n  vhd-merge create differencing child.vhd --parent base.vhd\n  vhd-merge create dynamic disk.vhdx --size 64G --sector-size 4096"
     )]
     Create(create::Args),
     /// List the chain of a differencing VHD, child first.
@@ -89,10 +91,11 @@ enum Command {
         after_long_help = "Examples:\n  vhd-merge merge child.vhd --dry-run\n  vhd-merge merge child.vhd base.vhd --verify --remove-merged"
     )]
     Merge(merge::Args),
-    /// Validate a VHD (and with --chain its whole chain).
+    /// Validate a VHD or VHDX (and with --chain its whole chain).
     #[command(after_long_help = "Example:\n  vhd-merge check child.vhd --chain --deep")]
     Check(check::Args),
-    /// Repair footers, checksums and bad BAT entries.
+    /// Repair footers, checksums and bad BAT entries of a VHD; replay a VHDX's log and
+    /// restore its headers and region tables.
     #[command(after_long_help = "Example:\n  vhd-merge repair disk.vhd --dry-run")]
     Repair(repair::Args),
     /// Print a completion script for SHELL on stdout.

@@ -13,7 +13,7 @@ use vhd_merge::{DiskType, Result};
 /// Arguments of `vhd-merge repair`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The VHD to repair.
+    /// The VHD or VHDX to repair.
     pub file: PathBuf,
     /// Show what would be done; write nothing.
     #[arg(long)]

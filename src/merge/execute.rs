@@ -140,7 +140,9 @@ fn masked_crc(buf: &[u8], mask: &SectorBitmap, sector_bytes: u64) -> u32 {
     h.finalize()
 }
 
-/// The whole operation behind [`super::merge`] and [`super::MergeJob::start`].
+/// The whole operation behind [`super::merge`] and [`super::MergeJob::start`]: open and check
+/// the chain, take the destination (and make its link follow its identity), refuse what the
+/// merge would corrupt, plan, write, then verify, re-link and remove as asked.
 pub(crate) fn run(
     source: &Path,
     destination: Option<&Path>,
@@ -149,6 +151,58 @@ pub(crate) fn run(
 ) -> Result<MergeReport> {
     let t0 = Instant::now();
     tracker.set_state(JobState::Starting);
+    let (chain, d) = open_chain(source, destination, options)?;
+    let dest_path = tidy(at(&chain, d).path());
+    let merged: Vec<PathBuf> = (0..d).map(|i| tidy(at(&chain, i).path())).collect();
+    let relink = check_relink(&chain, d, &options.relink)?;
+    let dest = match options.dry_run {
+        true => None,
+        false => Some(take_destination(&chain, d, &dest_path, &relink, options)?),
+    };
+    let mut warnings = chain_warnings(&chain);
+    let mut plan = MergePlan::build(&chain, d)?;
+    check_dependents(&chain, d, &relink, options, &mut plan, &mut warnings)?;
+    tracker.set_total(plan.bytes_total);
+    let mut report = MergeReport {
+        source: source.to_path_buf(),
+        destination: dest_path,
+        plan,
+        dry_run: dest.is_none(),
+        bytes_merged: 0,
+        bytes_cloned: 0,
+        blocks_allocated: 0,
+        destination_growth: 0,
+        obsolete: Vec::new(),
+        removed: Vec::new(),
+        relinked: Vec::new(),
+        verified: None,
+        elapsed: t0.elapsed(),
+        warnings,
+    };
+    let Some(dest) = dest else {
+        return Ok(report);
+    };
+    tracker.set_state(JobState::Running);
+    write_and_finish(chain, dest, options, tracker, &mut report)?;
+    for child in &relink {
+        relink_child(child, &report.destination, false)?;
+        report.relinked.push(child.clone());
+    }
+    if options.remove_merged {
+        report.removed = remove_merged(&merged, &report.destination)?;
+    }
+    report.obsolete = merged;
+    report.elapsed = t0.elapsed();
+    Ok(report)
+}
+
+/// The source's chain and the index of the destination in it (1 = the immediate parent),
+/// checked: a differencing source, no larger than the destination.
+fn open_chain(
+    source: &Path,
+    destination: Option<&Path>,
+    options: &MergeOptions,
+) -> Result<(Chain, usize)> {
     let chain = Chain::open(source, &options.chain)?;
     let src = at(&chain, 0);
     if src.kind() != DiskKind::Differencing {
@@ -159,47 +213,51 @@ pub(crate) fn run(
         )));
     }
     let d = resolve_destination(&chain, destination)?;
-    let dest_ro = at(&chain, d);
-    if src.virtual_size() > dest_ro.virtual_size() {
+    let dest = at(&chain, d);
+    if src.virtual_size() > dest.virtual_size() {
         return Err(Error::InvalidParameter(format!(
             "{} ({} bytes) is larger than the destination {} ({} bytes): growing the destination is not supported",
             source.display(),
             src.virtual_size(),
-            dest_ro.path().display(),
-            dest_ro.virtual_size()
+            dest.path().display(),
+            dest.virtual_size()
         )));
     }
-    let dest_path = tidy(dest_ro.path());
-    let merged: Vec<PathBuf> = (0..d).map(|i| tidy(at(&chain, i).path())).collect();
-    let relink = check_relink(&chain, d, &options.relink)?;
-    if !options.dry_run {
-        for child in &relink {
-            relink_child(child, &dest_path, true)?;
+    Ok((chain, d))
+}
+
+/// Check that the children to relink can be written, open the destination for writing, make
+/// the layer linking to it accept its next identity (see [`link_to_destination`]), and lock
+/// every other layer shared. Locks come before looking at anything that could change: the
+/// destination exclusively (as it is opened, like every file a command writes); the chain's
+/// own read-only handle of the destination is not locked (flock locks belong to the open
+/// file, so it would conflict with the writable one).
+fn take_destination(
+    chain: &Chain,
+    d: usize,
+    dest_path: &Path,
+    relink: &[PathBuf],
+    options: &MergeOptions,
+) -> Result<Box<dyn LayerWriter>> {
+    for child in relink {
+        relink_child(child, dest_path, true)?;
+    }
+    let mut dest = open_destination(dest_path, at(chain, d), options)?;
+    if let Some(next) = dest.next_id() {
+        link_to_destination(at(chain, d - 1), (at(chain, d).id(), Some(next)), options)?;
+    }
+    for (i, layer) in chain.layers().iter().enumerate() {
+        if i != d {
+            layer.layer.lock(false)?;
         }
     }
+    Ok(dest)
+}
 
-    // Lock before looking at anything that could change: the destination exclusively (as it
-    // is opened, like every file a command writes), every other layer shared (the chain's own
-    // read-only handle of the destination is not locked: flock locks belong to the open file,
-    // so it would conflict with the writable one).
-    let mut dest = None;
-    if !options.dry_run {
-        let mut v = open_destination(&dest_path, dest_ro, options)?;
-        if let Some(next) = v.next_id() {
-            let ids = (at(&chain, d).id(), Some(next));
-            link_to_destination(at(&chain, d - 1), ids, options)?;
-        }
-        for (i, layer) in chain.layers().iter().enumerate() {
-            if i != d {
-                layer.layer.lock(false)?;
-            }
-        }
-        dest = Some(v);
-    }
-
-    // Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
-    // accepted), as flatten reports them.
-    let mut warnings: Vec<String> = chain
+/// Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
+/// accepted), as flatten reports them.
+fn chain_warnings(chain: &Chain) -> Vec<String> {
+    chain
         .layers()
         .iter()
         .flat_map(|l| {
@@ -207,15 +265,28 @@ pub(crate) fn run(
             let own = own.map(|w| format!("{}: {w}", l.layer.path().display()));
             l.warnings.iter().cloned().chain(own)
         })
-        .collect();
-    let found = find_dependents(&chain, d, options);
+        .collect()
+}
+
+/// Find the disks that depend on what the merge changes and record them in the plan: siblings
+/// (children of the destination or of an intermediate) are refused unless forced, and so are
+/// children of the source that `remove_merged` would orphan (a dry run only lists them).
+fn check_dependents(
+    chain: &Chain,
+    d: usize,
+    relink: &[PathBuf],
+    options: &MergeOptions,
+    plan: &mut MergePlan,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let found = find_dependents(chain, d, options);
     let siblings: Vec<PathBuf> = found.siblings.iter().map(|v| v.path.clone()).collect();
     if !siblings.is_empty() && !options.dry_run {
         let list = list_paths(&siblings);
         if !options.force {
             return Err(Error::InvalidState(format!(
                 "other differencing disks depend on {} or on a merged intermediate and would be corrupted by this merge:{list}\n(merge them first, move them away, or pass --force to merge anyway)",
-                dest_path.display()
+                tidy(at(chain, d).path()).display()
             )));
         }
         warnings.push(format!(
@@ -233,43 +304,40 @@ pub(crate) fn run(
         if !options.force {
             return Err(Error::InvalidState(format!(
                 "removing {} would orphan its children:{list}\n(relink them with --relink, or pass --force)",
-                source.display()
+                at(chain, 0).path().display()
             )));
         }
         warnings.push(format!(
             "removed the source although these children depend on it:{list}"
         ));
     }
-
-    let mut plan = MergePlan::build(&chain, d)?;
     plan.siblings = siblings;
     plan.source_children = found.source_children.into_iter().map(|v| v.path).collect();
-    tracker.set_total(plan.bytes_total);
+    Ok(())
+}
 
-    let Some(mut dest) = dest else {
-        return Ok(MergeReport {
-            source: source.to_path_buf(),
-            destination: dest_path,
-            plan,
-            dry_run: true,
-            bytes_merged: 0,
-            bytes_cloned: 0,
-            blocks_allocated: 0,
-            destination_growth: 0,
-            obsolete: Vec::new(),
-            removed: Vec::new(),
-            relinked: Vec::new(),
-            verified: None,
-            elapsed: t0.elapsed(),
-            warnings,
-        });
-    };
-
-    tracker.set_state(JobState::Running);
+/// Write the plan into `dest` and end its session; then verify (when asked), and re-link the
+/// layer that linked to the destination's old identity to the new one alone, once the chain's
+/// locks are gone, unless it is about to be removed. Fills the report's byte and block counts.
+fn write_and_finish(
+    chain: Chain,
+    mut dest: Box<dyn LayerWriter>,
+    options: &MergeOptions,
+    tracker: &Tracker,
+    report: &mut MergeReport,
+) -> Result<()> {
+    let d = report.plan.destination_index;
     let len_before = dest.file_len()?;
     let blocks_before = dest.mapped_blocks().count();
     let mut crcs = options.verify.then(Vec::new);
-    let copied = copy_units(&chain, &plan, dest.as_mut(), options, tracker, &mut crcs);
+    let copied = copy_units(
+        &chain,
+        &report.plan,
+        dest.as_mut(),
+        options,
+        tracker,
+        &mut crcs,
+    );
     let copied = match copied {
         Ok(n) => n,
         Err(e) => {
@@ -282,16 +350,22 @@ pub(crate) fn run(
         }
     };
     let new_id = dest.finish()?;
-    let blocks_allocated = dest.mapped_blocks().count().saturating_sub(blocks_before) as u64;
-    let destination_growth = dest.file_len()?.saturating_sub(len_before);
-    // The layer that linked to the destination's old identity: re-linked to the new one
-    // alone once the chain's locks are gone, unless it is about to be removed.
+    report.bytes_merged = copied.bytes;
+    report.bytes_cloned = copied.cloned;
+    report.blocks_allocated = dest.mapped_blocks().count().saturating_sub(blocks_before) as u64;
+    report.destination_growth = dest.file_len()?.saturating_sub(len_before);
     let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged)
         .then(|| open_layer(at(&chain, d - 1).path(), OpenOptions::read_only()))
         .transpose()?;
-
-    let verified = match crcs {
-        Some(crcs) => Some(verify(chain, &plan, &dest_path, options, &crcs)?),
+    // The chain (and its shared locks) goes here: by verify, or now.
+    report.verified = match crcs {
+        Some(crcs) => Some(verify(
+            chain,
+            &report.plan,
+            &report.destination,
+            options,
+            &crcs,
+        )?),
         None => {
             drop(chain);
             None
@@ -301,45 +375,27 @@ pub(crate) fn run(
     if let Some(child) = relink_above {
         link_to_destination(child.as_ref(), (new_id, None), options)?;
     }
+    Ok(())
+}
 
-    let mut relinked = Vec::new();
-    for child in &relink {
-        relink_child(child, &dest_path, false)?;
-        relinked.push(child.clone());
-    }
+/// Delete the merged files (`--remove-merged`) once the merge into `destination` completed.
+fn remove_merged(merged: &[PathBuf], destination: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    if options.remove_merged {
-        for p in &merged {
-            std::fs::remove_file(p).map_err(|e| {
-                Error::io(
-                    format!(
-                        "the merge into {} completed, but removing {} failed",
-                        dest_path.display(),
-                        p.display()
-                    ),
-                    e,
-                )
-            })?;
-            removed.push(p.clone());
-        }
-        sync_dirs(&merged);
+    for p in merged {
+        std::fs::remove_file(p).map_err(|e| {
+            Error::io(
+                format!(
+                    "the merge into {} completed, but removing {} failed",
+                    destination.display(),
+                    p.display()
+                ),
+                e,
+            )
+        })?;
+        removed.push(p.clone());
     }
-    Ok(MergeReport {
-        source: source.to_path_buf(),
-        destination: dest_path,
-        plan,
-        dry_run: false,
-        bytes_merged: copied.bytes,
-        bytes_cloned: copied.cloned,
-        blocks_allocated,
-        destination_growth,
-        obsolete: merged,
-        removed,
-        relinked,
-        verified,
-        elapsed: t0.elapsed(),
-        warnings,
-    })
+    sync_dirs(merged);
+    Ok(removed)
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {
@@ -790,7 +846,17 @@ fn place_unit(
     if !item.read {
         item.mask = assemble_unit(chain, plan, item.unit, &mut item.buf, scratch)?;
     }
-    dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
+    // The destination's last block may be short (its virtual size ends inside it): only the
+    // unit's sectors inside the merged extent are handed over.
+    let n = plan.unit_span(item.unit).1;
+    if n < item.mask.len() {
+        let mut mask = SectorBitmap::new(n);
+        mask.copy_bits_from(0, &item.mask, 0, n);
+        let bytes = n * plan.sector_bytes as usize;
+        dest.write_sectors(block, first, &mut item.buf[..bytes], &mask)?;
+    } else {
+        dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
+    }
     Ok((item.mask.count_ones() as u64 * plan.sector_bytes, false))
 }
 

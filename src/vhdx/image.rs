@@ -45,6 +45,11 @@ pub struct Vhdx<S: Storage> {
     r: VhdxReader<S>,
     writable: bool,
     session: Session,
+    /// Why writing stopped: an I/O error (a failed write or flush) in a write session. What
+    /// the storage holds is then unknown (a failed flush may have lost every write since the
+    /// previous one), so nothing more is written or published through this handle; reopening
+    /// the file (which replays its log) continues from what is durable.
+    broken: Option<String>,
 }
 
 /// What a write session changed and has not yet published.
@@ -97,6 +102,7 @@ impl<S: Storage> Vhdx<S> {
             r: VhdxReader::open_with(storage, mode)?,
             writable,
             session: Session::default(),
+            broken: None,
         })
     }
 
@@ -352,13 +358,25 @@ impl<S: Storage> Vhdx<S> {
     // ---- writing ------------------------------------------------------------------------
 
     fn check_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::InvalidState(
+        if !self.writable {
+            return Err(Error::InvalidState(
                 "VHDX opened read-only: cannot write".into(),
-            ))
+            ));
         }
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(Error::InvalidState(format!(
+                "VHDX: an earlier write or flush failed ({why}); nothing more is written through this handle (reopen the file to continue from what is durable)"
+            ))),
+        }
+    }
+
+    /// `r`, noting an I/O error as the reason this handle writes no more (see `broken`).
+    fn latch<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e @ Error::Io { .. }) = &r {
+            self.broken = Some(e.to_string());
+        }
+        r
     }
 
     /// Before the session's first write to the file, FileWriteGuid is regenerated; before its
@@ -416,7 +434,8 @@ impl<S: Storage> Vhdx<S> {
         let old = self.read_pages(m.file_offset, m.length.into())?;
         let new = super::format::metadata::with_parent_locator(&old, &loc)?;
         super::format::metadata::Metadata::parse(&new)?;
-        self.touch(false)?;
+        let r = self.touch(false);
+        self.latch(r)?;
         for (k, (o, n)) in old.chunks(PAGE).zip(new.chunks(PAGE)).enumerate() {
             if o != n {
                 let at = m.file_offset + (k * PAGE) as u64;
@@ -457,6 +476,17 @@ impl<S: Storage> Vhdx<S> {
         mask: &SectorBitmap,
     ) -> Result<()> {
         self.check_writable()?;
+        let r = self.write_sectors_unlatched(block, first, data, mask);
+        self.latch(r)
+    }
+
+    fn write_sectors_unlatched(
+        &mut self,
+        block: u64,
+        first: u64,
+        data: &[u8],
+        mask: &SectorBitmap,
+    ) -> Result<()> {
         let ss = self.sector_size() as usize;
         if data.len() != mask.len() * ss {
             return Err(Error::InvalidParameter(format!(
@@ -512,8 +542,20 @@ impl<S: Storage> Vhdx<S> {
         src_offset: u64,
         len: u64,
     ) -> Result<crate::io::CloneOutcome> {
-        use crate::io::CloneOutcome;
         self.check_writable()?;
+        let r = self.clone_sectors_unlatched(block, first, src, src_offset, len);
+        self.latch(r)
+    }
+
+    fn clone_sectors_unlatched(
+        &mut self,
+        block: u64,
+        first: u64,
+        src: &std::fs::File,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<crate::io::CloneOutcome> {
+        use crate::io::CloneOutcome;
         self.check_range(block, first, usize::try_from(len).unwrap_or(usize::MAX))?;
         let ss = u64::from(self.sector_size());
         let aligned = |o: u64| o.is_multiple_of(4096);
@@ -754,6 +796,11 @@ impl<S: Storage> Vhdx<S> {
     /// update if this is the session's first entry, apply the pages in place, flush.
     pub fn commit(&mut self) -> Result<()> {
         self.check_writable()?;
+        let r = self.commit_unlatched();
+        self.latch(r)
+    }
+
+    fn commit_unlatched(&mut self) -> Result<()> {
         let pages = self.dirty_pages()?;
         if pages.is_empty() && !self.session.unflushed {
             return Ok(());
@@ -798,9 +845,10 @@ impl<S: Storage> Vhdx<S> {
         }
         self.commit()?;
         if !self.r.header.header.log_guid.is_nil() {
-            update_header(self.r.file.storage(), &mut self.r.header, |h| {
+            let r = update_header(self.r.file.storage(), &mut self.r.header, |h| {
                 h.log_guid = Uuid::nil()
-            })?;
+            });
+            self.latch(r)?;
         }
         self.session = Session::default();
         Ok(self.data_write_guid())

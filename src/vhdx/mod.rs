@@ -7,11 +7,13 @@
 //! bounded by the caller (the region or log bytes it hands in).
 
 mod bat;
+pub mod check;
 pub mod create;
 pub mod format;
 pub mod image;
 mod journal;
 pub mod reader;
+pub mod repair;
 
 pub use image::{BlockState, Vhdx};
 pub use reader::VhdxReader;

@@ -303,7 +303,7 @@ impl<S: Storage> VhdxReader<S> {
 }
 
 /// A present sector bitmap block lies inside the file, after the header section.
-fn check_bitmap_block(file_len: u64, c: u64, e: BatEntry) -> Result<()> {
+pub(crate) fn check_bitmap_block(file_len: u64, c: u64, e: BatEntry) -> Result<()> {
     if e.bitmap_state()? == BitmapState::NotPresent {
         return Ok(());
     }
@@ -322,7 +322,7 @@ fn check_bitmap_block(file_len: u64, c: u64, e: BatEntry) -> Result<()> {
 
 /// A present block's data within the virtual disk lies inside the file, after the header
 /// section ([MS-VHDX] 2.5.1.1: FileOffsetMB of FULLY_/PARTIALLY_PRESENT blocks).
-fn check_block(g: &Geometry, file_len: u64, i: u64, e: BatEntry) -> Result<()> {
+pub(crate) fn check_block(g: &Geometry, file_len: u64, i: u64, e: BatEntry) -> Result<()> {
     if !matches!(
         e.payload_state()?,
         PayloadState::FullyPresent | PayloadState::PartiallyPresent

@@ -316,3 +316,14 @@ pub fn lossy(n: u64) -> (StorageWrapper, Arc<std::sync::atomic::AtomicBool>) {
     });
     (wrap, failed)
 }
+
+/// The file at `path`, opened for reading and writing, behind a [`FaultyStorage`] that injects
+/// the faults of `plan` (for the format types opened over a storage: `Vhdx::open`, repair).
+pub fn faulty_file(path: &std::path::Path, plan: Arc<FaultPlan>) -> FaultyStorage {
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    FaultyStorage::new(Box::new(FileStorage::new(f)), plan)
+}

@@ -26,6 +26,29 @@ pub enum PayloadState {
 }
 
 impl PayloadState {
+    /// Every state, in value order.
+    pub const ALL: [PayloadState; 6] = [
+        PayloadState::NotPresent,
+        PayloadState::Undefined,
+        PayloadState::Zero,
+        PayloadState::Unmapped,
+        PayloadState::FullyPresent,
+        PayloadState::PartiallyPresent,
+    ];
+
+    /// The specification's name in lower case: `not_present`, `undefined`, `zero`, `unmapped`,
+    /// `fully_present`, `partially_present`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PayloadState::NotPresent => "not_present",
+            PayloadState::Undefined => "undefined",
+            PayloadState::Zero => "zero",
+            PayloadState::Unmapped => "unmapped",
+            PayloadState::FullyPresent => "fully_present",
+            PayloadState::PartiallyPresent => "partially_present",
+        }
+    }
+
     /// The state's value in the entry.
     pub fn value(self) -> u8 {
         match self {
