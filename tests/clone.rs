@@ -74,6 +74,7 @@ fn with_and_without(dir: &Path, io: impl Fn() -> Option<StorageWrapper>) -> u64 
                 .iter()
                 .map(|p| b.join(p.file_name().unwrap()))
                 .collect(),
+            format: built.format,
             model: built.model.clone(),
         };
         let r1 = merge_into(&built, d, true, io());

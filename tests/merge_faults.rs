@@ -27,11 +27,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
 use common::os::{Mount, used_bytes};
-use common::storage::{IoLog, faulty, recording};
+use common::storage::{IoLog, faulty, lossy, recording};
 use common::{
     Rng, copy_dir, deep_check_errors, fast_tempdir, first_diff, hashes, read_view, serial,
 };
@@ -631,96 +631,6 @@ fn a_real_full_tmpfs() {
 
 // ---- A failing fsync that loses the unsynced writes, after which the disk works again. ----
 
-/// What a [`Lossy`] storage must undo if its failing sync comes.
-#[derive(Debug)]
-enum Undo {
-    /// Bytes that were at `offset` (as far as the file reached) and the length before.
-    Write(u64, Vec<u8>, u64),
-    /// A length change: the length before, and the bytes a truncation removed.
-    SetLen(u64, Vec<u8>),
-}
-
-/// Storage whose sync number `fail_sync` fails and loses every write since the previous
-/// successful sync (the file goes back to its last durable state), as when the kernel cannot
-/// write dirty pages back and reports it once; every later operation works. A caller that
-/// goes on after such an error must not publish metadata pointing at the lost data.
-#[derive(Debug)]
-struct Lossy {
-    inner: Box<dyn vhd_merge::io::Storage>,
-    fail_sync: u64,
-    syncs: std::sync::atomic::AtomicU64,
-    undo: Mutex<Vec<Undo>>,
-    failed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl vhd_merge::io::Storage for Lossy {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let len = self.inner.len()?;
-        let keep = len.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let mut old = vec![0u8; keep];
-        if keep > 0 {
-            self.inner.read_at(&mut old, offset)?;
-        }
-        self.undo
-            .lock()
-            .unwrap()
-            .push(Undo::Write(offset, old, len));
-        self.inner.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, new: u64) -> std::io::Result<()> {
-        let len = self.inner.len()?;
-        let mut tail = vec![0u8; len.saturating_sub(new) as usize];
-        if !tail.is_empty() {
-            self.inner.read_at(&mut tail, new)?;
-        }
-        self.undo.lock().unwrap().push(Undo::SetLen(len, tail));
-        self.inner.set_len(new)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let n = self.syncs.fetch_add(1, SeqCst) + 1;
-        let mut undo = self.undo.lock().unwrap();
-        if n == self.fail_sync {
-            for u in undo.drain(..).rev() {
-                match u {
-                    Undo::Write(offset, old, len) => {
-                        if !old.is_empty() {
-                            self.inner.write_at(&old, offset)?;
-                        }
-                        if self.inner.len()? > len {
-                            self.inner.set_len(len)?;
-                        }
-                    }
-                    Undo::SetLen(len, tail) => {
-                        let now = self.inner.len()?;
-                        self.inner.set_len(len)?;
-                        if !tail.is_empty() {
-                            self.inner.write_at(&tail, now)?;
-                        }
-                    }
-                }
-            }
-            self.inner.sync_data()?;
-            self.failed.store(true, SeqCst);
-            return Err(std::io::Error::other(format!(
-                "injected fault: sync {n} failed and the writes since the last sync were lost"
-            )));
-        }
-        self.inner.sync_data()?;
-        undo.clear();
-        Ok(())
-    }
-    fn try_lock(&self, exclusive: bool) -> std::io::Result<bool> {
-        self.inner.try_lock(exclusive)
-    }
-}
-
 /// For every sync of each scenario: that sync fails and loses the writes since the previous
 /// one, and the storage works again afterwards. The merge must fail with Failed (32768) and
 /// leave a destination whose every sector is old or merged: nothing it publishes after the
@@ -735,17 +645,7 @@ fn a_failing_sync_that_loses_data_is_not_built_upon() {
         for n in 1..=syncs {
             let what = format!("sync {n} of {syncs} fails and loses the unsynced writes");
             b.reset();
-            let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let f2 = failed.clone();
-            let wrap: StorageWrapper = Arc::new(move |s| {
-                Box::new(Lossy {
-                    inner: s,
-                    fail_sync: n,
-                    syncs: Default::default(),
-                    undo: Mutex::new(Vec::new()),
-                    failed: f2.clone(),
-                })
-            });
+            let (wrap, failed) = lossy(n);
             let e = match b.merge(Some(wrap), false) {
                 Ok(_) => panic!("{}: {what}: the merge did not fail", sc.name),
                 Err(e) => e,
@@ -808,17 +708,7 @@ fn a_lost_in_place_write_is_not_published() {
     assert!(syncs >= 8, "{syncs} syncs");
     for n in 1..=syncs {
         copy_dir(t, w);
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let f2 = failed.clone();
-        let wrap: StorageWrapper = Arc::new(move |s| {
-            Box::new(Lossy {
-                inner: s,
-                fail_sync: n,
-                syncs: Default::default(),
-                undo: Mutex::new(Vec::new()),
-                failed: f2.clone(),
-            })
-        });
+        let (wrap, failed) = lossy(n);
         let e = merge(&src, None, &opts(wrap)).expect_err("the merge did not fail");
         assert!(failed.load(std::sync::atomic::Ordering::SeqCst));
         assert_eq!(e.return_code(), ReturnCode::Failed, "{e}");

@@ -6,6 +6,7 @@
 //! - [`craft`]: differencing disks with chosen locators, names and ids;
 //! - [`fixtures`]: the real files from other tools, decompressed;
 //! - [`model`]: random chains for the merge tests and the model of what they must read;
+//! - [`merging`]: a VHDX merge under test and the checks every VHDX merge test makes;
 //! - [`os`]: running as root, immutable and read-only files, symlinks, a small tmpfs;
 //! - [`reflink`]: a file system that clones blocks, and FIEMAP's shared extents;
 //! - [`patch`]: small disks with known content, and patching their structures byte by byte;
@@ -16,6 +17,7 @@
 
 pub mod craft;
 pub mod fixtures;
+pub mod merging;
 pub mod model;
 pub mod oracles;
 pub mod os;
@@ -128,7 +130,8 @@ pub fn read(path: &Path) -> Vec<u8> {
 
 /// Read the whole view of the disk (VHD or VHDX) at `path` through its chain.
 pub fn read_view(path: &Path) -> Vec<u8> {
-    let chain = Chain::open(path, &ChainOptions::default()).unwrap();
+    let chain = Chain::open(path, &ChainOptions::default())
+        .unwrap_or_else(|e| panic!("open the chain of {}: {e}", path.display()));
     let size = chain.layer(0).unwrap().virtual_size() as usize;
     let mut buf = vec![0u8; size];
     chain.read_at(0, 0, &mut buf).unwrap();
@@ -158,10 +161,21 @@ pub fn sha256_file(path: &Path) -> String {
     sha256(&read(path))
 }
 
-/// CRC32 and length of a file's bytes.
+/// CRC32 and length of a file's bytes, read in pieces (a VHDX with a 256 MiB block is a large
+/// sparse file).
 pub fn file_hash(path: &Path) -> (u32, u64) {
-    let bytes = std::fs::read(path).unwrap();
-    (crc32fast::hash(&bytes), bytes.len() as u64)
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let (mut h, mut len) = (crc32fast::Hasher::new(), 0u64);
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return (h.finalize(), len);
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 /// Hashes of every file in `paths`.
@@ -242,4 +256,32 @@ pub fn deep_check_errors(path: &Path) -> Vec<vhd_merge::check::Finding> {
         .into_iter()
         .filter(|f| f.severity == vhd_merge::check::Severity::Error)
         .collect()
+}
+
+/// The layer at `path` as the VHDX reader sees it on its own (no parent): its bytes, and which
+/// sectors it holds (all of them for a file without a parent).
+pub fn vhdx_own_layer(path: &Path) -> model::LayerModel {
+    use vhd_merge::vhdx::{BlockState, Vhdx};
+    let v = Vhdx::open_path(path, false).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut m = model::LayerModel::empty(v.virtual_size() as usize);
+    v.read_own(0, &mut m.data).unwrap();
+    if !v.is_differencing() {
+        m.present.fill(true);
+        return m;
+    }
+    let per = v.sector_size() as usize / 512;
+    let mut at = 0;
+    for b in 0..v.block_count() {
+        let state = v.block_state(b).unwrap();
+        for i in 0..v.sectors_in_block(b) as usize {
+            let held = match &state {
+                BlockState::Transparent => false,
+                BlockState::Zero | BlockState::Present(None) => true,
+                BlockState::Present(Some(map)) => map.get(i),
+            };
+            m.present[at..at + per].fill(held);
+            at += per;
+        }
+    }
+    m
 }

@@ -143,6 +143,13 @@ pub fn qemu_img_check_vhdx(path: &Path) -> Option<Result<(), String>> {
     )
 }
 
+/// `qemu-img check -r all -f vhdx FILE`: qemu's repair, which replays a dirty log (the only
+/// way qemu reads one). `None` when qemu-img is missing; `Err` with its output when it fails.
+pub fn qemu_img_repair_vhdx(path: &Path) -> Option<Result<(), String>> {
+    let out = qemu_img(|c| c.args(["check", "-r", "all", "-f", "vhdx"]).arg(path))?;
+    Some(qemu_img_result(&out))
+}
+
 /// `qemu-img create -q -f vhdx -o OPTIONS FILE SIZE`, panicking when it fails. `None` when
 /// qemu-img is missing.
 pub fn qemu_img_create_vhdx(path: &Path, options: &str, size: &str) -> Option<()> {

@@ -154,3 +154,73 @@ pub fn set_batmap(p: &Path, map_offset: u64, map: &[u8]) {
     patch(p, h.table_offset + 512 + 24, &(!sum).to_be_bytes());
     patch(p, map_offset, map);
 }
+
+// ---- VHDX: patching closed files (no log: the file must be clean, LogGuid zero). ----
+
+use vhd_merge::vhdx::Vhdx;
+use vhd_merge::vhdx::format::bat::{BatEntry, Geometry, PayloadState};
+use vhd_merge::vhdx::format::metadata::{MetadataTable, VIRTUAL_DISK_SIZE};
+
+/// Set the payload BAT entry of `block` of the closed VHDX at `p` to `state`, keeping its
+/// file offset: an UNMAPPED or UNDEFINED block may keep the space it owned ("soft-anchored",
+/// [MS-VHDX] 2.5.1.1), and one that owned none keeps offset 0.
+pub fn vhdx_set_block_state(p: &Path, block: u64, state: PayloadState) {
+    let v = Vhdx::open_path(p, false).unwrap();
+    assert!(
+        v.reader().header.header.log_guid.is_nil(),
+        "patching a dirty VHDX"
+    );
+    let e = v.payload_entry(block).unwrap();
+    let at = v.reader().regions.bat.file_offset + v.geometry().payload_index(block) * 8;
+    drop(v);
+    let new = BatEntry::new(state.value(), e.file_offset_mb());
+    patch(p, at, &new.0.to_le_bytes());
+}
+
+/// Set the Virtual Disk Size metadata item of the closed VHDX at `p` to `size` (the metadata
+/// region has no checksum). The BAT region must already hold the entries `size` needs.
+pub fn vhdx_set_virtual_size(p: &Path, size: u64) {
+    let v = Vhdx::open_path(p, false).unwrap();
+    let (r, g) = (v.reader(), v.geometry());
+    let new = Geometry::new(size, g.block_size, g.logical_sector_size, g.has_parent).unwrap();
+    let bat = r.regions.bat;
+    new.check_bat_region(bat.length.into()).unwrap();
+    let region = r.regions.metadata;
+    drop(v);
+    let mut head = vec![0u8; 64 << 10];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &fs::File::open(p).unwrap(),
+        &mut head,
+        region.file_offset,
+    )
+    .unwrap();
+    let table = MetadataTable::parse(&head, region.length.into()).unwrap();
+    let item = table
+        .entries
+        .iter()
+        .find(|e| e.item_id == VIRTUAL_DISK_SIZE)
+        .expect("a Virtual Disk Size item");
+    patch(
+        p,
+        region.file_offset + u64::from(item.offset),
+        &size.to_le_bytes(),
+    );
+}
+
+/// Replace the parent locator value `old` of the closed VHDX at `p` by `new` (UTF-16LE, the
+/// same length: a `{guid}` by another), found in its metadata region.
+pub fn vhdx_replace_locator_value(p: &Path, old: &str, new: &str) {
+    assert_eq!(old.len(), new.len(), "same length only");
+    let utf16 = |s: &str| -> Vec<u8> { s.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+    let v = Vhdx::open_path(p, false).unwrap();
+    let region = v.reader().regions.metadata;
+    drop(v);
+    let bytes = read(p);
+    let meta = &bytes[region.range().start as usize..region.range().end as usize];
+    let needle = utf16(old);
+    let at = meta
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{old} is not in the metadata region"));
+    patch(p, region.file_offset + at as u64, &utf16(new));
+}

@@ -1,6 +1,6 @@
 //! Storage wrappers for a merge's destination (`MergeOptions::destination_io`): one that
-//! records every write, sync and truncation, and one that injects the faults of a
-//! [`FaultPlan`].
+//! records every write, sync and truncation, one that injects the faults of a [`FaultPlan`],
+//! and one whose failing sync loses the unsynced writes ([`lossy`]).
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -205,6 +205,116 @@ pub fn recording(log: Arc<IoLog>) -> StorageWrapper {
 /// A destination wrapper that injects the faults of `plan`.
 pub fn faulty(plan: Arc<FaultPlan>) -> StorageWrapper {
     Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())))
+}
+
+/// What a [`Lossy`] storage must undo if its failing sync comes.
+#[derive(Debug)]
+enum Undo {
+    /// Bytes that were at `offset` (as far as the file reached) and the length before.
+    Write(u64, Vec<u8>, u64),
+    /// A length change: the length before, and the bytes a truncation removed.
+    SetLen(u64, Vec<u8>),
+}
+
+/// Storage whose sync number `fail_sync` fails and loses every write since the previous
+/// successful sync (the file goes back to its last durable state), as when the kernel cannot
+/// write dirty pages back and reports it once; every later operation works. A caller that
+/// goes on after such an error must not publish metadata pointing at the lost data.
+#[derive(Debug)]
+pub struct Lossy {
+    inner: Box<dyn Storage>,
+    fail_sync: u64,
+    /// Syncs so far, counted over every storage the wrapper made (a merge may open a file
+    /// more than once).
+    syncs: Arc<std::sync::atomic::AtomicU64>,
+    undo: Mutex<Vec<Undo>>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Storage for Lossy {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let len = self.inner.len()?;
+        let keep = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let mut old = vec![0u8; keep];
+        if keep > 0 {
+            self.inner.read_at(&mut old, offset)?;
+        }
+        self.undo
+            .lock()
+            .unwrap()
+            .push(Undo::Write(offset, old, len));
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, new: u64) -> std::io::Result<()> {
+        let len = self.inner.len()?;
+        let mut tail = vec![0u8; len.saturating_sub(new) as usize];
+        if !tail.is_empty() {
+            self.inner.read_at(&mut tail, new)?;
+        }
+        self.undo.lock().unwrap().push(Undo::SetLen(len, tail));
+        self.inner.set_len(new)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.syncs.fetch_add(1, SeqCst) + 1;
+        let mut undo = self.undo.lock().unwrap();
+        if n == self.fail_sync {
+            for u in undo.drain(..).rev() {
+                match u {
+                    Undo::Write(offset, old, len) => {
+                        if !old.is_empty() {
+                            self.inner.write_at(&old, offset)?;
+                        }
+                        if self.inner.len()? > len {
+                            self.inner.set_len(len)?;
+                        }
+                    }
+                    Undo::SetLen(len, tail) => {
+                        let now = self.inner.len()?;
+                        self.inner.set_len(len)?;
+                        if !tail.is_empty() {
+                            self.inner.write_at(&tail, now)?;
+                        }
+                    }
+                }
+            }
+            self.inner.sync_data()?;
+            self.failed.store(true, SeqCst);
+            return Err(std::io::Error::other(format!(
+                "injected fault: sync {n} failed and the writes since the last sync were lost"
+            )));
+        }
+        self.inner.sync_data()?;
+        undo.clear();
+        Ok(())
+    }
+    fn try_lock(&self, exclusive: bool) -> std::io::Result<bool> {
+        self.inner.try_lock(exclusive)
+    }
+}
+
+/// A destination wrapper whose sync number `n` fails and loses the writes since the previous
+/// sync (see [`Lossy`]), and the flag it sets when that sync came.
+pub fn lossy(n: u64) -> (StorageWrapper, Arc<std::sync::atomic::AtomicBool>) {
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f2 = failed.clone();
+    let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let wrap: StorageWrapper = Arc::new(move |s| {
+        Box::new(Lossy {
+            inner: s,
+            fail_sync: n,
+            syncs: syncs.clone(),
+            undo: Mutex::new(Vec::new()),
+            failed: f2.clone(),
+        })
+    });
+    (wrap, failed)
 }
 
 /// The file at `path`, opened for reading and writing, behind a [`FaultyStorage`] that injects
