@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         check_file(&args.file, &opts)?
     };
     if args.json {
-        println!("{}", to_json(&report));
+        super::print_json(&to_json(&args.file, &report))?;
     } else if report.has_errors() || super::summaries() {
         // `-q`: nothing for a file without errors (the exit status says so).
         print_text(&report);
@@ -78,9 +78,10 @@ fn print_text(report: &CheckReport) {
     );
 }
 
-/// The report as a JSON value: `{"ok", "files", "errors", "warnings", "infos", "findings":
-/// [{"severity", "code", "file", "structure", "offset", "block", "message"}]}`.
-pub fn to_json(report: &CheckReport) -> serde_json::Value {
+/// The report as a JSON value (docs/json.md): `{"path", "ok", "paths", "error_count",
+/// "warning_count", "info_count", "findings": [{"severity", "code", "path", "structure",
+/// "offset", "block", "message"}]}`.
+pub fn to_json(path: &std::path::Path, report: &CheckReport) -> serde_json::Value {
     let findings: Vec<serde_json::Value> = report
         .findings
         .iter()
@@ -88,7 +89,7 @@ pub fn to_json(report: &CheckReport) -> serde_json::Value {
             serde_json::json!({
                 "severity": f.severity.name(),
                 "code": f.code,
-                "file": f.file.display().to_string(),
+                "path": f.file.display().to_string(),
                 "structure": f.structure,
                 "offset": f.offset,
                 "block": f.block,
@@ -97,11 +98,12 @@ pub fn to_json(report: &CheckReport) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "path": path.display().to_string(),
         "ok": !report.has_errors(),
-        "files": report.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        "errors": report.count(Severity::Error),
-        "warnings": report.count(Severity::Warning),
-        "infos": report.count(Severity::Info),
+        "paths": report.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "error_count": report.count(Severity::Error),
+        "warning_count": report.count(Severity::Warning),
+        "info_count": report.count(Severity::Info),
         "findings": findings,
     })
 }

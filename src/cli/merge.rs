@@ -78,11 +78,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     bar.clear();
     let seconds = t0.elapsed().as_secs_f64();
     if args.json {
-        let out = match &res {
+        let mut out = match &res {
             Ok(r) => report_json(r, seconds),
             Err(e) => error_json(e, seconds, last.lock().ok().and_then(|g| *g)),
         };
-        println!("{out}");
+        out["path"] = name(&args.source).into();
+        super::print_json(&out)?;
         return Ok(match res {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => super::fail(&e),
@@ -206,7 +207,7 @@ fn paths(v: &[PathBuf]) -> Value {
 
 fn plan_json(p: &MergePlan) -> Value {
     json!({
-        "destination": name(&p.destination),
+        "destination_path": name(&p.destination),
         "destination_index": p.destination_index,
         "destination_type": p.destination_type.name(),
         "unit_bytes": p.unit_bytes,
@@ -215,11 +216,11 @@ fn plan_json(p: &MergePlan) -> Value {
             "unique_id": l.unique_id.to_string(),
             "bytes": l.bytes,
         })).collect::<Vec<_>>(),
-        "units": p.units,
+        "unit_count": p.units,
         "bytes_total": p.bytes_total,
         "zeroed_bytes": p.zeroed_bytes,
         "clone_candidate_bytes": p.clone_candidate_bytes,
-        "blocks_to_allocate": p.blocks_to_allocate,
+        "max_allocated_block_count": p.blocks_to_allocate,
         "destination_growth": p.destination_growth,
         "siblings": paths(&p.siblings),
         "source_children": paths(&p.source_children),
@@ -230,9 +231,8 @@ fn report_json(r: &MergeReport, seconds: f64) -> Value {
     let mut v = json!({
         "job_state": JobState::Completed.value(),
         "job_state_name": JobState::Completed.name(),
-        "return_code": 0,
-        "error_description": Value::Null,
         "percent_complete": 100,
+        "destination_path": name(&r.destination),
         "bytes_merged": r.bytes_merged,
         "bytes_cloned": r.bytes_cloned,
         "bytes_copied": r.bytes_merged - r.bytes_cloned,
@@ -240,9 +240,9 @@ fn report_json(r: &MergeReport, seconds: f64) -> Value {
         "obsolete": paths(&r.obsolete),
         "removed": paths(&r.removed),
         "relinked": paths(&r.relinked),
-        "blocks_allocated": r.blocks_allocated,
+        "allocated_block_count": r.blocks_allocated,
         "destination_growth": r.destination_growth,
-        "verified": r.verified.as_ref().map(|v| json!({"units": v.units, "bytes": v.bytes})),
+        "verified": r.verified.as_ref().map(|v| json!({"unit_count": v.units, "bytes": v.bytes})),
         "warnings": r.warnings,
         "dry_run": r.dry_run,
     });
@@ -261,11 +261,11 @@ fn error_json(e: &Error, seconds: f64, last: Option<Progress>) -> Value {
     json!({
         "job_state": state.value(),
         "job_state_name": state.name(),
-        "return_code": e.return_code().code(),
-        "error_description": e.to_string(),
+        "error": super::error_json(e),
         "percent_complete": last.map_or(0, |p| p.percent_complete),
         "bytes_merged": last.map_or(0, |p| p.bytes_done),
         "seconds": seconds,
         "obsolete": [],
+        "warnings": [],
     })
 }
