@@ -710,10 +710,5 @@ fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u6
     Ok(out.mapped_blocks().count() as u64)
 }
 
-/// Serialized as its [`FlattenFormat::name`].
 #[cfg(feature = "serde")]
-impl serde::Serialize for FlattenFormat {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
+serialize_as_name!(FlattenFormat);

@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let seconds = t0.elapsed().as_secs_f64();
     if args.json {
         let mut out = match &res {
-            Ok(r) => report_json(r, seconds),
+            Ok(r) => report_json(r, seconds)?,
             Err(e) => error_json(e, seconds, last.lock().ok().and_then(|g| *g)),
         };
         out["path"] = name(&args.source).into();
@@ -201,55 +201,15 @@ fn print_plan(p: &MergePlan) {
     }
 }
 
-fn paths(v: &[PathBuf]) -> Value {
-    Value::from(v.iter().map(|p| name(p)).collect::<Vec<_>>())
-}
-
-fn plan_json(p: &MergePlan) -> Value {
-    json!({
-        "destination_path": name(&p.destination),
-        "destination_index": p.destination_index,
-        "destination_type": p.destination_type.name(),
-        "unit_bytes": p.unit_bytes,
-        "layers": p.layers.iter().map(|l| json!({
-            "path": name(&l.path),
-            "unique_id": l.unique_id.to_string(),
-            "bytes": l.bytes,
-        })).collect::<Vec<_>>(),
-        "unit_count": p.units,
-        "bytes_total": p.bytes_total,
-        "zeroed_bytes": p.zeroed_bytes,
-        "clone_candidate_bytes": p.clone_candidate_bytes,
-        "max_allocated_block_count": p.blocks_to_allocate,
-        "destination_growth": p.destination_growth,
-        "siblings": paths(&p.siblings),
-        "source_children": paths(&p.source_children),
-    })
-}
-
-fn report_json(r: &MergeReport, seconds: f64) -> Value {
-    let mut v = json!({
-        "job_state": JobState::Completed.value(),
-        "job_state_name": JobState::Completed.name(),
-        "percent_complete": 100,
-        "destination_path": name(&r.destination),
-        "bytes_merged": r.bytes_merged,
-        "bytes_cloned": r.bytes_cloned,
-        "bytes_copied": r.bytes_merged - r.bytes_cloned,
-        "seconds": seconds,
-        "obsolete": paths(&r.obsolete),
-        "removed": paths(&r.removed),
-        "relinked": paths(&r.relinked),
-        "allocated_block_count": r.blocks_allocated,
-        "destination_growth": r.destination_growth,
-        "verified": r.verified.as_ref().map(|v| json!({"unit_count": v.units, "bytes": v.bytes})),
-        "warnings": r.warnings,
-        "dry_run": r.dry_run,
-    });
-    if r.dry_run {
-        v["plan"] = plan_json(&r.plan);
-    }
-    v
+/// The library's report (its serde derive) with the job fields of Hyper-V's merge job.
+fn report_json(r: &MergeReport, seconds: f64) -> Result<Value> {
+    let mut v = super::to_value(r)?;
+    v["job_state"] = JobState::Completed.value().into();
+    v["job_state_name"] = JobState::Completed.name().into();
+    v["percent_complete"] = 100.into();
+    v["bytes_copied"] = (r.bytes_merged - r.bytes_cloned).into();
+    v["seconds"] = seconds.into();
+    Ok(v)
 }
 
 fn error_json(e: &Error, seconds: f64, last: Option<Progress>) -> Value {

@@ -332,13 +332,8 @@ pub fn bitmap_bytes_for(block_size: u32) -> u64 {
     spb.div_ceil(8).div_ceil(512).max(1) * 512
 }
 
-/// Serialized as its [`PlatformCode::name`].
 #[cfg(feature = "serde")]
-impl serde::Serialize for PlatformCode {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.name())
-    }
-}
+serialize_as_name!(PlatformCode);
 
 #[cfg(test)]
 mod tests {
