@@ -238,3 +238,70 @@ fn docs_json_md_matches_the_output() {
         "docs/json.md, error"
     );
 }
+
+/// The `--progress json` lines of `args` on stderr (every stderr line must be one), each
+/// checked for the documented fields.
+fn progress_lines(args: &[&str]) -> Option<Vec<Value>> {
+    let out = Command::new(common::binary()?).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    for l in &lines {
+        assert_eq!(l["schema_version"], SCHEMA_VERSION, "{l}");
+        assert!(l["state"].is_string(), "{l}");
+        let (done, total) = (l["bytes_done"].as_u64(), l["bytes_total"].as_u64());
+        assert!(done.is_some() && total.is_some(), "{l}");
+        assert!(l["percent"].as_u64().is_some_and(|p| p <= 100), "{l}");
+    }
+    Some(lines)
+}
+
+/// `--progress json` for merge and flatten: bytes done never go back, the last line is
+/// Completed at 100 percent with all the bytes to copy, one line per whole percent at most.
+#[test]
+fn progress_json_lines_for_merge_and_flatten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = (dir.path().join("b.vhd"), dir.path().join("c.vhd"));
+    let flat = dir.path().join("f.vhd");
+    let runs: [Vec<&str>; 2] = [
+        vec!["create", "dynamic", s(&base), "--size", "16M", "-q"],
+        vec![
+            "create",
+            "differencing",
+            s(&child),
+            "--parent",
+            s(&base),
+            "-q",
+        ],
+    ];
+    for args in runs {
+        if json_run(&[&args[..], &["--json"]].concat()).is_none() {
+            return;
+        }
+    }
+    let mut v = vhd_merge::Vhd::open(&child, vhd_merge::OpenOptions::writable()).unwrap();
+    let data = vec![0x5a_u8; 6 << 20];
+    v.write_at(1 << 20, &data).unwrap();
+    drop(v);
+    let flatten = ["flatten", s(&child), s(&flat), "--progress", "json"];
+    let merge = ["merge", s(&child), "--progress", "json"];
+    for args in [&flatten[..], &merge[..]] {
+        let lines = progress_lines(args).unwrap();
+        let last = lines.last().unwrap_or_else(|| panic!("{args:?}: no lines"));
+        assert_eq!(last["state"], "Completed", "{args:?}");
+        assert_eq!(last["percent"], 100, "{args:?}");
+        assert_eq!(last["bytes_done"], last["bytes_total"], "{args:?}");
+        assert!(
+            last["bytes_done"].as_u64() >= Some(6 << 20),
+            "{args:?}: {last}"
+        );
+        let done: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l["bytes_done"].as_u64())
+            .collect();
+        assert!(done.windows(2).all(|w| w[0] <= w[1]), "{args:?}: {done:?}");
+        assert!(lines.len() <= 101 + 4, "{args:?}: {} lines", lines.len());
+    }
+}

@@ -50,6 +50,9 @@ pub struct Args {
     /// Print one JSON object instead of text (docs/json.md).
     #[arg(long)]
     pub json: bool,
+    /// Progress: a bar on a terminal, or `json` lines on stderr for programs (docs/json.md).
+    #[arg(long, value_enum, value_name = "STYLE", default_value_t)]
+    pub progress: super::progress::Style,
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -80,8 +83,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let t0 = std::time::Instant::now();
-    let bar = super::progress::Bar::new("flattening", !args.json && super::summaries());
-    let mut on_progress = |p: &vhd_merge::FlattenProgress| bar.set(p.data_done, p.data_total);
+    let show = !args.json && super::summaries();
+    let bar = super::progress::Bar::with_style("flattening", args.progress, show);
+    let last = std::cell::Cell::new((0, 0));
+    let mut on_progress = |p: &vhd_merge::FlattenProgress| {
+        last.set((p.data_done, p.data_total));
+        bar.set(p.data_done, p.data_total)
+    };
     let opts = FlattenOptions {
         format: match args.format {
             None => FlattenFormat::from_extension(&args.output),
@@ -100,6 +108,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..FlattenOptions::default()
     };
     let res = flatten(&chain, &args.output, opts);
+    let (done, total) = last.get();
+    bar.event(
+        super::progress::final_state(res.as_ref().err()),
+        done,
+        total,
+    );
     bar.clear();
     let r = res?;
     if args.json {

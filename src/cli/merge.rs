@@ -43,6 +43,9 @@ pub struct Args {
     /// Print one JSON object at the end instead of text (no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// Progress: a bar on a terminal, or `json` lines on stderr for programs (docs/json.md).
+    #[arg(long, value_enum, value_name = "STYLE", default_value_t)]
+    pub progress: super::progress::Style,
 }
 
 /// Run the command.
@@ -62,7 +65,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // it; re-running finishes the job (see `signal`).
     options.cancel = super::signal::install(super::signal::Mode::Cancel, None);
     let show_bar = !args.json && !args.dry_run && super::summaries();
-    let bar = super::progress::Bar::new("merging", show_bar);
+    let bar = super::progress::Bar::with_style("merging", args.progress, show_bar);
     // The last progress seen, for the JSON of a merge that fails part-way.
     let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
     let (b, l) = (bar.clone(), last.clone());
@@ -70,9 +73,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if let Ok(mut slot) = l.lock() {
             *slot = Some(*p);
         }
-        if p.state == JobState::Running {
-            b.set(p.bytes_done, p.bytes_total);
-        }
+        b.event(p.state, p.bytes_done, p.bytes_total);
     }));
     let res = merge(&args.source, args.destination.as_deref(), &options);
     bar.clear();
@@ -213,11 +214,7 @@ fn report_json(r: &MergeReport, seconds: f64) -> Result<Value> {
 }
 
 fn error_json(e: &Error, seconds: f64, last: Option<Progress>) -> Value {
-    let state = if matches!(e, Error::Cancelled(_)) {
-        JobState::Terminated
-    } else {
-        JobState::Exception
-    };
+    let state = super::progress::final_state(Some(e));
     json!({
         "job_state": state.value(),
         "job_state_name": state.name(),
