@@ -183,6 +183,18 @@ fn a_parameter_error_has_the_error_shape_and_exit_status_2() {
     assert_eq!(status, Some(2), "{v}");
     assert_eq!(v["error"]["return_code"], 32773);
     assert_eq!(v["error"]["name"], "Invalid parameter");
+    // A usage error clap finds (an unknown option) too.
+    let Some((status, v)) = json_run(&["chain", s(&f), "--no-such-option", "--json"]) else {
+        return;
+    };
+    assert_eq!(status, Some(2), "{v}");
+    assert_eq!(v["error"]["return_code"], 32773, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--no-such-option")),
+        "{v}"
+    );
 }
 
 /// docs/json.md: one ```json example under each "## `verb`" heading.

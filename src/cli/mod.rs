@@ -271,6 +271,11 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let first = lines.next().unwrap_or("invalid arguments");
     let first = first.strip_prefix("error: ").unwrap_or(first);
+    // The arguments did not parse, so `--json` is looked for as given: the error object.
+    if std::env::args_os().skip(1).any(|a| a == "--json") {
+        let e = Error::InvalidParameter(first.to_string());
+        let _ = print_json(&json!({ "error": error_json(&e) }));
+    }
     eprintln!("error {} ({}): {first}", rc.code(), rc.name());
     for l in lines {
         eprintln!("{l}");
