@@ -39,7 +39,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
     )?;
     if args.json {
-        super::print_json(&to_json(&report, args.dry_run))?;
+        super::print_json(&to_json(&report, args.dry_run)?)?;
     } else {
         print_text(&report, args.dry_run);
     }
@@ -120,8 +120,8 @@ fn print_text(report: &RepairReport, dry_run: bool) {
     }
 }
 
-fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
-    serde_json::json!({
+fn to_json(report: &RepairReport, dry_run: bool) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
         "path": report.file.display().to_string(),
         "dry_run": dry_run,
         "wrote": report.wrote,
@@ -141,12 +141,6 @@ fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
             "reason": reason,
         })).collect::<Vec<_>>(),
         "errors_remain": report.has_errors(),
-        "not_repaired": report.not_repaired.iter().map(|p| serde_json::json!({
-            "severity": p.severity.name(),
-            "code": p.code,
-            "structure": p.structure,
-            "offset": p.offset,
-            "message": p.message,
-        })).collect::<Vec<_>>(),
-    })
+        "not_repaired": super::to_value(&report.not_repaired)?,
+    }))
 }
