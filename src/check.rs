@@ -44,6 +44,9 @@ pub enum Severity {
     Error,
 }
 
+#[cfg(feature = "serde")]
+serialize_as_name!(Severity);
+
 impl Severity {
     /// `info`, `warning` or `error`.
     pub fn name(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Severity {
 }
 
 /// One problem found by a check.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
     /// How serious it is.
@@ -67,6 +71,7 @@ pub struct Finding {
     /// `block-size-differs`).
     pub code: &'static str,
     /// The file it is in.
+    #[cfg_attr(feature = "serde", serde(rename = "path"))]
     pub file: PathBuf,
     /// The structure: `footer`, `footer copy`, `dynamic header`, `BAT`, `block N`,
     /// `locator N`, `batmap`, `file`, `chain`.
@@ -89,9 +94,11 @@ pub struct CheckOptions {
 }
 
 /// The findings of a check, in the order the files and structures were checked.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, Default)]
 pub struct CheckReport {
     /// The files checked, child first for a chain.
+    #[cfg_attr(feature = "serde", serde(rename = "paths"))]
     pub files: Vec<PathBuf>,
     /// Everything found.
     pub findings: Vec<Finding>,

@@ -148,9 +148,11 @@ impl std::fmt::Debug for FlattenOptions<'_> {
 }
 
 /// What [`flatten`] wrote.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlattenReport {
     /// The output file.
+    #[cfg_attr(feature = "serde", serde(rename = "output_path"))]
     pub output: PathBuf,
     /// Its format.
     pub format: FlattenFormat,
@@ -162,8 +164,10 @@ pub struct FlattenReport {
     /// Of `data_bytes`, those placed by block cloning (see [`FlattenOptions::clone`]).
     pub bytes_cloned: u64,
     /// Blocks allocated in a dynamic output (0 for raw and fixed).
+    #[cfg_attr(feature = "serde", serde(rename = "allocated_block_count"))]
     pub blocks_allocated: u64,
     /// Layers the content was read from.
+    #[cfg_attr(feature = "serde", serde(rename = "layer_count"))]
     pub layers: usize,
 }
 
@@ -705,3 +709,6 @@ fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u6
     out.finish()?;
     Ok(out.mapped_blocks().count() as u64)
 }
+
+#[cfg(feature = "serde")]
+serialize_as_name!(FlattenFormat);

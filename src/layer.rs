@@ -48,6 +48,9 @@ pub enum DiskKind {
     Differencing,
 }
 
+#[cfg(feature = "serde")]
+serialize_as_name!(DiskKind);
+
 impl DiskKind {
     /// `fixed`, `dynamic` or `differencing`.
     pub fn name(self) -> &'static str {

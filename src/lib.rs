@@ -75,6 +75,22 @@
 // The one exception is `io::start_writeback` (one sync_file_range call, a performance hint).
 #![deny(unsafe_code)]
 
+/// `serde::Serialize` for an enum as its `name()` string (the `serde` feature): the JSON of the
+/// reports spells `disk_type`, `format` and `platform_code` as the text output does.
+#[cfg(feature = "serde")]
+macro_rules! serialize_as_name {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(&self.name())
+            }
+        }
+    };
+}
+
 pub mod chain;
 pub mod check;
 pub mod create;

@@ -65,6 +65,7 @@ impl Default for SetParentOptions {
 }
 
 /// One parent locator written by [`set_parent`].
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocatorWritten {
     /// Its slot in the header (0..8).
@@ -82,15 +83,20 @@ pub struct LocatorWritten {
 }
 
 /// What [`set_parent`] changed.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
 pub struct SetParentReport {
     /// The child that was rewritten.
+    #[cfg_attr(feature = "serde", serde(rename = "path"))]
     pub child: PathBuf,
     /// The new parent, as given.
+    #[cfg_attr(feature = "serde", serde(rename = "parent_path"))]
     pub parent: PathBuf,
     /// The Parent Unique Id the child recorded before.
+    #[cfg_attr(feature = "serde", serde(rename = "old_parent_unique_id"))]
     pub old_parent_id: Uuid,
     /// The Parent Unique Id it records now (the new parent's unique id).
+    #[cfg_attr(feature = "serde", serde(rename = "parent_unique_id"))]
     pub parent_id: Uuid,
     /// True when `force` made the child adopt a different parent unique id.
     pub id_changed: bool,

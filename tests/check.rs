@@ -431,7 +431,7 @@ fn cli_exit_status_and_json() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["ok"], true);
-    assert_eq!(j["errors"], 0);
+    assert_eq!(j["error_count"], 0);
 
     patch(&p, 64, &[0; 4]);
     let out = Command::new(exe)

@@ -89,7 +89,7 @@ fn create_dynamic_and_info_json() {
     assert_eq!(j["footer_source"], "end");
     assert_eq!(j["block_size"], 2 << 20);
     assert_eq!(j["max_table_entries"], 5);
-    assert_eq!(j["allocated_blocks"], 0);
+    assert_eq!(j["allocated_block_count"], 0);
     assert_eq!(j["parent_unique_id"], Value::Null);
     assert_eq!(j["parent_name"], Value::Null);
     assert_eq!(j["parent_timestamp"], Value::Null);
@@ -102,7 +102,7 @@ fn create_dynamic_and_info_json() {
     let mut v = Vhd::open(&f, OpenOptions::writable()).unwrap();
     v.write_at(5 << 20, &[1; 512]).unwrap();
     drop(v);
-    assert_eq!(info_json(&f)["allocated_blocks"], 1);
+    assert_eq!(info_json(&f)["allocated_block_count"], 1);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn create_fixed_and_block_sizes() {
     assert_eq!(j["virtual_size"], 3 << 20);
     assert_eq!(j["block_size"], Value::Null);
     assert_eq!(j["max_table_entries"], Value::Null);
-    assert_eq!(j["allocated_blocks"], Value::Null);
+    assert_eq!(j["allocated_block_count"], Value::Null);
     assert_eq!(j["file_size"], (3 << 20) + 512);
 
     let f2 = dir.path().join("f2.vhd");
@@ -387,13 +387,13 @@ fn info_errors() {
     }
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.vhd");
-    for extra in [&[][..], &["--json"][..]] {
-        let mut args = vec!["info"];
-        args.extend_from_slice(extra);
-        args.push(p(&missing));
-        let err = assert_error(&run(&args).unwrap(), 32779, "File not found");
-        assert!(err.contains("missing.vhd"), "{err}");
-    }
+    // With --json the same failure also prints the error object (tests/cli_json.rs).
+    let err = assert_error(
+        &run(&["info", p(&missing)]).unwrap(),
+        32779,
+        "File not found",
+    );
+    assert!(err.contains("missing.vhd"), "{err}");
 
     let mut rng = common::Rng::new(7);
     let mut junk = vec![0u8; 8192];
@@ -1288,7 +1288,7 @@ fn info_check_and_repair_of_a_dirty_log() {
     let out = run(&["check", "--json", p(&f)]).unwrap();
     let c: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        (c["errors"].clone(), c["warnings"].clone()),
+        (c["error_count"].clone(), c["warning_count"].clone()),
         (0.into(), 0.into())
     );
 }

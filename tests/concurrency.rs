@@ -363,8 +363,8 @@ fn racing_cli_merges() {
     for c in children {
         let out = c.wait_with_output().unwrap();
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        match json["return_code"].as_u64() {
-            Some(0) => {
+        match json["error"]["return_code"].as_u64() {
+            None => {
                 assert!(out.status.success());
                 ok += 1;
             }

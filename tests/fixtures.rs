@@ -436,7 +436,9 @@ fn afl5_is_a_clean_error_without_a_large_allocation() {
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(out.stdout.is_empty());
+        // --json: the error object on stdout too (docs/json.md).
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["error"]["return_code"], 32776, "{j}");
     }
 }
 

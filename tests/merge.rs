@@ -1052,7 +1052,7 @@ fn cli_merge_json_and_exit_status() {
     let (ok, v, _) = cli(&[src, dest, std::ffi::OsStr::new("--dry-run"), json]);
     assert!(ok, "{v}");
     assert_eq!(v["job_state"], 7);
-    assert_eq!(v["return_code"], 0);
+    assert!(v["error"].is_null(), "{v}");
     assert_eq!(v["bytes_merged"], 0);
     assert_eq!(v["plan"]["layers"].as_array().unwrap().len(), 2);
     assert!(v["plan"]["bytes_total"].as_u64().unwrap() > 0);
@@ -1061,9 +1061,9 @@ fn cli_merge_json_and_exit_status() {
     let (ok, v, err) = cli(&[dest, json]);
     assert!(!ok);
     assert_eq!(v["job_state"], 10);
-    assert_eq!(v["return_code"], 32773);
+    assert_eq!(v["error"]["return_code"], 32773);
     assert!(
-        v["error_description"]
+        v["error"]["message"]
             .as_str()
             .unwrap()
             .contains("differencing")

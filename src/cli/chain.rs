@@ -28,27 +28,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let v = l.layer.as_ref();
-                let link = v.parent_link().ok().flatten();
-                serde_json::json!({
-                    "index": i,
-                    "path": v.path().to_string_lossy(),
-                    "disk_type": v.kind().name(),
-                    "virtual_size": v.virtual_size(),
-                    "block_size": (v.kind() != DiskKind::Fixed).then(|| v.block_size()),
-                    "unique_id": v.id().to_string(),
-                    "parent_unique_id": link.as_ref().and_then(|k| k.ids.first()).map(|u| u.to_string()),
-                    "parent_name": link.map(|k| k.name),
-                    "found_by": l.found_by.to_string(),
-                    "warnings": all_warnings(l),
-                })
+                let mut j = layer_json(l.layer.as_ref());
+                j["index"] = i.into();
+                j["found_by"] = l.found_by.to_string().into();
+                j["warnings"] = all_warnings(l).into();
+                j
             })
             .collect();
-        let out = serde_json::json!({ "layers": layers });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).unwrap_or_else(|_| out.to_string())
-        );
+        super::print_json(&serde_json::json!({
+            "path": args.file.display().to_string(),
+            "layer_count": layers.len(),
+            "layers": layers,
+        }))?;
         return Ok(ExitCode::SUCCESS);
     }
     for (i, l) in chain.layers().iter().enumerate() {
@@ -75,6 +66,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `chain` and `create` show of one file: `path`, `disk_type`, `virtual_size`,
+/// `block_size` (null for a fixed disk), `unique_id`, `parent_unique_id`, `parent_name`.
+pub fn layer_json(v: &dyn vhd_merge::layer::Layer) -> serde_json::Value {
+    let link = v.parent_link().ok().flatten();
+    serde_json::json!({
+        "path": v.path().to_string_lossy(),
+        "disk_type": v.kind().name(),
+        "virtual_size": v.virtual_size(),
+        "block_size": (v.kind() != DiskKind::Fixed).then(|| v.block_size()),
+        "unique_id": v.id().to_string(),
+        "parent_unique_id": link.as_ref().and_then(|k| k.ids.first()).map(|u| u.to_string()),
+        "parent_name": link.map(|k| k.name),
+    })
 }
 
 /// The link's warnings, then the file's own.

@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         check_file(&args.file, &opts)?
     };
     if args.json {
-        println!("{}", to_json(&report));
+        super::print_json(&to_json(&args.file, &report)?)?;
     } else if report.has_errors() || super::summaries() {
         // `-q`: nothing for a file without errors (the exit status says so).
         print_text(&report);
@@ -78,30 +78,15 @@ fn print_text(report: &CheckReport) {
     );
 }
 
-/// The report as a JSON value: `{"ok", "files", "errors", "warnings", "infos", "findings":
-/// [{"severity", "code", "file", "structure", "offset", "block", "message"}]}`.
-pub fn to_json(report: &CheckReport) -> serde_json::Value {
-    let findings: Vec<serde_json::Value> = report
-        .findings
-        .iter()
-        .map(|f| {
-            serde_json::json!({
-                "severity": f.severity.name(),
-                "code": f.code,
-                "file": f.file.display().to_string(),
-                "structure": f.structure,
-                "offset": f.offset,
-                "block": f.block,
-                "message": f.message,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "ok": !report.has_errors(),
-        "files": report.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        "errors": report.count(Severity::Error),
-        "warnings": report.count(Severity::Warning),
-        "infos": report.count(Severity::Info),
-        "findings": findings,
-    })
+/// The report as a JSON value (docs/json.md): the library's `CheckReport` (`paths`,
+/// `findings`: `severity`, `code`, `path`, `structure`, `offset`, `block`, `message`) with the
+/// file checked as `path`, `ok` and the `*_count` of each severity.
+pub fn to_json(path: &std::path::Path, report: &CheckReport) -> Result<serde_json::Value> {
+    let mut v = super::to_value(report)?;
+    v["path"] = path.display().to_string().into();
+    v["ok"] = (!report.has_errors()).into();
+    v["error_count"] = report.count(Severity::Error).into();
+    v["warning_count"] = report.count(Severity::Warning).into();
+    v["info_count"] = report.count(Severity::Info).into();
+    Ok(v)
 }

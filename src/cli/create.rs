@@ -44,6 +44,20 @@ struct Common {
     /// its parent's]. A VHD always has 512.
     #[arg(long, value_name = "BYTES")]
     sector_size: Option<u32>,
+    /// Print one JSON object instead of text (docs/json.md).
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    /// `--json`, whatever the kind.
+    pub fn json(&self) -> bool {
+        match &self.kind {
+            Kind::Fixed { common, .. }
+            | Kind::Dynamic { common, .. }
+            | Kind::Differencing { common, .. } => common.json,
+        }
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -169,10 +183,18 @@ impl Request {
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
     let req = Request::from(args.kind);
-    match req.image_format() {
+    let format = req.image_format();
+    match format {
         ImageFormat::Vhd => run_vhd(&req),
         ImageFormat::Vhdx => run_vhdx(&req),
     }?;
+    if req.common.json {
+        let layer = vhd_merge::layer::open_layer(&req.common.file, OpenOptions::read_only())?;
+        let mut v = super::chain::layer_json(layer.as_ref());
+        v["format"] = format!("{format:?}").to_ascii_lowercase().into();
+        v["warnings"] = layer.warnings().to_vec().into();
+        super::print_json(&v)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -220,7 +242,7 @@ fn run_vhd(req: &Request) -> Result<()> {
             )?
         }
     };
-    if super::summaries() {
+    if super::summaries() && !req.common.json {
         print_created(&vhd);
     }
     Ok(())
@@ -275,7 +297,7 @@ fn run_vhdx(req: &Request) -> Result<()> {
             }
         }
     };
-    if super::summaries() {
+    if super::summaries() && !req.common.json {
         print_created_vhdx(&req.common.file, req.kind, &v);
     }
     Ok(())

@@ -47,6 +47,12 @@ pub struct Args {
     /// are cloned where the file system supports it).
     #[arg(long)]
     pub no_clone: bool,
+    /// Print one JSON object instead of text (docs/json.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Progress: a bar on a terminal, or `json` lines on stderr for programs (docs/json.md).
+    #[arg(long, value_enum, value_name = "STYLE", default_value_t)]
+    pub progress: super::progress::Style,
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -59,9 +65,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .map(super::create::parse_block_size)
         .transpose()?;
     let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
+    let mut warnings = Vec::new();
     for l in chain.layers() {
         for w in l.warnings.iter().chain(l.layer.warnings()) {
             eprintln!("warning: {}: {w}", l.layer.path().display());
+            warnings.push(format!("{}: {w}", l.layer.path().display()));
         }
     }
     if super::verbosity() == super::Verbosity::Verbose {
@@ -75,8 +83,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let t0 = std::time::Instant::now();
-    let bar = super::progress::Bar::new("flattening", super::summaries());
-    let mut on_progress = |p: &vhd_merge::FlattenProgress| bar.set(p.data_done, p.data_total);
+    let show = !args.json && super::summaries();
+    let bar = super::progress::Bar::with_style("flattening", args.progress, show);
+    let last = std::cell::Cell::new((0, 0));
+    let mut on_progress = |p: &vhd_merge::FlattenProgress| {
+        last.set((p.data_done, p.data_total));
+        bar.set(p.data_done, p.data_total)
+    };
     let opts = FlattenOptions {
         format: match args.format {
             None => FlattenFormat::from_extension(&args.output),
@@ -95,8 +108,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..FlattenOptions::default()
     };
     let res = flatten(&chain, &args.output, opts);
+    let (done, total) = last.get();
+    bar.event(
+        super::progress::final_state(res.as_ref().err()),
+        done,
+        total,
+    );
     bar.clear();
     let r = res?;
+    if args.json {
+        let mut v = super::to_value(&r)?;
+        v["path"] = args.file.display().to_string().into();
+        v["warnings"] = warnings.into();
+        super::print_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut line = format!(
         "{}: {} {} from {} layer(s), {} of data ({} cloned)",
         r.output.display(),

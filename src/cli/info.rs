@@ -48,17 +48,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let problems = problems_json(&insp.problems);
     let Some(vhd) = &insp.vhd else {
         let partial = json!({
-            "file": args.file.display().to_string(),
+            "path": args.file.display().to_string(),
             "file_size": insp.file_len,
             "problems": problems,
             "hint": hint(&args.file),
         });
-        if args.json {
-            print_json(&partial)?;
-        } else {
+        let e = with_hint(open_error);
+        if !args.json {
             print!("{}", damaged_listing(&partial));
+            return Err(e);
         }
-        return Err(with_hint(open_error));
+        // One object: what could be read, and the error.
+        let mut partial = partial;
+        partial["error"] = super::error_json(&e);
+        super::print_json(&partial)?;
+        return Ok(super::fail(&e));
     };
     let mut r = report(vhd)?;
     if insp.problems.iter().any(|p| p.level == ProblemLevel::Fatal) {
@@ -91,16 +95,9 @@ pub(super) fn with_hint(e: Error) -> Error {
     }
 }
 
-pub(super) fn print_json(v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
-}
-
 fn show(r: &Value, json: bool) -> Result<ExitCode> {
     if json {
-        print_json(r)?;
+        super::print_json(r)?;
     } else {
         print!("{}", listing(r));
     }
@@ -147,7 +144,7 @@ fn damaged_listing(r: &Value) -> String {
     let size = r["file_size"].as_u64().unwrap_or(0);
     row(
         "file",
-        format!("{} ({size} bytes)", r["file"].as_str().unwrap_or("")),
+        format!("{} ({size} bytes)", r["path"].as_str().unwrap_or("")),
     );
     row(
         "readable",
@@ -200,7 +197,7 @@ fn report(vhd: &Vhd) -> Result<Value> {
             .collect(),
     };
     Ok(json!({
-        "file": vhd.path().display().to_string(),
+        "path": vhd.path().display().to_string(),
         "file_size": file_size,
         "disk_type": vhd.disk_type().name(),
         "virtual_size": vhd.virtual_size(),
@@ -225,7 +222,7 @@ fn report(vhd: &Vhd) -> Result<Value> {
         "block_size": sparse.map(|h| h.block_size),
         "table_offset": sparse.map(|h| h.table_offset),
         "max_table_entries": sparse.map(|h| h.max_table_entries),
-        "allocated_blocks": sparse.map(|_| vhd.allocated_blocks()),
+        "allocated_block_count": sparse.map(|_| vhd.allocated_blocks()),
         "parent_unique_id": parent.map(|h| h.parent_unique_id.to_string()),
         "parent_name": parent.map(|h| h.parent_name()),
         "parent_timestamp": parent.map(|h| h.parent_timestamp),
@@ -287,7 +284,7 @@ fn listing(r: &Value) -> String {
     let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
-    row("file", format!("{} ({} bytes)", s("file"), u("file_size")));
+    row("file", format!("{} ({} bytes)", s("path"), u("file_size")));
     row("disk type", s("disk_type"));
     row(
         "virtual size",
@@ -342,7 +339,7 @@ fn listing(r: &Value) -> String {
                 "{} at offset {}, {} allocated",
                 plural(u("max_table_entries"), "entry", "entries"),
                 u("table_offset"),
-                u("allocated_blocks")
+                u("allocated_block_count")
             ),
         );
     }

@@ -13,7 +13,8 @@ use vhd_merge::vhdx::format::metadata as md;
 use vhd_merge::vhdx::format::region::{BAT_GUID, METADATA_GUID};
 use vhd_merge::{Error, Result};
 
-use super::info::{Args, aligned, bytes, hint, plural, print_json, problem_rows, with_hint};
+use super::info::{Args, aligned, bytes, hint, plural, problem_rows, with_hint};
+use super::print_json;
 
 /// Run `info` on a VHDX: a strict read-only open first (its error, with a hint, unless
 /// `--lenient`), then the inspection's report.
@@ -30,18 +31,20 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         r["problems"] = problems(&insp);
         r["hint"] = hint(&args.file).into();
     }
-    if args.json {
-        print_json(&r)?;
-    } else {
+    let failure = insp.current.is_none().then(|| Error::Format {
+        path: Some(args.file.clone()),
+        detail: "no valid VHDX header".into(),
+    });
+    if !args.json {
         print!("{}", listing(&r));
+        return failure.map_or(Ok(ExitCode::SUCCESS), Err);
     }
-    match insp.current {
-        None => Err(Error::Format {
-            path: Some(args.file.clone()),
-            detail: "no valid VHDX header".into(),
-        }),
-        Some(_) => Ok(ExitCode::SUCCESS),
+    // One object: what could be read, and the error when there is one.
+    if let Some(e) = &failure {
+        r["error"] = super::error_json(e);
     }
+    print_json(&r)?;
+    Ok(failure.map_or(ExitCode::SUCCESS, |e| super::fail(&e)))
 }
 
 fn problems(insp: &Inspection) -> Value {
@@ -80,7 +83,7 @@ fn report(file: &std::path::Path, insp: &Inspection) -> Value {
         .map(|f| f.message.as_str())
         .collect();
     json!({
-        "file": file.display().to_string(),
+        "path": file.display().to_string(),
         "file_size": insp.file_len,
         "format": "vhdx",
         "creator": insp.creator,
@@ -243,7 +246,7 @@ fn listing(r: &Value) -> String {
     let size = |v: &Value| v.as_u64().map_or_else(|| "unknown".into(), bytes);
     row(
         "file",
-        format!("{} ({} bytes)", s(&r["file"]), r["file_size"]),
+        format!("{} ({} bytes)", s(&r["path"]), r["file_size"]),
     );
     row("format", "vhdx".into());
     row("creator", format!("{:?}", s(&r["creator"])));

@@ -43,6 +43,9 @@ pub struct Args {
     /// Print one JSON object at the end instead of text (no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// Progress: a bar on a terminal, or `json` lines on stderr for programs (docs/json.md).
+    #[arg(long, value_enum, value_name = "STYLE", default_value_t)]
+    pub progress: super::progress::Style,
 }
 
 /// Run the command.
@@ -62,7 +65,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // it; re-running finishes the job (see `signal`).
     options.cancel = super::signal::install(super::signal::Mode::Cancel, None);
     let show_bar = !args.json && !args.dry_run && super::summaries();
-    let bar = super::progress::Bar::new("merging", show_bar);
+    let bar = super::progress::Bar::with_style("merging", args.progress, show_bar);
     // The last progress seen, for the JSON of a merge that fails part-way.
     let last: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
     let (b, l) = (bar.clone(), last.clone());
@@ -70,19 +73,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if let Ok(mut slot) = l.lock() {
             *slot = Some(*p);
         }
-        if p.state == JobState::Running {
-            b.set(p.bytes_done, p.bytes_total);
-        }
+        b.event(p.state, p.bytes_done, p.bytes_total);
     }));
     let res = merge(&args.source, args.destination.as_deref(), &options);
     bar.clear();
     let seconds = t0.elapsed().as_secs_f64();
     if args.json {
-        let out = match &res {
-            Ok(r) => report_json(r, seconds),
+        let mut out = match &res {
+            Ok(r) => report_json(r, seconds)?,
             Err(e) => error_json(e, seconds, last.lock().ok().and_then(|g| *g)),
         };
-        println!("{out}");
+        out["path"] = name(&args.source).into();
+        super::print_json(&out)?;
         return Ok(match res {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => super::fail(&e),
@@ -200,72 +202,27 @@ fn print_plan(p: &MergePlan) {
     }
 }
 
-fn paths(v: &[PathBuf]) -> Value {
-    Value::from(v.iter().map(|p| name(p)).collect::<Vec<_>>())
-}
-
-fn plan_json(p: &MergePlan) -> Value {
-    json!({
-        "destination": name(&p.destination),
-        "destination_index": p.destination_index,
-        "destination_type": p.destination_type.name(),
-        "unit_bytes": p.unit_bytes,
-        "layers": p.layers.iter().map(|l| json!({
-            "path": name(&l.path),
-            "unique_id": l.unique_id.to_string(),
-            "bytes": l.bytes,
-        })).collect::<Vec<_>>(),
-        "units": p.units,
-        "bytes_total": p.bytes_total,
-        "zeroed_bytes": p.zeroed_bytes,
-        "clone_candidate_bytes": p.clone_candidate_bytes,
-        "blocks_to_allocate": p.blocks_to_allocate,
-        "destination_growth": p.destination_growth,
-        "siblings": paths(&p.siblings),
-        "source_children": paths(&p.source_children),
-    })
-}
-
-fn report_json(r: &MergeReport, seconds: f64) -> Value {
-    let mut v = json!({
-        "job_state": JobState::Completed.value(),
-        "job_state_name": JobState::Completed.name(),
-        "return_code": 0,
-        "error_description": Value::Null,
-        "percent_complete": 100,
-        "bytes_merged": r.bytes_merged,
-        "bytes_cloned": r.bytes_cloned,
-        "bytes_copied": r.bytes_merged - r.bytes_cloned,
-        "seconds": seconds,
-        "obsolete": paths(&r.obsolete),
-        "removed": paths(&r.removed),
-        "relinked": paths(&r.relinked),
-        "blocks_allocated": r.blocks_allocated,
-        "destination_growth": r.destination_growth,
-        "verified": r.verified.as_ref().map(|v| json!({"units": v.units, "bytes": v.bytes})),
-        "warnings": r.warnings,
-        "dry_run": r.dry_run,
-    });
-    if r.dry_run {
-        v["plan"] = plan_json(&r.plan);
-    }
-    v
+/// The library's report (its serde derive) with the job fields of Hyper-V's merge job.
+fn report_json(r: &MergeReport, seconds: f64) -> Result<Value> {
+    let mut v = super::to_value(r)?;
+    v["job_state"] = JobState::Completed.value().into();
+    v["job_state_name"] = JobState::Completed.name().into();
+    v["percent_complete"] = 100.into();
+    v["bytes_copied"] = (r.bytes_merged - r.bytes_cloned).into();
+    v["seconds"] = seconds.into();
+    Ok(v)
 }
 
 fn error_json(e: &Error, seconds: f64, last: Option<Progress>) -> Value {
-    let state = if matches!(e, Error::Cancelled(_)) {
-        JobState::Terminated
-    } else {
-        JobState::Exception
-    };
+    let state = super::progress::final_state(Some(e));
     json!({
         "job_state": state.value(),
         "job_state_name": state.name(),
-        "return_code": e.return_code().code(),
-        "error_description": e.to_string(),
+        "error": super::error_json(e),
         "percent_complete": last.map_or(0, |p| p.percent_complete),
         "bytes_merged": last.map_or(0, |p| p.bytes_done),
         "seconds": seconds,
         "obsolete": [],
+        "warnings": [],
     })
 }

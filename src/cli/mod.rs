@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vhd_merge::{ChainOptions, Error};
+use serde_json::{Value, json};
+use vhd_merge::{ChainOptions, Error, Result};
 
 mod chain;
 mod check;
@@ -108,6 +109,62 @@ enum Command {
         after_long_help = "Example:\n  vhd-merge man > /usr/local/share/man/man1/vhd-merge.1"
     )]
     Man,
+}
+
+impl Command {
+    /// True when the command was given `--json`: its one JSON object goes to stdout, on
+    /// failure too.
+    fn json(&self) -> bool {
+        match self {
+            Command::Info(a) => a.json,
+            Command::Create(a) => a.json(),
+            Command::Chain(a) => a.json,
+            Command::SetParent(a) => a.json,
+            Command::Flatten(a) => a.json,
+            Command::Merge(a) => a.json,
+            Command::Check(a) => a.json,
+            Command::Repair(a) => a.json,
+            Command::Completions(_) | Command::Man => false,
+        }
+    }
+}
+
+/// The version of the `--json` schema (docs/json.md): raised when a field changes meaning or
+/// goes away, not when one is added.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Print `v`, a command's one JSON object, on stdout with `schema_version` added.
+pub fn print_json(v: &Value) -> Result<()> {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.insert("schema_version".into(), SCHEMA_VERSION.into());
+    }
+    let text = serde_json::to_string_pretty(&v)
+        .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))?;
+    // Not println!: a closed pipe (`| head`) is an error to report, not a panic.
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{text}").map_err(|e| Error::io("writing stdout", e))
+}
+
+/// A library report as a JSON value (its serde derive), to print with [`print_json`].
+pub fn to_value<T: serde::Serialize>(report: &T) -> Result<Value> {
+    serde_json::to_value(report)
+        .map_err(|e| Error::InvalidState(format!("cannot encode JSON: {e}")))
+}
+
+/// The `error` member of a failed command's JSON: `{"return_code", "name", "message"}`.
+pub fn error_json(e: &Error) -> Value {
+    let rc = e.return_code();
+    json!({"return_code": rc.code(), "name": rc.name(), "message": e.to_string()})
+}
+
+/// Fail with `e`: with `--json` first the object `{"error": ...}` on stdout, then the error
+/// line on stderr as always; the exit status of [`fail`].
+pub fn fail_json(e: &Error, json: bool) -> ExitCode {
+    if json {
+        let _ = print_json(&json!({ "error": error_json(e) }));
+    }
+    fail(e)
 }
 
 /// Options for opening a chain, shared by every command that opens one.
@@ -214,6 +271,11 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let first = lines.next().unwrap_or("invalid arguments");
     let first = first.strip_prefix("error: ").unwrap_or(first);
+    // The arguments did not parse, so `--json` is looked for as given: the error object.
+    if std::env::args_os().skip(1).any(|a| a == "--json") {
+        let e = Error::InvalidParameter(first.to_string());
+        let _ = print_json(&json!({ "error": error_json(&e) }));
+    }
     eprintln!("error {} ({}): {first}", rc.code(), rc.name());
     for l in lines {
         eprintln!("{l}");
@@ -233,6 +295,7 @@ pub fn run() -> ExitCode {
         _ => Verbosity::Normal,
     };
     let _ = VERBOSITY.set(v);
+    let json = cli.command.json();
     let res = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Create(a) => create::run(a),
@@ -247,6 +310,6 @@ pub fn run() -> ExitCode {
     };
     match res {
         Ok(code) => code,
-        Err(e) => fail(&e),
+        Err(e) => fail_json(&e, json),
     }
 }

@@ -39,7 +39,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
     )?;
     if args.json {
-        println!("{}", to_json(&report, args.dry_run));
+        super::print_json(&to_json(&report, args.dry_run)?)?;
     } else {
         print_text(&report, args.dry_run);
     }
@@ -120,15 +120,15 @@ fn print_text(report: &RepairReport, dry_run: bool) {
     }
 }
 
-fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
-    serde_json::json!({
-        "file": report.file.display().to_string(),
+fn to_json(report: &RepairReport, dry_run: bool) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "path": report.file.display().to_string(),
         "dry_run": dry_run,
         "wrote": report.wrote,
         "actions": report.actions.iter().map(|a| serde_json::json!({
             "structure": a.structure,
             "offset": a.offset,
-            "len": a.len,
+            "length": a.len,
             "reason": a.reason,
         })).collect::<Vec<_>>(),
         "lost": lost_runs(report).into_iter().map(|(first, last, range, file_offset, reason)| serde_json::json!({
@@ -141,12 +141,6 @@ fn to_json(report: &RepairReport, dry_run: bool) -> serde_json::Value {
             "reason": reason,
         })).collect::<Vec<_>>(),
         "errors_remain": report.has_errors(),
-        "not_repaired": report.not_repaired.iter().map(|p| serde_json::json!({
-            "severity": p.severity.name(),
-            "code": p.code,
-            "structure": p.structure,
-            "offset": p.offset,
-            "message": p.message,
-        })).collect::<Vec<_>>(),
-    })
+        "not_repaired": super::to_value(&report.not_repaired)?,
+    }))
 }

@@ -19,6 +19,9 @@ pub struct Args {
     /// Accept checksum mismatches in the child or the parent (with a warning).
     #[arg(long)]
     pub lenient: bool,
+    /// Print one JSON object instead of text (docs/json.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Run the command.
@@ -34,6 +37,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         None,
     );
     let r = set_parent(&args.child, &args.parent, &opts)?;
+    if args.json {
+        super::print_json(&super::to_value(&r)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }

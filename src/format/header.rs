@@ -332,6 +332,9 @@ pub fn bitmap_bytes_for(block_size: u32) -> u64 {
     spb.div_ceil(8).div_ceil(512).max(1) * 512
 }
 
+#[cfg(feature = "serde")]
+serialize_as_name!(PlatformCode);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,20 +182,25 @@ impl fmt::Debug for MergeOptions {
 }
 
 /// What a verify pass compared.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyReport {
     /// Destination units compared.
+    #[cfg_attr(feature = "serde", serde(rename = "unit_count"))]
     pub units: u64,
     /// Bytes compared (the merged sectors).
     pub bytes: u64,
 }
 
 /// The result of a merge (or of a dry run).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
 pub struct MergeReport {
     /// The source, as given.
+    #[cfg_attr(feature = "serde", serde(rename = "path"))]
     pub source: PathBuf,
     /// The destination, as found in the source's chain.
+    #[cfg_attr(feature = "serde", serde(rename = "destination_path"))]
     pub destination: PathBuf,
     /// The plan that was executed (or that a dry run computed).
     pub plan: MergePlan,
@@ -208,6 +213,7 @@ pub struct MergeReport {
     /// instead of being copied; see [`MergeOptions::clone`].
     pub bytes_cloned: u64,
     /// Destination blocks allocated by this run.
+    #[cfg_attr(feature = "serde", serde(rename = "allocated_block_count"))]
     pub blocks_allocated: u64,
     /// Growth of the destination file in bytes.
     pub destination_growth: u64,
@@ -221,6 +227,7 @@ pub struct MergeReport {
     /// The verify pass, when asked for.
     pub verified: Option<VerifyReport>,
     /// Wall-clock time of the whole operation.
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub elapsed: Duration,
     /// Odd but non-fatal things noticed (chain warnings, siblings merged over with `force`).
     pub warnings: Vec<String>,

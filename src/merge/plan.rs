@@ -16,6 +16,7 @@ use crate::layer::{DiskKind, Layer};
 pub const MAX_UNIT_BYTES: u64 = 32 << 20;
 
 /// One merged layer of a plan (the source or an intermediate).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedLayer {
     /// The file.
@@ -31,11 +32,14 @@ pub struct PlannedLayer {
 ///
 /// A *unit* is a destination block (a 2 MiB chunk for a fixed VHD destination), or a part of
 /// one of at most [`MAX_UNIT_BYTES`]: the merge writes each unit once.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone)]
 pub struct MergePlan {
     /// The source.
+    #[cfg_attr(feature = "serde", serde(rename = "path"))]
     pub source: PathBuf,
     /// The destination.
+    #[cfg_attr(feature = "serde", serde(rename = "destination_path"))]
     pub destination: PathBuf,
     /// Index of the destination in the source's chain (1 = the immediate parent).
     pub destination_index: usize,
@@ -53,6 +57,7 @@ pub struct MergePlan {
     /// touched).
     pub merged_extent: u64,
     /// Units that receive data or zeros.
+    #[cfg_attr(feature = "serde", serde(rename = "unit_count"))]
     pub units: u64,
     /// Bytes to write: the sum of the layers' contributions and of `zeroed_bytes`.
     pub bytes_total: u64,
@@ -67,6 +72,7 @@ pub struct MergePlan {
     pub clone_candidate_bytes: u64,
     /// Destination blocks the merge allocates, at most (a unit of zeros over an unallocated
     /// block of a dynamic destination is skipped, as it reads as zeros already).
+    #[cfg_attr(feature = "serde", serde(rename = "max_allocated_block_count"))]
     pub blocks_to_allocate: u64,
     /// Growth of the destination file in bytes, at most.
     pub destination_growth: u64,
@@ -78,6 +84,7 @@ pub struct MergePlan {
     pub source_children: Vec<PathBuf>,
     /// The units that receive data or zeros, one bit per destination unit below
     /// `merged_extent`.
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub(crate) unit_set: SectorBitmap,
 }
 
