@@ -59,15 +59,16 @@
 //! - [`Vhd`] ([`image`]): one open VHD file, its own sectors, crash-safe block allocation;
 //!   [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
 //! - [`vhdx`]: VHDX (`.vhdx`, `.avhdx`): the on-disk structures, a reader, writable opens
-//!   with crash-safe writes through the log, and creation. The commands and merges do not
-//!   take VHDX yet.
+//!   with crash-safe writes through the log, creation, check and repair; [`vhdx_layer`]
+//!   puts it behind the layer boundary, so every function above takes VHDX chains too.
 //! - [`format`](mod@format): the VHD on-disk structures, sans I/O; [`io`]: positional I/O
 //!   and the fault-injecting storage the crash tests use.
 //!
 //! The architecture, and the VHD format with the quirks of every tool that writes it, are
 //! described in [`docs/design.md`] and [`docs/vhd-format.md`], which the package ships (docs.rs
-//! shows them under *Source*). A section number in the documentation of an item (`§4.2`) is a
-//! section of `docs/vhd-format.md`.
+//! shows them under *Source*), and VHDX in `docs/vhdx-format.md`. A section number in the
+//! documentation of an item (`§4.2`) is a section of `docs/vhd-format.md`, or of
+//! `docs/vhdx-format.md` where the item is a VHDX one.
 //!
 //! [`docs/design.md`]: https://docs.rs/crate/vhd-merge/latest/source/docs/design.md
 //! [`docs/vhd-format.md`]: https://docs.rs/crate/vhd-merge/latest/source/docs/vhd-format.md
