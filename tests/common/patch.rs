@@ -188,12 +188,8 @@ pub fn vhdx_set_virtual_size(p: &Path, size: u64) {
     let region = r.regions.metadata;
     drop(v);
     let mut head = vec![0u8; 64 << 10];
-    std::os::unix::fs::FileExt::read_exact_at(
-        &fs::File::open(p).unwrap(),
-        &mut head,
-        region.file_offset,
-    )
-    .unwrap();
+    let file = vhd_merge::io::FileStorage::new(fs::File::open(p).unwrap());
+    vhd_merge::io::Storage::read_at(&file, &mut head, region.file_offset).unwrap();
     let table = MetadataTable::parse(&head, region.length.into()).unwrap();
     let item = table
         .entries
