@@ -248,10 +248,11 @@ impl Layer for VhdxLayer {
 }
 
 impl LayerWriter for VhdxLayer {
-    /// Nothing to do up front: [`Vhdx::write_sectors`] places each new block past every
-    /// object as it allocates it.
-    fn reserve(&mut self, _blocks: u64) -> Result<()> {
-        Ok(())
+    /// Extend the file once for the batch's new blocks ([`Vhdx::reserve_space`]).
+    fn reserve(&mut self, blocks: u64) -> Result<()> {
+        let len = self.growth_for(blocks);
+        let path = self.path.clone();
+        self.v.reserve_space(len).map_err(|e| e.in_file(&path))
     }
 
     fn needs_allocation(&self, block: u64) -> bool {
