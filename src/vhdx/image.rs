@@ -222,9 +222,7 @@ impl<S: Storage> Vhdx<S> {
     /// a PARTIALLY_PRESENT block does not hold read whatever the file holds there.
     pub fn read_stored(&self, block: u64, first: u64, buf: &mut [u8]) -> Result<()> {
         let offset = self.stored_offset(block, first, buf.len())?;
-        let data = self.r.file.read(offset, buf.len() as u64)?;
-        buf.copy_from_slice(&data);
-        Ok(())
+        self.r.file.read_into(offset, buf)
     }
 
     /// The file offset of sector `first` of present block `block`, checking that `len` bytes

@@ -104,7 +104,33 @@ impl<S: Storage> Overlay<S> {
     /// `len` bytes at `offset` as they read after replay; a range past the end is a format
     /// error (so no untrusted length allocates beyond the file).
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let end = offset
+        self.check_inside(offset, len)?;
+        let mut buf = vec![0; len as usize];
+        self.read_into(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// `buf.len()` bytes at `offset` as they read after replay, into `buf` (no allocation:
+    /// the path block data takes); a range past the end is a format error.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        let end = self.check_inside(offset, len)?;
+        let stored = end.min(self.raw_len).saturating_sub(offset) as usize;
+        buf[stored..].fill(0);
+        if stored > 0 {
+            self.storage
+                .read_at(&mut buf[..stored], offset)
+                .map_err(|e| Error::io(format!("VHDX: read {len} bytes at {offset:#x}"), e))?;
+        }
+        if let Some(p) = &self.plan {
+            p.apply_to(buf, offset);
+        }
+        Ok(())
+    }
+
+    /// The end of `offset..offset + len`, which must lie inside the file after replay.
+    fn check_inside(&self, offset: u64, len: u64) -> Result<u64> {
+        offset
             .checked_add(len)
             .filter(|&e| e <= self.file_len)
             .ok_or_else(|| {
@@ -112,18 +138,7 @@ impl<S: Storage> Overlay<S> {
                     "VHDX: bytes {offset:#x}+{len:#x} are beyond the file's end {:#x}",
                     self.file_len
                 ))
-            })?;
-        let mut buf = vec![0; len as usize];
-        let stored = end.min(self.raw_len).saturating_sub(offset) as usize;
-        if stored > 0 {
-            self.storage
-                .read_at(&mut buf[..stored], offset)
-                .map_err(|e| Error::io(format!("VHDX: read {len} bytes at {offset:#x}"), e))?;
-        }
-        if let Some(p) = &self.plan {
-            p.apply_to(&mut buf, offset);
-        }
-        Ok(buf)
+            })
     }
 }
 
@@ -293,8 +308,7 @@ impl<S: Storage> VhdxReader<S> {
         let e = self.entry(i)?;
         match e.payload_state()? {
             PayloadState::FullyPresent | PayloadState::PartiallyPresent => {
-                let data = self.file.read(e.file_offset() + within, out.len() as u64)?;
-                out.copy_from_slice(&data);
+                self.file.read_into(e.file_offset() + within, out)?;
             }
             _ => out.fill(0),
         }
