@@ -1467,7 +1467,7 @@ fn block_tables_past_the_limit_are_refused_without_allocating() {
             ),
         ];
         for (name, op) in ops {
-            let (r, peak) = peak_all_of(op);
+            let (r, peak) = peak_of(op);
             let e = r.unwrap_err();
             expect_err(
                 &e,
@@ -1476,7 +1476,7 @@ fn block_tables_past_the_limit_are_refused_without_allocating() {
             );
             assert!(peak <= SLACK, "{name} of mte {mte}: {peak} bytes");
         }
-        let (r, peak) = peak_all_of(|| check_file(&p, &CheckOptions::default()));
+        let (r, peak) = peak_of(|| check_file(&p, &CheckOptions::default()));
         let r = r.unwrap();
         assert!(
             r.has_errors() && r.with_code("bat-too-large").count() == 1,
@@ -1540,7 +1540,7 @@ fn create_refuses_tables_past_the_limit() {
             block_size: bs,
             ..opts()
         };
-        let (r, peak) = peak_all_of(|| create_dynamic(&p, 2040 << 30, &o));
+        let (r, peak) = peak_of(|| create_dynamic(&p, 2040 << 30, &o));
         let e = r.unwrap_err();
         expect_err(&e, ReturnCode::InvalidParameter, &["4194304", smallest]);
         assert!(peak <= SLACK, "{peak}");
@@ -1628,15 +1628,15 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
     };
     assert_eq!(n, 1 << 22);
     let per_entry = 13 * n as usize + 2 * SLACK;
-    let (v, peak) = peak_all_of(|| Vhd::open(&p, OpenOptions::read_only()).unwrap());
+    let (v, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()).unwrap());
     assert_eq!(v.allocated_blocks() as u64, n);
     drop(v);
     eprintln!("open of {n} allocated entries: {peak} bytes at peak");
     assert!(peak < BOUND && peak <= per_entry, "open: {peak}");
-    let (_, peak) = peak_all_of(|| Vhd::open(&p, OpenOptions::writable()).unwrap());
+    let (_, peak) = peak_of(|| Vhd::open(&p, OpenOptions::writable()).unwrap());
     eprintln!("open rw: {peak} bytes at peak");
     assert!(peak < BOUND && peak <= per_entry, "open rw: {peak}");
-    let (r, peak) = peak_all_of(|| check_file(&p, &deep).unwrap());
+    let (r, peak) = peak_of(|| check_file(&p, &deep).unwrap());
     assert!(!r.has_errors(), "{:?}", r.findings.first());
     eprintln!("check --deep: {peak} bytes at peak");
     assert!(peak < BOUND, "check --deep: {peak}");
@@ -1644,11 +1644,11 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
         dry_run: true,
         ..Default::default()
     };
-    let (r, peak) = peak_all_of(|| vhd_merge::repair::repair_file(&p, &dry).unwrap());
+    let (r, peak) = peak_of(|| vhd_merge::repair::repair_file(&p, &dry).unwrap());
     assert!(r.is_clean() && !r.has_errors());
     eprintln!("repair --dry-run: {peak} bytes at peak");
     assert!(peak < BOUND, "repair: {peak}");
-    let (_, peak) = peak_all_of(|| Chain::open(&p, &ChainOptions::default()).unwrap());
+    let (_, peak) = peak_of(|| Chain::open(&p, &ChainOptions::default()).unwrap());
     eprintln!("chain: {peak} bytes at peak");
     assert!(peak < BOUND, "chain: {peak}");
 }
@@ -1673,7 +1673,7 @@ fn set_parent_into_a_huge_locator_extent_allocates_little() {
     let footer = read(&c)[..512].to_vec();
     truncate(&c, at);
     patch(&c, at + u64::from(space), &footer);
-    let (r, peak) = peak_all_of(|| set_parent(&c, &base, &SetParentOptions::default()));
+    let (r, peak) = peak_of(|| set_parent(&c, &base, &SetParentOptions::default()));
     let r = r.unwrap();
     assert!(
         r.locators.iter().any(|l| l.reused && l.offset == at),
