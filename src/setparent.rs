@@ -147,7 +147,7 @@ pub fn set_parent(
 /// [`set_parent`] on a child already open for writing (its [`Vhd::path`] is used to compute
 /// the relative locator and in messages). For callers that hold the child open, such as a
 /// merge re-linking the children of its destination, or tests injecting faults through a
-/// [`crate::io::FaultyStorage`].
+/// `io::FaultyStorage` (the `testing` feature).
 pub fn set_parent_on(
     c: &mut Vhd,
     new_parent: impl AsRef<Path>,

@@ -17,7 +17,7 @@ use crate::chain::{Chain, Piece, SpanPlan};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
-use crate::io::{CloneOutcome, Storage};
+use crate::io::CloneOutcome;
 use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer};
 use crate::locator::{canonical_or_self, same_file};
 
@@ -485,10 +485,7 @@ fn open_destination(
 ) -> Result<Box<dyn LayerWriter>> {
     let unique_id = found.id();
     let file = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
-    let mut storage: Box<dyn Storage> = Box::new(file);
-    if let Some(wrap) = &options.destination_io {
-        storage = wrap(storage);
-    }
+    let storage = options.hooked(Box::new(file), false);
     let opts = OpenOptions {
         writable: true,
         lenient: options.chain.lenient,
@@ -518,10 +515,7 @@ fn link_to_destination(
 ) -> Result<()> {
     let path = tidy(child.path());
     let file = crate::image::open_for_writing(&path, crate::image::WriteMode::Existing)?;
-    let mut storage: Box<dyn Storage> = Box::new(file);
-    if let Some(wrap) = &options.link_io {
-        storage = wrap(storage);
-    }
+    let storage = options.hooked(Box::new(file), true);
     crate::layer::set_parent_ids(child.format(), storage, &path, ids.0, ids.1)
 }
 

@@ -83,8 +83,9 @@ pub use scan::{ScannedVhd, peek_vhd};
 /// progress bar, send on a channel).
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
-/// Wraps the destination's [`Storage`] before the merge writes through it (a testing hook:
-/// fault injection with [`crate::io::FaultyStorage`], corruption, counting).
+/// Wraps a [`Storage`] before the merge writes through it (the testing hooks
+/// `MergeOptions::destination_io` and `link_io`, with the `testing` feature: fault injection
+/// with `io::FaultyStorage`, corruption, counting).
 pub type StorageWrapper = Arc<dyn Fn(Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync>;
 
 /// Default amount of destination block space written between two commits: 1 GiB.
@@ -124,7 +125,9 @@ pub struct MergeOptions {
     pub batch_bytes: u64,
     /// Called with progress (see [`ProgressFn`]).
     pub progress: Option<ProgressFn>,
-    /// Wraps the destination's storage (see [`StorageWrapper`]).
+    /// Wraps the destination's storage (see [`StorageWrapper`]; a testing hook, only with the
+    /// `testing` feature).
+    #[cfg(feature = "testing")]
     pub destination_io: Option<StorageWrapper>,
     /// Clone instead of copying where the file system allows (default true): a destination
     /// unit whose every sector one merged layer provides, from whole blocks it holds, is
@@ -136,7 +139,8 @@ pub struct MergeOptions {
     pub clone: bool,
     /// Wraps the storage of the layer that links to the destination when the merge updates
     /// that link (a VHDX destination's identity changes when it is written; see
-    /// [`crate::layer::set_parent_ids`]).
+    /// [`crate::layer::set_parent_ids`]; a testing hook, only with the `testing` feature).
+    #[cfg(feature = "testing")]
     pub link_io: Option<StorageWrapper>,
     /// Set to true to stop the merge between two units; what was written is committed and
     /// re-running the merge finishes it. [`Job::cancel`] uses its own flag.
@@ -154,18 +158,40 @@ impl Default for MergeOptions {
             relink: Vec::new(),
             batch_bytes: DEFAULT_BATCH_BYTES,
             progress: None,
+            #[cfg(feature = "testing")]
             destination_io: None,
             clone: true,
+            #[cfg(feature = "testing")]
             link_io: None,
             cancel: None,
         }
     }
 }
 
+impl MergeOptions {
+    /// `storage` as the merge writes through it: wrapped by the testing hook
+    /// (`destination_io`, or `link_io` when `link`) if the `testing` feature has one set.
+    pub(crate) fn hooked(&self, storage: Box<dyn Storage>, link: bool) -> Box<dyn Storage> {
+        #[cfg(feature = "testing")]
+        {
+            let hook = if link {
+                &self.link_io
+            } else {
+                &self.destination_io
+            };
+            if let Some(wrap) = hook {
+                return wrap(storage);
+            }
+        }
+        let _ = link;
+        storage
+    }
+}
+
 impl fmt::Debug for MergeOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MergeOptions")
-            .field("chain", &self.chain)
+        let mut d = f.debug_struct("MergeOptions");
+        d.field("chain", &self.chain)
             .field("dry_run", &self.dry_run)
             .field("verify", &self.verify)
             .field("force", &self.force)
@@ -173,11 +199,12 @@ impl fmt::Debug for MergeOptions {
             .field("relink", &self.relink)
             .field("batch_bytes", &self.batch_bytes)
             .field("progress", &self.progress.is_some())
-            .field("destination_io", &self.destination_io.is_some())
             .field("clone", &self.clone)
-            .field("link_io", &self.link_io.is_some())
-            .field("cancel", &self.cancel)
-            .finish()
+            .field("cancel", &self.cancel);
+        #[cfg(feature = "testing")]
+        d.field("destination_io", &self.destination_io.is_some())
+            .field("link_io", &self.link_io.is_some());
+        d.finish()
     }
 }
 
