@@ -90,6 +90,7 @@ pub struct ParentCandidate {
 /// Messages name the file, the offset or field, and what was expected. [`Error::return_code`]
 /// gives the `MergeVirtualHardDisk` value for each.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An operating-system I/O error.
     #[error("{context}: {source}")]

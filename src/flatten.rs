@@ -28,6 +28,7 @@ use crate::merge::clone_candidate;
 
 /// The kind of file [`flatten`] writes (Hyper-V's Convert-VHD targets, and raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FlattenFormat {
     /// A raw image: the virtual disk's bytes and nothing else (sparse where zero).
     Raw,

@@ -57,6 +57,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
 /// What a request to clone a byte range said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloneOutcome {
     /// The range now shares the source's bytes.
     Cloned,

@@ -64,6 +64,7 @@ impl DiskKind {
 
 /// How one block of a layer holds its sectors.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockState {
     /// Nothing here: the parent's sectors (zeros at the base of a chain).
     Transparent,
