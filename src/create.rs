@@ -15,10 +15,10 @@ use crate::format::footer::{
 };
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE, ParentLocator};
 use crate::format::{Geometry, MAX_DYNAMIC_SIZE, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{
+use crate::locator::{self, LOCATOR_SPACE};
+use crate::vhd::{
     MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, Vhd, WriteMode, open_for_writing,
 };
-use crate::locator::{self, LOCATOR_SPACE};
 
 /// Default block size: 2 MiB, as Windows and every other writer default to.
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;

@@ -45,11 +45,11 @@ use crate::error::{Error, Result};
 use crate::format::bat::UNUSED;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::{DiskType, SECTOR_SIZE};
-use crate::image::problem_codes as pc;
-use crate::image::{
+use crate::io::Storage;
+use crate::vhd::problem_codes as pc;
+use crate::vhd::{
     FooterSource, Inspection, OpenOptions, ProblemLevel, SizeRule, Vhd, WriteMode, open_for_writing,
 };
-use crate::io::Storage;
 
 /// Options for [`repair_file`].
 #[derive(Clone, Copy, Debug, Default)]
