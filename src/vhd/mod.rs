@@ -39,6 +39,7 @@ use crate::format::header::DynamicHeader;
 use crate::format::{SECTOR_SIZE, SectorBitmap};
 use crate::io::Storage;
 
+mod extents;
 mod files;
 mod open;
 mod sweep;

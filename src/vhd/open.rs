@@ -2,16 +2,15 @@
 //! the batmap, the blocks' placement and the locators, in one pass that reports every problem
 //! to a [`Validator`] (which stops an open at the first fatal one).
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::files::open_regular_file;
 use super::table::{Table, read_bat};
-use super::validate::{DroppedEntry, MAX_PROBLEMS_PER_CODE, Validator, problem_codes as pc};
+use super::validate::{Validator, problem_codes as pc};
 use super::writer::Pending;
 use super::{
-    FooterSource, MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, SizeRule, SizeSource, Vhd, sweep,
+    FooterSource, MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, SizeRule, SizeSource, Vhd,
+    extents,
 };
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
@@ -87,20 +86,64 @@ pub(super) fn footer_candidates(storage: &dyn Storage, len: u64) -> Vec<FooterCa
 }
 
 /// The candidate a strict reader goes by: the first whose checksum is right.
-pub(super) fn first_checked(candidates: &[FooterCandidate]) -> Option<usize> {
+fn first_checked(candidates: &[FooterCandidate]) -> Option<usize> {
     candidates
         .iter()
         .position(|c| c.result.as_ref().is_ok_and(Footer::checksum_ok))
 }
 
+/// Open and validate in one pass, reporting every problem to `v` (see [`Validator`]): the
+/// footer in use, then a fixed disk's data area, or a sparse disk's header, BAT and blocks.
 pub(super) fn open_inner(
     storage: Box<dyn Storage>,
     path: PathBuf,
     options: OpenOptions,
     v: &mut Validator,
 ) -> Result<Vhd> {
-    let io_err = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
-    let len = storage.len().map_err(|e| io_err("reading length", e))?;
+    let len = storage
+        .len()
+        .map_err(|e| Error::io(format!("{}: reading length", path.display()), e))?;
+    check_signature(storage.as_ref(), &path, len, v)?;
+    let chosen = choose_footer(storage.as_ref(), len, options.lenient, v)?;
+    check_footer(storage.as_ref(), &chosen, len, v)?;
+    let footer_offset = match chosen.source {
+        FooterSource::End => len - 512,
+        FooterSource::Short => len - 511,
+        FooterSource::Copy => len - 512,
+    };
+    let (virtual_size, size_source) =
+        decide_virtual_size(&chosen.footer, options.size_rule, chosen.offset, v);
+    let mut vhd = Vhd {
+        storage,
+        path,
+        footer_source: chosen.source,
+        footer_offset,
+        original_footer_offset: footer_offset,
+        header: None,
+        bat: Table::Dense(Bat::default()),
+        virtual_size,
+        size_source,
+        warnings: Vec::new(),
+        writable: options.writable,
+        next_free: 0,
+        known_zero: 0..0,
+        pending: Pending::default(),
+        scratch: Vec::new(),
+        unflushed: 0..0,
+        sync_failed: std::sync::atomic::AtomicBool::new(false),
+        footer: chosen.footer,
+    };
+    if vhd.footer.disk_type == DiskType::Fixed {
+        check_fixed(&mut vhd, v)?;
+    } else {
+        open_sparse(&mut vhd, len, options, v)?;
+    }
+    vhd.warnings = v.warnings();
+    Ok(vhd)
+}
+
+/// A file too short for a footer, or a VHDX, is not a VHD.
+fn check_signature(storage: &dyn Storage, path: &Path, len: u64, v: &mut Validator) -> Result<()> {
     if len < FOOTER_SIZE as u64 {
         return Err(v.stop(
             pc::NOT_A_VHD,
@@ -111,7 +154,6 @@ pub(super) fn open_inner(
             )),
         ));
     }
-
     let mut signature = [0u8; 8];
     if storage.read_at(&mut signature, 0).is_ok() && &signature == b"vhdxfile" {
         // A VHDX, not a damaged VHD: say so (every command opens through here).
@@ -119,77 +161,111 @@ pub(super) fn open_inner(
             pc::NOT_A_VHD,
             "file",
             Some(0),
-            crate::layer::vhdx_not_supported(&path),
+            crate::layer::vhdx_not_supported(path),
         ));
     }
-    let mut candidates = footer_candidates(storage.as_ref(), len);
-    let good = first_checked(&candidates);
-    let chosen = match good {
+    Ok(())
+}
+
+/// The footer in use, as [`footer_candidates`] found it.
+struct Chosen {
+    footer: Footer,
+    offset: u64,
+    source: FooterSource,
+    raw: [u8; FOOTER_SIZE],
+}
+
+/// The footer to go by: the first candidate whose checksum is right, else the first that
+/// parses (a checksum problem: fatal unless `lenient`), else the file is not a VHD.
+fn choose_footer(
+    storage: &dyn Storage,
+    len: u64,
+    lenient: bool,
+    v: &mut Validator,
+) -> Result<Chosen> {
+    let mut candidates = footer_candidates(storage, len);
+    let chosen = match first_checked(&candidates) {
         Some(i) => i,
-        None => {
-            let parsed = candidates.iter().position(|c| c.result.is_ok());
-            match parsed {
-                Some(i) => {
-                    let c = &candidates[i];
-                    let f = c.result.as_ref().ok();
-                    let (offset, stored, computed) = (
-                        c.offset,
-                        f.map_or(0, |f| f.checksum),
-                        f.map_or(0, Footer::computed_checksum),
-                    );
-                    if options.lenient {
-                        v.warn(
-                            pc::FOOTER_CHECKSUM,
-                            "footer",
-                            Some(offset),
-                            format!(
-                                "footer checksum mismatch at offset {offset} (stored {stored:#010x}, computed {computed:#010x}); accepted because reading leniently"
-                            ),
-                        );
-                    } else {
-                        v.error(
-                            pc::FOOTER_CHECKSUM,
-                            "footer",
-                            Some(offset),
-                            None,
-                            Error::Checksum {
-                                path: None,
-                                structure: "footer",
-                                offset,
-                                stored,
-                                computed,
-                            },
-                        )?;
-                    }
-                    i
-                }
-                None => {
-                    let why = match &candidates[0].result {
-                        Err(Error::Format { detail, .. }) => detail.clone(),
-                        Err(e) => e.to_string(),
-                        Ok(_) => String::new(),
-                    };
-                    return Err(v.stop(
-                        pc::NOT_A_VHD,
-                        "footer",
-                        Some(len - 512),
-                        Error::format(format!(
-                            "not a VHD: {why} at offset {} (end of file), and no valid copy at offset 0",
-                            len - 512
-                        )),
-                    ));
-                }
+        None => match candidates.iter().position(|c| c.result.is_ok()) {
+            Some(i) => {
+                note_footer_checksum(&candidates[i], lenient, v)?;
+                i
             }
-        }
+            None => {
+                return Err(v.stop(
+                    pc::NOT_A_VHD,
+                    "footer",
+                    Some(len - 512),
+                    not_a_vhd(&candidates[0], len),
+                ));
+            }
+        },
     };
     let FooterCandidate {
-        offset: chosen_offset,
-        source: footer_source,
-        raw: chosen_raw,
+        offset,
+        source,
+        raw,
         result,
     } = candidates.swap_remove(chosen);
-    let footer = result?;
-    match footer_source {
+    Ok(Chosen {
+        footer: result?,
+        offset,
+        source,
+        raw,
+    })
+}
+
+/// A footer that parses with a wrong checksum: a warning when reading leniently, else fatal.
+fn note_footer_checksum(c: &FooterCandidate, lenient: bool, v: &mut Validator) -> Result<()> {
+    let f = c.result.as_ref().ok();
+    let (offset, stored, computed) = (
+        c.offset,
+        f.map_or(0, |f| f.checksum),
+        f.map_or(0, Footer::computed_checksum),
+    );
+    if lenient {
+        v.warn(
+            pc::FOOTER_CHECKSUM,
+            "footer",
+            Some(offset),
+            format!(
+                "footer checksum mismatch at offset {offset} (stored {stored:#010x}, computed {computed:#010x}); accepted because reading leniently"
+            ),
+        );
+        return Ok(());
+    }
+    v.error(
+        pc::FOOTER_CHECKSUM,
+        "footer",
+        Some(offset),
+        None,
+        Error::Checksum {
+            path: None,
+            structure: "footer",
+            offset,
+            stored,
+            computed,
+        },
+    )
+}
+
+/// Why no footer parses, going by the end one.
+fn not_a_vhd(end: &FooterCandidate, len: u64) -> Error {
+    let why = match &end.result {
+        Err(Error::Format { detail, .. }) => detail.clone(),
+        Err(e) => e.to_string(),
+        Ok(_) => String::new(),
+    };
+    Error::format(format!(
+        "not a VHD: {why} at offset {} (end of file), and no valid copy at offset 0",
+        len - 512
+    ))
+}
+
+/// The footer in use: where it was found, its fields, and the offset-0 copy.
+fn check_footer(storage: &dyn Storage, c: &Chosen, len: u64, v: &mut Validator) -> Result<()> {
+    let (footer, chosen_offset) = (&c.footer, c.offset);
+    match c.source {
         FooterSource::End => {}
         FooterSource::Short => v.warn(
             pc::FOOTER_SHORT,
@@ -209,7 +285,26 @@ pub(super) fn open_inner(
             ),
         ),
     }
+    check_footer_fields(footer, chosen_offset, v)?;
+    if footer.disk_type.is_sparse() && c.source != FooterSource::Copy {
+        check_footer_copy(storage, c, v);
+    }
+    if footer.disk_type == DiskType::Fixed && footer.data_offset != footer::NO_DATA_OFFSET {
+        v.info(
+            pc::FOOTER_ODD,
+            "footer",
+            Some(chosen_offset),
+            format!(
+                "fixed disk footer Data Offset is {:#x}, expected all ones",
+                footer.data_offset
+            ),
+        );
+    }
+    Ok(())
+}
 
+/// Disk type, version, features, saved state and Current Size of the footer at `chosen_offset`.
+fn check_footer_fields(footer: &Footer, chosen_offset: u64, v: &mut Validator) -> Result<()> {
     match footer.disk_type {
         DiskType::Fixed | DiskType::Dynamic | DiskType::Differencing => {}
         DiskType::Other(t) => {
@@ -254,7 +349,7 @@ pub(super) fn open_inner(
                 .into(),
         );
     }
-    if footer.current_size % SECTOR_SIZE != 0 {
+    if !footer.current_size.is_multiple_of(SECTOR_SIZE) {
         return Err(v.stop(
             pc::FOOTER_FIELD,
             "footer",
@@ -265,54 +360,52 @@ pub(super) fn open_inner(
             )),
         ));
     }
-    if footer.disk_type.is_sparse() && footer_source != FooterSource::Copy {
-        // Byte for byte: a copy whose only difference is its checksum is damaged too (§7.2).
-        let copy = read_footer_at(storage.as_ref(), 0, 512, FooterSource::Copy);
-        match copy.result {
-            Ok(c) if copy.raw == chosen_raw || (footer_source == FooterSource::Short && c.to_bytes() == footer.to_bytes()) => {}
-            Ok(c) if !c.checksum_ok() => v.warn(
-                pc::FOOTER_COPY_BAD,
-                "footer copy",
-                Some(0),
-                format!(
-                    "footer copy at offset 0 has a bad checksum (stored {:#010x}, computed {:#010x})",
-                    c.checksum,
-                    c.computed_checksum()
-                ),
-            ),
-            Ok(_) => v.warn(
-                pc::FOOTER_COPY_DIFFERS,
-                "footer copy",
-                Some(0),
-                "footer copy at offset 0 differs from the end footer".into(),
-            ),
-            Err(_) => v.warn(
-                pc::FOOTER_COPY_BAD,
-                "footer copy",
-                Some(0),
-                "footer copy at offset 0 is missing or damaged".into(),
-            ),
-        }
-    }
-    if footer.disk_type == DiskType::Fixed && footer.data_offset != footer::NO_DATA_OFFSET {
-        v.info(
-            pc::FOOTER_ODD,
-            "footer",
-            Some(chosen_offset),
+    Ok(())
+}
+
+/// The offset-0 copy of a sparse disk's end footer `c` (byte for byte: a copy whose only
+/// difference is its checksum is damaged too, §7.2): warnings only.
+fn check_footer_copy(storage: &dyn Storage, c: &Chosen, v: &mut Validator) {
+    let (footer, footer_source, chosen_raw) = (&c.footer, c.source, c.raw);
+    let copy = read_footer_at(storage, 0, 512, FooterSource::Copy);
+    match copy.result {
+        Ok(c)
+            if copy.raw == chosen_raw
+                || (footer_source == FooterSource::Short && c.to_bytes() == footer.to_bytes()) => {}
+        Ok(c) if !c.checksum_ok() => v.warn(
+            pc::FOOTER_COPY_BAD,
+            "footer copy",
+            Some(0),
             format!(
-                "fixed disk footer Data Offset is {:#x}, expected all ones",
-                footer.data_offset
+                "footer copy at offset 0 has a bad checksum (stored {:#010x}, computed {:#010x})",
+                c.checksum,
+                c.computed_checksum()
             ),
-        );
+        ),
+        Ok(_) => v.warn(
+            pc::FOOTER_COPY_DIFFERS,
+            "footer copy",
+            Some(0),
+            "footer copy at offset 0 differs from the end footer".into(),
+        ),
+        Err(_) => v.warn(
+            pc::FOOTER_COPY_BAD,
+            "footer copy",
+            Some(0),
+            "footer copy at offset 0 is missing or damaged".into(),
+        ),
     }
+}
 
-    let footer_offset = match footer_source {
-        FooterSource::End => len - 512,
-        FooterSource::Short => len - 511,
-        FooterSource::Copy => len - 512,
-    };
-
-    let (virtual_size, size_source) = virtual_size(&footer, options.size_rule);
+/// The virtual size by `rule` (see [`virtual_size`]), with a note when it is the CHS size or
+/// when another reader could decide otherwise.
+fn decide_virtual_size(
+    footer: &Footer,
+    rule: SizeRule,
+    chosen_offset: u64,
+    v: &mut Validator,
+) -> (u64, SizeSource) {
+    let (virtual_size, size_source) = virtual_size(footer, rule);
     if size_source == SizeSource::Chs {
         v.warn(
             pc::SIZE_CHS,
@@ -344,61 +437,39 @@ pub(super) fn open_inner(
             );
         }
     }
-
-    let mut vhd = Vhd {
-        storage,
-        path: path.clone(),
-        footer_source,
-        footer_offset,
-        original_footer_offset: footer_offset,
-        header: None,
-        bat: Table::Dense(Bat::default()),
-        virtual_size,
-        size_source,
-        warnings: Vec::new(),
-        writable: options.writable,
-        next_free: 0,
-        known_zero: 0..0,
-        pending: Pending::default(),
-        scratch: Vec::new(),
-        unflushed: 0..0,
-        sync_failed: std::sync::atomic::AtomicBool::new(false),
-        footer,
-    };
-
-    if vhd.footer.disk_type == DiskType::Fixed {
-        let data_end = vhd.footer.current_size;
-        if data_end > footer_offset {
-            return Err(v.stop(
-                pc::FIXED_TRUNCATED,
-                "file",
-                Some(footer_offset),
-                Error::format(format!(
-                    "fixed disk truncated: Current Size is {data_end} bytes but the footer is at offset {footer_offset}"
-                )),
-            ));
-        }
-        if data_end < footer_offset {
-            v.warn(
-                pc::FIXED_GAP,
-                "file",
-                Some(data_end),
-                format!(
-                    "{} bytes between the end of data ({data_end}) and the footer",
-                    footer_offset - data_end
-                ),
-            );
-        }
-        vhd.next_free = footer_offset;
-        vhd.warnings = v.warnings();
-        return Ok(vhd);
-    }
-
-    open_sparse(&mut vhd, len, options, v)?;
-    vhd.warnings = v.warnings();
-    Ok(vhd)
+    (virtual_size, size_source)
 }
 
+/// A fixed disk's data must fit before its footer; new data never goes past it.
+fn check_fixed(vhd: &mut Vhd, v: &mut Validator) -> Result<()> {
+    let footer_offset = vhd.footer_offset;
+    let data_end = vhd.footer.current_size;
+    if data_end > footer_offset {
+        return Err(v.stop(
+            pc::FIXED_TRUNCATED,
+            "file",
+            Some(footer_offset),
+            Error::format(format!(
+                "fixed disk truncated: Current Size is {data_end} bytes but the footer is at offset {footer_offset}"
+            )),
+        ));
+    }
+    if data_end < footer_offset {
+        v.warn(
+            pc::FIXED_GAP,
+            "file",
+            Some(data_end),
+            format!(
+                "{} bytes between the end of data ({data_end}) and the footer",
+                footer_offset - data_end
+            ),
+        );
+    }
+    vhd.next_free = footer_offset;
+    Ok(())
+}
+
+/// The virtual size by `rule` (§1.5), and which rule gave it.
 fn virtual_size(footer: &Footer, rule: SizeRule) -> (u64, SizeSource) {
     let chs = footer.geometry.size().min(footer.current_size);
     let use_chs = match rule {
@@ -410,26 +481,6 @@ fn virtual_size(footer: &Footer, rule: SizeRule) -> (u64, SizeSource) {
         (chs, SizeSource::Chs)
     } else {
         (footer.current_size, SizeSource::CurrentSize)
-    }
-}
-
-/// Tags of the metadata extents in the overlap sweep (blocks use their index).
-const TAG_FOOTER_COPY: i64 = -1;
-const TAG_HEADER: i64 = -2;
-const TAG_BAT: i64 = -3;
-const TAG_BATMAP_HEADER: i64 = -4;
-const TAG_BATMAP: i64 = -5;
-const TAG_FOOTER_END: i64 = -6;
-
-fn extent_name(tag: i64) -> String {
-    match tag {
-        TAG_FOOTER_COPY => "the footer copy at offset 0".to_string(),
-        TAG_HEADER => "the dynamic header".to_string(),
-        TAG_BAT => "the BAT".to_string(),
-        TAG_BATMAP_HEADER => "the batmap header".to_string(),
-        TAG_BATMAP => "the batmap".to_string(),
-        TAG_FOOTER_END => "the end footer".to_string(),
-        i => format!("block {i}"),
     }
 }
 
@@ -468,8 +519,49 @@ fn read_batmap(
     Ok(Some(bm))
 }
 
+/// A dynamic or differencing disk: its header, BAT, batmap and blocks, in file order.
 fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator) -> Result<()> {
-    let header_offset = vhd.footer.data_offset;
+    // Metadata must end before the end footer in use: a table that runs into the footer would
+    // destroy it on the first BAT update (found by fuzzing).
+    let meta_limit = if vhd.footer_source == FooterSource::Copy {
+        len
+    } else {
+        vhd.footer_offset
+    };
+    let header_offset = check_header_offset(vhd.footer.data_offset, len, meta_limit, v)?;
+    let h = read_header(vhd, header_offset, options.lenient, v)?;
+    check_header_fields(&h, vhd.footer.current_size, header_offset, v)?;
+    check_bat_placement(&h, header_offset, len, meta_limit, v)?;
+    let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
+    let batmap = read_batmap(vhd, &h, len, v)?;
+    let next_free =
+        extents::check_blocks(vhd, &h, &mut bat, batmap.as_ref(), (len, meta_limit), v)?;
+    if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
+        v.warn(
+            pc::HEADER_ODD,
+            "dynamic header",
+            Some(header_offset),
+            "dynamic disk has a non-zero Parent Unique Id; it is ignored".into(),
+        );
+    }
+    if vhd.footer_source == FooterSource::Copy {
+        vhd.footer_offset = next_free.max(len.saturating_sub(FOOTER_SIZE as u64));
+    }
+    vhd.next_free = next_free;
+    vhd.header = Some(h);
+    vhd.bat = Table::new(bat, options.writable);
+    v.batmap = batmap;
+    Ok(())
+}
+
+/// The footer's Data Offset must point at a dynamic header inside the file and before the
+/// end footer (`meta_limit`).
+fn check_header_offset(
+    header_offset: u64,
+    len: u64,
+    meta_limit: u64,
+    v: &mut Validator,
+) -> Result<u64> {
     let header_end = header_offset.checked_add(HEADER_SIZE as u64);
     if header_offset < FOOTER_SIZE as u64 || header_end.is_none_or(|e| e > len) {
         return Err(v.stop(
@@ -481,15 +573,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    let hs = "dynamic header";
-    let ho = Some(header_offset);
-    // Metadata must end before the end footer in use: a table that runs into the footer would
-    // destroy it on the first BAT update (found by fuzzing).
-    let meta_limit = if vhd.footer_source == FooterSource::Copy {
-        len
-    } else {
-        vhd.footer_offset
-    };
+    let (hs, ho) = ("dynamic header", Some(header_offset));
     if header_offset + HEADER_SIZE as u64 > meta_limit {
         return Err(v.stop(
             pc::HEADER_OFFSET,
@@ -508,6 +592,17 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             format!("dynamic header at offset {header_offset} is not sector aligned"),
         );
     }
+    Ok(header_offset)
+}
+
+/// Read and parse the dynamic header; a wrong checksum is fatal unless `lenient`.
+fn read_header(
+    vhd: &Vhd,
+    header_offset: u64,
+    lenient: bool,
+    v: &mut Validator,
+) -> Result<DynamicHeader> {
+    let (hs, ho) = ("dynamic header", Some(header_offset));
     let mut hb = [0u8; HEADER_SIZE];
     vhd.read_raw(&mut hb, header_offset)?;
     let h = match DynamicHeader::parse(&hb) {
@@ -523,7 +618,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
         }
     };
     if !h.checksum_ok() {
-        if options.lenient {
+        if lenient {
             v.warn(
                 pc::HEADER_CHECKSUM,
                 hs,
@@ -550,6 +645,17 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )?;
         }
     }
+    Ok(h)
+}
+
+/// Version, Data Offset, Block Size and Max Table Entries against the footer's Current Size.
+fn check_header_fields(
+    h: &DynamicHeader,
+    current_size: u64,
+    header_offset: u64,
+    v: &mut Validator,
+) -> Result<()> {
+    let (hs, ho) = ("dynamic header", Some(header_offset));
     if h.header_version >> 16 != 1 {
         return Err(v.stop(
             pc::HEADER_FIELD,
@@ -595,7 +701,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     }
     let bs64 = u64::from(bs);
     let mte = u64::from(h.max_table_entries);
-    if mte * bs64 < vhd.footer.current_size {
+    if mte * bs64 < current_size {
         return Err(v.stop(
             pc::HEADER_FIELD,
             hs,
@@ -603,11 +709,11 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             Error::format(format!(
                 "dynamic header Max Table Entries {mte} x Block Size {bs} covers {} bytes, less than Current Size {}",
                 mte * bs64,
-                vhd.footer.current_size
+                current_size
             )),
         ));
     }
-    let needed = vhd.footer.current_size.div_ceil(bs64);
+    let needed = current_size.div_ceil(bs64);
     if mte > needed {
         v.info(
             pc::BAT_LARGER,
@@ -618,6 +724,20 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             ),
         );
     }
+    Ok(())
+}
+
+/// The BAT must lie inside the file, before the end footer (`meta_limit`, padding included),
+/// clear of the footer copy and the header, and not be larger than supported.
+fn check_bat_placement(
+    h: &DynamicHeader,
+    header_offset: u64,
+    len: u64,
+    meta_limit: u64,
+    v: &mut Validator,
+) -> Result<()> {
+    let (hs, ho) = ("dynamic header", Some(header_offset));
+    let mte = u64::from(h.max_table_entries);
     let table_len = bat::table_bytes(h.max_table_entries);
     let table_end = h.table_offset.checked_add(mte * 4);
     if table_end.is_none_or(|e| e > len) {
@@ -655,7 +775,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    if h.table_offset % SECTOR_SIZE != 0 {
+    if !h.table_offset.is_multiple_of(SECTOR_SIZE) {
         v.warn(
             pc::HEADER_ODD,
             "BAT",
@@ -677,241 +797,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
             )),
         ));
     }
-    let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
-    let batmap = read_batmap(vhd, &h, len, v)?;
-
-    let data_limit = if vhd.footer_source == FooterSource::Copy {
-        len
-    } else {
-        vhd.footer_offset
-    };
-    let mut next_free = metadata_end(header_offset, &h, len);
-    let mut ex = sweep::Extents {
-        meta: metadata_extents(vhd, &h, len, batmap.as_ref()),
-        blocks: Vec::new(),
-        stride: h.bitmap_bytes() + bs64,
-    };
-    if let Some(bm) = &batmap {
-        next_free = next_free
-            .max(bm.header_offset + SECTOR_SIZE)
-            .max(bm.map_offset + bm.map_bytes());
-    }
-    let mut gone = blocks_inside(&bat, &mut ex, data_limit, v)?;
-    let mut reasons: HashMap<usize, String> = HashMap::new();
-    gone.union(&ex.sweep(bat.entries.len(), |o| note_overlap(o, &mut reasons, v))?);
-    // The end of everything inside the file (dropped blocks included, so that nothing is later
-    // allocated over data someone may still want to salvage), then the blocks that stay.
-    for (b, blen, _) in ex.iter() {
-        if b + blen <= data_limit {
-            next_free = next_free.max(b + blen);
-        }
-    }
-    ex.retain(&gone);
-    drop_entries(&mut bat, &gone, reasons, (ex.stride, data_limit), v);
-    check_locators(&h, &ex, len, v);
-    drop(ex);
-    if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
-        v.warn(
-            pc::HEADER_ODD,
-            hs,
-            ho,
-            "dynamic disk has a non-zero Parent Unique Id; it is ignored".into(),
-        );
-    }
-    if vhd.footer_source == FooterSource::Copy {
-        vhd.footer_offset = next_free.max(len.saturating_sub(FOOTER_SIZE as u64));
-    }
-    vhd.next_free = next_free;
-    vhd.header = Some(h);
-    vhd.bat = Table::new(bat, options.writable);
-    v.batmap = batmap;
     Ok(())
-}
-
-/// The metadata extents of the overlap sweep: the footer copy, the header, the BAT (padded),
-/// the end footer in use (with whatever follows it) and the batmap.
-fn metadata_extents(
-    vhd: &Vhd,
-    h: &DynamicHeader,
-    len: u64,
-    batmap: Option<&Batmap>,
-) -> Vec<sweep::Meta> {
-    let table_len = bat::table_bytes(h.max_table_entries);
-    let mut meta = vec![
-        (0, FOOTER_SIZE as u64, TAG_FOOTER_COPY),
-        (vhd.footer.data_offset, HEADER_SIZE as u64, TAG_HEADER),
-        (h.table_offset, table_len.max(4), TAG_BAT),
-    ];
-    if vhd.footer_source != FooterSource::Copy {
-        // Blocks are kept before it by the end of data; this catches the batmap and locators.
-        meta.push((vhd.footer_offset, len - vhd.footer_offset, TAG_FOOTER_END));
-    }
-    if let Some(bm) = batmap {
-        meta.push((bm.header_offset, SECTOR_SIZE, TAG_BATMAP_HEADER));
-        meta.push((bm.map_offset, bm.map_bytes(), TAG_BATMAP));
-    }
-    meta
-}
-
-/// Put the allocated blocks that end inside the data (before `data_limit`) into `ex`, and
-/// return the others (each a problem) as the first blocks to drop.
-fn blocks_inside(
-    bat: &Bat,
-    ex: &mut sweep::Extents,
-    data_limit: u64,
-    v: &mut Validator,
-) -> Result<sweep::Bits> {
-    let mut outside = sweep::Bits::new(bat.entries.len());
-    let n = bat.allocated();
-    ex.blocks
-        .try_reserve_exact(n)
-        .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
-    for (i, &e) in bat.entries.iter().enumerate() {
-        if e == bat::UNUSED {
-            continue;
-        }
-        let start = u64::from(e) * SECTOR_SIZE;
-        let end = start + ex.stride;
-        if end > data_limit {
-            v.error(
-                pc::BAT_ENTRY_OUTSIDE,
-                &format!("block {i}"),
-                Some(start),
-                Some(i as u64),
-                Error::format(format!(
-                    "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
-                )),
-            )?;
-            outside.set(i);
-            continue;
-        }
-        // A table has at most MAX_TABLE_ENTRIES entries, so the index fits.
-        ex.blocks.push(sweep::Block {
-            sector: e,
-            index: i as u32,
-        });
-    }
-    Ok(outside)
-}
-
-/// One overlap the sweep found: a problem naming both extents, and the first reason for
-/// each block in it (bounded like the problems; past it, a generic reason is given). Two
-/// metadata structures overlapping stop validation: no block to drop, nothing to go on with.
-fn note_overlap(
-    o: sweep::Overlap,
-    reasons: &mut HashMap<usize, String>,
-    v: &mut Validator,
-) -> Result<()> {
-    let ((a, at), (b, bt)) = (o.first, o.second);
-    let block = if bt >= 0 { bt } else { at };
-    let message = format!(
-        "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
-        extent_name(at),
-        extent_name(bt)
-    );
-    if block < 0 {
-        return Err(v.stop(
-            pc::METADATA_OVERLAP,
-            &extent_name(at),
-            Some(b),
-            Error::format(message),
-        ));
-    }
-    v.error(
-        pc::BLOCK_OVERLAP,
-        &extent_name(block),
-        Some(b),
-        u64::try_from(block).ok(),
-        Error::format(message.clone()),
-    )?;
-    for t in [at, bt] {
-        if let Ok(t) = usize::try_from(t)
-            && reasons.len() < 10 * MAX_PROBLEMS_PER_CODE
-        {
-            reasons.entry(t).or_insert_with(|| message.clone());
-        }
-    }
-    Ok(())
-}
-
-/// Mark the blocks in `gone` unused in `bat`, each recorded as a dropped entry with its
-/// reason. `(stride, data_limit)` tell a block past the end of data from an overlapping one.
-fn drop_entries(
-    bat: &mut Bat,
-    gone: &sweep::Bits,
-    mut reasons: HashMap<usize, String>,
-    (stride, data_limit): (u64, u64),
-    v: &mut Validator,
-) {
-    for (i, e) in bat.entries.iter_mut().enumerate() {
-        if !gone.get(i) {
-            continue;
-        }
-        let start = u64::from(*e) * SECTOR_SIZE;
-        // Specific reasons for the first entries; past them (a hostile table), a shared
-        // static one, so that a million dropped entries cost no million strings.
-        let specific = v.dropped.len() < 10 * MAX_PROBLEMS_PER_CODE;
-        let outside = start + stride > data_limit;
-        let reason: Cow<'static, str> = match reasons.remove(&i) {
-            Some(r) => r.into(),
-            None if outside && specific => format!(
-                "BAT entry {i} points to offset {start:#x}; the block ends at {:#x}, past the end of data at {data_limit:#x}",
-                start + stride
-            )
-            .into(),
-            None if outside => "the block ends past the end of data".into(),
-            None if specific => {
-                format!("block {i} at offset {start:#x} overlaps another block or the metadata")
-                    .into()
-            }
-            None => "the block overlaps another block or the metadata".into(),
-        };
-        v.dropped.push(DroppedEntry {
-            block: i as u64,
-            entry: *e,
-            reason,
-        });
-        *e = bat::UNUSED;
-    }
-}
-
-/// Parent locator data must lie inside the file and clear of the other extents (which no
-/// longer overlap each other): warnings only.
-fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Validator) {
-    for (i, loc) in h.locators.iter().enumerate() {
-        if loc.is_empty() {
-            continue;
-        }
-        let ls = format!("locator {i}");
-        let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
-        if end > len {
-            v.warn(
-                pc::LOCATOR_OUTSIDE,
-                &ls,
-                Some(loc.data_offset),
-                format!(
-                    "parent locator {i} ({}) data at offset {:#x} + {} bytes lies outside the file",
-                    loc.platform_code.name(),
-                    loc.data_offset,
-                    loc.data_length
-                ),
-            );
-            continue;
-        }
-        if let Some((_, tag)) = ex.first_overlapping(loc.data_offset, end) {
-            v.warn(
-                pc::LOCATOR_OVERLAP,
-                &ls,
-                Some(loc.data_offset),
-                format!(
-                    "parent locator {i} ({}) data at offset {:#x} overlaps {}",
-                    loc.platform_code.name(),
-                    loc.data_offset,
-                    extent_name(tag)
-                ),
-            );
-        }
-    }
 }
 
 /// End of header, BAT and every locator extent that lies inside the file (§4.1).
