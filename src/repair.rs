@@ -142,8 +142,8 @@ pub fn repair_file(path: impl AsRef<Path>, options: &RepairOptions) -> Result<Re
     let storage = open_for_writing(path, WriteMode::Existing)?;
     let insp = Vhd::inspect_storage(Box::new(storage), path, open_options(options, true));
     // open_for_writing holds the lock already (a second lock on one handle fails on Windows).
-    let planned = plan_repair(path, insp, None)?;
-    write_plan(path, &planned)?;
+    let mut planned = plan_repair(path, insp, None)?;
+    write_plan(&mut planned)?;
     finish(path, planned, true, options)
 }
 
@@ -156,9 +156,9 @@ pub fn repair_storage(
     let path = path.as_ref();
     let write = !options.dry_run;
     let insp = Vhd::inspect_storage(storage, path, open_options(options, write));
-    let planned = plan_repair(path, insp, Some(write))?;
+    let mut planned = plan_repair(path, insp, Some(write))?;
     if write {
-        write_plan(path, &planned)?;
+        write_plan(&mut planned)?;
     }
     finish(path, planned, write, options)
 }
@@ -353,28 +353,15 @@ fn plan_repair(path: &Path, insp: Inspection, lock: Option<bool>) -> Result<Plan
 
 /// Make the planned writes, with one sync after each step (see the module docs); the writes
 /// within a step (BAT runs) are independent of each other.
-fn write_plan(path: &Path, planned: &Planned) -> Result<()> {
-    let storage = planned.vhd.storage();
-    for (i, (action, bytes)) in planned.writes.iter().enumerate() {
-        storage.write_at(bytes, action.offset).map_err(|e| {
-            Error::io(
-                format!(
-                    "{}: writing the repaired {} at offset {}",
-                    path.display(),
-                    action.structure,
-                    action.offset
-                ),
-                e,
-            )
-        })?;
-        if planned
-            .writes
+fn write_plan(planned: &mut Planned) -> Result<()> {
+    let Planned { vhd, writes, .. } = planned;
+    for (i, (action, bytes)) in writes.iter().enumerate() {
+        vhd.write_repaired(action.structure, action.offset, bytes)?;
+        if writes
             .get(i + 1)
             .is_none_or(|(next, _)| next.structure != action.structure)
         {
-            storage
-                .sync_data()
-                .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
+            vhd.flush()?;
         }
     }
     Ok(())

@@ -56,6 +56,7 @@ pub use validate::{
     DroppedEntry, Inspection, MAX_PROBLEMS_PER_CODE, Problem, ProblemLevel, problem_codes,
 };
 use writer::Pending;
+pub(crate) use writer::write_new_file;
 
 /// Largest block size accepted. Windows writes 512 KiB or 2 MiB and blktap refuses anything
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
@@ -176,6 +177,36 @@ pub enum BlockMap {
     },
 }
 
+/// Read-only access to the storage under a [`Vhd`] ([`Vhd::storage`]). Every write to a VHD
+/// goes through the `Vhd` itself, which keeps the crash-safe order, refuses writes to a file
+/// opened read-only, and stops after a failed flush.
+#[derive(Clone, Copy, Debug)]
+pub struct StorageView<'a> {
+    storage: &'a dyn Storage,
+}
+
+impl<'a> StorageView<'a> {
+    /// Read exactly `buf.len()` bytes at `offset` (see [`Storage::read_at`]).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.storage.read_at(buf, offset)
+    }
+
+    /// The current length in bytes.
+    #[allow(
+        clippy::len_without_is_empty,
+        reason = "a file length, as Storage::len; an empty file is no VHD"
+    )]
+    pub fn len(&self) -> std::io::Result<u64> {
+        self.storage.len()
+    }
+
+    /// The file, when the storage is one: a source to clone ranges from. Crate-internal, as a
+    /// `&File` can be written through.
+    pub(crate) fn as_file(&self) -> Option<&'a std::fs::File> {
+        self.storage.as_file()
+    }
+}
+
 /// An open VHD file.
 #[derive(Debug)]
 pub struct Vhd {
@@ -290,9 +321,12 @@ impl Vhd {
         self.writable
     }
 
-    /// The underlying storage.
-    pub fn storage(&self) -> &dyn Storage {
-        self.storage.as_ref()
+    /// The underlying storage, for reading: every write goes through the `Vhd` (see the module
+    /// docs).
+    pub fn storage(&self) -> StorageView<'_> {
+        StorageView {
+            storage: self.storage.as_ref(),
+        }
     }
 
     /// Close the file and give back its storage (with any lock it holds).

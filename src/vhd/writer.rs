@@ -5,7 +5,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::ops::Range;
+use std::path::Path;
 
+use super::files::{WriteMode, open_for_writing};
 use super::open::metadata_end;
 use super::{DATA_ALIGNMENT, FIXED_CHUNK, FooterSource, Vhd, check_range};
 use crate::error::{Error, Result};
@@ -13,6 +15,7 @@ use crate::format::bat;
 use crate::format::footer::{DiskType, FOOTER_SIZE};
 use crate::format::header::{DynamicHeader, HEADER_SIZE};
 use crate::format::{SECTOR_SIZE, SectorBitmap, align_up};
+use crate::io::Storage;
 
 #[derive(Debug, Default)]
 pub(super) struct Pending {
@@ -45,9 +48,18 @@ impl Vhd {
     /// succeed without having written them), so nothing may be published on top of them:
     /// [`Vhd::commit`] flushes before it writes bitmaps and BAT entries, and stops there.
     fn sync(&self) -> Result<()> {
-        use std::sync::atomic::Ordering;
         let context = || format!("{}: flushing to disk", self.path.display());
-        if self.sync_failed.load(Ordering::SeqCst) {
+        self.require_no_failed_sync(context)?;
+        self.storage.sync_data().map_err(|e| {
+            self.sync_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            Error::io(context(), e)
+        })
+    }
+
+    /// The failed-flush latch of [`Vhd::sync`]: an error (in `context`) once a flush failed.
+    fn require_no_failed_sync(&self, context: impl FnOnce() -> String) -> Result<()> {
+        if self.sync_failed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::io(
                 context(),
                 std::io::Error::other(
@@ -55,10 +67,35 @@ impl Vhd {
                 ),
             ));
         }
-        self.storage.sync_data().map_err(|e| {
-            self.sync_failed.store(true, Ordering::SeqCst);
-            Error::io(context(), e)
-        })
+        Ok(())
+    }
+
+    /// Overwrite `bytes` at file `offset` for [`crate::repair`], outside the placement rules
+    /// of this module: repair replaces damaged structures (the dynamic header, BAT sectors,
+    /// footers; `structure` names the one) in its own crash-safe order, one step at a time
+    /// with [`Vhd::flush`] after each. Refused on a read-only file and once a flush failed.
+    pub(crate) fn write_repaired(
+        &mut self,
+        structure: &str,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.require_writable()?;
+        let context = || {
+            format!(
+                "{}: writing the repaired {structure} at offset {offset}",
+                self.path.display()
+            )
+        };
+        self.require_no_failed_sync(context)?;
+        self.storage
+            .write_at(bytes, offset)
+            .map_err(|e| Error::io(context(), e))
+    }
+
+    /// Make every write so far durable ([`Vhd::sync`], with its failed-flush latch).
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.sync()
     }
 
     fn require_writable(&self) -> Result<()> {
@@ -630,4 +667,110 @@ impl Vhd {
 fn masked_all_zero(data: &[u8], mask: &SectorBitmap) -> bool {
     mask.runs()
         .all(|r| data[r.start * 512..r.end * 512].iter().all(|&b| b == 0))
+}
+
+/// Write a new file at `path` (refusing an existing one unless `overwrite`) under the lock
+/// every writer takes: its length set to `len` first when given, then `parts` (offset, bytes)
+/// in order, then one sync of data and metadata. A file that cannot be written whole is
+/// removed again. For [`crate::create`], whose file is no VHD until the last part is written.
+pub(crate) fn write_new_file(
+    path: &Path,
+    overwrite: bool,
+    len: Option<u64>,
+    parts: &[(u64, &[u8])],
+) -> Result<()> {
+    let mode = if overwrite {
+        WriteMode::Truncate
+    } else {
+        WriteMode::CreateNew
+    };
+    let storage = open_for_writing(path, mode)?;
+    let res = len
+        .map_or(Ok(()), |len| storage.set_len(len))
+        .and_then(|()| {
+            parts
+                .iter()
+                .try_for_each(|(offset, bytes)| storage.write_at(bytes, *offset))
+        })
+        .and_then(|()| storage.file().sync_all());
+    drop(storage);
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::io(format!("{}: writing new VHD", path.display()), e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::io::MemStorage;
+    use crate::vhd::OpenOptions;
+
+    /// A storage whose first flush fails and whose later ones succeed: how a lost writeback
+    /// looks to the caller (the OS reports it once).
+    #[derive(Debug)]
+    struct FirstSyncFails {
+        inner: MemStorage,
+        failed: AtomicBool,
+    }
+
+    impl Storage for FirstSyncFails {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            if self.failed.swap(true, Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("writeback failed"))
+            }
+        }
+    }
+
+    #[test]
+    fn repair_writes_need_a_writable_file_and_stop_after_a_failed_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.vhd");
+        crate::create::create_dynamic(&p, 4 << 20, &Default::default()).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let mem = || Box::new(MemStorage::new(bytes.clone()));
+        let mut ro = Vhd::from_storage(mem(), &p, OpenOptions::read_only()).unwrap();
+        assert!(matches!(
+            ro.write_repaired("footer copy", 0, &[1; 512]),
+            Err(Error::AccessDenied(_))
+        ));
+
+        let storage = Arc::new(FirstSyncFails {
+            inner: MemStorage::new(bytes.clone()),
+            failed: AtomicBool::new(false),
+        });
+        let mut rw =
+            Vhd::from_storage(Box::new(storage.clone()), &p, OpenOptions::writable()).unwrap();
+        rw.write_repaired("footer copy", 0, &[1; 512]).unwrap();
+        assert!(rw.flush().is_err());
+        assert!(
+            rw.write_repaired("footer copy", 0, &[2; 512]).is_err(),
+            "nothing is written after a failed flush"
+        );
+        assert!(
+            rw.flush().is_err(),
+            "the latch holds although the storage would flush now"
+        );
+        let mut first = [0u8; 512];
+        storage.read_at(&mut first, 0).unwrap();
+        assert_eq!(first, [1; 512]);
+    }
 }
