@@ -40,9 +40,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, ParentCandidate, Result};
 use crate::format::SectorBitmap;
-use crate::image::{OpenOptions, SizeRule};
 use crate::layer::{BlockState, Layer, ParentLink, PathHint, Spelling, open_layer};
 use crate::locator::canonical_or_self;
+use crate::vhd::{OpenOptions, SizeRule};
 
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 256;
@@ -976,7 +976,7 @@ fn admit(
         Err(e) => Err(format!("cannot open: {e}")),
         Ok(m) if !m.is_file() => Err(format!(
             "not a regular file ({})",
-            crate::image::file_kind(&m)
+            crate::vhd::file_kind(&m)
         )),
         Ok(_) => Ok(path),
     }

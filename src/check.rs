@@ -28,10 +28,10 @@ use std::path::{Path, PathBuf};
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
-use crate::image::{
+use crate::io::Storage;
+use crate::vhd::{
     Batmap, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd, problem_codes as pc,
 };
-use crate::io::Storage;
 
 /// How serious a finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,7 +64,7 @@ impl Severity {
 pub struct Finding {
     /// How serious it is.
     pub severity: Severity,
-    /// Stable identifier of the kind of finding (the [`crate::image::problem_codes`], plus
+    /// Stable identifier of the kind of finding (the [`crate::vhd::problem_codes`], plus
     /// `unreadable`, `self-parent`, `no-parent-id`, `no-parent-hint`, `reserved-field`,
     /// `too-large`, `block-past-end`, `bitmap-past-end`, `unwritten-not-zero`,
     /// `batmap-checksum`, `batmap-not-full`, `chain`, `parent-timestamp`, `child-larger`,

@@ -2,7 +2,6 @@
 //! footer copy at 0, dynamic header at 512, BAT at 1536 padded with 0xFF, locator data after
 //! the BAT with Data Space in bytes, the end footer last, and block data 4 KiB aligned.
 
-use std::fs::File;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,10 +14,8 @@ use crate::format::footer::{
 };
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE, ParentLocator};
 use crate::format::{Geometry, MAX_DYNAMIC_SIZE, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{
-    MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, Vhd, WriteMode, open_for_writing,
-};
 use crate::locator::{self, LOCATOR_SPACE};
+use crate::vhd::{MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, Vhd, write_new_file};
 
 /// Default block size: 2 MiB, as Windows and every other writer default to.
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
@@ -122,41 +119,18 @@ fn check_block_size(bs: u32) -> Result<()> {
     Ok(())
 }
 
-/// Write a new file with `write`, removing it again if anything fails.
-fn write_new(
-    path: &Path,
-    overwrite: bool,
-    write: impl FnOnce(&File) -> std::io::Result<()>,
-) -> Result<()> {
-    let mode = if overwrite {
-        WriteMode::Truncate
-    } else {
-        WriteMode::CreateNew
-    };
-    let storage = open_for_writing(path, mode)?;
-    let res = write(storage.file()).and_then(|()| storage.file().sync_all());
-    drop(storage);
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(path);
-        return Err(Error::io(format!("{}: writing new VHD", path.display()), e));
-    }
-    Ok(())
-}
-
-fn pwrite(file: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
-    crate::io::pwrite_all(file, buf, off)
-}
-
 /// Create a fixed VHD of `size` bytes (a multiple of 512). The data area is a sparse run of
 /// zeros on file systems that support it.
 pub fn create_fixed(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -> Result<Vhd> {
     let path = path.as_ref();
     check_size(size, u64::MAX / 2)?;
     let footer = new_footer(size, DiskType::Fixed, opts);
-    write_new(path, opts.overwrite, |f| {
-        f.set_len(size)?;
-        pwrite(f, &footer.to_bytes(), size)
-    })?;
+    write_new_file(
+        path,
+        opts.overwrite,
+        Some(size),
+        &[(size, &footer.to_bytes())],
+    )?;
     Vhd::open(path, OpenOptions::writable())
 }
 
@@ -312,17 +286,23 @@ fn write_sparse(
     let footer_bytes = footer.to_bytes();
     let header_bytes = h.to_bytes();
     let table = Bat::new_unallocated(entries).to_bytes();
-    write_new(path, opts.overwrite, |f| {
-        pwrite(f, &footer_bytes, 0)?;
-        pwrite(f, &header_bytes, 512)?;
-        pwrite(f, &table, table_offset)?;
-        for (loc, (_, data)) in locs.iter().zip(payloads) {
+    let payloads: Vec<(u64, Vec<u8>)> = locs
+        .iter()
+        .zip(payloads)
+        .map(|(loc, (_, data))| {
             let mut padded = data.clone();
             padded.resize(u64::from(loc.data_space) as usize, 0);
-            pwrite(f, &padded, loc.data_offset)?;
-        }
-        pwrite(f, &footer_bytes, meta_end)
-    })
+            (loc.data_offset, padded)
+        })
+        .collect();
+    let mut parts: Vec<(u64, &[u8])> = vec![
+        (0, &footer_bytes),
+        (512, &header_bytes),
+        (table_offset, &table),
+    ];
+    parts.extend(payloads.iter().map(|(at, b)| (*at, b.as_slice())));
+    parts.push((meta_end, &footer_bytes));
+    write_new_file(path, opts.overwrite, None, &parts)
 }
 
 #[cfg(test)]

@@ -20,11 +20,11 @@ use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
-use crate::image::{WriteMode, open_for_writing};
 use crate::io::CloneOutcome;
 use crate::io::FileStorage;
 use crate::layer::{CloneSource, DiskKind, LayerWriter};
 use crate::merge::clone_candidate;
+use crate::vhd::{WriteMode, open_for_writing};
 
 /// The kind of file [`flatten`] writes (Hyper-V's Convert-VHD targets, and raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -299,10 +299,7 @@ fn default_block_size(format: FlattenFormat, top: &dyn crate::layer::Layer) -> u
             1 << 20..=256 << 20,
             crate::vhdx::create::DEFAULT_DIFFERENCING_BLOCK,
         ),
-        _ => (
-            512..=crate::image::MAX_BLOCK_SIZE,
-            create::DEFAULT_BLOCK_SIZE,
-        ),
+        _ => (512..=crate::vhd::MAX_BLOCK_SIZE, create::DEFAULT_BLOCK_SIZE),
     };
     own.filter(|b| b.is_power_of_two() && range.contains(b))
         .unwrap_or(default)
@@ -339,7 +336,7 @@ fn create_output(
             };
             v.finish()?;
             drop(v);
-            let writable = crate::image::OpenOptions::writable();
+            let writable = crate::vhd::OpenOptions::writable();
             Box::new(crate::vhdx_layer::VhdxLayer::open(tmp, writable)?)
         }
     })

@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
-use crate::image::OpenOptions;
 use crate::io::CloneOutcome;
+use crate::vhd::OpenOptions;
 
 /// The on-disk format of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -316,7 +316,7 @@ pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
     if detect_format(path) == Some(Format::Vhdx) {
         return Ok(Box::new(crate::vhdx_layer::VhdxLayer::open(path, options)?));
     }
-    Ok(Box::new(crate::image::Vhd::open(path, options)?))
+    Ok(Box::new(crate::vhd::Vhd::open(path, options)?))
 }
 
 /// Open the image held by `storage` (the file at `path`, possibly wrapped by a test hook) for
@@ -333,7 +333,7 @@ pub fn open_writer(
         let layer = crate::vhdx_layer::VhdxLayer::from_storage(storage.into(), path, true)?;
         return Ok(Box::new(layer));
     }
-    Ok(Box::new(crate::image::Vhd::from_storage(
+    Ok(Box::new(crate::vhd::Vhd::from_storage(
         storage, path, options,
     )?))
 }
@@ -363,7 +363,7 @@ pub fn set_parent_ids(
 /// holds it), in the format its signature says.
 pub fn open_layer_for_writing(path: &Path, options: OpenOptions) -> Result<Box<dyn LayerWriter>> {
     let format = detect_format(path).unwrap_or(Format::Vhd);
-    let storage = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
+    let storage = crate::vhd::open_for_writing(path, crate::vhd::WriteMode::Existing)?;
     let options = OpenOptions {
         writable: true,
         ..options

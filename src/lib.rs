@@ -56,7 +56,7 @@
 //! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
 //!   BAT entries.
 //! - [`layer`]: what the engine needs from any disk image format ([`Layer`], [`LayerWriter`]).
-//! - [`Vhd`] ([`image`]): one open VHD file, its own sectors, crash-safe block allocation;
+//! - [`Vhd`] ([`mod@vhd`]): one open VHD file, its own sectors, crash-safe block allocation;
 //!   [`create`]: new fixed, dynamic and differencing disks, laid out like Windows does.
 //! - [`vhdx`]: VHDX (`.vhdx`, `.avhdx`): the on-disk structures, a reader, writable opens
 //!   with crash-safe writes through the log, creation, check and repair; [`vhdx_layer`]
@@ -98,7 +98,6 @@ pub mod create;
 pub mod error;
 pub mod flatten;
 pub mod format;
-pub mod image;
 pub mod io;
 pub mod layer;
 pub mod locator;
@@ -107,6 +106,7 @@ mod mem_layer;
 pub mod merge;
 pub mod repair;
 pub mod setparent;
+pub mod vhd;
 mod vhd_layer;
 pub mod vhdx;
 pub mod vhdx_layer;
@@ -117,11 +117,13 @@ pub use flatten::{
     FlattenFormat, FlattenOptions, FlattenProgress, FlattenReport, flatten, flatten_path,
 };
 pub use format::{DiskType, SECTOR_SIZE};
-pub use image::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
 pub use io::CloneOutcome;
 pub use layer::{BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, open_layer};
 pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
 pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
+/// The former name of [`mod@vhd`], kept so that `vhd_merge::image::...` paths still work.
+pub use vhd as image;
+pub use vhd::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
 
 /// The README's examples, compiled and run as doc tests so they cannot go stale.
 #[cfg(doctest)]

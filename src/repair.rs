@@ -45,11 +45,12 @@ use crate::error::{Error, Result};
 use crate::format::bat::UNUSED;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::{DiskType, SECTOR_SIZE};
-use crate::image::problem_codes as pc;
-use crate::image::{
-    FooterSource, Inspection, OpenOptions, ProblemLevel, SizeRule, Vhd, WriteMode, open_for_writing,
-};
 use crate::io::Storage;
+use crate::vhd::problem_codes as pc;
+use crate::vhd::{
+    DroppedEntry, FooterSource, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd,
+    WriteMode, open_for_writing,
+};
 
 /// Options for [`repair_file`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -142,8 +143,8 @@ pub fn repair_file(path: impl AsRef<Path>, options: &RepairOptions) -> Result<Re
     let storage = open_for_writing(path, WriteMode::Existing)?;
     let insp = Vhd::inspect_storage(Box::new(storage), path, open_options(options, true));
     // open_for_writing holds the lock already (a second lock on one handle fails on Windows).
-    let planned = plan_repair(path, insp, None)?;
-    write_plan(path, &planned)?;
+    let mut planned = plan_repair(path, insp, None)?;
+    write_plan(&mut planned)?;
     finish(path, planned, true, options)
 }
 
@@ -156,9 +157,9 @@ pub fn repair_storage(
     let path = path.as_ref();
     let write = !options.dry_run;
     let insp = Vhd::inspect_storage(storage, path, open_options(options, write));
-    let planned = plan_repair(path, insp, Some(write))?;
+    let mut planned = plan_repair(path, insp, Some(write))?;
     if write {
-        write_plan(path, &planned)?;
+        write_plan(&mut planned)?;
     }
     finish(path, planned, write, options)
 }
@@ -198,116 +199,159 @@ fn plan_repair(path: &Path, insp: Inspection, lock: Option<bool>) -> Result<Plan
         dropped_entries,
         ..
     } = insp;
-    let Some(vhd) = vhd else {
-        let fatal = problems
-            .iter()
-            .rev()
-            .find(|p| p.level == ProblemLevel::Fatal);
-        let why = fatal.map_or("unknown problem", |p| p.message.as_str());
-        let detail = format!("cannot repair: {why}");
-        // A table too large to hold is not damage: the file may be fine.
-        if fatal.is_some_and(|p| p.code == pc::BAT_TOO_LARGE) {
-            return Err(Error::not_supported(detail).in_file(path));
-        }
-        return Err(Error::Format {
-            path: Some(path.to_path_buf()),
-            detail,
-        });
-    };
+    let vhd = repairable(path, vhd, &problems)?;
     if let Some(exclusive) = lock {
         vhd.lock(exclusive)?;
     }
-    let has = |code: &str| problems.iter().any(|p| p.code == code);
-    let footer_bytes = vhd.footer().to_bytes();
     let mut plan: Vec<(RepairAction, Vec<u8>)> = Vec::new();
-
     // 1. Header checksum.
-    if let Some(h) = vhd.header()
-        && !h.checksum_ok()
-    {
+    plan.extend(header_write(&vhd));
+    // 2. BAT entries to drop, grouped by BAT sector.
+    let lost = dropped_entries
+        .iter()
+        .map(|d| lost_range(&vhd, d))
+        .collect();
+    plan.extend(bat_writes(path, &vhd, &dropped_entries)?);
+    // 3. and 4. The end footer and the offset-0 copy.
+    plan.extend(footer_writes(&vhd, &problems));
+    Ok(Planned {
+        vhd,
+        writes: plan,
+        lost,
+    })
+}
+
+/// The inspected file, or why it cannot be repaired: the last fatal problem stopped the
+/// inspection before the file could be opened.
+fn repairable(path: &Path, vhd: Option<Vhd>, problems: &[Problem]) -> Result<Vhd> {
+    if let Some(vhd) = vhd {
+        return Ok(vhd);
+    }
+    let fatal = problems
+        .iter()
+        .rev()
+        .find(|p| p.level == ProblemLevel::Fatal);
+    let why = fatal.map_or("unknown problem", |p| p.message.as_str());
+    let detail = format!("cannot repair: {why}");
+    // A table too large to hold is not damage: the file may be fine.
+    if fatal.is_some_and(|p| p.code == pc::BAT_TOO_LARGE) {
+        return Err(Error::not_supported(detail).in_file(path));
+    }
+    Err(Error::Format {
+        path: Some(path.to_path_buf()),
+        detail,
+    })
+}
+
+/// Step 1: the dynamic header, when its checksum is wrong.
+fn header_write(vhd: &Vhd) -> Option<(RepairAction, Vec<u8>)> {
+    let h = vhd.header().filter(|h| !h.checksum_ok())?;
+    Some((
+        RepairAction {
+            structure: "dynamic header",
+            offset: vhd.footer().data_offset,
+            len: 1024,
+            reason: format!(
+                "checksum {:#010x} is wrong; the fields give {:#010x}",
+                h.checksum,
+                h.computed_checksum()
+            ),
+        },
+        h.to_bytes().to_vec(),
+    ))
+}
+
+/// What dropping `dropped` loses: its block's virtual range, and where the data still lies.
+fn lost_range(vhd: &Vhd, dropped: &DroppedEntry) -> LostRange {
+    let index = dropped.block;
+    let bs = vhd.block_size();
+    let start = index.saturating_mul(bs).min(vhd.virtual_size());
+    let end = start.saturating_add(bs).min(vhd.virtual_size());
+    LostRange {
+        block: index,
+        virtual_range: start..end,
+        file_offset: u64::from(dropped.entry) * SECTOR_SIZE,
+        reason: dropped.reason.clone(),
+    }
+}
+
+/// Step 2: the BAT sectors holding the dropped entries, each entry made unused and the rest
+/// of the sector rewritten as it was read.
+fn bat_writes(
+    path: &Path,
+    vhd: &Vhd,
+    dropped_entries: &[DroppedEntry],
+) -> Result<Vec<(RepairAction, Vec<u8>)>> {
+    let Some(h) = vhd.header() else {
+        return Ok(Vec::new());
+    };
+    let mut sectors: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for dropped in dropped_entries {
+        let index = dropped.block;
+        sectors
+            .entry(index * 4 / SECTOR_SIZE)
+            .or_default()
+            .push(index);
+    }
+    let file_len = vhd
+        .storage()
+        .len()
+        .map_err(|e| Error::io(format!("{}: reading length", path.display()), e))?;
+    let mut plan = Vec::new();
+    for (first, last, indices) in sector_runs(sectors) {
+        let offset = h.table_offset + first * SECTOR_SIZE;
+        // The table was read whole when the file was opened, so this is readable, except
+        // for padding past the end of a file whose table ends mid-sector.
+        let len = ((last - first + 1) * SECTOR_SIZE).min(file_len.saturating_sub(offset));
+        let mut buf = vec![0u8; len as usize];
+        vhd.read_raw(&mut buf, offset)?;
+        for index in &indices {
+            let at = (index * 4 - first * SECTOR_SIZE) as usize;
+            if let Some(e) = buf.get_mut(at..at + 4) {
+                e.copy_from_slice(&UNUSED.to_be_bytes());
+            }
+        }
         plan.push((
             RepairAction {
-                structure: "dynamic header",
-                offset: vhd.footer().data_offset,
-                len: 1024,
+                structure: "BAT",
+                offset,
+                len: buf.len() as u64,
                 reason: format!(
-                    "checksum {:#010x} is wrong; the fields give {:#010x}",
-                    h.checksum,
-                    h.computed_checksum()
+                    "drop the entr{} of block{} {}",
+                    if indices.len() == 1 { "y" } else { "ies" },
+                    if indices.len() == 1 { "" } else { "s" },
+                    ranges(&indices)
                 ),
             },
-            h.to_bytes().to_vec(),
+            buf,
         ));
     }
+    Ok(plan)
+}
 
-    // 2. BAT entries to drop, grouped by BAT sector.
-    let mut lost = Vec::new();
-    if let Some(h) = vhd.header() {
-        let mut sectors: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for dropped in &dropped_entries {
-            let index = dropped.block;
-            sectors
-                .entry(index * 4 / SECTOR_SIZE)
-                .or_default()
-                .push(index);
-            let bs = vhd.block_size();
-            let start = index.saturating_mul(bs).min(vhd.virtual_size());
-            let end = start.saturating_add(bs).min(vhd.virtual_size());
-            lost.push(LostRange {
-                block: index,
-                virtual_range: start..end,
-                file_offset: u64::from(dropped.entry) * SECTOR_SIZE,
-                reason: dropped.reason.clone(),
-            });
-        }
-        // Consecutive BAT sectors go out in one write (at most 1 MiB): a hostile table can
-        // need thousands of them.
-        const MAX_RUN: u64 = 2048;
-        let file_len = vhd
-            .storage()
-            .len()
-            .map_err(|e| Error::io(format!("{}: reading length", path.display()), e))?;
-        let mut runs: Vec<(u64, u64, Vec<u64>)> = Vec::new();
-        for (sector, indices) in sectors {
-            match runs.last_mut() {
-                Some((first, last, all)) if *last + 1 == sector && sector - *first < MAX_RUN => {
-                    *last = sector;
-                    all.extend(indices);
-                }
-                _ => runs.push((sector, sector, indices)),
+/// Consecutive BAT sectors as runs (first, last, the blocks in them), each one write of at
+/// most 1 MiB: a hostile table can need thousands of sectors.
+fn sector_runs(sectors: BTreeMap<u64, Vec<u64>>) -> Vec<(u64, u64, Vec<u64>)> {
+    const MAX_RUN: u64 = 2048;
+    let mut runs: Vec<(u64, u64, Vec<u64>)> = Vec::new();
+    for (sector, indices) in sectors {
+        match runs.last_mut() {
+            Some((first, last, all)) if *last + 1 == sector && sector - *first < MAX_RUN => {
+                *last = sector;
+                all.extend(indices);
             }
-        }
-        for (first, last, indices) in runs {
-            let offset = h.table_offset + first * SECTOR_SIZE;
-            // The table was read whole when the file was opened, so this is readable, except
-            // for padding past the end of a file whose table ends mid-sector.
-            let len = ((last - first + 1) * SECTOR_SIZE).min(file_len.saturating_sub(offset));
-            let mut buf = vec![0u8; len as usize];
-            vhd.read_raw(&mut buf, offset)?;
-            for index in &indices {
-                let at = (index * 4 - first * SECTOR_SIZE) as usize;
-                if let Some(e) = buf.get_mut(at..at + 4) {
-                    e.copy_from_slice(&UNUSED.to_be_bytes());
-                }
-            }
-            plan.push((
-                RepairAction {
-                    structure: "BAT",
-                    offset,
-                    len: buf.len() as u64,
-                    reason: format!(
-                        "drop the entr{} of block{} {}",
-                        if indices.len() == 1 { "y" } else { "ies" },
-                        if indices.len() == 1 { "" } else { "s" },
-                        ranges(&indices)
-                    ),
-                },
-                buf,
-            ));
+            _ => runs.push((sector, sector, indices)),
         }
     }
+    runs
+}
 
-    // 3. End footer.
+/// Steps 3 and 4: the end footer when it is missing or damaged, then the offset-0 copy when
+/// it is missing, damaged or different.
+fn footer_writes(vhd: &Vhd, problems: &[Problem]) -> Vec<(RepairAction, Vec<u8>)> {
+    let has = |code: &str| problems.iter().any(|p| p.code == code);
+    let footer_bytes = vhd.footer().to_bytes();
+    let mut plan = Vec::new();
     let end_bad = vhd.footer_source() == FooterSource::Copy || has(pc::FOOTER_CHECKSUM);
     if end_bad {
         let reason = if vhd.footer_source() == FooterSource::Copy {
@@ -325,8 +369,6 @@ fn plan_repair(path: &Path, insp: Inspection, lock: Option<bool>) -> Result<Plan
             footer_bytes.to_vec(),
         ));
     }
-
-    // 4. Offset-0 copy.
     // A footer in use with a bad checksum means the copy is no good either (a good one would
     // have been chosen), even when it is byte-for-byte the same.
     let copy_bad =
@@ -343,38 +385,20 @@ fn plan_repair(path: &Path, insp: Inspection, lock: Option<bool>) -> Result<Plan
             footer_bytes.to_vec(),
         ));
     }
-
-    Ok(Planned {
-        vhd,
-        writes: plan,
-        lost,
-    })
+    plan
 }
 
 /// Make the planned writes, with one sync after each step (see the module docs); the writes
 /// within a step (BAT runs) are independent of each other.
-fn write_plan(path: &Path, planned: &Planned) -> Result<()> {
-    let storage = planned.vhd.storage();
-    for (i, (action, bytes)) in planned.writes.iter().enumerate() {
-        storage.write_at(bytes, action.offset).map_err(|e| {
-            Error::io(
-                format!(
-                    "{}: writing the repaired {} at offset {}",
-                    path.display(),
-                    action.structure,
-                    action.offset
-                ),
-                e,
-            )
-        })?;
-        if planned
-            .writes
+fn write_plan(planned: &mut Planned) -> Result<()> {
+    let Planned { vhd, writes, .. } = planned;
+    for (i, (action, bytes)) in writes.iter().enumerate() {
+        vhd.write_repaired(action.structure, action.offset, bytes)?;
+        if writes
             .get(i + 1)
             .is_none_or(|(next, _)| next.structure != action.structure)
         {
-            storage
-                .sync_data()
-                .map_err(|e| Error::io(format!("{}: flushing to disk", path.display()), e))?;
+            vhd.flush()?;
         }
     }
     Ok(())

@@ -34,9 +34,9 @@ use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::header::LOCATOR_COUNT;
 use crate::format::{DiskType, DynamicHeader, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
-use crate::image::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
 use crate::layer::{Format, Layer, LayerWriter, ParentLink};
 use crate::locator::{self, LOCATOR_SPACE};
+use crate::vhd::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
 use crate::vhdx_layer::VhdxLayer;
 
 /// Options for [`set_parent`].

@@ -13,15 +13,15 @@ use uuid::Uuid;
 use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
-use crate::image::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
 use crate::io::CloneOutcome;
 use crate::layer::{
     BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,
     Spelling, UnusableHint,
 };
+use crate::vhd::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
 
 /// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).
-const MAX_LOCATOR_PAYLOAD: u64 = crate::image::MAX_LOCATOR_PAYLOAD as u64;
+const MAX_LOCATOR_PAYLOAD: u64 = crate::vhd::MAX_LOCATOR_PAYLOAD as u64;
 
 /// Platform codes in the order their locators are tried (§5.4): the relative Windows path
 /// first (it survives moving the whole chain), then the absolute one, the file URL, and the
@@ -396,9 +396,9 @@ impl ChainLayer {
     }
 }
 
-/// Probe a VHD cheaply (footers only, see [`crate::image::peek`]).
+/// Probe a VHD cheaply (footers only, see [`crate::vhd::peek`]).
 pub(crate) fn probe(path: &Path) -> Option<Probe> {
-    let peek = crate::image::peek(path)?;
+    let peek = crate::vhd::peek(path)?;
     let ids = peek
         .footers
         .iter()
@@ -422,8 +422,8 @@ pub(crate) fn probe(path: &Path) -> Option<Probe> {
 mod tests {
     use super::*;
     use crate::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
-    use crate::image::OpenOptions;
     use crate::layer::{open_layer, probe};
+    use crate::vhd::OpenOptions;
 
     fn small_blocks() -> CreateOptions {
         CreateOptions {

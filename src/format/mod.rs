@@ -6,11 +6,13 @@
 //! write the format).
 
 pub mod bat;
+pub mod batmap;
 pub mod bitmap;
 pub mod footer;
 pub mod header;
 
 pub use bat::Bat;
+pub use batmap::Batmap;
 pub use bitmap::SectorBitmap;
 pub use footer::{DiskType, Footer, Geometry};
 pub use header::{DynamicHeader, ParentLocator, PlatformCode};

@@ -31,7 +31,7 @@
 //! 3. Units are written in batches: [`crate::LayerWriter::reserve`] once per batch (a VHD's
 //!    end footer moves once), then [`crate::LayerWriter::commit`], the format's crash-safe
 //!    publish (for a VHD, data durable before bitmaps and BAT entries point at it; see
-//!    [`crate::image`]). An interrupted merge (crash, error, cancel) leaves a valid
+//!    [`crate::vhd`]). An interrupted merge (crash, error, cancel) leaves a valid
 //!    destination, and running the same merge again finishes it with the same result, because
 //!    the source is unchanged and rewriting its data is idempotent.
 //!

@@ -1,0 +1,261 @@
+//! Validating where a sparse disk's blocks lie: the overlap sweep ([`super::sweep`]) over the
+//! metadata extents and the allocated blocks, the entries dropped for blocks outside the data
+//! or overlapping something, and the parent locators' data.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use super::open::metadata_end;
+use super::validate::{DroppedEntry, MAX_PROBLEMS_PER_CODE, Validator, problem_codes as pc};
+use super::{FooterSource, Vhd, sweep};
+use crate::error::{Error, Result};
+use crate::format::SECTOR_SIZE;
+use crate::format::bat::{self, Bat};
+use crate::format::batmap::Batmap;
+use crate::format::footer::FOOTER_SIZE;
+use crate::format::header::{DynamicHeader, HEADER_SIZE};
+
+/// Where the blocks lie (§7): each allocated block must end inside the data (before
+/// `data_limit`) and lie clear of the metadata and of every other block, else its entry is
+/// dropped from `bat` (recorded in `v`); then the locators. Returns the end of data, where new
+/// blocks go: everything inside the file counts, dropped blocks included, so that nothing is
+/// later allocated over data someone may still want to salvage.
+pub(super) fn check_blocks(
+    vhd: &Vhd,
+    h: &DynamicHeader,
+    bat: &mut Bat,
+    batmap: Option<&Batmap>,
+    (len, data_limit): (u64, u64),
+    v: &mut Validator,
+) -> Result<u64> {
+    let mut next_free = metadata_end(vhd.footer.data_offset, h, len);
+    let mut ex = sweep::Extents {
+        meta: metadata_extents(vhd, h, len, batmap),
+        blocks: Vec::new(),
+        stride: h.bitmap_bytes() + u64::from(h.block_size),
+    };
+    if let Some(bm) = batmap {
+        next_free = next_free
+            .max(bm.header_offset + SECTOR_SIZE)
+            .max(bm.map_offset + bm.map_bytes());
+    }
+    let mut gone = blocks_inside(bat, &mut ex, data_limit, v)?;
+    let mut reasons: HashMap<usize, String> = HashMap::new();
+    gone.union(&ex.sweep(bat.entries.len(), |o| note_overlap(o, &mut reasons, v))?);
+    // The end of everything inside the file, then the blocks that stay.
+    for (b, blen, _) in ex.iter() {
+        if b + blen <= data_limit {
+            next_free = next_free.max(b + blen);
+        }
+    }
+    ex.retain(&gone);
+    drop_entries(bat, &gone, reasons, (ex.stride, data_limit), v);
+    check_locators(h, &ex, len, v);
+    Ok(next_free)
+}
+
+/// Tags of the metadata extents in the overlap sweep (blocks use their index).
+const TAG_FOOTER_COPY: i64 = -1;
+const TAG_HEADER: i64 = -2;
+const TAG_BAT: i64 = -3;
+const TAG_BATMAP_HEADER: i64 = -4;
+const TAG_BATMAP: i64 = -5;
+const TAG_FOOTER_END: i64 = -6;
+
+fn extent_name(tag: i64) -> String {
+    match tag {
+        TAG_FOOTER_COPY => "the footer copy at offset 0".to_string(),
+        TAG_HEADER => "the dynamic header".to_string(),
+        TAG_BAT => "the BAT".to_string(),
+        TAG_BATMAP_HEADER => "the batmap header".to_string(),
+        TAG_BATMAP => "the batmap".to_string(),
+        TAG_FOOTER_END => "the end footer".to_string(),
+        i => format!("block {i}"),
+    }
+}
+
+/// The metadata extents of the overlap sweep: the footer copy, the header, the BAT (padded),
+/// the end footer in use (with whatever follows it) and the batmap.
+fn metadata_extents(
+    vhd: &Vhd,
+    h: &DynamicHeader,
+    len: u64,
+    batmap: Option<&Batmap>,
+) -> Vec<sweep::Meta> {
+    let table_len = bat::table_bytes(h.max_table_entries);
+    let mut meta = vec![
+        (0, FOOTER_SIZE as u64, TAG_FOOTER_COPY),
+        (vhd.footer.data_offset, HEADER_SIZE as u64, TAG_HEADER),
+        (h.table_offset, table_len.max(4), TAG_BAT),
+    ];
+    if vhd.footer_source != FooterSource::Copy {
+        // Blocks are kept before it by the end of data; this catches the batmap and locators.
+        meta.push((vhd.footer_offset, len - vhd.footer_offset, TAG_FOOTER_END));
+    }
+    if let Some(bm) = batmap {
+        meta.push((bm.header_offset, SECTOR_SIZE, TAG_BATMAP_HEADER));
+        meta.push((bm.map_offset, bm.map_bytes(), TAG_BATMAP));
+    }
+    meta
+}
+
+/// Put the allocated blocks that end inside the data (before `data_limit`) into `ex`, and
+/// return the others (each a problem) as the first blocks to drop.
+fn blocks_inside(
+    bat: &Bat,
+    ex: &mut sweep::Extents,
+    data_limit: u64,
+    v: &mut Validator,
+) -> Result<sweep::Bits> {
+    let mut outside = sweep::Bits::new(bat.entries.len());
+    let n = bat.allocated();
+    ex.blocks
+        .try_reserve_exact(n)
+        .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
+    for (i, &e) in bat.entries.iter().enumerate() {
+        if e == bat::UNUSED {
+            continue;
+        }
+        let start = u64::from(e) * SECTOR_SIZE;
+        let end = start + ex.stride;
+        if end > data_limit {
+            v.error(
+                pc::BAT_ENTRY_OUTSIDE,
+                &format!("block {i}"),
+                Some(start),
+                Some(i as u64),
+                Error::format(format!(
+                    "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
+                )),
+            )?;
+            outside.set(i);
+            continue;
+        }
+        // A table has at most MAX_TABLE_ENTRIES entries, so the index fits.
+        ex.blocks.push(sweep::Block {
+            sector: e,
+            index: i as u32,
+        });
+    }
+    Ok(outside)
+}
+
+/// One overlap the sweep found: a problem naming both extents, and the first reason for
+/// each block in it (bounded like the problems; past it, a generic reason is given). Two
+/// metadata structures overlapping stop validation: no block to drop, nothing to go on with.
+fn note_overlap(
+    o: sweep::Overlap,
+    reasons: &mut HashMap<usize, String>,
+    v: &mut Validator,
+) -> Result<()> {
+    let ((a, at), (b, bt)) = (o.first, o.second);
+    let block = if bt >= 0 { bt } else { at };
+    let message = format!(
+        "{} (offset {a:#x}) overlaps {} (offset {b:#x})",
+        extent_name(at),
+        extent_name(bt)
+    );
+    if block < 0 {
+        return Err(v.stop(
+            pc::METADATA_OVERLAP,
+            &extent_name(at),
+            Some(b),
+            Error::format(message),
+        ));
+    }
+    v.error(
+        pc::BLOCK_OVERLAP,
+        &extent_name(block),
+        Some(b),
+        u64::try_from(block).ok(),
+        Error::format(message.clone()),
+    )?;
+    for t in [at, bt] {
+        if let Ok(t) = usize::try_from(t)
+            && reasons.len() < 10 * MAX_PROBLEMS_PER_CODE
+        {
+            reasons.entry(t).or_insert_with(|| message.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Mark the blocks in `gone` unused in `bat`, each recorded as a dropped entry with its
+/// reason. `(stride, data_limit)` tell a block past the end of data from an overlapping one.
+fn drop_entries(
+    bat: &mut Bat,
+    gone: &sweep::Bits,
+    mut reasons: HashMap<usize, String>,
+    (stride, data_limit): (u64, u64),
+    v: &mut Validator,
+) {
+    for (i, e) in bat.entries.iter_mut().enumerate() {
+        if !gone.get(i) {
+            continue;
+        }
+        let start = u64::from(*e) * SECTOR_SIZE;
+        // Specific reasons for the first entries; past them (a hostile table), a shared
+        // static one, so that a million dropped entries cost no million strings.
+        let specific = v.dropped.len() < 10 * MAX_PROBLEMS_PER_CODE;
+        let outside = start + stride > data_limit;
+        let reason: Cow<'static, str> = match reasons.remove(&i) {
+            Some(r) => r.into(),
+            None if outside && specific => format!(
+                "BAT entry {i} points to offset {start:#x}; the block ends at {:#x}, past the end of data at {data_limit:#x}",
+                start + stride
+            )
+            .into(),
+            None if outside => "the block ends past the end of data".into(),
+            None if specific => {
+                format!("block {i} at offset {start:#x} overlaps another block or the metadata")
+                    .into()
+            }
+            None => "the block overlaps another block or the metadata".into(),
+        };
+        v.dropped.push(DroppedEntry {
+            block: i as u64,
+            entry: *e,
+            reason,
+        });
+        *e = bat::UNUSED;
+    }
+}
+
+/// Parent locator data must lie inside the file and clear of the other extents (which no
+/// longer overlap each other): warnings only.
+fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Validator) {
+    for (i, loc) in h.locators.iter().enumerate() {
+        if loc.is_empty() {
+            continue;
+        }
+        let ls = format!("locator {i}");
+        let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
+        if end > len {
+            v.warn(
+                pc::LOCATOR_OUTSIDE,
+                &ls,
+                Some(loc.data_offset),
+                format!(
+                    "parent locator {i} ({}) data at offset {:#x} + {} bytes lies outside the file",
+                    loc.platform_code.name(),
+                    loc.data_offset,
+                    loc.data_length
+                ),
+            );
+            continue;
+        }
+        if let Some((_, tag)) = ex.first_overlapping(loc.data_offset, end) {
+            v.warn(
+                pc::LOCATOR_OVERLAP,
+                &ls,
+                Some(loc.data_offset),
+                format!(
+                    "parent locator {i} ({}) data at offset {:#x} overlaps {}",
+                    loc.platform_code.name(),
+                    loc.data_offset,
+                    extent_name(tag)
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Opening files: the one rule for a file a command writes (open it and take the exclusive
+//! lock first), regular files only, advisory locks with their retry, and [`peek`], the cheap
+//! look at a file's footers for directory scans.
+
+use std::fs::File;
+use std::path::Path;
+
+use uuid::Uuid;
+
+use super::open::{footer_candidates, read_footer_at};
+use super::{FooterSource, OpenOptions, Vhd};
+use crate::error::{Error, Result};
+use crate::format::footer::{DiskType, FOOTER_SIZE, Footer};
+use crate::format::header::{DynamicHeader, HEADER_SIZE};
+use crate::io::{FileStorage, Storage};
+
+impl Vhd {
+    /// Take an advisory lock (exclusive or shared) for the duration of the open file.
+    /// Fails with [`Error::InUse`] when another process holds a conflicting lock.
+    ///
+    /// A conflicting lock is retried for about 60 ms before giving up: a process that forks
+    /// between another thread's release of a lock and its own `exec` holds a copy of the
+    /// released descriptor (and so of its lock) for that moment, which must not look like a
+    /// real holder. A real holder keeps its lock far longer.
+    pub fn lock(&self, exclusive: bool) -> Result<()> {
+        take_lock(self.storage.as_ref(), &self.path, exclusive)
+    }
+
+    /// Open the existing VHD at `path` for writing the way every command that writes one does
+    /// (merge, set-parent, repair): with the exclusive advisory lock a merge takes on its
+    /// destination, taken before the file is even read, so a file another process is merging
+    /// gives [`Error::InUse`] (32774).
+    pub fn open_for_writing(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
+        let path = path.as_ref();
+        let storage = open_for_writing(path, WriteMode::Existing)?;
+        let options = OpenOptions {
+            writable: true,
+            ..options
+        };
+        Vhd::from_storage(Box::new(storage), path, options)
+    }
+}
+
+/// Take an advisory lock (exclusive or shared) on `storage`, the file at `path`; see
+/// [`Vhd::lock`] for the retry.
+pub(crate) fn take_lock(storage: &dyn Storage, path: &Path, exclusive: bool) -> Result<()> {
+    let mut wait_ms = 1;
+    loop {
+        match storage.try_lock(exclusive) {
+            Ok(true) => return Ok(()),
+            Ok(false) if wait_ms <= 32 => {
+                std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                wait_ms *= 2;
+            }
+            Ok(false) => {
+                return Err(Error::InUse(format!(
+                    "{} is in use: another process holds a lock on it (a merge or another tool)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("{}: locking", path.display()), e)),
+        }
+    }
+}
+
+/// What a command that writes a file expects to find at its path (see [`open_for_writing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    /// A file that exists, opened for reading and writing.
+    Existing,
+    /// No file: a new one is created (an existing one is refused).
+    CreateNew,
+    /// A new file, or an existing one emptied in place (`create --force`): truncated only
+    /// once the lock is held.
+    Truncate,
+    /// An existing file that is about to be replaced by renaming another over it (`flatten
+    /// --force`): opened read-only, only to hold the lock until the rename.
+    Replace,
+}
+
+/// The one rule for every command that writes a file (create, set-parent, repair, flatten
+/// over an existing output, merge): open it and take the exclusive advisory lock a merge
+/// takes on its destination (the other layers of a merge are locked shared, which conflicts
+/// too), before any byte changes. Another holder gives [`Error::InUse`] (32774). The lock
+/// lasts as long as the returned storage.
+pub(crate) fn open_for_writing(path: &Path, mode: WriteMode) -> Result<FileStorage> {
+    let exists = match std::fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(format!("{}: cannot open", path.display()), e)),
+    };
+    let file = match mode {
+        WriteMode::Existing => open_regular_file(path, true)?,
+        WriteMode::Replace => open_regular_file(path, false)?,
+        WriteMode::CreateNew => create_file(path, false)?,
+        WriteMode::Truncate if exists => {
+            // Never open a FIFO or a device (an open could block or write to it).
+            let _ = open_regular_file(path, false)?;
+            create_file(path, true)?
+        }
+        WriteMode::Truncate => create_file(path, true)?,
+    };
+    let storage = FileStorage::new(file);
+    take_lock(&storage, path, true)?;
+    if mode == WriteMode::Truncate {
+        storage
+            .set_len(0)
+            .map_err(|e| Error::io(format!("{}: truncating", path.display()), e))?;
+    }
+    Ok(storage)
+}
+
+/// Create `path` for reading and writing; `existing_ok` opens an existing file without
+/// truncating it (the caller truncates once it holds the lock).
+fn create_file(path: &Path, existing_ok: bool) -> Result<File> {
+    let mut o = File::options();
+    o.read(true).write(true);
+    if existing_ok {
+        o.create(true);
+    } else {
+        o.create_new(true);
+    }
+    o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::InvalidParameter(format!(
+                "{} already exists (the overwrite option (--force) replaces it)",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("{}: cannot create", path.display()), e)
+        }
+    })
+}
+
+/// Open a path that must be a regular file (not a directory, FIFO or device).
+pub(crate) fn open_regular_file(path: &Path, writable: bool) -> Result<File> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::InvalidParameter(format!(
+            "{} is not a regular file ({})",
+            path.display(),
+            file_kind(&meta)
+        )));
+    }
+    let file = File::options()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| {
+            let what = if writable {
+                "cannot open for writing"
+            } else {
+                "cannot open"
+            };
+            Error::io(format!("{}: {what}", path.display()), e)
+        })?;
+    Ok(file)
+}
+
+/// What a cheap look at a file finds: its footers and, for a differencing disk, its parent's
+/// unique id. Nothing else is validated; at most three small reads. For scanning whole
+/// directories for a renamed parent or for siblings, where most files are not wanted.
+#[derive(Clone, Debug)]
+pub(crate) struct Peek {
+    /// The footers [`Vhd::open`] would consider, in its order of preference, those that parse
+    /// (checksums not checked).
+    pub footers: Vec<Footer>,
+    /// The first sector parsed as a footer whatever its disk type (checksum not checked): a
+    /// fixed disk that holds a copy of its own footer there.
+    pub sector0: Option<Footer>,
+    /// For a differencing disk (by [`Peek::footer`]): the Parent Unique Id of its dynamic
+    /// header, when the header lies inside the file and its checksum is right.
+    pub parent_unique_id: Option<Uuid>,
+}
+
+impl Peek {
+    /// The footer a strict [`Vhd::open`] goes by: the first candidate whose checksum is right.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footers.iter().find(|f| f.checksum_ok())
+    }
+
+    /// Whether any footer, checksum right or not, carries unique id `id`: how a damaged copy
+    /// of a wanted disk is still recognised (see [`crate::layer::Probe::ids`]).
+    #[cfg(test)]
+    pub fn carries_id(&self, id: Uuid) -> bool {
+        self.footers
+            .iter()
+            .chain(&self.sector0)
+            .any(|f| f.unique_id == id)
+    }
+}
+
+/// Peek at the file at `path`: `None` when it is not a regular file at least a footer long
+/// (its metadata cannot be read, or it is a directory, FIFO, device or shorter file). A file
+/// that cannot be opened or read peeks as one without footers.
+pub(crate) fn peek(path: &Path) -> Option<Peek> {
+    let meta = std::fs::metadata(path).ok()?;
+    let len = meta.len();
+    if !meta.is_file() || len < FOOTER_SIZE as u64 {
+        return None;
+    }
+    let mut peek = Peek {
+        footers: Vec::new(),
+        sector0: None,
+        parent_unique_id: None,
+    };
+    let Ok(file) = File::open(path) else {
+        return Some(peek);
+    };
+    let storage = FileStorage::new(file);
+    let candidates = footer_candidates(&storage, len);
+    peek.footers = candidates
+        .into_iter()
+        .filter_map(|c| c.result.ok())
+        .collect();
+    if len >= 512 + FOOTER_SIZE as u64 {
+        peek.sector0 = read_footer_at(&storage, 0, 512, FooterSource::Copy)
+            .result
+            .ok();
+    }
+    let header_at = peek
+        .footer()
+        .filter(|f| f.disk_type == DiskType::Differencing)
+        .map(|f| f.data_offset)
+        .filter(|at| at.checked_add(HEADER_SIZE as u64).is_some_and(|e| e <= len));
+    if let Some(at) = header_at {
+        let mut b = [0u8; HEADER_SIZE];
+        peek.parent_unique_id = storage
+            .read_at(&mut b, at)
+            .ok()
+            .and_then(|()| DynamicHeader::parse(&b).ok())
+            .filter(DynamicHeader::checksum_ok)
+            .map(|h| h.parent_unique_id);
+    }
+    Some(peek)
+}
+
+/// What a path that is not a regular file is, for messages.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO";
+        }
+        if ft.is_block_device() || ft.is_char_device() {
+            return "a device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a regular file"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peek_reads_footers_and_the_parent_id_without_validating() {
+        use crate::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CreateOptions::default();
+        let base = dir.path().join("base.vhd");
+        let base_id = create_dynamic(&base, 4 << 20, &opts).unwrap().unique_id();
+        let child = dir.path().join("child.vhd");
+        let child_id = create_differencing(&child, &base, &opts)
+            .unwrap()
+            .unique_id();
+        let fixed = dir.path().join("fixed.vhd");
+        let fixed_id = create_fixed(&fixed, 1 << 20, &opts).unwrap().unique_id();
+        let flip = |p: &Path, at: usize| {
+            let mut b = std::fs::read(p).unwrap();
+            b[at] ^= 0xFF;
+            std::fs::write(p, b).unwrap();
+        };
+        let len = |p: &Path| std::fs::metadata(p).unwrap().len() as usize;
+
+        let p = peek(&base).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, base_id);
+        assert!(p.footers.len() == 2 && p.carries_id(base_id));
+        assert_eq!(p.parent_unique_id, None);
+        let p = peek(&child).unwrap();
+        assert_eq!(p.footer().unwrap().disk_type, DiskType::Differencing);
+        assert_eq!(p.parent_unique_id, Some(base_id));
+        let p = peek(&fixed).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, fixed_id);
+        assert_eq!(p.footers.len(), 1);
+
+        // A bad end footer checksum: a sparse disk goes by its copy, both still carry the id.
+        // The fixed disk's data starts with a copy of its footer (a disk holding a VHD image):
+        // a fixed disk has no offset-0 copy, so that is data, not a footer to go by.
+        let mut data = std::fs::read(&fixed).unwrap();
+        let end = data.len() - 512;
+        data.copy_within(end.., 0);
+        std::fs::write(&fixed, data).unwrap();
+        for path in [&child, &fixed] {
+            flip(path, len(path) - 512 + 64);
+        }
+        let p = peek(&child).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, child_id);
+        assert!(!p.footers[0].checksum_ok());
+        assert_eq!(p.parent_unique_id, Some(base_id));
+        let header_at = p.footer().unwrap().data_offset as usize;
+        let p = peek(&fixed).unwrap();
+        assert!(p.sector0.as_ref().unwrap().checksum_ok());
+        assert!(p.footer().is_none(), "a fixed disk has no copy to go by");
+        assert!(p.carries_id(fixed_id));
+
+        // A 511-byte footer (a fixed disk's, truncated by its last byte): found, as open finds it.
+        let short = dir.path().join("short.vhd");
+        let short_id = create_fixed(&short, 1 << 20, &opts).unwrap().unique_id();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&short)
+            .unwrap();
+        f.set_len(len(&short) as u64 - 1).unwrap();
+        let p = peek(&short).unwrap();
+        assert_eq!(p.footer().unwrap().unique_id, short_id);
+        assert!(p.carries_id(short_id));
+
+        // A damaged header (a byte of the parent id flipped): no parent id.
+        flip(&child, header_at + 40);
+        assert_eq!(peek(&child).unwrap().parent_unique_id, None);
+
+        // Not a regular file of at least a footer.
+        let tiny = dir.path().join("tiny");
+        std::fs::write(&tiny, [0u8; 511]).unwrap();
+        assert!(peek(&tiny).is_none());
+        assert!(peek(dir.path()).is_none());
+        assert!(peek(&dir.path().join("absent")).is_none());
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, [0u8; 4096]).unwrap();
+        let p = peek(&junk).unwrap();
+        assert!(p.footers.is_empty() && p.sector0.is_none() && p.footer().is_none());
+    }
+}
