@@ -99,6 +99,7 @@ pub mod error;
 pub mod flatten;
 pub mod format;
 pub mod image;
+pub mod info;
 pub mod io;
 pub mod layer;
 pub mod locator;
