@@ -53,6 +53,8 @@
 //!   [`ChainReader`]).
 //! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
 //! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
+//! - [`info`]: what one file holds, VHD or VHDX ([`info::inspect_file`]), the report
+//!   `vhd-merge info` prints.
 //! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
 //!   BAT entries.
 //! - [`layer`]: what the engine needs from any disk image format ([`Layer`], [`LayerWriter`]).
