@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use vhd_merge::image::FIXED_CHUNK;
-use vhd_merge::info::{ImageInfo, InfoOptions, InfoProblem, InfoReport, VhdInfo, inspect_file};
+use vhd_merge::info::{
+    ImageInfo, InfoOptions, InfoProblem, InfoReport, LocatorInfo, VhdInfo, inspect_file,
+};
 use vhd_merge::{Error, Result};
 
 /// Arguments of `vhd-merge info`.
@@ -28,10 +30,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         lenient: args.lenient,
     };
     // A strict open's failure says where to go next; a lenient report carries `hint` instead.
-    let mut report = inspect_file(&args.file, &opts).map_err(|e| match args.lenient {
-        true => e,
-        false => with_hint(e),
-    })?;
+    let mut report =
+        inspect_file(&args.file, &opts).map_err(|e| if args.lenient { e } else { with_hint(e) })?;
     let failure = report.failure.take();
     let hint = (!report.problems.is_empty()).then(|| hint(&args.file));
     if !args.json {
@@ -217,7 +217,13 @@ fn vhd_rows(v: &VhdInfo, row: &mut dyn FnMut(&str, String)) {
             ),
         );
     }
-    for l in &v.parent_locators {
+    locator_rows(&v.parent_locators, row);
+    warning_rows(&v.warnings, row);
+}
+
+/// One row per used parent locator slot.
+fn locator_rows(locators: &[LocatorInfo], row: &mut dyn FnMut(&str, String)) {
+    for l in locators {
         let text = match (&l.path, &l.note) {
             (Some(p), _) => p.clone(),
             (None, Some(n)) => format!("({n})"),
@@ -238,7 +244,6 @@ fn vhd_rows(v: &VhdInfo, row: &mut dyn FnMut(&str, String)) {
             ),
         );
     }
-    warning_rows(&v.warnings, row);
 }
 
 /// `1 entry`, `2 entries`.
