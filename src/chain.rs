@@ -163,6 +163,41 @@ impl ChainLayer {
     }
 }
 
+/// What `vhd-merge chain` shows: every layer, child first, with how it was found
+/// ([`Chain::report`]).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainReport {
+    /// The file the chain was opened from (layer 0's path).
+    pub path: PathBuf,
+    /// The number of layers.
+    pub layer_count: usize,
+    /// The layers, child first.
+    pub layers: Vec<ChainLayerReport>,
+}
+
+/// One layer of a [`ChainReport`].
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainLayerReport {
+    /// Its place in the chain, 0 for the child.
+    pub index: usize,
+    /// How it was found ([`FoundBy`]'s text in JSON).
+    pub found_by: FoundBy,
+    /// The file (in JSON its fields are the layer's).
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub layer: crate::layer::LayerSummary,
+    /// The link's warnings ([`ChainLayer::warnings`]), then the file's own.
+    pub warnings: Vec<String>,
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for FoundBy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// A chain of disk images, child first, ending at a layer without a parent.
 #[derive(Debug)]
 pub struct Chain {
@@ -324,6 +359,34 @@ impl Chain {
     /// Build a chain from layers already opened and verified (child first).
     pub fn from_layers(layers: Vec<ChainLayer>) -> Chain {
         Chain { layers }
+    }
+
+    /// What `vhd-merge chain` shows of the chain.
+    pub fn report(&self) -> ChainReport {
+        let layers: Vec<ChainLayerReport> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(index, l)| ChainLayerReport {
+                index,
+                found_by: l.found_by.clone(),
+                layer: crate::layer::LayerSummary::of(l.layer.as_ref()),
+                warnings: l
+                    .warnings
+                    .iter()
+                    .chain(l.layer.warnings())
+                    .cloned()
+                    .collect(),
+            })
+            .collect();
+        ChainReport {
+            path: layers
+                .first()
+                .map(|l| l.layer.path.clone())
+                .unwrap_or_default(),
+            layer_count: layers.len(),
+            layers,
+        }
     }
 
     /// The layers, child first.

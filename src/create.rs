@@ -52,6 +52,38 @@ impl Default for CreateOptions {
     }
 }
 
+/// What `vhd-merge create` reports of the new disk, VHD or VHDX ([`CreateReport::of`],
+/// [`report_file`]).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateReport {
+    /// `vhd` or `vhdx`.
+    pub format: crate::layer::Format,
+    /// The new file (in JSON its fields are the report's).
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub layer: crate::layer::LayerSummary,
+    /// The warnings of opening it.
+    pub warnings: Vec<String>,
+}
+
+impl CreateReport {
+    /// The report of an open layer.
+    pub fn of(layer: &dyn crate::layer::Layer) -> CreateReport {
+        CreateReport {
+            format: layer.format(),
+            layer: crate::layer::LayerSummary::of(layer),
+            warnings: layer.warnings().to_vec(),
+        }
+    }
+}
+
+/// The [`CreateReport`] of the disk at `path` (any format, opened read-only), as read back
+/// after creating it.
+pub fn report_file(path: impl AsRef<Path>) -> Result<CreateReport> {
+    let layer = crate::layer::open_layer(path.as_ref(), OpenOptions::read_only())?;
+    Ok(CreateReport::of(layer.as_ref()))
+}
+
 fn now_vhd() -> u32 {
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -26,6 +26,9 @@ pub enum Format {
     Vhdx,
 }
 
+#[cfg(feature = "serde")]
+serialize_as_name!(Format);
+
 impl Format {
     /// `vhd` or `vhdx`.
     pub fn name(self) -> &'static str {
@@ -160,6 +163,42 @@ impl CloneSource<'_> {
         offset: u64,
     ) -> std::io::Result<CloneOutcome> {
         crate::io::clone_file_range(self.file, self.offset, dst, offset, self.len)
+    }
+}
+
+/// What `chain` and `create` show of one file: its identity, size and link to its parent.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerSummary {
+    /// The file.
+    pub path: PathBuf,
+    /// Fixed, dynamic or differencing.
+    pub disk_type: DiskKind,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Bytes per block (`None` for a fixed disk).
+    pub block_size: Option<u64>,
+    /// [`Layer::id`].
+    pub unique_id: Uuid,
+    /// The first parent id a differencing layer accepts ([`ParentLink::ids`]).
+    pub parent_unique_id: Option<Uuid>,
+    /// The parent's name as the child records it ([`ParentLink::name`]).
+    pub parent_name: Option<String>,
+}
+
+impl LayerSummary {
+    /// The summary of `layer` (a parent link that cannot be read gives no parent fields).
+    pub fn of(layer: &dyn Layer) -> LayerSummary {
+        let link = layer.parent_link().ok().flatten();
+        LayerSummary {
+            path: layer.path().to_path_buf(),
+            disk_type: layer.kind(),
+            virtual_size: layer.virtual_size(),
+            block_size: (layer.kind() != DiskKind::Fixed).then(|| layer.block_size()),
+            unique_id: layer.id(),
+            parent_unique_id: link.as_ref().and_then(|k| k.ids.first().copied()),
+            parent_name: link.map(|k| k.name),
+        }
     }
 }
 

@@ -53,6 +53,8 @@
 //!   [`ChainReader`]).
 //! - [`flatten()`] ([`mod@flatten`]): the logical content of a chain as a new standalone file.
 //! - [`set_parent`] ([`setparent`]): re-point a child at a moved, renamed or replaced parent.
+//! - [`info`]: what one file holds, VHD or VHDX ([`info::inspect_file`]), the report
+//!   `vhd-merge info` prints.
 //! - [`check`] and [`repair`]: validate a file or chain, and fix footers, checksums and bad
 //!   BAT entries.
 //! - [`layer`]: what the engine needs from any disk image format ([`Layer`], [`LayerWriter`]).
@@ -62,7 +64,7 @@
 //!   with crash-safe writes through the log, creation, check and repair; [`vhdx_layer`]
 //!   puts it behind the layer boundary, so every function above takes VHDX chains too.
 //! - [`format`](mod@format): the VHD on-disk structures, sans I/O; [`io`]: positional I/O
-//!   and the fault-injecting storage the crash tests use.
+//!   and, with the `testing` feature, the fault-injecting storage the crash tests use.
 //!
 //! The architecture, and the VHD format with the quirks of every tool that writes it, are
 //! described in [`docs/design.md`] and [`docs/vhd-format.md`], which the package ships (docs.rs
@@ -98,6 +100,7 @@ pub mod create;
 pub mod error;
 pub mod flatten;
 pub mod format;
+pub mod info;
 pub mod io;
 pub mod layer;
 pub mod locator;

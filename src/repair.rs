@@ -62,13 +62,15 @@ pub struct RepairOptions {
 }
 
 /// One write repair makes (or would make, in a dry run).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepairAction {
     /// The structure rewritten: `dynamic header`, `BAT`, `footer`, `footer copy`.
     pub structure: &'static str,
     /// File offset of the write.
     pub offset: u64,
-    /// Bytes written.
+    /// Bytes written (`length` in JSON).
+    #[cfg_attr(feature = "serde", serde(rename = "length"))]
     pub len: u64,
     /// Why.
     pub reason: String,
@@ -88,11 +90,37 @@ pub struct LostRange {
     pub reason: std::borrow::Cow<'static, str>,
 }
 
-/// What [`repair_file`] did, or would do in a dry run.
+/// Consecutive [`LostRange`]s merged into one ([`RepairReport::lost_runs`]; a hostile table
+/// can drop a million entries).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostRun {
+    /// The first block whose entry was dropped.
+    pub first_block: u64,
+    /// The last (`first_block` when the run is one block).
+    pub last_block: u64,
+    /// Start of the virtual byte range lost.
+    pub virtual_start: u64,
+    /// Its end (exclusive).
+    pub virtual_end: u64,
+    /// Where the first block's entry pointed, for manual salvage.
+    pub file_offset: u64,
+    /// What the range reads as now ([`RepairReport::lost_reads_as`]).
+    pub now: &'static str,
+    /// Why the first block's entry was dropped.
+    pub reason: String,
+}
+
+/// What [`repair_file`] did, or would do in a dry run. Its JSON (the `serde` feature) is what
+/// `repair --json` prints: `path`, `dry_run`, `wrote`, `actions`, `lost` (as
+/// [`RepairReport::lost_runs`]), `errors_remain` ([`RepairReport::has_errors`]) and
+/// `not_repaired`.
 #[derive(Clone, Debug)]
 pub struct RepairReport {
     /// The file.
     pub file: PathBuf,
+    /// True when [`RepairOptions::dry_run`] asked for nothing to be written.
+    pub dry_run: bool,
     /// True when the actions were carried out (not a dry run, and something to do).
     pub wrote: bool,
     /// The writes, in the order they are made.
@@ -106,7 +134,61 @@ pub struct RepairReport {
     pub disk_type: DiskType,
 }
 
+#[cfg(feature = "serde")]
+impl serde::Serialize for RepairReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("RepairReport", 7)?;
+        m.serialize_field("path", &self.file)?;
+        m.serialize_field("dry_run", &self.dry_run)?;
+        m.serialize_field("wrote", &self.wrote)?;
+        m.serialize_field("actions", &self.actions)?;
+        m.serialize_field("lost", &self.lost_runs())?;
+        m.serialize_field("errors_remain", &self.has_errors())?;
+        m.serialize_field("not_repaired", &self.not_repaired)?;
+        m.end()
+    }
+}
+
 impl RepairReport {
+    /// What a lost range reads as now: from the parent (differencing) or zeros.
+    pub fn lost_reads_as(&self) -> &'static str {
+        if self.disk_type == DiskType::Differencing {
+            "now read from the parent"
+        } else {
+            "now read as zeros"
+        }
+    }
+
+    /// [`RepairReport::lost`] in block order, consecutive blocks whose virtual ranges touch
+    /// merged into one run (the offset and reason are the first block's).
+    pub fn lost_runs(&self) -> Vec<LostRun> {
+        let mut lost: Vec<&LostRange> = self.lost.iter().collect();
+        lost.sort_by_key(|l| l.block);
+        let mut out: Vec<LostRun> = Vec::new();
+        for l in lost {
+            match out.last_mut() {
+                Some(run)
+                    if run.last_block + 1 == l.block
+                        && run.virtual_end == l.virtual_range.start =>
+                {
+                    run.last_block = l.block;
+                    run.virtual_end = l.virtual_range.end;
+                }
+                _ => out.push(LostRun {
+                    first_block: l.block,
+                    last_block: l.block,
+                    virtual_start: l.virtual_range.start,
+                    virtual_end: l.virtual_range.end,
+                    file_offset: l.file_offset,
+                    now: self.lost_reads_as(),
+                    reason: l.reason.to_string(),
+                }),
+            }
+        }
+        out
+    }
+
     /// True when the file needed (or, in a dry run, needs) no write.
     pub fn is_clean(&self) -> bool {
         self.actions.is_empty()
@@ -427,6 +509,7 @@ fn finish(
         .collect();
     Ok(RepairReport {
         file: path.to_path_buf(),
+        dry_run: options.dry_run,
         wrote,
         actions: writes.into_iter().map(|(a, _)| a).collect(),
         lost,

@@ -317,3 +317,54 @@ fn progress_json_lines_for_merge_and_flatten() {
         assert!(lines.len() <= 101 + 4, "{args:?}: {} lines", lines.len());
     }
 }
+
+/// The library's report, serialized, with the `schema_version` the CLI adds.
+#[cfg(feature = "serde")]
+fn with_schema<T: serde::Serialize>(report: T) -> Value {
+    let mut v = serde_json::to_value(report).unwrap();
+    v["schema_version"] = SCHEMA_VERSION.into();
+    v
+}
+
+/// `info`, `chain`, `create` and `repair --json` print exactly the library's typed reports
+/// (docs/json.md): what a program linking the crate gets is what the CLI prints.
+#[cfg(feature = "serde")]
+#[test]
+fn the_cli_prints_the_library_reports() {
+    use vhd_merge::info::{InfoOptions, inspect_file};
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = (dir.path().join("b.vhd"), dir.path().join("c.vhd"));
+    let x = dir.path().join("x.vhdx");
+    let creates: [Vec<&str>; 3] = [
+        vec!["create", "dynamic", s(&base), "--size", "8M"],
+        vec!["create", "differencing", s(&child), "--parent", s(&base)],
+        vec!["create", "dynamic", s(&x), "--size", "8M"],
+    ];
+    for args in creates {
+        let file = Path::new(args[2]);
+        let Some((_, v)) = json_run(&[&args[..], &["--json"]].concat()) else {
+            return;
+        };
+        let report = vhd_merge::create::report_file(file).unwrap();
+        assert_eq!(v, with_schema(report), "{args:?}");
+    }
+    let opts = InfoOptions::default();
+    for file in [&base, &child, &x] {
+        let (_, v) = json_run(&["info", s(file), "--json"]).unwrap();
+        assert_eq!(
+            v,
+            with_schema(inspect_file(file, &opts).unwrap()),
+            "{file:?}"
+        );
+        let (_, v) = json_run(&["repair", "--dry-run", s(file), "--json"]).unwrap();
+        let dry = vhd_merge::repair::RepairOptions {
+            dry_run: true,
+            ..Default::default()
+        };
+        let report = vhd_merge::repair::repair_file(file, &dry).unwrap();
+        assert_eq!(v, with_schema(report), "{file:?}");
+    }
+    let (_, v) = json_run(&["chain", s(&child), "--json"]).unwrap();
+    let chain = vhd_merge::Chain::open(&child, &vhd_merge::ChainOptions::default()).unwrap();
+    assert_eq!(v, with_schema(chain.report()));
+}

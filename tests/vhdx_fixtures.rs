@@ -516,7 +516,7 @@ fn virtual_sha256(r: &VhdxReader<FileStorage>) -> String {
     let mut at = 0;
     while at < r.virtual_size() {
         let n = (r.virtual_size() - at).min(buf.len() as u64) as usize;
-        r.read_at(&mut buf[..n], at).expect("read");
+        r.read_at(at, &mut buf[..n]).expect("read");
         h.update(&buf[..n]);
         at += n as u64;
     }
@@ -563,7 +563,7 @@ fn the_reader_never_writes_a_dirty_file() {
     let before = std::fs::read(&path).expect("read");
     let r = open_reader(&path).expect("open");
     let mut mbr = [0u8; 512];
-    r.read_at(&mut mbr, 0).expect("read");
+    r.read_at(0, &mut mbr).expect("read");
     assert_eq!(&mbr[510..], &[0x55, 0xAA], "the replayed disk has its MBR");
     assert_eq!(std::fs::read(&path).expect("read"), before);
 }
@@ -595,7 +595,7 @@ fn damaged_fixtures_fail_cleanly() {
             match VhdxReader::open(MemStorage::new(bytes)) {
                 Ok(r) => {
                     let mut buf = vec![0; 1 << 20];
-                    let _ = r.read_at(&mut buf, 0);
+                    let _ = r.read_at(0, &mut buf);
                     opened += 1;
                 }
                 Err(e) => {

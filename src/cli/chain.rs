@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhd_merge::{Chain, DiskKind, Result};
+use vhd_merge::{Chain, Result};
 
 use super::ChainArgs;
 
@@ -22,74 +22,35 @@ pub struct Args {
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
     let chain = Chain::open(&args.file, &args.chain.options(&args.file))?;
+    let report = chain.report();
     if args.json {
-        let layers: Vec<serde_json::Value> = chain
-            .layers()
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let mut j = layer_json(l.layer.as_ref());
-                j["index"] = i.into();
-                j["found_by"] = l.found_by.to_string().into();
-                j["warnings"] = all_warnings(l).into();
-                j
-            })
-            .collect();
-        super::print_json(&serde_json::json!({
-            "path": args.file.display().to_string(),
-            "layer_count": layers.len(),
-            "layers": layers,
-        }))?;
+        super::print_json(&super::to_value(&report)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    for (i, l) in chain.layers().iter().enumerate() {
-        let v = l.layer.as_ref();
-        println!("layer {i}: {}", v.path().display());
-        let block = match v.kind() {
-            DiskKind::Fixed => String::new(),
-            _ => format!(", block size {}", human(v.block_size())),
+    for l in &report.layers {
+        let v = &l.layer;
+        println!("layer {}: {}", l.index, v.path.display());
+        let block = match v.block_size {
+            None => String::new(),
+            Some(b) => format!(", block size {}", human(b)),
         };
         println!(
             "  type {}, virtual size {} ({} bytes){block}",
-            v.kind().name(),
-            human(v.virtual_size()),
-            v.virtual_size()
+            v.disk_type.name(),
+            human(v.virtual_size),
+            v.virtual_size
         );
-        println!("  unique id {}", v.id());
-        if i == 0 {
+        println!("  unique id {}", v.unique_id);
+        if l.index == 0 {
             println!("  opened as given");
         } else {
             println!("  found by {}", l.found_by);
         }
-        for w in all_warnings(l) {
+        for w in &l.warnings {
             println!("  warning: {w}");
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// What `chain` and `create` show of one file: `path`, `disk_type`, `virtual_size`,
-/// `block_size` (null for a fixed disk), `unique_id`, `parent_unique_id`, `parent_name`.
-pub fn layer_json(v: &dyn vhd_merge::layer::Layer) -> serde_json::Value {
-    let link = v.parent_link().ok().flatten();
-    serde_json::json!({
-        "path": v.path().to_string_lossy(),
-        "disk_type": v.kind().name(),
-        "virtual_size": v.virtual_size(),
-        "block_size": (v.kind() != DiskKind::Fixed).then(|| v.block_size()),
-        "unique_id": v.id().to_string(),
-        "parent_unique_id": link.as_ref().and_then(|k| k.ids.first()).map(|u| u.to_string()),
-        "parent_name": link.map(|k| k.name),
-    })
-}
-
-/// The link's warnings, then the file's own.
-fn all_warnings(l: &vhd_merge::ChainLayer) -> Vec<String> {
-    l.warnings
-        .iter()
-        .chain(l.layer.warnings())
-        .cloned()
-        .collect()
 }
 
 /// Bytes in binary units, e.g. `40 MiB`, `1.5 GiB`.

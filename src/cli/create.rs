@@ -189,11 +189,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ImageFormat::Vhdx => run_vhdx(&req),
     }?;
     if req.common.json {
-        let layer = vhd_merge::layer::open_layer(&req.common.file, OpenOptions::read_only())?;
-        let mut v = super::chain::layer_json(layer.as_ref());
-        v["format"] = format!("{format:?}").to_ascii_lowercase().into();
-        v["warnings"] = layer.warnings().to_vec().into();
-        super::print_json(&v)?;
+        super::print_json(&super::to_value(&create::report_file(&req.common.file)?)?)?;
     }
     Ok(ExitCode::SUCCESS)
 }

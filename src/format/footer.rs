@@ -39,6 +39,9 @@ pub enum DiskType {
     Other(u32),
 }
 
+#[cfg(feature = "serde")]
+serialize_as_name!(DiskType);
+
 impl DiskType {
     /// The on-disk value.
     pub fn to_u32(self) -> u32 {
@@ -77,6 +80,7 @@ impl DiskType {
 }
 
 /// Cylinders, heads and sectors per track (§1.4).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Geometry {
     /// Cylinders.

@@ -11,6 +11,7 @@ pub mod check;
 pub mod create;
 pub mod format;
 pub mod image;
+pub mod info;
 mod journal;
 pub mod reader;
 pub mod repair;

@@ -281,8 +281,9 @@ impl<S: Storage> VhdxReader<S> {
 
     /// Read `buf.len()` bytes of the virtual disk at `offset`: present blocks from the file,
     /// every other state as zeros ([MS-VHDX] 2.5.1.1; PARTIALLY_PRESENT is only valid with a
-    /// parent, read as present as openvmm does).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// parent, read as present as openvmm does). Offset first, then the buffer, as in
+    /// [`crate::Chain::read_at`], [`crate::Vhd::write_at`] and [`crate::vhdx::Vhdx::write_at`].
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.virtual_size());

@@ -61,8 +61,9 @@ pub const REPAIRED_CODES: &[&str] = &[
 pub fn repair_file(path: &Path, options: &RepairOptions) -> Result<RepairReport> {
     let storage = FileStorage::new(open_regular_file(path, false)?);
     take_lock(&storage, path, false)?;
-    let report = repair_storage(storage, path, &dry(options))?;
+    let mut report = repair_storage(storage, path, &dry(options))?;
     if options.dry_run || report.is_clean() {
+        report.dry_run = options.dry_run;
         return Ok(report);
     }
     let storage = open_for_writing(path, WriteMode::Existing)?;
@@ -93,7 +94,9 @@ pub fn repair_storage<S: Storage>(
     } else {
         insp
     };
-    Ok(report(path, actions, wrote, after))
+    let mut report = report(path, actions, wrote, after);
+    report.dry_run = options.dry_run;
+    Ok(report)
 }
 
 /// The writes the inspection calls for, in their order (see the module docs).
@@ -262,6 +265,7 @@ fn report(path: &Path, actions: Vec<RepairAction>, wrote: bool, after: Inspectio
         .collect();
     RepairReport {
         file: path.to_path_buf(),
+        dry_run: false,
         wrote,
         actions,
         lost: Vec::new(),
