@@ -7,6 +7,8 @@ use vhd_merge::{Chain, Result};
 
 use super::ChainArgs;
 
+use super::units::human;
+
 /// Arguments of `vhd-merge chain`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -51,22 +53,4 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Bytes in binary units, e.g. `40 MiB`, `1.5 GiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} bytes")
-    } else if v.fract() == 0.0 {
-        format!("{v} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -78,7 +78,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "reading {} ({}, {})",
                 l.layer.path().display(),
                 l.layer.kind().name(),
-                super::chain::human(l.layer.virtual_size())
+                super::units::human(l.layer.virtual_size())
             );
         }
     }
@@ -127,10 +127,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "{}: {} {} from {} layer(s), {} of data ({} cloned)",
         r.output.display(),
         r.format.name(),
-        super::chain::human(r.virtual_size),
+        super::units::human(r.virtual_size),
         r.layers,
-        super::chain::human(r.data_bytes),
-        super::chain::human(r.bytes_cloned)
+        super::units::human(r.data_bytes),
+        super::units::human(r.bytes_cloned)
     );
     if matches!(
         r.format,

@@ -125,25 +125,7 @@ pub(super) fn aligned(rows: Vec<(String, String)>) -> String {
     out
 }
 
-/// Bytes with a binary unit when it is a whole number of them: `41943040 (40 MiB)`.
-pub(super) fn bytes(n: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [
-        (1 << 40, "TiB"),
-        (1 << 30, "GiB"),
-        (1 << 20, "MiB"),
-        (1 << 10, "KiB"),
-    ];
-    for (unit, name) in UNITS {
-        if n >= unit {
-            return if n.is_multiple_of(unit) {
-                format!("{n} ({} {name})", n / unit)
-            } else {
-                format!("{n} ({:.2} {name})", n as f64 / unit as f64)
-            };
-        }
-    }
-    n.to_string()
-}
+pub(super) use super::units::exact as bytes;
 
 /// The rows of a VHD's listing (after `file`).
 fn vhd_rows(v: &VhdInfo, row: &mut dyn FnMut(&str, String)) {
@@ -249,16 +231,4 @@ fn locator_rows(locators: &[LocatorInfo], row: &mut dyn FnMut(&str, String)) {
 /// `1 entry`, `2 entries`.
 pub(super) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_units() {
-        assert_eq!(bytes(40 << 20), "41943040 (40 MiB)");
-        assert_eq!(bytes(1536), "1536 (1.50 KiB)");
-        assert_eq!(bytes(100), "100");
-    }
 }

@@ -114,21 +114,7 @@ fn name(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// `1.50 GiB` style sizes.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+use super::units::human;
 
 fn summary(r: &MergeReport, seconds: f64) -> String {
     let rate = if seconds > 0.0 {

@@ -20,6 +20,7 @@ mod progress;
 mod repair;
 mod set_parent;
 mod signal;
+mod units;
 
 /// Merge, inspect, create and repair Microsoft VHD files.
 #[derive(Parser, Debug)]

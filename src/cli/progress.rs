@@ -21,7 +21,30 @@ pub enum Style {
 /// The bar's layout: everything but the bar has a bounded width (at most 59 columns with
 /// 4-digit eta hours); `wide_bar` takes what the terminal has left, so that the line never
 /// wraps (a wrapped line is not cleared completely).
-const TEMPLATE: &str = "{spinner} {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}";
+/// The bar's line; `{done}`, `{total}` and `{rate}` are written by [`super::units::human`], as
+/// the final messages are.
+const TEMPLATE: &str = "{spinner} {msg} [{wide_bar}] {done}/{total} {rate} eta {eta}";
+
+/// [`TEMPLATE`] with its byte fields.
+fn style() -> Option<indicatif::ProgressStyle> {
+    use super::units::human;
+    use indicatif::ProgressState;
+    use std::fmt::Write;
+    let style = indicatif::ProgressStyle::with_template(TEMPLATE).ok()?;
+    Some(
+        style
+            .with_key("done", |s: &ProgressState, w: &mut dyn Write| {
+                let _ = w.write_str(&human(s.pos()));
+            })
+            .with_key("total", |s: &ProgressState, w: &mut dyn Write| {
+                let _ = w.write_str(&human(s.len().unwrap_or(0)));
+            })
+            .with_key("rate", |s: &ProgressState, w: &mut dyn Write| {
+                let _ = write!(w, "{}/s", human(s.per_sec() as u64));
+            })
+            .progress_chars("=> "),
+    )
+}
 
 /// The state, percent and bytes done of the last `--progress json` line (None before the first).
 type LastLine = Option<(JobState, u64, u64)>;
@@ -45,8 +68,8 @@ impl Bar {
     pub fn new(verb: &'static str, show: bool) -> Bar {
         let bar = (show && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(0);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(TEMPLATE) {
-                b.set_style(style.progress_chars("=> "));
+            if let Some(style) = style() {
+                b.set_style(style);
             }
             b.set_message(verb);
             b
@@ -140,18 +163,20 @@ fn json_line(state: JobState, done: u64, total: u64, percent: u64) -> String {
 mod tests {
     use super::*;
 
-    /// The widest each field of [`TEMPLATE`] other than the bar gets, e.g. `1023.99 GiB`.
+    /// The widest each field of [`TEMPLATE`] other than the bar gets, e.g. `1023.99 GiB`; the
+    /// template parses with its keys.
     #[test]
     fn the_line_fits_80_columns_with_room_for_a_bar() {
         let fixed = TEMPLATE
             .replace("{spinner}", "-")
             .replace("{msg}", "flattening")
             .replace("{wide_bar}", "")
-            .replace("{binary_bytes}", "1023.99 GiB")
-            .replace("{binary_total_bytes}", "1023.99 GiB")
-            .replace("{binary_bytes_per_sec}", "1023.99 MiB/s")
+            .replace("{done}", "1023.99 GiB")
+            .replace("{total}", "1023.99 GiB")
+            .replace("{rate}", "1023.99 MiB/s")
             .replace("{eta}", "9999h");
         assert!(!fixed.contains('{'), "{fixed}");
+        assert!(style().is_some());
         assert!(fixed.len() + 10 <= 80, "{} columns: {fixed}", fixed.len());
     }
 }
