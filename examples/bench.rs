@@ -14,7 +14,7 @@
 //!   --cold           drop the page cache before every timed command (Linux, root only):
 //!                    sync; echo 3 > /proc/sys/vm/drop_caches. Default: warm cache.
 //!   --global-sync    time `cp` + `sync` (every file system) instead of `cp` + `sync FILE`
-//!   --only LIST      comma-separated shapes: full,eos,e4k,fixed,sparse,fullbat,deep,
+//!   --only LIST      comma-separated shapes: full,eos,e4k,mostly,fixed,sparse,fullbat,deep,
 //!                    striped,deepsparse,flatten (VHD); vhdx,vhdx-eos,vhdx-e4k,vhdx-sparse,
 //!                    vhdx-plan32,vhdx-plan1,vhdx-deep,vhdx-256m,vhdx-convert,qemu (VHDX,
 //!                    examples/bench/vhdx.rs) (default: all; references are added as needed)
@@ -56,7 +56,7 @@ const BLOCK: u64 = 2 * MIB;
 const TIB2: u64 = 0xFF00_0000 * 512;
 
 /// The `--only` names of the VHD shapes.
-const VHD_SHAPES: &str = "full,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten";
+const VHD_SHAPES: &str = "full,eos,e4k,mostly,fixed,sparse,fullbat,deep,striped,deepsparse,flatten";
 
 struct Args {
     dir: Option<PathBuf>,
@@ -855,6 +855,13 @@ fn vhd_rows(items: &[Item], data: u64, sparse_data: u64, plan: &[f64], full_bat:
         "x",
     );
     row(
+        "9h",
+        "15/16-held blocks (cloned whole, patched), default / --no-clone",
+        ratio(items, "merge_mostly", "merge_mostly_no_clone"),
+        Some(1.0),
+        "x",
+    );
+    row(
         "9d",
         "every-other-4KiB, default / --no-clone",
         ratio(
@@ -1037,6 +1044,20 @@ fn main() -> Res<()> {
         )?;
         let it = merge_item("merge_every_other_4k", &p, data / 2)?;
         items.extend(no_clone("merge_every_other_4k_no_clone", &it));
+        items.push(it);
+    }
+    if want("mostly") {
+        let p = build_chain(
+            &root.join("mostly"),
+            size,
+            &all,
+            1,
+            Spread::RoundRobin(Shape::Mostly),
+            false,
+            &mut fill,
+        )?;
+        let it = merge_item("merge_mostly", &p, data / 16 * 15)?;
+        items.extend(no_clone("merge_mostly_no_clone", &it));
         items.push(it);
     }
     if want("fixed") {

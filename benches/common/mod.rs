@@ -24,6 +24,9 @@ pub enum Shape {
     Full,
     EveryOtherSector,
     EveryOther4K,
+    /// All but the first 4 KiB of every 64 KiB (15/16 of the sectors): a block mostly held,
+    /// which a cloning merge clones whole and then patches.
+    Mostly,
 }
 
 impl Shape {
@@ -34,6 +37,9 @@ impl Shape {
             Shape::Full => m.set_range(0..4096),
             Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
             Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
+            Shape::Mostly => (0..4096)
+                .step_by(128)
+                .for_each(|s| m.set_range(s + 8..s + 128)),
         }
         m
     }

@@ -15,7 +15,7 @@ use super::{
 const TIB64: u64 = 64 << 40;
 
 /// The `--only` names of these shapes.
-pub const SHAPES: &str = "vhdx,vhdx-eos,vhdx-e4k,vhdx-sparse,vhdx-plan32,vhdx-plan1,vhdx-deep,vhdx-256m,vhdx-convert,qemu";
+pub const SHAPES: &str = "vhdx,vhdx-mostly,vhdx-eos,vhdx-e4k,vhdx-sparse,vhdx-plan32,vhdx-plan1,vhdx-deep,vhdx-256m,vhdx-convert,qemu";
 
 /// What the shapes are built from.
 pub struct Inputs<'a> {
@@ -73,6 +73,15 @@ pub fn build(inp: &Inputs, want: Want, items: &mut Vec<Item>, fill: &mut Fill) -
             let (it, _) = chain_item(inp, name, &s, &all, item, fill)?;
             items.extend(no_clone(item, &it));
         }
+    }
+    if want("vhdx-mostly") {
+        let s = VhdxSpec {
+            shape: Shape::Mostly,
+            ..spec
+        };
+        let (it, _) = chain_item(inp, "vhdx-mostly", &s, &all, "merge_vhdx_mostly", fill)?;
+        items.extend(no_clone("merge_vhdx_mostly_no_clone", &it));
+        items.push(it);
     }
     if want("vhdx-deep") {
         let s = VhdxSpec { depth: 32, ..spec };
@@ -141,6 +150,7 @@ fn chain_item(
     let unit = u64::from(spec.block).min(2 * MIB);
     let per_unit = match spec.shape {
         Shape::Full => unit,
+        Shape::Mostly => unit / 16 * 15,
         _ => unit / 2,
     };
     let it = merge_item(name, &p, units.len() as u64 * per_unit)?;
