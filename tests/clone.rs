@@ -476,7 +476,8 @@ const SPB: usize = 4096;
 /// child), by block: the child holds most (95 %) of blocks 0, 3, 4, 5 and 7, the middle layer
 /// all of block 0 and half of block 3 (so the child's holes there come from it, or are zeros),
 /// the base blocks 1 and 5 (an allocated destination block: never cloned and patched); the
-/// child's block 6 is half held (copied) and block 9 whole (cloned as is).
+/// child's block 6 is half held (copied), block 8 held but for 16 holes (too many to patch:
+/// copied) and block 9 whole (cloned as is).
 fn mostly_layout() -> Vec<(usize, u64, vhd_merge::format::SectorBitmap)> {
     use vhd_merge::format::SectorBitmap;
     let range = |r: std::ops::Range<usize>| {
@@ -490,7 +491,15 @@ fn mostly_layout() -> Vec<(usize, u64, vhd_merge::format::SectorBitmap)> {
     let mut out = vec![(0, 1, range(0..SPB)), (0, 5, range(0..SPB))];
     out.extend([(1, 0, range(0..SPB)), (1, 3, range(0..SPB / 2))]);
     out.extend([0, 3, 4, 5, 7].map(|b| (2, b, mostly.clone())));
-    out.extend([(2, 6, range(0..SPB / 2)), (2, 9, range(0..SPB))]);
+    let mut holed = SectorBitmap::full(SPB);
+    (0..SPB)
+        .step_by(256)
+        .for_each(|s| holed.clear_range(s..s + 8));
+    out.extend([
+        (2, 6, range(0..SPB / 2)),
+        (2, 8, holed),
+        (2, 9, range(0..SPB)),
+    ]);
     out
 }
 

@@ -24,8 +24,8 @@ pub enum Shape {
     Full,
     EveryOtherSector,
     EveryOther4K,
-    /// All but the first 4 KiB of every 64 KiB (15/16 of the sectors): a block mostly held,
-    /// which a cloning merge clones whole and then patches.
+    /// All but the first 64 KiB of every 512 KiB (7/8 of the sectors, 4 holes): a block
+    /// mostly held, which a cloning merge clones whole and then patches.
     Mostly,
 }
 
@@ -38,8 +38,8 @@ impl Shape {
             Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
             Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
             Shape::Mostly => (0..4096)
-                .step_by(128)
-                .for_each(|s| m.set_range(s + 8..s + 128)),
+                .step_by(1024)
+                .for_each(|s| m.set_range(s + 128..s + 1024)),
         }
         m
     }

@@ -150,7 +150,7 @@ fn chain_item(
     let unit = u64::from(spec.block).min(2 * MIB);
     let per_unit = match spec.shape {
         Shape::Full => unit,
-        Shape::Mostly => unit / 16 * 15,
+        Shape::Mostly => unit / 8 * 7,
         _ => unit / 2,
     };
     let it = merge_item(name, &p, units.len() as u64 * per_unit)?;
@@ -285,40 +285,132 @@ fn qemu(inp: &Inputs, items: &mut Vec<Item>) {
     }
 }
 
-/// The VHDX targets of issue 12 (and the qemu-img reference rows).
-pub fn rows(items: &[Item], times: &Timings) {
-    let x = |n, what: &str, a, b, limit| row(n, what, ratio(items, a, b), limit, "x");
-    x(
+/// A ratio row: number, what, the command, its reference, the limit (None: a reference row).
+type RatioRow = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<f64>,
+);
+
+/// The ratio rows printed before the open + plan rows.
+const MERGE_ROWS: &[RatioRow] = &[
+    (
         "V1",
         "VHDX full blocks into dynamic VHDX / (cp + sync)",
         "merge_vhdx_full",
         "cp_data",
         Some(1.2),
-    );
-    x(
+    ),
+    (
         "V2",
         "VHDX every-other-sector / VHDX full blocks (--no-clone)",
         "merge_vhdx_eos_no_clone",
         "merge_vhdx_full_no_clone",
         Some(1.5),
-    );
-    x(
+    ),
+    (
         "V3",
         "VHDX every-other-4KiB / VHDX full blocks (--no-clone)",
         "merge_vhdx_e4k_no_clone",
         "merge_vhdx_full_no_clone",
         Some(1.5),
-    );
-    let sparse = get(items, "cp_sparse_data").map_or(0, |_| 1);
-    if sparse == 1 {
-        x(
-            "V4",
-            "VHDX 64 TiB sparse / (cp of its data + sync)",
-            "merge_vhdx_sparse_64tib",
-            "cp_sparse_data",
-            Some(2.0),
-        );
-    }
+    ),
+    (
+        "V3'",
+        "VHDX 7/8-held blocks, default / --no-clone",
+        "merge_vhdx_mostly",
+        "merge_vhdx_mostly_no_clone",
+        Some(1.0),
+    ),
+    (
+        "V4",
+        "VHDX 64 TiB sparse / (cp of its data + sync)",
+        "merge_vhdx_sparse_64tib",
+        "cp_sparse_data",
+        Some(2.0),
+    ),
+    (
+        "V6",
+        "VHDX 32 layers (blocks round-robin) / 1 layer",
+        "merge_vhdx_32_layers",
+        "merge_vhdx_full",
+        Some(1.3),
+    ),
+    (
+        "V6'",
+        "VHDX 256 MiB blocks / (cp + sync) (no target)",
+        "merge_vhdx_256m_blocks",
+        "cp_data",
+        None,
+    ),
+];
+
+/// The ratio rows printed after the peak RSS row.
+const CONVERT_ROWS: &[RatioRow] = &[
+    (
+        "V8a",
+        "flatten VHD -> dynamic VHDX / (cp + sync)",
+        "flatten_vhd_to_vhdx_dynamic",
+        "cp_data",
+        Some(1.3),
+    ),
+    (
+        "V8b",
+        "flatten VHD -> fixed VHDX / (cp + sync)",
+        "flatten_vhd_to_vhdx_fixed",
+        "cp_data",
+        Some(1.3),
+    ),
+    (
+        "V8c",
+        "flatten VHDX -> dynamic VHD / (cp + sync)",
+        "flatten_vhdx_to_vhd_dynamic",
+        "cp_data",
+        Some(1.3),
+    ),
+    (
+        "V8d",
+        "flatten VHDX -> fixed VHD / (cp + sync)",
+        "flatten_vhdx_to_vhd_fixed",
+        "cp_data",
+        Some(1.3),
+    ),
+    (
+        "V9a",
+        "qemu-img convert -O vhdx fixed / (cp + sync) (reference)",
+        "qemu_img_convert_vhdx_fixed",
+        "cp_data",
+        None,
+    ),
+    (
+        "V9b",
+        "qemu-img convert -O vhdx dynamic / (cp + sync) (reference)",
+        "qemu_img_convert_vhdx_dynamic",
+        "cp_data",
+        None,
+    ),
+];
+
+/// The VHDX targets of issue 12 (and the reference rows).
+pub fn rows(items: &[Item], times: &Timings) {
+    let ratios = |table: &[RatioRow]| {
+        for &(n, what, a, b, limit) in table {
+            row(n, what, ratio(items, a, b), limit, "x");
+        }
+    };
+    ratios(MERGE_ROWS);
+    plan_rows(items, times);
+    let vhdx = items
+        .iter()
+        .filter(|i| i.name.contains("vhdx") && !i.name.starts_with("qemu"));
+    rss_row("V7", "VHDX peak RSS, worst", vhdx);
+    ratios(CONVERT_ROWS);
+}
+
+/// The open + plan rows: 32 MiB blocks in milliseconds, 1 MiB blocks against reading the BATs.
+fn plan_rows(items: &[Item], times: &Timings) {
     let timed = |name: &str| {
         times
             .iter()
@@ -326,93 +418,41 @@ pub fn rows(items: &[Item], times: &Timings) {
             .and_then(|t| millis(&t.1))
     };
     let dry = |name: &str| get(items, name).and_then(|d| millis(&d.secs));
+    let what = "open + plan 64 TiB VHDX, 32 MiB blocks (in-process)";
     row(
         "V5a",
-        "open + plan 64 TiB VHDX, 32 MiB blocks (in-process)",
+        what,
         timed("open+plan_vhdx_64tib_32m"),
         Some(100.0),
         "ms",
     );
+    let what = "merge --dry-run of it, whole process";
     row(
         "V5a'",
-        "merge --dry-run of it, whole process",
+        what,
         dry("dry_run_vhdx_64tib_32m"),
         Some(100.0),
         "ms",
     );
-    let read = get(items, "read_bat_vhdx_64tib_1m").map(|r| super::median(&r.secs));
+    let read = get(items, "read_bat_vhdx_64tib_1m").map(|r| super::median(&r.secs) * 1e3);
     let per_read = |m: Option<(f64, f64, f64)>| {
-        let r = read? * 1e3;
+        let r = read?;
         m.map(|(v, lo, hi)| (v / r, lo / r, hi / r))
     };
+    let what = "open + plan 64 TiB VHDX, 1 MiB blocks / read of its BATs";
     row(
         "V5b",
-        "open + plan 64 TiB VHDX, 1 MiB blocks / read of its BATs",
+        what,
         per_read(timed("open+plan_vhdx_64tib_1m")),
         Some(1.0),
         "x",
     );
+    let what = "merge --dry-run of it / read of its BATs";
     row(
         "V5b'",
-        "merge --dry-run of it / read of its BATs",
+        what,
         per_read(dry("dry_run_vhdx_64tib_1m")),
         Some(1.0),
         "x",
-    );
-    x(
-        "V6",
-        "VHDX 32 layers (blocks round-robin) / 1 layer",
-        "merge_vhdx_32_layers",
-        "merge_vhdx_full",
-        Some(1.3),
-    );
-    x(
-        "V6'",
-        "VHDX 256 MiB blocks / (cp + sync) (no target)",
-        "merge_vhdx_256m_blocks",
-        "cp_data",
-        None,
-    );
-    let vhdx_items = items
-        .iter()
-        .filter(|i| i.name.contains("vhdx") && !i.name.starts_with("qemu"));
-    rss_row("V7", "VHDX peak RSS, worst", vhdx_items);
-    for (n, what, name) in [
-        (
-            "V8a",
-            "flatten VHD -> dynamic VHDX / (cp + sync)",
-            "flatten_vhd_to_vhdx_dynamic",
-        ),
-        (
-            "V8b",
-            "flatten VHD -> fixed VHDX / (cp + sync)",
-            "flatten_vhd_to_vhdx_fixed",
-        ),
-        (
-            "V8c",
-            "flatten VHDX -> dynamic VHD / (cp + sync)",
-            "flatten_vhdx_to_vhd_dynamic",
-        ),
-        (
-            "V8d",
-            "flatten VHDX -> fixed VHD / (cp + sync)",
-            "flatten_vhdx_to_vhd_fixed",
-        ),
-    ] {
-        x(n, what, name, "cp_data", Some(1.3));
-    }
-    x(
-        "V9a",
-        "qemu-img convert -O vhdx fixed / (cp + sync) (reference)",
-        "qemu_img_convert_vhdx_fixed",
-        "cp_data",
-        None,
-    );
-    x(
-        "V9b",
-        "qemu-img convert -O vhdx dynamic / (cp + sync) (reference)",
-        "qemu_img_convert_vhdx_dynamic",
-        "cp_data",
-        None,
     );
 }
