@@ -773,7 +773,7 @@ const VHD_ROWS: &[RatioRow] = &[
         "7/8-held blocks (cloned whole, patched), default / --no-clone",
         "merge_mostly",
         "merge_mostly_no_clone",
-        1.0,
+        1.1,
     ),
 ];
 

@@ -322,7 +322,7 @@ const MERGE_ROWS: &[RatioRow] = &[
         "VHDX 7/8-held blocks, default / --no-clone",
         "merge_vhdx_mostly",
         "merge_vhdx_mostly_no_clone",
-        Some(1.0),
+        Some(1.1),
     ),
     (
         "V4",
