@@ -885,6 +885,196 @@ fn row(n: &str, what: &str, m: Option<(f64, f64, f64)>, limit: Option<f64>, unit
     );
 }
 
+/// The 1 GiB VHD merges: the `--only` name (also the directory), the item, layers, how
+/// the layers hold the blocks, a fixed base, eighths of the data merged, and the name of a
+/// `--no-clone` twin.
+struct VhdMerge {
+    only: &'static str,
+    item: &'static str,
+    depth: usize,
+    spread: Spread,
+    fixed: bool,
+    eighths: u64,
+    no_clone: Option<&'static str>,
+}
+
+const VHD_MERGES: &[VhdMerge] = &[
+    VhdMerge {
+        only: "eos",
+        item: "merge_every_other_sector",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::EveryOtherSector),
+        fixed: false,
+        eighths: 4,
+        no_clone: Some("merge_every_other_sector_no_clone"),
+    },
+    VhdMerge {
+        only: "e4k",
+        item: "merge_every_other_4k",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::EveryOther4K),
+        fixed: false,
+        eighths: 4,
+        no_clone: Some("merge_every_other_4k_no_clone"),
+    },
+    VhdMerge {
+        only: "mostly",
+        item: "merge_mostly",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::Mostly),
+        fixed: false,
+        eighths: 7,
+        no_clone: Some("merge_mostly_no_clone"),
+    },
+    VhdMerge {
+        only: "fixed",
+        item: "merge_fixed_dest",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::Full),
+        fixed: true,
+        eighths: 8,
+        no_clone: None,
+    },
+    VhdMerge {
+        only: "deep",
+        item: "merge_32_layers",
+        depth: 32,
+        spread: Spread::RoundRobin(Shape::Full),
+        fixed: false,
+        eighths: 8,
+        no_clone: None,
+    },
+    VhdMerge {
+        only: "striped",
+        item: "merge_32_layers_striped",
+        depth: 32,
+        spread: Spread::Striped,
+        fixed: false,
+        eighths: 8,
+        no_clone: None,
+    },
+];
+
+/// A child of `blocks` whole blocks spread over 2 TiB, over a 2 TiB parent with every BAT
+/// entry allocated (the parent's 1 044 480 extents are all checked when it is opened), in
+/// `dir`. Returns the child.
+fn build_full_bat_chain(dir: &Path, blocks: u64, fill: &mut Fill) -> Res<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let base = dir.join("base.vhd");
+    build_fully_allocated(&base)?;
+    let child = dir.join("layer00.vhd");
+    let mut v = create_differencing(&child, &base, &CreateOptions::default())?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let stride = (TIB2 / BLOCK) / blocks;
+    v.reserve_blocks(blocks)?;
+    for i in 0..blocks {
+        fill.block(&mut buf);
+        v.write_block(i * stride + 7, &mut buf, &Shape::Full.mask())?;
+    }
+    v.finish()?;
+    Ok(child)
+}
+
+/// What the bench runs on, and how it measures.
+fn print_header(args: &Args, bin: &Path, root: &Path, blocks: u64, sparse_data: u64) {
+    println!("vhd-merge bench");
+    println!("  binary:      {}", bin.display());
+    println!("  machine:     {}", machine());
+    println!("  directory:   {}", root.display());
+    println!("  file system: {}", file_system(root));
+    println!(
+        "  page cache:  {}",
+        if args.cold {
+            "cold (dropped before every timed command)"
+        } else {
+            "warm (inputs written or read just before)"
+        }
+    );
+    println!(
+        "  reference:   cp + {}",
+        if args.global_sync {
+            "sync (global)"
+        } else {
+            "sync FILE (fsync of the copy)"
+        }
+    );
+    println!(
+        "  sizes:       {} MiB merged ({blocks} blocks of 2 MiB); sparse: 2040 GiB virtual, {} MiB allocated",
+        blocks * BLOCK / MIB,
+        sparse_data / MIB
+    );
+    println!(
+        "  runs:        {} (median; interleaved, rotating order) after {} untimed warm-up round(s)",
+        args.runs, args.warmup
+    );
+    println!("  load avg:    {}", loadavg());
+    println!(
+        "  peak RSS:    {}",
+        if Path::new(GNU_TIME).exists() {
+            "GNU time %M (it runs every timed command, cp and sync too)"
+        } else {
+            "not measured (no /usr/bin/time)"
+        }
+    );
+}
+
+/// The warm-up and timed rounds: each runs every item once, in a rotating order.
+fn run_rounds(items: &mut [Item], bin: &Path, args: &Args, rss_file: &Path) -> Res<()> {
+    for r in 0..args.warmup + args.runs {
+        let n = items.len();
+        for k in 0..n {
+            let i = (k + r) % n;
+            time_item(&mut items[i], bin, args, rss_file)?;
+        }
+        if r + 1 == args.warmup {
+            for it in items.iter_mut() {
+                it.secs.clear();
+                it.rss_kib.clear();
+            }
+        }
+        if r < args.warmup {
+            eprint!("\r  warm-up round {}/{} done", r + 1, args.warmup);
+        } else {
+            eprint!(
+                "\r  round {}/{} done        ",
+                r + 1 - args.warmup,
+                args.runs
+            );
+        }
+    }
+    eprintln!();
+
+    Ok(())
+}
+
+/// The results table: every command's median, min, max, peak RSS, cloned / copied.
+fn print_commands(items: &[Item]) {
+    println!();
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}  cloned / copied",
+        "command", "median s", "min s", "max s", "peak RSS"
+    );
+    for it in items {
+        let (lo, hi) = min_max(&it.secs);
+        let rss = it
+            .rss_kib
+            .iter()
+            .max()
+            .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
+        let cloned = it.cloned.map_or_else(String::new, |(c, p)| {
+            format!("{} / {} MiB", c / MIB, p / MIB)
+        });
+        println!(
+            "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9}  {cloned}",
+            it.name,
+            median(&it.secs),
+            lo,
+            hi,
+            rss
+        );
+    }
+}
+
 fn main() -> Res<()> {
     let args = parse_args()?;
     let bin = find_bin(&args)?;
@@ -907,46 +1097,8 @@ fn main() -> Res<()> {
     let sparse_data = sparse_blocks * BLOCK;
     let size = data;
     let all: Vec<u64> = (0..blocks).collect();
-    println!("vhd-merge bench");
-    println!("  binary:      {}", bin.display());
-    println!("  machine:     {}", machine());
-    println!("  directory:   {}", root.display());
-    println!("  file system: {}", file_system(&root));
-    println!(
-        "  page cache:  {}",
-        if args.cold {
-            "cold (dropped before every timed command)"
-        } else {
-            "warm (inputs written or read just before)"
-        }
-    );
-    println!(
-        "  reference:   cp + {}",
-        if args.global_sync {
-            "sync (global)"
-        } else {
-            "sync FILE (fsync of the copy)"
-        }
-    );
-    println!(
-        "  sizes:       {} MiB merged ({blocks} blocks of 2 MiB); sparse: 2040 GiB virtual, {} MiB allocated",
-        data / MIB,
-        sparse_data / MIB
-    );
-    println!(
-        "  runs:        {} (median; interleaved, rotating order) after {} untimed warm-up round(s)",
-        args.runs, args.warmup
-    );
-    println!("  load avg:    {}", loadavg());
     let rss_file = root.join("rss.txt");
-    println!(
-        "  peak RSS:    {}",
-        if Path::new(GNU_TIME).exists() {
-            "GNU time %M (it runs every timed command, cp and sync too)"
-        } else {
-            "not measured (no /usr/bin/time)"
-        }
-    );
+    print_header(&args, &bin, &root, blocks, sparse_data);
     println!("building inputs...");
     let t_build = Instant::now();
 
@@ -997,83 +1149,16 @@ fn main() -> Res<()> {
     } else {
         None
     };
-    if want("eos") {
-        let p = build_chain(
-            &root.join("eos"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::EveryOtherSector),
-            false,
-            &mut fill,
-        )?;
-        let it = merge_item("merge_every_other_sector", &p, data / 2)?;
-        items.extend(no_clone("merge_every_other_sector_no_clone", &it));
-        items.push(it);
-    }
-    if want("e4k") {
-        let p = build_chain(
-            &root.join("e4k"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::EveryOther4K),
-            false,
-            &mut fill,
-        )?;
-        let it = merge_item("merge_every_other_4k", &p, data / 2)?;
-        items.extend(no_clone("merge_every_other_4k_no_clone", &it));
-        items.push(it);
-    }
-    if want("mostly") {
-        let p = build_chain(
-            &root.join("mostly"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::Mostly),
-            false,
-            &mut fill,
-        )?;
-        let it = merge_item("merge_mostly", &p, data / 8 * 7)?;
-        items.extend(no_clone("merge_mostly_no_clone", &it));
-        items.push(it);
-    }
-    if want("fixed") {
-        let p = build_chain(
-            &root.join("fixed"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::Full),
-            true,
-            &mut fill,
-        )?;
-        items.push(merge_item("merge_fixed_dest", &p, data)?);
-    }
-    if want("deep") {
-        let p = build_chain(
-            &root.join("deep"),
-            size,
-            &all,
-            32,
-            Spread::RoundRobin(Shape::Full),
-            false,
-            &mut fill,
-        )?;
-        items.push(merge_item("merge_32_layers", &p, data)?);
-    }
-    if want("striped") {
-        let p = build_chain(
-            &root.join("striped"),
-            size,
-            &all,
-            32,
-            Spread::Striped,
-            false,
-            &mut fill,
-        )?;
-        items.push(merge_item("merge_32_layers_striped", &p, data)?);
+    for m in VHD_MERGES {
+        if want(m.only) {
+            let dir = root.join(m.only);
+            let p = build_chain(&dir, size, &all, m.depth, m.spread, m.fixed, &mut fill)?;
+            let it = merge_item(m.item, &p, data / 8 * m.eighths)?;
+            if let Some(twin) = m.no_clone {
+                items.extend(no_clone(twin, &it));
+            }
+            items.push(it);
+        }
     }
     let mut plan_times = Vec::new();
     if want("sparse") {
@@ -1100,23 +1185,7 @@ fn main() -> Res<()> {
     }
     let mut full_bat_times = Vec::new();
     if want("fullbat") {
-        // A 64 MiB child over a 2 TiB parent with every BAT entry allocated: open both and
-        // plan (the parent's 1 044 480 extents are all checked when it is opened).
-        let dir = root.join("fullbat");
-        std::fs::create_dir_all(&dir)?;
-        let base = dir.join("base.vhd");
-        build_fully_allocated(&base)?;
-        let child = dir.join("layer00.vhd");
-        let mut v = create_differencing(&child, &base, &CreateOptions::default())?;
-        let mut buf = vec![0u8; BLOCK as usize];
-        let stride = (TIB2 / BLOCK) / sparse_blocks;
-        v.reserve_blocks(sparse_blocks)?;
-        for i in 0..sparse_blocks {
-            fill.block(&mut buf);
-            v.write_block(i * stride + 7, &mut buf, &Shape::Full.mask())?;
-        }
-        v.finish()?;
-        drop(v);
+        let child = build_full_bat_chain(&root.join("fullbat"), sparse_blocks, &mut fill)?;
         full_bat_times = time_plan(&child, args.runs)?;
         items.push(Item::new(
             "dry_run_2tib_full_bat",
@@ -1166,54 +1235,9 @@ fn main() -> Res<()> {
     let vhdx_times = vhdx::build(&inputs, &want, &mut items, &mut fill)?;
     println!("  built in {:.1} s", t_build.elapsed().as_secs_f64());
 
-    for r in 0..args.warmup + args.runs {
-        let n = items.len();
-        for k in 0..n {
-            let i = (k + r) % n;
-            time_item(&mut items[i], &bin, &args, &rss_file)?;
-        }
-        if r + 1 == args.warmup {
-            for it in &mut items {
-                it.secs.clear();
-                it.rss_kib.clear();
-            }
-        }
-        if r < args.warmup {
-            eprint!("\r  warm-up round {}/{} done", r + 1, args.warmup);
-        } else {
-            eprint!(
-                "\r  round {}/{} done        ",
-                r + 1 - args.warmup,
-                args.runs
-            );
-        }
-    }
-    eprintln!();
+    run_rounds(&mut items, &bin, &args, &rss_file)?;
 
-    println!();
-    println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9}  cloned / copied",
-        "command", "median s", "min s", "max s", "peak RSS"
-    );
-    for it in &items {
-        let (lo, hi) = min_max(&it.secs);
-        let rss = it
-            .rss_kib
-            .iter()
-            .max()
-            .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
-        let cloned = it.cloned.map_or_else(String::new, |(c, p)| {
-            format!("{} / {} MiB", c / MIB, p / MIB)
-        });
-        println!(
-            "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9}  {cloned}",
-            it.name,
-            median(&it.secs),
-            lo,
-            hi,
-            rss
-        );
-    }
+    print_commands(&items);
     print_times("open+plan_2tib_full_bat", &full_bat_times);
     print_times("open+plan_2tib (in-process)", &plan_times);
     for (name, t) in &vhdx_times {
