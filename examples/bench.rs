@@ -14,9 +14,10 @@
 //!   --cold           drop the page cache before every timed command (Linux, root only):
 //!                    sync; echo 3 > /proc/sys/vm/drop_caches. Default: warm cache.
 //!   --global-sync    time `cp` + `sync` (every file system) instead of `cp` + `sync FILE`
-//!   --only LIST      comma-separated shapes: full,vhdx,eos,e4k,fixed,sparse,fullbat,deep,
-//!                    striped,deepsparse,flatten (default: all; references are added as
-//!                    needed)
+//!   --only LIST      comma-separated shapes: full,eos,e4k,mostly,fixed,sparse,fullbat,deep,
+//!                    striped,deepsparse,flatten (VHD); vhdx,vhdx-eos,vhdx-e4k,vhdx-sparse,
+//!                    vhdx-plan32,vhdx-plan1,vhdx-deep,vhdx-256m,vhdx-convert,qemu (VHDX,
+//!                    examples/bench/vhdx.rs) (default: all; references are added as needed)
 //!   --bin PATH       the vhd-merge binary (default: target/release/vhd-merge, built first
 //!                    with `cargo build --release` when run through cargo)
 //!   --keep           keep the input directory
@@ -42,7 +43,10 @@ use vhd_merge::{Chain, ChainOptions};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{Fill, Shape, Spread, build_chain, build_vhdx_chain};
+use common::{Fill, Shape, Spread, build_chain};
+/// The VHDX shapes.
+#[path = "bench/vhdx.rs"]
+mod vhdx;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -50,6 +54,9 @@ const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
 /// The largest dynamic VHD (2040 GiB): "2 TiB" in the issue.
 const TIB2: u64 = 0xFF00_0000 * 512;
+
+/// The `--only` names of the VHD shapes.
+const VHD_SHAPES: &str = "full,eos,e4k,mostly,fixed,sparse,fullbat,deep,striped,deepsparse,flatten";
 
 struct Args {
     dir: Option<PathBuf>,
@@ -92,7 +99,8 @@ fn parse_args() -> Res<Args> {
             "--keep" => a.keep = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only full,vhdx,eos,e4k,fixed,sparse,fullbat,deep,striped,deepsparse,flatten] [--bin PATH] [--keep]"
+                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only {VHD_SHAPES},{}] [--bin PATH] [--keep]",
+                    vhdx::SHAPES
                 );
                 std::process::exit(0);
             }
@@ -150,6 +158,24 @@ fn build_plain(path: &Path, bytes: u64, fill: &mut Fill) -> Res<()> {
     Ok(())
 }
 
+/// The `cp_sparse_data` reference (cp of `bytes` + sync), unless `items` has it.
+fn add_cp_sparse(refs: &Path, bytes: u64, items: &mut Vec<Item>) -> Res<()> {
+    if get(items, "cp_sparse_data").is_some() {
+        return Ok(());
+    }
+    let src = refs.join("sparse.bin");
+    build_plain(&src, bytes, &mut Fill(0x1234_5678_9ABC_DEF1))?;
+    items.push(Item::new(
+        "cp_sparse_data",
+        Kind::Cp {
+            src,
+            dst: refs.join("sparse-copy.bin"),
+            reflink: false,
+        },
+    ));
+    Ok(())
+}
+
 /// Whether `cp --reflink=always` works from `src` into `probe` (a file system with reflink).
 fn reflink_works(src: &Path, probe: &Path) -> bool {
     let ok = Command::new("cp")
@@ -196,6 +222,16 @@ enum Kind {
     },
     /// `vhd-merge merge SRC --dry-run --json`.
     DryRun { src: PathBuf },
+    /// `qemu-img convert -f raw -O vhdx -o subformat=SUB SRC DST` then `sync DST` (a
+    /// reference), after removing DST.
+    Qemu {
+        src: PathBuf,
+        dst: PathBuf,
+        subformat: &'static str,
+    },
+    /// `dd` of each (file, offset, length) to /dev/null: reading those bytes once (the
+    /// reference for opening a chain whose BATs are that large).
+    Read { ranges: Vec<(PathBuf, u64, u64)> },
 }
 
 struct Item {
@@ -270,7 +306,7 @@ fn drop_caches() -> Res<()> {
 /// Prepare (untimed), then time one run of `item`.
 fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<()> {
     match &item.kind {
-        Kind::Cp { dst, .. } | Kind::Flatten { out: dst, .. } => {
+        Kind::Cp { dst, .. } | Kind::Flatten { out: dst, .. } | Kind::Qemu { dst, .. } => {
             if dst.exists() {
                 std::fs::remove_file(dst)?;
             }
@@ -282,18 +318,9 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
             ..
         } => {
             copy_synced(pristine, dest)?;
-            // A merge into a VHDX re-links the source to the destination's new identity:
-            // the source has a pristine copy to restore too (in another directory, or the
-            // sibling scan would find it).
-            let src_pristine = src.parent().map(|d| {
-                d.with_extension("pristine")
-                    .join(src.file_name().unwrap_or_default())
-            });
-            if let Some(sp) = src_pristine.filter(|p| p.exists()) {
-                copy_synced(&sp, src)?;
-            }
+            restore_vhdx_linked(src)?;
         }
-        Kind::DryRun { .. } => {}
+        Kind::DryRun { .. } | Kind::Read { .. } => {}
     }
     if args.cold {
         drop_caches()?;
@@ -361,6 +388,12 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
             let r = o.rss_kib;
             (o, r)
         }
+        Kind::Qemu {
+            src,
+            dst,
+            subformat,
+        } => (qemu_convert(src, dst, subformat, args, rss_file)?, None),
+        Kind::Read { ranges } => (read_ranges(ranges, rss_file)?, None),
     };
     let secs = t0.elapsed().as_secs_f64();
     if !out.ok {
@@ -380,6 +413,75 @@ fn time_item(item: &mut Item, bin: &Path, args: &Args, rss_file: &Path) -> Res<(
         item.rss_kib.push(r);
     }
     Ok(())
+}
+
+/// A merge into a VHDX re-links the layer above the destination to the destination's new
+/// identity: that layer has a pristine copy to restore too, in `DIR.pristine/` beside the
+/// source's directory DIR (not in DIR, or the sibling scan would find it). Restores every
+/// file there.
+fn restore_vhdx_linked(src: &Path) -> Res<()> {
+    let Some(dir) = src.parent() else {
+        return Ok(());
+    };
+    let keep = dir.with_extension("pristine");
+    if !keep.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(&keep)? {
+        let e = e?;
+        copy_synced(&e.path(), &dir.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+/// [`Kind::Qemu`]: the conversion, then `sync DST` (or a global sync) as for cp.
+fn qemu_convert(
+    src: &Path,
+    dst: &Path,
+    subformat: &str,
+    args: &Args,
+    rss_file: &Path,
+) -> Res<Outcome> {
+    let sub = format!("subformat={subformat}");
+    let fixed = ["convert", "-f", "raw", "-O", "vhdx", "-o", &sub];
+    let a: Vec<&std::ffi::OsStr> = fixed
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([src.as_os_str(), dst.as_os_str()])
+        .collect();
+    let o = run(Path::new("qemu-img"), &a, rss_file)?;
+    if !o.ok {
+        return Err(format!("qemu-img convert failed: {}", o.stderr).into());
+    }
+    let sync_args: Vec<&std::ffi::OsStr> = if args.global_sync {
+        Vec::new()
+    } else {
+        vec![dst.as_os_str()]
+    };
+    run(Path::new("sync"), &sync_args, rss_file)
+}
+
+/// [`Kind::Read`]: one `dd` per range, stopping at the first that fails.
+fn read_ranges(ranges: &[(PathBuf, u64, u64)], rss_file: &Path) -> Res<Outcome> {
+    let mut last = None;
+    for (file, offset, len) in ranges {
+        let a = [
+            format!("if={}", file.display()),
+            "of=/dev/null".into(),
+            "bs=1M".into(),
+            "iflag=skip_bytes,count_bytes".into(),
+            format!("skip={offset}"),
+            format!("count={len}"),
+            "status=none".into(),
+        ];
+        let a: Vec<&std::ffi::OsStr> = a.iter().map(std::ffi::OsStr::new).collect();
+        let o = run(Path::new("dd"), &a, rss_file)?;
+        if !o.ok {
+            return Ok(o);
+        }
+        last = Some(o);
+    }
+    last.ok_or_else(|| "no ranges to read".into())
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -490,6 +592,489 @@ fn find_bin(args: &Args) -> Res<PathBuf> {
     Ok(bin)
 }
 
+/// A line of the results table for in-process timings (nothing when there are none).
+fn print_times(name: &str, t: &[f64]) {
+    if t.is_empty() {
+        return;
+    }
+    let (lo, hi) = min_max(t);
+    println!(
+        "{name:<34} {:>9.4} {:>9.4} {:>9.4} {:>9}",
+        median(t),
+        lo,
+        hi,
+        "-"
+    );
+}
+
+/// `runs` (at least 5) timings of opening the chain of `child` and planning its merge into
+/// its parent, in process.
+fn time_plan(child: &Path, runs: usize) -> Res<Vec<f64>> {
+    let mut times = Vec::new();
+    for _ in 0..runs.max(5) {
+        let t0 = Instant::now();
+        let chain = Chain::open(child, &ChainOptions::default())?;
+        let plan = MergePlan::build(&chain, 1)?;
+        times.push(t0.elapsed().as_secs_f64());
+        std::hint::black_box(plan.units);
+    }
+    Ok(times)
+}
+
+/// A merge of `paths[0]` into the last path, which gets a pristine copy to restore before
+/// each run.
+fn merge_item(name: &'static str, paths: &[PathBuf], expect: u64) -> Res<Item> {
+    let dest = paths.last().ok_or("empty chain")?.clone();
+    let pristine = dest.with_extension("pristine");
+    copy_synced(&dest, &pristine)?;
+    Ok(Item::new(
+        name,
+        Kind::Merge {
+            src: paths[0].clone(),
+            dest,
+            pristine,
+            expect,
+            no_clone: false,
+        },
+    ))
+}
+
+/// The same merge as `like` with --no-clone (same files; the destination is restored before
+/// each).
+fn no_clone(name: &'static str, like: &Item) -> Option<Item> {
+    let Kind::Merge {
+        src,
+        dest,
+        pristine,
+        expect,
+        ..
+    } = &like.kind
+    else {
+        return None;
+    };
+    Some(Item::new(
+        name,
+        Kind::Merge {
+            src: src.clone(),
+            dest: dest.clone(),
+            pristine: pristine.clone(),
+            expect: *expect,
+            no_clone: true,
+        },
+    ))
+}
+
+fn get<'a>(items: &'a [Item], name: &str) -> Option<&'a Item> {
+    items.iter().find(|i| i.name == name)
+}
+
+/// (ratio of medians, smallest and largest per-round ratio) of items `a` and `b`: the two
+/// commands of a round ran next to each other.
+fn ratio(items: &[Item], a: &str, b: &str) -> Option<(f64, f64, f64)> {
+    let (a, b) = (get(items, a)?, get(items, b)?);
+    let per: Vec<f64> = a.secs.iter().zip(&b.secs).map(|(x, y)| x / y).collect();
+    let (lo, hi) = min_max(&per);
+    Some((median(&a.secs) / median(&b.secs), lo, hi))
+}
+
+/// Median, min and max of `v` in milliseconds (None when empty).
+fn millis(v: &[f64]) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let (lo, hi) = min_max(v);
+    Some((median(v) * 1e3, lo * 1e3, hi * 1e3))
+}
+
+/// A ratio row: number, what, the command, its reference, the limit.
+type RatioRow = (&'static str, &'static str, &'static str, &'static str, f64);
+
+/// The VHD ratio rows after the open + plan rows (the cloning rows: 9*).
+const VHD_ROWS: &[RatioRow] = &[
+    (
+        "6",
+        "32 layers (blocks round-robin) / 1 layer",
+        "merge_32_layers",
+        "merge_full",
+        1.3,
+    ),
+    (
+        "6'",
+        "32 layers (every block from 32 layers) / 1 layer",
+        "merge_32_layers_striped",
+        "merge_full",
+        1.3,
+    ),
+    (
+        "8",
+        "flatten to dynamic VHD / (cp + sync)",
+        "flatten_dynamic",
+        "cp_data",
+        1.3,
+    ),
+    (
+        "8'",
+        "flatten to raw / (cp + sync) (no target)",
+        "flatten_raw",
+        "cp_data",
+        1.3,
+    ),
+    (
+        "8\"",
+        "flatten to fixed VHD / (cp + sync) (no target)",
+        "flatten_fixed",
+        "cp_data",
+        1.3,
+    ),
+    (
+        "9",
+        "full blocks, default (cloning) / --no-clone",
+        "merge_full",
+        "merge_full_no_clone",
+        1.1,
+    ),
+    (
+        "9b",
+        "full blocks, cloning / cp --reflink=always",
+        "merge_full",
+        "cp_reflink_data",
+        2.0,
+    ),
+    (
+        "9f",
+        "VHDX full blocks, cloning / cp --reflink=always",
+        "merge_vhdx_full",
+        "cp_reflink_data",
+        2.0,
+    ),
+    (
+        "9g",
+        "VHDX full blocks, default / --no-clone",
+        "merge_vhdx_full",
+        "merge_vhdx_full_no_clone",
+        1.1,
+    ),
+    (
+        "9c",
+        "every-other-sector, default / --no-clone",
+        "merge_every_other_sector",
+        "merge_every_other_sector_no_clone",
+        1.1,
+    ),
+    (
+        "9d",
+        "every-other-4KiB, default / --no-clone",
+        "merge_every_other_4k",
+        "merge_every_other_4k_no_clone",
+        1.1,
+    ),
+    (
+        "9h",
+        "7/8-held blocks (cloned whole, patched), default / --no-clone",
+        "merge_mostly",
+        "merge_mostly_no_clone",
+        1.1,
+    ),
+];
+
+/// The VHD targets of issue 5 (and the cloning targets of issue 14).
+fn vhd_rows(items: &[Item], data: u64, sparse_data: u64, plan: &[f64], full_bat: &[f64]) {
+    let x = |n, what: &str, a, b, limit| row(n, what, ratio(items, a, b), Some(limit), "x");
+    let what = format!(
+        "full blocks, {} MiB into dynamic parent / (cp + sync)",
+        data / MIB
+    );
+    x("1", &what, "merge_full", "cp_data", 1.2);
+    let what = "every-other-sector / full-block merge (both --no-clone)";
+    x(
+        "2",
+        what,
+        "merge_every_other_sector_no_clone",
+        "merge_full_no_clone",
+        1.5,
+    );
+    let what = "every-other-4KiB / full-block merge (both --no-clone)";
+    x(
+        "3",
+        what,
+        "merge_every_other_4k_no_clone",
+        "merge_full_no_clone",
+        1.5,
+    );
+    x(
+        "4",
+        "fixed destination / (cp + sync)",
+        "merge_fixed_dest",
+        "cp_data",
+        1.2,
+    );
+    let mib = sparse_data / MIB;
+    let what = format!("2 TiB sparse, {mib} MiB allocated / (cp {mib} MiB + sync)");
+    x("5a", &what, "merge_sparse_2tib", "cp_sparse_data", 2.0);
+    let dry = |name: &str| get(items, name).and_then(|d| millis(&d.secs));
+    let ms = |n, what, m| row(n, what, m, Some(100.0), "ms");
+    ms(
+        "5b",
+        "open + plan 2 TiB, full-size BAT (in-process)",
+        millis(plan),
+    );
+    ms(
+        "5b'",
+        "merge --dry-run 2 TiB, whole process",
+        dry("dry_run_2tib"),
+    );
+    let what = "open + plan over a 2 TiB parent, every entry allocated";
+    ms("5c", what, millis(full_bat));
+    ms(
+        "5c'",
+        "merge --dry-run over it, whole process",
+        dry("dry_run_2tib_full_bat"),
+    );
+    rss_row("7", "peak RSS, worst", items.iter());
+    for &(n, what, a, b, limit) in VHD_ROWS {
+        x(n, what, a, b, limit);
+    }
+    // Against cp + sync only where cloning can happen (a reflink file system).
+    let reflink = get(items, "cp_reflink_data").is_some();
+    for (n, what, a) in [
+        (
+            "9a",
+            "full blocks, cloning / (cp + sync) (reflink only)",
+            "merge_full",
+        ),
+        (
+            "9e",
+            "VHDX full blocks, cloning / (cp + sync) (reflink only)",
+            "merge_vhdx_full",
+        ),
+    ] {
+        let m = ratio(items, a, "cp_data").filter(|_| reflink);
+        row(n, what, m, Some(0.1), "x");
+    }
+}
+
+/// The peak-RSS row: the worst of `items` (and in parentheses the smallest peak).
+fn rss_row<'a>(n: &str, what: &str, items: impl Iterator<Item = &'a Item>) {
+    let peaks: Vec<(u64, &str)> = items
+        .filter_map(|i| Some((*i.rss_kib.iter().max()?, i.name)))
+        .collect();
+    let Some(&(hi, name)) = peaks.iter().max() else {
+        return;
+    };
+    let lo = peaks.iter().map(|p| p.0).min().unwrap_or(hi);
+    let mib = |k: u64| k as f64 / 1024.0;
+    let m = Some((mib(hi), mib(lo), mib(hi)));
+    row(n, &format!("{what}: {name}"), m, Some(64.0), "MiB");
+}
+
+/// One line of the targets table; `limit` None: a reference, printed without a verdict.
+fn row(n: &str, what: &str, m: Option<(f64, f64, f64)>, limit: Option<f64>, unit: &str) {
+    let Some((v, lo, hi)) = m else { return };
+    let spread = if lo.is_finite() {
+        format!("({lo:.2}..{hi:.2})")
+    } else {
+        String::new()
+    };
+    let (lim, verdict) = match limit {
+        Some(l) => (format!("{l}{unit}"), if v <= l { "pass" } else { "MISS" }),
+        None => ("-".into(), "ref"),
+    };
+    println!(
+        "{n:<4} {what:<58} {:>8} {spread:>15} {lim:>7} {verdict:>5}",
+        format!("{v:.2}{unit}"),
+    );
+}
+
+/// The 1 GiB VHD merges: the `--only` name (also the directory), the item, layers, how
+/// the layers hold the blocks, a fixed base, eighths of the data merged, and the name of a
+/// `--no-clone` twin.
+struct VhdMerge {
+    only: &'static str,
+    item: &'static str,
+    depth: usize,
+    spread: Spread,
+    fixed: bool,
+    eighths: u64,
+    no_clone: Option<&'static str>,
+}
+
+const VHD_MERGES: &[VhdMerge] = &[
+    VhdMerge {
+        only: "eos",
+        item: "merge_every_other_sector",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::EveryOtherSector),
+        fixed: false,
+        eighths: 4,
+        no_clone: Some("merge_every_other_sector_no_clone"),
+    },
+    VhdMerge {
+        only: "e4k",
+        item: "merge_every_other_4k",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::EveryOther4K),
+        fixed: false,
+        eighths: 4,
+        no_clone: Some("merge_every_other_4k_no_clone"),
+    },
+    VhdMerge {
+        only: "mostly",
+        item: "merge_mostly",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::Mostly),
+        fixed: false,
+        eighths: 7,
+        no_clone: Some("merge_mostly_no_clone"),
+    },
+    VhdMerge {
+        only: "fixed",
+        item: "merge_fixed_dest",
+        depth: 1,
+        spread: Spread::RoundRobin(Shape::Full),
+        fixed: true,
+        eighths: 8,
+        no_clone: None,
+    },
+    VhdMerge {
+        only: "deep",
+        item: "merge_32_layers",
+        depth: 32,
+        spread: Spread::RoundRobin(Shape::Full),
+        fixed: false,
+        eighths: 8,
+        no_clone: None,
+    },
+    VhdMerge {
+        only: "striped",
+        item: "merge_32_layers_striped",
+        depth: 32,
+        spread: Spread::Striped,
+        fixed: false,
+        eighths: 8,
+        no_clone: None,
+    },
+];
+
+/// A child of `blocks` whole blocks spread over 2 TiB, over a 2 TiB parent with every BAT
+/// entry allocated (the parent's 1 044 480 extents are all checked when it is opened), in
+/// `dir`. Returns the child.
+fn build_full_bat_chain(dir: &Path, blocks: u64, fill: &mut Fill) -> Res<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let base = dir.join("base.vhd");
+    build_fully_allocated(&base)?;
+    let child = dir.join("layer00.vhd");
+    let mut v = create_differencing(&child, &base, &CreateOptions::default())?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let stride = (TIB2 / BLOCK) / blocks;
+    v.reserve_blocks(blocks)?;
+    for i in 0..blocks {
+        fill.block(&mut buf);
+        v.write_block(i * stride + 7, &mut buf, &Shape::Full.mask())?;
+    }
+    v.finish()?;
+    Ok(child)
+}
+
+/// What the bench runs on, and how it measures.
+fn print_header(args: &Args, bin: &Path, root: &Path, blocks: u64, sparse_data: u64) {
+    println!("vhd-merge bench");
+    println!("  binary:      {}", bin.display());
+    println!("  machine:     {}", machine());
+    println!("  directory:   {}", root.display());
+    println!("  file system: {}", file_system(root));
+    println!(
+        "  page cache:  {}",
+        if args.cold {
+            "cold (dropped before every timed command)"
+        } else {
+            "warm (inputs written or read just before)"
+        }
+    );
+    println!(
+        "  reference:   cp + {}",
+        if args.global_sync {
+            "sync (global)"
+        } else {
+            "sync FILE (fsync of the copy)"
+        }
+    );
+    println!(
+        "  sizes:       {} MiB merged ({blocks} blocks of 2 MiB); sparse: 2040 GiB virtual, {} MiB allocated",
+        blocks * BLOCK / MIB,
+        sparse_data / MIB
+    );
+    println!(
+        "  runs:        {} (median; interleaved, rotating order) after {} untimed warm-up round(s)",
+        args.runs, args.warmup
+    );
+    println!("  load avg:    {}", loadavg());
+    println!(
+        "  peak RSS:    {}",
+        if Path::new(GNU_TIME).exists() {
+            "GNU time %M (it runs every timed command, cp and sync too)"
+        } else {
+            "not measured (no /usr/bin/time)"
+        }
+    );
+}
+
+/// The warm-up and timed rounds: each runs every item once, in a rotating order.
+fn run_rounds(items: &mut [Item], bin: &Path, args: &Args, rss_file: &Path) -> Res<()> {
+    for r in 0..args.warmup + args.runs {
+        let n = items.len();
+        for k in 0..n {
+            let i = (k + r) % n;
+            time_item(&mut items[i], bin, args, rss_file)?;
+        }
+        if r + 1 == args.warmup {
+            for it in items.iter_mut() {
+                it.secs.clear();
+                it.rss_kib.clear();
+            }
+        }
+        if r < args.warmup {
+            eprint!("\r  warm-up round {}/{} done", r + 1, args.warmup);
+        } else {
+            eprint!(
+                "\r  round {}/{} done        ",
+                r + 1 - args.warmup,
+                args.runs
+            );
+        }
+    }
+    eprintln!();
+
+    Ok(())
+}
+
+/// The results table: every command's median, min, max, peak RSS, cloned / copied.
+fn print_commands(items: &[Item]) {
+    println!();
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}  cloned / copied",
+        "command", "median s", "min s", "max s", "peak RSS"
+    );
+    for it in items {
+        let (lo, hi) = min_max(&it.secs);
+        let rss = it
+            .rss_kib
+            .iter()
+            .max()
+            .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
+        let cloned = it.cloned.map_or_else(String::new, |(c, p)| {
+            format!("{} / {} MiB", c / MIB, p / MIB)
+        });
+        println!(
+            "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9}  {cloned}",
+            it.name,
+            median(&it.secs),
+            lo,
+            hi,
+            rss
+        );
+    }
+}
+
 fn main() -> Res<()> {
     let args = parse_args()?;
     let bin = find_bin(&args)?;
@@ -512,46 +1097,8 @@ fn main() -> Res<()> {
     let sparse_data = sparse_blocks * BLOCK;
     let size = data;
     let all: Vec<u64> = (0..blocks).collect();
-    println!("vhd-merge bench");
-    println!("  binary:      {}", bin.display());
-    println!("  machine:     {}", machine());
-    println!("  directory:   {}", root.display());
-    println!("  file system: {}", file_system(&root));
-    println!(
-        "  page cache:  {}",
-        if args.cold {
-            "cold (dropped before every timed command)"
-        } else {
-            "warm (inputs written or read just before)"
-        }
-    );
-    println!(
-        "  reference:   cp + {}",
-        if args.global_sync {
-            "sync (global)"
-        } else {
-            "sync FILE (fsync of the copy)"
-        }
-    );
-    println!(
-        "  sizes:       {} MiB merged ({blocks} blocks of 2 MiB); sparse: 2040 GiB virtual, {} MiB allocated",
-        data / MIB,
-        sparse_data / MIB
-    );
-    println!(
-        "  runs:        {} (median; interleaved, rotating order) after {} untimed warm-up round(s)",
-        args.runs, args.warmup
-    );
-    println!("  load avg:    {}", loadavg());
     let rss_file = root.join("rss.txt");
-    println!(
-        "  peak RSS:    {}",
-        if Path::new(GNU_TIME).exists() {
-            "GNU time %M (it runs every timed command, cp and sync too)"
-        } else {
-            "not measured (no /usr/bin/time)"
-        }
-    );
+    print_header(&args, &bin, &root, blocks, sparse_data);
     println!("building inputs...");
     let t_build = Instant::now();
 
@@ -560,7 +1107,7 @@ fn main() -> Res<()> {
     let refs = root.join("ref");
     std::fs::create_dir_all(&refs)?;
     let need_full = want("full") || want("eos") || want("e4k") || want("deep") || want("striped");
-    let need_cp1g = want("full") || want("fixed") || want("flatten") || want("vhdx");
+    let need_cp1g = want("full") || want("fixed") || want("flatten") || vhdx::needs_cp(&want);
     if need_cp1g {
         let src = refs.join("data.bin");
         build_plain(&src, data, &mut Fill(0x9E37_79B9_7F4A_7C15))?;
@@ -583,45 +1130,7 @@ fn main() -> Res<()> {
             },
         ));
     }
-    let merge_item = |name: &'static str, paths: &[PathBuf], expect: u64| -> Res<Item> {
-        let dest = paths.last().ok_or("empty chain")?.clone();
-        let pristine = dest.with_extension("pristine");
-        copy_synced(&dest, &pristine)?;
-        Ok(Item::new(
-            name,
-            Kind::Merge {
-                src: paths[0].clone(),
-                dest,
-                pristine,
-                expect,
-                no_clone: false,
-            },
-        ))
-    };
-    // The same merge with --no-clone (same files; the destination is restored before each).
-    let no_clone = |name: &'static str, like: &Item| -> Option<Item> {
-        let Kind::Merge {
-            src,
-            dest,
-            pristine,
-            expect,
-            ..
-        } = &like.kind
-        else {
-            return None;
-        };
-        Some(Item::new(
-            name,
-            Kind::Merge {
-                src: src.clone(),
-                dest: dest.clone(),
-                pristine: pristine.clone(),
-                expect: *expect,
-                no_clone: true,
-            },
-        ))
-    };
-    let full_paths = if need_full || want("flatten") {
+    let full_paths = if need_full || want("flatten") || want("vhdx-convert") {
         let p = build_chain(
             &root.join("full"),
             size,
@@ -640,91 +1149,20 @@ fn main() -> Res<()> {
     } else {
         None
     };
-    if want("vhdx") {
-        let p = build_vhdx_chain(&root.join("vhdx"), size, &all, &mut fill)?;
-        let keep = root.join("vhdx.pristine");
-        std::fs::create_dir_all(&keep)?;
-        copy_synced(&p[0], &keep.join("child.vhdx"))?;
-        let it = merge_item("merge_vhdx_full", &p, data)?;
-        items.extend(no_clone("merge_vhdx_full_no_clone", &it));
-        items.push(it);
-    }
-    if want("eos") {
-        let p = build_chain(
-            &root.join("eos"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::EveryOtherSector),
-            false,
-            &mut fill,
-        )?;
-        let it = merge_item("merge_every_other_sector", &p, data / 2)?;
-        items.extend(no_clone("merge_every_other_sector_no_clone", &it));
-        items.push(it);
-    }
-    if want("e4k") {
-        let p = build_chain(
-            &root.join("e4k"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::EveryOther4K),
-            false,
-            &mut fill,
-        )?;
-        let it = merge_item("merge_every_other_4k", &p, data / 2)?;
-        items.extend(no_clone("merge_every_other_4k_no_clone", &it));
-        items.push(it);
-    }
-    if want("fixed") {
-        let p = build_chain(
-            &root.join("fixed"),
-            size,
-            &all,
-            1,
-            Spread::RoundRobin(Shape::Full),
-            true,
-            &mut fill,
-        )?;
-        items.push(merge_item("merge_fixed_dest", &p, data)?);
-    }
-    if want("deep") {
-        let p = build_chain(
-            &root.join("deep"),
-            size,
-            &all,
-            32,
-            Spread::RoundRobin(Shape::Full),
-            false,
-            &mut fill,
-        )?;
-        items.push(merge_item("merge_32_layers", &p, data)?);
-    }
-    if want("striped") {
-        let p = build_chain(
-            &root.join("striped"),
-            size,
-            &all,
-            32,
-            Spread::Striped,
-            false,
-            &mut fill,
-        )?;
-        items.push(merge_item("merge_32_layers_striped", &p, data)?);
+    for m in VHD_MERGES {
+        if want(m.only) {
+            let dir = root.join(m.only);
+            let p = build_chain(&dir, size, &all, m.depth, m.spread, m.fixed, &mut fill)?;
+            let it = merge_item(m.item, &p, data / 8 * m.eighths)?;
+            if let Some(twin) = m.no_clone {
+                items.extend(no_clone(twin, &it));
+            }
+            items.push(it);
+        }
     }
     let mut plan_times = Vec::new();
     if want("sparse") {
-        let src = refs.join("sparse.bin");
-        build_plain(&src, sparse_data, &mut Fill(0x1234_5678_9ABC_DEF1))?;
-        items.push(Item::new(
-            "cp_sparse_data",
-            Kind::Cp {
-                src,
-                dst: refs.join("sparse-copy.bin"),
-                reflink: false,
-            },
-        ));
+        add_cp_sparse(&refs, sparse_data, &mut items)?;
         // Spread over the whole 2 TiB.
         let stride = (TIB2 / BLOCK) / sparse_blocks;
         let sb: Vec<u64> = (0..sparse_blocks).map(|i| i * stride + 7).collect();
@@ -743,40 +1181,12 @@ fn main() -> Res<()> {
             Kind::DryRun { src: p[0].clone() },
         ));
         // In-process: open the chain (two 2 TiB disks with full-size BATs) and plan.
-        for _ in 0..args.runs.max(5) {
-            let t0 = Instant::now();
-            let chain = Chain::open(&p[0], &ChainOptions::default())?;
-            let plan = MergePlan::build(&chain, 1)?;
-            plan_times.push(t0.elapsed().as_secs_f64());
-            std::hint::black_box(plan.units);
-        }
+        plan_times = time_plan(&p[0], args.runs)?;
     }
     let mut full_bat_times = Vec::new();
     if want("fullbat") {
-        // A 64 MiB child over a 2 TiB parent with every BAT entry allocated: open both and
-        // plan (the parent's 1 044 480 extents are all checked when it is opened).
-        let dir = root.join("fullbat");
-        std::fs::create_dir_all(&dir)?;
-        let base = dir.join("base.vhd");
-        build_fully_allocated(&base)?;
-        let child = dir.join("layer00.vhd");
-        let mut v = create_differencing(&child, &base, &CreateOptions::default())?;
-        let mut buf = vec![0u8; BLOCK as usize];
-        let stride = (TIB2 / BLOCK) / sparse_blocks;
-        v.reserve_blocks(sparse_blocks)?;
-        for i in 0..sparse_blocks {
-            fill.block(&mut buf);
-            v.write_block(i * stride + 7, &mut buf, &Shape::Full.mask())?;
-        }
-        v.finish()?;
-        drop(v);
-        for _ in 0..args.runs.max(5) {
-            let t0 = Instant::now();
-            let chain = Chain::open(&child, &ChainOptions::default())?;
-            let plan = MergePlan::build(&chain, 1)?;
-            full_bat_times.push(t0.elapsed().as_secs_f64());
-            std::hint::black_box(plan.units);
-        }
+        let child = build_full_bat_chain(&root.join("fullbat"), sparse_blocks, &mut fill)?;
+        full_bat_times = time_plan(&child, args.runs)?;
         items.push(Item::new(
             "dry_run_2tib_full_bat",
             Kind::DryRun { src: child },
@@ -814,304 +1224,33 @@ fn main() -> Res<()> {
             ));
         }
     }
+    let inputs = vhdx::Inputs {
+        root: &root,
+        bin: &bin,
+        units: blocks,
+        sparse_units: sparse_blocks,
+        runs: args.runs,
+        vhd_child: full_paths.as_ref().map(|p| p[0].as_path()),
+    };
+    let vhdx_times = vhdx::build(&inputs, &want, &mut items, &mut fill)?;
     println!("  built in {:.1} s", t_build.elapsed().as_secs_f64());
 
-    for r in 0..args.warmup + args.runs {
-        let n = items.len();
-        for k in 0..n {
-            let i = (k + r) % n;
-            time_item(&mut items[i], &bin, &args, &rss_file)?;
-        }
-        if r + 1 == args.warmup {
-            for it in &mut items {
-                it.secs.clear();
-                it.rss_kib.clear();
-            }
-        }
-        if r < args.warmup {
-            eprint!("\r  warm-up round {}/{} done", r + 1, args.warmup);
-        } else {
-            eprint!(
-                "\r  round {}/{} done        ",
-                r + 1 - args.warmup,
-                args.runs
-            );
-        }
-    }
-    eprintln!();
+    run_rounds(&mut items, &bin, &args, &rss_file)?;
 
-    println!();
-    println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9}  cloned / copied",
-        "command", "median s", "min s", "max s", "peak RSS"
-    );
-    for it in &items {
-        let (lo, hi) = min_max(&it.secs);
-        let rss = it
-            .rss_kib
-            .iter()
-            .max()
-            .map_or_else(|| "-".into(), |k| format!("{:.1} MiB", *k as f64 / 1024.0));
-        let cloned = it.cloned.map_or_else(String::new, |(c, p)| {
-            format!("{} / {} MiB", c / MIB, p / MIB)
-        });
-        println!(
-            "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9}  {cloned}",
-            it.name,
-            median(&it.secs),
-            lo,
-            hi,
-            rss
-        );
-    }
-    if !full_bat_times.is_empty() {
-        let (lo, hi) = min_max(&full_bat_times);
-        println!(
-            "{:<30} {:>9.4} {:>9.4} {:>9.4} {:>9}",
-            "open+plan_2tib_full_bat",
-            median(&full_bat_times),
-            lo,
-            hi,
-            "-"
-        );
-    }
-    if !plan_times.is_empty() {
-        let (lo, hi) = min_max(&plan_times);
-        println!(
-            "{:<30} {:>9.4} {:>9.4} {:>9.4} {:>9}",
-            "open+plan_2tib (in-process)",
-            median(&plan_times),
-            lo,
-            hi,
-            "-"
-        );
+    print_commands(&items);
+    print_times("open+plan_2tib_full_bat", &full_bat_times);
+    print_times("open+plan_2tib (in-process)", &plan_times);
+    for (name, t) in &vhdx_times {
+        print_times(name, t);
     }
 
-    // Targets.
-    let get = |name: &str| items.iter().find(|i| i.name == name);
-    // Ratio of medians, and the spread of the per-round ratios (the two commands of a round
-    // ran next to each other).
-    let ratio = |a: &str, b: &str| -> Option<(f64, f64, f64)> {
-        let (a, b) = (get(a)?, get(b)?);
-        let per: Vec<f64> = a.secs.iter().zip(&b.secs).map(|(x, y)| x / y).collect();
-        let (lo, hi) = min_max(&per);
-        Some((median(&a.secs) / median(&b.secs), lo, hi))
-    };
     println!();
     println!(
         "{:<4} {:<58} {:>8} {:>15} {:>7} {:>5}",
         "#", "target", "measured", "(round ratios)", "limit", ""
     );
-    let row = |n: &str, what: &str, m: Option<(f64, f64, f64)>, limit: f64, unit: &str| {
-        let Some((v, lo, hi)) = m else { return };
-        let spread = if lo.is_finite() {
-            format!("({lo:.2}..{hi:.2})")
-        } else {
-            String::new()
-        };
-        println!(
-            "{n:<4} {what:<58} {:>8} {spread:>15} {:>7} {:>5}",
-            format!("{v:.2}{unit}"),
-            format!("{limit}{unit}"),
-            if v <= limit { "pass" } else { "MISS" }
-        );
-    };
-    row(
-        "1",
-        &format!(
-            "full blocks, {} MiB into dynamic parent / (cp + sync)",
-            data / MIB
-        ),
-        ratio("merge_full", "cp_data"),
-        1.2,
-        "x",
-    );
-    row(
-        "2",
-        "every-other-sector / full-block merge (both --no-clone)",
-        ratio("merge_every_other_sector_no_clone", "merge_full_no_clone"),
-        1.5,
-        "x",
-    );
-    row(
-        "3",
-        "every-other-4KiB / full-block merge (both --no-clone)",
-        ratio("merge_every_other_4k_no_clone", "merge_full_no_clone"),
-        1.5,
-        "x",
-    );
-    row(
-        "4",
-        "fixed destination / (cp + sync)",
-        ratio("merge_fixed_dest", "cp_data"),
-        1.2,
-        "x",
-    );
-    row(
-        "5a",
-        &format!(
-            "2 TiB sparse, {0} MiB allocated / (cp {0} MiB + sync)",
-            sparse_data / MIB
-        ),
-        ratio("merge_sparse_2tib", "cp_sparse_data"),
-        2.0,
-        "x",
-    );
-    if !plan_times.is_empty() {
-        let (lo, hi) = min_max(&plan_times);
-        row(
-            "5b",
-            "open + plan 2 TiB, full-size BAT (in-process)",
-            Some((median(&plan_times) * 1e3, lo * 1e3, hi * 1e3)),
-            100.0,
-            "ms",
-        );
-    }
-    if let Some(d) = get("dry_run_2tib") {
-        let (lo, hi) = min_max(&d.secs);
-        row(
-            "5b'",
-            "merge --dry-run 2 TiB, whole process",
-            Some((median(&d.secs) * 1e3, lo * 1e3, hi * 1e3)),
-            100.0,
-            "ms",
-        );
-    }
-    if !full_bat_times.is_empty() {
-        let (lo, hi) = min_max(&full_bat_times);
-        row(
-            "5c",
-            "open + plan over a 2 TiB parent, every entry allocated",
-            Some((median(&full_bat_times) * 1e3, lo * 1e3, hi * 1e3)),
-            100.0,
-            "ms",
-        );
-    }
-    if let Some(d) = get("dry_run_2tib_full_bat") {
-        let (lo, hi) = min_max(&d.secs);
-        row(
-            "5c'",
-            "merge --dry-run over it, whole process",
-            Some((median(&d.secs) * 1e3, lo * 1e3, hi * 1e3)),
-            100.0,
-            "ms",
-        );
-    }
-    row(
-        "6",
-        "32 layers (blocks round-robin) / 1 layer",
-        ratio("merge_32_layers", "merge_full"),
-        1.3,
-        "x",
-    );
-    row(
-        "6'",
-        "32 layers (every block from 32 layers) / 1 layer",
-        ratio("merge_32_layers_striped", "merge_full"),
-        1.3,
-        "x",
-    );
-    let rss_items: Vec<&Item> = items.iter().filter(|i| !i.rss_kib.is_empty()).collect();
-    if let Some(worst) = rss_items
-        .iter()
-        .max_by_key(|i| i.rss_kib.iter().max().copied().unwrap_or(0))
-    {
-        let k = worst.rss_kib.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
-        let lo = rss_items
-            .iter()
-            .filter_map(|i| i.rss_kib.iter().max())
-            .min()
-            .copied()
-            .unwrap_or(0) as f64
-            / 1024.0;
-        row(
-            "7",
-            &format!("peak RSS, worst: {}", worst.name),
-            Some((k, lo, k)),
-            64.0,
-            "MiB",
-        );
-    }
-    row(
-        "8",
-        "flatten to dynamic VHD / (cp + sync)",
-        ratio("flatten_dynamic", "cp_data"),
-        1.3,
-        "x",
-    );
-    row(
-        "8'",
-        "flatten to raw / (cp + sync) (no target)",
-        ratio("flatten_raw", "cp_data"),
-        1.3,
-        "x",
-    );
-    row(
-        "8\"",
-        "flatten to fixed VHD / (cp + sync) (no target)",
-        ratio("flatten_fixed", "cp_data"),
-        1.3,
-        "x",
-    );
-    row(
-        "9",
-        "full blocks, default (cloning) / --no-clone",
-        ratio("merge_full", "merge_full_no_clone"),
-        1.1,
-        "x",
-    );
-    row(
-        "9a",
-        "full blocks, cloning / (cp + sync) (reflink only)",
-        ratio("merge_full", "cp_data").filter(|_| get("cp_reflink_data").is_some()),
-        0.1,
-        "x",
-    );
-    row(
-        "9b",
-        "full blocks, cloning / cp --reflink=always",
-        ratio("merge_full", "cp_reflink_data"),
-        2.0,
-        "x",
-    );
-    row(
-        "9e",
-        "VHDX full blocks, cloning / (cp + sync) (reflink only)",
-        ratio("merge_vhdx_full", "cp_data").filter(|_| get("cp_reflink_data").is_some()),
-        0.1,
-        "x",
-    );
-    row(
-        "9f",
-        "VHDX full blocks, cloning / cp --reflink=always",
-        ratio("merge_vhdx_full", "cp_reflink_data"),
-        2.0,
-        "x",
-    );
-    row(
-        "9g",
-        "VHDX full blocks, default / --no-clone",
-        ratio("merge_vhdx_full", "merge_vhdx_full_no_clone"),
-        1.1,
-        "x",
-    );
-    row(
-        "9c",
-        "every-other-sector, default / --no-clone",
-        ratio(
-            "merge_every_other_sector",
-            "merge_every_other_sector_no_clone",
-        ),
-        1.1,
-        "x",
-    );
-    row(
-        "9d",
-        "every-other-4KiB, default / --no-clone",
-        ratio("merge_every_other_4k", "merge_every_other_4k_no_clone"),
-        1.1,
-        "x",
-    );
+    vhd_rows(&items, data, sparse_data, &plan_times, &full_bat_times);
+    vhdx::rows(&items, &vhdx_times);
     println!(
         "  measured: ratio of the medians (or the median); in parentheses: the smallest and largest\n  ratio of two commands timed in the same round (for RSS: the smallest and largest peak)"
     );

@@ -468,3 +468,203 @@ fn a_crash_at_any_clone_or_write_into_a_vhdx_leaves_a_destination_a_rerun_finish
         }
     }
 }
+
+/// Blocks of 2 MiB (4096 sectors) in the chains of [`mostly_chain`].
+const SPB: usize = 4096;
+
+/// What each layer of [`mostly_chain`] holds (0: the dynamic base, 1: the middle layer, 2: the
+/// child), by block: the child holds most (95 %) of blocks 0, 3, 4, 5 and 7, the middle layer
+/// all of block 0 and half of block 3 (so the child's holes there come from it, or are zeros),
+/// the base blocks 1 and 5 (an allocated destination block: never cloned and patched); the
+/// child's block 6 is half held (copied), block 8 held but for 16 holes (too many to patch:
+/// copied) and block 9 whole (cloned as is).
+fn mostly_layout() -> Vec<(usize, u64, vhd_merge::format::SectorBitmap)> {
+    use vhd_merge::format::SectorBitmap;
+    let range = |r: std::ops::Range<usize>| {
+        let mut m = SectorBitmap::new(SPB);
+        m.set_range(r);
+        m
+    };
+    let mut mostly = SectorBitmap::full(SPB);
+    mostly.clear_range(8..16);
+    mostly.clear_range(3000..3200);
+    let mut out = vec![(0, 1, range(0..SPB)), (0, 5, range(0..SPB))];
+    out.extend([(1, 0, range(0..SPB)), (1, 3, range(0..SPB / 2))]);
+    out.extend([0, 3, 4, 5, 7].map(|b| (2, b, mostly.clone())));
+    let mut holed = SectorBitmap::full(SPB);
+    (0..SPB)
+        .step_by(256)
+        .for_each(|s| holed.clear_range(s..s + 8));
+    out.extend([
+        (2, 6, range(0..SPB / 2)),
+        (2, 8, holed),
+        (2, 9, range(0..SPB)),
+    ]);
+    out
+}
+
+/// Bytes a cloning merge of [`mostly_chain`]'s child into its base clones: the child's part
+/// of blocks 0, 3, 4 and 7 (cloned whole, then patched) and its block 9.
+const MOSTLY_CLONED: u64 = ((4 * (SPB - 208) + SPB) * 512) as u64;
+
+/// The chain of [`mostly_layout`] (16 blocks of 2 MiB, random data), VHD or VHDX: the paths,
+/// child first, and the child's view.
+fn mostly_chain(dir: &Path, vhdx: bool) -> (Vec<PathBuf>, Vec<u8>) {
+    use vhd_merge::vhdx::create as x;
+    let ext = if vhdx { "vhdx" } else { "vhd" };
+    let paths: Vec<PathBuf> = ["child", "mid", "base"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.{ext}")))
+        .collect();
+    let size = 16 * SPB as u64 * 512;
+    let mut want = vec![0u8; size as usize];
+    let mut rng = common::Rng::new(11);
+    let xo = x::CreateOptions {
+        block_size: Some(2 * MIB),
+        ..x::CreateOptions::default()
+    };
+    for l in 0..3 {
+        let path = &paths[2 - l];
+        let mut buf = vec![0u8; SPB * 512];
+        let mine: Vec<_> = mostly_layout().into_iter().filter(|e| e.0 == l).collect();
+        let mut write = |w: &mut dyn FnMut(u64, &mut [u8], &vhd_merge::format::SectorBitmap)| {
+            for (_, b, mask) in &mine {
+                rng.fill(&mut buf);
+                for r in mask.runs() {
+                    let at = *b as usize * SPB * 512;
+                    want[at + r.start * 512..at + r.end * 512]
+                        .copy_from_slice(&buf[r.start * 512..r.end * 512]);
+                }
+                w(*b, &mut buf, mask);
+            }
+        };
+        if vhdx {
+            let mut v = match l {
+                0 => x::create_dynamic(path, size, &xo).unwrap(),
+                _ => x::create_differencing(path, &paths[3 - l], &xo).unwrap(),
+            };
+            write(&mut |b, d, m| v.write_sectors(b, 0, d, m).unwrap());
+            v.finish().unwrap();
+        } else {
+            let o = CreateOptions::default();
+            let mut v = match l {
+                0 => create_dynamic(path, size, &o).unwrap(),
+                _ => create_differencing(path, &paths[3 - l], &o).unwrap(),
+            };
+            v.reserve_blocks(mine.len() as u64).unwrap();
+            write(&mut |b, d, m| v.write_block(b, d, m).unwrap());
+            v.finish().unwrap();
+        }
+    }
+    (paths, want)
+}
+
+/// Merge [`mostly_chain`] (VHD and VHDX) into its base twice, cloning (through `io`) and
+/// copying: both read exactly the child's view, and the cloning one cloned
+/// [`MOSTLY_CLONED`] bytes. Returns the cloning merges' bases.
+fn mostly_with_and_without(dir: &Path, io: impl Fn() -> Option<StorageWrapper>) -> Vec<PathBuf> {
+    let mut bases = Vec::new();
+    for vhdx in [false, true] {
+        for clone in [true, false] {
+            let d = dir.join(format!("mostly-{vhdx}-{clone}"));
+            std::fs::create_dir(&d).unwrap();
+            let (paths, want) = mostly_chain(&d, vhdx);
+            let options = MergeOptions {
+                clone,
+                destination_io: io().filter(|_| clone),
+                ..MergeOptions::default()
+            };
+            let r = merge(&paths[0], Some(&paths[2]), &options).unwrap();
+            let what = format!("VHDX {vhdx}, clone {clone}");
+            assert_same(&view(&paths[2]), &want, &what);
+            assert_eq!(r.plan.clone_candidate_bytes, MOSTLY_CLONED, "{what}");
+            assert_eq!(
+                r.bytes_cloned,
+                if clone { MOSTLY_CLONED } else { 0 },
+                "{what}"
+            );
+            if clone {
+                bases.push(paths[2].clone());
+            }
+        }
+    }
+    bases
+}
+
+#[test]
+fn blocks_mostly_held_by_the_source_are_cloned_whole_and_patched_on_any_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    mostly_with_and_without(dir.path(), || Some(copy_clone()));
+}
+
+#[test]
+fn blocks_mostly_held_by_the_source_are_cloned_whole_and_patched_on_reflink() {
+    let Some(dir) = reflink::tempdir() else {
+        return;
+    };
+    for base in mostly_with_and_without(dir.path(), || None) {
+        let shared = reflink::shared_bytes(&base);
+        assert!(
+            shared >= 4 << 21,
+            "{}: {shared} bytes shared",
+            base.display()
+        );
+    }
+}
+
+/// A crash at every write and clone (whole or torn) of a merge of [`mostly_chain`], through
+/// `io`: the base reads its old or its merged content, sector by sector, and a re-run
+/// finishes it exactly.
+fn mostly_crash_everywhere(dir: &Path, io: impl Fn(Arc<FaultPlan>) -> StorageWrapper) {
+    for vhdx in [false, true] {
+        let clean = dir.join(format!("clean-{vhdx}"));
+        std::fs::create_dir(&clean).unwrap();
+        let (paths, want) = mostly_chain(&clean, vhdx);
+        let old = view(&paths[2]);
+        let names: Vec<_> = paths.iter().map(|p| p.file_name().unwrap()).collect();
+        let run = |at: &Path, plan: Arc<FaultPlan>| {
+            std::fs::create_dir_all(at).unwrap();
+            copy_dir(&clean, at);
+            let options = MergeOptions {
+                destination_io: Some(io(plan)),
+                batch_bytes: 4 << 20,
+                ..MergeOptions::default()
+            };
+            merge(at.join(names[0]), Some(&at.join(names[2])), &options)
+        };
+        let counting = FaultPlan::new();
+        let r = run(&dir.join(format!("count-{vhdx}")), counting.clone()).unwrap();
+        assert_eq!(r.bytes_cloned, MOSTLY_CLONED, "VHDX {vhdx}");
+        for n in 1..=counting.writes() {
+            for torn in [false, true] {
+                let at = dir.join(format!("w{vhdx}{n}{torn}"));
+                let what = format!("VHDX {vhdx}, write {n} torn {torn}");
+                assert!(
+                    run(&at, FaultPlan::crash_at_write(n, torn)).is_err(),
+                    "{what}"
+                );
+                let base = at.join(names[2]);
+                if let Err(e) = old_or_merged(&view(&base), &old, &want, torn) {
+                    panic!("{what}: {e}");
+                }
+                merge(at.join(names[0]), Some(&base), &MergeOptions::default()).unwrap();
+                assert_same(&view(&base), &want, &format!("re-run after {what}"));
+                std::fs::remove_dir_all(&at).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_crash_at_any_write_of_a_clone_and_patch_merge_leaves_a_destination_a_rerun_finishes() {
+    let dir = common::fast_tempdir();
+    mostly_crash_everywhere(dir.path(), faulty_copy_clone);
+}
+
+#[test]
+fn a_crash_at_any_real_clone_and_patch_leaves_a_destination_a_rerun_finishes() {
+    let Some(dir) = reflink::tempdir() else {
+        return;
+    };
+    mostly_crash_everywhere(dir.path(), common::storage::faulty);
+}

@@ -24,6 +24,9 @@ pub enum Shape {
     Full,
     EveryOtherSector,
     EveryOther4K,
+    /// All but the first 64 KiB of every 512 KiB (7/8 of the sectors, 4 holes): a block
+    /// mostly held, which a cloning merge clones whole and then patches.
+    Mostly,
 }
 
 impl Shape {
@@ -34,6 +37,9 @@ impl Shape {
             Shape::Full => m.set_range(0..4096),
             Shape::EveryOtherSector => (0..4096).step_by(2).for_each(|s| m.set(s)),
             Shape::EveryOther4K => (0..4096).step_by(16).for_each(|s| m.set_range(s..s + 8)),
+            Shape::Mostly => (0..4096)
+                .step_by(1024)
+                .for_each(|s| m.set_range(s + 128..s + 1024)),
         }
         m
     }
@@ -134,21 +140,84 @@ pub fn build_vhdx_chain(
     blocks: &[u64],
     fill: &mut Fill,
 ) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+    let spec = VhdxSpec {
+        size,
+        ..VhdxSpec::default()
+    };
+    build_vhdx(dir, &spec, blocks, fill)
+}
+
+/// The shape of a VHDX chain for [`build_vhdx`].
+#[derive(Clone, Copy, Debug)]
+pub struct VhdxSpec {
+    /// Virtual size.
+    pub size: u64,
+    /// Block size of the dynamic base.
+    pub base_block: u32,
+    /// Block size of the differencing layers.
+    pub block: u32,
+    /// Differencing layers over the base.
+    pub depth: usize,
+    /// What each layer holds of its 2 MiB units (layers of 1 MiB blocks: whole blocks).
+    pub shape: Shape,
+}
+
+impl Default for VhdxSpec {
+    /// 1 GiB, 2 MiB blocks, one layer of full units.
+    fn default() -> VhdxSpec {
+        VhdxSpec {
+            size: 1 << 30,
+            base_block: 2 << 20,
+            block: 2 << 20,
+            depth: 1,
+            shape: Shape::Full,
+        }
+    }
+}
+
+/// A dynamic VHDX base and `spec.depth` differencing VHDX layers over it, layer `l` holding
+/// the 2 MiB units `units[i]` with `i % depth == l` (unit `u` covers bytes `u * 2 MiB ..`;
+/// with 1 MiB blocks a unit is one block). Returns the paths, child first, base last.
+pub fn build_vhdx(
+    dir: &Path,
+    spec: &VhdxSpec,
+    units: &[u64],
+    fill: &mut Fill,
+) -> Result<Vec<PathBuf>, Box<dyn Error>> {
     use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
     std::fs::create_dir_all(dir)?;
-    let o = CreateOptions {
-        block_size: Some(2 << 20),
+    let opts = |b: u32| CreateOptions {
+        block_size: Some(b),
         ..CreateOptions::default()
     };
-    let (base, child) = (dir.join("base.vhdx"), dir.join("child.vhdx"));
-    create_dynamic(&base, size, &o)?.finish()?;
-    let mut v = create_differencing(&child, &base, &o)?;
-    let mut buf = vec![0u8; 2 << 20];
-    let full = SectorBitmap::full(buf.len() / v.sector_size() as usize);
-    for &b in blocks {
-        fill.block(&mut buf);
-        v.write_sectors(b, 0, &buf, &full)?;
+    let base = dir.join("base.vhdx");
+    create_dynamic(&base, spec.size, &opts(spec.base_block))?.finish()?;
+    let unit = u64::from(spec.block).min(2 << 20);
+    let mask = if unit == 2 << 20 {
+        spec.shape.mask()
+    } else {
+        SectorBitmap::full(unit as usize / 512)
+    };
+    let mut buf = vec![0u8; unit as usize];
+    let mut paths = vec![base];
+    for l in 0..spec.depth {
+        let name = if spec.depth == 1 {
+            "child.vhdx".to_string()
+        } else {
+            format!("layer{l:02}.vhdx")
+        };
+        let p = dir.join(name);
+        let parent = paths.last().ok_or("no parent")?.clone();
+        let mut v = create_differencing(&p, &parent, &opts(spec.block))?;
+        for &u in units.iter().skip(l).step_by(spec.depth) {
+            fill.block(&mut buf);
+            let at = u * unit;
+            let bs = u64::from(spec.block);
+            v.write_sectors(at / bs, at % bs / 512, &buf, &mask)?;
+        }
+        v.finish()?;
+        paths.push(p);
     }
-    v.finish()?;
-    Ok(vec![child, base])
+    paths.reverse();
+    Ok(paths)
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use uuid::Uuid;
 
 use super::job::{JobState, Tracker};
-use super::plan::{MergePlan, clone_candidate};
+use super::plan::{MergePlan, clone_candidate, mostly_candidate, patch_after_clone_allowed};
 use super::scan::{self, dir_of, tidy};
 use super::{MergeOptions, MergeReport, VerifyReport};
 use crate::chain::{Chain, Piece, SpanPlan};
@@ -636,6 +636,9 @@ struct Assembled {
     crc: Option<u32>,
     /// The unit can be cloned from this layer's pieces (see [`clone_candidate`]).
     clone: Option<(usize, Vec<Piece>)>,
+    /// The unit is mostly this layer's piece, the sectors it provides (see
+    /// [`mostly_candidate`]); `buf` and `mask` hold the whole unit.
+    mostly: Option<(usize, Piece, SectorBitmap)>,
     /// `buf` and `mask` hold the unit (false for a clone candidate that was not read).
     read: bool,
 }
@@ -718,6 +721,10 @@ fn read_unit(
         .then(|| clone_candidate(&span))
         .flatten()
         .map(|s| (s.layer, s.pieces.clone()));
+    let mostly = try_clone
+        .then(|| mostly_candidate(&span))
+        .flatten()
+        .map(|s| (s.layer, s.pieces[0], s.claimed.clone()));
     let read = clone.is_none() || want_crc;
     let mask = if read {
         assemble_span(chain, &span, &mut buf, scratch, ss as usize, unit_sectors)?
@@ -731,6 +738,7 @@ fn read_unit(
         mask,
         crc,
         clone,
+        mostly,
         read,
     })
 }
@@ -749,6 +757,28 @@ struct Pipe<'a> {
 
 /// See [`Pipe::unaligned`].
 const UNALIGNED_STREAK: u32 = 8;
+
+impl Pipe<'_> {
+    /// Whether a clone's outcome `r` is [`CloneOutcome::Cloned`]; otherwise turn cloning off
+    /// when the destination says it never works (or after [`UNALIGNED_STREAK`] unaligned
+    /// refusals in a row).
+    fn cloned(&self, r: CloneOutcome) -> bool {
+        match r {
+            CloneOutcome::Cloned => {
+                self.unaligned.set(0);
+                return true;
+            }
+            CloneOutcome::Unsupported => self.cloning.store(false, Ordering::Relaxed),
+            CloneOutcome::Unaligned => {
+                self.unaligned.set(self.unaligned.get() + 1);
+                if self.unaligned.get() >= UNALIGNED_STREAK {
+                    self.cloning.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        false
+    }
+}
 
 /// The writer side of [`copy_units`]: batches of units, each batch reserved, written and
 /// committed.
@@ -799,7 +829,7 @@ fn write_units(
             let (bytes, cloned) = place_unit(chain, plan, dest, &mut item, &mut scratch, pipe)?;
             let _ = pipe.free_tx.send(item.buf);
             done.bytes += bytes;
-            done.cloned += if cloned { bytes } else { 0 };
+            done.cloned += cloned;
             tracker.advance(bytes);
         }
         dest.commit()?;
@@ -808,8 +838,9 @@ fn write_units(
 }
 
 /// Put one unit into the destination: cloned when it is a clone candidate and the clone
-/// works, otherwise written (read here first if the reader skipped it). Returns its merged
-/// bytes and whether they were cloned.
+/// works, cloned whole and patched when it is a [`mostly_candidate`] that may be, otherwise
+/// written (read here first if the reader skipped it). Returns its merged bytes and how many
+/// of them were cloned.
 fn place_unit(
     chain: &Chain,
     plan: &MergePlan,
@@ -817,25 +848,20 @@ fn place_unit(
     item: &mut Assembled,
     scratch: &mut Vec<u8>,
     pipe: &Pipe<'_>,
-) -> Result<(u64, bool)> {
+) -> Result<(u64, u64)> {
     let (block, first) = plan.unit_place(item.unit);
     if let Some((layer, pieces)) = &item.clone
         && pipe.cloning.load(Ordering::Relaxed)
     {
-        match clone_unit(at(chain, *layer), dest, block, first, pieces)? {
-            CloneOutcome::Cloned => {
-                pipe.unaligned.set(0);
-                let sectors: usize = pieces.iter().map(|p| p.len).sum();
-                return Ok((sectors as u64 * plan.sector_bytes, true));
-            }
-            CloneOutcome::Unsupported => pipe.cloning.store(false, Ordering::Relaxed),
-            CloneOutcome::Unaligned => {
-                pipe.unaligned.set(pipe.unaligned.get() + 1);
-                if pipe.unaligned.get() >= UNALIGNED_STREAK {
-                    pipe.cloning.store(false, Ordering::Relaxed);
-                }
-            }
+        let r = clone_unit(at(chain, *layer), dest, block, first, pieces)?;
+        if pipe.cloned(r) {
+            let sectors: usize = pieces.iter().map(|p| p.len).sum();
+            let bytes = sectors as u64 * plan.sector_bytes;
+            return Ok((bytes, bytes));
         }
+    }
+    if let Some(cloned) = clone_and_patch(chain, plan, dest, item, pipe)? {
+        return Ok((item.mask.count_ones() as u64 * plan.sector_bytes, cloned));
     }
     if !item.read {
         item.mask = assemble_unit(chain, plan, item.unit, &mut item.buf, scratch)?;
@@ -851,7 +877,48 @@ fn place_unit(
     } else {
         dest.write_sectors(block, first, &mut item.buf, &item.mask)?;
     }
-    Ok((item.mask.count_ones() as u64 * plan.sector_bytes, false))
+    Ok((item.mask.count_ones() as u64 * plan.sector_bytes, 0))
+}
+
+/// A [`mostly_candidate`] unit, where [`patch_after_clone_allowed`]: clone the layer's whole
+/// piece, then write the unit's other sectors over it (the other layers' data and the zeros
+/// the merge decides from `item`, zeros where it decides nothing: the new block's content).
+/// Both are data of a block nothing points at before the batch's commit. Returns the bytes
+/// cloned, or None when the unit is not such a candidate or the clone did not work (nothing
+/// written; the caller writes the unit).
+fn clone_and_patch(
+    chain: &Chain,
+    plan: &MergePlan,
+    dest: &mut dyn LayerWriter,
+    item: &mut Assembled,
+    pipe: &Pipe<'_>,
+) -> Result<Option<u64>> {
+    let (block, first) = plan.unit_place(item.unit);
+    let Some((layer, piece, claimed)) = &item.mostly else {
+        return Ok(None);
+    };
+    let allowed = patch_after_clone_allowed(plan.destination_type, dest.needs_allocation(block));
+    if !allowed || !pipe.cloning.load(Ordering::Relaxed) || claimed.len() != item.mask.len() {
+        return Ok(None);
+    }
+    let r = clone_unit(
+        at(chain, *layer),
+        dest,
+        block,
+        first,
+        std::slice::from_ref(piece),
+    )?;
+    if !pipe.cloned(r) {
+        return Ok(None);
+    }
+    let ss = plan.sector_bytes as usize;
+    for r in item.mask.runs_in(0..item.mask.len(), false) {
+        item.buf[r.start * ss..r.end * ss].fill(0);
+    }
+    let mut patch = SectorBitmap::full(claimed.len());
+    patch.and_not(claimed);
+    dest.write_sectors(block, first, &mut item.buf, &patch)?;
+    Ok(Some(claimed.count_ones() as u64 * plan.sector_bytes))
 }
 
 /// Clone a unit whose every sector `layer` provides, piece by piece (one per layer block),
