@@ -11,9 +11,11 @@ use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::layer::{DiskKind, Layer};
 
-/// Largest merge unit: a destination block larger than this (VHDX blocks reach 256 MiB) is
-/// merged in parts of this size, so that unit buffers stay bounded.
-pub const MAX_UNIT_BYTES: u64 = 32 << 20;
+/// Largest merge unit: a destination block larger than this (VHDX blocks reach 256 MiB; 32 MiB
+/// is Hyper-V's default) is merged in parts of this size, so that unit buffers stay bounded:
+/// the pipeline holds at least two units and the reader a scratch of at most one, which with
+/// 32 MiB units put a merge at about 70 MiB of RSS, above the 64 MiB it may use.
+pub const MAX_UNIT_BYTES: u64 = 16 << 20;
 
 /// One merged layer of a plan (the source or an intermediate).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -354,17 +356,23 @@ mod tests {
             (plan.unit_bytes, plan.block_bytes),
             (MAX_UNIT_BYTES, 64 * MIB)
         );
-        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(plan.unit_place(1), (0, MAX_UNIT_BYTES / 512));
-        assert_eq!(plan.unit_place(2), (1, 0));
+        // The units holding MiB 40 (in block 0) and MiB 70 (in block 1).
+        let (u40, u70) = (40 * MIB / MAX_UNIT_BYTES, 70 * MIB / MAX_UNIT_BYTES);
+        let per_block = 64 * MIB / MAX_UNIT_BYTES;
+        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![u40, u70]);
+        assert_eq!(plan.unit_place(u40), (0, u40 * MAX_UNIT_BYTES / 512));
+        assert_eq!(
+            plan.unit_place(u70),
+            (1, (u70 - per_block) * MAX_UNIT_BYTES / 512)
+        );
         assert_eq!(plan.blocks_to_allocate, 2);
         assert_eq!(plan.destination_growth, 2 * 64 * MIB);
         assert_eq!(plan.bytes_total, 2 * MIB);
 
         let mut buf = vec![0u8; plan.unit_bytes as usize];
         let mut scratch = Vec::new();
-        let mask = crate::merge::assemble_unit(&chain, &plan, 1, &mut buf, &mut scratch).unwrap();
-        let at = ((40 * MIB - MAX_UNIT_BYTES) / 512) as usize;
+        let mask = crate::merge::assemble_unit(&chain, &plan, u40, &mut buf, &mut scratch).unwrap();
+        let at = ((40 * MIB - u40 * MAX_UNIT_BYTES) / 512) as usize;
         assert_eq!(mask.runs().collect::<Vec<_>>(), vec![at..at + 2048]);
         assert!(buf[at * 512..(at + 2048) * 512].iter().all(|&b| b == 40));
     }
@@ -373,14 +381,21 @@ mod tests {
     fn two_parts_of_one_new_block_allocate_it_once() {
         let chain = big_block_chain(&[10, 40]);
         let plan = MergePlan::build(&chain, 1).unwrap();
-        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![0, 1]);
+        let units = [10 * MIB / MAX_UNIT_BYTES, 40 * MIB / MAX_UNIT_BYTES];
+        assert!(
+            units[0] != units[1],
+            "the test wants two units of one block"
+        );
+        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), units);
         assert_eq!(plan.blocks_to_allocate, 1);
     }
 
     #[test]
     fn unit_sizes() {
         assert_eq!(unit_bytes_for(2 * MIB), 2 * MIB);
-        assert_eq!(unit_bytes_for(32 * MIB), 32 * MIB);
-        assert_eq!(unit_bytes_for(256 * MIB), 32 * MIB);
+        assert_eq!(unit_bytes_for(16 * MIB), 16 * MIB);
+        assert_eq!(unit_bytes_for(32 * MIB), 16 * MIB);
+        assert_eq!(unit_bytes_for(256 * MIB), 16 * MIB);
+        assert_eq!(unit_bytes_for(3 * MIB), 3 * MIB);
     }
 }
