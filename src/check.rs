@@ -374,12 +374,12 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     let mut buf = Vec::new();
     for (sector, index) in blocks {
         let (offset, index) = (u64::from(sector) * SECTOR_SIZE, u64::from(index));
-        let block = format!("block {index}");
         // Sized by the block size, which opening bounded (MAX_BLOCK_SIZE), and the block was
         // checked to lie inside the file.
         let want = if dynamic { bm_bytes + bs } else { bm_bytes };
         buf.resize(want as usize, 0);
         if let Err(e) = vhd.read_raw(&mut buf, offset) {
+            let block = format!("block {index}");
             sink.add(
                 Severity::Error,
                 "unreadable",
@@ -391,81 +391,29 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
             continue;
         }
         let (bm_raw, data) = buf.split_at(bm_bytes as usize);
-        let bitmap = SectorBitmap::from_bytes(bm_raw, spb);
-        let block_start = index.saturating_mul(bs);
-        let valid = (size.saturating_sub(block_start).min(bs) / SECTOR_SIZE) as usize;
-        if valid < spb {
-            let past = bitmap
-                .runs_in(valid..spb, true)
-                .map(|r| r.len())
-                .sum::<usize>();
-            if past > 0 {
-                // QEMU and VirtualBox set every bit of a block they allocate (§3.2, §7.13):
-                // harmless, as nothing reads past the virtual size. A partial pattern that
-                // reaches past the end is odder.
-                let (severity, note) = if bitmap.all() {
-                    (
-                        Severity::Info,
-                        "; the bitmap is full, as QEMU and VirtualBox write it",
-                    )
-                } else {
-                    (Severity::Warning, "")
-                };
-                sink.add(
-                    severity,
-                    "bitmap-past-end",
-                    block.clone(),
-                    Some(offset),
-                    Some(index),
-                    format!(
-                        "{past} bitmap bit(s) set for sectors past the virtual size ({size} bytes){note}"
-                    ),
-                );
-            }
-        }
+        let b = ReadBlock {
+            index,
+            offset,
+            bitmap: SectorBitmap::from_bytes(bm_raw, spb),
+            valid: (size.saturating_sub(index.saturating_mul(bs)).min(bs) / SECTOR_SIZE) as usize,
+        };
+        check_bits_past_end(&b, size, sink);
         if dynamic {
-            let mut bad = 0usize;
-            let mut first = None;
-            for r in bitmap.runs_in(0..valid, false) {
-                for s in r {
-                    let sector = data.get(s * 512..(s + 1) * 512).unwrap_or(&[]);
-                    if sector.iter().any(|&b| b != 0) {
-                        bad += 1;
-                        first.get_or_insert(s);
-                    }
-                }
-            }
-            if let Some(s) = first {
-                // A warning, not an error: the bitmap says what the disk holds, and this is the
-                // state every crash-safe writer leaves when it is interrupted between a write
-                // and the bitmap bits that publish it (data first, as tapdisk and our merge
-                // do). Only readers that skip the bitmap (QEMU) see the data.
-                sink.add(
-                    Severity::Warning,
-                    "unwritten-not-zero",
-                    block.clone(),
-                    Some(offset + bm_bytes + s as u64 * SECTOR_SIZE),
-                    Some(index),
-                    format!(
-                        "{bad} never-written sector(s) (bitmap bit clear) hold non-zero data, the first at virtual offset {}: readers that honour the bitmap (Hyper-V, vhd-merge) read zeros there, readers that skip it (QEMU) read the data. This looks like an interrupted write, such as an interrupted merge into this disk (a merge makes data durable before the bitmap that publishes it): re-run the merge to finish it",
-                        block_start + s as u64 * SECTOR_SIZE
-                    ),
-                );
-            }
+            check_unwritten_zero(&b, data, bs, bm_bytes, sink);
         }
         if let Some(map) = &map
             && bit_set(map, index)
-            && !bitmap.all()
+            && !b.bitmap.all()
         {
             sink.add(
                 Severity::Error,
                 "batmap-not-full",
-                block,
+                format!("block {index}"),
                 Some(offset),
                 Some(index),
                 format!(
                     "the batmap marks block {index} full but its bitmap has {} of {spb} sectors",
-                    bitmap.count_ones()
+                    b.bitmap.count_ones()
                 ),
             );
         }
@@ -484,6 +432,74 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
             }
         }
     }
+}
+
+/// One allocated block as [`deep_checks`] read it: its index, file offset, sector bitmap and
+/// how many of its sectors lie inside the virtual size.
+struct ReadBlock {
+    index: u64,
+    offset: u64,
+    bitmap: SectorBitmap,
+    valid: usize,
+}
+
+/// Bitmap bits set for sectors past the virtual size (in the last, partial block).
+fn check_bits_past_end(b: &ReadBlock, size: u64, sink: &mut Sink<'_>) {
+    let past = b
+        .bitmap
+        .runs_in(b.valid..b.bitmap.len(), true)
+        .map(|r| r.len())
+        .sum::<usize>();
+    if past == 0 {
+        return;
+    }
+    // QEMU and VirtualBox set every bit of a block they allocate (§3.2, §7.13): harmless, as
+    // nothing reads past the virtual size. A partial pattern that reaches past the end is odder.
+    let (severity, note) = if b.bitmap.all() {
+        (
+            Severity::Info,
+            "; the bitmap is full, as QEMU and VirtualBox write it",
+        )
+    } else {
+        (Severity::Warning, "")
+    };
+    sink.add(
+        severity,
+        "bitmap-past-end",
+        format!("block {}", b.index),
+        Some(b.offset),
+        Some(b.index),
+        format!("{past} bitmap bit(s) set for sectors past the virtual size ({size} bytes){note}"),
+    );
+}
+
+/// Never-written sectors (bitmap bit clear) of a dynamic disk's block that hold non-zero data.
+fn check_unwritten_zero(b: &ReadBlock, data: &[u8], bs: u64, bm_bytes: u64, sink: &mut Sink<'_>) {
+    let mut bad = 0usize;
+    let mut first = None;
+    for s in b.bitmap.runs_in(0..b.valid, false).flatten() {
+        let sector = data.get(s * 512..(s + 1) * 512).unwrap_or(&[]);
+        if sector.iter().any(|&x| x != 0) {
+            bad += 1;
+            first.get_or_insert(s);
+        }
+    }
+    let Some(s) = first else { return };
+    // A warning, not an error: the bitmap says what the disk holds, and this is the state every
+    // crash-safe writer leaves when it is interrupted between a write and the bitmap bits that
+    // publish it (data first, as tapdisk and our merge do). Only readers that skip the bitmap
+    // (QEMU) see the data.
+    sink.add(
+        Severity::Warning,
+        "unwritten-not-zero",
+        format!("block {}", b.index),
+        Some(b.offset + bm_bytes + s as u64 * SECTOR_SIZE),
+        Some(b.index),
+        format!(
+            "{bad} never-written sector(s) (bitmap bit clear) hold non-zero data, the first at virtual offset {}: readers that honour the bitmap (Hyper-V, vhd-merge) read zeros there, readers that skip it (QEMU) read the data. This looks like an interrupted write, such as an interrupted merge into this disk (a merge makes data durable before the bitmap that publishes it): re-run the merge to finish it",
+            b.index * bs + s as u64 * SECTOR_SIZE
+        ),
+    );
 }
 
 fn bit_set(map: &[u8], index: u64) -> bool {

@@ -1049,7 +1049,15 @@ mod tests {
         let dest = || MemLayer::new("d", DiskKind::Dynamic, 128 * MIB, 512, 64 * MIB);
         let chain = chain_of(vec![child, dest()]);
         let plan = MergePlan::build(&chain, 1).unwrap();
-        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), vec![0, 1]);
+        let units = vec![
+            10 * MIB / crate::merge::MAX_UNIT_BYTES,
+            40 * MIB / crate::merge::MAX_UNIT_BYTES,
+        ];
+        assert!(
+            units[0] != units[1],
+            "the test wants two units of one block"
+        );
+        assert_eq!(plan.unit_indices().collect::<Vec<_>>(), units);
         let options = MergeOptions::default();
         let tracker = Tracker::new(None, &options);
         let mut out = dest();
