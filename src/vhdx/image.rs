@@ -60,6 +60,11 @@ pub struct Vhdx<S: Storage> {
     /// previous one), so nothing more is written or published through this handle; reopening
     /// the file (which replays its log) continues from what is durable.
     broken: Option<String>,
+    /// A read-only handle's last sector bitmap page read from the file (file offset, bytes):
+    /// one page holds the bits of several blocks, and a merge asks for a block's bitmap more
+    /// than once, so without it every lookup was a 4 KiB read. Nothing writes the file's
+    /// bitmap pages while a read-only handle holds it (writers take the exclusive lock).
+    last_bitmap: std::sync::Mutex<Option<(u64, Vec<u8>)>>,
 }
 
 /// What a write session changed and has not yet published.
@@ -116,6 +121,7 @@ impl<S: Storage> Vhdx<S> {
             writable,
             session: Session::default(),
             broken: None,
+            last_bitmap: std::sync::Mutex::new(None),
         })
     }
 
@@ -331,10 +337,21 @@ impl<S: Storage> Vhdx<S> {
 
     /// The 4 KiB bitmap page at `page` (file offset): the session's copy, else the file's.
     fn bitmap_page(&self, page: u64) -> Result<Vec<u8>> {
-        match self.session.bitmaps.get(&page) {
-            Some(p) => Ok(p.clone()),
-            None => self.r.file.read(page, PAGE as u64),
+        if let Some(p) = self.session.bitmaps.get(&page) {
+            return Ok(p.clone());
         }
+        if self.writable {
+            return self.r.file.read(page, PAGE as u64);
+        }
+        let mut last = self.last_bitmap.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, p)) = last.as_ref()
+            && *at == page
+        {
+            return Ok(p.clone());
+        }
+        let p = self.r.file.read(page, PAGE as u64)?;
+        *last = Some((page, p.clone()));
+        Ok(p)
     }
 
     /// The raw bitmap bytes of `block` (zeros when its chunk has no bitmap block).
@@ -970,15 +987,17 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A storage that counts flushes (and cannot clone, as [`MemStorage`]).
+    /// A storage that counts flushes and reads (and cannot clone, as [`MemStorage`]).
     #[derive(Debug)]
     struct Counting {
         inner: MemStorage,
         syncs: AtomicUsize,
+        reads: AtomicUsize,
     }
 
     impl Storage for Counting {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
             self.inner.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -1011,8 +1030,47 @@ mod tests {
         let s = Arc::new(Counting {
             inner: MemStorage::new(std::fs::read(&path).unwrap()),
             syncs: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
         });
         (Vhdx::open(s.clone(), true).unwrap(), s)
+    }
+
+    #[test]
+    fn a_read_only_handle_reads_a_shared_bitmap_page_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, child) = (dir.path().join("b.vhdx"), dir.path().join("c.avhdx"));
+        let opts = CreateOptions {
+            block_size: Some(MIB as u32),
+            ..CreateOptions::default()
+        };
+        create_dynamic(&base, 8 * MIB, &opts)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let mut c = crate::vhdx::create::create_differencing(&child, &base, &opts).unwrap();
+        for block in [1, 2, 5] {
+            c.write_at(block * MIB + 512, &[9; 1024]).unwrap();
+        }
+        c.finish().unwrap();
+        drop(c);
+        let s = Arc::new(Counting {
+            inner: MemStorage::new(std::fs::read(&child).unwrap()),
+            syncs: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        });
+        let v = Vhdx::open(s.clone(), false).unwrap();
+        let before = s.reads.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            for block in [1, 2, 5] {
+                let BlockState::Present(Some(map)) = v.block_state(block).unwrap() else {
+                    panic!("block {block} is partially present");
+                };
+                assert_eq!(map.runs().collect::<Vec<_>>(), vec![1..3]);
+            }
+        }
+        // The three blocks' bits share one 4 KiB page: one read of it (and of the BAT's
+        // entries, which the BAT cache holds), not one per lookup.
+        assert!(s.reads.load(Ordering::SeqCst) - before <= 2);
     }
 
     #[test]
