@@ -349,3 +349,35 @@ fn a_destination_whose_last_block_is_short() {
     merge(&c, None, &MergeOptions::default()).unwrap();
     assert_eq!(first_diff(&read_view(&p), &want), None);
 }
+
+/// A merge refused because a sibling depends on the destination writes no file: not the
+/// source's parent_linkage2 (the destination's next identity), not the child to relink.
+#[test]
+fn a_refused_merge_writes_no_file() {
+    use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
+    let dir = fast_tempdir();
+    let path = |n: &str| dir.path().join(n);
+    let o = CreateOptions::default();
+    drop(create_dynamic(path("p.vhdx"), 8 << 20, &o).unwrap());
+    let mut c = create_differencing(path("c.avhdx"), path("p.vhdx"), &o).unwrap();
+    c.write_at(1 << 20, &[0xC1; 4096]).unwrap();
+    c.finish().unwrap();
+    drop(c);
+    drop(create_differencing(path("sibling.avhdx"), path("p.vhdx"), &o).unwrap());
+    drop(create_differencing(path("gc.avhdx"), path("c.avhdx"), &o).unwrap());
+    let files = ["p.vhdx", "c.avhdx", "sibling.avhdx", "gc.avhdx"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(path(f)).unwrap())
+        .collect();
+    let opts = MergeOptions {
+        relink: vec![path("gc.avhdx")],
+        ..MergeOptions::default()
+    };
+    let e = merge(path("c.avhdx"), None, &opts).unwrap_err();
+    assert_eq!(e.return_code(), ReturnCode::InvalidState, "{e}");
+    assert!(e.to_string().contains("sibling.avhdx"), "{e}");
+    for (f, b) in files.iter().zip(&before) {
+        assert!(std::fs::read(path(f)).unwrap() == *b, "{f} changed");
+    }
+}

@@ -155,13 +155,16 @@ pub(crate) fn run(
     let dest_path = tidy(at(&chain, d).path());
     let merged: Vec<PathBuf> = (0..d).map(|i| tidy(at(&chain, i).path())).collect();
     let relink = check_relink(&chain, d, &options.relink)?;
-    let dest = match options.dry_run {
+    let mut dest = match options.dry_run {
         true => None,
-        false => Some(take_destination(&chain, d, &dest_path, &relink, options)?),
+        false => Some(open_destination(&dest_path, at(&chain, d), options)?),
     };
     let mut warnings = chain_warnings(&chain);
     let mut plan = MergePlan::build(&chain, d)?;
     check_dependents(&chain, d, &relink, options, &mut plan, &mut warnings)?;
+    if let Some(dest) = &mut dest {
+        prepare_links(&chain, d, dest.as_mut(), &relink, options)?;
+    }
     tracker.set_total(plan.bytes_total);
     let mut report = MergeReport {
         source: source.to_path_buf(),
@@ -226,23 +229,24 @@ fn open_chain(
     Ok((chain, d))
 }
 
-/// Check that the children to relink can be written, open the destination for writing, make
-/// the layer linking to it accept its next identity (see [`link_to_destination`]), and lock
-/// every other layer shared. Locks come before looking at anything that could change: the
-/// destination exclusively (as it is opened, like every file a command writes); the chain's
-/// own read-only handle of the destination is not locked (flock locks belong to the open
-/// file, so it would conflict with the writable one).
-fn take_destination(
+/// Before the first write: check that the children to relink can be written, make the layer
+/// linking to the destination accept its next identity (see [`link_to_destination`]), and
+/// lock every other layer shared. Runs once the merge is known to go ahead (the destination
+/// open and locked, the dependents checked), so a refused merge writes no file. The
+/// destination was locked exclusively as it was opened, like every file a command writes; the
+/// chain's own read-only handle of it is not locked (flock locks belong to the open file, so
+/// it would conflict with the writable one).
+fn prepare_links(
     chain: &Chain,
     d: usize,
-    dest_path: &Path,
+    dest: &mut dyn LayerWriter,
     relink: &[PathBuf],
     options: &MergeOptions,
-) -> Result<Box<dyn LayerWriter>> {
+) -> Result<()> {
+    let dest_path = tidy(at(chain, d).path());
     for child in relink {
-        relink_child(child, dest_path, true)?;
+        relink_child(child, &dest_path, true)?;
     }
-    let mut dest = open_destination(dest_path, at(chain, d), options)?;
     if let Some(next) = dest.next_id() {
         link_to_destination(at(chain, d - 1), (at(chain, d).id(), Some(next)), options)?;
     }
@@ -251,7 +255,7 @@ fn take_destination(
             layer.layer.lock(false)?;
         }
     }
-    Ok(dest)
+    Ok(())
 }
 
 /// Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
