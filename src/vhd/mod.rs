@@ -262,25 +262,33 @@ impl Vhd {
         self.header.as_ref()
     }
 
-    /// The BAT (empty for fixed disks).
-    ///
-    /// A read-only file whose table is mostly unallocated keeps only its allocated entries in
-    /// memory (see [`Vhd::block_offset`] and [`Vhd::allocated_entries`], which work on that
-    /// directly); the full table is then built on the first call of this method and kept.
-    pub fn bat(&self) -> &Bat {
-        self.bat.dense()
+    /// The whole BAT, built now (4 bytes per entry; empty for fixed disks). The file's table
+    /// is not held in memory (see `vhd::table`): [`Vhd::block_offset`],
+    /// [`Vhd::is_allocated`] and [`Vhd::allocated_entries`] answer without building it.
+    pub fn bat(&self) -> Result<Bat> {
+        self.bat.to_bat(self)
     }
 
     /// The byte offset of block `index`'s bitmap, or `None` when it is not allocated (or
-    /// past the table). Same as `bat().block_offset(index)` without building the full table.
-    pub fn block_offset(&self, index: u64) -> Option<u64> {
-        self.bat.get(index)
+    /// past the table). Reads the table's page holding the entry, unless it is cached.
+    pub fn block_offset(&self, index: u64) -> Result<Option<u64>> {
+        self.bat.get(self, index)
+    }
+
+    /// Whether block `index` has a BAT entry (false past the table); reads nothing.
+    pub fn is_allocated(&self, index: u64) -> bool {
+        self.bat.is_allocated(index)
     }
 
     /// The allocated BAT entries in increasing block order: (block index, byte offset of the
-    /// block's bitmap). Same as walking `bat().entries`, without building the full table.
-    pub fn allocated_entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.bat.allocated_entries()
+    /// block's bitmap). Reads the table in order, a cached page at a time.
+    pub fn allocated_entries(&self) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
+        self.bat.allocated_entries(self)
+    }
+
+    /// The indices of the allocated blocks in increasing order; reads nothing.
+    pub(crate) fn allocated_indices(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bat.allocated_blocks()
     }
 
     /// Fixed, dynamic or differencing.
@@ -416,6 +424,13 @@ impl Vhd {
         Ok(Some(data))
     }
 
+    /// `len` bytes at `offset` (the caller bounded `len`: a table chunk).
+    fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0; len as usize];
+        self.read_raw(&mut buf, offset)?;
+        Ok(buf)
+    }
+
     /// Read raw bytes of the file.
     pub fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.storage.read_at(buf, offset).map_err(|e| {
@@ -441,7 +456,7 @@ impl Vhd {
                 bitmap: None,
             });
         };
-        let Some(bitmap_offset) = self.bat.get(index) else {
+        let Some(bitmap_offset) = self.bat.get(self, index)? else {
             return Ok(BlockMap::Absent);
         };
         let bitmap = match self.pending.bitmaps.get(&index) {
