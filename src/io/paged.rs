@@ -1,5 +1,5 @@
-//! A table held in a byte region of a file, read on demand: fixed [`CHUNK`]-byte pieces kept
-//! in a small cache, so that memory stays bounded whatever the region's size. Both formats'
+//! A table held in a byte region of a file, read on demand: fixed-size chunks kept in a small
+//! cache, so that memory stays bounded whatever the region's size. Both formats'
 //! block tables read through it (the VHD BAT in `vhd::table`, the VHDX BAT in `vhdx::bat`);
 //! each decodes its own entries and keeps its own changes on top.
 
@@ -8,27 +8,33 @@ use std::sync::{Arc, Mutex};
 
 use crate::Result;
 
-/// Bytes of a region read at once (8192 VHDX entries, 16384 VHD entries).
+/// Bytes of a region read at once when it is streamed, and the VHDX BAT's chunk (8192
+/// entries).
 pub(crate) const CHUNK: u64 = 64 << 10;
 
-/// Chunks of a region read from the file, at most `capacity` of them: when full it starts
-/// over (a merge reads tables in block order, so the chunk in use is the one just read).
+/// Chunks of `chunk` bytes of a region read from the file, at most `capacity` of them: when
+/// full it starts over (a merge reads tables in block order, so the chunk in use is the one
+/// just read).
 #[derive(Debug, Default)]
 pub(crate) struct ChunkCache {
     /// File offset of the region.
     offset: u64,
     /// Bytes of the region.
     len: u64,
+    /// Bytes of a chunk (a multiple of every entry size read through it).
+    chunk: u64,
     capacity: usize,
     chunks: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
 }
 
 impl ChunkCache {
-    /// A cache of at most `capacity` chunks over the `len` bytes at file offset `offset`.
-    pub(crate) fn new(offset: u64, len: u64, capacity: usize) -> ChunkCache {
+    /// A cache of at most `capacity` chunks of `chunk` bytes over the `len` bytes at file
+    /// offset `offset`.
+    pub(crate) fn new(offset: u64, len: u64, chunk: u64, capacity: usize) -> ChunkCache {
         ChunkCache {
             offset,
             len,
+            chunk: chunk.max(1),
             capacity: capacity.max(1),
             chunks: Mutex::new(HashMap::new()),
         }
@@ -44,7 +50,7 @@ impl ChunkCache {
         self.offset + at
     }
 
-    /// Chunk `c` (the region's bytes `c * CHUNK..`, shorter at the end), from the cache or
+    /// Chunk `c` (the region's bytes from `c` chunks in, shorter at the end), from the cache or
     /// read now with `read(file offset, length)`.
     pub(crate) fn chunk(
         &self,
@@ -55,8 +61,8 @@ impl ChunkCache {
         if let Some(b) = cache.get(&c) {
             return Ok(b.clone());
         }
-        let start = c * CHUNK;
-        let bytes = Arc::new(read(self.offset + start, CHUNK.min(self.len - start))?);
+        let start = c * self.chunk;
+        let bytes = Arc::new(read(self.offset + start, self.chunk.min(self.len - start))?);
         if cache.len() >= self.capacity {
             cache.clear();
         }
@@ -70,8 +76,8 @@ impl ChunkCache {
         at: u64,
         read: impl FnOnce(u64, u64) -> Result<Vec<u8>>,
     ) -> Result<[u8; N]> {
-        let chunk = self.chunk(at / CHUNK, read)?;
-        let i = (at % CHUNK) as usize;
+        let chunk = self.chunk(at / self.chunk, read)?;
+        let i = (at % self.chunk) as usize;
         let b = chunk.get(i..i + N).and_then(|b| b.try_into().ok());
         Ok(b.unwrap_or([0; N]))
     }
@@ -80,12 +86,12 @@ impl ChunkCache {
     pub(crate) fn forget(&self, from: u64, to: u64) {
         let mut cache = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
         if to > from {
-            (from / CHUNK..=(to - 1) / CHUNK).for_each(|c| drop(cache.remove(&c)));
+            (from / self.chunk..=(to - 1) / self.chunk).for_each(|c| drop(cache.remove(&c)));
         }
     }
 
-    /// Stream the whole region once, a chunk at a time, past the cache: `each(byte offset in
-    /// the region, bytes)`. Memory is one chunk whatever the region's size.
+    /// Stream the whole region once, [`CHUNK`] bytes at a time, past the cache: `each(byte
+    /// offset in the region, bytes)`. Memory is one piece whatever the region's size.
     pub(crate) fn stream(
         &self,
         mut read: impl FnMut(u64, u64) -> Result<Vec<u8>>,
@@ -114,7 +120,7 @@ mod tests {
             reads.set(reads.get() + 1);
             Ok(file[o as usize..(o + n) as usize].to_vec())
         };
-        let c = ChunkCache::new(10, 3 * CHUNK, 2);
+        let c = ChunkCache::new(10, 3 * CHUNK, CHUNK, 2);
         assert_eq!(c.bytes_at::<2>(0, read).unwrap(), [10, 11]);
         assert_eq!(reads.get(), 1);
         let at = 3 * CHUNK - 4;

@@ -1,11 +1,11 @@
 //! The block allocation table of an open [`Vhd`], read on demand so that memory stays bounded
 //! whatever the table's size.
 //!
-//! Opening streams the table once, [`CHUNK`](crate::io::paged::CHUNK)-byte pieces at a time, counting the allocated
-//! entries and keeping one bit per entry (allocated or not): 512 KiB for the 4 Mi entries of
-//! 2040 GiB at 512 KiB blocks. Entries are then read through the shared
-//! [`ChunkCache`] of at most [`CACHE_CHUNKS`] chunks (a merge asks in block order, so one
-//! chunk read serves 16384 blocks). Entries that differ from the file are kept on top of it:
+//! Opening streams the table once, [`CHUNK`](crate::io::paged::CHUNK)-byte pieces at a
+//! time, counting the allocated entries and keeping one bit per entry (allocated or not):
+//! 512 KiB for the 4 Mi entries of 2040 GiB at 512 KiB blocks. Entries are then read through
+//! the shared [`ChunkCache`], [`PAGE`] bytes at a time, at most [`CACHE_PAGES`] pages (a merge
+//! asks in block order, so one page read serves 1024 blocks). Entries that differ from the file are kept on top of it:
 //! those validation dropped (they read as unallocated), and the blocks a write session
 //! allocated, until [`Vhd::commit`] has written their BAT sectors.
 
@@ -18,8 +18,12 @@ use crate::format::SECTOR_SIZE;
 use crate::format::bat::{self, Bat};
 use crate::io::paged::ChunkCache;
 
-/// Chunks of the table cached per file (1 MiB): small, as a chain holds one table per layer.
-const CACHE_CHUNKS: usize = 16;
+/// Bytes of the table read on a cache miss: 1024 entries, one file page. Sequential lookups
+/// read the table a page per 1024 blocks; scattered ones (a sparse disk's few blocks) read
+/// no more than they need.
+const PAGE: u64 = 4096;
+/// Pages of the table cached per file (1 MiB): small, as a chain holds one table per layer.
+const CACHE_PAGES: usize = 256;
 
 /// The BAT of an open file, as it reads with the entries that differ from the file's.
 #[derive(Debug, Default)]
@@ -41,7 +45,7 @@ impl Table {
     /// Stream the `entries` entries at `offset` (checked against the file length and the
     /// supported size by the caller) once, noting the allocated ones.
     pub(super) fn load(vhd: &Vhd, offset: u64, entries: u32) -> Result<Table> {
-        let file = ChunkCache::new(offset, u64::from(entries) * 4, CACHE_CHUNKS);
+        let file = ChunkCache::new(offset, u64::from(entries) * 4, PAGE, CACHE_PAGES);
         let mut mapped = Bits::new(entries as usize);
         let mut allocated = 0;
         file.stream(

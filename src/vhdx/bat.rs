@@ -1,7 +1,7 @@
 //! The BAT of an open VHDX, read on demand so that memory stays bounded whatever the table's
 //! size (a 64 TiB disk with 1 MiB blocks has a 512 MiB BAT).
 //!
-//! Opening streams the table once, in [`CHUNK`](crate::io::paged::CHUNK)-byte pieces, to validate every entry and to
+//! Opening streams the table once, in [`CHUNK`]-byte pieces, to validate every entry and to
 //! note which payload blocks are mapped (one bit per block: 8 MiB for that 64 TiB disk).
 //! Afterwards entries are read a chunk at a time through a small cache of at most
 //! [`CACHE_CHUNKS`] chunks. A write session's changes are kept as whole 4 KiB pages (the unit
@@ -13,7 +13,7 @@ use super::format::bat::{BatEntry, EntryKind, Geometry, PayloadState};
 use super::format::log::PAGE;
 use super::reader::Overlay;
 use crate::io::Storage;
-use crate::io::paged::ChunkCache;
+use crate::io::paged::{CHUNK, ChunkCache};
 use crate::{Error, Result};
 
 /// Chunks the cache holds before it starts over (16 MiB).
@@ -40,7 +40,7 @@ impl PagedBat {
         geometry: Geometry,
         mut check: impl FnMut(EntryKind, BatEntry) -> Result<()>,
     ) -> Result<PagedBat> {
-        let table = ChunkCache::new(offset, geometry.entries_needed() * 8, CACHE_CHUNKS);
+        let table = ChunkCache::new(offset, geometry.entries_needed() * 8, CHUNK, CACHE_CHUNKS);
         let mut mapped = vec![0u64; geometry.data_blocks().div_ceil(64) as usize];
         table.stream(
             |o, n| file.read(o, n),
