@@ -64,12 +64,13 @@ pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
 /// Most BAT entries a dynamic or differencing disk may have: 2^22, a 16 MiB table, which
 /// covers the largest dynamic disk (2040 GiB) at the 512 KiB blocks Windows' CreateVirtualDisk
-/// also uses (4,177,920 entries). A file is validated in about 12 bytes per allocated entry
-/// beyond the table (an 8-byte block in the overlap sweep, see `vhd::sweep`, and a few bits),
-/// so a fully allocated table stays under 64 MiB of peak RSS. A file whose table is larger
-/// (blocks under 512 KiB over 2040 GiB) is refused with Not supported (32770) before its table
-/// is allocated, and `create` refuses to make one (naming the smallest block size that works),
-/// until tables are read on demand.
+/// also uses (4,177,920 entries). The table itself is not held in memory (`vhd::table` reads it
+/// on demand, keeping one bit per entry), but validation costs about 12 bytes per allocated
+/// entry (an 8-byte block in the overlap sweep, see `vhd::sweep`, and a few bits), so this
+/// limit is what keeps a fully allocated table under 64 MiB of peak RSS. A file whose table is
+/// larger (blocks under 512 KiB over 2040 GiB) is refused with Not supported (32770) before its
+/// table is read, and `create` refuses to make one (naming the smallest block size that
+/// works), until the sweep's memory is bounded too.
 pub const MAX_TABLE_ENTRIES: u32 = 1 << 22;
 
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
