@@ -328,20 +328,20 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         }
     }
     let bc = vhd.block_count();
-    for (i, offset) in vhd.allocated_entries() {
-        if i >= bc {
-            sink.add(
-                Severity::Info,
-                "block-past-end",
-                format!("block {i}"),
-                Some(offset),
-                Some(i),
-                format!(
-                    "block {i} is allocated but lies past the virtual size ({} bytes); its data is never read",
-                    vhd.virtual_size()
-                ),
-            );
-        }
+    for i in vhd.allocated_indices().skip_while(|&i| i < bc) {
+        // The offset only locates the finding: an unreadable entry leaves it out.
+        let offset = vhd.block_offset(i).ok().flatten();
+        sink.add(
+            Severity::Info,
+            "block-past-end",
+            format!("block {i}"),
+            offset,
+            Some(i),
+            format!(
+                "block {i} is allocated but lies past the virtual size ({} bytes); its data is never read",
+                vhd.virtual_size()
+            ),
+        );
     }
 }
 
@@ -359,17 +359,29 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     let map = batmap.and_then(|b| read_batmap(vhd, b, sink));
 
     // File order, so the reads are sequential; 8 bytes a block (BAT entries are u32 sectors
-    // and a table has at most MAX_TABLE_ENTRIES entries, so both casts are exact).
+    // and Max Table Entries is a u32, so both casts are exact).
     let mut blocks: Vec<(u32, u32)> = Vec::new();
     if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
         let e = "not enough memory to list the blocks".to_string();
         sink.add(Severity::Error, "unreadable", "BAT", None, None, e);
         return;
     }
-    blocks.extend(
-        vhd.allocated_entries()
-            .map(|(i, offset)| ((offset / SECTOR_SIZE) as u32, i as u32)),
-    );
+    for entry in vhd.allocated_entries() {
+        match entry {
+            Ok((i, offset)) => blocks.push(((offset / SECTOR_SIZE) as u32, i as u32)),
+            Err(e) => {
+                sink.add(
+                    Severity::Error,
+                    "unreadable",
+                    "BAT",
+                    None,
+                    None,
+                    e.to_string(),
+                );
+                return;
+            }
+        }
+    }
     blocks.sort_unstable();
     let mut buf = Vec::new();
     for (sector, index) in blocks {
@@ -420,7 +432,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     }
     if let Some(map) = &map {
         for index in 0..u64::from(h.max_table_entries) {
-            if bit_set(map, index) && vhd.block_offset(index).is_none() {
+            if bit_set(map, index) && !vhd.is_allocated(index) {
                 sink.add(
                     Severity::Error,
                     "batmap-not-full",

@@ -424,6 +424,8 @@ pub fn clone_file_range(
     Ok(CloneOutcome::Unsupported)
 }
 
+pub(crate) mod paged;
+
 #[cfg(any(test, feature = "testing"))]
 mod faults;
 #[cfg(any(test, feature = "testing"))]

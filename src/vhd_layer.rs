@@ -142,7 +142,7 @@ impl Vhd {
         let data_offset = match self.header() {
             _ if block >= self.block_count() => None,
             None => Some(block * FIXED_CHUNK),
-            Some(h) => self.block_offset(block).map(|o| o + h.bitmap_bytes()),
+            Some(h) => self.block_offset(block)?.map(|o| o + h.bitmap_bytes()),
         };
         match data_offset {
             Some(at) => Ok(at + first * SECTOR_SIZE),
@@ -217,11 +217,7 @@ impl Layer for Vhd {
         if self.header().is_none() {
             return Box::new(0..count);
         }
-        Box::new(
-            self.allocated_entries()
-                .map(|(i, _)| i)
-                .take_while(move |&i| i < count),
-        )
+        Box::new(self.allocated_indices().take_while(move |&i| i < count))
     }
 
     fn block_state(&self, block: u64) -> Result<BlockState> {
@@ -234,7 +230,7 @@ impl Layer for Vhd {
     fn is_mapped(&self, block: u64) -> bool {
         match self.header() {
             None => block < self.block_count(),
-            Some(_) => self.block_offset(block).is_some(),
+            Some(_) => self.is_allocated(block),
         }
     }
 
@@ -319,7 +315,7 @@ impl LayerWriter for Vhd {
     }
 
     fn needs_allocation(&self, block: u64) -> bool {
-        self.disk_type().is_sparse() && self.block_offset(block).is_none()
+        self.disk_type().is_sparse() && !self.is_allocated(block)
     }
 
     /// A whole block goes straight to [`Vhd::write_block`]; a part of one is placed in a

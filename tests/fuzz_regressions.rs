@@ -32,7 +32,7 @@ fn open_target(data: &[u8]) {
             let mut buf = vec![0u8; v.block_size().min(1 << 20) as usize];
             let n = v.virtual_size().min(buf.len() as u64) as usize;
             let _ = v.read_own(0, &mut buf[..n]);
-            for i in 0..v.bat().entries.len().min(64) as u64 {
+            for i in 0..v.block_count().min(64) {
                 let _ = v.block_map(i);
             }
         }

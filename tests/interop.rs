@@ -63,7 +63,7 @@ fn assert_clean(path: &Path) {
         );
         // New blocks are 4 KiB aligned after their bitmap (§7.16).
         let h = v.header().unwrap();
-        for e in v.bat().entries.iter().filter(|&&e| e != u32::MAX) {
+        for e in v.bat().unwrap().entries.iter().filter(|&&e| e != u32::MAX) {
             let data = u64::from(*e) * 512 + h.bitmap_bytes();
             assert!(
                 data.is_multiple_of(4096),

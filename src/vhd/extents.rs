@@ -6,11 +6,12 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::open::metadata_end;
+use super::table::Table;
 use super::validate::{DroppedEntry, MAX_PROBLEMS_PER_CODE, Validator, problem_codes as pc};
 use super::{FooterSource, Vhd, sweep};
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
-use crate::format::bat::{self, Bat};
+use crate::format::bat;
 use crate::format::batmap::Batmap;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::header::{DynamicHeader, HEADER_SIZE};
@@ -23,7 +24,7 @@ use crate::format::header::{DynamicHeader, HEADER_SIZE};
 pub(super) fn check_blocks(
     vhd: &Vhd,
     h: &DynamicHeader,
-    bat: &mut Bat,
+    bat: &mut Table,
     batmap: Option<&Batmap>,
     (len, data_limit): (u64, u64),
     v: &mut Validator,
@@ -39,9 +40,9 @@ pub(super) fn check_blocks(
             .max(bm.header_offset + SECTOR_SIZE)
             .max(bm.map_offset + bm.map_bytes());
     }
-    let mut gone = blocks_inside(bat, &mut ex, data_limit, v)?;
+    let mut gone = blocks_inside(vhd, bat, &mut ex, data_limit, v)?;
     let mut reasons: HashMap<usize, String> = HashMap::new();
-    gone.union(&ex.sweep(bat.entries.len(), |o| note_overlap(o, &mut reasons, v))?);
+    gone.union(&ex.sweep(bat.len() as usize, |o| note_overlap(o, &mut reasons, v))?);
     // The end of everything inside the file, then the blocks that stay.
     for (b, blen, _) in ex.iter() {
         if b + blen <= data_limit {
@@ -49,7 +50,7 @@ pub(super) fn check_blocks(
         }
     }
     ex.retain(&gone);
-    drop_entries(bat, &gone, reasons, (ex.stride, data_limit), v);
+    drop_entries(vhd, bat, &gone, reasons, (ex.stride, data_limit), v)?;
     check_locators(h, &ex, len, v);
     Ok(next_free)
 }
@@ -102,20 +103,20 @@ fn metadata_extents(
 /// Put the allocated blocks that end inside the data (before `data_limit`) into `ex`, and
 /// return the others (each a problem) as the first blocks to drop.
 fn blocks_inside(
-    bat: &Bat,
+    vhd: &Vhd,
+    bat: &Table,
     ex: &mut sweep::Extents,
     data_limit: u64,
     v: &mut Validator,
 ) -> Result<sweep::Bits> {
-    let mut outside = sweep::Bits::new(bat.entries.len());
+    let mut outside = sweep::Bits::new(bat.len() as usize);
     let n = bat.allocated();
     ex.blocks
         .try_reserve_exact(n)
         .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
-    for (i, &e) in bat.entries.iter().enumerate() {
-        if e == bat::UNUSED {
-            continue;
-        }
+    for entry in bat.allocated_entries(vhd) {
+        let (i, start) = entry?;
+        let (i, e) = (i as usize, (start / SECTOR_SIZE) as u32);
         let start = u64::from(e) * SECTOR_SIZE;
         let end = start + ex.stride;
         if end > data_limit {
@@ -131,7 +132,7 @@ fn blocks_inside(
             outside.set(i);
             continue;
         }
-        // A table has at most MAX_TABLE_ENTRIES entries, so the index fits.
+        // A table has at most u32::MAX entries (Max Table Entries is a u32), so the index fits.
         ex.blocks.push(sweep::Block {
             sector: e,
             index: i as u32,
@@ -183,17 +184,16 @@ fn note_overlap(
 /// Mark the blocks in `gone` unused in `bat`, each recorded as a dropped entry with its
 /// reason. `(stride, data_limit)` tell a block past the end of data from an overlapping one.
 fn drop_entries(
-    bat: &mut Bat,
+    vhd: &Vhd,
+    bat: &mut Table,
     gone: &sweep::Bits,
     mut reasons: HashMap<usize, String>,
     (stride, data_limit): (u64, u64),
     v: &mut Validator,
-) {
-    for (i, e) in bat.entries.iter_mut().enumerate() {
-        if !gone.get(i) {
-            continue;
-        }
-        let start = u64::from(*e) * SECTOR_SIZE;
+) -> Result<()> {
+    for i in gone.ones() {
+        let e = bat.raw(vhd, i as u64)?;
+        let start = u64::from(e) * SECTOR_SIZE;
         // Specific reasons for the first entries; past them (a hostile table), a shared
         // static one, so that a million dropped entries cost no million strings.
         let specific = v.dropped.len() < 10 * MAX_PROBLEMS_PER_CODE;
@@ -214,11 +214,12 @@ fn drop_entries(
         };
         v.dropped.push(DroppedEntry {
             block: i as u64,
-            entry: *e,
+            entry: e,
             reason,
         });
-        *e = bat::UNUSED;
+        bat.set(i as u32, bat::UNUSED);
     }
+    Ok(())
 }
 
 /// Parent locator data must lie inside the file and clear of the other extents (which no

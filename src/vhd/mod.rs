@@ -64,12 +64,13 @@ pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
 /// Most BAT entries a dynamic or differencing disk may have: 2^22, a 16 MiB table, which
 /// covers the largest dynamic disk (2040 GiB) at the 512 KiB blocks Windows' CreateVirtualDisk
-/// also uses (4,177,920 entries). A file is validated in about 12 bytes per allocated entry
-/// beyond the table (an 8-byte block in the overlap sweep, see `vhd::sweep`, and a few bits),
-/// so a fully allocated table stays under 64 MiB of peak RSS. A file whose table is larger
-/// (blocks under 512 KiB over 2040 GiB) is refused with Not supported (32770) before its table
-/// is allocated, and `create` refuses to make one (naming the smallest block size that works),
-/// until tables are read on demand.
+/// also uses (4,177,920 entries). The table itself is not held in memory (`vhd::table` reads it
+/// on demand, keeping one bit per entry), but validation costs about 12 bytes per allocated
+/// entry (an 8-byte block in the overlap sweep, see `vhd::sweep`, and a few bits), so this
+/// limit is what keeps a fully allocated table under 64 MiB of peak RSS. A file whose table is
+/// larger (blocks under 512 KiB over 2040 GiB) is refused with Not supported (32770) before its
+/// table is read, and `create` refuses to make one (naming the smallest block size that
+/// works), until the sweep's memory is bounded too.
 pub const MAX_TABLE_ENTRIES: u32 = 1 << 22;
 
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
@@ -262,25 +263,33 @@ impl Vhd {
         self.header.as_ref()
     }
 
-    /// The BAT (empty for fixed disks).
-    ///
-    /// A read-only file whose table is mostly unallocated keeps only its allocated entries in
-    /// memory (see [`Vhd::block_offset`] and [`Vhd::allocated_entries`], which work on that
-    /// directly); the full table is then built on the first call of this method and kept.
-    pub fn bat(&self) -> &Bat {
-        self.bat.dense()
+    /// The whole BAT, built now (4 bytes per entry; empty for fixed disks). The file's table
+    /// is not held in memory (see `vhd::table`): [`Vhd::block_offset`],
+    /// [`Vhd::is_allocated`] and [`Vhd::allocated_entries`] answer without building it.
+    pub fn bat(&self) -> Result<Bat> {
+        self.bat.to_bat(self)
     }
 
     /// The byte offset of block `index`'s bitmap, or `None` when it is not allocated (or
-    /// past the table). Same as `bat().block_offset(index)` without building the full table.
-    pub fn block_offset(&self, index: u64) -> Option<u64> {
-        self.bat.get(index)
+    /// past the table). Reads the table's page holding the entry, unless it is cached.
+    pub fn block_offset(&self, index: u64) -> Result<Option<u64>> {
+        self.bat.get(self, index)
+    }
+
+    /// Whether block `index` has a BAT entry (false past the table); reads nothing.
+    pub fn is_allocated(&self, index: u64) -> bool {
+        self.bat.is_allocated(index)
     }
 
     /// The allocated BAT entries in increasing block order: (block index, byte offset of the
-    /// block's bitmap). Same as walking `bat().entries`, without building the full table.
-    pub fn allocated_entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.bat.allocated_entries()
+    /// block's bitmap). Reads the table in order, a cached page at a time.
+    pub fn allocated_entries(&self) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
+        self.bat.allocated_entries(self)
+    }
+
+    /// The indices of the allocated blocks in increasing order; reads nothing.
+    pub(crate) fn allocated_indices(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bat.allocated_blocks()
     }
 
     /// Fixed, dynamic or differencing.
@@ -416,6 +425,13 @@ impl Vhd {
         Ok(Some(data))
     }
 
+    /// `len` bytes at `offset` (the caller bounded `len`: a table chunk).
+    fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0; len as usize];
+        self.read_raw(&mut buf, offset)?;
+        Ok(buf)
+    }
+
     /// Read raw bytes of the file.
     pub fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.storage.read_at(buf, offset).map_err(|e| {
@@ -441,7 +457,7 @@ impl Vhd {
                 bitmap: None,
             });
         };
-        let Some(bitmap_offset) = self.bat.get(index) else {
+        let Some(bitmap_offset) = self.bat.get(self, index)? else {
             return Ok(BlockMap::Absent);
         };
         let bitmap = match self.pending.bitmaps.get(&index) {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::files::open_regular_file;
-use super::table::{Table, read_bat};
+use super::table::Table;
 use super::validate::{Validator, problem_codes as pc};
 use super::writer::Pending;
 use super::{
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
-use crate::format::bat::{self, Bat};
+use crate::format::bat;
 use crate::format::batmap::{self, Batmap};
 use crate::format::footer::{self, DiskType, FOOTER_SIZE, Footer};
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE};
@@ -120,7 +120,7 @@ pub(super) fn open_inner(
         footer_offset,
         original_footer_offset: footer_offset,
         header: None,
-        bat: Table::Dense(Bat::default()),
+        bat: Table::default(),
         virtual_size,
         size_source,
         warnings: Vec::new(),
@@ -532,7 +532,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     let h = read_header(vhd, header_offset, options.lenient, v)?;
     check_header_fields(&h, vhd.footer.current_size, header_offset, v)?;
     check_bat_placement(&h, header_offset, len, meta_limit, v)?;
-    let mut bat = read_bat(vhd, h.table_offset, h.max_table_entries)?;
+    let mut bat = Table::load(vhd, h.table_offset, h.max_table_entries)?;
     let batmap = read_batmap(vhd, &h, len, v)?;
     let next_free =
         extents::check_blocks(vhd, &h, &mut bat, batmap.as_ref(), (len, meta_limit), v)?;
@@ -549,7 +549,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     }
     vhd.next_free = next_free;
     vhd.header = Some(h);
-    vhd.bat = Table::new(bat, options.writable);
+    vhd.bat = bat;
     v.batmap = batmap;
     Ok(())
 }

@@ -1,155 +1,168 @@
-//! The block allocation table as a [`Vhd`] holds it in memory, and its reading at open.
+//! The block allocation table of an open [`Vhd`], read on demand so that memory stays bounded
+//! whatever the table's size.
+//!
+//! Opening streams the table once, [`CHUNK`](crate::io::paged::CHUNK)-byte pieces at a
+//! time, counting the allocated entries and keeping one bit per entry (allocated or not):
+//! 512 KiB for the 4 Mi entries of 2040 GiB at 512 KiB blocks. Entries are then read through
+//! the shared [`ChunkCache`], [`PAGE`] bytes at a time, at most [`CACHE_PAGES`] pages (a merge
+//! asks in block order, so one page read serves 1024 blocks). Entries that differ from the file are kept on top of it:
+//! those validation dropped (they read as unallocated), and the blocks a write session
+//! allocated, until [`Vhd::commit`] has written their BAT sectors.
 
-use super::{MAX_TABLE_ENTRIES, Vhd};
+use std::collections::BTreeMap;
+
+use super::Vhd;
+use super::sweep::Bits;
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
 use crate::format::bat::{self, Bat};
+use crate::io::paged::ChunkCache;
 
-/// BAT bytes read at a time when a file is opened, so that no second copy of the table is
-/// held while it is decoded.
-const BAT_READ_CHUNK: usize = 1 << 20;
+/// Bytes of the table read on a cache miss: 1024 entries, one file page. Sequential lookups
+/// read the table a page per 1024 blocks; scattered ones (a sparse disk's few blocks) read
+/// no more than they need.
+const PAGE: u64 = 4096;
+/// Pages of the table cached per file (1 MiB): small, as a chain holds one table per layer.
+const CACHE_PAGES: usize = 256;
 
-/// Read `entries` BAT entries at `offset` (at most [`MAX_TABLE_ENTRIES`], checked against the
-/// file length by the caller) in chunks of [`BAT_READ_CHUNK`] bytes.
-pub(super) fn read_bat(vhd: &Vhd, offset: u64, entries: u32) -> Result<Bat> {
-    let n = entries.min(MAX_TABLE_ENTRIES) as usize;
-    let mut table = Vec::new();
-    table.try_reserve_exact(n).map_err(|_| {
-        Error::io(
-            format!("{}: reading the BAT", vhd.path.display()),
-            std::io::ErrorKind::OutOfMemory.into(),
-        )
-    })?;
-    let mut buf = vec![0u8; BAT_READ_CHUNK.min(n * 4)];
-    let mut at = offset;
-    while table.len() < n {
-        let take = ((n - table.len()) * 4).min(buf.len());
-        let chunk = &mut buf[..take];
-        vhd.read_raw(chunk, at)?;
-        let part = Bat::parse(chunk, (take / 4) as u32)?;
-        table.extend_from_slice(&part.entries);
-        at += take as u64;
-    }
-    Ok(Bat { entries: table })
-}
-
-/// A BAT as held in memory by a [`Vhd`].
-///
-/// A 2 TiB disk has a 4 MiB table; a chain of 32 such layers would hold 128 MiB of tables
-/// that are almost all "unallocated" in the sparse disks merges usually meet. So a read-only
-/// file whose table is less than half allocated keeps only its allocated entries, sorted by
-/// block index: memory is then 8 bytes per allocated block (4 MiB per TiB of data at 2 MiB
-/// blocks), whatever the virtual size. Writable files keep the full table, which block
-/// allocation and [`Vhd::commit`] update and write back sector by sector.
-#[derive(Debug)]
-pub(super) enum Table {
-    /// Every entry.
-    Dense(Bat),
-    /// Only the allocated entries.
-    Sparse {
-        /// Number of entries of the full table.
-        len: usize,
-        /// (block index, BAT entry) of the allocated entries, by increasing block index.
-        allocated: Vec<(u32, u32)>,
-        /// The full table, built on demand for [`Vhd::bat`].
-        dense: std::sync::OnceLock<Bat>,
-    },
+/// The BAT of an open file, as it reads with the entries that differ from the file's.
+#[derive(Debug, Default)]
+pub(super) struct Table {
+    /// The entries as the file holds them (4 bytes each, big-endian).
+    file: ChunkCache,
+    /// Number of entries.
+    len: u32,
+    /// Entries that differ from the file's, by block index: dropped at open ([`bat::UNUSED`])
+    /// or allocated by this session and not yet committed.
+    changed: BTreeMap<u32, u32>,
+    /// One bit per entry: allocated.
+    mapped: Bits,
+    /// Number of allocated entries.
+    allocated: usize,
 }
 
 impl Table {
-    pub(super) fn new(bat: Bat, writable: bool) -> Table {
-        let n = bat.allocated();
-        if writable || n >= bat.entries.len() / 2 {
-            return Table::Dense(bat);
-        }
-        let allocated = bat
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| **e != bat::UNUSED)
-            // A table has at most u32::MAX entries (Max Table Entries is a u32).
-            .map(|(i, &e)| (i as u32, e))
-            .collect();
-        Table::Sparse {
-            len: bat.entries.len(),
+    /// Stream the `entries` entries at `offset` (checked against the file length and the
+    /// supported size by the caller) once, noting the allocated ones.
+    pub(super) fn load(vhd: &Vhd, offset: u64, entries: u32) -> Result<Table> {
+        let file = ChunkCache::new(offset, u64::from(entries) * 4, PAGE, CACHE_PAGES);
+        let mut mapped = Bits::new(entries as usize);
+        let mut allocated = 0;
+        file.stream(
+            |o, n| vhd.read_vec(o, n),
+            |at, bytes| {
+                for (j, e) in bytes.chunks_exact(4).enumerate() {
+                    if e != [0xFF; 4] {
+                        mapped.set((at / 4) as usize + j);
+                        allocated += 1;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        Ok(Table {
+            file,
+            len: entries,
+            changed: BTreeMap::new(),
+            mapped,
             allocated,
-            dense: std::sync::OnceLock::new(),
-        }
+        })
     }
 
-    pub(super) fn get(&self, index: u64) -> Option<u64> {
-        match self {
-            Table::Dense(b) => b.block_offset(index),
-            Table::Sparse { allocated, .. } => {
-                let i = u32::try_from(index).ok()?;
-                let k = allocated.binary_search_by_key(&i, |&(b, _)| b).ok()?;
-                allocated.get(k).map(|&(_, e)| u64::from(e) * SECTOR_SIZE)
-            }
-        }
+    /// Number of entries.
+    pub(super) fn len(&self) -> u32 {
+        self.len
     }
 
+    /// Whether block `index` is allocated (false past the table); reads nothing.
+    pub(super) fn is_allocated(&self, index: u64) -> bool {
+        usize::try_from(index).is_ok_and(|i| self.mapped.get(i))
+    }
+
+    /// Entry `index` as stored ([`bat::UNUSED`] when unallocated or past the table).
+    pub(super) fn raw(&self, vhd: &Vhd, index: u64) -> Result<u32> {
+        let Ok(i) = u32::try_from(index) else {
+            return Ok(bat::UNUSED);
+        };
+        if i >= self.len {
+            return Ok(bat::UNUSED);
+        }
+        if let Some(&e) = self.changed.get(&i) {
+            return Ok(e);
+        }
+        let b = self
+            .file
+            .bytes_at::<4>(u64::from(i) * 4, |o, n| vhd.read_vec(o, n))?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    /// The byte offset of block `index`'s bitmap, `None` when unallocated or past the table.
+    pub(super) fn get(&self, vhd: &Vhd, index: u64) -> Result<Option<u64>> {
+        if !self.is_allocated(index) {
+            return Ok(None);
+        }
+        let e = self.raw(vhd, index)?;
+        Ok((e != bat::UNUSED).then_some(u64::from(e) * SECTOR_SIZE))
+    }
+
+    /// Set entry `index` (inside the table: the caller checked) in memory until it is
+    /// committed.
+    pub(super) fn set(&mut self, index: u32, entry: u32) {
+        let was = self.mapped.get(index as usize);
+        let now = entry != bat::UNUSED;
+        match (was, now) {
+            (false, true) => self.allocated += 1,
+            (true, false) => self.allocated -= 1,
+            _ => {}
+        }
+        if now {
+            self.mapped.set(index as usize);
+        } else {
+            self.mapped.clear(index as usize);
+        }
+        self.changed.insert(index, entry);
+    }
+
+    /// Entries `from..to` were written to the file as they read now: read them from there.
+    pub(super) fn written(&mut self, from: u32, to: u32) {
+        let kept = self.changed.split_off(&to);
+        self.changed.retain(|&k, _| k < from);
+        self.changed.extend(kept);
+        self.file.forget(u64::from(from) * 4, u64::from(to) * 4);
+    }
+
+    /// Number of allocated entries.
     pub(super) fn allocated(&self) -> usize {
-        match self {
-            Table::Dense(b) => b.allocated(),
-            Table::Sparse { allocated, .. } => allocated.len(),
-        }
+        self.allocated
     }
 
-    pub(super) fn allocated_entries(&self) -> Box<dyn Iterator<Item = (u64, u64)> + '_> {
-        let to = |i: usize, e: u32| (i as u64, u64::from(e) * SECTOR_SIZE);
-        match self {
-            Table::Dense(b) => Box::new(
-                b.entries
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| **e != bat::UNUSED)
-                    .map(move |(i, &e)| to(i, e)),
-            ),
-            Table::Sparse { allocated, .. } => {
-                Box::new(allocated.iter().map(move |&(i, e)| to(i as usize, e)))
-            }
-        }
+    /// The indices of the allocated blocks, in order; reads nothing.
+    pub(super) fn allocated_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.mapped.ones().map(|i| i as u64)
     }
 
-    fn expand(len: usize, allocated: &[(u32, u32)]) -> Bat {
-        let mut entries = vec![bat::UNUSED; len];
-        for &(i, e) in allocated {
-            if let Some(slot) = entries.get_mut(i as usize) {
-                *slot = e;
-            }
-        }
-        Bat { entries }
+    /// The allocated entries in block order: (block index, byte offset of its bitmap).
+    pub(super) fn allocated_entries<'a>(
+        &'a self,
+        vhd: &'a Vhd,
+    ) -> impl Iterator<Item = Result<(u64, u64)>> + 'a {
+        self.allocated_blocks()
+            .map(move |i| Ok((i, u64::from(self.raw(vhd, i)?) * SECTOR_SIZE)))
     }
 
-    pub(super) fn dense(&self) -> &Bat {
-        match self {
-            Table::Dense(b) => b,
-            Table::Sparse {
-                len,
-                allocated,
-                dense,
-            } => dense.get_or_init(|| Table::expand(*len, allocated)),
+    /// The whole table in memory (4 bytes per entry).
+    pub(super) fn to_bat(&self, vhd: &Vhd) -> Result<Bat> {
+        let mut entries = Vec::new();
+        entries
+            .try_reserve_exact(self.len as usize)
+            .map_err(|_| Error::io("building the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
+        for i in 0..u64::from(self.len) {
+            entries.push(match self.is_allocated(i) {
+                true => self.raw(vhd, i)?,
+                false => bat::UNUSED,
+            });
         }
-    }
-
-    /// The full table for updating, building it first if only the allocated entries were
-    /// kept (`None` cannot happen: the table is full once built).
-    pub(super) fn dense_mut(&mut self) -> Option<&mut Bat> {
-        if let Table::Sparse {
-            len,
-            allocated,
-            dense,
-        } = self
-        {
-            let b = dense
-                .take()
-                .unwrap_or_else(|| Table::expand(*len, allocated));
-            *self = Table::Dense(b);
-        }
-        match self {
-            Table::Dense(b) => Some(b),
-            Table::Sparse { .. } => None,
-        }
+        Ok(Bat { entries })
     }
 }
 
@@ -159,7 +172,7 @@ mod tests {
     use crate::vhd::OpenOptions;
 
     #[test]
-    fn sparse_table_answers_like_the_full_one() {
+    fn paged_table_answers_like_the_full_one_and_keeps_changes_on_top() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.vhd");
         let mut v =
@@ -170,30 +183,37 @@ mod tests {
         }
         drop(v);
         let ro = Vhd::open(&p, OpenOptions::read_only()).unwrap();
-        let rw = Vhd::open(&p, OpenOptions::writable()).unwrap();
-        assert!(matches!(ro.bat, Table::Sparse { .. }), "4 of 32 allocated");
-        assert!(
-            matches!(rw.bat, Table::Dense(_)),
-            "writable files keep every entry"
-        );
+        let full = ro.bat().unwrap();
+        assert_eq!(full.entries.len(), 32);
         for i in 0..40 {
-            assert_eq!(ro.block_offset(i), rw.bat().block_offset(i), "block {i}");
+            assert_eq!(
+                ro.block_offset(i).unwrap(),
+                full.block_offset(i),
+                "block {i}"
+            );
+            assert_eq!(ro.is_allocated(i), full.block_offset(i).is_some());
         }
-        let entries: Vec<(u64, u64)> = ro.allocated_entries().collect();
-        assert_eq!(entries, rw.allocated_entries().collect::<Vec<_>>());
+        let entries: Vec<(u64, u64)> = ro.allocated_entries().map(|e| e.unwrap()).collect();
         assert_eq!(
             entries.iter().map(|e| e.0).collect::<Vec<_>>(),
             [0, 5, 6, 31]
         );
+        assert_eq!(entries[1].1, full.block_offset(5).unwrap());
         assert_eq!(ro.allocated_blocks(), 4);
-        assert_eq!(ro.bat(), rw.bat());
 
-        let mut t = Table::new(rw.bat().clone(), false);
-        assert!(matches!(t, Table::Sparse { .. }));
-        let b = t.dense_mut().unwrap();
-        b.entries[1] = 99;
-        assert_eq!(t.get(1), Some(99 * 512));
-        assert_eq!(t.get(5), rw.block_offset(5));
-        assert_eq!(t.allocated(), 5);
+        let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 32).unwrap();
+        t.set(1, 99);
+        t.set(5, bat::UNUSED);
+        assert_eq!(t.get(&ro, 1).unwrap(), Some(99 * 512));
+        assert_eq!(t.get(&ro, 5).unwrap(), None);
+        assert_eq!(t.get(&ro, 6).unwrap(), full.block_offset(6));
+        assert_eq!(t.allocated(), 4);
+        assert_eq!(t.allocated_blocks().collect::<Vec<_>>(), [0, 1, 6, 31]);
+        t.written(0, 2);
+        assert_eq!(
+            t.changed.keys().collect::<Vec<_>>(),
+            [&5],
+            "1 now reads from the file"
+        );
     }
 }

@@ -197,7 +197,7 @@ impl Vhd {
             self.note_written(index * FIXED_CHUNK, bs);
             return Ok(());
         };
-        match self.bat.get(index) {
+        match self.bat.get(self, index)? {
             Some(bitmap_offset) => {
                 let data_offset = bitmap_offset + h.bitmap_bytes();
                 self.write_masked(data_offset, data, &mask, true)?;
@@ -283,7 +283,7 @@ impl Vhd {
             let at = index * FIXED_CHUNK + first * SECTOR_SIZE;
             return self.clone_raw(src, src_offset, at, len);
         };
-        if let Some(bitmap_offset) = self.bat.get(index) {
+        if let Some(bitmap_offset) = self.bat.get(self, index)? {
             let at = bitmap_offset + h.bitmap_bytes() + first * SECTOR_SIZE;
             if !aligned(at) {
                 return Ok(CloneOutcome::Unaligned);
@@ -379,17 +379,13 @@ impl Vhd {
             path: Some(self.path.clone()),
             detail: "block offset past the 2 TiB limit of 32-bit BAT sector offsets".into(),
         })?;
-        let Some(slot) = self
-            .bat
-            .dense_mut()
-            .and_then(|b| b.entries.get_mut(index as usize))
-        else {
+        let Some(slot) = u32::try_from(index).ok().filter(|&i| i < self.bat.len()) else {
             return Err(Error::InvalidParameter(format!(
                 "block {index} is past the BAT of {}",
                 self.path.display()
             )));
         };
-        *slot = sector;
+        self.bat.set(slot, sector);
         self.pending.bat_sectors.insert(index * 4 / SECTOR_SIZE);
         self.pending.new_blocks.insert(index);
         self.pending.data_written = true;
@@ -498,12 +494,12 @@ impl Vhd {
         let mut bitmaps: Vec<(u64, SectorBitmap)> = self.pending.bitmaps.drain().collect();
         bitmaps.sort_by_key(|(i, _)| *i);
         for (index, bm) in &bitmaps {
-            if let Some(off) = self.bat.get(*index) {
+            if let Some(off) = self.bat.get(self, *index)? {
                 self.write_raw(&bm.to_bytes_padded(h.bitmap_bytes() as usize), off)?;
             }
         }
         let table = std::mem::take(&mut self.pending.bat_sectors);
-        let entries_per_sector = (SECTOR_SIZE / 4) as usize;
+        let entries_per_sector = SECTOR_SIZE / 4;
         let mut iter = table.iter().copied().peekable();
         while let Some(first) = iter.next() {
             let mut last = first;
@@ -511,14 +507,16 @@ impl Vhd {
                 last += 1;
                 iter.next();
             }
-            let lo = first as usize * entries_per_sector;
-            let entries = &self.bat.dense().entries;
-            let hi = ((last as usize + 1) * entries_per_sector).min(entries.len());
+            let lo = first * entries_per_sector;
+            let hi = ((last + 1) * entries_per_sector).min(u64::from(self.bat.len()));
             let mut bytes = vec![0xFFu8; (last - first + 1) as usize * SECTOR_SIZE as usize];
-            for (k, e) in entries[lo..hi].iter().enumerate() {
+            for (k, i) in (lo..hi).enumerate() {
+                let e = self.bat.raw(self, i)?;
                 bytes[4 * k..4 * k + 4].copy_from_slice(&e.to_be_bytes());
             }
             self.write_raw(&bytes, h.table_offset + first * SECTOR_SIZE)?;
+            // In lo..hi: the table has at most u32::MAX entries.
+            self.bat.written(lo as u32, hi as u32);
         }
         self.sync()?;
         self.pending = Pending::default();
@@ -633,10 +631,11 @@ impl Vhd {
             return false;
         }
         let stride = self.stride();
+        // An entry that cannot be read might overlap: not metadata space.
         !self
             .bat
-            .allocated_entries()
-            .any(|(_, at)| overlaps(at, stride))
+            .allocated_entries(self)
+            .any(|e| e.is_err() || e.is_ok_and(|(_, at)| overlaps(at, stride)))
     }
 
     /// Overwrite `bytes` at `offset` in locator space (see [`Vhd::is_metadata_space`]), for

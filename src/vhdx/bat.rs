@@ -7,30 +7,24 @@
 //! [`CACHE_CHUNKS`] chunks. A write session's changes are kept as whole 4 KiB pages (the unit
 //! the log writes) on top of the file until they are published.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 
 use super::format::bat::{BatEntry, EntryKind, Geometry, PayloadState};
 use super::format::log::PAGE;
 use super::reader::Overlay;
 use crate::io::Storage;
+use crate::io::paged::{CHUNK, ChunkCache};
 use crate::{Error, Result};
 
-/// Bytes of BAT read at once (8192 entries).
-pub(crate) const CHUNK: u64 = 64 << 10;
 /// Chunks the cache holds before it starts over (16 MiB).
 const CACHE_CHUNKS: usize = 256;
 
 /// The BAT region of an open file, as it reads with the session's changes.
 #[derive(Debug)]
 pub(crate) struct PagedBat {
-    /// File offset of the region.
-    offset: u64,
-    /// Bytes of the entries the disk needs.
-    len: u64,
+    /// The entries the disk needs, as the file holds them.
+    table: ChunkCache,
     geometry: Geometry,
-    /// Chunks read from the file, by chunk index.
-    cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
     /// The session's changed 4 KiB pages, by page index: authoritative over the file.
     changed: BTreeMap<u64, Vec<u8>>,
     /// One bit per payload block: its state is not NOT_PRESENT.
@@ -46,33 +40,32 @@ impl PagedBat {
         geometry: Geometry,
         mut check: impl FnMut(EntryKind, BatEntry) -> Result<()>,
     ) -> Result<PagedBat> {
-        let len = geometry.entries_needed() * 8;
+        let table = ChunkCache::new(offset, geometry.entries_needed() * 8, CHUNK, CACHE_CHUNKS);
         let mut mapped = vec![0u64; geometry.data_blocks().div_ceil(64) as usize];
-        let mut at = 0;
-        while at < len {
-            let bytes = file.read(offset + at, CHUNK.min(len - at))?;
-            for (j, e) in bytes.chunks_exact(8).enumerate() {
-                let e = BatEntry(u64::from_le_bytes(e.try_into().unwrap_or_default()));
-                if e.0 == 0 {
-                    // NOT_PRESENT at offset 0: valid in every slot, and not mapped. Most of a
-                    // large table is this; skipping the index math keeps open at disk speed.
-                    continue;
+        table.stream(
+            |o, n| file.read(o, n),
+            |at, bytes| {
+                for (j, e) in bytes.chunks_exact(8).enumerate() {
+                    let e = BatEntry(u64::from_le_bytes(e.try_into().unwrap_or_default()));
+                    if e.0 == 0 {
+                        // NOT_PRESENT at offset 0: valid in every slot, and not mapped. Most of a
+                        // large table is this; skipping the index math keeps open at disk speed.
+                        continue;
+                    }
+                    let kind = geometry.entry_kind(at / 8 + j as u64);
+                    check(kind, e)?;
+                    if let EntryKind::Payload(i) = kind
+                        && e.payload_state()? != PayloadState::NotPresent
+                    {
+                        mapped[(i / 64) as usize] |= 1 << (i % 64);
+                    }
                 }
-                let kind = geometry.entry_kind(at / 8 + j as u64);
-                check(kind, e)?;
-                if let EntryKind::Payload(i) = kind
-                    && e.payload_state()? != PayloadState::NotPresent
-                {
-                    mapped[(i / 64) as usize] |= 1 << (i % 64);
-                }
-            }
-            at += CHUNK;
-        }
+                Ok(())
+            },
+        )?;
         Ok(PagedBat {
-            offset,
-            len,
+            table,
             geometry,
-            cache: Mutex::new(HashMap::new()),
             changed: BTreeMap::new(),
             mapped,
         })
@@ -80,30 +73,15 @@ impl PagedBat {
 
     /// Entry `k` of the table.
     pub(crate) fn entry<S: Storage>(&self, file: &Overlay<S>, k: u64) -> Result<BatEntry> {
-        if k.checked_mul(8).is_none_or(|b| b + 8 > self.len) {
+        if k.checked_mul(8).is_none_or(|b| b + 8 > self.table.len()) {
             return Err(Error::format(format!("VHDX BAT: no entry {k}")));
         }
         let page = k * 8 / PAGE as u64;
         if let Some(p) = self.changed.get(&page) {
             return Ok(entry_in(p, (k * 8 % PAGE as u64) as usize));
         }
-        let chunk = self.chunk(file, k * 8 / CHUNK)?;
-        Ok(entry_in(&chunk, (k * 8 % CHUNK) as usize))
-    }
-
-    /// Chunk `c` of the file's table, from the cache or read now.
-    fn chunk<S: Storage>(&self, file: &Overlay<S>, c: u64) -> Result<Arc<Vec<u8>>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = cache.get(&c) {
-            return Ok(b.clone());
-        }
-        let start = c * CHUNK;
-        let bytes = Arc::new(file.read(self.offset + start, CHUNK.min(self.len - start))?);
-        if cache.len() >= CACHE_CHUNKS {
-            cache.clear();
-        }
-        cache.insert(c, bytes.clone());
-        Ok(bytes)
+        let b = self.table.bytes_at::<8>(k * 8, |o, n| file.read(o, n))?;
+        Ok(BatEntry(u64::from_le_bytes(b)))
     }
 
     /// Set entry `k` in the session's pages (and the mapped bit of a payload entry).
@@ -133,7 +111,7 @@ impl PagedBat {
     pub(crate) fn page<S: Storage>(&self, file: &Overlay<S>, k: u64) -> Result<Vec<u8>> {
         match self.changed.get(&k) {
             Some(p) => Ok(p.clone()),
-            None => file.read(self.offset + k * PAGE as u64, PAGE as u64),
+            None => file.read(self.page_offset(k), PAGE as u64),
         }
     }
 
@@ -144,14 +122,14 @@ impl PagedBat {
 
     /// File offset of page `k`.
     pub(crate) fn page_offset(&self, k: u64) -> u64 {
-        self.offset + k * PAGE as u64
+        self.table.file_offset(k * PAGE as u64)
     }
 
     /// The changed pages are now in place in the file: read them from there again.
     pub(crate) fn published(&mut self) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for k in self.changed.keys() {
-            cache.remove(&(k * PAGE as u64 / CHUNK));
+            let at = k * PAGE as u64;
+            self.table.forget(at, at + PAGE as u64);
         }
         self.changed.clear();
     }

@@ -21,7 +21,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::bat::CHUNK;
 use super::format::bat::{BatEntry, BitmapState, EntryKind, Geometry, PayloadState, bitmap_bit};
 use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
 use super::format::metadata::{KNOWN_LOCATOR_KEYS, Metadata, MetadataTable};
@@ -30,6 +29,7 @@ use super::format::{self as f, MIB, SLOT_SIZE};
 use super::reader::{MAX_METADATA_BYTES, Overlay, check_bitmap_block, check_block};
 use crate::check::{CheckReport, Finding, Severity, Sink};
 use crate::error::{Error, Result, ReturnCode};
+use crate::io::paged::CHUNK;
 use crate::io::{FileStorage, Storage};
 
 /// At most this many findings of one code are listed; the rest are counted in one note.
