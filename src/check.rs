@@ -390,7 +390,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
         // checked to lie inside the file.
         let want = if dynamic { bm_bytes + bs } else { bm_bytes };
         buf.resize(want as usize, 0);
-        if let Err(e) = vhd.read_raw(&mut buf, offset) {
+        if let Err(e) = vhd.read_raw(offset, &mut buf) {
             let block = format!("block {index}");
             sink.add(
                 Severity::Error,
@@ -525,7 +525,7 @@ fn bit_set(map: &[u8], index: u64) -> bool {
 fn read_batmap(vhd: &Vhd, bm: &Batmap, sink: &mut Sink<'_>) -> Option<Vec<u8>> {
     // Opening checked that the map lies inside the file.
     let mut map = vec![0u8; usize::try_from(bm.map_bytes()).ok()?];
-    if let Err(e) = vhd.read_raw(&mut map, bm.map_offset) {
+    if let Err(e) = vhd.read_raw(bm.map_offset, &mut map) {
         sink.add(
             Severity::Error,
             "unreadable",

@@ -386,7 +386,7 @@ fn bat_writes(
         // for padding past the end of a file whose table ends mid-sector.
         let len = ((last - first + 1) * SECTOR_SIZE).min(file_len.saturating_sub(offset));
         let mut buf = vec![0u8; len as usize];
-        vhd.read_raw(&mut buf, offset)?;
+        vhd.read_raw(offset, &mut buf)?;
         for index in &indices {
             let at = (index * 4 - first * SECTOR_SIZE) as usize;
             if let Some(e) = buf.get_mut(at..at + 4) {

@@ -102,7 +102,7 @@ impl Vhd {
                 }
                 // Bounded by MAX_LOCATOR_PAYLOAD and checked against the file length above.
                 let mut data = vec![0u8; len as usize];
-                self.read_raw(&mut data, loc.data_offset)?;
+                self.read_raw(loc.data_offset, &mut data)?;
                 let Some(text) = code.decode_payload(&data) else {
                     continue;
                 };
@@ -252,7 +252,7 @@ impl Layer for Vhd {
             )));
         }
         let at = self.stored_offset(block, first, buf.len() as u64 / SECTOR_SIZE)?;
-        self.read_raw(buf, at)
+        self.read_raw(at, buf)
     }
 
     fn warnings(&self) -> &[String] {

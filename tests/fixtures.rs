@@ -632,7 +632,7 @@ fn provenance_notes_hold() {
     // blktap's private batmap header sits in the sector after the BAT.
     let h = v.header().unwrap();
     let mut cookie = [0u8; 8];
-    v.read_raw(&mut cookie, h.table_offset + 512).unwrap();
+    v.read_raw(h.table_offset + 512, &mut cookie).unwrap();
     assert_eq!(&cookie, b"tdbatmap");
 }
 

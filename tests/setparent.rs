@@ -252,7 +252,7 @@ fn long_paths_get_new_space_clear_of_blocks() {
     c.write_at(4 * MIB, &d).unwrap();
     for l in locs.iter().filter(|l| !l.is_empty()) {
         let mut payload = vec![0u8; l.data_length as usize];
-        c.read_raw(&mut payload, l.data_offset).unwrap();
+        c.read_raw(l.data_offset, &mut payload).unwrap();
         let text = l.platform_code.decode_payload(&payload).unwrap();
         assert!(text.ends_with("b.vhd"), "{text}");
         assert!(c.is_metadata_space(l.data_offset, l.extent_len()), "{l:?}");

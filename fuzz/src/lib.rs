@@ -54,12 +54,9 @@ pub fn exercise_vhd(vhd: &Vhd) {
     let mut buf = vec![0u8; bs.min(1 << 20) as usize];
     let mut blocks: Vec<u64> = (0..4).collect();
     blocks.extend(
-        vhd.bat()
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| **e != u32::MAX)
-            .map(|(i, _)| i as u64)
+        vhd.allocated_entries()
+            .filter_map(|e| e.ok())
+            .map(|(i, _)| i)
             .take(64),
     );
     for b in blocks {

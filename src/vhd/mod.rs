@@ -421,19 +421,20 @@ impl Vhd {
             });
         }
         let mut data = vec![0u8; loc.data_length as usize];
-        self.read_raw(&mut data, loc.data_offset)?;
+        self.read_raw(loc.data_offset, &mut data)?;
         Ok(Some(data))
     }
 
     /// `len` bytes at `offset` (the caller bounded `len`: a table chunk).
     fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0; len as usize];
-        self.read_raw(&mut buf, offset)?;
+        self.read_raw(offset, &mut buf)?;
         Ok(buf)
     }
 
-    /// Read raw bytes of the file.
-    pub fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Read raw bytes of the file at `offset` into `buf` (offset first, as every public
+    /// positional read and write of the crate).
+    pub fn read_raw(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.storage.read_at(buf, offset).map_err(|e| {
             Error::io(
                 format!(
@@ -472,7 +473,7 @@ impl Vhd {
 
     fn read_bitmap_at(&self, offset: u64, h: &DynamicHeader) -> Result<SectorBitmap> {
         let mut buf = vec![0u8; h.bitmap_bytes() as usize];
-        self.read_raw(&mut buf, offset)?;
+        self.read_raw(offset, &mut buf)?;
         Ok(SectorBitmap::from_bytes(
             &buf,
             h.sectors_per_block() as usize,
@@ -498,7 +499,7 @@ impl Vhd {
                 BlockMap::Present {
                     data_offset,
                     bitmap: None,
-                } => self.read_raw(out, data_offset + in_block)?,
+                } => self.read_raw(data_offset + in_block, out)?,
                 BlockMap::Present {
                     data_offset,
                     bitmap: Some(bm),
@@ -510,7 +511,7 @@ impl Vhd {
                     }
                     for run in bm.runs_in(first..last, true) {
                         let dst = &mut out[(run.start - first) * 512..(run.end - first) * 512];
-                        self.read_raw(dst, data_offset + run.start as u64 * SECTOR_SIZE)?;
+                        self.read_raw(data_offset + run.start as u64 * SECTOR_SIZE, dst)?;
                     }
                 }
             }

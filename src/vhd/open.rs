@@ -500,7 +500,7 @@ fn read_batmap(
         return Ok(None);
     }
     let mut b = [0u8; batmap::BATMAP_HEADER_BYTES];
-    vhd.read_raw(&mut b, at)?;
+    vhd.read_raw(at, &mut b)?;
     let Some(bm) = Batmap::parse(&b, at) else {
         return Ok(None);
     };
@@ -604,7 +604,7 @@ fn read_header(
 ) -> Result<DynamicHeader> {
     let (hs, ho) = ("dynamic header", Some(header_offset));
     let mut hb = [0u8; HEADER_SIZE];
-    vhd.read_raw(&mut hb, header_offset)?;
+    vhd.read_raw(header_offset, &mut hb)?;
     let h = match DynamicHeader::parse(&hb) {
         Ok(h) => h,
         Err(e) => {

@@ -452,7 +452,7 @@ impl Vhd {
             let span = (end - start) * 512;
             let mut scratch = std::mem::take(&mut self.scratch);
             scratch.resize(span, 0);
-            let res = self.read_raw(&mut scratch, file_offset + start as u64 * SECTOR_SIZE);
+            let res = self.read_raw(file_offset + start as u64 * SECTOR_SIZE, &mut scratch);
             if let Err(e) = res {
                 self.scratch = scratch;
                 return Err(e);
