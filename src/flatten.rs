@@ -463,11 +463,6 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// Raw output: writeback of what was written is started every this many bytes (see
-/// [`crate::io::start_writeback`]), so the device writes while the copy goes on and dirty
-/// pages stay bounded.
-const WRITEBACK_EVERY: u64 = 8 << 20;
-
 /// Raw output: bytes planned, read and written at a time.
 const RAW_SPAN: u64 = 2 << 20;
 
@@ -621,8 +616,7 @@ impl Writer<'_, '_> {
         let mut buf = vec![0u8; span as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
-        // Start of the written stretch whose writeback has not been started yet.
-        let mut unflushed = 0;
+        let mut writeback = crate::io::Writeback::default();
         while pos < self.size {
             let n = span.min(self.size - pos);
             let plan = self.plan(pos, n)?;
@@ -636,12 +630,9 @@ impl Writer<'_, '_> {
                 crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
             }
             self.report(pos, n);
+            // Spans left as holes are noted too: writeback of a hole costs nothing.
+            writeback.note(pos, n, |o, len| crate::io::start_writeback(&file, o, len));
             pos += n;
-            if pos - unflushed >= WRITEBACK_EVERY {
-                // Holes in the range cost nothing: only dirty pages are written.
-                crate::io::start_writeback(&file, unflushed, pos - unflushed);
-                unflushed = pos;
-            }
         }
         file.sync_all().map_err(|e| io("flushing to disk", e))?;
         Ok(0)

@@ -231,8 +231,8 @@ pub struct Vhd {
     known_zero: Range<u64>,
     pending: Pending,
     scratch: Vec<u8>,
-    /// Block data written since the last writeback hint (see [`Vhd::note_written`]).
-    unflushed: Range<u64>,
+    /// Block data whose writeback has not been started (see [`Vhd::note_written`]).
+    writeback: crate::io::Writeback,
     /// A flush failed (see [`Vhd::sync`]).
     sync_failed: std::sync::atomic::AtomicBool,
 }

@@ -129,7 +129,7 @@ pub(super) fn open_inner(
         known_zero: 0..0,
         pending: Pending::default(),
         scratch: Vec::new(),
-        unflushed: 0..0,
+        writeback: Default::default(),
         sync_failed: std::sync::atomic::AtomicBool::new(false),
         footer: chosen.footer,
     };

@@ -393,32 +393,12 @@ impl Vhd {
         Ok(())
     }
 
-    /// Record that block data was written at `offset..offset + len`, and once a long enough
-    /// stretch has accumulated, ask the OS to start writing it out (see
-    /// [`Storage::start_writeback`]). Only a hint: the crash-safe order still comes from the
-    /// syncs in [`Vhd::commit`]; data reaching the disk early is always allowed (step 2 of
-    /// the module docs).
+    /// Block data was written at `offset..offset + len` ([`crate::io::Writeback`]: a hint; data
+    /// reaching the disk early is always allowed, step 2 of the module docs).
     fn note_written(&mut self, offset: u64, len: u64) {
-        // 4 to 16 MiB measured alike; far below a batch, far above one block.
-        const CHUNK: u64 = 8 << 20;
-        // Blocks are laid out back to back (bitmap, alignment padding, data): a small gap
-        // still continues the stretch.
-        const GAP: u64 = 64 << 10;
-        let end = offset + len;
-        let w = &self.unflushed;
-        if w.is_empty() {
-            self.unflushed = offset..end;
-        } else if offset >= w.start && offset <= w.end + GAP {
-            self.unflushed.end = w.end.max(end);
-        } else {
-            self.storage.start_writeback(w.start, w.end - w.start);
-            self.unflushed = offset..end;
-        }
-        if self.unflushed.end - self.unflushed.start >= CHUNK {
-            let w = self.unflushed.clone();
-            self.storage.start_writeback(w.start, w.end - w.start);
-            self.unflushed = w.end..w.end;
-        }
+        let storage = &self.storage;
+        self.writeback
+            .note(offset, len, |o, n| storage.start_writeback(o, n));
     }
 
     /// Write the masked sectors of `data` at `file_offset`. Few runs are written one by one;
@@ -520,7 +500,7 @@ impl Vhd {
         }
         self.sync()?;
         self.pending = Pending::default();
-        self.unflushed = 0..0;
+        self.writeback.flushed();
         Ok(())
     }
 

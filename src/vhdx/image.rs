@@ -89,9 +89,8 @@ struct Session {
     dirty_bitmaps: BTreeSet<u64>,
     /// Payload bytes were written since the last flush.
     unflushed: bool,
-    /// The stretch of payload written whose writeback has not been started yet (see
-    /// [`Vhdx::note_written`]).
-    unstarted: std::ops::Range<u64>,
+    /// Payload whose writeback has not been started yet (see [`Vhdx::note_written`]).
+    writeback: crate::io::Writeback,
 }
 
 impl Vhdx<FileStorage> {
@@ -708,30 +707,13 @@ impl<S: Storage> Vhdx<S> {
         Ok(())
     }
 
-    /// Record that payload was written at `offset..offset + len`, and once a long enough
-    /// stretch has accumulated, ask the OS to start writing it to the device
-    /// ([`Storage::start_writeback`]), so that the device works while the copy goes on and
-    /// [`Vhdx::commit`]'s flush only waits for the tail. Only a hint: the crash-safe order
-    /// still comes from the flushes of the commit.
+    /// Payload was written at `offset..offset + len` ([`crate::io::Writeback`]: a hint; the
+    /// crash-safe order comes from the flushes of [`Vhdx::commit`]).
     fn note_written(&mut self, offset: u64, len: u64) {
-        // As the VHD writer: 8 MiB stretches; a small gap (a skipped sector run) continues one.
-        const CHUNK: u64 = 8 * MIB;
-        const GAP: u64 = 64 << 10;
-        let end = offset + len;
         let s = self.r.file.storage();
-        let w = &mut self.session.unstarted;
-        if w.is_empty() {
-            *w = offset..end;
-        } else if offset >= w.start && offset <= w.end + GAP {
-            w.end = w.end.max(end);
-        } else {
-            s.start_writeback(w.start, w.end - w.start);
-            *w = offset..end;
-        }
-        if w.end - w.start >= CHUNK {
-            s.start_writeback(w.start, w.end - w.start);
-            *w = w.end..w.end;
-        }
+        self.session
+            .writeback
+            .note(offset, len, |o, n| s.start_writeback(o, n));
     }
 
     /// `len` bytes (a multiple of 1 MiB) of new space, 1 MiB aligned after every object of
@@ -918,7 +900,7 @@ impl<S: Storage> Vhdx<S> {
             flush(s, "logged pages in place")?;
         }
         self.session.unflushed = false;
-        self.session.unstarted = 0..0;
+        self.session.writeback.flushed();
         self.r.bat.published();
         self.session.dirty_bitmaps.clear();
         self.session.pages.clear();
