@@ -20,9 +20,6 @@ use crate::layer::{
 };
 use crate::vhd::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
 
-/// Locator payloads longer than this are not read (a path is at most 32767 UTF-16 units).
-const MAX_LOCATOR_PAYLOAD: u64 = crate::vhd::MAX_LOCATOR_PAYLOAD as u64;
-
 /// Platform codes in the order their locators are tried (§5.4): the relative Windows path
 /// first (it survives moving the whole chain), then the absolute one, the file URL, and the
 /// deprecated 8-bit forms; with how each spells its path and its name as a hint source.
@@ -63,46 +60,29 @@ impl Vhd {
         let Some(h) = self.header() else {
             return Ok(());
         };
-        let file_len = self
-            .storage()
-            .len()
-            .map_err(|e| Error::io(format!("{}: reading length", self.path().display()), e))?;
         for (code, spelling, name) in LOCATOR_ORDER {
             for (slot, loc) in h.locators.iter().enumerate() {
                 if loc.platform_code != code {
                     continue;
                 }
-                let len = u64::from(loc.data_length);
                 let unusable = |reason: String| UnusableHint {
                     path: PathBuf::from(format!("<{name} locator {slot}>")),
                     source: format!("{name} (locator {slot})"),
                     reason,
                 };
-                let reason = if len == 0 {
-                    Some("locator data is empty".to_string())
-                } else if len > MAX_LOCATOR_PAYLOAD {
-                    Some(format!(
-                        "locator data is {len} bytes, more than the {MAX_LOCATOR_PAYLOAD} read"
-                    ))
-                } else if loc
-                    .data_offset
-                    .checked_add(len)
-                    .is_none_or(|e| e > file_len)
-                {
-                    Some(format!(
-                        "locator data at offset {} + {len} bytes lies outside the file ({file_len} bytes)",
-                        loc.data_offset
-                    ))
-                } else {
-                    None
+                // The one payload reader: bounded, and checked against the file first.
+                let data = match self.read_locator_payload(slot) {
+                    Ok(Some(data)) if !data.is_empty() => data,
+                    Ok(_) => {
+                        link.unusable.push(unusable("locator data is empty".into()));
+                        continue;
+                    }
+                    Err(Error::Format { detail, .. }) => {
+                        link.unusable.push(unusable(detail));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 };
-                if let Some(r) = reason {
-                    link.unusable.push(unusable(r));
-                    continue;
-                }
-                // Bounded by MAX_LOCATOR_PAYLOAD and checked against the file length above.
-                let mut data = vec![0u8; len as usize];
-                self.read_raw(loc.data_offset, &mut data)?;
                 let Some(text) = code.decode_payload(&data) else {
                     continue;
                 };

@@ -404,7 +404,7 @@ impl Vhd {
             return Err(Error::Format {
                 path: Some(self.path.clone()),
                 detail: format!(
-                    "{}: longer than the {MAX_LOCATOR_PAYLOAD} bytes a parent path can take; not read",
+                    "{}: longer than a parent path can be, more than the {MAX_LOCATOR_PAYLOAD} read",
                     what()
                 ),
             });
