@@ -9,14 +9,15 @@
 # test that fails under Wine fails the step.
 #
 # What runs under Wine, and what does not (README, "Platforms"):
-# - the unit tests, the doc tests, the demo, and the test binaries in WINE_TESTS below, built
-#   with the test profile (opt-level 2); tests/merge.rs with 16 instead of 256 random chains
+# - the unit tests, the doc tests, the demo, and the subjects in WINE_TESTS below (modules of
+#   tests/suite, and the bad_input binary), built
+#   with the test profile (opt-level 2); tests/suite/merge.rs with 16 instead of 256 random chains
 #   per property (PROPTEST_CASES). Tests that need what only Unix has are compiled and
 #   reported as ignored with the reason (tests/common/os.rs says how they are marked). The
-#   other binaries are compiled (clippy) but not built or run: under Wine, whose
+#   other subjects are compiled but not run: under Wine, whose
 #   file operations go through wineserver, they take many times as long as on Linux (crash
 #   110 s, flatten 75 s, fuzz_regressions 280 s, vhdx_fixtures 100 s, merge_faults more than
-#   8 minutes), too long for CI. `WINE_TESTS=all .ci/windows.sh` runs every binary;
+#   8 minutes), too long for CI. `WINE_TESTS=all .ci/windows.sh` runs every subject;
 # - the oracles (qemu-img, qemu-io, libvhdi) are not installed inside Wine, so the tests that
 #   need them skip with a note: VHD_MERGE_REQUIRE_ORACLES and VHD_MERGE_PYTHON are removed
 #   from the environment of this step;
@@ -41,7 +42,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 # No debug info in the Windows builds: mingw's linker spends most of its time on DWARF, and a
 # panic message still names the file and line.
 export CARGO_PROFILE_TEST_DEBUG=0
-# The test binaries run under Wine in CI: those that take at most about 40 s there and test
+# The test subjects run under Wine in CI: those that take at most about 40 s there and test
 # something Windows changes (paths, locking, files); the oracle-only ones would only skip.
 WINE_TESTS=${WINE_TESTS:-bad_input chain check cli format merge repair setparent vhdx_format vhdx_write}
 
@@ -110,12 +111,14 @@ unset VHD_MERGE_REQUIRE_ORACLES VHD_MERGE_PYTHON
 export PROPTEST_CASES=${PROPTEST_CASES:-16}
 # bad_input measures whole-process allocation peaks, which a test running beside it in
 # another thread can spoil (under Wine, slower, it did once): its tests run one at a time.
-if [ "$WINE_TESTS" = all ]; then
-    selection=(--tests)
-else
-    selection=(--lib --bins)
-    for t in $WINE_TESTS; do
-        [ "$t" = bad_input ] || selection+=(--test "$t")
+# The integration tests are one binary, tests/suite, with a module per subject: the subjects
+# not in WINE_TESTS are skipped by name (`--skip MODULE::`; every test's name starts with its
+# module's).
+# (The skips apply to that binary only: the library's unit tests have module names too.)
+skips=()
+if [ "$WINE_TESTS" != all ]; then
+    for m in $(sed -nE 's/^mod ([a-z_0-9]+);$/\1/p' tests/suite/main.rs); do
+        [[ " $WINE_TESTS " == *" $m "* ]] || skips+=(--skip "$m::")
     done
 fi
 log="$TARGET_DIR/wine-tests.log"
@@ -129,17 +132,21 @@ run_failed_once_more() {
     [ -n "$again" ] || return 1
     echo "FAILED under Wine, running once more: $again" | tee -a "$log"
     while read -r t; do
+        local only=()
+        [ "$t" != "--test suite" ] || only=("${skips[@]}")
         # shellcheck disable=SC2086 # "--test name": two words
-        cargo test --target "$WIN" $t -- --test-threads=1 >> "$log" 2>&1 || ok=1
+        cargo test --target "$WIN" $t -- --test-threads=1 "${only[@]}" >> "$log" 2>&1 || ok=1
     done <<< "$again"
     return "$ok"
 }
 : > "$log"
 tests_ok=0
 run() { "$@" >> "$log" 2>&1 || tests_ok=1; }
-run cargo test --target "$WIN" --no-fail-fast "${selection[@]}"
-[[ " $WINE_TESTS " != *" bad_input "* ]] ||
+run cargo test --target "$WIN" --no-fail-fast --lib --bins
+run cargo test --target "$WIN" --no-fail-fast --test suite -- "${skips[@]}"
+if [ "$WINE_TESTS" = all ] || [[ " $WINE_TESTS " == *" bad_input "* ]]; then
     run cargo test --target "$WIN" --test bad_input -- --test-threads=1
+fi
 run cargo test --target "$WIN" --doc
 if [ "$tests_ok" != 0 ] && run_failed_once_more; then
     tests_ok=0

@@ -1,6 +1,6 @@
 //! A VHDX merge under test: a random chain of [`super::model`], what the merge must leave, and
 //! the checks every VHDX merge test makes, after a completed merge and after an interrupted
-//! one (tests/vhdx_merge.rs, tests/vhdx_merge_faults.rs).
+//! one (tests/suite/vhdx_merge.rs, tests/suite/vhdx_merge_faults.rs).
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests. Each test file includes them with `mod common;`
-//! and compiles its own copy, in which the helpers it does not use are dead code: hence the
-//! module-wide `allow(dead_code)`.
+//! Helpers shared by the integration tests: `tests/suite/main.rs` (every subject) and
+//! `tests/bad_input.rs` include them as `mod common`; in bad_input, the helpers it does not
+//! use are dead code: hence the module-wide `allow(dead_code)`.
 //!
 //! - [`oracles`]: qemu-img, qemu-io and libvhdi, and the rule for a missing one;
 //! - [`craft`]: differencing disks with chosen locators, names and ids;

@@ -134,7 +134,7 @@ impl Storage for Recording {
 
 /// Storage whose clones are copies (read from the source, written here) with the alignment
 /// rule of a real reflink file system (4 KiB blocks): the engine's clone path, its fallbacks
-/// and its fault injection, on any file system. A real clone is proved in `tests/clone.rs`.
+/// and its fault injection, on any file system. A real clone is proved in `tests/suite/clone.rs`.
 #[derive(Debug)]
 pub struct CopyClone {
     inner: Box<dyn Storage>,

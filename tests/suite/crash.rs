@@ -1,10 +1,10 @@
 //! Crash safety of a merge: for every write of a merge (whole or torn) and every sync, stop the
 //! merge there as a crash would, then check that the destination still opens strictly, that
 //! the source chain is byte-for-byte unchanged, and that re-running the merge produces exactly
-//! the expected content. `tests/merge_faults.rs` extends this to more scenarios, out-of-space
+//! the expected content. `tests/suite/merge_faults.rs` extends this to more scenarios, out-of-space
 //! points, successive interruptions and a real full file system.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! file is never written, a dry run writes nothing, and a crash at any write leaves a file that
 //! opens and that a re-run finishes.
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 

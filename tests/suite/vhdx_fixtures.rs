@@ -4,7 +4,7 @@
 //! The MIT and Apache files are in `fixtures/vhdx/`; qemu's GPL ones are read from
 //! `../shared` and skipped with a note when it is absent.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -8,7 +8,7 @@
 //! - the CHS algorithm gives the geometry real files carry;
 //! - parent locator payloads are read only when they are inside the file and small.
 
-mod common;
+use crate::common;
 
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -496,7 +496,7 @@ fn both_footers_bad_is_an_error_naming_the_checksum() {
 // CHS.
 
 /// Geometry the spec's algorithm must give, as stored by the writers of real files
-/// (fixtures/ and ../shared/fixtures/real; `tests/fixtures.rs` checks every file).
+/// (fixtures/ and ../shared/fixtures/real; `tests/suite/fixtures.rs` checks every file).
 #[test]
 fn chs_matches_real_files() {
     let known: [(u64, (u16, u8, u8), &str); 12] = [

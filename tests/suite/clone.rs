@@ -12,7 +12,7 @@
 //! - On the normal file system (ext4 in CI): cloning is asked for once, refused, and the
 //!   merge copies as before.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! flatten: random chains against an in-test model, outputs read back by qemu-img and by the
 //! crate, and the output-file rules (refusal, force, temporary name, progress).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! The `vhd-merge` binary: `info` and `create` (JSON fields, SIZE parsing, overwrite refusal,
 //! the error line and exit status).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -387,7 +387,7 @@ fn info_errors() {
     }
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.vhd");
-    // With --json the same failure also prints the error object (tests/cli_json.rs).
+    // With --json the same failure also prints the error object (tests/suite/cli_json.rs).
     let err = assert_error(
         &run(&["info", p(&missing)]).unwrap(),
         32779,

@@ -17,7 +17,7 @@
 //! virtual size fails ("unable to read data from parent"). The libvhdi test keeps to what
 //! it reads right.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

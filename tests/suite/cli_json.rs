@@ -2,7 +2,7 @@
 //! on success and on failure, with `schema_version`, the shared field names, and the top-level
 //! fields docs/json.md shows for it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

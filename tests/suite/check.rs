@@ -1,6 +1,6 @@
 //! `check`: every finding it promises, on files damaged on purpose, and silence on good files.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -73,7 +73,7 @@ fn real_files_from_other_tools() {
     let mut n = 0;
     for dir in roots.iter().flat_map(|r| std::fs::read_dir(r).unwrap()) {
         let dir = dir.unwrap().path();
-        // fixtures/vhdx/ holds VHDX files: tests/vhdx_check.rs checks every one of them.
+        // fixtures/vhdx/ holds VHDX files: tests/suite/vhdx_check.rs checks every one of them.
         if !dir.is_dir() || dir.file_name() == Some("vhdx".as_ref()) {
             continue;
         }

@@ -9,7 +9,7 @@
 //!
 //! qemu-img is never the oracle for a differencing disk: it ignores the parent.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

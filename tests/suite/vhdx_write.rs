@@ -2,7 +2,7 @@
 //! create are laid out as Hyper-V lays them out; sector writes are crash-safe through the log.
 //! Oracles: qemu-img (fixed and dynamic, 512-byte sectors) and libvhdi (differencing).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -19,7 +19,7 @@
 //! copy) and then reads what we read; a re-run completes the merge exactly (against the
 //! model). The counts of fault points are printed (run with `--nocapture`).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! there) while the competing merge runs, so the two always overlap. Waits are bounded only
 //! so that a bug cannot hang the suite.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -246,13 +246,11 @@ fn start_child(src: &Path, dest: &Path, ready: &Path, release: &Path) -> Child {
         .map(|p| p.to_str().unwrap())
         .collect::<Vec<_>>()
         .join("\n");
+    // The test's name in this binary: its module path without the crate.
+    let name = concat!(module_path!(), "::child_process_merge");
+    let name = name.split_once("::").map_or(name, |(_, rest)| rest);
     Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_merge",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, job)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -11,12 +11,12 @@
 //! a full disk) before the completing run. Afterwards the destination reads exactly as the
 //! model says, the source's view is unchanged, and no other file changed.
 //!
-//! `cargo test --release --test merge_scale` runs `VHD_MERGE_SCALE_CASES` cases (default
+//! `cargo test --release --test suite merge_scale::` runs `VHD_MERGE_SCALE_CASES` cases (default
 //! 8000 in a release build, 60 in a debug build) in two shards, starting at seed
 //! `VHD_MERGE_SCALE_SEED` (default 0). A failure names its seed; rerun one case with
 //! `VHD_MERGE_SCALE_SEED=<seed> VHD_MERGE_SCALE_CASES=1`.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 

@@ -6,7 +6,7 @@
 //! seen working, queues the signals, and lets it go on (SIGCONT): the signals then arrive
 //! while there is still most of the work to do.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! set-parent: re-pointing children at moved, renamed and replaced parents, checked with our
 //! own chain and with libvhdi.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

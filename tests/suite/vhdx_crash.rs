@@ -8,7 +8,7 @@
 //! The fault model tears a write after its first half; every run written here is an even
 //! number of sectors, so a torn write tears between sectors as a device would.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

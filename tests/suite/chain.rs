@@ -1,7 +1,7 @@
 //! Parent resolution: every locator style, overrides, untrusted input, errors; reading through
 //! chains.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! create over our parent and fill sector by sector, libvhdi reads byte-exact with the parent
 //! set. Missing tools skip (or fail with VHD_MERGE_REQUIRE_ORACLES=1), see common::oracles.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //!
 //! A missing oracle skips the test with a note, unless VHD_MERGE_REQUIRE_ORACLES=1.
 
-mod common;
+use crate::common;
 
 use common::model::{BaseKind, ChainSpec, LayerModel, Model, build_chain};
 use common::{Rng, first_diff, oracles};

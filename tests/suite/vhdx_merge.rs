@@ -4,7 +4,7 @@
 //! different sizes in every position, destinations fixed, dynamic or differencing at any
 //! level) merged and compared with the model; qemu-img reads fixed and dynamic destinations
 //! byte-exact and `qemu-img check` accepts them; libvhdi reads differencing destinations
-//! byte-exact within what it reads right (see tests/vhdx_chain.rs); the two Windows chains
+//! byte-exact within what it reads right (see tests/suite/vhdx_chain.rs); the two Windows chains
 //! merge and the parent then reads with the child's virtual SHA-256.
 //!
 //! Case counts: `VHD_MERGE_VHDX_CASES` (default 200 in a release build, 16 in a debug build)
@@ -14,7 +14,7 @@
 //! run. A failure names its seed; rerun one case with `VHD_MERGE_VHDX_SEED=<seed>` and a
 //! count of 1.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -231,7 +231,7 @@ fn qemu_reads_merged_fixed_and_dynamic_destinations() {
 }
 
 /// Random chains merged into a differencing destination that libvhdi reads right (every block
-/// allocated, one virtual size, no zero block; see tests/vhdx_chain.rs): libvhdi reads the
+/// allocated, one virtual size, no zero block; see tests/suite/vhdx_chain.rs): libvhdi reads the
 /// destination's chain byte-exact.
 #[test]
 fn libvhdi_reads_merged_differencing_destinations() {

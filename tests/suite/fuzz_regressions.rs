@@ -3,7 +3,7 @@
 //! The `merge` target's checks are `merge_target` below (a copy of
 //! `fuzz/src/lib.rs::merge_one`, which the test suite cannot import).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

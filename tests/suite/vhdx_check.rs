@@ -4,7 +4,7 @@
 //! restores headers and region tables, crash-safely: stopped at every write (whole and torn)
 //! and every flush, the file opens and reads as before, and a second run finishes the job.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,5 @@
 //! Fault injection through the merge engine's I/O layer (issue 6, item 5), beyond the crash
-//! points of `tests/crash.rs`: for each scenario (dynamic, differencing and fixed
+//! points of `tests/suite/crash.rs`: for each scenario (dynamic, differencing and fixed
 //! destinations, mixed block sizes, destinations one to three levels up) a clean run records
 //! every write, sync and growth of the destination; then the merge is run again from the same
 //! files with one fault at each point:
@@ -24,7 +24,7 @@
 //!
 //! The counts of fault points exercised are printed (run with `--nocapture`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

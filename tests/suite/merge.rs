@@ -1,7 +1,7 @@
 //! Merge semantics: a property test against an in-memory model, and one test per rule of
 //! `MergeVirtualHardDisk` (wrong destination, siblings, dry run, verify, locks, jobs...).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,7 +5,7 @@
 //! The permissive files come from `fixtures/`; the GPL/AGPL ones only from
 //! `../shared/fixtures/real`, and their checks skip with a note when it is absent.
 
-mod common;
+use crate::common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

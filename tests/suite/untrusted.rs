@@ -4,7 +4,7 @@
 //! link of the chain. Each hostile case has a control showing that, without the options, the
 //! same file does lead outside (so the refusal is the options' doing).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
