@@ -69,6 +69,80 @@ pub enum CloneOutcome {
     Unsupported,
 }
 
+/// Where some stored sectors of a layer lie, for [`crate::LayerWriter::clone_sectors`]: an
+/// opaque handle (the file and the byte range are the format's business, never the engine's).
+#[derive(Clone, Copy, Debug)]
+pub struct CloneSource<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl CloneSource<'_> {
+    /// Bytes of the range.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Clone the range into `dst` at byte `offset` (an output that is not a layer: a raw
+    /// image), see [`clone_file_range`].
+    pub(crate) fn clone_into(&self, dst: &File, offset: u64) -> io::Result<CloneOutcome> {
+        clone_file_range(self.file, self.offset, dst, offset, self.len)
+    }
+}
+
+/// One clone of [`crate::LayerWriter::clone_run`]: `src` to sectors `first..` of destination
+/// block `block`.
+#[derive(Clone, Copy, Debug)]
+pub struct ClonePiece<'a> {
+    /// The destination block.
+    pub block: u64,
+    /// The first sector in it.
+    pub first: u64,
+    /// What goes there.
+    pub src: CloneSource<'a>,
+}
+
+/// Clones gathered into one call: consecutive ranges contiguous in both files (adjacent
+/// payload blocks, a fixed image's data, a raw output) become one `clone_range` of their
+/// whole length, instead of one call per block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CloneRun<'a> {
+    pub(crate) src: &'a File,
+    pub(crate) src_offset: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl<'a> CloneRun<'a> {
+    /// A run of `src` to byte `offset` of the destination.
+    pub(crate) fn new(src: &CloneSource<'a>, offset: u64) -> CloneRun<'a> {
+        CloneRun {
+            src: src.file,
+            src_offset: src.offset,
+            offset,
+            len: src.len,
+        }
+    }
+
+    /// Add `src` to byte `offset` of the destination when it continues the run in both files
+    /// (the same source file); false leaves the run as it was.
+    pub(crate) fn extend(&mut self, src: &CloneSource<'a>, offset: u64) -> bool {
+        let follows = std::ptr::eq(self.src, src.file)
+            && self.src_offset.checked_add(self.len) == Some(src.offset)
+            && self.offset.checked_add(self.len) == Some(offset);
+        if follows {
+            self.len += src.len;
+        }
+        follows
+    }
+}
+
 /// Shared storage: a caller can hand a [`crate::Vhd`] one handle and keep another to look at
 /// the bytes afterwards (tests, fuzzing, in-memory callers).
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {

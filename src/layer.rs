@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::io::CloneOutcome;
+pub use crate::io::{ClonePiece, CloneSource};
 use crate::vhd::OpenOptions;
 
 /// The on-disk format of a layer.
@@ -133,37 +134,6 @@ pub struct ParentLink {
     pub hints: Vec<PathHint>,
     /// Hints the layer records but that cannot be read or decoded.
     pub unusable: Vec<UnusableHint>,
-}
-
-/// Where some stored sectors of a layer lie, for [`LayerWriter::clone_sectors`]: an opaque
-/// handle (the file and the byte range are the format's business, never the engine's).
-#[derive(Clone, Copy, Debug)]
-pub struct CloneSource<'a> {
-    pub(crate) file: &'a std::fs::File,
-    pub(crate) offset: u64,
-    pub(crate) len: u64,
-}
-
-impl CloneSource<'_> {
-    /// Bytes of the range.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True for an empty range.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Clone the range into `dst` at byte `offset` (an output that is not a layer: a raw
-    /// image), see [`crate::io::clone_file_range`].
-    pub(crate) fn clone_into(
-        &self,
-        dst: &std::fs::File,
-        offset: u64,
-    ) -> std::io::Result<CloneOutcome> {
-        crate::io::clone_file_range(self.file, self.offset, dst, offset, self.len)
-    }
 }
 
 /// What `chain` and `create` show of one file: its identity, size and link to its parent.
@@ -294,6 +264,21 @@ pub trait LayerWriter: Layer {
     ) -> Result<CloneOutcome> {
         let _ = (block, first, src);
         Ok(CloneOutcome::Unsupported)
+    }
+    /// [`LayerWriter::clone_sectors`] of each piece in order, stopping at the first that does
+    /// not clone: returns how many pieces were placed (exactly as that many calls would
+    /// have), with the outcome of the one that stopped it ([`CloneOutcome::Cloned`] when
+    /// all did). Nothing of the pieces after the placed ones changed. A format places pieces
+    /// whose bytes are contiguous in both files with one clone of the whole stretch; the
+    /// default clones one piece at a time.
+    fn clone_run(&mut self, pieces: &[ClonePiece<'_>]) -> Result<(usize, CloneOutcome)> {
+        for (i, p) in pieces.iter().enumerate() {
+            let r = self.clone_sectors(p.block, p.first, &p.src)?;
+            if r != CloneOutcome::Cloned {
+                return Ok((i, r));
+            }
+        }
+        Ok((pieces.len(), CloneOutcome::Cloned))
     }
     /// The identity the layer will carry once this session writes data, chosen now and
     /// fixed for the session; `None` when writing keeps the identity (VHD). A merge makes the

@@ -19,8 +19,8 @@ use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
 use crate::io::{CloneOutcome, FileStorage, Storage};
 use crate::layer::{
-    BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,
-    Spelling,
+    BlockState, ClonePiece, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink,
+    PathHint, Probe, Spelling,
 };
 use crate::vhdx::format::MIB;
 use crate::vhdx::format::bat::PayloadState;
@@ -290,6 +290,12 @@ impl LayerWriter for VhdxLayer {
         self.v
             .clone_sectors(block, first, src.file, src.offset, src.len)
             .map_err(|e| e.in_file(&path))
+    }
+
+    /// Stretches contiguous in both files in one clone each ([`Vhdx::clone_run`]).
+    fn clone_run(&mut self, pieces: &[ClonePiece<'_>]) -> Result<(usize, CloneOutcome)> {
+        let path = self.path.clone();
+        self.v.clone_run(pieces).map_err(|e| e.in_file(&path))
     }
 
     /// The DataWriteGuid afterwards: new when the session wrote anything.

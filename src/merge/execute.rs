@@ -17,7 +17,7 @@ use crate::chain::{Chain, Piece, SpanPlan};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
-use crate::io::CloneOutcome;
+use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer};
 use crate::locator::{canonical_or_self, same_file};
 
@@ -800,6 +800,7 @@ fn write_units(
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
     let mut done = Copied::default();
     let mut scratch = Vec::new();
+    let mut held = HeldClones::default();
     loop {
         batch.clear();
         batch.extend(units.by_ref().take(batch_units));
@@ -830,15 +831,138 @@ fn write_units(
             if let (Some(c), Some(crc)) = (crcs.as_mut(), item.crc) {
                 c.push(crc);
             }
+            if held.hold(chain, plan, &mut item, pipe) {
+                let _ = pipe.free_tx.send(item.buf);
+                continue;
+            }
+            let (b, c) = held.place(chain, plan, dest, &mut scratch, pipe)?;
+            tracker.advance(b);
             let (bytes, cloned) = place_unit(chain, plan, dest, &mut item, &mut scratch, pipe)?;
             let _ = pipe.free_tx.send(item.buf);
-            done.bytes += bytes;
-            done.cloned += cloned;
+            done.bytes += bytes + b;
+            done.cloned += cloned + c;
             tracker.advance(bytes);
         }
+        let (b, c) = held.place(chain, plan, dest, &mut scratch, pipe)?;
+        tracker.advance(b);
+        done.bytes += b;
+        done.cloned += c;
         dest.commit()?;
     }
     Ok(done)
+}
+
+/// Clone candidate units received and not placed yet: placed together by one
+/// [`LayerWriter::clone_run`], so that units whose bytes are contiguous in both files cost
+/// one clone call for the whole stretch (the destination decides; the engine sees no file
+/// offset). Held only within a batch: placed before its commit and before any other unit
+/// is written, so units are placed in order and the cloned data is synced by the commit
+/// before any table entry points at it, as for one unit. A unit held when the merge stops
+/// (cancel, error) is not placed: nothing points at it.
+#[derive(Default)]
+struct HeldClones<'c> {
+    units: Vec<HeldUnit>,
+    pieces: Vec<ClonePiece<'c>>,
+    /// A unit buffer for held units that end up written (allocated when first needed).
+    buf: Vec<u8>,
+}
+
+/// A unit of [`HeldClones`]: the layer that provides it, its pieces, and where they end in
+/// [`HeldClones::pieces`].
+struct HeldUnit {
+    unit: u64,
+    layer: usize,
+    pieces: Vec<Piece>,
+    end: usize,
+}
+
+impl<'c> HeldClones<'c> {
+    /// Hold `item` when it is a clone candidate, while cloning is on (its buffer is then
+    /// free: a held unit that does not clone is read again); false leaves it to the caller.
+    fn hold(
+        &mut self,
+        chain: &'c Chain,
+        plan: &MergePlan,
+        item: &mut Assembled,
+        pipe: &Pipe<'_>,
+    ) -> bool {
+        if !pipe.cloning.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some((layer, pieces)) = item.clone.take() else {
+            return false;
+        };
+        let (block, first) = plan.unit_place(item.unit);
+        let l = at(chain, layer);
+        let start = self.pieces.len();
+        for p in &pieces {
+            let Some(src) = l.clone_source(p.block, p.first_in_block, p.len as u64) else {
+                self.pieces.truncate(start);
+                item.clone = Some((layer, pieces));
+                return false;
+            };
+            let first = first + p.first as u64;
+            self.pieces.push(ClonePiece { block, first, src });
+        }
+        let end = self.pieces.len();
+        let unit = item.unit;
+        self.units.push(HeldUnit {
+            unit,
+            layer,
+            pieces,
+            end,
+        });
+        true
+    }
+
+    /// Place the held units with one [`LayerWriter::clone_run`]. From the unit it stopped in
+    /// on, units go in as they would have without holding, one by one ([`place_unit`]: a
+    /// clone of the unit's own pieces, written when that does not work, over any of its
+    /// pieces already cloned: the same bytes). A stretch refused as unaligned says nothing
+    /// about its units alone, so only their own refusals count towards giving up; a refusal
+    /// for good turns cloning off first, and they are written. Returns the merged bytes
+    /// placed and how many of them were cloned.
+    fn place(
+        &mut self,
+        chain: &Chain,
+        plan: &MergePlan,
+        dest: &mut dyn LayerWriter,
+        scratch: &mut Vec<u8>,
+        pipe: &Pipe<'_>,
+    ) -> Result<(u64, u64)> {
+        if self.units.is_empty() {
+            return Ok((0, 0));
+        }
+        let (placed, r) = dest.clone_run(&self.pieces)?;
+        self.pieces.clear();
+        if r == CloneOutcome::Unsupported {
+            pipe.cloned(r);
+        }
+        let mut done = (0, 0);
+        for u in std::mem::take(&mut self.units) {
+            if u.end <= placed {
+                let sectors: usize = u.pieces.iter().map(|p| p.len).sum();
+                let bytes = sectors as u64 * plan.sector_bytes;
+                pipe.cloned(CloneOutcome::Cloned);
+                done = (done.0 + bytes, done.1 + bytes);
+                continue;
+            }
+            self.buf.resize(plan.unit_bytes as usize, 0);
+            let mut item = Assembled {
+                unit: u.unit,
+                buf: std::mem::take(&mut self.buf),
+                mask: SectorBitmap::new(0),
+                crc: None,
+                clone: Some((u.layer, u.pieces)),
+                mostly: None,
+                read: false,
+            };
+            let (b, c) = place_unit(chain, plan, dest, &mut item, scratch, pipe)?;
+            self.buf = item.buf;
+            done = (done.0 + b, done.1 + c);
+        }
+        Ok(done)
+    }
 }
 
 /// Put one unit into the destination: cloned when it is a clone candidate and the clone

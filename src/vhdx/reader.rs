@@ -191,11 +191,17 @@ impl<S: Storage> Structures<S> {
             slot(&start, f::HEADER1_OFFSET),
             slot(&start, f::HEADER2_OFFSET),
         )?;
+        // A clean file (no LogGuid) has no log to replay: what was read is what it reads.
+        let replayed = !header.header.log_guid.is_nil();
         file.replay(&header.header)?;
         if mode.writable {
             super::journal::replay_onto_file(&mut file, &mut header)?;
         }
-        let start = file.read(0, MIB)?; // [MS-VHDX] 2.3.3: region tables as they read after replay
+        let start = match replayed {
+            // [MS-VHDX] 2.3.3: the region tables as they read after the replay.
+            true => file.read(0, MIB)?,
+            false => start,
+        };
         let (table, _) = choose_region_table(
             slot(&start, f::REGION_TABLE1_OFFSET),
             slot(&start, f::REGION_TABLE2_OFFSET),

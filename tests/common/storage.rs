@@ -138,6 +138,9 @@ impl Storage for Recording {
 #[derive(Debug)]
 pub struct CopyClone {
     inner: Box<dyn Storage>,
+    /// Clones longer than this are refused as unaligned (a file system that will not clone
+    /// a range that long in one call).
+    longest: u64,
 }
 
 impl Storage for CopyClone {
@@ -166,7 +169,7 @@ impl Storage for CopyClone {
         offset: u64,
         len: u64,
     ) -> std::io::Result<CloneOutcome> {
-        if [src_offset, offset, len].iter().any(|v| v % 4096 != 0) {
+        if [src_offset, offset, len].iter().any(|v| v % 4096 != 0) || len > self.longest {
             return Ok(CloneOutcome::Unaligned);
         }
         let mut buf = vec![0u8; len as usize];
@@ -181,13 +184,26 @@ impl Storage for CopyClone {
 
 /// A destination wrapper whose clones are copies (see [`CopyClone`]).
 pub fn copy_clone() -> StorageWrapper {
-    Arc::new(|s| Box::new(CopyClone { inner: s }))
+    copy_clone_up_to(u64::MAX)
+}
+
+/// [`copy_clone`] refusing (as unaligned) every clone longer than `longest` bytes.
+pub fn copy_clone_up_to(longest: u64) -> StorageWrapper {
+    Arc::new(move |s| Box::new(CopyClone { inner: s, longest }))
+}
+
+/// `outer` over `inner`: the destination's storage goes through `inner` first.
+pub fn stacked(outer: StorageWrapper, inner: StorageWrapper) -> StorageWrapper {
+    Arc::new(move |s| outer(inner(s)))
 }
 
 /// [`copy_clone`] under the faults of `plan` (clones count as writes).
 pub fn faulty_copy_clone(plan: Arc<FaultPlan>) -> StorageWrapper {
     Arc::new(move |s| {
-        let s: Box<dyn Storage> = Box::new(CopyClone { inner: s });
+        let s: Box<dyn Storage> = Box::new(CopyClone {
+            inner: s,
+            longest: u64::MAX,
+        });
         Box::new(FaultyStorage::new(s, plan.clone()))
     })
 }

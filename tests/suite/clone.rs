@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::model::{BaseKind, Built, ChainSpec, build_chain, old_or_merged};
-use common::storage::{IoLog, copy_clone, faulty_copy_clone, recording};
+use common::storage::{IoLog, copy_clone, copy_clone_up_to, faulty_copy_clone, recording, stacked};
 use common::{assert_same, copy_dir, read_view, reflink};
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::io::FaultPlan;
@@ -348,8 +348,14 @@ fn view(path: &Path) -> Vec<u8> {
 }
 
 /// A dynamic VHDX base with 2 MiB blocks (some of its own data) and a differencing child
-/// holding four whole blocks (clone candidates) and part of another (copied).
+/// holding four whole blocks (clone candidates) and part of another (copied). The child's
+/// blocks lie in its file in the order written, none next to the one after it in the disk.
 fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    vhdx_chain_of(dir, [12, 2, 6, 0])
+}
+
+/// [`vhdx_chain`] with the child's four whole blocks `whole`, written in that order.
+fn vhdx_chain_of(dir: &Path, whole: [usize; 4]) -> (PathBuf, PathBuf, Vec<u8>) {
     use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
     let (base, child) = (dir.join("base.vhdx"), dir.join("child.vhdx"));
     let bs = 2 * MIB as usize;
@@ -372,7 +378,7 @@ fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     b.finish().unwrap();
     drop(b);
     let mut c = create_differencing(&child, &base, &opts).unwrap();
-    for block in [12, 2, 6, 0] {
+    for block in whole {
         write(&mut c, block, bs / 512);
     }
     write(&mut c, 9, 40);
@@ -429,10 +435,80 @@ fn a_vhdx_merge_on_reflink_shares_the_source_extents() {
 
 #[test]
 fn a_crash_at_any_clone_or_write_into_a_vhdx_leaves_a_destination_a_rerun_finishes() {
+    vhdx_crash_everywhere(vhdx_chain);
+}
+
+/// Whole blocks for [`vhdx_chain_of`]: 3, 4 and 5 lie one after the other in the child (12,
+/// written first, is followed by the child's sector bitmap block) and go to new blocks one
+/// after the other in the base: one clone of 6 MiB, then one of block 12.
+const ADJACENT: [usize; 4] = [12, 3, 4, 5];
+
+/// Crashes (whole and torn) inside the one clone of a run of adjacent blocks too.
+#[test]
+fn a_crash_inside_a_clone_of_adjacent_vhdx_blocks_leaves_a_destination_a_rerun_finishes() {
+    vhdx_crash_everywhere(|d| vhdx_chain_of(d, ADJACENT));
+}
+
+/// Whole blocks adjacent in both files are cloned by one call for the whole stretch, with
+/// the same result; where the file system refuses that long a clone, each block is cloned
+/// on its own (the units are placed as without the run), and where it cannot clone at all,
+/// they are written.
+#[test]
+fn adjacent_vhdx_blocks_are_cloned_by_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = 2 << 20;
+    for (name, longest, cloned, clones) in [
+        ("one", u64::MAX, 4 * block, vec![3 * block, block]),
+        (
+            "each",
+            block,
+            4 * block,
+            vec![3 * block, block, block, block, block],
+        ),
+        // Block 12 (after the copied block 9) is a run of its own, asked again alone.
+        (
+            "none",
+            0,
+            0,
+            vec![3 * block, block, block, block, block, block],
+        ),
+    ] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let (base, child, want) = vhdx_chain_of(&d, ADJACENT);
+        let log = IoLog::new();
+        let options = MergeOptions {
+            destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
+            ..MergeOptions::default()
+        };
+        let r = merge(&child, None, &options).unwrap();
+        assert_same(&view(&base), &want, &format!("merged base, {name}"));
+        assert_eq!(r.bytes_merged, 4 * block + 40 * 512, "{name}");
+        assert_eq!(r.bytes_cloned, cloned, "{name}");
+        let lens: Vec<u64> = log.clones().iter().map(|c| c.1).collect();
+        assert_eq!(lens, clones, "{name}: the clone calls");
+    }
+}
+
+#[test]
+fn adjacent_vhdx_blocks_on_reflink_share_the_source_extents() {
+    let Some(dir) = reflink::tempdir() else {
+        return;
+    };
+    let (base, child, want) = vhdx_chain_of(dir.path(), ADJACENT);
+    let r = merge(&child, None, &MergeOptions::default()).unwrap();
+    assert_eq!(r.bytes_cloned, 4 << 21);
+    assert_same(&view(&base), &want, "merged base");
+    assert!(reflink::shared_bytes(&base) >= 4 << 21);
+}
+
+/// A crash at every write and clone of a merge of `chain`'s child into its base (through
+/// copying clones), whole and torn, leaves a base that a re-run finishes exactly.
+fn vhdx_crash_everywhere(chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>)) {
     let dir = common::fast_tempdir();
     let clean = dir.path().join("clean");
     std::fs::create_dir(&clean).unwrap();
-    let (_, _, want) = vhdx_chain(&clean);
+    let (_, _, want) = chain(&clean);
     let run = |at: &Path, plan: Arc<FaultPlan>| {
         std::fs::create_dir_all(at).unwrap();
         copy_dir(&clean, at);
