@@ -893,16 +893,9 @@ impl<'c> HeldClones<'c> {
             return false;
         };
         let (block, first) = plan.unit_place(item.unit);
-        let l = at(chain, layer);
-        let start = self.pieces.len();
-        for p in &pieces {
-            let Some(src) = l.clone_source(p.block, p.first_in_block, p.len as u64) else {
-                self.pieces.truncate(start);
-                item.clone = Some((layer, pieces));
-                return false;
-            };
-            let first = first + p.first as u64;
-            self.pieces.push(ClonePiece { block, first, src });
+        if !clone_pieces(at(chain, layer), block, first, &pieces, &mut self.pieces) {
+            item.clone = Some((layer, pieces));
+            return false;
         }
         let end = self.pieces.len();
         let unit = item.unit;
@@ -1049,10 +1042,10 @@ fn clone_and_patch(
     Ok(Some(claimed.count_ones() as u64 * plan.sector_bytes))
 }
 
-/// Clone a unit whose every sector `layer` provides, piece by piece (one per layer block),
-/// into destination `block` from sector `first` on. Stops at the first piece that does not
-/// clone; the caller then writes the whole unit, over any pieces already cloned (the same
-/// bytes).
+/// Clone a unit whose every sector `layer` provides (one piece per layer block) into
+/// destination `block` from sector `first` on, with one [`LayerWriter::clone_run`]. When it
+/// does not clone whole, the caller writes the whole unit, over any pieces already cloned
+/// (the same bytes).
 fn clone_unit(
     layer: &dyn Layer,
     dest: &mut dyn LayerWriter,
@@ -1060,16 +1053,33 @@ fn clone_unit(
     first: u64,
     pieces: &[Piece],
 ) -> Result<CloneOutcome> {
+    let mut clones = Vec::with_capacity(pieces.len());
+    if !clone_pieces(layer, block, first, pieces, &mut clones) {
+        return Ok(CloneOutcome::Unsupported);
+    }
+    Ok(dest.clone_run(&clones)?.1)
+}
+
+/// Append to `out` the clones that put `pieces` of `layer` into destination `block` from
+/// sector `first` on. False, with `out` as it was, when a piece's bytes cannot be a clone
+/// source.
+fn clone_pieces<'c>(
+    layer: &'c dyn Layer,
+    block: u64,
+    first: u64,
+    pieces: &[Piece],
+    out: &mut Vec<ClonePiece<'c>>,
+) -> bool {
+    let start = out.len();
     for p in pieces {
         let Some(src) = layer.clone_source(p.block, p.first_in_block, p.len as u64) else {
-            return Ok(CloneOutcome::Unsupported);
+            out.truncate(start);
+            return false;
         };
-        let r = dest.clone_sectors(block, first + p.first as u64, &src)?;
-        if r != CloneOutcome::Cloned {
-            return Ok(r);
-        }
+        let first = first + p.first as u64;
+        out.push(ClonePiece { block, first, src });
     }
-    Ok(CloneOutcome::Cloned)
+    true
 }
 
 /// The destination blocks that units `batch` (ascending) allocate: each block once, however
