@@ -309,6 +309,7 @@ pub fn run() -> ExitCode {
         Command::Completions(a) => docs::completions(a),
         Command::Man => docs::man(),
     };
+    signal::yield_to_exit();
     match res {
         Ok(code) => code,
         Err(e) => fail_json(&e, json),

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+/// Set once an exit at once has begun: from then on the handler's thread owns the exit.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
 /// The exit status of a command stopped by an interrupt: 128 + SIGINT, what shells report for
 /// a command ended by Ctrl-C (the handler cannot tell which signal it was).
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -62,6 +65,7 @@ fn temp_files(output: &Path) -> Option<(PathBuf, String)> {
 
 /// Remove the temporary files, print `why` and exit with [`EXIT_INTERRUPTED`].
 fn exit_now(why: &str, temp: Option<&(PathBuf, String)>) -> ! {
+    EXITING.store(true, Ordering::SeqCst);
     if let Some((dir, prefix)) = temp
         && let Ok(entries) = std::fs::read_dir(dir)
     {
@@ -83,4 +87,14 @@ fn exit_now(why: &str, temp: Option<&(PathBuf, String)>) -> ! {
         "{erase}vhd-merge: {why} (exit status {EXIT_INTERRUPTED}); files are written in a crash-safe order: re-run the command to finish"
     );
     std::process::exit(EXIT_INTERRUPTED.into())
+}
+
+/// Called by the command's thread before it reports its result: when an exit at once has
+/// begun (the handler may be removing the temporary files the command is still using, which
+/// makes the command fail), wait for the handler's exit instead of reporting that failure or
+/// exiting with another status.
+pub fn yield_to_exit() {
+    while EXITING.load(Ordering::SeqCst) {
+        std::thread::park_timeout(std::time::Duration::from_millis(100));
+    }
 }
