@@ -167,6 +167,7 @@ impl ChainLayer {
 /// ([`Chain::report`]).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChainReport {
     /// The file the chain was opened from (layer 0's path).
     pub path: PathBuf,
@@ -179,6 +180,7 @@ pub struct ChainReport {
 /// One layer of a [`ChainReport`].
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChainLayerReport {
     /// Its place in the chain, 0 for the child.
     pub index: usize,

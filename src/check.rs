@@ -96,6 +96,7 @@ pub struct CheckOptions {
 /// The findings of a check, in the order the files and structures were checked.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// The files checked, child first for a chain.
     #[cfg_attr(feature = "serde", serde(rename = "paths"))]

@@ -56,6 +56,7 @@ impl Default for CreateOptions {
 /// [`report_file`]).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CreateReport {
     /// `vhd` or `vhdx`.
     pub format: crate::layer::Format,

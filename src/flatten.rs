@@ -151,6 +151,7 @@ impl std::fmt::Debug for FlattenOptions<'_> {
 /// What [`flatten`] wrote.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FlattenReport {
     /// The output file.
     #[cfg_attr(feature = "serde", serde(rename = "output_path"))]

@@ -51,6 +51,7 @@ pub struct InfoOptions {
 /// Everything `info` shows of one file.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct InfoReport {
     /// The file.
     pub path: PathBuf,
@@ -114,6 +115,7 @@ impl InfoReport {
 /// come with `"format": "vhdx"`, a VHD's with no `format` (as schema version 1 has always
 /// printed them).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum ImageInfo {
     /// A VHD.
     Vhd(VhdInfo),
@@ -158,6 +160,7 @@ pub struct InfoProblem {
 /// What `info` shows of a VHD (§1, §2).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct VhdInfo {
     /// Disk Type.
     pub disk_type: DiskType,
@@ -216,6 +219,7 @@ pub struct VhdInfo {
 /// One used parent locator slot of a VHD (§2.2).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LocatorInfo {
     /// The slot, 0 to 7.
     pub slot: usize,

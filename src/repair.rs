@@ -116,6 +116,7 @@ pub struct LostRun {
 /// [`RepairReport::lost_runs`]), `errors_remain` ([`RepairReport::has_errors`]) and
 /// `not_repaired`.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RepairReport {
     /// The file.
     pub file: PathBuf,

@@ -85,6 +85,7 @@ pub struct LocatorWritten {
 /// What [`set_parent`] changed.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SetParentReport {
     /// The child that was rewritten.
     #[cfg_attr(feature = "serde", serde(rename = "path"))]

@@ -111,6 +111,7 @@ fn listing(r: &InfoReport, hint: Option<&str>) -> String {
         ),
         Some(ImageInfo::Vhd(v)) => vhd_rows(v, &mut row),
         Some(ImageInfo::Vhdx(v)) => super::info_vhdx::rows(v, &mut row),
+        Some(_) => row("format", "one this version cannot describe".into()),
     }
     problem_rows(&r.problems, hint, &mut row);
     aligned(rows)

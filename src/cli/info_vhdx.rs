@@ -83,7 +83,7 @@ fn log_text(l: &LogInfo) -> String {
         ),
         LogInfo::Unreplayable { error } => format!("cannot be replayed: {error}"),
         LogInfo::Clean { .. } => "clean".into(),
-        LogInfo::Unknown => "unknown".into(),
+        _ => "unknown".into(),
     }
 }
 

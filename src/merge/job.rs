@@ -14,6 +14,7 @@ use crate::error::{Error, Result, ReturnCode};
 /// `CIM_ConcreteJob.JobState` values a merge job goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
+#[non_exhaustive]
 pub enum JobState {
     /// Created, not started yet (2).
     New = 2,

@@ -211,6 +211,7 @@ impl fmt::Debug for MergeOptions {
 /// What a verify pass compared.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Destination units compared.
     #[cfg_attr(feature = "serde", serde(rename = "unit_count"))]
@@ -222,6 +223,7 @@ pub struct VerifyReport {
 /// The result of a merge (or of a dry run).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct MergeReport {
     /// The source, as given.
     #[cfg_attr(feature = "serde", serde(rename = "path"))]

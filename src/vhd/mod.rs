@@ -85,6 +85,7 @@ pub const DATA_ALIGNMENT: u64 = 4096;
 
 /// How to decide the virtual size (§1.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SizeRule {
     /// Current Size, except C×H×S×512 for Virtual PC / Virtual Server files whose geometry is
     /// not the 65535/16/255 marker (the guest of those products sees the CHS size).
@@ -98,6 +99,7 @@ pub enum SizeRule {
 
 /// Which rule produced [`Vhd::virtual_size`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SizeSource {
     /// The footer's Current Size.
     CurrentSize,
@@ -117,6 +119,7 @@ impl SizeSource {
 
 /// Where the footer in use was found (§1.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FooterSource {
     /// The last 512 bytes.
     End,
@@ -165,6 +168,7 @@ impl OpenOptions {
 
 /// Where a block's sectors live in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockMap {
     /// No data in this file: zeros for a dynamic disk, the parent's data for a differencing one.
     Absent,

@@ -40,6 +40,7 @@ pub type Copy<T> = std::result::Result<T, String>;
 
 /// What the log says.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LogState {
     /// No current header: the log cannot be found.
     Unknown,

@@ -20,6 +20,7 @@ use crate::vhdx::format::{HEADER1_OFFSET, HEADER2_OFFSET};
 /// `None` when the metadata cannot be read.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VhdxInfo {
     /// The file identifier's creator string.
     pub creator: Option<String>,
@@ -66,6 +67,7 @@ pub struct VhdxInfo {
 /// One header slot.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HeaderInfo {
     /// 1 for the header at 64 KiB, 2 for the one at 128 KiB.
     pub slot: usize,
@@ -108,6 +110,7 @@ pub struct HeaderFields {
     serde(tag = "state", rename_all = "lowercase")
 )]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LogInfo {
     /// No current header: the log cannot be found.
     Unknown,
@@ -141,6 +144,7 @@ pub enum LogInfo {
 /// One entry of the region table.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RegionInfo {
     /// Its GUID.
     pub guid: Uuid,
@@ -157,6 +161,7 @@ pub struct RegionInfo {
 /// One entry of the metadata table.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MetadataItemInfo {
     /// ItemId.
     pub item_id: Uuid,
@@ -177,6 +182,7 @@ pub struct MetadataItemInfo {
 /// The parent locator.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ParentLocatorInfo {
     /// LocatorType.
     pub locator_type: Uuid,
