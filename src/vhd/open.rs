@@ -516,8 +516,24 @@ fn read_batmap(
         );
         return Ok(None);
     }
+    if bm.map_bytes() > MAX_BATMAP_BYTES {
+        // `check` reads the map whole; blktap's largest (2 TiB at 2 MiB blocks) is 128 KiB.
+        v.warn(
+            pc::BATMAP,
+            "batmap",
+            Some(at),
+            format!(
+                "batmap header at offset {at} describes a map of {} bytes, more than the {MAX_BATMAP_BYTES} supported; the batmap is ignored",
+                bm.map_bytes()
+            ),
+        );
+        return Ok(None);
+    }
     Ok(Some(bm))
 }
+
+/// Largest batmap used: one bit per block of [`MAX_HELD_BLOCKS`] blocks (512 KiB).
+const MAX_BATMAP_BYTES: u64 = MAX_HELD_BLOCKS as u64 / 8;
 
 /// A dynamic or differencing disk: its header, BAT, batmap and blocks, in file order.
 fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator) -> Result<()> {
