@@ -1242,9 +1242,14 @@ fn main() -> Res<()> {
     println!("  built in {:.1} s", t_build.elapsed().as_secs_f64());
 
     run_rounds(&mut items, &bin, &args, &rss_file)?;
-    if args.only.as_ref().is_some_and(|o| o.iter().any(|x| x == "bigbat")) {
-        bigbat::run_row(&root, &bin, &rss_file)?;
-    }
+    let big_steps = match args
+        .only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|x| x == "bigbat"))
+    {
+        true => bigbat::run_steps(&root, &bin, &rss_file)?,
+        false => Vec::new(),
+    };
 
     print_commands(&items);
     print_times("open+plan_2tib_full_bat", &full_bat_times);
@@ -1259,6 +1264,7 @@ fn main() -> Res<()> {
         "#", "target", "measured", "(round ratios)", "limit", ""
     );
     vhd_rows(&items, data, sparse_data, &plan_times, &full_bat_times);
+    bigbat::rows(&big_steps);
     vhdx::rows(&items, &vhdx_times);
     println!(
         "  measured: ratio of the medians (or the median); in parentheses: the smallest and largest\n  ratio of two commands timed in the same round (for RSS: the smallest and largest peak)"

@@ -1562,7 +1562,9 @@ fn create_makes_tables_past_the_old_limit_in_bounded_memory() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(
-            Vhd::open(&p, OpenOptions::read_only()).unwrap().block_size(),
+            Vhd::open(&p, OpenOptions::read_only())
+                .unwrap()
+                .block_size(),
             512
         );
     }

@@ -27,17 +27,24 @@ fn step(bin: &Path, args: &[&OsStr], rss_file: &Path) -> Res<(f64, u64)> {
     if !o.ok {
         return Err(format!("{args:?} failed: {}{}", o.stdout, o.stderr).into());
     }
-    Ok((secs, o.rss_kib.ok_or("no peak RSS: /usr/bin/time is needed")?))
+    Ok((
+        secs,
+        o.rss_kib.ok_or("no peak RSS: /usr/bin/time is needed")?,
+    ))
 }
 
-/// Build, run and print the row: create the disk, a 2 MiB-block child with a few blocks
-/// written (through the library), then `info` (open), `check` and `merge --dry-run` (plan).
-pub fn run_row(root: &Path, bin: &Path, rss_file: &Path) -> Res<()> {
+/// One step's name, wall time (s) and peak RSS (KiB).
+pub type Steps = Vec<(&'static str, f64, u64)>;
+
+/// Build and run the steps, printing their table: create the disk, a 2 MiB-block child with
+/// a few blocks written (through the library), then `info` (open), `check` and
+/// `merge --dry-run` (plan).
+pub fn run_steps(root: &Path, bin: &Path, rss_file: &Path) -> Res<Steps> {
     let dir = root.join("bigbat");
     std::fs::create_dir_all(&dir)?;
     let (base, child) = (dir.join("base.vhd"), dir.join("child.vhd"));
-    let os = |s: &'static str| OsStr::new(s);
-    let mut steps: Vec<(&str, f64, u64)> = Vec::new();
+    let os = OsStr::new;
+    let mut steps: Steps = Vec::new();
     let create = [
         os("create"),
         os("dynamic"),
@@ -68,16 +75,21 @@ pub fn run_row(root: &Path, bin: &Path, rss_file: &Path) -> Res<()> {
     }
     v.finish()?;
     drop(v);
-    let cmds: [(&str, Vec<&OsStr>); 3] = [
+    let cmds: [(&'static str, Vec<&OsStr>); 3] = [
         ("info (open)", vec![os("info"), base.as_os_str()]),
         ("check", vec![os("check"), base.as_os_str()]),
         (
             "merge --dry-run (open chain + plan)",
-            vec![os("merge"), child.as_os_str(), os("--dry-run"), os("--json")],
+            vec![
+                os("merge"),
+                child.as_os_str(),
+                os("--dry-run"),
+                os("--json"),
+            ],
         ),
     ];
-    for (name, args) in &cmds {
-        let (t, k) = step(bin, args, rss_file)?;
+    for (name, args) in cmds {
+        let (t, k) = step(bin, &args, rss_file)?;
         steps.push((name, t, k));
     }
     let meta = std::fs::metadata(&base)?;
@@ -85,21 +97,28 @@ pub fn run_row(root: &Path, bin: &Path, rss_file: &Path) -> Res<()> {
     println!(
         "bigbat: base {} bytes ({} MiB on disk), BAT 0xFF000000 entries; the BAT is not a hole (unused entries are 0xFFFFFFFF), so each open streams it once",
         meta.len(),
-        meta.blocks() * 512 >> 20
+        (meta.blocks() * 512) >> 20
     );
     println!("{:<40} {:>10} {:>12}", "step", "seconds", "peak RSS MiB");
     for (name, t, k) in &steps {
         println!("{name:<40} {t:>10.2} {:>12.1}", *k as f64 / 1024.0);
     }
-    let worst = steps.iter().map(|s| s.2).max().unwrap_or(0) as f64 / 1024.0;
-    let best = steps.iter().map(|s| s.2).min().unwrap_or(0) as f64 / 1024.0;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(steps)
+}
+
+/// The targets row: the worst peak RSS of the steps (in parentheses the smallest).
+pub fn rows(steps: &Steps) {
+    let Some(worst) = steps.iter().map(|s| s.2).max() else {
+        return;
+    };
+    let best = steps.iter().map(|s| s.2).min().unwrap_or(worst);
+    let mib = |k: u64| k as f64 / 1024.0;
     row(
         "7b",
         "2040 GiB at 512-byte blocks: create/open/check/plan peak RSS",
-        Some((worst, best, worst)),
+        Some((mib(worst), mib(best), mib(worst))),
         Some(64.0),
         "MiB",
     );
-    std::fs::remove_dir_all(&dir)?;
-    Ok(())
 }

@@ -9,8 +9,8 @@ use super::table::Table;
 use super::validate::{Validator, problem_codes as pc};
 use super::writer::Pending;
 use super::{
-    FooterSource, MAX_BLOCK_SIZE, MAX_HELD_BLOCKS, MAX_TABLE_ENTRIES, OpenOptions, SizeRule, SizeSource, Vhd,
-    extents,
+    FooterSource, MAX_BLOCK_SIZE, MAX_HELD_BLOCKS, MAX_TABLE_ENTRIES, OpenOptions, SizeRule,
+    SizeSource, Vhd, extents,
 };
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
