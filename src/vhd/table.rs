@@ -264,4 +264,44 @@ mod tests {
             "1 now reads from the file"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, .. Default::default() })]
+
+        /// Any sequence of entry changes and writes reads like a plain vector of entries:
+        /// allocation, the allocated count and the allocated blocks in order, whether an
+        /// entry was allocated at open or not.
+        #[test]
+        fn changes_on_top_read_like_a_plain_table(
+            at_open in proptest::collection::vec(0u64..48, 0..12),
+            ops in proptest::collection::vec((0u32..48, proptest::option::of(1u32..1000), proptest::bool::ANY), 0..40),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("d.vhd");
+            let o = crate::create::CreateOptions { block_size: 512, ..Default::default() };
+            let mut v = crate::create::create_dynamic(&p, 48 * 512, &o).unwrap();
+            for &b in &at_open {
+                v.write_at(b * 512, &[1; 512]).unwrap();
+            }
+            drop(v);
+            let ro = Vhd::open(&p, OpenOptions::read_only()).unwrap();
+            let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 48).unwrap();
+            let mut model: Vec<Option<u32>> = (0..48u64).map(|i| t.raw(&ro, i).ok().filter(|&e| e != bat::UNUSED)).collect();
+            for (i, e, write) in ops {
+                t.set(i, e.unwrap_or(bat::UNUSED));
+                model[i as usize] = e;
+                if write {
+                    // What commit does: the file now holds the entries; here nothing is
+                    // written, so only the allocation state is compared afterwards.
+                    t.changed.clear();
+                }
+                let want: Vec<u64> = (0..48).filter(|&i| model[i as usize].is_some()).collect();
+                proptest::prop_assert_eq!(t.allocated_blocks().collect::<Vec<_>>(), want.clone());
+                proptest::prop_assert_eq!(t.allocated(), want.len());
+                for i in 0..50u64 {
+                    proptest::prop_assert_eq!(t.is_allocated(i), want.contains(&i));
+                }
+            }
+        }
+    }
 }
