@@ -1582,9 +1582,10 @@ fn create_makes_tables_past_the_old_limit_in_bounded_memory() {
     }
 }
 
-/// A dynamic disk of `n` blocks of 512 bytes, every one allocated: block i at sector
-/// first + 2i, a one-sector bitmap (a hole: nothing written) and its sector of data.
-fn fully_allocated(p: &Path, n: u64) {
+/// A dynamic disk of `n` blocks of 512 bytes, the first `allocated` of them allocated: block
+/// i at sector first + 2i, a one-sector bitmap (a hole: nothing written) and its sector of
+/// data.
+fn fully_allocated(p: &Path, n: u64, allocated: u64) {
     let o = CreateOptions {
         block_size: 512,
         ..opts()
@@ -1593,12 +1594,15 @@ fn fully_allocated(p: &Path, n: u64) {
     let front = read(p)[..1536].to_vec();
     let first = (1536 + n * 4).div_ceil(512);
     let table: Vec<u8> = (0..n)
-        .flat_map(|i| u32::try_from(first + 2 * i).unwrap().to_be_bytes())
+        .flat_map(|i| match i < allocated {
+            true => u32::try_from(first + 2 * i).unwrap().to_be_bytes(),
+            false => [0xFF; 4],
+        })
         .collect();
     truncate(p, 0);
     patch(p, 0, &front);
     patch(p, 1536, &table);
-    patch(p, (first + 2 * n) * 512, &front[..512]);
+    patch(p, (first + 2 * allocated) * 512, &front[..512]);
 }
 
 /// Issue 9, defect 3: the most allocated blocks accepted (MAX_HELD_BLOCKS = 2^22 at 512-byte
@@ -1613,7 +1617,7 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
     let d = tmp();
     let p = d.path().join("full.vhd");
     let n = MAX_HELD_BLOCKS as u64;
-    fully_allocated(&p, n);
+    fully_allocated(&p, n, n);
     const BOUND: usize = 64 << 20;
     let deep = CheckOptions {
         deep: true,
@@ -1644,8 +1648,18 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
     let (_, peak) = peak_of(|| Chain::open(&p, &ChainOptions::default()).unwrap());
     eprintln!("chain: {peak} bytes at peak");
     assert!(peak < BOUND, "chain: {peak}");
+    // A write session does not allocate past the limit: the file stays one that opens.
+    let p = d.path().join("last.vhd");
+    fully_allocated(&p, n + 1, n);
+    let mut v = Vhd::open(&p, OpenOptions::writable()).unwrap();
+    let e = v.write_at(n * 512, &[3; 512]).unwrap_err();
+    expect_err(&e, ReturnCode::NotSupported, &["4194304 allocated blocks"]);
+    drop(v);
+    let v = Vhd::open(&p, OpenOptions::read_only()).unwrap();
+    assert_eq!((v.allocated_blocks() as u64, v.is_allocated(n)), (n, false));
+    drop(v);
     let p = d.path().join("over.vhd");
-    fully_allocated(&p, n + 1);
+    fully_allocated(&p, n + 1, n + 1);
     let (r, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()).map(drop));
     expect_err(
         &r.unwrap_err(),
