@@ -19,18 +19,16 @@ use super::{Res, row, run};
 /// Blocks of the child written (2 MiB blocks, spread over the disk).
 const CHILD_BLOCKS: u64 = 16;
 
-/// Run one CLI step: its wall time (s) and peak RSS (KiB).
-fn step(bin: &Path, args: &[&OsStr], rss_file: &Path) -> Res<(f64, u64)> {
+/// Run one CLI step: its wall time (s), peak RSS (KiB) and stdout.
+fn step(bin: &Path, args: &[&OsStr], rss_file: &Path) -> Res<(f64, u64, String)> {
     let t0 = Instant::now();
     let o = run(bin, args, rss_file)?;
     let secs = t0.elapsed().as_secs_f64();
     if !o.ok {
         return Err(format!("{args:?} failed: {}{}", o.stdout, o.stderr).into());
     }
-    Ok((
-        secs,
-        o.rss_kib.ok_or("no peak RSS: /usr/bin/time is needed")?,
-    ))
+    let rss = o.rss_kib.ok_or("no peak RSS: /usr/bin/time is needed")?;
+    Ok((secs, rss, o.stdout))
 }
 
 /// One step's name, wall time (s) and peak RSS (KiB).
@@ -55,7 +53,7 @@ pub fn run_steps(root: &Path, bin: &Path, rss_file: &Path) -> Res<Steps> {
         os("512"),
         os("--quiet"),
     ];
-    let (t, k) = step(bin, &create, rss_file)?;
+    let (t, k, _) = step(bin, &create, rss_file)?;
     steps.push(("create 2040G --block-size 512", t, k));
     let diff = [
         os("create"),
@@ -88,14 +86,23 @@ pub fn run_steps(root: &Path, bin: &Path, rss_file: &Path) -> Res<Steps> {
             ],
         ),
     ];
+    let mut planned = 0;
     for (name, args) in cmds {
-        let (t, k) = step(bin, &args, rss_file)?;
+        let (t, k, out) = step(bin, &args, rss_file)?;
         steps.push((name, t, k));
+        if args[0] == "merge" {
+            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            planned = v["plan"]["bytes_total"].as_u64().unwrap_or(0);
+        }
+    }
+    let want = CHILD_BLOCKS * (64 << 10);
+    if planned != want {
+        return Err(format!("the plan merges {planned} bytes, not the {want} written").into());
     }
     let meta = std::fs::metadata(&base)?;
     println!();
     println!(
-        "bigbat: base {} bytes ({} MiB on disk), BAT 0xFF000000 entries; the BAT is not a hole (unused entries are 0xFFFFFFFF), so each open streams it once",
+        "bigbat: base {} bytes ({} MiB on disk), BAT 0xFF000000 entries; the BAT is not a hole (unused entries are 0xFFFFFFFF), so each open streams it once; the plan merges {planned} bytes",
         meta.len(),
         (meta.blocks() * 512) >> 20
     );
