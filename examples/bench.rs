@@ -17,7 +17,9 @@
 //!   --only LIST      comma-separated shapes: full,eos,e4k,mostly,fixed,sparse,fullbat,deep,
 //!                    striped,deepsparse,flatten (VHD); vhdx,vhdx-eos,vhdx-e4k,vhdx-sparse,
 //!                    vhdx-plan32,vhdx-plan1,vhdx-deep,vhdx-256m,vhdx-convert,qemu (VHDX,
-//!                    examples/bench/vhdx.rs) (default: all; references are added as needed)
+//!                    examples/bench/vhdx.rs); bigbat (a 2040 GiB VHD at 512-byte blocks, a
+//!                    16 GiB BAT: examples/bench/bigbat.rs, only when named) (default: all
+//!                    but bigbat; references are added as needed)
 //!   --bin PATH       the vhd-merge binary (default: target/release/vhd-merge, built first
 //!                    with `cargo build --release` when run through cargo)
 //!   --keep           keep the input directory
@@ -47,6 +49,10 @@ use common::{Fill, Shape, Spread, build_chain};
 /// The VHDX shapes.
 #[path = "bench/vhdx.rs"]
 mod vhdx;
+
+/// The 2040 GiB, 512-byte-block VHD (a 16 GiB BAT): run only when named.
+#[path = "bench/bigbat.rs"]
+mod bigbat;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -99,7 +105,7 @@ fn parse_args() -> Res<Args> {
             "--keep" => a.keep = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only {VHD_SHAPES},{}] [--bin PATH] [--keep]",
+                    "usage: cargo run --release --example bench -- [--dir DIR] [--scale F] [--runs N] [--warmup N] [--cold] [--global-sync] [--only {VHD_SHAPES},{},bigbat] [--bin PATH] [--keep]",
                     vhdx::SHAPES
                 );
                 std::process::exit(0);
@@ -1236,6 +1242,14 @@ fn main() -> Res<()> {
     println!("  built in {:.1} s", t_build.elapsed().as_secs_f64());
 
     run_rounds(&mut items, &bin, &args, &rss_file)?;
+    let big_steps = match args
+        .only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|x| x == "bigbat"))
+    {
+        true => bigbat::run_steps(&root, &bin, &rss_file)?,
+        false => Vec::new(),
+    };
 
     print_commands(&items);
     print_times("open+plan_2tib_full_bat", &full_bat_times);
@@ -1250,6 +1264,7 @@ fn main() -> Res<()> {
         "#", "target", "measured", "(round ratios)", "limit", ""
     );
     vhd_rows(&items, data, sparse_data, &plan_times, &full_bat_times);
+    bigbat::rows(&big_steps);
     vhdx::rows(&items, &vhdx_times);
     println!(
         "  measured: ratio of the medians (or the median); in parentheses: the smallest and largest\n  ratio of two commands timed in the same round (for RSS: the smallest and largest peak)"

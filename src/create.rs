@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::bat::{self, Bat};
+use crate::format::bat;
 use crate::format::footer::{
     self, DiskType, FEATURE_RESERVED, FORMAT_VERSION, Footer, HOST_OS_WINDOWS,
 };
@@ -284,6 +284,9 @@ fn table_entries(size: u64, block_size: u32) -> Result<u32> {
     }
 }
 
+/// Bytes of a new table written at once.
+const TABLE_PIECE: u64 = 1 << 20;
+
 fn write_sparse(
     path: &Path,
     footer: &Footer,
@@ -318,7 +321,9 @@ fn write_sparse(
     h.locators[..locs.len()].copy_from_slice(&locs);
     let footer_bytes = footer.to_bytes();
     let header_bytes = h.to_bytes();
-    let table = Bat::new_unallocated(entries).to_bytes();
+    // The table is all unused entries (0xFF), padding included: written from one shared
+    // piece, so that a 16 GiB table costs 1 MiB of memory.
+    let unused = vec![0xFF; TABLE_PIECE.min(table_bytes) as usize];
     let payloads: Vec<(u64, Vec<u8>)> = locs
         .iter()
         .zip(payloads)
@@ -328,11 +333,11 @@ fn write_sparse(
             (loc.data_offset, padded)
         })
         .collect();
-    let mut parts: Vec<(u64, &[u8])> = vec![
-        (0, &footer_bytes),
-        (512, &header_bytes),
-        (table_offset, &table),
-    ];
+    let mut parts: Vec<(u64, &[u8])> = vec![(0, &footer_bytes), (512, &header_bytes)];
+    parts.extend((0..table_bytes).step_by(TABLE_PIECE as usize).map(|at| {
+        let n = TABLE_PIECE.min(table_bytes - at) as usize;
+        (table_offset + at, &unused[..n])
+    }));
     parts.extend(payloads.iter().map(|(at, b)| (*at, b.as_slice())));
     parts.push((meta_end, &footer_bytes));
     write_new_file(path, opts.overwrite, None, &parts)

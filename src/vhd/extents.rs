@@ -41,8 +41,8 @@ pub(super) fn check_blocks(
             .max(bm.map_offset + bm.map_bytes());
     }
     let mut gone = blocks_inside(vhd, bat, &mut ex, data_limit, v)?;
-    let mut reasons: HashMap<usize, String> = HashMap::new();
-    gone.union(&ex.sweep(bat.len() as usize, |o| note_overlap(o, &mut reasons, v))?);
+    let mut reasons: HashMap<u32, String> = HashMap::new();
+    gone.union(&ex.sweep(|o| note_overlap(o, &mut reasons, v))?);
     // The end of everything inside the file, then the blocks that stay.
     for (b, blen, _) in ex.iter() {
         if b + blen <= data_limit {
@@ -108,8 +108,8 @@ fn blocks_inside(
     ex: &mut sweep::Extents,
     data_limit: u64,
     v: &mut Validator,
-) -> Result<sweep::Bits> {
-    let mut outside = sweep::Bits::new(bat.len() as usize);
+) -> Result<sweep::BlockSet> {
+    let mut outside = sweep::BlockSet::default();
     let n = bat.allocated();
     ex.blocks
         .try_reserve_exact(n)
@@ -129,7 +129,7 @@ fn blocks_inside(
                     "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
                 )),
             )?;
-            outside.set(i);
+            outside.set(i as u32);
             continue;
         }
         // A table has at most u32::MAX entries (Max Table Entries is a u32), so the index fits.
@@ -146,7 +146,7 @@ fn blocks_inside(
 /// metadata structures overlapping stop validation: no block to drop, nothing to go on with.
 fn note_overlap(
     o: sweep::Overlap,
-    reasons: &mut HashMap<usize, String>,
+    reasons: &mut HashMap<u32, String>,
     v: &mut Validator,
 ) -> Result<()> {
     let ((a, at), (b, bt)) = (o.first, o.second);
@@ -172,7 +172,7 @@ fn note_overlap(
         Error::format(message.clone()),
     )?;
     for t in [at, bt] {
-        if let Ok(t) = usize::try_from(t)
+        if let Ok(t) = u32::try_from(t)
             && reasons.len() < 10 * MAX_PROBLEMS_PER_CODE
         {
             reasons.entry(t).or_insert_with(|| message.clone());
@@ -186,13 +186,13 @@ fn note_overlap(
 fn drop_entries(
     vhd: &Vhd,
     bat: &mut Table,
-    gone: &sweep::Bits,
-    mut reasons: HashMap<usize, String>,
+    gone: &sweep::BlockSet,
+    mut reasons: HashMap<u32, String>,
     (stride, data_limit): (u64, u64),
     v: &mut Validator,
 ) -> Result<()> {
     for i in gone.ones() {
-        let e = bat.raw(vhd, i as u64)?;
+        let e = bat.raw(vhd, u64::from(i))?;
         let start = u64::from(e) * SECTOR_SIZE;
         // Specific reasons for the first entries; past them (a hostile table), a shared
         // static one, so that a million dropped entries cost no million strings.
@@ -213,11 +213,11 @@ fn drop_entries(
             None => "the block overlaps another block or the metadata".into(),
         };
         v.dropped.push(DroppedEntry {
-            block: i as u64,
+            block: u64::from(i),
             entry: e,
             reason,
         });
-        bat.set(i as u32, bat::UNUSED);
+        bat.set(i, bat::UNUSED);
     }
     Ok(())
 }

@@ -62,16 +62,22 @@ pub(crate) use writer::write_new_file;
 /// above 2 MiB; 32 MiB leaves room for odd writers while bounding per-block buffers.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
-/// Most BAT entries a dynamic or differencing disk may have: 2^22, a 16 MiB table, which
-/// covers the largest dynamic disk (2040 GiB) at the 512 KiB blocks Windows' CreateVirtualDisk
-/// also uses (4,177,920 entries). The table itself is not held in memory (`vhd::table` reads it
-/// on demand, keeping one bit per entry), but validation costs about 12 bytes per allocated
-/// entry (an 8-byte block in the overlap sweep, see `vhd::sweep`, and a few bits), so this
-/// limit is what keeps a fully allocated table under 64 MiB of peak RSS. A file whose table is
-/// larger (blocks under 512 KiB over 2040 GiB) is refused with Not supported (32770) before its
-/// table is read, and `create` refuses to make one (naming the smallest block size that
-/// works), until the sweep's memory is bounded too.
-pub const MAX_TABLE_ENTRIES: u32 = 1 << 22;
+/// Most BAT entries a dynamic or differencing disk may have: 0xFF000000, the blocks of the
+/// largest dynamic disk (2040 GiB, [`crate::format::MAX_DYNAMIC_SIZE`]) at the smallest block
+/// size (512 bytes), a table of 16 GiB less 64 MiB. The table is not held in memory
+/// (`vhd::table` reads it on demand and keeps only the allocated entries' indices), and
+/// validation keeps nothing per table entry (`vhd::sweep`), so the size of the table costs
+/// reading it once at open, not memory. A larger table is refused with Not supported (32770)
+/// before it is read, and `create` refuses to make one.
+pub const MAX_TABLE_ENTRIES: u32 = 0xFF00_0000;
+
+/// Most allocated blocks a dynamic or differencing disk may have: 2^22, which covers the
+/// largest dynamic disk fully allocated at the 512 KiB blocks Windows' CreateVirtualDisk uses
+/// (4,177,920 blocks). Opening keeps 4 bytes per allocated block (`vhd::table`) and the
+/// overlap sweep 8 (`vhd::sweep`), so this limit keeps a fully allocated table's validation
+/// at about 48 MiB; a file with more allocated blocks (blocks under 512 KiB, mostly allocated)
+/// is refused with Not supported (32770) after its table is counted.
+pub const MAX_HELD_BLOCKS: usize = 1 << 22;
 
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
 /// path (Windows reserves at most 64 KiB for one, §2.2).

@@ -9,8 +9,8 @@ use super::table::Table;
 use super::validate::{Validator, problem_codes as pc};
 use super::writer::Pending;
 use super::{
-    FooterSource, MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, SizeRule, SizeSource, Vhd,
-    extents,
+    FooterSource, MAX_BLOCK_SIZE, MAX_HELD_BLOCKS, MAX_TABLE_ENTRIES, OpenOptions, SizeRule,
+    SizeSource, Vhd, extents,
 };
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
@@ -516,8 +516,24 @@ fn read_batmap(
         );
         return Ok(None);
     }
+    if bm.map_bytes() > MAX_BATMAP_BYTES {
+        // `check` reads the map whole; blktap's largest (2 TiB at 2 MiB blocks) is 128 KiB.
+        v.warn(
+            pc::BATMAP,
+            "batmap",
+            Some(at),
+            format!(
+                "batmap header at offset {at} describes a map of {} bytes, more than the {MAX_BATMAP_BYTES} supported; the batmap is ignored",
+                bm.map_bytes()
+            ),
+        );
+        return Ok(None);
+    }
     Ok(Some(bm))
 }
+
+/// Largest batmap used: one bit per block of [`MAX_HELD_BLOCKS`] blocks (512 KiB).
+const MAX_BATMAP_BYTES: u64 = MAX_HELD_BLOCKS as u64 / 8;
 
 /// A dynamic or differencing disk: its header, BAT, batmap and blocks, in file order.
 fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator) -> Result<()> {
@@ -533,6 +549,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     check_header_fields(&h, vhd.footer.current_size, header_offset, v)?;
     check_bat_placement(&h, header_offset, len, meta_limit, v)?;
     let mut bat = Table::load(vhd, h.table_offset, h.max_table_entries)?;
+    check_held_blocks(&bat, &h, v)?;
     let batmap = read_batmap(vhd, &h, len, v)?;
     let next_free =
         extents::check_blocks(vhd, &h, &mut bat, batmap.as_ref(), (len, meta_limit), v)?;
@@ -758,8 +775,7 @@ fn check_bat_placement(
             hs,
             ho,
             Error::not_supported(format!(
-                "dynamic header Max Table Entries {mte} is more than the {MAX_TABLE_ENTRIES} BAT entries supported (a {} MiB table); the table is not read",
-                (u64::from(MAX_TABLE_ENTRIES) * 4) >> 20
+                "dynamic header Max Table Entries {mte} is more than the {MAX_TABLE_ENTRIES} BAT entries supported (the blocks of a 2040 GiB disk at 512 bytes each); the table is not read"
             )),
         ));
     }
@@ -798,6 +814,23 @@ fn check_bat_placement(
         ));
     }
     Ok(())
+}
+
+/// A table with more allocated entries than [`MAX_HELD_BLOCKS`] is refused: validation
+/// keeps each allocated block (see `vhd::sweep`).
+fn check_held_blocks(bat: &Table, h: &DynamicHeader, v: &mut Validator) -> Result<()> {
+    if bat.allocated() <= MAX_HELD_BLOCKS {
+        return Ok(());
+    }
+    Err(v.stop(
+        pc::BAT_TOO_LARGE,
+        "BAT",
+        Some(h.table_offset),
+        Error::not_supported(format!(
+            "the BAT has {} allocated entries, more than the {MAX_HELD_BLOCKS} supported",
+            bat.allocated()
+        )),
+    ))
 }
 
 /// End of header, BAT and every locator extent that lies inside the file (§4.1).

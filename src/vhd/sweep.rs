@@ -3,7 +3,11 @@
 //! Every allocated block must lie clear of the metadata and of every other block. The extents
 //! are sorted once and swept (O(n log n)). Blocks all have the same length (the stride) and
 //! start at a sector, so a block is 8 bytes (its BAT entry and its index) and the handful of
-//! metadata extents are kept apart: a fully allocated table of 2^22 entries costs 32 MiB here.
+//! metadata extents are kept apart: the [`super::MAX_HELD_BLOCKS`] (2^22) allocated blocks a
+//! table may hold cost 32 MiB here. Nothing is kept per table entry: the sets of blocks to
+//! drop cost per member, so a table of 2^32 entries with few allocated costs next to nothing.
+
+use std::collections::{BTreeSet, HashMap};
 
 use crate::error::Result;
 use crate::format::SECTOR_SIZE;
@@ -36,53 +40,31 @@ pub(crate) struct Overlap {
     pub second: (u64, i64),
 }
 
-/// A set of block indices, one bit each.
+/// A set of block indices, ordered, costing per member rather than per table entry: the
+/// sweep's sets hold only blocks in an overlap, over metadata or outside the data, so a table
+/// of 2^32 mostly unallocated entries costs nothing here.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Bits(Vec<u64>);
+pub(crate) struct BlockSet(BTreeSet<u32>);
 
-impl Bits {
-    /// An empty set for indices below `n`.
-    pub fn new(n: usize) -> Bits {
-        Bits(vec![0; n.div_ceil(64)])
+impl BlockSet {
+    /// Whether `i` is in the set.
+    pub fn get(&self, i: u32) -> bool {
+        self.0.contains(&i)
     }
 
-    /// Whether `i` is in the set (false past its end).
-    pub fn get(&self, i: usize) -> bool {
-        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    /// Add `i`.
+    pub fn set(&mut self, i: u32) {
+        self.0.insert(i);
     }
 
-    /// Add `i` (ignored past the end).
-    pub fn set(&mut self, i: usize) {
-        if let Some(w) = self.0.get_mut(i / 64) {
-            *w |= 1 << (i % 64);
-        }
-    }
-
-    /// Remove `i`.
-    pub fn clear(&mut self, i: usize) {
-        if let Some(w) = self.0.get_mut(i / 64) {
-            *w &= !(1 << (i % 64));
-        }
-    }
-
-    /// The indices in the set, in increasing order; cost follows the set's size / 64 and
-    /// the indices it holds.
-    pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(w, &bits)| {
-            let mut bits = bits;
-            std::iter::from_fn(move || {
-                (bits != 0).then(|| {
-                    let b = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    w * 64 + b
-                })
-            })
-        })
+    /// The indices in the set, in increasing order.
+    pub fn ones(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().copied()
     }
 
     /// Add every index of `other`.
-    pub fn union(&mut self, other: &Bits) {
-        self.0.iter_mut().zip(&other.0).for_each(|(a, b)| *a |= b);
+    pub fn union(&mut self, other: &BlockSet) {
+        self.0.extend(other.0.iter().copied());
     }
 }
 
@@ -124,28 +106,25 @@ impl Extents {
     }
 
     /// Sort and sweep the extents, calling `on_overlap` for each overlap in file order (an
-    /// error from it ends the sweep), and return the blocks to drop (of a table of `entries`)
-    /// so that none of the others overlaps anything: every block over metadata, and of blocks
-    /// overlapping each other, those with the most overlaps until none is left.
-    pub fn sweep(
-        &mut self,
-        entries: usize,
-        on_overlap: impl FnMut(Overlap) -> Result<()>,
-    ) -> Result<Bits> {
+    /// error from it ends the sweep), and return the blocks to drop so that none of the
+    /// others overlaps anything: every block over metadata, and of blocks overlapping each
+    /// other, those with the most overlaps until none is left. Memory follows the blocks held
+    /// and those in overlaps, never the table's entry count.
+    pub fn sweep(&mut self, on_overlap: impl FnMut(Overlap) -> Result<()>) -> Result<BlockSet> {
         self.sort();
-        let mut s = Scan::new(entries);
+        let mut s = Scan::default();
         s.run(self.iter(), on_overlap)?;
         if s.too_many {
             s.drop.union(&s.involved);
         } else {
-            drop_most_connected(&mut s.drop, &s.pairs, entries);
+            drop_most_connected(&mut s.drop, &s.pairs);
         }
         Ok(s.drop)
     }
 
     /// Keep only the blocks not in `drop`.
-    pub fn retain(&mut self, drop: &Bits) {
-        self.blocks.retain(|b| !drop.get(b.index as usize));
+    pub fn retain(&mut self, drop: &BlockSet) {
+        self.blocks.retain(|b| !drop.get(b.index));
     }
 
     /// The first extent (start, tag) overlapping `start..end`, when no two extents overlap.
@@ -165,13 +144,14 @@ impl Extents {
 }
 
 /// The state of one sweep.
+#[derive(Default)]
 struct Scan {
     /// The extent reaching furthest so far: (start, end, tag).
     reach: Option<(u64, u64, i64)>,
     /// Blocks in a reported overlap.
-    involved: Bits,
+    involved: BlockSet,
     /// Blocks to drop.
-    drop: Bits,
+    drop: BlockSet,
     /// Extents (end, tag) that may overlap the next one.
     active: Vec<(u64, i64)>,
     /// Pairs of blocks overlapping each other, until there are too many.
@@ -180,17 +160,6 @@ struct Scan {
 }
 
 impl Scan {
-    fn new(entries: usize) -> Scan {
-        Scan {
-            reach: None,
-            involved: Bits::new(entries),
-            drop: Bits::new(entries),
-            active: Vec::new(),
-            pairs: Vec::new(),
-            too_many: false,
-        }
-    }
-
     fn run(
         &mut self,
         extents: impl Iterator<Item = Meta>,
@@ -205,7 +174,7 @@ impl Scan {
                     second: (b, bt),
                 })?;
                 for t in [at, bt] {
-                    if let Ok(t) = usize::try_from(t) {
+                    if let Ok(t) = u32::try_from(t) {
                         self.involved.set(t);
                     }
                 }
@@ -227,7 +196,7 @@ impl Scan {
             match (u32::try_from(at), u32::try_from(bt)) {
                 (Ok(x), Ok(y)) => self.pairs.push((x, y)),
                 // A block over metadata is wrong whatever else it overlaps.
-                (Ok(x), Err(_)) | (Err(_), Ok(x)) => self.drop.set(x as usize),
+                (Ok(x), Err(_)) | (Err(_), Ok(x)) => self.drop.set(x),
                 (Err(_), Err(_)) => {}
             }
             if self.pairs.len() > MAX_PAIRS {
@@ -242,30 +211,26 @@ impl Scan {
 /// Drop the blocks with the most overlaps among those left, until none is left (after a few
 /// rounds, every block still overlapping: the work stays linear in the pairs). A block's
 /// degree fits in 16 bits: blocks have one length, so a block with d overlaps makes about
-/// d²/8 pairs among its neighbours, and the pairs are bounded by [`MAX_PAIRS`].
-fn drop_most_connected(drop: &mut Bits, pairs: &[(u32, u32)], entries: usize) {
-    if pairs.is_empty() {
-        return;
-    }
-    let mut degree = vec![0u16; entries];
+/// d²/8 pairs among its neighbours, and the pairs are bounded by [`MAX_PAIRS`]. Degrees are
+/// kept for the blocks in a pair only.
+fn drop_most_connected(drop: &mut BlockSet, pairs: &[(u32, u32)]) {
+    let mut degree: HashMap<u32, u16> = HashMap::new();
     for round in 0.. {
-        degree.iter_mut().for_each(|d| *d = 0);
+        degree.clear();
         let mut max = 0;
         for &(x, y) in pairs {
-            let (x, y) = (x as usize, y as usize);
             if !drop.get(x) && !drop.get(y) {
                 for i in [x, y] {
-                    if let Some(d) = degree.get_mut(i) {
-                        *d = d.saturating_add(1);
-                        max = max.max(*d);
-                    }
+                    let d = degree.entry(i).or_insert(0);
+                    *d = d.saturating_add(1);
+                    max = max.max(*d);
                 }
             }
         }
         if max == 0 {
             break;
         }
-        for (i, &n) in degree.iter().enumerate() {
+        for (&i, &n) in &degree {
             if n == max || (round >= 16 && n > 0) {
                 drop.set(i);
             }
@@ -315,8 +280,8 @@ mod tests {
     }
 
     /// The blocks to drop, quadratically, when the pairs stay under the bound.
-    fn reference_drop(v: &[Meta], entries: usize) -> Bits {
-        let mut drop = Bits::new(entries);
+    fn reference_drop(v: &[Meta]) -> BlockSet {
+        let mut drop = BlockSet::default();
         let mut pairs = Vec::new();
         for (i, &a) in v.iter().enumerate() {
             for &b in &v[i + 1..] {
@@ -325,12 +290,12 @@ mod tests {
                 }
                 match (u32::try_from(a.2), u32::try_from(b.2)) {
                     (Ok(x), Ok(y)) => pairs.push((x, y)),
-                    (Ok(x), Err(_)) | (Err(_), Ok(x)) => drop.set(x as usize),
+                    (Ok(x), Err(_)) | (Err(_), Ok(x)) => drop.set(x),
                     _ => {}
                 }
             }
         }
-        drop_most_connected(&mut drop, &pairs, entries);
+        drop_most_connected(&mut drop, &pairs);
         drop
     }
 
@@ -359,16 +324,15 @@ mod tests {
 
         #[test]
         fn sweep_matches_the_quadratic_reference(mut e in extents()) {
-            let entries = e.blocks.len();
             let v = all(&e);
             let mut seen = Vec::new();
-            let drop = e.sweep(entries, |o| {
+            let drop = e.sweep(|o| {
                 seen.push(o);
                 Ok(())
             }).unwrap();
             prop_assert_eq!(e.iter().collect::<Vec<_>>(), v.clone());
             prop_assert_eq!(seen, reference_overlaps(&v));
-            prop_assert_eq!(&drop, &reference_drop(&v, entries));
+            prop_assert_eq!(&drop, &reference_drop(&v));
             // No block left overlaps anything; the first overlapping extent is found.
             e.retain(&drop);
             let kept = all(&e);
@@ -389,6 +353,38 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, .. ProptestConfig::default() })]
+
+        /// Block indices spread over the whole u32 range (a table of 2^32 entries with a few
+        /// allocated, in the same order) give the same overlaps and drops as compact ones: the
+        /// sweep keeps nothing per table entry, so its answer does not depend on the spacing.
+        #[test]
+        fn spread_indices_sweep_like_compact_ones(
+            e in extents(),
+            step in 1u32..(u32::MAX / 24),
+            base in 0u32..1000,
+        ) {
+            let spread_of = |i: u32| base + i * step;
+            let spread_tag = |t: i64| if t >= 0 { i64::from(spread_of(t as u32)) } else { t };
+            let mut compact = e.clone();
+            let mut spread = e;
+            spread.blocks.iter_mut().for_each(|b| b.index = spread_of(b.index));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let da = compact.sweep(|o| { a.push(o); Ok(()) }).unwrap();
+            let db = spread.sweep(|o| { b.push(o); Ok(()) }).unwrap();
+            let a: Vec<Overlap> = a
+                .into_iter()
+                .map(|o| Overlap {
+                    first: (o.first.0, spread_tag(o.first.1)),
+                    second: (o.second.0, spread_tag(o.second.1)),
+                })
+                .collect();
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(da.ones().map(spread_of).collect::<Vec<_>>(), db.ones().collect::<Vec<_>>());
+        }
+    }
+
     /// An error from the callback ends the sweep there.
     #[test]
     fn an_error_from_the_callback_stops_the_sweep() {
@@ -401,7 +397,7 @@ mod tests {
             stride: 1024,
         };
         let mut n = 0;
-        let r = e.sweep(1, |_| {
+        let r = e.sweep(|_| {
             n += 1;
             Err(crate::error::Error::format("stop".to_string()))
         });
@@ -420,12 +416,13 @@ mod tests {
         };
         let mut seen = 0;
         let drop = e
-            .sweep(n as usize, |_| {
+            .sweep(|_| {
                 seen += 1;
                 Ok(())
             })
             .unwrap();
         assert_eq!(seen, n - 1);
-        assert!((0..n as usize).all(|i| drop.get(i)));
+        assert!((0..n).all(|i| drop.get(i)));
+        assert_eq!(drop.ones().count(), n as usize);
     }
 }

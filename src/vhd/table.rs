@@ -2,17 +2,19 @@
 //! whatever the table's size.
 //!
 //! Opening streams the table once, [`CHUNK`](crate::io::paged::CHUNK)-byte pieces at a
-//! time, counting the allocated entries and keeping one bit per entry (allocated or not):
-//! 512 KiB for the 4 Mi entries of 2040 GiB at 512 KiB blocks. Entries are then read through
-//! the shared [`ChunkCache`], [`PAGE`] bytes at a time, at most [`CACHE_PAGES`] pages (a merge
-//! asks in block order, so one page read serves 1024 blocks). Entries that differ from the file are kept on top of it:
-//! those validation dropped (they read as unallocated), and the blocks a write session
-//! allocated, until [`Vhd::commit`] has written their BAT sectors.
+//! time, keeping the indices of the allocated entries (4 bytes each, at most
+//! [`MAX_HELD_BLOCKS`]): nothing is kept per table entry, so a table of 2^32 entries with a
+//! few allocated (2040 GiB at 512-byte blocks, a 16 GiB BAT) costs a few bytes. Entries are
+//! then read through the shared [`ChunkCache`], [`PAGE`] bytes at a time, at most
+//! [`CACHE_PAGES`] pages (a merge asks in block order, so one page read serves 1024 blocks).
+//! Entries that differ from the file are kept on top of it: those validation dropped (they
+//! read as unallocated), and the blocks a write session allocated, until [`Vhd::commit`] has
+//! written their BAT sectors; the allocation state of an entry that changed is kept apart
+//! (one map entry per changed entry, never one per table entry).
 
 use std::collections::BTreeMap;
 
-use super::Vhd;
-use super::sweep::Bits;
+use super::{MAX_HELD_BLOCKS, Vhd};
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
 use crate::format::bat::{self, Bat};
@@ -35,36 +37,46 @@ pub(super) struct Table {
     /// Entries that differ from the file's, by block index: dropped at open ([`bat::UNUSED`])
     /// or allocated by this session and not yet committed.
     changed: BTreeMap<u32, u32>,
-    /// One bit per entry: allocated.
-    mapped: Bits,
+    /// The indices of the entries allocated in the file at open, in increasing order (at
+    /// most [`MAX_HELD_BLOCKS`] of them are kept; [`Table::allocated`] counts them all).
+    loaded: Vec<u32>,
+    /// Entries whose allocation differs from `loaded`: `true` allocated since, `false`
+    /// unallocated since (dropped at open, for instance).
+    remapped: BTreeMap<u32, bool>,
     /// Number of allocated entries.
     allocated: usize,
 }
 
 impl Table {
     /// Stream the `entries` entries at `offset` (checked against the file length and the
-    /// supported size by the caller) once, noting the allocated ones.
+    /// supported size by the caller) once, noting the allocated ones; past
+    /// [`MAX_HELD_BLOCKS`] they are counted, not kept, and the caller refuses the table.
     pub(super) fn load(vhd: &Vhd, offset: u64, entries: u32) -> Result<Table> {
         let file = ChunkCache::new(offset, u64::from(entries) * 4, PAGE, CACHE_PAGES);
-        let mut mapped = Bits::new(entries as usize);
+        let mut loaded = Vec::new();
         let mut allocated = 0;
         file.stream(
             |o, n| vhd.read_vec(o, n),
             |at, bytes| {
                 for (j, e) in bytes.chunks_exact(4).enumerate() {
                     if e != [0xFF; 4] {
-                        mapped.set((at / 4) as usize + j);
                         allocated += 1;
+                        if allocated <= MAX_HELD_BLOCKS {
+                            // The table has at most u32::MAX entries: the index fits.
+                            loaded.push((at / 4) as u32 + j as u32);
+                        }
                     }
                 }
                 Ok(())
             },
         )?;
+        loaded.shrink_to_fit();
         Ok(Table {
             file,
             len: entries,
             changed: BTreeMap::new(),
-            mapped,
+            loaded,
+            remapped: BTreeMap::new(),
             allocated,
         })
     }
@@ -74,9 +86,20 @@ impl Table {
         self.len
     }
 
+    /// Whether entry `i` was allocated in the file at open.
+    fn was_loaded(&self, i: u32) -> bool {
+        self.loaded.binary_search(&i).is_ok()
+    }
+
     /// Whether block `index` is allocated (false past the table); reads nothing.
     pub(super) fn is_allocated(&self, index: u64) -> bool {
-        usize::try_from(index).is_ok_and(|i| self.mapped.get(i))
+        let Ok(i) = u32::try_from(index) else {
+            return false;
+        };
+        match self.remapped.get(&i) {
+            Some(&now) => now,
+            None => self.was_loaded(i),
+        }
     }
 
     /// Entry `index` as stored ([`bat::UNUSED`] when unallocated or past the table).
@@ -108,17 +131,17 @@ impl Table {
     /// Set entry `index` (inside the table: the caller checked) in memory until it is
     /// committed.
     pub(super) fn set(&mut self, index: u32, entry: u32) {
-        let was = self.mapped.get(index as usize);
+        let was = self.is_allocated(index.into());
         let now = entry != bat::UNUSED;
         match (was, now) {
             (false, true) => self.allocated += 1,
             (true, false) => self.allocated -= 1,
             _ => {}
         }
-        if now {
-            self.mapped.set(index as usize);
+        if now == self.was_loaded(index) {
+            self.remapped.remove(&index);
         } else {
-            self.mapped.clear(index as usize);
+            self.remapped.insert(index, now);
         }
         self.changed.insert(index, entry);
     }
@@ -136,9 +159,27 @@ impl Table {
         self.allocated
     }
 
-    /// The indices of the allocated blocks, in order; reads nothing.
+    /// The indices of the allocated blocks, in order; reads nothing. Those allocated at open
+    /// and still allocated, merged with those allocated since.
     pub(super) fn allocated_blocks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.mapped.ones().map(|i| i as u64)
+        let mut kept = self
+            .loaded
+            .iter()
+            .copied()
+            .filter(|i| !self.remapped.contains_key(i))
+            .peekable();
+        let mut added = self
+            .remapped
+            .iter()
+            .filter(|e| *e.1)
+            .map(|e| *e.0)
+            .peekable();
+        std::iter::from_fn(move || match (kept.peek(), added.peek()) {
+            (Some(k), Some(a)) if a < k => added.next(),
+            (Some(_), _) => kept.next(),
+            (None, _) => added.next(),
+        })
+        .map(u64::from)
     }
 
     /// The allocated entries in block order: (block index, byte offset of its bitmap).
@@ -150,8 +191,15 @@ impl Table {
             .map(move |i| Ok((i, u64::from(self.raw(vhd, i)?) * SECTOR_SIZE)))
     }
 
-    /// The whole table in memory (4 bytes per entry).
+    /// The whole table in memory (4 bytes per entry), refused past [`MAX_HELD_BLOCKS`]
+    /// entries (16 MiB): a larger table is only read through [`Table::get`].
     pub(super) fn to_bat(&self, vhd: &Vhd) -> Result<Bat> {
+        if self.len as usize > MAX_HELD_BLOCKS {
+            return Err(Error::not_supported(format!(
+                "the BAT has {} entries; building it whole in memory is supported up to {MAX_HELD_BLOCKS}",
+                self.len
+            )));
+        }
         let mut entries = Vec::new();
         entries
             .try_reserve_exact(self.len as usize)
@@ -215,5 +263,45 @@ mod tests {
             [&5],
             "1 now reads from the file"
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, .. Default::default() })]
+
+        /// Any sequence of entry changes and writes reads like a plain vector of entries:
+        /// allocation, the allocated count and the allocated blocks in order, whether an
+        /// entry was allocated at open or not.
+        #[test]
+        fn changes_on_top_read_like_a_plain_table(
+            at_open in proptest::collection::vec(0u64..48, 0..12),
+            ops in proptest::collection::vec((0u32..48, proptest::option::of(1u32..1000), proptest::bool::ANY), 0..40),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("d.vhd");
+            let o = crate::create::CreateOptions { block_size: 512, ..Default::default() };
+            let mut v = crate::create::create_dynamic(&p, 48 * 512, &o).unwrap();
+            for &b in &at_open {
+                v.write_at(b * 512, &[1; 512]).unwrap();
+            }
+            drop(v);
+            let ro = Vhd::open(&p, OpenOptions::read_only()).unwrap();
+            let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 48).unwrap();
+            let mut model: Vec<Option<u32>> = (0..48u64).map(|i| t.raw(&ro, i).ok().filter(|&e| e != bat::UNUSED)).collect();
+            for (i, e, write) in ops {
+                t.set(i, e.unwrap_or(bat::UNUSED));
+                model[i as usize] = e;
+                if write {
+                    // What commit does: the file now holds the entries; here nothing is
+                    // written, so only the allocation state is compared afterwards.
+                    t.changed.clear();
+                }
+                let want: Vec<u64> = (0..48).filter(|&i| model[i as usize].is_some()).collect();
+                proptest::prop_assert_eq!(t.allocated_blocks().collect::<Vec<_>>(), want.clone());
+                proptest::prop_assert_eq!(t.allocated(), want.len());
+                for i in 0..50u64 {
+                    proptest::prop_assert_eq!(t.is_allocated(i), want.contains(&i));
+                }
+            }
+        }
     }
 }

@@ -83,7 +83,8 @@ pub mod problem_codes {
     pub const BAT_LARGER: &str = "bat-larger";
     /// The BAT runs past the end of the file or overlaps the header.
     pub const BAT_PLACEMENT: &str = "bat-placement";
-    /// The BAT has more entries than [`crate::vhd::MAX_TABLE_ENTRIES`]: not supported.
+    /// The BAT has more entries than [`crate::vhd::MAX_TABLE_ENTRIES`], or more allocated than
+    /// [`crate::vhd::MAX_HELD_BLOCKS`]: not supported.
     pub const BAT_TOO_LARGE: &str = "bat-too-large";
     /// A BAT entry points (partly) outside the file.
     pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
