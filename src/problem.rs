@@ -184,7 +184,7 @@ problem_codes! {
     HeaderConflict = "header-conflict",
     /// Both VHDX headers are identical.
     HeadersIdentical = "headers-identical",
-    /// A VHDX header GUID is nil.
+    /// A VHDX header's DataWriteGuid is zero.
     NilGuid = "nil-guid",
     /// The VHDX log lies outside the file.
     LogOutside = "log-outside",
@@ -196,33 +196,33 @@ problem_codes! {
     RegionTableBad = "region-table-bad",
     /// The two VHDX region table copies differ.
     RegionTablesDiffer = "region-tables-differ",
-    /// The VHDX region table lacks or misplaces a required region.
+    /// The VHDX region table's regions are unusable (missing, misplaced, unknown).
     Regions = "regions",
     /// A VHDX region lies outside the file.
     RegionOutside = "region-outside",
     /// The VHDX metadata table or an item is damaged.
     MetadataBad = "metadata-bad",
-    /// A VHDX parent locator has a key no known writer uses.
+    /// A VHDX parent locator has a key this tool does not know.
     LocatorKey = "locator-key",
-    /// The VHDX BAT region is too small for the disk.
+    /// The VHDX BAT region does not fit the disk's geometry.
     BatSize = "bat-size",
     /// A VHDX BAT entry has an invalid state.
     BatState = "bat-state",
     /// A VHDX BAT entry has reserved bits set.
     BatReserved = "bat-reserved",
-    /// A VHDX BAT entry without data has an offset.
+    /// A VHDX BAT entry without data has a file offset.
     BatOffset = "bat-offset",
     /// A VHDX payload block lies outside the file.
     BlockOutside = "block-outside",
-    /// A partially present block in a disk without a parent.
+    /// A PARTIALLY_PRESENT block in a disk without a parent.
     PartialNoParent = "partial-no-parent",
-    /// A sector bitmap entry that nothing uses.
+    /// A sector bitmap entry in a disk without a parent (ignored).
     BitmapEntryIgnored = "bitmap-entry-ignored",
     /// A sector bitmap block lies outside the file.
     BitmapOutside = "bitmap-outside",
-    /// A partially present block has no sector bitmap block.
+    /// A PARTIALLY_PRESENT block has no sector bitmap block.
     BitmapMissing = "bitmap-missing",
-    /// A partially present block's bitmap has no bit set.
+    /// A PARTIALLY_PRESENT block's bitmap has no bit set.
     PartialEmpty = "partial-empty",
     /// Two objects of a VHDX overlap.
     Overlap = "overlap",
@@ -351,5 +351,74 @@ impl Problem {
     /// True when an open goes on and lists it as a warning ([`crate::vhd::Vhd::warnings`]).
     pub fn warns_on_open(&self) -> bool {
         self.severity != Severity::Info && !self.stops_open()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_is_unique_and_round_trips() {
+        let mut names: Vec<&str> = ProblemCode::ALL.iter().map(|c| c.name()).collect();
+        for &c in ProblemCode::ALL {
+            assert_eq!(ProblemCode::from_name(c.name()), Some(c));
+            assert_eq!(c.to_string(), c.name());
+            assert!(c == c.name());
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ProblemCode::ALL.len());
+        assert_eq!(ProblemCode::from_name("no-such-code"), None);
+    }
+
+    #[test]
+    fn codes_order_by_name() {
+        let mut codes = ProblemCode::ALL.to_vec();
+        codes.sort();
+        let names: Vec<&str> = codes.iter().map(|c| c.name()).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted);
+    }
+
+    #[test]
+    fn what_stops_an_open() {
+        let p = |severity, code| Problem::new(severity, code, "f.vhd", "footer", "m");
+        for &code in ProblemCode::ALL {
+            assert_eq!(
+                p(Severity::Error, code).stops_open(),
+                !code.open_tolerates()
+            );
+            assert_eq!(
+                p(Severity::Error, code).warns_on_open(),
+                code.open_tolerates()
+            );
+            assert!(!p(Severity::Warning, code).stops_open());
+            assert!(p(Severity::Warning, code).warns_on_open());
+            assert!(!p(Severity::Info, code).stops_open());
+            assert!(!p(Severity::Info, code).warns_on_open());
+        }
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn serde_by_name() {
+        let v = serde_json::to_value(ProblemCode::FooterCopyBad).unwrap();
+        assert_eq!(v, serde_json::json!("footer-copy-bad"));
+        let back: ProblemCode = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ProblemCode::FooterCopyBad);
+        assert!(serde_json::from_value::<ProblemCode>(serde_json::json!("nope")).is_err());
+        let p = Problem::new(
+            Severity::Warning,
+            ProblemCode::SizeChs,
+            "d.vhd",
+            "footer",
+            "m",
+        );
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["path"], "d.vhd");
+        assert_eq!(v["severity"], "warning");
+        assert_eq!(v["code"], "size-chs");
     }
 }

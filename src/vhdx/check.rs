@@ -479,7 +479,12 @@ impl Pass<'_> {
         let bytes = match file.read(m.file_offset, len) {
             Ok(b) => b,
             Err(e) => {
-                return self.add_error(ProblemCode::Unreadable, "metadata", Some(m.file_offset), &e);
+                return self.add_error(
+                    ProblemCode::Unreadable,
+                    "metadata",
+                    Some(m.file_offset),
+                    &e,
+                );
             }
         };
         let at = Some(m.file_offset);
