@@ -282,8 +282,16 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     // File order, so the reads are sequential; 8 bytes a block (BAT entries are u32 sectors
     // and Max Table Entries is a u32, so both casts are exact).
     let mut blocks: Vec<(u32, u32)> = Vec::new();
-    if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
-        let e = "not enough memory to list the blocks".to_string();
+    let listed = if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
+        Err("not enough memory to list the blocks".to_string())
+    } else {
+        vhd.allocated_entries().try_for_each(|entry| {
+            let (i, offset) = entry.map_err(|e| e.to_string())?;
+            blocks.push(((offset / SECTOR_SIZE) as u32, i as u32));
+            Ok(())
+        })
+    };
+    if let Err(e) = listed {
         sink.add(
             Severity::Error,
             ProblemCode::Unreadable,
@@ -293,22 +301,6 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
             e,
         );
         return;
-    }
-    for entry in vhd.allocated_entries() {
-        match entry {
-            Ok((i, offset)) => blocks.push(((offset / SECTOR_SIZE) as u32, i as u32)),
-            Err(e) => {
-                sink.add(
-                    Severity::Error,
-                    ProblemCode::Unreadable,
-                    "BAT",
-                    None,
-                    None,
-                    e.to_string(),
-                );
-                return;
-            }
-        }
     }
     blocks.sort_unstable();
     let mut buf = Vec::new();
