@@ -265,6 +265,19 @@ const REPAIRED_CODES: &[ProblemCode] = &[
     ProblemCode::BlockOverlap,
 ];
 
+/// What a repair (VHD or VHDX) lists as not repaired: every warning and error found after it,
+/// or, when nothing was written (a plan), those whose code it does not fix (`repaired`).
+pub(crate) fn not_repaired(
+    findings: Vec<Finding>,
+    repaired: &[ProblemCode],
+    wrote: bool,
+) -> Vec<Finding> {
+    findings
+        .into_iter()
+        .filter(|f| f.severity != Severity::Info && (wrote || !repaired.contains(&f.code)))
+        .collect()
+}
+
 /// The file, the writes that repair it (in order, with their bytes) and the data they lose.
 struct Planned {
     vhd: Vhd,
@@ -500,11 +513,8 @@ fn finish(
         deep: true,
         size_rule: options.size_rule,
     };
-    let not_repaired = check_storage(vhd.into_storage(), path, &deep)
-        .findings
-        .into_iter()
-        .filter(|f| f.severity != Severity::Info && (wrote || !REPAIRED_CODES.contains(&f.code)))
-        .collect();
+    let findings = check_storage(vhd.into_storage(), path, &deep).findings;
+    let not_repaired = not_repaired(findings, REPAIRED_CODES, wrote);
     Ok(RepairReport {
         file: path.to_path_buf(),
         dry_run: options.dry_run,

@@ -41,8 +41,8 @@ use crate::error::{Error, Result};
 use crate::format::DiskType;
 use crate::image::{WriteMode, open_for_writing, open_regular_file, take_lock};
 use crate::io::{FileStorage, Storage};
-use crate::problem::{ProblemCode, Severity};
-use crate::repair::{RepairAction, RepairOptions, RepairReport};
+use crate::problem::ProblemCode;
+use crate::repair::{RepairAction, RepairOptions, RepairReport, not_repaired};
 
 /// Finding codes a repair fixes; every other warning or error (of a deep check) is listed as not
 /// repaired.
@@ -258,11 +258,7 @@ fn report(path: &Path, actions: Vec<RepairAction>, wrote: bool, after: Inspectio
         Some(fp) if fp.leave_block_allocated => DiskType::Fixed,
         _ => DiskType::Dynamic,
     };
-    let not_repaired = after
-        .findings
-        .into_iter()
-        .filter(|f| f.severity != Severity::Info && (wrote || !REPAIRED_CODES.contains(&f.code)))
-        .collect();
+    let not_repaired = not_repaired(after.findings, REPAIRED_CODES, wrote);
     RepairReport {
         file: path.to_path_buf(),
         dry_run: false,
