@@ -29,60 +29,11 @@ use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
 use crate::io::Storage;
-use crate::vhd::{
-    Batmap, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd, problem_codes as pc,
-};
+pub use crate::problem::{Problem, ProblemCode, Severity};
+use crate::vhd::{Batmap, Inspection, OpenOptions, SizeRule, Vhd};
 
-/// How serious a finding is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Severity {
-    /// Worth knowing; nothing is wrong.
-    Info,
-    /// Odd, or risky with some tools, but the data is readable as it is.
-    Warning,
-    /// The file is damaged or inconsistent; `check` exits non-zero.
-    Error,
-}
-
-#[cfg(feature = "serde")]
-serialize_as_name!(Severity);
-
-impl Severity {
-    /// `info`, `warning` or `error`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warning => "warning",
-            Severity::Error => "error",
-        }
-    }
-}
-
-/// One problem found by a check.
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    /// How serious it is.
-    pub severity: Severity,
-    /// Stable identifier of the kind of finding (the [`crate::vhd::problem_codes`], plus
-    /// `unreadable`, `self-parent`, `no-parent-id`, `no-parent-hint`, `reserved-field`,
-    /// `too-large`, `block-past-end`, `bitmap-past-end`, `unwritten-not-zero`,
-    /// `batmap-checksum`, `batmap-not-full`, `chain`, `parent-timestamp`, `child-larger`,
-    /// `block-size-differs`).
-    pub code: &'static str,
-    /// The file it is in.
-    #[cfg_attr(feature = "serde", serde(rename = "path"))]
-    pub file: PathBuf,
-    /// The structure: `footer`, `footer copy`, `dynamic header`, `BAT`, `block N`,
-    /// `locator N`, `batmap`, `file`, `chain`.
-    pub structure: String,
-    /// Byte offset in the file, when there is one.
-    pub offset: Option<u64>,
-    /// The block, for findings about one block.
-    pub block: Option<u64>,
-    /// What is wrong.
-    pub message: String,
-}
+/// One problem found by a check: the crate's [`Problem`] (the former name, kept).
+pub type Finding = Problem;
 
 /// What to check.
 #[derive(Clone, Debug, Default)]
@@ -119,28 +70,13 @@ impl CheckReport {
             .count()
     }
 
-    /// The findings with a given code.
-    pub fn with_code<'a>(&'a self, code: &'a str) -> impl Iterator<Item = &'a Finding> + 'a {
+    /// The findings with a given code (a [`ProblemCode`] or its name).
+    pub fn with_code<'a, C>(&'a self, code: C) -> impl Iterator<Item = &'a Finding> + 'a
+    where
+        C: 'a,
+        ProblemCode: PartialEq<C>,
+    {
         self.findings.iter().filter(move |f| f.code == code)
-    }
-}
-
-/// How a validation problem is graded by a checker. Opening tolerates a missing or differing
-/// footer copy, and locators it cannot use, with a warning; for a checker they are damage
-/// (`repair` fixes the footers).
-fn severity_of(p: &Problem) -> Severity {
-    match p.level {
-        ProblemLevel::Fatal => Severity::Error,
-        ProblemLevel::Info => Severity::Info,
-        ProblemLevel::Warning => match p.code {
-            pc::FOOTER_END_BAD
-            | pc::FOOTER_COPY_BAD
-            | pc::FOOTER_COPY_DIFFERS
-            | pc::LOCATOR_OUTSIDE
-            | pc::LOCATOR_OVERLAP
-            | pc::BATMAP => Severity::Error,
-            _ => Severity::Warning,
-        },
     }
 }
 
@@ -151,7 +87,7 @@ pub(crate) struct Sink<'a> {
     pub(crate) findings: Vec<Finding>,
     pub(crate) limit: Option<usize>,
     /// Findings of each code so far, listed or not.
-    pub(crate) counts: std::collections::BTreeMap<&'static str, usize>,
+    pub(crate) counts: std::collections::BTreeMap<ProblemCode, usize>,
 }
 
 impl<'a> Sink<'a> {
@@ -167,7 +103,7 @@ impl<'a> Sink<'a> {
     pub(crate) fn add(
         &mut self,
         severity: Severity,
-        code: &'static str,
+        code: ProblemCode,
         structure: impl Into<String>,
         offset: Option<u64>,
         block: Option<u64>,
@@ -178,21 +114,14 @@ impl<'a> Sink<'a> {
         if self.limit.is_some_and(|l| *n > l) {
             return;
         }
-        self.findings.push(Finding {
-            severity,
-            code,
-            file: self.file.to_path_buf(),
-            structure: structure.into(),
-            offset,
-            block,
-            message,
-        });
+        let finding = Problem::new(severity, code, self.file, structure, message);
+        self.findings.push(finding.at(offset, block));
     }
 
     /// The findings, with a note for each code that had more than the limit.
     pub(crate) fn finish(mut self) -> Vec<Finding> {
         let limit = self.limit.unwrap_or(usize::MAX);
-        let over: Vec<(&'static str, usize)> = self
+        let over: Vec<(ProblemCode, usize)> = self
             .counts
             .iter()
             .filter(|(_, n)| **n > limit)
@@ -240,16 +169,8 @@ fn open_options(options: &CheckOptions) -> OpenOptions {
 
 fn report_of(path: &Path, insp: Inspection, options: &CheckOptions) -> CheckReport {
     let mut sink = Sink::new(path, None);
-    for p in &insp.problems {
-        sink.add(
-            severity_of(p),
-            p.code,
-            p.structure.clone(),
-            p.offset,
-            p.block,
-            p.message.clone(),
-        );
-    }
+    // Validation grades its problems as a checker does (`Problem::severity`).
+    sink.findings = insp.problems;
     if let Some(vhd) = &insp.vhd {
         file_checks(vhd, &mut sink);
         if options.deep {
@@ -268,7 +189,7 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
     if vhd.disk_type().is_sparse() && f.current_size > crate::format::MAX_DYNAMIC_SIZE {
         sink.add(
             Severity::Warning,
-            "too-large",
+            ProblemCode::TooLarge,
             "footer",
             Some(vhd.footer_offset()),
             None,
@@ -283,7 +204,7 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
     if h.reserved1 != 0 {
         sink.add(
             Severity::Info,
-            "reserved-field",
+            ProblemCode::ReservedField,
             "dynamic header",
             ho,
             None,
@@ -297,7 +218,7 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         if h.parent_unique_id == f.unique_id {
             sink.add(
                 Severity::Error,
-                "self-parent",
+                ProblemCode::SelfParent,
                 "dynamic header",
                 ho,
                 None,
@@ -310,7 +231,7 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         if h.parent_unique_id.is_nil() {
             sink.add(
                 Severity::Warning,
-                "no-parent-id",
+                ProblemCode::NoParentId,
                 "dynamic header",
                 ho,
                 None,
@@ -320,7 +241,7 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         if h.parent_name().is_empty() && h.locators.iter().all(|l| l.is_empty()) {
             sink.add(
                 Severity::Warning,
-                "no-parent-hint",
+                ProblemCode::NoParentHint,
                 "dynamic header",
                 ho,
                 None,
@@ -334,7 +255,7 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         let offset = vhd.block_offset(i).ok().flatten();
         sink.add(
             Severity::Info,
-            "block-past-end",
+            ProblemCode::BlockPastEnd,
             format!("block {i}"),
             offset,
             Some(i),
@@ -362,26 +283,25 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     // File order, so the reads are sequential; 8 bytes a block (BAT entries are u32 sectors
     // and Max Table Entries is a u32, so both casts are exact).
     let mut blocks: Vec<(u32, u32)> = Vec::new();
-    if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
-        let e = "not enough memory to list the blocks".to_string();
-        sink.add(Severity::Error, "unreadable", "BAT", None, None, e);
+    let listed = if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
+        Err("not enough memory to list the blocks".to_string())
+    } else {
+        vhd.allocated_entries().try_for_each(|entry| {
+            let (i, offset) = entry.map_err(|e| e.to_string())?;
+            blocks.push(((offset / SECTOR_SIZE) as u32, i as u32));
+            Ok(())
+        })
+    };
+    if let Err(e) = listed {
+        sink.add(
+            Severity::Error,
+            ProblemCode::Unreadable,
+            "BAT",
+            None,
+            None,
+            e,
+        );
         return;
-    }
-    for entry in vhd.allocated_entries() {
-        match entry {
-            Ok((i, offset)) => blocks.push(((offset / SECTOR_SIZE) as u32, i as u32)),
-            Err(e) => {
-                sink.add(
-                    Severity::Error,
-                    "unreadable",
-                    "BAT",
-                    None,
-                    None,
-                    e.to_string(),
-                );
-                return;
-            }
-        }
     }
     blocks.sort_unstable();
     let mut buf = Vec::new();
@@ -395,7 +315,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
             let block = format!("block {index}");
             sink.add(
                 Severity::Error,
-                "unreadable",
+                ProblemCode::Unreadable,
                 block,
                 Some(offset),
                 Some(index),
@@ -420,7 +340,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
         {
             sink.add(
                 Severity::Error,
-                "batmap-not-full",
+                ProblemCode::BatmapNotFull,
                 format!("block {index}"),
                 Some(offset),
                 Some(index),
@@ -436,7 +356,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
             if bit_set(map, index) && !vhd.is_allocated(index) {
                 sink.add(
                     Severity::Error,
-                    "batmap-not-full",
+                    ProblemCode::BatmapNotFull,
                     format!("block {index}"),
                     None,
                     Some(index),
@@ -478,7 +398,7 @@ fn check_bits_past_end(b: &ReadBlock, size: u64, sink: &mut Sink<'_>) {
     };
     sink.add(
         severity,
-        "bitmap-past-end",
+        ProblemCode::BitmapPastEnd,
         format!("block {}", b.index),
         Some(b.offset),
         Some(b.index),
@@ -504,7 +424,7 @@ fn check_unwritten_zero(b: &ReadBlock, data: &[u8], bs: u64, bm_bytes: u64, sink
     // (QEMU) see the data.
     sink.add(
         Severity::Warning,
-        "unwritten-not-zero",
+        ProblemCode::UnwrittenNotZero,
         format!("block {}", b.index),
         Some(b.offset + bm_bytes + s as u64 * SECTOR_SIZE),
         Some(b.index),
@@ -529,7 +449,7 @@ fn read_batmap(vhd: &Vhd, bm: &Batmap, sink: &mut Sink<'_>) -> Option<Vec<u8>> {
     if let Err(e) = vhd.read_raw(bm.map_offset, &mut map) {
         sink.add(
             Severity::Error,
-            "unreadable",
+            ProblemCode::Unreadable,
             "batmap",
             Some(bm.map_offset),
             None,
@@ -541,7 +461,7 @@ fn read_batmap(vhd: &Vhd, bm: &Batmap, sink: &mut Sink<'_>) -> Option<Vec<u8>> {
     if computed != bm.checksum {
         sink.add(
             Severity::Error,
-            "batmap-checksum",
+            ProblemCode::BatmapChecksum,
             "batmap",
             Some(bm.header_offset),
             None,
@@ -574,15 +494,9 @@ pub fn check_chain(
         Ok(c) => c,
         Err(e) => {
             // The first file's own problems are already listed; say why the chain stops.
-            report.findings.push(Finding {
-                severity: Severity::Error,
-                code: "chain",
-                file: path.to_path_buf(),
-                structure: "chain".into(),
-                offset: None,
-                block: None,
-                message: chain_error_message(&e),
-            });
+            let message = chain_error_message(&e);
+            let f = Problem::new(Severity::Error, ProblemCode::Chain, path, "chain", message);
+            report.findings.push(f);
             return Ok(report);
         }
     };
@@ -594,23 +508,16 @@ pub fn check_chain(
         report.files.extend(sub.files);
         report.findings.extend(sub.findings);
         let mut link = |severity, code, message: String| {
-            report.findings.push(Finding {
-                severity,
-                code,
-                file: child.path().to_path_buf(),
-                structure: "chain".into(),
-                offset: None,
-                block: None,
-                message,
-            });
+            let f = Problem::new(severity, code, child.path(), "chain", message);
+            report.findings.push(f);
         };
         for w in &layer.warnings {
-            link(Severity::Warning, "parent-timestamp", w.clone());
+            link(Severity::Warning, ProblemCode::ParentTimestamp, w.clone());
         }
         if child.virtual_size() > parent.virtual_size() {
             link(
                 Severity::Warning,
-                "child-larger",
+                ProblemCode::ChildLarger,
                 format!(
                     "virtual size {} is larger than its parent {}'s {}: sectors past the parent's end read as zero unless the child holds them",
                     child.virtual_size(),
@@ -624,7 +531,7 @@ pub fn check_chain(
         {
             link(
                 Severity::Info,
-                "block-size-differs",
+                ProblemCode::BlockSizeDiffers,
                 format!(
                     "block size {} differs from its parent {}'s {}",
                     child.block_size(),

@@ -30,8 +30,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::format::{DiskType, Geometry, PlatformCode, vhd_time_utc};
-use crate::image::{FooterSource, OpenOptions, Problem, ProblemLevel, SizeSource, Vhd};
+use crate::image::{FooterSource, OpenOptions, SizeSource, Vhd};
 use crate::layer::{DiskKind, Format, detect_format};
+use crate::problem::{Problem, ProblemCode};
 use crate::vhdx::info::VhdxInfo;
 
 #[cfg(feature = "serde")]
@@ -143,12 +144,14 @@ impl serde::Serialize for ImageInfo {
     }
 }
 
-/// A problem that stops a strict open, as [`InfoReport::problems`] lists it.
+/// A [`Problem`] that stops a strict open ([`Problem::stops_open`]), as
+/// [`InfoReport::problems`] lists it: the fields `info` shows (its JSON has no severity, path
+/// or block).
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InfoProblem {
-    /// Stable identifier of its kind ([`crate::image::problem_codes`], or a VHDX check code).
-    pub code: &'static str,
+    /// The kind of problem.
+    pub code: ProblemCode,
     /// The structure it is in.
     pub structure: String,
     /// Byte offset in the file, when there is one.
@@ -266,7 +269,7 @@ pub fn inspect_file(path: impl AsRef<Path>, options: &InfoOptions) -> Result<Inf
     let problems = insp
         .problems
         .iter()
-        .filter(|p| p.level == ProblemLevel::Fatal)
+        .filter(|p| p.stops_open())
         .map(InfoProblem::from)
         .collect();
     let mut r = match &insp.vhd {

@@ -107,6 +107,7 @@ pub mod locator;
 #[cfg(test)]
 mod mem_layer;
 pub mod merge;
+pub mod problem;
 pub mod repair;
 pub mod setparent;
 pub mod vhd;

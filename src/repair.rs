@@ -46,10 +46,10 @@ use crate::format::bat::UNUSED;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::{DiskType, SECTOR_SIZE};
 use crate::io::Storage;
-use crate::vhd::problem_codes as pc;
+use crate::problem::ProblemCode;
 use crate::vhd::{
-    DroppedEntry, FooterSource, Inspection, OpenOptions, Problem, ProblemLevel, SizeRule, Vhd,
-    WriteMode, open_for_writing,
+    DroppedEntry, FooterSource, Inspection, OpenOptions, Problem, SizeRule, Vhd, WriteMode,
+    open_for_writing,
 };
 
 /// Options for [`repair_file`].
@@ -256,15 +256,28 @@ fn open_options(options: &RepairOptions, writable: bool) -> OpenOptions {
 }
 
 /// Codes repair fixes; every other warning or error is reported as not repaired.
-const REPAIRED_CODES: &[&str] = &[
-    pc::FOOTER_CHECKSUM,
-    pc::FOOTER_END_BAD,
-    pc::FOOTER_COPY_BAD,
-    pc::FOOTER_COPY_DIFFERS,
-    pc::HEADER_CHECKSUM,
-    pc::BAT_ENTRY_OUTSIDE,
-    pc::BLOCK_OVERLAP,
+const REPAIRED_CODES: &[ProblemCode] = &[
+    ProblemCode::FooterChecksum,
+    ProblemCode::FooterEndBad,
+    ProblemCode::FooterCopyBad,
+    ProblemCode::FooterCopyDiffers,
+    ProblemCode::HeaderChecksum,
+    ProblemCode::BatEntryOutside,
+    ProblemCode::BlockOverlap,
 ];
+
+/// What a repair (VHD or VHDX) lists as not repaired: every warning and error found after it,
+/// or, when nothing was written (a plan), those whose code it does not fix (`repaired`).
+pub(crate) fn not_repaired(
+    findings: Vec<Finding>,
+    repaired: &[ProblemCode],
+    wrote: bool,
+) -> Vec<Finding> {
+    findings
+        .into_iter()
+        .filter(|f| f.severity != Severity::Info && (wrote || !repaired.contains(&f.code)))
+        .collect()
+}
 
 /// The file, the writes that repair it (in order, with their bytes) and the data they lose.
 struct Planned {
@@ -310,14 +323,11 @@ fn repairable(path: &Path, vhd: Option<Vhd>, problems: &[Problem]) -> Result<Vhd
     if let Some(vhd) = vhd {
         return Ok(vhd);
     }
-    let fatal = problems
-        .iter()
-        .rev()
-        .find(|p| p.level == ProblemLevel::Fatal);
+    let fatal = problems.iter().rev().find(|p| p.stops_open());
     let why = fatal.map_or("unknown problem", |p| p.message.as_str());
     let detail = format!("cannot repair: {why}");
     // A table too large to hold is not damage: the file may be fine.
-    if fatal.is_some_and(|p| p.code == pc::BAT_TOO_LARGE) {
+    if fatal.is_some_and(|p| p.code == ProblemCode::BatTooLarge) {
         return Err(Error::not_supported(detail).in_file(path));
     }
     Err(Error::Format {
@@ -432,10 +442,10 @@ fn sector_runs(sectors: BTreeMap<u64, Vec<u64>>) -> Vec<(u64, u64, Vec<u64>)> {
 /// Steps 3 and 4: the end footer when it is missing or damaged, then the offset-0 copy when
 /// it is missing, damaged or different.
 fn footer_writes(vhd: &Vhd, problems: &[Problem]) -> Vec<(RepairAction, Vec<u8>)> {
-    let has = |code: &str| problems.iter().any(|p| p.code == code);
+    let has = |code: ProblemCode| problems.iter().any(|p| p.code == code);
     let footer_bytes = vhd.footer().to_bytes();
     let mut plan = Vec::new();
-    let end_bad = vhd.footer_source() == FooterSource::Copy || has(pc::FOOTER_CHECKSUM);
+    let end_bad = vhd.footer_source() == FooterSource::Copy || has(ProblemCode::FooterChecksum);
     if end_bad {
         let reason = if vhd.footer_source() == FooterSource::Copy {
             "missing or damaged; restored from the copy at offset 0".to_string()
@@ -454,8 +464,9 @@ fn footer_writes(vhd: &Vhd, problems: &[Problem]) -> Vec<(RepairAction, Vec<u8>)
     }
     // A footer in use with a bad checksum means the copy is no good either (a good one would
     // have been chosen), even when it is byte-for-byte the same.
-    let copy_bad =
-        has(pc::FOOTER_COPY_BAD) || has(pc::FOOTER_COPY_DIFFERS) || has(pc::FOOTER_CHECKSUM);
+    let copy_bad = has(ProblemCode::FooterCopyBad)
+        || has(ProblemCode::FooterCopyDiffers)
+        || has(ProblemCode::FooterChecksum);
     if vhd.disk_type().is_sparse() && copy_bad {
         plan.push((
             RepairAction {
@@ -503,11 +514,8 @@ fn finish(
         deep: true,
         size_rule: options.size_rule,
     };
-    let not_repaired = check_storage(vhd.into_storage(), path, &deep)
-        .findings
-        .into_iter()
-        .filter(|f| f.severity != Severity::Info && (wrote || !REPAIRED_CODES.contains(&f.code)))
-        .collect();
+    let findings = check_storage(vhd.into_storage(), path, &deep).findings;
+    let not_repaired = not_repaired(findings, REPAIRED_CODES, wrote);
     Ok(RepairReport {
         file: path.to_path_buf(),
         dry_run: options.dry_run,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::open::metadata_end;
 use super::table::Table;
-use super::validate::{DroppedEntry, MAX_PROBLEMS_PER_CODE, Validator, problem_codes as pc};
+use super::validate::{DroppedEntry, MAX_PROBLEMS_PER_CODE, Validator};
 use super::{FooterSource, Vhd, sweep};
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
@@ -15,6 +15,7 @@ use crate::format::bat;
 use crate::format::batmap::Batmap;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::header::{DynamicHeader, HEADER_SIZE};
+use crate::problem::ProblemCode;
 
 /// Where the blocks lie (§7): each allocated block must end inside the data (before
 /// `data_limit`) and lie clear of the metadata and of every other block, else its entry is
@@ -121,7 +122,7 @@ fn blocks_inside(
         let end = start + ex.stride;
         if end > data_limit {
             v.error(
-                pc::BAT_ENTRY_OUTSIDE,
+                ProblemCode::BatEntryOutside,
                 &format!("block {i}"),
                 Some(start),
                 Some(i as u64),
@@ -158,14 +159,14 @@ fn note_overlap(
     );
     if block < 0 {
         return Err(v.stop(
-            pc::METADATA_OVERLAP,
+            ProblemCode::MetadataOverlap,
             &extent_name(at),
             Some(b),
             Error::format(message),
         ));
     }
     v.error(
-        pc::BLOCK_OVERLAP,
+        ProblemCode::BlockOverlap,
         &extent_name(block),
         Some(b),
         u64::try_from(block).ok(),
@@ -233,7 +234,7 @@ fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Vali
         let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
         if end > len {
             v.warn(
-                pc::LOCATOR_OUTSIDE,
+                ProblemCode::LocatorOutside,
                 &ls,
                 Some(loc.data_offset),
                 format!(
@@ -247,7 +248,7 @@ fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Vali
         }
         if let Some((_, tag)) = ex.first_overlapping(loc.data_offset, end) {
             v.warn(
-                pc::LOCATOR_OVERLAP,
+                ProblemCode::LocatorOverlap,
                 &ls,
                 Some(loc.data_offset),
                 format!(

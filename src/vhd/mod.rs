@@ -53,7 +53,7 @@ pub(crate) use files::{
 };
 use table::Table;
 pub use validate::{
-    DroppedEntry, Inspection, MAX_PROBLEMS_PER_CODE, Problem, ProblemLevel, problem_codes,
+    DroppedEntry, Inspection, MAX_PROBLEMS_PER_CODE, Problem, ProblemCode, Severity,
 };
 use writer::Pending;
 pub(crate) use writer::write_new_file;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::files::open_regular_file;
 use super::table::Table;
-use super::validate::{Validator, problem_codes as pc};
+use super::validate::Validator;
 use super::writer::Pending;
 use super::{
     FooterSource, MAX_BLOCK_SIZE, MAX_HELD_BLOCKS, MAX_TABLE_ENTRIES, OpenOptions, SizeRule,
@@ -19,6 +19,7 @@ use crate::format::batmap::{self, Batmap};
 use crate::format::footer::{self, DiskType, FOOTER_SIZE, Footer};
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE};
 use crate::io::{FileStorage, Storage};
+use crate::problem::ProblemCode;
 
 impl Vhd {
     /// Open and validate the VHD at `path`. Only regular files are opened.
@@ -36,8 +37,13 @@ impl Vhd {
         options: OpenOptions,
     ) -> Result<Vhd> {
         let path = path.as_ref().to_path_buf();
-        open_inner(storage, path.clone(), options, &mut Validator::new(false))
-            .map_err(|e| e.in_file(&path))
+        open_inner(
+            storage,
+            path.clone(),
+            options,
+            &mut Validator::new(false, &path),
+        )
+        .map_err(|e| e.in_file(&path))
     }
 }
 
@@ -146,7 +152,7 @@ pub(super) fn open_inner(
 fn check_signature(storage: &dyn Storage, path: &Path, len: u64, v: &mut Validator) -> Result<()> {
     if len < FOOTER_SIZE as u64 {
         return Err(v.stop(
-            pc::NOT_A_VHD,
+            ProblemCode::NotAVhd,
             "file",
             None,
             Error::format(format!(
@@ -158,7 +164,7 @@ fn check_signature(storage: &dyn Storage, path: &Path, len: u64, v: &mut Validat
     if storage.read_at(&mut signature, 0).is_ok() && &signature == b"vhdxfile" {
         // A VHDX, not a damaged VHD: say so (every command opens through here).
         return Err(v.stop(
-            pc::NOT_A_VHD,
+            ProblemCode::NotAVhd,
             "file",
             Some(0),
             crate::layer::vhdx_not_supported(path),
@@ -193,7 +199,7 @@ fn choose_footer(
             }
             None => {
                 return Err(v.stop(
-                    pc::NOT_A_VHD,
+                    ProblemCode::NotAVhd,
                     "footer",
                     Some(len - 512),
                     not_a_vhd(&candidates[0], len),
@@ -225,7 +231,7 @@ fn note_footer_checksum(c: &FooterCandidate, lenient: bool, v: &mut Validator) -
     );
     if lenient {
         v.warn(
-            pc::FOOTER_CHECKSUM,
+            ProblemCode::FooterChecksum,
             "footer",
             Some(offset),
             format!(
@@ -235,7 +241,7 @@ fn note_footer_checksum(c: &FooterCandidate, lenient: bool, v: &mut Validator) -
         return Ok(());
     }
     v.error(
-        pc::FOOTER_CHECKSUM,
+        ProblemCode::FooterChecksum,
         "footer",
         Some(offset),
         None,
@@ -268,7 +274,7 @@ fn check_footer(storage: &dyn Storage, c: &Chosen, len: u64, v: &mut Validator) 
     match c.source {
         FooterSource::End => {}
         FooterSource::Short => v.warn(
-            pc::FOOTER_SHORT,
+            ProblemCode::FooterShort,
             "footer",
             Some(chosen_offset),
             format!(
@@ -276,7 +282,7 @@ fn check_footer(storage: &dyn Storage, c: &Chosen, len: u64, v: &mut Validator) 
             ),
         ),
         FooterSource::Copy => v.warn(
-            pc::FOOTER_END_BAD,
+            ProblemCode::FooterEndBad,
             "footer",
             Some(len - 512),
             format!(
@@ -291,7 +297,7 @@ fn check_footer(storage: &dyn Storage, c: &Chosen, len: u64, v: &mut Validator) 
     }
     if footer.disk_type == DiskType::Fixed && footer.data_offset != footer::NO_DATA_OFFSET {
         v.info(
-            pc::FOOTER_ODD,
+            ProblemCode::FooterOdd,
             "footer",
             Some(chosen_offset),
             format!(
@@ -309,7 +315,7 @@ fn check_footer_fields(footer: &Footer, chosen_offset: u64, v: &mut Validator) -
         DiskType::Fixed | DiskType::Dynamic | DiskType::Differencing => {}
         DiskType::Other(t) => {
             return Err(v.stop(
-                pc::FOOTER_FIELD,
+                ProblemCode::FooterField,
                 "footer",
                 Some(chosen_offset),
                 Error::not_supported(format!(
@@ -320,7 +326,7 @@ fn check_footer_fields(footer: &Footer, chosen_offset: u64, v: &mut Validator) -
     }
     if footer.format_version >> 16 != 1 {
         return Err(v.stop(
-            pc::FOOTER_FIELD,
+            ProblemCode::FooterField,
             "footer",
             Some(chosen_offset),
             Error::not_supported(format!(
@@ -331,7 +337,7 @@ fn check_footer_fields(footer: &Footer, chosen_offset: u64, v: &mut Validator) -
     }
     if footer.features & footer::FEATURE_RESERVED == 0 {
         v.warn(
-            pc::FOOTER_ODD,
+            ProblemCode::FooterOdd,
             "footer",
             Some(chosen_offset),
             format!(
@@ -342,7 +348,7 @@ fn check_footer_fields(footer: &Footer, chosen_offset: u64, v: &mut Validator) -
     }
     if footer.saved_state != 0 {
         v.warn(
-            pc::FOOTER_ODD,
+            ProblemCode::FooterOdd,
             "footer",
             Some(chosen_offset),
             "footer Saved State is set: a virtual machine saved its state with this disk attached"
@@ -351,7 +357,7 @@ fn check_footer_fields(footer: &Footer, chosen_offset: u64, v: &mut Validator) -
     }
     if !footer.current_size.is_multiple_of(SECTOR_SIZE) {
         return Err(v.stop(
-            pc::FOOTER_FIELD,
+            ProblemCode::FooterField,
             "footer",
             Some(chosen_offset),
             Error::format(format!(
@@ -373,7 +379,7 @@ fn check_footer_copy(storage: &dyn Storage, c: &Chosen, v: &mut Validator) {
             if copy.raw == chosen_raw
                 || (footer_source == FooterSource::Short && c.to_bytes() == footer.to_bytes()) => {}
         Ok(c) if !c.checksum_ok() => v.warn(
-            pc::FOOTER_COPY_BAD,
+            ProblemCode::FooterCopyBad,
             "footer copy",
             Some(0),
             format!(
@@ -383,13 +389,13 @@ fn check_footer_copy(storage: &dyn Storage, c: &Chosen, v: &mut Validator) {
             ),
         ),
         Ok(_) => v.warn(
-            pc::FOOTER_COPY_DIFFERS,
+            ProblemCode::FooterCopyDiffers,
             "footer copy",
             Some(0),
             "footer copy at offset 0 differs from the end footer".into(),
         ),
         Err(_) => v.warn(
-            pc::FOOTER_COPY_BAD,
+            ProblemCode::FooterCopyBad,
             "footer copy",
             Some(0),
             "footer copy at offset 0 is missing or damaged".into(),
@@ -408,7 +414,7 @@ fn decide_virtual_size(
     let (virtual_size, size_source) = virtual_size(footer, rule);
     if size_source == SizeSource::Chs {
         v.warn(
-            pc::SIZE_CHS,
+            ProblemCode::SizeChs,
             "footer",
             Some(chosen_offset),
             format!(
@@ -423,7 +429,7 @@ fn decide_virtual_size(
         let chs = footer.geometry.size();
         if chs != footer.current_size && !footer.current_size_is_authoritative() {
             v.info(
-                pc::SIZE_CHS,
+                ProblemCode::SizeChs,
                 "footer",
                 Some(chosen_offset),
                 format!(
@@ -446,7 +452,7 @@ fn check_fixed(vhd: &mut Vhd, v: &mut Validator) -> Result<()> {
     let data_end = vhd.footer.current_size;
     if data_end > footer_offset {
         return Err(v.stop(
-            pc::FIXED_TRUNCATED,
+            ProblemCode::FixedTruncated,
             "file",
             Some(footer_offset),
             Error::format(format!(
@@ -456,7 +462,7 @@ fn check_fixed(vhd: &mut Vhd, v: &mut Validator) -> Result<()> {
     }
     if data_end < footer_offset {
         v.warn(
-            pc::FIXED_GAP,
+            ProblemCode::FixedGap,
             "file",
             Some(data_end),
             format!(
@@ -506,7 +512,7 @@ fn read_batmap(
     };
     if !bm.fits(h.max_table_entries, len) {
         v.warn(
-            pc::BATMAP,
+            ProblemCode::Batmap,
             "batmap",
             Some(at),
             format!(
@@ -519,7 +525,7 @@ fn read_batmap(
     if bm.map_bytes() > MAX_BATMAP_BYTES {
         // `check` reads the map whole; blktap's largest (2 TiB at 2 MiB blocks) is 128 KiB.
         v.warn(
-            pc::BATMAP,
+            ProblemCode::Batmap,
             "batmap",
             Some(at),
             format!(
@@ -555,7 +561,7 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
         extents::check_blocks(vhd, &h, &mut bat, batmap.as_ref(), (len, meta_limit), v)?;
     if vhd.footer.disk_type == DiskType::Dynamic && !h.parent_unique_id.is_nil() {
         v.warn(
-            pc::HEADER_ODD,
+            ProblemCode::HeaderOdd,
             "dynamic header",
             Some(header_offset),
             "dynamic disk has a non-zero Parent Unique Id; it is ignored".into(),
@@ -582,7 +588,7 @@ fn check_header_offset(
     let header_end = header_offset.checked_add(HEADER_SIZE as u64);
     if header_offset < FOOTER_SIZE as u64 || header_end.is_none_or(|e| e > len) {
         return Err(v.stop(
-            pc::HEADER_OFFSET,
+            ProblemCode::HeaderOffset,
             "footer",
             None,
             Error::format(format!(
@@ -593,7 +599,7 @@ fn check_header_offset(
     let (hs, ho) = ("dynamic header", Some(header_offset));
     if header_offset + HEADER_SIZE as u64 > meta_limit {
         return Err(v.stop(
-            pc::HEADER_OFFSET,
+            ProblemCode::HeaderOffset,
             hs,
             ho,
             Error::format(format!(
@@ -603,7 +609,7 @@ fn check_header_offset(
     }
     if !header_offset.is_multiple_of(SECTOR_SIZE) {
         v.warn(
-            pc::HEADER_ODD,
+            ProblemCode::HeaderOdd,
             hs,
             ho,
             format!("dynamic header at offset {header_offset} is not sector aligned"),
@@ -631,13 +637,13 @@ fn read_header(
                 }
                 e => e,
             };
-            return Err(v.stop(pc::HEADER_COOKIE, hs, ho, e));
+            return Err(v.stop(ProblemCode::HeaderCookie, hs, ho, e));
         }
     };
     if !h.checksum_ok() {
         if lenient {
             v.warn(
-                pc::HEADER_CHECKSUM,
+                ProblemCode::HeaderChecksum,
                 hs,
                 ho,
                 format!(
@@ -648,7 +654,7 @@ fn read_header(
             );
         } else {
             v.error(
-                pc::HEADER_CHECKSUM,
+                ProblemCode::HeaderChecksum,
                 hs,
                 ho,
                 None,
@@ -675,7 +681,7 @@ fn check_header_fields(
     let (hs, ho) = ("dynamic header", Some(header_offset));
     if h.header_version >> 16 != 1 {
         return Err(v.stop(
-            pc::HEADER_FIELD,
+            ProblemCode::HeaderField,
             hs,
             ho,
             Error::not_supported(format!(
@@ -686,7 +692,7 @@ fn check_header_fields(
     }
     if h.data_offset != header::NO_NEXT {
         v.warn(
-            pc::HEADER_ODD,
+            ProblemCode::HeaderOdd,
             hs,
             ho,
             format!(
@@ -698,7 +704,7 @@ fn check_header_fields(
     let bs = h.block_size;
     if bs < 512 || !bs.is_power_of_two() {
         return Err(v.stop(
-            pc::HEADER_FIELD,
+            ProblemCode::HeaderField,
             hs,
             ho,
             Error::format(format!(
@@ -708,7 +714,7 @@ fn check_header_fields(
     }
     if bs > MAX_BLOCK_SIZE {
         return Err(v.stop(
-            pc::HEADER_FIELD,
+            ProblemCode::HeaderField,
             hs,
             ho,
             Error::not_supported(format!(
@@ -720,7 +726,7 @@ fn check_header_fields(
     let mte = u64::from(h.max_table_entries);
     if mte * bs64 < current_size {
         return Err(v.stop(
-            pc::HEADER_FIELD,
+            ProblemCode::HeaderField,
             hs,
             ho,
             Error::format(format!(
@@ -733,7 +739,7 @@ fn check_header_fields(
     let needed = current_size.div_ceil(bs64);
     if mte > needed {
         v.info(
-            pc::BAT_LARGER,
+            ProblemCode::BatLarger,
             "BAT",
             Some(h.table_offset),
             format!(
@@ -759,7 +765,7 @@ fn check_bat_placement(
     let table_end = h.table_offset.checked_add(mte * 4);
     if table_end.is_none_or(|e| e > len) {
         return Err(v.stop(
-            pc::BAT_PLACEMENT,
+            ProblemCode::BatPlacement,
             "BAT",
             Some(h.table_offset),
             Error::format(format!(
@@ -771,7 +777,7 @@ fn check_bat_placement(
     }
     if mte > u64::from(MAX_TABLE_ENTRIES) {
         return Err(v.stop(
-            pc::BAT_TOO_LARGE,
+            ProblemCode::BatTooLarge,
             hs,
             ho,
             Error::not_supported(format!(
@@ -782,7 +788,7 @@ fn check_bat_placement(
     // The padding counts: BAT updates write whole sectors.
     if h.table_offset.saturating_add(table_len) > meta_limit {
         return Err(v.stop(
-            pc::BAT_PLACEMENT,
+            ProblemCode::BatPlacement,
             "BAT",
             Some(h.table_offset),
             Error::format(format!(
@@ -793,7 +799,7 @@ fn check_bat_placement(
     }
     if !h.table_offset.is_multiple_of(SECTOR_SIZE) {
         v.warn(
-            pc::HEADER_ODD,
+            ProblemCode::HeaderOdd,
             "BAT",
             Some(h.table_offset),
             format!("BAT at offset {} is not sector aligned", h.table_offset),
@@ -804,7 +810,7 @@ fn check_bat_placement(
         || overlaps(h.table_offset, mte * 4, 0, FOOTER_SIZE as u64)
     {
         return Err(v.stop(
-            pc::BAT_PLACEMENT,
+            ProblemCode::BatPlacement,
             "BAT",
             Some(h.table_offset),
             Error::format(format!(
@@ -823,7 +829,7 @@ fn check_held_blocks(bat: &Table, h: &DynamicHeader, v: &mut Validator) -> Resul
         return Ok(());
     }
     Err(v.stop(
-        pc::BAT_TOO_LARGE,
+        ProblemCode::BatTooLarge,
         "BAT",
         Some(h.table_offset),
         Error::not_supported(format!(

@@ -1,11 +1,11 @@
-//! What validation finds in a file: [`Problem`]s with their [`ProblemLevel`] and code, the
+//! What validation finds in a file: [`Problem`]s (the crate's one vocabulary, [`crate::problem`]), the
 //! [`Inspection`] that `check` and `repair` work from, and the validator that collects them
 //! while a file is opened (one pass: opening stops at the first fatal problem, inspecting goes
 //! on where it can).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::files::open_regular_file;
 use super::open::open_inner;
@@ -13,96 +13,7 @@ use super::{OpenOptions, Vhd};
 use crate::error::{Error, Result};
 use crate::format::batmap::Batmap;
 use crate::io::{FileStorage, Storage};
-
-/// How a [`Problem`] affects [`Vhd::open`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ProblemLevel {
-    /// Noted by [`Vhd::inspect`] only (an oddity that needs no warning when opening).
-    Info,
-    /// Opening succeeds and lists it in [`Vhd::warnings`].
-    Warning,
-    /// A strict open fails (a lenient one accepts checksum mismatches, with a warning).
-    Fatal,
-}
-
-/// One thing validation found in a file (see [`Vhd::inspect`]). [`Vhd::open`] runs the same
-/// validation and fails on the first fatal problem.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// Stable identifier of the kind of problem, such as `footer-checksum`, `bat-entry-outside`
-    /// or `block-overlap` (see [`problem_codes`]).
-    pub code: &'static str,
-    /// What it means for opening.
-    pub level: ProblemLevel,
-    /// The structure: `footer`, `footer copy`, `dynamic header`, `BAT`, `block N`,
-    /// `locator N`, `batmap`, `file`.
-    pub structure: String,
-    /// Byte offset in the file, when the problem has one.
-    pub offset: Option<u64>,
-    /// The block, for problems about one BAT entry or block.
-    pub block: Option<u64>,
-    /// What is wrong, and what was expected.
-    pub message: String,
-}
-
-/// The codes [`Problem::code`] takes.
-pub mod problem_codes {
-    /// The file is too small, or no footer parses anywhere.
-    pub const NOT_A_VHD: &str = "not-a-vhd";
-    /// A footer's checksum does not match (the one in use).
-    pub const FOOTER_CHECKSUM: &str = "footer-checksum";
-    /// The end footer is missing or damaged; the offset-0 copy is in use.
-    pub const FOOTER_END_BAD: &str = "footer-end-bad";
-    /// The footer is a 511-byte one.
-    pub const FOOTER_SHORT: &str = "footer-short";
-    /// The offset-0 copy is missing or damaged.
-    pub const FOOTER_COPY_BAD: &str = "footer-copy-bad";
-    /// The offset-0 copy parses but is not byte-for-byte the end footer.
-    pub const FOOTER_COPY_DIFFERS: &str = "footer-copy-differs";
-    /// A footer field is invalid or unsupported (disk type, version, size).
-    pub const FOOTER_FIELD: &str = "footer-field";
-    /// A footer field is odd (features, saved state, fixed-disk data offset).
-    pub const FOOTER_ODD: &str = "footer-odd";
-    /// The virtual size is the CHS size, not Current Size.
-    pub const SIZE_CHS: &str = "size-chs";
-    /// A fixed disk's data area does not fit before its footer.
-    pub const FIXED_TRUNCATED: &str = "fixed-truncated";
-    /// Bytes between a fixed disk's data and its footer.
-    pub const FIXED_GAP: &str = "fixed-gap";
-    /// The footer's Data Offset does not point at a dynamic header inside the file.
-    pub const HEADER_OFFSET: &str = "header-offset";
-    /// No dynamic header cookie.
-    pub const HEADER_COOKIE: &str = "header-cookie";
-    /// The dynamic header's checksum does not match.
-    pub const HEADER_CHECKSUM: &str = "header-checksum";
-    /// A dynamic header field is invalid or unsupported.
-    pub const HEADER_FIELD: &str = "header-field";
-    /// A dynamic header field is odd but usable (alignment, data offset, parent id).
-    pub const HEADER_ODD: &str = "header-odd";
-    /// Max Table Entries is larger than Current Size needs.
-    pub const BAT_LARGER: &str = "bat-larger";
-    /// The BAT runs past the end of the file or overlaps the header.
-    pub const BAT_PLACEMENT: &str = "bat-placement";
-    /// The BAT has more entries than [`crate::vhd::MAX_TABLE_ENTRIES`], or more allocated than
-    /// [`crate::vhd::MAX_HELD_BLOCKS`]: not supported.
-    pub const BAT_TOO_LARGE: &str = "bat-too-large";
-    /// A BAT entry points (partly) outside the file.
-    pub const BAT_ENTRY_OUTSIDE: &str = "bat-entry-outside";
-    /// A block overlaps another block or metadata.
-    pub const BLOCK_OVERLAP: &str = "block-overlap";
-    /// Two metadata structures overlap (the batmap and the end footer, ...).
-    pub const METADATA_OVERLAP: &str = "metadata-overlap";
-    /// A parent locator's data lies outside the file.
-    pub const LOCATOR_OUTSIDE: &str = "locator-outside";
-    /// A parent locator's data overlaps a block or metadata.
-    pub const LOCATOR_OVERLAP: &str = "locator-overlap";
-    /// The blktap batmap header or map is damaged.
-    pub const BATMAP: &str = "batmap";
-    /// Reading the file failed.
-    pub const IO: &str = "io";
-}
-
-use problem_codes as pc;
+pub use crate::problem::{Problem, ProblemCode, Severity};
 
 /// What [`Vhd::inspect`] found.
 #[derive(Debug)]
@@ -132,10 +43,12 @@ pub struct DroppedEntry {
     pub reason: Cow<'static, str>,
 }
 
-/// Collects problems while a file is validated. Opening stops at the first fatal problem;
-/// inspecting records it and goes on where it can.
+/// Collects problems while a file is validated. Opening stops at the first problem that
+/// stops an open ([`Problem::stops_open`]); inspecting records it and goes on where it can.
 pub(super) struct Validator {
     pub(super) collect: bool,
+    /// The file the problems are in.
+    file: PathBuf,
     pub(super) problems: Vec<Problem>,
     pub(super) dropped: Vec<DroppedEntry>,
     pub(super) batmap: Option<Batmap>,
@@ -143,7 +56,7 @@ pub(super) struct Validator {
     pub(super) stopped: bool,
     /// Problems recorded per code, and those left out past [`MAX_PROBLEMS_PER_CODE`]: a
     /// hostile table can make every one of a million entries wrong.
-    pub(super) per_code: HashMap<&'static str, (usize, u64)>,
+    pub(super) per_code: HashMap<ProblemCode, (usize, u64)>,
 }
 
 /// At most this many problems of one kind are listed by [`Vhd::inspect`]; the rest are
@@ -151,9 +64,10 @@ pub(super) struct Validator {
 pub const MAX_PROBLEMS_PER_CODE: usize = 1000;
 
 impl Validator {
-    pub(super) fn new(collect: bool) -> Validator {
+    pub(super) fn new(collect: bool, file: &Path) -> Validator {
         Validator {
             collect,
+            file: file.to_path_buf(),
             problems: Vec::new(),
             dropped: Vec::new(),
             batmap: None,
@@ -164,7 +78,7 @@ impl Validator {
 
     /// Problems left out, as one summary problem per code.
     pub(super) fn summarize(&mut self) {
-        let mut left: Vec<(&'static str, u64)> = self
+        let mut left: Vec<(ProblemCode, u64)> = self
             .per_code
             .iter()
             .filter(|(_, (_, n))| *n > 0)
@@ -172,61 +86,60 @@ impl Validator {
             .collect();
         left.sort_unstable();
         for (code, n) in left {
-            self.problems.push(Problem {
-                code,
-                level: ProblemLevel::Fatal,
-                structure: "file".into(),
-                offset: None,
-                block: None,
-                message: format!(
-                    "{n} more problem(s) of the same kind ({code}) not listed (at most {MAX_PROBLEMS_PER_CODE} are)"
-                ),
-            });
+            let message = format!(
+                "{n} more problem(s) of the same kind ({code}) not listed (at most {MAX_PROBLEMS_PER_CODE} are)"
+            );
+            self.push(Severity::Error, code, "file", None, None, message);
         }
     }
 
-    pub(super) fn note(
+    fn push(
         &mut self,
-        level: ProblemLevel,
-        code: &'static str,
+        severity: Severity,
+        code: ProblemCode,
         structure: &str,
         offset: Option<u64>,
+        block: Option<u64>,
         message: String,
     ) {
-        self.problems.push(Problem {
-            code,
-            level,
-            structure: structure.to_string(),
-            offset,
-            block: None,
-            message,
-        });
+        let p = Problem::new(severity, code, &self.file, structure, message);
+        self.problems.push(p.at(offset, block));
     }
 
+    /// A problem an open goes on after, listing it in [`Vhd::warnings`]; a checker grades it a
+    /// warning, or an error when the code is damage an open tolerates
+    /// ([`ProblemCode::open_tolerates`]).
     pub(super) fn warn(
         &mut self,
-        code: &'static str,
+        code: ProblemCode,
         structure: &str,
         offset: Option<u64>,
         message: String,
     ) {
-        self.note(ProblemLevel::Warning, code, structure, offset, message);
+        let severity = if code.open_tolerates() {
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        self.push(severity, code, structure, offset, None, message);
     }
 
+    /// An oddity noted by [`Vhd::inspect`] only (no warning when opening).
     pub(super) fn info(
         &mut self,
-        code: &'static str,
+        code: ProblemCode,
         structure: &str,
         offset: Option<u64>,
         message: String,
     ) {
-        self.note(ProblemLevel::Info, code, structure, offset, message);
+        self.push(Severity::Info, code, structure, offset, None, message);
     }
 
-    /// A fatal problem after which validation can go on: opening fails, inspecting records it.
+    /// A problem that stops an open, after which validation can go on: opening fails,
+    /// inspecting records it.
     pub(super) fn error(
         &mut self,
-        code: &'static str,
+        code: ProblemCode,
         structure: &str,
         offset: Option<u64>,
         block: Option<u64>,
@@ -241,35 +154,35 @@ impl Validator {
             return Ok(());
         }
         *listed += 1;
-        self.problems.push(Problem {
+        self.push(
+            Severity::Error,
             code,
-            level: ProblemLevel::Fatal,
-            structure: structure.to_string(),
+            structure,
             offset,
             block,
-            message: err.to_string(),
-        });
+            err.to_string(),
+        );
         Ok(())
     }
 
-    /// A fatal problem after which validation cannot go on.
+    /// A problem that stops an open, after which validation cannot go on.
     pub(super) fn stop(
         &mut self,
-        code: &'static str,
+        code: ProblemCode,
         structure: &str,
         offset: Option<u64>,
         err: Error,
     ) -> Error {
         self.stopped = true;
         if self.collect {
-            self.problems.push(Problem {
+            self.push(
+                Severity::Error,
                 code,
-                level: ProblemLevel::Fatal,
-                structure: structure.to_string(),
+                structure,
                 offset,
-                block: None,
-                message: err.to_string(),
-            });
+                None,
+                err.to_string(),
+            );
         }
         err
     }
@@ -277,7 +190,7 @@ impl Validator {
     pub(super) fn warnings(&self) -> Vec<String> {
         self.problems
             .iter()
-            .filter(|p| p.level == ProblemLevel::Warning)
+            .filter(|p| p.warns_on_open())
             .map(|p| p.message.clone())
             .collect()
     }
@@ -306,7 +219,7 @@ impl Vhd {
     ) -> Inspection {
         let path = path.as_ref().to_path_buf();
         let file_len = storage.len().unwrap_or(0);
-        let mut v = Validator::new(true);
+        let mut v = Validator::new(true, &path);
         let options = OpenOptions {
             lenient: false,
             ..options
@@ -318,14 +231,14 @@ impl Vhd {
             Err(e) => {
                 // Errors raised outside the validator (I/O) are recorded here.
                 if !v.stopped {
-                    v.problems.push(Problem {
-                        code: pc::IO,
-                        level: ProblemLevel::Fatal,
-                        structure: "file".into(),
-                        offset: None,
-                        block: None,
-                        message: e.to_string(),
-                    });
+                    v.push(
+                        Severity::Error,
+                        ProblemCode::Io,
+                        "file",
+                        None,
+                        None,
+                        e.to_string(),
+                    );
                 }
                 None
             }

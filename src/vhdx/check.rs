@@ -31,6 +31,7 @@ use crate::check::{CheckReport, Finding, Severity, Sink};
 use crate::error::{Error, Result, ReturnCode};
 use crate::io::paged::CHUNK;
 use crate::io::{FileStorage, Storage};
+use crate::problem::ProblemCode;
 
 /// At most this many findings of one code are listed; the rest are counted in one note.
 pub const MAX_FINDINGS_PER_CODE: usize = 32;
@@ -159,9 +160,9 @@ struct Pass<'a> {
 
 /// The finding code for an error of a parser: Not Supported keeps its own code, so that the
 /// return code a strict open gives (32770 instead of 32776) shows in the report too.
-fn code_of(e: &Error, code: &'static str) -> &'static str {
+fn code_of(e: &Error, code: ProblemCode) -> ProblemCode {
     if e.return_code() == ReturnCode::NotSupported {
-        "not-supported"
+        ProblemCode::NotSupported
     } else {
         code
     }
@@ -194,7 +195,7 @@ impl Pass<'_> {
     fn add(
         &mut self,
         severity: Severity,
-        code: &'static str,
+        code: ProblemCode,
         structure: impl Into<String>,
         offset: Option<u64>,
         message: String,
@@ -208,7 +209,7 @@ impl Pass<'_> {
     fn block_finding(
         &mut self,
         severity: Severity,
-        code: &'static str,
+        code: ProblemCode,
         i: u64,
         at: Option<u64>,
         message: String,
@@ -217,7 +218,7 @@ impl Pass<'_> {
             .add(severity, code, format!("block {i}"), at, Some(i), message);
     }
 
-    fn add_error(&mut self, code: &'static str, structure: &str, offset: Option<u64>, e: &Error) {
+    fn add_error(&mut self, code: ProblemCode, structure: &str, offset: Option<u64>, e: &Error) {
         self.add(
             Severity::Error,
             code_of(e, code),
@@ -236,7 +237,7 @@ impl Pass<'_> {
     fn header_section<S: Storage>(&mut self, file: &Overlay<S>) -> Vec<u8> {
         let len = file.file_len().min(MIB);
         let mut start = file.read(0, len).unwrap_or_else(|e| {
-            self.add_error("unreadable", "file", Some(0), &e);
+            self.add_error(ProblemCode::Unreadable, "file", Some(0), &e);
             Vec::new()
         });
         start.resize(MIB as usize, 0);
@@ -249,12 +250,18 @@ impl Pass<'_> {
                 "the file is {} bytes, shorter than the 1 MiB header section",
                 self.insp.file_len
             );
-            self.add(Severity::Error, "truncated", "file", None, message);
+            self.add(
+                Severity::Error,
+                ProblemCode::Truncated,
+                "file",
+                None,
+                message,
+            );
         }
 
         match FileIdentifier::parse(start) {
             Ok(id) => self.insp.creator = Some(id.creator),
-            Err(e) => self.add_error("identifier", "file identifier", Some(0), &e),
+            Err(e) => self.add_error(ProblemCode::Identifier, "file identifier", Some(0), &e),
         }
     }
 
@@ -269,7 +276,7 @@ impl Pass<'_> {
                 let message = format!("{}{note}", message_of(e));
                 self.add(
                     Severity::Error,
-                    "header-bad",
+                    ProblemCode::HeaderBad,
                     what,
                     Some(offsets[i]),
                     message,
@@ -279,10 +286,10 @@ impl Pass<'_> {
         }
         match current_header(slot(start, offsets[0]), slot(start, offsets[1])) {
             Ok(cur) => self.current_header_notes(&cur),
-            Err(e) if self.sink.counts.contains_key("header-bad") => {
+            Err(e) if self.sink.counts.contains_key(&ProblemCode::HeaderBad) => {
                 let _ = e; // both copies bad: already listed, one by one
             }
-            Err(e) => self.add_error("header-conflict", "headers", None, &e),
+            Err(e) => self.add_error(ProblemCode::HeaderConflict, "headers", None, &e),
         }
     }
 
@@ -297,7 +304,7 @@ impl Pass<'_> {
             );
             self.add(
                 Severity::Info,
-                "headers-identical",
+                ProblemCode::HeadersIdentical,
                 "headers",
                 None,
                 message,
@@ -306,7 +313,13 @@ impl Pass<'_> {
         if h.data_write_guid.is_nil() {
             let message = "DataWriteGuid is zero: a child cannot link to this disk reliably";
             let at = Some([f::HEADER1_OFFSET, f::HEADER2_OFFSET][cur.slot]);
-            self.add(Severity::Warning, "nil-guid", "header", at, message.into());
+            self.add(
+                Severity::Warning,
+                ProblemCode::NilGuid,
+                "header",
+                at,
+                message.into(),
+            );
         }
         self.insp.current = Some(cur.clone());
     }
@@ -328,7 +341,7 @@ impl Pass<'_> {
             );
             self.add(
                 Severity::Error,
-                "log-outside",
+                ProblemCode::LogOutside,
                 "log",
                 Some(range.start),
                 message,
@@ -336,7 +349,7 @@ impl Pass<'_> {
         }
         let state = match file.replay(h) {
             Err(e) => {
-                self.add_error("log-unreplayable", "log", Some(h.log_offset), &e);
+                self.add_error(ProblemCode::LogUnreplayable, "log", Some(h.log_offset), &e);
                 LogState::Unreplayable(message_of(&e))
             }
             Ok(()) => match file.plan() {
@@ -377,7 +390,13 @@ impl Pass<'_> {
              ignores them. `vhd-merge repair` replays them onto the file",
             if *entries == 1 { "y" } else { "ies" }
         );
-        self.add(Severity::Warning, "log-dirty", "log", Some(offset), message);
+        self.add(
+            Severity::Warning,
+            ProblemCode::LogDirty,
+            "log",
+            Some(offset),
+            message,
+        );
     }
 
     /// Both region table copies, the one in use, and its regions ([MS-VHDX] 2.2.3).
@@ -392,7 +411,13 @@ impl Pass<'_> {
                     let what = format!("region table {}", i + 1);
                     let message = format!("{}{note}", message_of(e));
                     let at = Some(offsets[i]);
-                    self.add(Severity::Error, "region-table-bad", what, at, message);
+                    self.add(
+                        Severity::Error,
+                        ProblemCode::RegionTableBad,
+                        what,
+                        at,
+                        message,
+                    );
                 }
             }
         }
@@ -407,7 +432,7 @@ impl Pass<'_> {
             let at = Some(offsets[1]);
             self.add(
                 Severity::Error,
-                "region-tables-differ",
+                ProblemCode::RegionTablesDiffer,
                 "region table 2",
                 at,
                 message.into(),
@@ -420,7 +445,7 @@ impl Pass<'_> {
             .map_or(0..0, |c| c.header.log_range());
         match table.known(log) {
             Ok(regions) => self.regions_inside(&regions, file_len),
-            Err(e) => self.add_error("regions", "region table", None, &e),
+            Err(e) => self.add_error(ProblemCode::Regions, "region table", None, &e),
         }
         self.insp.region_table = Some(table);
     }
@@ -435,7 +460,7 @@ impl Pass<'_> {
                 );
                 self.add(
                     Severity::Error,
-                    "region-outside",
+                    ProblemCode::RegionOutside,
                     name,
                     Some(range.start),
                     message,
@@ -454,12 +479,19 @@ impl Pass<'_> {
         let len = u64::from(m.length).min(MAX_METADATA_BYTES);
         let bytes = match file.read(m.file_offset, len) {
             Ok(b) => b,
-            Err(e) => return self.add_error("unreadable", "metadata", Some(m.file_offset), &e),
+            Err(e) => {
+                return self.add_error(
+                    ProblemCode::Unreadable,
+                    "metadata",
+                    Some(m.file_offset),
+                    &e,
+                );
+            }
         };
         let at = Some(m.file_offset);
         let table = match MetadataTable::parse(&bytes, len) {
             Ok(t) => t,
-            Err(e) => return self.add_error("metadata-bad", "metadata", at, &e),
+            Err(e) => return self.add_error(ProblemCode::MetadataBad, "metadata", at, &e),
         };
         self.insp.metadata_table = Some(table);
         match Metadata::parse(&bytes) {
@@ -467,7 +499,7 @@ impl Pass<'_> {
                 self.locator_notes(&md);
                 self.insp.metadata = Some(md);
             }
-            Err(e) => self.add_error("metadata-bad", "metadata", at, &e),
+            Err(e) => self.add_error(ProblemCode::MetadataBad, "metadata", at, &e),
         }
     }
 
@@ -482,7 +514,7 @@ impl Pass<'_> {
             );
             self.add(
                 Severity::Error,
-                "self-parent",
+                ProblemCode::SelfParent,
                 "parent locator",
                 None,
                 message,
@@ -493,7 +525,7 @@ impl Pass<'_> {
                 let message = format!("parent locator key {k:?} is not one this tool knows");
                 self.add(
                     Severity::Info,
-                    "locator-key",
+                    ProblemCode::LocatorKey,
                     "parent locator",
                     None,
                     message,
@@ -520,7 +552,14 @@ impl Pass<'_> {
         .and_then(|g| g.check_bat_region(regions.bat.length.into()).map(|()| g))
         {
             Ok(g) => g,
-            Err(e) => return self.add_error("bat-size", "BAT", Some(regions.bat.file_offset), &e),
+            Err(e) => {
+                return self.add_error(
+                    ProblemCode::BatSize,
+                    "BAT",
+                    Some(regions.bat.file_offset),
+                    &e,
+                );
+            }
         };
         self.insp.geometry = Some(g);
         let mut walk = Walk {
@@ -534,7 +573,9 @@ impl Pass<'_> {
         while at < len {
             let bytes = match file.read(offset + at, CHUNK.min(len - at)) {
                 Ok(b) => b,
-                Err(e) => return self.add_error("unreadable", "BAT", Some(offset + at), &e),
+                Err(e) => {
+                    return self.add_error(ProblemCode::Unreadable, "BAT", Some(offset + at), &e);
+                }
             };
             for (j, raw) in bytes.chunks_exact(8).enumerate() {
                 let e = BatEntry(u64::from_le_bytes(raw.try_into().unwrap_or_default()));
@@ -586,13 +627,13 @@ impl Pass<'_> {
             Err(err) => {
                 *self.insp.blocks.payload.entry("reserved").or_insert(0) += 1;
                 let m = message_of(&err);
-                return self.block_finding(Severity::Error, "bat-state", i, at, m);
+                return self.block_finding(Severity::Error, ProblemCode::BatState, i, at, m);
             }
         };
         *self.insp.blocks.payload.entry(state.name()).or_insert(0) += 1;
         if e.0 & RESERVED_BITS != 0 {
             let m = format!("BAT entry {:#018x} has reserved bits 3-19 set", e.0);
-            self.block_finding(Severity::Warning, "bat-reserved", i, at, m);
+            self.block_finding(Severity::Warning, ProblemCode::BatReserved, i, at, m);
         }
         match state {
             PayloadState::FullyPresent | PayloadState::PartiallyPresent => {}
@@ -601,20 +642,26 @@ impl Pass<'_> {
                     "NOT_PRESENT block has file offset {:#x}, not 0",
                     e.file_offset()
                 );
-                return self.block_finding(Severity::Info, "bat-offset", i, at, m);
+                return self.block_finding(Severity::Info, ProblemCode::BatOffset, i, at, m);
             }
             _ => return,
         }
         if let Err(err) = check_block(&w.geometry, w.file_len, i, e) {
             let m = format!("{} ({})", message_of(&err), state.name());
-            return self.block_finding(Severity::Error, "block-outside", i, at, m);
+            return self.block_finding(Severity::Error, ProblemCode::BlockOutside, i, at, m);
         }
         w.objects.push(e.file_offset(), w.used(i), Obj::Payload(i));
         match state {
             PayloadState::PartiallyPresent if w.geometry.has_parent => w.partial.push((i, e)),
             PayloadState::PartiallyPresent => {
                 let m = "PARTIALLY_PRESENT in a disk without a parent: read as fully present";
-                self.block_finding(Severity::Warning, "partial-no-parent", i, at, m.into());
+                self.block_finding(
+                    Severity::Warning,
+                    ProblemCode::PartialNoParent,
+                    i,
+                    at,
+                    m.into(),
+                );
             }
             _ => {}
         }
@@ -633,7 +680,7 @@ impl Pass<'_> {
                 );
                 self.add(
                     Severity::Info,
-                    "bitmap-entry-ignored",
+                    ProblemCode::BitmapEntryIgnored,
                     bitmap_name(c),
                     at,
                     m,
@@ -643,13 +690,13 @@ impl Pass<'_> {
         }
         let usable = match e.bitmap_state() {
             Err(err) => {
-                self.add_error("bat-state", &bitmap_name(c), at, &err);
+                self.add_error(ProblemCode::BatState, &bitmap_name(c), at, &err);
                 false
             }
             Ok(BitmapState::NotPresent) => false,
             Ok(BitmapState::Present) => match check_bitmap_block(w.file_len, c, e) {
                 Err(err) => {
-                    self.add_error("bitmap-outside", &bitmap_name(c), at, &err);
+                    self.add_error(ProblemCode::BitmapOutside, &bitmap_name(c), at, &err);
                     return w.partial.clear(); // the blocks' bitmap is named already
                 }
                 Ok(()) => {
@@ -667,7 +714,7 @@ impl Pass<'_> {
                 );
                 self.block_finding(
                     Severity::Error,
-                    "bitmap-missing",
+                    ProblemCode::BitmapMissing,
                     i,
                     Some(b.file_offset()),
                     m,
@@ -687,7 +734,12 @@ impl Pass<'_> {
         let bits = match file.read(at, slice.len() as u64) {
             Ok(b) => b,
             Err(err) => {
-                return self.add_error("unreadable", &bitmap_name(g.chunk_of(i)), Some(at), &err);
+                return self.add_error(
+                    ProblemCode::Unreadable,
+                    &bitmap_name(g.chunk_of(i)),
+                    Some(at),
+                    &err,
+                );
             }
         };
         let sectors = (w.used(i) / u64::from(g.logical_sector_size)) as usize;
@@ -700,7 +752,13 @@ impl Pass<'_> {
         if total == 0 {
             let m =
                 "PARTIALLY_PRESENT block with no sector bit set: it reads wholly from the parent";
-            self.block_finding(Severity::Info, "partial-empty", i, Some(at), m.into());
+            self.block_finding(
+                Severity::Info,
+                ProblemCode::PartialEmpty,
+                i,
+                Some(at),
+                m.into(),
+            );
         }
         if total > inside {
             let m = format!(
@@ -708,7 +766,13 @@ impl Pass<'_> {
                 total - inside,
                 g.virtual_size
             );
-            self.block_finding(Severity::Warning, "bitmap-past-end", i, Some(at), m);
+            self.block_finding(
+                Severity::Warning,
+                ProblemCode::BitmapPastEnd,
+                i,
+                Some(at),
+                m,
+            );
         }
     }
 
@@ -727,8 +791,14 @@ impl Pass<'_> {
                     r_obj.name()
                 );
                 let (name, block) = (obj.name(), obj.block());
-                self.sink
-                    .add(Severity::Error, "overlap", name, Some(start), block, m);
+                self.sink.add(
+                    Severity::Error,
+                    ProblemCode::Overlap,
+                    name,
+                    Some(start),
+                    block,
+                    m,
+                );
             }
             if reach.is_none_or(|(r_end, _)| end > r_end) {
                 reach = Some((end, obj));

@@ -213,13 +213,8 @@ pub(crate) fn inspect_file(path: &Path, options: &InfoOptions) -> Result<InfoRep
     let problems = insp
         .findings
         .iter()
-        .filter(|f| f.severity == Severity::Error)
-        .map(|f| InfoProblem {
-            code: f.code,
-            structure: f.structure.clone(),
-            offset: f.offset,
-            message: f.message.clone(),
-        })
+        .filter(|f| f.stops_open())
+        .map(InfoProblem::from)
         .collect();
     let failure = insp.current.is_none().then(|| Error::Format {
         path: Some(path.to_path_buf()),

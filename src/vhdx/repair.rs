@@ -37,20 +37,20 @@ use super::format::region::RegionTable;
 use super::format::{self as f, MIB, SLOT_SIZE};
 use super::journal::{flush, replay_onto_file, update_header, write};
 use super::reader::Overlay;
-use crate::check::Severity;
 use crate::error::{Error, Result};
 use crate::format::DiskType;
 use crate::image::{WriteMode, open_for_writing, open_regular_file, take_lock};
 use crate::io::{FileStorage, Storage};
-use crate::repair::{RepairAction, RepairOptions, RepairReport};
+use crate::problem::ProblemCode;
+use crate::repair::{RepairAction, RepairOptions, RepairReport, not_repaired};
 
 /// Finding codes a repair fixes; every other warning or error (of a deep check) is listed as not
 /// repaired.
-pub const REPAIRED_CODES: &[&str] = &[
-    "log-dirty",
-    "header-bad",
-    "region-table-bad",
-    "region-tables-differ",
+pub const REPAIRED_CODES: &[ProblemCode] = &[
+    ProblemCode::LogDirty,
+    ProblemCode::HeaderBad,
+    ProblemCode::RegionTableBad,
+    ProblemCode::RegionTablesDiffer,
 ];
 
 /// Repair the VHDX at `path` (see the module docs). It is inspected read-only first (under a
@@ -177,7 +177,7 @@ fn region_restore(insp: &Inspection) -> Option<(usize, usize)> {
     let differ = insp
         .findings
         .iter()
-        .any(|f| f.code == "region-tables-differ");
+        .any(|f| f.code == ProblemCode::RegionTablesDiffer);
     match insp.region_tables_valid {
         [true, false] => Some((0, 1)),
         [false, true] => Some((1, 0)),
@@ -258,11 +258,7 @@ fn report(path: &Path, actions: Vec<RepairAction>, wrote: bool, after: Inspectio
         Some(fp) if fp.leave_block_allocated => DiskType::Fixed,
         _ => DiskType::Dynamic,
     };
-    let not_repaired = after
-        .findings
-        .into_iter()
-        .filter(|f| f.severity != Severity::Info && (wrote || !REPAIRED_CODES.contains(&f.code)))
-        .collect();
+    let not_repaired = not_repaired(after.findings, REPAIRED_CODES, wrote);
     RepairReport {
         file: path.to_path_buf(),
         dry_run: false,

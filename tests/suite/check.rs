@@ -21,7 +21,7 @@ fn codes(r: &CheckReport, sev: Severity) -> Vec<&'static str> {
     r.findings
         .iter()
         .filter(|f| f.severity == sev)
-        .map(|f| f.code)
+        .map(|f| f.code.name())
         .collect()
 }
 

@@ -266,7 +266,7 @@ fn check_after_fault(b: &Bench, e: &Error, fault: Fault, what: &str) -> Aftermat
         .findings
         .iter()
         .filter(|f| f.severity == vhd_merge::check::Severity::Error)
-        .map(|f| f.code)
+        .map(|f| f.code.name())
         .collect();
     if from_copy {
         assert!(

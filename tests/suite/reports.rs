@@ -136,7 +136,7 @@ fn info_of_a_damaged_vhd() {
     let r = inspect_file(&f, &lenient()).unwrap();
     assert!(r.failure.is_none());
     assert_eq!(r.virtual_size(), Some(8 * MIB));
-    let codes: Vec<&str> = r.problems.iter().map(|p| p.code).collect();
+    let codes: Vec<&str> = r.problems.iter().map(|p| p.code.name()).collect();
     assert_eq!(codes, ["bat-entry-outside"]);
 
     b[512..520].fill(0); // the dynamic header's cookie
