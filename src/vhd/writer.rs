@@ -316,6 +316,126 @@ impl Vhd {
         Ok(r)
     }
 
+    /// [`Vhd::clone_into_block`] of each piece in order, stopping at the first that does not
+    /// clone: returns how many were placed and the outcome of the last one tried. Whole
+    /// blocks cloned into consecutive new blocks of a dynamic or differencing disk from
+    /// source blocks laid out with the same stride (this writer's layout and Windows': each
+    /// block's bitmap padded so that its data is 4 KiB aligned) become one clone of the whole
+    /// stretch ([`Vhd::clone_new_blocks`]).
+    pub fn clone_run(
+        &mut self,
+        pieces: &[crate::io::ClonePiece<'_>],
+    ) -> Result<(usize, crate::io::CloneOutcome)> {
+        use crate::io::CloneOutcome;
+        let mut i = 0;
+        while i < pieces.len() {
+            let n = self.new_block_stretch(&pieces[i..])?;
+            if n > 1 {
+                match self.clone_new_blocks(&pieces[i..i + n])? {
+                    CloneOutcome::Cloned => {
+                        i += n;
+                        continue;
+                    }
+                    CloneOutcome::Unsupported => return Ok((i, CloneOutcome::Unsupported)),
+                    // One by one below: alone, a piece may still clone.
+                    CloneOutcome::Unaligned => {}
+                }
+            }
+            let p = &pieces[i];
+            if !p.src.len.is_multiple_of(SECTOR_SIZE) {
+                return Ok((i, CloneOutcome::Unaligned));
+            }
+            let r = self.clone_into_block(
+                p.block,
+                p.first,
+                p.src.file,
+                p.src.offset,
+                p.src.len / SECTOR_SIZE,
+            )?;
+            if r != CloneOutcome::Cloned {
+                return Ok((i, r));
+            }
+            i += 1;
+        }
+        Ok((pieces.len(), CloneOutcome::Cloned))
+    }
+
+    /// How many of `pieces`, from the first, [`Vhd::clone_new_blocks`] can clone as one
+    /// stretch: whole blocks, none allocated yet (and each once), of one source file, where
+    /// each piece's source follows the previous one's by exactly the distance between their
+    /// new blocks here. 0 or 1 means no stretch.
+    fn new_block_stretch(&mut self, pieces: &[crate::io::ClonePiece<'_>]) -> Result<usize> {
+        let bs = self.block_size();
+        if self.header.is_none() {
+            return Ok(0);
+        }
+        let whole = |v: &Vhd, p: &crate::io::ClonePiece<'_>| {
+            p.first == 0 && p.src.len == bs && (p.block + 1).saturating_mul(bs) <= v.virtual_size
+        };
+        let Some(p0) = pieces.first().filter(|p| whole(self, p)) else {
+            return Ok(0);
+        };
+        let start = self.aligned_block_pos(self.next_free)?;
+        let (mut pos, mut blocks, mut n) = (start, BTreeSet::new(), 0);
+        for p in pieces {
+            let follows = std::ptr::eq(p.src.file, p0.src.file)
+                && p0.src.offset.checked_add(pos - start) == Some(p.src.offset);
+            if !follows
+                || !whole(self, p)
+                || p.block >= self.block_count()
+                || !blocks.insert(p.block)
+                || self.bat.get(self, p.block)?.is_some()
+            {
+                break;
+            }
+            n += 1;
+            pos = self.aligned_block_pos(pos + self.stride())?;
+        }
+        Ok(n)
+    }
+
+    /// Clone whole blocks `pieces` (a [`Vhd::new_block_stretch`]) into new blocks allocated
+    /// one after the other, with one clone from the first block's data to the last one's end.
+    /// The clone also covers the padding and bitmap in front of every block but the first,
+    /// with the source's bytes there; each block's bitmap is written over it afterwards, and
+    /// nothing points at these blocks before [`Vhd::commit`] (the same order as one block:
+    /// data, bitmap, then the BAT entry after the sync). Nothing is written unless it cloned.
+    fn clone_new_blocks(
+        &mut self,
+        pieces: &[crate::io::ClonePiece<'_>],
+    ) -> Result<crate::io::CloneOutcome> {
+        use crate::io::CloneOutcome;
+        let (Some(h), Some(first)) = (self.header.clone(), pieces.first()) else {
+            return Ok(CloneOutcome::Unaligned);
+        };
+        let n = pieces.len() as u64;
+        let start = self.aligned_block_pos(self.next_free)?;
+        let mut end = start;
+        for _ in 0..n {
+            end = self.aligned_block_pos(end)? + self.stride();
+        }
+        if end > self.footer_offset {
+            self.reserve_blocks(n)?;
+        }
+        let at = start + h.bitmap_bytes();
+        let aligned = |o: u64| o.is_multiple_of(DATA_ALIGNMENT);
+        if !aligned(at) || !aligned(first.src.offset) || !aligned(self.block_size()) {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        let r = self.clone_raw(first.src.file, first.src.offset, at, end - at)?;
+        if r != CloneOutcome::Cloned {
+            return Ok(r);
+        }
+        let full = SectorBitmap::full(self.sectors_per_block() as usize);
+        let bitmap = full.to_bytes_padded(h.bitmap_bytes() as usize);
+        for p in pieces {
+            let pos = self.aligned_block_pos(self.next_free)?;
+            self.write_raw(&bitmap, pos)?;
+            self.publish_new_block(p.block, pos, pos + self.stride())?;
+        }
+        Ok(r)
+    }
+
     /// One clone into the file at `offset`; a clone is data, so the batch needs its sync.
     fn clone_raw(
         &mut self,
