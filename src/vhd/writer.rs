@@ -397,7 +397,9 @@ impl Vhd {
     /// Clone whole blocks `pieces` (a [`Vhd::new_block_stretch`]) into new blocks allocated
     /// one after the other, with one clone from the first block's data to the last one's end.
     /// The clone also covers the padding and bitmap in front of every block but the first,
-    /// with the source's bytes there; each block's bitmap is written over it afterwards, and
+    /// with the source's bytes there (the padding is free space; the bitmap, all ones for a
+    /// block the source holds whole, is written over when it differs, see
+    /// [`Vhd::cloned_bitmap_is`]), and
     /// nothing points at these blocks before [`Vhd::commit`] (the same order as one block:
     /// data, bitmap, then the BAT entry after the sync). Nothing is written unless it cloned.
     fn clone_new_blocks(
@@ -428,12 +430,34 @@ impl Vhd {
         }
         let full = SectorBitmap::full(self.sectors_per_block() as usize);
         let bitmap = full.to_bytes_padded(h.bitmap_bytes() as usize);
-        for p in pieces {
+        let mut cloned = vec![0u8; bitmap.len()];
+        for (k, p) in pieces.iter().enumerate() {
             let pos = self.aligned_block_pos(self.next_free)?;
-            self.write_raw(&bitmap, pos)?;
+            if k == 0 || !self.cloned_bitmap_is(p, &bitmap, &mut cloned)? {
+                self.write_raw(&bitmap, pos)?;
+            }
             self.publish_new_block(p.block, pos, pos + self.stride())?;
         }
         Ok(r)
+    }
+
+    /// Whether the bitmap a stretch clone ([`Vhd::clone_new_blocks`]) brought along in front
+    /// of piece `p` (the source's own, for a block it holds whole: all ones) is `bitmap`
+    /// already. Then it is not written again: a write of part of a cloned file system block
+    /// reads that block from the disk first and unshares it (512 such writes made the sync
+    /// of 1 GiB of cloned 2 MiB blocks take 50 ms instead of 6).
+    fn cloned_bitmap_is(
+        &self,
+        p: &crate::io::ClonePiece<'_>,
+        bitmap: &[u8],
+        buf: &mut [u8],
+    ) -> Result<bool> {
+        let Some(at) = p.src.offset.checked_sub(bitmap.len() as u64) else {
+            return Ok(false);
+        };
+        crate::io::pread_exact(p.src.file, buf, at)
+            .map_err(|e| Error::io(format!("reading the clone source's bitmap at {at}"), e))?;
+        Ok(buf == bitmap)
     }
 
     /// One clone into the file at `offset`; a clone is data, so the batch needs its sync.
