@@ -321,7 +321,7 @@ impl Vhd {
     /// blocks cloned into consecutive new blocks of a dynamic or differencing disk from
     /// source blocks laid out with the same stride (this writer's layout and Windows': each
     /// block's bitmap padded so that its data is 4 KiB aligned) become one clone of the whole
-    /// stretch ([`Vhd::clone_new_blocks`]).
+    /// stretch.
     pub fn clone_run(
         &mut self,
         pieces: &[crate::io::ClonePiece<'_>],

@@ -475,31 +475,50 @@ fn adjacent_vhdx_blocks_are_cloned_by_one_call() {
     ] {
         let d = dir.path().join(name);
         std::fs::create_dir(&d).unwrap();
-        let (base, child, want) = vhdx_chain_of(&d, ADJACENT);
-        let log = IoLog::new();
-        let options = MergeOptions {
-            destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
-            ..MergeOptions::default()
-        };
-        let r = merge(&child, None, &options).unwrap();
-        assert_same(&view(&base), &want, &format!("merged base, {name}"));
-        assert_eq!(r.bytes_merged, 4 * block + 40 * 512, "{name}");
-        assert_eq!(r.bytes_cloned, cloned, "{name}");
-        let lens: Vec<u64> = log.clones().iter().map(|c| c.1).collect();
-        assert_eq!(lens, clones, "{name}: the clone calls");
+        merge_counting_clones(vhdx_chain_of(&d, ADJACENT), name, longest, cloned, &clones);
     }
 }
 
-#[test]
-fn adjacent_vhdx_blocks_on_reflink_share_the_source_extents() {
+/// Merge `chain`'s child (four whole 2 MiB blocks and 40 sectors) into its base through
+/// copying clones refused past `longest` bytes: the model's result, `cloned` bytes cloned by
+/// calls of lengths `clones`. Returns the base.
+fn merge_counting_clones(
+    chain: (PathBuf, PathBuf, Vec<u8>),
+    name: &str,
+    longest: u64,
+    cloned: u64,
+    clones: &[u64],
+) -> PathBuf {
+    let (base, child, want) = chain;
+    let log = IoLog::new();
+    let options = MergeOptions {
+        destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
+        ..MergeOptions::default()
+    };
+    let r = merge(&child, None, &options).unwrap();
+    assert_same(&view(&base), &want, &format!("merged base, {name}"));
+    assert_eq!(r.bytes_merged, 4 * (2 << 20) + 40 * 512, "{name}");
+    assert_eq!(r.bytes_cloned, cloned, "{name}");
+    let lens: Vec<u64> = log.clones().iter().map(|c| c.1).collect();
+    assert_eq!(lens, clones, "{name}: the clone calls");
+    base
+}
+
+/// Merge `chain` (four whole blocks) on a reflink file system: cloned, shared, the same.
+fn shares_on_reflink(chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>)) {
     let Some(dir) = reflink::tempdir() else {
         return;
     };
-    let (base, child, want) = vhdx_chain_of(dir.path(), ADJACENT);
+    let (base, child, want) = chain(dir.path());
     let r = merge(&child, None, &MergeOptions::default()).unwrap();
     assert_eq!(r.bytes_cloned, 4 << 21);
     assert_same(&view(&base), &want, "merged base");
     assert!(reflink::shared_bytes(&base) >= 4 << 21);
+}
+
+#[test]
+fn adjacent_vhdx_blocks_on_reflink_share_the_source_extents() {
+    shares_on_reflink(|d| vhdx_chain_of(d, ADJACENT));
 }
 
 /// A crash at every write and clone of a merge of `chain`'s child into its base (through
@@ -606,18 +625,8 @@ fn adjacent_vhd_blocks_are_cloned_by_one_call() {
     ] {
         let d = dir.path().join(name);
         std::fs::create_dir(&d).unwrap();
-        let (base, child, want) = vhd_chain_of(&d, ADJACENT_VHD);
-        let log = IoLog::new();
-        let options = MergeOptions {
-            destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
-            ..MergeOptions::default()
-        };
-        let r = merge(&child, None, &options).unwrap();
-        assert_same(&view(&base), &want, &format!("merged base, {name}"));
-        assert_eq!(r.bytes_merged, 4 * block + 40 * 512, "{name}");
-        assert_eq!(r.bytes_cloned, cloned, "{name}");
-        let lens: Vec<u64> = log.clones().iter().map(|c| c.1).collect();
-        assert_eq!(lens, clones, "{name}: the clone calls");
+        let chain = vhd_chain_of(&d, ADJACENT_VHD);
+        let base = merge_counting_clones(chain, name, longest, cloned, &clones);
         let options = vhd_merge::check::CheckOptions::default();
         let report = vhd_merge::check::check_file(&base, &options).unwrap();
         assert!(report.findings.is_empty(), "{name}: {:?}", report.findings);
@@ -632,14 +641,7 @@ fn a_crash_inside_a_clone_of_a_vhd_stretch_leaves_a_destination_a_rerun_finishes
 
 #[test]
 fn adjacent_vhd_blocks_on_reflink_share_the_source_extents() {
-    let Some(dir) = reflink::tempdir() else {
-        return;
-    };
-    let (base, child, want) = vhd_chain_of(dir.path(), ADJACENT_VHD);
-    let r = merge(&child, None, &MergeOptions::default()).unwrap();
-    assert_eq!(r.bytes_cloned, 4 << 21);
-    assert_same(&view(&base), &want, "merged base");
-    assert!(reflink::shared_bytes(&base) >= 4 << 21);
+    shares_on_reflink(|d| vhd_chain_of(d, ADJACENT_VHD));
 }
 
 /// Blocks of 2 MiB (4096 sectors) in the chains of [`mostly_chain`].
