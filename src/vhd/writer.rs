@@ -327,6 +327,9 @@ impl Vhd {
         pieces: &[crate::io::ClonePiece<'_>],
     ) -> Result<(usize, crate::io::CloneOutcome)> {
         use crate::io::CloneOutcome;
+        if self.header.is_none() {
+            return self.clone_fixed_run(pieces);
+        }
         let mut i = 0;
         while i < pieces.len() {
             let n = self.new_block_stretch(&pieces[i..])?;
@@ -358,6 +361,62 @@ impl Vhd {
             i += 1;
         }
         Ok((pieces.len(), CloneOutcome::Cloned))
+    }
+
+    /// [`Vhd::clone_run`] into a fixed disk, whose data is contiguous: pieces contiguous in
+    /// both files ([`crate::io::CloneRun`]) are one clone. A piece that cannot be cloned
+    /// ([`Vhd::clone_into_block`]'s rules) ends the run before it.
+    fn clone_fixed_run(
+        &mut self,
+        pieces: &[crate::io::ClonePiece<'_>],
+    ) -> Result<(usize, crate::io::CloneOutcome)> {
+        use crate::io::{CloneOutcome, CloneRun};
+        let mut run: Option<(usize, CloneRun<'_>)> = None;
+        for (i, p) in pieces.iter().enumerate() {
+            let at = self.fixed_clone_target(p)?;
+            if let (Some(at), Some((_, r))) = (at, run.as_mut())
+                && r.extend(&p.src, at)
+            {
+                continue;
+            }
+            if let Some((start, r)) = run.take() {
+                let out = self.clone_raw(r.src, r.src_offset, r.offset, r.len)?;
+                if out != CloneOutcome::Cloned {
+                    return Ok((start, out));
+                }
+            }
+            let Some(at) = at else {
+                return Ok((i, CloneOutcome::Unaligned));
+            };
+            run = Some((i, CloneRun::new(&p.src, at)));
+        }
+        if let Some((start, r)) = run {
+            let out = self.clone_raw(r.src, r.src_offset, r.offset, r.len)?;
+            if out != CloneOutcome::Cloned {
+                return Ok((start, out));
+            }
+        }
+        Ok((pieces.len(), CloneOutcome::Cloned))
+    }
+
+    /// Where piece `p` goes in a fixed disk's file, or None when it cannot be cloned (not
+    /// whole 4 KiB blocks at aligned offsets, or past the virtual size).
+    fn fixed_clone_target(&self, p: &crate::io::ClonePiece<'_>) -> Result<Option<u64>> {
+        let (bs, spb, len) = (self.block_size(), self.sectors_per_block(), p.src.len);
+        let sectors = len / SECTOR_SIZE;
+        if p.block >= self.block_count() || p.first.checked_add(sectors).is_none_or(|e| e > spb) {
+            return Err(Error::InvalidParameter(format!(
+                "{}: clone of {sectors} sector(s) at sector {} of block {}: outside the disk's blocks",
+                self.path.display(),
+                p.first,
+                p.block
+            )));
+        }
+        let valid = (self.virtual_size - p.block * bs).min(bs) / SECTOR_SIZE;
+        let aligned = |o: u64| o.is_multiple_of(DATA_ALIGNMENT);
+        let at = p.block * FIXED_CHUNK + p.first * SECTOR_SIZE;
+        let fits = p.first + sectors <= valid && len > 0;
+        Ok((fits && aligned(p.src.offset) && aligned(len) && aligned(at)).then_some(at))
     }
 
     /// How many of `pieces`, from the first, [`Vhd::clone_new_blocks`] can clone as one
