@@ -20,8 +20,7 @@ use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
 use crate::format::SectorBitmap;
-use crate::io::CloneOutcome;
-use crate::io::FileStorage;
+use crate::io::{CloneOutcome, ClonePiece, CloneRun, FileStorage};
 use crate::layer::{CloneSource, DiskKind, LayerWriter};
 use crate::merge::clone_candidate;
 use crate::vhd::{WriteMode, open_for_writing};
@@ -232,6 +231,7 @@ pub fn flatten(
         data_total: 0,
         cloning: opts.clone,
         bytes_cloned: 0,
+        held: Held::default(),
     };
     if w.progress.is_some() {
         w.data_total = (0..size.div_ceil(span))
@@ -351,12 +351,78 @@ fn write_span(out: &mut dyn LayerWriter, pos: u64, data: &mut [u8]) -> Result<()
     out.write_sectors(pos / bs, (pos % bs) / ss, data, &mask)
 }
 
-/// Clone `src` to virtual byte `pos` of the output (inside one of its blocks: a span never
-/// crosses one), as [`write_span`] writes.
-fn clone_span(out: &mut dyn LayerWriter, pos: u64, src: &CloneSource<'_>) -> Result<CloneOutcome> {
-    let (bs, ss) = (out.block_size(), u64::from(out.sector_size()));
-    out.clone_sectors(pos / bs, (pos % bs) / ss, src)
+/// Where flatten's clones and writes go: the raw output file, or an output layer.
+enum Target<'o> {
+    Raw(&'o File, &'o Path),
+    Layer(&'o mut dyn LayerWriter),
 }
+
+impl Target<'_> {
+    /// Clone `pieces` (virtual byte position in the output, source; a piece never crosses an
+    /// output block) in order, stretches contiguous in both files with one call each (see
+    /// [`LayerWriter::clone_run`]): how many were placed, and the outcome of the last tried.
+    fn clone_run(&mut self, pieces: &[(u64, CloneSource<'_>)]) -> Result<(usize, CloneOutcome)> {
+        match self {
+            Target::Layer(out) => {
+                let (bs, ss) = (out.block_size(), u64::from(out.sector_size()));
+                let clones: Vec<ClonePiece<'_>> = pieces
+                    .iter()
+                    .map(|&(pos, src)| ClonePiece {
+                        block: pos / bs,
+                        first: (pos % bs) / ss,
+                        src,
+                    })
+                    .collect();
+                out.clone_run(&clones)
+            }
+            Target::Raw(file, path) => raw_clone_run(file, path, pieces),
+        }
+    }
+
+    /// Write `data` at virtual byte `pos` (every byte: zeros in it too).
+    fn write(&mut self, pos: u64, data: &mut [u8]) -> Result<()> {
+        match self {
+            Target::Layer(out) => write_span(&mut **out, pos, data),
+            Target::Raw(file, path) => crate::io::pwrite_all(file, data, pos)
+                .map_err(|e| Error::io(format!("{}: writing", path.display()), e)),
+        }
+    }
+}
+
+/// [`Target::clone_run`] into a raw output: virtual byte `pos` is file offset `pos`.
+fn raw_clone_run(
+    file: &File,
+    path: &Path,
+    pieces: &[(u64, CloneSource<'_>)],
+) -> Result<(usize, CloneOutcome)> {
+    let mut start = 0;
+    while let Some((pos, src)) = pieces.get(start) {
+        let mut run = CloneRun::new(src, *pos);
+        let mut end = start + 1;
+        while pieces.get(end).is_some_and(|(p, s)| run.extend(s, *p)) {
+            end += 1;
+        }
+        let r = crate::io::clone_file_range(run.src, run.src_offset, file, run.offset, run.len)
+            .map_err(|e| Error::io(format!("{}: cloning", path.display()), e))?;
+        if r != CloneOutcome::Cloned {
+            return Ok((start, r));
+        }
+        start = end;
+    }
+    Ok((pieces.len(), CloneOutcome::Cloned))
+}
+
+/// Spans one layer wholly provides, held to be placed together ([`Writer::place_held`]):
+/// their clones (virtual byte position, source) in order, and each span's position, length
+/// and where its pieces end in `pieces`.
+#[derive(Default)]
+struct Held<'c> {
+    pieces: Vec<(u64, CloneSource<'c>)>,
+    spans: Vec<(u64, u64, usize)>,
+}
+
+/// The most spans held at once (raw and fixed outputs have no batches to bound them).
+const MAX_HELD_SPANS: usize = 4096;
 
 /// Refuse an output that exists (unless forced) or that is one of the chain's files. An
 /// existing output to replace is returned locked like every file a command writes, so a file
@@ -490,6 +556,7 @@ struct Writer<'c, 'p> {
     /// Still trying block clones (off when asked, or once the output said it never can).
     cloning: bool,
     bytes_cloned: u64,
+    held: Held<'c>,
 }
 
 impl Writer<'_, '_> {
@@ -551,38 +618,95 @@ impl Writer<'_, '_> {
         Ok(())
     }
 
-    /// Place the span by block cloning when one layer holds all of it: `place(source, first)`
-    /// clones one piece to the span's sector `first`. True when every piece cloned; false
-    /// when the span must be read and written (a piece that did not clone is then written
-    /// over with the same bytes).
-    fn try_clone(
-        &mut self,
-        plan: &SpanPlan,
-        mut place: impl FnMut(&CloneSource<'_>, u64) -> Result<CloneOutcome>,
-    ) -> Result<bool> {
+    /// Hold span `pos..` (planned as `plan`) for [`Writer::place_held`] when one layer holds
+    /// all of it and its data can be a clone source; false when it must be read and written.
+    fn hold(&mut self, plan: &SpanPlan, pos: u64) -> Result<bool> {
         self.check_cancel()?;
+        let chain = self.chain;
         let Some(only) = self.cloning.then(|| clone_candidate(plan)).flatten() else {
             return Ok(false);
         };
-        let layer = self.chain.layers()[only.layer].layer.as_ref();
+        let layer = chain.layers()[only.layer].layer.as_ref();
+        let start = self.held.pieces.len();
         for p in &only.pieces {
-            let r = match layer.clone_source(p.block, p.first_in_block, p.len as u64) {
-                Some(src) => place(&src, p.first as u64)?,
-                None => CloneOutcome::Unsupported,
+            let Some(src) = layer.clone_source(p.block, p.first_in_block, p.len as u64) else {
+                self.held.pieces.truncate(start);
+                self.cloning = false;
+                return Ok(false);
             };
-            match r {
-                CloneOutcome::Cloned => {}
-                CloneOutcome::Unsupported => {
-                    self.cloning = false;
-                    return Ok(false);
+            self.held
+                .pieces
+                .push((pos + p.first as u64 * self.sector, src));
+        }
+        let n = plan.sectors as u64 * self.sector;
+        self.held.spans.push((pos, n, self.held.pieces.len()));
+        Ok(true)
+    }
+
+    /// Place the held spans in order: their clones with one [`Target::clone_run`] (spans
+    /// contiguous in both files cost one clone call together); from a span whose clone did
+    /// not work, that span is read and written (over any of its pieces already cloned: the
+    /// same bytes) and the clones go on with the next one, unless the output said it never
+    /// clones. `buf` holds a span.
+    fn place_held(
+        &mut self,
+        target: &mut Target<'_>,
+        buf: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let held = std::mem::take(&mut self.held);
+        let (mut span, mut piece) = (0, 0);
+        while span < held.spans.len() {
+            if self.cloning {
+                let (placed, r) = target.clone_run(&held.pieces[piece..])?;
+                let upto = piece + placed;
+                while let Some(&(_, n, _)) = held.spans.get(span).filter(|s| s.2 <= upto) {
+                    self.bytes_cloned += n;
+                    self.data_bytes += n;
+                    span += 1;
                 }
-                CloneOutcome::Unaligned => return Ok(false),
+                self.cloning = r != CloneOutcome::Unsupported;
+            }
+            let Some(&(pos, n, end)) = held.spans.get(span) else {
+                break;
+            };
+            let plan = self.plan(pos, n)?;
+            let data = &mut buf[..n as usize];
+            if self.read(&plan, data, scratch)? {
+                target.write(pos, data)?;
+            }
+            (span, piece) = (span + 1, end);
+        }
+        self.held = held;
+        self.held.pieces.clear();
+        self.held.spans.clear();
+        Ok(())
+    }
+
+    /// One span at `pos`, `n` bytes: held for cloning, or (after the held spans are placed)
+    /// read and written.
+    fn span(
+        &mut self,
+        target: &mut Target<'_>,
+        pos: u64,
+        n: u64,
+        plan: &SpanPlan,
+        buf: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        if self.hold(plan, pos)? {
+            if self.held.spans.len() >= MAX_HELD_SPANS {
+                self.place_held(target, buf, scratch)?;
+            }
+        } else {
+            self.place_held(target, buf, scratch)?;
+            let data = &mut buf[..n as usize];
+            if self.read(plan, data, scratch)? {
+                target.write(pos, data)?;
             }
         }
-        let bytes = plan.sectors as u64 * self.sector;
-        self.bytes_cloned += bytes;
-        self.data_bytes += bytes;
-        Ok(true)
+        self.report(pos, n);
+        Ok(())
     }
 
     /// Fill `buf` with the span's content; false when it is all zero.
@@ -618,23 +742,16 @@ impl Writer<'_, '_> {
         let mut scratch = Vec::new();
         let mut pos = 0;
         let mut writeback = crate::io::Writeback::default();
+        let mut target = Target::Raw(&file, tmp);
         while pos < self.size {
             let n = span.min(self.size - pos);
             let plan = self.plan(pos, n)?;
-            let ss = self.sector;
-            let cloned = self.try_clone(&plan, |src, first| {
-                src.clone_into(&file, pos + first * ss)
-                    .map_err(|e| io("cloning", e))
-            })?;
-            let out = &mut buf[..n as usize];
-            if !cloned && self.read(&plan, out, &mut scratch)? {
-                crate::io::pwrite_all(&file, out, pos).map_err(|e| io("writing", e))?;
-            }
-            self.report(pos, n);
+            self.span(&mut target, pos, n, &plan, &mut buf, &mut scratch)?;
             // Spans left as holes are noted too: writeback of a hole costs nothing.
             writeback.note(pos, n, |o, len| crate::io::start_writeback(&file, o, len));
             pos += n;
         }
+        self.place_held(&mut target, &mut buf, &mut scratch)?;
         file.sync_all().map_err(|e| io("flushing to disk", e))?;
         Ok(0)
     }
@@ -644,19 +761,14 @@ impl Writer<'_, '_> {
         let mut buf = vec![0u8; chunk as usize];
         let mut scratch = Vec::new();
         let mut pos = 0;
+        let mut target = Target::Layer(out.as_mut());
         while pos < self.size {
             let n = chunk.min(self.size - pos);
             let plan = self.plan(pos, n)?;
-            let ss = self.sector;
-            let cloned = self.try_clone(&plan, |src, first| {
-                clone_span(out.as_mut(), pos + first * ss, src)
-            })?;
-            if !cloned && self.read(&plan, &mut buf[..n as usize], &mut scratch)? {
-                write_span(out.as_mut(), pos, &mut buf[..n as usize])?;
-            }
-            self.report(pos, n);
+            self.span(&mut target, pos, n, &plan, &mut buf, &mut scratch)?;
             pos += n;
         }
+        self.place_held(&mut target, &mut buf, &mut scratch)?;
         out.finish()?;
         Ok(0)
     }
@@ -684,15 +796,12 @@ fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u6
         // One span per block where spans are blocks (VHD); a VHDX allocates as it writes.
         let wanted = plans.iter().filter(|p| !p.2.sources.is_empty()).count() as u64;
         out.reserve(wanted)?;
+        let mut target = Target::Layer(&mut *out);
         for (pos, n, plan) in &plans {
-            let ss = w.sector;
-            let cloned = w.try_clone(plan, |src, first| clone_span(out, pos + first * ss, src))?;
-            let data = &mut buf[..*n as usize];
-            if !cloned && w.read(plan, data, &mut scratch)? {
-                write_span(out, *pos, data)?;
-            }
-            w.report(*pos, *n);
+            w.span(&mut target, *pos, *n, plan, &mut buf, &mut scratch)?;
         }
+        // Cloned data is data: placed before the commit syncs it and publishes its blocks.
+        w.place_held(&mut target, &mut buf, &mut scratch)?;
         out.commit()?;
         first = last;
     }

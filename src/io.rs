@@ -88,12 +88,6 @@ impl CloneSource<'_> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Clone the range into `dst` at byte `offset` (an output that is not a layer: a raw
-    /// image), see [`clone_file_range`].
-    pub(crate) fn clone_into(&self, dst: &File, offset: u64) -> io::Result<CloneOutcome> {
-        clone_file_range(self.file, self.offset, dst, offset, self.len)
-    }
 }
 
 /// One clone of [`crate::LayerWriter::clone_run`]: `src` to sectors `first..` of destination

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
-use crate::io::CloneOutcome;
+use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{
     BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,
     Spelling, UnusableHint,
@@ -347,6 +347,11 @@ impl LayerWriter for Vhd {
             return Ok(CloneOutcome::Unaligned);
         }
         self.clone_into_block(block, first, src.file, src.offset, src.len / SECTOR_SIZE)
+    }
+
+    /// Whole blocks into consecutive new blocks in one clone each stretch ([`Vhd::clone_run`]).
+    fn clone_run(&mut self, pieces: &[ClonePiece<'_>]) -> Result<(usize, CloneOutcome)> {
+        Vhd::clone_run(self, pieces)
     }
 
     /// The unique id does not change: a merge keeps the destination's identity.

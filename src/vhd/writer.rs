@@ -316,6 +316,209 @@ impl Vhd {
         Ok(r)
     }
 
+    /// [`Vhd::clone_into_block`] of each piece in order, stopping at the first that does not
+    /// clone: returns how many were placed and the outcome of the last one tried. Whole
+    /// blocks cloned into consecutive new blocks of a dynamic or differencing disk from
+    /// source blocks laid out with the same stride (this writer's layout and Windows': each
+    /// block's bitmap padded so that its data is 4 KiB aligned) become one clone of the whole
+    /// stretch.
+    pub fn clone_run(
+        &mut self,
+        pieces: &[crate::io::ClonePiece<'_>],
+    ) -> Result<(usize, crate::io::CloneOutcome)> {
+        use crate::io::CloneOutcome;
+        if self.header.is_none() {
+            return self.clone_fixed_run(pieces);
+        }
+        let mut i = 0;
+        while i < pieces.len() {
+            let n = self.new_block_stretch(&pieces[i..])?;
+            if n > 1 {
+                match self.clone_new_blocks(&pieces[i..i + n])? {
+                    CloneOutcome::Cloned => {
+                        i += n;
+                        continue;
+                    }
+                    CloneOutcome::Unsupported => return Ok((i, CloneOutcome::Unsupported)),
+                    // One by one below: alone, a piece may still clone.
+                    CloneOutcome::Unaligned => {}
+                }
+            }
+            let p = &pieces[i];
+            if !p.src.len.is_multiple_of(SECTOR_SIZE) {
+                return Ok((i, CloneOutcome::Unaligned));
+            }
+            let r = self.clone_into_block(
+                p.block,
+                p.first,
+                p.src.file,
+                p.src.offset,
+                p.src.len / SECTOR_SIZE,
+            )?;
+            if r != CloneOutcome::Cloned {
+                return Ok((i, r));
+            }
+            i += 1;
+        }
+        Ok((pieces.len(), CloneOutcome::Cloned))
+    }
+
+    /// [`Vhd::clone_run`] into a fixed disk, whose data is contiguous: pieces contiguous in
+    /// both files ([`crate::io::CloneRun`]) are one clone. A piece that cannot be cloned
+    /// ([`Vhd::clone_into_block`]'s rules) ends the run before it.
+    fn clone_fixed_run(
+        &mut self,
+        pieces: &[crate::io::ClonePiece<'_>],
+    ) -> Result<(usize, crate::io::CloneOutcome)> {
+        use crate::io::{CloneOutcome, CloneRun};
+        let mut run: Option<(usize, CloneRun<'_>)> = None;
+        for (i, p) in pieces.iter().enumerate() {
+            let at = self.fixed_clone_target(p)?;
+            if let (Some(at), Some((_, r))) = (at, run.as_mut())
+                && r.extend(&p.src, at)
+            {
+                continue;
+            }
+            if let Some((start, r)) = run.take() {
+                let out = self.clone_raw(r.src, r.src_offset, r.offset, r.len)?;
+                if out != CloneOutcome::Cloned {
+                    return Ok((start, out));
+                }
+            }
+            let Some(at) = at else {
+                return Ok((i, CloneOutcome::Unaligned));
+            };
+            run = Some((i, CloneRun::new(&p.src, at)));
+        }
+        if let Some((start, r)) = run {
+            let out = self.clone_raw(r.src, r.src_offset, r.offset, r.len)?;
+            if out != CloneOutcome::Cloned {
+                return Ok((start, out));
+            }
+        }
+        Ok((pieces.len(), CloneOutcome::Cloned))
+    }
+
+    /// Where piece `p` goes in a fixed disk's file, or None when it cannot be cloned (not
+    /// whole 4 KiB blocks at aligned offsets, or past the virtual size).
+    fn fixed_clone_target(&self, p: &crate::io::ClonePiece<'_>) -> Result<Option<u64>> {
+        let (bs, spb, len) = (self.block_size(), self.sectors_per_block(), p.src.len);
+        let sectors = len / SECTOR_SIZE;
+        if p.block >= self.block_count() || p.first.checked_add(sectors).is_none_or(|e| e > spb) {
+            return Err(Error::InvalidParameter(format!(
+                "{}: clone of {sectors} sector(s) at sector {} of block {}: outside the disk's blocks",
+                self.path.display(),
+                p.first,
+                p.block
+            )));
+        }
+        let valid = (self.virtual_size - p.block * bs).min(bs) / SECTOR_SIZE;
+        let aligned = |o: u64| o.is_multiple_of(DATA_ALIGNMENT);
+        let at = p.block * FIXED_CHUNK + p.first * SECTOR_SIZE;
+        let fits = p.first + sectors <= valid && len > 0;
+        Ok((fits && aligned(p.src.offset) && aligned(len) && aligned(at)).then_some(at))
+    }
+
+    /// How many of `pieces`, from the first, [`Vhd::clone_new_blocks`] can clone as one
+    /// stretch: whole blocks, none allocated yet (and each once), of one source file, where
+    /// each piece's source follows the previous one's by exactly the distance between their
+    /// new blocks here. 0 or 1 means no stretch.
+    fn new_block_stretch(&mut self, pieces: &[crate::io::ClonePiece<'_>]) -> Result<usize> {
+        let bs = self.block_size();
+        if self.header.is_none() {
+            return Ok(0);
+        }
+        let whole = |v: &Vhd, p: &crate::io::ClonePiece<'_>| {
+            p.first == 0 && p.src.len == bs && (p.block + 1).saturating_mul(bs) <= v.virtual_size
+        };
+        let Some(p0) = pieces.first().filter(|p| whole(self, p)) else {
+            return Ok(0);
+        };
+        let start = self.aligned_block_pos(self.next_free)?;
+        let (mut pos, mut blocks, mut n) = (start, BTreeSet::new(), 0);
+        for p in pieces {
+            let follows = std::ptr::eq(p.src.file, p0.src.file)
+                && p0.src.offset.checked_add(pos - start) == Some(p.src.offset);
+            if !follows
+                || !whole(self, p)
+                || p.block >= self.block_count()
+                || !blocks.insert(p.block)
+                || self.bat.get(self, p.block)?.is_some()
+            {
+                break;
+            }
+            n += 1;
+            pos = self.aligned_block_pos(pos + self.stride())?;
+        }
+        Ok(n)
+    }
+
+    /// Clone whole blocks `pieces` (a [`Vhd::new_block_stretch`]) into new blocks allocated
+    /// one after the other, with one clone from the first block's data to the last one's end.
+    /// The clone also covers the padding and bitmap in front of every block but the first,
+    /// with the source's bytes there (the padding is free space; the bitmap, all ones for a
+    /// block the source holds whole, is written over when it differs, see
+    /// [`Vhd::cloned_bitmap_is`]), and
+    /// nothing points at these blocks before [`Vhd::commit`] (the same order as one block:
+    /// data, bitmap, then the BAT entry after the sync). Nothing is written unless it cloned.
+    fn clone_new_blocks(
+        &mut self,
+        pieces: &[crate::io::ClonePiece<'_>],
+    ) -> Result<crate::io::CloneOutcome> {
+        use crate::io::CloneOutcome;
+        let (Some(h), Some(first)) = (self.header.clone(), pieces.first()) else {
+            return Ok(CloneOutcome::Unaligned);
+        };
+        let n = pieces.len() as u64;
+        let start = self.aligned_block_pos(self.next_free)?;
+        let mut end = start;
+        for _ in 0..n {
+            end = self.aligned_block_pos(end)? + self.stride();
+        }
+        if end > self.footer_offset {
+            self.reserve_blocks(n)?;
+        }
+        let at = start + h.bitmap_bytes();
+        let aligned = |o: u64| o.is_multiple_of(DATA_ALIGNMENT);
+        if !aligned(at) || !aligned(first.src.offset) || !aligned(self.block_size()) {
+            return Ok(CloneOutcome::Unaligned);
+        }
+        let r = self.clone_raw(first.src.file, first.src.offset, at, end - at)?;
+        if r != CloneOutcome::Cloned {
+            return Ok(r);
+        }
+        let full = SectorBitmap::full(self.sectors_per_block() as usize);
+        let bitmap = full.to_bytes_padded(h.bitmap_bytes() as usize);
+        let mut cloned = vec![0u8; bitmap.len()];
+        for (k, p) in pieces.iter().enumerate() {
+            let pos = self.aligned_block_pos(self.next_free)?;
+            if k == 0 || !self.cloned_bitmap_is(p, &bitmap, &mut cloned)? {
+                self.write_raw(&bitmap, pos)?;
+            }
+            self.publish_new_block(p.block, pos, pos + self.stride())?;
+        }
+        Ok(r)
+    }
+
+    /// Whether the bitmap a stretch clone ([`Vhd::clone_new_blocks`]) brought along in front
+    /// of piece `p` (the source's own, for a block it holds whole: all ones) is `bitmap`
+    /// already. Then it is not written again: a write of part of a cloned file system block
+    /// reads that block from the disk first and unshares it (512 such writes made the sync
+    /// of 1 GiB of cloned 2 MiB blocks take 50 ms instead of 6).
+    fn cloned_bitmap_is(
+        &self,
+        p: &crate::io::ClonePiece<'_>,
+        bitmap: &[u8],
+        buf: &mut [u8],
+    ) -> Result<bool> {
+        let Some(at) = p.src.offset.checked_sub(bitmap.len() as u64) else {
+            return Ok(false);
+        };
+        crate::io::pread_exact(p.src.file, buf, at)
+            .map_err(|e| Error::io(format!("reading the clone source's bitmap at {at}"), e))?;
+        Ok(buf == bitmap)
+    }
+
     /// One clone into the file at `offset`; a clone is data, so the batch needs its sync.
     fn clone_raw(
         &mut self,

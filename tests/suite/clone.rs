@@ -475,36 +475,64 @@ fn adjacent_vhdx_blocks_are_cloned_by_one_call() {
     ] {
         let d = dir.path().join(name);
         std::fs::create_dir(&d).unwrap();
-        let (base, child, want) = vhdx_chain_of(&d, ADJACENT);
-        let log = IoLog::new();
-        let options = MergeOptions {
-            destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
-            ..MergeOptions::default()
-        };
-        let r = merge(&child, None, &options).unwrap();
-        assert_same(&view(&base), &want, &format!("merged base, {name}"));
-        assert_eq!(r.bytes_merged, 4 * block + 40 * 512, "{name}");
-        assert_eq!(r.bytes_cloned, cloned, "{name}");
-        let lens: Vec<u64> = log.clones().iter().map(|c| c.1).collect();
-        assert_eq!(lens, clones, "{name}: the clone calls");
+        merge_counting_clones(vhdx_chain_of(&d, ADJACENT), name, longest, cloned, &clones);
     }
 }
 
-#[test]
-fn adjacent_vhdx_blocks_on_reflink_share_the_source_extents() {
+/// Merge `chain`'s child (four whole 2 MiB blocks and 40 sectors) into its base through
+/// copying clones refused past `longest` bytes: the model's result, `cloned` bytes cloned by
+/// calls of lengths `clones`. Returns the base.
+fn merge_counting_clones(
+    chain: (PathBuf, PathBuf, Vec<u8>),
+    name: &str,
+    longest: u64,
+    cloned: u64,
+    clones: &[u64],
+) -> PathBuf {
+    let (base, child, want) = chain;
+    let log = IoLog::new();
+    let options = MergeOptions {
+        destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
+        ..MergeOptions::default()
+    };
+    let r = merge(&child, None, &options).unwrap();
+    assert_same(&view(&base), &want, &format!("merged base, {name}"));
+    assert_eq!(r.bytes_merged, 4 * (2 << 20) + 40 * 512, "{name}");
+    assert_eq!(r.bytes_cloned, cloned, "{name}");
+    let lens: Vec<u64> = log.clones().iter().map(|c| c.1).collect();
+    assert_eq!(lens, clones, "{name}: the clone calls");
+    base
+}
+
+/// Merge `chain` (four whole blocks) on a reflink file system: cloned, shared, the same.
+fn shares_on_reflink(chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>)) {
     let Some(dir) = reflink::tempdir() else {
         return;
     };
-    let (base, child, want) = vhdx_chain_of(dir.path(), ADJACENT);
+    let (base, child, want) = chain(dir.path());
     let r = merge(&child, None, &MergeOptions::default()).unwrap();
     assert_eq!(r.bytes_cloned, 4 << 21);
     assert_same(&view(&base), &want, "merged base");
     assert!(reflink::shared_bytes(&base) >= 4 << 21);
 }
 
+#[test]
+fn adjacent_vhdx_blocks_on_reflink_share_the_source_extents() {
+    shares_on_reflink(|d| vhdx_chain_of(d, ADJACENT));
+}
+
 /// A crash at every write and clone of a merge of `chain`'s child into its base (through
 /// copying clones), whole and torn, leaves a base that a re-run finishes exactly.
 fn vhdx_crash_everywhere(chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>)) {
+    whole_blocks_crash_everywhere(chain, "child.vhdx")
+}
+
+/// [`vhdx_crash_everywhere`] for a chain of either format whose child is `child_name` and
+/// holds four whole blocks.
+fn whole_blocks_crash_everywhere(
+    chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>),
+    child_name: &str,
+) {
     let dir = common::fast_tempdir();
     let clean = dir.path().join("clean");
     std::fs::create_dir(&clean).unwrap();
@@ -516,7 +544,7 @@ fn vhdx_crash_everywhere(chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>)) {
             destination_io: Some(faulty_copy_clone(plan)),
             ..MergeOptions::default()
         };
-        merge(at.join("child.vhdx"), None, &options)
+        merge(at.join(child_name), None, &options)
     };
     let counting = FaultPlan::new();
     assert_eq!(
@@ -532,17 +560,88 @@ fn vhdx_crash_everywhere(chain: impl Fn(&Path) -> (PathBuf, PathBuf, Vec<u8>)) {
                 run(&at, FaultPlan::crash_at_write(n, torn)).is_err(),
                 "write {n}"
             );
-            let (base, child) = (at.join("base.vhdx"), at.join("child.vhdx"));
+            let child = at.join(child_name);
             let again = merge(&child, None, &MergeOptions::default()).unwrap();
             assert!(again.bytes_merged > 0);
             assert_same(
-                &view(&base),
+                &view(&child),
                 &want,
                 &format!("re-run after write {n} torn {torn}"),
             );
             std::fs::remove_dir_all(&at).unwrap();
         }
     }
+}
+
+/// A dynamic VHD base (2 MiB blocks, empty) and a differencing child holding whole blocks
+/// `whole`, written in that order, and 40 sectors of block 7 (copied).
+fn vhd_chain_of(dir: &Path, whole: [u64; 4]) -> (PathBuf, PathBuf, Vec<u8>) {
+    let (base, child) = (dir.join("base.vhd"), dir.join("child.vhd"));
+    let block = 2 * u64::from(MIB);
+    drop(create_dynamic(&base, 8 * block, &CreateOptions::default()).unwrap());
+    let mut c = create_differencing(&child, &base, &CreateOptions::default()).unwrap();
+    let mut want = vec![0u8; 8 * block as usize];
+    let mut rng = common::Rng::new(11);
+    for (b, len) in whole.iter().map(|&b| (b, block)).chain([(7, 40 * 512)]) {
+        let at = (b * block) as usize;
+        let data = &mut want[at..at + len as usize];
+        rng.fill(data);
+        c.write_at(at as u64, data).unwrap();
+    }
+    (base, child, want)
+}
+
+/// Whole blocks for [`vhd_chain_of`]: 1, 2 and 3 lie one after the other in the child (each
+/// behind its bitmap, the same stride as the base's new blocks) and go to new blocks one
+/// after the other in the base: one clone over the three (and the two bitmaps between),
+/// then one of block 5.
+const ADJACENT_VHD: [u64; 4] = [5, 1, 2, 3];
+
+/// Whole VHD blocks in consecutive new blocks from source blocks of the same stride are
+/// cloned by one call, with the same result; where the file system refuses that long a
+/// clone, each block is cloned on its own, and where it cannot clone, they are written.
+#[test]
+fn adjacent_vhd_blocks_are_cloned_by_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = 2 << 20;
+    let stretch = 3 * block + 2 * 4096;
+    for (name, longest, cloned, clones) in [
+        ("one", u64::MAX, 4 * block, vec![stretch, block]),
+        // Refused whole, the stretch is tried block by block: block 1 alone, then 2 and 3
+        // as a stretch of their own (refused), 2 alone, 3 alone, then block 5.
+        (
+            "each",
+            block,
+            4 * block,
+            vec![stretch, block, 2 * block + 4096, block, block, block],
+        ),
+        // Every unit is then placed alone, as without the run.
+        (
+            "none",
+            0,
+            0,
+            vec![stretch, block, block, block, block, block],
+        ),
+    ] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let chain = vhd_chain_of(&d, ADJACENT_VHD);
+        let base = merge_counting_clones(chain, name, longest, cloned, &clones);
+        let options = vhd_merge::check::CheckOptions::default();
+        let report = vhd_merge::check::check_file(&base, &options).unwrap();
+        assert!(report.findings.is_empty(), "{name}: {:?}", report.findings);
+    }
+}
+
+/// Crashes (whole and torn) inside the one clone of a VHD stretch too.
+#[test]
+fn a_crash_inside_a_clone_of_a_vhd_stretch_leaves_a_destination_a_rerun_finishes() {
+    whole_blocks_crash_everywhere(|d| vhd_chain_of(d, ADJACENT_VHD), "child.vhd");
+}
+
+#[test]
+fn adjacent_vhd_blocks_on_reflink_share_the_source_extents() {
+    shares_on_reflink(|d| vhd_chain_of(d, ADJACENT_VHD));
 }
 
 /// Blocks of 2 MiB (4096 sectors) in the chains of [`mostly_chain`].
