@@ -540,6 +540,7 @@ pub fn clone_file_range(
     Ok(CloneOutcome::Unsupported)
 }
 
+pub(crate) mod masked;
 pub(crate) mod paged;
 
 #[cfg(any(test, feature = "testing"))]

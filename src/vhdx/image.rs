@@ -27,16 +27,6 @@ use crate::format::SectorBitmap;
 use crate::io::{ClonePiece, FileStorage, Storage};
 use crate::{Error, Result};
 
-/// The largest single write of payload data. A buffered write of 2 MiB at a 2 MiB-aligned
-/// offset (a VHDX block of 2 MiB or more: blocks are 1 MiB aligned) lets the page cache use
-/// 2 MiB folios; on a VM whose balloon reports free memory to the host in 2 MiB blocks (free
-/// page reporting, order 9), each such folio is memory the host has discarded, and copying
-/// into it costs a host fault per page: a 1 GiB merge spent 1.5-3.4 s of kernel time in
-/// `copy_folio_from_iter_atomic` against 0.3 s with 1 MiB writes (the VHD writer's 4 KiB-aligned
-/// block data never gets 2 MiB folios; `cp` writes 128 KiB at a time). Elsewhere the extra
-/// system calls cost nothing measurable (one per MiB).
-const WRITE_PIECE: usize = MIB as usize;
-
 /// How one block of a VHDX holds its sectors, in the terms of the crate's layer boundary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockState {
@@ -98,8 +88,10 @@ struct Session {
     dirty_bitmaps: BTreeSet<u64>,
     /// Payload bytes were written since the last flush.
     unflushed: bool,
-    /// Payload whose writeback has not been started yet (see [`Vhdx::note_written`]).
+    /// Payload whose writeback has not been started yet (a hint, see [`Vhdx::write_runs`]).
     writeback: crate::io::Writeback,
+    /// The buffer of masked writes whose gaps are filled ([`crate::io::masked`]).
+    scratch: Vec<u8>,
 }
 
 impl Vhdx<FileStorage> {
@@ -541,9 +533,12 @@ impl<S: Storage> Vhdx<S> {
             _ if self.is_zero_block_write(block, first, data, mask) => {
                 return self.set_entry(block, BatEntry::new(PayloadState::Zero.value(), 0));
             }
-            _ => self.allocate(block, state, first, mask)?,
+            _ => {
+                self.allocate(block, state, first, mask)?;
+                return self.write_runs(block, first, data, mask, true);
+            }
         }
-        self.write_runs(block, first, data, mask)
+        self.write_runs(block, first, data, mask, false)
     }
 
     /// Where `len` bytes of present block `block` from sector `first` lie in the file, when a
@@ -773,36 +768,45 @@ impl<S: Storage> Vhdx<S> {
         Ok(())
     }
 
-    /// Write the masked runs of `data` into present block `block`.
+    /// Write the masked sectors of `data` into present block `block` by the rule of
+    /// [`crate::io::masked`]: gaps of zeros in a block `fresh` from this write's allocation
+    /// (its space reads as zeros), read from the file otherwise.
     fn write_runs(
         &mut self,
         block: u64,
         first: u64,
         data: &[u8],
         mask: &SectorBitmap,
+        fresh: bool,
     ) -> Result<()> {
+        use crate::io::masked::{self, Gaps};
         let ss = self.sector_size() as usize;
         let base = self.stored_offset(block, first, data.len())?;
-        for run in mask.runs() {
-            let bytes = &data[run.start * ss..run.end * ss];
-            let mut at = base + (run.start * ss) as u64;
-            for piece in bytes.chunks(WRITE_PIECE) {
-                write(self.r.file.storage(), piece, at, "payload data")?;
-                self.note_written(at, piece.len() as u64);
-                at += piece.len() as u64;
-            }
-        }
+        let gaps = if fresh { Gaps::Zeros } else { Gaps::FromFile };
+        let mut scratch = std::mem::take(&mut self.session.scratch);
+        let file = &self.r.file;
+        let writeback = &mut self.session.writeback;
+        let r = masked::write_masked(
+            data,
+            mask,
+            ss,
+            gaps,
+            &mut scratch,
+            |buf, at| file.read_into(base + at, buf),
+            |bytes, at| {
+                let s = file.storage();
+                write(s, bytes, base + at, "payload data")?;
+                // A hint ([`crate::io::Writeback`]); the crash-safe order comes from the
+                // flushes of [`Vhdx::commit`].
+                writeback.note(base + at, bytes.len() as u64, |o, n| {
+                    s.start_writeback(o, n)
+                });
+                Ok(())
+            },
+        );
+        self.session.scratch = scratch;
         self.session.unflushed = true;
-        Ok(())
-    }
-
-    /// Payload was written at `offset..offset + len` ([`crate::io::Writeback`]: a hint; the
-    /// crash-safe order comes from the flushes of [`Vhdx::commit`]).
-    fn note_written(&mut self, offset: u64, len: u64) {
-        let s = self.r.file.storage();
-        self.session
-            .writeback
-            .note(offset, len, |o, n| s.start_writeback(o, n));
+        r
     }
 
     /// `len` bytes (a multiple of 1 MiB) of new space, 1 MiB aligned after every object of
