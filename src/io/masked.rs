@@ -282,26 +282,16 @@ mod tests {
     fn errors_of_read_and_write_come_back() {
         let m = mask(100, &[0..1, 2..3]);
         let data = vec![1u8; 100 * 512];
-        let fail = || Err(crate::Error::InvalidParameter("injected".into()));
-        let r = write_masked(
-            &data,
-            &m,
-            512,
-            Gaps::FromFile,
-            &mut Vec::new(),
-            |_, _| fail(),
-            |_, _| Ok(()),
-        );
-        assert!(r.is_err());
-        let r = write_masked(
-            &data,
-            &m,
-            512,
-            Gaps::Zeros,
-            &mut Vec::new(),
-            |_, _| Ok(()),
-            |_, _| fail(),
-        );
-        assert!(r.is_err());
+        let fail = |failing: bool| match failing {
+            true => Err(crate::Error::InvalidParameter("injected".into())),
+            false => Ok(()),
+        };
+        // (gaps, the read fails): the failing side's error comes back.
+        for (gaps, read_fails) in [(Gaps::FromFile, true), (Gaps::Zeros, false)] {
+            let read = |_: &mut [u8], _| fail(read_fails);
+            let write = |_: &[u8], _| fail(!read_fails);
+            let r = write_masked(&data, &m, 512, gaps, &mut Vec::new(), read, write);
+            assert!(r.is_err(), "{gaps:?}");
+        }
     }
 }
