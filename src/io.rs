@@ -53,6 +53,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn as_file(&self) -> Option<&File> {
         None
     }
+    /// The next stretch at or after `offset` that may hold data: every byte outside such
+    /// stretches (a hole of a sparse file, the space past the end) reads as zeros. None when
+    /// nothing but zeros follows. A hint for skipping reads; the default (and any storage
+    /// that cannot tell) says everything from `offset` on may hold data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        Ok(Some(offset..u64::MAX))
+    }
 }
 
 /// What a request to clone a byte range said.
@@ -173,6 +180,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn as_file(&self) -> Option<&File> {
         (**self).as_file()
     }
+    fn next_data(&self, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        (**self).next_data(offset)
+    }
 }
 
 /// [`Storage`] over a [`File`].
@@ -280,6 +290,9 @@ impl Storage for FileStorage {
     }
     fn as_file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        next_data(&self.file, offset)
     }
     fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
         let r = if exclusive {
@@ -465,6 +478,41 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// [`Storage::next_data`] of a file: `lseek` with SEEK_DATA, then SEEK_HOLE (every file
+/// system answers; one without holes says all of the file is data). ENXIO (nothing but holes
+/// up to the end) is None; another error, or a file system refusing (EINVAL), counts as data.
+/// The file position the calls move is never used (all I/O is positional).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+fn next_data(file: &File, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+    use std::os::fd::AsRawFd;
+    let all = Ok(Some(offset..u64::MAX));
+    let Ok(off) = i64::try_from(offset) else {
+        return all;
+    };
+    // SAFETY: lseek only reads its integer arguments; the descriptor is owned by `file`,
+    // borrowed for the call.
+    let start = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if start < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => all,
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
+    if end < start {
+        return Ok(Some(start as u64..u64::MAX));
+    }
+    Ok(Some(start as u64..end as u64))
+}
+
+/// Elsewhere: no hole detection, every byte may hold data.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn next_data(_file: &File, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+    Ok(Some(offset..u64::MAX))
+}
+
 /// See the Linux version: elsewhere the OS writes back on its own schedule.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
@@ -534,6 +582,7 @@ pub fn clone_file_range(
     Ok(CloneOutcome::Unsupported)
 }
 
+pub(crate) mod masked;
 pub(crate) mod paged;
 
 #[cfg(any(test, feature = "testing"))]

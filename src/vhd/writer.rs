@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::ops::Range;
 use std::path::Path;
 
 use super::files::{WriteMode, open_for_writing};
@@ -611,56 +610,33 @@ impl Vhd {
             .note(offset, len, |o, n| storage.start_writeback(o, n));
     }
 
-    /// Write the masked sectors of `data` at `file_offset`. Few runs are written one by one;
-    /// many runs become one read-modify-write of their span (when `preserve`, the unmasked
-    /// sectors in the span are first filled from the file) or one write with zeros between
-    /// them (when not).
+    /// Write the masked sectors of `data` at `file_offset` by the rule of [`crate::io::masked`]
+    /// (gaps from the file when `preserve`, zeros when not: a new block's hole).
     fn write_masked(
         &mut self,
         file_offset: u64,
-        data: &mut [u8],
+        data: &[u8],
         mask: &SectorBitmap,
         preserve: bool,
     ) -> Result<()> {
-        const FEW_RUNS: usize = 8;
-        let runs: Vec<Range<usize>> = mask.runs().take(FEW_RUNS + 1).collect();
-        let Some(first) = runs.first() else {
-            return Ok(());
-        };
-        if runs.len() <= FEW_RUNS {
-            for r in &runs {
-                self.write_raw(
-                    &data[r.start * 512..r.end * 512],
-                    file_offset + r.start as u64 * SECTOR_SIZE,
-                )?;
-            }
-            return Ok(());
-        }
-        let start = first.start;
-        let end = mask.runs().last().map_or(start, |r| r.end);
-        if preserve {
-            let span = (end - start) * 512;
-            let mut scratch = std::mem::take(&mut self.scratch);
-            scratch.resize(span, 0);
-            let res = self.read_raw(file_offset + start as u64 * SECTOR_SIZE, &mut scratch);
-            if let Err(e) = res {
-                self.scratch = scratch;
-                return Err(e);
-            }
-            for r in mask.runs_in(start..end, false) {
-                data[r.start * 512..r.end * 512]
-                    .copy_from_slice(&scratch[(r.start - start) * 512..(r.end - start) * 512]);
-            }
-            self.scratch = scratch;
+        use crate::io::masked::{self, Gaps};
+        let gaps = if preserve {
+            Gaps::FromFile
         } else {
-            for r in mask.runs_in(start..end, false) {
-                data[r.start * 512..r.end * 512].fill(0);
-            }
-        }
-        self.write_raw(
-            &data[start * 512..end * 512],
-            file_offset + start as u64 * SECTOR_SIZE,
-        )
+            Gaps::Zeros
+        };
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = masked::write_masked(
+            data,
+            mask,
+            SECTOR_SIZE as usize,
+            gaps,
+            &mut scratch,
+            |buf, at| self.read_raw(file_offset + at, buf),
+            |bytes, at| self.write_raw(bytes, file_offset + at),
+        );
+        self.scratch = scratch;
+        r
     }
 
     /// True when writes since the last commit still need one.

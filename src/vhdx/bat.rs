@@ -1,7 +1,8 @@
 //! The BAT of an open VHDX, read on demand so that memory stays bounded whatever the table's
 //! size (a 64 TiB disk with 1 MiB blocks has a 512 MiB BAT).
 //!
-//! Opening streams the table once, in [`CHUNK`]-byte pieces, to validate every entry and to
+//! Opening streams the table once, in pieces of up to 1 MiB, skipping the file's holes
+//! ([`crate::io::Storage::next_data`]: a hole reads as NOT_PRESENT entries), to validate every entry and to
 //! note which payload blocks are mapped (one bit per block: 8 MiB for that 64 TiB disk).
 //! Afterwards entries are read a chunk at a time through a small cache of at most
 //! [`CACHE_CHUNKS`] chunks. A write session's changes are kept as whole 4 KiB pages (the unit
@@ -42,8 +43,10 @@ impl PagedBat {
     ) -> Result<PagedBat> {
         let table = ChunkCache::new(offset, geometry.entries_needed() * 8, CHUNK, CACHE_CHUNKS);
         let mut mapped = vec![0u64; geometry.data_blocks().div_ceil(64) as usize];
-        table.stream(
+        // All-zero entries are skipped anyway: so are the holes of a sparse table.
+        table.stream_sparse(
             |o, n| file.read(o, n),
+            |o| file.next_data(o),
             |at, bytes| {
                 for (j, e) in bytes.chunks_exact(8).enumerate() {
                     let e = BatEntry(u64::from_le_bytes(e.try_into().unwrap_or_default()));

@@ -110,6 +110,17 @@ impl<S: Storage> Overlay<S> {
         Ok(buf)
     }
 
+    /// [`Storage::next_data`] as the file reads after replay: with a log laid over the file
+    /// (whose pages may land in a hole), every byte from `offset` on may hold data.
+    pub fn next_data(&self, offset: u64) -> Result<Option<std::ops::Range<u64>>> {
+        if self.plan.is_some() {
+            return Ok(Some(offset..u64::MAX));
+        }
+        self.storage
+            .next_data(offset)
+            .map_err(|e| Error::io(format!("VHDX: looking for data at {offset:#x}"), e))
+    }
+
     /// `buf.len()` bytes at `offset` as they read after replay, into `buf` (no allocation:
     /// the path block data takes); a range past the end is a format error.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
