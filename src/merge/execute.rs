@@ -884,13 +884,7 @@ fn write_units(
         dest.reserve(new_blocks(plan, dest, &batch))?;
         for &unit in &batch {
             if tracker.cancelled() {
-                dest.finish()?;
-                return Err(Error::Cancelled(format!(
-                    "merge into {} stopped after {} of {} bytes; what was written is committed and running the same merge again finishes it",
-                    dest.path().display(),
-                    done.bytes,
-                    plan.bytes_total
-                )));
+                return Err(cancelled(plan, dest, &done));
             }
             let mut item = pipe.next()?;
             if item.unit != unit {
@@ -906,21 +900,34 @@ fn write_units(
                 pipe.give_back(item);
                 continue;
             }
-            let (b, c) = held.place(chain, plan, dest, &mut scratch, pipe)?;
-            tracker.advance(b);
+            if !held.place(chain, plan, dest, &mut scratch, pipe, tracker, &mut done)? {
+                return Err(cancelled(plan, dest, &done));
+            }
             let (bytes, cloned) = place_unit(chain, plan, dest, &mut item, &mut scratch, pipe)?;
             pipe.give_back(item);
-            done.bytes += bytes + b;
-            done.cloned += cloned + c;
+            done.bytes += bytes;
+            done.cloned += cloned;
             tracker.advance(bytes);
         }
-        let (b, c) = held.place(chain, plan, dest, &mut scratch, pipe)?;
-        tracker.advance(b);
-        done.bytes += b;
-        done.cloned += c;
+        if !held.place(chain, plan, dest, &mut scratch, pipe, tracker, &mut done)? {
+            return Err(cancelled(plan, dest, &done));
+        }
         dest.commit()?;
     }
     Ok(done)
+}
+
+/// The error of a merge an interrupt stopped, after committing what it wrote (`finish`).
+fn cancelled(plan: &MergePlan, dest: &mut dyn LayerWriter, done: &Copied) -> Error {
+    if let Err(e) = dest.finish() {
+        return e;
+    }
+    Error::Cancelled(format!(
+        "merge into {} stopped after {} of {} bytes; what was written is committed and running the same merge again finishes it",
+        dest.path().display(),
+        done.bytes,
+        plan.bytes_total
+    ))
 }
 
 /// Clone candidate units received and not placed yet: placed together by one
@@ -984,8 +991,10 @@ impl<'c> HeldClones<'c> {
     /// clone of the unit's own pieces, written when that does not work, over any of its
     /// pieces already cloned: the same bytes). A stretch refused as unaligned says nothing
     /// about its units alone, so only their own refusals count towards giving up; a refusal
-    /// for good turns cloning off first, and they are written. Returns the merged bytes
-    /// placed and how many of them were cloned.
+    /// for good turns cloning off first, and they are written. Adds the merged bytes placed
+    /// (and how many were cloned) to `done` and the progress; false when an interrupt
+    /// stopped it before a unit it had to write (units not placed are not pointed at).
+    #[allow(clippy::too_many_arguments)]
     fn place(
         &mut self,
         chain: &Chain,
@@ -993,23 +1002,29 @@ impl<'c> HeldClones<'c> {
         dest: &mut dyn LayerWriter,
         scratch: &mut Vec<u8>,
         pipe: &Pipe<'_>,
-    ) -> Result<(u64, u64)> {
+        tracker: &Tracker,
+        done: &mut Copied,
+    ) -> Result<bool> {
         if self.units.is_empty() {
-            return Ok((0, 0));
+            return Ok(true);
         }
         let (placed, r) = dest.clone_run(&self.pieces)?;
         self.pieces.clear();
         if r == CloneOutcome::Unsupported {
             pipe.cloned(r);
         }
-        let mut done = (0, 0);
         for u in std::mem::take(&mut self.units) {
             if u.end <= placed {
                 let sectors: usize = u.pieces.iter().map(|p| p.len).sum();
                 let bytes = sectors as u64 * plan.sector_bytes;
                 pipe.cloned(CloneOutcome::Cloned);
-                done = (done.0 + bytes, done.1 + bytes);
+                done.bytes += bytes;
+                done.cloned += bytes;
+                tracker.advance(bytes);
                 continue;
+            }
+            if tracker.cancelled() {
+                return Ok(false);
             }
             self.buf.resize(plan.unit_bytes as usize, 0);
             let mut item = Assembled {
@@ -1023,9 +1038,11 @@ impl<'c> HeldClones<'c> {
             };
             let (b, c) = place_unit(chain, plan, dest, &mut item, scratch, pipe)?;
             self.buf = item.buf;
-            done = (done.0 + b, done.1 + c);
+            done.bytes += b;
+            done.cloned += c;
+            tracker.advance(b);
         }
-        Ok(done)
+        Ok(true)
     }
 }
 
