@@ -35,13 +35,15 @@ use crate::vhd::{Batmap, Inspection, OpenOptions, SizeRule, Vhd};
 /// One problem found by a check: the crate's [`Problem`] (the former name, kept).
 pub type Finding = Problem;
 
-/// What to check.
-#[derive(Clone, Debug, Default)]
-pub struct CheckOptions {
-    /// Also read every allocated block: bitmaps, never-written sectors, the batmap.
-    pub deep: bool,
-    /// How to decide the virtual size.
-    pub size_rule: SizeRule,
+options! {
+    /// What to check.
+    #[derive(Clone, Debug, Default)]
+    pub struct CheckOptions {
+        /// Also read every allocated block: bitmaps, never-written sectors, the batmap.
+        pub deep: bool,
+        /// How to decide the virtual size.
+        pub size_rule: SizeRule,
+    }
 }
 
 /// The findings of a check, in the order the files and structures were checked.
