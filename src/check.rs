@@ -17,7 +17,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let path = dir.path().join("disk.vhd");
 //! create_dynamic(&path, 8 << 20, &CreateOptions::default())?;
-//! let report = check_file(&path, &CheckOptions { deep: true, ..CheckOptions::default() })?;
+//! let report = check_file(&path, &CheckOptions::default().deep(true))?;
 //! assert!(!report.has_errors());
 //! assert_eq!(report.count(Severity::Error), 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
