@@ -47,3 +47,42 @@ macro_rules! options {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::flatten::{FlattenFormat, FlattenOptions};
+    use crate::merge::MergeOptions;
+    use crate::vhd::OpenOptions;
+
+    /// A setter changes its field only: the others keep the base's values.
+    #[test]
+    fn setters_set_one_field_each() {
+        let base = MergeOptions::default();
+        let o = MergeOptions::default()
+            .verify(!base.verify)
+            .set_clone(!base.clone)
+            .batch_bytes(7);
+        assert_eq!(
+            (o.verify, o.clone, o.batch_bytes),
+            (!base.verify, !base.clone, 7)
+        );
+        assert_eq!(
+            (o.dry_run, o.force, o.relink.len()),
+            (base.dry_run, base.force, 0)
+        );
+
+        let mut calls = 0;
+        let mut progress = |_: &crate::flatten::FlattenProgress| calls += 1;
+        let f = FlattenOptions::default()
+            .layer(2)
+            .progress(Some(&mut progress));
+        assert_eq!(
+            (f.layer, f.format, f.progress.is_some()),
+            (2, FlattenFormat::default(), true)
+        );
+
+        let w = OpenOptions::read_only().set_writable(true).lenient(true);
+        assert!(w.writable && w.lenient);
+        assert!(!OpenOptions::writable().set_writable(false).writable);
+    }
+}

@@ -102,6 +102,20 @@ pub const DEFAULT_BATCH_BYTES: u64 = 1 << 30;
 
 options! {
     /// Options of a merge.
+    ///
+    /// Built from [`Default`] with a setter per field (the struct is `#[non_exhaustive]`, so
+    /// a struct literal is refused outside the crate):
+    ///
+    /// ```
+    /// use vhd_merge::{ChainOptions, MergeOptions};
+    /// let chain = ChainOptions::default().ignore_absolute_locators(true);
+    /// let opts = MergeOptions::default().chain(chain).verify(true).set_clone(false);
+    /// assert!(opts.verify && !opts.clone && opts.chain.ignore_absolute_locators);
+    /// ```
+    ///
+    /// ```compile_fail,E0639
+    /// let opts = vhd_merge::MergeOptions { verify: true, ..Default::default() };
+    /// ```
     #[derive(Clone)]
     pub struct MergeOptions {
         /// How to find and open the source's chain (parent override, search directories,
