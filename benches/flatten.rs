@@ -65,10 +65,7 @@ fn flatten_benches(c: &mut Criterion) {
                     let _ = std::fs::remove_file(&out);
                 },
                 |()| {
-                    let opts = FlattenOptions {
-                        format,
-                        ..FlattenOptions::default()
-                    };
+                    let opts = FlattenOptions::default().format(format);
                     black_box(flatten(&chain, &out, opts).unwrap().data_bytes)
                 },
                 BatchSize::PerIteration,

@@ -39,10 +39,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     b.write_at(0, &vec![0x11; 4 * MIB as usize])?;
     drop(b);
     // Child (512 KiB blocks): every other sector of the first MiB, 0x22.
-    let small = CreateOptions {
-        block_size: 512 * 1024,
-        ..CreateOptions::default()
-    };
+    let small = CreateOptions::default().block_size(512 * 1024);
     let mut c = create_differencing(&child, &base, &small)?;
     for s in (0..2048u64).step_by(2) {
         c.write_at(s * 512, &[0x22; 512])?;
@@ -66,10 +63,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let plan = merge(
         &grandchild,
         Some(&base),
-        &MergeOptions {
-            dry_run: true,
-            ..MergeOptions::default()
-        },
+        &MergeOptions::default().dry_run(true),
     )?
     .plan;
     println!(
@@ -83,10 +77,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let report = merge(
         &grandchild,
         Some(&base),
-        &MergeOptions {
-            verify: true,
-            ..MergeOptions::default()
-        },
+        &MergeOptions::default().verify(true),
     )?;
     println!(
         "merged {} bytes into {} in {:.3} s ({} new block(s), file grew by {} bytes, verified {} bytes)",

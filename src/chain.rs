@@ -47,27 +47,29 @@ use crate::vhd::{OpenOptions, SizeRule};
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 256;
 
-/// How to find and open the files of a chain.
-#[derive(Clone, Debug)]
-pub struct ChainOptions {
-    /// The parent of the first differencing disk, overriding its locators.
-    pub parent: Option<PathBuf>,
-    /// Extra directories to look for parents in (by the header's parent name).
-    pub search_dirs: Vec<PathBuf>,
-    /// Do not follow absolute locators (W2ku, Wi2k, MacX), for files from strangers.
-    pub ignore_absolute_locators: bool,
-    /// Accept only parent candidates inside these directories (the child's own directory must
-    /// be listed too if it is allowed). `None`: no confinement.
-    pub confine_to: Option<Vec<PathBuf>>,
-    /// Accept checksum mismatches (with warnings).
-    pub lenient: bool,
-    /// How to decide each layer's virtual size.
-    pub size_rule: SizeRule,
-    /// At most this many layers.
-    pub max_depth: usize,
-    /// Also probe every regular file in the search directories for the wanted unique id, to
-    /// find a parent that was renamed (on by default; only footers are read).
-    pub scan_search_dirs: bool,
+options! {
+    /// How to find and open the files of a chain.
+    #[derive(Clone, Debug)]
+    pub struct ChainOptions {
+        /// The parent of the first differencing disk, overriding its locators.
+        pub parent: Option<PathBuf>,
+        /// Extra directories to look for parents in (by the header's parent name).
+        pub search_dirs: Vec<PathBuf>,
+        /// Do not follow absolute locators (W2ku, Wi2k, MacX), for files from strangers.
+        pub ignore_absolute_locators: bool,
+        /// Accept only parent candidates inside these directories (the child's own directory must
+        /// be listed too if it is allowed). `None`: no confinement.
+        pub confine_to: Option<Vec<PathBuf>>,
+        /// Accept checksum mismatches (with warnings).
+        pub lenient: bool,
+        /// How to decide each layer's virtual size.
+        pub size_rule: SizeRule,
+        /// At most this many layers.
+        pub max_depth: usize,
+        /// Also probe every regular file in the search directories for the wanted unique id, to
+        /// find a parent that was renamed (on by default; only footers are read).
+        pub scan_search_dirs: bool,
+    }
 }
 
 impl Default for ChainOptions {

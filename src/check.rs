@@ -17,7 +17,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let path = dir.path().join("disk.vhd");
 //! create_dynamic(&path, 8 << 20, &CreateOptions::default())?;
-//! let report = check_file(&path, &CheckOptions { deep: true, ..CheckOptions::default() })?;
+//! let report = check_file(&path, &CheckOptions::default().deep(true))?;
 //! assert!(!report.has_errors());
 //! assert_eq!(report.count(Severity::Error), 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -35,13 +35,15 @@ use crate::vhd::{Batmap, Inspection, OpenOptions, SizeRule, Vhd};
 /// One problem found by a check: the crate's [`Problem`] (the former name, kept).
 pub type Finding = Problem;
 
-/// What to check.
-#[derive(Clone, Debug, Default)]
-pub struct CheckOptions {
-    /// Also read every allocated block: bitmaps, never-written sectors, the batmap.
-    pub deep: bool,
-    /// How to decide the virtual size.
-    pub size_rule: SizeRule,
+options! {
+    /// What to check.
+    #[derive(Clone, Debug, Default)]
+    pub struct CheckOptions {
+        /// Also read every allocated block: bitmaps, never-written sectors, the batmap.
+        pub deep: bool,
+        /// How to decide the virtual size.
+        pub size_rule: SizeRule,
+    }
 }
 
 /// The findings of a check, in the order the files and structures were checked.

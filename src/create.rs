@@ -20,23 +20,25 @@ use crate::vhd::{MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, OpenOptions, Vhd, write_new_
 /// Default block size: 2 MiB, as Windows and every other writer default to.
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 
-/// Options for creating a VHD.
-#[derive(Clone, Debug)]
-pub struct CreateOptions {
-    /// Block size of a dynamic or differencing disk: a power of two from 512 bytes to 32 MiB.
-    pub block_size: u32,
-    /// The new disk's unique id; random when `None`.
-    pub unique_id: Option<Uuid>,
-    /// Creation time stamp (seconds since 2000-01-01 UTC); now when `None`.
-    pub timestamp: Option<u32>,
-    /// Creator Application. Defaults to `win `, as Windows writes: QEMU (and tools following
-    /// it) trust Current Size only for a few creators and would otherwise cut the disk to its
-    /// CHS size (§1.5).
-    pub creator_application: [u8; 4],
-    /// Creator Version (major << 16 | minor); defaults to 10.0 like Windows 10.
-    pub creator_version: u32,
-    /// Replace an existing file instead of failing.
-    pub overwrite: bool,
+options! {
+    /// Options for creating a VHD.
+    #[derive(Clone, Debug)]
+    pub struct CreateOptions {
+        /// Block size of a dynamic or differencing disk: a power of two from 512 bytes to 32 MiB.
+        pub block_size: u32,
+        /// The new disk's unique id; random when `None`.
+        pub unique_id: Option<Uuid>,
+        /// Creation time stamp (seconds since 2000-01-01 UTC); now when `None`.
+        pub timestamp: Option<u32>,
+        /// Creator Application. Defaults to `win `, as Windows writes: QEMU (and tools following
+        /// it) trust Current Size only for a few creators and would otherwise cut the disk to its
+        /// CHS size (§1.5).
+        pub creator_application: [u8; 4],
+        /// Creator Version (major << 16 | minor); defaults to 10.0 like Windows 10.
+        pub creator_version: u32,
+        /// Replace an existing file instead of failing.
+        pub overwrite: bool,
+    }
 }
 
 impl Default for CreateOptions {

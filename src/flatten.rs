@@ -96,27 +96,29 @@ pub struct FlattenProgress {
 /// A progress callback, called after each span.
 pub type Progress<'a> = &'a mut dyn FnMut(&FlattenProgress);
 
-/// Options for [`flatten`].
-pub struct FlattenOptions<'a> {
-    /// The output format (dynamic by default).
-    pub format: FlattenFormat,
-    /// Replace an existing output file (never one of the chain's own files).
-    pub force: bool,
-    /// Block size of a dynamic output; `None`: the flattened layer's block size, or 2 MiB when
-    /// it is a fixed disk.
-    pub block_size: Option<u32>,
-    /// Which layer's content to write (0, the default, is the child at the top of the chain).
-    pub layer: usize,
-    /// Called with (bytes done, total bytes) as the work proceeds.
-    pub progress: Option<Progress<'a>>,
-    /// When set (by another thread, e.g. a signal handler), the flatten stops before its next
-    /// span with [`Error::Cancelled`]; the temporary file is removed and the output untouched.
-    pub cancel: Option<Arc<AtomicBool>>,
-    /// Clone instead of copying where the file system allows (default true): a span (an
-    /// output block, or 2 MiB of a raw or fixed output) whose every sector one layer holds
-    /// is placed with block clones of that layer's data when the offsets of both files are
-    /// aligned, on a file system with reflink (see [`crate::merge::MergeOptions::clone`]).
-    pub clone: bool,
+options! {
+    /// Options for [`flatten`].
+    pub struct FlattenOptions<'a> {
+        /// The output format (dynamic by default).
+        pub format: FlattenFormat,
+        /// Replace an existing output file (never one of the chain's own files).
+        pub force: bool,
+        /// Block size of a dynamic output; `None`: the flattened layer's block size, or 2 MiB when
+        /// it is a fixed disk.
+        pub block_size: Option<u32>,
+        /// Which layer's content to write (0, the default, is the child at the top of the chain).
+        pub layer: usize,
+        /// Called with (bytes done, total bytes) as the work proceeds.
+        pub progress: Option<Progress<'a>>,
+        /// When set (by another thread, e.g. a signal handler), the flatten stops before its next
+        /// span with [`Error::Cancelled`]; the temporary file is removed and the output untouched.
+        pub cancel: Option<Arc<AtomicBool>>,
+        /// Clone instead of copying where the file system allows (default true): a span (an
+        /// output block, or 2 MiB of a raw or fixed output) whose every sector one layer holds
+        /// is placed with block clones of that layer's data when the offsets of both files are
+        /// aligned, on a file system with reflink (see [`crate::merge::MergeOptions::clone`]).
+        pub clone: bool => set_clone,
+    }
 }
 
 impl Default for FlattenOptions<'_> {

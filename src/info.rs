@@ -40,13 +40,15 @@ serialize_as_name!(SizeSource);
 #[cfg(feature = "serde")]
 serialize_as_name!(FooterSource);
 
-/// How to inspect.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InfoOptions {
-    /// Accept what a strict open refuses: checksum mismatches (listed as warnings), and a
-    /// file damaged further is shown as far as validation could read it, with its
-    /// [`InfoReport::problems`] and [`InfoReport::failure`].
-    pub lenient: bool,
+options! {
+    /// How to inspect.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct InfoOptions {
+        /// Accept what a strict open refuses: checksum mismatches (listed as warnings), and a
+        /// file damaged further is shown as far as validation could read it, with its
+        /// [`InfoReport::problems`] and [`InfoReport::failure`].
+        pub lenient: bool,
+    }
 }
 
 /// Everything `info` shows of one file.

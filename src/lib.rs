@@ -94,6 +94,9 @@ macro_rules! serialize_as_name {
     };
 }
 
+#[macro_use]
+mod options;
+
 pub mod chain;
 pub mod check;
 pub mod create;

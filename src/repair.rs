@@ -52,13 +52,15 @@ use crate::vhd::{
     open_for_writing,
 };
 
-/// Options for [`repair_file`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RepairOptions {
-    /// Work out what would be done, write nothing (the file is opened read-only).
-    pub dry_run: bool,
-    /// How to decide the virtual size (for the lost ranges reported).
-    pub size_rule: SizeRule,
+options! {
+    /// Options for [`repair_file`].
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct RepairOptions {
+        /// Work out what would be done, write nothing (the file is opened read-only).
+        pub dry_run: bool,
+        /// How to decide the virtual size (for the lost ranges reported).
+        pub size_rule: SizeRule,
+    }
 }
 
 /// One write repair makes (or would make, in a dry run).

@@ -39,19 +39,21 @@ use crate::locator::{self, LOCATOR_SPACE};
 use crate::vhd::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
 use crate::vhdx_layer::VhdxLayer;
 
-/// Options for [`set_parent`].
-#[derive(Clone, Debug)]
-pub struct SetParentOptions {
-    /// Accept a new parent whose unique id differs from the one the child records; the child
-    /// then adopts the new parent's id (Hyper-V's `IgnoreIdMismatch`). Its view changes unless
-    /// the new parent has the same content as the old one.
-    pub force: bool,
-    /// Open the child and the parent even if their checksums are wrong (the child's header
-    /// is written with a correct checksum).
-    pub lenient: bool,
-    /// Take an exclusive lock on the child while rewriting it (on by default). A caller that
-    /// already holds the child locked through another handle turns it off.
-    pub lock: bool,
+options! {
+    /// Options for [`set_parent`].
+    #[derive(Clone, Debug)]
+    pub struct SetParentOptions {
+        /// Accept a new parent whose unique id differs from the one the child records; the child
+        /// then adopts the new parent's id (Hyper-V's `IgnoreIdMismatch`). Its view changes unless
+        /// the new parent has the same content as the old one.
+        pub force: bool,
+        /// Open the child and the parent even if their checksums are wrong (the child's header
+        /// is written with a correct checksum).
+        pub lenient: bool,
+        /// Take an exclusive lock on the child while rewriting it (on by default). A caller that
+        /// already holds the child locked through another handle turns it off.
+        pub lock: bool,
+    }
 }
 
 impl Default for SetParentOptions {

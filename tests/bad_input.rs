@@ -17,7 +17,7 @@ use common::os::{Mount, unwritable};
 use common::patch::*;
 use common::{read, serial, snapshot};
 use vhd_merge::check::{CheckOptions, check_file};
-use vhd_merge::create::{CreateOptions, create_dynamic};
+use vhd_merge::create::create_dynamic;
 use vhd_merge::format::PlatformCode;
 use vhd_merge::io::{FaultPlan, FaultyStorage, FileStorage, MemStorage};
 use vhd_merge::{Chain, ChainOptions, Error, OpenOptions, ReturnCode, Vhd};
@@ -131,10 +131,7 @@ fn open_fails(p: &Path, rc: ReturnCode, words: &[&str], lenient_ok: bool) {
     let before = snapshot(dir);
     let len = std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0);
     for writable in [false, true] {
-        let o = OpenOptions {
-            writable,
-            ..OpenOptions::default()
-        };
+        let o = OpenOptions::default().set_writable(writable);
         let (r, peak) = peak_of(|| Vhd::open(p, o));
         let e = r.expect_err("opened");
         expect_err(&e, rc, words);
@@ -143,10 +140,7 @@ fn open_fails(p: &Path, rc: ReturnCode, words: &[&str], lenient_ok: bool) {
             "open allocated {peak} bytes for a {len}-byte file"
         );
     }
-    let lenient = OpenOptions {
-        lenient: true,
-        ..OpenOptions::default()
-    };
+    let lenient = OpenOptions::default().lenient(true);
     match Vhd::open(p, lenient) {
         Ok(_) => assert!(lenient_ok, "lenient open succeeded"),
         Err(e) => {
@@ -154,10 +148,7 @@ fn open_fails(p: &Path, rc: ReturnCode, words: &[&str], lenient_ok: bool) {
             expect_err(&e, rc, words);
         }
     }
-    let deep = CheckOptions {
-        deep: true,
-        ..CheckOptions::default()
-    };
+    let deep = CheckOptions::default().deep(true);
     let (r, peak) = peak_of(|| check_file(p, &deep));
     assert!(r.unwrap().has_errors());
     assert!(
@@ -722,10 +713,7 @@ fn c32_parent_given_as_a_directory() {
     set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
     let sub = d.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    let o = ChainOptions {
-        parent: Some(sub.clone()),
-        ..ChainOptions::default()
-    };
+    let o = ChainOptions::default().parent(Some(sub.clone()));
     chain_fails(
         &c,
         &o,
@@ -762,10 +750,7 @@ fn c33_parent_given_as_a_fifo() {
         eprintln!("note: mkfifo unavailable; skipping the FIFO case");
         return;
     }
-    let o = ChainOptions {
-        parent: Some(fifo.clone()),
-        ..ChainOptions::default()
-    };
+    let o = ChainOptions::default().parent(Some(fifo.clone()));
     // Opening a FIFO for reading would block forever: it must be refused before that.
     chain_fails(
         &c,
@@ -791,10 +776,7 @@ fn c34_parent_given_as_a_device() {
     let d = tmp();
     let c = child_with_only_w2ru(d.path(), "gone.vhd");
     set_locator_payload(&c, 0, &w2ru(".\\gone.vhd"));
-    let o = ChainOptions {
-        parent: Some(PathBuf::from("/dev/null")),
-        ..ChainOptions::default()
-    };
+    let o = ChainOptions::default().parent(Some(PathBuf::from("/dev/null")));
     chain_fails(
         &c,
         &o,
@@ -882,17 +864,7 @@ fn c37_out_of_space_while_allocating() {
 fn crafted(f: impl Fn(&mut vhd_merge::format::DynamicHeader)) -> Vec<u8> {
     let d = tmp();
     let p = d.path().join("a.vhd");
-    drop(
-        create_dynamic(
-            &p,
-            SIZE,
-            &CreateOptions {
-                block_size: BS,
-                ..opts()
-            },
-        )
-        .unwrap(),
-    );
+    drop(create_dynamic(&p, SIZE, &opts().block_size(BS)).unwrap());
     edit_header(&p, f);
     read(&p)
 }
@@ -924,10 +896,7 @@ fn c38_hostile_sizes_allocate_nothing_big() {
         for lenient in [false, true] {
             let (r, peak) = peak_of(|| {
                 let s = Box::new(MemStorage::new(bytes.clone()));
-                let o = OpenOptions {
-                    lenient,
-                    ..OpenOptions::read_only()
-                };
+                let o = OpenOptions::read_only().lenient(lenient);
                 Vhd::from_storage(s, "x.vhd", o).map(|v| v.allocated_blocks())
             });
             // The storage itself holds a copy of the file.
@@ -938,10 +907,7 @@ fn c38_hostile_sizes_allocate_nothing_big() {
         }
         let (_, peak) = peak_of(|| {
             let s = Box::new(MemStorage::new(bytes.clone()));
-            let deep = CheckOptions {
-                deep: true,
-                ..CheckOptions::default()
-            };
+            let deep = CheckOptions::default().deep(true);
             vhd_merge::check::check_storage(s, "x.vhd", &deep)
         });
         assert!(peak <= 2 * len + SLACK, "{name}: check took {peak} bytes");
@@ -959,17 +925,7 @@ fn counting_allocator_counts() {
     // entries) the piece shows up, not the table.
     let d = tmp();
     let p = d.path().join("big.vhd");
-    drop(
-        create_dynamic(
-            &p,
-            2040 << 30,
-            &CreateOptions {
-                block_size: 2 << 20,
-                ..opts()
-            },
-        )
-        .unwrap(),
-    );
+    drop(create_dynamic(&p, 2040 << 30, &opts().block_size(2 << 20)).unwrap());
     let (r, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()));
     r.unwrap();
     assert!((1 << 20..(1 << 20) + (64 << 10)).contains(&peak), "{peak}");
@@ -1009,10 +965,7 @@ fn merge_fails(
         peak <= bound,
         "merge allocated {peak} bytes (bound {bound})"
     );
-    let dry = MergeOptions {
-        dry_run: true,
-        ..MergeOptions::default()
-    };
+    let dry = MergeOptions::default().dry_run(true);
     match merge(src, dest, &dry) {
         Ok(_) => assert!(dry_ok, "the dry run succeeded"),
         Err(e) => expect_err(&e, rc, words),
@@ -1075,12 +1028,9 @@ fn c41_merge_into_a_full_disk() {
     let before = snapshot(d.path());
     let plan = FaultPlan::out_of_space_at(len_of(&base));
     let p2 = plan.clone();
-    let o = MergeOptions {
-        destination_io: Some(std::sync::Arc::new(move |s| {
-            Box::new(FaultyStorage::new(s, p2.clone()))
-        })),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().destination_io(Some(std::sync::Arc::new(move |s| {
+        Box::new(FaultyStorage::new(s, p2.clone()))
+    })));
     let bound = bytes_in(&[d.path()]) + 2 * SLACK;
     let (r, peak) = peak_of(|| merge(&c, None, &o));
     let e = r.expect_err("merged into a full disk");
@@ -1357,10 +1307,7 @@ fn c47_merge_memory_is_bounded_by_units_and_tables() {
     let d = tmp();
     let base = d.path().join("big.vhd");
     let gib = 1u64 << 30;
-    let o = |bs: u32| vhd_merge::create::CreateOptions {
-        block_size: bs,
-        ..opts()
-    };
+    let o = |bs: u32| opts().block_size(bs);
     let mut v = create_dynamic(&base, 64 * gib, &o(2 << 20)).unwrap();
     v.write_at(5 * gib, &[1; 4096]).unwrap();
     drop(v);
@@ -1375,10 +1322,7 @@ fn c47_merge_memory_is_bounded_by_units_and_tables() {
     drop(v);
     // The tables: 64 GiB in 2 MiB blocks (128 KiB of BAT) and 512 KiB blocks (512 KiB).
     let tables = (64 * gib / (2 << 20) + 64 * gib / (512 << 10)) as usize * 4;
-    let opts = MergeOptions {
-        verify: true,
-        ..MergeOptions::default()
-    };
+    let opts = MergeOptions::default().verify(true);
     let (r, peak) = peak_all_of(|| merge(&c, None, &opts));
     let r = r.unwrap();
     assert!(r.bytes_merged > 0);
@@ -1535,10 +1479,7 @@ fn create_makes_tables_past_the_old_limit_in_bounded_memory() {
     let _serial = serial();
     let d = tmp();
     let p = d.path().join("big.vhd");
-    let o = CreateOptions {
-        block_size: 512,
-        ..opts()
-    };
+    let o = opts().block_size(512);
     let (r, peak) = peak_of(|| create_dynamic(&p, 4 << 30, &o).map(drop));
     r.unwrap();
     assert!(peak <= 2 * SLACK, "create: {peak}");
@@ -1569,11 +1510,7 @@ fn create_makes_tables_past_the_old_limit_in_bounded_memory() {
         );
     }
     for bs in [2u32 << 20, 512 << 10] {
-        let o = CreateOptions {
-            block_size: bs,
-            overwrite: true,
-            ..opts()
-        };
+        let o = opts().block_size(bs).overwrite(true);
         drop(create_dynamic(&p, 2040 << 30, &o).unwrap());
         let v = Vhd::open(&p, OpenOptions::read_only()).unwrap();
         assert_eq!(v.block_count(), (2040u64 << 30) / u64::from(bs));
@@ -1586,10 +1523,7 @@ fn create_makes_tables_past_the_old_limit_in_bounded_memory() {
 /// i at sector first + 2i, a one-sector bitmap (a hole: nothing written) and its sector of
 /// data.
 fn fully_allocated(p: &Path, n: u64, allocated: u64) {
-    let o = CreateOptions {
-        block_size: 512,
-        ..opts()
-    };
+    let o = opts().block_size(512);
     drop(create_dynamic(p, n * 512, &o).unwrap());
     let front = read(p)[..1536].to_vec();
     let first = (1536 + n * 4).div_ceil(512);
@@ -1619,10 +1553,7 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
     let n = MAX_HELD_BLOCKS as u64;
     fully_allocated(&p, n, n);
     const BOUND: usize = 64 << 20;
-    let deep = CheckOptions {
-        deep: true,
-        ..CheckOptions::default()
-    };
+    let deep = CheckOptions::default().deep(true);
     assert_eq!(n, 1 << 22);
     let per_entry = 13 * n as usize + 2 * SLACK;
     let (v, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()).unwrap());
@@ -1637,10 +1568,7 @@ fn the_largest_accepted_table_fits_in_bounded_memory() {
     assert!(!r.has_errors(), "{:?}", r.findings.first());
     eprintln!("check --deep: {peak} bytes at peak");
     assert!(peak < BOUND, "check --deep: {peak}");
-    let dry = vhd_merge::repair::RepairOptions {
-        dry_run: true,
-        ..Default::default()
-    };
+    let dry = vhd_merge::repair::RepairOptions::default().dry_run(true);
     let (r, peak) = peak_of(|| vhd_merge::repair::repair_file(&p, &dry).unwrap());
     assert!(r.is_clean() && !r.has_errors());
     eprintln!("repair --dry-run: {peak} bytes at peak");

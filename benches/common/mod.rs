@@ -186,10 +186,7 @@ pub fn build_vhdx(
 ) -> Result<Vec<PathBuf>, Box<dyn Error>> {
     use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
     std::fs::create_dir_all(dir)?;
-    let opts = |b: u32| CreateOptions {
-        block_size: Some(b),
-        ..CreateOptions::default()
-    };
+    let opts = |b: u32| CreateOptions::default().block_size(Some(b));
     let base = dir.join("base.vhdx");
     create_dynamic(&base, spec.size, &opts(spec.base_block))?.finish()?;
     let unit = u64::from(spec.block).min(2 << 20);

@@ -32,10 +32,7 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
-    let opts = CheckOptions {
-        deep: args.deep,
-        ..CheckOptions::default()
-    };
+    let opts = CheckOptions::default().deep(args.deep);
     let report = if args.chain {
         check_chain(&args.file, &opts, &args.chain_args.options(&args.file))?
     } else {

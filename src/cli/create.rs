@@ -274,11 +274,10 @@ fn run_vhdx(req: &Request) -> Result<()> {
     if let Some(bs) = bs {
         check_block_size(bs).map_err(param)?;
     }
-    let opts = vx::CreateOptions {
-        block_size: bs,
-        logical_sector_size: sector,
-        force: req.common.force,
-    };
+    let opts = vx::CreateOptions::default()
+        .block_size(bs)
+        .logical_sector_size(sector)
+        .force(req.common.force);
     let v = match (req.kind, &req.parent) {
         (DiskKind::Differencing, Some(parent)) => {
             vx::create_differencing(&req.common.file, parent, &opts)?
@@ -320,10 +319,7 @@ fn print_created_vhdx<S: vhd_merge::io::Storage>(
 }
 
 fn options(force: bool, block_size: Option<u32>) -> CreateOptions {
-    let mut o = CreateOptions {
-        overwrite: force,
-        ..CreateOptions::default()
-    };
+    let mut o = CreateOptions::default().overwrite(force);
     if let Some(bs) = block_size {
         o.block_size = bs;
     }

@@ -90,23 +90,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         last.set((p.data_done, p.data_total));
         bar.set(p.data_done, p.data_total)
     };
-    let opts = FlattenOptions {
-        format: match args.format {
+    let opts = FlattenOptions::default()
+        .format(match args.format {
             None => FlattenFormat::from_extension(&args.output),
             Some(Format::Raw) => FlattenFormat::Raw,
             Some(Format::Fixed) => FlattenFormat::Fixed,
             Some(Format::Dynamic) => FlattenFormat::Dynamic,
             Some(Format::VhdxFixed) => FlattenFormat::VhdxFixed,
             Some(Format::VhdxDynamic) => FlattenFormat::VhdxDynamic,
-        },
-        force: args.force,
-        block_size,
-        clone: !args.no_clone,
-        progress: Some(&mut on_progress),
+        })
+        .force(args.force)
+        .block_size(block_size)
+        .set_clone(!args.no_clone)
+        .progress(Some(&mut on_progress))
         // An interrupt stops it before the next span; the temporary file is removed.
-        cancel: super::signal::install(super::signal::Mode::Cancel, Some(&args.output)),
-        ..FlattenOptions::default()
-    };
+        .cancel(super::signal::install(
+            super::signal::Mode::Cancel,
+            Some(&args.output),
+        ));
     let res = flatten(&chain, &args.output, opts);
     let (done, total) = last.get();
     bar.event(

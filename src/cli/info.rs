@@ -26,9 +26,7 @@ pub struct Args {
 /// Run the command: the library's [`InfoReport`], as a listing or as its JSON with what only
 /// the CLI adds (`hint` when there are problems, `error` when the file cannot be used).
 pub fn run(args: Args) -> Result<ExitCode> {
-    let opts = InfoOptions {
-        lenient: args.lenient,
-    };
+    let opts = InfoOptions::default().lenient(args.lenient);
     // A strict open's failure says where to go next; a lenient report carries `hint` instead.
     let mut report =
         inspect_file(&args.file, &opts).map_err(|e| if args.lenient { e } else { with_hint(e) })?;

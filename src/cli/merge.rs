@@ -51,16 +51,14 @@ pub struct Args {
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
     let t0 = Instant::now();
-    let mut options = MergeOptions {
-        chain: args.chain.options(&args.source),
-        dry_run: args.dry_run,
-        verify: args.verify,
-        force: args.force,
-        remove_merged: args.remove_merged,
-        relink: args.relink.clone(),
-        clone: !args.no_clone,
-        ..MergeOptions::default()
-    };
+    let mut options = MergeOptions::default()
+        .chain(args.chain.options(&args.source))
+        .dry_run(args.dry_run)
+        .verify(args.verify)
+        .force(args.force)
+        .remove_merged(args.remove_merged)
+        .relink(args.relink.clone())
+        .set_clone(!args.no_clone);
     // An interrupt stops the merge between two units, commits what was written and reports
     // it; re-running finishes the job (see `signal`).
     options.cancel = super::signal::install(super::signal::Mode::Cancel, None);

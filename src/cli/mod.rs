@@ -189,12 +189,10 @@ pub struct ChainArgs {
 impl ChainArgs {
     /// The library options these arguments stand for, for a chain starting at `child`.
     pub fn options(&self, child: &std::path::Path) -> ChainOptions {
-        let mut o = ChainOptions {
-            parent: self.parent.clone(),
-            search_dirs: self.search_dirs.clone(),
-            lenient: self.lenient,
-            ..ChainOptions::default()
-        };
+        let mut o = ChainOptions::default()
+            .parent(self.parent.clone())
+            .search_dirs(self.search_dirs.clone())
+            .lenient(self.lenient);
         if self.confine {
             o.ignore_absolute_locators = true;
             let mut dirs = self.search_dirs.clone();

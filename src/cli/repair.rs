@@ -31,13 +31,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         super::signal::Mode::Exit("interrupted: repair stopped"),
         None,
     );
-    let report = repair_file(
-        &args.file,
-        &RepairOptions {
-            dry_run: args.dry_run,
-            ..RepairOptions::default()
-        },
-    )?;
+    let report = repair_file(&args.file, &RepairOptions::default().dry_run(args.dry_run))?;
     if args.json {
         super::print_json(&super::to_value(&report)?)?;
     } else {

@@ -26,11 +26,9 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<ExitCode> {
-    let opts = SetParentOptions {
-        force: args.force,
-        lenient: args.lenient,
-        ..SetParentOptions::default()
-    };
+    let opts = SetParentOptions::default()
+        .force(args.force)
+        .lenient(args.lenient);
     // Locators, then the header, each synced: an interrupt ends it at once (see `signal`).
     super::signal::install(
         super::signal::Mode::Exit("interrupted: set-parent stopped"),

@@ -100,51 +100,67 @@ pub type StorageWrapper = Arc<dyn Fn(Box<dyn Storage>) -> Box<dyn Storage> + Sen
 /// 256 MiB and 0.52 s with 128 MiB batches (before that change, 1.3 s against 2 to 3 s).
 pub const DEFAULT_BATCH_BYTES: u64 = 1 << 30;
 
-/// Options of a merge.
-#[derive(Clone)]
-pub struct MergeOptions {
-    /// How to find and open the source's chain (parent override, search directories,
-    /// confinement, leniency). Search directories are also scanned for siblings.
-    pub chain: ChainOptions,
-    /// Compute and report the plan without writing, deleting or locking anything.
-    pub dry_run: bool,
-    /// After writing, read every merged range back through the destination's chain and compare
-    /// its CRC32 with the CRC32 of the source's view computed while merging.
-    pub verify: bool,
-    /// Merge even though other differencing disks (siblings) depend on the destination or on an
-    /// intermediate: their content will change. Also allows removing a source that has children
-    /// that are not relinked.
-    pub force: bool,
-    /// After the destination is durably finished (and verified, if asked), delete the source
-    /// and the intermediates.
-    pub remove_merged: bool,
-    /// Children of the source to re-point at the destination after the merge (their view does
-    /// not change). Children of intermediates are refused: their view would change.
-    pub relink: Vec<PathBuf>,
-    /// Commit after this many bytes of destination blocks (at least one block per batch).
-    pub batch_bytes: u64,
-    /// Called with progress (see [`ProgressFn`]).
-    pub progress: Option<ProgressFn>,
-    /// Wraps the destination's storage (see [`StorageWrapper`]; a testing hook, only with the
-    /// `testing` feature).
-    #[cfg(feature = "testing")]
-    pub destination_io: Option<StorageWrapper>,
-    /// Clone instead of copying where the file system allows (default true): a destination
-    /// unit whose every sector one merged layer provides, from whole blocks it holds, is
-    /// placed with a block clone (FICLONERANGE on XFS with reflink, btrfs, ...) when source
-    /// and destination offsets are aligned to 4 KiB and both files are on the same file
-    /// system; it then shares the source's extents and no data moves. Everything else, and
-    /// every unit on a file system that cannot clone, is copied. False copies everything
-    /// (physically separate data; `--no-clone`).
-    pub clone: bool,
-    /// Wraps the storage of the layer that links to the destination when the merge updates
-    /// that link (a VHDX destination's identity changes when it is written; see
-    /// [`crate::layer::set_parent_ids`]; a testing hook, only with the `testing` feature).
-    #[cfg(feature = "testing")]
-    pub link_io: Option<StorageWrapper>,
-    /// Set to true to stop the merge between two units; what was written is committed and
-    /// re-running the merge finishes it. [`Job::cancel`] uses its own flag.
-    pub cancel: Option<Arc<AtomicBool>>,
+options! {
+    /// Options of a merge.
+    ///
+    /// Built from [`Default`] with a setter per field (the struct is `#[non_exhaustive]`, so
+    /// a struct literal is refused outside the crate):
+    ///
+    /// ```
+    /// use vhd_merge::{ChainOptions, MergeOptions};
+    /// let chain = ChainOptions::default().ignore_absolute_locators(true);
+    /// let opts = MergeOptions::default().chain(chain).verify(true).set_clone(false);
+    /// assert!(opts.verify && !opts.clone && opts.chain.ignore_absolute_locators);
+    /// ```
+    ///
+    /// ```compile_fail,E0639
+    /// let opts = vhd_merge::MergeOptions { verify: true, ..Default::default() };
+    /// ```
+    #[derive(Clone)]
+    pub struct MergeOptions {
+        /// How to find and open the source's chain (parent override, search directories,
+        /// confinement, leniency). Search directories are also scanned for siblings.
+        pub chain: ChainOptions,
+        /// Compute and report the plan without writing, deleting or locking anything.
+        pub dry_run: bool,
+        /// After writing, read every merged range back through the destination's chain and compare
+        /// its CRC32 with the CRC32 of the source's view computed while merging.
+        pub verify: bool,
+        /// Merge even though other differencing disks (siblings) depend on the destination or on an
+        /// intermediate: their content will change. Also allows removing a source that has children
+        /// that are not relinked.
+        pub force: bool,
+        /// After the destination is durably finished (and verified, if asked), delete the source
+        /// and the intermediates.
+        pub remove_merged: bool,
+        /// Children of the source to re-point at the destination after the merge (their view does
+        /// not change). Children of intermediates are refused: their view would change.
+        pub relink: Vec<PathBuf>,
+        /// Commit after this many bytes of destination blocks (at least one block per batch).
+        pub batch_bytes: u64,
+        /// Called with progress (see [`ProgressFn`]).
+        pub progress: Option<ProgressFn>,
+        /// Wraps the destination's storage (see [`StorageWrapper`]; a testing hook, only with the
+        /// `testing` feature).
+        #[cfg(feature = "testing")]
+        pub destination_io: Option<StorageWrapper>,
+        /// Clone instead of copying where the file system allows (default true): a destination
+        /// unit whose every sector one merged layer provides, from whole blocks it holds, is
+        /// placed with a block clone (FICLONERANGE on XFS with reflink, btrfs, ...) when source
+        /// and destination offsets are aligned to 4 KiB and both files are on the same file
+        /// system; it then shares the source's extents and no data moves. Everything else, and
+        /// every unit on a file system that cannot clone, is copied. False copies everything
+        /// (physically separate data; `--no-clone`).
+        pub clone: bool => set_clone,
+        /// Wraps the storage of the layer that links to the destination when the merge updates
+        /// that link (a VHDX destination's identity changes when it is written; see
+        /// [`crate::layer::set_parent_ids`]; a testing hook, only with the `testing` feature).
+        #[cfg(feature = "testing")]
+        pub link_io: Option<StorageWrapper>,
+        /// Set to true to stop the merge between two units; what was written is committed and
+        /// re-running the merge finishes it. [`Job::cancel`] uses its own flag.
+        pub cancel: Option<Arc<AtomicBool>>,
+    }
 }
 
 impl Default for MergeOptions {

@@ -146,15 +146,17 @@ impl FooterSource {
     }
 }
 
-/// Options for [`Vhd::open`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OpenOptions {
-    /// Open for writing.
-    pub writable: bool,
-    /// Accept footer and header checksum mismatches (with a warning) instead of failing.
-    pub lenient: bool,
-    /// How to decide the virtual size.
-    pub size_rule: SizeRule,
+options! {
+    /// Options for [`Vhd::open`].
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct OpenOptions {
+        /// Open for writing.
+        pub writable: bool => set_writable,
+        /// Accept footer and header checksum mismatches (with a warning) instead of failing.
+        pub lenient: bool,
+        /// How to decide the virtual size.
+        pub size_rule: SizeRule,
+    }
 }
 
 impl OpenOptions {

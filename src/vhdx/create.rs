@@ -36,16 +36,18 @@ pub const DEFAULT_DYNAMIC_BLOCK: u32 = 32 << 20;
 /// Hyper-V's block size for differencing disks, and for the small fixed disks of the fixtures.
 pub const DEFAULT_DIFFERENCING_BLOCK: u32 = 2 << 20;
 
-/// Options for the `create_*` functions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CreateOptions {
-    /// Payload block size (a power of two, 1 MiB to 256 MiB); `None`: Hyper-V's default for
-    /// the kind ([`DEFAULT_DYNAMIC_BLOCK`], else [`DEFAULT_DIFFERENCING_BLOCK`]).
-    pub block_size: Option<u32>,
-    /// Logical sector size, 512 or 4096 (a differencing disk takes its parent's).
-    pub logical_sector_size: u32,
-    /// Replace an existing file (else it is refused with Invalid parameter).
-    pub force: bool,
+options! {
+    /// Options for the `create_*` functions.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct CreateOptions {
+        /// Payload block size (a power of two, 1 MiB to 256 MiB); `None`: Hyper-V's default for
+        /// the kind ([`DEFAULT_DYNAMIC_BLOCK`], else [`DEFAULT_DIFFERENCING_BLOCK`]).
+        pub block_size: Option<u32>,
+        /// Logical sector size, 512 or 4096 (a differencing disk takes its parent's).
+        pub logical_sector_size: u32,
+        /// Replace an existing file (else it is refused with Invalid parameter).
+        pub force: bool,
+    }
 }
 
 impl Default for CreateOptions {

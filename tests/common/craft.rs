@@ -76,11 +76,9 @@ impl ChildSpec {
 /// (footer type patched in both copies), then its header rewritten with the parent id, time
 /// stamp, name and locators, payloads appended after the BAT.
 pub fn craft_child(path: &Path, spec: &ChildSpec) -> Vhd {
-    let opts = CreateOptions {
-        block_size: spec.block_size,
-        unique_id: spec.unique_id,
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default()
+        .block_size(spec.block_size)
+        .unique_id(spec.unique_id);
     drop(create::create_dynamic(path, spec.size, &opts).expect("create"));
     let mut bytes = std::fs::read(path).unwrap();
     let len = bytes.len();

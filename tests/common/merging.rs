@@ -73,11 +73,10 @@ impl Merging {
         let src = &self.built.paths[0];
         let path = src.with_file_name("other.avhdx");
         let ss = self.c.sector_size();
-        let o = vhd_merge::vhdx::create::CreateOptions {
-            block_size: Some(1 << 20),
-            logical_sector_size: ss as u32,
-            force: false,
-        };
+        let o = vhd_merge::vhdx::create::CreateOptions::default()
+            .block_size(Some(1 << 20))
+            .logical_sector_size(ss as u32)
+            .force(false);
         let mut v = vhd_merge::vhdx::create::create_differencing(&path, src, &o).unwrap();
         let mut m = LayerModel::empty(v.virtual_size() as usize);
         let mut rng = super::Rng::new(seed);

@@ -246,10 +246,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// The error-level findings of `check --deep` on the file at `path`.
 pub fn deep_check_errors(path: &Path) -> Vec<vhd_merge::check::Finding> {
-    let options = vhd_merge::check::CheckOptions {
-        deep: true,
-        ..vhd_merge::check::CheckOptions::default()
-    };
+    let options = vhd_merge::check::CheckOptions::default().deep(true);
     vhd_merge::check::check_file(path, &options)
         .unwrap_or_else(|e| panic!("check {}: {e}", path.display()))
         .findings

@@ -452,21 +452,17 @@ fn new_layer(
     block_size: u32,
 ) -> Box<dyn NewLayer> {
     let ChainFormat::Vhdx(x) = format else {
-        let o = CreateOptions {
-            block_size,
-            ..CreateOptions::default()
-        };
+        let o = CreateOptions::default().block_size(block_size);
         return Box::new(match parent {
             Some(p) => create_child(path, p, size, &o),
             None if fixed => create_fixed(path, size, &o).unwrap(),
             None => create_dynamic(path, size, &o).unwrap(),
         });
     };
-    let o = vhdx::create::CreateOptions {
-        block_size: Some(block_size),
-        logical_sector_size: x.sector_size,
-        force: false,
-    };
+    let o = vhdx::create::CreateOptions::default()
+        .block_size(Some(block_size))
+        .logical_sector_size(x.sector_size)
+        .force(false);
     Box::new(match parent {
         Some(p) => create_vhdx_child(path, p, size, &o),
         None if fixed => vhdx::create::create_fixed(path, size, &o).unwrap(),
@@ -505,10 +501,7 @@ pub fn create_child(path: &Path, parent: &Path, size: u64, opts: &CreateOptions)
     }
     let aside = parent.with_extension("aside");
     std::fs::rename(parent, &aside).unwrap();
-    let stand_in = CreateOptions {
-        unique_id: Some(id),
-        ..CreateOptions::default()
-    };
+    let stand_in = CreateOptions::default().unique_id(Some(id));
     drop(create_dynamic(parent, size, &stand_in).unwrap());
     let stamp = std::fs::metadata(parent).unwrap().modified().unwrap();
     let child = create_differencing(path, parent, opts).unwrap();

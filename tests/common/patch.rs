@@ -15,11 +15,9 @@ pub const BS: u32 = 64 << 10;
 pub const SIZE: u64 = 1 << 20;
 
 pub fn opts() -> CreateOptions {
-    CreateOptions {
-        block_size: BS,
-        timestamp: Some(1000),
-        ..CreateOptions::default()
-    }
+    CreateOptions::default()
+        .block_size(BS)
+        .timestamp(Some(1000))
 }
 
 /// A dynamic disk with blocks 0, 1 and 5 allocated (block 1 only partly written).
@@ -123,11 +121,9 @@ pub fn set_bat_entry(p: &Path, i: u64, v: u32) {
 /// right after the BAT and the map at `map_offset`.
 pub fn tap_file(dir: &Path, map_offset: u64) -> std::path::PathBuf {
     let p = dir.join("tap.vhd");
-    let o = CreateOptions {
-        creator_application: *b"tap\0",
-        creator_version: 0x0001_0003,
-        ..opts()
-    };
+    let o = opts()
+        .creator_application(*b"tap\0")
+        .creator_version(0x0001_0003);
     drop(create_dynamic(&p, SIZE, &o).unwrap());
     // Make room for the batmap: move the footer out.
     let footer = read(&p)[..512].to_vec();

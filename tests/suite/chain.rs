@@ -19,10 +19,7 @@ const MIB: u64 = 1 << 20;
 /// A dynamic base with some data, returning its path.
 fn base(dir: &Path, name: &str, size: u64, fill: u8) -> PathBuf {
     let p = dir.join(name);
-    let opts = CreateOptions {
-        block_size: 512 * 1024,
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default().block_size(512 * 1024);
     let mut v = create_dynamic(&p, size, &opts).unwrap();
     v.write_at(0, &vec![fill; 64 * 1024]).unwrap();
     v.write_at(size - 4096, &vec![fill ^ 0xFF; 4096]).unwrap();
@@ -106,10 +103,7 @@ fn renamed_parent_found_through_a_search_dir() {
     let e = open(&child).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::FileNotFound);
 
-    let opts = ChainOptions {
-        search_dirs: vec![store.clone()],
-        ..ChainOptions::default()
-    };
+    let opts = ChainOptions::default().search_dirs(vec![store.clone()]);
     let chain = Chain::open(&child, &opts).unwrap();
     assert_eq!(chain.layers()[1].found_by, "search dir, by unique id");
     assert_eq!(
@@ -119,10 +113,7 @@ fn renamed_parent_found_through_a_search_dir() {
     assert_eq!(view(&chain, 0), before);
 
     // Without the scan, the decoy is tried by name and the mismatch is reported.
-    let opts = ChainOptions {
-        scan_search_dirs: false,
-        ..opts
-    };
+    let opts = opts.scan_search_dirs(false);
     let e = Chain::open(&child, &opts).unwrap_err();
     let tried = parent_not_found(&e);
     assert!(reason_for(tried, &store.join("base.vhd")).contains("unique id mismatch"));
@@ -137,10 +128,7 @@ fn parent_moved_into_a_search_dir_keeps_its_name() {
     let store = root.path().join("store");
     std::fs::create_dir(&store).unwrap();
     std::fs::rename(&b, store.join("base.vhd")).unwrap();
-    let opts = ChainOptions {
-        search_dirs: vec![store.clone()],
-        ..ChainOptions::default()
-    };
+    let opts = ChainOptions::default().search_dirs(vec![store.clone()]);
     let chain = Chain::open(&child, &opts).unwrap();
     assert_eq!(chain.layers()[1].found_by, "search dir, header name");
 }
@@ -154,25 +142,11 @@ fn explicit_parent_overrides_and_is_checked() {
     let other = base(root.path(), "other.vhd", 2 * MIB, 7);
     let copy = root.path().join("copy-of-base.vhd");
     std::fs::copy(&b, &copy).unwrap();
-    let chain = Chain::open(
-        &child,
-        &ChainOptions {
-            parent: Some(copy.clone()),
-            ..ChainOptions::default()
-        },
-    )
-    .unwrap();
+    let chain = Chain::open(&child, &ChainOptions::default().parent(Some(copy.clone()))).unwrap();
     assert_eq!(chain.layers()[1].found_by, "--parent");
     assert_eq!(chain.vhd(1).unwrap().path(), copy);
     // A wrong explicit parent is not silently replaced by what the locators say.
-    let e = Chain::open(
-        &child,
-        &ChainOptions {
-            parent: Some(other.clone()),
-            ..ChainOptions::default()
-        },
-    )
-    .unwrap_err();
+    let e = Chain::open(&child, &ChainOptions::default().parent(Some(other.clone()))).unwrap_err();
     let tried = parent_not_found(&e);
     assert_eq!(tried.len(), 1);
     assert!(tried[0].reason.contains("unique id mismatch"));
@@ -290,23 +264,13 @@ fn header_name_only_real_dfvfs_fixture() {
     // Its checksums are bad (hand-patched files): strict opening refuses.
     let e = open(&child).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::IncorrectDataType, "{e}");
-    let opts = ChainOptions {
-        lenient: true,
-        ..ChainOptions::default()
-    };
+    let opts = ChainOptions::default().lenient(true);
     let chain = Chain::open(&child, &opts).unwrap();
     assert_eq!(chain.len(), 2);
     assert_eq!(chain.layers()[1].found_by, "header name");
     assert_eq!(chain.vhd(1).unwrap().path(), parent);
     // Its one block holds every sector, with the parent's data.
-    let p = Vhd::open(
-        &parent,
-        OpenOptions {
-            lenient: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let p = Vhd::open(&parent, OpenOptions::default().lenient(true)).unwrap();
     let mut own = vec![0u8; p.virtual_size() as usize];
     p.read_own(0, &mut own).unwrap();
     assert!(own.iter().any(|&b| b != 0));
@@ -420,10 +384,7 @@ fn real_windows_chain_go_vhd() {
     );
     let chain = Chain::open(
         &child,
-        &ChainOptions {
-            search_dirs: vec![sub.clone()],
-            ..ChainOptions::default()
-        },
+        &ChainOptions::default().search_dirs(vec![sub.clone()]),
     )
     .unwrap();
     assert_eq!(chain.layers()[1].found_by, "search dir, header name");
@@ -504,26 +465,10 @@ fn depth_limit() {
         prev = next;
     }
     assert_eq!(open(&prev).unwrap().len(), 6);
-    let e = Chain::open(
-        &prev,
-        &ChainOptions {
-            max_depth: 4,
-            ..ChainOptions::default()
-        },
-    )
-    .unwrap_err();
+    let e = Chain::open(&prev, &ChainOptions::default().max_depth(4)).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::InvalidState);
     assert!(e.to_string().contains("deeper than the limit of 4"), "{e}");
-    assert!(
-        Chain::open(
-            &prev,
-            &ChainOptions {
-                max_depth: 6,
-                ..ChainOptions::default()
-            }
-        )
-        .is_ok()
-    );
+    assert!(Chain::open(&prev, &ChainOptions::default().max_depth(6)).is_ok());
 }
 
 #[test]
@@ -595,10 +540,7 @@ fn fifo_and_directory_candidates_are_not_opened() {
     craft_child(&c2, &spec);
     let e = Chain::open(
         &c2,
-        &ChainOptions {
-            confine_to: Some(vec![root.path().to_path_buf()]),
-            ..ChainOptions::default()
-        },
+        &ChainOptions::default().confine_to(Some(vec![root.path().to_path_buf()])),
     )
     .unwrap_err();
     let tried = parent_not_found(&e);
@@ -669,11 +611,9 @@ fn hostile_locators_are_confined() {
     // Unconfined, every one of them leads to the parent (the first wins).
     assert_eq!(open(&c).unwrap().layers()[1].found_by, "W2ru");
 
-    let confined = ChainOptions {
-        ignore_absolute_locators: true,
-        confine_to: Some(vec![allowed.clone()]),
-        ..ChainOptions::default()
-    };
+    let confined = ChainOptions::default()
+        .ignore_absolute_locators(true)
+        .confine_to(Some(vec![allowed.clone()]));
     let e = Chain::open(&c, &confined).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::FileNotFound);
     let tried = parent_not_found(&e);
@@ -705,10 +645,7 @@ fn hostile_locators_are_confined() {
     // Only confinement, absolute locators allowed: still refused, they lead outside.
     let e = Chain::open(
         &c,
-        &ChainOptions {
-            confine_to: Some(vec![allowed.clone()]),
-            ..ChainOptions::default()
-        },
+        &ChainOptions::default().confine_to(Some(vec![allowed.clone()])),
     )
     .unwrap_err();
     let tried = parent_not_found(&e);
@@ -722,11 +659,9 @@ fn hostile_locators_are_confined() {
     // Allowing the outside directory makes it work again.
     let ok = Chain::open(
         &c,
-        &ChainOptions {
-            ignore_absolute_locators: true,
-            confine_to: Some(vec![allowed.clone(), outside.clone()]),
-            ..ChainOptions::default()
-        },
+        &ChainOptions::default()
+            .ignore_absolute_locators(true)
+            .confine_to(Some(vec![allowed.clone(), outside.clone()])),
     )
     .unwrap();
     assert_eq!(ok.layers()[1].found_by, "W2ru");
@@ -946,10 +881,7 @@ fn renamed_parent_with_a_511_byte_footer_found_through_a_search_dir() {
     std::fs::create_dir(&store).unwrap();
     std::fs::rename(&b, store.join("renamed-parent.bin")).unwrap();
 
-    let opts = ChainOptions {
-        search_dirs: vec![store.clone()],
-        ..ChainOptions::default()
-    };
+    let opts = ChainOptions::default().search_dirs(vec![store.clone()]);
     let chain = Chain::open(&child, &opts).unwrap();
     assert_eq!(chain.layers()[1].found_by, "search dir, by unique id");
     assert_eq!(
@@ -988,10 +920,7 @@ fn parent_name_with_a_backslash() {
     let chain = open(&child).unwrap();
     assert_eq!(chain.vhd(1).unwrap().path(), b);
     assert_eq!(chain.layers()[1].found_by, "MacX");
-    let strict = ChainOptions {
-        ignore_absolute_locators: true,
-        ..ChainOptions::default()
-    };
+    let strict = ChainOptions::default().ignore_absolute_locators(true);
     let chain = Chain::open(&child, &strict).unwrap();
     assert_eq!(chain.vhd(1).unwrap().path(), b);
     assert_eq!(chain.layers()[1].found_by, "MacX file name in child dir");
@@ -1000,11 +929,9 @@ fn parent_name_with_a_backslash() {
     let store = root.path().join("store");
     std::fs::create_dir(&store).unwrap();
     std::fs::rename(&b, store.join("back\\slash.vhd")).unwrap();
-    let moved = ChainOptions {
-        search_dirs: vec![store.clone()],
-        scan_search_dirs: false,
-        ..strict
-    };
+    let moved = strict
+        .search_dirs(vec![store.clone()])
+        .scan_search_dirs(false);
     let chain = Chain::open(&child, &moved).unwrap();
     assert_eq!(chain.vhd(1).unwrap().path(), store.join("back\\slash.vhd"));
     assert_eq!(chain.layers()[1].found_by, "search dir, header name");

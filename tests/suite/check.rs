@@ -7,14 +7,11 @@ use std::path::Path;
 use common::patch::*;
 use common::{fixtures, read};
 use vhd_merge::check::{CheckOptions, CheckReport, Severity, check_chain, check_file};
-use vhd_merge::create::{CreateOptions, create_dynamic};
+use vhd_merge::create::create_dynamic;
 use vhd_merge::{ChainOptions, OpenOptions, Vhd};
 
 fn deep() -> CheckOptions {
-    CheckOptions {
-        deep: true,
-        ..CheckOptions::default()
-    }
+    CheckOptions::default().deep(true)
 }
 
 fn codes(r: &CheckReport, sev: Severity) -> Vec<&'static str> {
@@ -360,11 +357,7 @@ fn child_larger_than_parent() {
         .unwrap()
         .unique_id();
     // Replace the parent by a smaller disk with the same identity.
-    let o = CreateOptions {
-        unique_id: Some(id),
-        overwrite: true,
-        ..opts()
-    };
+    let o = opts().unique_id(Some(id)).overwrite(true);
     drop(create_dynamic(&base, SIZE, &o).unwrap());
     let r = check_chain(&c, &CheckOptions::default(), &ChainOptions::default()).unwrap();
     let x = finding(&r, "child-larger");
@@ -380,10 +373,7 @@ fn full_bat_of_a_2040_gib_disk() {
     let p = d.path().join("big.vhd");
     let bs: u32 = 2 << 20;
     let size = vhd_merge::format::MAX_DYNAMIC_SIZE;
-    let o = CreateOptions {
-        block_size: bs,
-        ..opts()
-    };
+    let o = opts().block_size(bs);
     drop(create_dynamic(&p, size, &o).unwrap());
     let n = write_full_bat(&p, size, bs);
     let r = check_file(&p, &CheckOptions::default()).unwrap();

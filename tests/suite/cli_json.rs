@@ -357,10 +357,7 @@ fn the_cli_prints_the_library_reports() {
             "{file:?}"
         );
         let (_, v) = json_run(&["repair", "--dry-run", s(file), "--json"]).unwrap();
-        let dry = vhd_merge::repair::RepairOptions {
-            dry_run: true,
-            ..Default::default()
-        };
+        let dry = vhd_merge::repair::RepairOptions::default().dry_run(true);
         let report = vhd_merge::repair::repair_file(file, &dry).unwrap();
         assert_eq!(v, with_schema(report), "{file:?}");
     }

@@ -30,12 +30,10 @@ const KIB: u32 = 1024;
 const MIB: u32 = 1 << 20;
 
 fn merge_into(built: &Built, d: usize, clone: bool, io: Option<StorageWrapper>) -> MergeReport {
-    let options = MergeOptions {
-        clone,
-        destination_io: io,
-        batch_bytes: 4 << 20,
-        ..MergeOptions::default()
-    };
+    let options = MergeOptions::default()
+        .set_clone(clone)
+        .destination_io(io)
+        .batch_bytes(4 << 20);
     merge(&built.paths[0], Some(&built.paths[d]), &options).unwrap()
 }
 
@@ -141,11 +139,9 @@ fn crash_everywhere(dir: &Path, io: impl Fn(Arc<FaultPlan>) -> StorageWrapper) {
             .iter()
             .map(|p| at.join(p.file_name().unwrap()))
             .collect();
-        let options = MergeOptions {
-            destination_io: Some(io),
-            batch_bytes: 2 << 20,
-            ..MergeOptions::default()
-        };
+        let options = MergeOptions::default()
+            .destination_io(Some(io))
+            .batch_bytes(2 << 20);
         (merge(&paths[0], None, &options), paths)
     };
     let (r, _) = run(&work, io(counting.clone()));
@@ -217,15 +213,7 @@ fn a_merge_on_reflink_shares_the_source_extents_and_no_clone_does_not() {
         let d = dir.path().join(format!("{clone}"));
         std::fs::create_dir(&d).unwrap();
         let (base, child, want) = full_block_chain(&d, 8);
-        let r = merge(
-            &child,
-            None,
-            &MergeOptions {
-                clone,
-                ..MergeOptions::default()
-            },
-        )
-        .unwrap();
+        let r = merge(&child, None, &MergeOptions::default().set_clone(clone)).unwrap();
         let bytes = 16u64 << 20;
         assert_eq!(r.bytes_merged, bytes);
         assert_eq!(r.plan.clone_candidate_bytes, bytes);
@@ -249,10 +237,7 @@ fn on_a_file_system_without_reflink_cloning_is_asked_once_and_the_merge_copies()
     let dir = tempfile::tempdir().unwrap();
     let (base, child, want) = full_block_chain(dir.path(), 4);
     let log = IoLog::new();
-    let options = MergeOptions {
-        destination_io: Some(recording(log.clone())),
-        ..MergeOptions::default()
-    };
+    let options = MergeOptions::default().destination_io(Some(recording(log.clone())));
     let r = merge(&child, None, &options).unwrap();
     assert_same(&read_view(&base), &want, "merged base");
     if r.bytes_cloned > 0 {
@@ -264,11 +249,7 @@ fn on_a_file_system_without_reflink_cloning_is_asked_once_and_the_merge_copies()
 }
 
 fn flatten_to(chain: &Chain, out: &Path, format: FlattenFormat, clone: bool) -> u64 {
-    let opts = FlattenOptions {
-        format,
-        clone,
-        ..FlattenOptions::default()
-    };
+    let opts = FlattenOptions::default().format(format).set_clone(clone);
     let r = flatten(chain, out, opts).unwrap();
     if !clone {
         assert_eq!(r.bytes_cloned, 0);
@@ -359,10 +340,7 @@ fn vhdx_chain_of(dir: &Path, whole: [usize; 4]) -> (PathBuf, PathBuf, Vec<u8>) {
     use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
     let (base, child) = (dir.join("base.vhdx"), dir.join("child.vhdx"));
     let bs = 2 * MIB as usize;
-    let opts = CreateOptions {
-        block_size: Some(bs as u32),
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default().block_size(Some(bs as u32));
     let mut rng = common::Rng::new(3);
     let mut want = vec![0u8; 16 * bs];
     let mut b = create_dynamic(&base, want.len() as u64, &opts).unwrap();
@@ -394,11 +372,9 @@ fn vhdx_with_and_without(dir: &Path, io: Option<StorageWrapper>) -> u64 {
         let d = dir.join(format!("vhdx-{clone}"));
         std::fs::create_dir(&d).unwrap();
         let (base, child, want) = vhdx_chain(&d);
-        let options = MergeOptions {
-            clone,
-            destination_io: io.clone().filter(|_| clone),
-            ..MergeOptions::default()
-        };
+        let options = MergeOptions::default()
+            .set_clone(clone)
+            .destination_io(io.clone().filter(|_| clone));
         let r = merge(&child, None, &options).unwrap();
         assert_same(
             &view(&base),
@@ -491,10 +467,10 @@ fn merge_counting_clones(
 ) -> PathBuf {
     let (base, child, want) = chain;
     let log = IoLog::new();
-    let options = MergeOptions {
-        destination_io: Some(stacked(recording(log.clone()), copy_clone_up_to(longest))),
-        ..MergeOptions::default()
-    };
+    let options = MergeOptions::default().destination_io(Some(stacked(
+        recording(log.clone()),
+        copy_clone_up_to(longest),
+    )));
     let r = merge(&child, None, &options).unwrap();
     assert_same(&view(&base), &want, &format!("merged base, {name}"));
     assert_eq!(r.bytes_merged, 4 * (2 << 20) + 40 * 512, "{name}");
@@ -540,10 +516,7 @@ fn whole_blocks_crash_everywhere(
     let run = |at: &Path, plan: Arc<FaultPlan>| {
         std::fs::create_dir_all(at).unwrap();
         copy_dir(&clean, at);
-        let options = MergeOptions {
-            destination_io: Some(faulty_copy_clone(plan)),
-            ..MergeOptions::default()
-        };
+        let options = MergeOptions::default().destination_io(Some(faulty_copy_clone(plan)));
         merge(at.join(child_name), None, &options)
     };
     let counting = FaultPlan::new();
@@ -694,10 +667,7 @@ fn mostly_chain(dir: &Path, vhdx: bool) -> (Vec<PathBuf>, Vec<u8>) {
     let size = 16 * SPB as u64 * 512;
     let mut want = vec![0u8; size as usize];
     let mut rng = common::Rng::new(11);
-    let xo = x::CreateOptions {
-        block_size: Some(2 * MIB),
-        ..x::CreateOptions::default()
-    };
+    let xo = x::CreateOptions::default().block_size(Some(2 * MIB));
     for l in 0..3 {
         let path = &paths[2 - l];
         let mut buf = vec![0u8; SPB * 512];
@@ -744,11 +714,9 @@ fn mostly_with_and_without(dir: &Path, io: impl Fn() -> Option<StorageWrapper>) 
             let d = dir.join(format!("mostly-{vhdx}-{clone}"));
             std::fs::create_dir(&d).unwrap();
             let (paths, want) = mostly_chain(&d, vhdx);
-            let options = MergeOptions {
-                clone,
-                destination_io: io().filter(|_| clone),
-                ..MergeOptions::default()
-            };
+            let options = MergeOptions::default()
+                .set_clone(clone)
+                .destination_io(io().filter(|_| clone));
             let r = merge(&paths[0], Some(&paths[2]), &options).unwrap();
             let what = format!("VHDX {vhdx}, clone {clone}");
             assert_same(&view(&paths[2]), &want, &what);
@@ -800,11 +768,9 @@ fn mostly_crash_everywhere(dir: &Path, io: impl Fn(Arc<FaultPlan>) -> StorageWra
         let run = |at: &Path, plan: Arc<FaultPlan>| {
             std::fs::create_dir_all(at).unwrap();
             copy_dir(&clean, at);
-            let options = MergeOptions {
-                destination_io: Some(io(plan)),
-                batch_bytes: 4 << 20,
-                ..MergeOptions::default()
-            };
+            let options = MergeOptions::default()
+                .destination_io(Some(io(plan)))
+                .batch_bytes(4 << 20);
             merge(at.join(names[0]), Some(&at.join(names[2])), &options)
         };
         let counting = FaultPlan::new();

@@ -150,11 +150,9 @@ fn two_threads_merging_into_one_destination() {
                     release.wait();
                 }
             });
-            let o = MergeOptions {
-                destination_io: Some(hooked(count.clone(), hook)),
-                batch_bytes: 1 << 20,
-                ..MergeOptions::default()
-            };
+            let o = MergeOptions::default()
+                .destination_io(Some(hooked(count.clone(), hook)))
+                .batch_bytes(1 << 20);
             let (src, dest, barrier) = (src.clone(), dest.clone(), barrier.clone());
             let loser_done = loser_done.clone();
             handles.push(std::thread::spawn(move || {
@@ -232,10 +230,7 @@ fn child_process_merge() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let o = MergeOptions {
-        destination_io: Some(hooked(FaultPlan::new(), hook)),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().destination_io(Some(hooked(FaultPlan::new(), hook)));
     let r = merge(&src, Some(&dest), &o).expect("the child's merge");
     println!("child merged {} bytes", r.bytes_merged);
 }
@@ -297,10 +292,7 @@ fn two_processes_merging_into_one_destination() {
     let others_before = hashes(&others(&built, d));
 
     let count = FaultPlan::new();
-    let o = MergeOptions {
-        destination_io: Some(faulty(count.clone())),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().destination_io(Some(faulty(count.clone())));
     let e = merge(&src, Some(&dest), &o).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::SystemInUse, "{e}");
     assert_eq!((count.writes(), count.syncs()), (0, 0));
@@ -435,11 +427,9 @@ fn source_view_is_unchanged_at_every_write() {
         c.fetch_add(1, Ordering::SeqCst);
     });
     let count = FaultPlan::new();
-    let o = MergeOptions {
-        destination_io: Some(hooked(count.clone(), hook)),
-        batch_bytes: 1 << 20,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default()
+        .destination_io(Some(hooked(count.clone(), hook)))
+        .batch_bytes(1 << 20);
     merge(&src, Some(&built.paths[d]), &o).unwrap();
     assert_eq!(checked.load(Ordering::SeqCst), count.writes());
     assert!(count.writes() > 10, "{} writes", count.writes());
@@ -494,11 +484,9 @@ fn reader_thread_during_a_merge_job() {
                 .unwrap();
     });
     let count = FaultPlan::new();
-    let o = MergeOptions {
-        destination_io: Some(hooked(count.clone(), hook)),
-        batch_bytes: 1 << 20,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default()
+        .destination_io(Some(hooked(count.clone(), hook)))
+        .batch_bytes(1 << 20);
     let job = MergeJob::start(&src, Some(&built.paths[d]), o).unwrap();
     let r = job.wait();
     stop.store(true, Ordering::SeqCst);
@@ -617,10 +605,7 @@ fn files_locked_by_another_process_give_system_in_use() {
             return;
         };
         let count = FaultPlan::new();
-        let o = MergeOptions {
-            destination_io: Some(faulty(count.clone())),
-            ..MergeOptions::default()
-        };
+        let o = MergeOptions::default().destination_io(Some(faulty(count.clone())));
         let e = merge(&built.paths[0], Some(&built.paths[d]), &o).unwrap_err();
         assert_eq!(e.return_code(), ReturnCode::SystemInUse, "{what}: {e}");
         let name = built.paths[layer].file_name().unwrap().to_str().unwrap();
@@ -652,18 +637,9 @@ fn library_writers(target: &Path, other: &Path) -> Vec<(&'static str, vhd_merge:
     use vhd_merge::flatten::{FlattenOptions, flatten_path};
     use vhd_merge::repair::{RepairOptions, repair_file};
     use vhd_merge::setparent::{SetParentOptions, set_parent};
-    let force = CreateOptions {
-        overwrite: true,
-        ..CreateOptions::default()
-    };
-    let flatten = FlattenOptions {
-        force: true,
-        ..FlattenOptions::default()
-    };
-    let reparent = SetParentOptions {
-        force: true,
-        ..SetParentOptions::default()
-    };
+    let force = CreateOptions::default().overwrite(true);
+    let flatten = FlattenOptions::default().force(true);
+    let reparent = SetParentOptions::default().force(true);
     vec![
         (
             "create dynamic --force",
@@ -743,10 +719,7 @@ fn writers_are_refused_while_a_merge_holds_the_files() {
             r2.wait();
         }
     });
-    let o = MergeOptions {
-        destination_io: Some(hooked(FaultPlan::new(), hook)),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().destination_io(Some(hooked(FaultPlan::new(), hook)));
     let (s2, d2) = (src.clone(), dest.clone());
     let merging = std::thread::spawn(move || merge(&s2, Some(&d2), &o));
     assert!(inside.wait(), "the merge never reached its first write");
@@ -787,10 +760,7 @@ fn writers_are_refused_while_a_merge_holds_the_files() {
     let report = merging.join().unwrap().expect("the held merge");
     assert_eq!(report.bytes_merged, report.plan.bytes_total);
     assert_eq!(read_view(&dest), built.model.merged(d));
-    let deep = vhd_merge::check::CheckOptions {
-        deep: true,
-        ..Default::default()
-    };
+    let deep = vhd_merge::check::CheckOptions::default().deep(true);
     let r = vhd_merge::check::check_file(&dest, &deep).unwrap();
     assert!(!r.has_errors(), "{:#?}", r.findings);
 }

@@ -64,12 +64,10 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 fn options(plan: Option<Arc<FaultPlan>>) -> MergeOptions {
-    MergeOptions {
+    MergeOptions::default()
         // Small batches: several reserve/commit cycles in a few MiB.
-        batch_bytes: 1 << 20,
-        destination_io: plan.map(faulty),
-        ..MergeOptions::default()
-    }
+        .batch_bytes(1 << 20)
+        .destination_io(plan.map(faulty))
 }
 
 /// Run one interrupted merge in `work` (a fresh copy of `template`) and check the aftermath.

@@ -309,10 +309,7 @@ fn sha256_hex(path: &Path) -> String {
 }
 
 fn lenient() -> OpenOptions {
-    OpenOptions {
-        lenient: true,
-        ..OpenOptions::read_only()
-    }
+    OpenOptions::read_only().lenient(true)
 }
 
 // ---------------------------------------------------------------------------------------------

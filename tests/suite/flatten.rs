@@ -93,10 +93,7 @@ fn random_chain(
                 v
             }
             None => {
-                let opts = CreateOptions {
-                    block_size,
-                    ..CreateOptions::default()
-                };
+                let opts = CreateOptions::default().block_size(block_size);
                 let v = create_dynamic(&path, size, &opts).unwrap();
                 random_writes(&mut rng, &mut m, 6);
                 v
@@ -127,10 +124,7 @@ fn random_chain(
 }
 
 fn opts(format: FlattenFormat) -> FlattenOptions<'static> {
-    FlattenOptions {
-        format,
-        ..FlattenOptions::default()
-    }
+    FlattenOptions::default().format(format)
 }
 
 proptest! {
@@ -186,10 +180,7 @@ fn qemu_img_reads_fixed_and_dynamic_outputs() {
         let r = flatten(
             &chain,
             &dynamic,
-            FlattenOptions {
-                block_size: Some(bs),
-                ..opts(FlattenFormat::Dynamic)
-            },
+            opts(FlattenFormat::Dynamic).block_size(Some(bs)),
         )
         .unwrap();
         assert!(r.blocks_allocated > 0);
@@ -227,15 +218,7 @@ fn output_rules() {
     assert!(e.to_string().contains("already exists"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     // Forced: replaced.
-    flatten(
-        &chain,
-        &out,
-        FlattenOptions {
-            force: true,
-            ..opts(FlattenFormat::Raw)
-        },
-    )
-    .unwrap();
+    flatten(&chain, &out, opts(FlattenFormat::Raw).force(true)).unwrap();
     assert!(std::fs::read(&out).unwrap() == want);
     // One of the chain's files: refused even with force, also through another name.
     let inputs: Vec<Vec<u8>> = chain
@@ -247,15 +230,7 @@ fn output_rules() {
     let alias = dir.path().join("alias.vhd");
     std::fs::hard_link(&base, &alias).unwrap();
     for target in [top.clone(), base.clone(), alias] {
-        let e = flatten(
-            &chain,
-            &target,
-            FlattenOptions {
-                force: true,
-                ..opts(FlattenFormat::Dynamic)
-            },
-        )
-        .unwrap_err();
+        let e = flatten(&chain, &target, opts(FlattenFormat::Dynamic).force(true)).unwrap_err();
         assert!(e.to_string().contains("a file of the chain"), "{e}");
     }
     for (l, before) in chain.layers().iter().zip(&inputs) {
@@ -273,15 +248,7 @@ fn output_rules() {
         .collect();
     assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
     // A directory as output.
-    let e = flatten(
-        &chain,
-        dir.path(),
-        FlattenOptions {
-            force: true,
-            ..opts(FlattenFormat::Raw)
-        },
-    )
-    .unwrap_err();
+    let e = flatten(&chain, dir.path(), opts(FlattenFormat::Raw).force(true)).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::InvalidParameter);
 }
 
@@ -300,11 +267,9 @@ fn progress_and_layers() {
         &top,
         &ChainOptions::default(),
         &out,
-        FlattenOptions {
-            progress: Some(&mut cb),
-            block_size: Some(512 * 1024),
-            ..FlattenOptions::default()
-        },
+        FlattenOptions::default()
+            .progress(Some(&mut cb))
+            .block_size(Some(512 * 1024)),
     )
     .unwrap();
     assert_eq!(r.format, FlattenFormat::Dynamic);
@@ -329,25 +294,14 @@ fn progress_and_layers() {
     // Flattening an inner layer gives that layer's view.
     let chain = Chain::open(&top, &ChainOptions::default()).unwrap();
     let out1 = dir.path().join("l1.raw");
-    let r = flatten(
-        &chain,
-        &out1,
-        FlattenOptions {
-            layer: 1,
-            ..opts(FlattenFormat::Raw)
-        },
-    )
-    .unwrap();
+    let r = flatten(&chain, &out1, opts(FlattenFormat::Raw).layer(1)).unwrap();
     assert_eq!(r.layers, 3);
     assert!(std::fs::read(&out1).unwrap() == compose(&models[1..]));
     assert!(
         flatten(
             &chain,
             dir.path().join("x.raw"),
-            FlattenOptions {
-                layer: 9,
-                ..opts(FlattenFormat::Raw)
-            }
+            opts(FlattenFormat::Raw).layer(9)
         )
         .is_err()
     );
@@ -401,10 +355,7 @@ fn progress_counts_the_data_to_copy() {
     let dir = fast_tempdir();
     let base = dir.path().join("base.vhd");
     let child = dir.path().join("child.vhd");
-    let small = CreateOptions {
-        block_size: 512 * 1024,
-        ..CreateOptions::default()
-    };
+    let small = CreateOptions::default().block_size(512 * 1024);
     let mut b = create_dynamic(&base, 64 << 20, &small).unwrap();
     b.write_at(0, &[1; 4096]).unwrap();
     drop(b);
@@ -424,12 +375,10 @@ fn progress_counts_the_data_to_copy() {
             &child,
             &ChainOptions::default(),
             &out,
-            FlattenOptions {
-                format,
-                progress: Some(&mut cb),
-                block_size: Some(512 * 1024),
-                ..FlattenOptions::default()
-            },
+            FlattenOptions::default()
+                .format(format)
+                .progress(Some(&mut cb))
+                .block_size(Some(512 * 1024)),
         )
         .unwrap();
         let p = last.unwrap();
@@ -445,11 +394,9 @@ fn progress_counts_the_data_to_copy() {
 /// Flatten `chain_top` into `out` as `format` (the default block size unless `block_size`).
 fn convert(chain_top: &Path, out: &Path, format: FlattenFormat, block_size: Option<u32>) {
     let chain = Chain::open(chain_top, &ChainOptions::default()).unwrap();
-    let opts = FlattenOptions {
-        format,
-        block_size,
-        ..FlattenOptions::default()
-    };
+    let opts = FlattenOptions::default()
+        .format(format)
+        .block_size(block_size);
     flatten(&chain, out, opts).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
 }
 
@@ -520,10 +467,7 @@ fn conversion_between_vhd_and_vhdx_keeps_every_sector() {
     common::assert_same(&common::read_view(&big), &want, "256 MiB blocks");
 
     let s4k = dir.path().join("4k.vhdx");
-    let opts = vx::CreateOptions {
-        logical_sector_size: 4096,
-        ..vx::CreateOptions::default()
-    };
+    let opts = vx::CreateOptions::default().logical_sector_size(4096);
     let mut v = vx::create_dynamic(&s4k, 8 * MIB, &opts).unwrap();
     v.write_at(4096 * 3, &data[..3 * 4096]).unwrap();
     v.finish().unwrap();
@@ -549,10 +493,7 @@ fn a_vhdx_past_2040_gib_is_not_converted_to_vhd() {
     let chain = Chain::open(&src, &ChainOptions::default()).unwrap();
     for format in [FlattenFormat::Dynamic, FlattenFormat::Fixed] {
         let out = dir.path().join("out.vhd");
-        let opts = FlattenOptions {
-            format,
-            ..FlattenOptions::default()
-        };
+        let opts = FlattenOptions::default().format(format);
         let e = flatten(&chain, &out, opts).unwrap_err();
         assert_eq!(e.return_code(), ReturnCode::InvalidParameter, "{e}");
         assert!(

@@ -245,10 +245,7 @@ fn write_batched(vhd: &mut Vhd, offset: u64, data: &[u8]) {
 fn check_writes(kind: Kind, block_size: u32, writes: &[Write], batched: bool) {
     let dir = tempfile::tempdir().unwrap();
     let size = disk_size(block_size);
-    let opts = CreateOptions {
-        block_size,
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default().block_size(block_size);
     let path = dir.path().join("disk.vhd");
     let mut vhd = match kind {
         Kind::Dynamic => create::create_dynamic(&path, size, &opts).unwrap(),
@@ -484,10 +481,7 @@ fn both_footers_bad_is_an_error_naming_the_checksum() {
     assert!(e.is_checksum(), "{e}");
     assert_eq!(e.return_code(), ReturnCode::IncorrectDataType);
     assert!(e.to_string().contains("bad.vhd"), "{e}");
-    let lenient = OpenOptions {
-        lenient: true,
-        ..OpenOptions::read_only()
-    };
+    let lenient = OpenOptions::read_only().lenient(true);
     let v = Vhd::open(&path, lenient).unwrap();
     assert!(v.warnings().iter().any(|w| w.contains("checksum")));
 }
@@ -658,10 +652,7 @@ fn template() -> &'static [u8] {
         let dir = tempfile::tempdir().unwrap();
         let parent = dir.path().join("parent.vhd");
         let child = dir.path().join("child.vhd");
-        let opts = CreateOptions {
-            block_size: 512 << 10,
-            ..CreateOptions::default()
-        };
+        let opts = CreateOptions::default().block_size(512 << 10);
         drop(create::create_dynamic(&parent, 2 << 20, &opts).unwrap());
         let mut c = create::create_differencing(&child, &parent, &opts).unwrap();
         c.write_at(4096, &[1; 8192]).unwrap();
@@ -698,7 +689,8 @@ proptest! {
         }
         bytes.truncate(n - cut.min(n));
         for lenient in [false, true] {
-            let opts = OpenOptions { lenient, ..OpenOptions::read_only() };
+            let opts = OpenOptions::read_only()
+.lenient(lenient);
             let storage = Box::new(Mem(bytes.clone()));
             let Ok(v) = Vhd::from_storage(storage, "damaged.vhd", opts) else { continue };
             let size = v.virtual_size();
@@ -752,10 +744,7 @@ fn apply(v: &mut Vhd, writes: &[(u64, usize, u8)]) -> vhd_merge::Result<()> {
 fn a_crash_at_any_write_leaves_a_consistent_file() {
     let dir = tempfile::tempdir().unwrap();
     let size: u64 = 6 << 20;
-    let opts = CreateOptions {
-        block_size: 512 << 10,
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default().block_size(512 << 10);
     for kind in [Kind::Dynamic, Kind::Differencing] {
         // The starting point: some data in block 0.
         let base = dir.path().join(format!("{kind:?}-base.vhd"));

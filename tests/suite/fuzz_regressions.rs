@@ -24,10 +24,7 @@ fn mem(data: &[u8]) -> Box<MemStorage> {
 /// What the `open` target does with an input.
 fn open_target(data: &[u8]) {
     for lenient in [false, true] {
-        let o = OpenOptions {
-            lenient,
-            ..OpenOptions::read_only()
-        };
+        let o = OpenOptions::read_only().lenient(lenient);
         if let Ok(v) = Vhd::from_storage(mem(data), "fuzz.vhd", o) {
             let mut buf = vec![0u8; v.block_size().min(1 << 20) as usize];
             let n = v.virtual_size().min(buf.len() as u64) as usize;
@@ -37,10 +34,7 @@ fn open_target(data: &[u8]) {
             }
         }
     }
-    let deep = CheckOptions {
-        deep: true,
-        ..CheckOptions::default()
-    };
+    let deep = CheckOptions::default().deep(true);
     let _ = check_storage(mem(data), "fuzz.vhd", &deep);
     let shared = Arc::new(MemStorage::with_limit(data.to_vec(), LIMIT));
     if let Ok(r) = repair_storage(
@@ -64,11 +58,9 @@ fn open_target(data: &[u8]) {
 fn chain_target(dir: &Path, data: &[u8]) {
     let c = dir.join("child.vhd");
     std::fs::write(&c, data).unwrap();
-    let confined = ChainOptions {
-        ignore_absolute_locators: true,
-        confine_to: Some(vec![dir.to_path_buf()]),
-        ..ChainOptions::default()
-    };
+    let confined = ChainOptions::default()
+        .ignore_absolute_locators(true)
+        .confine_to(Some(vec![dir.to_path_buf()]));
     for o in [ChainOptions::default(), confined] {
         if let Ok(chain) = Chain::open(&c, &o) {
             let mut buf = vec![0u8; 64 << 10];
@@ -146,10 +138,7 @@ fn open_target_properties_on_damaged_files() {
 fn padded_bat_running_into_the_end_footer() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("a.vhd");
-    let o = vhd_merge::create::CreateOptions {
-        block_size: 4096,
-        ..opts()
-    };
+    let o = opts().block_size(4096);
     drop(vhd_merge::create::create_dynamic(&p, 64 << 10, &o).unwrap());
     let good = read(&p);
     let h = header(&p);
@@ -180,12 +169,10 @@ const PARENT_ID: [u8; 16] = *b"vhd-merge-fuzzP!";
 fn fuzz_parent_bytes() -> Vec<u8> {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("parent.vhd");
-    let o = vhd_merge::create::CreateOptions {
-        block_size: 4096,
-        unique_id: Some(uuid::Uuid::from_bytes(PARENT_ID)),
-        timestamp: Some(1),
-        ..vhd_merge::create::CreateOptions::default()
-    };
+    let o = vhd_merge::create::CreateOptions::default()
+        .block_size(4096)
+        .unique_id(Some(uuid::Uuid::from_bytes(PARENT_ID)))
+        .timestamp(Some(1));
     let mut v = vhd_merge::create::create_dynamic(&p, 64 << 10, &o).unwrap();
     v.write_at(0, &[0x11; 4096]).unwrap();
     v.write_at(20 << 10, &[0x22; 1024]).unwrap();
@@ -194,11 +181,9 @@ fn fuzz_parent_bytes() -> Vec<u8> {
 }
 
 fn fuzz_confined(dir: &Path) -> ChainOptions {
-    ChainOptions {
-        ignore_absolute_locators: true,
-        confine_to: Some(vec![dir.to_path_buf()]),
-        ..ChainOptions::default()
-    }
+    ChainOptions::default()
+        .ignore_absolute_locators(true)
+        .confine_to(Some(vec![dir.to_path_buf()]))
 }
 
 /// What the `merge` target does with an input: it becomes `child.vhd` next to a fresh copy
@@ -234,21 +219,13 @@ fn merge_target(dir: &Path, original: &[u8], data: &[u8]) -> bool {
         );
         assert!(!matches!(e, Error::VerifyFailed(_)), "{what}: {e}");
     };
-    let dry = MergeOptions {
-        chain: opts.clone(),
-        dry_run: true,
-        ..MergeOptions::default()
-    };
+    let dry = MergeOptions::default().chain(opts.clone()).dry_run(true);
     if let Err(e) = merge(&child, None, &dry) {
         check_err(&e, "dry run");
     }
     assert_eq!(read(&parent), original, "the dry run wrote the parent");
     assert_eq!(read(&child), data, "the dry run wrote the child");
-    let real = MergeOptions {
-        chain: opts.clone(),
-        verify: true,
-        ..MergeOptions::default()
-    };
+    let real = MergeOptions::default().chain(opts.clone()).verify(true);
     let res = merge(&child, None, &real);
     assert_eq!(read(&child), data, "the merge wrote the child");
     match res {
@@ -303,11 +280,9 @@ fn merge_target_properties_on_damaged_children() {
     let mut children = Vec::new();
     for (k, bs) in [4096u32, 512, 64 << 10].into_iter().enumerate() {
         let p = t.path().join(format!("c{k}.vhd"));
-        let o = vhd_merge::create::CreateOptions {
-            block_size: bs,
-            timestamp: Some(7),
-            ..vhd_merge::create::CreateOptions::default()
-        };
+        let o = vhd_merge::create::CreateOptions::default()
+            .block_size(bs)
+            .timestamp(Some(7));
         let mut c = vhd_merge::create::create_differencing(&p, &parent, &o).unwrap();
         c.write_at(1024, &[0x33; 512]).unwrap();
         c.write_at(24 << 10, &[0x44; 4096]).unwrap();

@@ -93,10 +93,7 @@ fn vhd_merge_images_read_byte_exact_by_qemu_img() {
         let mut vhd = match block_size {
             None => create::create_fixed(&path, size, &CreateOptions::default()).unwrap(),
             Some(bs) => {
-                let o = CreateOptions {
-                    block_size: bs,
-                    ..CreateOptions::default()
-                };
+                let o = CreateOptions::default().block_size(bs);
                 create::create_dynamic(&path, size, &o).unwrap()
             }
         };

@@ -150,11 +150,9 @@ fn merge_matches_model(
     let others = built.paths_except(d);
     let before = hashes(&others);
 
-    let opts = MergeOptions {
-        verify,
-        batch_bytes,
-        ..MergeOptions::default()
-    };
+    let opts = MergeOptions::default()
+        .verify(verify)
+        .batch_bytes(batch_bytes);
     let report = merge(&built.paths[0], explicit.then_some(dest.as_path()), &opts).unwrap();
 
     let expected = model.merged(d);
@@ -292,15 +290,7 @@ fn destination_must_be_an_ancestor() {
 /// Create a dynamic disk at `path` with a given unique id.
 fn dynamic_with_id(path: &Path, size: u64, id: uuid::Uuid) {
     let _ = std::fs::remove_file(path);
-    create_dynamic(
-        path,
-        size,
-        &CreateOptions {
-            unique_id: Some(id),
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
+    create_dynamic(path, size, &CreateOptions::default().unique_id(Some(id))).unwrap();
 }
 
 #[test]
@@ -355,15 +345,7 @@ fn larger_source_is_refused_smaller_is_merged() {
     let mut p = Vhd::open(&parent, OpenOptions::writable()).unwrap();
     p.write_at(0, &vec![1u8; 8 << 20]).unwrap();
     drop(p);
-    let r = merge(
-        &child,
-        None,
-        &MergeOptions {
-            verify: true,
-            ..MergeOptions::default()
-        },
-    )
-    .unwrap();
+    let r = merge(&child, None, &MergeOptions::default().verify(true)).unwrap();
     assert_eq!(r.bytes_merged, odd);
     let v = read_view(&parent);
     assert!(v[..odd as usize].iter().all(|&b| b == 6));
@@ -411,15 +393,7 @@ fn siblings_are_refused_unless_forced() {
     );
 
     // The dry run reports them without refusing.
-    let r = merge(
-        src,
-        Some(dest),
-        &MergeOptions {
-            dry_run: true,
-            ..MergeOptions::default()
-        },
-    )
-    .unwrap();
+    let r = merge(src, Some(dest), &MergeOptions::default().dry_run(true)).unwrap();
     let names: Vec<String> = r
         .plan
         .siblings
@@ -433,24 +407,13 @@ fn siblings_are_refused_unless_forced() {
     let other_dir = fast_tempdir();
     let far = other_dir.path().join("far.vhd");
     create_differencing(&far, mid, &CreateOptions::default()).unwrap();
-    let mut o = MergeOptions {
-        dry_run: true,
-        ..MergeOptions::default()
-    };
+    let mut o = MergeOptions::default().dry_run(true);
     o.chain.search_dirs.push(other_dir.path().to_path_buf());
     let r = merge(src, Some(dest), &o).unwrap();
     assert!(r.plan.siblings.contains(&far), "{:?}", r.plan.siblings);
 
     // Forced: merged, with a warning naming them.
-    let r = merge(
-        src,
-        Some(dest),
-        &MergeOptions {
-            force: true,
-            ..MergeOptions::default()
-        },
-    )
-    .unwrap();
+    let r = merge(src, Some(dest), &MergeOptions::default().force(true)).unwrap();
     assert!(
         r.warnings.iter().any(|w| w.contains("sibling.vhd")),
         "{:?}",
@@ -467,11 +430,7 @@ fn dry_run_writes_nothing_and_reports_the_plan() {
     let r = merge(
         &built.paths[0],
         Some(&built.paths[2]),
-        &MergeOptions {
-            dry_run: true,
-            verify: true,
-            ..MergeOptions::default()
-        },
+        &MergeOptions::default().dry_run(true).verify(true),
     )
     .unwrap();
     assert_eq!(hashes(&built.paths), before);
@@ -551,36 +510,23 @@ fn verify_passes_and_detects_corruption() {
     let work = fast_tempdir();
     copy_dir(dir.path(), work.path());
 
-    let ok = merge(
-        &built.paths[0],
-        None,
-        &MergeOptions {
-            verify: true,
-            ..MergeOptions::default()
-        },
-    )
-    .unwrap();
+    let ok = merge(&built.paths[0], None, &MergeOptions::default().verify(true)).unwrap();
     let v = ok.verified.unwrap();
     assert_eq!(v.bytes, ok.bytes_merged);
     assert!(v.units > 0);
 
     let src = work.path().join("l0.vhd");
     let wrap: StorageWrapper = Arc::new(|s| Box::new(Corrupting(s)));
-    let o = MergeOptions {
-        verify: true,
-        destination_io: Some(wrap.clone()),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default()
+        .verify(true)
+        .destination_io(Some(wrap.clone()));
     let e = merge(&src, None, &o).unwrap_err();
     assert!(matches!(e, Error::VerifyFailed(_)), "{e}");
     assert_eq!(code(&e), ReturnCode::Failed);
     assert!(e.to_string().contains("differ"), "{e}");
     // Without verify the same corruption goes unnoticed: the check is what catches it.
     copy_dir(dir.path(), work.path());
-    let o = MergeOptions {
-        destination_io: Some(wrap),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().destination_io(Some(wrap));
     merge(&src, None, &o).unwrap();
     assert_ne!(read_view(&work.path().join("l1.vhd")), built.model.view(0));
 }
@@ -602,15 +548,7 @@ fn locked_destination_gives_system_in_use() {
     // A dry run takes no locks.
     let f = std::fs::File::open(dest).unwrap();
     f.try_lock().unwrap();
-    merge(
-        src,
-        None,
-        &MergeOptions {
-            dry_run: true,
-            ..MergeOptions::default()
-        },
-    )
-    .unwrap();
+    merge(src, None, &MergeOptions::default().dry_run(true)).unwrap();
     drop(f);
 
     // A second merge started while the first is running: from another thread of the same
@@ -645,15 +583,7 @@ fn locked_destination_gives_system_in_use() {
             ));
         }
     });
-    merge(
-        src,
-        None,
-        &MergeOptions {
-            progress: Some(cb),
-            ..MergeOptions::default()
-        },
-    )
-    .unwrap();
+    merge(src, None, &MergeOptions::default().progress(Some(cb))).unwrap();
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0], "thread: 32774");
     #[cfg(feature = "cli")]
@@ -705,11 +635,9 @@ fn out_of_space_fails_and_leaves_a_valid_destination() {
     for limit in [len, len + (1 << 20), len + (3 << 20)] {
         let plan = FaultPlan::out_of_space_at(limit);
         let wrap: StorageWrapper = Arc::new(move |s| Box::new(FaultyStorage::new(s, plan.clone())));
-        let o = MergeOptions {
-            destination_io: Some(wrap),
-            batch_bytes: 1 << 20,
-            ..MergeOptions::default()
-        };
+        let o = MergeOptions::default()
+            .destination_io(Some(wrap))
+            .batch_bytes(1 << 20);
         let e = merge(&built.paths[0], None, &o).unwrap_err();
         assert_eq!(code(&e), ReturnCode::Failed, "{e}");
         assert!(e.to_string().contains("No space left"), "{e}");
@@ -747,11 +675,11 @@ fn job_reports_states_and_monotonic_progress() {
     );
     let seen: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    let o = MergeOptions {
-        progress: Some(Arc::new(move |p: &Progress| s2.lock().unwrap().push(*p))),
-        batch_bytes: 1 << 20,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default()
+        .progress(Some(Arc::new(move |p: &Progress| {
+            s2.lock().unwrap().push(*p)
+        })))
+        .batch_bytes(1 << 20);
     let job = MergeJob::start(&built.paths[0], Some(&built.paths[2]), o).unwrap();
     let report = job.wait().unwrap();
     assert_eq!(job.state(), JobState::Completed);
@@ -824,9 +752,9 @@ fn cancel_then_rerun_completes() {
     let from_test = Mutex::new(from_test);
     let to_test = Mutex::new(to_test);
     let once = AtomicBool::new(false);
-    let o = MergeOptions {
-        batch_bytes: 1 << 20,
-        progress: Some(Arc::new(move |p: &Progress| {
+    let o = MergeOptions::default()
+        .batch_bytes(1 << 20)
+        .progress(Some(Arc::new(move |p: &Progress| {
             if p.state == JobState::Running
                 && p.bytes_done > 0
                 && !once.swap(true, Ordering::SeqCst)
@@ -834,9 +762,7 @@ fn cancel_then_rerun_completes() {
                 to_test.lock().unwrap().send(()).unwrap();
                 from_test.lock().unwrap().recv().unwrap();
             }
-        })),
-        ..MergeOptions::default()
-    };
+        })));
     let job = MergeJob::start(&built.paths[0], None, o).unwrap();
     from_merge.recv().unwrap();
     let mid = job.progress();
@@ -887,10 +813,7 @@ fn remove_merged_and_relink_rules() {
     let before = hashes(&built.paths);
 
     // Removing the source would orphan its child.
-    let o = MergeOptions {
-        remove_merged: true,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().remove_merged(true);
     let e = merge(src, Some(dest), &o).unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidState, "{e}");
     assert!(e.to_string().contains("src-child.vhd"), "{e}");
@@ -898,11 +821,9 @@ fn remove_merged_and_relink_rules() {
     // Relinking a child of an intermediate is refused: its view would change.
     let mid_child = dir.path().join("mid-child.vhd");
     create_differencing(&mid_child, mid, &CreateOptions::default()).unwrap();
-    let o = MergeOptions {
-        relink: vec![mid_child.clone()],
-        force: true,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default()
+        .relink(vec![mid_child.clone()])
+        .force(true);
     let e = merge(src, Some(dest), &o).unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     assert!(e.to_string().contains("change its content"), "{e}");
@@ -918,11 +839,9 @@ fn remove_merged_and_relink_rules() {
     }
     let child_view = read_view(&src_child);
     assert_ne!(child_view, built.model.view(0));
-    let o = MergeOptions {
-        relink: vec![src_child.clone()],
-        remove_merged: true,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default()
+        .relink(vec![src_child.clone()])
+        .remove_merged(true);
     let r = merge(src, Some(dest), &o).unwrap();
     assert_eq!(r.relinked, vec![src_child.clone()]);
     assert_eq!(r.removed, vec![src.clone(), mid.clone()]);
@@ -945,10 +864,7 @@ fn relink_refused_before_anything_is_written() {
     let junk = dir.path().join("junk.vhd");
     std::fs::write(&junk, b"not a vhd").unwrap();
     let before = hashes(&built.paths);
-    let o = MergeOptions {
-        relink: vec![junk],
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().relink(vec![junk]);
     let e = merge(src, Some(dest), &o).unwrap_err();
     assert_eq!(code(&e), ReturnCode::InvalidParameter, "{e}");
     assert_eq!(hashes(&built.paths), before);
@@ -1172,11 +1088,7 @@ fn merge_through_a_smaller_intermediate_takes_the_sources_view() {
         let dir = fast_tempdir();
         let ([s, i, p, c], view) = hidden_by_smaller_intermediate(dir.path(), kind);
         let child_view = read_view(&c);
-        let o = MergeOptions {
-            verify: true,
-            relink: vec![c.clone()],
-            ..MergeOptions::default()
-        };
+        let o = MergeOptions::default().verify(true).relink(vec![c.clone()]);
         let r = merge(&s, Some(&p), &o).unwrap_or_else(|e| panic!("{kind}: {e}"));
         assert_eq!(
             first_diff(&read_view(&p), &view),
@@ -1195,10 +1107,7 @@ fn merge_through_a_smaller_intermediate_takes_the_sources_view() {
         assert_eq!(r.verified.unwrap().bytes, r.bytes_merged, "{kind}");
         assert!(i.exists() && s.exists());
         // Re-running is a no-op on the content (C is now a child of P: --force).
-        let o = MergeOptions {
-            force: true,
-            ..MergeOptions::default()
-        };
+        let o = MergeOptions::default().force(true);
         let again = merge(&s, Some(&p), &o).unwrap();
         assert_eq!(again.bytes_merged, r.bytes_merged);
         assert_eq!(first_diff(&read_view(&p), &view), None, "{kind}: rerun");
@@ -1226,10 +1135,7 @@ fn merge_through_several_smaller_intermediates() {
         let s = spec(5, kind, bs, vec![40, 70, 50, 60, 100], 0, 77 + k as u64);
         let built = build_chain_sized(&sub, &s, &sizes);
         let view = built.model.view(0);
-        let o = MergeOptions {
-            verify: true,
-            ..MergeOptions::default()
-        };
+        let o = MergeOptions::default().verify(true);
         merge(&built.paths[0], Some(&built.paths[d]), &o).unwrap();
         let got = read_view(&built.paths[d]);
         assert_eq!(

@@ -198,12 +198,10 @@ impl<'a> Bench<'a> {
     }
 
     fn options(&self, io: Option<StorageWrapper>, verify: bool) -> MergeOptions {
-        MergeOptions {
-            batch_bytes: self.sc.batch_bytes,
-            destination_io: io,
-            verify,
-            ..MergeOptions::default()
-        }
+        MergeOptions::default()
+            .batch_bytes(self.sc.batch_bytes)
+            .destination_io(io)
+            .verify(verify)
     }
 
     fn merge(&self, io: Option<StorageWrapper>, verify: bool) -> vhd_merge::Result<u64> {
@@ -228,10 +226,7 @@ struct Aftermath {
 
 /// `check --deep`'s options.
 fn deep() -> CheckOptions {
-    CheckOptions {
-        deep: true,
-        ..CheckOptions::default()
-    }
+    CheckOptions::default().deep(true)
 }
 
 /// Check the state after a failed merge: the error, the destination, the other files.
@@ -564,10 +559,7 @@ fn a_real_full_tmpfs() {
     let before = hashes(&others);
     let old_view = built.model.view(sc.dest);
     let merged = built.model.merged(sc.dest);
-    let o = MergeOptions {
-        batch_bytes: sc.batch_bytes,
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().batch_bytes(sc.batch_bytes);
 
     // How much the destination grows in a clean run (measured on the template's copy).
     let probe = fast_tempdir();
@@ -671,10 +663,7 @@ fn a_lost_in_place_write_is_not_published() {
     let _serial = serial();
     let template = fast_tempdir();
     let t = template.path();
-    let o = CreateOptions {
-        block_size: 64 << 10,
-        ..CreateOptions::default()
-    };
+    let o = CreateOptions::default().block_size(64 << 10);
     let mut v = create_dynamic(t.join("base.vhd"), 1 << 20, &o).unwrap();
     v.write_at(0, &vec![0xAA; 1 << 20]).unwrap();
     drop(v);
@@ -698,10 +687,10 @@ fn a_lost_in_place_write_is_not_published() {
     let before = hashes(&others);
     let log = IoLog::new();
     copy_dir(t, w);
-    let opts = |io| MergeOptions {
-        destination_io: Some(io),
-        batch_bytes: 4 * (64 << 10),
-        ..MergeOptions::default()
+    let opts = |io| {
+        MergeOptions::default()
+            .destination_io(Some(io))
+            .batch_bytes(4 * (64 << 10))
     };
     merge(&src, None, &opts(recording(log.clone()))).unwrap();
     let syncs = log.syncs();

@@ -177,11 +177,9 @@ fn run_case(c: &Case, stats: &mut Stats) {
         "model: the destination takes the source's view"
     );
     let target = c.explicit.then_some(dest.as_path());
-    let opts = MergeOptions {
-        verify: c.verify,
-        batch_bytes: c.batch_bytes,
-        ..MergeOptions::default()
-    };
+    let opts = MergeOptions::default()
+        .verify(c.verify)
+        .batch_bytes(c.batch_bytes);
 
     if let Some(f) = c.fault {
         let (plan, old_view) = (
@@ -194,10 +192,7 @@ fn run_case(c: &Case, stats: &mut Stats) {
             },
             model.view(d),
         );
-        let o = MergeOptions {
-            destination_io: Some(faulty(plan.clone())),
-            ..opts.clone()
-        };
+        let o = opts.clone().destination_io(Some(faulty(plan.clone())));
         match merge(&built.paths[0], target, &o) {
             Ok(_) => assert!(
                 !plan.crashed(),

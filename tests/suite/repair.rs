@@ -18,21 +18,11 @@ fn run() -> RepairOptions {
 }
 
 fn dry() -> RepairOptions {
-    RepairOptions {
-        dry_run: true,
-        ..RepairOptions::default()
-    }
+    RepairOptions::default().dry_run(true)
 }
 
 fn assert_checks_clean(p: &std::path::Path) {
-    let r = check_file(
-        p,
-        &CheckOptions {
-            deep: true,
-            ..CheckOptions::default()
-        },
-    )
-    .unwrap();
+    let r = check_file(p, &CheckOptions::default().deep(true)).unwrap();
     assert!(!r.has_errors(), "{:#?}", r.findings);
     Vhd::open(p, OpenOptions::read_only()).unwrap();
 }
@@ -251,10 +241,7 @@ fn damage(p: &std::path::Path, bat: bool) {
 /// repairs to the same bytes as an uninterrupted repair.
 #[test]
 fn crash_at_every_write() {
-    let lenient = OpenOptions {
-        lenient: true,
-        ..OpenOptions::read_only()
-    };
+    let lenient = OpenOptions::read_only().lenient(true);
     for bat in [false, true] {
         let d = tempfile::tempdir().unwrap();
         let p = dynamic(d.path(), "a.vhd");
@@ -337,10 +324,7 @@ fn cli_dry_run_json_and_exit_status() {
 fn table_of_identical_entries() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("a.vhd");
-    let o = vhd_merge::create::CreateOptions {
-        block_size: 512,
-        ..opts()
-    };
+    let o = opts().block_size(512);
     let mut v = vhd_merge::create::create_dynamic(&p, SIZE, &o).unwrap();
     v.write_at(0, &[1; 512]).unwrap();
     drop(v);

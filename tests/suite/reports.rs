@@ -18,7 +18,7 @@ fn strict() -> InfoOptions {
 }
 
 fn lenient() -> InfoOptions {
-    InfoOptions { lenient: true }
+    InfoOptions::default().lenient(true)
 }
 
 fn vhd_part(r: &InfoReport) -> &vhd_merge::info::VhdInfo {
@@ -49,10 +49,7 @@ fn vhd_chain(
     b.write_at(4 * MIB, &[7; 4096]).unwrap();
     let base_id = b.unique_id();
     drop(b);
-    let opts = CreateOptions {
-        block_size: 512 << 10,
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default().block_size(512 << 10);
     let child_id = create_differencing(&child, &base, &opts)
         .unwrap()
         .unique_id();
@@ -154,11 +151,9 @@ fn info_of_a_vhdx() {
     use vhd_merge::vhdx::create as vx;
     let dir = tempfile::tempdir().unwrap();
     let (base, child) = (dir.path().join("b.vhdx"), dir.path().join("c.avhdx"));
-    let opts = vx::CreateOptions {
-        block_size: Some(4 << 20),
-        logical_sector_size: 4096,
-        ..vx::CreateOptions::default()
-    };
+    let opts = vx::CreateOptions::default()
+        .block_size(Some(4 << 20))
+        .logical_sector_size(4096);
     vx::create_dynamic(&base, 64 * MIB, &opts).unwrap();
     vx::create_differencing(&child, &base, &vx::CreateOptions::default()).unwrap();
 
@@ -292,10 +287,7 @@ fn repair_report_merges_lost_blocks_into_runs() {
         b[at..at + 4].copy_from_slice(&0x7FFF_FF00u32.to_be_bytes());
     }
     std::fs::write(&f, &b).unwrap();
-    let opts = RepairOptions {
-        dry_run: true,
-        ..RepairOptions::default()
-    };
+    let opts = RepairOptions::default().dry_run(true);
     let r = repair_file(&f, &opts).unwrap();
     assert!(r.dry_run && !r.wrote);
     assert_eq!(std::fs::read(&f).unwrap(), b, "a dry run writes nothing");

@@ -139,15 +139,7 @@ fn id_mismatch_is_refused_unless_forced() {
         "a refused set-parent wrote"
     );
 
-    let r = set_parent(
-        &child,
-        &other,
-        &SetParentOptions {
-            force: true,
-            ..SetParentOptions::default()
-        },
-    )
-    .unwrap();
+    let r = set_parent(&child, &other, &SetParentOptions::default().force(true)).unwrap();
     assert!(r.id_changed);
     assert_eq!(r.parent_id, other_id);
     assert!(r.locators.iter().all(|l| l.reused));
@@ -283,10 +275,7 @@ fn refusals() {
     let e = set_parent(
         &child,
         &grandchild,
-        &SetParentOptions {
-            force: true,
-            ..SetParentOptions::default()
-        },
+        &SetParentOptions::default().force(true),
     )
     .unwrap_err();
     assert!(e.to_string().contains("cycle"), "{e}");
@@ -405,10 +394,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
             std::fs::copy(&base, &c).unwrap();
             c
         };
-        let opts = SetParentOptions {
-            force,
-            ..SetParentOptions::default()
-        };
+        let opts = SetParentOptions::default().force(force);
         let pristine = std::fs::read(&child).unwrap();
         let view_before = read_view(&child);
         let own_before = read_own(&child);
@@ -439,10 +425,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
                     // A torn 1024-byte header write. The design assumes such a write is not
                     // torn (one 4 KiB page and physical sector); if a 512-byte half does land,
                     // the header checksum catches it and a lenient re-run repairs it.
-                    let lenient = SetParentOptions {
-                        lenient: true,
-                        ..opts.clone()
-                    };
+                    let lenient = opts.clone().lenient(true);
                     set_parent(&child, &target, &lenient).unwrap();
                     assert!(read_view(&child) == view_after);
                     continue;
@@ -479,10 +462,7 @@ fn crash_at_every_write_leaves_a_usable_child() {
 fn vhdx_pair(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
     use vhd_merge::vhdx::create as vx;
     let mut rng = Rng::new(seed);
-    let opts = vx::CreateOptions {
-        block_size: Some(MIB as u32),
-        ..vx::CreateOptions::default()
-    };
+    let opts = vx::CreateOptions::default().block_size(Some(MIB as u32));
     let (base, child) = (dir.join("base.vhdx"), dir.join("child.avhdx"));
     let mut data = vec![0u8; 3 * MIB as usize];
     rng.fill(&mut data);
@@ -536,10 +516,7 @@ fn set_parent_repoints_a_vhdx_child_at_its_moved_parent() {
     let e = set_parent(&child, &other, &SetParentOptions::default()).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::InvalidParameter, "{e}");
     assert!(e.to_string().contains("DataWriteGuid"), "{e}");
-    let forced = SetParentOptions {
-        force: true,
-        ..SetParentOptions::default()
-    };
+    let forced = SetParentOptions::default().force(true);
     assert!(set_parent(&child, &other, &forced).unwrap().id_changed);
 
     let vhd = dir.path().join("base.vhd");

@@ -34,11 +34,9 @@ fn dirs() -> Dirs {
 }
 
 fn confined(d: &Dirs) -> ChainOptions {
-    ChainOptions {
-        ignore_absolute_locators: true,
-        confine_to: Some(vec![d.allowed.clone()]),
-        ..ChainOptions::default()
-    }
+    ChainOptions::default()
+        .ignore_absolute_locators(true)
+        .confine_to(Some(vec![d.allowed.clone()]))
 }
 
 /// Rewrite the child's locators: `entries` of (code, payload text); the rest emptied. Each
@@ -124,10 +122,7 @@ fn dotdot_escape_is_refused() {
     set_locators(&c, "p.vhd", &[(PlatformCode::W2ru, "..\\outside\\p.vhd")]);
     reaches_outside(&c, &ChainOptions::default(), &d);
     refused(&c, &confined(&d), &d);
-    let only_confine = ChainOptions {
-        confine_to: Some(vec![d.allowed.clone()]),
-        ..ChainOptions::default()
-    };
+    let only_confine = ChainOptions::default().confine_to(Some(vec![d.allowed.clone()]));
     refused(&c, &only_confine, &d);
 }
 
@@ -156,16 +151,10 @@ fn absolute_locators_are_ignored() {
         &[(PlatformCode::W2ku, &abs), (PlatformCode::MacX, &url)],
     );
     reaches_outside(&c, &ChainOptions::default(), &d);
-    let ignore_only = ChainOptions {
-        ignore_absolute_locators: true,
-        ..ChainOptions::default()
-    };
+    let ignore_only = ChainOptions::default().ignore_absolute_locators(true);
     refused(&c, &ignore_only, &d);
     // Confinement alone refuses them too.
-    let only_confine = ChainOptions {
-        confine_to: Some(vec![d.allowed.clone()]),
-        ..ChainOptions::default()
-    };
+    let only_confine = ChainOptions::default().confine_to(Some(vec![d.allowed.clone()]));
     refused(&c, &only_confine, &d);
     refused(&c, &confined(&d), &d);
 }
@@ -200,11 +189,9 @@ fn allowed_directory_given_through_a_symlink() {
     if !symlink(&d.allowed, &link) {
         return;
     }
-    let o = ChainOptions {
-        ignore_absolute_locators: true,
-        confine_to: Some(vec![link]),
-        ..ChainOptions::default()
-    };
+    let o = ChainOptions::default()
+        .ignore_absolute_locators(true)
+        .confine_to(Some(vec![link]));
     assert_eq!(Chain::open(&c, &o).unwrap().len(), 2);
 }
 
@@ -213,15 +200,9 @@ fn search_directory_outside_the_confinement_is_refused() {
     let d = dirs();
     let (_, c) = outside_parent(&d);
     set_locators(&c, "p.vhd", &[]);
-    let with_search = ChainOptions {
-        search_dirs: vec![d.outside.clone()],
-        ..ChainOptions::default()
-    };
+    let with_search = ChainOptions::default().search_dirs(vec![d.outside.clone()]);
     reaches_outside(&c, &with_search, &d);
-    let o = ChainOptions {
-        search_dirs: vec![d.outside.clone()],
-        ..confined(&d)
-    };
+    let o = confined(&d).search_dirs(vec![d.outside.clone()]);
     refused(&c, &o, &d);
 }
 
@@ -275,16 +256,10 @@ fn merge_under_confinement_never_reaches_outside() {
             (PlatformCode::W2ku, &copy.to_string_lossy()),
         ],
     );
-    let o = MergeOptions {
-        chain: confined(&d),
-        ..MergeOptions::default()
-    };
+    let o = MergeOptions::default().chain(confined(&d));
     let (a, out) = (snapshot(&d.allowed), snapshot(&d.outside));
     for dry_run in [true, false] {
-        let o = MergeOptions {
-            dry_run,
-            ..o.clone()
-        };
+        let o = o.clone().dry_run(dry_run);
         let e = merge(&c, None, &o).unwrap_err();
         assert_eq!(e.return_code(), ReturnCode::FileNotFound, "{e}");
         assert!(

@@ -90,11 +90,10 @@ const BS: u32 = MIB as u32;
 const SIZE: u64 = 8 * MIB;
 
 fn opts(sector: u32) -> CreateOptions {
-    CreateOptions {
-        block_size: Some(BS),
-        logical_sector_size: sector,
-        force: false,
-    }
+    CreateOptions::default()
+        .block_size(Some(BS))
+        .logical_sector_size(sector)
+        .force(false)
 }
 
 /// A differencing disk (1 MiB blocks, 8 MiB) over a dynamic parent, blocks 0 and 2 of the child
@@ -521,14 +520,7 @@ fn check_is_at_least_as_strict_as_opening() {
 #[test]
 fn deep_check_reads_the_sector_bitmaps() {
     let deep = |p: &Path| -> Vec<(Severity, &'static str)> {
-        let r = check_file(
-            p,
-            &CheckOptions {
-                deep: true,
-                ..CheckOptions::default()
-            },
-        )
-        .unwrap();
+        let r = check_file(p, &CheckOptions::default().deep(true)).unwrap();
         r.findings
             .iter()
             .map(|f| (f.severity, f.code.name()))
@@ -718,13 +710,7 @@ fn data_write_guid(p: &Path) -> Uuid {
 }
 
 fn repair(p: &Path, dry_run: bool) -> Result<vhd_merge::repair::RepairReport> {
-    repair_file(
-        p,
-        &RepairOptions {
-            dry_run,
-            ..RepairOptions::default()
-        },
-    )
+    repair_file(p, &RepairOptions::default().dry_run(dry_run))
 }
 
 #[test]

@@ -105,10 +105,11 @@ fn template(
     differencing: bool,
     seed: u64,
 ) -> (std::path::PathBuf, (Vec<Op>, Vec<Op>), View, View) {
-    let o = |block: u32| CreateOptions {
-        block_size: Some(block),
-        logical_sector_size: sector,
-        force: false,
+    let o = |block: u32| {
+        CreateOptions::default()
+            .block_size(Some(block))
+            .logical_sector_size(sector)
+            .force(false)
     };
     let path = dir.join("t.vhdx");
     let size = 6 * M + 3 * u64::from(sector) * 2;
@@ -240,10 +241,7 @@ fn locator_with_linkage2(v: &Vhdx<FaultyStorage>, linkage2: uuid::Uuid) -> Paren
 fn a_crash_anywhere_in_a_locator_update_leaves_the_old_or_the_new_link() {
     let dir = common::fast_tempdir();
     let (base, tpl) = (dir.path().join("base.vhdx"), dir.path().join("tpl.avhdx"));
-    let opts = CreateOptions {
-        block_size: Some(M as u32),
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions::default().block_size(Some(M as u32));
     create_dynamic(&base, 8 * M, &opts)
         .unwrap()
         .finish()

@@ -20,11 +20,10 @@ use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic
 const M: u64 = 1 << 20;
 
 fn opts(block: u32) -> CreateOptions {
-    CreateOptions {
-        block_size: Some(block),
-        logical_sector_size: 512,
-        force: false,
-    }
+    CreateOptions::default()
+        .block_size(Some(block))
+        .logical_sector_size(512)
+        .force(false)
 }
 
 /// Random runs of random data (whole sectors) written with `write_at`, mirrored in `expected`;

@@ -106,11 +106,9 @@ fn merge_case(c: VhdxCase, stats: &mut Stats) {
     let _replay = Replay(&m.c);
     let mut rng = common::Rng::new(seed ^ 0x4D45_5247);
     let verify = rng.chance(50);
-    let opts = MergeOptions {
-        verify,
-        batch_bytes: [1, 1 << 20, 8 << 20, 1 << 30][rng.below(4) as usize],
-        ..MergeOptions::default()
-    };
+    let opts = MergeOptions::default()
+        .verify(verify)
+        .batch_bytes([1, 1 << 20, 8 << 20, 1 << 30][rng.below(4) as usize]);
     let r = m
         .merge(&opts, rng.chance(50))
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -141,10 +139,7 @@ fn scale_case(seed: u64, stats: &mut Stats) {
     let m = Merging::new(random_vhdx_case(seed ^ 0x5CA1_E000));
     let _replay = Replay(&m.c);
     let mut rng = common::Rng::new(seed);
-    let opts = MergeOptions {
-        batch_bytes: [1, 1 << 20, 1 << 30][rng.below(3) as usize],
-        ..MergeOptions::default()
-    };
+    let opts = MergeOptions::default().batch_bytes([1, 1 << 20, 1 << 30][rng.below(3) as usize]);
     let fault = match rng.below(4) {
         0 => Some(Fault::Write(1 + rng.below(30), rng.chance(50))),
         1 => Some(Fault::Sync(1 + rng.below(8))),
@@ -155,10 +150,7 @@ fn scale_case(seed: u64, stats: &mut Stats) {
             Fault::Write(n, torn) => FaultPlan::crash_at_write(n, torn),
             Fault::Sync(n) => FaultPlan::fail_sync_at(n),
         };
-        let o = MergeOptions {
-            destination_io: Some(faulty(plan.clone())),
-            ..opts.clone()
-        };
+        let o = opts.clone().destination_io(Some(faulty(plan.clone())));
         let what = format!("seed {seed}, after {f:?}");
         match m.merge(&o, false) {
             Ok(_) => assert!(!plan.crashed(), "{what}: the merge succeeded"),
@@ -336,10 +328,7 @@ fn a_destination_whose_last_block_is_short() {
     use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
     let dir = fast_tempdir();
     let (p, c) = (dir.path().join("p.vhdx"), dir.path().join("c.avhdx"));
-    let o = CreateOptions {
-        block_size: Some(2 << 20),
-        ..CreateOptions::default()
-    };
+    let o = CreateOptions::default().block_size(Some(2 << 20));
     drop(create_dynamic(&p, 3 << 20, &o).unwrap());
     let mut child = create_differencing(&c, &p, &o).unwrap();
     child.write_at(5 << 19, &[0xC5; 512]).unwrap();
@@ -370,10 +359,7 @@ fn a_refused_merge_writes_no_file() {
         .iter()
         .map(|f| std::fs::read(path(f)).unwrap())
         .collect();
-    let opts = MergeOptions {
-        relink: vec![path("gc.avhdx")],
-        ..MergeOptions::default()
-    };
+    let opts = MergeOptions::default().relink(vec![path("gc.avhdx")]);
     let e = merge(path("c.avhdx"), None, &opts).unwrap_err();
     assert_eq!(e.return_code(), ReturnCode::InvalidState, "{e}");
     assert!(e.to_string().contains("sibling.avhdx"), "{e}");

@@ -165,10 +165,7 @@ impl Bench {
     }
 
     fn options(&self, target: Target, io: StorageWrapper) -> MergeOptions {
-        let mut o = MergeOptions {
-            batch_bytes: 1 << 20,
-            ..MergeOptions::default()
-        };
+        let mut o = MergeOptions::default().batch_bytes(1 << 20);
         match target {
             Target::Destination => o.destination_io = Some(io),
             Target::Link => o.link_io = Some(io),
@@ -386,11 +383,7 @@ fn a_vhdx_write_session_after_a_flush_that_lost_writes() {
     use vhd_merge::vhdx::create::{CreateOptions, create_dynamic};
     let dir = common::fast_tempdir();
     let path = dir.path().join("d.vhdx");
-    let o = CreateOptions {
-        block_size: Some(MIB),
-        force: true,
-        ..CreateOptions::default()
-    };
+    let o = CreateOptions::default().block_size(Some(MIB)).force(true);
     let new = vec![0xAB; 8192];
     for n in 1..=8 {
         drop(create_dynamic(&path, 8 << 20, &o).unwrap());

@@ -84,11 +84,10 @@ use vhd_merge::vhdx::format::MIB;
 const M: u64 = MIB;
 
 fn opts(block: Option<u32>, sector: u32) -> CreateOptions {
-    CreateOptions {
-        block_size: block,
-        logical_sector_size: sector,
-        force: false,
-    }
+    CreateOptions::default()
+        .block_size(block)
+        .logical_sector_size(sector)
+        .force(false)
 }
 
 /// The layout every file we create has: Hyper-V's.
@@ -181,10 +180,7 @@ fn create_refuses_an_existing_file_unless_forced_and_leaves_no_temporary() {
         "{e}"
     );
     assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
-    let forced = CreateOptions {
-        force: true,
-        ..opts(Some(1 << 20), 512)
-    };
+    let forced = opts(Some(1 << 20), 512).force(true);
     let v = create_dynamic(&p, 8 * M, &forced).unwrap();
     assert_eq!(v.block_size(), M);
     let names: Vec<_> = std::fs::read_dir(dir.path())
