@@ -8,7 +8,6 @@
 //! and every open streams it once to find the allocated entries (no SEEK_DATA to skip).
 
 use std::ffi::OsStr;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -104,7 +103,7 @@ pub fn run_steps(root: &Path, bin: &Path, rss_file: &Path) -> Res<Steps> {
     println!(
         "bigbat: base {} bytes ({} MiB on disk), BAT 0xFF000000 entries; the BAT is not a hole (unused entries are 0xFFFFFFFF), so each open streams it once; the plan merges {planned} bytes",
         meta.len(),
-        (meta.blocks() * 512) >> 20
+        on_disk(&meta) >> 20
     );
     println!("{:<40} {:>10} {:>12}", "step", "seconds", "peak RSS MiB");
     for (name, t, k) in &steps {
@@ -128,4 +127,17 @@ pub fn rows(steps: &Steps) {
         Some(64.0),
         "MiB",
     );
+}
+
+/// The bytes a file takes on disk (its length where the platform does not say).
+fn on_disk(meta: &std::fs::Metadata) -> u64 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        meta.blocks() * 512
+    }
+    #[cfg(not(unix))]
+    {
+        meta.len()
+    }
 }
