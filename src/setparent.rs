@@ -394,7 +394,7 @@ fn set_parent_vhdx(
     new_parent: &Path,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
-    let mut c = VhdxLayer::open(child, OpenOptions::writable())?;
+    let mut c = VhdxLayer::for_linkage(child, None)?;
     let Some(old) = c.vhdx().parent_locator().cloned() else {
         return Err(Error::InvalidParameter(format!(
             "{} is a {} disk, not a differencing one: it has no parent to set",

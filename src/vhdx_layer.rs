@@ -68,6 +68,25 @@ impl VhdxLayer {
     /// Open the VHDX held by `storage` (the file at `path`, possibly wrapped by a test hook).
     pub fn from_storage(storage: LayerStorage, path: &Path, writable: bool) -> Result<VhdxLayer> {
         let v = Vhdx::open(storage, writable).map_err(|e| e.in_file(path))?;
+        Ok(Self::of(v, path))
+    }
+
+    /// Open the VHDX at `path` (or over `storage`) writable to rewrite its parent linkage
+    /// only ([`Vhdx::open_for_metadata`]: the BAT is not streamed; no block question may be
+    /// asked of this layer). For set-parent and a merge's linkage updates.
+    pub(crate) fn for_linkage(path: &Path, storage: Option<LayerStorage>) -> Result<VhdxLayer> {
+        let storage: LayerStorage = match storage {
+            Some(s) => s,
+            None => Arc::new(crate::image::open_for_writing(
+                path,
+                crate::image::WriteMode::Existing,
+            )?),
+        };
+        let v = Vhdx::open_for_metadata(storage).map_err(|e| e.in_file(path))?;
+        Ok(Self::of(v, path))
+    }
+
+    fn of(v: Vhdx<LayerStorage>, path: &Path) -> VhdxLayer {
         let mut warnings = Vec::new();
         let replayed = v.reader().replayed_entries();
         if replayed > 0 {
@@ -76,11 +95,11 @@ impl VhdxLayer {
                 if replayed == 1 { "y" } else { "ies" }
             ));
         }
-        Ok(VhdxLayer {
+        VhdxLayer {
             path: path.to_path_buf(),
             v,
             warnings,
-        })
+        }
     }
 
     /// The open file, for VHDX-specific tools (info, check, set-parent).
@@ -335,7 +354,7 @@ pub(crate) fn set_parent_ids(
     primary: Uuid,
     secondary: Option<Uuid>,
 ) -> Result<()> {
-    let mut layer = VhdxLayer::from_storage(storage.into(), child, true)?;
+    let mut layer = VhdxLayer::for_linkage(child, Some(storage.into()))?;
     let loc = layer.v.parent_locator().cloned().ok_or_else(|| {
         Error::InvalidParameter(format!(
             "{} is not a differencing disk: no parent linkage to update",
@@ -372,7 +391,7 @@ pub(crate) fn probe(path: &Path) -> Option<Probe> {
     let file = crate::image::open_regular_file(path, false).ok()?;
     let mode = Mode {
         differencing: true,
-        writable: false,
+        ..Mode::default()
     };
     let s = Structures::open(FileStorage::new(file), mode).ok()?;
     let id = s.header.header.data_write_guid;

@@ -74,6 +74,20 @@ impl PagedBat {
         })
     }
 
+    /// The table at `offset` without reading it: entries are read on demand as always, but
+    /// no entry was validated and no block is noted as mapped ([`PagedBat::is_mapped`] is
+    /// false, [`PagedBat::mapped_blocks`] empty). Only for an open that rewrites metadata
+    /// through the log and asks no block question (the reason: a child's BAT can be hundreds
+    /// of MiB, streamed again by each of a merge's linkage updates).
+    pub(crate) fn unscanned(offset: u64, geometry: Geometry) -> PagedBat {
+        PagedBat {
+            table: ChunkCache::new(offset, geometry.entries_needed() * 8, CHUNK, CACHE_CHUNKS),
+            geometry,
+            changed: BTreeMap::new(),
+            mapped: Vec::new(),
+        }
+    }
+
     /// Entry `k` of the table.
     pub(crate) fn entry<S: Storage>(&self, file: &Overlay<S>, k: u64) -> Result<BatEntry> {
         if k.checked_mul(8).is_none_or(|b| b + 8 > self.table.len()) {

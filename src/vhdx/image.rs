@@ -157,7 +157,27 @@ impl<S: Storage> Vhdx<S> {
         let mode = Mode {
             differencing: true,
             writable,
+            metadata_only: false,
         };
+        Self::open_mode(storage, mode)
+    }
+
+    /// Open writable to rewrite metadata through the log only (a parent linkage): headers,
+    /// regions, metadata and the log as [`Vhdx::open`] does, a dirty log replayed onto the
+    /// file, but the BAT neither streamed nor validated, so the block queries
+    /// ([`Vhdx::is_mapped`], [`Vhdx::mapped_blocks`]) know no block. Nothing that reads or
+    /// writes blocks may use it.
+    pub(crate) fn open_for_metadata(storage: S) -> Result<Vhdx<S>> {
+        let mode = Mode {
+            differencing: true,
+            writable: true,
+            metadata_only: true,
+        };
+        Self::open_mode(storage, mode)
+    }
+
+    fn open_mode(storage: S, mode: Mode) -> Result<Vhdx<S>> {
+        let writable = mode.writable;
         Ok(Vhdx {
             r: VhdxReader::open_with(storage, mode)?,
             writable,

@@ -177,6 +177,10 @@ pub(crate) struct Mode {
     pub differencing: bool,
     /// Replay a dirty log onto the file and clear it ([MS-VHDX] 2.3.3) instead of in memory.
     pub writable: bool,
+    /// Do not stream and validate the BAT: for opens that only rewrite metadata through the
+    /// log (a parent linkage), where the block queries are never asked
+    /// ([`PagedBat::unscanned`]).
+    pub metadata_only: bool,
 }
 
 /// Everything of a VHDX but its BAT, as it reads after the log replay: enough to know the
@@ -255,16 +259,20 @@ impl<S: Storage> VhdxReader<S> {
         )?;
         geometry.check_bat_region(regions.bat.length.into())?;
         let file_len = file.file_len();
-        let bat = PagedBat::load(
-            &file,
-            regions.bat.file_offset,
-            geometry,
-            |kind, e| match kind {
-                EntryKind::Payload(i) => check_block(&geometry, file_len, i, e),
-                EntryKind::Bitmap(c) if fp.has_parent => check_bitmap_block(file_len, c, e),
-                _ => Ok(()),
-            },
-        )?;
+        let bat = if mode.metadata_only {
+            PagedBat::unscanned(regions.bat.file_offset, geometry)
+        } else {
+            PagedBat::load(
+                &file,
+                regions.bat.file_offset,
+                geometry,
+                |kind, e| match kind {
+                    EntryKind::Payload(i) => check_block(&geometry, file_len, i, e),
+                    EntryKind::Bitmap(c) if fp.has_parent => check_bitmap_block(file_len, c, e),
+                    _ => Ok(()),
+                },
+            )?
+        };
         Ok(VhdxReader {
             file,
             header,
