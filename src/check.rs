@@ -275,23 +275,21 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
 /// blktap batmap.
 fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     let Some(h) = vhd.header() else { return };
-    let spb = vhd.sectors_per_block() as usize;
-    let bm_bytes = vhd.bitmap_bytes();
-    let bs = vhd.block_size();
-    let size = vhd.virtual_size();
-    let dynamic = vhd.disk_type() == DiskType::Dynamic;
     let map = batmap.and_then(|b| read_batmap(vhd, b, sink));
-
-    // File order, so the reads are sequential; 8 bytes a block (BAT entries are u32 sectors
-    // and Max Table Entries is a u32, so both casts are exact).
-    let mut blocks: Vec<(u32, u32)> = Vec::new();
-    let listed = if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
-        Err("not enough memory to list the blocks".to_string())
-    } else {
+    let mut buf = Vec::new();
+    let listed = if vhd.allocated_blocks() > crate::vhd::held_blocks() {
+        // More blocks than are listed at once (the bound of the overlap sweep): table order.
         vhd.allocated_entries().try_for_each(|entry| {
             let (i, offset) = entry.map_err(|e| e.to_string())?;
-            blocks.push(((offset / SECTOR_SIZE) as u32, i as u32));
+            check_block(vhd, (offset, i), map.as_deref(), &mut buf, sink);
             Ok(())
+        })
+    } else {
+        file_order(vhd).map(|blocks| {
+            for (sector, index) in blocks {
+                let at = (u64::from(sector) * SECTOR_SIZE, u64::from(index));
+                check_block(vhd, at, map.as_deref(), &mut buf, sink);
+            }
         })
     };
     if let Err(e) = listed {
@@ -304,54 +302,6 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
             e,
         );
         return;
-    }
-    blocks.sort_unstable();
-    let mut buf = Vec::new();
-    for (sector, index) in blocks {
-        let (offset, index) = (u64::from(sector) * SECTOR_SIZE, u64::from(index));
-        // Sized by the block size, which opening bounded (MAX_BLOCK_SIZE), and the block was
-        // checked to lie inside the file.
-        let want = if dynamic { bm_bytes + bs } else { bm_bytes };
-        buf.resize(want as usize, 0);
-        if let Err(e) = vhd.read_raw(offset, &mut buf) {
-            let block = format!("block {index}");
-            sink.add(
-                Severity::Error,
-                ProblemCode::Unreadable,
-                block,
-                Some(offset),
-                Some(index),
-                e.to_string(),
-            );
-            continue;
-        }
-        let (bm_raw, data) = buf.split_at(bm_bytes as usize);
-        let b = ReadBlock {
-            index,
-            offset,
-            bitmap: SectorBitmap::from_bytes(bm_raw, spb),
-            valid: (size.saturating_sub(index.saturating_mul(bs)).min(bs) / SECTOR_SIZE) as usize,
-        };
-        check_bits_past_end(&b, size, sink);
-        if dynamic {
-            check_unwritten_zero(&b, data, bs, bm_bytes, sink);
-        }
-        if let Some(map) = &map
-            && bit_set(map, index)
-            && !b.bitmap.all()
-        {
-            sink.add(
-                Severity::Error,
-                ProblemCode::BatmapNotFull,
-                format!("block {index}"),
-                Some(offset),
-                Some(index),
-                format!(
-                    "the batmap marks block {index} full but its bitmap has {} of {spb} sectors",
-                    b.bitmap.count_ones()
-                ),
-            );
-        }
     }
     if let Some(map) = &map {
         for index in 0..u64::from(h.max_table_entries) {
@@ -371,6 +321,82 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
 
 /// One allocated block as [`deep_checks`] read it: its index, file offset, sector bitmap and
 /// how many of its sectors lie inside the virtual size.
+/// The allocated blocks as (sector, index) in file order, so the reads are sequential; 8
+/// bytes a block (BAT entries are u32 sectors and Max Table Entries is a u32, so both casts
+/// are exact).
+fn file_order(vhd: &Vhd) -> std::result::Result<Vec<(u32, u32)>, String> {
+    let mut blocks: Vec<(u32, u32)> = Vec::new();
+    if blocks.try_reserve_exact(vhd.allocated_blocks()).is_err() {
+        return Err("not enough memory to list the blocks".to_string());
+    }
+    vhd.allocated_entries().try_for_each(|entry| {
+        let (i, offset) = entry.map_err(|e| e.to_string())?;
+        blocks.push(((offset / SECTOR_SIZE) as u32, i as u32));
+        Ok::<(), String>(())
+    })?;
+    blocks.sort_unstable();
+    Ok(blocks)
+}
+
+/// Read block `index` at `offset` and check its bitmap bits past the end, its never-written
+/// sectors (dynamic disks) and its batmap bit.
+fn check_block(
+    vhd: &Vhd,
+    (offset, index): (u64, u64),
+    map: Option<&[u8]>,
+    buf: &mut Vec<u8>,
+    sink: &mut Sink<'_>,
+) {
+    let spb = vhd.sectors_per_block() as usize;
+    let bm_bytes = vhd.bitmap_bytes();
+    let bs = vhd.block_size();
+    let size = vhd.virtual_size();
+    let dynamic = vhd.disk_type() == DiskType::Dynamic;
+    // Sized by the block size, which opening bounded (MAX_BLOCK_SIZE), and the block was
+    // checked to lie inside the file.
+    let want = if dynamic { bm_bytes + bs } else { bm_bytes };
+    buf.resize(want as usize, 0);
+    if let Err(e) = vhd.read_raw(offset, buf) {
+        let block = format!("block {index}");
+        sink.add(
+            Severity::Error,
+            ProblemCode::Unreadable,
+            block,
+            Some(offset),
+            Some(index),
+            e.to_string(),
+        );
+        return;
+    }
+    let (bm_raw, data) = buf.split_at(bm_bytes as usize);
+    let b = ReadBlock {
+        index,
+        offset,
+        bitmap: SectorBitmap::from_bytes(bm_raw, spb),
+        valid: (size.saturating_sub(index.saturating_mul(bs)).min(bs) / SECTOR_SIZE) as usize,
+    };
+    check_bits_past_end(&b, size, sink);
+    if dynamic {
+        check_unwritten_zero(&b, data, bs, bm_bytes, sink);
+    }
+    if let Some(map) = map
+        && bit_set(map, index)
+        && !b.bitmap.all()
+    {
+        sink.add(
+            Severity::Error,
+            ProblemCode::BatmapNotFull,
+            format!("block {index}"),
+            Some(offset),
+            Some(index),
+            format!(
+                "the batmap marks block {index} full but its bitmap has {} of {spb} sectors",
+                b.bitmap.count_ones()
+            ),
+        );
+    }
+}
+
 struct ReadBlock {
     index: u64,
     offset: u64,

@@ -31,29 +31,116 @@ pub(super) fn check_blocks(
     v: &mut Validator,
 ) -> Result<u64> {
     let mut next_free = metadata_end(vhd.footer.data_offset, h, len);
-    let mut ex = sweep::Extents {
-        meta: metadata_extents(vhd, h, len, batmap),
-        blocks: Vec::new(),
-        stride: h.bitmap_bytes() + u64::from(h.block_size),
-    };
+    let meta = metadata_extents(vhd, h, len, batmap);
+    let stride = h.bitmap_bytes() + u64::from(h.block_size);
     if let Some(bm) = batmap {
         next_free = next_free
             .max(bm.header_offset + SECTOR_SIZE)
             .max(bm.map_offset + bm.map_bytes());
     }
-    let mut gone = blocks_inside(vhd, bat, &mut ex, data_limit, v)?;
-    let mut reasons: HashMap<u32, String> = HashMap::new();
-    gone.union(&ex.sweep(|o| note_overlap(o, &mut reasons, v))?);
-    // The end of everything inside the file, then the blocks that stay.
-    for (b, blen, _) in ex.iter() {
+    // The end of everything inside the file, dropped blocks included.
+    for &(b, blen, _) in &meta {
         if b + blen <= data_limit {
             next_free = next_free.max(b + blen);
         }
     }
-    ex.retain(&gone);
-    drop_entries(vhd, bat, &gone, reasons, (ex.stride, data_limit), v)?;
-    check_locators(h, &ex, len, v);
+    let mut reasons: HashMap<u32, String> = HashMap::new();
+    let bounds = sweep::bounds();
+    let (gone, found) = if bat.allocated() <= bounds.blocks {
+        let mut ex = sweep::Extents {
+            meta,
+            blocks: Vec::new(),
+            stride,
+        };
+        let mut gone = blocks_inside(vhd, bat, &mut ex, data_limit, v)?;
+        gone.union(&ex.sweep(|o| note_overlap(o, &mut reasons, v))?);
+        for b in &ex.blocks {
+            next_free = next_free.max(b.start() + stride);
+        }
+        ex.retain(&gone);
+        let found = locator_ranges(h)
+            .map(|(s, e)| ex.first_overlapping(s, e))
+            .collect();
+        (gone, found)
+    } else {
+        let ranges: Vec<(u64, u64)> = locator_ranges(h).collect();
+        let (gone, found, end) = sweep_windowed(
+            (vhd, bat),
+            (meta, stride, data_limit),
+            &ranges,
+            bounds,
+            &mut reasons,
+            v,
+        )?;
+        next_free = next_free.max(end);
+        (gone, found)
+    };
+    drop_entries(vhd, bat, &gone, reasons, (stride, data_limit), v)?;
+    check_locators(h, &found, len, v);
     Ok(next_free)
+}
+
+/// [`check_blocks`] for a table with more allocated blocks than one sweep holds: the blocks are
+/// read from the table for each pass ([`sweep::sweep_windowed`]) instead of held. Returns the
+/// blocks to drop, the first extent each locator's data overlaps (as
+/// [`sweep::Extents::first_overlapping`] after the drops) and the end of the blocks inside
+/// the data.
+fn sweep_windowed(
+    (vhd, bat): (&Vhd, &Table),
+    (mut meta, stride, data_limit): (Vec<sweep::Meta>, u64, u64),
+    ranges: &[(u64, u64)],
+    bounds: sweep::Bounds,
+    reasons: &mut HashMap<u32, String>,
+    v: &mut Validator,
+) -> Result<(sweep::BlockSet, Vec<Option<(u64, i64)>>, u64)> {
+    let mut end = 0;
+    let mut gone = blocks_outside(vhd, bat, stride, data_limit, v, |b| {
+        end = end.max(b.start() + stride)
+    })?;
+    let mut pass = |visit: &mut dyn FnMut(sweep::Block) -> Result<()>| {
+        blocks_outside_quietly(vhd, bat, stride, data_limit, visit)
+    };
+    let sectors = data_limit.div_ceil(SECTOR_SIZE);
+    gone.union(&sweep::sweep_windowed(
+        &meta,
+        stride,
+        sectors,
+        bounds,
+        &mut pass,
+        &mut |o| note_overlap(o, reasons, v),
+    )?);
+    // The first kept block each locator's data overlaps (kept blocks do not overlap), then
+    // the first of it and the metadata, as the held sweep answers.
+    let mut first: Vec<Option<(u64, i64)>> = vec![None; ranges.len()];
+    pass(&mut |b| {
+        if gone.get(b.index) {
+            return Ok(());
+        }
+        let (s, e) = (b.start(), b.start() + stride);
+        for (f, &(lo, hi)) in first.iter_mut().zip(ranges) {
+            if s < hi && lo < e && f.is_none_or(|f| s < f.0) {
+                *f = Some((s, i64::from(b.index)));
+            }
+        }
+        Ok(())
+    })?;
+    meta.sort_unstable();
+    let meta_only = sweep::Extents {
+        meta,
+        blocks: Vec::new(),
+        stride,
+    };
+    let found = first
+        .into_iter()
+        .zip(ranges)
+        .map(
+            |(b, &(lo, hi))| match (meta_only.first_overlapping(lo, hi), b) {
+                (Some(m), Some(b)) => Some(if m.0 <= b.0 { m } else { b }),
+                (m, b) => m.or(b),
+            },
+        )
+        .collect();
+    Ok((gone, found, end))
 }
 
 /// Tags of the metadata extents in the overlap sweep (blocks use their index).
@@ -110,36 +197,78 @@ fn blocks_inside(
     data_limit: u64,
     v: &mut Validator,
 ) -> Result<sweep::BlockSet> {
-    let mut outside = sweep::BlockSet::default();
-    let n = bat.allocated();
     ex.blocks
-        .try_reserve_exact(n)
+        .try_reserve_exact(bat.allocated())
         .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
+    let blocks = &mut ex.blocks;
+    blocks_outside(vhd, bat, ex.stride, data_limit, v, |b| blocks.push(b))
+}
+
+/// Walk the allocated blocks in table order, passing those that end inside the data (before
+/// `data_limit`) to `inside`, and return the others (each a problem) as the first blocks to
+/// drop.
+fn blocks_outside(
+    vhd: &Vhd,
+    bat: &Table,
+    stride: u64,
+    data_limit: u64,
+    v: &mut Validator,
+    mut inside: impl FnMut(sweep::Block),
+) -> Result<sweep::BlockSet> {
+    let mut outside = sweep::BlockSet::default();
+    walk_blocks(vhd, bat, stride, &mut |b, end| {
+        let (i, start) = (b.index, b.start());
+        if end <= data_limit {
+            inside(b);
+            return Ok(());
+        }
+        outside.set(i);
+        v.error(
+            ProblemCode::BatEntryOutside,
+            &format!("block {i}"),
+            Some(start),
+            Some(u64::from(i)),
+            Error::format(format!(
+                "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
+            )),
+        )
+    })?;
+    Ok(outside)
+}
+
+/// Walk the allocated blocks in table order, passing those that end inside the data to
+/// `visit`, silently (a later pass of [`sweep::sweep_windowed`]).
+fn blocks_outside_quietly(
+    vhd: &Vhd,
+    bat: &Table,
+    stride: u64,
+    data_limit: u64,
+    visit: &mut dyn FnMut(sweep::Block) -> Result<()>,
+) -> Result<()> {
+    walk_blocks(vhd, bat, stride, &mut |b, end| match end <= data_limit {
+        true => visit(b),
+        false => Ok(()),
+    })
+}
+
+/// Each allocated block in table order, with the end of its extent (`stride` bytes long).
+fn walk_blocks(
+    vhd: &Vhd,
+    bat: &Table,
+    stride: u64,
+    visit: &mut dyn FnMut(sweep::Block, u64) -> Result<()>,
+) -> Result<()> {
     for entry in bat.allocated_entries(vhd) {
         let (i, start) = entry?;
-        let (i, e) = (i as usize, (start / SECTOR_SIZE) as u32);
-        let start = u64::from(e) * SECTOR_SIZE;
-        let end = start + ex.stride;
-        if end > data_limit {
-            v.error(
-                ProblemCode::BatEntryOutside,
-                &format!("block {i}"),
-                Some(start),
-                Some(i as u64),
-                Error::format(format!(
-                    "BAT entry {i} points to offset {start:#x}; the block ends at {end:#x}, past the end of data at {data_limit:#x}"
-                )),
-            )?;
-            outside.set(i as u32);
-            continue;
-        }
-        // A table has at most u32::MAX entries (Max Table Entries is a u32), so the index fits.
-        ex.blocks.push(sweep::Block {
-            sector: e,
+        // A table has at most u32::MAX entries (Max Table Entries is a u32) and an entry is
+        // a u32 sector, so both fit.
+        let b = sweep::Block {
+            sector: (start / SECTOR_SIZE) as u32,
             index: i as u32,
-        });
+        };
+        visit(b, b.start() + stride)?;
     }
-    Ok(outside)
+    Ok(())
 }
 
 /// One overlap the sweep found: a problem naming both extents, and the first reason for
@@ -224,8 +353,9 @@ fn drop_entries(
 }
 
 /// Parent locator data must lie inside the file and clear of the other extents (which no
-/// longer overlap each other): warnings only.
-fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Validator) {
+/// longer overlap each other; `found` holds the first each locator's data overlaps, from
+/// [`locator_ranges`]): warnings only.
+fn check_locators(h: &DynamicHeader, found: &[Option<(u64, i64)>], len: u64, v: &mut Validator) {
     for (i, loc) in h.locators.iter().enumerate() {
         if loc.is_empty() {
             continue;
@@ -246,7 +376,7 @@ fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Vali
             );
             continue;
         }
-        if let Some((_, tag)) = ex.first_overlapping(loc.data_offset, end) {
+        if let Some(&Some((_, tag))) = found.get(i) {
             v.warn(
                 ProblemCode::LocatorOverlap,
                 &ls,
@@ -260,4 +390,12 @@ fn check_locators(h: &DynamicHeader, ex: &sweep::Extents, len: u64, v: &mut Vali
             );
         }
     }
+}
+
+/// The file range of each locator's data, empty or not, in the header's order.
+fn locator_ranges(h: &DynamicHeader) -> impl Iterator<Item = (u64, u64)> + '_ {
+    h.locators.iter().map(|loc| {
+        let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
+        (loc.data_offset, end)
+    })
 }

@@ -51,6 +51,9 @@ pub use crate::format::batmap::{BATMAP_COOKIE, Batmap};
 pub(crate) use files::{
     WriteMode, file_kind, open_for_writing, open_regular_file, peek, take_lock,
 };
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub use sweep::set_test_bounds;
 use table::Table;
 pub use validate::{
     DroppedEntry, Inspection, MAX_PROBLEMS_PER_CODE, Problem, ProblemCode, Severity,
@@ -78,6 +81,12 @@ pub const MAX_TABLE_ENTRIES: u32 = 0xFF00_0000;
 /// at about 48 MiB; a file with more allocated blocks (blocks under 512 KiB, mostly allocated)
 /// is refused with Not supported (32770) after its table is counted.
 pub const MAX_HELD_BLOCKS: usize = 1 << 22;
+
+/// Most allocated blocks validation's overlap sweep and the deep check hold at once
+/// ([`MAX_HELD_BLOCKS`], or a test's bound): past it they read the table in passes.
+pub(crate) fn held_blocks() -> usize {
+    sweep::bounds().blocks
+}
 
 /// Largest parent locator payload [`Vhd::read_locator_payload`] reads. Real payloads are one
 /// path (Windows reserves at most 64 KiB for one, §2.2).

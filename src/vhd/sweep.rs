@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::error::Result;
+use super::MAX_HELD_BLOCKS;
+use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
 
 /// A metadata extent: start, length and a negative tag naming it (blocks use their index).
@@ -25,7 +26,8 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    fn start(self) -> u64 {
+    /// Where the block (its bitmap) starts in the file.
+    pub fn start(self) -> u64 {
         u64::from(self.sector) * SECTOR_SIZE
     }
 }
@@ -110,16 +112,13 @@ impl Extents {
     /// others overlaps anything: every block over metadata, and of blocks overlapping each
     /// other, those with the most overlaps until none is left. Memory follows the blocks held
     /// and those in overlaps, never the table's entry count.
-    pub fn sweep(&mut self, on_overlap: impl FnMut(Overlap) -> Result<()>) -> Result<BlockSet> {
+    pub fn sweep(&mut self, mut on_overlap: impl FnMut(Overlap) -> Result<()>) -> Result<BlockSet> {
         self.sort();
         let mut s = Scan::default();
-        s.run(self.iter(), on_overlap)?;
-        if s.too_many {
-            s.drop.union(&s.involved);
-        } else {
-            drop_most_connected(&mut s.drop, &s.pairs);
+        for e in self.iter() {
+            s.step(e, &mut on_overlap)?;
         }
-        Ok(s.drop)
+        Ok(s.finish())
     }
 
     /// Keep only the blocks not in `drop`.
@@ -160,33 +159,42 @@ struct Scan {
 }
 
 impl Scan {
-    fn run(
+    /// The next extent in file order.
+    fn step(
         &mut self,
-        extents: impl Iterator<Item = Meta>,
-        mut on_overlap: impl FnMut(Overlap) -> Result<()>,
+        (b, blen, bt): Meta,
+        on_overlap: &mut dyn FnMut(Overlap) -> Result<()>,
     ) -> Result<()> {
-        for (b, blen, bt) in extents {
-            if let Some((a, aend, at)) = self.reach
-                && aend > b
-            {
-                on_overlap(Overlap {
-                    first: (a, at),
-                    second: (b, bt),
-                })?;
-                for t in [at, bt] {
-                    if let Ok(t) = u32::try_from(t) {
-                        self.involved.set(t);
-                    }
+        if let Some((a, aend, at)) = self.reach
+            && aend > b
+        {
+            on_overlap(Overlap {
+                first: (a, at),
+                second: (b, bt),
+            })?;
+            for t in [at, bt] {
+                if let Ok(t) = u32::try_from(t) {
+                    self.involved.set(t);
                 }
             }
-            if self.reach.is_none_or(|(_, aend, _)| b + blen > aend) {
-                self.reach = Some((b, b + blen, bt));
-            }
-            if !self.too_many {
-                self.pair_up(b, b + blen, bt);
-            }
+        }
+        if self.reach.is_none_or(|(_, aend, _)| b + blen > aend) {
+            self.reach = Some((b, b + blen, bt));
+        }
+        if !self.too_many {
+            self.pair_up(b, b + blen, bt);
         }
         Ok(())
+    }
+
+    /// The blocks to drop once every extent was seen.
+    fn finish(mut self) -> BlockSet {
+        if self.too_many {
+            self.drop.union(&self.involved);
+        } else {
+            drop_most_connected(&mut self.drop, &self.pairs);
+        }
+        self.drop
     }
 
     /// Record the pairs the extent `b..end` (tagged `bt`) makes with the active ones.
@@ -206,6 +214,204 @@ impl Scan {
         }
         self.active.push((end, bt));
     }
+}
+
+/// One pass over the allocated blocks in increasing index order (table order): each goes to
+/// the visitor, whose error ends the pass and is returned.
+pub(crate) type Pass<'a> = dyn FnMut(&mut dyn FnMut(Block) -> Result<()>) -> Result<()> + 'a;
+
+/// Buckets of one histogram pass of [`sweep_windowed`] (8 bytes each: 512 KiB).
+pub(crate) const BUCKETS: u64 = 1 << 16;
+
+/// The bounds validation uses: [`MAX_HELD_BLOCKS`] blocks held and [`BUCKETS`] buckets, or
+/// those a test set on this thread ([`set_test_bounds`]).
+pub(crate) fn bounds() -> Bounds {
+    let held = Bounds {
+        blocks: MAX_HELD_BLOCKS,
+        buckets: BUCKETS,
+    };
+    #[cfg(feature = "testing")]
+    if let Some(b) = TEST_BOUNDS.get() {
+        return b;
+    }
+    held
+}
+
+#[cfg(feature = "testing")]
+thread_local! {
+    static TEST_BOUNDS: std::cell::Cell<Option<Bounds>> = const { std::cell::Cell::new(None) };
+}
+
+/// Validate VHDs opened on this thread with at most `blocks` blocks held by the overlap sweep
+/// and `buckets` buckets per histogram (`None`: the defaults), so that tests reach the windowed
+/// sweep with small files. A testing hook, only with the `testing` feature.
+#[cfg(feature = "testing")]
+pub fn set_test_bounds(bounds: Option<(usize, u64)>) {
+    TEST_BOUNDS.set(bounds.map(|(blocks, buckets)| Bounds { blocks, buckets }));
+}
+
+/// What bounds [`sweep_windowed`]: the blocks one window holds, the buckets of a histogram.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounds {
+    /// Most blocks sorted at once (8 bytes each).
+    pub blocks: usize,
+    /// Buckets of one histogram pass (at least 2).
+    pub buckets: u64,
+}
+
+/// [`Extents::sweep`] for blocks too many to hold: the same overlaps, in the same order, and
+/// the same blocks to drop, holding at most `bounds.blocks` blocks at once. The blocks come
+/// from `pass` (starts below `sectors` sectors); `meta` are the metadata extents.
+///
+/// The file-offset space is split into windows of at most `bounds.blocks` block starts: a
+/// histogram pass counts the starts per bucket, consecutive buckets are grouped, and one pass
+/// per window collects and sorts that window's blocks, fed to one sweep whose state (the
+/// extent reaching furthest, the extents still open) carries across window edges, so an
+/// overlap spanning an edge is found as in one sweep. A bucket holding more starts than the
+/// bound is refined by a histogram of its own (pigeonhole: blocks of one length `s` that do
+/// not overlap start at most `ceil(B / s)` times in `B` bytes, so it proves an overlap); at one
+/// sector, every start is the same and table order is file order: streamed unsorted. Memory:
+/// one window and a histogram per refinement level (at most 3 at 2^16 buckets).
+pub(crate) fn sweep_windowed(
+    meta: &[Meta],
+    stride: u64,
+    sectors: u64,
+    bounds: Bounds,
+    pass: &mut Pass<'_>,
+    on_overlap: &mut dyn FnMut(Overlap) -> Result<()>,
+) -> Result<BlockSet> {
+    let mut meta = meta.to_vec();
+    meta.sort_unstable();
+    let mut sink = Sink {
+        meta,
+        next_meta: 0,
+        stride,
+        scan: Scan::default(),
+        on_overlap,
+    };
+    let bounds = Bounds {
+        buckets: bounds.buckets.max(2),
+        ..bounds
+    };
+    sweep_range(pass, &mut sink, bounds, (0, sectors))?;
+    sink.meta_until(|_| true)?;
+    Ok(sink.scan.finish())
+}
+
+/// The sweep being fed in file order, and the metadata extents still to merge in.
+struct Sink<'o> {
+    meta: Vec<Meta>,
+    next_meta: usize,
+    stride: u64,
+    scan: Scan,
+    on_overlap: &'o mut dyn FnMut(Overlap) -> Result<()>,
+}
+
+impl Sink<'_> {
+    /// Feed the metadata extents still to come while `before` holds (they are sorted).
+    fn meta_until(&mut self, before: impl Fn(&Meta) -> bool) -> Result<()> {
+        while let Some(&m) = self.meta.get(self.next_meta)
+            && before(&m)
+        {
+            self.next_meta += 1;
+            self.scan.step(m, &mut *self.on_overlap)?;
+        }
+        Ok(())
+    }
+
+    /// Feed block `b`, after the metadata extents ordered before it (as [`Extents::iter`]).
+    fn block(&mut self, b: Block) -> Result<()> {
+        let e = (b.start(), self.stride, i64::from(b.index));
+        self.meta_until(|m| *m <= e)?;
+        self.scan.step(e, &mut *self.on_overlap)
+    }
+}
+
+/// Sweep the blocks starting in sectors `lo..hi`, window by window (see [`sweep_windowed`]).
+fn sweep_range(
+    pass: &mut Pass<'_>,
+    sink: &mut Sink<'_>,
+    bounds: Bounds,
+    (lo, hi): (u64, u64),
+) -> Result<()> {
+    if hi <= lo {
+        return Ok(());
+    }
+    let width = (hi - lo).div_ceil(bounds.buckets);
+    let mut counts: Vec<u64> = Vec::new();
+    let n = (hi - lo).div_ceil(width) as usize;
+    counts
+        .try_reserve_exact(n)
+        .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
+    counts.resize(n, 0);
+    pass(&mut |b| {
+        let s = u64::from(b.sector);
+        if (lo..hi).contains(&s) {
+            counts[((s - lo) / width) as usize] += 1;
+        }
+        Ok(())
+    })?;
+    let edge = |i: usize| (lo + i as u64 * width).min(hi);
+    let held = bounds.blocks as u64;
+    let mut i = 0;
+    while i < n {
+        if counts[i] > held {
+            if width == 1 {
+                one_sector(pass, sink, edge(i))?;
+            } else {
+                sweep_range(pass, sink, bounds, (edge(i), edge(i + 1)))?;
+            }
+            i += 1;
+            continue;
+        }
+        let (mut j, mut total) = (i, 0);
+        while j < n && total + counts[j] <= held {
+            total += counts[j];
+            j += 1;
+        }
+        window(pass, sink, (edge(i), edge(j)), total as usize)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Collect the `count` blocks starting in sectors `lo..hi`, sort and feed them, then the
+/// metadata extents starting before `hi`.
+fn window(
+    pass: &mut Pass<'_>,
+    sink: &mut Sink<'_>,
+    (lo, hi): (u64, u64),
+    count: usize,
+) -> Result<()> {
+    if count > 0 {
+        let mut held: Vec<Block> = Vec::new();
+        held.try_reserve_exact(count)
+            .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
+        pass(&mut |b| {
+            if (lo..hi).contains(&u64::from(b.sector)) {
+                if held.len() == count {
+                    return Err(Error::format("the BAT changed while it was validated"));
+                }
+                held.push(b);
+            }
+            Ok(())
+        })?;
+        held.sort_unstable();
+        for b in held {
+            sink.block(b)?;
+        }
+    }
+    sink.meta_until(|m| m.0 < hi * SECTOR_SIZE)
+}
+
+/// Feed the blocks starting at sector `s`, in table order (all start there: the order a sort
+/// by (start, index) gives), then the metadata extents starting in that sector.
+fn one_sector(pass: &mut Pass<'_>, sink: &mut Sink<'_>, s: u64) -> Result<()> {
+    pass(&mut |b| match u64::from(b.sector) == s {
+        true => sink.block(b),
+        false => Ok(()),
+    })?;
+    sink.meta_until(|m| m.0 < (s + 1) * SECTOR_SIZE)
 }
 
 /// Drop the blocks with the most overlaps among those left, until none is left (after a few
@@ -383,6 +589,79 @@ mod tests {
             prop_assert_eq!(a, b);
             prop_assert_eq!(da.ones().map(spread_of).collect::<Vec<_>>(), db.ones().collect::<Vec<_>>());
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+        /// The windowed sweep, with bounds small enough that windows split, buckets are
+        /// refined and single sectors streamed, reports the same overlaps in the same order and
+        /// drops the same blocks as the sweep holding everything.
+        #[test]
+        fn windowed_sweep_matches_the_single_sweep(
+            e in extents(),
+            blocks in 1usize..6,
+            buckets in 2u64..6,
+        ) {
+            let mut whole = e.clone();
+            let mut want = Vec::new();
+            let want_drop = whole.sweep(|o| { want.push(o); Ok(()) }).unwrap();
+            let mut got = Vec::new();
+            let mut pass = |visit: &mut dyn FnMut(Block) -> Result<()>| {
+                e.blocks.iter().try_for_each(|&b| visit(b))
+            };
+            let drop = sweep_windowed(
+                &e.meta,
+                e.stride,
+                64,
+                Bounds { blocks, buckets },
+                &mut pass,
+                &mut |o| { got.push(o); Ok(()) },
+            )
+            .unwrap();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(drop, want_drop);
+        }
+    }
+
+    /// An overlap spanning a window edge: windows of one block each, so the second block of
+    /// each overlapping pair is in the window after the first's.
+    #[test]
+    fn an_overlap_across_a_window_edge_is_found() {
+        let blocks = vec![
+            Block {
+                sector: 0,
+                index: 0,
+            },
+            Block {
+                sector: 3,
+                index: 1,
+            },
+            Block {
+                sector: 10,
+                index: 2,
+            },
+        ];
+        let mut pass =
+            |visit: &mut dyn FnMut(Block) -> Result<()>| blocks.iter().try_for_each(|&b| visit(b));
+        let mut seen = Vec::new();
+        let bounds = Bounds {
+            blocks: 1,
+            buckets: 4,
+        };
+        let drop = sweep_windowed(&[], 4 * 512, 16, bounds, &mut pass, &mut |o| {
+            seen.push(o);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [Overlap {
+                first: (0, 0),
+                second: (3 * 512, 1)
+            }]
+        );
+        assert_eq!(drop.ones().collect::<Vec<_>>(), [0, 1]);
     }
 
     /// An error from the callback ends the sweep there.
