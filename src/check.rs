@@ -252,7 +252,9 @@ fn file_checks(vhd: &Vhd, sink: &mut Sink<'_>) {
         }
     }
     let bc = vhd.block_count();
-    for i in vhd.allocated_indices().skip_while(|&i| i < bc) {
+    // An unreadable table is reported by the deep check; here it ends the list.
+    let past = vhd.allocated_indices().map_while(|i| i.ok());
+    for i in past.skip_while(|&i| i < bc) {
         // The offset only locates the finding: an unreadable entry leaves it out.
         let offset = vhd.block_offset(i).ok().flatten();
         sink.add(
@@ -305,7 +307,7 @@ fn deep_checks(vhd: &Vhd, batmap: Option<&Batmap>, sink: &mut Sink<'_>) {
     }
     if let Some(map) = &map {
         for index in 0..u64::from(h.max_table_entries) {
-            if bit_set(map, index) && !vhd.is_allocated(index) {
+            if bit_set(map, index) && !vhd.is_allocated(index).unwrap_or(true) {
                 sink.add(
                     Severity::Error,
                     ProblemCode::BatmapNotFull,

@@ -592,7 +592,7 @@ impl Writer<'_, '_> {
             }
             let bs = v.block_size();
             let last = (pos + len - 1).min(v.virtual_size() - 1) / bs;
-            (pos / bs..=last).any(|b| v.is_mapped(b))
+            (pos / bs..=last).any(|b| v.is_mapped(b).unwrap_or(true))
         })
     }
 
@@ -808,7 +808,7 @@ fn write_dynamic(w: &mut Writer<'_, '_>, out: &mut dyn LayerWriter) -> Result<u6
         first = last;
     }
     out.finish()?;
-    Ok(out.mapped_blocks().count() as u64)
+    crate::layer::count_mapped(&*out)
 }
 
 #[cfg(feature = "serde")]

@@ -191,13 +191,14 @@ pub trait Layer: Send + Sync + fmt::Debug {
     /// For a differencing layer, what it records about its parent.
     fn parent_link(&self) -> Result<Option<ParentLink>>;
     /// The blocks whose state is not [`BlockState::Transparent`], in increasing order. Cost
-    /// follows the allocation, never the virtual size.
-    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_>;
+    /// follows the allocation or the block table's size, never the virtual size; memory is
+    /// bounded (a table may be read as the iteration goes, so an item may be a read error).
+    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = Result<u64>> + '_>;
     /// The state of block `block`.
     fn block_state(&self, block: u64) -> Result<BlockState>;
     /// Whether block `block` is not [`BlockState::Transparent`], from the block table alone
-    /// (no bitmap or data read).
-    fn is_mapped(&self, block: u64) -> bool;
+    /// (no bitmap or data read; the table itself may be read).
+    fn is_mapped(&self, block: u64) -> Result<bool>;
     /// How much the file grows, at most, when `blocks` new blocks are written into it (for a
     /// plan's estimates, made before the layer is opened for writing).
     fn growth_for(&self, blocks: u64) -> u64;
@@ -229,7 +230,8 @@ pub trait Layer: Send + Sync + fmt::Debug {
 pub trait LayerWriter: Layer {
     /// Make room for `blocks` new blocks at once (one call per batch).
     fn reserve(&mut self, blocks: u64) -> Result<()>;
-    /// True when writing into `block` allocates it.
+    /// True when writing into `block` allocates it (also when the block table cannot be read:
+    /// the write then meets the error).
     fn needs_allocation(&self, block: u64) -> bool;
     /// Write the sectors selected by `mask` from `data` into `block`, from sector `first` of the
     /// block on (`data` covers `mask.len()` sectors). Sectors outside the mask keep their content;
@@ -402,4 +404,12 @@ pub fn probe(path: &Path) -> Option<Probe> {
         Format::Vhdx => crate::vhdx_layer::probe(path),
         Format::Vhd => crate::vhd_layer::probe(path),
     }
+}
+
+/// The number of mapped blocks of `layer` ([`Layer::mapped_blocks`]: the first read error
+/// ends it).
+pub(crate) fn count_mapped(layer: &(impl Layer + ?Sized)) -> Result<u64> {
+    layer
+        .mapped_blocks()
+        .try_fold(0u64, |n, b| b.map(|_| n + 1))
 }

@@ -76,8 +76,8 @@ impl Layer for MemLayer {
     fn parent_link(&self) -> Result<Option<crate::layer::ParentLink>> {
         Ok(None)
     }
-    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_> {
-        Box::new(self.blocks.keys().copied())
+    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = Result<u64>> + '_> {
+        Box::new(self.blocks.keys().copied().map(Ok))
     }
     fn block_state(&self, block: u64) -> Result<BlockState> {
         Ok(self
@@ -85,8 +85,8 @@ impl Layer for MemLayer {
             .get(&block)
             .map_or(BlockState::Transparent, |(s, _)| s.clone()))
     }
-    fn is_mapped(&self, block: u64) -> bool {
-        self.blocks.contains_key(&block)
+    fn is_mapped(&self, block: u64) -> Result<bool> {
+        Ok(self.blocks.contains_key(&block))
     }
     fn growth_for(&self, blocks: u64) -> u64 {
         blocks * self.block
@@ -129,7 +129,7 @@ impl crate::layer::LayerWriter for MemLayer {
         Ok(())
     }
     fn needs_allocation(&self, block: u64) -> bool {
-        !self.is_mapped(block)
+        !self.blocks.contains_key(&block)
     }
     fn write_sectors(
         &mut self,

@@ -192,12 +192,15 @@ impl Layer for Vhd {
         Ok(Some(link))
     }
 
-    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_> {
+    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = Result<u64>> + '_> {
         let count = self.block_count();
         if self.header().is_none() {
-            return Box::new(0..count);
+            return Box::new((0..count).map(Ok));
         }
-        Box::new(self.allocated_indices().take_while(move |&i| i < count))
+        Box::new(
+            self.allocated_indices()
+                .take_while(move |i| i.as_ref().map_or(true, |&i| i < count)),
+        )
     }
 
     fn block_state(&self, block: u64) -> Result<BlockState> {
@@ -207,9 +210,9 @@ impl Layer for Vhd {
         })
     }
 
-    fn is_mapped(&self, block: u64) -> bool {
+    fn is_mapped(&self, block: u64) -> Result<bool> {
         match self.header() {
-            None => block < self.block_count(),
+            None => Ok(block < self.block_count()),
             Some(_) => self.is_allocated(block),
         }
     }
@@ -295,7 +298,7 @@ impl LayerWriter for Vhd {
     }
 
     fn needs_allocation(&self, block: u64) -> bool {
-        self.disk_type().is_sparse() && !self.is_allocated(block)
+        self.disk_type().is_sparse() && !self.is_allocated(block).is_ok_and(|a| a)
     }
 
     /// A whole block goes straight to [`Vhd::write_block`]; a part of one is placed in a
@@ -424,7 +427,10 @@ mod tests {
         assert_eq!((l.sector_size(), l.block_size()), (512, 64 << 10));
         assert_eq!(l.id(), v.unique_id());
         assert_eq!(l.parent_link().unwrap(), None);
-        assert_eq!(l.mapped_blocks().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            l.mapped_blocks().collect::<Result<Vec<_>>>().unwrap(),
+            vec![3]
+        );
         assert_eq!(l.block_state(2).unwrap(), BlockState::Transparent);
         let BlockState::Present(Some(bm)) = l.block_state(3).unwrap() else {
             panic!("block 3 should be present with a bitmap");
@@ -446,7 +452,10 @@ mod tests {
         let v = create_fixed(&p, 5 << 20, &CreateOptions::default()).unwrap();
         let l: &dyn Layer = &v;
         assert_eq!(l.kind(), DiskKind::Fixed);
-        assert_eq!(l.mapped_blocks().collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            l.mapped_blocks().collect::<Result<Vec<_>>>().unwrap(),
+            vec![0, 1, 2]
+        );
         assert_eq!(l.block_state(2).unwrap(), BlockState::Present(None));
         assert_eq!(l.block_state(3).unwrap(), BlockState::Transparent);
     }

@@ -213,8 +213,8 @@ impl Layer for VhdxLayer {
             .map_err(|e| e.in_file(&self.path))
     }
 
-    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = u64> + '_> {
-        Box::new(self.v.mapped_blocks())
+    fn mapped_blocks(&self) -> Box<dyn Iterator<Item = Result<u64>> + '_> {
+        Box::new(self.v.mapped_blocks().map(Ok))
     }
 
     fn block_state(&self, block: u64) -> Result<BlockState> {
@@ -225,8 +225,8 @@ impl Layer for VhdxLayer {
         })
     }
 
-    fn is_mapped(&self, block: u64) -> bool {
-        self.v.is_mapped(block)
+    fn is_mapped(&self, block: u64) -> Result<bool> {
+        Ok(self.v.is_mapped(block))
     }
 
     /// Each new block takes its payload block (a multiple of 1 MiB, so no alignment gap) and,
@@ -449,7 +449,10 @@ mod tests {
         assert_eq!(link.name, "base.vhdx");
         assert_eq!(link.hints[0].source, "relative_path");
         assert_eq!(link.hints.last().unwrap().spelling, Spelling::FileName);
-        assert_eq!(l.mapped_blocks().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            l.mapped_blocks().collect::<Result<Vec<_>>>().unwrap(),
+            vec![3]
+        );
         let BlockState::Present(Some(map)) = l.block_state(3).unwrap() else {
             panic!("a partly written child block is PARTIALLY_PRESENT");
         };

@@ -332,7 +332,7 @@ fn write_and_finish(
 ) -> Result<()> {
     let d = report.plan.destination_index;
     let len_before = dest.file_len()?;
-    let blocks_before = dest.mapped_blocks().count();
+    let blocks_before = crate::layer::count_mapped(&*dest)?;
     let mut crcs = options.verify.then(Vec::new);
     let copied = copy_units(
         &chain,
@@ -356,7 +356,7 @@ fn write_and_finish(
     let new_id = dest.finish()?;
     report.bytes_merged = copied.bytes;
     report.bytes_cloned = copied.cloned;
-    report.blocks_allocated = dest.mapped_blocks().count().saturating_sub(blocks_before) as u64;
+    report.blocks_allocated = crate::layer::count_mapped(&*dest)?.saturating_sub(blocks_before);
     report.destination_growth = dest.file_len()?.saturating_sub(len_before);
     let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged)
         .then(|| open_layer(at(&chain, d - 1).path(), OpenOptions::read_only()))

@@ -159,7 +159,7 @@ impl MergePlan {
             let claimed = span.claimed().count_ones() as u64;
             let hidden = span.hidden().count_ones() as u64;
             let block = u as u64 / per_block;
-            let unallocated = !dest.is_mapped(block);
+            let unallocated = !dest.is_mapped(block)?;
             // Zeros alone over an unallocated block of a dynamic disk change nothing: it
             // reads as zeros already (a differencing disk's unallocated block reads its
             // parent, which the zeros must hide).
@@ -299,7 +299,7 @@ fn candidate_units(chain: &Chain, d: usize, limit: u64, unit_sectors: u64) -> Re
         let layer_limit = limit.min(layer.virtual_size() / ss);
         visible = visible.min(layer_limit);
         for i in layer.mapped_blocks() {
-            let s0 = i * spb;
+            let s0 = i? * spb;
             if s0 >= layer_limit {
                 break;
             }

@@ -347,7 +347,8 @@ fn drop_entries(
             entry: e,
             reason,
         });
-        bat.set(i, bat::UNUSED);
+        let was = bat.is_allocated(vhd, u64::from(i))?;
+        bat.set(i, bat::UNUSED, was);
     }
     Ok(())
 }

@@ -297,20 +297,24 @@ impl Vhd {
         self.bat.get(self, index)
     }
 
-    /// Whether block `index` has a BAT entry (false past the table); reads nothing.
-    pub fn is_allocated(&self, index: u64) -> bool {
-        self.bat.is_allocated(index)
+    /// Whether block `index` has a BAT entry (false past the table). Reads nothing for a
+    /// table with at most [`MAX_HELD_BLOCKS`] allocated entries; past it, the table's page
+    /// holding the entry, unless it is cached.
+    pub fn is_allocated(&self, index: u64) -> Result<bool> {
+        self.bat.is_allocated(self, index)
     }
 
     /// The allocated BAT entries in increasing block order: (block index, byte offset of the
-    /// block's bitmap). Reads the table in order, a cached page at a time.
+    /// block's bitmap). Reads the allocated entries, a cached page at a time (past
+    /// [`MAX_HELD_BLOCKS`] allocated entries, the whole table in order).
     pub fn allocated_entries(&self) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
         self.bat.allocated_entries(self)
     }
 
-    /// The indices of the allocated blocks in increasing order; reads nothing.
-    pub(crate) fn allocated_indices(&self) -> impl Iterator<Item = u64> + '_ {
-        self.bat.allocated_blocks()
+    /// The indices of the allocated blocks in increasing order (see
+    /// [`Vhd::allocated_entries`]).
+    pub(crate) fn allocated_indices(&self) -> impl Iterator<Item = Result<u64>> + '_ {
+        self.bat.allocated_entries(self).map(|e| e.map(|e| e.0))
     }
 
     /// Fixed, dynamic or differencing.

@@ -554,8 +554,12 @@ fn open_sparse(vhd: &mut Vhd, len: u64, options: OpenOptions, v: &mut Validator)
     let h = read_header(vhd, header_offset, options.lenient, v)?;
     check_header_fields(&h, vhd.footer.current_size, header_offset, v)?;
     check_bat_placement(&h, header_offset, len, meta_limit, v)?;
-    let mut bat = Table::load(vhd, h.table_offset, h.max_table_entries)?;
-    check_held_blocks(&bat, &h, v)?;
+    let mut bat = Table::load(
+        vhd,
+        h.table_offset,
+        h.max_table_entries,
+        super::held_blocks(),
+    )?;
     let batmap = read_batmap(vhd, &h, len, v)?;
     let next_free =
         extents::check_blocks(vhd, &h, &mut bat, batmap.as_ref(), (len, meta_limit), v)?;
@@ -820,23 +824,6 @@ fn check_bat_placement(
         ));
     }
     Ok(())
-}
-
-/// A table with more allocated entries than [`MAX_HELD_BLOCKS`] is refused: validation
-/// keeps each allocated block (see `vhd::sweep`).
-fn check_held_blocks(bat: &Table, h: &DynamicHeader, v: &mut Validator) -> Result<()> {
-    if bat.allocated() <= MAX_HELD_BLOCKS {
-        return Ok(());
-    }
-    Err(v.stop(
-        ProblemCode::BatTooLarge,
-        "BAT",
-        Some(h.table_offset),
-        Error::not_supported(format!(
-            "the BAT has {} allocated entries, more than the {MAX_HELD_BLOCKS} supported",
-            bat.allocated()
-        )),
-    ))
 }
 
 /// End of header, BAT and every locator extent that lies inside the file (§4.1).

@@ -1,10 +1,12 @@
 //! The block allocation table of an open [`Vhd`], read on demand so that memory stays bounded
 //! whatever the table's size.
 //!
-//! Opening streams the table once, [`CHUNK`](crate::io::paged::CHUNK)-byte pieces at a
-//! time, keeping the indices of the allocated entries (4 bytes each, at most
-//! [`MAX_HELD_BLOCKS`]): nothing is kept per table entry, so a table of 2^32 entries with a
-//! few allocated (2040 GiB at 512-byte blocks, a 16 GiB BAT) costs a few bytes. Entries are
+//! Opening streams the table once, [`STREAM`](crate::io::paged::STREAM)-byte pieces at a
+//! time, keeping the indices of the allocated entries (4 bytes each) while there are at most
+//! [`MAX_HELD_BLOCKS`] of them: nothing is kept per table entry, so a table of 2^32 entries
+//! with a few allocated (2040 GiB at 512-byte blocks, a 16 GiB BAT) costs a few bytes. Past
+//! that bound nothing is kept per allocated entry either: whether an entry is allocated is
+//! read from the table, and the allocated entries are listed by reading it in order. Entries are
 //! then read through the shared [`ChunkCache`], [`PAGE`] bytes at a time, at most
 //! [`CACHE_PAGES`] pages (a merge asks in block order, so one page read serves 1024 blocks).
 //! Entries that differ from the file are kept on top of it: those validation dropped (they
@@ -14,6 +16,8 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(doc)]
+use super::held_blocks;
 use super::{MAX_HELD_BLOCKS, Vhd};
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
@@ -37,11 +41,12 @@ pub(super) struct Table {
     /// Entries that differ from the file's, by block index: dropped at open ([`bat::UNUSED`])
     /// or allocated by this session and not yet committed.
     changed: BTreeMap<u32, u32>,
-    /// The indices of the entries allocated in the file at open, in increasing order (at
-    /// most [`MAX_HELD_BLOCKS`] of them are kept; [`Table::allocated`] counts them all).
-    loaded: Vec<u32>,
-    /// Entries whose allocation differs from `loaded`: `true` allocated since, `false`
-    /// unallocated since (dropped at open, for instance).
+    /// The indices of the entries allocated in the file at open, in increasing order, when
+    /// there are at most [`held_blocks`] of them; `None` past it: whether an entry is
+    /// allocated is then read from the table, as it reads with `changed` on top.
+    loaded: Option<Vec<u32>>,
+    /// With `loaded`, entries whose allocation differs from it: `true` allocated since,
+    /// `false` unallocated since (dropped at open, for instance).
     remapped: BTreeMap<u32, bool>,
     /// Number of allocated entries.
     allocated: usize,
@@ -49,11 +54,11 @@ pub(super) struct Table {
 
 impl Table {
     /// Stream the `entries` entries at `offset` (checked against the file length and the
-    /// supported size by the caller) once, noting the allocated ones; past
-    /// [`MAX_HELD_BLOCKS`] they are counted, not kept, and the caller refuses the table.
-    pub(super) fn load(vhd: &Vhd, offset: u64, entries: u32) -> Result<Table> {
+    /// supported size by the caller) once, counting the allocated ones and keeping their
+    /// indices while there are at most `held` of them ([`held_blocks`] at open).
+    pub(super) fn load(vhd: &Vhd, offset: u64, entries: u32, held: usize) -> Result<Table> {
         let file = ChunkCache::new(offset, u64::from(entries) * 4, PAGE, CACHE_PAGES);
-        let mut loaded = Vec::new();
+        let mut loaded = Some(Vec::new());
         let mut allocated = 0;
         file.stream(
             |o, n| vhd.read_vec(o, n),
@@ -61,16 +66,20 @@ impl Table {
                 for (j, e) in bytes.chunks_exact(4).enumerate() {
                     if e != [0xFF; 4] {
                         allocated += 1;
-                        if allocated <= MAX_HELD_BLOCKS {
+                        if allocated > held {
+                            loaded = None;
+                        } else if let Some(l) = &mut loaded {
                             // The table has at most u32::MAX entries: the index fits.
-                            loaded.push((at / 4) as u32 + j as u32);
+                            l.push((at / 4) as u32 + j as u32);
                         }
                     }
                 }
                 Ok(())
             },
         )?;
-        loaded.shrink_to_fit();
+        if let Some(l) = &mut loaded {
+            l.shrink_to_fit();
+        }
         Ok(Table {
             file,
             len: entries,
@@ -86,19 +95,18 @@ impl Table {
         self.len
     }
 
-    /// Whether entry `i` was allocated in the file at open.
-    fn was_loaded(&self, i: u32) -> bool {
-        self.loaded.binary_search(&i).is_ok()
-    }
-
-    /// Whether block `index` is allocated (false past the table); reads nothing.
-    pub(super) fn is_allocated(&self, index: u64) -> bool {
+    /// Whether block `index` is allocated (false past the table). Reads nothing while the
+    /// allocated indices are held, else the table's page holding the entry (unless cached).
+    pub(super) fn is_allocated(&self, vhd: &Vhd, index: u64) -> Result<bool> {
         let Ok(i) = u32::try_from(index) else {
-            return false;
+            return Ok(false);
         };
-        match self.remapped.get(&i) {
-            Some(&now) => now,
-            None => self.was_loaded(i),
+        match &self.loaded {
+            Some(l) => Ok(match self.remapped.get(&i) {
+                Some(&now) => now,
+                None => l.binary_search(&i).is_ok(),
+            }),
+            None => Ok(self.raw(vhd, index)? != bat::UNUSED),
         }
     }
 
@@ -121,7 +129,7 @@ impl Table {
 
     /// The byte offset of block `index`'s bitmap, `None` when unallocated or past the table.
     pub(super) fn get(&self, vhd: &Vhd, index: u64) -> Result<Option<u64>> {
-        if !self.is_allocated(index) {
+        if self.loaded.is_some() && !self.is_allocated(vhd, index)? {
             return Ok(None);
         }
         let e = self.raw(vhd, index)?;
@@ -129,19 +137,20 @@ impl Table {
     }
 
     /// Set entry `index` (inside the table: the caller checked) in memory until it is
-    /// committed.
-    pub(super) fn set(&mut self, index: u32, entry: u32) {
-        let was = self.is_allocated(index.into());
+    /// committed; `was` says whether it was allocated ([`Table::is_allocated`]).
+    pub(super) fn set(&mut self, index: u32, entry: u32, was: bool) {
         let now = entry != bat::UNUSED;
         match (was, now) {
             (false, true) => self.allocated += 1,
             (true, false) => self.allocated -= 1,
             _ => {}
         }
-        if now == self.was_loaded(index) {
-            self.remapped.remove(&index);
-        } else {
-            self.remapped.insert(index, now);
+        if let Some(l) = &self.loaded {
+            if now == l.binary_search(&index).is_ok() {
+                self.remapped.remove(&index);
+            } else {
+                self.remapped.insert(index, now);
+            }
         }
         self.changed.insert(index, entry);
     }
@@ -159,11 +168,10 @@ impl Table {
         self.allocated
     }
 
-    /// The indices of the allocated blocks, in order; reads nothing. Those allocated at open
-    /// and still allocated, merged with those allocated since.
-    pub(super) fn allocated_blocks(&self) -> impl Iterator<Item = u64> + '_ {
-        let mut kept = self
-            .loaded
+    /// The indices of the allocated blocks, in order, while they are held (reads nothing):
+    /// those allocated at open and still allocated, merged with those allocated since.
+    fn held_blocks<'a>(&'a self, loaded: &'a [u32]) -> impl Iterator<Item = u64> + 'a {
+        let mut kept = loaded
             .iter()
             .copied()
             .filter(|i| !self.remapped.contains_key(i))
@@ -182,13 +190,46 @@ impl Table {
         .map(u64::from)
     }
 
-    /// The allocated entries in block order: (block index, byte offset of its bitmap).
+    /// The allocated entries in block order: (block index, byte offset of its bitmap). While
+    /// the allocated indices are held, only their entries are read; past that, the whole
+    /// table, a cached page at a time.
     pub(super) fn allocated_entries<'a>(
         &'a self,
         vhd: &'a Vhd,
+    ) -> Box<dyn Iterator<Item = Result<(u64, u64)>> + 'a> {
+        match &self.loaded {
+            Some(l) => Box::new(
+                self.held_blocks(l)
+                    .map(move |i| Ok((i, u64::from(self.raw(vhd, i)?) * SECTOR_SIZE))),
+            ),
+            None => Box::new(self.scanned_entries(vhd)),
+        }
+    }
+
+    /// The allocated entries, page by page through the cache, with the changes on top.
+    fn scanned_entries<'a>(
+        &'a self,
+        vhd: &'a Vhd,
     ) -> impl Iterator<Item = Result<(u64, u64)>> + 'a {
-        self.allocated_blocks()
-            .map(move |i| Ok((i, u64::from(self.raw(vhd, i)?) * SECTOR_SIZE)))
+        let pages = (u64::from(self.len) * 4).div_ceil(PAGE);
+        (0..pages).flat_map(move |p| {
+            let first = p * PAGE / 4;
+            let entries: Box<dyn Iterator<Item = Result<(u64, u64)>>> =
+                match self.file.chunk(p, |o, n| vhd.read_vec(o, n)) {
+                    Err(e) => Box::new(std::iter::once(Err(e))),
+                    Ok(page) => Box::new((0..page.len() / 4).filter_map(move |j| {
+                        let i = first + j as u64;
+                        let mut b = [0u8; 4];
+                        b.copy_from_slice(&page[j * 4..j * 4 + 4]);
+                        let e = match self.changed.get(&(i as u32)) {
+                            Some(&e) => e,
+                            None => u32::from_be_bytes(b),
+                        };
+                        (e != bat::UNUSED).then(|| Ok((i, u64::from(e) * SECTOR_SIZE)))
+                    })),
+                };
+            entries
+        })
     }
 
     /// The whole table in memory (4 bytes per entry), refused past [`MAX_HELD_BLOCKS`]
@@ -205,7 +246,7 @@ impl Table {
             .try_reserve_exact(self.len as usize)
             .map_err(|_| Error::io("building the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
         for i in 0..u64::from(self.len) {
-            entries.push(match self.is_allocated(i) {
+            entries.push(match self.is_allocated(vhd, i)? {
                 true => self.raw(vhd, i)?,
                 false => bat::UNUSED,
             });
@@ -239,7 +280,7 @@ mod tests {
                 full.block_offset(i),
                 "block {i}"
             );
-            assert_eq!(ro.is_allocated(i), full.block_offset(i).is_some());
+            assert_eq!(ro.is_allocated(i).unwrap(), full.block_offset(i).is_some());
         }
         let entries: Vec<(u64, u64)> = ro.allocated_entries().map(|e| e.unwrap()).collect();
         assert_eq!(
@@ -249,14 +290,16 @@ mod tests {
         assert_eq!(entries[1].1, full.block_offset(5).unwrap());
         assert_eq!(ro.allocated_blocks(), 4);
 
-        let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 32).unwrap();
-        t.set(1, 99);
-        t.set(5, bat::UNUSED);
+        let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 32, 64).unwrap();
+        t.set(1, 99, false);
+        t.set(5, bat::UNUSED, true);
         assert_eq!(t.get(&ro, 1).unwrap(), Some(99 * 512));
         assert_eq!(t.get(&ro, 5).unwrap(), None);
         assert_eq!(t.get(&ro, 6).unwrap(), full.block_offset(6));
         assert_eq!(t.allocated(), 4);
-        assert_eq!(t.allocated_blocks().collect::<Vec<_>>(), [0, 1, 6, 31]);
+        let listed =
+            |t: &Table| -> Vec<u64> { t.allocated_entries(&ro).map(|e| e.unwrap().0).collect() };
+        assert_eq!(listed(&t), [0, 1, 6, 31]);
         t.written(0, 2);
         assert_eq!(
             t.changed.keys().collect::<Vec<_>>(),
@@ -273,6 +316,7 @@ mod tests {
         /// entry was allocated at open or not.
         #[test]
         fn changes_on_top_read_like_a_plain_table(
+            held in proptest::prop_oneof![proptest::strategy::Just(0usize), proptest::strategy::Just(64)],
             at_open in proptest::collection::vec(0u64..48, 0..12),
             ops in proptest::collection::vec((0u32..48, proptest::option::of(1u32..1000), proptest::bool::ANY), 0..40),
         ) {
@@ -285,21 +329,24 @@ mod tests {
             }
             drop(v);
             let ro = Vhd::open(&p, OpenOptions::read_only()).unwrap();
-            let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 48).unwrap();
+            // Held indices (64) or none (0: every allocated entry read from the table).
+            let mut t = Table::load(&ro, ro.header().unwrap().table_offset, 48, held).unwrap();
             let mut model: Vec<Option<u32>> = (0..48u64).map(|i| t.raw(&ro, i).ok().filter(|&e| e != bat::UNUSED)).collect();
             for (i, e, write) in ops {
-                t.set(i, e.unwrap_or(bat::UNUSED));
+                let was = t.is_allocated(&ro, u64::from(i)).unwrap();
+                t.set(i, e.unwrap_or(bat::UNUSED), was);
                 model[i as usize] = e;
-                if write {
+                if write && held > 0 {
                     // What commit does: the file now holds the entries; here nothing is
                     // written, so only the allocation state is compared afterwards.
                     t.changed.clear();
                 }
                 let want: Vec<u64> = (0..48).filter(|&i| model[i as usize].is_some()).collect();
-                proptest::prop_assert_eq!(t.allocated_blocks().collect::<Vec<_>>(), want.clone());
+                let listed: Vec<u64> = t.allocated_entries(&ro).map(|e| e.unwrap().0).collect();
+                proptest::prop_assert_eq!(listed, want.clone());
                 proptest::prop_assert_eq!(t.allocated(), want.len());
                 for i in 0..50u64 {
-                    proptest::prop_assert_eq!(t.is_allocated(i), want.contains(&i));
+                    proptest::prop_assert_eq!(t.is_allocated(&ro, i).unwrap(), want.contains(&i));
                 }
             }
         }

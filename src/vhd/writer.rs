@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::files::{WriteMode, open_for_writing};
 use super::open::metadata_end;
-use super::{DATA_ALIGNMENT, FIXED_CHUNK, FooterSource, MAX_HELD_BLOCKS, Vhd, check_range};
+use super::{DATA_ALIGNMENT, FIXED_CHUNK, FooterSource, Vhd, check_range};
 use crate::error::{Error, Result};
 use crate::format::bat;
 use crate::format::footer::{DiskType, FOOTER_SIZE};
@@ -587,14 +587,8 @@ impl Vhd {
                 self.path.display()
             )));
         };
-        if self.bat.allocated() >= MAX_HELD_BLOCKS && !self.bat.is_allocated(index) {
-            // The file would hold more allocated blocks than opening accepts.
-            return Err(Error::NotSupported {
-                path: Some(self.path.clone()),
-                detail: format!("more than {MAX_HELD_BLOCKS} allocated blocks"),
-            });
-        }
-        self.bat.set(slot, sector);
+        let was = self.bat.is_allocated(self, index)?;
+        self.bat.set(slot, sector, was);
         self.pending.bat_sectors.insert(index * 4 / SECTOR_SIZE);
         self.pending.new_blocks.insert(index);
         self.pending.data_written = true;
