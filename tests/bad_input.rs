@@ -1746,3 +1746,37 @@ fn more_blocks_than_a_sweep_holds_are_validated_in_windows() {
         assert!(repaired(Some(bounds)) == held_repair, "{bounds:?}: repair");
     }
 }
+
+/// Issue 10 item 3: a merge into a parent with more allocated blocks than the held bound (the
+/// test bound 1: its table read on demand, its sweep windowed) overwrites allocated blocks and
+/// allocates new ones; the merged file reads the model and checks deeply without errors.
+#[test]
+fn a_merge_into_a_table_past_the_held_bound() {
+    use vhd_merge::image::set_test_bounds;
+    let d = tmp();
+    let (n, allocated) = (350u64, 300u64);
+    let base = d.path().join("base.vhd");
+    fully_allocated(&base, n, allocated);
+    let child = d.path().join("child.vhd");
+    let o = opts().block_size(512);
+    let mut c = vhd_merge::create::create_differencing(&child, &base, &o).unwrap();
+    let mut model = vec![0u8; (n * 512) as usize];
+    for b in [0u64, 5, 150, 299, 300, 320, 349] {
+        let fill = [b as u8 ^ 0xA5; 512];
+        c.write_at(b * 512, &fill).unwrap();
+        model[(b * 512) as usize..][..512].copy_from_slice(&fill);
+    }
+    c.finish().unwrap();
+    drop(c);
+    set_test_bounds(Some((1, 2)));
+    let r = vhd_merge::merge(&child, None, &Default::default());
+    let view = common::read_view(&base);
+    let v = Vhd::open(&base, OpenOptions::read_only()).unwrap();
+    let report = check_file(&base, &CheckOptions::default().deep(true)).unwrap();
+    set_test_bounds(None);
+    let r = r.unwrap();
+    assert_eq!(r.blocks_allocated, 3, "{r:?}");
+    assert!(view == model, "the merged parent reads the model");
+    assert_eq!(v.allocated_blocks() as u64, allocated + 3);
+    assert!(!report.has_errors(), "{:?}", report.findings.first());
+}
