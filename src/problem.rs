@@ -126,8 +126,7 @@ problem_codes! {
     BatLarger = "bat-larger",
     /// The BAT runs past the end of the file or overlaps the header.
     BatPlacement = "bat-placement",
-    /// The BAT has more entries than [`crate::vhd::MAX_TABLE_ENTRIES`], or more allocated than
-    /// [`crate::vhd::MAX_HELD_BLOCKS`]: not supported.
+    /// The BAT has more entries than [`crate::vhd::MAX_TABLE_ENTRIES`]: not supported.
     BatTooLarge = "bat-too-large",
     /// A BAT entry points (partly) outside the file.
     BatEntryOutside = "bat-entry-outside",

@@ -74,12 +74,13 @@ pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 /// before it is read, and `create` refuses to make one.
 pub const MAX_TABLE_ENTRIES: u32 = 0xFF00_0000;
 
-/// Most allocated blocks a dynamic or differencing disk may have: 2^22, which covers the
+/// Most allocated blocks an open dynamic or differencing disk holds: 2^22, which covers the
 /// largest dynamic disk fully allocated at the 512 KiB blocks Windows' CreateVirtualDisk uses
-/// (4,177,920 blocks). Opening keeps 4 bytes per allocated block (`vhd::table`) and the
-/// overlap sweep 8 (`vhd::sweep`), so this limit keeps a fully allocated table's validation
-/// at about 48 MiB; a file with more allocated blocks (blocks under 512 KiB, mostly allocated)
-/// is refused with Not supported (32770) after its table is counted.
+/// (4,177,920 blocks). Up to it, opening keeps 4 bytes per allocated block (`vhd::table`) and
+/// the overlap sweep 8 (`vhd::sweep`), about 48 MiB for a fully allocated table. Past it
+/// (blocks under 512 KiB, mostly allocated) nothing is kept per allocated block: the table is
+/// read for whether a block is allocated and to list them, and the overlap sweep is windowed
+/// (windows of at most this many blocks), so memory stays bounded whatever the file.
 pub const MAX_HELD_BLOCKS: usize = 1 << 22;
 
 /// Most allocated blocks validation's overlap sweep and the deep check hold at once

@@ -538,7 +538,8 @@ fn read_batmap(
     Ok(Some(bm))
 }
 
-/// Largest batmap used: one bit per block of [`MAX_HELD_BLOCKS`] blocks (512 KiB).
+/// Largest batmap used: one bit per block of [`MAX_HELD_BLOCKS`] blocks (512 KiB; blktap's
+/// largest is 128 KiB).
 const MAX_BATMAP_BYTES: u64 = MAX_HELD_BLOCKS as u64 / 8;
 
 /// A dynamic or differencing disk: its header, BAT, batmap and blocks, in file order.

@@ -4,8 +4,10 @@
 //! are sorted once and swept (O(n log n)). Blocks all have the same length (the stride) and
 //! start at a sector, so a block is 8 bytes (its BAT entry and its index) and the handful of
 //! metadata extents are kept apart: the [`super::MAX_HELD_BLOCKS`] (2^22) allocated blocks a
-//! table may hold cost 32 MiB here. Nothing is kept per table entry: the sets of blocks to
-//! drop cost per member, so a table of 2^32 entries with few allocated costs next to nothing.
+//! sweep holds cost 32 MiB here. A table with more allocated blocks is swept in windows
+//! ([`sweep_windowed`]: the same overlaps and drops, the blocks read from the table once per
+//! window instead of held). Nothing is kept per table entry: the sets of blocks to drop cost
+//! per member, so a table of 2^32 entries with few allocated costs next to nothing.
 
 use std::collections::{BTreeSet, HashMap};
 
