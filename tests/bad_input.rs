@@ -1780,3 +1780,36 @@ fn a_merge_into_a_table_past_the_held_bound() {
     assert_eq!(v.allocated_blocks() as u64, allocated + 3);
     assert!(!report.has_errors(), "{:?}", report.findings.first());
 }
+
+/// Issue 10 item 3: past the held bound the blocks to drop are bounded too. A table of
+/// 2^22 + 2 entries all pointing at one block: a strict open stops at the first overlap, and
+/// `check` (which collects every problem) stops validation past 2^20 overlaps, each with less
+/// than 64 MiB allocated at once.
+#[test]
+fn every_entry_equal_past_the_held_bound_stops_in_bounded_memory() {
+    let _serial = serial();
+    let d = tmp();
+    let p = d.path().join("equal.vhd");
+    let n = MAX_HELD_BLOCKS as u64 + 2;
+    fully_allocated(&p, n, 1);
+    let first = bat_entry(&p, 0);
+    let table: Vec<u8> = (0..n).flat_map(|_| first.to_be_bytes()).collect();
+    patch(&p, 1536, &table);
+    let (r, peak) = peak_of(|| Vhd::open(&p, OpenOptions::read_only()).map(drop));
+    eprintln!("refused open: {peak} bytes at peak");
+    expect_err(
+        &r.unwrap_err(),
+        ReturnCode::IncorrectDataType,
+        &["block 0 (offset", "overlaps block 1"],
+    );
+    assert!(peak < 64 << 20, "refused open: {peak}");
+    let (r, peak) = peak_of(|| check_file(&p, &CheckOptions::default()).unwrap());
+    eprintln!("check: {peak} bytes at peak");
+    let stop = "more than 1048576 allocated blocks lie in an overlap";
+    assert!(
+        r.findings.iter().any(|f| f.message.contains(stop)),
+        "{:?}",
+        r.findings.last()
+    );
+    assert!(peak < 64 << 20, "check: {peak}");
+}

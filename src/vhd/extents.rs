@@ -5,6 +5,8 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+#[cfg(doc)]
+use super::MAX_HELD_BLOCKS;
 use super::open::metadata_end;
 use super::table::Table;
 use super::validate::{DroppedEntry, MAX_PROBLEMS_PER_CODE, Validator};
@@ -94,9 +96,11 @@ fn sweep_windowed(
     v: &mut Validator,
 ) -> Result<(sweep::BlockSet, Vec<Option<(u64, i64)>>, u64)> {
     let mut end = 0;
-    let mut gone = blocks_outside(vhd, bat, stride, data_limit, v, |b| {
+    let limits = (data_limit, MAX_BAD_BLOCKS);
+    let mut gone = blocks_outside(vhd, bat, stride, limits, v, |b| {
         end = end.max(b.start() + stride)
     })?;
+    let mut overlaps = 0;
     let mut pass = |visit: &mut dyn FnMut(sweep::Block) -> Result<()>| {
         blocks_outside_quietly(vhd, bat, stride, data_limit, visit)
     };
@@ -107,7 +111,13 @@ fn sweep_windowed(
         sectors,
         bounds,
         &mut pass,
-        &mut |o| note_overlap(o, reasons, v),
+        &mut |o| {
+            overlaps += 1;
+            match overlaps > MAX_BAD_BLOCKS {
+                true => Err(too_many_bad(v, ProblemCode::BlockOverlap, "in an overlap")),
+                false => note_overlap(o, reasons, v),
+            }
+        },
     )?);
     // The first kept block each locator's data overlaps (kept blocks do not overlap), then
     // the first of it and the metadata, as the held sweep answers.
@@ -201,26 +211,36 @@ fn blocks_inside(
         .try_reserve_exact(bat.allocated())
         .map_err(|_| Error::io("validating the BAT", std::io::ErrorKind::OutOfMemory.into()))?;
     let blocks = &mut ex.blocks;
-    blocks_outside(vhd, bat, ex.stride, data_limit, v, |b| blocks.push(b))
+    let limits = (data_limit, usize::MAX);
+    blocks_outside(vhd, bat, ex.stride, limits, v, |b| blocks.push(b))
 }
 
 /// Walk the allocated blocks in table order, passing those that end inside the data (before
 /// `data_limit`) to `inside`, and return the others (each a problem) as the first blocks to
-/// drop.
+/// drop; more than `most` of them stop validation ([`too_many_bad`]).
 fn blocks_outside(
     vhd: &Vhd,
     bat: &Table,
     stride: u64,
-    data_limit: u64,
+    (data_limit, most): (u64, usize),
     v: &mut Validator,
     mut inside: impl FnMut(sweep::Block),
 ) -> Result<sweep::BlockSet> {
     let mut outside = sweep::BlockSet::default();
+    let mut n = 0;
     walk_blocks(vhd, bat, stride, &mut |b, end| {
         let (i, start) = (b.index, b.start());
         if end <= data_limit {
             inside(b);
             return Ok(());
+        }
+        n += 1;
+        if n > most {
+            return Err(too_many_bad(
+                v,
+                ProblemCode::BatEntryOutside,
+                "past the end of data",
+            ));
         }
         outside.set(i);
         v.error(
@@ -258,17 +278,33 @@ fn walk_blocks(
     stride: u64,
     visit: &mut dyn FnMut(sweep::Block, u64) -> Result<()>,
 ) -> Result<()> {
-    for entry in bat.allocated_entries(vhd) {
-        let (i, start) = entry?;
+    bat.for_each_allocated(vhd, &mut |i, start| {
         // A table has at most u32::MAX entries (Max Table Entries is a u32) and an entry is
         // a u32 sector, so both fit.
         let b = sweep::Block {
             sector: (start / SECTOR_SIZE) as u32,
             index: i as u32,
         };
-        visit(b, b.start() + stride)?;
-    }
-    Ok(())
+        visit(b, b.start() + stride)
+    })
+}
+
+/// Past [`MAX_HELD_BLOCKS`] allocated blocks, the blocks to drop (each kept in a set and a
+/// dropped entry) are bounded too: more than this many blocks past the end of data, or
+/// overlaps, stop validation ([`too_many_bad`]). A held table drops at most its blocks.
+const MAX_BAD_BLOCKS: usize = 1 << 20;
+
+/// More than [`MAX_BAD_BLOCKS`] blocks `what` (past the end of data, in an overlap): a table
+/// beyond repair rather than memory beyond bounds.
+fn too_many_bad(v: &mut Validator, code: ProblemCode, what: &str) -> Error {
+    v.stop(
+        code,
+        "BAT",
+        None,
+        Error::format(format!(
+            "more than {MAX_BAD_BLOCKS} allocated blocks lie {what}: the BAT is not usable"
+        )),
+    )
 }
 
 /// One overlap the sweep found: a problem naming both extents, and the first reason for

@@ -206,6 +206,40 @@ impl Table {
         }
     }
 
+    /// [`Table::allocated_entries`], pushed to `each`: past the held indices, the table is
+    /// streamed in [`STREAM`](crate::io::paged::STREAM)-byte pieces past the cache (the
+    /// passes of validation's windowed sweep), with the changes on top.
+    pub(super) fn for_each_allocated(
+        &self,
+        vhd: &Vhd,
+        each: &mut dyn FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        if self.loaded.is_some() {
+            return self.allocated_entries(vhd).try_for_each(|e| {
+                let (i, at) = e?;
+                each(i, at)
+            });
+        }
+        self.file.stream(
+            |o, n| vhd.read_vec(o, n),
+            |at, bytes| {
+                for (j, raw) in bytes.chunks_exact(4).enumerate() {
+                    let i = at / 4 + j as u64;
+                    let mut b = [0u8; 4];
+                    b.copy_from_slice(raw);
+                    let e = match self.changed.get(&(i as u32)) {
+                        Some(&e) => e,
+                        None => u32::from_be_bytes(b),
+                    };
+                    if e != bat::UNUSED {
+                        each(i, u64::from(e) * SECTOR_SIZE)?;
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
     /// The allocated entries, page by page through the cache, with the changes on top.
     fn scanned_entries<'a>(
         &'a self,
