@@ -82,6 +82,9 @@ pub(super) fn check_blocks(
     Ok(next_free)
 }
 
+/// The first extent (start, tag) a locator's data overlaps, if any.
+type Found = Option<(u64, i64)>;
+
 /// [`check_blocks`] for a table with more allocated blocks than one sweep holds: the blocks are
 /// read from the table for each pass ([`sweep::sweep_windowed`]) instead of held. Returns the
 /// blocks to drop, the first extent each locator's data overlaps (as
@@ -94,7 +97,7 @@ fn sweep_windowed(
     bounds: sweep::Bounds,
     reasons: &mut HashMap<u32, String>,
     v: &mut Validator,
-) -> Result<(sweep::BlockSet, Vec<Option<(u64, i64)>>, u64)> {
+) -> Result<(sweep::BlockSet, Vec<Found>, u64)> {
     let mut end = 0;
     let limits = (data_limit, MAX_BAD_BLOCKS);
     let mut gone = blocks_outside(vhd, bat, stride, limits, v, |b| {
@@ -121,7 +124,7 @@ fn sweep_windowed(
     )?);
     // The first kept block each locator's data overlaps (kept blocks do not overlap), then
     // the first of it and the metadata, as the held sweep answers.
-    let mut first: Vec<Option<(u64, i64)>> = vec![None; ranges.len()];
+    let mut first: Vec<Found> = vec![None; ranges.len()];
     pass(&mut |b| {
         if gone.get(b.index) {
             return Ok(());

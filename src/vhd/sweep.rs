@@ -630,7 +630,7 @@ mod tests {
     /// each overlapping pair is in the window after the first's.
     #[test]
     fn an_overlap_across_a_window_edge_is_found() {
-        let blocks = vec![
+        let blocks = [
             Block {
                 sector: 0,
                 index: 0,
