@@ -10,7 +10,7 @@
 //! one log entry of the changed 4 KiB pages (LogGuid set by a header update after the
 //! session's first entry is durable; that first entry's flush is also the data's), flush,
 //! apply the pages in place, flush. A crash at any point leaves every sector old or new.
-//! [`Vhdx::finish`] clears LogGuid.
+//! [`Vhdx::finish`] clears LogGuid (not flushed: see "Flushes").
 //!
 //! FileWriteGuid and DataWriteGuid change before anything the session changed can be seen
 //! ([MS-VHDX] 2.2.2): before a write into a block that is already present, by a header
@@ -44,11 +44,29 @@
 //!   written in place, so that a torn in-place page is repaired by the replay.
 //! - The pages in place, before the next entry overwrites log space or LogGuid is cleared:
 //!   afterwards nothing repairs them.
-//! - The header update clearing LogGuid at [`Vhdx::finish`]: a clean file has an empty log
-//!   (qemu refuses to open a dirty log read-only).
+//! - Before a header update that no flush of the session precedes (the GUIDs settled before
+//!   a first write into place): the header procedure overwrites the other slot only once the
+//!   current one is durable, and the previous session's closing update (below) may not be.
+//!   Every other header update follows a flush of the session anyway.
 //!
-//! A 64 TiB sparse merge makes 12 (it made 15: the destination's session and both updates of
-//! the child's linkage each had a header update of their own before their first write).
+//! Not flushed: the header update clearing LogGuid at [`Vhdx::finish`]. It is written (a
+//! clean file has an empty log, and qemu refuses to open a dirty log read-only), but nothing
+//! depends on its durability: every page of the session's log is applied in place and
+//! flushed before it is written, so until it reaches the device a crash leaves LogGuid set
+//! over entries whose replay rewrites what the file already holds (the file reads the same,
+//! its identity is the one the session's naming update made durable). A torn write of it
+//! damages only the stale slot. The next header update of the file comes after a flush (the
+//! item above, or the first log entry's), so at most one slot is in flight. The price: after
+//! a power loss within the page cache's writeback delay of a finished session, the file may
+//! carry a replayable log that changes nothing (we, Hyper-V and a writable qemu replay it;
+//! qemu refuses it read-only until `qemu-img check -r all`).
+//!
+//! A session that writes only new blocks and publishes them in one log entry therefore
+//! flushes three times (data and log entry; the header naming LogGuid with the new GUIDs;
+//! the pages in place); a linkage update, which writes no data, also three. A 64 TiB sparse
+//! merge makes 9 (12 with the flushed closing updates; 15 when the destination's session and
+//! both updates of the child's linkage each had a header update of their own before their
+//! first write).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -59,7 +77,7 @@ use super::format::bat::{BatEntry, BitmapState, PayloadState, sector_bitmap, set
 use super::format::log::{PAGE, Write};
 use super::format::metadata::ParentLocator;
 use super::format::{MIB, bat::Geometry};
-use super::journal::{LogWriter, flush, grow, update_header, write};
+use super::journal::{LogWriter, flush, grow, update_header, update_header_unflushed, write};
 use super::reader::{Mode, VhdxReader};
 use crate::format::SectorBitmap;
 use crate::io::{ClonePiece, FileStorage, Storage};
@@ -88,6 +106,12 @@ pub struct Vhdx<S: Storage> {
     /// previous one), so nothing more is written or published through this handle; reopening
     /// the file (which replays its log) continues from what is durable.
     broken: Option<String>,
+    /// The last header write of this file is known to be durable (a flush followed it). Not
+    /// known at a writable open (the previous session's closing header update is not
+    /// flushed, see "Flushes"), and not after [`Vhdx::finish`]: a header update that no
+    /// flush of the session precedes ([`Vhdx::touch_now`] before a write into place) then
+    /// flushes first, so that at most one header slot is ever in flight.
+    header_durable: bool,
     /// A read-only handle's last sector bitmap page read from the file (file offset, bytes):
     /// one page holds the bits of several blocks, and a merge asks for a block's bitmap more
     /// than once, so without it every lookup was a 4 KiB read. Nothing writes the file's
@@ -183,6 +207,7 @@ impl<S: Storage> Vhdx<S> {
             writable,
             session: Session::default(),
             broken: None,
+            header_durable: false,
             last_bitmap: std::sync::Mutex::new(None),
         })
     }
@@ -483,8 +508,15 @@ impl<S: Storage> Vhdx<S> {
         if !self.session.owe_file && !self.session.owe_data {
             return Ok(());
         }
+        if !self.header_durable {
+            // The header procedure writes the other slot only once the current one is
+            // durable: the previous session's closing update may not be yet.
+            flush(self.r.file.storage(), "the previous header update")?;
+        }
         let change = self.owed_guids();
-        update_header(self.r.file.storage(), &mut self.r.header, change)
+        update_header(self.r.file.storage(), &mut self.r.header, change)?;
+        self.header_durable = true;
+        Ok(())
     }
 
     /// The change of the header that settles the GUIDs owed (they count as settled from now
@@ -1081,6 +1113,8 @@ impl<S: Storage> Vhdx<S> {
         let r = self.log_pages(&mut log, &pages);
         self.session.log = Some(log);
         r?;
+        // Every path here flushed at least once, after any header update of the session.
+        self.header_durable = true;
         self.session.unflushed = false;
         self.session.writeback.flushed();
         self.r.bat.published();
@@ -1125,9 +1159,12 @@ impl<S: Storage> Vhdx<S> {
         }
         self.commit()?;
         if !self.r.header.header.log_guid.is_nil() {
-            let r = update_header(self.r.file.storage(), &mut self.r.header, |h| {
+            // Not flushed (see "Flushes"): until it is durable, a crash leaves LogGuid set
+            // over a log whose entries are all applied, and replaying them changes nothing.
+            let r = update_header_unflushed(self.r.file.storage(), &mut self.r.header, |h| {
                 h.log_guid = Uuid::nil()
             });
+            self.header_durable = false;
             self.latch(r)?;
         }
         let end = self.session.alloc_end;
@@ -1279,16 +1316,17 @@ mod tests {
     }
 
     #[test]
-    fn a_session_into_new_space_flushes_four_times() {
+    fn a_session_into_new_space_flushes_three_times() {
         let (mut v, s) = dynamic();
         let full = SectorBitmap::full((MIB / 512) as usize);
         v.write_sectors(1, 0, &[7; MIB as usize], &full).unwrap();
         v.write_sectors(3, 0, &[8; MIB as usize], &full).unwrap();
         v.finish().unwrap();
         // New blocks only, so the GUID changes ride on the header naming the log (see
-        // "Flushes"): data and log entry; LogGuid (and the new GUIDs); pages in place; LogGuid
-        // cleared.
-        assert_eq!(s.syncs.load(Ordering::SeqCst), 4);
+        // "Flushes"): data and log entry; LogGuid (and the new GUIDs); pages in place. The
+        // update clearing LogGuid is written, not flushed.
+        assert_eq!(s.syncs.load(Ordering::SeqCst), 3);
+        assert!(v.reader().header.header.log_guid.is_nil());
         let mut back = vec![0u8; MIB as usize];
         v.read_own(3 * MIB, &mut back).unwrap();
         assert!(back.iter().all(|&b| b == 8));
