@@ -84,6 +84,16 @@ impl MetadataTable {
         Ok(MetadataTable { entries })
     }
 
+    /// The bytes of the region from its start that hold the table and every item.
+    pub fn span(&self) -> u64 {
+        let ends = self
+            .entries
+            .iter()
+            .filter(|e| e.length > 0)
+            .map(|e| u64::from(e.offset) + u64::from(e.length));
+        ends.fold(SLOT_SIZE as u64, u64::max)
+    }
+
     /// The 64 KiB table.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = vec![0; SLOT_SIZE];
@@ -215,7 +225,21 @@ impl Metadata {
     /// Parse and validate the whole metadata region `region` (the caller bounds its size by
     /// the region length). An unknown required item is Not Supported (2.6.1.2).
     pub fn parse(region: &[u8]) -> Result<Metadata> {
-        let table = MetadataTable::parse(region, region.len() as u64)?;
+        Self::parse_prefix(region, region.len() as u64)
+    }
+
+    /// [`Metadata::parse`] of a region of `region_len` bytes from its first bytes `region`,
+    /// which must hold the table and every item ([`MetadataTable::span`]): an opener reads
+    /// those, not the whole (usually 1 MiB, almost all unused) region.
+    pub fn parse_prefix(region: &[u8], region_len: u64) -> Result<Metadata> {
+        let table = MetadataTable::parse(region, region_len)?;
+        ensure(table.span() <= region.len() as u64, || {
+            format!(
+                "VHDX metadata: {} bytes read of the items' {}",
+                region.len(),
+                table.span()
+            )
+        })?;
         check_unknown(&table)?;
         let item = |id: Uuid, name: &str, len: u32| -> Result<&[u8]> {
             let e = table
