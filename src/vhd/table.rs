@@ -56,7 +56,7 @@ impl Table {
         let mut loaded = Vec::new();
         let mut allocated = 0;
         file.stream(
-            |o, n| vhd.read_vec(o, n),
+            |o, buf| vhd.read_raw(o, buf),
             |at, bytes| {
                 for (j, e) in bytes.chunks_exact(4).enumerate() {
                     if e != [0xFF; 4] {
