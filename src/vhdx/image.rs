@@ -1341,5 +1341,10 @@ mod tests {
         let mut back = vec![0u8; MIB as usize];
         v.read_own(3 * MIB, &mut back).unwrap();
         assert!(back.iter().all(|&b| b == 8));
+        // A write into that (now present) block starts by settling the GUIDs: the unflushed
+        // update that cleared LogGuid is flushed first, then the new header.
+        v.write_sectors(3, 0, &[9; 512], &SectorBitmap::full(1))
+            .unwrap();
+        assert_eq!(s.syncs.load(Ordering::SeqCst), 5);
     }
 }
