@@ -47,7 +47,10 @@
 //! - Before a header update that no flush of the session precedes (the GUIDs settled before
 //!   a first write into place): the header procedure overwrites the other slot only once the
 //!   current one is durable, and the previous session's closing update (below) may not be.
-//!   Every other header update follows a flush of the session anyway.
+//!   Every other header update follows a flush of the session anyway, except the first of a
+//!   replay at open, which needs none: a log to replay means the current header is the one
+//!   that named it, flushed when it was written (a closing update still in the page cache
+//!   would have made the log read as clear).
 //!
 //! Not flushed: the header update clearing LogGuid at [`Vhdx::finish`]. It is written (a
 //! clean file has an empty log, and qemu refuses to open a dirty log read-only), but nothing
