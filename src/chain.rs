@@ -38,8 +38,8 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, ParentCandidate, Result};
-use crate::format::SectorBitmap;
 use crate::layer::{BlockState, Layer, ParentLink, PathHint, Spelling, open_layer};
 use crate::locator::canonical_or_self;
 use crate::vhd::{OpenOptions, SizeRule};

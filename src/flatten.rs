@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::io::{CloneOutcome, ClonePiece, CloneRun, FileStorage};
 use crate::layer::{CloneSource, DiskKind, LayerWriter};
 use crate::merge::clone_candidate;

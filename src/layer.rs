@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::io::CloneOutcome;
 pub use crate::io::{ClonePiece, CloneSource};
 use crate::vhd::OpenOptions;

@@ -97,6 +97,7 @@ macro_rules! serialize_as_name {
 #[macro_use]
 mod options;
 
+pub mod bitmap;
 pub mod chain;
 pub mod check;
 pub mod create;

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
-use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
+use crate::format::{DiskType, PlatformCode, SECTOR_SIZE};
 use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{
     BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::image::OpenOptions;
 use crate::io::{CloneOutcome, FileStorage, Storage};
 use crate::layer::{

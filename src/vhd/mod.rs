@@ -32,11 +32,12 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
+use crate::format::SECTOR_SIZE;
 use crate::format::bat::Bat;
 use crate::format::footer::{DiskType, Footer};
 use crate::format::header::DynamicHeader;
-use crate::format::{SECTOR_SIZE, SectorBitmap};
 use crate::io::Storage;
 
 mod extents;

@@ -61,7 +61,7 @@ use super::format::metadata::ParentLocator;
 use super::format::{MIB, bat::Geometry};
 use super::journal::{LogWriter, flush, grow, update_header, write};
 use super::reader::{Mode, VhdxReader};
-use crate::format::SectorBitmap;
+use crate::bitmap::SectorBitmap;
 use crate::io::{ClonePiece, FileStorage, Storage};
 use crate::{Error, Result};
 
