@@ -21,9 +21,9 @@ use crate::chain::{Chain, ChainOptions, SpanPlan};
 use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
 use crate::io::{CloneOutcome, ClonePiece, CloneRun, FileStorage};
+use crate::layer::files::{WriteMode, open_for_writing};
 use crate::layer::{CloneSource, DiskKind, LayerWriter};
 use crate::merge::clone_candidate;
-use crate::vhd::{WriteMode, open_for_writing};
 
 /// The kind of file [`flatten`] writes (Hyper-V's Convert-VHD targets, and raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -339,7 +339,7 @@ fn create_output(
             };
             v.finish()?;
             drop(v);
-            let writable = crate::vhd::OpenOptions::writable();
+            let writable = crate::layer::OpenOptions::writable();
             Box::new(crate::vhdx_layer::VhdxLayer::open(tmp, writable)?)
         }
     })

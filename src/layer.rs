@@ -14,8 +14,9 @@ use uuid::Uuid;
 use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
 use crate::io::CloneOutcome;
+
+pub(crate) mod files;
 pub use crate::io::{ClonePiece, CloneSource};
-use crate::vhd::OpenOptions;
 
 /// The on-disk format of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,6 +63,52 @@ impl DiskKind {
             DiskKind::Fixed => "fixed",
             DiskKind::Dynamic => "dynamic",
             DiskKind::Differencing => "differencing",
+        }
+    }
+}
+
+/// How to decide the virtual size of a format that records it twice (VHD: the footer's
+/// Current Size and its CHS geometry, §1.5). A format with one size field (VHDX's
+/// VirtualDiskSize) ignores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SizeRule {
+    /// The recorded size, except, for a VHD from Virtual PC / Virtual Server whose geometry is
+    /// not the 65535/16/255 marker, C×H×S×512 (the guest of those products sees the CHS size).
+    #[default]
+    Auto,
+    /// Always the recorded size (a VHD footer's Current Size).
+    CurrentSize,
+    /// Always the geometry's C×H×S×512 (capped at Current Size); VHD only.
+    Chs,
+}
+
+options! {
+    /// How to open a layer, whatever its format ([`open_layer`], [`crate::Vhd::open`],
+    /// [`crate::vhdx_layer::VhdxLayer::open`]).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct OpenOptions {
+        /// Open for writing (exclusively locked).
+        pub writable: bool => set_writable,
+        /// Accept checksum mismatches of a format's metadata (a VHD footer or dynamic header)
+        /// with a warning instead of failing.
+        pub lenient: bool,
+        /// How to decide the virtual size.
+        pub size_rule: SizeRule,
+    }
+}
+
+impl OpenOptions {
+    /// Read-only, strict.
+    pub fn read_only() -> OpenOptions {
+        OpenOptions::default()
+    }
+
+    /// Writable, strict.
+    pub fn writable() -> OpenOptions {
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
         }
     }
 }
@@ -387,7 +434,7 @@ pub fn set_parent_ids(
 /// holds it), in the format its signature says.
 pub fn open_layer_for_writing(path: &Path, options: OpenOptions) -> Result<Box<dyn LayerWriter>> {
     let format = detect_format(path).unwrap_or(Format::Vhd);
-    let storage = crate::vhd::open_for_writing(path, crate::vhd::WriteMode::Existing)?;
+    let storage = files::open_for_writing(path, files::WriteMode::Existing)?;
     let options = OpenOptions {
         writable: true,
         ..options

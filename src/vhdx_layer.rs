@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
-use crate::image::OpenOptions;
 use crate::io::{CloneOutcome, FileStorage, Storage};
+use crate::layer::OpenOptions;
 use crate::layer::{
     BlockState, ClonePiece, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink,
     PathHint, Probe, Spelling,
@@ -53,12 +53,12 @@ impl VhdxLayer {
     /// `options.writable`, exclusively locked with its log replayed onto the file.
     pub fn open(path: &Path, options: OpenOptions) -> Result<VhdxLayer> {
         let storage: LayerStorage = if options.writable {
-            Arc::new(crate::image::open_for_writing(
+            Arc::new(crate::layer::files::open_for_writing(
                 path,
-                crate::image::WriteMode::Existing,
+                crate::layer::files::WriteMode::Existing,
             )?)
         } else {
-            Arc::new(FileStorage::new(crate::image::open_regular_file(
+            Arc::new(FileStorage::new(crate::layer::files::open_regular_file(
                 path, false,
             )?))
         };
@@ -77,9 +77,9 @@ impl VhdxLayer {
     pub(crate) fn for_linkage(path: &Path, storage: Option<LayerStorage>) -> Result<VhdxLayer> {
         let storage: LayerStorage = match storage {
             Some(s) => s,
-            None => Arc::new(crate::image::open_for_writing(
+            None => Arc::new(crate::layer::files::open_for_writing(
                 path,
-                crate::image::WriteMode::Existing,
+                crate::layer::files::WriteMode::Existing,
             )?),
         };
         let v = Vhdx::open_for_metadata(storage).map_err(|e| e.in_file(path))?;
@@ -247,7 +247,7 @@ impl Layer for VhdxLayer {
     }
 
     fn lock(&self, exclusive: bool) -> Result<()> {
-        crate::image::take_lock(self.v.storage().as_ref(), &self.path, exclusive)
+        crate::layer::files::take_lock(self.v.storage().as_ref(), &self.path, exclusive)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -388,7 +388,7 @@ impl crate::chain::ChainLayer {
 
 /// Probe a VHDX cheaply: headers, log and metadata, not the BAT.
 pub(crate) fn probe(path: &Path) -> Option<Probe> {
-    let file = crate::image::open_regular_file(path, false).ok()?;
+    let file = crate::layer::files::open_regular_file(path, false).ok()?;
     let mode = Mode {
         differencing: true,
         ..Mode::default()
@@ -478,7 +478,11 @@ mod tests {
         let next = Uuid::new_v4();
         let storage = || -> Box<dyn Storage> {
             Box::new(
-                crate::image::open_for_writing(&child, crate::image::WriteMode::Existing).unwrap(),
+                crate::layer::files::open_for_writing(
+                    &child,
+                    crate::layer::files::WriteMode::Existing,
+                )
+                .unwrap(),
             )
         };
         set_parent_ids(storage(), &child, base_id, Some(next)).unwrap();

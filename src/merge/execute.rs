@@ -16,8 +16,8 @@ use super::{MergeOptions, MergeReport, VerifyReport};
 use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, Piece, SpanPlan};
 use crate::error::{Error, Result};
-use crate::image::OpenOptions;
 use crate::io::{CloneOutcome, ClonePiece};
+use crate::layer::OpenOptions;
 use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer};
 use crate::locator::{canonical_or_self, same_file};
 
@@ -488,7 +488,8 @@ fn open_destination(
     options: &MergeOptions,
 ) -> Result<Box<dyn LayerWriter>> {
     let unique_id = found.id();
-    let file = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
+    let file =
+        crate::layer::files::open_for_writing(path, crate::layer::files::WriteMode::Existing)?;
     let storage = options.hooked(Box::new(file), false);
     let opts = OpenOptions {
         writable: true,
@@ -518,7 +519,8 @@ fn link_to_destination(
     options: &MergeOptions,
 ) -> Result<()> {
     let path = tidy(child.path());
-    let file = crate::image::open_for_writing(&path, crate::image::WriteMode::Existing)?;
+    let file =
+        crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
     let storage = options.hooked(Box::new(file), true);
     crate::layer::set_parent_ids(child.format(), storage, &path, ids.0, ids.1)
 }

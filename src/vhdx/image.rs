@@ -142,9 +142,9 @@ impl Vhdx<FileStorage> {
     pub fn open_path(path: impl AsRef<Path>, writable: bool) -> Result<Vhdx<FileStorage>> {
         let path = path.as_ref();
         let storage = if writable {
-            crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?
+            crate::layer::files::open_for_writing(path, crate::layer::files::WriteMode::Existing)?
         } else {
-            FileStorage::new(crate::image::open_regular_file(path, false)?)
+            FileStorage::new(crate::layer::files::open_regular_file(path, false)?)
         };
         Vhdx::open(storage, writable).map_err(|e| e.in_file(path))
     }
