@@ -7,6 +7,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -31,12 +32,41 @@ pub enum Format {
 #[cfg(feature = "serde")]
 serialize_as_name!(Format);
 
+/// What a format allows in a new standalone image it creates (a flatten's output), each
+/// limit defined once, by the format ([`Format::create_limits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreateLimits {
+    /// The largest virtual size in bytes.
+    pub max_virtual_size: u64,
+    /// The block sizes allowed: the powers of two in this range.
+    pub block_sizes: RangeInclusive<u32>,
+    /// The block size when none is asked for.
+    pub default_block_size: u32,
+}
+
+impl CreateLimits {
+    /// Whether `block_size` is one the format allows.
+    pub fn allows_block_size(&self, block_size: u32) -> bool {
+        block_size.is_power_of_two() && self.block_sizes.contains(&block_size)
+    }
+}
+
 impl Format {
     /// `vhd` or `vhdx`.
     pub fn name(self) -> &'static str {
         match self {
             Format::Vhd => "vhd",
             Format::Vhdx => "vhdx",
+        }
+    }
+
+    /// What this format allows in a new standalone image of `kind` ([`DiskKind::Fixed`] or
+    /// [`DiskKind::Dynamic`]; a differencing disk takes its parent's size).
+    pub fn create_limits(self, kind: DiskKind) -> CreateLimits {
+        match self {
+            Format::Vhd => crate::vhd_layer::create_limits(kind),
+            Format::Vhdx => crate::vhdx_layer::create_limits(kind),
         }
     }
 }
@@ -407,6 +437,24 @@ pub fn open_writer(
     Ok(Box::new(crate::vhd::Vhd::from_storage(
         storage, path, options,
     )?))
+}
+
+/// Create a new standalone image of `format` and `kind` (fixed or dynamic) at `path` (which
+/// must not exist), `size` bytes with blocks of `block_size` (see [`Format::create_limits`])
+/// and, where the format records one, logical sectors of `sector_size` bytes (a VHD's are 512
+/// whatever is asked), and open it for writing.
+pub fn create_layer(
+    format: Format,
+    kind: DiskKind,
+    path: &Path,
+    size: u64,
+    block_size: u32,
+    sector_size: u32,
+) -> Result<Box<dyn LayerWriter>> {
+    match format {
+        Format::Vhd => crate::vhd_layer::create(kind, path, size, block_size),
+        Format::Vhdx => crate::vhdx_layer::create(kind, path, size, block_size, sector_size),
+    }
 }
 
 /// Set the parent identities the differencing layer held by `storage` (the file at `child`,

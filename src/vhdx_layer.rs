@@ -19,8 +19,8 @@ use crate::error::{Error, Result};
 use crate::io::{CloneOutcome, FileStorage, Storage};
 use crate::layer::OpenOptions;
 use crate::layer::{
-    BlockState, ClonePiece, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink,
-    PathHint, Probe, Spelling,
+    BlockState, ClonePiece, CloneSource, CreateLimits, DiskKind, Format, Layer, LayerWriter,
+    ParentLink, PathHint, Probe, Spelling,
 };
 use crate::vhdx::format::MIB;
 use crate::vhdx::format::bat::PayloadState;
@@ -384,6 +384,44 @@ impl crate::chain::ChainLayer {
     pub fn vhdx(&self) -> Option<&VhdxLayer> {
         self.layer.as_any().downcast_ref::<VhdxLayer>()
     }
+}
+
+/// What a new standalone VHDX allows: 64 TiB, blocks of 1 to 256 MiB ([MS-VHDX] 2.6.2.1),
+/// by default Hyper-V's: 32 MiB for a dynamic disk, 2 MiB for a fixed one.
+pub(crate) fn create_limits(kind: DiskKind) -> CreateLimits {
+    use crate::vhdx::format::metadata::{MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE};
+    CreateLimits {
+        max_virtual_size: MAX_VIRTUAL_SIZE,
+        block_sizes: MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE,
+        default_block_size: match kind {
+            DiskKind::Fixed => vhdx::create::DEFAULT_DIFFERENCING_BLOCK,
+            _ => vhdx::create::DEFAULT_DYNAMIC_BLOCK,
+        },
+    }
+}
+
+/// A new fixed or dynamic VHDX at `path` with `sector_size`-byte logical sectors, open for
+/// writing ([`crate::layer::create_layer`]).
+pub(crate) fn create(
+    kind: DiskKind,
+    path: &Path,
+    size: u64,
+    block_size: u32,
+    sector_size: u32,
+) -> Result<Box<dyn LayerWriter>> {
+    use crate::vhdx::create as vx;
+    let opts = vx::CreateOptions {
+        block_size: Some(block_size),
+        logical_sector_size: sector_size,
+        ..vx::CreateOptions::default()
+    };
+    let mut v = match kind {
+        DiskKind::Fixed => vx::create_fixed(path, size, &opts)?,
+        _ => vx::create_dynamic(path, size, &opts)?,
+    };
+    v.finish()?;
+    drop(v);
+    Ok(Box::new(VhdxLayer::open(path, OpenOptions::writable())?))
 }
 
 /// Probe a VHDX cheaply: headers, log and metadata, not the BAT.
