@@ -423,7 +423,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .collect()
     };
     let source = at(chain, 0).path();
-    let peek = scan::peek_vhd(want);
+    let peek = scan::peek_layer(want);
     for (i, layer) in chain.layers().iter().enumerate() {
         if !same_file(layer.layer.path(), want) {
             continue;
@@ -434,7 +434,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
                 want.display()
             )));
         }
-        if peek.as_ref().map(|p| p.unique_id) != Some(layer.layer.id()) {
+        if peek.as_ref().map(|p| p.id) != Some(layer.layer.id()) {
             return Err(Error::InvalidParameter(format!(
                 "the destination {} changed since the chain was opened (unique id {} expected)",
                 want.display(),
@@ -453,7 +453,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             ));
         }
         return Err(Error::InvalidParameter(format!(
-            "the destination {} is not a readable VHD, and not an ancestor of {}; its chain is:{}",
+            "the destination {} is not a readable VHD or VHDX, and not an ancestor of {}; its chain is:{}",
             want.display(),
             source.display(),
             listing()
@@ -463,7 +463,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
         .layers()
         .iter()
         .enumerate()
-        .find(|(_, l)| l.layer.id() == peek.unique_id)
+        .find(|(_, l)| l.layer.id() == peek.id)
     {
         return Err(Error::InvalidParameter(format!(
             "the destination {} has the unique id of layer {i} of {}'s chain, but the chain uses another file, {} (a copy?); give that file, or point the chain at this one with --parent / set-parent",
@@ -528,9 +528,9 @@ fn link_to_destination(
 /// Differencing disks next to the chain that depend on it.
 struct Dependents {
     /// Children of the destination or of an intermediate, outside the merged chain.
-    siblings: Vec<scan::ScannedVhd>,
+    siblings: Vec<scan::ScannedLayer>,
     /// Children of the source.
-    source_children: Vec<scan::ScannedVhd>,
+    source_children: Vec<scan::ScannedLayer>,
 }
 
 /// Scan the directories of the destination, the intermediates and the source, and the search
@@ -547,7 +547,7 @@ fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependent
         .collect();
     let (source_children, siblings) = scan::children_in(&dirs, &parents, &exclude)
         .into_iter()
-        .partition(|v| v.parent_unique_id == Some(source_id));
+        .partition(|v| v.is_child_of(source_id));
     Dependents {
         siblings,
         source_children,
@@ -570,24 +570,24 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
                 child.display()
             )));
         }
-        let Some(v) = scan::peek_vhd(child) else {
+        let Some(v) = scan::peek_layer(child) else {
             return Err(Error::InvalidParameter(format!(
-                "cannot relink {}: not a readable VHD file",
+                "cannot relink {}: not a readable VHD or VHDX file",
                 child.display()
             )));
         };
-        let Some(parent) = v.parent_unique_id else {
+        let Some(&parent) = v.parent_ids.first() else {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is a {} disk, not a differencing one",
                 child.display(),
-                v.disk_type.name()
+                v.kind.name()
             )));
         };
-        if parent == source.id() {
+        if v.is_child_of(source.id()) {
             out.push(child.clone());
             continue;
         }
-        if let Some(i) = (1..d).find(|&i| at(chain, i).id() == parent) {
+        if let Some(i) = (1..d).find(|&i| v.is_child_of(at(chain, i).id())) {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: its parent is the intermediate {}, not the source. Its sectors that {} lacks come from the intermediate, which the destination does not reproduce after the merge (the destination takes the source's view), so re-pointing it at the destination would change its content. Merge it into {} separately instead",
                 child.display(),
@@ -596,7 +596,7 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
                 at(chain, d).path().display()
             )));
         }
-        if parent == at(chain, d).id() {
+        if v.is_child_of(at(chain, d).id()) {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is already a child of the destination (a sibling of the merged chain, whose content the merge changes)",
                 child.display()
