@@ -71,21 +71,6 @@ impl VhdxLayer {
         Ok(Self::of(v, path))
     }
 
-    /// Open the VHDX at `path` (or over `storage`) writable to rewrite its parent linkage
-    /// only ([`Vhdx::open_for_metadata`]: the BAT is not streamed; no block question may be
-    /// asked of this layer). For set-parent and a merge's linkage updates.
-    pub(crate) fn for_linkage(path: &Path, storage: Option<LayerStorage>) -> Result<VhdxLayer> {
-        let storage: LayerStorage = match storage {
-            Some(s) => s,
-            None => Arc::new(crate::layer::files::open_for_writing(
-                path,
-                crate::layer::files::WriteMode::Existing,
-            )?),
-        };
-        let v = Vhdx::open_for_metadata(storage).map_err(|e| e.in_file(path))?;
-        Ok(Self::of(v, path))
-    }
-
     fn of(v: Vhdx<LayerStorage>, path: &Path) -> VhdxLayer {
         let mut warnings = Vec::new();
         let replayed = v.reader().replayed_entries();
@@ -114,6 +99,78 @@ impl VhdxLayer {
 
     fn io_error(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{}: {what}", self.path.display()), e)
+    }
+}
+
+/// A VHDX opened writable to rewrite its parent linkage only ([`Vhdx::open_for_metadata`]:
+/// headers, regions, metadata, a dirty log replayed onto the file; the BAT not streamed), for
+/// set-parent and a merge's linkage updates. Not a [`Layer`]: it knows no block, so it offers
+/// only what those need (its identity, sizes, parent locator, and the locator's rewrite),
+/// and no block question can be asked of it.
+#[derive(Debug)]
+pub(crate) struct VhdxLinkage {
+    path: PathBuf,
+    v: Vhdx<LayerStorage>,
+}
+
+impl VhdxLinkage {
+    /// Open the VHDX at `path` (or over `storage`, the file at `path` possibly wrapped by a
+    /// test hook; else exclusively locked first).
+    pub(crate) fn open(path: &Path, storage: Option<LayerStorage>) -> Result<VhdxLinkage> {
+        let storage: LayerStorage = match storage {
+            Some(s) => s,
+            None => Arc::new(crate::layer::files::open_for_writing(
+                path,
+                crate::layer::files::WriteMode::Existing,
+            )?),
+        };
+        let v = Vhdx::open_for_metadata(storage).map_err(|e| e.in_file(path))?;
+        Ok(VhdxLinkage {
+            path: path.to_path_buf(),
+            v,
+        })
+    }
+
+    /// The file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fixed, dynamic or differencing (by its metadata, as [`VhdxLayer`] says).
+    pub(crate) fn kind(&self) -> DiskKind {
+        kind_of(&self.v.reader().metadata)
+    }
+
+    /// The DataWriteGuid (unchanged by a linkage rewrite).
+    pub(crate) fn id(&self) -> Uuid {
+        self.v.data_write_guid()
+    }
+
+    /// Virtual size in bytes.
+    pub(crate) fn virtual_size(&self) -> u64 {
+        self.v.virtual_size()
+    }
+
+    /// Logical sector size in bytes.
+    pub(crate) fn sector_size(&self) -> u32 {
+        self.v.sector_size()
+    }
+
+    /// The parent locator, `None` for a disk without a parent.
+    pub(crate) fn parent_locator(&self) -> Option<&ParentLocator> {
+        self.v.parent_locator()
+    }
+
+    /// Replace the parent locator (through the log; durable at [`VhdxLinkage::finish`]).
+    pub(crate) fn set_parent_locator(&mut self, loc: ParentLocator) -> Result<()> {
+        let path = self.path.clone();
+        self.v.set_parent_locator(loc).map_err(|e| e.in_file(&path))
+    }
+
+    /// Publish the rewrite and end the session.
+    pub(crate) fn finish(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        self.v.finish().map(drop).map_err(|e| e.in_file(&path))
     }
 }
 
@@ -354,8 +411,8 @@ pub(crate) fn set_parent_ids(
     primary: Uuid,
     secondary: Option<Uuid>,
 ) -> Result<()> {
-    let mut layer = VhdxLayer::for_linkage(child, Some(storage.into()))?;
-    let loc = layer.v.parent_locator().cloned().ok_or_else(|| {
+    let mut link = VhdxLinkage::open(child, Some(storage.into()))?;
+    let loc = link.parent_locator().cloned().ok_or_else(|| {
         Error::InvalidParameter(format!(
             "{} is not a differencing disk: no parent linkage to update",
             child.display()
@@ -372,11 +429,8 @@ pub(crate) fn set_parent_ids(
         "parent_linkage2",
         second,
     );
-    layer
-        .v
-        .set_parent_locator(loc)
-        .map_err(|e| e.in_file(child))?;
-    layer.finish().map(drop)
+    link.set_parent_locator(loc)?;
+    link.finish()
 }
 
 impl crate::chain::ChainLayer {
