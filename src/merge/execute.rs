@@ -656,6 +656,22 @@ struct Copied {
     cloned: u64,
 }
 
+/// The writer's count of what it placed ([`Copied`]) together with the job's progress
+/// tracker, advanced by the same amounts: one value, so that the two cannot drift apart.
+struct Placed<'t> {
+    tracker: &'t Tracker,
+    copied: Copied,
+}
+
+impl Placed<'_> {
+    /// `bytes` more merged bytes placed, `cloned` of them by cloning.
+    fn add(&mut self, bytes: u64, cloned: u64) {
+        self.copied.bytes += bytes;
+        self.copied.cloned += cloned;
+        self.tracker.advance(bytes);
+    }
+}
+
 /// Copy every unit of `plan` into `dest` in batches; returns the bytes of merged sectors.
 ///
 /// A reader thread assembles units (plan_span + read_plan: reads of the merged layers, and the
@@ -884,7 +900,10 @@ fn write_units(
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
     let mut units = plan.unit_indices();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
-    let mut done = Copied::default();
+    let mut done = Placed {
+        tracker,
+        copied: Copied::default(),
+    };
     let mut scratch = Vec::new();
     let mut held = HeldClones::default();
     loop {
@@ -896,7 +915,7 @@ fn write_units(
         dest.reserve(new_blocks(plan, dest, &batch))?;
         for &unit in &batch {
             if tracker.cancelled() {
-                return Err(cancelled(plan, dest, &done));
+                return Err(cancelled(plan, dest, &done.copied));
             }
             let mut item = pipe.next()?;
             if item.unit != unit {
@@ -912,21 +931,19 @@ fn write_units(
                 pipe.give_back(item);
                 continue;
             }
-            if !held.place(chain, plan, dest, &mut scratch, pipe, tracker, &mut done)? {
-                return Err(cancelled(plan, dest, &done));
+            if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
+                return Err(cancelled(plan, dest, &done.copied));
             }
             let (bytes, cloned) = place_unit(chain, plan, dest, &mut item, &mut scratch, pipe)?;
             pipe.give_back(item);
-            done.bytes += bytes;
-            done.cloned += cloned;
-            tracker.advance(bytes);
+            done.add(bytes, cloned);
         }
-        if !held.place(chain, plan, dest, &mut scratch, pipe, tracker, &mut done)? {
-            return Err(cancelled(plan, dest, &done));
+        if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
+            return Err(cancelled(plan, dest, &done.copied));
         }
         dest.commit()?;
     }
-    Ok(done)
+    Ok(done.copied)
 }
 
 /// The error of a merge an interrupt stopped, after committing what it wrote (`finish`).
@@ -1007,9 +1024,8 @@ impl<'c> HeldClones<'c> {
     /// pieces already cloned: the same bytes). A stretch refused as unaligned says nothing
     /// about its units alone, so only their own refusals count towards giving up; a refusal
     /// for good turns cloning off first, and they are written. Adds the merged bytes placed
-    /// (and how many were cloned) to `done` and the progress; false when an interrupt
+    /// (and how many were cloned) to `done`, count and progress; false when an interrupt
     /// stopped it before a unit it had to write (units not placed are not pointed at).
-    #[allow(clippy::too_many_arguments)]
     fn place(
         &mut self,
         chain: &Chain,
@@ -1017,8 +1033,7 @@ impl<'c> HeldClones<'c> {
         dest: &mut dyn LayerWriter,
         scratch: &mut Vec<u8>,
         pipe: &Pipe<'_>,
-        tracker: &Tracker,
-        done: &mut Copied,
+        done: &mut Placed<'_>,
     ) -> Result<bool> {
         if self.units.is_empty() {
             return Ok(true);
@@ -1033,12 +1048,10 @@ impl<'c> HeldClones<'c> {
                 let sectors: usize = u.pieces.iter().map(|p| p.len).sum();
                 let bytes = sectors as u64 * plan.sector_bytes;
                 pipe.cloned(CloneOutcome::Cloned);
-                done.bytes += bytes;
-                done.cloned += bytes;
-                tracker.advance(bytes);
+                done.add(bytes, bytes);
                 continue;
             }
-            if tracker.cancelled() {
+            if done.tracker.cancelled() {
                 return Ok(false);
             }
             self.buf.resize(plan.unit_bytes as usize, 0);
@@ -1053,9 +1066,7 @@ impl<'c> HeldClones<'c> {
             };
             let (b, c) = place_unit(chain, plan, dest, &mut item, scratch, pipe)?;
             self.buf = item.buf;
-            done.bytes += b;
-            done.cloned += c;
-            tracker.advance(b);
+            done.add(b, c);
         }
         Ok(true)
     }
