@@ -344,7 +344,13 @@ fn create_output(
             "a raw output is a plain file, not an image".into(),
         ));
     };
-    crate::layer::create_layer(f, kind, tmp, size, block_size, sector_size)
+    let image = crate::layer::NewImage {
+        kind,
+        size,
+        block_size,
+        sector_size,
+    };
+    crate::layer::create_layer(f, tmp, &image)
 }
 
 /// Write `data` (whole sectors of the output, inside one of its blocks) at virtual byte

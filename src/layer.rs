@@ -439,21 +439,26 @@ pub fn open_writer(
     )?))
 }
 
-/// Create a new standalone image of `format` and `kind` (fixed or dynamic) at `path` (which
-/// must not exist), `size` bytes with blocks of `block_size` (see [`Format::create_limits`])
-/// and, where the format records one, logical sectors of `sector_size` bytes (a VHD's are 512
-/// whatever is asked), and open it for writing.
-pub fn create_layer(
-    format: Format,
-    kind: DiskKind,
-    path: &Path,
-    size: u64,
-    block_size: u32,
-    sector_size: u32,
-) -> Result<Box<dyn LayerWriter>> {
+/// What a new standalone image is to be ([`create_layer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewImage {
+    /// [`DiskKind::Fixed`] or [`DiskKind::Dynamic`].
+    pub kind: DiskKind,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bytes per block (see [`Format::create_limits`]).
+    pub block_size: u32,
+    /// Logical sector size in bytes, where the format records one (a VHD's are 512 whatever
+    /// is asked).
+    pub sector_size: u32,
+}
+
+/// Create the new standalone image `image` of `format` at `path` (which must not exist) and
+/// open it for writing.
+pub fn create_layer(format: Format, path: &Path, image: &NewImage) -> Result<Box<dyn LayerWriter>> {
     match format {
-        Format::Vhd => crate::vhd_layer::create(kind, path, size, block_size),
-        Format::Vhdx => crate::vhdx_layer::create(kind, path, size, block_size, sector_size),
+        Format::Vhd => crate::vhd_layer::create(path, image),
+        Format::Vhdx => crate::vhdx_layer::create(path, image),
     }
 }
 

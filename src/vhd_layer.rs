@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::format::{DiskType, PlatformCode, SECTOR_SIZE};
 use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{
-    BlockState, CloneSource, CreateLimits, DiskKind, Format, Layer, LayerWriter, ParentLink,
-    PathHint, Probe, Spelling, UnusableHint,
+    BlockState, CloneSource, CreateLimits, DiskKind, Format, Layer, LayerWriter, NewImage,
+    ParentLink, PathHint, Probe, Spelling, UnusableHint,
 };
 use crate::vhd::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
 
@@ -391,20 +391,15 @@ pub(crate) fn create_limits(kind: DiskKind) -> CreateLimits {
 }
 
 /// A new fixed or dynamic VHD at `path`, open for writing ([`crate::layer::create_layer`]).
-pub(crate) fn create(
-    kind: DiskKind,
-    path: &Path,
-    size: u64,
-    block_size: u32,
-) -> Result<Box<dyn LayerWriter>> {
+pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWriter>> {
     use crate::create::{CreateOptions, create_dynamic, create_fixed};
     let opts = CreateOptions {
-        block_size,
+        block_size: image.block_size,
         ..CreateOptions::default()
     };
-    Ok(match kind {
-        DiskKind::Fixed => Box::new(create_fixed(path, size, &CreateOptions::default())?),
-        _ => Box::new(create_dynamic(path, size, &opts)?),
+    Ok(match image.kind {
+        DiskKind::Fixed => Box::new(create_fixed(path, image.size, &CreateOptions::default())?),
+        _ => Box::new(create_dynamic(path, image.size, &opts)?),
     })
 }
 

@@ -20,7 +20,7 @@ use crate::io::{CloneOutcome, FileStorage, Storage};
 use crate::layer::OpenOptions;
 use crate::layer::{
     BlockState, ClonePiece, CloneSource, CreateLimits, DiskKind, Format, Layer, LayerWriter,
-    ParentLink, PathHint, Probe, Spelling,
+    NewImage, ParentLink, PathHint, Probe, Spelling,
 };
 use crate::vhdx::format::MIB;
 use crate::vhdx::format::bat::PayloadState;
@@ -454,24 +454,18 @@ pub(crate) fn create_limits(kind: DiskKind) -> CreateLimits {
     }
 }
 
-/// A new fixed or dynamic VHDX at `path` with `sector_size`-byte logical sectors, open for
+/// A new fixed or dynamic VHDX at `path` with the image's logical sector size, open for
 /// writing ([`crate::layer::create_layer`]).
-pub(crate) fn create(
-    kind: DiskKind,
-    path: &Path,
-    size: u64,
-    block_size: u32,
-    sector_size: u32,
-) -> Result<Box<dyn LayerWriter>> {
+pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWriter>> {
     use crate::vhdx::create as vx;
     let opts = vx::CreateOptions {
-        block_size: Some(block_size),
-        logical_sector_size: sector_size,
+        block_size: Some(image.block_size),
+        logical_sector_size: image.sector_size,
         ..vx::CreateOptions::default()
     };
-    let mut v = match kind {
-        DiskKind::Fixed => vx::create_fixed(path, size, &opts)?,
-        _ => vx::create_dynamic(path, size, &opts)?,
+    let mut v = match image.kind {
+        DiskKind::Fixed => vx::create_fixed(path, image.size, &opts)?,
+        _ => vx::create_dynamic(path, image.size, &opts)?,
     };
     v.finish()?;
     drop(v);

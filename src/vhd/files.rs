@@ -17,7 +17,7 @@ use crate::layer::files::{WriteMode, open_for_writing, take_lock};
 
 impl Vhd {
     /// Take an advisory lock (exclusive or shared) for the duration of the open file.
-    /// Fails with [`Error::InUse`] when another process holds a conflicting lock (after a
+    /// Fails with [`Error::InUse`](crate::Error::InUse) when another process holds a conflicting lock (after a
     /// retry of about 60 ms: a process that forks may hold a copy of a released lock briefly).
     pub fn lock(&self, exclusive: bool) -> Result<()> {
         take_lock(self.storage.as_ref(), &self.path, exclusive)
@@ -26,7 +26,7 @@ impl Vhd {
     /// Open the existing VHD at `path` for writing the way every command that writes one does
     /// (merge, set-parent, repair): with the exclusive advisory lock a merge takes on its
     /// destination, taken before the file is even read, so a file another process is merging
-    /// gives [`Error::InUse`] (32774).
+    /// gives [`Error::InUse`](crate::Error::InUse) (32774).
     pub fn open_for_writing(path: impl AsRef<Path>, options: OpenOptions) -> Result<Vhd> {
         let path = path.as_ref();
         let storage = open_for_writing(path, WriteMode::Existing)?;
