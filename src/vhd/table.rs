@@ -41,7 +41,12 @@ pub(super) struct Table {
     /// most [`MAX_HELD_BLOCKS`] of them are kept; [`Table::allocated`] counts them all).
     loaded: Vec<u32>,
     /// Entries whose allocation differs from `loaded`: `true` allocated since, `false`
-    /// unallocated since (dropped at open, for instance).
+    /// unallocated since (dropped at open, for instance). Not derived from `changed`, which
+    /// gives its entries back to the file at each commit ([`Table::written`]): deriving it
+    /// would need `changed` to keep every entry of the session (its 4-byte value on top of
+    /// the index, for as long as the file is open), `loaded` to be merged with each commit's
+    /// new blocks (a move of the whole vector per batch), or [`Table::is_allocated`] to read
+    /// the table (it reads nothing: `is_mapped` asks it per merge unit).
     remapped: BTreeMap<u32, bool>,
     /// Number of allocated entries.
     allocated: usize,

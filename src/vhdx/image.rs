@@ -82,7 +82,7 @@ use super::format::metadata::ParentLocator;
 use super::format::{MIB, bat::Geometry};
 use super::journal::{LogWriter, flush, grow, update_header, update_header_unflushed, write};
 use super::reader::{Mode, VhdxReader};
-use crate::format::SectorBitmap;
+use crate::bitmap::SectorBitmap;
 use crate::io::{ClonePiece, FileStorage, Storage};
 use crate::{Error, Result};
 
@@ -175,9 +175,9 @@ impl Vhdx<FileStorage> {
     pub fn open_path(path: impl AsRef<Path>, writable: bool) -> Result<Vhdx<FileStorage>> {
         let path = path.as_ref();
         let storage = if writable {
-            crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?
+            crate::layer::files::open_for_writing(path, crate::layer::files::WriteMode::Existing)?
         } else {
-            FileStorage::new(crate::image::open_regular_file(path, false)?)
+            FileStorage::new(crate::layer::files::open_regular_file(path, false)?)
         };
         Vhdx::open(storage, writable).map_err(|e| e.in_file(path))
     }

@@ -37,6 +37,10 @@ pub const MAX_METADATA_ENTRIES: u16 = 2047;
 pub const MAX_ITEM_LENGTH: u32 = 1 << 20;
 /// The largest virtual size, 64 TiB.
 pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+/// The smallest block size, 1 MiB (2.6.2.1).
+pub const MIN_BLOCK_SIZE: u32 = 1 << 20;
+/// The largest block size, 256 MiB (2.6.2.1).
+pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
 
 /// One metadata table entry ([MS-VHDX] 2.6.1.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +198,7 @@ pub struct Metadata {
 /// Validate the block size: a power of two, 1 MiB to 256 MiB ([MS-VHDX] 2.6.2.1).
 pub fn check_block_size(block_size: u32) -> Result<()> {
     ensure(
-        block_size.is_power_of_two() && (1 << 20..=256 << 20).contains(&block_size),
+        block_size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size),
         || format!("VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB"),
     )
 }
