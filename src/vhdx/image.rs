@@ -65,6 +65,10 @@ use crate::format::SectorBitmap;
 use crate::io::{ClonePiece, FileStorage, Storage};
 use crate::{Error, Result};
 
+/// Sector bitmap bytes a read-only handle reads at once (see `Vhdx::last_bitmap`): the bits
+/// of 128 blocks, a divisor of the 1 MiB bitmap block.
+const BITMAP_WINDOW: u64 = 64 << 10;
+
 /// How one block of a VHDX holds its sectors, in the terms of the crate's layer boundary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockState {
@@ -88,10 +92,12 @@ pub struct Vhdx<S: Storage> {
     /// previous one), so nothing more is written or published through this handle; reopening
     /// the file (which replays its log) continues from what is durable.
     broken: Option<String>,
-    /// A read-only handle's last sector bitmap page read from the file (file offset, bytes):
-    /// one page holds the bits of several blocks, and a merge asks for a block's bitmap more
-    /// than once, so without it every lookup was a 4 KiB read. Nothing writes the file's
-    /// bitmap pages while a read-only handle holds it (writers take the exclusive lock).
+    /// A read-only handle's last window of sector bitmap bytes read from the file (file
+    /// offset, [`BITMAP_WINDOW`] bytes): one page holds the bits of several blocks, and a
+    /// merge asks for a block's bitmap more than once (planning, then the unit), so without
+    /// it every lookup was a 4 KiB read. A window rather than a page, as the layers of a deep
+    /// chain each hold every n-th block: their bits lie pages apart. Nothing writes the
+    /// file's bitmap pages while a read-only handle holds it (writers take the exclusive lock).
     last_bitmap: std::sync::Mutex<Option<(u64, Vec<u8>)>>,
 }
 
@@ -406,14 +412,20 @@ impl<S: Storage> Vhdx<S> {
             return self.r.file.read(page, PAGE as u64);
         }
         let mut last = self.last_bitmap.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, p)) = last.as_ref()
-            && *at == page
+        // Inside the window's bitmap block: the block is 1 MiB, 1 MiB aligned, and checked
+        // to lie inside the file when the BAT was read.
+        let start = page - page % BITMAP_WINDOW;
+        let from = (page - start) as usize;
+        if let Some((at, w)) = last.as_ref()
+            && *at == start
+            && let Some(p) = w.get(from..from + PAGE)
         {
-            return Ok(p.clone());
+            return Ok(p.to_vec());
         }
-        let p = self.r.file.read(page, PAGE as u64)?;
-        *last = Some((page, p.clone()));
-        Ok(p)
+        let w = self.r.file.read(start, BITMAP_WINDOW)?;
+        let p = w.get(from..from + PAGE).map(<[u8]>::to_vec);
+        *last = Some((start, w));
+        p.ok_or_else(|| Error::format(format!("VHDX: short sector bitmap read at {page:#x}")))
     }
 
     /// The raw bitmap bytes of `block` (zeros when its chunk has no bitmap block).
@@ -1260,6 +1272,46 @@ mod tests {
         }
         // The three blocks' bits share one 4 KiB page: one read of it (and of the BAT's
         // entries, which the BAT cache holds), not one per lookup.
+        assert!(s.reads.load(Ordering::SeqCst) - before <= 2);
+    }
+
+    #[test]
+    fn a_read_only_handle_reads_bitmap_pages_of_one_window_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, child) = (dir.path().join("b.vhdx"), dir.path().join("c.avhdx"));
+        let opts = CreateOptions {
+            block_size: Some(MIB as u32),
+            ..CreateOptions::default()
+        };
+        create_dynamic(&base, 64 * MIB, &opts)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let mut c = crate::vhdx::create::create_differencing(&child, &base, &opts).unwrap();
+        // 256 bytes of bits per 1 MiB block: blocks 1, 17 and 33 have theirs in three pages.
+        let blocks = [1, 17, 33];
+        for (k, block) in blocks.into_iter().enumerate() {
+            c.write_at(block * MIB + 512 * (k as u64 + 1), &[9; 1024])
+                .unwrap();
+        }
+        c.finish().unwrap();
+        drop(c);
+        let s = Arc::new(Counting {
+            inner: MemStorage::new(std::fs::read(&child).unwrap()),
+            syncs: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        });
+        let v = Vhdx::open(s.clone(), false).unwrap();
+        let before = s.reads.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            for (k, block) in blocks.into_iter().enumerate() {
+                let BlockState::Present(Some(map)) = v.block_state(block).unwrap() else {
+                    panic!("block {block} is partially present");
+                };
+                assert_eq!(map.runs().collect::<Vec<_>>(), vec![1 + k..3 + k]);
+            }
+        }
+        // One read of the window holding the three pages (and of the BAT's entries).
         assert!(s.reads.load(Ordering::SeqCst) - before <= 2);
     }
 

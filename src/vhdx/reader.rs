@@ -9,7 +9,7 @@ use super::bat::PagedBat;
 use super::format::bat::{BatEntry, BitmapState, EntryKind, Geometry, PayloadState};
 use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
 use super::format::log::{ReplayPlan, find_active};
-use super::format::metadata::Metadata;
+use super::format::metadata::{Metadata, MetadataTable};
 use super::format::region::{Regions, choose_region_table};
 use super::format::{self as f, MIB, SLOT_SIZE};
 use crate::io::Storage;
@@ -19,6 +19,13 @@ use crate::{Error, Result};
 pub const MAX_LOG_BYTES: u64 = 64 * MIB;
 /// The largest metadata region this reader loads (Hyper-V and qemu write 1 MiB).
 pub const MAX_METADATA_BYTES: u64 = 16 * MIB;
+/// The bytes of the metadata region an open reads first: the 64 KiB table and the 64 KiB
+/// after it, where the items of the files we and Hyper-V write lie.
+const METADATA_FIRST_READ: u64 = 2 * SLOT_SIZE as u64;
+/// The bytes of the header section an open reads: the identifier, both headers and both
+/// region tables (320 KiB; the rest of the first MiB is reserved). Each open of each layer
+/// of a chain reads this, so not the whole MiB.
+const HEADER_SECTION_READ: u64 = f::REGION_TABLE2_OFFSET + SLOT_SIZE as u64;
 
 /// The file as it reads after the log is replayed: the storage with the replay plan's writes
 /// on top and zeros up to the replayed length ([MS-VHDX] 2.3.3 read-only in-memory replay).
@@ -200,7 +207,7 @@ impl<S: Storage> Structures<S> {
     /// `mode.writable`), region tables and metadata, in [MS-VHDX] 2.3.3's order.
     pub(crate) fn open(storage: S, mode: Mode) -> Result<Structures<S>> {
         let mut file = Overlay::new(storage)?;
-        let start = file.read(0, MIB)?;
+        let start = file.read(0, HEADER_SECTION_READ)?;
         let creator = FileIdentifier::parse(&start)?.creator;
         let mut header = current_header(
             slot(&start, f::HEADER1_OFFSET),
@@ -214,7 +221,7 @@ impl<S: Storage> Structures<S> {
         }
         let start = match replayed {
             // [MS-VHDX] 2.3.3: the region tables as they read after the replay.
-            true => file.read(0, MIB)?,
+            true => file.read(0, HEADER_SECTION_READ)?,
             false => start,
         };
         let (table, _) = choose_region_table(
@@ -397,8 +404,24 @@ fn load_metadata<S: Storage>(
     differencing: bool,
 ) -> Result<Metadata> {
     let m = regions.metadata;
-    let metadata =
-        Metadata::parse(&file.read(m.file_offset, u64::from(m.length).min(MAX_METADATA_BYTES))?)?;
+    let len = u64::from(m.length).min(MAX_METADATA_BYTES);
+    // The table and what follows it (where ours and Hyper-V's items lie), then more only
+    // if the items reach further: not the whole region, which each open of each layer of a
+    // chain would read. The table is checked against the whole region's length; an empty item's offset
+    // is not checked, so it does not count.
+    let first = file.read(m.file_offset, len.min(METADATA_FIRST_READ))?;
+    let items_end = MetadataTable::parse(&first, len)?
+        .entries
+        .iter()
+        .filter(|e| e.length > 0)
+        .map(|e| u64::from(e.offset) + u64::from(e.length))
+        .fold(SLOT_SIZE as u64, u64::max)
+        .min(len);
+    let region = match items_end > first.len() as u64 {
+        true => file.read(m.file_offset, items_end)?,
+        false => first,
+    };
+    let metadata = Metadata::parse(&region)?;
     if metadata.file_parameters.has_parent && !differencing {
         return Err(Error::not_supported(
             "differencing VHDX: reading through a parent is not implemented yet",
