@@ -435,49 +435,9 @@ fn restore_vhdx_linked(src: &Path) -> Res<()> {
     }
     for e in std::fs::read_dir(&keep)? {
         let e = e?;
-        restore_changed(&e.path(), &dir.join(e.file_name()))?;
+        copy_synced(&e.path(), &dir.join(e.file_name()))?;
     }
     Ok(())
-}
-
-/// Make `to` a synced copy of `from` by rewriting only the 1 MiB pieces that differ (a
-/// merge rewrites a few KiB of the linked layer's log and metadata). A whole copy of a
-/// 1 GiB linked layer (the one-layer VHDX shapes) freed and refilled 1 GiB of page cache
-/// right before the timed merge, and took a second or more: long enough for this VM to hand
-/// the freed pages back to the host (free page reporting), so the merge then paid host faults
-/// on every page it wrote, which neither the cp reference (its destination is removed right
-/// before it) nor the VHD shapes (no layer to restore) pay.
-#[cfg(unix)]
-fn restore_changed(from: &Path, to: &Path) -> Res<()> {
-    use std::os::unix::fs::FileExt;
-    let (src, dst) = (
-        File::open(from)?,
-        File::options().read(true).write(true).open(to),
-    );
-    let Ok(dst) = dst else {
-        return copy_synced(from, to);
-    };
-    let len = src.metadata()?.len();
-    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    let mut at = 0;
-    while at < len {
-        let n = ((len - at) as usize).min(a.len());
-        src.read_exact_at(&mut a[..n], at)?;
-        let same = dst.read_exact_at(&mut b[..n], at).is_ok() && a[..n] == b[..n];
-        if !same {
-            dst.write_all_at(&a[..n], at)?;
-        }
-        at += n as u64;
-    }
-    dst.set_len(len)?;
-    dst.sync_all()?;
-    Ok(())
-}
-
-/// Elsewhere: a whole copy (see the unix version).
-#[cfg(not(unix))]
-fn restore_changed(from: &Path, to: &Path) -> Res<()> {
-    copy_synced(from, to)
 }
 
 /// [`Kind::Qemu`]: the conversion, then `sync DST` (or a global sync) as for cp.
