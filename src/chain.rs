@@ -38,11 +38,11 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, ParentCandidate, Result};
-use crate::format::SectorBitmap;
 use crate::layer::{BlockState, Layer, ParentLink, PathHint, Spelling, open_layer};
+use crate::layer::{OpenOptions, SizeRule};
 use crate::locator::canonical_or_self;
-use crate::vhd::{OpenOptions, SizeRule};
 
 /// Default limit on the number of layers in a chain.
 pub const DEFAULT_MAX_DEPTH: usize = 256;
@@ -1043,7 +1043,7 @@ fn admit(
         Err(e) => Err(format!("cannot open: {e}")),
         Ok(m) if !m.is_file() => Err(format!(
             "not a regular file ({})",
-            crate::vhd::file_kind(&m)
+            crate::layer::files::file_kind(&m)
         )),
         Ok(_) => Ok(path),
     }

@@ -25,9 +25,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
-use crate::format::{DiskType, SECTOR_SIZE, SectorBitmap};
+use crate::format::{DiskType, SECTOR_SIZE};
 use crate::io::Storage;
 pub use crate::problem::{Problem, ProblemCode, Severity};
 use crate::vhd::{Batmap, Inspection, OpenOptions, SizeRule, Vhd};

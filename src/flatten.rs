@@ -16,14 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, ChainOptions, SpanPlan};
-use crate::create::{self, CreateOptions};
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::io::{CloneOutcome, ClonePiece, CloneRun, FileStorage};
-use crate::layer::{CloneSource, DiskKind, LayerWriter};
+use crate::layer::files::{WriteMode, open_for_writing};
+use crate::layer::{CloneSource, CreateLimits, DiskKind, Format, LayerWriter};
 use crate::merge::clone_candidate;
-use crate::vhd::{WriteMode, open_for_writing};
 
 /// The kind of file [`flatten`] writes (Hyper-V's Convert-VHD targets, and raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +42,15 @@ pub enum FlattenFormat {
 }
 
 impl FlattenFormat {
+    /// Every output format.
+    pub const ALL: [FlattenFormat; 5] = [
+        FlattenFormat::Raw,
+        FlattenFormat::Fixed,
+        FlattenFormat::Dynamic,
+        FlattenFormat::VhdxFixed,
+        FlattenFormat::VhdxDynamic,
+    ];
+
     /// `raw`, `fixed`, `dynamic` (VHD), `vhdx-fixed` or `vhdx-dynamic`.
     pub fn name(self) -> &'static str {
         match self {
@@ -67,9 +75,22 @@ impl FlattenFormat {
         }
     }
 
-    /// A VHD output (fixed or dynamic).
-    fn is_vhd(self) -> bool {
-        matches!(self, FlattenFormat::Fixed | FlattenFormat::Dynamic)
+    /// The format and kind of image this output is, `None` for raw.
+    pub fn target(self) -> Option<(Format, DiskKind)> {
+        match self {
+            FlattenFormat::Raw => None,
+            FlattenFormat::Fixed => Some((Format::Vhd, DiskKind::Fixed)),
+            FlattenFormat::Dynamic => Some((Format::Vhd, DiskKind::Dynamic)),
+            FlattenFormat::VhdxFixed => Some((Format::Vhdx, DiskKind::Fixed)),
+            FlattenFormat::VhdxDynamic => Some((Format::Vhdx, DiskKind::Dynamic)),
+        }
+    }
+
+    /// What the output's format allows (largest virtual size, block sizes, default block
+    /// size), as that format defines it ([`Format::create_limits`]); `None` for raw, which
+    /// holds any size and has no blocks.
+    pub fn limits(self) -> Option<CreateLimits> {
+        self.target().map(|(f, k)| f.create_limits(k))
     }
 
     /// A sparse output whose blocks are written one by one.
@@ -273,43 +294,44 @@ pub fn flatten(
     })
 }
 
-/// A VHD holds at most 2040 GiB (a VHDX 64 TiB, which every chain fits): refused before
-/// anything is written.
+/// A virtual size the output format cannot hold (a VHD's 2040 GiB): refused before anything
+/// is written.
 fn check_output_size(format: FlattenFormat, size: u64) -> Result<()> {
-    let max = crate::format::MAX_DYNAMIC_SIZE;
-    if format.is_vhd() && size > max {
+    let Some(limits) = format.limits() else {
+        return Ok(());
+    };
+    let max = limits.max_virtual_size;
+    if size > max {
+        let fits: Vec<&str> = FlattenFormat::ALL
+            .iter()
+            .filter(|f| f.limits().is_none_or(|l| size <= l.max_virtual_size))
+            .map(|f| f.name())
+            .collect();
         return Err(Error::InvalidParameter(format!(
-            "the virtual size {size} is larger than a VHD can hold ({max} bytes, 2040 GiB); flatten to a VHDX or raw instead"
+            "the virtual size {size} is larger than a {} output can hold ({max} bytes, {} GiB); flatten to {} instead",
+            format.name(),
+            max >> 30,
+            fits.join(" or ")
         )));
     }
     Ok(())
 }
 
 /// The output's block size when the caller gives none: the flattened layer's if the output
-/// format allows it (a power of two, 512 bytes to 32 MiB for VHD, 1 to 256 MiB for VHDX) and
-/// the layer is not fixed, else the format's default (VHD 2 MiB, VHDX as Hyper-V: 32 MiB
-/// dynamic, 2 MiB fixed).
+/// format allows it ([`FlattenFormat::limits`]) and the layer is not fixed, else the format's
+/// default. A raw output has no blocks: its spans are [`RAW_SPAN`].
 fn default_block_size(format: FlattenFormat, top: &dyn crate::layer::Layer) -> u32 {
-    let own = u32::try_from(top.block_size())
-        .ok()
-        .filter(|_| top.kind() != DiskKind::Fixed);
-    let (range, default) = match format {
-        FlattenFormat::VhdxDynamic => (
-            1 << 20..=256 << 20,
-            crate::vhdx::create::DEFAULT_DYNAMIC_BLOCK,
-        ),
-        FlattenFormat::VhdxFixed => (
-            1 << 20..=256 << 20,
-            crate::vhdx::create::DEFAULT_DIFFERENCING_BLOCK,
-        ),
-        _ => (512..=crate::vhd::MAX_BLOCK_SIZE, create::DEFAULT_BLOCK_SIZE),
+    let Some(limits) = format.limits() else {
+        return RAW_SPAN as u32;
     };
-    own.filter(|b| b.is_power_of_two() && range.contains(b))
-        .unwrap_or(default)
+    u32::try_from(top.block_size())
+        .ok()
+        .filter(|&b| top.kind() != DiskKind::Fixed && limits.allows_block_size(b))
+        .unwrap_or(limits.default_block_size)
 }
 
-/// A new fixed or dynamic VHD or VHDX at `tmp`, open for writing (a VHDX with the chain's
-/// logical sector size; a VHD has 512-byte sectors whatever the chain's).
+/// A new fixed or dynamic image at `tmp` in the output's format, open for writing, with the
+/// chain's logical sector size where the format records one.
 fn create_output(
     tmp: &Path,
     format: FlattenFormat,
@@ -317,32 +339,18 @@ fn create_output(
     block_size: u32,
     sector_size: u32,
 ) -> Result<Box<dyn LayerWriter>> {
-    use crate::vhdx::create as vx;
-    let vhd = CreateOptions {
+    let Some((f, kind)) = format.target() else {
+        return Err(Error::InvalidParameter(
+            "a raw output is a plain file, not an image".into(),
+        ));
+    };
+    let image = crate::layer::NewImage {
+        kind,
+        size,
         block_size,
-        ..CreateOptions::default()
+        sector_size,
     };
-    let vhdx = vx::CreateOptions {
-        block_size: Some(block_size),
-        logical_sector_size: sector_size,
-        ..vx::CreateOptions::default()
-    };
-    Ok(match format {
-        FlattenFormat::Fixed => {
-            Box::new(create::create_fixed(tmp, size, &CreateOptions::default())?)
-        }
-        FlattenFormat::Dynamic => Box::new(create::create_dynamic(tmp, size, &vhd)?),
-        f => {
-            let mut v = match f {
-                FlattenFormat::VhdxFixed => vx::create_fixed(tmp, size, &vhdx)?,
-                _ => vx::create_dynamic(tmp, size, &vhdx)?,
-            };
-            v.finish()?;
-            drop(v);
-            let writable = crate::vhd::OpenOptions::writable();
-            Box::new(crate::vhdx_layer::VhdxLayer::open(tmp, writable)?)
-        }
-    })
+    crate::layer::create_layer(f, tmp, &image)
 }
 
 /// Write `data` (whole sectors of the output, inside one of its blocks) at virtual byte

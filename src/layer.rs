@@ -7,15 +7,17 @@
 
 use std::any::Any;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::io::CloneOutcome;
+
+pub(crate) mod files;
 pub use crate::io::{ClonePiece, CloneSource};
-use crate::vhd::OpenOptions;
 
 /// The on-disk format of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,12 +32,41 @@ pub enum Format {
 #[cfg(feature = "serde")]
 serialize_as_name!(Format);
 
+/// What a format allows in a new standalone image it creates (a flatten's output), each
+/// limit defined once, by the format ([`Format::create_limits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreateLimits {
+    /// The largest virtual size in bytes.
+    pub max_virtual_size: u64,
+    /// The block sizes allowed: the powers of two in this range.
+    pub block_sizes: RangeInclusive<u32>,
+    /// The block size when none is asked for.
+    pub default_block_size: u32,
+}
+
+impl CreateLimits {
+    /// Whether `block_size` is one the format allows.
+    pub fn allows_block_size(&self, block_size: u32) -> bool {
+        block_size.is_power_of_two() && self.block_sizes.contains(&block_size)
+    }
+}
+
 impl Format {
     /// `vhd` or `vhdx`.
     pub fn name(self) -> &'static str {
         match self {
             Format::Vhd => "vhd",
             Format::Vhdx => "vhdx",
+        }
+    }
+
+    /// What this format allows in a new standalone image of `kind` ([`DiskKind::Fixed`] or
+    /// [`DiskKind::Dynamic`]; a differencing disk takes its parent's size).
+    pub fn create_limits(self, kind: DiskKind) -> CreateLimits {
+        match self {
+            Format::Vhd => crate::vhd_layer::create_limits(kind),
+            Format::Vhdx => crate::vhdx_layer::create_limits(kind),
         }
     }
 }
@@ -62,6 +93,52 @@ impl DiskKind {
             DiskKind::Fixed => "fixed",
             DiskKind::Dynamic => "dynamic",
             DiskKind::Differencing => "differencing",
+        }
+    }
+}
+
+/// How to decide the virtual size of a format that records it twice (VHD: the footer's
+/// Current Size and its CHS geometry, §1.5). A format with one size field (VHDX's
+/// VirtualDiskSize) ignores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SizeRule {
+    /// The recorded size, except, for a VHD from Virtual PC / Virtual Server whose geometry is
+    /// not the 65535/16/255 marker, C×H×S×512 (the guest of those products sees the CHS size).
+    #[default]
+    Auto,
+    /// Always the recorded size (a VHD footer's Current Size).
+    CurrentSize,
+    /// Always the geometry's C×H×S×512 (capped at Current Size); VHD only.
+    Chs,
+}
+
+options! {
+    /// How to open a layer, whatever its format ([`open_layer`], [`crate::Vhd::open`],
+    /// [`crate::vhdx_layer::VhdxLayer::open`]).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct OpenOptions {
+        /// Open for writing (exclusively locked).
+        pub writable: bool => set_writable,
+        /// Accept checksum mismatches of a format's metadata (a VHD footer or dynamic header)
+        /// with a warning instead of failing.
+        pub lenient: bool,
+        /// How to decide the virtual size.
+        pub size_rule: SizeRule,
+    }
+}
+
+impl OpenOptions {
+    /// Read-only, strict.
+    pub fn read_only() -> OpenOptions {
+        OpenOptions::default()
+    }
+
+    /// Writable, strict.
+    pub fn writable() -> OpenOptions {
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
         }
     }
 }
@@ -364,6 +441,29 @@ pub fn open_writer(
     )?))
 }
 
+/// What a new standalone image is to be ([`create_layer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewImage {
+    /// [`DiskKind::Fixed`] or [`DiskKind::Dynamic`].
+    pub kind: DiskKind,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bytes per block (see [`Format::create_limits`]).
+    pub block_size: u32,
+    /// Logical sector size in bytes, where the format records one (a VHD's are 512 whatever
+    /// is asked).
+    pub sector_size: u32,
+}
+
+/// Create the new standalone image `image` of `format` at `path` (which must not exist) and
+/// open it for writing.
+pub fn create_layer(format: Format, path: &Path, image: &NewImage) -> Result<Box<dyn LayerWriter>> {
+    match format {
+        Format::Vhd => crate::vhd_layer::create(path, image),
+        Format::Vhdx => crate::vhdx_layer::create(path, image),
+    }
+}
+
 /// Set the parent identities the differencing layer held by `storage` (the file at `child`,
 /// of `format`) accepts: `primary`, and `secondary` as well when given, crash-safely and
 /// without changing `child`'s view or its own identity. A merge into a destination whose
@@ -389,7 +489,7 @@ pub fn set_parent_ids(
 /// holds it), in the format its signature says.
 pub fn open_layer_for_writing(path: &Path, options: OpenOptions) -> Result<Box<dyn LayerWriter>> {
     let format = detect_format(path).unwrap_or(Format::Vhd);
-    let storage = crate::vhd::open_for_writing(path, crate::vhd::WriteMode::Existing)?;
+    let storage = files::open_for_writing(path, files::WriteMode::Existing)?;
     let options = OpenOptions {
         writable: true,
         ..options

@@ -97,6 +97,7 @@ macro_rules! serialize_as_name {
 #[macro_use]
 mod options;
 
+pub mod bitmap;
 pub mod chain;
 pub mod check;
 pub mod create;
@@ -126,11 +127,12 @@ pub use flatten::{
 pub use format::{DiskType, SECTOR_SIZE};
 pub use io::CloneOutcome;
 pub use layer::{BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, open_layer};
+pub use layer::{OpenOptions, SizeRule};
 pub use merge::{Job, JobState, MergeJob, MergeOptions, MergeReport, merge};
 pub use setparent::{SetParentOptions, SetParentReport, set_parent, set_parent_on};
 /// The former name of [`mod@vhd`], kept so that `vhd_merge::image::...` paths still work.
 pub use vhd as image;
-pub use vhd::{BlockMap, OpenOptions, SizeRule, SizeSource, Vhd};
+pub use vhd::{BlockMap, SizeSource, Vhd};
 
 /// The README's examples, compiled and run as doc tests so they cannot go stale.
 #[cfg(doctest)]

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, ChainLayer, FoundBy};
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::layer::{BlockState, DiskKind, Format, Layer};
 
 /// One layer held in memory: block states and the blocks' bytes.

@@ -51,8 +51,8 @@ macro_rules! options {
 #[cfg(test)]
 mod tests {
     use crate::flatten::{FlattenFormat, FlattenOptions};
+    use crate::layer::OpenOptions;
     use crate::merge::MergeOptions;
-    use crate::vhd::OpenOptions;
 
     /// A setter changes its field only: the others keep the base's values.
     #[test]

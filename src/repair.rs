@@ -46,11 +46,9 @@ use crate::format::bat::UNUSED;
 use crate::format::footer::FOOTER_SIZE;
 use crate::format::{DiskType, SECTOR_SIZE};
 use crate::io::Storage;
+use crate::layer::files::{WriteMode, open_for_writing};
 use crate::problem::ProblemCode;
-use crate::vhd::{
-    DroppedEntry, FooterSource, Inspection, OpenOptions, Problem, SizeRule, Vhd, WriteMode,
-    open_for_writing,
-};
+use crate::vhd::{DroppedEntry, FooterSource, Inspection, OpenOptions, Problem, SizeRule, Vhd};
 
 options! {
     /// Options for [`repair_file`].

@@ -34,10 +34,10 @@ use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::format::header::LOCATOR_COUNT;
 use crate::format::{DiskType, DynamicHeader, ParentLocator, PlatformCode, SECTOR_SIZE, align_up};
-use crate::layer::{Format, Layer, LayerWriter, ParentLink};
+use crate::layer::{Format, Layer, ParentLink};
 use crate::locator::{self, LOCATOR_SPACE};
 use crate::vhd::{MAX_LOCATOR_PAYLOAD, OpenOptions, Vhd};
-use crate::vhdx_layer::VhdxLayer;
+use crate::vhdx_layer::VhdxLinkage;
 
 options! {
     /// Options for [`set_parent`].
@@ -161,7 +161,7 @@ pub fn set_parent_on(
     let new_parent = new_parent.as_ref();
     let old_header = differencing_header(c, opts)?;
     let old_id = old_header.parent_unique_id;
-    let link = check_new_parent(c, &[old_id], new_parent, opts)?;
+    let link = check_new_parent(&ChildFacts::of(&*c), &[old_id], new_parent, opts)?;
     let name = file_name(new_parent);
     let mut header = old_header.clone();
     header.set_parent_name(&name)?;
@@ -235,11 +235,43 @@ struct LinkCheck {
     warnings: Vec<String>,
 }
 
+/// What the link checks need of the child, whichever way it is open (a VHD as a layer, a
+/// VHDX for its linkage only, [`VhdxLinkage`], which is no layer).
+struct ChildFacts<'a> {
+    path: &'a Path,
+    format: Format,
+    id: Uuid,
+    virtual_size: u64,
+    sector_size: u32,
+}
+
+impl<'a> ChildFacts<'a> {
+    fn of(c: &'a dyn Layer) -> ChildFacts<'a> {
+        ChildFacts {
+            path: c.path(),
+            format: c.format(),
+            id: c.id(),
+            virtual_size: c.virtual_size(),
+            sector_size: c.sector_size(),
+        }
+    }
+
+    fn of_linkage(c: &'a VhdxLinkage) -> ChildFacts<'a> {
+        ChildFacts {
+            path: c.path(),
+            format: Format::Vhdx,
+            id: c.id(),
+            virtual_size: c.virtual_size(),
+            sector_size: c.sector_size(),
+        }
+    }
+}
+
 /// The rules for any child and format: the new parent opens, has the child's format and
 /// sector size, is not the child, does not have the child in its chain, and carries one of
 /// the identities the child accepts (`old_ids`) unless `opts.force`.
 fn check_new_parent(
-    child: &dyn Layer,
+    child: &ChildFacts<'_>,
     old_ids: &[Uuid],
     new_parent: &Path,
     opts: &SetParentOptions,
@@ -249,15 +281,15 @@ fn check_new_parent(
         ..OpenOptions::read_only()
     };
     let p = crate::layer::open_layer(new_parent, lenient)?;
-    let (id_name, link_name) = match child.format() {
+    let (id_name, link_name) = match child.format {
         Format::Vhd => ("unique id", "parent unique id"),
         _ => ("DataWriteGuid", "parent_linkage"),
     };
     check_parent_kind(child, p.as_ref(), id_name)?;
     let mut warnings = Vec::new();
     check_no_cycle(
-        child.path(),
-        child.id(),
+        child.path,
+        child.id,
         new_parent,
         opts.lenient,
         &mut warnings,
@@ -269,7 +301,7 @@ fn check_new_parent(
         return Err(Error::InvalidParameter(format!(
             "{} has {id_name} {new_id}, but {} records {link_name} {old_id}: it is not the same disk (the force option (--force) re-points the child anyway; its content then reads through the new parent)",
             new_parent.display(),
-            child.path().display()
+            child.path.display()
         )));
     }
     if id_changed {
@@ -277,11 +309,11 @@ fn check_new_parent(
             "the child adopts {link_name} {new_id} (was {old_id}): its view now reads through the new parent"
         ));
     }
-    if p.virtual_size() != child.virtual_size() {
+    if p.virtual_size() != child.virtual_size {
         warnings.push(format!(
             "the new parent's virtual size {} differs from the child's {}",
             p.virtual_size(),
-            child.virtual_size()
+            child.virtual_size
         ));
     }
     Ok(LinkCheck {
@@ -292,31 +324,31 @@ fn check_new_parent(
 }
 
 /// The new parent `p` of `child` has its format and sector size and is another disk.
-fn check_parent_kind(child: &dyn Layer, p: &dyn Layer, id_name: &str) -> Result<()> {
-    if p.format() != child.format() {
+fn check_parent_kind(child: &ChildFacts<'_>, p: &dyn Layer, id_name: &str) -> Result<()> {
+    if p.format() != child.format {
         return Err(Error::InvalidParameter(format!(
             "{} is a {}: the parent of a {} is a {} (a chain holds one format, as Hyper-V requires)",
             p.path().display(),
             p.format().name().to_uppercase(),
-            child.format().name().to_uppercase(),
-            child.format().name().to_uppercase()
+            child.format.name().to_uppercase(),
+            child.format.name().to_uppercase()
         )));
     }
-    if locator::same_file(child.path(), p.path()) || p.id() == child.id() {
+    if locator::same_file(child.path, p.path()) || p.id() == child.id {
         return Err(Error::InvalidParameter(format!(
             "{} cannot be the parent of {}: it is the same disk ({id_name} {})",
             p.path().display(),
-            child.path().display(),
+            child.path.display(),
             p.id()
         )));
     }
-    if p.sector_size() != child.sector_size() {
+    if p.sector_size() != child.sector_size {
         return Err(Error::NotSupported {
             path: Some(p.path().to_path_buf()),
             detail: format!(
                 "the new parent has {}-byte sectors and the child {}-byte sectors",
                 p.sector_size(),
-                child.sector_size()
+                child.sector_size
             ),
         });
     }
@@ -394,8 +426,8 @@ fn set_parent_vhdx(
     new_parent: &Path,
     opts: &SetParentOptions,
 ) -> Result<SetParentReport> {
-    let mut c = VhdxLayer::for_linkage(child, None)?;
-    let Some(old) = c.vhdx().parent_locator().cloned() else {
+    let mut c = VhdxLinkage::open(child, None)?;
+    let Some(old) = c.parent_locator().cloned() else {
         return Err(Error::InvalidParameter(format!(
             "{} is a {} disk, not a differencing one: it has no parent to set",
             child.display(),
@@ -407,7 +439,7 @@ fn set_parent_vhdx(
         name: old_name,
         ..
     } = crate::vhdx_layer::parent_link_of(&old).map_err(|e| e.in_file(child))?;
-    let link = check_new_parent(&c, &old_ids, new_parent, opts)?;
+    let link = check_new_parent(&ChildFacts::of_linkage(&c), &old_ids, new_parent, opts)?;
     let (new_id, id_changed) = (link.new_id, link.id_changed);
     let old_id = old_ids.first().copied().unwrap_or_default();
     let mut entries = crate::vhdx::create::locator_entries(child, new_parent, new_id)?;
@@ -421,7 +453,7 @@ fn set_parent_vhdx(
         locator_type: old.locator_type,
         entries,
     };
-    c.vhdx_mut().set_parent_locator(loc.clone())?;
+    c.set_parent_locator(loc.clone())?;
     c.finish()?;
     Ok(SetParentReport {
         child: child.to_path_buf(),

@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, ChainLayer};
 use crate::error::{Error, Result};
-use crate::format::{DiskType, PlatformCode, SECTOR_SIZE, SectorBitmap};
+use crate::format::{DiskType, PlatformCode, SECTOR_SIZE};
 use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{
-    BlockState, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink, PathHint, Probe,
-    Spelling, UnusableHint,
+    BlockState, CloneSource, CreateLimits, DiskKind, Format, Layer, LayerWriter, NewImage,
+    ParentLink, PathHint, Probe, Spelling, UnusableHint,
 };
 use crate::vhd::{BlockMap, DATA_ALIGNMENT, FIXED_CHUNK, Vhd};
 
@@ -378,6 +379,31 @@ impl ChainLayer {
     pub fn vhd(&self) -> Option<&Vhd> {
         self.layer.as_any().downcast_ref::<Vhd>()
     }
+}
+
+/// What a new standalone VHD allows: 2040 GiB for either kind (the dynamic disk's limit,
+/// which Windows applies to fixed VHDs too), blocks of 512 bytes to
+/// [`crate::vhd::MAX_BLOCK_SIZE`], 2 MiB by default ([`crate::create::DEFAULT_BLOCK_SIZE`]).
+pub(crate) fn create_limits(kind: DiskKind) -> CreateLimits {
+    let _ = kind;
+    CreateLimits {
+        max_virtual_size: crate::format::MAX_DYNAMIC_SIZE,
+        block_sizes: SECTOR_SIZE as u32..=crate::vhd::MAX_BLOCK_SIZE,
+        default_block_size: crate::create::DEFAULT_BLOCK_SIZE,
+    }
+}
+
+/// A new fixed or dynamic VHD at `path`, open for writing ([`crate::layer::create_layer`]).
+pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWriter>> {
+    use crate::create::{CreateOptions, create_dynamic, create_fixed};
+    let opts = CreateOptions {
+        block_size: image.block_size,
+        ..CreateOptions::default()
+    };
+    Ok(match image.kind {
+        DiskKind::Fixed => Box::new(create_fixed(path, image.size, &CreateOptions::default())?),
+        _ => Box::new(create_dynamic(path, image.size, &opts)?),
+    })
 }
 
 /// Probe a VHD cheaply (footers only, see [`crate::vhd::peek`]).

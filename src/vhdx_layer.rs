@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
-use crate::image::OpenOptions;
 use crate::io::{CloneOutcome, FileStorage, Storage};
+use crate::layer::OpenOptions;
 use crate::layer::{
-    BlockState, ClonePiece, CloneSource, DiskKind, Format, Layer, LayerWriter, ParentLink,
-    PathHint, Probe, Spelling,
+    BlockState, ClonePiece, CloneSource, CreateLimits, DiskKind, Format, Layer, LayerWriter,
+    NewImage, ParentLink, PathHint, Probe, Spelling,
 };
 use crate::vhdx::format::MIB;
 use crate::vhdx::format::bat::PayloadState;
@@ -53,12 +53,12 @@ impl VhdxLayer {
     /// `options.writable`, exclusively locked with its log replayed onto the file.
     pub fn open(path: &Path, options: OpenOptions) -> Result<VhdxLayer> {
         let storage: LayerStorage = if options.writable {
-            Arc::new(crate::image::open_for_writing(
+            Arc::new(crate::layer::files::open_for_writing(
                 path,
-                crate::image::WriteMode::Existing,
+                crate::layer::files::WriteMode::Existing,
             )?)
         } else {
-            Arc::new(FileStorage::new(crate::image::open_regular_file(
+            Arc::new(FileStorage::new(crate::layer::files::open_regular_file(
                 path, false,
             )?))
         };
@@ -68,21 +68,6 @@ impl VhdxLayer {
     /// Open the VHDX held by `storage` (the file at `path`, possibly wrapped by a test hook).
     pub fn from_storage(storage: LayerStorage, path: &Path, writable: bool) -> Result<VhdxLayer> {
         let v = Vhdx::open(storage, writable).map_err(|e| e.in_file(path))?;
-        Ok(Self::of(v, path))
-    }
-
-    /// Open the VHDX at `path` (or over `storage`) writable to rewrite its parent linkage
-    /// only ([`Vhdx::open_for_metadata`]: the BAT is not streamed; no block question may be
-    /// asked of this layer). For set-parent and a merge's linkage updates.
-    pub(crate) fn for_linkage(path: &Path, storage: Option<LayerStorage>) -> Result<VhdxLayer> {
-        let storage: LayerStorage = match storage {
-            Some(s) => s,
-            None => Arc::new(crate::image::open_for_writing(
-                path,
-                crate::image::WriteMode::Existing,
-            )?),
-        };
-        let v = Vhdx::open_for_metadata(storage).map_err(|e| e.in_file(path))?;
         Ok(Self::of(v, path))
     }
 
@@ -114,6 +99,78 @@ impl VhdxLayer {
 
     fn io_error(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{}: {what}", self.path.display()), e)
+    }
+}
+
+/// A VHDX opened writable to rewrite its parent linkage only ([`Vhdx::open_for_metadata`]:
+/// headers, regions, metadata, a dirty log replayed onto the file; the BAT not streamed), for
+/// set-parent and a merge's linkage updates. Not a [`Layer`]: it knows no block, so it offers
+/// only what those need (its identity, sizes, parent locator, and the locator's rewrite),
+/// and no block question can be asked of it.
+#[derive(Debug)]
+pub(crate) struct VhdxLinkage {
+    path: PathBuf,
+    v: Vhdx<LayerStorage>,
+}
+
+impl VhdxLinkage {
+    /// Open the VHDX at `path` (or over `storage`, the file at `path` possibly wrapped by a
+    /// test hook; else exclusively locked first).
+    pub(crate) fn open(path: &Path, storage: Option<LayerStorage>) -> Result<VhdxLinkage> {
+        let storage: LayerStorage = match storage {
+            Some(s) => s,
+            None => Arc::new(crate::layer::files::open_for_writing(
+                path,
+                crate::layer::files::WriteMode::Existing,
+            )?),
+        };
+        let v = Vhdx::open_for_metadata(storage).map_err(|e| e.in_file(path))?;
+        Ok(VhdxLinkage {
+            path: path.to_path_buf(),
+            v,
+        })
+    }
+
+    /// The file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fixed, dynamic or differencing (by its metadata, as [`VhdxLayer`] says).
+    pub(crate) fn kind(&self) -> DiskKind {
+        kind_of(&self.v.reader().metadata)
+    }
+
+    /// The DataWriteGuid (unchanged by a linkage rewrite).
+    pub(crate) fn id(&self) -> Uuid {
+        self.v.data_write_guid()
+    }
+
+    /// Virtual size in bytes.
+    pub(crate) fn virtual_size(&self) -> u64 {
+        self.v.virtual_size()
+    }
+
+    /// Logical sector size in bytes.
+    pub(crate) fn sector_size(&self) -> u32 {
+        self.v.sector_size()
+    }
+
+    /// The parent locator, `None` for a disk without a parent.
+    pub(crate) fn parent_locator(&self) -> Option<&ParentLocator> {
+        self.v.parent_locator()
+    }
+
+    /// Replace the parent locator (through the log; durable at [`VhdxLinkage::finish`]).
+    pub(crate) fn set_parent_locator(&mut self, loc: ParentLocator) -> Result<()> {
+        let path = self.path.clone();
+        self.v.set_parent_locator(loc).map_err(|e| e.in_file(&path))
+    }
+
+    /// Publish the rewrite and end the session.
+    pub(crate) fn finish(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        self.v.finish().map(drop).map_err(|e| e.in_file(&path))
     }
 }
 
@@ -247,7 +304,7 @@ impl Layer for VhdxLayer {
     }
 
     fn lock(&self, exclusive: bool) -> Result<()> {
-        crate::image::take_lock(self.v.storage().as_ref(), &self.path, exclusive)
+        crate::layer::files::take_lock(self.v.storage().as_ref(), &self.path, exclusive)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -354,8 +411,8 @@ pub(crate) fn set_parent_ids(
     primary: Uuid,
     secondary: Option<Uuid>,
 ) -> Result<()> {
-    let mut layer = VhdxLayer::for_linkage(child, Some(storage.into()))?;
-    let loc = layer.v.parent_locator().cloned().ok_or_else(|| {
+    let mut link = VhdxLinkage::open(child, Some(storage.into()))?;
+    let loc = link.parent_locator().cloned().ok_or_else(|| {
         Error::InvalidParameter(format!(
             "{} is not a differencing disk: no parent linkage to update",
             child.display()
@@ -372,11 +429,8 @@ pub(crate) fn set_parent_ids(
         "parent_linkage2",
         second,
     );
-    layer
-        .v
-        .set_parent_locator(loc)
-        .map_err(|e| e.in_file(child))?;
-    layer.finish().map(drop)
+    link.set_parent_locator(loc)?;
+    link.finish()
 }
 
 impl crate::chain::ChainLayer {
@@ -386,9 +440,41 @@ impl crate::chain::ChainLayer {
     }
 }
 
+/// What a new standalone VHDX allows: 64 TiB, blocks of 1 to 256 MiB ([MS-VHDX] 2.6.2.1),
+/// by default Hyper-V's: 32 MiB for a dynamic disk, 2 MiB for a fixed one.
+pub(crate) fn create_limits(kind: DiskKind) -> CreateLimits {
+    use crate::vhdx::format::metadata::{MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE};
+    CreateLimits {
+        max_virtual_size: MAX_VIRTUAL_SIZE,
+        block_sizes: MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE,
+        default_block_size: match kind {
+            DiskKind::Fixed => vhdx::create::DEFAULT_DIFFERENCING_BLOCK,
+            _ => vhdx::create::DEFAULT_DYNAMIC_BLOCK,
+        },
+    }
+}
+
+/// A new fixed or dynamic VHDX at `path` with the image's logical sector size, open for
+/// writing ([`crate::layer::create_layer`]).
+pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWriter>> {
+    use crate::vhdx::create as vx;
+    let opts = vx::CreateOptions {
+        block_size: Some(image.block_size),
+        logical_sector_size: image.sector_size,
+        ..vx::CreateOptions::default()
+    };
+    let mut v = match image.kind {
+        DiskKind::Fixed => vx::create_fixed(path, image.size, &opts)?,
+        _ => vx::create_dynamic(path, image.size, &opts)?,
+    };
+    v.finish()?;
+    drop(v);
+    Ok(Box::new(VhdxLayer::open(path, OpenOptions::writable())?))
+}
+
 /// Probe a VHDX cheaply: headers, log and metadata, not the BAT.
 pub(crate) fn probe(path: &Path) -> Option<Probe> {
-    let file = crate::image::open_regular_file(path, false).ok()?;
+    let file = crate::layer::files::open_regular_file(path, false).ok()?;
     let mode = Mode {
         differencing: true,
         ..Mode::default()
@@ -481,7 +567,11 @@ mod tests {
         let next = Uuid::new_v4();
         let storage = || -> Box<dyn Storage> {
             Box::new(
-                crate::image::open_for_writing(&child, crate::image::WriteMode::Existing).unwrap(),
+                crate::layer::files::open_for_writing(
+                    &child,
+                    crate::layer::files::WriteMode::Existing,
+                )
+                .unwrap(),
             )
         };
         set_parent_ids(storage(), &child, base_id, Some(next)).unwrap();

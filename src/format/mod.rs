@@ -7,13 +7,13 @@
 
 pub mod bat;
 pub mod batmap;
-pub mod bitmap;
 pub mod footer;
 pub mod header;
 
+/// The sector bitmap, shared by every format: [`crate::bitmap`] (its former path, kept).
+pub use crate::bitmap::{self, SectorBitmap};
 pub use bat::Bat;
 pub use batmap::Batmap;
-pub use bitmap::SectorBitmap;
 pub use footer::{DiskType, Footer, Geometry};
 pub use header::{DynamicHeader, ParentLocator, PlatformCode};
 

@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use crate::Result;
-use crate::format::SectorBitmap;
+use crate::bitmap::SectorBitmap;
 
 /// Runs of selected sectors closer than this (in bytes) are written together.
 pub(crate) const MAX_GAP: usize = 64 * 1024;

@@ -13,12 +13,14 @@ use super::job::{JobState, Tracker};
 use super::plan::{MergePlan, clone_candidate, mostly_candidate, patch_after_clone_allowed};
 use super::scan::{self, dir_of, tidy};
 use super::{MergeOptions, MergeReport, VerifyReport};
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, Piece, SpanPlan};
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
-use crate::image::OpenOptions;
 use crate::io::{CloneOutcome, ClonePiece};
-use crate::layer::{DiskKind, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer};
+use crate::layer::OpenOptions;
+use crate::layer::{
+    DiskKind, Format, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer,
+};
 use crate::locator::{canonical_or_self, same_file};
 
 /// Layer `i` of `chain`; callers pass indices below the destination's, checked when the
@@ -248,7 +250,9 @@ fn prepare_links(
         relink_child(child, &dest_path, true)?;
     }
     if let Some(next) = dest.next_id() {
-        link_to_destination(at(chain, d - 1), (at(chain, d).id(), Some(next)), options)?;
+        let child = at(chain, d - 1);
+        let ids = (at(chain, d).id(), Some(next));
+        link_to_destination((child.path(), child.format()), ids, options)?;
     }
     for (i, layer) in chain.layers().iter().enumerate() {
         if i != d {
@@ -358,9 +362,13 @@ fn write_and_finish(
     report.bytes_cloned = copied.cloned;
     report.blocks_allocated = crate::layer::count_mapped(&*dest)?.saturating_sub(blocks_before);
     report.destination_growth = dest.file_len()?.saturating_sub(len_before);
-    let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged)
-        .then(|| open_layer(at(&chain, d - 1).path(), OpenOptions::read_only()))
-        .transpose()?;
+    // Its path and format are all the relink needs: it opens the file for its metadata
+    // alone (reopening it as a layer streamed its whole BAT again, 256 MiB for a 64 TiB
+    // child with 2 MiB blocks).
+    let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged).then(|| {
+        let above = at(&chain, d - 1);
+        (above.path().to_path_buf(), above.format())
+    });
     // The chain (and its shared locks) goes here: by verify, or now.
     report.verified = match crcs {
         Some(crcs) => Some(verify(
@@ -376,8 +384,8 @@ fn write_and_finish(
         }
     };
     drop(dest);
-    if let Some(child) = relink_above {
-        link_to_destination(child.as_ref(), (new_id, None), options)?;
+    if let Some((path, format)) = relink_above {
+        link_to_destination((&path, format), (new_id, None), options)?;
     }
     Ok(())
 }
@@ -423,7 +431,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             .collect()
     };
     let source = at(chain, 0).path();
-    let peek = scan::peek_vhd(want);
+    let peek = scan::peek_layer(want);
     for (i, layer) in chain.layers().iter().enumerate() {
         if !same_file(layer.layer.path(), want) {
             continue;
@@ -434,7 +442,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
                 want.display()
             )));
         }
-        if peek.as_ref().map(|p| p.unique_id) != Some(layer.layer.id()) {
+        if peek.as_ref().map(|p| p.id) != Some(layer.layer.id()) {
             return Err(Error::InvalidParameter(format!(
                 "the destination {} changed since the chain was opened (unique id {} expected)",
                 want.display(),
@@ -453,7 +461,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
             ));
         }
         return Err(Error::InvalidParameter(format!(
-            "the destination {} is not a readable VHD, and not an ancestor of {}; its chain is:{}",
+            "the destination {} is not a readable VHD or VHDX, and not an ancestor of {}; its chain is:{}",
             want.display(),
             source.display(),
             listing()
@@ -463,7 +471,7 @@ fn resolve_destination(chain: &Chain, destination: Option<&Path>) -> Result<usiz
         .layers()
         .iter()
         .enumerate()
-        .find(|(_, l)| l.layer.id() == peek.unique_id)
+        .find(|(_, l)| l.layer.id() == peek.id)
     {
         return Err(Error::InvalidParameter(format!(
             "the destination {} has the unique id of layer {i} of {}'s chain, but the chain uses another file, {} (a copy?); give that file, or point the chain at this one with --parent / set-parent",
@@ -488,7 +496,8 @@ fn open_destination(
     options: &MergeOptions,
 ) -> Result<Box<dyn LayerWriter>> {
     let unique_id = found.id();
-    let file = crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?;
+    let file =
+        crate::layer::files::open_for_writing(path, crate::layer::files::WriteMode::Existing)?;
     let storage = options.hooked(Box::new(file), false);
     let opts = OpenOptions {
         writable: true,
@@ -513,22 +522,23 @@ fn open_destination(
 /// "Identity"). Runs while no shared lock is held on that layer, since it opens it for
 /// writing.
 fn link_to_destination(
-    child: &dyn Layer,
+    child: (&Path, Format),
     ids: (Uuid, Option<Uuid>),
     options: &MergeOptions,
 ) -> Result<()> {
-    let path = tidy(child.path());
-    let file = crate::image::open_for_writing(&path, crate::image::WriteMode::Existing)?;
+    let path = tidy(child.0);
+    let file =
+        crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
     let storage = options.hooked(Box::new(file), true);
-    crate::layer::set_parent_ids(child.format(), storage, &path, ids.0, ids.1)
+    crate::layer::set_parent_ids(child.1, storage, &path, ids.0, ids.1)
 }
 
 /// Differencing disks next to the chain that depend on it.
 struct Dependents {
     /// Children of the destination or of an intermediate, outside the merged chain.
-    siblings: Vec<scan::ScannedVhd>,
+    siblings: Vec<scan::ScannedLayer>,
     /// Children of the source.
-    source_children: Vec<scan::ScannedVhd>,
+    source_children: Vec<scan::ScannedLayer>,
 }
 
 /// Scan the directories of the destination, the intermediates and the source, and the search
@@ -545,7 +555,7 @@ fn find_dependents(chain: &Chain, d: usize, options: &MergeOptions) -> Dependent
         .collect();
     let (source_children, siblings) = scan::children_in(&dirs, &parents, &exclude)
         .into_iter()
-        .partition(|v| v.parent_unique_id == Some(source_id));
+        .partition(|v| v.is_child_of(source_id));
     Dependents {
         siblings,
         source_children,
@@ -568,24 +578,24 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
                 child.display()
             )));
         }
-        let Some(v) = scan::peek_vhd(child) else {
+        let Some(v) = scan::peek_layer(child) else {
             return Err(Error::InvalidParameter(format!(
-                "cannot relink {}: not a readable VHD file",
+                "cannot relink {}: not a readable VHD or VHDX file",
                 child.display()
             )));
         };
-        let Some(parent) = v.parent_unique_id else {
+        let Some(&parent) = v.parent_ids.first() else {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is a {} disk, not a differencing one",
                 child.display(),
-                v.disk_type.name()
+                v.kind.name()
             )));
         };
-        if parent == source.id() {
+        if v.is_child_of(source.id()) {
             out.push(child.clone());
             continue;
         }
-        if let Some(i) = (1..d).find(|&i| at(chain, i).id() == parent) {
+        if let Some(i) = (1..d).find(|&i| v.is_child_of(at(chain, i).id())) {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: its parent is the intermediate {}, not the source. Its sectors that {} lacks come from the intermediate, which the destination does not reproduce after the merge (the destination takes the source's view), so re-pointing it at the destination would change its content. Merge it into {} separately instead",
                 child.display(),
@@ -594,7 +604,7 @@ fn check_relink(chain: &Chain, d: usize, children: &[PathBuf]) -> Result<Vec<Pat
                 at(chain, d).path().display()
             )));
         }
-        if parent == at(chain, d).id() {
+        if v.is_child_of(at(chain, d).id()) {
             return Err(Error::InvalidParameter(format!(
                 "cannot relink {}: it is already a child of the destination (a sibling of the merged chain, whose content the merge changes)",
                 child.display()
@@ -652,6 +662,22 @@ struct Assembled {
 struct Copied {
     bytes: u64,
     cloned: u64,
+}
+
+/// The writer's count of what it placed ([`Copied`]) together with the job's progress
+/// tracker, advanced by the same amounts: one value, so that the two cannot drift apart.
+struct Placed<'t> {
+    tracker: &'t Tracker,
+    copied: Copied,
+}
+
+impl Placed<'_> {
+    /// `bytes` more merged bytes placed, `cloned` of them by cloning.
+    fn add(&mut self, bytes: u64, cloned: u64) {
+        self.copied.bytes += bytes;
+        self.copied.cloned += cloned;
+        self.tracker.advance(bytes);
+    }
 }
 
 /// Copy every unit of `plan` into `dest` in batches; returns the bytes of merged sectors.
@@ -882,7 +908,10 @@ fn write_units(
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
     let mut units = plan.unit_indices();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
-    let mut done = Copied::default();
+    let mut done = Placed {
+        tracker,
+        copied: Copied::default(),
+    };
     let mut scratch = Vec::new();
     let mut held = HeldClones::default();
     loop {
@@ -894,7 +923,7 @@ fn write_units(
         dest.reserve(new_blocks(plan, dest, &batch))?;
         for &unit in &batch {
             if tracker.cancelled() {
-                return Err(cancelled(plan, dest, &done));
+                return Err(cancelled(plan, dest, &done.copied));
             }
             let mut item = pipe.next()?;
             if item.unit != unit {
@@ -910,21 +939,19 @@ fn write_units(
                 pipe.give_back(item);
                 continue;
             }
-            if !held.place(chain, plan, dest, &mut scratch, pipe, tracker, &mut done)? {
-                return Err(cancelled(plan, dest, &done));
+            if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
+                return Err(cancelled(plan, dest, &done.copied));
             }
             let (bytes, cloned) = place_unit(chain, plan, dest, &mut item, &mut scratch, pipe)?;
             pipe.give_back(item);
-            done.bytes += bytes;
-            done.cloned += cloned;
-            tracker.advance(bytes);
+            done.add(bytes, cloned);
         }
-        if !held.place(chain, plan, dest, &mut scratch, pipe, tracker, &mut done)? {
-            return Err(cancelled(plan, dest, &done));
+        if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
+            return Err(cancelled(plan, dest, &done.copied));
         }
         dest.commit()?;
     }
-    Ok(done)
+    Ok(done.copied)
 }
 
 /// The error of a merge an interrupt stopped, after committing what it wrote (`finish`).
@@ -1005,9 +1032,8 @@ impl<'c> HeldClones<'c> {
     /// pieces already cloned: the same bytes). A stretch refused as unaligned says nothing
     /// about its units alone, so only their own refusals count towards giving up; a refusal
     /// for good turns cloning off first, and they are written. Adds the merged bytes placed
-    /// (and how many were cloned) to `done` and the progress; false when an interrupt
+    /// (and how many were cloned) to `done`, count and progress; false when an interrupt
     /// stopped it before a unit it had to write (units not placed are not pointed at).
-    #[allow(clippy::too_many_arguments)]
     fn place(
         &mut self,
         chain: &Chain,
@@ -1015,8 +1041,7 @@ impl<'c> HeldClones<'c> {
         dest: &mut dyn LayerWriter,
         scratch: &mut Vec<u8>,
         pipe: &Pipe<'_>,
-        tracker: &Tracker,
-        done: &mut Copied,
+        done: &mut Placed<'_>,
     ) -> Result<bool> {
         if self.units.is_empty() {
             return Ok(true);
@@ -1031,12 +1056,10 @@ impl<'c> HeldClones<'c> {
                 let sectors: usize = u.pieces.iter().map(|p| p.len).sum();
                 let bytes = sectors as u64 * plan.sector_bytes;
                 pipe.cloned(CloneOutcome::Cloned);
-                done.bytes += bytes;
-                done.cloned += bytes;
-                tracker.advance(bytes);
+                done.add(bytes, bytes);
                 continue;
             }
-            if tracker.cancelled() {
+            if done.tracker.cancelled() {
                 return Ok(false);
             }
             self.buf.resize(plan.unit_bytes as usize, 0);
@@ -1051,9 +1074,7 @@ impl<'c> HeldClones<'c> {
             };
             let (b, c) = place_unit(chain, plan, dest, &mut item, scratch, pipe)?;
             self.buf = item.buf;
-            done.bytes += b;
-            done.cloned += c;
-            tracker.advance(b);
+            done.add(b, c);
         }
         Ok(true)
     }

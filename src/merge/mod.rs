@@ -76,7 +76,7 @@ pub use execute::{assemble_unit, read_assembled};
 pub use job::{Job, JobState, MergeJob, Progress};
 pub(crate) use plan::clone_candidate;
 pub use plan::{MAX_UNIT_BYTES, MergePlan, PlannedLayer};
-pub use scan::{ScannedVhd, peek_vhd};
+pub use scan::{ScannedLayer, peek_layer};
 
 /// A progress callback: called from the thread running the merge, at most about a thousand
 /// times per merge plus once at each state change, so it may do a little work (update a

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, SpanPlan, SpanSource};
 use crate::error::{Error, Result};
-use crate::format::SectorBitmap;
 use crate::layer::{DiskKind, Layer};
 
 /// Largest merge unit: a destination block larger than this (VHDX blocks reach 256 MiB; 32 MiB

@@ -32,12 +32,16 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
+use crate::format::SECTOR_SIZE;
 use crate::format::bat::Bat;
 use crate::format::footer::{DiskType, Footer};
 use crate::format::header::DynamicHeader;
-use crate::format::{SECTOR_SIZE, SectorBitmap};
 use crate::io::Storage;
+/// The open options and the size rule are the layer boundary's (every format's open takes
+/// them); re-exported here, where [`Vhd::open`] takes them.
+pub use crate::layer::{OpenOptions, SizeRule};
 
 mod extents;
 mod files;
@@ -48,9 +52,7 @@ mod validate;
 mod writer;
 
 pub use crate::format::batmap::{BATMAP_COOKIE, Batmap};
-pub(crate) use files::{
-    WriteMode, file_kind, open_for_writing, open_regular_file, peek, take_lock,
-};
+pub(crate) use files::peek;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub use sweep::set_test_bounds;
@@ -99,20 +101,6 @@ pub const FIXED_CHUNK: u64 = 2 << 20;
 /// New blocks are placed so that their data (after the bitmap) starts on this boundary (§7.16).
 pub const DATA_ALIGNMENT: u64 = 4096;
 
-/// How to decide the virtual size (§1.5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum SizeRule {
-    /// Current Size, except C×H×S×512 for Virtual PC / Virtual Server files whose geometry is
-    /// not the 65535/16/255 marker (the guest of those products sees the CHS size).
-    #[default]
-    Auto,
-    /// Always the footer's Current Size.
-    CurrentSize,
-    /// Always C×H×S×512 (capped at Current Size).
-    Chs,
-}
-
 /// Which rule produced [`Vhd::virtual_size`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -152,34 +140,6 @@ impl FooterSource {
             FooterSource::End => "end",
             FooterSource::Short => "short",
             FooterSource::Copy => "copy",
-        }
-    }
-}
-
-options! {
-    /// Options for [`Vhd::open`].
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct OpenOptions {
-        /// Open for writing.
-        pub writable: bool => set_writable,
-        /// Accept footer and header checksum mismatches (with a warning) instead of failing.
-        pub lenient: bool,
-        /// How to decide the virtual size.
-        pub size_rule: SizeRule,
-    }
-}
-
-impl OpenOptions {
-    /// Read-only, strict.
-    pub fn read_only() -> OpenOptions {
-        OpenOptions::default()
-    }
-
-    /// Writable, strict.
-    pub fn writable() -> OpenOptions {
-        OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
         }
     }
 }

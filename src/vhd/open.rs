@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use super::files::open_regular_file;
 use super::table::Table;
 use super::validate::Validator;
 use super::writer::Pending;
@@ -19,6 +18,7 @@ use crate::format::batmap::{self, Batmap};
 use crate::format::footer::{self, DiskType, FOOTER_SIZE, Footer};
 use crate::format::header::{self, DynamicHeader, HEADER_SIZE};
 use crate::io::{FileStorage, Storage};
+use crate::layer::files::open_regular_file;
 use crate::problem::ProblemCode;
 
 impl Vhd {

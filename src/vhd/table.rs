@@ -46,7 +46,11 @@ pub(super) struct Table {
     /// allocated is then read from the table, as it reads with `changed` on top.
     loaded: Option<Vec<u32>>,
     /// With `loaded`, entries whose allocation differs from it: `true` allocated since,
-    /// `false` unallocated since (dropped at open, for instance).
+    /// `false` unallocated since (dropped at open, for instance). Not derived from `changed`,
+    /// which gives its entries back to the file at each commit ([`Table::written`]): deriving
+    /// it would need `changed` to keep every entry of the session, `loaded` to be merged with
+    /// each commit's new blocks, or [`Table::is_allocated`] to read the table (it reads
+    /// nothing while the indices are held: `is_mapped` asks it per merge unit).
     remapped: BTreeMap<u32, bool>,
     /// Number of allocated entries.
     allocated: usize,
@@ -61,7 +65,7 @@ impl Table {
         let mut loaded = Some(Vec::new());
         let mut allocated = 0;
         file.stream(
-            |o, n| vhd.read_vec(o, n),
+            |o, buf| vhd.read_raw(o, buf),
             |at, bytes| {
                 for (j, e) in bytes.chunks_exact(4).enumerate() {
                     if e != [0xFF; 4] {
@@ -221,7 +225,7 @@ impl Table {
             });
         }
         self.file.stream(
-            |o, n| vhd.read_vec(o, n),
+            |o, buf| vhd.read_raw(o, buf),
             |at, bytes| {
                 for (j, raw) in bytes.chunks_exact(4).enumerate() {
                     let i = at / 4 + j as u64;

@@ -7,12 +7,12 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::files::open_regular_file;
 use super::open::open_inner;
 use super::{OpenOptions, Vhd};
 use crate::error::{Error, Result};
 use crate::format::batmap::Batmap;
 use crate::io::{FileStorage, Storage};
+use crate::layer::files::open_regular_file;
 pub use crate::problem::{Problem, ProblemCode, Severity};
 
 /// What [`Vhd::inspect`] found.

@@ -6,15 +6,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::Path;
 
-use super::files::{WriteMode, open_for_writing};
 use super::open::metadata_end;
 use super::{DATA_ALIGNMENT, FIXED_CHUNK, FooterSource, Vhd, check_range};
+use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
 use crate::format::bat;
 use crate::format::footer::{DiskType, FOOTER_SIZE};
 use crate::format::header::{DynamicHeader, HEADER_SIZE};
-use crate::format::{SECTOR_SIZE, SectorBitmap, align_up};
+use crate::format::{SECTOR_SIZE, align_up};
 use crate::io::Storage;
+use crate::layer::files::{WriteMode, open_for_writing};
 
 #[derive(Debug, Default)]
 pub(super) struct Pending {

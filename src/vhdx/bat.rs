@@ -45,25 +45,37 @@ impl PagedBat {
         let mut mapped = vec![0u64; geometry.data_blocks().div_ceil(64) as usize];
         // All-zero entries are skipped anyway: so are the holes of a sparse table.
         table.stream_sparse(
-            |o, n| file.read(o, n),
+            |o, buf| file.read_into(o, buf),
             |o| file.next_data(o),
             |at, bytes| {
-                for (j, e) in bytes.chunks_exact(8).enumerate() {
-                    let e = BatEntry(u64::from_le_bytes(e.try_into().unwrap_or_default()));
-                    if e.0 == 0 {
-                        // NOT_PRESENT at offset 0: valid in every slot, and not mapped. Most of a
-                        // large table is this; skipping the index math keeps open at disk speed.
-                        continue;
+                // NOT_PRESENT at offset 0 (all-zero entries): valid in every slot, and not
+                // mapped. Most of a large table is this: groups of 8 such entries are
+                // skipped by one OR of their bytes, which the compiler vectorizes (the
+                // per-entry loop was an eighth of opening a 64 TiB child with 2 MiB blocks).
+                let mut scan = |first: u64, entries: &[u8]| -> Result<()> {
+                    for (j, e) in entries.chunks_exact(8).enumerate() {
+                        let e = BatEntry(u64::from_le_bytes(e.try_into().unwrap_or_default()));
+                        if e.0 == 0 {
+                            continue;
+                        }
+                        let kind = geometry.entry_kind(first + j as u64);
+                        check(kind, e)?;
+                        if let EntryKind::Payload(i) = kind
+                            && e.payload_state()? != PayloadState::NotPresent
+                        {
+                            mapped[(i / 64) as usize] |= 1 << (i % 64);
+                        }
                     }
-                    let kind = geometry.entry_kind(at / 8 + j as u64);
-                    check(kind, e)?;
-                    if let EntryKind::Payload(i) = kind
-                        && e.payload_state()? != PayloadState::NotPresent
-                    {
-                        mapped[(i / 64) as usize] |= 1 << (i % 64);
+                    Ok(())
+                };
+                let groups = bytes.chunks_exact(64);
+                let rest = groups.remainder();
+                for (g, group) in groups.enumerate() {
+                    if group.iter().fold(0, |a, &b| a | b) != 0 {
+                        scan(at / 8 + g as u64 * 8, group)?;
                     }
                 }
-                Ok(())
+                scan(at / 8 + (bytes.len() / 64 * 8) as u64, rest)
             },
         )?;
         Ok(PagedBat {

@@ -124,7 +124,7 @@ pub fn check_file(path: &Path, deep: bool) -> Result<CheckReport> {
 
 /// [`inspect`] the VHDX at `path`, opened read-only.
 pub fn inspect_path(path: &Path, deep: bool) -> Result<Inspection> {
-    let file = crate::image::open_regular_file(path, false)?;
+    let file = crate::layer::files::open_regular_file(path, false)?;
     inspect(FileStorage::new(file), path, deep).map_err(|e| e.in_file(path))
 }
 

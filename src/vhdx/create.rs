@@ -276,9 +276,9 @@ fn create(path: &Path, spec: &Spec, force: bool) -> Result<Vhdx<FileStorage>> {
     let (pieces, len) = layout(spec)?;
     // An existing file is locked (a merge may hold it) until it is replaced.
     let lock = if force && path.exists() {
-        Some(crate::image::open_for_writing(
+        Some(crate::layer::files::open_for_writing(
             path,
-            crate::image::WriteMode::Replace,
+            crate::layer::files::WriteMode::Replace,
         )?)
     } else {
         None
@@ -307,7 +307,7 @@ fn temp_name(path: &Path) -> PathBuf {
 }
 
 fn write_temp(tmp: &Path, pieces: &[(u64, Vec<u8>)], len: u64) -> Result<()> {
-    let s = crate::image::open_for_writing(tmp, crate::image::WriteMode::CreateNew)?;
+    let s = crate::layer::files::open_for_writing(tmp, crate::layer::files::WriteMode::CreateNew)?;
     let io = |e| Error::io(format!("{}: writing a new VHDX", tmp.display()), e);
     s.file().set_len(len).map_err(io)?;
     for (offset, bytes) in pieces {

@@ -10,7 +10,7 @@
 //! one log entry of the changed 4 KiB pages (LogGuid set by a header update after the
 //! session's first entry is durable; that first entry's flush is also the data's), flush,
 //! apply the pages in place, flush. A crash at any point leaves every sector old or new.
-//! [`Vhdx::finish`] clears LogGuid.
+//! [`Vhdx::finish`] clears LogGuid (not flushed: see "Flushes").
 //!
 //! FileWriteGuid and DataWriteGuid change before anything the session changed can be seen
 //! ([MS-VHDX] 2.2.2): before a write into a block that is already present, by a header
@@ -44,11 +44,32 @@
 //!   written in place, so that a torn in-place page is repaired by the replay.
 //! - The pages in place, before the next entry overwrites log space or LogGuid is cleared:
 //!   afterwards nothing repairs them.
-//! - The header update clearing LogGuid at [`Vhdx::finish`]: a clean file has an empty log
-//!   (qemu refuses to open a dirty log read-only).
+//! - Before a header update that no flush of the session precedes (the GUIDs settled before
+//!   a first write into place): the header procedure overwrites the other slot only once the
+//!   current one is durable, and the previous session's closing update (below) may not be.
+//!   Every other header update follows a flush of the session anyway, except the first of a
+//!   replay at open, which needs none: a log to replay means the current header is the one
+//!   that named it, flushed when it was written (a closing update still in the page cache
+//!   would have made the log read as clear).
 //!
-//! A 64 TiB sparse merge makes 12 (it made 15: the destination's session and both updates of
-//! the child's linkage each had a header update of their own before their first write).
+//! Not flushed: the header update clearing LogGuid at [`Vhdx::finish`]. It is written (a
+//! clean file has an empty log, and qemu refuses to open a dirty log read-only), but nothing
+//! depends on its durability: every page of the session's log is applied in place and
+//! flushed before it is written, so until it reaches the device a crash leaves LogGuid set
+//! over entries whose replay rewrites what the file already holds (the file reads the same,
+//! its identity is the one the session's naming update made durable). A torn write of it
+//! damages only the stale slot. The next header update of the file comes after a flush (the
+//! item above, or the first log entry's), so at most one slot is in flight. The price: after
+//! a power loss within the page cache's writeback delay of a finished session, the file may
+//! carry a replayable log that changes nothing (we, Hyper-V and a writable qemu replay it;
+//! qemu refuses it read-only until `qemu-img check -r all`).
+//!
+//! A session that writes only new blocks and publishes them in one log entry therefore
+//! flushes three times (data and log entry; the header naming LogGuid with the new GUIDs;
+//! the pages in place); a linkage update, which writes no data, also three. A 64 TiB sparse
+//! merge makes 9 (12 with the flushed closing updates; 15 when the destination's session and
+//! both updates of the child's linkage each had a header update of their own before their
+//! first write).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -59,11 +80,15 @@ use super::format::bat::{BatEntry, BitmapState, PayloadState, sector_bitmap, set
 use super::format::log::{PAGE, Write};
 use super::format::metadata::ParentLocator;
 use super::format::{MIB, bat::Geometry};
-use super::journal::{LogWriter, flush, grow, update_header, write};
+use super::journal::{LogWriter, flush, grow, update_header, update_header_unflushed, write};
 use super::reader::{Mode, VhdxReader};
-use crate::format::SectorBitmap;
+use crate::bitmap::SectorBitmap;
 use crate::io::{ClonePiece, FileStorage, Storage};
 use crate::{Error, Result};
+
+/// The sector bitmap bytes a read-only handle reads at once and keeps (16 pages: the bits of
+/// 256 blocks of 2 MiB with 512-byte sectors); a divisor of the 1 MiB bitmap block.
+const BITMAP_WINDOW: u64 = 64 * 1024;
 
 /// How one block of a VHDX holds its sectors, in the terms of the crate's layer boundary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,10 +113,18 @@ pub struct Vhdx<S: Storage> {
     /// previous one), so nothing more is written or published through this handle; reopening
     /// the file (which replays its log) continues from what is durable.
     broken: Option<String>,
-    /// A read-only handle's last sector bitmap page read from the file (file offset, bytes):
-    /// one page holds the bits of several blocks, and a merge asks for a block's bitmap more
-    /// than once, so without it every lookup was a 4 KiB read. Nothing writes the file's
-    /// bitmap pages while a read-only handle holds it (writers take the exclusive lock).
+    /// The last header write of this file is known to be durable (a flush followed it). Not
+    /// known at a writable open (the previous session's closing header update is not
+    /// flushed, see "Flushes"), and not after [`Vhdx::finish`]: a header update that no
+    /// flush of the session precedes ([`Vhdx::touch_now`] before a write into place) then
+    /// flushes first, so that at most one header slot is ever in flight.
+    header_durable: bool,
+    /// A read-only handle's last window of [`BITMAP_WINDOW`] sector bitmap bytes read from
+    /// the file (file offset, bytes): one page holds the bits of several blocks, a window
+    /// those of consecutive blocks, and a merge asks for a block's bitmap more than once (the
+    /// plan, then the copy), so without it every lookup was a 4 KiB read (128 for 1 GiB of
+    /// 2 MiB blocks). Nothing writes the file's bitmap pages while a read-only handle holds
+    /// it (writers take the exclusive lock).
     last_bitmap: std::sync::Mutex<Option<(u64, Vec<u8>)>>,
 }
 
@@ -142,9 +175,9 @@ impl Vhdx<FileStorage> {
     pub fn open_path(path: impl AsRef<Path>, writable: bool) -> Result<Vhdx<FileStorage>> {
         let path = path.as_ref();
         let storage = if writable {
-            crate::image::open_for_writing(path, crate::image::WriteMode::Existing)?
+            crate::layer::files::open_for_writing(path, crate::layer::files::WriteMode::Existing)?
         } else {
-            FileStorage::new(crate::image::open_regular_file(path, false)?)
+            FileStorage::new(crate::layer::files::open_regular_file(path, false)?)
         };
         Vhdx::open(storage, writable).map_err(|e| e.in_file(path))
     }
@@ -183,6 +216,7 @@ impl<S: Storage> Vhdx<S> {
             writable,
             session: Session::default(),
             broken: None,
+            header_durable: false,
             last_bitmap: std::sync::Mutex::new(None),
         })
     }
@@ -406,14 +440,20 @@ impl<S: Storage> Vhdx<S> {
             return self.r.file.read(page, PAGE as u64);
         }
         let mut last = self.last_bitmap.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, p)) = last.as_ref()
-            && *at == page
+        // Inside the window's bitmap block: the block is 1 MiB, 1 MiB aligned, and checked
+        // to lie inside the file when the BAT was read.
+        let start = page - page % BITMAP_WINDOW;
+        let from = (page - start) as usize;
+        if let Some((at, w)) = last.as_ref()
+            && *at == start
+            && let Some(p) = w.get(from..from + PAGE)
         {
-            return Ok(p.clone());
+            return Ok(p.to_vec());
         }
-        let p = self.r.file.read(page, PAGE as u64)?;
-        *last = Some((page, p.clone()));
-        Ok(p)
+        let w = self.r.file.read(start, BITMAP_WINDOW)?;
+        let p = w.get(from..from + PAGE).map(<[u8]>::to_vec);
+        *last = Some((start, w));
+        p.ok_or_else(|| Error::format(format!("VHDX: short sector bitmap read at {page:#x}")))
     }
 
     /// The raw bitmap bytes of `block` (zeros when its chunk has no bitmap block).
@@ -483,8 +523,15 @@ impl<S: Storage> Vhdx<S> {
         if !self.session.owe_file && !self.session.owe_data {
             return Ok(());
         }
+        if !self.header_durable {
+            // The header procedure writes the other slot only once the current one is
+            // durable: the previous session's closing update may not be yet.
+            flush(self.r.file.storage(), "the previous header update")?;
+        }
         let change = self.owed_guids();
-        update_header(self.r.file.storage(), &mut self.r.header, change)
+        update_header(self.r.file.storage(), &mut self.r.header, change)?;
+        self.header_durable = true;
+        Ok(())
     }
 
     /// The change of the header that settles the GUIDs owed (they count as settled from now
@@ -1081,6 +1128,8 @@ impl<S: Storage> Vhdx<S> {
         let r = self.log_pages(&mut log, &pages);
         self.session.log = Some(log);
         r?;
+        // Every path here flushed at least once, after any header update of the session.
+        self.header_durable = true;
         self.session.unflushed = false;
         self.session.writeback.flushed();
         self.r.bat.published();
@@ -1125,9 +1174,12 @@ impl<S: Storage> Vhdx<S> {
         }
         self.commit()?;
         if !self.r.header.header.log_guid.is_nil() {
-            let r = update_header(self.r.file.storage(), &mut self.r.header, |h| {
+            // Not flushed (see "Flushes"): until it is durable, a crash leaves LogGuid set
+            // over a log whose entries are all applied, and replaying them changes nothing.
+            let r = update_header_unflushed(self.r.file.storage(), &mut self.r.header, |h| {
                 h.log_guid = Uuid::nil()
             });
+            self.header_durable = false;
             self.latch(r)?;
         }
         let end = self.session.alloc_end;
@@ -1225,21 +1277,24 @@ mod tests {
         (Vhdx::open(s.clone(), true).unwrap(), s)
     }
 
-    #[test]
-    fn a_read_only_handle_reads_a_shared_bitmap_page_once() {
+    /// A differencing child (1 MiB blocks, `size` bytes) with two sectors written from sector
+    /// `first` of each `(block, first)`, opened read-only: the file reads it took to look each
+    /// block's bitmap up three times, checked against what was written.
+    fn bitmap_lookup_reads(size: u64, writes: &[(u64, usize)]) -> usize {
         let dir = tempfile::tempdir().unwrap();
         let (base, child) = (dir.path().join("b.vhdx"), dir.path().join("c.avhdx"));
         let opts = CreateOptions {
             block_size: Some(MIB as u32),
             ..CreateOptions::default()
         };
-        create_dynamic(&base, 8 * MIB, &opts)
+        create_dynamic(&base, size, &opts)
             .unwrap()
             .finish()
             .unwrap();
         let mut c = crate::vhdx::create::create_differencing(&child, &base, &opts).unwrap();
-        for block in [1, 2, 5] {
-            c.write_at(block * MIB + 512, &[9; 1024]).unwrap();
+        for &(block, first) in writes {
+            c.write_at(block * MIB + 512 * first as u64, &[9; 1024])
+                .unwrap();
         }
         c.finish().unwrap();
         drop(c);
@@ -1251,16 +1306,28 @@ mod tests {
         let v = Vhdx::open(s.clone(), false).unwrap();
         let before = s.reads.load(Ordering::SeqCst);
         for _ in 0..3 {
-            for block in [1, 2, 5] {
+            for &(block, first) in writes {
                 let BlockState::Present(Some(map)) = v.block_state(block).unwrap() else {
                     panic!("block {block} is partially present");
                 };
-                assert_eq!(map.runs().collect::<Vec<_>>(), vec![1..3]);
+                assert_eq!(map.runs().collect::<Vec<_>>(), vec![first..first + 2]);
             }
         }
+        s.reads.load(Ordering::SeqCst) - before
+    }
+
+    #[test]
+    fn a_read_only_handle_reads_a_shared_bitmap_page_once() {
         // The three blocks' bits share one 4 KiB page: one read of it (and of the BAT's
         // entries, which the BAT cache holds), not one per lookup.
-        assert!(s.reads.load(Ordering::SeqCst) - before <= 2);
+        assert!(bitmap_lookup_reads(8 * MIB, &[(1, 1), (2, 1), (5, 1)]) <= 2);
+    }
+
+    #[test]
+    fn a_read_only_handle_reads_bitmap_pages_of_one_window_once() {
+        // 256 bytes of bits per 1 MiB block: blocks 1, 17 and 33 have theirs in three pages,
+        // all in one window: one read of it (and of the BAT's entries).
+        assert!(bitmap_lookup_reads(64 * MIB, &[(1, 1), (17, 2), (33, 3)]) <= 2);
     }
 
     #[test]
@@ -1279,18 +1346,24 @@ mod tests {
     }
 
     #[test]
-    fn a_session_into_new_space_flushes_four_times() {
+    fn a_session_into_new_space_flushes_three_times() {
         let (mut v, s) = dynamic();
         let full = SectorBitmap::full((MIB / 512) as usize);
         v.write_sectors(1, 0, &[7; MIB as usize], &full).unwrap();
         v.write_sectors(3, 0, &[8; MIB as usize], &full).unwrap();
         v.finish().unwrap();
         // New blocks only, so the GUID changes ride on the header naming the log (see
-        // "Flushes"): data and log entry; LogGuid (and the new GUIDs); pages in place; LogGuid
-        // cleared.
-        assert_eq!(s.syncs.load(Ordering::SeqCst), 4);
+        // "Flushes"): data and log entry; LogGuid (and the new GUIDs); pages in place. The
+        // update clearing LogGuid is written, not flushed.
+        assert_eq!(s.syncs.load(Ordering::SeqCst), 3);
+        assert!(v.reader().header.header.log_guid.is_nil());
         let mut back = vec![0u8; MIB as usize];
         v.read_own(3 * MIB, &mut back).unwrap();
         assert!(back.iter().all(|&b| b == 8));
+        // A write into that (now present) block starts by settling the GUIDs: the unflushed
+        // update that cleared LogGuid is flushed first, then the new header.
+        v.write_sectors(3, 0, &[9; 512], &SectorBitmap::full(1))
+            .unwrap();
+        assert_eq!(s.syncs.load(Ordering::SeqCst), 5);
     }
 }

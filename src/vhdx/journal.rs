@@ -1,8 +1,8 @@
 //! Changing a VHDX crash-safely: the header update procedure ([MS-VHDX] 2.2.2.1), replaying a
 //! dirty log onto the file (2.3.3), and the log writer that journals metadata pages (2.3.1).
 //!
-//! Every function here flushes before it returns, so the order of its writes relative to the
-//! caller's is the order on the device.
+//! Every function here but [`update_header_unflushed`] flushes before it returns, so the order
+//! of its writes relative to the caller's is the order on the device.
 
 use uuid::Uuid;
 
@@ -51,6 +51,19 @@ pub(crate) fn update_header<S: Storage>(
     cur: &mut CurrentHeader,
     change: impl FnOnce(&mut Header),
 ) -> Result<()> {
+    update_header_unflushed(storage, cur, change)?;
+    flush(storage, "a header")
+}
+
+/// [`update_header`] without its flush: the header is written into the non-current slot and
+/// treated as current, but it is not durable yet. Only for the closing update of a session
+/// (LogGuid cleared, nothing left to replay), and the next header update of the file must
+/// come after a flush, so that the slot it overwrites is durable.
+pub(crate) fn update_header_unflushed<S: Storage>(
+    storage: &S,
+    cur: &mut CurrentHeader,
+    change: impl FnOnce(&mut Header),
+) -> Result<()> {
     let mut h = cur.header.clone();
     change(&mut h);
     h.sequence_number = cur
@@ -61,7 +74,6 @@ pub(crate) fn update_header<S: Storage>(
     let slot = 1 - cur.slot.min(1);
     let offset = [HEADER1_OFFSET, HEADER2_OFFSET][slot];
     write(storage, &h.to_bytes(), offset, "a header")?;
-    flush(storage, "a header")?;
     *cur = CurrentHeader {
         slot,
         header: h,

@@ -9,7 +9,7 @@ use super::bat::PagedBat;
 use super::format::bat::{BatEntry, BitmapState, EntryKind, Geometry, PayloadState};
 use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
 use super::format::log::{ReplayPlan, find_active};
-use super::format::metadata::Metadata;
+use super::format::metadata::{Metadata, MetadataTable};
 use super::format::region::{Regions, choose_region_table};
 use super::format::{self as f, MIB, SLOT_SIZE};
 use crate::io::Storage;
@@ -19,6 +19,10 @@ use crate::{Error, Result};
 pub const MAX_LOG_BYTES: u64 = 64 * MIB;
 /// The largest metadata region this reader loads (Hyper-V and qemu write 1 MiB).
 pub const MAX_METADATA_BYTES: u64 = 16 * MIB;
+
+/// The bytes of the header section an open reads: the identifier, both headers and both
+/// region tables (64 KiB each); the rest of the first MiB is reserved.
+const HEADER_SECTION_READ: u64 = f::REGION_TABLE2_OFFSET + SLOT_SIZE as u64;
 
 /// The file as it reads after the log is replayed: the storage with the replay plan's writes
 /// on top and zeros up to the replayed length ([MS-VHDX] 2.3.3 read-only in-memory replay).
@@ -200,7 +204,7 @@ impl<S: Storage> Structures<S> {
     /// `mode.writable`), region tables and metadata, in [MS-VHDX] 2.3.3's order.
     pub(crate) fn open(storage: S, mode: Mode) -> Result<Structures<S>> {
         let mut file = Overlay::new(storage)?;
-        let start = file.read(0, MIB)?;
+        let start = file.read(0, HEADER_SECTION_READ)?;
         let creator = FileIdentifier::parse(&start)?.creator;
         let mut header = current_header(
             slot(&start, f::HEADER1_OFFSET),
@@ -214,7 +218,7 @@ impl<S: Storage> Structures<S> {
         }
         let start = match replayed {
             // [MS-VHDX] 2.3.3: the region tables as they read after the replay.
-            true => file.read(0, MIB)?,
+            true => file.read(0, HEADER_SECTION_READ)?,
             false => start,
         };
         let (table, _) = choose_region_table(
@@ -397,8 +401,15 @@ fn load_metadata<S: Storage>(
     differencing: bool,
 ) -> Result<Metadata> {
     let m = regions.metadata;
-    let metadata =
-        Metadata::parse(&file.read(m.file_offset, u64::from(m.length).min(MAX_METADATA_BYTES))?)?;
+    let len = u64::from(m.length).min(MAX_METADATA_BYTES);
+    // The table and, in every file seen, all items lie in the first 128 KiB: one read of
+    // those (the rest read only when the table says so), not of the whole region.
+    let mut bytes = file.read(m.file_offset, len.min(2 * SLOT_SIZE as u64))?;
+    let span = MetadataTable::parse(&bytes, len)?.span();
+    if span > bytes.len() as u64 {
+        bytes = file.read(m.file_offset, span)?;
+    }
+    let metadata = Metadata::parse_prefix(&bytes, len)?;
     if metadata.file_parameters.has_parent && !differencing {
         return Err(Error::not_supported(
             "differencing VHDX: reading through a parent is not implemented yet",

@@ -39,8 +39,8 @@ use super::journal::{flush, replay_onto_file, update_header, write};
 use super::reader::Overlay;
 use crate::error::{Error, Result};
 use crate::format::DiskType;
-use crate::image::{WriteMode, open_for_writing, open_regular_file, take_lock};
 use crate::io::{FileStorage, Storage};
+use crate::layer::files::{WriteMode, open_for_writing, open_regular_file, take_lock};
 use crate::problem::ProblemCode;
 use crate::repair::{RepairAction, RepairOptions, RepairReport, not_repaired};
 

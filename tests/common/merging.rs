@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use vhd_merge::DiskKind;
-use vhd_merge::format::SectorBitmap;
+use vhd_merge::bitmap::SectorBitmap;
 use vhd_merge::merge::{MergeOptions, MergeReport, merge};
 use vhd_merge::vhdx::Vhdx;
 

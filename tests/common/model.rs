@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use vhd_merge::bitmap::SectorBitmap;
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};
-use vhd_merge::format::SectorBitmap;
 use vhd_merge::io::FileStorage;
 use vhd_merge::vhdx::format::bat::PayloadState;
 use vhd_merge::vhdx::{self, Vhdx};

@@ -347,7 +347,7 @@ fn vhdx_chain_of(dir: &Path, whole: [usize; 4]) -> (PathBuf, PathBuf, Vec<u8>) {
     let mut write = |v: &mut vhd_merge::vhdx::Vhdx<_>, block: usize, sectors: usize| {
         let data = &mut want[block * bs..block * bs + sectors * 512];
         rng.fill(data);
-        let mask = vhd_merge::format::SectorBitmap::full(sectors);
+        let mask = vhd_merge::bitmap::SectorBitmap::full(sectors);
         v.write_sectors(block as u64, 0, data, &mask).unwrap();
     };
     for block in [1, 2, 9] {
@@ -626,8 +626,8 @@ const SPB: usize = 4096;
 /// the base blocks 1 and 5 (an allocated destination block: never cloned and patched); the
 /// child's block 6 is half held (copied), block 8 held but for 16 holes (too many to patch:
 /// copied) and block 9 whole (cloned as is).
-fn mostly_layout() -> Vec<(usize, u64, vhd_merge::format::SectorBitmap)> {
-    use vhd_merge::format::SectorBitmap;
+fn mostly_layout() -> Vec<(usize, u64, vhd_merge::bitmap::SectorBitmap)> {
+    use vhd_merge::bitmap::SectorBitmap;
     let range = |r: std::ops::Range<usize>| {
         let mut m = SectorBitmap::new(SPB);
         m.set_range(r);
@@ -672,7 +672,7 @@ fn mostly_chain(dir: &Path, vhdx: bool) -> (Vec<PathBuf>, Vec<u8>) {
         let path = &paths[2 - l];
         let mut buf = vec![0u8; SPB * 512];
         let mine: Vec<_> = mostly_layout().into_iter().filter(|e| e.0 == l).collect();
-        let mut write = |w: &mut dyn FnMut(u64, &mut [u8], &vhd_merge::format::SectorBitmap)| {
+        let mut write = |w: &mut dyn FnMut(u64, &mut [u8], &vhd_merge::bitmap::SectorBitmap)| {
             for (_, b, mask) in &mine {
                 rng.fill(&mut buf);
                 for r in mask.runs() {

@@ -8,8 +8,8 @@ use crate::common;
 
 use common::model::{BaseKind, ChainSpec, LayerModel, Model, build_chain};
 use common::{Rng, first_diff, oracles};
+use vhd_merge::bitmap::SectorBitmap;
 use vhd_merge::create::{CreateOptions, create_differencing, create_dynamic};
-use vhd_merge::format::SectorBitmap;
 use vhd_merge::merge::{MergeOptions, merge};
 
 const MIB: u32 = 1 << 20;

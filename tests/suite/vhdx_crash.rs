@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::Rng;
-use vhd_merge::format::SectorBitmap;
+use vhd_merge::bitmap::SectorBitmap;
 use vhd_merge::io::{FaultPlan, FaultyStorage, Storage};
 use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic};
 use vhd_merge::vhdx::format::metadata::ParentLocator;

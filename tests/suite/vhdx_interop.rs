@@ -12,7 +12,7 @@ use common::Rng;
 use common::oracles::{
     libvhdi_read_chain, qemu_img_check_vhdx, qemu_img_create_vhdx, qemu_img_raw_vhdx, qemu_io_fmt,
 };
-use vhd_merge::format::SectorBitmap;
+use vhd_merge::bitmap::SectorBitmap;
 use vhd_merge::io::Storage;
 use vhd_merge::vhdx::Vhdx;
 use vhd_merge::vhdx::create::{CreateOptions, create_differencing, create_dynamic, create_fixed};

@@ -197,7 +197,7 @@ fn create_refuses_an_existing_file_unless_forced_and_leaves_no_temporary() {
 // holds), checked through a fresh read-only open.
 
 use common::Rng;
-use vhd_merge::format::SectorBitmap;
+use vhd_merge::bitmap::SectorBitmap;
 
 /// What a file's own view must read.
 #[derive(Clone, Debug)]

@@ -253,12 +253,12 @@ pub fn bitmap_bit(bitmap: &[u8], n: usize) -> bool {
     bitmap.get(n / 8).is_some_and(|b| b >> (n % 8) & 1 == 1)
 }
 
-/// The first `n` bits of a sector bitmap as a [`crate::format::SectorBitmap`] (whose on-disk
+/// The first `n` bits of a sector bitmap as a [`crate::bitmap::SectorBitmap`] (whose on-disk
 /// order is MSB first, VHD's): each byte's bits reversed, then decoded a word at a time.
 /// Missing bytes read as clear.
-pub fn sector_bitmap(bitmap: &[u8], n: usize) -> crate::format::SectorBitmap {
+pub fn sector_bitmap(bitmap: &[u8], n: usize) -> crate::bitmap::SectorBitmap {
     let msb_first: Vec<u8> = bitmap.iter().map(|b| b.reverse_bits()).collect();
-    crate::format::SectorBitmap::from_bytes(&msb_first, n)
+    crate::bitmap::SectorBitmap::from_bytes(&msb_first, n)
 }
 
 /// Set or clear bit `n` of a sector bitmap (ignored beyond its end).

@@ -37,6 +37,10 @@ pub const MAX_METADATA_ENTRIES: u16 = 2047;
 pub const MAX_ITEM_LENGTH: u32 = 1 << 20;
 /// The largest virtual size, 64 TiB.
 pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+/// The smallest block size, 1 MiB (2.6.2.1).
+pub const MIN_BLOCK_SIZE: u32 = 1 << 20;
+/// The largest block size, 256 MiB (2.6.2.1).
+pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
 
 /// One metadata table entry ([MS-VHDX] 2.6.1.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +86,16 @@ impl MetadataTable {
             check_entry(e, region_len)?;
         }
         Ok(MetadataTable { entries })
+    }
+
+    /// The bytes of the region from its start that hold the table and every item.
+    pub fn span(&self) -> u64 {
+        let ends = self
+            .entries
+            .iter()
+            .filter(|e| e.length > 0)
+            .map(|e| u64::from(e.offset) + u64::from(e.length));
+        ends.fold(SLOT_SIZE as u64, u64::max)
     }
 
     /// The 64 KiB table.
@@ -184,7 +198,7 @@ pub struct Metadata {
 /// Validate the block size: a power of two, 1 MiB to 256 MiB ([MS-VHDX] 2.6.2.1).
 pub fn check_block_size(block_size: u32) -> Result<()> {
     ensure(
-        block_size.is_power_of_two() && (1 << 20..=256 << 20).contains(&block_size),
+        block_size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size),
         || format!("VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB"),
     )
 }
@@ -215,7 +229,21 @@ impl Metadata {
     /// Parse and validate the whole metadata region `region` (the caller bounds its size by
     /// the region length). An unknown required item is Not Supported (2.6.1.2).
     pub fn parse(region: &[u8]) -> Result<Metadata> {
-        let table = MetadataTable::parse(region, region.len() as u64)?;
+        Self::parse_prefix(region, region.len() as u64)
+    }
+
+    /// [`Metadata::parse`] of a region of `region_len` bytes from its first bytes `region`,
+    /// which must hold the table and every item ([`MetadataTable::span`]): an opener reads
+    /// those, not the whole (usually 1 MiB, almost all unused) region.
+    pub fn parse_prefix(region: &[u8], region_len: u64) -> Result<Metadata> {
+        let table = MetadataTable::parse(region, region_len)?;
+        ensure(table.span() <= region.len() as u64, || {
+            format!(
+                "VHDX metadata: {} bytes read of the items' {}",
+                region.len(),
+                table.span()
+            )
+        })?;
         check_unknown(&table)?;
         let item = |id: Uuid, name: &str, len: u32| -> Result<&[u8]> {
             let e = table

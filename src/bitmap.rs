@@ -1,4 +1,7 @@
-//! Sector bitmaps (§3.2): one bit per sector, most significant bit of byte 0 is sector 0.
+//! Sector bitmaps: one bit per sector, most significant bit of byte 0 is sector 0 (a VHD's
+//! on-disk order, §3.2). Format-agnostic: the layer boundary speaks it ([`crate::layer::Layer`]'s
+//! block states, [`crate::layer::LayerWriter::write_sectors`]'s masks), and each format converts
+//! its own on-disk bitmaps into it.
 //!
 //! Stored as big-endian-loaded `u64` words, so bit `i` is bit `63 - i % 64` of word `i / 64`
 //! and the on-disk MSB-first order maps onto `leading_zeros`. Every search and range
