@@ -584,10 +584,22 @@ impl<S: Storage> Vhdx<S> {
             ));
         }
         loc.validate()?;
+        use super::format::metadata::{Metadata, parent_locator_span, with_parent_locator};
         let m = self.r.regions.metadata;
-        let old = self.read_pages(m.file_offset, m.length.into())?;
-        let new = super::format::metadata::with_parent_locator(&old, &loc)?;
-        super::format::metadata::Metadata::parse(&new)?;
+        let len = super::reader::metadata_len(&self.r.regions);
+        // The table and the items as an open reads them, then whole pages up to the end of
+        // what the rewrite changes (the new item's place when it moves past the items): the
+        // pages diffed below, not the whole region (1 MiB, almost all unused).
+        let mut old =
+            super::reader::read_metadata_prefix(len, |n| self.read_pages(m.file_offset, n))?;
+        let need = parent_locator_span(&old, len, &loc)?
+            .next_multiple_of(PAGE as u64)
+            .min(len);
+        if need > old.len() as u64 {
+            old = self.read_pages(m.file_offset, need)?;
+        }
+        let new = with_parent_locator(&old, len, &loc)?;
+        Metadata::parse_prefix(&new, len)?;
         self.touch(false);
         for (k, (o, n)) in old.chunks(PAGE).zip(new.chunks(PAGE)).enumerate() {
             if o != n {
@@ -1235,11 +1247,23 @@ mod tests {
         inner: MemStorage,
         syncs: AtomicUsize,
         reads: AtomicUsize,
+        /// The longest read, in bytes.
+        longest: AtomicUsize,
+    }
+
+    fn counting(bytes: Vec<u8>) -> Arc<Counting> {
+        Arc::new(Counting {
+            inner: MemStorage::new(bytes),
+            syncs: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            longest: AtomicUsize::new(0),
+        })
     }
 
     impl Storage for Counting {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            self.longest.fetch_max(buf.len(), Ordering::SeqCst);
             self.inner.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -1269,11 +1293,7 @@ mod tests {
             .unwrap()
             .finish()
             .unwrap();
-        let s = Arc::new(Counting {
-            inner: MemStorage::new(std::fs::read(&path).unwrap()),
-            syncs: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-        });
+        let s = counting(std::fs::read(&path).unwrap());
         (Vhdx::open(s.clone(), true).unwrap(), s)
     }
 
@@ -1298,11 +1318,7 @@ mod tests {
         }
         c.finish().unwrap();
         drop(c);
-        let s = Arc::new(Counting {
-            inner: MemStorage::new(std::fs::read(&child).unwrap()),
-            syncs: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-        });
+        let s = counting(std::fs::read(&child).unwrap());
         let v = Vhdx::open(s.clone(), false).unwrap();
         let before = s.reads.load(Ordering::SeqCst);
         for _ in 0..3 {
@@ -1365,5 +1381,57 @@ mod tests {
         v.write_sectors(3, 0, &[9; 512], &SectorBitmap::full(1))
             .unwrap();
         assert_eq!(s.syncs.load(Ordering::SeqCst), 5);
+    }
+
+    /// A differencing child (over a dynamic parent) in memory, opened writable, and the bytes
+    /// of the file.
+    fn child() -> (Vhdx<Arc<Counting>>, Arc<Counting>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, child) = (dir.path().join("b.vhdx"), dir.path().join("c.avhdx"));
+        let opts = CreateOptions {
+            block_size: Some(MIB as u32),
+            ..CreateOptions::default()
+        };
+        create_dynamic(&base, 8 * MIB, &opts)
+            .unwrap()
+            .finish()
+            .unwrap();
+        crate::vhdx::create::create_differencing(&child, &base, &opts)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let s = counting(std::fs::read(&child).unwrap());
+        (Vhdx::open(s.clone(), true).unwrap(), s)
+    }
+
+    #[test]
+    fn a_locator_rewrite_reads_the_items_not_the_region_and_writes_what_a_whole_rewrite_would() {
+        use crate::vhdx::format::metadata::with_parent_locator;
+        // Shorter (rewritten in place), then far longer (moved past the items).
+        for extra in [0usize, 3000] {
+            let (mut v, s) = child();
+            let m = v.reader().regions.metadata;
+            let region = v.r.file.read(m.file_offset, m.length.into()).unwrap();
+            let mut loc = v.parent_locator().cloned().unwrap();
+            loc.entries.retain(|(k, _)| k != "absolute_win32_path");
+            if extra > 0 {
+                loc.entries.push((
+                    "volume_path".into(),
+                    format!("\\\\?\\{}", "v".repeat(extra)),
+                ));
+            }
+            let want = with_parent_locator(&region, m.length.into(), &loc).unwrap();
+            s.longest.store(0, Ordering::SeqCst);
+            v.set_parent_locator(loc.clone()).unwrap();
+            assert!(s.longest.load(Ordering::SeqCst) <= 128 << 10, "{extra}");
+            v.finish().unwrap();
+            let back = v.r.file.read(m.file_offset, m.length.into()).unwrap();
+            assert!(
+                back == want,
+                "{extra}: the region as a whole-region rewrite makes it"
+            );
+            let again = Vhdx::open(s.clone(), false).unwrap();
+            assert_eq!(again.parent_locator(), Some(&loc));
+        }
     }
 }
