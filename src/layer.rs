@@ -484,6 +484,63 @@ pub fn set_parent_ids(
     }
 }
 
+/// The parent linkage of the differencing layer at a path, held open for writing (through a
+/// storage the caller opened, exclusively locked) across a merge: [`set_parent_ids`] twice
+/// in one write session, the file held from the first update to [`HeldLink::finish`].
+#[derive(Debug)]
+pub(crate) struct HeldLink(LinkFile);
+
+#[derive(Debug)]
+enum LinkFile {
+    Vhdx(Box<crate::vhdx_layer::VhdxLinkage>),
+    /// A format whose linkage never changes: only the file (and its lock) is held.
+    Other {
+        _file: Box<dyn crate::io::Storage>,
+    },
+}
+
+impl HeldLink {
+    /// Open the layer of `format` at `child` over `storage` to rewrite its linkage (a dirty
+    /// VHDX log is replayed onto the file).
+    pub(crate) fn open(
+        format: Format,
+        storage: Box<dyn crate::io::Storage>,
+        child: &Path,
+    ) -> Result<HeldLink> {
+        Ok(HeldLink(match format {
+            Format::Vhdx => {
+                let l = crate::vhdx_layer::VhdxLinkage::open(child, Some(storage.into()))?;
+                LinkFile::Vhdx(Box::new(l))
+            }
+            Format::Vhd => LinkFile::Other { _file: storage },
+        }))
+    }
+
+    /// [`set_parent_ids`] through this handle; with `live` the update is published with the
+    /// session left open (a VHDX's log live, its pages in place not yet flushed: see
+    /// [`crate::vhdx::Vhdx::commit_live`]), else at [`HeldLink::finish`].
+    pub(crate) fn set_parent_ids(
+        &mut self,
+        primary: Uuid,
+        secondary: Option<Uuid>,
+        live: bool,
+    ) -> Result<()> {
+        match &mut self.0 {
+            LinkFile::Vhdx(l) => l.set_parent_ids(primary, secondary, live),
+            LinkFile::Other { .. } => Ok(()),
+        }
+    }
+
+    /// Publish what is pending, end the session (a VHDX's pages in place flushed, its log
+    /// cleared) and release the file.
+    pub(crate) fn finish(mut self) -> Result<()> {
+        match &mut self.0 {
+            LinkFile::Vhdx(l) => l.finish(),
+            LinkFile::Other { .. } => Ok(()),
+        }
+    }
+}
+
 /// Open the existing image at `path` for writing the way every command that writes one does:
 /// exclusively locked before it is even read (System is in use, 32774, when another process
 /// holds it), in the format its signature says.

@@ -412,25 +412,46 @@ pub(crate) fn set_parent_ids(
     secondary: Option<Uuid>,
 ) -> Result<()> {
     let mut link = VhdxLinkage::open(child, Some(storage.into()))?;
-    let loc = link.parent_locator().cloned().ok_or_else(|| {
-        Error::InvalidParameter(format!(
-            "{} is not a differencing disk: no parent linkage to update",
-            child.display()
-        ))
-    })?;
-    let ids = accepted_ids(&loc).map_err(|e| e.in_file(child))?;
-    let want: Vec<Uuid> = std::iter::once(primary).chain(secondary).collect();
-    if ids == want {
-        return Ok(());
-    }
-    let second = secondary.unwrap_or(Uuid::nil());
-    let loc = with_guid(
-        with_guid(loc, "parent_linkage", primary),
-        "parent_linkage2",
-        second,
-    );
-    link.set_parent_locator(loc)?;
+    link.set_parent_ids(primary, secondary, false)?;
     link.finish()
+}
+
+impl VhdxLinkage {
+    /// `parent_linkage` = `primary`, `parent_linkage2` = `secondary` or the nil GUID (as
+    /// Hyper-V writes it), published through the log: with `live`, by
+    /// [`Vhdx::commit_live`] (the log left live, the session open: a later call or
+    /// [`VhdxLinkage::finish`] ends it), else by [`VhdxLinkage::finish`] when the caller
+    /// calls it. Nothing is written when the locator says so already.
+    pub(crate) fn set_parent_ids(
+        &mut self,
+        primary: Uuid,
+        secondary: Option<Uuid>,
+        live: bool,
+    ) -> Result<()> {
+        let child = self.path.clone();
+        let loc = self.parent_locator().cloned().ok_or_else(|| {
+            Error::InvalidParameter(format!(
+                "{} is not a differencing disk: no parent linkage to update",
+                child.display()
+            ))
+        })?;
+        let ids = accepted_ids(&loc).map_err(|e| e.in_file(&child))?;
+        let want: Vec<Uuid> = std::iter::once(primary).chain(secondary).collect();
+        if ids == want {
+            return Ok(());
+        }
+        let second = secondary.unwrap_or(Uuid::nil());
+        let loc = with_guid(
+            with_guid(loc, "parent_linkage", primary),
+            "parent_linkage2",
+            second,
+        );
+        self.set_parent_locator(loc)?;
+        if live {
+            self.v.commit_live().map_err(|e| e.in_file(&child))?;
+        }
+        Ok(())
+    }
 }
 
 impl crate::chain::ChainLayer {

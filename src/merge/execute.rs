@@ -17,10 +17,10 @@ use crate::bitmap::SectorBitmap;
 use crate::chain::{Chain, Piece, SpanPlan};
 use crate::error::{Error, Result};
 use crate::io::{CloneOutcome, ClonePiece};
-use crate::layer::OpenOptions;
 use crate::layer::{
     DiskKind, Format, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer,
 };
+use crate::layer::{HeldLink, OpenOptions};
 use crate::locator::{canonical_or_self, same_file};
 
 /// Layer `i` of `chain`; callers pass indices below the destination's, checked when the
@@ -164,9 +164,10 @@ pub(crate) fn run(
     let mut warnings = chain_warnings(&chain);
     let mut plan = MergePlan::build(&chain, d)?;
     check_dependents(&chain, d, &relink, options, &mut plan, &mut warnings)?;
-    if let Some(dest) = &mut dest {
-        prepare_links(&chain, d, dest.as_mut(), &relink, options)?;
-    }
+    let link = match &mut dest {
+        Some(dest) => prepare_links(&chain, d, dest.as_mut(), &relink, options)?,
+        None => None,
+    };
     tracker.set_total(plan.bytes_total);
     let mut report = MergeReport {
         source: source.to_path_buf(),
@@ -188,7 +189,7 @@ pub(crate) fn run(
         return Ok(report);
     };
     tracker.set_state(JobState::Running);
-    write_and_finish(chain, dest, options, tracker, &mut report)?;
+    write_and_finish(chain, dest, link, options, tracker, &mut report)?;
     for child in &relink {
         relink_child(child, &report.destination, false)?;
         report.relinked.push(child.clone());
@@ -237,29 +238,55 @@ fn open_chain(
 /// open and locked, the dependents checked), so a refused merge writes no file. The
 /// destination was locked exclusively as it was opened, like every file a command writes; the
 /// chain's own read-only handle of it is not locked (flock locks belong to the open file, so
-/// it would conflict with the writable one).
+/// it would conflict with the writable one). Nor is the chain's handle of the layer linking to
+/// the destination, when its linkage is updated: the returned [`HeldLink`] holds that file
+/// open for writing, exclusively locked, from before its first update to after its last
+/// ([`write_and_finish`]), so no other process can open it for writing or take a lock on it
+/// in between, and the chain's reader of it (opened before, its blocks untouched by the
+/// update) reads what it read.
 fn prepare_links(
     chain: &Chain,
     d: usize,
     dest: &mut dyn LayerWriter,
     relink: &[PathBuf],
     options: &MergeOptions,
-) -> Result<()> {
+) -> Result<Option<HeldLink>> {
     let dest_path = tidy(at(chain, d).path());
     for child in relink {
         relink_child(child, &dest_path, true)?;
     }
-    if let Some(next) = dest.next_id() {
-        let child = at(chain, d - 1);
-        let ids = (at(chain, d).id(), Some(next));
-        link_to_destination((child.path(), child.format()), ids, options)?;
-    }
+    let link = match dest.next_id() {
+        Some(next) => {
+            let child = at(chain, d - 1);
+            let ids = (at(chain, d).id(), Some(next));
+            Some(link_to_destination(
+                (child.path(), child.format()),
+                ids,
+                options,
+            )?)
+        }
+        None => None,
+    };
     for (i, layer) in chain.layers().iter().enumerate() {
-        if i != d {
-            layer.layer.lock(false)?;
+        if i == d || (link.is_some() && i == d - 1) {
+            continue;
+        }
+        if let Err(e) = layer.layer.lock(false) {
+            close_link(link);
+            return Err(e);
         }
     }
-    Ok(())
+    Ok(link)
+}
+
+/// End the session of `link` after an error, as far as the storage still works (its pages in
+/// place flushed and its log cleared, so that qemu opens it read-only); if it does not, the
+/// log stays live and the next open replays it: the link accepts both the destination's
+/// current and its next identity either way.
+fn close_link(link: Option<HeldLink>) {
+    if let Some(link) = link {
+        let _ = link.finish();
+    }
 }
 
 /// Each link's warnings, then the file's own (such as a checksum mismatch `lenient`
@@ -326,14 +353,52 @@ fn check_dependents(
 
 /// Write the plan into `dest` and end its session; then verify (when asked), and re-link the
 /// layer that linked to the destination's old identity to the new one alone, once the chain's
-/// locks are gone, unless it is about to be removed. Fills the report's byte and block counts.
+/// locks are gone, unless it is about to be removed: through `link`, the session of its first
+/// update (held since [`prepare_links`]), which this ends in every case (after an error, as
+/// far as its storage works: [`close_link`]). Fills the report's byte and block counts.
 fn write_and_finish(
+    chain: Chain,
+    dest: Box<dyn LayerWriter>,
+    mut link: Option<HeldLink>,
+    options: &MergeOptions,
+    tracker: &Tracker,
+    report: &mut MergeReport,
+) -> Result<()> {
+    let relink_above = match write_and_verify(chain, dest, options, tracker, report) {
+        Ok(r) => r,
+        Err(e) => {
+            close_link(link);
+            return Err(e);
+        }
+    };
+    if let Some((path, format, new_id)) = relink_above {
+        // No held link only when the destination had no next identity to announce, yet took
+        // a new one: link it now, in a session of its own.
+        let mut held = match link.take() {
+            Some(l) => l,
+            None => link_to_destination((&path, format), (new_id, None), options)?,
+        };
+        if let Err(e) = held.set_parent_ids(new_id, None, false) {
+            close_link(Some(held));
+            return Err(e);
+        }
+        link = Some(held);
+    }
+    match link {
+        Some(l) => l.finish(),
+        None => Ok(()),
+    }
+}
+
+/// [`write_and_finish`] up to the destination's end (and verify): the layer to re-link to the
+/// destination's new identity, if any (path, format, the identity).
+fn write_and_verify(
     chain: Chain,
     mut dest: Box<dyn LayerWriter>,
     options: &MergeOptions,
     tracker: &Tracker,
     report: &mut MergeReport,
-) -> Result<()> {
+) -> Result<Option<(PathBuf, Format, Uuid)>> {
     let d = report.plan.destination_index;
     let len_before = dest.file_len()?;
     let blocks_before = crate::layer::count_mapped(&*dest)?;
@@ -367,7 +432,7 @@ fn write_and_finish(
     // child with 2 MiB blocks).
     let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged).then(|| {
         let above = at(&chain, d - 1);
-        (above.path().to_path_buf(), above.format())
+        (above.path().to_path_buf(), above.format(), new_id)
     });
     // The chain (and its shared locks) goes here: by verify, or now.
     report.verified = match crcs {
@@ -384,10 +449,7 @@ fn write_and_finish(
         }
     };
     drop(dest);
-    if let Some((path, format)) = relink_above {
-        link_to_destination((&path, format), (new_id, None), options)?;
-    }
-    Ok(())
+    Ok(relink_above)
 }
 
 /// Delete the merged files (`--remove-merged`) once the merge into `destination` completed.
@@ -519,18 +581,26 @@ fn open_destination(
 /// parent's identity: (current, next) before the destination is written, when writing gives
 /// it a new one (a VHDX's DataWriteGuid), and (new, none) once it is finished, so that the
 /// chain holds at every instant and an interrupted merge can be re-run (docs/design.md,
-/// "Identity"). Runs while no shared lock is held on that layer, since it opens it for
-/// writing.
+/// "Identity"). Opens that layer for writing (exclusively locked: no shared lock of this
+/// process may be held on it) and publishes the first update with its session left open
+/// ([`HeldLink::set_parent_ids`] live: a VHDX's log stays live, its pages in place
+/// unflushed); the caller makes the second update through the returned handle and finishes
+/// it, one session of four flushes in all instead of two of three each.
 fn link_to_destination(
     child: (&Path, Format),
     ids: (Uuid, Option<Uuid>),
     options: &MergeOptions,
-) -> Result<()> {
+) -> Result<HeldLink> {
     let path = tidy(child.0);
     let file =
         crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
     let storage = options.hooked(Box::new(file), true);
-    crate::layer::set_parent_ids(child.1, storage, &path, ids.0, ids.1)
+    let mut link = HeldLink::open(child.1, storage, &path)?;
+    if let Err(e) = link.set_parent_ids(ids.0, ids.1, true) {
+        close_link(Some(link));
+        return Err(e);
+    }
+    Ok(link)
 }
 
 /// Differencing disks next to the chain that depend on it.

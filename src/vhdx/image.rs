@@ -42,8 +42,15 @@
 //!   its pages are written in place (a later one): replay must find the whole entry.
 //! - The header update naming LogGuid (and carrying the owed GUIDs): before the pages are
 //!   written in place, so that a torn in-place page is repaired by the replay.
-//! - The pages in place, before the next entry overwrites log space or LogGuid is cleared:
-//!   afterwards nothing repairs them.
+//! - The pages in place, before LogGuid is cleared (afterwards nothing repairs them), and
+//!   before the entry after next is written. [`Vhdx::commit`] flushes them at once;
+//!   [`Vhdx::commit_live`] leaves the last entry's unflushed and the log live (LogGuid set):
+//!   a crash replays that entry. The next entry's Tail then points back at it, so a replay
+//!   from the next entry replays both in order (it never overwrites it: two entries of at
+//!   most half the log each fit), and the next entry's own flush makes the pages of the one
+//!   before durable (they were written before it), so no Tail reaches further back;
+//!   [`Vhdx::finish`] flushes them before it clears LogGuid. The pages the second entry
+//!   does not carry are repaired by the first's replay, so the second need not repeat them.
 //! - Before a header update that no flush of the session precedes (the GUIDs settled before
 //!   a first write into place): the header procedure overwrites the other slot only once the
 //!   current one is durable, and the previous session's closing update (below) may not be.
@@ -66,10 +73,14 @@
 //!
 //! A session that writes only new blocks and publishes them in one log entry therefore
 //! flushes three times (data and log entry; the header naming LogGuid with the new GUIDs;
-//! the pages in place); a linkage update, which writes no data, also three. A 64 TiB sparse
-//! merge makes 9 (12 with the flushed closing updates; 15 when the destination's session and
-//! both updates of the child's linkage each had a header update of their own before their
-//! first write).
+//! the pages in place); a linkage update, which writes no data, also three. A merge's two
+//! updates of the linking child's parent linkage (before the destination is written and
+//! after it) are one session of the child held open across the merge, four flushes: entry 1
+//! (`parent_linkage2` = the destination's next DataWriteGuid); the header naming LogGuid;
+//! (entry 1's pages in place, not flushed; the destination's session; then) entry 2 (the
+//! final linkage, its Tail at entry 1); entry 2's pages in place. A 64 TiB sparse merge makes
+//! 7 (9 with a session per linkage update, as before; flushing the closing header updates
+//! would add one per session).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -163,6 +174,9 @@ struct Session {
     dirty_bitmaps: BTreeSet<u64>,
     /// Payload bytes were written since the last flush.
     unflushed: bool,
+    /// The last log entry's pages were written in place and not flushed
+    /// ([`Vhdx::commit_live`]): the log must stay live until a flush.
+    applied_unflushed: bool,
     /// Payload whose writeback has not been started yet (a hint, see [`Vhdx::write_runs`]).
     writeback: crate::io::Writeback,
     /// The buffer of masked writes whose gaps are filled ([`crate::io::masked`]).
@@ -584,10 +598,22 @@ impl<S: Storage> Vhdx<S> {
             ));
         }
         loc.validate()?;
+        use super::format::metadata::{Metadata, parent_locator_span, with_parent_locator};
         let m = self.r.regions.metadata;
-        let old = self.read_pages(m.file_offset, m.length.into())?;
-        let new = super::format::metadata::with_parent_locator(&old, &loc)?;
-        super::format::metadata::Metadata::parse(&new)?;
+        let len = super::reader::metadata_len(&self.r.regions);
+        // The table and the items as an open reads them, then whole pages up to the end of
+        // what the rewrite changes (the new item's place when it moves past the items): the
+        // pages diffed below, not the whole region (1 MiB, almost all unused).
+        let mut old =
+            super::reader::read_metadata_prefix(len, |n| self.read_pages(m.file_offset, n))?;
+        let need = parent_locator_span(&old, len, &loc)?
+            .next_multiple_of(PAGE as u64)
+            .min(len);
+        if need > old.len() as u64 {
+            old = self.read_pages(m.file_offset, need)?;
+        }
+        let new = with_parent_locator(&old, len, &loc)?;
+        Metadata::parse_prefix(&new, len)?;
         self.touch(false);
         for (k, (o, n)) in old.chunks(PAGE).zip(new.chunks(PAGE)).enumerate() {
             if o != n {
@@ -1096,13 +1122,32 @@ impl<S: Storage> Vhdx<S> {
     /// can expose it either way (one flush fewer per session).
     pub fn commit(&mut self) -> Result<()> {
         self.check_writable()?;
-        let r = self.commit_unlatched();
+        let r = self.commit_unlatched(false);
         self.latch(r)
     }
 
-    fn commit_unlatched(&mut self) -> Result<()> {
+    /// [`Vhdx::commit`] leaving its last entry's pages written in place but not flushed: the
+    /// log stays live (LogGuid set), so until they are durable a crash replays that entry.
+    /// The next entry's Tail covers it (its replay replays both) and its flush makes those
+    /// pages durable; [`Vhdx::finish`] flushes them before it clears LogGuid. For a session
+    /// that publishes twice close together (a merge's two updates of a child's parent
+    /// linkage, before and after the destination is written): one flush fewer.
+    pub fn commit_live(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let r = self.commit_unlatched(true);
+        self.latch(r)
+    }
+
+    fn commit_unlatched(&mut self, keep_live: bool) -> Result<()> {
         let pages = self.dirty_pages()?;
         if pages.is_empty() && !self.session.unflushed {
+            if self.session.applied_unflushed && !keep_live {
+                flush(self.r.file.storage(), "logged pages in place")?;
+                self.session.applied_unflushed = false;
+                if let Some(log) = &mut self.session.log {
+                    log.applied_flushed();
+                }
+            }
             return Ok(());
         }
         let s = self.r.file.storage();
@@ -1111,7 +1156,8 @@ impl<S: Storage> Vhdx<S> {
             .log
             .get_or_insert_with(|| LogWriter::new(&self.r.header.header));
         let live = self.r.header.header.log_guid == log.guid;
-        if self.session.unflushed && (live || pages.is_empty()) {
+        let data_flush = self.session.unflushed && (live || pages.is_empty());
+        if data_flush {
             // Data (and the file's growth) durable before any entry that exposes it.
             flush(s, "payload data")?;
         }
@@ -1125,7 +1171,12 @@ impl<S: Storage> Vhdx<S> {
             .log
             .take()
             .unwrap_or_else(|| LogWriter::new(&self.r.header.header));
-        let r = self.log_pages(&mut log, &pages);
+        if data_flush {
+            // It made the pages an earlier commit_live left in place durable too.
+            log.applied_flushed();
+            self.session.applied_unflushed = false;
+        }
+        let r = self.log_pages(&mut log, &pages, keep_live);
         self.session.log = Some(log);
         r?;
         // Every path here flushed at least once, after any header update of the session.
@@ -1140,11 +1191,17 @@ impl<S: Storage> Vhdx<S> {
 
     /// The log entries of `pages` (at most half the log each), each written and flushed,
     /// named by LogGuid (the first: with the GUIDs the session owes), applied in place and
-    /// flushed.
-    fn log_pages(&mut self, log: &mut LogWriter, pages: &[Write]) -> Result<()> {
+    /// flushed; with `live`, the last one's pages in place are not flushed
+    /// ([`Vhdx::commit_live`]).
+    fn log_pages(&mut self, log: &mut LogWriter, pages: &[Write], live: bool) -> Result<()> {
         let file_len = self.r.file.file_len();
-        for chunk in pages.chunks(log.max_pages()) {
+        let chunks = pages.chunks(log.max_pages());
+        let last = chunks.len().saturating_sub(1);
+        for (k, chunk) in chunks.enumerate() {
+            // Its Tail covers the previous entry if that one's pages in place are not
+            // durable; its flush makes them so.
             log.append(self.r.file.storage(), chunk, file_len)?;
+            self.session.applied_unflushed = false;
             if self.r.header.header.log_guid != log.guid {
                 let guid = log.guid;
                 let settle = self.owed_guids();
@@ -1159,7 +1216,12 @@ impl<S: Storage> Vhdx<S> {
                     write(s, data, *file_offset, "a logged page in place")?;
                 }
             }
-            flush(s, "logged pages in place")?;
+            if live && k == last {
+                log.applied_unflushed();
+                self.session.applied_unflushed = true;
+            } else {
+                flush(s, "logged pages in place")?;
+            }
         }
         Ok(())
     }
@@ -1235,11 +1297,23 @@ mod tests {
         inner: MemStorage,
         syncs: AtomicUsize,
         reads: AtomicUsize,
+        /// The longest read, in bytes.
+        longest: AtomicUsize,
+    }
+
+    fn counting(bytes: Vec<u8>) -> Arc<Counting> {
+        Arc::new(Counting {
+            inner: MemStorage::new(bytes),
+            syncs: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            longest: AtomicUsize::new(0),
+        })
     }
 
     impl Storage for Counting {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            self.longest.fetch_max(buf.len(), Ordering::SeqCst);
             self.inner.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -1269,11 +1343,7 @@ mod tests {
             .unwrap()
             .finish()
             .unwrap();
-        let s = Arc::new(Counting {
-            inner: MemStorage::new(std::fs::read(&path).unwrap()),
-            syncs: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-        });
+        let s = counting(std::fs::read(&path).unwrap());
         (Vhdx::open(s.clone(), true).unwrap(), s)
     }
 
@@ -1298,11 +1368,7 @@ mod tests {
         }
         c.finish().unwrap();
         drop(c);
-        let s = Arc::new(Counting {
-            inner: MemStorage::new(std::fs::read(&child).unwrap()),
-            syncs: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-        });
+        let s = counting(std::fs::read(&child).unwrap());
         let v = Vhdx::open(s.clone(), false).unwrap();
         let before = s.reads.load(Ordering::SeqCst);
         for _ in 0..3 {
@@ -1365,5 +1431,103 @@ mod tests {
         v.write_sectors(3, 0, &[9; 512], &SectorBitmap::full(1))
             .unwrap();
         assert_eq!(s.syncs.load(Ordering::SeqCst), 5);
+    }
+
+    /// A differencing child (over a dynamic parent) in memory, opened writable, and the bytes
+    /// of the file.
+    fn child() -> (Vhdx<Arc<Counting>>, Arc<Counting>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, child) = (dir.path().join("b.vhdx"), dir.path().join("c.avhdx"));
+        let opts = CreateOptions {
+            block_size: Some(MIB as u32),
+            ..CreateOptions::default()
+        };
+        create_dynamic(&base, 8 * MIB, &opts)
+            .unwrap()
+            .finish()
+            .unwrap();
+        crate::vhdx::create::create_differencing(&child, &base, &opts)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let s = counting(std::fs::read(&child).unwrap());
+        (Vhdx::open(s.clone(), true).unwrap(), s)
+    }
+
+    #[test]
+    fn a_locator_rewrite_reads_the_items_not_the_region_and_writes_what_a_whole_rewrite_would() {
+        use crate::vhdx::format::metadata::with_parent_locator;
+        // Shorter (rewritten in place), then far longer (moved past the items).
+        for extra in [0usize, 3000] {
+            let (mut v, s) = child();
+            let m = v.reader().regions.metadata;
+            let region = v.r.file.read(m.file_offset, m.length.into()).unwrap();
+            let mut loc = v.parent_locator().cloned().unwrap();
+            loc.entries.retain(|(k, _)| k != "absolute_win32_path");
+            if extra > 0 {
+                loc.entries.push((
+                    "volume_path".into(),
+                    format!("\\\\?\\{}", "v".repeat(extra)),
+                ));
+            }
+            let want = with_parent_locator(&region, m.length.into(), &loc).unwrap();
+            s.longest.store(0, Ordering::SeqCst);
+            v.set_parent_locator(loc.clone()).unwrap();
+            assert!(s.longest.load(Ordering::SeqCst) <= 128 << 10, "{extra}");
+            v.finish().unwrap();
+            let back = v.r.file.read(m.file_offset, m.length.into()).unwrap();
+            assert!(
+                back == want,
+                "{extra}: the region as a whole-region rewrite makes it"
+            );
+            let again = Vhdx::open(s.clone(), false).unwrap();
+            assert_eq!(again.parent_locator(), Some(&loc));
+        }
+    }
+
+    #[test]
+    fn a_live_commit_leaves_the_log_live_and_the_next_entry_replays_it_too() {
+        let (mut v, s) = child();
+        let m = v.reader().regions.metadata;
+        let original = v.r.file.read(m.file_offset, m.length.into()).unwrap();
+        // First a locator too long for its old place (moved: the table page changes)...
+        let mut a = v.parent_locator().cloned().unwrap();
+        a.entries
+            .push(("volume_path".into(), format!("\\\\?\\{}", "v".repeat(4000))));
+        let syncs = || s.syncs.load(Ordering::SeqCst);
+        let before = syncs();
+        v.set_parent_locator(a.clone()).unwrap();
+        v.commit_live().unwrap();
+        // The entry; the header naming LogGuid. The pages in place are not flushed.
+        assert_eq!(syncs() - before, 2);
+        assert!(!v.reader().header.header.log_guid.is_nil());
+        // ...then one GUID of it changed in place (the table page unchanged).
+        let mut b = a.clone();
+        for (k, val) in &mut b.entries {
+            if k == "parent_linkage" {
+                *val = format!("{{{}}}", Uuid::new_v4());
+            }
+        }
+        v.set_parent_locator(b.clone()).unwrap();
+        v.commit().unwrap();
+        // The second entry; its pages in place.
+        assert_eq!(syncs() - before, 4);
+        // A crash before the closing header, every page written in place lost: the replay
+        // from the second entry's Tail (the first entry) restores both, the table page the
+        // first alone wrote included.
+        s.write_at(&original, m.file_offset).unwrap();
+        let again = Vhdx::open(s.clone(), false).unwrap();
+        assert_eq!(again.reader().replayed_entries(), 2);
+        assert_eq!(again.parent_locator(), Some(&b));
+        // Finished, nothing is left to replay, and the pages are durable before LogGuid goes.
+        let (mut v, s) = child();
+        v.set_parent_locator(a.clone()).unwrap();
+        v.commit_live().unwrap();
+        let n = s.syncs.load(Ordering::SeqCst);
+        v.finish().unwrap();
+        assert_eq!(s.syncs.load(Ordering::SeqCst) - n, 1, "the pages in place");
+        let again = Vhdx::open(s.clone(), false).unwrap();
+        assert_eq!(again.reader().replayed_entries(), 0);
+        assert_eq!(again.parent_locator(), Some(&a));
     }
 }

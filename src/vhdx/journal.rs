@@ -124,9 +124,13 @@ pub(crate) fn replay_onto_file<S: Storage>(
 
 /// Where the next log entry of a write session goes. The session's LogGuid is fresh, so
 /// entries of earlier sessions never count; entries are appended one after another around the
-/// circular log, each with its Tail pointing at itself (every entry is applied and flushed
-/// before the next is written), and a new entry never overwrites the previous one, so a torn
-/// entry leaves the previous (already applied) one to replay harmlessly.
+/// circular log, and a new entry never overwrites the previous one, so a torn entry leaves
+/// the previous one to replay. Each entry's Tail points at itself when every earlier entry's
+/// pages are durable in place (applied and flushed before it was written), else at the
+/// previous entry ([`LogWriter::applied_unflushed`]: its pages were written in place, not
+/// flushed), so that a replay from the new entry's Tail replays both, in order. No older entry
+/// is ever needed: the new entry's own flush makes the previous entry's pages in place
+/// durable, since they were written before it.
 #[derive(Debug)]
 pub(crate) struct LogWriter {
     /// This session's LogGuid.
@@ -136,6 +140,8 @@ pub(crate) struct LogWriter {
     next: u64,
     sequence: u64,
     previous_len: u64,
+    /// The log offset of the previous entry while its pages in place are not known durable.
+    unflushed: Option<u64>,
 }
 
 impl LogWriter {
@@ -148,6 +154,7 @@ impl LogWriter {
             next: 0,
             sequence: 1,
             previous_len: 0,
+            unflushed: None,
         }
     }
 
@@ -159,12 +166,27 @@ impl LogWriter {
         pages.saturating_sub(1 + pages / 128).max(1)
     }
 
+    /// The pages of the last entry were written in place but not flushed: the next entry's
+    /// Tail covers it, until a flush of the caller's makes them durable.
+    pub fn applied_unflushed(&mut self) {
+        let last = (self.next + self.log_length - self.previous_len) % self.log_length;
+        self.unflushed = Some(last);
+    }
+
+    /// The pages in place of every entry so far are durable (the caller flushed after
+    /// writing them).
+    pub fn applied_flushed(&mut self) {
+        self.unflushed = None;
+    }
+
     /// Write one entry carrying `pages` and flush it. `file_len` is the file's length, stable
-    /// and sufficient for every structure the entry refers to.
+    /// and sufficient for every structure the entry refers to. Its flush makes the previous
+    /// entry's pages in place durable (written before it), so the entry after it needs no
+    /// Tail further back than this one.
     pub fn append<S: Storage>(&mut self, s: &S, pages: &[Write], file_len: u64) -> Result<()> {
         let params = EntryParams {
             sequence_number: self.sequence,
-            tail: self.next as u32,
+            tail: self.unflushed.unwrap_or(self.next) as u32,
             log_guid: self.guid,
             flushed_file_offset: file_len,
             last_file_offset: file_len,
@@ -188,6 +210,7 @@ impl LogWriter {
             write(s, &entry[first..], self.log_offset, "a log entry")?;
         }
         flush(s, "a log entry")?;
+        self.unflushed = None;
         self.next = (self.next + len) % self.log_length;
         self.previous_len = len;
         self.sequence += 1;

@@ -393,6 +393,28 @@ fn slot(start: &[u8], offset: u64) -> &[u8] {
         .unwrap_or(&[])
 }
 
+/// The bytes of the metadata region a reader knows: its length, at most [`MAX_METADATA_BYTES`].
+pub(crate) fn metadata_len(regions: &Regions) -> u64 {
+    u64::from(regions.metadata.length).min(MAX_METADATA_BYTES)
+}
+
+/// The first bytes of a metadata region of `len` bytes that hold its table and every item
+/// ([`MetadataTable::span`]), `read(n)` reading the region's first `n` bytes. The table and,
+/// in every file seen, all items lie in the first 128 KiB: one read of those (the rest read
+/// only when the table says so), not of the whole (usually 1 MiB, almost all unused) region.
+/// Every reader of the region (an open, a parent locator rewrite) reads it this way.
+pub(crate) fn read_metadata_prefix(
+    len: u64,
+    read: impl Fn(u64) -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let bytes = read(len.min(2 * SLOT_SIZE as u64))?;
+    let span = MetadataTable::parse(&bytes, len)?.span();
+    if span > bytes.len() as u64 {
+        return read(span);
+    }
+    Ok(bytes)
+}
+
 /// The metadata region (at most [`MAX_METADATA_BYTES`] of it); differencing is refused unless
 /// `differencing`.
 fn load_metadata<S: Storage>(
@@ -401,14 +423,8 @@ fn load_metadata<S: Storage>(
     differencing: bool,
 ) -> Result<Metadata> {
     let m = regions.metadata;
-    let len = u64::from(m.length).min(MAX_METADATA_BYTES);
-    // The table and, in every file seen, all items lie in the first 128 KiB: one read of
-    // those (the rest read only when the table says so), not of the whole region.
-    let mut bytes = file.read(m.file_offset, len.min(2 * SLOT_SIZE as u64))?;
-    let span = MetadataTable::parse(&bytes, len)?.span();
-    if span > bytes.len() as u64 {
-        bytes = file.read(m.file_offset, span)?;
-    }
+    let len = metadata_len(regions);
+    let bytes = read_metadata_prefix(len, |n| file.read(m.file_offset, n))?;
     let metadata = Metadata::parse_prefix(&bytes, len)?;
     if metadata.file_parameters.has_parent && !differencing {
         return Err(Error::not_supported(

@@ -144,6 +144,14 @@ impl Merging {
             v.reader().header.header.log_guid.is_nil(),
             "{what}: the destination's log is left set"
         );
+        let child = &self.built.paths[self.c.dest - 1];
+        if child.exists() {
+            let v = Vhdx::open_path(child, false).unwrap();
+            assert!(
+                v.reader().header.header.log_guid.is_nil(),
+                "{what}: the destination's child's log is left set"
+            );
+        }
         let (held, hidden) = self.built.model.merge_sectors(self.c.dest);
         let data: u64 = r.plan.layers.iter().map(|l| l.bytes).sum();
         assert_eq!(r.bytes_merged, r.plan.bytes_total, "{what}");

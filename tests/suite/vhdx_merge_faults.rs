@@ -4,7 +4,9 @@
 //! (`MergeOptions::destination_io`) and of the linkage update of the layer that links to it
 //! (`MergeOptions::link_io`: the destination's next DataWriteGuid recorded in that child's
 //! `parent_linkage2` before the destination is written, and the link moved to it alone
-//! afterwards); then the merge is run again from the same files with one fault at each point:
+//! afterwards, one write session of the child held across the merge), and of both as one
+//! machine (a fault in either stops both: the child's log is live while the destination is
+//! written); then the merge is run again from the same files with one fault at each point:
 //!
 //! - the machine stops at write N (nothing of it lands), or write N is torn (its first half
 //!   lands) and the machine stops;
@@ -14,7 +16,9 @@
 //! After each: the error is Failed (32768) naming the injected fault; the destination and the
 //! source open (a dirty log replayed in memory); every sector of the destination reads old or
 //! merged; the source's view is unchanged, another child of the source still reads its view,
-//! no other file changed (the destination's child only in its linkage); for a fixed or
+//! no other file changed (the destination's child only in its linkage); the destination's
+//! child, if left with a live log (only when the fault hit its storage), replays it at a
+//! writable open and accepts the destination's current DataWriteGuid; for a fixed or
 //! dynamic destination left with a dirty log, qemu replays it (`qemu-img check -r all` on a
 //! copy) and then reads what we read; a re-run completes the merge exactly (against the
 //! model). The counts of fault points are printed (run with `--nocapture`).
@@ -121,6 +125,11 @@ enum Target {
     Destination,
     /// The layer linking to the destination, while its linkage is updated.
     Link,
+    /// Both, as one machine: the writes and flushes of both files counted together, so that
+    /// a fault during the destination's writes also stops the child's (whose log is live
+    /// then: its first linkage update applied in place, not flushed), and one in the child's
+    /// final update stops everything after it.
+    Both,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -141,6 +150,8 @@ struct Bench {
     template: Vec<(PathBuf, Vec<u8>)>,
     /// Dirty logs qemu replayed and then read like us.
     qemu_replays: std::cell::Cell<u64>,
+    /// Faults that left the destination's child with a live log.
+    child_live: std::cell::Cell<u64>,
 }
 
 impl Bench {
@@ -154,6 +165,7 @@ impl Bench {
             m,
             template,
             qemu_replays: Default::default(),
+            child_live: Default::default(),
         }
     }
 
@@ -169,6 +181,10 @@ impl Bench {
         match target {
             Target::Destination => o.destination_io = Some(io),
             Target::Link => o.link_io = Some(io),
+            Target::Both => {
+                o.destination_io = Some(io.clone());
+                o.link_io = Some(io);
+            }
         }
         o
     }
@@ -217,6 +233,7 @@ impl Bench {
         assert_eq!(e.return_code(), ReturnCode::Failed, "{what}: {e}");
         assert!(e.to_string().contains("injected fault"), "{what}: {e}");
         self.m.check_invariants(&what);
+        self.child_replays(target, &what);
         let dest = self.m.dest();
         let dirty = !Vhdx::open_path(dest, false)
             .unwrap_or_else(|e| panic!("{what}: the destination does not open: {e}"))
@@ -237,6 +254,40 @@ impl Bench {
             .unwrap_or_else(|e| panic!("{what}: the re-run failed: {e}"));
         self.m.check_merged(&r, false, &format!("{what}, re-run"));
         dirty
+    }
+
+    /// The destination's child left with a live log (a fault stopped its linkage session:
+    /// only when the fault hit the child's storage; after a fault of the destination's alone
+    /// the merge ends the child's session cleanly): opened writable (on a copy), the log
+    /// replayed onto the file, it accepts the destination's current DataWriteGuid.
+    fn child_replays(&self, target: Target, what: &str) {
+        let child = &self.m.built.paths[self.m.c.dest - 1];
+        let open = |p: &std::path::Path, w: bool| {
+            Vhdx::open_path(p, w).unwrap_or_else(|e| panic!("{what}: {}: {e}", p.display()))
+        };
+        if open(child, false).reader().header.header.log_guid.is_nil() {
+            return;
+        }
+        assert_ne!(
+            target,
+            Target::Destination,
+            "{what}: the child's log is left live although its storage works"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("child.vhdx");
+        std::fs::copy(child, &copy).unwrap();
+        let replayed = open(&copy, true);
+        assert!(replayed.reader().header.header.log_guid.is_nil(), "{what}");
+        let loc = replayed
+            .parent_locator()
+            .cloned()
+            .expect("a parent locator");
+        let id = open(self.m.dest(), false).data_write_guid();
+        assert!(
+            loc.parent_linkage().ok() == Some(id) || loc.parent_linkage2() == Some(id),
+            "{what}: the child, replayed, does not accept the destination's {id}"
+        );
+        self.child_live.set(self.child_live.get() + 1);
     }
 
     /// A fixed or dynamic 512-byte-sector destination left with a dirty log: qemu replays it
@@ -270,6 +321,8 @@ struct Tally {
     dirty: u64,
     /// Of those, the ones qemu replayed (fixed or dynamic, 512-byte sectors).
     qemu: u64,
+    /// Faults that left the destination's child with a live log.
+    child_live: u64,
 }
 
 impl Tally {
@@ -280,6 +333,7 @@ impl Tally {
         self.lossy += o.lossy;
         self.dirty += o.dirty;
         self.qemu += o.qemu;
+        self.child_live += o.child_live;
     }
 }
 
@@ -323,6 +377,7 @@ fn all_points(b: &Bench, target: Target, kinds: Kinds) -> Tally {
         }
     }
     t.qemu = b.qemu_replays.get();
+    t.child_live = b.child_live.get();
     eprintln!(
         "{}: {target:?}: {writes} writes, {syncs} flushes: {t:?}",
         b.name
@@ -338,9 +393,19 @@ fn matrix(target: Target, kinds: Kinds) {
         total.add(&all_points(&b, target, kinds));
     }
     eprintln!(
-        "{target:?}: fault points exercised: {} whole-write crashes, {} torn writes, {} failing flushes, {} flushes losing unsynced writes; {} left a log to replay, {} of them replayed by qemu",
-        total.writes, total.torn, total.syncs, total.lossy, total.dirty, total.qemu
+        "{target:?}: fault points exercised: {} whole-write crashes, {} torn writes, {} failing flushes, {} flushes losing unsynced writes; {} left a log to replay, {} of them replayed by qemu; {} left the destination's child with a live log",
+        total.writes,
+        total.torn,
+        total.syncs,
+        total.lossy,
+        total.dirty,
+        total.qemu,
+        total.child_live
     );
+    if target != Target::Destination && kinds == Kinds::Crashes {
+        // The child's log is live from its first update to its last: some faults stop it so.
+        assert!(total.child_live > 0, "no fault left the child's log live");
+    }
     if (target, kinds) == (Target::Destination, Kinds::Crashes) {
         assert!(total.dirty > 0, "no fault left a dirty log");
         assert!(
@@ -358,6 +423,16 @@ fn a_crash_at_every_write_and_flush_of_the_destination() {
 #[test]
 fn a_crash_at_every_write_and_flush_of_the_linkage_update() {
     matrix(Target::Link, Kinds::Crashes);
+}
+
+#[test]
+fn a_crash_at_every_write_and_flush_of_the_destination_and_its_child_as_one_machine() {
+    matrix(Target::Both, Kinds::Crashes);
+}
+
+#[test]
+fn a_flush_of_the_destination_or_its_child_that_loses_writes_is_not_built_upon() {
+    matrix(Target::Both, Kinds::LostWrites);
 }
 
 #[test]

@@ -339,22 +339,53 @@ impl Metadata {
     }
 }
 
-/// The metadata region `region` with its parent locator item replaced by `loc` ([MS-VHDX]
-/// 2.6.2.6), every other item and the table's order kept: written over the old item when it
-/// fits in the old item's space (the rest zeroed), else after the last item (8-byte aligned).
-/// A region with no room left is Not Supported.
-pub fn with_parent_locator(region: &[u8], loc: &ParentLocator) -> Result<Vec<u8>> {
-    let mut table = MetadataTable::parse(region, region.len() as u64)?;
+/// The metadata region of `region_len` bytes, from its first bytes `region` (at least
+/// [`parent_locator_span`] of them), with its parent locator item replaced by `loc`
+/// ([MS-VHDX] 2.6.2.6), every other item and the table's order kept: written over the old
+/// item when it fits in the old item's space (the rest zeroed), else after the last item
+/// (8-byte aligned). A region with no room left is Not Supported. Returns as many bytes as
+/// `region` holds.
+pub fn with_parent_locator(region: &[u8], region_len: u64, loc: &ParentLocator) -> Result<Vec<u8>> {
+    let mut table = MetadataTable::parse(region, region_len)?;
     let data = loc.to_bytes();
+    let (i, at) = locator_place(&table, region_len, data.len())?;
+    ensure(at + data.len() <= region.len(), || {
+        format!(
+            "VHDX metadata: {} bytes read of the {} a parent locator rewrite changes",
+            region.len(),
+            at + data.len()
+        )
+    })?;
+    let old = table.entries[i];
+    let mut b = region.to_vec();
+    b[old.offset as usize..(old.offset + old.length) as usize].fill(0);
+    put(&mut b, at, &data);
+    table.entries[i].offset = at as u32;
+    table.entries[i].length = data.len() as u32;
+    put(&mut b, 0, &table.to_bytes());
+    Ok(b)
+}
+
+/// The bytes from the start of the metadata region (of `region_len` bytes, whose first bytes
+/// `region` hold the table and every item) that [`with_parent_locator`] reads and writes to
+/// put `loc` in: the table, the items, and the new item's place.
+pub fn parent_locator_span(region: &[u8], region_len: u64, loc: &ParentLocator) -> Result<u64> {
+    let table = MetadataTable::parse(region, region_len)?;
+    let len = loc.to_bytes().len();
+    let (_, at) = locator_place(&table, region_len, len)?;
+    Ok(table.span().max((at + len) as u64))
+}
+
+/// Which entry of `table` is the parent locator, and where an item of `len` bytes replacing
+/// it goes (its old place if it fits, else after the last item), inside `region_len`.
+fn locator_place(table: &MetadataTable, region_len: u64, len: usize) -> Result<(usize, usize)> {
     let i = table
         .entries
         .iter()
         .position(|e| e.item_id == PARENT_LOCATOR && !e.is_user)
         .ok_or_else(|| Error::format("VHDX metadata: no parent locator item to replace"))?;
     let old = table.entries[i];
-    let mut b = region.to_vec();
-    b[old.offset as usize..(old.offset + old.length) as usize].fill(0);
-    let at = if data.len() <= old.length as usize {
+    let at = if len <= old.length as usize {
         old.offset as usize
     } else {
         let end = table.entries.iter().map(|e| e.offset + e.length).max();
@@ -362,18 +393,12 @@ pub fn with_parent_locator(region: &[u8], loc: &ParentLocator) -> Result<Vec<u8>
             .max(SLOT_SIZE)
             .next_multiple_of(8)
     };
-    if at + data.len() > b.len() || data.len() > MAX_ITEM_LENGTH as usize {
+    if (at + len) as u64 > region_len || len > MAX_ITEM_LENGTH as usize {
         return Err(Error::not_supported(format!(
-            "VHDX metadata region of {} bytes has no room for a parent locator of {} bytes",
-            b.len(),
-            data.len()
+            "VHDX metadata region of {region_len} bytes has no room for a parent locator of {len} bytes"
         )));
     }
-    put(&mut b, at, &data);
-    table.entries[i].offset = at as u32;
-    table.entries[i].length = data.len() as u32;
-    put(&mut b, 0, &table.to_bytes());
-    Ok(b)
+    Ok((i, at))
 }
 
 /// The bytes of an item whose bounds [`check_entry`] has checked.
