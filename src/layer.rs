@@ -397,10 +397,16 @@ pub fn detect_format(path: &Path) -> Option<Format> {
         return Some(Format::Vhd);
     }
     let file = std::fs::File::open(path).ok()?;
+    Some(format_of(&file))
+}
+
+/// The format of the open `file` by its signature ([`detect_format`]'s rule), so that an open
+/// or a probe reads it through the one descriptor it then reads the image by.
+fn format_of(file: &std::fs::File) -> Format {
     let mut sig = [0u8; 8];
-    match crate::io::pread_exact(&file, &mut sig, 0) {
-        Ok(()) if &sig == b"vhdxfile" => Some(Format::Vhdx),
-        _ => Some(Format::Vhd),
+    match crate::io::pread_exact(file, &mut sig, 0) {
+        Ok(()) if &sig == b"vhdxfile" => Format::Vhdx,
+        _ => Format::Vhd,
     }
 }
 
@@ -416,10 +422,27 @@ pub(crate) fn vhdx_not_supported(path: &Path) -> Error {
 /// Open the disk image at `path` read-only (or writable, per `options`) in whatever format
 /// its signature says.
 pub fn open_layer(path: &Path, options: OpenOptions) -> Result<Box<dyn Layer>> {
-    if detect_format(path) == Some(Format::Vhdx) {
-        return Ok(Box::new(crate::vhdx_layer::VhdxLayer::open(path, options)?));
+    if options.writable {
+        if detect_format(path) == Some(Format::Vhdx) {
+            return Ok(Box::new(crate::vhdx_layer::VhdxLayer::open(path, options)?));
+        }
+        return Ok(Box::new(crate::vhd::Vhd::open(path, options)?));
     }
-    Ok(Box::new(crate::vhd::Vhd::open(path, options)?))
+    // Read-only: one open serves the signature and the reader (what either format's own
+    // read-only open does first, with its errors).
+    let file = files::open_regular_file(path, false)?;
+    let format = format_of(&file);
+    let storage = crate::io::FileStorage::new(file);
+    if format == Format::Vhdx {
+        let storage = std::sync::Arc::new(storage);
+        let layer = crate::vhdx_layer::VhdxLayer::from_storage(storage, path, false)?;
+        return Ok(Box::new(layer));
+    }
+    Ok(Box::new(crate::vhd::Vhd::from_storage(
+        Box::new(storage),
+        path,
+        options,
+    )?))
 }
 
 /// Open the image held by `storage` (the file at `path`, possibly wrapped by a test hook) for
@@ -557,9 +580,15 @@ pub fn open_layer_for_writing(path: &Path, options: OpenOptions) -> Result<Box<d
 /// Probe the file at `path` (see [`Probe`]); `None` for anything that is not a regular file
 /// holding a disk image of a known format.
 pub fn probe(path: &Path) -> Option<Probe> {
-    match detect_format(path)? {
-        Format::Vhdx => crate::vhdx_layer::probe(path),
-        Format::Vhd => crate::vhd_layer::probe(path),
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    // One open for the signature and the probe's reads.
+    let file = std::fs::File::open(path).ok()?;
+    match format_of(&file) {
+        Format::Vhdx => crate::vhdx_layer::probe(file),
+        Format::Vhd => crate::vhd_layer::probe(file, meta.len()),
     }
 }
 

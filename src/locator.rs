@@ -46,9 +46,22 @@ pub(crate) fn canonical_or_self(p: &Path) -> PathBuf {
 }
 
 /// True when both paths exist and name the same file (through hard or symbolic links or
-/// different spellings), by file identity (the `same-file` crate), on every host.
+/// different spellings), by file identity: on Unix the device and inode numbers a `stat` of
+/// each gives (nothing opened: a merge asks this of every layer), elsewhere the `same-file`
+/// crate's (a handle's volume and file index on Windows).
 pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    same_file::is_same_file(a, b).unwrap_or(false)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        same_file::is_same_file(a, b).unwrap_or(false)
+    }
 }
 
 /// The path of `target` relative to directory `from`, both absolute and normalised; `None` when

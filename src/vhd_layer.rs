@@ -406,9 +406,10 @@ pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWrite
     })
 }
 
-/// Probe a VHD cheaply (footers only, see [`crate::vhd::peek`]).
-pub(crate) fn probe(path: &Path) -> Option<Probe> {
-    let peek = crate::vhd::peek(path)?;
+/// Probe the VHD open as `file`, `len` bytes long, cheaply (footers only, see
+/// [`crate::vhd::peek`]).
+pub(crate) fn probe(file: std::fs::File, len: u64) -> Option<Probe> {
+    let peek = crate::vhd::peek_file(file, len)?;
     let ids = peek
         .footers
         .iter()

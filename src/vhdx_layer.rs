@@ -493,9 +493,8 @@ pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWrite
     Ok(Box::new(VhdxLayer::open(path, OpenOptions::writable())?))
 }
 
-/// Probe a VHDX cheaply: headers, log and metadata, not the BAT.
-pub(crate) fn probe(path: &Path) -> Option<Probe> {
-    let file = crate::layer::files::open_regular_file(path, false).ok()?;
+/// Probe the VHDX open as `file` cheaply: headers, log and metadata, not the BAT.
+pub(crate) fn probe(file: std::fs::File) -> Option<Probe> {
     let mode = Mode {
         differencing: true,
         ..Mode::default()
@@ -570,9 +569,9 @@ mod tests {
 
         let b = VhdxLayer::open(&base, OpenOptions::read_only()).unwrap();
         assert_eq!((b.id(), b.kind()), (base_id, DiskKind::Dynamic));
-        let p = probe(&child).unwrap();
+        let p = crate::layer::probe(&child).unwrap();
         assert_eq!((p.format, p.parent_ids), (Format::Vhdx, vec![base_id]));
-        assert_eq!(probe(&base).unwrap().id, Some(base_id));
+        assert_eq!(crate::layer::probe(&base).unwrap().id, Some(base_id));
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub(crate) fn children_in(
     let mut seen_files = HashSet::new();
     let mut out = Vec::new();
     for dir in dirs {
-        if !seen_dirs.insert(canonical_or_self(dir)) {
+        let canon_dir = std::fs::canonicalize(dir).ok();
+        if !seen_dirs.insert(canon_dir.clone().unwrap_or_else(|| dir.clone())) {
             continue;
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -91,7 +92,7 @@ pub(crate) fn children_in(
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let canon = canonical_or_self(&path);
+            let canon = canonical_entry(canon_dir.as_deref(), &entry);
             if exclude.contains(&canon) || !seen_files.insert(canon) {
                 continue;
             }
@@ -104,6 +105,17 @@ pub(crate) fn children_in(
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// The canonical path of directory entry `entry` ([`canonical_or_self`] of its path), given
+/// the canonical path of its directory when that resolved: on Unix, for an entry that is no
+/// symbolic link (by the type the listing gives), that directory joined with its name, which
+/// is what resolving the whole path gives, without resolving the directory again per entry.
+fn canonical_entry(canon_dir: Option<&Path>, entry: &std::fs::DirEntry) -> PathBuf {
+    match (canon_dir, entry.file_type()) {
+        (Some(d), Ok(t)) if cfg!(unix) && !t.is_symlink() => d.join(entry.file_name()),
+        _ => canonical_or_self(&entry.path()),
+    }
 }
 
 #[cfg(test)]

@@ -74,19 +74,32 @@ impl Peek {
 /// Peek at the file at `path`: `None` when it is not a regular file at least a footer long
 /// (its metadata cannot be read, or it is a directory, FIFO, device or shorter file). A file
 /// that cannot be opened or read peeks as one without footers.
+#[cfg(test)]
 pub(crate) fn peek(path: &Path) -> Option<Peek> {
     let meta = std::fs::metadata(path).ok()?;
-    let len = meta.len();
-    if !meta.is_file() || len < FOOTER_SIZE as u64 {
+    if !meta.is_file() || meta.len() < FOOTER_SIZE as u64 {
+        return None;
+    }
+    let Ok(file) = File::open(path) else {
+        return Some(Peek {
+            footers: Vec::new(),
+            sector0: None,
+            parent_unique_id: None,
+        });
+    };
+    peek_file(file, meta.len())
+}
+
+/// [`peek`] of the regular file open as `file`, `len` bytes long (`None` when shorter than
+/// a footer).
+pub(crate) fn peek_file(file: File, len: u64) -> Option<Peek> {
+    if len < FOOTER_SIZE as u64 {
         return None;
     }
     let mut peek = Peek {
         footers: Vec::new(),
         sector0: None,
         parent_unique_id: None,
-    };
-    let Ok(file) = File::open(path) else {
-        return Some(peek);
     };
     let storage = FileStorage::new(file);
     let candidates = footer_candidates(&storage, len);

@@ -52,7 +52,9 @@ mod validate;
 mod writer;
 
 pub use crate::format::batmap::{BATMAP_COOKIE, Batmap};
+#[cfg(test)]
 pub(crate) use files::peek;
+pub(crate) use files::peek_file;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub use sweep::set_test_bounds;

@@ -7,10 +7,10 @@
 
 use super::bat::PagedBat;
 use super::format::bat::{BatEntry, BitmapState, EntryKind, Geometry, PayloadState};
-use super::format::header::{CurrentHeader, FileIdentifier, Header, current_header};
+use super::format::header::{CurrentHeader, FileIdentifier, HEADER_SIZE, Header, current_header};
 use super::format::log::{ReplayPlan, find_active};
 use super::format::metadata::{Metadata, MetadataTable};
-use super::format::region::{Regions, choose_region_table};
+use super::format::region::{Regions, first_valid_region_table};
 use super::format::{self as f, MIB, SLOT_SIZE};
 use crate::io::Storage;
 use crate::{Error, Result};
@@ -20,9 +20,15 @@ pub const MAX_LOG_BYTES: u64 = 64 * MIB;
 /// The largest metadata region this reader loads (Hyper-V and qemu write 1 MiB).
 pub const MAX_METADATA_BYTES: u64 = 16 * MIB;
 
-/// The bytes of the header section an open reads: the identifier, both headers and both
-/// region tables (64 KiB each); the rest of the first MiB is reserved.
-const HEADER_SECTION_READ: u64 = f::REGION_TABLE2_OFFSET + SLOT_SIZE as u64;
+/// The bytes of the header section ([MS-VHDX] 2.1): the identifier, both headers and both
+/// region tables (64 KiB slots each); the rest of the first MiB is reserved. An open needs
+/// all of it in the file, but reads only what it validates: the identifier's first page,
+/// each header's 4 KiB (what its checksum covers), and the first region table, the second
+/// only when the first is not valid ([`read_header_section`]).
+const HEADER_SECTION_LEN: u64 = f::REGION_TABLE2_OFFSET + SLOT_SIZE as u64;
+/// The bytes of the identifier an open reads: its first page (the signature and the
+/// 512-byte creator are its first 520 bytes; the rest of the slot is reserved).
+const IDENTIFIER_READ: u64 = 4096;
 
 /// The file as it reads after the log is replayed: the storage with the replay plan's writes
 /// on top and zeros up to the replayed length ([MS-VHDX] 2.3.3 read-only in-memory replay).
@@ -204,27 +210,15 @@ impl<S: Storage> Structures<S> {
     /// `mode.writable`), region tables and metadata, in [MS-VHDX] 2.3.3's order.
     pub(crate) fn open(storage: S, mode: Mode) -> Result<Structures<S>> {
         let mut file = Overlay::new(storage)?;
-        let start = file.read(0, HEADER_SECTION_READ)?;
-        let creator = FileIdentifier::parse(&start)?.creator;
-        let mut header = current_header(
-            slot(&start, f::HEADER1_OFFSET),
-            slot(&start, f::HEADER2_OFFSET),
-        )?;
-        // A clean file (no LogGuid) has no log to replay: what was read is what it reads.
-        let replayed = !header.header.log_guid.is_nil();
+        let (creator, mut header) = read_header_section(&file)?;
         file.replay(&header.header)?;
         if mode.writable {
             super::journal::replay_onto_file(&mut file, &mut header)?;
         }
-        let start = match replayed {
-            // [MS-VHDX] 2.3.3: the region tables as they read after the replay.
-            true => file.read(0, HEADER_SECTION_READ)?,
-            false => start,
-        };
-        let (table, _) = choose_region_table(
-            slot(&start, f::REGION_TABLE1_OFFSET),
-            slot(&start, f::REGION_TABLE2_OFFSET),
-        )?;
+        // [MS-VHDX] 2.3.3: the region tables as they read after the replay.
+        let table = first_valid_region_table(&file.read(f::REGION_TABLE1_OFFSET, SLOT)?, || {
+            file.read(f::REGION_TABLE2_OFFSET, SLOT)
+        })?;
         let regions = table.known(header.header.log_range())?;
         let metadata = load_metadata(&file, &regions, mode.differencing)?;
         Ok(Structures {
@@ -387,10 +381,21 @@ pub(crate) fn check_block(g: &Geometry, file_len: u64, i: u64, e: BatEntry) -> R
     Ok(())
 }
 
-fn slot(start: &[u8], offset: u64) -> &[u8] {
-    start
-        .get(offset as usize..offset as usize + SLOT_SIZE)
-        .unwrap_or(&[])
+/// A region table copy's bytes (its checksum covers the whole slot).
+const SLOT: u64 = SLOT_SIZE as u64;
+
+/// The creator and the current header of the file, by the identifier's first page and each
+/// header's 4 KiB (88 KiB in all with the first region table an open reads next, not the
+/// section's 320 KiB): the section must still lie whole inside the file (the error a read
+/// of all of it gives).
+fn read_header_section<S: Storage>(file: &Overlay<S>) -> Result<(String, CurrentHeader)> {
+    file.check_inside(0, HEADER_SECTION_LEN)?;
+    let creator = FileIdentifier::parse(&file.read(0, IDENTIFIER_READ)?)?.creator;
+    let header = current_header(
+        &file.read(f::HEADER1_OFFSET, HEADER_SIZE as u64)?,
+        &file.read(f::HEADER2_OFFSET, HEADER_SIZE as u64)?,
+    )?;
+    Ok((creator, header))
 }
 
 /// The bytes of the metadata region a reader knows: its length, at most [`MAX_METADATA_BYTES`].

@@ -184,8 +184,24 @@ pub fn choose_region_table(copy1: &[u8], copy2: &[u8]) -> Result<(RegionTable, b
         }
         (Ok(a), Err(_)) => Ok((a, true)),
         (Err(_), Ok(b)) => Ok((b, true)),
-        (Err(e1), Err(e2)) => Err(Error::format(format!(
-            "no valid VHDX region table: {e1}; {e2}"
-        ))),
+        (Err(e1), Err(e2)) => Err(no_valid_table(&e1, &e2)),
     }
+}
+
+/// The table [`choose_region_table`] chooses, the second copy read (by `copy2`) only when the
+/// first is not valid: what an open needs, which never asks whether the copies differ.
+pub fn first_valid_region_table(
+    copy1: &[u8],
+    copy2: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<RegionTable> {
+    let e1 = match RegionTable::parse(copy1, super::REGION_TABLE1_OFFSET) {
+        Ok(a) => return Ok(a),
+        Err(e) => e,
+    };
+    RegionTable::parse(&copy2()?, super::REGION_TABLE2_OFFSET)
+        .map_err(|e2| no_valid_table(&e1, &e2))
+}
+
+fn no_valid_table(e1: &Error, e2: &Error) -> Error {
+    Error::format(format!("no valid VHDX region table: {e1}; {e2}"))
 }
