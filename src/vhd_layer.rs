@@ -407,7 +407,7 @@ pub(crate) fn create(path: &Path, image: &NewImage) -> Result<Box<dyn LayerWrite
 }
 
 /// Probe the VHD open as `file`, `len` bytes long, cheaply (footers only, see
-/// [`crate::vhd::peek`]).
+/// [`crate::vhd::peek_file`]).
 pub(crate) fn probe(file: std::fs::File, len: u64) -> Option<Probe> {
     let peek = crate::vhd::peek_file(file, len)?;
     let ids = peek

@@ -1,5 +1,5 @@
 //! A VHD's lock and writable open (through the format-agnostic rules of
-//! `crate::layer::files`), and [`peek`], the cheap look at a file's footers for directory
+//! `crate::layer::files`), and [`peek_file`], the cheap look at a file's footers for directory
 //! scans.
 
 use std::fs::File;
@@ -71,9 +71,10 @@ impl Peek {
     }
 }
 
-/// Peek at the file at `path`: `None` when it is not a regular file at least a footer long
-/// (its metadata cannot be read, or it is a directory, FIFO, device or shorter file). A file
-/// that cannot be opened or read peeks as one without footers.
+/// Peek at the file at `path` (for tests; [`crate::layer::probe`] opens the file itself and
+/// peeks through that descriptor): `None` when it is not a regular file at least a footer
+/// long (its metadata cannot be read, or it is a directory, FIFO, device or shorter file). A
+/// file that cannot be opened peeks as one without footers.
 #[cfg(test)]
 pub(crate) fn peek(path: &Path) -> Option<Peek> {
     let meta = std::fs::metadata(path).ok()?;
@@ -90,8 +91,8 @@ pub(crate) fn peek(path: &Path) -> Option<Peek> {
     peek_file(file, meta.len())
 }
 
-/// [`peek`] of the regular file open as `file`, `len` bytes long (`None` when shorter than
-/// a footer).
+/// Peek at the regular file open as `file`, `len` bytes long: `None` when it is shorter than
+/// a footer; a file that cannot be read peeks as one without footers.
 pub(crate) fn peek_file(file: File, len: u64) -> Option<Peek> {
     if len < FOOTER_SIZE as u64 {
         return None;

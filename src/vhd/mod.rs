@@ -52,8 +52,6 @@ mod validate;
 mod writer;
 
 pub use crate::format::batmap::{BATMAP_COOKIE, Batmap};
-#[cfg(test)]
-pub(crate) use files::peek;
 pub(crate) use files::peek_file;
 #[cfg(feature = "testing")]
 #[doc(hidden)]

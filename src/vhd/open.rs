@@ -76,7 +76,7 @@ pub(super) fn read_footer_at(
 /// The footers a file of `len` bytes (at least [`FOOTER_SIZE`]) may go by, in order of
 /// preference (§1.2): the last 512 bytes, a 511-byte footer when the length says one may be
 /// there, and the offset-0 copy when it parses as a sparse disk's (a fixed disk's sector 0 is
-/// data). The one rule both [`Vhd::open`] and [`peek`] use.
+/// data). The one rule both [`Vhd::open`] and [`super::files::peek_file`] use.
 pub(super) fn footer_candidates(storage: &dyn Storage, len: u64) -> Vec<FooterCandidate> {
     let mut candidates = vec![read_footer_at(storage, len - 512, 512, FooterSource::End)];
     if len > 511 && (len - 511).is_multiple_of(512) {
