@@ -168,4 +168,25 @@ mod tests {
         let exclude: HashSet<PathBuf> = [canonical_or_self(&p("c.avhdx"))].into();
         assert!(children_in(&dirs, &only_vhdx, &exclude).is_empty());
     }
+
+    /// An entry that is a symbolic link is resolved on its own: a link to an excluded file is
+    /// excluded, and a link to a file the scan lists is that file (listed once).
+    #[cfg(unix)]
+    #[test]
+    fn a_link_in_the_directory_is_the_file_it_names() {
+        use crate::vhdx::create as vx;
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let xo = vx::CreateOptions::default();
+        let base = vx::create_dynamic(p("b.vhdx"), 4 << 20, &xo)
+            .unwrap()
+            .data_write_guid();
+        vx::create_differencing(p("c.avhdx"), p("b.vhdx"), &xo).unwrap();
+        std::os::unix::fs::symlink(p("c.avhdx"), p("link.avhdx")).unwrap();
+        let dirs = [dir.path().to_path_buf()];
+        let parents: HashSet<Uuid> = [base].into();
+        assert_eq!(children_in(&dirs, &parents, &HashSet::new()).len(), 1);
+        let exclude: HashSet<PathBuf> = [canonical_or_self(&p("c.avhdx"))].into();
+        assert!(children_in(&dirs, &parents, &exclude).is_empty());
+    }
 }

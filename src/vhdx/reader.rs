@@ -438,3 +438,121 @@ fn load_metadata<S: Storage>(
     }
     Ok(metadata)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemStorage;
+    use crate::vhdx::create::{CreateOptions, create_dynamic};
+    use std::sync::Mutex;
+
+    /// A storage that records every read's range.
+    #[derive(Debug)]
+    struct Recording {
+        inner: MemStorage,
+        reads: Mutex<Vec<std::ops::Range<u64>>>,
+    }
+
+    impl Storage for Recording {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let end = offset + buf.len() as u64;
+            self.reads.lock().unwrap().push(offset..end);
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.inner.sync_data()
+        }
+    }
+
+    /// The bytes of a new 8 MiB dynamic VHDX.
+    fn image() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.vhdx");
+        create_dynamic(&path, 8 * MIB, &CreateOptions::default())
+            .unwrap()
+            .finish()
+            .unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    /// Open `bytes` (read-only, differencing accepted) and list the reads of the header
+    /// section (the first MiB).
+    fn open(bytes: Vec<u8>) -> (Result<Regions>, Vec<std::ops::Range<u64>>) {
+        let s = std::sync::Arc::new(Recording {
+            inner: MemStorage::new(bytes),
+            reads: Mutex::new(Vec::new()),
+        });
+        let mode = Mode {
+            differencing: true,
+            ..Mode::default()
+        };
+        let r = Structures::open(s.clone(), mode).map(|s| s.regions);
+        let reads = s.reads.lock().unwrap().clone();
+        (r, reads.into_iter().filter(|r| r.start < MIB).collect())
+    }
+
+    fn flip(bytes: &mut [u8], at: u64) {
+        bytes[at as usize] ^= 0xFF;
+    }
+
+    #[test]
+    fn an_open_reads_of_the_header_section_what_it_validates() {
+        let (regions, reads) = open(image());
+        regions.unwrap();
+        let t1 = f::REGION_TABLE1_OFFSET;
+        assert_eq!(
+            reads,
+            [
+                0..IDENTIFIER_READ,
+                f::HEADER1_OFFSET..f::HEADER1_OFFSET + HEADER_SIZE as u64,
+                f::HEADER2_OFFSET..f::HEADER2_OFFSET + HEADER_SIZE as u64,
+                t1..t1 + SLOT,
+            ]
+        );
+    }
+
+    #[test]
+    fn the_second_region_table_is_read_when_the_first_is_not_valid() {
+        let good = open(image()).0.unwrap();
+        let mut bytes = image();
+        flip(&mut bytes, f::REGION_TABLE1_OFFSET + 100);
+        let (regions, reads) = open(bytes.clone());
+        assert_eq!(regions.unwrap(), good);
+        let t2 = f::REGION_TABLE2_OFFSET;
+        assert_eq!(reads.last(), Some(&(t2..t2 + SLOT)));
+
+        flip(&mut bytes, f::REGION_TABLE2_OFFSET + 100);
+        let e = open(bytes).0.unwrap_err().to_string();
+        assert!(e.contains("no valid VHDX region table"), "{e}");
+        assert!(
+            e.contains(&format!("offset {}", f::REGION_TABLE1_OFFSET)),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("offset {}", f::REGION_TABLE2_OFFSET)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_shorter_than_the_header_section_is_refused_before_any_read() {
+        let mut bytes = image();
+        bytes.truncate(HEADER_SECTION_LEN as usize - 1);
+        let (r, reads) = open(bytes);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("bytes 0x0+0x50000 are beyond the file's end"),
+            "{e}"
+        );
+        assert!(reads.is_empty());
+    }
+}
