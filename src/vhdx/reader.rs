@@ -385,7 +385,7 @@ pub(crate) fn check_block(g: &Geometry, file_len: u64, i: u64, e: BatEntry) -> R
 const SLOT: u64 = SLOT_SIZE as u64;
 
 /// The creator and the current header of the file, by the identifier's first page and each
-/// header's 4 KiB (88 KiB in all with the first region table an open reads next, not the
+/// header's 4 KiB (76 KiB in all with the first region table an open reads next, not the
 /// section's 320 KiB): the section must still lie whole inside the file (the error a read
 /// of all of it gives).
 fn read_header_section<S: Storage>(file: &Overlay<S>) -> Result<(String, CurrentHeader)> {

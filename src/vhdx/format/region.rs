@@ -190,7 +190,7 @@ pub fn choose_region_table(copy1: &[u8], copy2: &[u8]) -> Result<(RegionTable, b
 
 /// The table [`choose_region_table`] chooses, the second copy read (by `copy2`) only when the
 /// first is not valid: what an open needs, which never asks whether the copies differ.
-pub fn first_valid_region_table(
+pub(crate) fn first_valid_region_table(
     copy1: &[u8],
     copy2: impl FnOnce() -> Result<Vec<u8>>,
 ) -> Result<RegionTable> {
