@@ -324,6 +324,15 @@ pub trait LayerWriter: Layer {
     ) -> Result<()>;
     /// Publish everything written since the last commit in the format's crash-safe order.
     fn commit(&mut self) -> Result<()>;
+    /// [`LayerWriter::commit`] up to the point where everything written is durably exposed:
+    /// once it returns, every open of the file reads it, with the layer's new identity
+    /// ([`Layer::id`]), though the last step of the crash-safe order may still be due
+    /// ([`LayerWriter::finish`] completes it). A VHDX's last log entry is then named by a
+    /// durable header and its pages written in place but not flushed: a crash replays them
+    /// ([`crate::vhdx::Vhdx::commit_live`]). The default commits.
+    fn commit_exposed(&mut self) -> Result<()> {
+        self.commit()
+    }
     /// Commit and end the write session; returns the layer's identity afterwards (a VHDX's
     /// DataWriteGuid changes when its data does).
     fn finish(&mut self) -> Result<Uuid>;

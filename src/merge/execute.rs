@@ -364,7 +364,7 @@ fn write_and_finish(
     tracker: &Tracker,
     report: &mut MergeReport,
 ) -> Result<()> {
-    let relink_above = match write_and_verify(chain, dest, options, tracker, report) {
+    let relink_above = match write_and_verify(chain, dest, &mut link, options, tracker, report) {
         Ok(r) => r,
         Err(e) => {
             close_link(link);
@@ -374,27 +374,46 @@ fn write_and_finish(
     if let Some((path, format, new_id)) = relink_above {
         // No held link only when the destination had no next identity to announce, yet took
         // a new one: link it now, in a session of its own.
-        let mut held = match link.take() {
+        let held = match link.take() {
             Some(l) => l,
             None => link_to_destination((&path, format), (new_id, None), options)?,
         };
-        if let Err(e) = held.set_parent_ids(new_id, None, false) {
-            close_link(Some(held));
-            return Err(e);
-        }
         link = Some(held);
+        return final_link(link, Some(new_id));
     }
-    match link {
-        Some(l) => l.finish(),
-        None => Ok(()),
+    final_link(link, None)
+}
+
+/// The linking child's last update through `link`: linked to `new_id` alone when given
+/// (dropping the destination's old identity), then its session ended ([`HeldLink::finish`]);
+/// after an error of the update, ended as far as the storage works ([`close_link`]).
+fn final_link(link: Option<HeldLink>, new_id: Option<Uuid>) -> Result<()> {
+    let Some(mut held) = link else {
+        return Ok(());
+    };
+    if let Some(id) = new_id
+        && let Err(e) = held.set_parent_ids(id, None, false)
+    {
+        close_link(Some(held));
+        return Err(e);
     }
+    held.finish()
 }
 
 /// [`write_and_finish`] up to the destination's end (and verify): the layer to re-link to the
 /// destination's new identity, if any (path, format, the identity).
+///
+/// Without verify, the linking child's last update (through `link`, taken) runs on another
+/// thread while the destination ends its session: the destination's last commit stops once
+/// its new identity and content are durably exposed ([`LayerWriter::commit_exposed`]: a
+/// VHDX's header naming its log, with the new DataWriteGuid, flushed), which is all the
+/// child's update has to follow; the destination's remaining flush (its pages in place)
+/// and the child's two overlap (docs/design.md, "Identity"). With verify the order stays
+/// sequential: the child is re-linked after the destination verified.
 fn write_and_verify(
     chain: Chain,
     mut dest: Box<dyn LayerWriter>,
+    link: &mut Option<HeldLink>,
     options: &MergeOptions,
     tracker: &Tracker,
     report: &mut MergeReport,
@@ -403,6 +422,7 @@ fn write_and_verify(
     let len_before = dest.file_len()?;
     let blocks_before = crate::layer::count_mapped(&*dest)?;
     let mut crcs = options.verify.then(Vec::new);
+    let overlap = link.is_some() && !options.verify;
     let copied = copy_units(
         &chain,
         &report.plan,
@@ -410,6 +430,7 @@ fn write_and_verify(
         options,
         tracker,
         &mut crcs,
+        overlap,
     );
     let copied = match copied {
         Ok(n) => n,
@@ -422,7 +443,37 @@ fn write_and_verify(
             return Err(e);
         }
     };
-    let new_id = dest.finish()?;
+    let new_id = match link.take() {
+        Some(held) if overlap => {
+            // The destination's identity as exposed (its last commit named it durably).
+            let exposed = dest.id();
+            let relink =
+                (exposed != at(&chain, d).id() && !options.remove_merged).then_some(exposed);
+            let (finished, linked) = std::thread::scope(|s| {
+                let child = s.spawn(move || final_link(Some(held), relink));
+                let finished = dest.finish();
+                let linked = child.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidState(
+                        "the linkage update thread panicked".into(),
+                    ))
+                });
+                (finished, linked)
+            });
+            let new_id = finished?;
+            linked?;
+            if new_id != exposed {
+                return Err(Error::InvalidState(format!(
+                    "{}: identity {new_id} at the end of the session, {exposed} exposed before",
+                    report.destination.display()
+                )));
+            }
+            new_id
+        }
+        other => {
+            *link = other;
+            dest.finish()?
+        }
+    };
     report.bytes_merged = copied.bytes;
     report.bytes_cloned = copied.cloned;
     report.blocks_allocated = crate::layer::count_mapped(&*dest)?.saturating_sub(blocks_before);
@@ -430,10 +481,11 @@ fn write_and_verify(
     // Its path and format are all the relink needs: it opens the file for its metadata
     // alone (reopening it as a layer streamed its whole BAT again, 256 MiB for a 64 TiB
     // child with 2 MiB blocks).
-    let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged).then(|| {
-        let above = at(&chain, d - 1);
-        (above.path().to_path_buf(), above.format(), new_id)
-    });
+    let relink_above =
+        (new_id != at(&chain, d).id() && !options.remove_merged && !overlap).then(|| {
+            let above = at(&chain, d - 1);
+            (above.path().to_path_buf(), above.format(), new_id)
+        });
     // The chain (and its shared locks) goes here: by verify, or now.
     report.verified = match crcs {
         Some(crcs) => Some(verify(
@@ -764,6 +816,7 @@ fn copy_units(
     options: &MergeOptions,
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
+    exposed_end: bool,
 ) -> Result<Copied> {
     let buffers = (PIPELINE_BYTES / plan.unit_bytes).clamp(2, 4) as usize;
     let want_crc = crcs.is_some();
@@ -826,7 +879,16 @@ fn copy_units(
             unaligned: std::cell::Cell::new(0),
             proven: std::cell::Cell::new(false),
         };
-        write_units(chain, plan, dest, options, tracker, crcs, &pipe)
+        write_units(
+            chain,
+            plan,
+            dest,
+            options,
+            tracker,
+            crcs,
+            &pipe,
+            exposed_end,
+        )
         // Dropping the channel ends here stop the reader if the writer stopped early.
     })
 }
@@ -974,9 +1036,10 @@ fn write_units(
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
     pipe: &Pipe<'_>,
+    exposed_end: bool,
 ) -> Result<Copied> {
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
-    let mut units = plan.unit_indices();
+    let mut units = plan.unit_indices().peekable();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
     let mut done = Placed {
         tracker,
@@ -1019,7 +1082,11 @@ fn write_units(
         if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
             return Err(cancelled(plan, dest, &done.copied));
         }
-        dest.commit()?;
+        if exposed_end && units.peek().is_none() {
+            dest.commit_exposed()?;
+        } else {
+            dest.commit()?;
+        }
     }
     Ok(done.copied)
 }
@@ -1392,7 +1459,10 @@ mod tests {
         let options = MergeOptions::default();
         let tracker = Tracker::new(None, &options);
         let mut out = dest();
-        let done = copy_units(&chain, &plan, &mut out, &options, &tracker, &mut None).unwrap();
+        let done = copy_units(
+            &chain, &plan, &mut out, &options, &tracker, &mut None, false,
+        )
+        .unwrap();
         assert_eq!((done.bytes, done.cloned), (2 * MIB, 0));
         assert_eq!(out.blocks.len(), 1);
         let (BlockState::Present(Some(bm)), data) = &out.blocks[&0] else {
