@@ -375,6 +375,34 @@ pub trait LayerWriter: Layer {
     fn next_id(&mut self) -> Option<Uuid> {
         None
     }
+    /// Make the first change of the layer's identity (to [`LayerWriter::next_id`]) wait for
+    /// `gate`, and fail with its error (see [`crate::vhdx::Vhdx::set_identity_gate`]). The
+    /// default passes it at once.
+    fn set_identity_gate(&mut self, gate: IdentityGate) -> Result<()> {
+        gate.pass()
+    }
+}
+
+/// What a [`LayerWriter`] waits for before its identity changes (a merge: the linking
+/// child's acceptance of the destination's next identity, durable).
+pub struct IdentityGate(Box<dyn FnOnce() -> Result<()> + Send>);
+
+impl IdentityGate {
+    /// A gate that waits for `f`.
+    pub fn new(f: impl FnOnce() -> Result<()> + Send + 'static) -> IdentityGate {
+        IdentityGate(Box::new(f))
+    }
+
+    /// Wait for the gate: its answer.
+    pub fn pass(self) -> Result<()> {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for IdentityGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentityGate")
+    }
 }
 
 /// What a cheap look at a file says about its identity (at most a few small reads; for

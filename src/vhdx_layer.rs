@@ -397,6 +397,11 @@ impl LayerWriter for VhdxLayer {
     fn next_id(&mut self) -> Option<Uuid> {
         Some(self.v.next_data_write_guid())
     }
+
+    fn set_identity_gate(&mut self, gate: crate::layer::IdentityGate) -> Result<()> {
+        let path = self.path.clone();
+        self.v.set_identity_gate(gate).map_err(|e| e.in_file(&path))
+    }
 }
 
 /// The locator `loc` with `key` set to the braced GUID `g` (added at the end when absent).

@@ -20,7 +20,7 @@ use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{
     DiskKind, Format, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer,
 };
-use crate::layer::{HeldLink, OpenOptions};
+use crate::layer::{HeldLink, IdentityGate, OpenOptions};
 use crate::locator::{canonical_or_self, same_file};
 
 /// Layer `i` of `chain`; callers pass indices below the destination's, checked when the
@@ -250,7 +250,7 @@ fn prepare_links(
     dest: &mut dyn LayerWriter,
     relink: &[PathBuf],
     options: &MergeOptions,
-) -> Result<Option<HeldLink>> {
+) -> Result<Option<Link>> {
     let dest_path = tidy(at(chain, d).path());
     for child in relink {
         relink_child(child, &dest_path, true)?;
@@ -259,9 +259,10 @@ fn prepare_links(
         Some(next) => {
             let child = at(chain, d - 1);
             let ids = (at(chain, d).id(), Some(next));
-            Some(link_to_destination(
+            Some(start_link(
                 (child.path(), child.format()),
                 ids,
+                dest,
                 options,
             )?)
         }
@@ -283,9 +284,36 @@ fn prepare_links(
 /// place flushed and its log cleared, so that qemu opens it read-only); if it does not, the
 /// log stays live and the next open replays it: the link accepts both the destination's
 /// current and its next identity either way.
-fn close_link(link: Option<HeldLink>) {
-    if let Some(link) = link {
+fn close_link(link: Option<Link>) {
+    if let Some(Ok(link)) = link.map(Link::settle) {
         let _ = link.finish();
+    }
+}
+
+/// The layer linking to the destination during a merge: its first linkage update running on
+/// a thread of its own ([`start_link`]), or done.
+enum Link {
+    Updating(std::thread::JoinHandle<(HeldLink, Result<()>)>),
+    Held(HeldLink),
+}
+
+impl Link {
+    /// Wait for the first update: the held link, or the update's error (the link then
+    /// closed, [`close_link`]).
+    fn settle(self) -> Result<HeldLink> {
+        match self {
+            Link::Held(h) => Ok(h),
+            Link::Updating(t) => match t.join() {
+                Ok((h, Ok(()))) => Ok(h),
+                Ok((h, Err(e))) => {
+                    close_link(Some(Link::Held(h)));
+                    Err(e)
+                }
+                Err(_) => Err(Error::InvalidState(
+                    "the linkage update thread panicked".into(),
+                )),
+            },
+        }
     }
 }
 
@@ -359,7 +387,7 @@ fn check_dependents(
 fn write_and_finish(
     chain: Chain,
     dest: Box<dyn LayerWriter>,
-    mut link: Option<HeldLink>,
+    mut link: Option<Link>,
     options: &MergeOptions,
     tracker: &Tracker,
     report: &mut MergeReport,
@@ -367,19 +395,27 @@ fn write_and_finish(
     let relink_above = match write_and_verify(chain, dest, &mut link, options, tracker, report) {
         Ok(r) => r,
         Err(e) => {
-            close_link(link);
-            return Err(e);
+            // The child's first update failing is the cause (the destination then stopped
+            // at its identity gate): its error is the one to report.
+            return match link.map(Link::settle) {
+                Some(Err(first)) => Err(first),
+                Some(Ok(held)) => {
+                    close_link(Some(Link::Held(held)));
+                    Err(e)
+                }
+                None => Err(e),
+            };
         }
     };
+    let link = link.map(Link::settle).transpose()?;
     if let Some((path, format, new_id)) = relink_above {
         // No held link only when the destination had no next identity to announce, yet took
         // a new one: link it now, in a session of its own.
-        let held = match link.take() {
+        let held = match link {
             Some(l) => l,
             None => link_to_destination((&path, format), (new_id, None), options)?,
         };
-        link = Some(held);
-        return final_link(link, Some(new_id));
+        return final_link(Some(held), Some(new_id));
     }
     final_link(link, None)
 }
@@ -394,7 +430,7 @@ fn final_link(link: Option<HeldLink>, new_id: Option<Uuid>) -> Result<()> {
     if let Some(id) = new_id
         && let Err(e) = held.set_parent_ids(id, None, false)
     {
-        close_link(Some(held));
+        close_link(Some(Link::Held(held)));
         return Err(e);
     }
     held.finish()
@@ -413,7 +449,7 @@ fn final_link(link: Option<HeldLink>, new_id: Option<Uuid>) -> Result<()> {
 fn write_and_verify(
     chain: Chain,
     mut dest: Box<dyn LayerWriter>,
-    link: &mut Option<HeldLink>,
+    link: &mut Option<Link>,
     options: &MergeOptions,
     tracker: &Tracker,
     report: &mut MergeReport,
@@ -444,7 +480,14 @@ fn write_and_verify(
         }
     };
     let new_id = match link.take() {
-        Some(held) if overlap => {
+        Some(l) if overlap => {
+            let held = match l.settle() {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = dest.finish();
+                    return Err(e);
+                }
+            };
             // The destination's identity as exposed (its last commit named it durably).
             let exposed = dest.id();
             let relink =
@@ -649,10 +692,60 @@ fn link_to_destination(
     let storage = options.hooked(Box::new(file), true);
     let mut link = HeldLink::open(child.1, storage, &path)?;
     if let Err(e) = link.set_parent_ids(ids.0, ids.1, true) {
-        close_link(Some(link));
+        close_link(Some(Link::Held(link)));
         return Err(e);
     }
     Ok(link)
+}
+
+/// [`link_to_destination`] with the first update (the child accepting `ids`, the
+/// destination's current and next identity) on a thread of its own, concurrent with the
+/// destination's writes: the child is opened (and locked) here, and `dest` waits for the
+/// update to be durable before its identity changes ([`LayerWriter::set_identity_gate`]).
+/// Until then the destination writes only what nothing refers to (new blocks past every
+/// object, a log entry no header names), so the child accepts the destination as it reads
+/// at every instant either way (docs/design.md, "Identity").
+fn start_link(
+    child: (&Path, Format),
+    ids: (Uuid, Option<Uuid>),
+    dest: &mut dyn LayerWriter,
+    options: &MergeOptions,
+) -> Result<Link> {
+    let path = tidy(child.0);
+    let file =
+        crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
+    let storage = options.hooked(Box::new(file), true);
+    let mut held = HeldLink::open(child.1, storage, &path)?;
+    let (tx, rx) = mpsc::channel::<bool>();
+    let update = std::thread::Builder::new()
+        .name("vhd-merge link".into())
+        .spawn(move || {
+            let r = held.set_parent_ids(ids.0, ids.1, true);
+            let _ = tx.send(r.is_ok());
+            (held, r)
+        })
+        .map_err(|e| Error::io("starting the linkage update thread", e))?;
+    let gate = IdentityGate::new(move || match rx.recv() {
+        Ok(true) => Ok(()),
+        _ => Err(Error::InvalidState(format!(
+            "{}: its parent linkage was not updated to accept the destination's next identity",
+            path.display()
+        ))),
+    });
+    let link = Link::Updating(update);
+    match dest.set_identity_gate(gate) {
+        Ok(()) => Ok(link),
+        Err(e) => {
+            let first = link.settle();
+            match first {
+                Err(first) => Err(first),
+                Ok(held) => {
+                    close_link(Some(Link::Held(held)));
+                    Err(e)
+                }
+            }
+        }
+    }
 }
 
 /// Differencing disks next to the chain that depend on it.
