@@ -971,17 +971,9 @@ fn copy_units(
             cloning,
             unaligned: std::cell::Cell::new(0),
             proven: std::cell::Cell::new(false),
-        };
-        write_units(
-            chain,
-            plan,
-            dest,
-            options,
-            tracker,
-            crcs,
-            &pipe,
             exposed_end,
-        )
+        };
+        write_units(chain, plan, dest, options, tracker, crcs, &pipe)
         // Dropping the channel ends here stop the reader if the writer stopped early.
     })
 }
@@ -1049,6 +1041,9 @@ struct Pipe<'a> {
     /// before a whole batch of unread units piles up for the writer to read alone (which
     /// costs the pipeline its overlap: 2.4x the time of `--no-clone` on ext4).
     proven: std::cell::Cell<bool>,
+    /// The last batch's commit stops once its changes are durably exposed
+    /// ([`LayerWriter::commit_exposed`]; the caller finishes the destination).
+    exposed_end: bool,
 }
 
 /// See [`Pipe::proven`].
@@ -1129,7 +1124,6 @@ fn write_units(
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
     pipe: &Pipe<'_>,
-    exposed_end: bool,
 ) -> Result<Copied> {
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
     let mut units = plan.unit_indices().peekable();
@@ -1175,7 +1169,7 @@ fn write_units(
         if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
             return Err(cancelled(plan, dest, &done.copied));
         }
-        if exposed_end && units.peek().is_none() {
+        if pipe.exposed_end && units.peek().is_none() {
             dest.commit_exposed()?;
         } else {
             dest.commit()?;
