@@ -686,16 +686,23 @@ fn link_to_destination(
     ids: (Uuid, Option<Uuid>),
     options: &MergeOptions,
 ) -> Result<HeldLink> {
-    let path = tidy(child.0);
-    let file =
-        crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
-    let storage = options.hooked(Box::new(file), true);
-    let mut link = HeldLink::open(child.1, storage, &path)?;
+    let (_, mut link) = open_link(child, options)?;
     if let Err(e) = link.set_parent_ids(ids.0, ids.1, true) {
         close_link(Some(Link::Held(link)));
         return Err(e);
     }
     Ok(link)
+}
+
+/// Open the layer linking to the destination for its linkage updates (exclusively locked,
+/// through the caller's storage hook): its tidied path and the held handle.
+fn open_link(child: (&Path, Format), options: &MergeOptions) -> Result<(PathBuf, HeldLink)> {
+    let path = tidy(child.0);
+    let file =
+        crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
+    let storage = options.hooked(Box::new(file), true);
+    let held = HeldLink::open(child.1, storage, &path)?;
+    Ok((path, held))
 }
 
 /// [`link_to_destination`] with the first update (the child accepting `ids`, the
@@ -711,11 +718,7 @@ fn start_link(
     dest: &mut dyn LayerWriter,
     options: &MergeOptions,
 ) -> Result<Link> {
-    let path = tidy(child.0);
-    let file =
-        crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
-    let storage = options.hooked(Box::new(file), true);
-    let mut held = HeldLink::open(child.1, storage, &path)?;
+    let (path, mut held) = open_link(child, options)?;
     let (tx, rx) = mpsc::channel::<bool>();
     let update = std::thread::Builder::new()
         .name("vhd-merge link".into())
