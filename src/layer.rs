@@ -324,6 +324,15 @@ pub trait LayerWriter: Layer {
     ) -> Result<()>;
     /// Publish everything written since the last commit in the format's crash-safe order.
     fn commit(&mut self) -> Result<()>;
+    /// [`LayerWriter::commit`] up to the point where everything written is durably exposed:
+    /// once it returns, every open of the file reads it, with the layer's new identity
+    /// ([`Layer::id`]), though the last step of the crash-safe order may still be due
+    /// ([`LayerWriter::finish`] completes it). A VHDX's last log entry is then named by a
+    /// durable header and its pages written in place but not flushed: a crash replays them
+    /// ([`crate::vhdx::Vhdx::commit_live`]). The default commits.
+    fn commit_exposed(&mut self) -> Result<()> {
+        self.commit()
+    }
     /// Commit and end the write session; returns the layer's identity afterwards (a VHDX's
     /// DataWriteGuid changes when its data does).
     fn finish(&mut self) -> Result<Uuid>;
@@ -365,6 +374,34 @@ pub trait LayerWriter: Layer {
     /// [`set_parent_ids`]), so that the child stays linked at every instant.
     fn next_id(&mut self) -> Option<Uuid> {
         None
+    }
+    /// Make the first change of the layer's identity (to [`LayerWriter::next_id`]) wait for
+    /// `gate`, and fail with its error (see [`crate::vhdx::Vhdx::set_identity_gate`]). The
+    /// default passes it at once.
+    fn set_identity_gate(&mut self, gate: IdentityGate) -> Result<()> {
+        gate.pass()
+    }
+}
+
+/// What a [`LayerWriter`] waits for before its identity changes (a merge: the linking
+/// child's acceptance of the destination's next identity, durable).
+pub struct IdentityGate(Box<dyn FnOnce() -> Result<()> + Send>);
+
+impl IdentityGate {
+    /// A gate that waits for `f`.
+    pub fn new(f: impl FnOnce() -> Result<()> + Send + 'static) -> IdentityGate {
+        IdentityGate(Box::new(f))
+    }
+
+    /// Wait for the gate: its answer.
+    pub fn pass(self) -> Result<()> {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for IdentityGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentityGate")
     }
 }
 

@@ -356,6 +356,13 @@ impl LayerWriter for VhdxLayer {
         self.v.commit().map_err(|e| e.in_file(&path))
     }
 
+    /// [`Vhdx::commit_live`]: the pages in place of the last entry are flushed by
+    /// [`LayerWriter::finish`].
+    fn commit_exposed(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        self.v.commit_live().map_err(|e| e.in_file(&path))
+    }
+
     fn clone_sectors(
         &mut self,
         block: u64,
@@ -389,6 +396,11 @@ impl LayerWriter for VhdxLayer {
 
     fn next_id(&mut self) -> Option<Uuid> {
         Some(self.v.next_data_write_guid())
+    }
+
+    fn set_identity_gate(&mut self, gate: crate::layer::IdentityGate) -> Result<()> {
+        let path = self.path.clone();
+        self.v.set_identity_gate(gate).map_err(|e| e.in_file(&path))
     }
 }
 

@@ -20,7 +20,7 @@ use crate::io::{CloneOutcome, ClonePiece};
 use crate::layer::{
     DiskKind, Format, Layer, LayerWriter, open_layer, open_layer_for_writing, open_writer,
 };
-use crate::layer::{HeldLink, OpenOptions};
+use crate::layer::{HeldLink, IdentityGate, OpenOptions};
 use crate::locator::{canonical_or_self, same_file};
 
 /// Layer `i` of `chain`; callers pass indices below the destination's, checked when the
@@ -250,7 +250,7 @@ fn prepare_links(
     dest: &mut dyn LayerWriter,
     relink: &[PathBuf],
     options: &MergeOptions,
-) -> Result<Option<HeldLink>> {
+) -> Result<Option<Link>> {
     let dest_path = tidy(at(chain, d).path());
     for child in relink {
         relink_child(child, &dest_path, true)?;
@@ -259,9 +259,10 @@ fn prepare_links(
         Some(next) => {
             let child = at(chain, d - 1);
             let ids = (at(chain, d).id(), Some(next));
-            Some(link_to_destination(
+            Some(start_link(
                 (child.path(), child.format()),
                 ids,
+                dest,
                 options,
             )?)
         }
@@ -283,9 +284,36 @@ fn prepare_links(
 /// place flushed and its log cleared, so that qemu opens it read-only); if it does not, the
 /// log stays live and the next open replays it: the link accepts both the destination's
 /// current and its next identity either way.
-fn close_link(link: Option<HeldLink>) {
-    if let Some(link) = link {
+fn close_link(link: Option<Link>) {
+    if let Some(Ok(link)) = link.map(Link::settle) {
         let _ = link.finish();
+    }
+}
+
+/// The layer linking to the destination during a merge: its first linkage update running on
+/// a thread of its own ([`start_link`]), or done.
+enum Link {
+    Updating(std::thread::JoinHandle<(HeldLink, Result<()>)>),
+    Held(HeldLink),
+}
+
+impl Link {
+    /// Wait for the first update: the held link, or the update's error (the link then
+    /// closed, [`close_link`]).
+    fn settle(self) -> Result<HeldLink> {
+        match self {
+            Link::Held(h) => Ok(h),
+            Link::Updating(t) => match t.join() {
+                Ok((h, Ok(()))) => Ok(h),
+                Ok((h, Err(e))) => {
+                    close_link(Some(Link::Held(h)));
+                    Err(e)
+                }
+                Err(_) => Err(Error::InvalidState(
+                    "the linkage update thread panicked".into(),
+                )),
+            },
+        }
     }
 }
 
@@ -359,42 +387,69 @@ fn check_dependents(
 fn write_and_finish(
     chain: Chain,
     dest: Box<dyn LayerWriter>,
-    mut link: Option<HeldLink>,
+    mut link: Option<Link>,
     options: &MergeOptions,
     tracker: &Tracker,
     report: &mut MergeReport,
 ) -> Result<()> {
-    let relink_above = match write_and_verify(chain, dest, options, tracker, report) {
+    let relink_above = match write_and_verify(chain, dest, &mut link, options, tracker, report) {
         Ok(r) => r,
         Err(e) => {
-            close_link(link);
-            return Err(e);
+            // The child's first update failing is the cause (the destination then stopped
+            // at its identity gate): its error is the one to report.
+            return match link.map(Link::settle) {
+                Some(Err(first)) => Err(first),
+                Some(Ok(held)) => {
+                    close_link(Some(Link::Held(held)));
+                    Err(e)
+                }
+                None => Err(e),
+            };
         }
     };
+    let link = link.map(Link::settle).transpose()?;
     if let Some((path, format, new_id)) = relink_above {
         // No held link only when the destination had no next identity to announce, yet took
         // a new one: link it now, in a session of its own.
-        let mut held = match link.take() {
+        let held = match link {
             Some(l) => l,
             None => link_to_destination((&path, format), (new_id, None), options)?,
         };
-        if let Err(e) = held.set_parent_ids(new_id, None, false) {
-            close_link(Some(held));
-            return Err(e);
-        }
-        link = Some(held);
+        return final_link(Some(held), Some(new_id));
     }
-    match link {
-        Some(l) => l.finish(),
-        None => Ok(()),
+    final_link(link, None)
+}
+
+/// The linking child's last update through `link`: linked to `new_id` alone when given
+/// (dropping the destination's old identity), then its session ended ([`HeldLink::finish`]);
+/// after an error of the update, ended as far as the storage works ([`close_link`]).
+fn final_link(link: Option<HeldLink>, new_id: Option<Uuid>) -> Result<()> {
+    let Some(mut held) = link else {
+        return Ok(());
+    };
+    if let Some(id) = new_id
+        && let Err(e) = held.set_parent_ids(id, None, false)
+    {
+        close_link(Some(Link::Held(held)));
+        return Err(e);
     }
+    held.finish()
 }
 
 /// [`write_and_finish`] up to the destination's end (and verify): the layer to re-link to the
 /// destination's new identity, if any (path, format, the identity).
+///
+/// Without verify, the linking child's last update (through `link`, taken) runs on another
+/// thread while the destination ends its session: the destination's last commit stops once
+/// its new identity and content are durably exposed ([`LayerWriter::commit_exposed`]: a
+/// VHDX's header naming its log, with the new DataWriteGuid, flushed), which is all the
+/// child's update has to follow; the destination's remaining flush (its pages in place)
+/// and the child's two overlap (docs/design.md, "Identity"). With verify the order stays
+/// sequential: the child is re-linked after the destination verified.
 fn write_and_verify(
     chain: Chain,
     mut dest: Box<dyn LayerWriter>,
+    link: &mut Option<Link>,
     options: &MergeOptions,
     tracker: &Tracker,
     report: &mut MergeReport,
@@ -403,6 +458,7 @@ fn write_and_verify(
     let len_before = dest.file_len()?;
     let blocks_before = crate::layer::count_mapped(&*dest)?;
     let mut crcs = options.verify.then(Vec::new);
+    let overlap = link.is_some() && !options.verify;
     let copied = copy_units(
         &chain,
         &report.plan,
@@ -410,6 +466,7 @@ fn write_and_verify(
         options,
         tracker,
         &mut crcs,
+        overlap,
     );
     let copied = match copied {
         Ok(n) => n,
@@ -422,7 +479,44 @@ fn write_and_verify(
             return Err(e);
         }
     };
-    let new_id = dest.finish()?;
+    let new_id = match link.take() {
+        Some(l) if overlap => {
+            let held = match l.settle() {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = dest.finish();
+                    return Err(e);
+                }
+            };
+            // The destination's identity as exposed (its last commit named it durably).
+            let exposed = dest.id();
+            let relink =
+                (exposed != at(&chain, d).id() && !options.remove_merged).then_some(exposed);
+            let (finished, linked) = std::thread::scope(|s| {
+                let child = s.spawn(move || final_link(Some(held), relink));
+                let finished = dest.finish();
+                let linked = child.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidState(
+                        "the linkage update thread panicked".into(),
+                    ))
+                });
+                (finished, linked)
+            });
+            let new_id = finished?;
+            linked?;
+            if new_id != exposed {
+                return Err(Error::InvalidState(format!(
+                    "{}: identity {new_id} at the end of the session, {exposed} exposed before",
+                    report.destination.display()
+                )));
+            }
+            new_id
+        }
+        other => {
+            *link = other;
+            dest.finish()?
+        }
+    };
     report.bytes_merged = copied.bytes;
     report.bytes_cloned = copied.cloned;
     report.blocks_allocated = crate::layer::count_mapped(&*dest)?.saturating_sub(blocks_before);
@@ -430,10 +524,11 @@ fn write_and_verify(
     // Its path and format are all the relink needs: it opens the file for its metadata
     // alone (reopening it as a layer streamed its whole BAT again, 256 MiB for a 64 TiB
     // child with 2 MiB blocks).
-    let relink_above = (new_id != at(&chain, d).id() && !options.remove_merged).then(|| {
-        let above = at(&chain, d - 1);
-        (above.path().to_path_buf(), above.format(), new_id)
-    });
+    let relink_above =
+        (new_id != at(&chain, d).id() && !options.remove_merged && !overlap).then(|| {
+            let above = at(&chain, d - 1);
+            (above.path().to_path_buf(), above.format(), new_id)
+        });
     // The chain (and its shared locks) goes here: by verify, or now.
     report.verified = match crcs {
         Some(crcs) => Some(verify(
@@ -591,16 +686,69 @@ fn link_to_destination(
     ids: (Uuid, Option<Uuid>),
     options: &MergeOptions,
 ) -> Result<HeldLink> {
+    let (_, mut link) = open_link(child, options)?;
+    if let Err(e) = link.set_parent_ids(ids.0, ids.1, true) {
+        close_link(Some(Link::Held(link)));
+        return Err(e);
+    }
+    Ok(link)
+}
+
+/// Open the layer linking to the destination for its linkage updates (exclusively locked,
+/// through the caller's storage hook): its tidied path and the held handle.
+fn open_link(child: (&Path, Format), options: &MergeOptions) -> Result<(PathBuf, HeldLink)> {
     let path = tidy(child.0);
     let file =
         crate::layer::files::open_for_writing(&path, crate::layer::files::WriteMode::Existing)?;
     let storage = options.hooked(Box::new(file), true);
-    let mut link = HeldLink::open(child.1, storage, &path)?;
-    if let Err(e) = link.set_parent_ids(ids.0, ids.1, true) {
-        close_link(Some(link));
-        return Err(e);
+    let held = HeldLink::open(child.1, storage, &path)?;
+    Ok((path, held))
+}
+
+/// [`link_to_destination`] with the first update (the child accepting `ids`, the
+/// destination's current and next identity) on a thread of its own, concurrent with the
+/// destination's writes: the child is opened (and locked) here, and `dest` waits for the
+/// update to be durable before its identity changes ([`LayerWriter::set_identity_gate`]).
+/// Until then the destination writes only what nothing refers to (new blocks past every
+/// object, a log entry no header names), so the child accepts the destination as it reads
+/// at every instant either way (docs/design.md, "Identity").
+fn start_link(
+    child: (&Path, Format),
+    ids: (Uuid, Option<Uuid>),
+    dest: &mut dyn LayerWriter,
+    options: &MergeOptions,
+) -> Result<Link> {
+    let (path, mut held) = open_link(child, options)?;
+    let (tx, rx) = mpsc::channel::<bool>();
+    let update = std::thread::Builder::new()
+        .name("vhd-merge link".into())
+        .spawn(move || {
+            let r = held.set_parent_ids(ids.0, ids.1, true);
+            let _ = tx.send(r.is_ok());
+            (held, r)
+        })
+        .map_err(|e| Error::io("starting the linkage update thread", e))?;
+    let gate = IdentityGate::new(move || match rx.recv() {
+        Ok(true) => Ok(()),
+        _ => Err(Error::InvalidState(format!(
+            "{}: its parent linkage was not updated to accept the destination's next identity",
+            path.display()
+        ))),
+    });
+    let link = Link::Updating(update);
+    match dest.set_identity_gate(gate) {
+        Ok(()) => Ok(link),
+        Err(e) => {
+            let first = link.settle();
+            match first {
+                Err(first) => Err(first),
+                Ok(held) => {
+                    close_link(Some(Link::Held(held)));
+                    Err(e)
+                }
+            }
+        }
     }
-    Ok(link)
 }
 
 /// Differencing disks next to the chain that depend on it.
@@ -764,6 +912,7 @@ fn copy_units(
     options: &MergeOptions,
     tracker: &Tracker,
     crcs: &mut Option<Vec<u32>>,
+    exposed_end: bool,
 ) -> Result<Copied> {
     let buffers = (PIPELINE_BYTES / plan.unit_bytes).clamp(2, 4) as usize;
     let want_crc = crcs.is_some();
@@ -825,6 +974,7 @@ fn copy_units(
             cloning,
             unaligned: std::cell::Cell::new(0),
             proven: std::cell::Cell::new(false),
+            exposed_end,
         };
         write_units(chain, plan, dest, options, tracker, crcs, &pipe)
         // Dropping the channel ends here stop the reader if the writer stopped early.
@@ -894,6 +1044,9 @@ struct Pipe<'a> {
     /// before a whole batch of unread units piles up for the writer to read alone (which
     /// costs the pipeline its overlap: 2.4x the time of `--no-clone` on ext4).
     proven: std::cell::Cell<bool>,
+    /// The last batch's commit stops once its changes are durably exposed
+    /// ([`LayerWriter::commit_exposed`]; the caller finishes the destination).
+    exposed_end: bool,
 }
 
 /// See [`Pipe::proven`].
@@ -976,7 +1129,7 @@ fn write_units(
     pipe: &Pipe<'_>,
 ) -> Result<Copied> {
     let batch_units = (options.batch_bytes / plan.unit_bytes).max(1) as usize;
-    let mut units = plan.unit_indices();
+    let mut units = plan.unit_indices().peekable();
     let mut batch: Vec<u64> = Vec::with_capacity(batch_units.min(4096));
     let mut done = Placed {
         tracker,
@@ -1019,7 +1172,11 @@ fn write_units(
         if !held.place(chain, plan, dest, &mut scratch, pipe, &mut done)? {
             return Err(cancelled(plan, dest, &done.copied));
         }
-        dest.commit()?;
+        if pipe.exposed_end && units.peek().is_none() {
+            dest.commit_exposed()?;
+        } else {
+            dest.commit()?;
+        }
     }
     Ok(done.copied)
 }
@@ -1392,7 +1549,10 @@ mod tests {
         let options = MergeOptions::default();
         let tracker = Tracker::new(None, &options);
         let mut out = dest();
-        let done = copy_units(&chain, &plan, &mut out, &options, &tracker, &mut None).unwrap();
+        let done = copy_units(
+            &chain, &plan, &mut out, &options, &tracker, &mut None, false,
+        )
+        .unwrap();
         assert_eq!((done.bytes, done.cloned), (2 * MIB, 0));
         assert_eq!(out.blocks.len(), 1);
         let (BlockState::Present(Some(bm)), data) = &out.blocks[&0] else {

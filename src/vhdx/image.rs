@@ -81,6 +81,15 @@
 //! final linkage, its Tail at entry 1); entry 2's pages in place. A 64 TiB sparse merge makes
 //! 7 (9 with a session per linkage update, as before; flushing the closing header updates
 //! would add one per session).
+//!
+//! Those of the two files overlap where no ordering joins them (docs/design.md, "Identity"):
+//! the destination's session waits for the child's first update (entry 1 and its naming
+//! header, both flushed) only at its first header update that settles the new DataWriteGuid
+//! ([`Vhdx::set_identity_gate`]); its data, clones and first log entry (and that entry's
+//! flush) refer to nothing before it, and go on while the child flushes. The child's entry 2
+//! waits for the destination's header naming its log ([`Vhdx::commit_live`] returns once it
+//! is flushed: from then on every open replays the new content under the new id), not for
+//! its pages in place, whose flush overlaps entry 2's and its pages'.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -137,6 +146,8 @@ pub struct Vhdx<S: Storage> {
     /// 2 MiB blocks). Nothing writes the file's bitmap pages while a read-only handle holds
     /// it (writers take the exclusive lock).
     last_bitmap: std::sync::Mutex<Option<(u64, Vec<u8>)>>,
+    /// See [`Vhdx::set_identity_gate`] (behind a mutex only so that the handle stays `Sync`).
+    identity_gate: std::sync::Mutex<Option<crate::layer::IdentityGate>>,
 }
 
 /// The pieces of a [`Vhdx::clone_run`] held for the clone of their stretch.
@@ -232,6 +243,7 @@ impl<S: Storage> Vhdx<S> {
             broken: None,
             header_durable: false,
             last_bitmap: std::sync::Mutex::new(None),
+            identity_gate: std::sync::Mutex::new(None),
         })
     }
 
@@ -542,7 +554,7 @@ impl<S: Storage> Vhdx<S> {
             // durable: the previous session's closing update may not be yet.
             flush(self.r.file.storage(), "the previous header update")?;
         }
-        let change = self.owed_guids();
+        let change = self.owed_guids()?;
         update_header(self.r.file.storage(), &mut self.r.header, change)?;
         self.header_durable = true;
         Ok(())
@@ -550,7 +562,18 @@ impl<S: Storage> Vhdx<S> {
 
     /// The change of the header that settles the GUIDs owed (they count as settled from now
     /// on: the caller writes the header before anything exposes the session's changes).
-    fn owed_guids(&mut self) -> impl FnOnce(&mut super::format::header::Header) + use<S> {
+    /// When it changes DataWriteGuid, the [`Vhdx::set_identity_gate`] gate is passed first;
+    /// if it fails, nothing is settled and the handle writes no more.
+    fn owed_guids(&mut self) -> Result<impl FnOnce(&mut super::format::header::Header) + use<S>> {
+        if self.session.owe_data {
+            let gate = self.identity_gate.get_mut().map(Option::take);
+            if let Ok(Some(gate)) = gate
+                && let Err(e) = gate.pass()
+            {
+                self.broken = Some(format!("the new DataWriteGuid was not accepted: {e}"));
+                return Err(e);
+            }
+        }
         let next = *self
             .session
             .next_data_write_guid
@@ -562,14 +585,31 @@ impl<S: Storage> Vhdx<S> {
         );
         s.file_started |= file;
         s.data_started |= data;
-        move |h| {
+        Ok(move |h: &mut super::format::header::Header| {
             if file {
                 h.file_write_guid = Uuid::new_v4();
             }
             if data {
                 h.data_write_guid = next;
             }
+        })
+    }
+
+    /// Make the session's first header update that changes DataWriteGuid (the one naming
+    /// its log, or the one before a first write into place) wait for `gate` and fail with
+    /// its error (this handle then writes no more): a merge's destination waits there for
+    /// its linking child to accept the new DataWriteGuid durably, an update that runs on
+    /// another thread while the destination writes what nothing refers to yet (new blocks,
+    /// an unnamed log entry). Passed at once when the session changed DataWriteGuid already;
+    /// dropped unused when the session never changes it.
+    pub fn set_identity_gate(&mut self, gate: crate::layer::IdentityGate) -> Result<()> {
+        if self.session.data_started {
+            return gate.pass();
         }
+        if let Ok(g) = self.identity_gate.get_mut() {
+            *g = Some(gate);
+        }
+        Ok(())
     }
 
     /// The DataWriteGuid the file will carry once this session writes data: the current one
@@ -1204,7 +1244,7 @@ impl<S: Storage> Vhdx<S> {
             self.session.applied_unflushed = false;
             if self.r.header.header.log_guid != log.guid {
                 let guid = log.guid;
-                let settle = self.owed_guids();
+                let settle = self.owed_guids()?;
                 update_header(self.r.file.storage(), &mut self.r.header, |h| {
                     settle(h);
                     h.log_guid = guid
