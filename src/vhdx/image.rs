@@ -185,9 +185,6 @@ struct Session {
     dirty_bitmaps: BTreeSet<u64>,
     /// Payload bytes were written since the last flush.
     unflushed: bool,
-    /// The last log entry's pages were written in place and not flushed
-    /// ([`Vhdx::commit_live`]): the log must stay live until a flush.
-    applied_unflushed: bool,
     /// Payload whose writeback has not been started yet (a hint, see [`Vhdx::write_runs`]).
     writeback: crate::io::Writeback,
     /// The buffer of masked writes whose gaps are filled ([`crate::io::masked`]).
@@ -1181,12 +1178,12 @@ impl<S: Storage> Vhdx<S> {
     fn commit_unlatched(&mut self, keep_live: bool) -> Result<()> {
         let pages = self.dirty_pages()?;
         if pages.is_empty() && !self.session.unflushed {
-            if self.session.applied_unflushed && !keep_live {
+            if let Some(log) = &mut self.session.log
+                && log.pages_unflushed()
+                && !keep_live
+            {
                 flush(self.r.file.storage(), "logged pages in place")?;
-                self.session.applied_unflushed = false;
-                if let Some(log) = &mut self.session.log {
-                    log.applied_flushed();
-                }
+                log.applied_flushed();
             }
             return Ok(());
         }
@@ -1214,7 +1211,6 @@ impl<S: Storage> Vhdx<S> {
         if data_flush {
             // It made the pages an earlier commit_live left in place durable too.
             log.applied_flushed();
-            self.session.applied_unflushed = false;
         }
         let r = self.log_pages(&mut log, &pages, keep_live);
         self.session.log = Some(log);
@@ -1241,7 +1237,6 @@ impl<S: Storage> Vhdx<S> {
             // Its Tail covers the previous entry if that one's pages in place are not
             // durable; its flush makes them so.
             log.append(self.r.file.storage(), chunk, file_len)?;
-            self.session.applied_unflushed = false;
             if self.r.header.header.log_guid != log.guid {
                 let guid = log.guid;
                 let settle = self.owed_guids()?;
@@ -1258,7 +1253,6 @@ impl<S: Storage> Vhdx<S> {
             }
             if live && k == last {
                 log.applied_unflushed();
-                self.session.applied_unflushed = true;
             } else {
                 flush(s, "logged pages in place")?;
             }

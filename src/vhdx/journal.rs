@@ -173,6 +173,14 @@ impl LogWriter {
         self.unflushed = Some(last);
     }
 
+    /// The last entry's pages were written in place and not flushed ([`Vhdx::commit_live`]):
+    /// the log must stay live until a flush.
+    ///
+    /// [`Vhdx::commit_live`]: super::Vhdx::commit_live
+    pub fn pages_unflushed(&self) -> bool {
+        self.unflushed.is_some()
+    }
+
     /// The pages in place of every entry so far are durable (the caller flushed after
     /// writing them).
     pub fn applied_flushed(&mut self) {
